@@ -1,0 +1,180 @@
+"""Width configurations of slimmable networks: values, not global flags.
+
+A network's channel widths are split into *tied groups*: layers whose outputs meet in a
+residual add or a skip concatenation must share a width, so they form one group. A
+:class:`SubnetConfig` gives one width per group; a :class:`WidthSpace` lists the groups
+with their allowed widths and draws configs from them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor``, never below ``min_value``
+    (default ``divisor``) and never more than 10% below ``value``."""
+    if divisor < 1:
+        raise ValueError(f"make_divisible: divisor must be >= 1, got {divisor}")
+    if value <= 0:
+        raise ValueError(f"make_divisible: value must be > 0, got {value}")
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+@dataclass(frozen=True)
+class SubnetConfig:
+    """One width per tied channel group, in the network's group order.
+
+    Hashable and comparable; ``to_json``/``from_json`` round-trip it.
+    """
+
+    widths: tuple[tuple[str, int], ...]
+
+    def __post_init__(self):
+        names = [name for name, _ in self.widths]
+        if len(set(names)) != len(names):
+            raise ValueError(f"SubnetConfig: duplicate group names in {names}")
+        for name, width in self.widths:
+            if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+                raise ValueError(f"SubnetConfig: width of group {name!r} must be a positive int, got {width!r}")
+
+    @classmethod
+    def from_dict(cls, widths: Mapping[str, int]) -> "SubnetConfig":
+        return cls(tuple((str(name), int(width)) for name, width in widths.items()))
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.widths)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> "SubnetConfig":
+        return cls.from_dict(json.loads(text))
+
+    def __getitem__(self, name: str) -> int:
+        for group, width in self.widths:
+            if group == name:
+                return width
+        raise KeyError(f"SubnetConfig has no group {name!r}; groups: {[g for g, _ in self.widths]}")
+
+    def __iter__(self):
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.widths)
+
+    def replace(self, **widths: int) -> "SubnetConfig":
+        """A copy with some groups' widths changed."""
+        unknown = set(widths) - set(self.to_dict())
+        if unknown:
+            raise KeyError(f"SubnetConfig has no groups {sorted(unknown)}")
+        return SubnetConfig(tuple((g, widths.get(g, w)) for g, w in self.widths))
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """A tied group: its name, its maximum width and the widths it may take (ascending)."""
+
+    name: str
+    max_width: int
+    choices: tuple[int, ...]
+
+    def __post_init__(self):
+        if not self.choices or list(self.choices) != sorted(set(self.choices)):
+            raise ValueError(f"group {self.name!r}: choices must be ascending and unique, got {self.choices}")
+        if self.choices[0] < 1 or self.choices[-1] != self.max_width:
+            raise ValueError(f"group {self.name!r}: choices must lie in [1, {self.max_width}] and end at the maximum")
+
+
+def width_choices(base_width: int, width_mult: float = 1.5, min_ratio: float = 0.2, divisor: int = 8) -> tuple[int, ...]:
+    """The paper's per-layer widths: ratios ``min_ratio`` to ``width_mult`` of ``base_width``
+    in steps of ``divisor`` channels; the super-network has the largest."""
+    if not 0 < min_ratio <= width_mult:
+        raise ValueError(f"width ratios need 0 < min_ratio <= width_mult, got {min_ratio} and {width_mult}")
+    largest = make_divisible(base_width * width_mult, divisor)
+    smallest = min(make_divisible(base_width * min_ratio, divisor), largest)
+    # both ends are multiples of divisor, so the range ends exactly at the largest
+    return tuple(range(smallest, largest + 1, divisor))
+
+
+class WidthSpace:
+    """The ordered tied groups of a network and the configs they allow."""
+
+    def __init__(self, groups: Iterable[ChannelGroup]):
+        self.groups = tuple(groups)
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"WidthSpace: duplicate group names {names}")
+        self._by_name = {g.name: g for g in self.groups}
+
+    def __getitem__(self, name: str) -> ChannelGroup:
+        return self._by_name[name]
+
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def largest(self) -> SubnetConfig:
+        return SubnetConfig(tuple((g.name, g.choices[-1]) for g in self.groups))
+
+    def smallest(self) -> SubnetConfig:
+        return SubnetConfig(tuple((g.name, g.choices[0]) for g in self.groups))
+
+    def uniform(self, ratio: float) -> SubnetConfig:
+        """Every group at about ``ratio`` of its maximum (rounded up to an allowed width)."""
+        if not 0 < ratio <= 1:
+            raise ValueError(f"uniform: ratio must be in (0, 1], got {ratio}")
+        widths = []
+        for g in self.groups:
+            target = math.ceil(ratio * g.max_width)
+            widths.append((g.name, next((c for c in g.choices if c >= target), g.choices[-1])))
+        return SubnetConfig(tuple(widths))
+
+    def sample(self, generator: torch.Generator | None = None) -> SubnetConfig:
+        """A non-uniform config: each group's width drawn independently from its choices."""
+        widths = []
+        for g in self.groups:
+            index = int(torch.randint(len(g.choices), (1,), generator=generator))
+            widths.append((g.name, g.choices[index]))
+        return SubnetConfig(tuple(widths))
+
+    def validate(self, config: SubnetConfig | Mapping[str, int]) -> SubnetConfig:
+        """Return ``config`` as a SubnetConfig in group order, or raise ValueError naming what is wrong."""
+        widths = config.to_dict() if isinstance(config, SubnetConfig) else dict(config)
+        missing = [n for n in self.names() if n not in widths]
+        unknown = [n for n in widths if n not in self._by_name]
+        if missing or unknown:
+            raise ValueError(f"config does not match the network's groups: missing {missing}, unknown {unknown}")
+        for g in self.groups:
+            width = widths[g.name]
+            if not 1 <= width <= g.max_width:
+                raise ValueError(f"config: group {g.name!r} width {width} outside [1, {g.max_width}]")
+        return SubnetConfig(tuple((g.name, int(widths[g.name])) for g in self.groups))
+
+    def to_dict(self) -> dict:
+        return {g.name: {"max_width": g.max_width, "choices": list(g.choices)} for g in self.groups}
+
+
+@dataclass(frozen=True)
+class RoutingEntry:
+    """One candidate sub-network of a routing space: its config, its MACs/pixel and, when
+    known, its validation PSNR."""
+
+    config: SubnetConfig
+    macs_per_pixel: float
+    psnr: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "macs_per_pixel": self.macs_per_pixel, "psnr": self.psnr}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "RoutingEntry":
+        return cls(SubnetConfig.from_dict(data["config"]), float(data["macs_per_pixel"]), data.get("psnr"))

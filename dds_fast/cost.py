@@ -1,0 +1,90 @@
+"""Cost of a width configuration: multiply-adds per pixel.
+
+The DDS-Net paper's "FLOPs/pixel" are multiply-adds (MACs) per input pixel; so are ours.
+``torch.utils.flop_counter.FlopCounterMode`` counts 2 FLOPs per multiply-add, so its total
+divided by ``2 * H * W`` equals :func:`macs_per_pixel`. Bias adds, activations and the
+residual add are not counted, as in the paper.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .config import SubnetConfig
+
+
+@dataclass(frozen=True)
+class ConvCall:
+    """The shapes of one convolution call in a forward pass."""
+
+    name: str
+    module: nn.Conv2d
+    in_widths: tuple[int, ...]  # active channels of each input tensor (more than one: concat)
+    out_width: int
+    out_size: tuple[int, int]
+
+    @property
+    def macs(self) -> int:
+        kh, kw = self.module.kernel_size
+        return self.out_width * (sum(self.in_widths) // self.module.groups) * kh * kw * self.out_size[0] * self.out_size[1]
+
+
+@contextmanager
+def _at_config(model: nn.Module, config):
+    if config is None:
+        yield
+        return
+    previous = model.get_config()
+    model.set_config(config)
+    try:
+        yield
+    finally:
+        model.set_config(previous)
+
+
+def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | None = None,
+                input_shape: tuple[int, int, int] | None = None) -> tuple[list[ConvCall], int]:
+    """Run one small forward pass (eval mode, no grad) and record every conv's active shapes.
+
+    ``input_shape`` is ``(C, H, W)``; by default the network's ``in_channels`` at a size its
+    strides divide exactly. Returns the calls and the input's pixel count.
+    """
+    if config is not None and not hasattr(model, "set_config"):
+        raise ValueError(f"{type(model).__name__} has no width configs; pass config=None")
+    if input_shape is None:
+        if not hasattr(model, "in_channels"):
+            raise ValueError(f"{type(model).__name__}: pass input_shape=(C, H, W) to count its cost")
+        side = 2 * getattr(model, "size_multiple", 1)
+        input_shape = (model.in_channels, side, side)
+    names = {module: name for name, module in model.named_modules()}
+    calls: list[ConvCall] = []
+
+    def record(module, args, output):
+        x = args[0]
+        widths = tuple(t.shape[1] for t in x) if isinstance(x, (list, tuple)) else (x.shape[1],)
+        calls.append(ConvCall(names.get(module, ""), module, widths, output.shape[1], tuple(output.shape[-2:])))
+
+    reference = next(model.parameters())
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with _at_config(model, config), torch.no_grad():
+            model(torch.rand(1, *input_shape, device=reference.device, dtype=reference.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    return calls, input_shape[1] * input_shape[2]
+
+
+def macs_per_pixel(model: nn.Module, config: SubnetConfig | Mapping[str, int] | None = None,
+                   input_shape: tuple[int, int, int] | None = None) -> float:
+    """Multiply-adds per input pixel of ``model`` at ``config`` (default: its active config)."""
+    calls, pixels = trace_convs(model, config, input_shape)
+    return sum(call.macs for call in calls) / pixels

@@ -1,0 +1,72 @@
+"""Export one width configuration as a static network of plain narrow convolutions."""
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .config import SubnetConfig
+from .cost import trace_convs
+from .slim_conv import SlimConv2d, apply_epilogue
+
+
+class StaticConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` with exactly the narrow shapes of one SlimConv2d slice.
+
+    It keeps the SlimConv2d calling convention (a list input is concatenated, the optional
+    residual and activation follow the conv) and runs the stock PyTorch convolution (cuDNN
+    on a GPU) on its own contiguous weight: the fair static baseline.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode,
+                 activation, negative_slope, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias, padding_mode,
+                         device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, x, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(x, (list, tuple)):
+            x = torch.cat(list(x), 1)
+        return apply_epilogue(super().forward(x), residual, self.activation, self.negative_slope)
+
+
+def _static_from(slim: SlimConv2d, in_widths: tuple[int, ...], out_width: int) -> StaticConv2d:
+    weight = slim.active_weight(in_widths, out_width)
+    static = StaticConv2d(sum(in_widths), out_width, slim.kernel_size, slim.stride, slim.padding, slim.dilation,
+                          slim.bias is not None, slim.padding_mode, slim.activation, slim.negative_slope,
+                          device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        static.weight.copy_(weight)
+        if slim.bias is not None:
+            static.bias.copy_(slim.bias[:out_width])
+    static.train(slim.training)
+    return static
+
+
+def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | None = None,
+                  input_shape: tuple[int, int, int] | None = None) -> nn.Module:
+    """A copy of ``model`` in which every SlimConv2d becomes a StaticConv2d with the narrow
+    shapes it has at ``config`` (default: the active config) and copied weights.
+
+    The copy computes the same outputs, shares no Parameters with ``model`` and can no
+    longer change width. ``input_shape`` is only needed for models without ``in_channels``.
+    """
+    calls, _ = trace_convs(model, config, input_shape)
+    shapes: dict[SlimConv2d, tuple[tuple[int, ...], int]] = {}
+    for call in calls:
+        if not isinstance(call.module, SlimConv2d):
+            continue
+        shape = (call.in_widths, call.out_width)
+        if shapes.setdefault(call.module, shape) != shape:
+            raise ValueError(f"export_static: layer {call.name!r} runs at two widths in one forward "
+                             f"({shapes[call.module]} and {shape}); it has no single static shape")
+
+    memo = {id(module): _static_from(module, *shape) for module, shape in shapes.items()}
+    static = copy.deepcopy(model, memo)
+    if hasattr(static, "_bindings"):
+        static._bindings = []
+        static._config = model.get_config() if config is None else model.space.validate(config)
+    return static

@@ -1,0 +1,232 @@
+"""Slimmable super-network denoisers: SlimUNet (DANet/VDNet's U-Net) and SlimDnCNN.
+
+Every network is split into ``stem`` (its first conv block, where the dynamic gate reads
+the features) and ``body`` (the rest). The stem is a single conv, so running it at full
+width and letting the body read a prefix of its output gives exactly the narrow network:
+output channel j of a conv depends only on filter j.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ChannelGroup, SubnetConfig, WidthSpace, width_choices
+from .slim_conv import SlimConv2d, name_layers
+
+ARCHITECTURES: dict[str, type] = {}
+
+
+def register_architecture(cls):
+    """Make ``cls`` loadable from a checkpoint by its class name."""
+    ARCHITECTURES[cls.__name__] = cls
+    return cls
+
+
+class SlimNet(nn.Module):
+    """Base of the slimmable denoisers: width configs, input checks, padding to the size the
+    network needs and the stem/body split.
+
+    Subclasses build their layers, bind each SlimConv2d to a tied group with ``_bind`` and
+    implement ``stem`` and ``body``.
+    """
+
+    size_multiple = 1
+    routing_space = None  # list of RoutingEntry, set by progressive slimming or a checkpoint
+
+    def __init__(self, in_channels: int, out_channels: int, arch_args: dict):
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"{type(self).__name__}: in_channels and out_channels must be >= 1, "
+                             f"got {in_channels} and {out_channels}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.arch_args = dict(arch_args)
+        self._groups: dict[str, ChannelGroup] = {}
+        self._bindings: list[tuple[SlimConv2d, str, int]] = []
+        self._config: SubnetConfig | None = None
+
+    def _group(self, name: str, base_width: int) -> int:
+        a = self.arch_args
+        choices = width_choices(base_width, a["width_mult"], a["min_ratio"], a["divisor"])
+        self._groups[name] = ChannelGroup(name, choices[-1], choices)
+        return choices[-1]
+
+    def _bind(self, conv: SlimConv2d, group: str, multiplier: int = 1) -> SlimConv2d:
+        self._bindings.append((conv, group, multiplier))
+        return conv
+
+    def _finish(self):
+        self.space = WidthSpace(self._groups.values())
+        name_layers(self)
+        self.set_config(self.space.largest())
+
+    # -- configs ------------------------------------------------------------------------
+    def set_config(self, config: SubnetConfig | Mapping[str, int]) -> None:
+        if not self._bindings:
+            raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
+        config = self.space.validate(config)
+        for conv, group, multiplier in self._bindings:
+            conv.active_out_channels = config[group] * multiplier
+        self._config = config
+
+    def get_config(self) -> SubnetConfig:
+        return self._config
+
+    @property
+    def stem_channels(self) -> int:
+        """Channels of the stem's output at full width: what a gate behind the stem reads."""
+        return self.space.groups[0].max_width
+
+    # -- forward ------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}: input must be a 4-D tensor [N, C, H, W], got {shape}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[1]} channels, the network takes "
+                             f"{self.in_channels}")
+        if x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"{type(self).__name__}: empty image of size {tuple(x.shape[2:])}")
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad bottom and right to a multiple of ``size_multiple`` (reflect where the image is
+        large enough, replicate otherwise)."""
+        m = self.size_multiple
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % m, (-w) % m
+        if ph == 0 and pw == 0:
+            return x
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        padded = self.pad(x)
+        out = self.body(self.stem(padded), padded)
+        return out[..., : x.shape[-2], : x.shape[-1]]
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def body(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _conv(cin, cout, k=3, stride=1, activation="leaky_relu", slope=0.2, in_segments=None):
+    return SlimConv2d(cin, cout, k, stride=stride, padding=k // 2, activation=activation,
+                      negative_slope=slope, in_segments=in_segments)
+
+
+@register_architecture
+class SlimUNet(SlimNet):
+    """The U-Net denoiser of DANet and VDNet, slimmable per layer.
+
+    Each level has two 3x3 convs with LeakyReLU; going down, the first conv of a level has
+    stride 2; going up, a 1x1 conv to 4x the channels plus pixel shuffle (the 2x2 transposed
+    conv written with Conv2d only), then the skip is concatenated; a global residual adds
+    the input to the last conv's output. Level ``l`` has base width ``base_width * 2**l``;
+    each group's widths range over ``min_ratio`` to ``width_mult`` of that in steps of
+    ``divisor`` (the super-network is ``width_mult`` times the base).
+
+    Groups: ``enc{l}.mid``, ``enc{l}`` (block output and skip), ``up{l}``, ``dec{l}.mid``,
+    ``dec{l}``. The stem is ``enc0``'s first conv (group ``enc0.mid``).
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int | None = None, base_width: int = 32,
+                 depth: int = 4, width_mult: float = 1.5, min_ratio: float = 0.2, divisor: int = 8,
+                 negative_slope: float = 0.2):
+        out_channels = in_channels if out_channels is None else out_channels
+        if depth < 2:
+            raise ValueError(f"SlimUNet: depth must be >= 2, got {depth}")
+        if base_width < 1:
+            raise ValueError(f"SlimUNet: base_width must be >= 1, got {base_width}")
+        super().__init__(in_channels, out_channels, dict(
+            in_channels=in_channels, out_channels=out_channels, base_width=base_width, depth=depth,
+            width_mult=width_mult, min_ratio=min_ratio, divisor=divisor, negative_slope=negative_slope))
+        self.depth = depth
+        self.size_multiple = 2 ** (depth - 1)
+        slope = negative_slope
+
+        self.encoders = nn.ModuleList()
+        prev = in_channels
+        for level in range(depth):
+            base = base_width * 2 ** level
+            mid, out = self._group(f"enc{level}.mid", base), self._group(f"enc{level}", base)
+            stride = 1 if level == 0 else 2
+            self.encoders.append(nn.ModuleList([
+                self._bind(_conv(prev, mid, stride=stride, slope=slope), f"enc{level}.mid"),
+                self._bind(_conv(mid, out, slope=slope), f"enc{level}"),
+            ]))
+            prev = out
+
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for level in reversed(range(depth - 1)):
+            base = base_width * 2 ** level
+            up = self._group(f"up{level}", base)
+            mid, out = self._group(f"dec{level}.mid", base), self._group(f"dec{level}", base)
+            skip = self._groups[f"enc{level}"].max_width
+            # Pixel shuffle sends conv channels 4c..4c+3 to output channel c, so the first
+            # 4u filters produce exactly the first u upsampled channels.
+            self.ups.append(self._bind(_conv(prev, 4 * up, k=1, activation=None), f"up{level}", multiplier=4))
+            self.decoders.append(nn.ModuleList([
+                self._bind(_conv(up + skip, mid, slope=slope, in_segments=(up, skip)), f"dec{level}.mid"),
+                self._bind(_conv(mid, out, slope=slope), f"dec{level}"),
+            ]))
+            prev = out
+        self.last = _conv(prev, out_channels, activation=None)
+        self._finish()
+
+    def stem(self, x):
+        return self.encoders[0][0](x)
+
+    def body(self, features, x):
+        skips = []
+        h = self.encoders[0][1](features)
+        for level in range(1, self.depth):
+            skips.append(h)
+            first, second = self.encoders[level]
+            h = second(first(h))
+        for up, (first, second), skip in zip(self.ups, self.decoders, reversed(skips)):
+            h = F.pixel_shuffle(up(h), 2)
+            h = second(first([h, skip]))
+        residual = x if self.out_channels == self.in_channels else None
+        return self.last(h, residual=residual)
+
+
+@register_architecture
+class SlimDnCNN(SlimNet):
+    """DnCNN without batch norm, slimmable per layer: ``depth`` 3x3 convs with ReLU between
+    them and a global residual. Groups ``layer0`` .. ``layer{depth-2}``; the stem is layer 0."""
+
+    def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_width: int = 64,
+                 depth: int = 17, width_mult: float = 1.5, min_ratio: float = 0.2, divisor: int = 8):
+        out_channels = in_channels if out_channels is None else out_channels
+        if depth < 2:
+            raise ValueError(f"SlimDnCNN: depth must be >= 2, got {depth}")
+        if base_width < 1:
+            raise ValueError(f"SlimDnCNN: base_width must be >= 1, got {base_width}")
+        super().__init__(in_channels, out_channels, dict(
+            in_channels=in_channels, out_channels=out_channels, base_width=base_width, depth=depth,
+            width_mult=width_mult, min_ratio=min_ratio, divisor=divisor))
+        layers, prev = [], in_channels
+        for index in range(depth - 1):
+            width = self._group(f"layer{index}", base_width)
+            layers.append(self._bind(_conv(prev, width, activation="relu"), f"layer{index}"))
+            prev = width
+        self.layers = nn.ModuleList(layers)
+        self.last = _conv(prev, out_channels, activation=None)
+        self._finish()
+
+    def stem(self, x):
+        return self.layers[0](x)
+
+    def body(self, features, x):
+        h = features
+        for layer in self.layers[1:]:
+            h = layer(h)
+        residual = x if self.out_channels == self.in_channels else None
+        return self.last(h, residual=residual)

@@ -1,0 +1,216 @@
+"""SlimConv2d: an ``nn.Conv2d`` whose active width can shrink to a prefix of its filters.
+
+The output at active widths ``(o, i)`` equals
+``F.conv2d(x, weight[:o, :i], bias[:o], stride, padding, dilation)``: a narrow layer uses
+the first ``o`` filters and the first ``i`` input channels of the one shared weight.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "triton")
+ACTIVATIONS = (None, "relu", "leaky_relu")
+
+
+def apply_epilogue(y: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
+                   negative_slope: float) -> torch.Tensor:
+    """``act(y + residual)``: the order the fused kernels use."""
+    if residual is not None:
+        y = y + residual
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    return y
+
+
+class SlimConv2d(nn.Conv2d):
+    """Drop-in ``nn.Conv2d`` (same constructor, same parameters and state_dict keys) that
+    runs at a narrower width.
+
+    - Active input channels are ``x.shape[1]`` (at most ``in_channels``).
+    - Active output channels are ``active_out_channels`` (an int, or ``None`` for all).
+    - ``in_segments``: the weight's input channels are blocks of these maximum sizes, and
+      the input is a list with one tensor per block, each the active prefix of its block
+      (a U-Net decoder conv over ``cat([up, skip])`` with both slimmed independently).
+    - ``activation`` (None, 'relu' or 'leaky_relu' with ``negative_slope``) and a
+      ``residual`` argument of ``forward`` form the epilogue ``act(conv + bias + residual)``,
+      which the Triton backend fuses into the convolution.
+    - ``backend``: 'torch' (reference, runs anywhere), 'triton' (the fused kernels, under
+      ``TRITON_INTERPRET=1`` on CPU) or 'auto' (Triton on CUDA tensors, reference on CPU).
+
+    ``groups > 1`` is not slimmable and is rejected; non-zero ``padding_mode`` works on the
+    reference path.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
+                 backend: str = "auto", in_segments: Sequence[int] | None = None,
+                 activation: str | None = None, negative_slope: float = 0.01):
+        if groups != 1:
+            raise ValueError(f"SlimConv2d({in_channels}->{out_channels}): groups={groups} cannot be slimmed "
+                             "by channel prefix; keep it an nn.Conv2d")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        if backend not in BACKENDS:
+            raise ValueError(f"{self._label()}: backend must be one of {BACKENDS}, got {backend!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{self._label()}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        segments = (in_channels,) if in_segments is None else tuple(int(s) for s in in_segments)
+        if any(s < 1 for s in segments) or sum(segments) != in_channels:
+            raise ValueError(f"{self._label()}: in_segments {list(segments)} must be positive and sum to "
+                             f"in_channels={in_channels}")
+        self.backend = backend
+        self.in_segments = segments
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.layer_name: str | None = None
+        self._active_out: int | None = None
+
+    # -- widths -------------------------------------------------------------------------
+    @property
+    def active_out_channels(self) -> int | None:
+        return self._active_out
+
+    @active_out_channels.setter
+    def active_out_channels(self, value: int | None):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.out_channels:
+                raise ValueError(f"{self._label()}: active_out_channels must be an int in [1, "
+                                 f"{self.out_channels}] or None, got {value!r}")
+        self._active_out = value
+
+    @property
+    def segment_starts(self) -> tuple[int, ...]:
+        starts, total = [], 0
+        for size in self.in_segments:
+            starts.append(total)
+            total += size
+        return tuple(starts)
+
+    def _label(self) -> str:
+        name = getattr(self, "layer_name", None) or "SlimConv2d"
+        return f"{name}({self.in_channels}->{self.out_channels})"
+
+    # -- forward ------------------------------------------------------------------------
+    def _check_inputs(self, x) -> list[torch.Tensor]:
+        if isinstance(x, torch.Tensor):
+            inputs = [x]
+        elif isinstance(x, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in x):
+            inputs = list(x)
+        else:
+            raise ValueError(f"{self._label()}: input must be a tensor or a list of tensors, got {type(x).__name__}")
+        if len(inputs) != len(self.in_segments):
+            raise ValueError(f"{self._label()}: expects {len(self.in_segments)} input tensor(s) (in_segments="
+                             f"{list(self.in_segments)}), got {len(inputs)}")
+        for k, (t, limit) in enumerate(zip(inputs, self.in_segments)):
+            where = f"input {k}" if len(inputs) > 1 else "input"
+            if t.dim() != 4:
+                raise ValueError(f"{self._label()}: {where} must be 4-D [N, C, H, W], got shape {tuple(t.shape)}")
+            if not 1 <= t.shape[1] <= limit:
+                raise ValueError(f"{self._label()}: {where} has {t.shape[1]} channels, must be in [1, {limit}]")
+        first = inputs[0]
+        for t in inputs[1:]:
+            if (t.shape[0], t.shape[2], t.shape[3]) != (first.shape[0], first.shape[2], first.shape[3]):
+                raise ValueError(f"{self._label()}: concatenated inputs disagree in batch or size: "
+                                 f"{[tuple(t.shape) for t in inputs]}")
+        return inputs
+
+    def _check_residual(self, residual: torch.Tensor, expected: tuple[int, ...]):
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"{self._label()}: residual has shape {tuple(residual.shape)}, "
+                             f"the output has {expected}")
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        def one(size, k, s, p, d):
+            return (size + 2 * p - d * (k - 1) - 1) // s + 1
+        return (one(height, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
+                one(width, self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]))
+
+    def active_weight(self, in_widths: Sequence[int], out_width: int) -> torch.Tensor:
+        """The weight of the active slice (a view for one input; the matching blocks joined
+        for a concatenated input)."""
+        if len(in_widths) == 1 and in_widths[0] == self.in_channels and out_width == self.out_channels:
+            return self.weight
+        blocks = [self.weight[:out_width, start:start + width]
+                  for start, width in zip(self.segment_starts, in_widths)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+
+    def forward(self, x, residual: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = self._check_inputs(x)
+        out_width = self.out_channels if self._active_out is None else self._active_out
+        if residual is not None:
+            n, _, h, w = inputs[0].shape
+            self._check_residual(residual, (n, out_width, *self.output_size(h, w)))
+        return self._reference(inputs, out_width, residual)
+
+    def _reference(self, inputs: list[torch.Tensor], out_width: int, residual: torch.Tensor | None) -> torch.Tensor:
+        weight = self.active_weight([t.shape[1] for t in inputs], out_width)
+        bias = None if self.bias is None else self.bias[:out_width]
+        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
+        return apply_epilogue(self._conv_forward(x, weight, bias), residual, self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        parts = [super().extra_repr(), f"backend={self.backend!r}"]
+        if len(self.in_segments) > 1:
+            parts.append(f"in_segments={list(self.in_segments)}")
+        if self.activation is not None:
+            parts.append(f"activation={self.activation!r}")
+        if self._active_out is not None:
+            parts.append(f"active_out_channels={self._active_out}")
+        return ", ".join(parts)
+
+
+def name_layers(model: nn.Module) -> nn.Module:
+    """Give every SlimConv2d its qualified name, so errors say which layer failed."""
+    for name, module in model.named_modules():
+        if isinstance(module, SlimConv2d):
+            module.layer_name = name or "SlimConv2d"
+    return model
+
+
+def _slim_from(conv: nn.Conv2d, backend: str) -> SlimConv2d:
+    # Built on the meta device so no weight is allocated, then the original Parameters are
+    # attached: the converted model shares them with the old one.
+    slim = SlimConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+                      backend=backend)
+    slim.weight = conv.weight
+    slim.bias = conv.bias
+    slim.train(conv.training)
+    return slim
+
+
+def convert_model(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Replace every ``nn.Conv2d`` in ``model`` (in place) by a SlimConv2d sharing its Parameters.
+
+    Outputs at full width are unchanged. Grouped convs (``groups > 1``) cannot be slimmed by
+    channel prefix and are left as they are, and so are subclasses of ``nn.Conv2d`` whose
+    forward may do more than a convolution. Returns ``model`` (a new module when ``model``
+    itself is an ``nn.Conv2d``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"convert_model: backend must be one of {BACKENDS}, got {backend!r}")
+
+    def convertible(module: nn.Module) -> bool:
+        if type(module) is not nn.Conv2d:
+            return False
+        if module.groups != 1:
+            logger.debug("convert_model: leaving grouped conv %s as nn.Conv2d", module)
+            return False
+        return True
+
+    if convertible(model):
+        return name_layers(_slim_from(model, backend))
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if convertible(child):
+                setattr(parent, child_name, _slim_from(child, backend))
+    return name_layers(model)

@@ -1,0 +1,1 @@
+"""Triton kernels of dds_fast (installed as ``dds_fast.kernels``)."""

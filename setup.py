@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from setuptools import setup
+
+version = {}
+exec(Path("dds_fast/_version.py").read_text(), version)
+
+setup(
+    name="dds-fast",
+    version=version["__version__"],
+    description="Triton kernels and module API for dynamic slimmable networks (DDS-Net denoiser)",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ and training/ keep their folders but install under the dds_fast namespace,
+    # so no generic top-level name ("kernels" exists on PyPI) lands in site-packages.
+    packages=["dds_fast", "dds_fast.kernels", "dds_fast.training"],
+    package_dir={"dds_fast": "dds_fast", "dds_fast.kernels": "kernels", "dds_fast.training": "training"},
+    package_data={"dds_fast": ["weights/*.safetensors"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "einops",
+        "safetensors",
+        "scikit-image",
+    ],
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    entry_points={"console_scripts": ["dds-fast=dds_fast.cli:main"]},
+)

@@ -1,0 +1,124 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import dds_fast
+from dds_fast import CheckpointError, RoutingEntry, SlimDnCNN, SlimUNet, load, macs_per_pixel, read_metadata, save
+
+
+def rewrite(path, tensors, **header_changes):
+    """Write ``tensors`` to ``path`` with the checkpoint's header, some fields changed."""
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata())
+    header.update(header_changes)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=header)
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    model = SlimUNet(in_channels=3, base_width=8, depth=3)
+    model.set_config(model.space.sample(torch.Generator().manual_seed(1)))
+    return model
+
+
+def test_round_trip_keeps_weights_config_routing_and_metadata(net, tmp_path):
+    routes = [RoutingEntry(c, macs_per_pixel(net, c), 30.0 + i)
+              for i, c in enumerate([net.space.smallest(), net.space.largest()])]
+    net.routing_space = routes
+    path = save(net, tmp_path / "sub" / "model.safetensors", note="test", step=3)
+    loaded = load(path)
+    assert type(loaded) is SlimUNet
+    assert loaded.get_config() == net.get_config()
+    assert loaded.routing_space == routes
+    for (name, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    x = torch.rand(1, 3, 9, 7)
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+    meta = read_metadata(path)
+    assert meta["user"] == {"note": "test", "step": 3}
+    assert meta["version"] == dds_fast.__version__
+    assert meta["arch_args"]["base_width"] == 8
+    assert os.listdir(path.parent) == ["model.safetensors"]  # no temporary file left
+
+
+def test_save_is_atomic_when_it_fails(net, tmp_path, monkeypatch):
+    path = save(net, tmp_path / "model.safetensors")
+    original = path.read_bytes()
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dds_fast.checkpoint, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save(net, path)
+    assert path.read_bytes() == original
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_truncated_file(net, tmp_path):
+    path = save(net, tmp_path / "model.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=str(path)):
+        load(path)
+
+
+def test_corrupt_header(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        load(path)
+
+
+def test_plain_safetensors_file_is_not_ours(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match="not a dds-fast checkpoint"):
+        load(path)
+
+
+def test_other_architecture(net, tmp_path):
+    path = save(net, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="holds a SlimUNet, not a SlimDnCNN"):
+        load(path, arch=SlimDnCNN)
+    assert type(load(path, arch="SlimUNet")) is SlimUNet
+
+
+def test_missing_key(net, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save(net, path)
+    rewrite(path, {k: v for k, v in net.state_dict().items() if k != "last.bias"})
+    with pytest.raises(CheckpointError, match=r"missing keys \['last.bias'\]"):
+        load(path)
+
+
+def test_wrong_shapes_for_the_arguments(net, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save(net, path)
+    rewrite(path, net.state_dict(), arch_args=json.dumps({**net.arch_args, "base_width": 16}))
+    with pytest.raises(CheckpointError, match="does not match SlimUNet"):
+        load(path)
+
+
+def test_unknown_architecture_and_missing_file(net, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save(net, path)
+    rewrite(path, net.state_dict(), arch="ResNet50")
+    with pytest.raises(CheckpointError, match="unknown architecture 'ResNet50'"):
+        load(path)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load(tmp_path / "nope.safetensors")
+
+
+def test_save_rejects_unregistered_models_and_bad_metadata(net, tmp_path):
+    with pytest.raises(ValueError, match="not a registered architecture"):
+        save(torch.nn.Conv2d(1, 1, 1), tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="JSON"):
+        save(net, tmp_path / "a.safetensors", bad=object())

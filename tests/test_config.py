@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from dds_fast import ChannelGroup, RoutingEntry, SubnetConfig, WidthSpace, make_divisible, width_choices
+
+
+@pytest.mark.parametrize("value,divisor,expected", [
+    (48, 8, 48), (47, 8, 48), (3.2, 8, 8), (12, 8, 16), (20, 8, 24), (100, 8, 104), (99, 8, 96), (33, 16, 32), (1, 1, 1),
+])
+def test_make_divisible(value, divisor, expected):
+    assert make_divisible(value, divisor) == expected
+
+
+def test_make_divisible_never_drops_more_than_ten_percent():
+    for value in range(8, 500):
+        assert make_divisible(value) >= 0.9 * value
+
+
+@pytest.mark.parametrize("value,divisor", [(0, 8), (-3, 8), (10, 0)])
+def test_make_divisible_rejects_bad_arguments(value, divisor):
+    with pytest.raises(ValueError, match="make_divisible"):
+        make_divisible(value, divisor)
+
+
+def test_width_choices_follow_the_paper():
+    # base 32: super-network 1.5x = 48, smallest 0.2x rounded to 8, steps of 8
+    assert width_choices(32) == (8, 16, 24, 32, 40, 48)
+    assert width_choices(64) == (16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96)
+    with pytest.raises(ValueError, match="ratios"):
+        width_choices(32, width_mult=0.5, min_ratio=0.8)
+
+
+def space():
+    return WidthSpace([ChannelGroup("a", 24, (8, 16, 24)), ChannelGroup("b", 48, width_choices(32))])
+
+
+def test_config_is_a_hashable_json_value():
+    cfg = SubnetConfig.from_dict({"a": 8, "b": 40})
+    same = SubnetConfig.from_json(cfg.to_json())
+    assert cfg == same and hash(cfg) == hash(same) and len({cfg, same}) == 1
+    assert json.loads(cfg.to_json()) == {"a": 8, "b": 40}
+    assert cfg["b"] == 40 and list(cfg) == ["a", "b"] and len(cfg) == 2
+    assert cfg.replace(a=16) == SubnetConfig.from_dict({"a": 16, "b": 40})
+    with pytest.raises(KeyError):
+        cfg["c"]
+    with pytest.raises(KeyError):
+        cfg.replace(c=3)
+
+
+@pytest.mark.parametrize("widths", [{"a": 0}, {"a": -8}, {"a": 2.5}, {"a": True}])
+def test_config_rejects_non_positive_int_widths(widths):
+    with pytest.raises(ValueError, match="group 'a'"):
+        SubnetConfig(tuple(widths.items()))
+
+
+def test_space_largest_smallest_uniform():
+    s = space()
+    assert s.largest() == SubnetConfig.from_dict({"a": 24, "b": 48})
+    assert s.smallest() == SubnetConfig.from_dict({"a": 8, "b": 8})
+    assert s.uniform(0.5) == SubnetConfig.from_dict({"a": 16, "b": 24})
+    assert s.uniform(1.0) == s.largest()
+    with pytest.raises(ValueError):
+        s.uniform(0)
+
+
+def test_sample_is_reproducible_non_uniform_and_allowed():
+    s = space()
+    draws = [s.sample(torch.Generator().manual_seed(seed)) for seed in range(40)]
+    assert draws[:5] == [s.sample(torch.Generator().manual_seed(seed)) for seed in range(5)]
+    for cfg in draws:
+        assert cfg["a"] in s["a"].choices and cfg["b"] in s["b"].choices
+    assert len(set(draws)) > 10
+    # non-uniform: some draw puts the two groups at different ratios of their maxima
+    assert any(cfg["a"] / 24 != cfg["b"] / 48 for cfg in draws)
+
+
+def test_validate_names_what_is_wrong():
+    s = space()
+    assert s.validate({"b": 16, "a": 8}) == SubnetConfig.from_dict({"a": 8, "b": 16})
+    with pytest.raises(ValueError, match=r"missing \['b'\]"):
+        s.validate({"a": 8})
+    with pytest.raises(ValueError, match=r"unknown \['c'\]"):
+        s.validate({"a": 8, "b": 8, "c": 8})
+    with pytest.raises(ValueError, match=r"'b' width 56 outside \[1, 48\]"):
+        s.validate({"a": 8, "b": 56})
+
+
+def test_groups_and_routing_entries():
+    with pytest.raises(ValueError, match="ascending"):
+        ChannelGroup("x", 16, (16, 8))
+    with pytest.raises(ValueError, match="end at the maximum"):
+        ChannelGroup("x", 16, (8,))
+    with pytest.raises(ValueError, match="duplicate"):
+        WidthSpace([ChannelGroup("x", 8, (8,)), ChannelGroup("x", 8, (8,))])
+    entry = RoutingEntry(SubnetConfig.from_dict({"a": 8}), 1234.5, 30.1)
+    assert RoutingEntry.from_dict(json.loads(json.dumps(entry.to_dict()))) == entry

@@ -1,0 +1,72 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dds_fast import SlimConv2d, SlimDnCNN, SlimUNet, convert_model, macs_per_pixel, trace_convs
+
+
+def counted_macs_per_pixel(model, h, w):
+    """FlopCounterMode counts 2 FLOPs per multiply-add."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.rand(1, model.in_channels, h, w))
+    return counter.get_total_flops() / 2 / (h * w)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SlimUNet(in_channels=3, base_width=8, depth=3),
+    lambda: SlimUNet(in_channels=1, base_width=16, depth=4),
+    lambda: SlimDnCNN(in_channels=3, base_width=8, depth=5),
+])
+def test_macs_match_flop_counter_on_real_forward_passes(make):
+    net = make()
+    generator = torch.Generator().manual_seed(0)
+    configs = [net.space.largest(), net.space.smallest()] + [net.space.sample(generator) for _ in range(3)]
+    for config in configs:
+        net.set_config(config)
+        assert macs_per_pixel(net) == counted_macs_per_pixel(net, 32, 48)
+        assert macs_per_pixel(net, config) == macs_per_pixel(net)
+
+
+def test_macs_of_one_layer_by_hand():
+    conv = SlimConv2d(16, 32, 3, stride=2, padding=1)
+    conv.active_out_channels = 8
+    # 8 filters x 5 channels x 9 taps, on a quarter of the pixels
+    assert macs_per_pixel(conv, input_shape=(5, 8, 8)) == 8 * 5 * 9 / 4
+
+
+def test_macs_of_a_dncnn_by_hand():
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=3)
+    cfg = net.space.largest().replace(layer0=8, layer1=16)
+    expected = 9 * (1 * 8 + 8 * 16 + 16 * 1)
+    assert macs_per_pixel(net, cfg) == expected
+    assert net.get_config() == net.space.largest()  # counting another config leaves the net as it was
+
+
+def test_smaller_configs_cost_less():
+    net = SlimUNet(base_width=8, depth=3)
+    assert macs_per_pixel(net, net.space.smallest()) < macs_per_pixel(net, net.space.uniform(0.5)) < macs_per_pixel(net)
+
+
+def test_counting_keeps_training_mode_and_batchnorm_statistics():
+    model = convert_model(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)))
+    model.train()
+    before = model[1].running_mean.clone()
+    assert macs_per_pixel(model, input_shape=(3, 6, 6)) == 3 * 8 * 9 + 8 * 2
+    assert model.training and model[1].training
+    torch.testing.assert_close(model[1].running_mean, before)
+
+
+def test_trace_records_concat_segments():
+    net = SlimUNet(base_width=8, depth=2)
+    calls, pixels = trace_convs(net, net.space.smallest())
+    concat = [c for c in calls if len(c.in_widths) == 2]
+    assert len(concat) == 1 and concat[0].name == "decoders.0.0"
+    assert pixels == 4 * 4
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="input_shape"):
+        macs_per_pixel(nn.Sequential(SlimConv2d(3, 3, 1)))
+    with pytest.raises(ValueError, match="no width configs"):
+        macs_per_pixel(nn.Sequential(SlimConv2d(3, 3, 1)), config={"a": 1}, input_shape=(3, 4, 4))

@@ -1,0 +1,144 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dds_fast import SlimConv2d, SlimDnCNN, SlimUNet, export_static
+
+
+def small_unet(**kw):
+    return SlimUNet(in_channels=3, base_width=8, depth=3, **kw).double()
+
+
+def small_dncnn(**kw):
+    return SlimDnCNN(in_channels=1, base_width=8, depth=4, **kw).double()
+
+
+@pytest.mark.parametrize("make", [small_unet, small_dncnn])
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (16, 16), (17, 30)])
+def test_any_size_is_accepted_and_cropped_back(make, size):
+    net = make()
+    x = torch.rand(2, net.in_channels, *size, dtype=torch.float64)
+    assert net(x).shape == x.shape
+
+
+@pytest.mark.parametrize("make", [small_unet, small_dncnn])
+def test_export_static_equals_slim_at_random_configs(make):
+    torch.manual_seed(0)
+    net = make()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(2, net.in_channels, 13, 11, dtype=torch.float64)
+    for config in [net.space.largest(), net.space.smallest()] + [net.space.sample(generator) for _ in range(4)]:
+        net.set_config(config)
+        static = export_static(net)
+        torch.testing.assert_close(static(x), net(x), rtol=1e-12, atol=1e-12)
+        assert not any(isinstance(m, SlimConv2d) for m in static.modules())
+        shared = {id(p) for p in net.parameters()} & {id(p) for p in static.parameters()}
+        assert not shared
+        assert static.get_config() == config
+        with pytest.raises(ValueError, match="static"):
+            static.set_config(config)
+
+
+def test_export_static_has_the_narrow_shapes():
+    net = small_unet()
+    config = net.space.smallest().replace(**{"enc0": 16, "up0": 8})
+    static = export_static(net, config)
+    first, second = static.encoders[0]
+    assert first.weight.shape == (8, 3, 3, 3)
+    assert second.weight.shape == (16, 8, 3, 3)
+    assert static.ups[-1].weight.shape == (4 * 8, config["dec1"], 1, 1)
+    assert static.decoders[-1][0].weight.shape == (config["dec0.mid"], 8 + 16, 3, 3)
+    assert net.get_config() == net.space.largest()  # exporting another config leaves the net as it was
+
+
+def test_unet_slim_output_is_the_sliced_computation():
+    """A hand-written narrow U-Net forward on the weights' prefixes equals the slim net."""
+    torch.manual_seed(2)
+    net = small_unet()
+    cfg = net.space.sample(torch.Generator().manual_seed(3))
+    net.set_config(cfg)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+
+    def conv(layer, h, o, stride=1, act=True):
+        k = layer.kernel_size[0]
+        y = F.conv2d(h, layer.weight[:o, : h.shape[1]], layer.bias[:o], stride, k // 2)
+        return F.leaky_relu(y, 0.2) if act else y
+
+    e0 = conv(net.encoders[0][1], conv(net.encoders[0][0], x, cfg["enc0.mid"]), cfg["enc0"])
+    e1 = conv(net.encoders[1][1], conv(net.encoders[1][0], e0, cfg["enc1.mid"], 2), cfg["enc1"])
+    e2 = conv(net.encoders[2][1], conv(net.encoders[2][0], e1, cfg["enc2.mid"], 2), cfg["enc2"])
+    h = e2
+    for up, (first, second), skip, level in zip(net.ups, net.decoders, [e1, e0], [1, 0]):
+        u = F.pixel_shuffle(conv(up, h, 4 * cfg[f"up{level}"], act=False), 2)
+        w = first.weight
+        max_up = first.in_segments[0]
+        weight = torch.cat([w[: cfg[f"dec{level}.mid"], : u.shape[1]],
+                            w[: cfg[f"dec{level}.mid"], max_up: max_up + skip.shape[1]]], 1)
+        mid = F.leaky_relu(F.conv2d(torch.cat([u, skip], 1), weight, first.bias[: weight.shape[0]], padding=1), 0.2)
+        h = conv(second, mid, cfg[f"dec{level}"])
+    expected = x + F.conv2d(h, net.last.weight[:, : h.shape[1]], net.last.bias, padding=1)
+    torch.testing.assert_close(net(x), expected)
+
+
+@pytest.mark.parametrize("make", [small_unet, small_dncnn])
+def test_full_width_stem_prefix_equals_narrow_stem(make):
+    """The gate reads the stem at full width; the body reading its prefix is the narrow net."""
+    torch.manual_seed(4)
+    net = make()
+    cfg = net.space.sample(torch.Generator().manual_seed(5))
+    net.set_config(cfg)
+    x = torch.rand(2, net.in_channels, 8, 8, dtype=torch.float64)
+    stem_group = net.space.groups[0].name
+    narrow_stem = net.stem(x)
+    assert narrow_stem.shape[1] == cfg[stem_group]
+    net.set_config(cfg.replace(**{stem_group: net.stem_channels}))
+    wide_stem = net.stem(x)
+    assert wide_stem.shape[1] == net.stem_channels
+    torch.testing.assert_close(wide_stem[:, : cfg[stem_group]], narrow_stem)
+    net.set_config(cfg)
+    torch.testing.assert_close(net.body(wide_stem[:, : cfg[stem_group]], x), net(x))
+
+
+def test_config_round_trip_and_errors():
+    net = small_unet()
+    assert net.get_config() == net.space.largest()
+    cfg = net.space.smallest()
+    net.set_config(cfg)
+    assert net.get_config() == cfg
+    net.set_config(cfg.to_dict())
+    assert net.get_config() == cfg
+    with pytest.raises(ValueError, match="missing"):
+        net.set_config({"enc0": 8})
+    with pytest.raises(ValueError, match="outside"):
+        net.set_config(cfg.replace(enc0=10_000))
+    assert net.get_config() == cfg  # a rejected config changes nothing
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.rand(3, 8, 8), "4-D"),
+    (torch.rand(1, 2, 8, 8), "2 channels, the network takes 3"),
+    (torch.rand(1, 3, 0, 8), "empty"),
+])
+def test_bad_input(bad, match):
+    with pytest.raises(ValueError, match=match):
+        small_unet().float()(bad)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(depth=1), "depth"), (dict(base_width=0), "base_width"), (dict(in_channels=0), "in_channels"),
+])
+def test_bad_architecture_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SlimUNet(**kwargs)
+
+
+def test_layers_are_named_in_errors():
+    net = small_unet()
+    with pytest.raises(ValueError, match=r"encoders\.1\.0"):
+        net.encoders[1][0](torch.rand(1, 99, 4, 4, dtype=torch.float64))
+
+
+def test_dncnn_groups_are_per_layer():
+    net = small_dncnn()
+    assert net.space.names() == ["layer0", "layer1", "layer2"]
+    assert net.stem_channels == 16

@@ -1,0 +1,181 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from dds_fast import SlimConv2d, convert_model
+
+
+@given(
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.sampled_from([1, 2]),
+    bias=st.booleans(),
+    cin=st.integers(1, 12),
+    cout=st.integers(1, 12),
+    h=st.integers(1, 11),
+    w=st.integers(1, 11),
+    data=st.data(),
+)
+@settings(max_examples=60, deadline=None)
+def test_prefix_widths_equal_sliced_conv(k, stride, bias, cin, cout, h, w, data):
+    i = data.draw(st.integers(1, cin))
+    o = data.draw(st.integers(1, cout))
+    conv = SlimConv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias, backend="torch").double()
+    conv.active_out_channels = o
+    x = torch.randn(2, i, h, w, dtype=torch.float64)
+    expected = F.conv2d(x, conv.weight[:o, :i], None if conv.bias is None else conv.bias[:o], stride, k // 2)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,stride,padding", [(1, 1, 0), (3, 1, 1), (3, 2, 1), (5, 2, 2), (3, 1, 0)])
+def test_full_width_equals_nn_conv2d(k, stride, padding):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(6, 10, k, stride=stride, padding=padding)
+    slim = SlimConv2d(6, 10, k, stride=stride, padding=padding)
+    assert list(slim.state_dict()) == list(plain.state_dict())
+    slim.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 6, 13, 9)
+    torch.testing.assert_close(slim(x), plain(x), rtol=0, atol=0)
+    assert isinstance(slim, nn.Conv2d)
+
+
+def test_full_width_uses_parameter_without_slicing():
+    slim = SlimConv2d(4, 5, 3, padding=1)
+    assert slim.active_weight([4], 5) is slim.weight
+
+
+def test_padding_modes_match_nn_conv2d():
+    torch.manual_seed(1)
+    plain = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")
+    slim = SlimConv2d(4, 6, 3, padding=1, padding_mode="reflect")
+    slim.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 4, 8, 7)
+    torch.testing.assert_close(slim(x), plain(x))
+    slim.active_out_channels = 3
+    narrow = F.conv2d(F.pad(x[:, :2], (1, 1, 1, 1), mode="reflect"), slim.weight[:3, :2], slim.bias[:3])
+    torch.testing.assert_close(slim(x[:, :2]), narrow)
+
+
+@pytest.mark.parametrize("activation,slope", [(None, 0.0), ("relu", 0.0), ("leaky_relu", 0.2)])
+def test_epilogue_bias_residual_activation(activation, slope):
+    torch.manual_seed(2)
+    conv = SlimConv2d(7, 9, 3, padding=1, activation=activation, negative_slope=slope).double()
+    conv.active_out_channels = 5
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    residual = torch.randn(2, 5, 6, 5, dtype=torch.float64)
+    y = F.conv2d(x, conv.weight[:5, :4], conv.bias[:5], padding=1) + residual
+    expected = {None: y, "relu": F.relu(y), "leaky_relu": F.leaky_relu(y, slope)}[activation]
+    torch.testing.assert_close(conv(x, residual=residual), expected)
+
+
+def test_concat_segments_use_each_blocks_prefix():
+    torch.manual_seed(3)
+    conv = SlimConv2d(10 + 6, 8, 3, padding=1, in_segments=(10, 6)).double()
+    conv.active_out_channels = 5
+    a = torch.randn(2, 7, 9, 8, dtype=torch.float64)
+    b = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    weight = torch.cat([conv.weight[:5, :7], conv.weight[:5, 10:14]], 1)
+    expected = F.conv2d(torch.cat([a, b], 1), weight, conv.bias[:5], padding=1)
+    torch.testing.assert_close(conv([a, b]), expected)
+
+
+def test_gradients_reach_only_the_active_prefix():
+    torch.manual_seed(4)
+    conv = SlimConv2d(6, 8, 3, padding=1)
+    conv.active_out_channels = 3
+    conv(torch.randn(2, 4, 5, 5)).square().sum().backward()
+    assert conv.weight.grad[:3, :4].abs().sum() > 0
+    assert conv.weight.grad[3:].abs().sum() == 0 and conv.weight.grad[:, 4:].abs().sum() == 0
+    assert conv.bias.grad[3:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("make_error,match", [
+    (lambda c: c(torch.randn(1, 7, 5, 5)), r"layer\(6->8\).*7 channels.*\[1, 6\]"),
+    (lambda c: c(torch.randn(1, 0, 5, 5)), r"0 channels"),
+    (lambda c: c(torch.randn(6, 5, 5)), r"4-D"),
+    (lambda c: c([torch.randn(1, 3, 5, 5), torch.randn(1, 3, 5, 5)]), r"expects 1 input"),
+    (lambda c: c(torch.randn(1, 6, 5, 5), residual=torch.randn(1, 8, 4, 5)), r"residual has shape"),
+    (lambda c: setattr(c, "active_out_channels", 0), r"active_out_channels.*\[1, 8\].*0"),
+    (lambda c: setattr(c, "active_out_channels", 9), r"active_out_channels.*\[1, 8\].*9"),
+    (lambda c: setattr(c, "active_out_channels", 2.5), r"active_out_channels"),
+    (lambda c: c("not a tensor"), r"tensor or a list"),
+])
+def test_bad_input_raises_value_error_naming_layer_and_numbers(make_error, match):
+    conv = SlimConv2d(6, 8, 3, padding=1)
+    conv.layer_name = "layer"
+    with pytest.raises(ValueError, match=match):
+        make_error(conv)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(groups=2), "groups=2"),
+    (dict(backend="cuda"), "backend"),
+    (dict(activation="gelu"), "activation"),
+    (dict(in_segments=(3, 2)), "in_segments"),
+    (dict(in_segments=(6, 0)), "in_segments"),
+])
+def test_unsupported_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SlimConv2d(6, 8, 3, **kwargs)
+
+
+def test_concat_input_errors():
+    conv = SlimConv2d(10, 4, 3, padding=1, in_segments=(6, 4))
+    with pytest.raises(ValueError, match=r"input 1 has 5 channels, must be in \[1, 4\]"):
+        conv([torch.randn(1, 6, 5, 5), torch.randn(1, 5, 5, 5)])
+    with pytest.raises(ValueError, match="disagree"):
+        conv([torch.randn(1, 6, 5, 5), torch.randn(1, 4, 5, 6)])
+
+
+class TinyUNet(nn.Module):
+    """A plain U-Net with a concatenated skip, pixel shuffle and a grouped conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.up = nn.Conv2d(16, 32, 1)
+        self.fuse = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.LeakyReLU(0.2))
+        self.tail = nn.Conv2d(8, 3, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        skip = F.leaky_relu(self.head(x), 0.2)
+        h = F.leaky_relu(self.depthwise(self.down(skip)), 0.2)
+        h = F.pixel_shuffle(self.up(h), 2)
+        return x + self.tail(self.fuse(torch.cat([h, skip], 1)))
+
+
+def test_convert_model_shares_parameters_and_keeps_outputs():
+    torch.manual_seed(5)
+    model = TinyUNet()
+    x = torch.randn(2, 3, 10, 12)
+    before = model(x)
+    params = {name: p for name, p in model.named_parameters()}
+    converted = convert_model(model)
+    assert converted is model
+    for name, p in converted.named_parameters():
+        assert p is params[name]
+    assert type(model.depthwise) is nn.Conv2d  # grouped: left as it is
+    for name in ["head", "down", "up", "tail"]:
+        assert isinstance(getattr(model, name), SlimConv2d)
+        assert getattr(model, name).layer_name == name
+    assert isinstance(model.fuse[0], SlimConv2d)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    # Slimming a converted layer: the next layer reads the narrower input's prefix.
+    model.fuse[0].active_out_channels = 5
+    skip = F.leaky_relu(model.head(x), 0.2)
+    h = F.pixel_shuffle(model.up(F.leaky_relu(model.depthwise(model.down(skip)), 0.2)), 2)
+    fused = F.leaky_relu(F.conv2d(torch.cat([h, skip], 1), model.fuse[0].weight[:5], model.fuse[0].bias[:5],
+                                  padding=1), 0.2)
+    expected = x + F.conv2d(fused, model.tail.weight[:, :5], padding=1)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_convert_model_on_a_single_conv_returns_slim_copy():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    slim = convert_model(conv)
+    assert isinstance(slim, SlimConv2d) and slim.weight is conv.weight
+    with pytest.raises(ValueError, match="backend"):
+        convert_model(conv, backend="tpu")

@@ -1,0 +1,1 @@
+"""Data, losses and the three-stage trainer (installed as ``dds_fast.training``)."""
