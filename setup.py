@@ -24,6 +24,7 @@ setup(
         "einops",
         "safetensors",
         "scikit-image",
+        "tqdm",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
     entry_points={"console_scripts": ["dds-fast=dds_fast.cli:main"]},

@@ -51,13 +51,18 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     if routing is not None:
         header["routing_space"] = json.dumps([entry.to_dict() for entry in routing])
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    return atomic_save_file(tensors, path, header)
 
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """safetensors ``save_file`` through a temporary file and a rename, so a reader (or a
+    run killed mid-write) sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -129,10 +129,14 @@ class SlimConv2d(nn.Conv2d):
                              f"the output has {expected}")
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.padding == "same":
+            return height, width
+        padding = (0, 0) if self.padding == "valid" else self.padding
+
         def one(size, k, s, p, d):
             return (size + 2 * p - d * (k - 1) - 1) // s + 1
-        return (one(height, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
-                one(width, self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]))
+        return (one(height, self.kernel_size[0], self.stride[0], padding[0], self.dilation[0]),
+                one(width, self.kernel_size[1], self.stride[1], padding[1], self.dilation[1]))
 
     def active_weight(self, in_widths: Sequence[int], out_width: int) -> torch.Tensor:
         """The weight of the active slice (a view for one input; the matching blocks joined

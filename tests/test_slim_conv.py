@@ -57,6 +57,14 @@ def test_padding_modes_match_nn_conv2d():
     torch.testing.assert_close(slim(x[:, :2]), narrow)
 
 
+@pytest.mark.parametrize("padding", ["same", "valid", 2])
+def test_residual_shape_follows_padding(padding):
+    conv = SlimConv2d(4, 4, 3, padding=padding)
+    x = torch.randn(1, 4, 7, 6)
+    y = conv(x)
+    torch.testing.assert_close(conv(x, residual=y), 2 * y)
+
+
 @pytest.mark.parametrize("activation,slope", [(None, 0.0), ("relu", 0.0), ("leaky_relu", 0.2)])
 def test_epilogue_bias_residual_activation(activation, slope):
     torch.manual_seed(2)
