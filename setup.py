@@ -24,8 +24,15 @@ setup(
         "einops",
         "safetensors",
         "scikit-image",
+        "scipy",
+        "pillow",
+        "tifffile",
+        "pypng",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={
+        "bench": ["matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "imageio"],
+    },
     entry_points={"console_scripts": ["dds-fast=dds_fast.cli:main"]},
 )

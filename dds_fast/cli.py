@@ -5,6 +5,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -94,6 +95,50 @@ def cmd_demo(args) -> int:
     return 0
 
 
+TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
+    "--steps": ("steps", int), "--batch-size": ("batch_size", int), "--lr": ("lr", float),
+    "--arch": ("arch", str), "--base-width": ("base_width", int), "--depth": ("depth", int),
+    "--channels": ("channels", int), "--noise": ("noise", str), "--images": ("images", str),
+    "--patch-size": ("patch_size", int), "--sandwich": ("sandwich", int), "--distillation": ("distillation", str),
+    "--num-choices": ("num_choices", int), "--checkpoint-every": ("checkpoint_every", int),
+    "--seed": ("seed", int), "--device": ("device", str),
+}
+
+
+def cmd_train(args) -> int:
+    from .training.loop import TrainingDiverged
+    from .training.stages import Run, TrainConfig
+
+    overrides = {field: getattr(args, field) for field, _ in TRAIN_FLAGS.values() if getattr(args, field) is not None}
+    config = (TrainConfig.from_file(args.config, **overrides) if args.config
+              else TrainConfig.from_dict(overrides))
+    run = Run(args.run_dir, config)
+    try:
+        if args.stage in ("stage1", "all"):
+            run.stage1()
+        if args.stage in ("stage2", "all"):
+            run.stage2()
+        if args.stage in ("inets", "all"):
+            run.inets()
+    except TrainingDiverged as error:
+        print(f"dds-fast: error: {error}", file=sys.stderr)
+        return 3
+    print(f"results in {run.dir}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    model = load(args.checkpoint) if args.checkpoint else None
+    result = run_bench(args.out, quick=not args.full, dtype=args.dtype, sizes=args.size, batches=args.batch,
+                       channels=args.channels, model=model, device=args.device, cuda_graph=args.cuda_graph,
+                       compile_static=not args.no_compile)
+    print((Path(args.out) / "bench.md").read_text())
+    print(f"device: {result['device']}; written to {args.out}/bench.json, bench.md, network.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dds-fast", description="Dynamic slimmable denoising networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    train = sub.add_parser("train", help="train: stage1 (once-for-all), stage2 (progressive slimming), inets "
+                                         "(static baselines) or all; resumes from the run directory")
+    train.add_argument("stage", choices=["stage1", "stage2", "inets", "all"])
+    train.add_argument("--run-dir", required=True, help="where checkpoints, logs and results go")
+    train.add_argument("--config", help="a JSON file of training options (flags override it)")
+    for flag, (field, kind) in TRAIN_FLAGS.items():
+        train.add_argument(flag, dest=field, type=kind)
+    train.set_defaults(func=cmd_train)
+    bench = sub.add_parser("bench", help="time layers and every config of a network; JSON, markdown and plots")
+    bench.add_argument("--full", action="store_true", help="all sizes and batches (default: quick)")
+    bench.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    bench.add_argument("--size", type=int, action="append", help="image side; repeat for several")
+    bench.add_argument("--batch", type=int, action="append", help="batch size; repeat for several")
+    bench.add_argument("--channels", type=int, default=64, help="the benchmarked layer's maximum width")
+    bench.add_argument("--checkpoint", help="time this model's configs (default: an untrained SlimUNet)")
+    bench.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    bench.add_argument("--cuda-graph", action="store_true", help="replay one CUDA graph per config")
+    bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    bench.add_argument("--out", default="bench-results")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -33,3 +33,33 @@ def test_demo_runs_on_a_bundled_photo(capsys):
     # every width's output equals the exported static network's
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("smallest", "uniform"))]
     assert all(float(row[-1]) == 0.0 for row in rows)
+
+
+def test_train_all_stages_from_a_config_file(tmp_path, capsys):
+    import json
+
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"arch": "SlimDnCNN", "channels": 1, "base_width": 8, "depth": 3, "patch_size": 24,
+                                  "batch_size": 4, "epoch_patches": 8, "validation_crops": 1, "validation_patch": 32,
+                                  "slim_step": 8, "num_choices": 2, "progress": False}))
+    run_dir = tmp_path / "run"
+    assert main(["train", "all", "--run-dir", str(run_dir), "--config", str(config), "--steps", "2"]) == 0
+    assert {"stage1.safetensors", "stage2.safetensors", "inet-0.safetensors", "inet-1.safetensors"} <= {
+        p.name for p in run_dir.iterdir()}
+    assert main(["info", str(run_dir / "stage2.safetensors")]) == 0
+    assert "route 1" in capsys.readouterr().out
+    assert main(["train", "stage1", "--run-dir", str(run_dir), "--config", str(tmp_path / "nope.json")]) == 2
+
+
+def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--device", "cpu", "--size", "16", "--channels", "8", "--no-compile", "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["device"].startswith("CPU")
+    variants = {row["variant"] for row in result["layers"]}
+    assert variants == {"(a) sliced copy", "(b) static"}  # no Triton timing without a GPU
+    assert len(result["network"]["results"]) == 5
+    assert (out / "network.png").stat().st_size > 1000
+    assert "Whole network" in capsys.readouterr().out

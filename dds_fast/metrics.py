@@ -1,0 +1,99 @@
+"""PSNR and SSIM, computed the way DANet and VDNet report them.
+
+Images are first quantised to 8 bits (``round(clip(x, 0, 1) * 255)``), as a saved PNG
+would be, then scored with scikit-image on the 0-255 range. SSIM uses a Gaussian window
+(sigma 1.5), population covariance and, for colour, ``channel_axis=-1`` (one SSIM over the
+three channels, averaged).
+
+Inputs: torch tensors [C, H, W] (single image) or [N, C, H, W] (batch), or numpy arrays
+[H, W] / [H, W, C] (single) or [N, H, W, C] (batch). Float values are taken to be in [0, 1];
+uint8 arrays or tensors are used as they are. C is 1 or 3.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+__all__ = ["to_uint8", "psnr", "ssim", "batch_psnr", "batch_ssim"]
+
+_SSIM_WINDOW = 11  # the Gaussian window skimage uses for sigma=1.5 (truncate 3.5)
+
+
+def to_uint8(image) -> np.ndarray:
+    """Quantise an image or batch to uint8, channels last ([H, W, C] / [N, H, W, C]; gray keeps C=1)."""
+    if isinstance(image, torch.Tensor):
+        if image.dim() not in (3, 4):
+            raise ValueError(f"expected a tensor shaped [C, H, W] or [N, C, H, W], got {tuple(image.shape)}")
+        array = image.detach().cpu().movedim(-3, -1).numpy()
+    elif isinstance(image, np.ndarray):
+        array = image[..., None] if image.ndim == 2 else image
+        if array.ndim not in (3, 4):
+            raise ValueError(f"expected an array shaped [H, W], [H, W, C] or [N, H, W, C], got {image.shape}")
+    else:
+        raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(image).__name__}")
+    if array.shape[-1] not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels, got shape {array.shape} (channels last after conversion)")
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"expected float images in [0, 1] or uint8, got dtype {array.dtype}")
+    # Quantise in the image's own precision (at least float32), as rounding a saved float32
+    # output would: float64 can round differently at exact .5 ties.
+    array = array.astype(np.promote_types(array.dtype, np.float32), copy=False)
+    return np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _pair(output, target, batched: bool) -> tuple[np.ndarray, np.ndarray]:
+    out, ref = to_uint8(output), to_uint8(target)
+    if out.shape != ref.shape:
+        raise ValueError(f"shape mismatch: output {tuple(output.shape)} vs target {tuple(target.shape)}")
+    if batched and out.ndim != 4:
+        raise ValueError(f"expected a batch ([N, C, H, W] tensor or [N, H, W, C] array), got {tuple(output.shape)}")
+    if not batched and out.ndim != 3:
+        raise ValueError(f"expected a single image, got {tuple(output.shape)}; use batch_psnr / batch_ssim for batches")
+    return out, ref
+
+
+def _psnr(out: np.ndarray, ref: np.ndarray) -> float:
+    with np.errstate(divide="ignore"):  # identical images: PSNR is +inf, not a warning
+        return float(peak_signal_noise_ratio(ref, out, data_range=255))
+
+
+def _ssim(out: np.ndarray, ref: np.ndarray) -> float:
+    if min(out.shape[:2]) < _SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {_SSIM_WINDOW}x{_SSIM_WINDOW}, got {out.shape[:2]}")
+    colour = out.shape[-1] == 3
+    return float(
+        structural_similarity(
+            ref if colour else ref[..., 0],
+            out if colour else out[..., 0],
+            data_range=255,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            channel_axis=-1 if colour else None,
+        )
+    )
+
+
+def psnr(output, target) -> float:
+    """PSNR in dB of one image against its reference, on 8-bit quantised values."""
+    return _psnr(*_pair(output, target, batched=False))
+
+
+def ssim(output, target) -> float:
+    """SSIM of one image against its reference, on 8-bit quantised values."""
+    return _ssim(*_pair(output, target, batched=False))
+
+
+def batch_psnr(output, target) -> float:
+    """Mean per-image PSNR over a batch (the mean of PSNRs, as papers report, not PSNR of the mean MSE)."""
+    out, ref = _pair(output, target, batched=True)
+    return float(np.mean([_psnr(o, r) for o, r in zip(out, ref)]))
+
+
+def batch_ssim(output, target) -> float:
+    """Mean per-image SSIM over a batch."""
+    out, ref = _pair(output, target, batched=True)
+    return float(np.mean([_ssim(o, r) for o, r in zip(out, ref)]))

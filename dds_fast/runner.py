@@ -1,0 +1,272 @@
+"""Latency runner: real against theoretical speedup of width configs, with a roofline floor.
+
+For each config it times the forward pass properly (warm-up, then many repeats, median with
+p20 and p80; CUDA events on a GPU, optionally CUDA-graph replay; the wall clock on a CPU,
+labelled as such) and reports MACs/pixel, the theoretical speedup over the largest config
+(the MAC ratio), the real speedup, their ratio, and the roofline floor: the larger of
+FLOPs over the device's peak rate and the fewest bytes over its bandwidth, both measured
+once per run on the same device.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .config import SubnetConfig
+from .cost import trace_convs
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> "Timing":
+        ordered = sorted(samples_ms)
+        pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+        return cls(statistics.median(ordered), pick(0.2), pick(0.8), len(ordered))
+
+
+@dataclass
+class DevicePeaks:
+    """Measured ceilings: matrix-product rate in the run's dtype and copy bandwidth."""
+
+    flops_per_s: float
+    bytes_per_s: float
+
+
+@dataclass
+class ConfigResult:
+    label: str
+    config: dict | None
+    macs_per_pixel: float
+    timing: Timing
+    theoretical_speedup: float = 1.0
+    real_speedup: float = 1.0
+    floor_ms: float = 0.0
+    floor_bound: str = ""
+
+    @property
+    def speedup_efficiency(self) -> float:
+        """Real over theoretical speedup: 1.0 means the MAC savings all became speed."""
+        return self.real_speedup / self.theoretical_speedup
+
+    @property
+    def floor_fraction(self) -> float:
+        """Roofline floor over measured time: 1.0 would be at the floor."""
+        return self.floor_ms / self.timing.median_ms
+
+
+@dataclass
+class Report:
+    device: str
+    environment: dict
+    dtype: str
+    input_shape: tuple[int, ...]
+    backend: str
+    peaks: DevicePeaks
+    results: list[ConfigResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for record, result in zip(out["results"], self.results):
+            record["speedup_efficiency"] = result.speedup_efficiency
+            record["floor_fraction"] = result.floor_fraction
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        lines = [f"Device: {self.device}; dtype {self.dtype}; input {list(self.input_shape)}; backend {self.backend}",
+                 "",
+                 "| config | MACs/pixel | median ms (p20-p80) | theoretical speedup | real speedup | real/theoretical "
+                 "| roofline floor ms | floor/measured |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in self.results:
+            t = r.timing
+            lines.append(f"| {r.label} | {r.macs_per_pixel:,.0f} | {t.median_ms:.3f} ({t.p20_ms:.3f}-{t.p80_ms:.3f}) "
+                         f"| {r.theoretical_speedup:.2f} | {r.real_speedup:.2f} | {r.speedup_efficiency:.2f} "
+                         f"| {r.floor_ms:.3f} ({r.floor_bound}) | {r.floor_fraction:.2f} |")
+        return "\n".join(lines)
+
+
+def describe_device(device: torch.device) -> tuple[str, dict]:
+    env = {"torch": torch.__version__, "dds_fast": __version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["driver"] = _cuda_driver()
+        return name, env
+    return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)", env
+
+
+def _cuda_driver() -> str | None:
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class LatencyRunner:
+    """Times a model's forward at each width config on one input shape.
+
+    ``model`` is a SlimConv2d, a slimmable network (anything with ``set_config``) or any
+    module; ``configs`` are ``(label, config)`` pairs (config ``None`` times the model as it
+    is). On CUDA, timing uses CUDA events and, with ``cuda_graph=True``, replays one
+    captured graph per config; on CPU it uses the wall clock.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                 device: str | torch.device | None = None, warmup: int = 10, repeats: int = 100,
+                 channels_last: bool = True, cuda_graph: bool = False, backend: str | None = None):
+        if len(input_shape) != 4 or min(input_shape) < 1:
+            raise ValueError(f"LatencyRunner: input_shape must be [N, C, H, W] of positive sizes, got {input_shape}")
+        if warmup < 0 or repeats < 1:
+            raise ValueError(f"LatencyRunner: need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError("LatencyRunner: cuda_graph=True needs a CUDA device")
+        self.model = model.to(self.device, dtype).eval()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.dtype, self.warmup, self.repeats, self.cuda_graph = dtype, warmup, repeats, cuda_graph
+        self.backend = backend or _backend_of(model)
+        self.inputs = torch.rand(self.input_shape, device=self.device, dtype=dtype).to(memory_format=self.memory_format)
+
+    # -- timing -------------------------------------------------------------------------
+    def time_fn(self, fn: Callable[[], object], cuda_graph: bool = False) -> Timing:
+        """Warm up, then time ``repeats`` calls of ``fn`` (replays of its CUDA graph if asked)."""
+        with torch.no_grad():
+            for _ in range(self.warmup):
+                fn()
+            if self.device.type != "cuda":
+                samples = []
+                for _ in range(self.repeats):
+                    start = time.perf_counter()
+                    fn()
+                    samples.append((time.perf_counter() - start) * 1e3)
+                return Timing.from_samples(samples)
+            if cuda_graph:
+                fn = self._graphed(fn)
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(self.repeats)]
+            torch.cuda.synchronize(self.device)
+            for start, end in events:
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize(self.device)
+            return Timing.from_samples([start.elapsed_time(end) for start, end in events])
+
+    def _graphed(self, fn):
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
+    # -- costs --------------------------------------------------------------------------
+    def floor_ms(self, config, peaks: DevicePeaks) -> tuple[float, str, float]:
+        """Roofline floor of one forward: (ms, 'FLOPs' or 'bytes', MACs/pixel). Bytes are the
+        fewest: each conv reads its input and active weights once and writes its output once."""
+        n, c, h, w = self.input_shape
+        calls, pixels = trace_convs(self.model, config, (c, h, w))
+        element = torch.empty((), dtype=self.dtype).element_size()
+        macs = sum(call.macs for call in calls) * n
+        moved = 0
+        for call in calls:
+            kh, kw = call.module.kernel_size
+            out_pixels = call.out_size[0] * call.out_size[1]
+            in_pixels = out_pixels * call.module.stride[0] * call.module.stride[1]
+            moved += element * (n * sum(call.in_widths) * in_pixels + n * call.out_width * out_pixels
+                                + call.out_width * sum(call.in_widths) * kh * kw)
+        flops_ms = 2 * macs / peaks.flops_per_s * 1e3
+        bytes_ms = moved / peaks.bytes_per_s * 1e3
+        macs_per_pixel = sum(call.macs for call in calls) / pixels
+        return max(flops_ms, bytes_ms), ("FLOPs" if flops_ms >= bytes_ms else "bytes"), macs_per_pixel
+
+    def measure_peaks(self) -> DevicePeaks:
+        """A large matrix product in the run's dtype and a large device copy, timed like the model."""
+        size = 8192 if self.device.type == "cuda" else 1024
+        a = torch.randn(size, size, device=self.device, dtype=self.dtype)
+        b = torch.randn(size, size, device=self.device, dtype=self.dtype)
+        matmul = self.time_fn(lambda: a @ b)
+        numel = (256 if self.device.type == "cuda" else 32) * 2 ** 20
+        src = torch.rand(numel, device=self.device, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        copy = self.time_fn(lambda: dst.copy_(src))
+        return DevicePeaks(flops_per_s=2 * size ** 3 / (matmul.median_ms / 1e3),
+                           bytes_per_s=2 * src.numel() * 4 / (copy.median_ms / 1e3))
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self, configs: Sequence[tuple[str, SubnetConfig | None]] | None = None,
+            peaks: DevicePeaks | None = None) -> Report:
+        if configs is None:
+            configs = default_configs(self.model)
+        if not configs:
+            raise ValueError("LatencyRunner.run: no configs to time")
+        peaks = peaks or self.measure_peaks()
+        name, env = describe_device(self.device)
+        report = Report(name, env, str(self.dtype).replace("torch.", ""), self.input_shape, str(self.backend), peaks)
+        has_configs = hasattr(self.model, "set_config")
+        previous = self.model.get_config() if has_configs else None
+        try:
+            for label, config in configs:
+                if config is not None:
+                    self.model.set_config(config)
+                floor, bound, macs = self.floor_ms(None, peaks)
+                timing = self.time_fn(lambda: self.model(self.inputs), self.cuda_graph)
+                report.results.append(ConfigResult(label, None if config is None else config.to_dict(), macs,
+                                                   timing, floor_ms=floor, floor_bound=bound))
+        finally:
+            if has_configs:
+                self.model.set_config(previous)
+        largest = max(report.results, key=lambda r: r.macs_per_pixel)
+        for result in report.results:
+            result.theoretical_speedup = largest.macs_per_pixel / result.macs_per_pixel
+            result.real_speedup = largest.timing.median_ms / result.timing.median_ms
+        return report
+
+
+def default_configs(model: nn.Module) -> list[tuple[str, SubnetConfig | None]]:
+    """The routing space when the model has one, else smallest, uniform 0.25/0.5/0.75, largest."""
+    if not hasattr(model, "space"):
+        return [("as is", None)]
+    routing = getattr(model, "routing_space", None)
+    if routing:
+        return [(f"route {i}", entry.config) for i, entry in enumerate(routing)]
+    space = model.space
+    return ([("smallest", space.smallest())] + [(f"uniform {r:g}", space.uniform(r)) for r in (0.25, 0.5, 0.75)]
+            + [("largest", space.largest())])
+
+
+def _backend_of(model: nn.Module) -> str:
+    backends = {m.backend for m in model.modules() if hasattr(m, "backend") and isinstance(m.backend, str)}
+    return ",".join(sorted(backends)) or "torch"

@@ -1,0 +1,305 @@
+"""Data layer: bundled photos, image files and folders, patch datasets, SIDD layouts."""
+import imageio.v3 as iio
+import numpy as np
+import png
+import pytest
+import scipy.io
+import torch
+from torch.utils.data import DataLoader
+
+from dds_fast.training.data import (
+    PHOTO_NAMES,
+    TEXTURE_NAMES,
+    NoisyPatches,
+    PairedPatches,
+    SIDDValidation,
+    bundled_images,
+    item_generator,
+    list_images,
+    load_image,
+    load_image_folder,
+    make_validation_set,
+    random_flip_rotate,
+    sidd_medium_pairs,
+    to_channels,
+)
+from dds_fast.training.noise import GaussianNoise
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------- bundled images
+
+
+def test_bundled_images_are_float_chw_in_unit_range():
+    images = bundled_images()
+    assert tuple(images) == PHOTO_NAMES + TEXTURE_NAMES
+    for name, image in images.items():
+        assert image.dtype == torch.float32 and image.dim() == 3 and image.shape[0] == 3, name
+        assert 0 <= image.min() and image.max() <= 1 and image.max() > 0.5, name
+    assert images["astronaut"].shape == (3, 512, 512)
+    assert not torch.equal(images["stereo_motorcycle_left"], images["stereo_motorcycle_right"])
+
+
+def test_bundled_images_channel_conversion():
+    gray = bundled_images(["astronaut", "camera"], channels=1)
+    assert gray["astronaut"].shape == (1, 512, 512) and gray["camera"].shape == (1, 512, 512)
+    colour_camera = bundled_images(["camera"])["camera"]
+    assert torch.equal(colour_camera[0], colour_camera[1]) and torch.equal(colour_camera[0], gray["camera"][0])
+
+
+def test_bundled_images_unknown_name():
+    with pytest.raises(ValueError, match="unknown bundled image.*'lena'"):
+        bundled_images(["lena"])
+
+
+def test_to_channels_uses_bt601_luma():
+    rgb = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 2, 2)
+    assert torch.allclose(to_channels(rgb, 1), torch.full((1, 2, 2), 0.299))
+    with pytest.raises(ValueError, match="1 or 3"):
+        to_channels(rgb, 2)
+
+
+# ----------------------------------------------------------------------------- image files
+
+
+def write_png16(path, array):
+    """A 16-bit PNG with alpha or colour, written with pypng (imageio cannot write these)."""
+    height, width, channels = array.shape
+    writer = png.Writer(width, height, greyscale=channels == 2, alpha=channels in (2, 4), bitdepth=16)
+    with open(path, "wb") as f:
+        writer.write(f, array.reshape(height, width * channels).tolist())
+
+
+def test_load_8bit_rgb_gray_and_rgba_png(tmp_path):
+    rgb = rng().integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    iio.imwrite(tmp_path / "rgb.png", rgb)
+    iio.imwrite(tmp_path / "gray.png", rgb[..., 0])
+    iio.imwrite(tmp_path / "rgba.png", np.dstack([rgb, np.full((9, 11), 7, np.uint8)]))
+    expected = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    assert torch.equal(load_image(tmp_path / "rgb.png"), expected)
+    assert torch.equal(load_image(tmp_path / "gray.png"), expected[:1])
+    assert torch.equal(load_image(tmp_path / "rgba.png"), expected)  # alpha dropped
+    assert load_image(tmp_path / "gray.png", channels=3).shape == (3, 9, 11)
+    assert load_image(tmp_path / "rgb.png", channels=1).shape == (1, 9, 11)
+
+
+def test_load_16bit_gray_png_and_tiff(tmp_path):
+    gray = rng().integers(0, 65536, (7, 5), dtype=np.uint16)
+    iio.imwrite(tmp_path / "gray16.png", gray)
+    iio.imwrite(tmp_path / "rgb16.tif", np.dstack([gray] * 3))
+    expected = torch.from_numpy(gray.astype(np.float32) / 65535)
+    assert torch.equal(load_image(tmp_path / "gray16.png")[0], expected)
+    assert torch.equal(load_image(tmp_path / "rgb16.tif")[2], expected)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_load_16bit_png_with_colour_or_alpha_keeps_all_bits(tmp_path, channels):
+    # Pillow truncates these to 8 bits
+    array = rng(channels).integers(0, 65536, (10, 6, channels), dtype=np.uint16)
+    write_png16(tmp_path / "deep.png", array)
+    image = load_image(tmp_path / "deep.png")
+    colour = array[..., :1] if channels == 2 else array[..., :3]  # alpha dropped
+    expected = torch.from_numpy(colour.astype(np.float32) / 65535).permute(2, 0, 1)
+    assert torch.equal(image, expected)
+
+
+def test_load_jpeg(tmp_path):
+    flat = np.full((16, 16, 3), 128, np.uint8)
+    iio.imwrite(tmp_path / "flat.jpg", flat)
+    assert torch.allclose(load_image(tmp_path / "flat.jpg"), torch.full((3, 16, 16), 128 / 255), atol=2 / 255)
+
+
+def test_load_missing_and_corrupt_files_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_image(tmp_path / "nope.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        load_image(tmp_path / "broken.png")
+
+
+def test_folder_listing_and_loading(tmp_path):
+    for name in ["b.png", "a.JPG", "sub/c.png"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        iio.imwrite(tmp_path / name, rng().integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
+    images = load_image_folder(tmp_path, channels=1, recursive=True)
+    assert sorted(images) == ["a.JPG", "b.png", "sub/c.png"]
+    assert all(im.shape == (1, 8, 8) for im in images.values())
+
+
+def test_folder_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing_dir"):
+        list_images(tmp_path / "missing_dir")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images .*empty"):
+        list_images(tmp_path / "empty")
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="file.png"):
+        list_images(tmp_path / "file.png")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "zero.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="zero.png"):
+        load_image_folder(tmp_path / "bad")
+
+
+# ----------------------------------------------------------------------------- synthetic patches
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return bundled_images(["chelsea", "camera", "coins"])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_noisy_patches_shapes_ranges_and_noise(photos, channels):
+    data = NoisyPatches(photos, GaussianNoise(25), patch_size=48, length=16, channels=channels, seed=3)
+    assert len(data) == 16
+    noisy, clean = next(iter(DataLoader(data, batch_size=16)))
+    assert noisy.shape == clean.shape == (16, channels, 48, 48)
+    assert clean.dtype == torch.float32 and clean.min() >= 0 and clean.max() <= 1
+    assert (noisy - clean).std() * 255 == pytest.approx(25, rel=0.05)
+
+
+def test_noisy_patches_are_reproducible_and_vary(photos):
+    def make(seed):
+        return NoisyPatches(photos, GaussianNoise(25), patch_size=32, length=8, seed=seed)
+
+    a, b, c = make(0), make(0), make(1)
+    for i in range(8):
+        assert all(torch.equal(x, y) for x, y in zip(a[i], b[i]))
+    assert not torch.equal(a[0][1], a[1][1])  # different items, different crops
+    assert not torch.equal(a[0][1], c[0][1])  # different seed
+    first = a[0][1]
+    a.set_epoch(1)
+    assert not torch.equal(a[0][1], first)  # new epoch, new crops
+
+
+def test_noisy_patches_crops_come_from_the_images():
+    image = torch.arange(3 * 10 * 12, dtype=torch.float32).view(3, 10, 12) / 360
+    data = NoisyPatches([image], GaussianNoise(0), patch_size=4, length=20, augment=False)
+    for i in range(len(data)):
+        _, clean = data[i]
+        top, left = [int(v) for v in torch.nonzero(image[0] == clean[0, 0, 0])[0]]
+        assert torch.equal(clean, image[:, top : top + 4, left : left + 4])
+
+
+def test_random_flip_rotate_covers_the_eight_symmetries():
+    square = torch.arange(9.0).view(1, 3, 3)
+    seen = {tuple(random_flip_rotate(item_generator(0, i), square)[0].flatten().tolist()) for i in range(200)}
+    assert len(seen) == 8
+
+
+def test_noisy_patches_errors(photos):
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        NoisyPatches([torch.rand(3, 20, 30)], GaussianNoise(25), patch_size=24)
+    with pytest.raises(ValueError, match="mix gray and colour"):
+        NoisyPatches([torch.rand(3, 20, 20), torch.rand(1, 20, 20)], GaussianNoise(25), patch_size=8)
+    with pytest.raises(ValueError, match="no images"):
+        NoisyPatches([], GaussianNoise(25))
+    with pytest.raises(IndexError):
+        NoisyPatches(photos, GaussianNoise(25), patch_size=8, length=4)[4]
+
+
+def test_validation_set_is_fixed_by_seed(photos):
+    a = make_validation_set(photos, GaussianNoise(25), seed=7, patch_size=40, crops_per_image=2)
+    b = make_validation_set(photos, GaussianNoise(25), seed=7, patch_size=40, crops_per_image=2)
+    assert len(a) == 6
+    for (na, ca), (nb, cb) in zip(a, b):
+        assert na.shape == ca.shape == (3, 40, 40)
+        assert torch.equal(na, nb) and torch.equal(ca, cb)
+    whole = make_validation_set(photos, GaussianNoise(25), seed=7, channels=1)
+    assert [clean.shape for _, clean in whole] == [(1, *im.shape[1:]) for im in photos.values()]
+
+
+# ----------------------------------------------------------------------------- SIDD
+
+
+def write_sidd_medium(root, scenes=("0001_001_S6_00100_00060_3200_L", "0002_001_S6_00100_00020_3200_N")):
+    """Two scenes, two frames each; noisy = 255 - clean so alignment can be checked."""
+    for s, scene in enumerate(scenes):
+        folder = root / "Data" / scene
+        folder.mkdir(parents=True)
+        for frame in ("010", "011"):
+            clean = rng(s).integers(0, 256, (24, 30, 3), dtype=np.uint8)
+            prefix = scene[:4]
+            iio.imwrite(folder / f"{prefix}_GT_SRGB_{frame}.PNG", clean, extension=".png")
+            iio.imwrite(folder / f"{prefix}_NOISY_SRGB_{frame}.PNG", 255 - clean, extension=".png")
+
+
+def test_sidd_medium_pairs_and_aligned_patches(tmp_path):
+    write_sidd_medium(tmp_path)
+    pairs = sidd_medium_pairs(tmp_path)
+    assert len(pairs) == 4
+    assert all("_NOISY_SRGB_" in n.name and n.name.replace("NOISY", "GT") == c.name for n, c in pairs)
+    data = PairedPatches(pairs, patch_size=16, patches_per_pair=3, seed=1)
+    assert len(data) == 12
+    for i in range(len(data)):
+        noisy, clean = data[i]
+        assert noisy.shape == clean.shape == (3, 16, 16)
+        assert torch.allclose(noisy, 1 - clean, atol=1e-6)  # same crop and flip/rotation on both
+    again = PairedPatches(pairs, patch_size=16, patches_per_pair=3, seed=1, cache_size=0)
+    assert all(torch.equal(data[i][0], again[i][0]) for i in range(len(data)))
+    gray = PairedPatches(pairs, patch_size=16, patches_per_pair=1, channels=1)
+    assert gray[0][0].shape == (1, 16, 16)
+
+
+def test_paired_patches_from_tensors():
+    clean = torch.rand(3, 20, 20)
+    data = PairedPatches([(clean + 1, clean)], patch_size=8, patches_per_pair=4)
+    noisy, crop = data[2]
+    assert torch.allclose(noisy, crop + 1)
+
+
+def test_sidd_medium_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "Data")):
+        sidd_medium_pairs(tmp_path)
+    (tmp_path / "Data" / "scene").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no \\*_NOISY_SRGB_\\*.PNG"):
+        sidd_medium_pairs(tmp_path)
+    iio.imwrite(tmp_path / "Data" / "scene" / "0001_NOISY_SRGB_010.PNG", np.zeros((8, 8, 3), np.uint8), extension=".png")
+    with pytest.raises(FileNotFoundError, match="0001_GT_SRGB_010.PNG"):
+        sidd_medium_pairs(tmp_path)
+    iio.imwrite(tmp_path / "Data" / "scene" / "0001_GT_SRGB_010.PNG", np.zeros((8, 9, 3), np.uint8), extension=".png")
+    with pytest.raises(ValueError, match="sizes differ .*0001_NOISY_SRGB_010.PNG"):
+        PairedPatches(sidd_medium_pairs(tmp_path), patch_size=4)[0]
+
+
+def write_sidd_validation(root, noisy, clean):
+    scipy.io.savemat(root / "ValidationNoisyBlocksSrgb.mat", {"ValidationNoisyBlocksSrgb": noisy})
+    scipy.io.savemat(root / "ValidationGtBlocksSrgb.mat", {"ValidationGtBlocksSrgb": clean})
+
+
+def test_sidd_validation_blocks(tmp_path):
+    clean = rng().integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8)
+    write_sidd_validation(tmp_path, 255 - clean, clean)
+    data = SIDDValidation(tmp_path)
+    assert len(data) == 6
+    noisy, gt = data[4]  # image 1, block 1
+    assert noisy.shape == gt.shape == (3, 16, 16) and gt.dtype == torch.float32
+    assert torch.equal(gt, torch.from_numpy(clean[1, 1]).permute(2, 0, 1).float() / 255)
+    assert torch.allclose(noisy, 1 - gt, atol=1e-6)
+
+
+def test_sidd_validation_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        SIDDValidation(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="ValidationNoisyBlocksSrgb.mat"):
+        SIDDValidation(tmp_path)
+    blocks = np.zeros((1, 2, 8, 8, 3), np.uint8)
+    scipy.io.savemat(tmp_path / "ValidationNoisyBlocksSrgb.mat", {"wrong_key": blocks})
+    scipy.io.savemat(tmp_path / "ValidationGtBlocksSrgb.mat", {"ValidationGtBlocksSrgb": blocks})
+    with pytest.raises(ValueError, match="ValidationNoisyBlocksSrgb.mat has no variable .*wrong_key"):
+        SIDDValidation(tmp_path)
+    write_sidd_validation(tmp_path, blocks.astype(np.float64), blocks)
+    with pytest.raises(ValueError, match="should be uint8"):
+        SIDDValidation(tmp_path)
+    write_sidd_validation(tmp_path, blocks, np.zeros((1, 3, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="differ in shape"):
+        SIDDValidation(tmp_path)
+    (tmp_path / "ValidationGtBlocksSrgb.mat").write_bytes(b"garbage" * 20)
+    with pytest.raises(ValueError, match="cannot read MATLAB file .*ValidationGtBlocksSrgb.mat"):
+        SIDDValidation(tmp_path)

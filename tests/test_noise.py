@@ -1,0 +1,256 @@
+"""Noise models: statistics, reproducibility, the camera pipeline's round trip and correlation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from dds_fast.training.data import bundled_images
+from dds_fast.training.noise import (
+    CameraNoise,
+    GaussianNoise,
+    PoissonGaussianNoise,
+    demosaic,
+    make_noise,
+    mosaic,
+    process,
+    sample_camera_params,
+    unprocess,
+)
+
+ALL_MODELS = [GaussianNoise(25), GaussianNoise((0, 55)), PoissonGaussianNoise(), CameraNoise()]
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def bands(levels, channels=3, height=64, width=192):
+    """Horizontal bands of constant intensity, one per level, stacked vertically."""
+    return torch.cat([torch.full((channels, height, width), float(v)) for v in levels], dim=1)
+
+
+def band_std(residual, n_levels, height=64, margin=4):
+    """Noise std inside each band, away from band edges (demosaicking mixes neighbouring bands)."""
+    return torch.stack(
+        [residual[..., k * height + margin : (k + 1) * height - margin, margin:-margin].std() for k in range(n_levels)]
+    )
+
+
+# ----------------------------------------------------------------------------- shapes and errors
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=repr)
+@pytest.mark.parametrize("shape", [(3, 17, 23), (2, 3, 16, 16), (1, 9, 10), (2, 1, 12, 7)])
+def test_shape_and_dtype_preserved(model, shape):
+    clean = torch.rand(shape)
+    noisy = model(clean, gen())
+    assert noisy.shape == clean.shape and noisy.dtype == clean.dtype
+    assert torch.isfinite(noisy).all()
+    assert not torch.equal(noisy, clean)
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=repr)
+def test_same_seed_same_noise_other_seed_other_noise(model):
+    clean = torch.rand(2, 3, 32, 32, generator=gen(9))
+    first, again, other = model(clean, gen(1)), model(clean, gen(1)), model(clean, gen(2))
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_generator_none_uses_global_rng():
+    clean = torch.rand(3, 8, 8)
+    torch.manual_seed(5)
+    first = GaussianNoise(25)(clean)
+    torch.manual_seed(5)
+    assert torch.equal(first, GaussianNoise(25)(clean))
+
+
+def test_factory_builds_each_model():
+    assert isinstance(make_noise("awgn", sigma=15), GaussianNoise)
+    assert isinstance(make_noise("poisson_gaussian", a=1e-3, b=1e-5), PoissonGaussianNoise)
+    assert isinstance(make_noise("camera"), CameraNoise)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("speckle", {}, "unknown noise model 'speckle'"),
+        ("awgn", {"sigma": -1}, "non-negative"),
+        ("awgn", {"sigma": (30, 10)}, "lo <= hi"),
+        ("awgn", {"sigma": "loud"}, "number or a"),
+        ("awgn", {"sgima": 25}, "bad parameters for noise model 'awgn'"),
+        ("poisson_gaussian", {"a": (0, 1e-2)}, "log-uniformly"),
+        ("camera", {"shot_noise": 0}, "positive"),
+    ],
+)
+def test_factory_rejects_bad_input(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_noise(name, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(8, 8), torch.zeros(1, 1, 1, 8, 8), torch.zeros(3, 8, 8, dtype=torch.uint8)])
+def test_models_reject_bad_tensors(bad):
+    with pytest.raises(ValueError):
+        GaussianNoise(25)(bad, gen())
+
+
+def test_camera_needs_one_or_three_channels():
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        CameraNoise()(torch.rand(2, 8, 8), gen())
+
+
+# ----------------------------------------------------------------------------- AWGN
+
+
+def test_awgn_std_matches_sigma_and_ignores_intensity():
+    levels = [0.2, 0.5, 0.8]
+    clean = bands(levels, height=128, width=256)
+    stds = band_std(GaussianNoise(25)(clean, gen()) - clean, len(levels), height=128) * 255
+    # ~98k samples per band: the std estimate is within ~0.5% (1 s.e.), 3% is > 6 s.e.
+    assert torch.allclose(stds, torch.full_like(stds, 25.0), rtol=0.03)
+    noise = GaussianNoise(25)(clean, gen()) - clean
+    assert abs(noise.mean().item()) < 1e-3  # zero-mean, no clipping bias
+
+
+def test_blind_awgn_draws_sigma_per_image_within_range():
+    clean = torch.full((16, 1, 64, 64), 0.5)
+    residual = GaussianNoise((5, 50))(clean, gen()) - clean
+    stds = residual.flatten(1).std(1) * 255
+    assert (stds > 5 * 0.9).all() and (stds < 50 * 1.1).all()
+    assert stds.std() > 5  # the 16 images really got different sigmas
+
+
+def test_clip_option_keeps_range():
+    clean = torch.rand(3, 32, 32)
+    noisy = GaussianNoise(50, clip=True)(clean, gen())
+    assert noisy.min() >= 0 and noisy.max() <= 1
+
+
+# ----------------------------------------------------------------------------- Poisson-Gaussian
+
+
+def test_poisson_gaussian_variance_is_affine_in_intensity():
+    a, b = 4e-3, 1e-4
+    levels = [0.1, 0.4, 0.7, 0.95]
+    clean = bands(levels, height=128, width=256)
+    var = band_std(PoissonGaussianNoise(a=a, b=b)(clean, gen()) - clean, len(levels), height=128) ** 2
+    expected = torch.tensor([a * v + b for v in levels])
+    assert torch.allclose(var, expected, rtol=0.05)  # variance estimate s.e. ~0.5% per band
+    assert (var.diff() > 0).all()
+
+
+def test_poisson_gaussian_sampled_parameters_stay_in_range():
+    clean = torch.full((32, 1, 32, 32), 1.0)
+    var = (PoissonGaussianNoise(a=(1e-4, 1e-2), b=(1e-6, 1e-3))(clean, gen()) - clean).flatten(1).var(1)
+    lo, hi = 1e-4 + 1e-6, 1e-2 + 1e-3
+    assert (var > 0.8 * lo).all() and (var < 1.2 * hi).all()
+
+
+# ----------------------------------------------------------------------------- camera pipeline
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_camera_noise_grows_with_intensity(channels):
+    # In sRGB the std rises from shadows to mid-tones; beyond ~0.6 the smoothstep tone curve
+    # (slope -> 0 at 1) compresses it again, so only levels up to 0.5 are compared.
+    levels = [0.05, 0.15, 0.3, 0.5]
+    clean = bands(levels, channels=channels).expand(4, -1, -1, -1).contiguous()
+    residual = CameraNoise(shot_noise=4e-3)(clean, gen()) - clean
+    stds = torch.stack([band_std(r, len(levels)) for r in residual])  # [image, level]
+    assert (stds.diff(dim=1) > 0).all(), stds * 255
+    assert (stds[:, -1] > 1.3 * stds[:, 0]).all()
+
+
+def test_camera_noise_levels_span_paper_range():
+    clean = torch.full((64, 3, 32, 32), 0.4)
+    stds = (CameraNoise()(clean, gen()) - clean).flatten(1).std(1) * 255
+    # At grey 0.4 the ends of the shot-noise range give std ~3/255 and ~38/255; the log-uniform
+    # draw over two decades must reach near both ends in 64 images.
+    assert stds.min() < 6 and stds.max() > 25
+
+
+def test_camera_noise_is_spatially_correlated_awgn_is_not():
+    flat = torch.full((3, 128, 128), 0.4)
+
+    def neighbour_correlation(model):
+        r = model(flat, gen()) - flat
+        pairs = torch.stack([r[..., :, :-1].flatten(), r[..., :, 1:].flatten()])
+        return torch.corrcoef(pairs)[0, 1].item()
+
+    # Bilinear demosaicking builds 3 of 4 values per colour from shared neighbours.
+    assert neighbour_correlation(CameraNoise(shot_noise=4e-3)) > 0.3
+    # 49k pairs: the correlation of independent noise has s.e. ~0.005.
+    assert abs(neighbour_correlation(GaussianNoise(25))) < 0.03
+    assert abs(neighbour_correlation(PoissonGaussianNoise())) < 0.03
+
+
+def test_mosaic_then_demosaic_is_exact_on_affine_images():
+    # Bilinear interpolation reproduces affine signals exactly away from the 1-pixel border.
+    h, w = 20, 26
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    image = torch.stack([0.2 + 0.5 * xx, 0.1 + 0.3 * yy + 0.2 * xx, 0.7 - 0.4 * yy])[None]
+    restored = demosaic(mosaic(image))
+    assert torch.allclose(restored[..., 1:-1, 1:-1], image[..., 1:-1, 1:-1], atol=1e-6)
+    # Measured samples are kept exactly, borders included.
+    assert torch.allclose(mosaic(restored), mosaic(image), atol=1e-7)
+
+
+def test_camera_round_trip_gray_is_identity():
+    # One channel: no mosaic, so unprocess/process are exact inverses for values below the
+    # highlight range (linear grey > 0.9, sRGB > ~0.95, is deliberately not inverted exactly).
+    clean = torch.linspace(0.0, 0.9, 64 * 64).view(1, 1, 64, 64)
+    for seed in range(4):
+        params = sample_camera_params(1, 1, gen(seed), like=clean)
+        assert torch.allclose(process(unprocess(clean, params), params), clean, atol=2e-4)
+
+
+def smooth_photo():
+    # Blurred (sigma 3) and range-compressed into [0.05, 0.85]: no highlights for the
+    # highlight-preserving gains to alter and detail far below the Bayer Nyquist limit.
+    photo = bundled_images(["chelsea"])["chelsea"].numpy()
+    photo = 0.05 + 0.8 * gaussian_filter(photo, (0, 3, 3))
+    return torch.from_numpy(photo)[None]
+
+
+def psnr(a, b):
+    return 10 * math.log10(1.0 / ((a - b) ** 2).mean().item())
+
+
+def test_camera_round_trip_colour_recovers_image():
+    # Colour matrix, gains, gamma and tone curve invert exactly; what remains is bilinear
+    # demosaicking, exact for locally affine images. On a smooth photo the round trip
+    # measures ~59 dB, i.e. below a quarter of one 8-bit level RMS: 50 dB leaves margin.
+    clean = smooth_photo()
+    for seed in range(4):
+        params = sample_camera_params(1, 3, gen(seed), like=clean)
+        assert psnr(process(unprocess(clean, params), params), clean) > 50
+
+
+def test_camera_round_trip_on_detailed_photo_is_limited_by_demosaicking():
+    # With full detail the loss is bilinear demosaicking's aliasing at edges: the round trip
+    # measures ~31.5 dB on chelsea, against ~34 dB for mosaic+demosaic of the sRGB photo.
+    clean = bundled_images(["chelsea"])["chelsea"][None]
+    params = sample_camera_params(1, 3, gen(0), like=clean)
+    assert psnr(process(unprocess(clean, params), params), clean) > 29
+
+
+def test_camera_parameters_are_drawn_per_image():
+    clean = torch.rand(3, 3, 8, 8)
+    params = sample_camera_params(3, 3, gen(), like=clean)
+    assert params.cam2rgb.shape == (3, 3, 3)
+    assert not torch.allclose(params.cam2rgb[0], params.cam2rgb[1])
+    eye = torch.eye(3).expand(3, 3, 3)
+    assert torch.allclose(params.rgb2cam @ params.cam2rgb, eye, atol=1e-5)
+    assert torch.allclose(params.rgb2cam.sum(-1), torch.ones(3, 3), atol=1e-5)  # white stays white
+    assert ((params.red_gain >= 1.9) & (params.red_gain <= 2.4)).all()
+    assert ((params.blue_gain >= 1.5) & (params.blue_gain <= 1.9)).all()
+
+
+def test_camera_output_in_unit_range_and_unbiased_on_flat_image():
+    clean = torch.full((8, 3, 48, 48), 0.4)
+    noisy = CameraNoise()(clean, gen())
+    assert noisy.min() >= 0 and noisy.max() <= 1
+    # The tone curve bends the noise a little, but the mean stays near the clean value.
+    assert np.allclose(noisy.mean((1, 2, 3)).numpy(), 0.4, atol=0.02)

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from dds_fast import RoutingEntry, SlimConv2d, SlimDnCNN, macs_per_pixel
+from dds_fast.runner import DevicePeaks, LatencyRunner, Timing, default_configs
+
+
+def test_timing_percentiles():
+    timing = Timing.from_samples([5, 1, 4, 2, 3, 6, 7, 8, 9, 10, 11])
+    assert (timing.median_ms, timing.p20_ms, timing.p80_ms, timing.repeats) == (6, 3, 9, 11)
+
+
+def small_net():
+    torch.manual_seed(0)
+    return SlimDnCNN(in_channels=1, base_width=8, depth=3)
+
+
+def test_runner_reports_every_config_on_cpu():
+    net = small_net()
+    runner = LatencyRunner(net, (1, 1, 16, 16), warmup=1, repeats=3)
+    peaks = DevicePeaks(flops_per_s=1e9, bytes_per_s=1e9)
+    report = runner.run(peaks=peaks)
+    labels = [r.label for r in report.results]
+    assert labels == ["smallest", "uniform 0.25", "uniform 0.5", "uniform 0.75", "largest"]
+    assert report.device.startswith("CPU")
+    largest = max(report.results, key=lambda r: r.macs_per_pixel)  # the first of equals
+    for result in report.results:
+        config = net.space.validate(result.config)
+        assert result.macs_per_pixel == macs_per_pixel(net, config)
+        assert result.theoretical_speedup == pytest.approx(largest.macs_per_pixel / result.macs_per_pixel)
+        assert result.real_speedup == pytest.approx(largest.timing.median_ms / result.timing.median_ms)
+        assert result.timing.repeats == 3 and result.timing.p20_ms <= result.timing.median_ms <= result.timing.p80_ms
+        # 2 FLOPs per MAC at 1 GFLOP/s against bytes at 1 GB/s: the floor is the larger
+        flops_ms = 2 * result.macs_per_pixel * 256 / 1e9 * 1e3
+        assert result.floor_ms >= flops_ms - 1e-12 and result.floor_bound in ("FLOPs", "bytes")
+    assert net.get_config() == net.space.largest()
+    record = json.loads(report.to_json())
+    assert record["device"] == report.device and record["dtype"] == "float32"
+    assert {"torch", "triton"} <= set(record["environment"])
+    assert "speedup_efficiency" in record["results"][0]
+    assert "| smallest |" in report.to_markdown()
+
+
+def test_runner_uses_the_routing_space_and_plain_modules():
+    net = small_net()
+    net.routing_space = [RoutingEntry(net.space.smallest(), 1.0), RoutingEntry(net.space.largest(), 2.0)]
+    assert [label for label, _ in default_configs(net)] == ["route 0", "route 1"]
+    conv = SlimConv2d(4, 4, 3, padding=1)
+    report = LatencyRunner(conv, (1, 4, 8, 8), warmup=0, repeats=2).run(peaks=DevicePeaks(1e9, 1e9))
+    assert [r.label for r in report.results] == ["as is"] and report.results[0].macs_per_pixel == 4 * 4 * 9
+
+
+def test_measured_peaks_are_positive():
+    runner = LatencyRunner(small_net(), (1, 1, 8, 8), warmup=1, repeats=2)
+    peaks = runner.measure_peaks()
+    assert peaks.flops_per_s > 0 and peaks.bytes_per_s > 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(input_shape=(1, 1, 8)), "input_shape"),
+    (dict(input_shape=(1, 1, 8, 8), repeats=0), "repeats"),
+    (dict(input_shape=(1, 1, 8, 8), cuda_graph=True), "CUDA"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LatencyRunner(small_net(), **kwargs)
+    with pytest.raises(ValueError, match="no configs"):
+        LatencyRunner(small_net(), (1, 1, 8, 8)).run([], peaks=DevicePeaks(1, 1))

@@ -1,0 +1,188 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dds_fast
+from dds_fast import SlimDnCNN, SlimUNet
+from dds_fast.training.loop import LoopSettings, TrainingDiverged, TrainLoop, step_generator
+from dds_fast.training.sandwich import sandwich_configs, sandwich_step
+from dds_fast.training.slimming import progressive_slimming, slimmer, thin_routing_space
+from dds_fast.training.stages import Run, TrainConfig
+
+
+def tiny_net():
+    torch.manual_seed(0)
+    return SlimDnCNN(in_channels=1, base_width=16, depth=3)
+
+
+def batch(seed=0, n=2, size=12):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.rand(n, 1, size, size, generator=g)
+    return clean + 0.1 * torch.randn(clean.shape, generator=g), clean
+
+
+def test_sandwich_configs_are_largest_random_smallest():
+    space = tiny_net().space
+    configs = sandwich_configs(space, 4, torch.Generator().manual_seed(0))
+    assert configs[0] == space.largest() and configs[-1] == space.smallest() and len(configs) == 4
+    with pytest.raises(ValueError, match="n >= 2"):
+        sandwich_configs(space, 1, torch.Generator())
+
+
+@pytest.mark.parametrize("distillation", ["synergy", "inplace", "none"])
+def test_sandwich_targets(distillation):
+    net = tiny_net()
+    noisy, clean = batch()
+    configs = sandwich_configs(net.space, 4, torch.Generator().manual_seed(1))
+    seen = []
+
+    def recording_loss(output, target):
+        seen.append((output.detach().clone(), target.detach().clone(), target.requires_grad))
+        return F.l1_loss(output, target)
+
+    losses = sandwich_step(net, noisy, clean, configs, distillation, recording_loss)
+    assert list(losses) == ["largest", "random1", "random2", "smallest"]
+    outputs = [o for o, _, _ in seen]
+    assert not any(requires_grad for _, _, requires_grad in seen)  # targets are detached
+    torch.testing.assert_close(seen[0][1], clean)
+    if distillation == "none":
+        for _, target, _ in seen:
+            torch.testing.assert_close(target, clean)
+    else:
+        for _, target, _ in seen[1:3]:
+            torch.testing.assert_close(target, outputs[0])
+        expected_smallest = torch.stack(outputs[:3]).mean(0) if distillation == "synergy" else outputs[0]
+        torch.testing.assert_close(seen[3][1], expected_smallest)
+    assert net.get_config() == net.space.largest()
+
+
+def test_sandwich_accumulates_gradients_of_every_subnetwork():
+    net = tiny_net()
+    noisy, clean = batch()
+    configs = [net.space.largest(), net.space.smallest()]
+    sandwich_step(net, noisy, clean, configs, "none")
+    both = net.layers[0].weight.grad.clone()
+    for p in net.parameters():
+        p.grad = None
+    net.set_config(configs[0])
+    F.l1_loss(net(noisy), clean).backward()
+    largest = net.layers[0].weight.grad.clone()
+    for p in net.parameters():
+        p.grad = None
+    net.set_config(configs[1])
+    F.l1_loss(net(noisy), clean).backward()
+    smallest = net.layers[0].weight.grad.clone()
+    torch.testing.assert_close(both, largest + smallest)
+
+
+def test_progressive_slimming_walks_from_largest_to_smallest():
+    net = tiny_net().eval()
+    batches = [batch(seed) for seed in range(2)]
+    seen = []
+    trajectory = progressive_slimming(net, batches, step=8, on_step=seen.append)
+    assert trajectory[0].config == net.space.largest() and trajectory[-1].config == net.space.smallest()
+    assert seen == trajectory
+    for before, after in zip(trajectory, trajectory[1:]):
+        changed = [g for g in before.config if before.config[g] != after.config[g]]
+        assert len(changed) == 1 and after.config[changed[0]] < before.config[changed[0]]
+        assert after.macs_per_pixel < before.macs_per_pixel
+    assert net.get_config() == net.space.largest()
+    routes = thin_routing_space(trajectory, 3)
+    assert [r.macs_per_pixel for r in routes] == sorted(r.macs_per_pixel for r in routes)
+    assert routes[0] == min(trajectory, key=lambda e: e.macs_per_pixel)
+    assert routes[-1] == trajectory[0]
+    with pytest.raises(ValueError, match="fewer"):
+        thin_routing_space(trajectory, len(trajectory) + 1)
+
+
+def test_slimmer_steps_and_floors():
+    space = SlimUNet(base_width=16, depth=2).space
+    group = space["enc0"]  # choices 8, 16, 24
+    config = space.largest()
+    assert slimmer(config, group, 16) == 8
+    assert slimmer(config, group, 8) == 16
+    assert slimmer(config.replace(enc0=16), group, 16) == 8  # the step passes the smallest: stop there
+    assert slimmer(space.smallest(), group, 16) is None
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n=8):
+        self.items = [batch(seed, n=1) for seed in range(n)]
+        self.items = [(a[0], b[0]) for a, b in self.items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def make_loop(run_dir, steps, checkpoint_every=2, nan_at=None):
+    net = tiny_net()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9)
+
+    def step_fn(step, noisy, clean):
+        configs = sandwich_configs(net.space, 3, step_generator(0, step))
+        losses = sandwich_step(net, noisy, clean, configs)
+        if step == nan_at:
+            losses["largest"] = float("nan")
+        return losses
+
+    settings = LoopSettings(steps=steps, batch_size=2, checkpoint_every=checkpoint_every, progress=False)
+    return TrainLoop(run_dir, "stage1", net, optimizer, Pairs(), step_fn, settings, scheduler=scheduler), net
+
+
+def test_resume_after_a_kill_reaches_the_same_result(tmp_path):
+    straight, net_a = make_loop(tmp_path / "a", steps=6)
+    straight.run()
+    # a run killed after step 4 (checkpoint at 4, a logged step 4 lost with it) ...
+    first, _ = make_loop(tmp_path / "b", steps=4)
+    first.run()
+    with (tmp_path / "b" / "stage1.log.jsonl").open("a") as log:
+        log.write(json.dumps({"step": 4, "largest": 1.0}) + "\n")
+    resumed, net_b = make_loop(tmp_path / "b", steps=6)
+    assert resumed.run() == 2
+    for (name, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "stage1.log.jsonl").read_text().splitlines()]
+    assert steps == list(range(6))
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"] < 1e-2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    loop, _ = make_loop(tmp_path, steps=6, nan_at=3)
+    with pytest.raises(TrainingDiverged, match=r"step 3.*last good checkpoint \(step 2\)"):
+        loop.run()
+    fresh, _ = make_loop(tmp_path, steps=6)
+    assert fresh.resume() == 2
+
+
+def test_training_config_from_file(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"steps": 5, "noise": "camera", "noise_args": {}}))
+    config = TrainConfig.from_file(path, batch_size=4)
+    assert config.steps == 5 and config.batch_size == 4 and config.noise == "camera"
+    path.write_text(json.dumps({"stepz": 5}))
+    with pytest.raises(ValueError, match=r"unknown training options \['stepz'\]"):
+        TrainConfig.from_file(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        TrainConfig.from_file(tmp_path / "missing.json")
+
+
+def test_three_stage_run_end_to_end_on_cpu(tmp_path):
+    config = TrainConfig(arch="SlimDnCNN", channels=1, base_width=8, depth=3, patch_size=24, batch_size=4,
+                         epoch_patches=8, steps=3, inet_steps=2, validation_crops=1, validation_patch=32,
+                         slim_step=8, num_choices=2, checkpoint_every=2, progress=False)
+    run = Run(tmp_path, config)
+    net = run.stage1()
+    routed = run.stage2(net)
+    assert len(routed.routing_space) == 2
+    reloaded = dds_fast.load(tmp_path / "stage2.safetensors")
+    assert reloaded.routing_space == routed.routing_space
+    paths = run.inets()
+    assert [p.name for p in paths] == ["inet-0.safetensors", "inet-1.safetensors"]
+    inet = dds_fast.load(paths[0])
+    assert inet.get_config() == routed.routing_space[0].config

@@ -1,0 +1,485 @@
+"""Images, training patches and validation sets for denoising.
+
+* :func:`bundled_images` — the scikit-image photos and textures that ship with the package
+  (no download), for tests, demos and small offline training runs.
+* :func:`load_image`, :func:`list_images`, :func:`load_image_folder` — PNG/JPEG/BMP/TIFF
+  files of any size, gray or colour, 8 or 16 bits, as float tensors [C, H, W] in [0, 1].
+* :class:`NoisyPatches` — synthetic training pairs: random crops + flips/rotations of
+  clean images, with noise from a :mod:`~dds_fast.training.noise` model.
+* :func:`make_validation_set` — fixed (seeded) crops and noise, built once.
+* :func:`sidd_medium_pairs`, :class:`PairedPatches`, :class:`SIDDValidation` — real
+  noisy/clean pairs in the SIDD-Medium sRGB layout and the SIDD validation blocks.
+
+Datasets yield ``(noisy, clean)`` float32 tensors [C, H, W]. Randomness of item ``i`` is a
+pure function of ``(seed, epoch, i)``, so results do not depend on DataLoader workers or the
+order items are asked for; call ``set_epoch`` to get fresh crops each epoch.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import png
+import scipy.io
+import skimage.data
+import tifffile
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .noise import NoiseModel
+
+__all__ = [
+    "PHOTO_NAMES",
+    "TEXTURE_NAMES",
+    "IMAGE_EXTENSIONS",
+    "bundled_images",
+    "to_channels",
+    "load_image",
+    "list_images",
+    "load_image_folder",
+    "item_generator",
+    "random_flip_rotate",
+    "NoisyPatches",
+    "PairedImages",
+    "make_validation_set",
+    "PairedPatches",
+    "sidd_medium_pairs",
+    "SIDDValidation",
+]
+
+# scikit-image data that is stored inside the package (anything else needs pooch + network).
+PHOTO_NAMES = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "stereo_motorcycle_left",
+    "stereo_motorcycle_right",
+    "camera",
+    "moon",
+    "coins",
+)
+TEXTURE_NAMES = ("brick", "grass", "gravel", "text", "page")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# ITU-R BT.601 luma, as MATLAB's rgb2gray: the weights used to make the usual gray test sets.
+_LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """Convert [C, H, W] (C = 1 or 3) to ``channels``: gray -> RGB repeats, RGB -> gray takes BT.601 luma."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image shaped [1 or 3, H, W], got {tuple(image.shape)}")
+    if image.shape[0] == channels:
+        return image
+    if channels == 3:
+        return image.expand(3, -1, -1).clone()
+    return torch.einsum("c,chw->hw", _LUMA.to(image), image).unsqueeze(0)
+
+
+def _to_tensor(array: np.ndarray, source: str) -> torch.Tensor:
+    """HW / HWC integer or bool array -> float32 [C, H, W] in [0, 1], alpha dropped."""
+    if array.dtype == np.uint8:
+        scaled = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        scaled = array.astype(np.float32) / 65535.0
+    elif array.dtype == np.bool_:
+        scaled = array.astype(np.float32)
+    else:
+        raise ValueError(f"{source}: unsupported pixel type {array.dtype} (expected 8- or 16-bit integers)")
+    if scaled.ndim == 2:
+        scaled = scaled[..., None]
+    if scaled.ndim != 3 or scaled.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"{source}: expected a gray or colour image, got array shape {array.shape}")
+    # 2 = gray + alpha, 4 = RGBA: keep the colour planes only.
+    scaled = scaled[..., :1] if scaled.shape[-1] == 2 else scaled[..., :3]
+    return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
+
+
+def bundled_images(names: Sequence[str] | None = None, channels: int = 3) -> dict[str, torch.Tensor]:
+    """The offline scikit-image photos as float32 [channels, H, W] tensors in [0, 1].
+
+    ``names`` defaults to all of :data:`PHOTO_NAMES` and :data:`TEXTURE_NAMES`;
+    ``stereo_motorcycle_left`` / ``_right`` are the two frames of the stereo pair.
+    """
+    names = tuple(PHOTO_NAMES + TEXTURE_NAMES) if names is None else tuple(names)
+    known = PHOTO_NAMES + TEXTURE_NAMES
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown bundled image(s) {unknown}; available: {list(known)}")
+    images = {}
+    for name in names:
+        if name.startswith("stereo_motorcycle"):
+            left, right, _disparity = skimage.data.stereo_motorcycle()
+            array = left if name.endswith("left") else right
+        else:
+            array = getattr(skimage.data, name)()
+        images[name] = to_channels(_to_tensor(array, f"skimage.data.{name}"), channels)
+    return images
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) of a PNG file, or None if it is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(33)
+    if len(head) < 33 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _read_png16_colour(path: Path) -> np.ndarray:
+    """A 16-bit colour PNG as uint16 [H, W, C], through pypng: Pillow (and so imageio)
+    silently truncates these to 8 bits."""
+    width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+    return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
+
+
+def _decode(path: Path) -> np.ndarray:
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return tifffile.imread(path)  # Pillow cannot read 16-bit colour TIFFs
+    header = _png_header(path)
+    if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
+        return _read_png16_colour(path)
+    with Image.open(path) as image:
+        if image.mode in ("P", "PA", "CMYK", "YCbCr"):  # palette / print colour spaces -> RGB
+            image = image.convert("RGB")
+        return np.asarray(image)
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """Decode an image file to its stored integer array, with errors that name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        return _decode(path)
+    except Exception as err:  # any decoder failure means a corrupt or unsupported file
+        raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def load_image(path, channels: int | None = None) -> torch.Tensor:
+    """Read one image as float32 [C, H, W] in [0, 1]; ``channels`` (1 or 3) converts, None keeps the file's."""
+    path = Path(path)
+    image = _to_tensor(_read_array(path), str(path))
+    return image if channels is None else to_channels(image, channels)
+
+
+def list_images(folder, recursive: bool = False) -> list[Path]:
+    """Sorted image files (by :data:`IMAGE_EXTENSIONS`, any case) in ``folder``; errors if there are none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"not a folder: {folder}")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder}")
+    return files
+
+
+def load_image_folder(folder, channels: int | None = None, recursive: bool = False) -> dict[str, torch.Tensor]:
+    """All images of a folder, keyed by path relative to it, as float32 [C, H, W] tensors."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): load_image(p, channels) for p in list_images(folder, recursive)}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+# Stream tags keep the datasets' random streams apart: a training patch and a validation
+# crop built from the same seed and indices must not share crop position and noise.
+_TRAIN_STREAM, _VALIDATION_STREAM, _PAIRED_STREAM = 0, 1, 2
+
+
+def item_generator(seed: int, *indices: int) -> torch.Generator:
+    """A generator seeded from ``(seed, *indices)``; SeedSequence mixes them so nearby items are independent."""
+    state = np.random.SeedSequence([seed, *indices]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def _randint(high: int, generator: torch.Generator) -> int:
+    return int(torch.randint(high, (1,), generator=generator))
+
+
+def random_flip_rotate(generator: torch.Generator, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Apply one random transform of the square's symmetry group (4 rotations x flip) to all ``images``."""
+    turns, flip = _randint(4, generator), _randint(2, generator)
+    out = []
+    for image in images:
+        image = torch.rot90(image, turns, dims=(-2, -1))
+        out.append(image.flip(-1) if flip else image)
+    return tuple(out)
+
+
+def _crop_box(height: int, width: int, size: int, generator: torch.Generator) -> tuple[int, int]:
+    return _randint(height - size + 1, generator), _randint(width - size + 1, generator)
+
+
+def _image_list(images, channels: int | None) -> list[torch.Tensor]:
+    values = list(images.values()) if isinstance(images, Mapping) else list(images)
+    if not values:
+        raise ValueError("no images given")
+    for k, image in enumerate(values):
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"image {k}: expected a tensor shaped [1 or 3, H, W], got {shape}")
+    if channels is not None:
+        return [to_channels(v, channels) for v in values]
+    if len({v.shape[0] for v in values}) > 1:
+        raise ValueError("images mix gray and colour: pass channels=1 or channels=3")
+    return values
+
+
+def _check_patch(images: Sequence[torch.Tensor], patch_size: int) -> None:
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
+    for k, image in enumerate(images):
+        if min(image.shape[-2:]) < patch_size:
+            raise ValueError(f"image {k} of size {tuple(image.shape[-2:])} is smaller than patch_size {patch_size}")
+
+
+class NoisyPatches(Dataset):
+    """Synthetic training pairs: item ``i`` is ``(noisy, clean)``, float32 [C, P, P].
+
+    Each item picks an image uniformly, a uniform random crop of ``patch_size``, optionally
+    one of the 8 flips/rotations, and draws noise from ``noise``, all from a generator seeded
+    by ``(seed, epoch, i)``. ``length`` is the number of patches per epoch. The noisy patch is
+    not clipped unless the noise model clips.
+    """
+
+    def __init__(
+        self,
+        images,
+        noise: NoiseModel,
+        patch_size: int = 128,
+        length: int = 1024,
+        channels: int | None = None,
+        seed: int = 0,
+        augment: bool = True,
+    ):
+        self.images = [im.float() for im in _image_list(images, channels)]
+        _check_patch(self.images, patch_size)
+        if length < 1:
+            raise ValueError(f"length must be positive, got {length}")
+        self.noise, self.patch_size, self.length = noise, patch_size, length
+        self.seed, self.augment, self.epoch = seed, augment, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} patches")
+        g = item_generator(self.seed, _TRAIN_STREAM, self.epoch, index)
+        image = self.images[_randint(len(self.images), g)]
+        top, left = _crop_box(image.shape[-2], image.shape[-1], self.patch_size, g)
+        clean = image[:, top : top + self.patch_size, left : left + self.patch_size]
+        if self.augment:
+            (clean,) = random_flip_rotate(g, clean)
+        clean = clean.contiguous()
+        return self.noise(clean, g), clean
+
+
+class PairedImages(Dataset):
+    """A fixed list of ``(noisy, clean)`` tensor pairs (shapes may differ between items)."""
+
+    def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+        self.pairs = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pairs[index]
+
+
+def make_validation_set(
+    images,
+    noise: NoiseModel,
+    seed: int = 0,
+    patch_size: int | None = None,
+    crops_per_image: int = 1,
+    channels: int | None = None,
+) -> PairedImages:
+    """Noisy/clean pairs fixed once from ``seed``: whole images (``patch_size=None``) or seeded crops."""
+    values = [im.float() for im in _image_list(images, channels)]
+    if patch_size is not None:
+        _check_patch(values, patch_size)
+    if crops_per_image < 1:
+        raise ValueError(f"crops_per_image must be positive, got {crops_per_image}")
+    pairs = []
+    for k, image in enumerate(values):
+        for j in range(crops_per_image if patch_size is not None else 1):
+            g = item_generator(seed, _VALIDATION_STREAM, k, j)
+            clean = image
+            if patch_size is not None:
+                top, left = _crop_box(image.shape[-2], image.shape[-1], patch_size, g)
+                clean = image[:, top : top + patch_size, left : left + patch_size].contiguous()
+            pairs.append((noise(clean, g), clean))
+    return PairedImages(pairs)
+
+
+# ----------------------------------------------------------------------------- real pairs (SIDD)
+
+
+def sidd_medium_pairs(root) -> list[tuple[Path, Path]]:
+    """(noisy, clean) file pairs of SIDD-Medium sRGB: ``root/Data/<scene>/*_NOISY_SRGB_*.PNG`` and ``*_GT_SRGB_*``."""
+    root = Path(root)
+    data = root / "Data"
+    if not data.is_dir():
+        raise FileNotFoundError(f"SIDD-Medium folder {data} not found (expected {root}/Data/<scene>/*_NOISY_SRGB_*.PNG)")
+    pairs = []
+    for noisy in sorted(data.glob("*/*_NOISY_SRGB_*")):
+        if noisy.suffix.lower() != ".png":
+            continue
+        clean = noisy.with_name(noisy.name.replace("_NOISY_SRGB_", "_GT_SRGB_"))
+        if not clean.is_file():
+            raise FileNotFoundError(f"SIDD ground truth {clean} missing for noisy image {noisy}")
+        pairs.append((noisy, clean))
+    if not pairs:
+        raise ValueError(f"no *_NOISY_SRGB_*.PNG images in {data}/<scene>/")
+    return pairs
+
+
+class PairedPatches(Dataset):
+    """Random aligned crops of real noisy/clean pairs, e.g. from :func:`sidd_medium_pairs`.
+
+    ``pairs`` holds (noisy, clean) file paths, read lazily, or [C, H, W] tensors. Item ``i``
+    comes from pair ``i // patches_per_pair``, so reading items in order decodes each file
+    once; the last ``cache_size`` decoded pairs are kept (per DataLoader worker) as their
+    stored integer arrays, since full SIDD images are large. Crop position and the flip/
+    rotation (shared by both images) come from ``(seed, epoch, i)``.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple],
+        patch_size: int = 128,
+        patches_per_pair: int = 64,
+        channels: int | None = None,
+        seed: int = 0,
+        augment: bool = True,
+        cache_size: int = 2,
+    ):
+        if not pairs:
+            raise ValueError("no image pairs given")
+        if patch_size < 1 or patches_per_pair < 1:
+            raise ValueError(f"patch_size and patches_per_pair must be positive, got {patch_size}, {patches_per_pair}")
+        self.pairs = list(pairs)
+        self.patch_size, self.patches_per_pair, self.channels = patch_size, patches_per_pair, channels
+        self.seed, self.augment, self.epoch = seed, augment, 0
+        self.cache_size = cache_size
+        self._cache: OrderedDict[int, tuple] = OrderedDict()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs) * self.patches_per_pair
+
+    def _load(self, k: int) -> tuple:
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        noisy, clean = self.pairs[k]
+        if isinstance(noisy, torch.Tensor):
+            loaded = (noisy, clean)
+            names = f"pair {k}"
+        else:
+            loaded = (_read_array(Path(noisy)), _read_array(Path(clean)))
+            names = f"{noisy} and {clean}"
+        size = [tuple(a.shape[-2:]) if isinstance(a, torch.Tensor) else a.shape[:2] for a in loaded]
+        if size[0] != size[1]:
+            raise ValueError(f"noisy/clean sizes differ for {names}: {size[0]} vs {size[1]}")
+        if min(size[0]) < self.patch_size:
+            raise ValueError(f"{names}: size {size[0]} is smaller than patch_size {self.patch_size}")
+        if self.cache_size > 0:
+            self._cache[k] = loaded
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} patches")
+        k = index // self.patches_per_pair
+        pair = self._load(k)
+        g = item_generator(self.seed, _PAIRED_STREAM, self.epoch, index)
+        tensor = isinstance(pair[0], torch.Tensor)
+        height, width = pair[0].shape[-2:] if tensor else pair[0].shape[:2]
+        top, left = _crop_box(height, width, self.patch_size, g)
+        rows, cols = slice(top, top + self.patch_size), slice(left, left + self.patch_size)
+        if tensor:
+            crops = [a[:, rows, cols].float() for a in pair]
+        else:  # crop the stored integers first: converting a whole SIDD image to float is costly
+            crops = [_to_tensor(np.ascontiguousarray(a[rows, cols]), str(p)) for a, p in zip(pair, self.pairs[k])]
+        if self.channels is not None:
+            crops = [to_channels(c, self.channels) for c in crops]
+        if self.augment:
+            crops = random_flip_rotate(g, *crops)
+        noisy, clean = (c.contiguous() for c in crops)
+        return noisy, clean
+
+
+_SIDD_VAL_FILES = {"noisy": "ValidationNoisyBlocksSrgb", "clean": "ValidationGtBlocksSrgb"}
+
+
+def _load_mat_blocks(path: Path, key: str) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"SIDD validation file not found: {path}")
+    try:
+        contents = scipy.io.loadmat(path)
+    except NotImplementedError as err:  # MATLAB v7.3 files are HDF5, which loadmat cannot read
+        raise ValueError(f"cannot read {path} with scipy.io.loadmat (MATLAB v7.3/HDF5?): {err}") from err
+    except Exception as err:
+        raise ValueError(f"cannot read MATLAB file {path}: {err}") from err
+    if key not in contents:
+        found = [k for k in contents if not k.startswith("__")]
+        raise ValueError(f"{path} has no variable {key!r} (found {found})")
+    blocks = contents[key]
+    if blocks.dtype != np.uint8 or blocks.ndim != 5 or blocks.shape[-1] != 3:
+        raise ValueError(
+            f"{path}: {key} should be uint8 [images, blocks, H, W, 3] (SIDD: [40, 32, 256, 256, 3]), "
+            f"got {blocks.dtype} {blocks.shape}"
+        )
+    return blocks
+
+
+class SIDDValidation(Dataset):
+    """The SIDD sRGB validation blocks (1280 pairs of 256x256 for the official files).
+
+    ``root`` holds ``ValidationNoisyBlocksSrgb.mat`` and ``ValidationGtBlocksSrgb.mat``. Blocks
+    stay uint8 in memory and become float32 [3, H, W] in [0, 1] per item; item order is
+    image-major (image ``i // blocks``, block ``i % blocks``).
+    """
+
+    def __init__(self, root):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"SIDD validation folder not found: {root}")
+        noisy = _load_mat_blocks(root / f"{_SIDD_VAL_FILES['noisy']}.mat", _SIDD_VAL_FILES["noisy"])
+        clean = _load_mat_blocks(root / f"{_SIDD_VAL_FILES['clean']}.mat", _SIDD_VAL_FILES["clean"])
+        if noisy.shape != clean.shape:
+            raise ValueError(f"SIDD validation blocks in {root} differ in shape: noisy {noisy.shape} vs clean {clean.shape}")
+        self.noisy = noisy.reshape(-1, *noisy.shape[2:])
+        self.clean = clean.reshape(-1, *clean.shape[2:])
+
+    def __len__(self) -> int:
+        return len(self.noisy)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _to_tensor(self.noisy[index], "SIDD block"), _to_tensor(self.clean[index], "SIDD block")

@@ -1,0 +1,386 @@
+"""Synthetic noise models for training and evaluating denoisers.
+
+Every model takes a clean float tensor in [0, 1] shaped [C, H, W] or [N, C, H, W] and
+returns a noisy tensor of the same shape. Random draws come from an explicit
+``torch.Generator`` so that a seed reproduces the noise exactly; per-image parameters
+(sigma, gains, noise levels) are drawn independently for each image of a batch.
+
+Models (``make_noise(name, **kw)`` builds them by name):
+
+* ``"awgn"`` — :class:`GaussianNoise`: additive white Gaussian noise, sigma in 0-255 units,
+  fixed (``sigma=25``) or blind (``sigma=(0, 55)``, uniform per image).
+* ``"poisson_gaussian"`` — :class:`PoissonGaussianNoise`: heteroscedastic Gaussian in sRGB
+  with variance ``a * x + b``.
+* ``"camera"`` — :class:`CameraNoise`: the unprocessing pipeline of Brooks et al.,
+  "Unprocessing Images for Learned Raw Denoising" (CVPR 2019): sRGB is taken back to a
+  Bayer raw image, shot + read noise is added there, and the image is processed back to
+  sRGB, so the noise is signal-dependent and (through demosaicking) spatially correlated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "NoiseModel",
+    "GaussianNoise",
+    "PoissonGaussianNoise",
+    "CameraNoise",
+    "CameraParams",
+    "NOISE_MODELS",
+    "make_noise",
+    "sample_camera_params",
+    "unprocess",
+    "process",
+    "mosaic",
+    "demosaic",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _as_batch(clean: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Validate an image tensor and view it as [N, C, H, W]; also say whether it had no batch dim."""
+    if not isinstance(clean, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(clean).__name__}")
+    if not clean.is_floating_point():
+        raise ValueError(f"expected a floating-point image in [0, 1], got dtype {clean.dtype}")
+    if clean.dim() == 3:
+        return clean.unsqueeze(0), True
+    if clean.dim() == 4:
+        return clean, False
+    raise ValueError(f"expected an image shaped [C, H, W] or [N, C, H, W], got {tuple(clean.shape)}")
+
+
+def _device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
+    # Draws happen on the generator's device (a CPU generator can drive CUDA images).
+    return generator.device if generator is not None else like.device
+
+
+def _rand(shape, generator, like: torch.Tensor) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=_device(generator, like), dtype=like.dtype).to(like.device)
+
+
+def _randn(shape, generator, like: torch.Tensor) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=_device(generator, like), dtype=like.dtype).to(like.device)
+
+
+def _uniform(n: int, lo: float, hi: float, generator, like: torch.Tensor) -> torch.Tensor:
+    return lo + (hi - lo) * _rand((n,), generator, like)
+
+
+def _sample(n: int, bounds: tuple[float, float], generator, like: torch.Tensor, log: bool = False) -> torch.Tensor:
+    """n per-image values from ``bounds``: the fixed value if lo == hi, else uniform (log-uniform if ``log``)."""
+    lo, hi = bounds
+    if lo == hi:
+        return torch.full((n,), lo, dtype=like.dtype, device=like.device)
+    if log:
+        return torch.exp(_uniform(n, math.log(lo), math.log(hi), generator, like))
+    return _uniform(n, lo, hi, generator, like)
+
+
+def _range(value, name: str, *, allow_zero: bool = True) -> tuple[float, float]:
+    """Normalise a fixed value or a (lo, hi) pair to a validated (lo, hi) pair."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo = hi = float(value)
+    else:
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number or a (lo, hi) pair, got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise ValueError(f"{name} must satisfy lo <= hi with finite values, got ({lo}, {hi})")
+    if lo < 0 or (not allow_zero and lo == 0):
+        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got ({lo}, {hi})")
+    return lo, hi
+
+
+class NoiseModel:
+    """Common interface: ``model(clean, generator) -> noisy`` with the shape of ``clean``.
+
+    ``generator=None`` draws from torch's global RNG (reproducible only via ``torch.manual_seed``).
+    Draws are made on the generator's device, so a CPU generator gives the same noise for
+    CPU and CUDA images.
+    """
+
+    name = "base"
+
+    def __call__(self, clean: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        batch, squeeze = _as_batch(clean)
+        noisy = self._apply(batch, generator)
+        return noisy.squeeze(0) if squeeze else noisy
+
+    def _apply(self, clean: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- AWGN
+
+
+class GaussianNoise(NoiseModel):
+    """Additive white Gaussian noise.
+
+    ``sigma`` is in 0-255 units (``sigma=25`` adds N(0, (25/255)^2)); a ``(lo, hi)`` pair draws
+    sigma uniformly per image for blind denoising. ``clip`` clamps the result to [0, 1]; it is
+    off by default because the standard synthetic benchmarks (e.g. CBSD68 at sigma 25) are
+    not clipped, and clipping biases the noise at dark and bright pixels.
+    """
+
+    name = "awgn"
+
+    def __init__(self, sigma=25.0, clip: bool = False):
+        self.sigma = _range(sigma, "sigma")
+        self.clip = clip
+
+    def _apply(self, clean, generator):
+        n = clean.shape[0]
+        sigma = _sample(n, self.sigma, generator, clean) / 255.0
+        noisy = clean + sigma.view(n, 1, 1, 1) * _randn(clean.shape, generator, clean)
+        return noisy.clamp(0, 1) if self.clip else noisy
+
+    def __repr__(self):
+        return f"GaussianNoise(sigma={self.sigma}, clip={self.clip})"
+
+
+# ----------------------------------------------------------------------------- Poisson-Gaussian
+
+
+class PoissonGaussianNoise(NoiseModel):
+    """Heteroscedastic Gaussian noise in sRGB: ``noisy = x + sqrt(a*x + b) * N(0, 1)``.
+
+    This is the usual Gaussian approximation of Poisson (shot, ``a``) plus Gaussian (read,
+    ``b``) noise, applied directly to the [0, 1] sRGB values. ``a`` and ``b`` are each a fixed
+    value or a ``(lo, hi)`` range sampled log-uniformly per image (the plausible values span
+    orders of magnitude, so a uniform draw would almost never give low noise). With the
+    defaults the noise std at x = 1 ranges from about 2.6/255 to 27/255 (0.3/255 to 8/255 at x = 0).
+    """
+
+    name = "poisson_gaussian"
+
+    def __init__(self, a=(1e-4, 1e-2), b=(1e-6, 1e-3), clip: bool = False):
+        self.a = _range(a, "a")
+        self.b = _range(b, "b")
+        for name, (lo, hi) in (("a", self.a), ("b", self.b)):
+            if lo != hi and lo == 0:
+                raise ValueError(f"{name} range is sampled log-uniformly, so its lower bound must be > 0, got ({lo}, {hi})")
+        self.clip = clip
+
+    def _apply(self, clean, generator):
+        n = clean.shape[0]
+        a = _sample(n, self.a, generator, clean, log=True).view(n, 1, 1, 1)
+        b = _sample(n, self.b, generator, clean, log=True).view(n, 1, 1, 1)
+        std = torch.sqrt(a * clean.clamp(0, 1) + b)
+        noisy = clean + std * _randn(clean.shape, generator, clean)
+        return noisy.clamp(0, 1) if self.clip else noisy
+
+    def __repr__(self):
+        return f"PoissonGaussianNoise(a={self.a}, b={self.b}, clip={self.clip})"
+
+
+# ----------------------------------------------------------------------------- camera pipeline
+
+# XYZ -> camera matrices of the four cameras used by Brooks et al. (calibration data).
+_XYZ2CAMS = torch.tensor(
+    [
+        [[1.0234, -0.2969, -0.2266], [-0.5625, 1.6328, -0.0469], [-0.0703, 0.2188, 0.6406]],
+        [[0.4913, -0.0541, -0.0202], [-0.6130, 1.3513, 0.2906], [-0.1564, 0.2151, 0.7183]],
+        [[0.8380, -0.2630, -0.0639], [-0.2887, 1.0725, 0.2496], [-0.0627, 0.1427, 0.5438]],
+        [[0.6596, -0.2079, -0.0562], [-0.4782, 1.3016, 0.1933], [-0.0970, 0.1581, 0.5181]],
+    ],
+    dtype=torch.float64,
+)
+# Linear sRGB (D65) -> XYZ.
+_RGB2XYZ = torch.tensor(
+    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
+    dtype=torch.float64,
+)
+_GAMMA = 2.2
+_EPS = 1e-8  # keeps pow() away from 0, where its gradient is infinite
+
+
+@dataclass
+class CameraParams:
+    """Per-image camera parameters drawn by :func:`sample_camera_params` (N = batch size).
+
+    For 1-channel images the colour matrices are the 1x1 identity and the white-balance
+    gains are 1: a monochrome sensor has no colour filter array to mosaic or balance.
+    """
+
+    rgb2cam: torch.Tensor  # [N, C, C]
+    cam2rgb: torch.Tensor  # [N, C, C]
+    rgb_gain: torch.Tensor  # [N] overall brightness gain
+    red_gain: torch.Tensor  # [N]
+    blue_gain: torch.Tensor  # [N]
+
+    @property
+    def channels(self) -> int:
+        return self.cam2rgb.shape[-1]
+
+    def gains(self) -> torch.Tensor:
+        """Per-channel gains applied when processing raw -> sRGB, [N, C]."""
+        if self.channels == 1:
+            return self.rgb_gain[:, None]
+        ones = torch.ones_like(self.rgb_gain)
+        return torch.stack([self.red_gain, ones, self.blue_gain], dim=1) * self.rgb_gain[:, None]
+
+
+def sample_camera_params(n: int, channels: int, generator: torch.Generator | None = None, *, like: torch.Tensor) -> CameraParams:
+    """Draw random colour matrices and gains for ``n`` images (dtype/device of ``like``)."""
+    if channels not in (1, 3):
+        raise ValueError(f"the camera pipeline needs 1 or 3 channels, got {channels}")
+    # Brightness: 1 / N(0.8, 0.1), so images get darker by ~0.8 on unprocessing. The clamp only
+    # guards the (~1e-15 likely) non-positive draw.
+    rgb_gain = 1.0 / (0.8 + 0.1 * _randn((n,), generator, like)).clamp_min(0.1)
+    if channels == 1:
+        eye = torch.ones(n, 1, 1, dtype=like.dtype, device=like.device)
+        ones = torch.ones(n, dtype=like.dtype, device=like.device)
+        return CameraParams(eye, eye.clone(), rgb_gain, ones, ones.clone())
+    red_gain = _uniform(n, 1.9, 2.4, generator, like)
+    blue_gain = _uniform(n, 1.5, 1.9, generator, like)
+    # A random convex combination of the four XYZ->camera matrices gives a plausible camera
+    # that is none of the four; rows are normalised so that white stays white (sum 1).
+    weights = _uniform(4 * n, 1e-8, 1e8, generator, like).double().view(n, 4, 1, 1).cpu()
+    xyz2cam = (weights * _XYZ2CAMS).sum(1) / weights.sum(1)
+    rgb2cam = xyz2cam @ _RGB2XYZ
+    rgb2cam = rgb2cam / rgb2cam.sum(-1, keepdim=True)
+    cam2rgb = torch.linalg.inv(rgb2cam)
+    cast = dict(dtype=like.dtype, device=like.device)
+    return CameraParams(rgb2cam.to(**cast), cam2rgb.to(**cast), rgb_gain, red_gain, blue_gain)
+
+
+def _apply_ccm(images: torch.Tensor, ccm: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("nij,njhw->nihw", ccm, images)
+
+
+def _inverse_smoothstep(x: torch.Tensor) -> torch.Tensor:
+    x = x.clamp(0, 1)
+    return 0.5 - torch.sin(torch.asin(1.0 - 2.0 * x) / 3.0)
+
+
+def _smoothstep(x: torch.Tensor) -> torch.Tensor:
+    return 3.0 * x**2 - 2.0 * x**3
+
+
+def _bayer_masks(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """RGGB colour-filter masks, [3, H, W]: R at (even, even), B at (odd, odd), G elsewhere."""
+    y = torch.arange(h, device=like.device)[:, None] % 2
+    x = torch.arange(w, device=like.device)[None, :] % 2
+    red = (y == 0) & (x == 0)
+    blue = (y == 1) & (x == 1)
+    return torch.stack([red, ~(red | blue), blue]).to(like.dtype)
+
+
+def mosaic(images: torch.Tensor) -> torch.Tensor:
+    """Sample [N, 3, H, W] linear images through an RGGB Bayer filter -> [N, 1, H, W]."""
+    masks = _bayer_masks(images.shape[-2], images.shape[-1], images)
+    return (images * masks).sum(1, keepdim=True)
+
+
+def demosaic(raw: torch.Tensor) -> torch.Tensor:
+    """Bilinear demosaicking of an RGGB mosaic [N, 1, H, W] -> [N, 3, H, W].
+
+    Written as normalised convolution (sum of known neighbours / their weights) so borders
+    average only the samples that exist; inside the image it is classic bilinear
+    interpolation, and measured samples are kept exactly.
+    """
+    n, _, h, w = raw.shape
+    masks = _bayer_masks(h, w, raw).unsqueeze(0)  # [1, 3, H, W]
+    rb = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=raw.dtype, device=raw.device)
+    g = torch.tensor([[0.0, 1.0, 0.0], [1.0, 4.0, 1.0], [0.0, 1.0, 0.0]], dtype=raw.dtype, device=raw.device)
+    kernels = torch.stack([rb, g, rb]).unsqueeze(1)  # [3, 1, 3, 3], depthwise
+    values = F.conv2d(raw * masks, kernels, padding=1, groups=3)
+    weights = F.conv2d(masks.expand(1, 3, h, w), kernels, padding=1, groups=3)
+    return values / weights
+
+
+def unprocess(srgb: torch.Tensor, params: CameraParams) -> torch.Tensor:
+    """sRGB [N, C, H, W] in [0, 1] -> linear raw [N, 1, H, W] (RGGB mosaic when C == 3).
+
+    Steps (each the inverse of one in :func:`process`): inverse smoothstep tone curve,
+    inverse gamma 2.2, sRGB -> camera colour matrix, inverse white-balance and brightness
+    gains (highlight-preserving, as in the paper: near-white pixels keep gain ~1 so they are
+    not pushed below saturation), clip, mosaic. For C == 1 the colour matrix, white balance
+    and mosaic are identities.
+    """
+    linear = torch.clamp_min(_inverse_smoothstep(srgb), _EPS) ** _GAMMA
+    cam = _apply_ccm(linear, params.rgb2cam)
+    inv_gains = (1.0 / params.gains())[:, :, None, None]
+    # Highlight-preserving inverse gains: blend towards 1 as the grey level goes from 0.9 to 1,
+    # so saturated highlights stay saturated instead of turning a dim tint.
+    grey = cam.mean(1, keepdim=True)
+    blend = (torch.clamp_min(grey - 0.9, 0.0) / 0.1) ** 2
+    safe = torch.maximum(blend + (1.0 - blend) * inv_gains, inv_gains)
+    raw = (cam * safe).clamp(0, 1)
+    return mosaic(raw) if params.channels == 3 else raw
+
+
+def process(raw: torch.Tensor, params: CameraParams) -> torch.Tensor:
+    """Linear raw [N, 1, H, W] -> sRGB [N, C, H, W] in [0, 1]: gains, demosaic, colour matrix, gamma, tone curve."""
+    gains = params.gains()[:, :, None, None]
+    if params.channels == 3:
+        # White balance on the mosaic (each site gets its own colour's gain), as a camera ISP does.
+        masks = _bayer_masks(raw.shape[-2], raw.shape[-1], raw)
+        raw = raw * (gains * masks).sum(1, keepdim=True)
+        linear = demosaic(raw.clamp(0, 1))
+    else:
+        linear = (raw * gains).clamp(0, 1)
+    rgb = _apply_ccm(linear, params.cam2rgb).clamp(0, 1)
+    return _smoothstep(torch.clamp_min(rgb, _EPS) ** (1.0 / _GAMMA)).clamp(0, 1)
+
+
+class CameraNoise(NoiseModel):
+    """Realistic camera noise after Brooks et al. (CVPR 2019).
+
+    Per image: random camera (:func:`sample_camera_params`), :func:`unprocess` to a raw
+    mosaic, add shot + read noise ``raw + sqrt(shot * raw + read) * N(0, 1)``, then
+    :func:`process` back to sRGB. ``shot`` (the shot-noise gain) is drawn log-uniformly
+    from ``shot_noise`` (the paper's [1e-4, 0.012] by default) and the read-noise variance
+    from the paper's fit ``log(read) = 2.18 * log(shot) + 1.2 + N(0, 0.26)``.
+
+    The output is clipped to [0, 1] (the ISP clips). With 3 channels the noise is spatially
+    correlated by demosaicking and its colour mixed by the colour matrix. With 1 channel
+    (a monochrome sensor) there is no mosaic, white balance or colour matrix: the noise is
+    still signal-dependent (shot + read in linear space, then gamma and tone curve) but
+    spatially white.
+    """
+
+    name = "camera"
+
+    def __init__(self, shot_noise=(1e-4, 0.012)):
+        self.shot_noise = _range(shot_noise, "shot_noise", allow_zero=False)
+
+    def _apply(self, clean, generator):
+        n, c = clean.shape[:2]
+        params = sample_camera_params(n, c, generator, like=clean)
+        raw = unprocess(clean, params)
+        shot = _sample(n, self.shot_noise, generator, clean, log=True)
+        read = torch.exp(2.18 * torch.log(shot) + 1.2 + 0.26 * _randn((n,), generator, clean))
+        variance = shot.view(n, 1, 1, 1) * raw + read.view(n, 1, 1, 1)
+        noisy_raw = raw + torch.sqrt(variance) * _randn(raw.shape, generator, clean)
+        return process(noisy_raw, params)
+
+    def __repr__(self):
+        return f"CameraNoise(shot_noise={self.shot_noise})"
+
+
+# ----------------------------------------------------------------------------- factory
+
+NOISE_MODELS: dict[str, type[NoiseModel]] = {
+    cls.name: cls for cls in (GaussianNoise, PoissonGaussianNoise, CameraNoise)
+}
+
+
+def make_noise(name: str, **kwargs) -> NoiseModel:
+    """Build a noise model by name: ``make_noise("awgn", sigma=25)``, ``make_noise("camera")``."""
+    try:
+        cls = NOISE_MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown noise model {name!r}; choose one of {sorted(NOISE_MODELS)}") from None
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # unexpected keyword: report it as a bad parameter of this model
+        raise ValueError(f"bad parameters for noise model {name!r}: {err}") from None

@@ -1,0 +1,68 @@
+"""Stage 1: once-for-all weights with the sandwich rule and In-place Synergy distillation.
+
+Each step runs ``n`` sub-networks on the same batch: the largest, ``n - 2`` random
+non-uniform ones and the smallest. Gradients accumulate over all of them before the one
+optimizer step. The targets (the paper's Eq. 6 and 7):
+
+- ``synergy`` (In-place Synergy): the largest learns from the ground truth; each random
+  one from the detached output of the largest; the smallest from the detached mean of the
+  largest's and the random ones' outputs.
+- ``inplace`` (in-place distillation): every other sub-network learns from the detached
+  largest.
+- ``none``: every sub-network learns from the ground truth.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from dds_fast.config import SubnetConfig, WidthSpace
+
+DISTILLATIONS = ("synergy", "inplace", "none")
+LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
+
+
+def reconstruction_loss(name: str):
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
+def sandwich_configs(space: WidthSpace, n: int, generator: torch.Generator) -> list[SubnetConfig]:
+    """Largest, ``n - 2`` random non-uniform configs, smallest."""
+    if n < 2:
+        raise ValueError(f"the sandwich rule needs n >= 2 sub-networks per step, got {n}")
+    return [space.largest()] + [space.sample(generator) for _ in range(n - 2)] + [space.smallest()]
+
+
+def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[SubnetConfig],
+                  distillation: str = "synergy", loss_fn=F.l1_loss, autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Forward and backward every config in ``configs`` (largest first, smallest last) and
+    return each one's loss; the caller takes the optimizer step. Leaves the net at the
+    largest config."""
+    if distillation not in DISTILLATIONS:
+        raise ValueError(f"unknown distillation {distillation!r}; choose one of {DISTILLATIONS}")
+    losses: dict[str, float] = {}
+    teacher_outputs: list[torch.Tensor] = []
+    last = len(configs) - 1
+    for index, config in enumerate(configs):
+        net.set_config(config)
+        with autocast():
+            output = net(noisy)
+        if index == 0 or distillation == "none":
+            target = clean
+        elif distillation == "synergy" and index == last:
+            target = torch.stack(teacher_outputs).mean(0)
+        else:
+            target = teacher_outputs[0]
+        loss = loss_fn(output.float(), target.float())
+        loss.backward()
+        # the largest teaches everyone; the random ones also join the smallest's target
+        if index == 0 or (distillation == "synergy" and index < last):
+            teacher_outputs.append(output.detach())
+        name = "largest" if index == 0 else "smallest" if index == last else f"random{index}"
+        losses[name] = loss.item()
+    net.set_config(configs[0])
+    return losses

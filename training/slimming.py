@@ -1,0 +1,90 @@
+"""Stage 2: progressive slimming, a greedy search for the routing space.
+
+From the largest config, each step tries slimming every tied group by one channel step
+(``step`` channels: 16 in the paper), evaluates each candidate's PSNR on a validation set
+and keeps the one that loses the least. Every step is recorded; the trajectory, thinned to
+a few configs spread over the MACs range, is the routing space the gate chooses from.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from dds_fast.config import RoutingEntry, SubnetConfig
+from dds_fast.cost import macs_per_pixel
+from dds_fast.metrics import batch_psnr
+
+
+@torch.no_grad()
+def validation_psnr(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], config: SubnetConfig) -> float:
+    """Mean per-image PSNR (8-bit quantised, as reported) of ``config`` over ``batches``."""
+    net.set_config(config)
+    total, count = 0.0, 0
+    for noisy, clean in batches:
+        total += batch_psnr(net(noisy), clean) * len(noisy)
+        count += len(noisy)
+    if count == 0:
+        raise ValueError("validation set is empty")
+    return total / count
+
+
+def slimmer(config: SubnetConfig, group, step: int) -> int | None:
+    """The widest allowed width of ``group`` at least ``step`` below its width in ``config``
+    (the smallest choice when the step would pass it), or None when it cannot shrink."""
+    width = config[group.name]
+    lower = [c for c in group.choices if c <= width - step]
+    if lower:
+        return lower[-1]
+    return group.choices[0] if group.choices[0] < width else None
+
+
+def progressive_slimming(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], step: int = 16,
+                         on_step: Callable[[RoutingEntry], None] | None = None) -> list[RoutingEntry]:
+    """The greedy trajectory from the largest to the smallest config, as RoutingEntries
+    (config, MACs/pixel, validation PSNR), largest first. Restores the net's config."""
+    if step < 1:
+        raise ValueError(f"slimming step must be >= 1 channel, got {step}")
+    batches = list(batches)
+    previous = net.get_config()
+    space = net.space
+    config = space.largest()
+    trajectory = [RoutingEntry(config, macs_per_pixel(net, config), validation_psnr(net, batches, config))]
+    if on_step:
+        on_step(trajectory[-1])
+    try:
+        while True:
+            candidates = []
+            for group in space.groups:
+                width = slimmer(config, group, step)
+                if width is not None:
+                    candidates.append(config.replace(**{group.name: width}))
+            if not candidates:
+                break
+            scored = [RoutingEntry(c, macs_per_pixel(net, c), validation_psnr(net, batches, c)) for c in candidates]
+            # least PSNR lost; among equals, the cheaper one
+            best = max(scored, key=lambda e: (e.psnr, -e.macs_per_pixel))
+            config = best.config
+            trajectory.append(best)
+            if on_step:
+                on_step(best)
+    finally:
+        net.set_config(previous)
+    return trajectory
+
+
+def thin_routing_space(trajectory: Iterable[RoutingEntry], num_choices: int) -> list[RoutingEntry]:
+    """``num_choices`` entries spread evenly over the MACs range (always the cheapest and
+    the dearest), in ascending MACs: index 0 is the smallest sub-network."""
+    entries = sorted(trajectory, key=lambda e: e.macs_per_pixel)
+    if num_choices < 2:
+        raise ValueError(f"a routing space needs at least 2 choices, got {num_choices}")
+    if len(entries) < num_choices:
+        raise ValueError(f"the trajectory has {len(entries)} configs, fewer than the {num_choices} asked for")
+    low, high = entries[0].macs_per_pixel, entries[-1].macs_per_pixel
+    chosen: list[RoutingEntry] = []
+    for k in range(num_choices):
+        target = low + (high - low) * k / (num_choices - 1)
+        remaining = [e for e in entries if e not in chosen]
+        chosen.append(min(remaining, key=lambda e: abs(e.macs_per_pixel - target)))
+    return sorted(chosen, key=lambda e: e.macs_per_pixel)

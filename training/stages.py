@@ -1,0 +1,198 @@
+"""The stages of Algorithm 1 wired to data, the loop and checkpoints.
+
+A run directory holds, per stage, its resumable state, its JSON-lines log and its result:
+``stage1.safetensors`` (the once-for-all super-network), ``stage2.safetensors`` (the same
+weights with the routing space found by progressive slimming) and ``inet-<k>.safetensors``
+(the individually trained static baselines at the routing space's MACs).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import dds_fast
+from dds_fast.config import RoutingEntry
+
+from .data import NoisyPatches, bundled_images, load_image_folder, make_validation_set
+from .loop import LoopSettings, TrainLoop, step_generator
+from .noise import make_noise
+from .sandwich import reconstruction_loss, sandwich_configs, sandwich_step
+from .slimming import progressive_slimming, thin_routing_space
+
+# Held out of training by default, so reported numbers are on images the net never saw.
+DEFAULT_VALIDATION_IMAGES = ("chelsea", "coins")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a run; ``from_file`` reads a JSON file of these keys."""
+
+    arch: str = "SlimUNet"
+    channels: int = 3
+    base_width: int = 16
+    depth: int = 3
+    noise: str = "awgn"
+    noise_args: dict = field(default_factory=lambda: {"sigma": 25.0})
+    images: str | None = None  # a folder of clean images; default: scikit-image's bundled photos
+    validation_images: tuple[str, ...] = DEFAULT_VALIDATION_IMAGES
+    patch_size: int = 64
+    batch_size: int = 16
+    epoch_patches: int = 1024
+    steps: int = 2000
+    lr: float = 2e-4
+    sandwich: int = 4
+    distillation: str = "synergy"
+    loss: str = "l1"
+    slim_step: int = 16
+    num_choices: int = 4
+    validation_crops: int = 4
+    validation_patch: int = 128
+    inet_steps: int | None = None  # default: the same as stage 1
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    @classmethod
+    def from_file(cls, path, **overrides) -> "TrainConfig":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read training config {path}: {error}") from None
+        return cls.from_dict({**values, **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "options") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown training options {unknown}")
+        config = cls(**values)
+        if isinstance(config.validation_images, list):
+            config.validation_images = tuple(config.validation_images)
+        return config
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class Run:
+    """One run directory: the data, the network and the stages of a TrainConfig."""
+
+    def __init__(self, run_dir, config: TrainConfig):
+        self.dir = Path(run_dir)
+        self.config = config
+        self.device = config.resolved_device()
+        self.noise = make_noise(config.noise, **config.noise_args)
+        self.loss_fn = reconstruction_loss(config.loss)
+        if config.images is None:
+            images = bundled_images(channels=config.channels)
+        else:
+            images = load_image_folder(config.images, channels=config.channels)
+        held_out = [name for name in config.validation_images if name in images]
+        if not held_out:
+            raise ValueError(f"none of the validation images {list(config.validation_images)} is among the "
+                             f"{len(images)} clean images")
+        self.train_images = [image for name, image in images.items() if name not in held_out]
+        self.validation_images = [images[name] for name in held_out]
+        if not self.train_images:
+            raise ValueError("every clean image is held out for validation; none is left to train on")
+
+    # -- pieces -------------------------------------------------------------------------
+    def new_network(self):
+        c = self.config
+        cls = dds_fast.ARCHITECTURES.get(c.arch)
+        if cls is None or not issubclass(cls, dds_fast.SlimNet):
+            raise ValueError(f"unknown architecture {c.arch!r}; choose SlimUNet or SlimDnCNN")
+        kwargs = dict(in_channels=c.channels, base_width=c.base_width, depth=c.depth)
+        torch.manual_seed(c.seed)
+        return cls(**kwargs).to(self.device)
+
+    def dataset(self) -> NoisyPatches:
+        c = self.config
+        return NoisyPatches(self.train_images, self.noise, patch_size=c.patch_size, length=c.epoch_patches,
+                            seed=c.seed)
+
+    def validation_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.config
+        pairs = make_validation_set(self.validation_images, self.noise, seed=c.seed + 1,
+                                    patch_size=c.validation_patch, crops_per_image=c.validation_crops)
+        noisy = torch.stack([n for n, _ in pairs]).to(self.device)
+        clean = torch.stack([k for _, k in pairs]).to(self.device)
+        return [(noisy[i:i + c.batch_size], clean[i:i + c.batch_size]) for i in range(0, len(noisy), c.batch_size)]
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def settings(self, steps: int) -> LoopSettings:
+        c = self.config
+        return LoopSettings(steps=steps, batch_size=c.batch_size, checkpoint_every=c.checkpoint_every, seed=c.seed,
+                            progress=c.progress)
+
+    # -- stages -------------------------------------------------------------------------
+    def stage1(self):
+        """Once-for-all weights: sandwich rule with In-place Synergy (or the ablations)."""
+        c = self.config
+        net = self.new_network()
+        optimizer = torch.optim.Adam(net.parameters(), lr=c.lr)
+
+        def step_fn(step, noisy, clean):
+            configs = sandwich_configs(net.space, c.sandwich, step_generator(c.seed, step))
+            return sandwich_step(net, noisy, clean, configs, c.distillation, self.loss_fn, self.autocast)
+
+        TrainLoop(self.dir, "stage1", net, optimizer, self.dataset(), step_fn, self.settings(c.steps),
+                  device=self.device).run()
+        net.set_config(net.space.largest())
+        dds_fast.save(net, self.dir / "stage1.safetensors", stage=1, train_config=dataclasses.asdict(c))
+        return net
+
+    def stage2(self, net=None):
+        """Progressive slimming on the validation crops: the routing space."""
+        c = self.config
+        net = dds_fast.load(self.dir / "stage1.safetensors", map_location=self.device) if net is None else net
+        net.eval()
+        log = (self.dir / "stage2.log.jsonl").open("w")
+
+        def on_step(entry: RoutingEntry):
+            log.write(json.dumps(entry.to_dict()) + "\n")
+            log.flush()
+
+        with log:
+            trajectory = progressive_slimming(net, self.validation_batches(), step=c.slim_step, on_step=on_step)
+        net.routing_space = thin_routing_space(trajectory, c.num_choices)
+        dds_fast.save(net, self.dir / "stage2.safetensors", stage=2, train_config=dataclasses.asdict(c),
+                      trajectory=[e.to_dict() for e in trajectory])
+        return net
+
+    def inets(self, routing_space=None) -> list[Path]:
+        """Static baselines: the same architecture trained alone at each routing config."""
+        c = self.config
+        if routing_space is None:
+            routing_space = dds_fast.load(self.dir / "stage2.safetensors").routing_space
+        paths = []
+        for index, entry in enumerate(routing_space):
+            net = self.new_network()
+            net.set_config(entry.config)
+            optimizer = torch.optim.Adam(net.parameters(), lr=c.lr)
+
+            def step_fn(step, noisy, clean, net=net):
+                with self.autocast():
+                    loss = self.loss_fn(net(noisy).float(), clean)
+                loss.backward()
+                return {"loss": loss.item()}
+
+            TrainLoop(self.dir, f"inet-{index}", net, optimizer, self.dataset(), step_fn,
+                      self.settings(c.inet_steps or c.steps), device=self.device).run()
+            paths.append(dds_fast.save(net, self.dir / f"inet-{index}.safetensors", stage="inet",
+                                       macs_per_pixel=entry.macs_per_pixel, train_config=dataclasses.asdict(c)))
+        return paths
