@@ -4,7 +4,9 @@ from ._version import __version__
 from .checkpoint import CheckpointError, load, read_metadata, save
 from .config import ChannelGroup, RoutingEntry, SubnetConfig, WidthSpace, make_divisible, width_choices
 from .cost import macs_per_pixel, trace_convs
+from .ddsnet import DDSNet
 from .export import StaticConv2d, export_static
+from .gate import DynamicGate, GateOutput
 from .metrics import batch_psnr, batch_ssim, psnr, ssim
 from .nets import ARCHITECTURES, SlimDnCNN, SlimNet, SlimUNet, register_architecture
 from .runner import LatencyRunner
@@ -14,5 +16,6 @@ __all__ = [
     "__version__", "metrics", "CheckpointError", "load", "read_metadata", "save", "ChannelGroup", "RoutingEntry",
     "SubnetConfig", "WidthSpace", "make_divisible", "width_choices", "macs_per_pixel", "trace_convs",
     "StaticConv2d", "export_static", "batch_psnr", "batch_ssim", "psnr", "ssim", "ARCHITECTURES", "SlimDnCNN",
-    "SlimNet", "SlimUNet", "register_architecture", "LatencyRunner", "SlimConv2d", "convert_model",
+    "SlimNet", "SlimUNet", "register_architecture", "LatencyRunner", "SlimConv2d", "convert_model", "DDSNet",
+    "DynamicGate", "GateOutput",
 ]

@@ -110,9 +110,10 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     if cls is None:
         raise CheckpointError(f"checkpoint {path}: unknown architecture {meta['arch']!r} "
                               f"(known: {sorted(ARCHITECTURES)})")
+    build = getattr(cls, "from_arch_args", cls)
     try:
-        model = cls(**meta["arch_args"])
-    except (TypeError, ValueError) as error:
+        model = build(**meta["arch_args"])
+    except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"checkpoint {path}: cannot build {meta['arch']} from its arguments: {error}") from None
     try:
         with safe_open(str(path), framework="pt", device=str(map_location)) as f:

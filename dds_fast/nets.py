@@ -108,8 +108,13 @@ class SlimNet(nn.Module):
         out = self.body(self.stem(padded), padded)
         return out[..., : x.shape[-2], : x.shape[-1]]
 
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def stem_conv(self) -> SlimConv2d:
+        """The first conv, whose output the gate reads."""
         raise NotImplementedError
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem_conv(x)
 
     def body(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -180,8 +185,9 @@ class SlimUNet(SlimNet):
         self.last = _conv(prev, out_channels, activation=None)
         self._finish()
 
-    def stem(self, x):
-        return self.encoders[0][0](x)
+    @property
+    def stem_conv(self):
+        return self.encoders[0][0]
 
     def body(self, features, x):
         skips = []
@@ -221,8 +227,9 @@ class SlimDnCNN(SlimNet):
         self.last = _conv(prev, out_channels, activation=None)
         self._finish()
 
-    def stem(self, x):
-        return self.layers[0](x)
+    @property
+    def stem_conv(self):
+        return self.layers[0]
 
     def body(self, features, x):
         h = features

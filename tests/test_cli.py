@@ -26,7 +26,6 @@ def test_info_on_a_bad_file_fails_clearly(tmp_path, capsys):
 
 
 def test_demo_runs_on_a_bundled_photo(capsys):
-    torch.set_num_threads(1)
     assert main(["demo", "--size", "32", "--base-width", "8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "smallest" in out and "uniform 1" in out
@@ -41,10 +40,11 @@ def test_train_all_stages_from_a_config_file(tmp_path, capsys):
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"arch": "SlimDnCNN", "channels": 1, "base_width": 8, "depth": 3, "patch_size": 24,
                                   "batch_size": 4, "epoch_patches": 8, "validation_crops": 1, "validation_patch": 32,
-                                  "slim_step": 8, "num_choices": 2, "progress": False}))
+                                  "slim_step": 8, "num_choices": 2, "progress": False, "gate_steps": 2,
+                                  "gate_batch_size": 4, "gate_patch_size": 24}))
     run_dir = tmp_path / "run"
     assert main(["train", "all", "--run-dir", str(run_dir), "--config", str(config), "--steps", "2"]) == 0
-    assert {"stage1.safetensors", "stage2.safetensors", "inet-0.safetensors", "inet-1.safetensors"} <= {
+    assert {"stage1.safetensors", "stage2.safetensors", "dds.safetensors", "inet-0.safetensors", "inet-1.safetensors"} <= {
         p.name for p in run_dir.iterdir()}
     assert main(["info", str(run_dir / "stage2.safetensors")]) == 0
     assert "route 1" in capsys.readouterr().out

@@ -160,6 +160,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert fresh.resume() == 2
 
 
+def test_gate_labels_and_step():
+    from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
+    from dds_fast.training.gate_stage import gate_labels, gate_step
+
+    labels = gate_labels(torch.tensor([30.0, 30.5, 31.0]), torch.tensor([29.9, 30.0, 30.0]), 4, beta=0.2)
+    assert labels.tolist() == [0, 3, 3]
+    net = tiny_net()
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    gate = DynamicGate(net.stem_channels, 2)
+    gate.attention = False
+    model = DDSNet(net, gate, routes)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    noisy, clean = batch(n=4, size=16)
+    record = gate_step(model, noisy, clean, budget=routes[0].macs_per_pixel)
+    assert all(p.grad is not None for p in gate.parameters() if p is not gate.fc2.weight and p is not gate.fc2.bias)
+    assert routes[0].macs_per_pixel <= record["expected_macs"] <= model.dynamic_macs_per_pixel[-1]
+    psi = record["expected_macs"]
+    assert record["complexity"] == pytest.approx(((psi - routes[0].macs_per_pixel) / model.supernet_macs_per_pixel) ** 2)
+    with pytest.raises(ValueError, match="ascending"):
+        gate_step(DDSNet(net, DynamicGate(net.stem_channels, 2), routes[::-1]), noisy, clean, 1.0)
+
+
 def test_training_config_from_file(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"steps": 5, "noise": "camera", "noise_args": {}}))
@@ -175,13 +198,20 @@ def test_training_config_from_file(tmp_path):
 def test_three_stage_run_end_to_end_on_cpu(tmp_path):
     config = TrainConfig(arch="SlimDnCNN", channels=1, base_width=8, depth=3, patch_size=24, batch_size=4,
                          epoch_patches=8, steps=3, inet_steps=2, validation_crops=1, validation_patch=32,
-                         slim_step=8, num_choices=2, checkpoint_every=2, progress=False)
+                         slim_step=8, num_choices=2, checkpoint_every=2, progress=False, gate_steps=2,
+                         gate_batch_size=4, gate_patch_size=24)
     run = Run(tmp_path, config)
     net = run.stage1()
     routed = run.stage2(net)
     assert len(routed.routing_space) == 2
     reloaded = dds_fast.load(tmp_path / "stage2.safetensors")
     assert reloaded.routing_space == routed.routing_space
+    model = run.stage3()
+    assert model.gate.attention is False and len(model.routing_space) == 2
+    loaded = dds_fast.load(tmp_path / "dds.safetensors")
+    assert loaded.routing_space == routed.routing_space
+    log = [json.loads(line) for line in (tmp_path / "stage3.log.jsonl").read_text().splitlines()]
+    assert len(log) == config.gate_steps and {"cross_entropy", "complexity", "expected_macs"} <= set(log[0])
     paths = run.inets()
     assert [p.name for p in paths] == ["inet-0.safetensors", "inet-1.safetensors"]
     inet = dds_fast.load(paths[0])

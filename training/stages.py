@@ -2,8 +2,9 @@
 
 A run directory holds, per stage, its resumable state, its JSON-lines log and its result:
 ``stage1.safetensors`` (the once-for-all super-network), ``stage2.safetensors`` (the same
-weights with the routing space found by progressive slimming) and ``inet-<k>.safetensors``
-(the individually trained static baselines at the routing space's MACs).
+weights with the routing space found by progressive slimming), ``dds.safetensors`` (the
+DDSNet with its trained gate) and ``inet-<k>.safetensors`` (the individually trained
+static baselines at the routing space's MACs).
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from pathlib import Path
 import torch
 
 import dds_fast
+from dds_fast import DDSNet, DynamicGate
 from dds_fast.config import RoutingEntry
 
 from .data import NoisyPatches, bundled_images, load_image_folder, make_validation_set
+from .gate_stage import gate_step
 from .loop import LoopSettings, TrainLoop, step_generator
 from .noise import make_noise
 from .sandwich import reconstruction_loss, sandwich_configs, sandwich_step
@@ -53,6 +56,13 @@ class TrainConfig:
     validation_crops: int = 4
     validation_patch: int = 128
     inet_steps: int | None = None  # default: the same as stage 1
+    gate_steps: int = 1000
+    gate_lr: float = 5e-5
+    gate_lr_decay: float = 0.9  # per epoch
+    gate_batch_size: int = 64
+    gate_patch_size: int = 128
+    beta: float = 0.2  # dB of PSNR gain that makes an image hard
+    budget: float | None = None  # MACs/pixel; default: the middle of the routing space's range
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"
@@ -116,10 +126,10 @@ class Run:
         torch.manual_seed(c.seed)
         return cls(**kwargs).to(self.device)
 
-    def dataset(self) -> NoisyPatches:
+    def dataset(self, patch_size: int | None = None) -> NoisyPatches:
         c = self.config
-        return NoisyPatches(self.train_images, self.noise, patch_size=c.patch_size, length=c.epoch_patches,
-                            seed=c.seed)
+        return NoisyPatches(self.train_images, self.noise, patch_size=patch_size or c.patch_size,
+                            length=c.epoch_patches, seed=c.seed)
 
     def validation_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.config
@@ -134,10 +144,10 @@ class Run:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def settings(self, steps: int) -> LoopSettings:
+    def settings(self, steps: int, batch_size: int | None = None) -> LoopSettings:
         c = self.config
-        return LoopSettings(steps=steps, batch_size=c.batch_size, checkpoint_every=c.checkpoint_every, seed=c.seed,
-                            progress=c.progress)
+        return LoopSettings(steps=steps, batch_size=batch_size or c.batch_size, checkpoint_every=c.checkpoint_every,
+                            seed=c.seed, progress=c.progress)
 
     # -- stages -------------------------------------------------------------------------
     def stage1(self):
@@ -173,6 +183,33 @@ class Run:
         dds_fast.save(net, self.dir / "stage2.safetensors", stage=2, train_config=dataclasses.asdict(c),
                       trajectory=[e.to_dict() for e in trajectory])
         return net
+
+    def stage3(self, supernet=None) -> DDSNet:
+        """Gate training on the frozen super-network: online easy/hard labels plus the MACs budget."""
+        c = self.config
+        if supernet is None:
+            supernet = dds_fast.load(self.dir / "stage2.safetensors", map_location=self.device)
+        if not supernet.routing_space:
+            raise ValueError("stage 3 needs the routing space of stage 2")
+        for p in supernet.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(c.seed)
+        gate = DynamicGate(supernet.stem_channels, len(supernet.routing_space)).to(self.device)
+        gate.attention = False
+        model = DDSNet(supernet, gate, supernet.routing_space)
+        macs = model.dynamic_macs_per_pixel
+        budget = c.budget if c.budget is not None else (min(macs) + max(macs)) / 2
+        optimizer = torch.optim.Adam(gate.parameters(), lr=c.gate_lr)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, c.gate_lr_decay)
+
+        def step_fn(step, noisy, clean):
+            return gate_step(model, noisy, clean, budget, c.beta)
+
+        TrainLoop(self.dir, "stage3", model, optimizer, self.dataset(c.gate_patch_size), step_fn,
+                  self.settings(c.gate_steps, c.gate_batch_size), scheduler=scheduler, device=self.device).run()
+        model.eval()
+        dds_fast.save(model, self.dir / "dds.safetensors", stage=3, budget=budget, train_config=dataclasses.asdict(c))
+        return model
 
     def inets(self, routing_space=None) -> list[Path]:
         """Static baselines: the same architecture trained alone at each routing config."""

@@ -1,0 +1,131 @@
+"""DDSNet: a slimmable super-network, a dynamic gate behind its stem, and a routing space.
+
+Dynamic mode: the stem runs at full width, the gate reads it and picks a config index per
+image, and each image runs the body of its chosen sub-network on the prefix of the stem's
+output (which equals the narrow stem's output: filter j of a conv depends on filter j only).
+Static mode (``set_budget``): every image runs the best config within a MACs budget.
+
+This reference path groups the batch by chosen config (one host sync per forward). The
+one-launch-per-layer path with per-image widths read on the device is the kernel issue's.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .config import RoutingEntry
+from .cost import macs_per_pixel
+from .gate import DynamicGate, GateOutput
+from .nets import ARCHITECTURES, SlimNet, register_architecture
+
+
+@register_architecture
+class DDSNet(nn.Module):
+    """``supernet`` (a SlimNet), ``gate`` (a DynamicGate over the stem's full width with one
+    choice per routing entry) and ``routing_space`` (RoutingEntries, index = gate choice)."""
+
+    def __init__(self, supernet: SlimNet, gate: DynamicGate, routing_space: Sequence[RoutingEntry]):
+        super().__init__()
+        if not isinstance(supernet, SlimNet):
+            raise ValueError(f"DDSNet: supernet must be a SlimNet, got {type(supernet).__name__}")
+        routing_space = list(routing_space)
+        if not routing_space:
+            raise ValueError("DDSNet: the routing space is empty")
+        if gate.channels != supernet.stem_channels:
+            raise ValueError(f"DDSNet: the gate reads {gate.channels} channels but the network's stem has "
+                             f"{supernet.stem_channels}")
+        if gate.num_choices != len(routing_space):
+            raise ValueError(f"DDSNet: the gate chooses among {gate.num_choices} sub-networks but the routing "
+                             f"space has {len(routing_space)}")
+        self.routing_space = [RoutingEntry(supernet.space.validate(e.config), e.macs_per_pixel, e.psnr)
+                              for e in routing_space]
+        self.supernet = supernet
+        self.gate = gate
+        self.in_channels = supernet.in_channels
+        self.size_multiple = supernet.size_multiple
+        self._budget_index: int | None = None
+        self._stem_group = supernet.space.groups[0].name
+        self._full_stem = supernet.space.largest()
+        stem = supernet.stem_conv
+        stem_macs = stem.kernel_size[0] * stem.kernel_size[1] * stem.in_channels  # per stem filter and pixel
+        # the stem runs at full width in dynamic mode, whatever the config: count that
+        self.supernet_macs_per_pixel = macs_per_pixel(supernet, self._full_stem)
+        self.dynamic_macs_per_pixel = [e.macs_per_pixel + stem_macs * (stem.out_channels - e.config[self._stem_group])
+                                       for e in self.routing_space]
+
+    # -- checkpoints --------------------------------------------------------------------
+    @property
+    def arch_args(self) -> dict:
+        return {
+            "supernet": {"arch": type(self.supernet).__name__, "args": self.supernet.arch_args},
+            "gate": {"channels": self.gate.channels, "num_choices": self.gate.num_choices,
+                     "reduction": self.gate.reduction, "hidden": self.gate.hidden},
+            "attention": self.gate.attention,
+            "routing_space": [entry.to_dict() for entry in self.routing_space],
+        }
+
+    @classmethod
+    def from_arch_args(cls, supernet: dict, gate: dict, attention: bool, routing_space: list) -> "DDSNet":
+        net_cls = ARCHITECTURES.get(supernet["arch"])
+        if net_cls is None or not issubclass(net_cls, SlimNet):
+            raise ValueError(f"DDSNet: unknown super-network architecture {supernet['arch']!r}")
+        dynamic_gate = DynamicGate(**gate)
+        dynamic_gate.attention = attention
+        return cls(net_cls(**supernet["args"]), dynamic_gate, [RoutingEntry.from_dict(e) for e in routing_space])
+
+    # -- routing ------------------------------------------------------------------------
+    def set_budget(self, macs_per_pixel: float | None) -> RoutingEntry | None:
+        """Static mode: every image runs the best config within ``macs_per_pixel`` (the one
+        with the best validation PSNR, else the dearest). ``None`` returns to dynamic mode."""
+        if macs_per_pixel is None:
+            self._budget_index = None
+            return None
+        within = [i for i, e in enumerate(self.routing_space) if e.macs_per_pixel <= macs_per_pixel]
+        if not within:
+            cheapest = min(e.macs_per_pixel for e in self.routing_space)
+            raise ValueError(f"DDSNet.set_budget: no config fits {macs_per_pixel:,.0f} MACs/pixel; the cheapest "
+                             f"costs {cheapest:,.0f}")
+        self._budget_index = max(within, key=lambda i: (self.routing_space[i].psnr or float("-inf"),
+                                                        self.routing_space[i].macs_per_pixel))
+        return self.routing_space[self._budget_index]
+
+    def gate_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, GateOutput]:
+        """The padded input's full-width stem through the gate: (padded input, gate output)."""
+        self.supernet.check_input(x)
+        padded = self.supernet.pad(x)
+        self.supernet.set_config(self._full_stem)
+        return padded, self.gate(self.supernet.stem(padded))
+
+    def choices(self, gate_out: GateOutput) -> torch.Tensor:
+        if self._budget_index is None:
+            return gate_out.choice.long()
+        return torch.full_like(gate_out.choice, self._budget_index, dtype=torch.long)
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> list[RoutingEntry]:
+        """The routing entry (config and MACs/pixel) each image of ``x`` would run."""
+        _, gate_out = self.gate_forward(x)
+        return [self.routing_space[i] for i in self.choices(gate_out).tolist()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded, gate_out = self.gate_forward(x)
+        choice = self.choices(gate_out)
+        features = gate_out.features
+        out = None
+        for index in torch.unique(choice).tolist():
+            rows = (choice == index).nonzero().squeeze(1)
+            config = self.routing_space[index].config
+            self.supernet.set_config(config)
+            part = self.supernet.body(features[rows, : config[self._stem_group]], padded[rows])
+            if out is None:
+                out = part.new_empty((len(x), *part.shape[1:]))
+            out[rows] = part
+        return out[..., : x.shape[-2], : x.shape[-1]]
+
+    def expected_macs(self, probs: torch.Tensor) -> torch.Tensor:
+        """Per-image expected MACs/pixel under the gate's softmax ``probs`` [N, E] (the
+        complexity loss's Psi), counting the full-width stem of dynamic mode."""
+        table = torch.tensor(self.dynamic_macs_per_pixel, device=probs.device, dtype=probs.dtype)
+        return probs @ table

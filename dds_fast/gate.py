@@ -1,0 +1,134 @@
+"""DynamicGate: the DDS-Net gate that picks, per noisy image, which sub-network runs.
+
+Eq. 8-10 of DDS-Net (Jiang et al., IEEE TIP 2023), behind the first conv block:
+
+- squeeze ``U = mean_{H,W}(X)`` and ``R = relu(W1 U + b1)``;
+- attention head ``X~ = X * (1 + tanh(W2 R + b2))`` (per image and channel);
+- prediction head ``P = softmax(W4 relu(BN(W3 R + b3)) + b4)``; ``choice = argmax P``, the
+  index of one of the ``num_choices`` candidate sub-networks.
+
+``attention`` is on while the super-network trains (stage 1) and off while the gate trains
+(stage 3), when ``X~ = X``.
+
+Backends. The fused Triton kernels (``dds_fast.kernels.gate``: squeeze, both heads with the
+BatchNorm folded into ``W3, b3``, softmax and argmax in two launches, then the scale in a
+third) are an inference path: they run when the module is in eval mode and no gradient is
+needed (``torch.no_grad``/``inference_mode``, or nothing requires grad). Training and any
+call that needs gradients use the reference torch ops with autograd, whatever the backend:
+in train mode BatchNorm normalises with batch statistics, which the fused eval path cannot
+reproduce, and the gate's cost in training is a few tiny matrix products plus one
+elementwise pass over ``X``, next to which hand-written backward kernels would save little
+and add a second implementation to keep right. ``backend='auto'`` takes the fused path for
+CUDA tensors, ``'triton'`` also on the CPU (under ``TRITON_INTERPRET=1``), ``'torch'`` never.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DynamicGate", "GateOutput"]
+
+BACKENDS = ("auto", "torch", "triton")
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 and others take the reference path
+
+
+class GateOutput(NamedTuple):
+    """What ``DynamicGate.forward`` returns.
+
+    - ``features``: ``X~`` (``x`` itself when attention is off), dtype and layout of ``x``;
+    - ``scale``: ``[N, C]`` per-channel factor ``1 + tanh(W2 R + b2)`` (ones when attention is
+      off); fp32 on the fused path, the parameters' dtype on the reference path;
+    - ``logits``, ``probs``: ``[N, E]``, fp32 on the fused path;
+    - ``choice``: ``[N]`` int32 (on every path), the argmax of the logits, on the device of ``x``.
+    """
+    features: torch.Tensor
+    scale: torch.Tensor
+    logits: torch.Tensor
+    probs: torch.Tensor
+    choice: torch.Tensor
+
+
+class DynamicGate(nn.Module):
+    """The DDS-Net dynamic gate over ``channels`` input channels and ``num_choices`` sub-networks.
+
+    ``reduction``: the squeeze width is ``max(1, channels // reduction)``; ``hidden``: width of
+    the prediction head's BatchNorm layer, default ``max(16, channels // reduction)``.
+    Parameters: ``fc1`` (W1, b1), ``fc2`` (W2, b2), ``fc3`` (W3, b3), ``bn``, ``fc4`` (W4, b4).
+    """
+
+    def __init__(self, channels: int, num_choices: int, reduction: int = 4, hidden: int | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        for name, value, low in (("channels", channels, 1), ("num_choices", num_choices, 2),
+                                 ("reduction", reduction, 1), ("hidden", 1 if hidden is None else hidden, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"DynamicGate: {name} must be an int >= {low}, got {value!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"DynamicGate: backend must be one of {BACKENDS}, got {backend!r}")
+        reduced = max(1, channels // reduction)
+        hidden = max(16, channels // reduction) if hidden is None else hidden
+        self.channels, self.num_choices, self.reduced, self.hidden = channels, num_choices, reduced, hidden
+        self.reduction = reduction
+        self.backend = backend
+        self.attention = True
+        self.fc1 = nn.Linear(channels, reduced)
+        self.fc2 = nn.Linear(reduced, channels)
+        self.fc3 = nn.Linear(reduced, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.fc4 = nn.Linear(hidden, num_choices)
+        # Zero W2, b2: the scale starts at 1 + tanh(0) = 1, so a gate inserted behind a
+        # trained stem leaves the network's output unchanged until the attention learns.
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, num_choices={self.num_choices}, reduced={self.reduced}, "
+                f"hidden={self.hidden}, attention={self.attention}, backend={self.backend!r}")
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"DynamicGate: input must be a 4-D tensor [N, {self.channels}, H, W], got {shape}")
+        if x.shape[1] != self.channels:
+            raise ValueError(f"DynamicGate: input has {x.shape[1]} channels, the gate was built for {self.channels}")
+        if x.numel() == 0:
+            raise ValueError(f"DynamicGate: input is empty, shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"DynamicGate: input must be floating point, got {x.dtype}")
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch" or self.training or self.bn.training:
+            return False
+        if (self.backend == "auto" and not x.is_cuda) or x.dtype not in _FUSED_DTYPES:
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    def forward(self, x: torch.Tensor) -> GateOutput:
+        self._check_input(x)
+        return self._forward_fused(x) if self._fused(x) else self._forward_reference(x)
+
+    def _forward_reference(self, x: torch.Tensor) -> GateOutput:
+        dtype = self.fc1.weight.dtype
+        # sum in at least fp32: a half-precision mean over a large image loses digits
+        u = x.mean(dim=(2, 3), dtype=torch.promote_types(x.dtype, torch.float32)).to(dtype)
+        r = F.relu(self.fc1(u))
+        if self.attention:
+            scale = 1 + torch.tanh(self.fc2(r))
+            features = x * scale.to(x.dtype)[:, :, None, None]
+        else:
+            scale = torch.ones_like(u)
+            features = x
+        logits = self.fc4(F.relu(self.bn(self.fc3(r))))
+        return GateOutput(features, scale, logits, F.softmax(logits, dim=1), logits.argmax(dim=1).to(torch.int32))
+
+    def _forward_fused(self, x: torch.Tensor) -> GateOutput:
+        from dds_fast.kernels import gate as kernels  # imports Triton only when it is used
+
+        w3, b3 = kernels.fold_batchnorm(self.fc3.weight, self.fc3.bias, self.bn)
+        head = kernels.fused_gate(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, w3, b3,
+                                  self.fc4.weight, self.fc4.bias, attention=self.attention)
+        features = kernels.apply_scale(x, head.scale) if self.attention else x
+        return GateOutput(features, *head)

@@ -1,0 +1,292 @@
+"""Fused Triton kernels of the DDS-Net dynamic gate: the inference path of ``DynamicGate``.
+
+Three steps, each usable on its own (a producing conv can emit the squeeze partials, and a
+consuming conv can apply the scale while it loads its input tile):
+
+- ``squeeze_partials(x)``: per-(image, spatial chunk) channel sums of ``x`` into an fp32
+  buffer ``[N, T, C]``; deterministic, no atomics, no memset.
+- ``gate_head(partials, hw, ...)``: one program per image sums the partials, then runs both
+  heads in fp32 registers: ``R = relu(W1 U + b1)``, ``scale = 1 + tanh(W2 R + b2)``,
+  ``logits = W4 relu(W3' R + b3') + b4`` (BatchNorm folded into ``W3', b3'`` by
+  ``fold_batchnorm``), max-subtracted softmax and argmax. Writes scale ``[N, C]``, logits and
+  probs ``[N, E]`` (fp32) and choice ``[N]`` (int32) to device memory, so the next layers
+  can read the chosen config without a host sync.
+- ``apply_scale(x, scale)``: ``x * scale[:, :, None, None]`` in the layout of ``x``.
+
+``x`` may be fp32, fp16 or bf16, NCHW or channels_last, or any view whose two spatial axes
+flatten to one stride (a channel prefix of a wider buffer does); other views are copied.
+The kernels have no backward: training goes through the reference torch ops (see
+``dds_fast.gate``). On a machine without a GPU they run under ``TRITON_INTERPRET=1``, which
+must be set before this module is imported.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = ["GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale", "fused_gate", "fold_batchnorm"]
+
+
+class GateHeadOutput(NamedTuple):
+    scale: torch.Tensor   # [N, C] fp32, 1 + tanh(W2 R + b2) (ones when attention is off)
+    logits: torch.Tensor  # [N, E] fp32
+    probs: torch.Tensor   # [N, E] fp32, softmax of logits
+    choice: torch.Tensor  # [N] int32, argmax of logits
+
+
+@triton.jit
+def _squeeze_kernel(x_ptr, part_ptr, C, HW, chunk, num_chunks, stride_n, stride_c, stride_p,
+                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    base = x_ptr + n.to(tl.int64) * stride_n
+    start = pid_t.to(tl.int64) * chunk
+    acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, chunk, BLOCK_HW):
+        p = start + p0 + tl.arange(0, BLOCK_HW)
+        mask = (p < HW)[:, None] & mask_c[None, :]
+        v = tl.load(base + p[:, None] * stride_p + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+        acc += v.to(tl.float32)
+    tl.store(part_ptr + (n * num_chunks + pid_t) * C + offs_c, tl.sum(acc, axis=0), mask=mask_c)
+
+
+@triton.jit
+def _head_kernel(part_ptr, num_chunks, inv_hw,
+                 w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
+                 scale_ptr, logits_ptr, probs_ptr, choice_ptr,
+                 C, CR, HID, E,
+                 ATTENTION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_CR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
+    # The FCs are far below tl.dot's 16-wide minimum: broadcast-multiply and tl.sum. Their
+    # weight tiles alternate orientation so each result already has the layout the next
+    # product broadcasts along, with no layout conversion in between.
+    n = tl.program_id(0)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_t = tl.arange(0, BLOCK_T)
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, num_chunks, BLOCK_T):
+        t = t0 + offs_t
+        mask = (t < num_chunks)[:, None] & mask_c[None, :]
+        acc += tl.load(part_ptr + (n * num_chunks + t)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+    u = tl.sum(acc, axis=0) * inv_hw                                             # [BLOCK_C]
+
+    offs_r = tl.arange(0, BLOCK_CR)
+    mask_r = offs_r < CR
+    mask_rc = mask_r[:, None] & mask_c[None, :]
+    w1 = tl.load(w1_ptr + offs_r[:, None] * C + offs_c[None, :], mask=mask_rc, other=0.0).to(tl.float32)
+    r = tl.sum(w1 * u[None, :], axis=1) + tl.load(b1_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    r = tl.maximum(r, 0.0)                                                       # [BLOCK_CR]
+
+    if ATTENTION:
+        w2t = tl.load(w2_ptr + offs_c[None, :] * CR + offs_r[:, None], mask=mask_rc, other=0.0).to(tl.float32)
+        z = tl.sum(w2t * r[:, None], axis=0) + tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        scale = 2.0 * tl.sigmoid(2.0 * z)                                        # == 1 + tanh(z)
+    else:
+        scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    tl.store(scale_ptr + n * C + offs_c, scale, mask=mask_c)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < HID
+    w3t = tl.load(w3_ptr + offs_h[None, :] * CR + offs_r[:, None], mask=mask_r[:, None] & mask_h[None, :],
+                  other=0.0).to(tl.float32)
+    hid = tl.sum(w3t * r[:, None], axis=0) + tl.load(b3_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    hid = tl.maximum(hid, 0.0)                                                   # [BLOCK_H]
+
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    w4 = tl.load(w4_ptr + offs_e[:, None] * HID + offs_h[None, :], mask=mask_e[:, None] & mask_h[None, :],
+                 other=0.0).to(tl.float32)
+    logits = tl.sum(w4 * hid[None, :], axis=1) + tl.load(b4_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    logits = tl.where(mask_e, logits, float("-inf"))                             # padding never wins
+    ex = tl.exp(logits - tl.max(logits, axis=0))
+    probs = ex / tl.sum(ex, axis=0)
+    tl.store(logits_ptr + n * E + offs_e, logits, mask=mask_e)
+    tl.store(probs_ptr + n * E + offs_e, probs, mask=mask_e)
+    tl.store(choice_ptr + n, tl.argmax(logits, axis=0).to(tl.int32))
+
+
+@triton.jit
+def _scale_kernel(x_ptr, scale_ptr, out_ptr, C, HW, sx_n, sx_c, sx_p, so_n, so_c, so_p,
+                  BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2)
+    p = pid_p.to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (p < HW)[:, None] & mask_c[None, :]
+    x = tl.load(x_ptr + n.to(tl.int64) * sx_n + p[:, None] * sx_p + offs_c[None, :] * sx_c, mask=mask, other=0.0)
+    s = tl.load(scale_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    y = x.to(tl.float32) * s[None, :]
+    tl.store(out_ptr + n.to(tl.int64) * so_n + p[:, None] * so_p + offs_c[None, :] * so_c,
+             y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreted() -> bool:
+    return isinstance(_squeeze_kernel, InterpretedFunction)
+
+
+def _check_runnable(t: torch.Tensor, what: str):
+    if t.device.type == "cpu" and not _interpreted():
+        raise RuntimeError(f"{what}: tensors are on the CPU but the Triton kernels were compiled for a GPU; "
+                           "set TRITON_INTERPRET=1 before importing dds_fast.kernels.gate to run them on the CPU")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _pow2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+def _tile(c: int, hw: int) -> tuple[int, int]:
+    """(BLOCK_HW, BLOCK_C) of the streaming kernels: about 4K elements per program on a GPU;
+    under the interpreter, where each program costs tens of ms, whole images at once."""
+    if _interpreted():
+        block_c = _pow2(c)
+        return min(_pow2(hw), max(16, 65536 // block_c)), block_c
+    block_c = min(_pow2(c), 128)
+    return min(max(16, 4096 // block_c), _pow2(hw)), block_c
+
+
+def _pixels(x: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
+    """``x`` (copied when its spatial axes do not flatten) and the stride of its flattened pixel axis."""
+    if x.dim() != 4:
+        raise ValueError(f"{what}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{what}: x is empty, shape {tuple(x.shape)}")
+    h, w = x.shape[2], x.shape[3]
+    if w == 1:
+        return x, x.stride(2)
+    if h == 1 or x.stride(2) == w * x.stride(3):
+        return x, x.stride(3)
+    x = x.contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+    return x, x.stride(3)
+
+
+def squeeze_partials(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Channel sums of ``x`` over consecutive chunks of its H*W pixels: fp32 ``[N, T, C]``.
+
+    ``chunk`` (pixels per program) defaults to enough chunks to fill the GPU (one per image
+    under the interpreter); it is rounded up to a multiple of the kernel's pixel block (a
+    power of two, no larger than needed to cover ``chunk``).
+    """
+    x, stride_p = _pixels(x, "squeeze_partials")
+    _check_runnable(x, "squeeze_partials")
+    n, c, h, w = x.shape
+    hw = h * w
+    block_hw, block_c = _tile(c, hw)
+    c_blocks = triton.cdiv(c, block_c)
+    if chunk is None:
+        # one chunk per image under the interpreter; on a GPU about four programs per SM, each
+        # over at least four pixel blocks, so the head never sums more partials than pixels
+        chunks = 1 if _interpreted() else triton.cdiv(4 * _num_sms(x.device.index), n * c_blocks)
+        chunk = max(triton.cdiv(hw, chunks), 4 * block_hw)
+    if chunk < 1:
+        raise ValueError(f"squeeze_partials: chunk must be >= 1, got {chunk}")
+    block_hw = min(block_hw, _pow2(chunk))
+    chunk = triton.cdiv(min(chunk, hw), block_hw) * block_hw
+    num_chunks = triton.cdiv(hw, chunk)
+    part = torch.empty((n, num_chunks, c), device=x.device, dtype=torch.float32)
+    _squeeze_kernel[(num_chunks, c_blocks, n)](x, part, c, hw, chunk, num_chunks, x.stride(0), x.stride(1),
+                                               stride_p, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+    return part
+
+
+def _check_param(t: torch.Tensor, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"gate_head: {name} has shape {tuple(t.shape)}, expected {shape}")
+    if t.device != device:
+        raise ValueError(f"gate_head: {name} is on {t.device}, the input on {device}")
+    return t.contiguous()
+
+
+def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+              b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, w4: torch.Tensor, b4: torch.Tensor,
+              attention: bool = True) -> GateHeadOutput:
+    """Both gate heads from squeeze partials ``[N, T, C]`` (fp32 channel sums over ``hw`` pixels).
+
+    Weights are ``nn.Linear`` layouts: ``w1 [CR, C]``, ``w2 [C, CR]``, ``w3 [HID, CR]``,
+    ``w4 [E, HID]``, each bias 1-D; ``w3, b3`` with the BatchNorm already folded in
+    (``fold_batchnorm``). Any float dtype; the math runs in fp32. With ``attention=False``
+    the scale is all ones and ``w2, b2`` are not read.
+    """
+    if partials.dim() != 3 or partials.dtype != torch.float32:
+        raise ValueError(f"gate_head: partials must be fp32 [N, T, C], got {partials.dtype} {tuple(partials.shape)}")
+    if hw < 1:
+        raise ValueError(f"gate_head: hw must be >= 1, got {hw}")
+    _check_runnable(partials, "gate_head")
+    n, num_chunks, c = partials.shape
+    cr, hid, e = w1.shape[0], w3.shape[0], w4.shape[0]
+    dev = partials.device
+    w1, w2 = _check_param(w1, "w1", (cr, c), dev), _check_param(w2, "w2", (c, cr), dev)
+    w3, w4 = _check_param(w3, "w3", (hid, cr), dev), _check_param(w4, "w4", (e, hid), dev)
+    b1, b2 = _check_param(b1, "b1", (cr,), dev), _check_param(b2, "b2", (c,), dev)
+    b3, b4 = _check_param(b3, "b3", (hid,), dev), _check_param(b4, "b4", (e,), dev)
+    partials = partials.contiguous()
+    out = GateHeadOutput(torch.empty((n, c), device=dev, dtype=torch.float32),
+                         torch.empty((n, e), device=dev, dtype=torch.float32),
+                         torch.empty((n, e), device=dev, dtype=torch.float32),
+                         torch.empty((n,), device=dev, dtype=torch.int32))
+    block_c = _pow2(c)
+    block_t = min(_pow2(num_chunks), max(1, 8192 // block_c))
+    _head_kernel[(n,)](partials, num_chunks, 1.0 / hw, w1, b1, w2, b2, w3, b3, w4, b4, *out, c, cr, hid, e,
+                       ATTENTION=bool(attention), BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=_pow2(cr),
+                       BLOCK_H=_pow2(hid), BLOCK_E=_pow2(e), num_warps=4)
+    return out
+
+
+def fused_gate(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+               w3: torch.Tensor, b3: torch.Tensor, w4: torch.Tensor, b4: torch.Tensor,
+               attention: bool = True) -> GateHeadOutput:
+    """``squeeze_partials`` then ``gate_head``: the whole gate decision in two launches."""
+    return gate_head(squeeze_partials(x), x.shape[2] * x.shape[3], w1, b1, w2, b2, w3, b3, w4, b4, attention)
+
+
+def apply_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * scale[:, :, None, None]`` (math in fp32), in the dtype and memory format of ``x``."""
+    x, sx_p = _pixels(x, "apply_scale")
+    _check_runnable(x, "apply_scale")
+    n, c, h, w = x.shape
+    if tuple(scale.shape) != (n, c) or scale.dtype != torch.float32 or scale.device != x.device:
+        raise ValueError(f"apply_scale: scale must be fp32 [{n}, {c}] on {x.device}, got {scale.dtype} "
+                         f"{tuple(scale.shape)} on {scale.device}")
+    scale = scale.contiguous()
+    out = torch.empty_like(x)
+    _, so_p = _pixels(out, "apply_scale")
+    block_hw, block_c = _tile(c, h * w)
+    grid = (triton.cdiv(h * w, block_hw), triton.cdiv(c, block_c), n)
+    _scale_kernel[grid](x, scale, out, c, h * w, x.stride(0), x.stride(1), sx_p, out.stride(0), out.stride(1), so_p,
+                        BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
+                   bn: torch.nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W', b')`` in fp32 with ``W' r + b' == bn_eval(W r + b)``: the running statistics of an
+    eval-mode BatchNorm folded into the linear layer in front of it."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_batchnorm: the BatchNorm has no running statistics (track_running_stats=False)")
+    if bn.num_features != weight.shape[0]:
+        raise ValueError(f"fold_batchnorm: BatchNorm has {bn.num_features} features, the layer "
+                         f"{weight.shape[0]} outputs")
+    with torch.no_grad():
+        s = torch.rsqrt(bn.running_var.float() + bn.eps)
+        shift = -bn.running_mean.float() * s
+        if bn.weight is not None:
+            s = s * bn.weight.float()
+            shift = shift * bn.weight.float() + bn.bias.float()
+        w = weight.float() * s[:, None]
+        b = shift if bias is None else bias.float() * s + shift
+    return w, b

@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+import dds_fast
+from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimDnCNN, SlimUNet, export_static, macs_per_pixel
+
+
+def make_ddsnet(make_net=lambda: SlimUNet(in_channels=3, base_width=8, depth=3), num_choices=3, seed=0):
+    torch.manual_seed(seed)
+    net = make_net().double()
+    generator = torch.Generator().manual_seed(seed)
+    configs = [net.space.smallest(), net.space.sample(generator), net.space.largest()][:num_choices]
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in configs]
+    gate = DynamicGate(net.stem_channels, len(routes)).double()
+    for layer in (gate.fc1, gate.fc3, gate.fc4):  # a decisive random gate, so choices differ
+        torch.nn.init.normal_(layer.weight, std=3.0)
+    gate.attention = False
+    return DDSNet(net, gate, routes).eval()
+
+
+def images(n=6, size=(11, 13), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # images of different brightness and contrast, so the gate sees different statistics
+    base = torch.rand(n, 3, *size, generator=g, dtype=torch.float64)
+    return base * torch.linspace(0.2, 3.0, n, dtype=torch.float64).view(n, 1, 1, 1)
+
+
+def test_dynamic_output_equals_each_image_through_its_static_subnetwork():
+    model = make_ddsnet()
+    x = images()
+    with torch.no_grad():
+        routes = model.route(x)
+        out = model(x)
+        assert len({id(r) for r in routes}) > 1, "the test needs a batch whose images choose different configs"
+        for i, route in enumerate(routes):
+            static = export_static(model.supernet, route.config)
+            torch.testing.assert_close(out[i : i + 1], static(x[i : i + 1]), rtol=1e-10, atol=1e-10)
+
+
+def test_mixed_batch_equals_per_image_runs():
+    model = make_ddsnet(lambda: SlimDnCNN(in_channels=3, base_width=8, depth=4), num_choices=3, seed=2)
+    x = images(seed=3)
+    with torch.no_grad():
+        assert len({id(r) for r in model.route(x)}) > 1
+        batched = model(x)
+        single = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_scales_the_stem_features_the_body_reads():
+    model = make_ddsnet()
+    model.gate.attention = True
+    torch.nn.init.normal_(model.gate.fc2.weight, std=1.0)
+    x = images(n=2)
+    with torch.no_grad():
+        padded, gate_out = model.gate_forward(x)
+        index = int(gate_out.choice[0])
+        config = model.routing_space[index].config
+        stem = model.supernet.stem(padded)
+        scaled = stem * gate_out.scale[:, :, None, None]
+        model.supernet.set_config(config)
+        expected = model.supernet.body(scaled[:1, : config["enc0.mid"]], padded[:1])[..., :11, :13]
+        torch.testing.assert_close(model(x[:1]), expected)
+
+
+def test_static_budget_mode():
+    model = make_ddsnet()
+    macs = [e.macs_per_pixel for e in model.routing_space]
+    entry = model.set_budget(macs[1] + 1)
+    assert entry is model.routing_space[1]
+    assert all(r is entry for r in model.route(images()))
+    with torch.no_grad():
+        out = model(images())
+    torch.testing.assert_close(out, export_static(model.supernet, entry.config)(images()))
+    with pytest.raises(ValueError, match="no config fits"):
+        model.set_budget(macs[0] - 1)
+    assert model.set_budget(None) is None
+
+
+def test_expected_macs_counts_the_full_width_stem():
+    model = make_ddsnet()
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.0, 0.5]], dtype=torch.float64)
+    stem = model.supernet.stem_conv
+    smallest = model.routing_space[0]
+    extra = 9 * stem.in_channels * (stem.out_channels - smallest.config["enc0.mid"])
+    expected = torch.tensor([smallest.macs_per_pixel + extra,
+                             (smallest.macs_per_pixel + extra + model.routing_space[2].macs_per_pixel) / 2],
+                            dtype=torch.float64)
+    torch.testing.assert_close(model.expected_macs(probs), expected)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = make_ddsnet().float()
+    path = dds_fast.save(model, tmp_path / "dds.safetensors")
+    loaded = dds_fast.load(path).eval()
+    assert type(loaded) is DDSNet and loaded.gate.attention is False
+    assert loaded.routing_space == model.routing_space
+    x = images().float()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_bad_construction():
+    net = SlimUNet(in_channels=3, base_width=8, depth=3)
+    route = [RoutingEntry(net.space.smallest(), 1.0), RoutingEntry(net.space.largest(), 2.0)]
+    with pytest.raises(ValueError, match="gate reads 7 channels but the network's stem has 16"):
+        DDSNet(net, DynamicGate(7, 2), route)
+    with pytest.raises(ValueError, match="empty"):
+        DDSNet(net, DynamicGate(16, 2), [])
+    with pytest.raises(ValueError, match="chooses among 3 sub-networks but the routing space has 2"):
+        DDSNet(net, DynamicGate(16, 3), route)
+    other = SlimDnCNN(in_channels=3, base_width=8, depth=3)
+    with pytest.raises(ValueError, match="missing"):
+        DDSNet(net, DynamicGate(16, 2), [RoutingEntry(other.space.largest(), 1.0)] * 2)
+    with pytest.raises(ValueError, match="must be a SlimNet"):
+        DDSNet(torch.nn.Conv2d(3, 3, 1), DynamicGate(16, 2), route)

@@ -1,0 +1,312 @@
+"""DynamicGate: fused Triton inference path (under the interpreter on CPU) against an
+independent fp64 reference of Eq. 8-10, reference-path gradients, dispatch and errors."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dds_fast.gate import DynamicGate, GateOutput
+from dds_fast.kernels import gate as kernels
+
+# relative error bounds of the fused path against fp64, per input dtype (bf16 stores
+# truncate under the interpreter, so a full bf16 unit of error is allowed)
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_gate(channels, num_choices, **kwargs):
+    """A gate in eval mode with every parameter and running statistic random, so that no
+    term of the heads is trivially zero or one."""
+    torch.manual_seed(0)
+    gate = DynamicGate(channels, num_choices, **kwargs)
+    with torch.no_grad():
+        gate.fc2.weight.normal_(0, 0.5)
+        gate.fc2.bias.normal_(0, 0.5)
+        gate.fc4.weight.normal_(0, 2.0)  # spread the logits: no near-ties in argmax
+        gate.bn.weight.uniform_(0.5, 1.5)
+        gate.bn.bias.normal_(0, 0.2)
+        gate.bn.running_mean.normal_(0, 0.1)
+        gate.bn.running_var.uniform_(0.5, 2.0)
+    return gate.eval()
+
+
+def reference(gate, x, bn_batch_stats=False):
+    """Eq. 8-10 in fp64 from the gate's parameters, written independently of the module
+    (differentiable in the parameters of an fp64 gate)."""
+    p = {k: v.double() for k, v in [*gate.named_parameters(), *gate.named_buffers()]}
+    x = x.double()
+    r = F.relu(x.mean((2, 3)) @ p["fc1.weight"].T + p["fc1.bias"])
+    scale = 1 + torch.tanh(r @ p["fc2.weight"].T + p["fc2.bias"]) if gate.attention else torch.ones_like(x[:, :, 0, 0])
+    h = r @ p["fc3.weight"].T + p["fc3.bias"]
+    if bn_batch_stats:
+        mean, var = h.mean(0), h.var(0, unbiased=False)
+    else:
+        mean, var = p["bn.running_mean"], p["bn.running_var"]
+    h = F.relu((h - mean) / torch.sqrt(var + gate.bn.eps) * p["bn.weight"] + p["bn.bias"])
+    logits = h @ p["fc4.weight"].T + p["fc4.bias"]
+    return GateOutput(x * scale[:, :, None, None], scale, logits, logits.softmax(1), logits.argmax(1))
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def layout(x, kind):
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "prefix":  # active channel prefix of a wider channels_last buffer, NaN beyond it
+        wide = torch.full((x.shape[0], x.shape[1] + 5, *x.shape[2:]), float("nan"), dtype=x.dtype).contiguous(
+            memory_format=torch.channels_last)
+        wide[:, :x.shape[1]] = x
+        return wide[:, :x.shape[1]]
+    if kind == "crop":  # spatial axes that do not flatten: copied by the kernel wrapper
+        big = torch.randn(x.shape[0], x.shape[1], x.shape[2] + 2, x.shape[3] + 3, dtype=x.dtype)
+        big[:, :, 1:-1, 2:-1] = x
+        return big[:, :, 1:-1, 2:-1]
+    return x
+
+
+def assert_matches(out, ref, dtype):
+    tol = TOL[dtype]
+    assert rel_err(out.features, ref.features) < tol
+    assert rel_err(out.scale, ref.scale) < tol
+    assert rel_err(out.logits, ref.logits) < tol
+    assert (out.probs - ref.probs).abs().max().item() < tol
+    assert out.choice.dtype == torch.int32
+    assert torch.equal(out.choice.long(), ref.choice)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, c, e, kind", [(1, 24, 2, "nchw"), (7, 20, 16, "channels_last"), (3, 24, 5, "prefix")])
+def test_fused_matches_reference(dtype, n, c, e, kind):
+    gate = make_gate(c, e, backend="triton")
+    x = layout(torch.randn(n, c, 6, 7).to(dtype), kind)
+    with torch.no_grad():
+        out = gate(x)
+    memory_format = torch.contiguous_format if kind == "nchw" else torch.channels_last
+    assert out.features.dtype == dtype and out.features.is_contiguous(memory_format=memory_format)
+    assert_matches(out, reference(gate, x), dtype)
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_fused_small_tiles(monkeypatch, kind):
+    """The GPU's tiling, several channel and pixel blocks per image, and a partial last block
+    of each, instead of the interpreter's one block per image."""
+    monkeypatch.setattr(kernels, "_tile", lambda c, hw: (16, 8))
+    gate = make_gate(20, 6, backend="triton")
+    x = layout(torch.randn(2, 20, 6, 7).half(), kind)
+    with torch.no_grad():
+        out = gate(x)
+    assert_matches(out, reference(gate, x), torch.float16)
+
+
+def test_fused_crop_view_and_reference_module():
+    gate = make_gate(16, 3, reduction=2, hidden=12, backend="triton")
+    x = layout(torch.randn(2, 16, 5, 4), "crop")
+    with torch.inference_mode():
+        fused = gate(x)
+        gate.backend = "torch"
+        module = gate(x)
+    ref = reference(gate, x)
+    assert_matches(fused, ref, torch.float32)
+    assert_matches(module, ref, torch.float32)
+
+
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_squeeze_partials(chunk):
+    # 48x48 at 20 channels: more pixels than one interpreter block (2048), so the chunk loop
+    # runs twice; chunk=100 splits each image into 18 chunks of one 128-pixel block
+    x = torch.randn(2, 20, 48, 48).contiguous(memory_format=torch.channels_last)
+    part = kernels.squeeze_partials(x, chunk=chunk)
+    assert part.shape == (2, 1 if chunk is None else 18, 20)
+    assert torch.allclose(part.sum(1).double(), x.double().sum((2, 3)), rtol=1e-5, atol=1e-3)
+
+
+def test_gate_head_sums_many_partials():
+    # 300 partial rows at 24 channels: two passes of the head's 256-row block
+    gate = make_gate(24, 7)
+    part = torch.randn(3, 300, 24)
+    w3, b3 = kernels.fold_batchnorm(gate.fc3.weight, gate.fc3.bias, gate.bn)
+    head = kernels.gate_head(part, 1000, gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias, w3, b3,
+                             gate.fc4.weight, gate.fc4.bias)
+    u = part.double().sum(1) / 1000
+    ref = reference(gate, u[:, :, None, None])
+    assert rel_err(head.scale, ref.scale) < 2e-5 and rel_err(head.logits, ref.logits) < 2e-5
+    assert torch.equal(head.choice.long(), ref.choice)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_batchnorm(affine):
+    torch.manual_seed(1)
+    fc, bn = torch.nn.Linear(6, 10), torch.nn.BatchNorm1d(10, affine=affine)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.1, 3.0)
+        if affine:
+            bn.weight.normal_()
+            bn.bias.normal_()
+    bn.eval()
+    r = torch.randn(9, 6)
+    w, b = kernels.fold_batchnorm(fc.weight, fc.bias, bn)
+    assert w.dtype == b.dtype == torch.float32
+    assert torch.allclose(r @ w.T + b, bn(fc(r)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="running statistics"):
+        kernels.fold_batchnorm(fc.weight, fc.bias, torch.nn.BatchNorm1d(10, track_running_stats=False))
+    with pytest.raises(ValueError, match="12 features.*10 outputs"):
+        kernels.fold_batchnorm(fc.weight, fc.bias, torch.nn.BatchNorm1d(12))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_off_is_identity(backend):
+    gate = make_gate(20, 4, backend=backend)
+    x = torch.randn(3, 20, 5, 5)
+    with torch.no_grad():
+        on = gate(x)
+        gate.attention = False
+        off = gate(x)
+    assert off.features is x
+    assert torch.equal(off.scale, torch.ones(3, 20))
+    assert not torch.equal(on.scale, off.scale)
+    # the prediction head reads R, which the attention does not change
+    assert torch.allclose(on.logits, off.logits) and torch.equal(on.choice, off.choice)
+
+
+def test_fresh_gate_starts_as_identity():
+    x = torch.randn(2, 8, 4, 4)
+    assert torch.equal(DynamicGate(8, 3, backend="torch")(x).features, x)
+
+
+def test_outputs_fully_written(monkeypatch):
+    gate = make_gate(24, 9, backend="triton")
+    x = torch.randn(4, 24, 5, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        clean = gate(x)
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan") if t.is_floating_point() else -(2 ** 30))
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    with torch.no_grad():
+        out = gate(x)
+    monkeypatch.undo()
+    for name, a, b in zip(GateOutput._fields, out, clean):
+        assert torch.equal(a, b), name
+
+
+def test_attention_head_gradients():
+    """Stage 1: attention on, train mode. backend='triton' still trains (reference autograd)."""
+    gate = make_gate(12, 3, backend="triton").train()
+    x = torch.randn(4, 12, 5, 3, requires_grad=True)
+    probe = torch.randn(4, 12, 5, 3)
+    names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    params = dict(gate.named_parameters())
+    got = torch.autograd.grad((gate(x).features * probe).sum(), [x] + [params[k] for k in names])
+
+    ref_gate = copy.deepcopy(gate).double()
+    ref_params = dict(ref_gate.named_parameters())
+    xd = x.detach().double().requires_grad_()
+    features = reference(ref_gate, xd).features
+    want = torch.autograd.grad((features * probe.double()).sum(), [xd] + [ref_params[k] for k in names])
+    for name, a, b in zip(["x"] + names, got, want):
+        assert rel_err(a, b) < 1e-5, name
+
+    def attention(x, w1, b1, w2, b2):
+        return torch.func.functional_call(ref_gate, {"fc1.weight": w1, "fc1.bias": b1, "fc2.weight": w2,
+                                                     "fc2.bias": b2}, (x,)).features
+    small = torch.randn(2, 12, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(attention, (small, *[ref_params[k] for k in names]))
+
+
+def test_prediction_head_gradients():
+    """Stage 3: attention off, train mode (BatchNorm on batch statistics)."""
+    gate = make_gate(12, 5, backend="triton").train()
+    gate.attention = False
+    x = torch.randn(6, 12, 4, 4)
+    probe = torch.randn(6, 5)
+    names = ["fc1.weight", "fc1.bias", "fc3.weight", "fc3.bias", "bn.weight", "bn.bias", "fc4.weight", "fc4.bias"]
+    params = dict(gate.named_parameters())
+    out = gate(x)
+    assert out.features is x
+    loss = (out.logits * probe).sum()
+    got = torch.autograd.grad(loss, [params[k] for k in names] + [params["fc2.weight"]], allow_unused=True)
+    assert got[-1] is None  # W2 is not used while the attention is off
+
+    ref_gate = copy.deepcopy(gate).double()
+    ref_params = dict(ref_gate.named_parameters())
+    logits = reference(ref_gate, x.double(), bn_batch_stats=True).logits
+    want = torch.autograd.grad((logits * probe.double()).sum(), [ref_params[k] for k in names])
+    # BatchNorm on batch statistics cancels any shift shared by the batch, so the gradients
+    # of b3 (and of b1 where a unit is active for every image) are zero up to fp32 rounding
+    # of the large ones: bound each error by its own size plus a floor from the largest.
+    top = max(b.abs().max().item() for b in want)
+    for name, a, b in zip(names, got, want):
+        assert (a.double() - b).abs().max().item() <= 1e-5 * b.abs().max().item() + 2e-5 * top, name
+
+    def head(w3, b3, w4, b4):
+        return torch.func.functional_call(ref_gate, {"fc3.weight": w3, "fc3.bias": b3, "fc4.weight": w4,
+                                                     "fc4.bias": b4}, (x.double(),)).logits
+    assert torch.autograd.gradcheck(head, tuple(ref_params[k] for k in ["fc3.weight", "fc3.bias", "fc4.weight",
+                                                                          "fc4.bias"]))
+
+
+def test_dispatch(monkeypatch):
+    calls = []
+    fused_gate = kernels.fused_gate
+    monkeypatch.setattr(kernels, "fused_gate", lambda *a, **k: calls.append(1) or fused_gate(*a, **k))
+    x = torch.randn(2, 8, 3, 3)
+    gate = make_gate(8, 2, backend="auto")
+    with torch.no_grad():
+        gate(x)                       # auto on CPU: reference
+        gate.backend = "torch"
+        gate(x)
+        gate.backend = "triton"
+        gate(x.double())              # fp64: reference
+        gate.train()(x)               # train mode: batch statistics, reference
+        gate.eval()(x)
+    assert len(calls) == 1
+    gate(x)                           # gradients needed: reference
+    gate.requires_grad_(False)
+    gate(x)                           # nothing needs a gradient: fused
+    assert len(calls) == 2
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="channels must be an int >= 1, got 0"):
+        DynamicGate(0, 3)
+    with pytest.raises(ValueError, match="num_choices must be an int >= 2, got 1"):
+        DynamicGate(8, 1)
+    with pytest.raises(ValueError, match="reduction must be an int >= 1, got 0"):
+        DynamicGate(8, 3, reduction=0)
+    with pytest.raises(ValueError, match="num_choices must be an int >= 2, got True"):
+        DynamicGate(8, True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        DynamicGate(8, 3, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_input_errors(backend):
+    gate = DynamicGate(8, 3, backend=backend).eval()
+    with pytest.raises(ValueError, match=r"4-D tensor \[N, 8, H, W\], got \(8, 4, 4\)"):
+        gate(torch.randn(8, 4, 4))
+    with pytest.raises(ValueError, match="input has 6 channels, the gate was built for 8"):
+        gate(torch.randn(1, 6, 4, 4))
+    with pytest.raises(ValueError, match="empty"):
+        gate(torch.randn(1, 8, 0, 4))
+    with pytest.raises(ValueError, match="floating point"):
+        gate(torch.ones(1, 8, 2, 2, dtype=torch.int32))
+
+
+def test_kernel_argument_errors():
+    gate = make_gate(8, 3)
+    args = [gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias, gate.fc3.weight, gate.fc3.bias,
+            gate.fc4.weight, gate.fc4.bias]
+    with pytest.raises(ValueError, match=r"w2 has shape \(6, 2\), expected \(8, 2\)"):
+        kernels.gate_head(torch.randn(1, 1, 8), 4, *args[:2], torch.randn(6, 2), *args[3:])
+    with pytest.raises(ValueError, match="partials must be fp32"):
+        kernels.gate_head(torch.randn(1, 1, 8, dtype=torch.float64), 4, *args)
+    with pytest.raises(ValueError, match=r"scale must be fp32 \[2, 8\]"):
+        kernels.apply_scale(torch.randn(2, 8, 3, 3), torch.ones(2, 7))
+    with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
+        kernels.squeeze_partials(torch.randn(1, 8, 3, 3), chunk=0)

@@ -1,0 +1,56 @@
+"""Stage 3: training the dynamic gate on a frozen super-network.
+
+Labels are made online (our reading of the paper's Eq. 11 and 12, after DS-Net's gate
+training): an image is *easy* when the largest sub-network of the routing space beats the
+smallest by less than ``beta`` dB of PSNR, and is labelled with the smallest config (index
+0); otherwise it is *hard* and labelled with the largest (the last index). The loss is
+cross-entropy on those one-hot labels plus the complexity loss ``((Psi - C) / T)^2``, where
+Psi is the batch's mean expected MACs/pixel under the gate's softmax, C the budget and T
+the super-network's MACs/pixel, so the gate spends the budget where the gain is.
+
+The super-network stays frozen and the gate's attention head is off (the body reads the
+plain stem features), as in the paper.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dds_fast.ddsnet import DDSNet
+from dds_fast.metrics import psnr
+
+
+def per_image_psnr(output: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([psnr(o, c) for o, c in zip(output, clean)], dtype=torch.float64)
+
+
+def gate_labels(psnr_largest: torch.Tensor, psnr_smallest: torch.Tensor, num_choices: int, beta: float) -> torch.Tensor:
+    """0 (smallest) where the largest gains less than ``beta`` dB, else ``num_choices - 1``."""
+    hard = (psnr_largest - psnr_smallest) >= beta
+    return hard.long() * (num_choices - 1)
+
+
+def gate_step(model: DDSNet, noisy: torch.Tensor, clean: torch.Tensor, budget: float, beta: float = 0.2,
+              complexity_weight: float = 1.0) -> dict[str, float]:
+    """One gate-training step's forward and backward (the caller steps the optimizer).
+    The routing space must be in ascending MACs (index 0 the smallest)."""
+    supernet, routes = model.supernet, model.routing_space
+    if [e.macs_per_pixel for e in routes] != sorted(e.macs_per_pixel for e in routes):
+        raise ValueError("gate training needs the routing space in ascending MACs/pixel")
+    with torch.no_grad():
+        quality = []
+        for entry in (routes[0], routes[-1]):
+            supernet.set_config(entry.config)
+            quality.append(per_image_psnr(supernet(noisy).float(), clean))
+        labels = gate_labels(quality[1], quality[0], len(routes), beta).to(noisy.device)
+        padded = supernet.pad(noisy)
+        supernet.set_config(supernet.space.largest())
+        stem = supernet.stem(padded)
+    gate_out = model.gate(stem)
+    cross_entropy = F.cross_entropy(gate_out.logits.float(), labels)
+    psi = model.expected_macs(gate_out.probs.float()).mean()
+    complexity = ((psi - budget) / model.supernet_macs_per_pixel) ** 2
+    loss = cross_entropy + complexity_weight * complexity
+    loss.backward()
+    return {"loss": loss.item(), "cross_entropy": cross_entropy.item(), "complexity": complexity.item(),
+            "expected_macs": psi.item(), "hard_fraction": (labels > 0).float().mean().item()}
