@@ -1,4 +1,3 @@
-
 from dds_fast import RoutingEntry, SlimUNet, macs_per_pixel, save
 from dds_fast.cli import main
 
