@@ -142,6 +142,41 @@ def cmd_bench(args) -> int:
     return 0
 
 
+SHIPPED_MODEL = Path(__file__).parent / "weights" / "dds.safetensors"
+
+
+def _model_from(checkpoint: str | None):
+    path = Path(checkpoint) if checkpoint else SHIPPED_MODEL
+    if not path.exists():
+        if checkpoint:
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError("no trained model ships with this version yet; pass --checkpoint "
+                                "(a dds-fast train run writes dds.safetensors)")
+    return load(path).eval()
+
+
+def cmd_denoise(args) -> int:
+    from .ddsnet import DDSNet
+    from .evaluate import denoise
+    from .training.data import read_image, save_image, to_channels
+
+    model = _model_from(args.checkpoint)
+    if args.budget is not None:
+        if not isinstance(model, DDSNet):
+            raise ValueError(f"--budget needs a DDSNet checkpoint; {args.checkpoint} holds a {type(model).__name__}")
+        entry = model.set_budget(args.budget)
+        print(f"static mode: config at {entry.macs_per_pixel:,.0f} MACs/pixel")
+    image, bits = read_image(args.input)
+    output = denoise(model, to_channels(image, model.in_channels), tile=args.tile)
+    output = to_channels(output.float(), image.shape[0])
+    save_image(args.output, output, 16 if bits == 16 and Path(args.output).suffix.lower() == ".png" else 8)
+    if isinstance(model, DDSNet) and args.budget is None and max(image.shape[-2:]) <= args.tile:
+        macs = model.routed_macs(to_channels(image, model.in_channels)[None])[0]
+        print(f"dynamic mode: routed to {macs:,.0f} MACs/pixel")
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dds-fast", description="Dynamic slimmable denoising networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (field, kind) in TRAIN_FLAGS.items():
         train.add_argument(flag, dest=field, type=kind)
     train.set_defaults(func=cmd_train)
+    den = sub.add_parser("denoise", help="denoise an image (PNG 8/16-bit or JPEG, gray or RGB, any size)")
+    den.add_argument("input")
+    den.add_argument("-o", "--output", required=True, help=".png or .jpg; a 16-bit PNG input gives a 16-bit PNG")
+    den.add_argument("--checkpoint", help="a DDSNet or slimmable network checkpoint (default: the shipped model)")
+    den.add_argument("--budget", type=float, help="MACs/pixel: run the best config within it (static mode)")
+    den.add_argument("--tile", type=int, default=512, help="tile side for large images (memory stays bounded)")
+    den.set_defaults(func=cmd_denoise)
     bench = sub.add_parser("bench", help="time layers and every config of a network; JSON, markdown and plots")
     bench.add_argument("--full", action="store_true", help="all sizes and batches (default: quick)")
     bench.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])

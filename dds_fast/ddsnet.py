@@ -98,20 +98,27 @@ class DDSNet(nn.Module):
         self.supernet.set_config(self._full_stem)
         return padded, self.gate(self.supernet.stem(padded))
 
-    def choices(self, gate_out: GateOutput) -> torch.Tensor:
-        if self._budget_index is None:
-            return gate_out.choice.long()
-        return torch.full_like(gate_out.choice, self._budget_index, dtype=torch.long)
-
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> list[RoutingEntry]:
         """The routing entry (config and MACs/pixel) each image of ``x`` would run."""
+        if self._budget_index is not None:
+            return [self.routing_space[self._budget_index]] * len(x)
         _, gate_out = self.gate_forward(x)
-        return [self.routing_space[i] for i in self.choices(gate_out).tolist()]
+        return [self.routing_space[i] for i in gate_out.choice.tolist()]
+
+    def routed_macs(self, x: torch.Tensor) -> list[float]:
+        """MACs/pixel each image of ``x`` costs in the current mode: the routed config plus,
+        in dynamic mode, the full-width stem the gate reads."""
+        if self._budget_index is not None:
+            return [self.routing_space[self._budget_index].macs_per_pixel] * len(x)
+        return [self.dynamic_macs_per_pixel[self.routing_space.index(e)] for e in self.route(x)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._budget_index is not None:  # static mode: the narrow network alone, no gate
+            self.supernet.set_config(self.routing_space[self._budget_index].config)
+            return self.supernet(x)
         padded, gate_out = self.gate_forward(x)
-        choice = self.choices(gate_out)
+        choice = gate_out.choice
         features = gate_out.features
         out = None
         for index in torch.unique(choice).tolist():

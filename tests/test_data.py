@@ -20,6 +20,8 @@ from dds_fast.training.data import (
     load_image_folder,
     make_validation_set,
     random_flip_rotate,
+    read_image,
+    save_image,
     sidd_medium_pairs,
     to_channels,
 )
@@ -303,3 +305,26 @@ def test_sidd_validation_errors_name_the_path(tmp_path):
     (tmp_path / "ValidationGtBlocksSrgb.mat").write_bytes(b"garbage" * 20)
     with pytest.raises(ValueError, match="cannot read MATLAB file .*ValidationGtBlocksSrgb.mat"):
         SIDDValidation(tmp_path)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name,bits,tolerance", [("out.png", 8, 0.5 / 255), ("out.png", 16, 0.5 / 65535),
+                                                 ("out.jpg", 8, 0.02)])
+def test_save_image_round_trip(tmp_path, channels, name, bits, tolerance):
+    # a smooth random image, which JPEG keeps within a few levels
+    coarse = torch.rand(channels, 3, 4, generator=torch.Generator().manual_seed(channels))
+    image = torch.nn.functional.interpolate(coarse[None], size=(16, 24), mode="bilinear", align_corners=True)[0]
+    path = save_image(tmp_path / name, image, bits)
+    loaded, file_bits = read_image(path)
+    assert file_bits == bits and loaded.shape == image.shape
+    error = (loaded - image).abs()
+    assert (error.mean() if name.endswith(".jpg") else error.max()) <= tolerance + 1e-7
+
+
+def test_save_image_errors(tmp_path):
+    with pytest.raises(ValueError, match="16-bit"):
+        save_image(tmp_path / "a.jpg", torch.rand(3, 4, 4), 16)
+    with pytest.raises(ValueError, match="unsupported output format"):
+        save_image(tmp_path / "a.bmp", torch.rand(3, 4, 4))
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        save_image(tmp_path / "a.png", torch.rand(2, 4, 4))

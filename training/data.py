@@ -32,6 +32,8 @@ from torch.utils.data import Dataset
 from .noise import NoiseModel
 
 __all__ = [
+    "read_image",
+    "save_image",
     "PHOTO_NAMES",
     "TEXTURE_NAMES",
     "IMAGE_EXTENSIONS",
@@ -167,11 +169,41 @@ def _read_array(path: Path) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 
+def read_image(path) -> tuple[torch.Tensor, int]:
+    """One image as float32 [C, H, W] in [0, 1] and the file's bits per sample (8 or 16)."""
+    path = Path(path)
+    array = _read_array(path)
+    return _to_tensor(array, str(path)), 16 if array.dtype == np.uint16 else 8
+
+
 def load_image(path, channels: int | None = None) -> torch.Tensor:
     """Read one image as float32 [C, H, W] in [0, 1]; ``channels`` (1 or 3) converts, None keeps the file's."""
-    path = Path(path)
-    image = _to_tensor(_read_array(path), str(path))
+    image, _ = read_image(path)
     return image if channels is None else to_channels(image, channels)
+
+
+def save_image(path, image: torch.Tensor, bits: int = 8) -> Path:
+    """Write [C, H, W] in [0, 1] (C = 1 or 3) as PNG (8 or 16 bits, through pypng, which
+    keeps 16-bit colour) or JPEG (8 bits, quality 95)."""
+    path = Path(path)
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"save_image: expected [C, H, W] with C = 1 or 3, got {tuple(image.shape)}")
+    suffix = path.suffix.lower()
+    if bits not in (8, 16) or (bits == 16 and suffix != ".png"):
+        raise ValueError(f"save_image: {bits}-bit output is not supported for {path.name} (8-bit PNG/JPEG, 16-bit PNG)")
+    top = 2 ** bits - 1
+    array = (image.detach().float().clamp(0, 1) * top).round().to(torch.int32).permute(1, 2, 0).cpu().numpy()
+    channels = array.shape[-1]
+    if suffix not in (".png", ".jpg", ".jpeg"):
+        raise ValueError(f"save_image: unsupported output format {path.suffix!r}; use .png, .jpg or .jpeg")
+    if bits == 16:  # Pillow cannot write 16-bit colour
+        writer = png.Writer(array.shape[1], array.shape[0], greyscale=channels == 1, bitdepth=16)
+        with open(path, "wb") as f:
+            writer.write(f, array.reshape(array.shape[0], -1))
+    else:
+        pixels = array.astype(np.uint8)
+        Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(path, quality=95)
+    return path
 
 
 def list_images(folder, recursive: bool = False) -> list[Path]:
