@@ -5,8 +5,10 @@ image, and each image runs the body of its chosen sub-network on the prefix of t
 output (which equals the narrow stem's output: filter j of a conv depends on filter j only).
 Static mode (``set_budget``): every image runs the best config within a MACs budget.
 
-This reference path groups the batch by chosen config (one host sync per forward). The
-one-launch-per-layer path with per-image widths read on the device is the kernel issue's.
+Two paths give the same result. On CUDA with the Triton backend (and no gradient), every
+layer runs once for the whole batch, reading each image's widths from a device table indexed
+by the gate's choice: no host sync, so the forward can be captured in one CUDA graph. Else
+the batch is grouped by chosen config (one host sync per forward).
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch
 from torch import nn
 
 from .config import RoutingEntry
-from .cost import macs_per_pixel
+from .cost import macs_per_pixel, trace_convs
 from .gate import DynamicGate, GateOutput
 from .nets import ARCHITECTURES, SlimNet, register_architecture
+from .slim_conv import SlimConv2d
 
 
 @register_architecture
@@ -46,6 +49,10 @@ class DDSNet(nn.Module):
         self.in_channels = supernet.in_channels
         self.size_multiple = supernet.size_multiple
         self._budget_index: int | None = None
+        self._tables: tuple[torch.device, list] | None = None
+        # None: per-image widths on the Triton kernels when the input is on CUDA and no grad
+        # is needed; True/False forces the choice (True runs under the interpreter on CPU)
+        self.per_image: bool | None = None
         self._stem_group = supernet.space.groups[0].name
         self._full_stem = supernet.space.largest()
         stem = supernet.stem_conv
@@ -113,11 +120,46 @@ class DDSNet(nn.Module):
             return [self.routing_space[self._budget_index].macs_per_pixel] * len(x)
         return [self.dynamic_macs_per_pixel[self.routing_space.index(e)] for e in self.route(x)]
 
+    def _width_tables(self, device: torch.device) -> list[tuple[SlimConv2d, torch.Tensor]]:
+        """For each conv of the body, an int32 [E, 1 + inputs] table of its (out width, in
+        widths) under each routing config, on ``device``; built once per device."""
+        if self._tables is None or self._tables[0] != device:
+            rows: dict[SlimConv2d, list] = {}
+            for entry in self.routing_space:
+                for call in trace_convs(self.supernet, entry.config)[0]:
+                    if call.module is not self.supernet.stem_conv:
+                        rows.setdefault(call.module, []).append((call.out_width, *call.in_widths))
+            self._tables = (device, [(conv, torch.tensor(r, dtype=torch.int32, device=device))
+                                     for conv, r in rows.items()])
+        return self._tables[1]
+
+    def _uses_per_image_widths(self, x: torch.Tensor) -> bool:
+        if self.per_image is not None:
+            return self.per_image
+        return (x.is_cuda and not torch.is_grad_enabled()
+                and all(m.backend != "torch" for m in self.supernet.modules() if isinstance(m, SlimConv2d)))
+
+    def _body_per_image(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """Every image through its own config in one launch per layer: each conv reads its
+        widths from the device tables, indexed by the gate's choice (no host sync)."""
+        tables = self._width_tables(padded.device)
+        self.supernet.set_config(self._full_stem)  # buffers at full width, widths per image
+        try:
+            for conv, table in tables:
+                conv.per_image_widths = table.index_select(0, choice.long())
+            return self.supernet.body(features, padded)
+        finally:
+            for conv, _ in tables:
+                conv.per_image_widths = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._budget_index is not None:  # static mode: the narrow network alone, no gate
             self.supernet.set_config(self.routing_space[self._budget_index].config)
             return self.supernet(x)
         padded, gate_out = self.gate_forward(x)
+        if self._uses_per_image_widths(padded):
+            out = self._body_per_image(gate_out.features, padded, gate_out.choice)
+            return out[..., : x.shape[-2], : x.shape[-1]]
         choice = gate_out.choice
         features = gate_out.features
         out = None

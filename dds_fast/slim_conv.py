@@ -7,6 +7,7 @@ the first ``o`` filters and the first ``i`` input channels of the one shared wei
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Sequence
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
+_WARNED: set[str] = set()  # fallback reasons already warned about, so each warns once
 ACTIVATIONS = (None, "relu", "leaky_relu")
 
 
@@ -73,6 +75,9 @@ class SlimConv2d(nn.Conv2d):
         self.negative_slope = float(negative_slope)
         self.layer_name: str | None = None
         self._active_out: int | None = None
+        # int32 [N, 1 + inputs] on the device: each image's (out width, in widths), read by the
+        # kernel; inputs are then max-width buffers and channels past an image's width unwritten
+        self.per_image_widths: torch.Tensor | None = None
 
     # -- widths -------------------------------------------------------------------------
     @property
@@ -153,7 +158,35 @@ class SlimConv2d(nn.Conv2d):
         if residual is not None:
             n, _, h, w = inputs[0].shape
             self._check_residual(residual, (n, out_width, *self.output_size(h, w)))
-        return self._reference(inputs, out_width, residual)
+        kernels = self._triton_kernels(inputs)
+        if kernels is None:
+            if self.per_image_widths is not None:
+                raise ValueError(f"{self._label()}: per-image widths need the Triton backend on this input")
+            return self._reference(inputs, out_width, residual)
+        return kernels.slim_conv2d(inputs, self.weight, self.bias, segment_starts=self.segment_starts[: len(inputs)],
+                                   out_channels=out_width, stride=self.stride[0], padding=self.padding[0],
+                                   activation=self.activation, negative_slope=self.negative_slope, residual=residual,
+                                   widths=self.per_image_widths)
+
+    def _triton_kernels(self, inputs: list[torch.Tensor]):
+        """The kernel module when this call runs on Triton, else None (the reference path)."""
+        if self.backend == "torch" or (self.backend == "auto" and not inputs[0].is_cuda):
+            return None
+        try:
+            from .kernels import conv2d as kernels
+        except ImportError as error:  # no Triton on this platform
+            reason = f"Triton is not available ({error})"
+        else:
+            reason = kernels.unsupported_reason(inputs, self.weight, self.stride, self.padding, self.dilation,
+                                                self.groups, self.padding_mode, self.activation, self.negative_slope)
+            if reason is None:
+                return kernels
+        if self.backend == "triton" and reason not in _WARNED:
+            _WARNED.add(reason)
+            warnings.warn(f"{self._label()}: backend='triton' falls back to the PyTorch reference: {reason}",
+                          stacklevel=3)
+        logger.debug("%s: reference path: %s", self._label(), reason)
+        return None
 
     def _reference(self, inputs: list[torch.Tensor], out_width: int, residual: torch.Tensor | None) -> torch.Tensor:
         weight = self.active_weight([t.shape[1] for t in inputs], out_width)

@@ -114,3 +114,61 @@ def test_bad_construction():
         DDSNet(net, DynamicGate(16, 2), [RoutingEntry(other.space.largest(), 1.0)] * 2)
     with pytest.raises(ValueError, match="must be a SlimNet"):
         DDSNet(torch.nn.Conv2d(3, 3, 1), DynamicGate(16, 2), route)
+
+
+@pytest.mark.parametrize("make_net", [lambda: SlimUNet(in_channels=3, base_width=8, depth=2),
+                                      lambda: SlimDnCNN(in_channels=3, base_width=8, depth=3)])
+def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net):
+    """One launch per layer with per-image widths (Triton under the interpreter) against the
+    reference grouping; the inactive channels of each buffer hold whatever was there."""
+    pytest.importorskip("triton")
+    model = make_ddsnet(make_net, num_choices=3, seed=4).float()
+    for module in model.supernet.modules():
+        if isinstance(module, dds_fast.SlimConv2d):
+            module.backend = "triton"
+    x = images(n=4, size=(8, 8), seed=5).float()
+    with torch.no_grad():
+        assert len({id(r) for r in model.route(x)}) > 1
+        model.per_image = False
+        grouped = model(x)
+        model.per_image = True
+        per_image = model(x)
+    torch.testing.assert_close(per_image, grouped, rtol=1e-4, atol=1e-5)
+    assert all(m.per_image_widths is None for m in model.modules() if isinstance(m, dds_fast.SlimConv2d))
+
+
+def test_per_image_widths_need_the_triton_backend():
+    model = make_ddsnet()
+    model.per_image = True
+    for module in model.supernet.modules():
+        if isinstance(module, dds_fast.SlimConv2d):
+            module.backend = "torch"
+    with torch.no_grad(), pytest.raises(ValueError, match="per-image widths need the Triton backend"):
+        model(images(n=2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_one_cuda_graph_replays_inputs_that_choose_other_configs():
+    model = make_ddsnet(num_choices=3, seed=0).float().cuda()
+    batches = [images(n=4, size=(16, 16), seed=seed).float().cuda() for seed in (5, 6, 7, 8)]
+    static_x = batches[0].clone()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture stream: compiles kernels, builds tables
+            for _ in range(2):
+                model(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_x)
+        routes = set()
+        for x in batches:
+            static_x.copy_(x)
+            graph.replay()
+            model.per_image = False
+            expected = model(x)
+            model.per_image = None
+            torch.testing.assert_close(static_out, expected, rtol=1e-3, atol=1e-4)
+            routes.add(tuple(id(r) for r in model.route(x)))
+    assert len(routes) > 1, "the replays should route differently"

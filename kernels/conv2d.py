@@ -1,0 +1,674 @@
+"""Prefix-sliced 2-D convolution in Triton: ``act(conv(x, weight[:o, :i]) + bias[:o] + residual)``.
+
+The shared weight ``[Cout_max, Cin_max, k, k]`` is read in place through its strides, so a
+narrow layer never copies its slice. Activations are NCHW tensors in any memory format
+(channels_last is the fast one); the output is channels_last.
+
+- Forward: implicit GEMM (M = output pixels of one image, N = output channels, K = taps x
+  input channels) with bias, residual and activation fused in the epilogue. Two inputs form
+  the fused concat ``conv(cat([a, b], 1))`` of a U-Net decoder without building the cat.
+- Backward: dZ = dY * act'(y) from the saved output, fused with the bias-gradient partial
+  sums; grad input is a convolution of dZ with the flipped taps, split for stride 2 into the
+  four sub-pixel phases (each a dense convolution with only its live taps); grad weight is a
+  split reduction over output pixels into an fp32 workspace, then reduced into the prefix of
+  a zero full-size gradient (deterministic, no atomics).
+- Per-image widths (forward only): an int32 device tensor ``[N, 1 + len(inputs)]`` gives each
+  image's (out width, in width per input); the kernels read the widths from memory, so one
+  compiled kernel (and one CUDA graph) serves every width and nothing syncs with the host.
+
+``slim_conv2d`` is registered as the ``torch.library`` op ``dds_fast::slim_conv2d`` (with
+autograd, a fake implementation for ``torch.compile`` and a FLOP formula).
+"""
+import os
+from typing import List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
+
+# Read once at import: triton.jit picks interpretation at decoration time too.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+ACTIVATIONS = (None, "relu", "leaky_relu")
+_ACT_NAMES = {"none": 0, "relu": 1, "leaky_relu": 2}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _mma(acc, a, b, DOT_F32: tl.constexpr):
+    # fp32 operands need exact products (tf32 fails fp32 accuracy); the interpreter also
+    # routes bf16 through fp32 because its bf16 dot is silently wrong.
+    if DOT_F32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _fwd_segment(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
+                 oh, ow, m_ok, co, co_ok, H, W,
+                 KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Accumulate one input block: taps unrolled, channel blocks up to the run-time width."""
+    ck = tl.arange(0, BLOCK_K)
+    for r in tl.static_range(KSIZE):
+        ih = oh * STRIDE - PAD + r
+        for s in tl.static_range(KSIZE):
+            iw = ow * STRIDE - PAD + s
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_ptrs = x_img + (ih * sxh + iw * sxw)[:, None]
+            w_ptrs = w + (co * swo)[None, :] + r * swh + s * sww
+            for c0 in range(0, c_n, BLOCK_K):
+                c = c0 + ck
+                c_ok = c < c_n
+                # Both operands masked: inactive channels of a max-width buffer may hold NaN.
+                a = tl.load(x_ptrs + (c * sxc)[None, :], mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs + ((start + c) * swi)[:, None], mask=c_ok[:, None] & co_ok[None, :],
+                            other=0.0)
+                acc = _mma(acc, a, b, DOT_F32)
+    return acc
+
+
+@triton.jit(do_not_specialize=["C0", "C1", "COUT"])
+def _conv_fwd_kernel(
+    x0, x1, w, b, res, y, widths,
+    H, W, HO, WO, C0, C1, COUT, START0, START1,
+    sx0n, sx0c, sx0h, sx0w, sx1n, sx1c, sx1h, sx1w,
+    swo, swi, swh, sww, sb,
+    srn, src, srh, srw, syn, syc, syh, syw, swdn, swdc,
+    slope,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)  # one image per program: its widths are per-program scalars
+    cout_n = COUT
+    c0_n = C0
+    c1_n = C1
+    if PER_IMAGE:
+        # Clamped to the buffers so a bad width can never read or write out of bounds.
+        cout_n = tl.minimum(tl.load(widths + n * swdn), COUT)
+        c0_n = tl.minimum(tl.load(widths + n * swdn + swdc), C0)
+        if TWO_INPUTS:
+            c1_n = tl.minimum(tl.load(widths + n * swdn + 2 * swdc), C1)
+    if pid_co * BLOCK_N >= cout_n:
+        return  # tile beyond this image's output width: left unwritten
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < HO * WO
+    oh = offs_m // WO
+    ow = offs_m % WO
+    co = pid_co * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < cout_n
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _fwd_segment(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
+                       oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
+    if TWO_INPUTS:
+        acc = _fwd_segment(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1, c1_n,
+                           oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
+
+    out_ok = m_ok[:, None] & co_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b + co * sb, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        r_ptrs = res + n * srn + (oh * srh + ow * srw)[:, None] + (co * src)[None, :]
+        acc += tl.load(r_ptrs, mask=out_ok, other=0.0).to(tl.float32)
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 2:
+        acc = tl.where(acc > 0, acc, acc * slope)
+    y_ptrs = y + n * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+    tl.store(y_ptrs, acc.to(y.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit(do_not_specialize=["COUT"])
+def _bwd_dz_kernel(
+    dy, y, dz, bias_ws, HO, WO, COUT,
+    sdyn, sdyc, sdyh, sdyw, syn, syc, syh, syw, szn, szc, szh, szw,
+    slope,
+    ACT: tl.constexpr, STORE_DZ: tl.constexpr, BIAS_SUMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < HO * WO
+    oh = offs_m // WO
+    ow = offs_m % WO
+    co = pid_co * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < COUT
+    ok = m_ok[:, None] & co_ok[None, :]
+    pix_dy = (oh * sdyh + ow * sdyw)[:, None]
+    g = tl.load(dy + n * sdyn + pix_dy + (co * sdyc)[None, :], mask=ok, other=0.0).to(tl.float32)
+    if ACT != 0:
+        # The output's sign is the pre-activation's sign (slope >= 0 is enforced on the host).
+        # Compared in fp32: the interpreter's bf16 comparison feeding tl.where is wrong.
+        yv = tl.load(y + n * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :], mask=ok,
+                     other=0.0).to(tl.float32)
+        if ACT == 1:
+            g = tl.where(yv > 0, g, 0.0)
+        else:
+            g = tl.where(yv > 0, g, g * slope)
+    if STORE_DZ:
+        z_ptrs = dz + n * szn + (oh * szh + ow * szw)[:, None] + (co * szc)[None, :]
+        tl.store(z_ptrs, g.to(dz.dtype.element_ty), mask=ok)
+    if BIAS_SUMS:
+        row = n * tl.num_programs(0) + pid_m
+        tl.store(bias_ws + row * COUT + co, tl.sum(g, axis=0), mask=co_ok)
+
+
+@triton.jit(do_not_specialize=["COUT", "CIN"])
+def _bwd_input_kernel(
+    dz, w, dx, H, W, HO, WO, HP, WP, COUT, CIN, START,
+    szn, szc, szh, szw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, IH0: tl.constexpr, IW0: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grad input for the input pixels (IH0 + STRIDE*jh, IW0 + STRIDE*jw) of one sub-pixel phase.
+
+    Only taps with (IH0 + PAD - r) % STRIDE == 0 reach this phase, so the dead taps of a
+    strided conv are dropped at compile time instead of masked at run time.
+    """
+    pid_m = tl.program_id(0)
+    pid_ci = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < HP * WP
+    jh = offs_m // WP
+    jw = offs_m % WP
+    ci = pid_ci * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_ok = ci < CIN
+    ck = tl.arange(0, BLOCK_K)
+    dz_img = dz + n * szn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in tl.static_range(KSIZE):
+        if (IH0 + PAD - r) % STRIDE == 0:
+            oh = jh + (IH0 + PAD - r) // STRIDE
+            for s in tl.static_range(KSIZE):
+                if (IW0 + PAD - s) % STRIDE == 0:
+                    ow = jw + (IW0 + PAD - s) // STRIDE
+                    pix_ok = m_ok & (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
+                    z_ptrs = dz_img + (oh * szh + ow * szw)[:, None]
+                    w_ptrs = w + ((START + ci) * swi)[None, :] + r * swh + s * sww
+                    for c0 in range(0, COUT, BLOCK_K):
+                        co = c0 + ck
+                        co_ok = co < COUT
+                        a = tl.load(z_ptrs + (co * szc)[None, :], mask=pix_ok[:, None] & co_ok[None, :],
+                                    other=0.0)
+                        bt = tl.load(w_ptrs + (co * swo)[:, None], mask=co_ok[:, None] & ci_ok[None, :],
+                                     other=0.0)
+                        acc = _mma(acc, a, bt, DOT_F32)
+    ih = IH0 + jh * STRIDE
+    iw = IW0 + jw * STRIDE
+    x_ptrs = dx + n * sxn + (ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :]
+    tl.store(x_ptrs, acc.to(dx.dtype.element_ty), mask=m_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["COUT", "CIN", "NPIX", "CHUNK"])
+def _bwd_weight_kernel(
+    dz, x, ws, H, W, HO, WO, NPIX, CHUNK, COUT, CIN,
+    szn, szc, szh, szw, sxn, sxc, sxh, sxw,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Partial grad weight of one tap over one chunk of output pixels (all images flattened),
+    written to ws[split, tap, co, ci] in fp32. Taps are on the grid: more parallel programs
+    and one compiled loop instead of KSIZE**2 unrolled ones."""
+    pid_co = tl.program_id(0)
+    pid_ci = tl.program_id(1) // (KSIZE * KSIZE)
+    tap = tl.program_id(1) % (KSIZE * KSIZE)
+    split = tl.program_id(2)
+    r = tap // KSIZE
+    s = tap % KSIZE
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = co < COUT
+    ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_ok = ci < CIN
+    first = split.to(tl.int64) * CHUNK
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+    for p0 in range(0, CHUNK, BLOCK_P):
+        p = first + p0 + tl.arange(0, BLOCK_P)
+        p_ok = (p < NPIX) & (p0 + tl.arange(0, BLOCK_P) < CHUNK)
+        img = p // (HO * WO)
+        q = p % (HO * WO)
+        oh = q // WO
+        ow = q % WO
+        ih = oh * STRIDE - PAD + r
+        iw = ow * STRIDE - PAD + s
+        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(dz + (img * szn + oh * szh + ow * szw)[None, :] + (co * szc)[:, None],
+                    mask=co_ok[:, None] & p_ok[None, :], other=0.0)
+        bt = tl.load(x + (img * sxn + ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
+                     mask=x_ok[:, None] & ci_ok[None, :], other=0.0)
+        acc = _mma(acc, a, bt, DOT_F32)
+    ws_ptrs = ws + ((split * (KSIZE * KSIZE) + tap) * COUT + co[:, None]) * CIN + ci[None, :]
+    tl.store(ws_ptrs, acc, mask=co_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit
+def _reduce_kernel(ws, out, R, E, COUT, CIN, START, so, si, sh, sw,
+                   KSIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[co, START + ci, r, s] = sum over rows of ws[row, tap, co, ci] (fixed order: deterministic)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < E
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for row in range(R):
+        acc += tl.load(ws + row * E + e, mask=ok, other=0.0)
+    tap = e // (COUT * CIN)
+    co = (e // CIN) % COUT
+    ci = e % CIN
+    dst = co * so + (START + ci) * si + (tap // KSIZE) * sh + (tap % KSIZE) * sw
+    tl.store(out + dst, acc.to(out.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+
+
+def _empty_channels_last(shape, like: torch.Tensor) -> torch.Tensor:
+    """Every output and gradient buffer comes from here (tests poison it to prove full writes)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+def _out_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
+
+
+def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of an implicit GEMM over npix pixels, cols output columns and
+    red reduction channels.
+
+    On a GPU, callers pass the weight's maximum widths, never the active ones, so one compiled
+    kernel serves every width. The interpreter pays per program, so it gets big tiles.
+    """
+    if INTERPRET:
+        return _pow2(npix, 16, 1024), _pow2(cols, 16, 64), _pow2(red, 16, 64)
+    if dtype == torch.float32:
+        # ieee fp32 dots unroll into FMAs: smaller tiles keep code size and compile time sane.
+        return 64, _pow2(cols, 16, 64), 16
+    return 128, _pow2(cols, 16, 64), _pow2(red, 16, 32)
+
+
+def _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_channels, stride, padding,
+                  activation, negative_slope):
+    n, c0, h, w = x0.shape
+    c1 = 0 if x1 is None else x1.shape[1]
+    k = weight.shape[-1]
+    ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
+    y = _empty_channels_last((n, out_channels, ho, wo), x0)
+    bm, bn, bk = _tiles(x0.dtype, ho * wo, weight.shape[0], weight.shape[1])
+    x1_ = x0 if x1 is None else x1  # any valid pointer: unused when TWO_INPUTS is False
+    b_ = weight if bias is None else bias
+    r_ = y if residual is None else residual
+    wd_ = y if widths is None else widths
+    grid = (triton.cdiv(ho * wo, bm), triton.cdiv(out_channels, bn), n)
+    _conv_fwd_kernel[grid](
+        x0, x1_, weight, b_, r_, y, wd_,
+        h, w, ho, wo, c0, c1, out_channels, start0, start1,
+        *x0.stride(), *x1_.stride(), *weight.stride(), b_.stride(0),
+        *r_.stride(), *y.stride(), *(wd_.stride() if widths is not None else (0, 0)),
+        float(negative_slope),
+        KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=x1 is not None, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=widths is not None,
+        DOT_F32=_dot_f32(x0.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )
+    return y
+
+
+def _grad_input(dz, weight, x, start, stride, padding, cout):
+    n, cin, h, w = x.shape
+    k = weight.shape[-1]
+    ho, wo = dz.shape[2], dz.shape[3]
+    dx = _empty_channels_last(x.shape, x)
+    bm, bn, bk = _tiles(x.dtype, h * w, weight.shape[1], weight.shape[0])
+    # One launch per sub-pixel phase; the phases tile the input exactly, so every pixel is written.
+    for ih0 in range(min(stride, h)):
+        for iw0 in range(min(stride, w)):
+            hp, wp = triton.cdiv(h - ih0, stride), triton.cdiv(w - iw0, stride)
+            grid = (triton.cdiv(hp * wp, bm), triton.cdiv(cin, bn), n)
+            _bwd_input_kernel[grid](
+                dz, weight, dx, h, w, ho, wo, hp, wp, cout, cin, start,
+                *dz.stride(), *weight.stride(), *dx.stride(),
+                KSIZE=k, STRIDE=stride, PAD=padding, IH0=ih0, IW0=iw0, DOT_F32=_dot_f32(x.dtype),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+            )
+    return dx
+
+
+def _reduce_into(ws, out, rows, taps, cout, cin, start, strides, k):
+    e = taps * cout * cin
+    block = 1024
+    _reduce_kernel[(triton.cdiv(e, block),)](ws, out, rows, e, cout, cin, start, *strides, KSIZE=k, BLOCK=block)
+
+
+def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
+    n, cin, h, w = x.shape
+    k = dw.shape[-1]
+    ho, wo = dz.shape[2], dz.shape[3]
+    npix = n * ho * wo
+    bco, bci = _pow2(dw.shape[0], 16, 64), _pow2(dw.shape[1], 16, 64)
+    if INTERPRET:
+        bp, target = 64, 18  # small chunks, so that tiny test shapes still exercise the split
+    else:
+        bp = 16 if x.dtype == torch.float32 else 64  # see _tiles
+        target = 4 * torch.cuda.get_device_properties(dz.device).multi_processor_count
+    tiles = triton.cdiv(cout, bco) * triton.cdiv(cin, bci) * k * k
+    # Split the pixel reduction so that about `target` programs run, in whole BLOCK_P steps.
+    splits = max(1, min(triton.cdiv(target, tiles), triton.cdiv(npix, bp)))
+    chunk = triton.cdiv(triton.cdiv(npix, splits), bp) * bp
+    splits = triton.cdiv(npix, chunk)
+    ws = torch.empty((splits, k * k, cout, cin), dtype=torch.float32, device=dz.device)
+    _bwd_weight_kernel[(triton.cdiv(cout, bco), triton.cdiv(cin, bci) * k * k, splits)](
+        dz, x, ws, h, w, ho, wo, npix, chunk, cout, cin, *dz.stride(), *x.stride(),
+        KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(x.dtype),
+        BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=4,
+    )
+    _reduce_into(ws, dw, splits, k * k, cout, cin, start, dw.stride(), k)
+
+
+def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, activation, negative_slope,
+                   has_bias, needs):
+    """Returns (dx0, dx1, dweight, dbias, dresidual); a gradient not asked for is an empty tensor.
+    dresidual is empty when there is no activation: it is then grad_y itself."""
+    need_x0, need_x1, need_w, need_b, need_res = needs
+    act = _ACT_NAMES[activation]
+    n, o, ho, wo = grad_y.shape
+
+    def empty():  # a fresh one each time: custom-op outputs may not alias each other
+        return grad_y.new_empty(0)
+
+    bias_sums = has_bias and need_b
+    store_dz = act != 0 and (need_x0 or need_x1 or need_w or need_res)
+    dz = grad_y
+    db = empty()
+    if store_dz or bias_sums:
+        bm = _pow2(ho * wo, 16, 1024) if INTERPRET else 64
+        bn = _pow2(weight.shape[0], 16, 64)
+        grid = (triton.cdiv(ho * wo, bm), triton.cdiv(o, bn), n)
+        if store_dz:
+            dz = _empty_channels_last(grad_y.shape, grad_y)
+        # Unused pointers get a live tensor: an empty one may have no valid device address.
+        bias_ws = torch.empty((n * grid[0], o), dtype=torch.float32, device=grad_y.device) if bias_sums else grad_y
+        y_ = grad_y if y is None else y
+        _bwd_dz_kernel[grid](
+            grad_y, y_, dz, bias_ws, ho, wo, o, *grad_y.stride(), *y_.stride(), *dz.stride(),
+            float(negative_slope), ACT=act, STORE_DZ=store_dz, BIAS_SUMS=bias_sums,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        )
+        if bias_sums:
+            db = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            _reduce_into(bias_ws, db, n * grid[0], 1, o, 1, 0, (db.stride(0), 0, 0, 0), 1)
+    dx0 = _grad_input(dz, weight, x0, start0, stride, padding, o) if need_x0 else empty()
+    dx1 = _grad_input(dz, weight, x1, start1, stride, padding, o) if need_x1 else empty()
+    dw = empty()
+    if need_w:
+        dw = torch.zeros_like(weight)  # full size: entries outside the active blocks stay zero
+        _grad_weight_into(dw, dz, x0, start0, stride, padding, o)
+        if x1 is not None:
+            _grad_weight_into(dw, dz, x1, start1, stride, padding, o)
+    dres = dz if (need_res and store_dz) else empty()
+    return dx0, dx1, dw, db, dres
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("dds_fast::slim_conv2d", mutates_args=())
+def _slim_conv2d_op(x0: torch.Tensor, x1: Optional[torch.Tensor], weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                    widths: Optional[torch.Tensor], start0: int, start1: int, out_channels: int,
+                    stride: int, padding: int, activation: str, negative_slope: float) -> torch.Tensor:
+    return _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_channels, stride,
+                         padding, activation, negative_slope)
+
+
+@_slim_conv2d_op.register_fake
+def _(x0, x1, weight, bias, residual, widths, start0, start1, out_channels, stride, padding, activation,
+      negative_slope):
+    n, _, h, w = x0.shape
+    k = weight.shape[-1]
+    return _empty_channels_last((n, out_channels, _out_size(h, k, stride, padding),
+                                 _out_size(w, k, stride, padding)), x0)
+
+
+@torch.library.custom_op("dds_fast::slim_conv2d_backward", mutates_args=())
+def _slim_conv2d_backward_op(grad_y: torch.Tensor, y: Optional[torch.Tensor], x0: torch.Tensor,
+                             x1: Optional[torch.Tensor], weight: torch.Tensor, start0: int, start1: int,
+                             stride: int, padding: int, activation: str, negative_slope: float, has_bias: bool,
+                             needs: List[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, activation,
+                          negative_slope, has_bias, needs)
+
+
+@_slim_conv2d_backward_op.register_fake
+def _(grad_y, y, x0, x1, weight, start0, start1, stride, padding, activation, negative_slope, has_bias, needs):
+    need_x0, need_x1, need_w, need_b, need_res = needs
+    return (_empty_channels_last(x0.shape, x0) if need_x0 else grad_y.new_empty(0),
+            _empty_channels_last(x1.shape, x1) if need_x1 else grad_y.new_empty(0),
+            torch.empty_like(weight) if need_w else grad_y.new_empty(0),
+            weight.new_empty(weight.shape[0]) if (has_bias and need_b) else grad_y.new_empty(0),
+            _empty_channels_last(grad_y.shape, grad_y) if (need_res and activation != "none")
+            else grad_y.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    (x0, x1, weight, bias, residual, widths, start0, start1, out_channels, stride, padding, activation,
+     negative_slope) = inputs
+    ctx.save_for_backward(x0, x1, weight, output if activation != "none" else None)
+    ctx.args = (start0, start1, stride, padding, activation, negative_slope)
+    ctx.has_bias = bias is not None
+    ctx.per_image = widths is not None
+
+
+def _backward(ctx, grad_y):
+    if ctx.per_image:
+        raise NotImplementedError("slim_conv2d: per-image widths are forward only")
+    x0, x1, weight, y = ctx.saved_tensors
+    start0, start1, stride, padding, activation, negative_slope = ctx.args
+    need = ctx.needs_input_grad
+    needs = [need[0], need[1], need[2], need[3], need[4]]
+    dx0, dx1, dw, db, dres = torch.ops.dds_fast.slim_conv2d_backward(
+        grad_y, y, x0, x1, weight, start0, start1, stride, padding, activation, negative_slope, ctx.has_bias,
+        needs)
+    if need[4] and activation == "none":
+        dres = grad_y
+    return (dx0 if need[0] else None, dx1 if need[1] else None, dw if need[2] else None,
+            db if (need[3] and ctx.has_bias) else None, dres if need[4] else None,
+            None, None, None, None, None, None, None, None)
+
+
+_slim_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _macs(x0_shape, x1_shape, w_shape, out_shape) -> int:
+    n, o, ho, wo = out_shape
+    cin = x0_shape[1] + (x1_shape[1] if x1_shape is not None else 0)
+    return n * ho * wo * o * cin * w_shape[2] * w_shape[3]
+
+
+@register_flop_formula(torch.ops.dds_fast.slim_conv2d)
+def _slim_conv2d_flops(x0_shape, x1_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    # The active slice only: o filters over the inputs' channels (per-image widths count the maximum).
+    return 2 * _macs(x0_shape, x1_shape, w_shape, out_shape)
+
+
+@register_flop_formula(torch.ops.dds_fast.slim_conv2d_backward)
+def _slim_conv2d_backward_flops(grad_y_shape, y_shape, x0_shape, x1_shape, w_shape, start0, start1, stride,
+                                padding, activation, negative_slope, has_bias, needs, out_shape=None,
+                                **kwargs) -> int:
+    # Grad input and grad weight each cost one forward's multiply-adds.
+    one = _macs(x0_shape, x1_shape, w_shape, grad_y_shape)
+    grads = (1 if (needs[0] or needs[1]) else 0) + (1 if needs[2] else 0)
+    return 2 * one * grads
+
+
+# ----------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------
+def _as_int(value, name: str) -> int:
+    """An int, or a pair of equal ints (nn.Conv2d stores stride and padding as pairs)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"slim_conv2d: {name} must be an int or a pair of equal ints, got {value!r}")
+        value = value[0]
+    return int(value)
+
+
+def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dilation=1, groups=1,
+                       padding_mode: str = "zeros", activation: Optional[str] = None,
+                       negative_slope: float = 0.01) -> Optional[str]:
+    """Why the Triton kernels cannot run this convolution (None when they can).
+
+    ``inputs`` is a tensor or a list of tensors; the other arguments are those of the layer.
+    """
+    tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    if not 1 <= len(tensors) <= 2:
+        return f"{len(tensors)} inputs (the kernels fuse a concat of at most 2)"
+    if weight.dim() != 4:
+        return f"weight must be 4-D, got {weight.dim()}-D"
+    kh, kw = weight.shape[2], weight.shape[3]
+    if kh != kw:
+        return f"kernel {kh}x{kw} is not square"
+    if kh % 2 == 0:
+        return f"kernel size {kh} is even (only odd sizes with padding k//2 are supported)"
+    pad = kh // 2 if padding is None else padding
+    if isinstance(pad, str) or (isinstance(pad, (tuple, list)) and tuple(pad) != (kh // 2, kh // 2)) \
+            or (isinstance(pad, int) and pad != kh // 2):
+        return f"padding {padding!r} is not kernel_size//2 = {kh // 2}"
+    if dilation not in (1, (1, 1), [1, 1]):
+        return f"dilation {dilation!r} is not 1"
+    if groups != 1:
+        return f"groups={groups} is not 1"
+    if padding_mode != "zeros":
+        return f"padding_mode {padding_mode!r} is not 'zeros'"
+    if stride not in (1, 2, (1, 1), (2, 2), [1, 1], [2, 2]):
+        return f"stride {stride!r} is not 1 or 2"
+    if activation not in ACTIVATIONS:
+        return f"activation {activation!r} is not one of {list(ACTIVATIONS)}"
+    if activation == "leaky_relu" and negative_slope < 0:
+        return f"leaky_relu negative_slope {negative_slope} < 0 (backward reads the sign of the output)"
+    for t in tensors + [weight]:
+        if t.dtype not in _DTYPES:
+            return f"dtype {t.dtype} is not float32, float16 or bfloat16"
+        if t.dtype != weight.dtype:
+            return f"input dtype {t.dtype} differs from the weight's {weight.dtype}"
+        if t.device.type != "cuda" and not INTERPRET:
+            return f"tensor on {t.device} (the kernels need CUDA, or TRITON_INTERPRET=1)"
+    return None
+
+
+def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual,
+                widths):
+    if not isinstance(inputs, (list, tuple)) or not 1 <= len(inputs) <= 2 \
+            or not all(isinstance(t, torch.Tensor) for t in inputs):
+        got = len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__
+        raise ValueError(f"slim_conv2d: inputs must be a list of 1 or 2 tensors, got {got}")
+    if len(segment_starts) != len(inputs):
+        raise ValueError(f"slim_conv2d: {len(inputs)} input(s) but {len(segment_starts)} segment_starts "
+                         f"{list(segment_starts)}")
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
+        raise ValueError(f"slim_conv2d: weight must be [Cout, Cin, k, k] with odd k, got {tuple(weight.shape)}")
+    cout_max, cin_max, k = weight.shape[0], weight.shape[1], weight.shape[2]
+    first = inputs[0]
+    for i, (t, start) in enumerate(zip(inputs, segment_starts)):
+        if t.dim() != 4:
+            raise ValueError(f"slim_conv2d: input {i} must be 4-D [N, C, H, W], got {tuple(t.shape)}")
+        if (t.shape[0], t.shape[2], t.shape[3]) != (first.shape[0], first.shape[2], first.shape[3]):
+            raise ValueError(f"slim_conv2d: inputs disagree in batch or size: {[tuple(u.shape) for u in inputs]}")
+        if t.dtype != weight.dtype or t.device != weight.device:
+            raise ValueError(f"slim_conv2d: input {i} is {t.dtype} on {t.device}, the weight {weight.dtype} "
+                             f"on {weight.device}")
+        if start < 0 or start + t.shape[1] > cin_max:
+            raise ValueError(f"slim_conv2d: input {i} has {t.shape[1]} channels from weight channel {start}, "
+                             f"beyond the weight's {cin_max} input channels")
+    if len(inputs) == 2 and segment_starts[0] + inputs[0].shape[1] > segment_starts[1]:
+        raise ValueError(f"slim_conv2d: input 0 ({inputs[0].shape[1]} channels from {segment_starts[0]}) overlaps "
+                         f"input 1's segment starting at {segment_starts[1]}")
+    if not 1 <= out_channels <= cout_max:
+        raise ValueError(f"slim_conv2d: out_channels={out_channels} not in [1, {cout_max}]")
+    if stride not in (1, 2):
+        raise ValueError(f"slim_conv2d: stride={stride} not supported (1 or 2)")
+    if padding != k // 2:
+        raise ValueError(f"slim_conv2d: padding={padding} must be kernel_size//2 = {k // 2}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"slim_conv2d: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if bias is not None and (tuple(bias.shape) != (cout_max,) or bias.dtype != weight.dtype
+                             or bias.device != weight.device):
+        raise ValueError(f"slim_conv2d: bias is {bias.dtype} {tuple(bias.shape)} on {bias.device}, expected "
+                         f"{weight.dtype} ({cout_max},) on {weight.device}")
+    n, _, h, w = first.shape
+    out_shape = (n, out_channels, _out_size(h, k, stride, padding), _out_size(w, k, stride, padding))
+    if residual is not None and (tuple(residual.shape) != out_shape or residual.dtype != weight.dtype
+                                 or residual.device != weight.device):
+        raise ValueError(f"slim_conv2d: residual is {residual.dtype} {tuple(residual.shape)} on {residual.device}, "
+                         f"the output is {weight.dtype} {out_shape} on {weight.device}")
+    if widths is not None:
+        cols = 1 + len(inputs)
+        if widths.dtype != torch.int32 or tuple(widths.shape) != (n, cols) or widths.device != first.device:
+            raise ValueError(f"slim_conv2d: widths must be an int32 [{n}, {cols}] tensor on {first.device}, got "
+                             f"{widths.dtype} {tuple(widths.shape)} on {widths.device}")
+        if widths.device.type == "cpu":
+            # Checked only where it costs no device sync; on a GPU the kernel clamps to the buffers.
+            limits = torch.tensor([out_channels] + [t.shape[1] for t in inputs], dtype=torch.int32)
+            bad = ((widths < 0) | (widths > limits)).nonzero()
+            if len(bad):
+                i, j = bad[0].tolist()
+                raise ValueError(f"slim_conv2d: widths[{i}, {j}] = {int(widths[i, j])} not in "
+                                 f"[0, {int(limits[j])}]")
+
+
+def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                segment_starts: Sequence[int] = (0,), out_channels: Optional[int] = None, stride=1,
+                padding=None, activation: Optional[str] = None, negative_slope: float = 0.01,
+                residual: Optional[torch.Tensor] = None, widths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(conv(cat(inputs, 1), weight[:o, active input channels]) + bias[:o] + residual)``.
+
+    - ``inputs``: 1 or 2 tensors ``[N, C_k, H, W]``; input k's channels are the weight's input
+      channels ``[segment_starts[k], segment_starts[k] + C_k)``.
+    - ``weight`` ``[Cout_max, Cin_max, k, k]`` (odd k, any strides) and ``bias`` ``[Cout_max]``
+      are the full parameters, read in place.
+    - ``out_channels``: active output width o (None: Cout_max). ``padding`` must be k//2.
+    - ``activation``: None, 'relu' or 'leaky_relu' (``negative_slope``); ``residual``
+      ``[N, o, Ho, Wo]`` is added before it.
+    - ``widths``: optional int32 tensor ``[N, 1 + len(inputs)]`` on the inputs' device with each
+      image's (out width, in width per input). The inputs are then max-width buffers read only
+      up to each image's widths, and output channels at or beyond an image's out width are left
+      UNWRITTEN (uninitialised memory). Forward only.
+
+    Returns ``[N, o, Ho, Wo]`` in channels_last, in the inputs' dtype (fp32 accumulation).
+    Differentiable w.r.t. inputs, weight and bias (full-size gradients, zero outside the
+    active slice) and residual.
+    """
+    k = weight.shape[-1] if weight.dim() == 4 else 0
+    out_channels = weight.shape[0] if out_channels is None else int(out_channels)
+    stride = _as_int(stride, "stride")
+    padding = k // 2 if padding is None else _as_int(padding, "padding")
+    segment_starts = tuple(int(s) for s in segment_starts)
+    _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual, widths)
+    if activation == "leaky_relu" and negative_slope < 0:
+        raise ValueError(f"slim_conv2d: leaky_relu negative_slope={negative_slope} must be >= 0")
+    if widths is not None and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (*inputs, weight, bias, residual)):
+        raise ValueError("slim_conv2d: per-image widths are forward only; run under torch.no_grad()")
+    x1 = inputs[1] if len(inputs) == 2 else None
+    start1 = segment_starts[1] if len(inputs) == 2 else 0
+    return torch.ops.dds_fast.slim_conv2d(
+        inputs[0], x1, weight, bias, residual, widths, segment_starts[0], start1, out_channels, stride, padding,
+        "none" if activation is None else activation, float(negative_slope))

@@ -1,0 +1,444 @@
+"""Triton prefix-sliced conv (dds_fast.kernels.conv2d) against fp64 F.conv2d on the sliced weight.
+
+Shapes are tiny: on CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET).
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from dds_fast.kernels import conv2d as K
+from dds_fast.kernels.conv2d import slim_conv2d, unsupported_reason
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_err(got, ref):
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def act_ref(z, activation, slope=0.01):
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, slope)
+    return z
+
+
+def make_case(seed, *, dtype=torch.float32, n=2, h=7, w=9, k=3, stride=1, widths=(13,), starts=(0,),
+              cin_max=24, cout_max=20, o=11, bias=True, residual=False, channels_last=True, weight_ohwi=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    weight = rnd(cout_max, cin_max, k, k)
+    if weight_ohwi:
+        weight = weight.to(memory_format=torch.channels_last)
+    inputs = []
+    for c in widths:
+        x = rnd(n, c, h, w)
+        inputs.append(x.to(memory_format=torch.channels_last) if channels_last else x)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    return dict(
+        inputs=[t.to(DEVICE) for t in inputs], weight=weight.to(DEVICE),
+        bias=rnd(cout_max).to(DEVICE) if bias else None,
+        residual=rnd(n, o, ho, wo).to(DEVICE) if residual else None,
+        starts=starts, o=o, stride=stride, k=k)
+
+
+def reference(case, activation, slope=0.01, *, leaves=None):
+    """fp64 F.conv2d on the sliced (and, for two inputs, concatenated) weight."""
+    t = leaves or {}
+    weight = t.get("weight", case["weight"].double())
+    inputs = t.get("inputs", [x.double() for x in case["inputs"]])
+    o = case["o"]
+    blocks = [weight[:o, s:s + x.shape[1]] for s, x in zip(case["starts"], inputs)]
+    bias = t.get("bias", None if case["bias"] is None else case["bias"].double())
+    z = F.conv2d(torch.cat(inputs, 1), torch.cat(blocks, 1), None if bias is None else bias[:o],
+                 stride=case["stride"], padding=case["k"] // 2)
+    residual = t.get("residual", None if case["residual"] is None else case["residual"].double())
+    if residual is not None:
+        z = z + residual
+    return act_ref(z, activation, slope)
+
+
+def run(case, activation, slope=0.01, **kw):
+    return slim_conv2d(case["inputs"], case["weight"], case["bias"], segment_starts=case["starts"],
+                       out_channels=case["o"], stride=case["stride"], activation=activation,
+                       negative_slope=slope, residual=case["residual"], **kw)
+
+
+def check_grads(case, activation, slope=0.01):
+    """Forward and every gradient against fp64 autograd; grad weight/bias zero outside the slice."""
+    dtype = case["weight"].dtype
+    leaves = [*case["inputs"], case["weight"]] + [t for t in (case["bias"], case["residual"]) if t is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+    y = run(case, activation, slope)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+    y.backward(grad)
+
+    ref_leaves = {"inputs": [x.detach().double().requires_grad_() for x in case["inputs"]],
+                  "weight": case["weight"].detach().double().requires_grad_()}
+    for name in ("bias", "residual"):
+        if case[name] is not None:
+            ref_leaves[name] = case[name].detach().double().requires_grad_()
+    ref = reference(case, activation, slope, leaves=ref_leaves)
+    ref.backward(grad.double())
+
+    tol = TOL[dtype]
+    assert rel_err(y, ref.detach()) < tol
+    for x, rx in zip(case["inputs"], ref_leaves["inputs"]):
+        assert rel_err(x.grad, rx.grad) < tol
+    active = torch.zeros(case["weight"].shape, dtype=torch.bool, device=DEVICE)
+    for s, x in zip(case["starts"], case["inputs"]):
+        active[:case["o"], s:s + x.shape[1]] = True
+    gw = case["weight"].grad
+    assert gw.shape == case["weight"].shape
+    assert rel_err(gw[active], ref_leaves["weight"].grad[active]) < tol
+    assert (gw[~active] == 0).all()
+    if case["bias"] is not None:
+        gb = case["bias"].grad
+        assert rel_err(gb[:case["o"]], ref_leaves["bias"].grad[:case["o"]]) < tol
+        assert (gb[case["o"]:] == 0).all()
+    if case["residual"] is not None:
+        assert rel_err(case["residual"].grad, ref_leaves["residual"].grad) < tol
+
+
+# ---------------------------------------------------------------------------------- forward
+FORWARD_CASES = [
+    # (dtype, k, stride, activation, bias, residual, two inputs)
+    (torch.float32, 3, 1, None, True, False, False),
+    (torch.float32, 3, 2, "relu", False, True, False),
+    (torch.float32, 1, 1, "leaky_relu", True, True, True),
+    (torch.float32, 1, 2, None, False, False, True),
+    (torch.float16, 3, 1, "leaky_relu", True, True, False),
+    (torch.float16, 3, 2, None, True, False, True),
+    (torch.float16, 1, 2, "relu", False, True, False),
+    (torch.bfloat16, 3, 1, "relu", True, False, True),
+    (torch.bfloat16, 3, 2, "leaky_relu", False, True, False),
+    (torch.bfloat16, 1, 1, None, True, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype,k,stride,activation,bias,residual,two", FORWARD_CASES)
+def test_forward_matches_reference(dtype, k, stride, activation, bias, residual, two):
+    widths, starts = ((7, 5), (0, 12)) if two else ((13,), (0,))
+    case = make_case(1, dtype=dtype, k=k, stride=stride, widths=widths, starts=starts, bias=bias,
+                     residual=residual)
+    y = run(case, activation)
+    ref = reference(case, activation)
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_forward_any_strides():
+    """NCHW inputs, an OHWI (channels_last) weight, a non-contiguous residual, full widths."""
+    case = make_case(2, channels_last=False, weight_ohwi=True, widths=(24,), o=20, residual=True)
+    case["residual"] = case["residual"].transpose(2, 3).contiguous().transpose(2, 3)
+    y = run(case, "leaky_relu", slope=0.2)
+    assert rel_err(y, reference(case, "leaky_relu", 0.2)) < TOL[torch.float32]
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9), k=st.sampled_from([1, 3, 5]),
+       stride=st.sampled_from([1, 2]), c=st.integers(1, 24), o=st.integers(1, 20), seed=st.integers(0, 99))
+def test_forward_random_shapes(n, h, w, k, stride, c, o, seed):
+    case = make_case(seed, n=n, h=h, w=w, k=k, stride=stride, widths=(c,), o=o, residual=True)
+    assert rel_err(run(case, "relu"), reference(case, "relu")) < TOL[torch.float32]
+
+
+def test_inactive_weight_and_bias_are_never_read():
+    """NaN outside the active slice of the parameters changes nothing, forward or backward."""
+    case = make_case(17, widths=(7, 5), starts=(0, 12), residual=True)
+    w, b, o = case["weight"], case["bias"], case["o"]
+    w[o:] = float("nan")
+    w[:, 7:12] = float("nan")
+    w[:, 17:] = float("nan")
+    b[o:] = float("nan")
+    check_grads(case, "leaky_relu")  # also asserts grad weight == 0 exactly outside the slice
+
+
+def test_pair_stride_and_padding_like_nn_conv2d():
+    case = make_case(18, stride=2)
+    y = slim_conv2d(case["inputs"], case["weight"], case["bias"], out_channels=case["o"], stride=(2, 2),
+                    padding=(1, 1))
+    assert rel_err(y, reference(case, None)) < TOL[torch.float32]
+
+
+# --------------------------------------------------------------------------------- backward
+GRAD_CASES = [
+    # (dtype, k, stride, activation, bias, residual, two inputs)
+    (torch.float32, 3, 1, "relu", True, True, False),
+    (torch.float32, 3, 2, "leaky_relu", True, False, True),
+    (torch.float32, 1, 2, None, False, True, False),
+    (torch.float32, 1, 1, None, True, False, True),
+    (torch.float32, 5, 2, "relu", True, True, False),
+    (torch.float16, 3, 2, "leaky_relu", True, True, False),
+    (torch.bfloat16, 3, 1, "leaky_relu", True, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype,k,stride,activation,bias,residual,two", GRAD_CASES)
+def test_gradients_match_reference(dtype, k, stride, activation, bias, residual, two):
+    widths, starts = ((7, 5), (0, 12)) if two else ((13,), (0,))
+    case = make_case(3, dtype=dtype, k=k, stride=stride, widths=widths, starts=starts, bias=bias,
+                     residual=residual)
+    check_grads(case, activation)
+
+
+@settings(max_examples=4, deadline=None)
+@given(h=st.integers(1, 8), w=st.integers(1, 8), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+       c0=st.integers(1, 12), c1=st.integers(0, 12), o=st.integers(1, 20), seed=st.integers(0, 99))
+def test_gradients_random_shapes(h, w, k, stride, c0, c1, o, seed):
+    widths, starts = ((c0, c1), (0, 12)) if c1 else ((c0,), (0,))
+    case = make_case(seed, n=2, h=h, w=w, k=k, stride=stride, widths=widths, starts=starts, o=o, residual=True)
+    check_grads(case, "leaky_relu")
+
+
+def test_gradients_odd_sizes_and_layouts():
+    """Odd H/W under stride 2 (uneven sub-pixel phases), NCHW inputs, an OHWI weight."""
+    case = make_case(4, n=1, h=5, w=8, stride=2, channels_last=False, weight_ohwi=True, widths=(9,), o=17,
+                     residual=True)
+    check_grads(case, "relu")
+
+
+def test_backward_is_deterministic():
+    grads = []
+    for _ in range(2):
+        case = make_case(5, widths=(7, 5), starts=(0, 12))
+        check_grads(case, "leaky_relu")
+        grads.append([case["weight"].grad, case["bias"].grad, *(x.grad for x in case["inputs"])])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------- buffers and copies
+def test_outputs_fully_written(monkeypatch):
+    """Every output and gradient buffer starts as NaN: the kernels must overwrite every element."""
+    def poisoned(shape, like):
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(
+            memory_format=torch.channels_last)
+
+    monkeypatch.setattr(K, "_empty_channels_last", poisoned)
+    for stride in (1, 2):
+        case = make_case(6, h=5, w=7, stride=stride, widths=(7, 5), starts=(0, 12), residual=True)
+        check_grads(case, "relu")  # rel_err would be NaN if any element were left unwritten
+
+
+class _RecordCopies(TorchDispatchMode):
+    """Records ops that produce a tensor of a sliced weight's shape. The kernels never build even
+    a view of the slice, so any such op means the slice was formed (and maybe copied)."""
+
+    def __init__(self, sliced_shapes):
+        super().__init__()
+        self.sliced_shapes = sliced_shapes
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and tuple(t.shape) in self.sliced_shapes:
+                self.copies.append(str(func))
+        return out
+
+
+def test_weight_is_never_copied():
+    case = make_case(8, widths=(7, 5), starts=(0, 12), residual=True)
+    o, weight = case["o"], case["weight"]
+    k = weight.shape[-1]
+    sliced = {(o, 7, k, k), (o, 5, k, k), (o, 12, k, k)}
+    for t in [*case["inputs"], weight, case["bias"]]:
+        t.requires_grad_(True)
+    with _RecordCopies(sliced) as mode:
+        y = run(case, "relu")
+        y.sum().backward()
+    # The mode sees only the op boundary through the custom op: also trace the implementations.
+    with _RecordCopies(sliced) as inner:
+        y2 = K._forward_impl(*[t.detach() for t in case["inputs"]], weight.detach(), case["bias"].detach(),
+                             case["residual"], None, 0, 12, o, 1, 1, "relu", 0.01)
+        K._backward_impl(torch.ones_like(y2), y2, *[t.detach() for t in case["inputs"]], weight.detach(),
+                         0, 12, 1, 1, "relu", 0.01, True, [True] * 5)
+    assert mode.copies == [] and inner.copies == []
+    assert weight.grad.shape == weight.shape
+    with _RecordCopies(sliced) as check:  # the recorder does catch a materialised slice
+        weight[:o, :7].contiguous()
+    assert "aten.clone.default" in check.copies
+
+
+# ----------------------------------------------------------------------- per-image widths
+@pytest.mark.parametrize("k,stride", [(3, 1), (1, 2)])
+def test_per_image_widths_ignore_nan_and_skip_inactive_outputs(monkeypatch, k, stride):
+    monkeypatch.setattr(K, "_empty_channels_last", lambda shape, like: torch.full(
+        shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
+    case = make_case(9, k=k, stride=stride, widths=(10, 8), starts=(0, 12), o=20, residual=True)
+    a, b = case["inputs"]
+    per_image = [(7, 5, 3), (20, 10, 8)]  # (out width, in width of a, in width of b)
+    for i, (_, ca, cb) in enumerate(per_image):
+        a[i, ca:] = float("nan")
+        b[i, cb:] = float("nan")
+    widths = torch.tensor(per_image, dtype=torch.int32, device=DEVICE)
+    y = run(case, "leaky_relu", widths=widths)
+    for i, (o, ca, cb) in enumerate(per_image):
+        sub = dict(case, inputs=[a[i:i + 1, :ca], b[i:i + 1, :cb]], o=o, residual=case["residual"][i:i + 1, :o])
+        assert rel_err(y[i:i + 1, :o], reference(sub, "leaky_relu")) < TOL[torch.float32]
+        assert torch.isnan(y[i, o:]).all()  # beyond the image's out width: documented as unwritten
+
+
+def test_per_image_widths_errors():
+    case = make_case(10, widths=(13,))
+    if DEVICE == "cpu":  # values are checked only where that costs no device sync
+        with pytest.raises(ValueError, match=r"widths\[1, 1\] = 14 not in \[0, 13\]"):
+            run(case, None, widths=torch.tensor([[3, 4], [5, 14]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        run(case, None, widths=torch.tensor([[3, 4], [5, 6]], device=DEVICE))
+    case["weight"].requires_grad_(True)
+    with pytest.raises(ValueError, match="forward only"):
+        run(case, None, widths=torch.tensor([[3, 4], [5, 6]], dtype=torch.int32, device=DEVICE))
+
+
+# ------------------------------------------------------------------- torch.library integration
+def test_flop_counter_counts_active_slice():
+    case = make_case(11, widths=(7, 5), starts=(0, 12), stride=2)
+    case["weight"].requires_grad_(True)
+    n, h, w = 2, 4, 5
+    macs = n * h * w * case["o"] * (7 + 5) * 9
+    with FlopCounterMode(display=False) as counter:
+        y = run(case, "relu")
+    assert counter.get_total_flops() == 2 * macs
+    with FlopCounterMode(display=False) as counter:
+        y.sum().backward()  # inputs need no grad: grad weight only
+    assert counter.get_total_flops() == 2 * macs
+
+
+def test_torch_compile_fullgraph():
+    case = make_case(12, n=1, h=5, w=5, widths=(6,), o=9)
+    case["weight"].requires_grad_(True)
+
+    def f(x, weight, bias):
+        return slim_conv2d([x], weight, bias, out_channels=9, activation="relu")
+
+    y = torch.compile(f, fullgraph=True)(case["inputs"][0], case["weight"], case["bias"])
+    y.sum().backward()
+    assert rel_err(y, reference(case, "relu")) < TOL[torch.float32]
+    assert (case["weight"].grad[9:] == 0).all()
+
+
+# -------------------------------------------------------------------------- argument checks
+def test_unsupported_reason():
+    x = torch.zeros(1, 4, 5, 5, device=DEVICE)
+    w3 = torch.zeros(8, 4, 3, 3, device=DEVICE)
+    assert unsupported_reason([x], w3, stride=(2, 2), padding=(1, 1)) is None
+    assert "even" in unsupported_reason([x], torch.zeros(8, 4, 2, 2, device=DEVICE))
+    assert "padding" in unsupported_reason([x], w3, padding=0)
+    assert "dilation" in unsupported_reason([x], w3, dilation=2)
+    assert "groups" in unsupported_reason([x], w3, groups=2)
+    assert "stride" in unsupported_reason([x], w3, stride=3)
+    assert "padding_mode" in unsupported_reason([x], w3, padding_mode="reflect")
+    assert "float64" in unsupported_reason([x.double()], w3.double())
+    assert "negative_slope" in unsupported_reason([x], w3, activation="leaky_relu", negative_slope=-0.1)
+    assert "square" in unsupported_reason([x], torch.zeros(8, 4, 3, 1, device=DEVICE))
+    assert "3 inputs" in unsupported_reason([x, x, x], w3)
+    assert "differs" in unsupported_reason([x.half()], w3)
+
+
+def test_bad_arguments_raise_value_error():
+    case = make_case(13, widths=(13,))
+    x, w = case["inputs"][0], case["weight"]
+    with pytest.raises(ValueError, match="1 or 2 tensors, got 3"):
+        slim_conv2d([x, x, x], w)
+    with pytest.raises(ValueError, match=r"1 input\(s\) but 2 segment_starts"):
+        slim_conv2d([x], w, segment_starts=(0, 13))
+    with pytest.raises(ValueError, match="13 channels from weight channel 12, beyond the weight's 24"):
+        slim_conv2d([x], w, segment_starts=(12,))
+    with pytest.raises(ValueError, match=r"out_channels=21 not in \[1, 20\]"):
+        slim_conv2d([x], w, out_channels=21)
+    with pytest.raises(ValueError, match="overlaps"):
+        slim_conv2d([x, x], w, segment_starts=(0, 5))
+    with pytest.raises(ValueError, match="residual is"):
+        slim_conv2d([x], w, out_channels=5, residual=torch.zeros(2, 6, 7, 9, device=DEVICE))
+
+
+# ------------------------------------------------------------------------------ GPU compile
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dds_fast.kernels import conv2d as K
+assert not K.INTERPRET
+
+def build(fn, ptrs, constexprs):
+    sig = {a: "constexpr" if a in constexprs else ptrs.get(a, "i32") for a in fn.arg_names}
+    cx = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+p, f = "*bf16", "*fp32"
+build(K._conv_fwd_kernel, dict(x0=p, x1=p, w=p, b=p, res=p, y=p, widths="*i32", slope="fp32"),
+      dict(KSIZE=3, STRIDE=2, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2, PER_IMAGE=True,
+           DOT_F32=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32))
+build(K._conv_fwd_kernel, dict(x0=f, x1=f, w=f, b=f, res=f, y=f, widths="*i32", slope="fp32"),
+      dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=False, HAS_RES=False, ACT=1, PER_IMAGE=False,
+           DOT_F32=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16))
+build(K._bwd_dz_kernel, dict(dy=p, y=p, dz=p, bias_ws=f, slope="fp32"),
+      dict(ACT=2, STORE_DZ=True, BIAS_SUMS=True, BLOCK_M=64, BLOCK_N=64))
+build(K._bwd_input_kernel, dict(dz=p, w=p, dx=p),
+      dict(KSIZE=3, STRIDE=2, PAD=1, IH0=1, IW0=0, DOT_F32=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32))
+build(K._bwd_weight_kernel, dict(dz=p, x=p, ws=f),
+      dict(KSIZE=3, STRIDE=2, PAD=1, DOT_F32=False, BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=64))
+build(K._reduce_kernel, dict(ws=f, out=p), dict(KSIZE=3, BLOCK=1024))
+"""
+
+
+def test_kernels_compile_for_h100():
+    """The interpreter skips Triton's compiler: build every kernel for sm_90 (no GPU needed), so
+    type or layout errors that only the real compiler sees fail here too."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------- GPU only
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_larger_shapes(dtype):
+    case = make_case(14, dtype=dtype, n=2, h=67, w=45, widths=(40, 24), starts=(0, 48), cin_max=80,
+                     cout_max=64, o=56, residual=True)
+    check_grads(case, "leaky_relu")
+    case = make_case(15, dtype=dtype, n=2, h=33, w=31, stride=2, widths=(48,), cin_max=64, cout_max=96, o=72)
+    check_grads(case, "relu")
+
+
+@gpu_only
+def test_gpu_cuda_graph_replay_with_new_widths():
+    torch.manual_seed(16)
+    n, cmax, omax = 2, 32, 48
+    weight = torch.randn(omax, cmax, 3, 3, device="cuda")
+    bias = torch.randn(omax, device="cuda")
+    x = torch.randn(n, cmax, 17, 19, device="cuda").to(memory_format=torch.channels_last)
+    widths = torch.tensor([[omax, cmax]] * n, dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        slim_conv2d([x], weight, bias, widths=widths, activation="relu")  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = slim_conv2d([x], weight, bias, widths=widths, activation="relu")
+    for per_image in ([(48, 32), (48, 32)], [(17, 9), (40, 23)], [(5, 1), (33, 30)]):
+        widths.copy_(torch.tensor(per_image, dtype=torch.int32))
+        y.fill_(math.nan)
+        graph.replay()
+        for i, (o, c) in enumerate(per_image):
+            ref = F.relu(F.conv2d(x[i:i + 1, :c].double(), weight[:o, :c].double(), bias[:o].double(), padding=1))
+            assert rel_err(y[i:i + 1, :o], ref) < TOL[torch.float32]

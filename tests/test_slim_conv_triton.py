@@ -1,0 +1,82 @@
+"""SlimConv2d(backend='triton') against its own reference path (kernels under the interpreter
+on CPU). The kernels' own exhaustive tests are in test_kernels_conv2d.py."""
+import warnings
+
+import pytest
+import torch
+
+from dds_fast import SlimConv2d, SlimUNet
+
+pytest.importorskip("triton")
+
+
+def pair(**kwargs):
+    torch.manual_seed(0)
+    fast = SlimConv2d(backend="triton", **kwargs)
+    slow = SlimConv2d(backend="torch", **kwargs)
+    slow.load_state_dict(fast.state_dict())
+    return fast, slow
+
+
+@pytest.mark.parametrize("kwargs,active,in_width,stride", [
+    (dict(in_channels=12, out_channels=10, kernel_size=3, padding=1, activation="leaky_relu", negative_slope=0.2),
+     7, 5, 1),
+    (dict(in_channels=12, out_channels=10, kernel_size=3, stride=2, padding=1, activation="relu"), 10, 12, 2),
+    (dict(in_channels=9, out_channels=6, kernel_size=1, bias=False), 3, 9, 1),
+])
+def test_forward_and_gradients_match_the_reference(kwargs, active, in_width, stride):
+    fast, slow = pair(**kwargs)
+    fast.active_out_channels = slow.active_out_channels = active
+    x = torch.randn(2, in_width, 9, 7)
+    xf, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yf, ys = fast(xf), slow(xs)
+    torch.testing.assert_close(yf, ys, rtol=1e-4, atol=1e-5)
+    probe = torch.randn_like(ys)
+    (yf * probe).sum().backward()
+    (ys * probe).sum().backward()
+    torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, slow.weight.grad, rtol=1e-4, atol=1e-5)
+    if fast.bias is not None:
+        torch.testing.assert_close(fast.bias.grad, slow.bias.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_concat_and_residual_match_the_reference():
+    fast, slow = pair(in_channels=14, out_channels=8, kernel_size=3, padding=1, in_segments=(8, 6),
+                      activation="leaky_relu", negative_slope=0.2)
+    fast.active_out_channels = slow.active_out_channels = 5
+    a, b, r = torch.randn(1, 3, 7, 9), torch.randn(1, 4, 7, 9), torch.randn(1, 5, 7, 9)
+    torch.testing.assert_close(fast([a, b], residual=r), slow([a, b], residual=r), rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_settings_fall_back_with_one_warning():
+    fast, slow = pair(in_channels=4, out_channels=4, kernel_size=3, padding=1, padding_mode="reflect")
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.warns(UserWarning, match="falls back.*padding_mode 'reflect'"):
+        y = fast(x)
+    torch.testing.assert_close(y, slow(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast(x)  # the same reason warns once
+
+
+def test_auto_backend_uses_the_reference_on_cpu(monkeypatch):
+    from dds_fast.kernels import conv2d
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton kernel ran for a CPU tensor under backend='auto'")
+
+    monkeypatch.setattr(conv2d, "slim_conv2d", fail)
+    SlimConv2d(3, 3, 3, padding=1)(torch.randn(1, 3, 5, 5))
+
+
+def test_a_slim_unet_on_the_triton_backend_matches_the_reference():
+    torch.manual_seed(1)
+    net = SlimUNet(in_channels=1, base_width=8, depth=2)
+    config = net.space.sample(torch.Generator().manual_seed(2))
+    net.set_config(config)
+    x = torch.rand(1, 1, 6, 6)
+    reference = net(x)
+    for module in net.modules():
+        if isinstance(module, SlimConv2d):
+            module.backend = "triton"
+    torch.testing.assert_close(net(x), reference, rtol=1e-4, atol=1e-5)
