@@ -163,6 +163,13 @@ class SlimConv2d(nn.Conv2d):
             if self.per_image_widths is not None:
                 raise ValueError(f"{self._label()}: per-image widths need the Triton backend on this input")
             return self._reference(inputs, out_width, residual)
+        device = inputs[0].device.type
+        if torch.is_autocast_enabled(device):
+            # autocast does not see the custom op: cast the activations as it would for a conv;
+            # the fp32 weight is read as it is and cast in the kernel's registers
+            dtype = torch.get_autocast_dtype(device)
+            inputs = [t.to(dtype) for t in inputs]
+            residual = None if residual is None else residual.to(dtype)
         return kernels.slim_conv2d(inputs, self.weight, self.bias, segment_starts=self.segment_starts[: len(inputs)],
                                    out_channels=out_width, stride=self.stride[0], padding=self.padding[0],
                                    activation=self.activation, negative_slope=self.negative_slope, residual=residual,

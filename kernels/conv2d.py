@@ -45,7 +45,9 @@ def _mma(acc, a, b, DOT_F32: tl.constexpr):
     if DOT_F32:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        acc = tl.dot(a, b, acc)
+        # ``a`` is always the activation operand: fp32 master weights (mixed precision) are
+        # cast to its dtype in registers, so the weight is never copied
+        acc = tl.dot(a, b.to(a.dtype), acc)
     return acc
 
 
@@ -567,11 +569,16 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
     for t in tensors + [weight]:
         if t.dtype not in _DTYPES:
             return f"dtype {t.dtype} is not float32, float16 or bfloat16"
-        if t.dtype != weight.dtype:
-            return f"input dtype {t.dtype} differs from the weight's {weight.dtype}"
+        if not _dtypes_match(t.dtype, weight.dtype):
+            return f"input dtype {t.dtype} with weight dtype {weight.dtype} (the weight's, or fp32 master weights)"
         if t.device.type != "cuda" and not INTERPRET:
             return f"tensor on {t.device} (the kernels need CUDA, or TRITON_INTERPRET=1)"
     return None
+
+
+def _dtypes_match(activation: torch.dtype, weight: torch.dtype) -> bool:
+    """Activations in the weight's dtype, or fp16/bf16 activations over fp32 master weights."""
+    return activation == weight or weight == torch.float32
 
 
 def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual,
@@ -592,9 +599,10 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
             raise ValueError(f"slim_conv2d: input {i} must be 4-D [N, C, H, W], got {tuple(t.shape)}")
         if (t.shape[0], t.shape[2], t.shape[3]) != (first.shape[0], first.shape[2], first.shape[3]):
             raise ValueError(f"slim_conv2d: inputs disagree in batch or size: {[tuple(u.shape) for u in inputs]}")
-        if t.dtype != weight.dtype or t.device != weight.device:
+        if t.dtype != first.dtype or not _dtypes_match(t.dtype, weight.dtype) or t.device != weight.device:
             raise ValueError(f"slim_conv2d: input {i} is {t.dtype} on {t.device}, the weight {weight.dtype} "
-                             f"on {weight.device}")
+                             f"on {weight.device} (inputs share one dtype: the weight's, or fp16/bf16 over "
+                             f"fp32 weights)")
         if start < 0 or start + t.shape[1] > cin_max:
             raise ValueError(f"slim_conv2d: input {i} has {t.shape[1]} channels from weight channel {start}, "
                              f"beyond the weight's {cin_max} input channels")
@@ -615,10 +623,10 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
                          f"{weight.dtype} ({cout_max},) on {weight.device}")
     n, _, h, w = first.shape
     out_shape = (n, out_channels, _out_size(h, k, stride, padding), _out_size(w, k, stride, padding))
-    if residual is not None and (tuple(residual.shape) != out_shape or residual.dtype != weight.dtype
+    if residual is not None and (tuple(residual.shape) != out_shape or residual.dtype != first.dtype
                                  or residual.device != weight.device):
         raise ValueError(f"slim_conv2d: residual is {residual.dtype} {tuple(residual.shape)} on {residual.device}, "
-                         f"the output is {weight.dtype} {out_shape} on {weight.device}")
+                         f"the output is {first.dtype} {out_shape} on {weight.device}")
     if widths is not None:
         cols = 1 + len(inputs)
         if widths.dtype != torch.int32 or tuple(widths.shape) != (n, cols) or widths.device != first.device:
@@ -652,6 +660,8 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
       up to each image's widths, and output channels at or beyond an image's out width are left
       UNWRITTEN (uninitialised memory). Forward only.
 
+    Inputs (and residual) share one dtype: the weight's, or fp16/bf16 over fp32 weights (mixed
+    precision: the weight tiles are cast in registers, and weight and bias gradients stay fp32).
     Returns ``[N, o, Ho, Wo]`` in channels_last, in the inputs' dtype (fp32 accumulation).
     Differentiable w.r.t. inputs, weight and bias (full-size gradients, zero outside the
     active slice) and residual.

@@ -351,7 +351,8 @@ def test_unsupported_reason():
     assert "negative_slope" in unsupported_reason([x], w3, activation="leaky_relu", negative_slope=-0.1)
     assert "square" in unsupported_reason([x], torch.zeros(8, 4, 3, 1, device=DEVICE))
     assert "3 inputs" in unsupported_reason([x, x, x], w3)
-    assert "differs" in unsupported_reason([x.half()], w3)
+    assert "weight dtype torch.float16" in unsupported_reason([x], w3.half())  # fp32 over half weights
+    assert unsupported_reason([x.half()], w3) is None  # half activations over fp32 master weights
 
 
 def test_bad_arguments_raise_value_error():

@@ -80,3 +80,38 @@ def test_a_slim_unet_on_the_triton_backend_matches_the_reference():
         if isinstance(module, SlimConv2d):
             module.backend = "triton"
     torch.testing.assert_close(net(x), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_activations_over_fp32_master_weights(dtype, tolerance):
+    """Mixed precision: the fp32 weight is read in place and cast in registers; the weight and
+    bias gradients stay fp32. Compared with fp64 on the same (rounded) activations."""
+    from dds_fast.kernels.conv2d import slim_conv2d
+
+    torch.manual_seed(3)
+    weight = torch.randn(10, 12, 3, 3, requires_grad=True)
+    bias = torch.randn(10, requires_grad=True)
+    x = torch.randn(2, 7, 9, 8).to(dtype).requires_grad_()
+    y = slim_conv2d([x], weight, bias, out_channels=6, activation="leaky_relu", negative_slope=0.2)
+    assert y.dtype == dtype
+    w64, b64, x64 = (t.detach().double().requires_grad_() for t in (weight, bias, x))
+    ref = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(x64, w64[:6, :7], b64[:6], padding=1), 0.2)
+    assert (y.double() - ref).norm() <= tolerance * ref.norm()
+    probe = torch.randn(ref.shape, dtype=torch.float64)
+    (y.double() * probe).sum().backward()
+    (ref * probe).sum().backward()
+    assert weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    assert (weight.grad.double() - w64.grad).norm() <= tolerance * w64.grad.norm()
+    assert weight.grad[6:].abs().sum() == 0 and weight.grad[:, 7:].abs().sum() == 0
+    assert (x.grad.double() - x64.grad).norm() <= tolerance * x64.grad.norm()
+
+
+def test_autocast_runs_the_kernels_in_half_precision():
+    fast, slow = pair(in_channels=8, out_channels=8, kernel_size=3, padding=1, activation="relu")
+    x = torch.randn(1, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), slow(x), rtol=3e-2, atol=3e-2)
+    y.float().sum().backward()
+    assert fast.weight.grad.dtype == torch.float32
