@@ -392,6 +392,13 @@ build(K._conv_fwd_kernel, dict(x0=p, x1=p, w=p, b=p, res=p, y=p, widths="*i32", 
 build(K._conv_fwd_kernel, dict(x0=f, x1=f, w=f, b=f, res=f, y=f, widths="*i32", slope="fp32"),
       dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=False, HAS_RES=False, ACT=1, PER_IMAGE=False,
            DOT_F32=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16))
+# mixed precision: bf16 activations over fp32 master weights
+build(K._conv_fwd_kernel, dict(x0=p, x1=p, w=f, b=f, res=p, y=p, widths="*i32", slope="fp32"),
+      dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2, PER_IMAGE=False,
+           DOT_F32=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32))
+build(K._bwd_input_kernel, dict(dz=p, w=f, dx=p),
+      dict(KSIZE=3, STRIDE=1, PAD=1, IH0=0, IW0=0, DOT_F32=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32))
+build(K._reduce_kernel, dict(ws=f, out=f), dict(KSIZE=3, BLOCK=1024))
 build(K._bwd_dz_kernel, dict(dy=p, y=p, dz=p, bias_ws=f, slope="fp32"),
       dict(ACT=2, STORE_DZ=True, BIAS_SUMS=True, BLOCK_M=64, BLOCK_N=64))
 build(K._bwd_input_kernel, dict(dz=p, w=p, dx=p),
