@@ -49,12 +49,14 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _bundled_photo(size: int) -> torch.Tensor:
-    from skimage import data
-    from skimage.transform import resize
+def _bundled_photo(name: str, size: int | None = None) -> torch.Tensor:
+    from .training.data import bundled_images
 
-    photo = resize(data.astronaut(), (size, size), anti_aliasing=True)  # float64 in [0, 1]
-    return torch.from_numpy(photo).permute(2, 0, 1).float().unsqueeze(0)
+    photo = bundled_images([name], channels=3)[name]
+    if size is not None:
+        photo = torch.nn.functional.interpolate(photo[None], size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False)[0].clamp(0, 1)
+    return photo
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -68,16 +70,62 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def cmd_demo(args) -> int:
+    if args.checkpoint or SHIPPED_MODEL.exists():
+        return _demo_trained(args)
+    return _demo_untrained(args)
+
+
+def _demo_trained(args) -> int:
+    from .ddsnet import DDSNet
+    from .metrics import psnr, ssim
+    from .training.data import save_image
+
+    model = _model_from(args.checkpoint)
+    if not isinstance(model, DDSNet):
+        raise ValueError(f"demo needs a DDSNet checkpoint (a dds-fast train run's dds.safetensors), "
+                         f"got a {type(model).__name__}")
+    clean = _bundled_photo(args.image)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.sigma / 255
+    noisy = clean + noise
+    source = args.checkpoint or "the shipped model"
+    print(f"{source}: DDSNet over {type(model.supernet).__name__}, {len(model.routing_space)} sub-networks; "
+          f"bundled photo '{args.image}' {tuple(clean.shape[1:])} (held out of training) with AWGN sigma {args.sigma:g}.")
+    with torch.no_grad():
+        batch = noisy[None]
+        route = model.route(batch)[0]
+        index = model.routing_space.index(route)
+        output = model(batch)[0].float()
+        latency = _median_ms(lambda: model(batch), args.repeats)
+        print(f"gate chose sub-network {index} of {len(model.routing_space)}: {route.config.to_dict()}")
+        print(f"MACs/pixel: {model.routed_macs(batch)[0]:,.0f} (largest sub-network "
+              f"{model.routing_space[-1].macs_per_pixel:,.0f}); CPU latency {latency:.0f} ms")
+        print(f"PSNR {psnr(noisy, clean):.2f} -> {psnr(output, clean):.2f} dB; "
+              f"SSIM {ssim(noisy, clean):.3f} -> {ssim(output, clean):.3f}")
+        rows = []
+        for k, entry in enumerate(model.routing_space):
+            model.set_budget(entry.macs_per_pixel)
+            static = model(batch)[0].float()
+            rows.append([f"route {k}" + (" (chosen)" if k == index else ""), f"{entry.macs_per_pixel:,.0f}",
+                         f"{psnr(static, clean):.2f}", f"{_median_ms(lambda: model(batch), args.repeats):.0f}"])
+        model.set_budget(None)
+    print("every sub-network on this image (static mode):")
+    _print_table(rows, ["config", "MACs/pixel", "PSNR dB", "CPU ms"])
+    save_image(args.out, torch.cat([noisy.clamp(0, 1), output.clamp(0, 1), clean], dim=2))
+    print(f"wrote {args.out} (noisy | denoised | clean)")
+    return 0
+
+
+def _demo_untrained(args) -> int:
     from .nets import SlimUNet
 
     torch.manual_seed(args.seed)
-    clean = _bundled_photo(args.size)
+    clean = _bundled_photo("astronaut", args.size)[None]
     noisy = (clean + torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.sigma / 255)
     model = SlimUNet(in_channels=3, base_width=args.base_width).eval()
     space = model.space
     largest = macs_per_pixel(model, space.largest())
-    print(f"SlimUNet(base_width={args.base_width}) super-network, untrained weights (the trained model "
-          f"comes with the trainer); astronaut photo {args.size}x{args.size} with AWGN sigma {args.sigma}.")
+    print(f"SlimUNet(base_width={args.base_width}) super-network, untrained weights (no trained model found); "
+          f"astronaut photo {args.size}x{args.size} with AWGN sigma {args.sigma}.")
     print("Each width runs the shared weights' channel prefixes; 'static diff' compares the slim output with "
           "an exported network of plain narrow convs.")
     rows = []
@@ -183,10 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a checkpoint: architecture, widths, MACs/pixel")
     info.add_argument("checkpoint")
     info.set_defaults(func=cmd_info)
-    demo = sub.add_parser("demo", help="slim a network on a bundled photo and print MACs and output per width")
-    demo.add_argument("--size", type=int, default=256)
+    demo = sub.add_parser("demo", help="denoise a bundled photo with the shipped model (dynamic routing), or, "
+                                       "without one, slim an untrained network and print MACs per width")
+    demo.add_argument("--checkpoint", help="a DDSNet checkpoint instead of the shipped model")
+    demo.add_argument("--image", default="chelsea", help="a bundled scikit-image photo (default: held out)")
     demo.add_argument("--sigma", type=float, default=25.0)
-    demo.add_argument("--base-width", type=int, default=16)
+    demo.add_argument("--out", default="dds-demo.png", help="the side-by-side PNG")
+    demo.add_argument("--size", type=int, default=256, help="(untrained demo) photo side")
+    demo.add_argument("--base-width", type=int, default=16, help="(untrained demo) network width")
     demo.add_argument("--repeats", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)

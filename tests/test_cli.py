@@ -1,4 +1,5 @@
 from dds_fast import RoutingEntry, SlimUNet, macs_per_pixel, save
+from dds_fast import cli
 from dds_fast.cli import main
 
 
@@ -23,13 +24,33 @@ def test_info_on_a_bad_file_fails_clearly(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
 
 
-def test_demo_runs_on_a_bundled_photo(capsys):
+def test_untrained_demo_slims_a_network_on_a_bundled_photo(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "SHIPPED_MODEL", tmp_path / "none.safetensors")
     assert main(["demo", "--size", "32", "--base-width", "8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "smallest" in out and "uniform 1" in out
+    assert "untrained" in out and "smallest" in out and "uniform 1" in out
     # every width's output equals the exported static network's
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("smallest", "uniform"))]
     assert all(float(row[-1]) == 0.0 for row in rows)
+
+
+def test_trained_demo_routes_a_held_out_photo(capsys, tmp_path):
+    from dds_fast import DDSNet, DynamicGate
+
+    net = SlimUNet(in_channels=3, base_width=8, depth=2)
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    gate = DynamicGate(net.stem_channels, 2)
+    gate.attention = False
+    checkpoint = save(DDSNet(net, gate, routes).eval(), tmp_path / "dds.safetensors")
+    picture = tmp_path / "demo.png"
+    assert main(["demo", "--checkpoint", str(checkpoint), "--image", "coins", "--repeats", "1",
+                 "--out", str(picture)]) == 0
+    out = capsys.readouterr().out
+    assert "gate chose sub-network" in out and "PSNR" in out and "route 1" in out
+    from dds_fast.training.data import read_image
+
+    image, _ = read_image(picture)
+    assert image.shape == (3, 303, 3 * 384)  # noisy | denoised | clean
 
 
 def test_train_all_stages_from_a_config_file(tmp_path, capsys):
