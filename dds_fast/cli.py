@@ -158,6 +158,11 @@ def cmd_train(args) -> int:
     from .training.loop import TrainingDiverged
     from .training.stages import Run, TrainConfig
 
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        # under torchrun: one process per GPU (NCCL), or per CPU worker (Gloo)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     overrides = {field: getattr(args, field) for field, _ in TRAIN_FLAGS.values() if getattr(args, field) is not None}
     config = (TrainConfig.from_file(args.config, **overrides) if args.config
               else TrainConfig.from_dict(overrides))

@@ -5,17 +5,24 @@ clear message on a NaN or infinite loss.
 Resuming is exact because nothing random lives outside the checkpoint: batch ``s`` is drawn
 from the dataset's own seeded generator at (epoch, index), and any per-step randomness of
 the step function (such as sandwich configs) is seeded from the step number.
+
+Several processes (``torchrun``; ``torch.distributed`` initialised by the caller): each rank
+takes its slice of every batch, gradients and losses are averaged over the ranks before the
+optimizer step (so the result is that of one process on the whole batch), and rank 0 alone
+writes the log and the checkpoints.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -40,6 +47,12 @@ class LoopSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of one step's own randomness, so a resumed run draws the same."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -55,6 +68,9 @@ class TrainLoop:
                  settings: LoopSettings, scheduler=None, device: str | torch.device = "cpu"):
         if len(dataset) < settings.batch_size:
             raise ValueError(f"dataset has {len(dataset)} items, fewer than a batch of {settings.batch_size}")
+        self.rank, self.world = rank_and_world()
+        if settings.batch_size % self.world:
+            raise ValueError(f"batch size {settings.batch_size} does not split over {self.world} processes")
         self.run_dir = Path(run_dir)
         self.stage = stage
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -69,8 +85,9 @@ class TrainLoop:
         epoch, offset = divmod(step, self.steps_per_epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
-        start = offset * self.settings.batch_size
-        items = [self.dataset[i] for i in range(start, start + self.settings.batch_size)]
+        share = self.settings.batch_size // self.world
+        start = offset * self.settings.batch_size + self.rank * share
+        items = [self.dataset[i] for i in range(start, start + share)]
         noisy = torch.stack([noisy for noisy, _ in items]).to(self.device, non_blocking=True)
         clean = torch.stack([clean for _, clean in items]).to(self.device, non_blocking=True)
         return noisy, clean
@@ -133,17 +150,23 @@ class TrainLoop:
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> int:
         """Train to ``settings.steps`` (resuming if a checkpoint exists); returns the steps run now."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lead = self.rank == 0
+        if lead:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.world > 1:
+            dist.barrier()
         start = self.resume()
         total = self.settings.steps
         self.model.train()
-        with tqdm(total=total, initial=start, desc=self.stage, disable=not self.settings.progress,
-                  dynamic_ncols=True) as bar, self.log_path.open("a") as log:
+        with tqdm(total=total, initial=start, desc=self.stage, disable=not (self.settings.progress and lead),
+                  dynamic_ncols=True) as bar, (self.log_path.open("a") if lead else nullcontext()) as log:
             for step in range(start, total):
                 began = time.perf_counter()
                 noisy, clean = self.batch(step)
                 self.optimizer.zero_grad(set_to_none=True)
                 losses = self.step_fn(step, noisy, clean)
+                if self.world > 1:
+                    losses = self._average(losses)
                 bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
                 if bad:
                     saved = f"step {int(self._saved_step())}" if self.state_path.exists() else "none yet"
@@ -152,6 +175,8 @@ class TrainLoop:
                 self.optimizer.step()
                 if self.scheduler is not None and (step + 1) % self.steps_per_epoch == 0:
                     self.scheduler.step()
+                if not lead:
+                    continue
                 record = {"step": step, "time": round(time.perf_counter() - began, 4),
                           "lr": self.optimizer.param_groups[0]["lr"], **losses}
                 log.write(json.dumps(record) + "\n")
@@ -160,7 +185,19 @@ class TrainLoop:
                 if (step + 1) % self.settings.checkpoint_every == 0 or step + 1 == total:
                     log.flush()
                     self.save_state(step + 1)
+        if self.world > 1:
+            dist.barrier()  # the last checkpoint is written before any rank moves on
         return total - start
+
+    def _average(self, losses: dict[str, float]) -> dict[str, float]:
+        """Average the gradients (before the optimizer step) and the losses over the ranks."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        for grad in grads:
+            dist.all_reduce(grad)
+            grad.div_(self.world)
+        values = torch.tensor(list(losses.values()), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+        dist.all_reduce(values)
+        return dict(zip(losses, (values / self.world).tolist()))
 
     def _saved_step(self) -> int:
         with safe_open(str(self.state_path), framework="pt") as f:

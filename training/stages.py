@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from dds_fast.config import RoutingEntry
 
 from .data import NoisyPatches, bundled_images, load_image_folder, make_validation_set
 from .gate_stage import gate_step
-from .loop import LoopSettings, TrainLoop, step_generator
+from .loop import LoopSettings, TrainLoop, rank_and_world, step_generator
 from .noise import make_noise
 from .sandwich import reconstruction_loss, sandwich_configs, sandwich_step
 from .slimming import progressive_slimming, thin_routing_space
@@ -89,9 +90,10 @@ class TrainConfig:
         return config
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
+        if device.type == "cuda" and device.index is None and torch.distributed.is_initialized():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
+        return device
 
 
 class Run:
@@ -149,6 +151,16 @@ class Run:
         return LoopSettings(steps=steps, batch_size=batch_size or c.batch_size, checkpoint_every=c.checkpoint_every,
                             seed=c.seed, progress=c.progress)
 
+    def save(self, model, name: str, **metadata) -> Path:
+        """Write a result on rank 0; every rank waits for it (a no-op in one process)."""
+        rank, world = rank_and_world()
+        path = self.dir / name
+        if rank == 0:
+            dds_fast.save(model, path, train_config=dataclasses.asdict(self.config), **metadata)
+        if world > 1:
+            torch.distributed.barrier()
+        return path
+
     # -- stages -------------------------------------------------------------------------
     def stage1(self):
         """Once-for-all weights: sandwich rule with In-place Synergy (or the ablations)."""
@@ -163,25 +175,29 @@ class Run:
         TrainLoop(self.dir, "stage1", net, optimizer, self.dataset(), step_fn, self.settings(c.steps),
                   device=self.device).run()
         net.set_config(net.space.largest())
-        dds_fast.save(net, self.dir / "stage1.safetensors", stage=1, train_config=dataclasses.asdict(c))
+        self.save(net, "stage1.safetensors", stage=1)
         return net
 
     def stage2(self, net=None):
-        """Progressive slimming on the validation crops: the routing space."""
+        """Progressive slimming on the validation crops: the routing space. Runs on rank 0;
+        the other ranks wait and load its result."""
         c = self.config
         net = dds_fast.load(self.dir / "stage1.safetensors", map_location=self.device) if net is None else net
         net.eval()
-        log = (self.dir / "stage2.log.jsonl").open("w")
+        rank, world = rank_and_world()
+        if rank == 0:
+            with (self.dir / "stage2.log.jsonl").open("w") as log:
+                def on_step(entry: RoutingEntry):
+                    log.write(json.dumps(entry.to_dict()) + "\n")
+                    log.flush()
 
-        def on_step(entry: RoutingEntry):
-            log.write(json.dumps(entry.to_dict()) + "\n")
-            log.flush()
-
-        with log:
-            trajectory = progressive_slimming(net, self.validation_batches(), step=c.slim_step, on_step=on_step)
-        net.routing_space = thin_routing_space(trajectory, c.num_choices)
-        dds_fast.save(net, self.dir / "stage2.safetensors", stage=2, train_config=dataclasses.asdict(c),
-                      trajectory=[e.to_dict() for e in trajectory])
+                trajectory = progressive_slimming(net, self.validation_batches(), step=c.slim_step, on_step=on_step)
+            net.routing_space = thin_routing_space(trajectory, c.num_choices)
+            dds_fast.save(net, self.dir / "stage2.safetensors", stage=2, train_config=dataclasses.asdict(c),
+                          trajectory=[e.to_dict() for e in trajectory])
+        if world > 1:
+            torch.distributed.barrier()
+            net = dds_fast.load(self.dir / "stage2.safetensors", map_location=self.device)
         return net
 
     def stage3(self, supernet=None) -> DDSNet:
@@ -208,7 +224,7 @@ class Run:
         TrainLoop(self.dir, "stage3", model, optimizer, self.dataset(c.gate_patch_size), step_fn,
                   self.settings(c.gate_steps, c.gate_batch_size), scheduler=scheduler, device=self.device).run()
         model.eval()
-        dds_fast.save(model, self.dir / "dds.safetensors", stage=3, budget=budget, train_config=dataclasses.asdict(c))
+        self.save(model, "dds.safetensors", stage=3, budget=budget)
         return model
 
     def inets(self, routing_space=None) -> list[Path]:
@@ -230,6 +246,5 @@ class Run:
 
             TrainLoop(self.dir, f"inet-{index}", net, optimizer, self.dataset(), step_fn,
                       self.settings(c.inet_steps or c.steps), device=self.device).run()
-            paths.append(dds_fast.save(net, self.dir / f"inet-{index}.safetensors", stage="inet",
-                                       macs_per_pixel=entry.macs_per_pixel, train_config=dataclasses.asdict(c)))
+            paths.append(self.save(net, f"inet-{index}.safetensors", stage="inet", macs_per_pixel=entry.macs_per_pixel))
         return paths
