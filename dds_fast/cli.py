@@ -22,30 +22,39 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
 
 
 def cmd_info(args) -> int:
+    from .ddsnet import DDSNet
+
     meta = read_metadata(args.checkpoint)
     model = load(args.checkpoint)
-    space = model.space
+    net = model.supernet if isinstance(model, DDSNet) else model
+    space = net.space
     print(f"checkpoint:    {args.checkpoint}")
-    print(f"architecture:  {meta['arch']} {meta['arch_args']}")
+    print(f"architecture:  {meta['arch']} {meta['arch_args'] if net is model else meta['arch_args']['supernet']}")
     print(f"saved by:      dds-fast {meta['version']}")
+    if isinstance(model, DDSNet):
+        gate = model.gate
+        print(f"gate:          over {gate.channels} stem channels, {gate.num_choices} choices, attention "
+              f"{'on' if gate.attention else 'off'}")
     if meta["user"]:
-        print(f"metadata:      {meta['user']}")
+        user = {k: v for k, v in meta["user"].items() if k not in ("train_config", "trajectory")}
+        print(f"metadata:      {user}")
     print("width groups (max width: allowed widths):")
     for group in space.groups:
         print(f"  {group.name:>10}  {group.max_width:4d}: {list(group.choices)}")
-    largest = macs_per_pixel(model, space.largest())
+    largest = macs_per_pixel(net, space.largest())
     rows = [["largest", f"{largest:,.0f}", "1.00"],
-            ["smallest", f"{macs_per_pixel(model, space.smallest()):,.0f}",
-             f"{largest / macs_per_pixel(model, space.smallest()):.2f}"]]
+            ["smallest", f"{macs_per_pixel(net, space.smallest()):,.0f}",
+             f"{largest / macs_per_pixel(net, space.smallest()):.2f}"]]
     if meta["config"] is not None:
-        active = macs_per_pixel(model, meta["config"])
+        active = macs_per_pixel(net, meta["config"])
         rows.append(["saved config", f"{active:,.0f}", f"{largest / active:.2f}"])
     for index, entry in enumerate(model.routing_space or []):
-        macs = macs_per_pixel(model, entry.config)
+        macs = macs_per_pixel(net, entry.config)
         psnr = "" if entry.psnr is None else f"{entry.psnr:.2f}"
-        rows.append([f"route {index}", f"{macs:,.0f}", f"{largest / macs:.2f}", psnr])
+        dynamic = f"{model.dynamic_macs_per_pixel[index]:,.0f}" if isinstance(model, DDSNet) else ""
+        rows.append([f"route {index}", f"{macs:,.0f}", f"{largest / macs:.2f}", psnr, dynamic])
     print("multiply-adds per pixel (the paper's FLOPs/pixel):")
-    _print_table(rows, ["config", "MACs/pixel", "MAC ratio", "val PSNR"])
+    _print_table(rows, ["config", "MACs/pixel", "MAC ratio", "val PSNR", "dynamic (full stem)"])
     return 0
 
 
@@ -102,13 +111,13 @@ def _demo_trained(args) -> int:
         print(f"PSNR {psnr(noisy, clean):.2f} -> {psnr(output, clean):.2f} dB; "
               f"SSIM {ssim(noisy, clean):.3f} -> {ssim(output, clean):.3f}")
         rows = []
+        supernet = model.supernet
         for k, entry in enumerate(model.routing_space):
-            model.set_budget(entry.macs_per_pixel)
-            static = model(batch)[0].float()
+            supernet.set_config(entry.config)
+            alone = supernet(batch)[0].float()
             rows.append([f"route {k}" + (" (chosen)" if k == index else ""), f"{entry.macs_per_pixel:,.0f}",
-                         f"{psnr(static, clean):.2f}", f"{_median_ms(lambda: model(batch), args.repeats):.0f}"])
-        model.set_budget(None)
-    print("every sub-network on this image (static mode):")
+                         f"{psnr(alone, clean):.2f}", f"{_median_ms(lambda: supernet(batch), args.repeats):.0f}"])
+    print("every sub-network of the routing space alone on this image:")
     _print_table(rows, ["config", "MACs/pixel", "PSNR dB", "CPU ms"])
     save_image(args.out, torch.cat([noisy.clamp(0, 1), output.clamp(0, 1), clean], dim=2))
     print(f"wrote {args.out} (noisy | denoised | clean)")

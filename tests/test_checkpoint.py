@@ -122,3 +122,12 @@ def test_save_rejects_unregistered_models_and_bad_metadata(net, tmp_path):
         save(torch.nn.Conv2d(1, 1, 1), tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="JSON"):
         save(net, tmp_path / "a.safetensors", bad=object())
+
+
+def test_saved_file_has_ordinary_permissions(net, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save(net, tmp_path / "model.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -42,6 +42,9 @@ def test_trained_demo_routes_a_held_out_photo(capsys, tmp_path):
     gate = DynamicGate(net.stem_channels, 2)
     gate.attention = False
     checkpoint = save(DDSNet(net, gate, routes).eval(), tmp_path / "dds.safetensors")
+    assert main(["info", str(checkpoint)]) == 0
+    info = capsys.readouterr().out
+    assert "gate:" in info and "2 choices" in info and "route 1" in info
     picture = tmp_path / "demo.png"
     assert main(["demo", "--checkpoint", str(checkpoint), "--image", "coins", "--repeats", "1",
                  "--out", str(picture)]) == 0
