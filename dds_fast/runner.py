@@ -135,7 +135,8 @@ class LatencyRunner:
     ``model`` is a SlimConv2d, a slimmable network (anything with ``set_config``) or any
     module; ``configs`` are ``(label, config)`` pairs (config ``None`` times the model as it
     is). On CUDA, timing uses CUDA events and, with ``cuda_graph=True``, replays one
-    captured graph per config; on CPU it uses the wall clock.
+    captured graph per config; on CPU it uses the wall clock. The model is moved to the
+    runner's device and dtype and put in eval mode.
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,

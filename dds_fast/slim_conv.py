@@ -170,7 +170,7 @@ class SlimConv2d(nn.Conv2d):
             dtype = torch.get_autocast_dtype(device)
             inputs = [t.to(dtype) for t in inputs]
             residual = None if residual is None else residual.to(dtype)
-        return kernels.slim_conv2d(inputs, self.weight, self.bias, segment_starts=self.segment_starts[: len(inputs)],
+        return kernels.slim_conv2d(inputs, self.weight, self.bias, segment_starts=self.segment_starts,
                                    out_channels=out_width, stride=self.stride[0], padding=self.padding[0],
                                    activation=self.activation, negative_slope=self.negative_slope, residual=residual,
                                    widths=self.per_image_widths)
