@@ -310,3 +310,21 @@ def test_kernel_argument_errors():
         kernels.apply_scale(torch.randn(2, 8, 3, 3), torch.ones(2, 7))
     with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
         kernels.squeeze_partials(torch.randn(1, 8, 3, 3), chunk=0)
+
+
+def test_folded_batchnorm_is_cached_until_a_parameter_changes():
+    gate = make_gate(20, 4, backend="triton").eval()
+    x = torch.randn(2, 20, 5, 5)
+    with torch.no_grad():
+        first = gate(x)
+        cached = gate._fold_cache[1]
+        again = gate(x)
+        assert gate._fold_cache[1] is cached
+        torch.testing.assert_close(again.logits, first.logits)
+        gate.bn.running_mean.add_(0.5)  # as a load or an update would
+        changed = gate(x)
+    assert gate._fold_cache[1] is not cached
+    reference = make_gate(20, 4, backend="torch").eval()
+    reference.load_state_dict(gate.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(changed.logits, reference(x).logits.float(), rtol=2e-5, atol=2e-5)
