@@ -22,6 +22,7 @@ from .config import RoutingEntry, SubnetConfig
 from .nets import ARCHITECTURES
 
 FORMAT = "dds-fast"
+SHIPPED_MODEL = Path(__file__).parent / "weights" / "dds.safetensors"  # the model the package ships
 
 
 class CheckpointError(ValueError):

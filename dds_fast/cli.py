@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load, read_metadata
+from .checkpoint import SHIPPED_MODEL, CheckpointError, load, read_metadata
 from .cost import macs_per_pixel
 from .export import export_static
 
@@ -202,9 +202,6 @@ def cmd_bench(args) -> int:
     print((Path(args.out) / "bench.md").read_text())
     print(f"device: {result['device']}; written to {args.out}/bench.json, bench.md, network.png")
     return 0
-
-
-SHIPPED_MODEL = Path(__file__).parent / "weights" / "dds.safetensors"
 
 
 def _model_from(checkpoint: str | None):
