@@ -194,11 +194,12 @@ class LatencyRunner:
         return graph.replay
 
     # -- costs --------------------------------------------------------------------------
-    def floor_ms(self, config, peaks: DevicePeaks) -> tuple[float, str, float]:
-        """Roofline floor of one forward: (ms, 'FLOPs' or 'bytes', MACs/pixel). Bytes are the
-        fewest: each conv reads its input and active weights once and writes its output once."""
+    def floor_ms(self, model: nn.Module, peaks: DevicePeaks) -> tuple[float, str, float]:
+        """Roofline floor of one forward of ``model`` as it is: (ms, 'FLOPs' or 'bytes',
+        MACs/pixel). Bytes are the fewest: each conv reads its input and active weights once
+        and writes its output once."""
         n, c, h, w = self.input_shape
-        calls, pixels = trace_convs(self.model, config, (c, h, w))
+        calls, pixels = trace_convs(model, None, (c, h, w))
         element = torch.empty((), dtype=self.dtype).element_size()
         macs = sum(call.macs for call in calls) * n
         moved = 0
@@ -236,19 +237,22 @@ class LatencyRunner:
         peaks = peaks or self.measure_peaks()
         name, env = describe_device(self.device)
         report = Report(name, env, str(self.dtype).replace("torch.", ""), self.input_shape, str(self.backend), peaks)
-        has_configs = hasattr(self.model, "set_config")
-        previous = self.model.get_config() if has_configs else None
+        # a DDSNet's configs are its super-network's; config None times the model as it is
+        configurable = getattr(self.model, "supernet", self.model)
+        previous = configurable.get_config() if hasattr(configurable, "get_config") else None
         try:
             for label, config in configs:
+                target = self.model
                 if config is not None:
-                    self.model.set_config(config)
-                floor, bound, macs = self.floor_ms(None, peaks)
-                timing = self.time_fn(lambda: self.model(self.inputs), self.cuda_graph)
+                    configurable.set_config(config)
+                    target = configurable
+                floor, bound, macs = self.floor_ms(target, peaks)
+                timing = self.time_fn(lambda: target(self.inputs), self.cuda_graph)
                 report.results.append(ConfigResult(label, None if config is None else config.to_dict(), macs,
                                                    timing, floor_ms=floor, floor_bound=bound))
         finally:
-            if has_configs:
-                self.model.set_config(previous)
+            if previous is not None:
+                configurable.set_config(previous)
         largest = max(report.results, key=lambda r: r.macs_per_pixel)
         for result in report.results:
             result.theoretical_speedup = largest.macs_per_pixel / result.macs_per_pixel
@@ -257,7 +261,10 @@ class LatencyRunner:
 
 
 def default_configs(model: nn.Module) -> list[tuple[str, SubnetConfig | None]]:
-    """The routing space when the model has one, else smallest, uniform 0.25/0.5/0.75, largest."""
+    """A DDSNet: its dynamic mode, then each routed config alone. A slimmable net: its routing
+    space when it has one, else smallest, uniform 0.25/0.5/0.75, largest."""
+    if hasattr(model, "supernet"):
+        return [("dynamic", None)] + [(f"route {i}", e.config) for i, e in enumerate(model.routing_space)]
     if not hasattr(model, "space"):
         return [("as is", None)]
     routing = getattr(model, "routing_space", None)

@@ -68,3 +68,19 @@ def test_bad_arguments(kwargs, match):
         LatencyRunner(small_net(), **kwargs)
     with pytest.raises(ValueError, match="no configs"):
         LatencyRunner(small_net(), (1, 1, 8, 8)).run([], peaks=DevicePeaks(1, 1))
+
+
+def test_runner_times_a_ddsnet_dynamic_and_per_route():
+    from dds_fast import DDSNet, DynamicGate
+
+    net = small_net()
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    gate = DynamicGate(net.stem_channels, 2)
+    gate.attention = False
+    model = DDSNet(net, gate, routes)
+    report = LatencyRunner(model, (2, 1, 16, 16), warmup=1, repeats=2).run(peaks=DevicePeaks(1e9, 1e9))
+    assert [r.label for r in report.results] == ["dynamic", "route 0", "route 1"]
+    assert [r.macs_per_pixel for r in report.results[1:]] == [e.macs_per_pixel for e in routes]
+    # dynamic mode: a routed config plus the full-width stem the gate reads
+    assert report.results[0].macs_per_pixel in model.dynamic_macs_per_pixel
+    assert net.get_config() == net.space.largest()
