@@ -102,9 +102,10 @@ def plot_network(report: Report, path: Path) -> Path | None:
         left.annotate(r.label, (r.theoretical_speedup, r.real_speedup), fontsize=7)
     left.set(xlabel="theoretical speedup (MAC ratio)", ylabel="real speedup", title="speedup over the largest config")
     left.legend()
-    macs = [r.macs_per_pixel for r in report.results]
-    right.plot(macs, [r.timing.median_ms for r in report.results], "o-", label="measured (median)")
-    right.plot(macs, [r.floor_ms for r in report.results], "s--", label="roofline floor")
+    ordered = sorted(report.results, key=lambda r: r.macs_per_pixel)
+    macs = [r.macs_per_pixel for r in ordered]
+    right.plot(macs, [r.timing.median_ms for r in ordered], "o-", label="measured (median)")
+    right.plot(macs, [r.floor_ms for r in ordered], "s--", label="roofline floor")
     right.set(xlabel="MACs/pixel", ylabel="latency (ms)", title=f"{report.device}, {report.dtype}, {list(report.input_shape)}")
     right.legend()
     fig.tight_layout()
