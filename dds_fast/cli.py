@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -12,6 +10,7 @@ import torch
 from .checkpoint import SHIPPED_MODEL, CheckpointError, load, read_metadata
 from .cost import macs_per_pixel
 from .export import export_static
+from .runner import wall_clock
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
@@ -69,13 +68,7 @@ def _bundled_photo(name: str, size: int | None = None) -> torch.Tensor:
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return wall_clock(fn, 1, repeats).median_ms
 
 
 def cmd_demo(args) -> int:

@@ -102,6 +102,18 @@ class Report:
         return "\n".join(lines)
 
 
+def wall_clock(fn: Callable[[], object], warmup: int, repeats: int) -> Timing:
+    """Host-clock timing of ``fn`` (CPU work, or anything that synchronises itself)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return Timing.from_samples(samples)
+
+
 def describe_device(device: torch.device) -> tuple[str, dict]:
     env = {"torch": torch.__version__, "dds_fast": __version__, "python": platform.python_version()}
     try:
@@ -163,12 +175,7 @@ class LatencyRunner:
             for _ in range(self.warmup):
                 fn()
             if self.device.type != "cuda":
-                samples = []
-                for _ in range(self.repeats):
-                    start = time.perf_counter()
-                    fn()
-                    samples.append((time.perf_counter() - start) * 1e3)
-                return Timing.from_samples(samples)
+                return wall_clock(fn, 0, self.repeats)
             if cuda_graph:
                 fn = self._graphed(fn)
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))

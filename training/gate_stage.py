@@ -52,5 +52,5 @@ def gate_step(model: DDSNet, noisy: torch.Tensor, clean: torch.Tensor, budget: f
     complexity = ((psi - budget) / model.supernet_macs_per_pixel) ** 2
     loss = cross_entropy + complexity_weight * complexity
     loss.backward()
-    return {"loss": loss.item(), "cross_entropy": cross_entropy.item(), "complexity": complexity.item(),
-            "expected_macs": psi.item(), "hard_fraction": (labels > 0).float().mean().item()}
+    values = torch.stack([loss, cross_entropy, complexity, psi, (labels > 0).float().mean()]).detach().tolist()
+    return dict(zip(["loss", "cross_entropy", "complexity", "expected_macs", "hard_fraction"], values))

@@ -44,7 +44,7 @@ def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[S
     largest config."""
     if distillation not in DISTILLATIONS:
         raise ValueError(f"unknown distillation {distillation!r}; choose one of {DISTILLATIONS}")
-    losses: dict[str, float] = {}
+    losses: dict[str, torch.Tensor] = {}
     teacher_outputs: list[torch.Tensor] = []
     last = len(configs) - 1
     for index, config in enumerate(configs):
@@ -63,6 +63,7 @@ def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[S
         if index == 0 or (distillation == "synergy" and index < last):
             teacher_outputs.append(output.detach())
         name = "largest" if index == 0 else "smallest" if index == last else f"random{index}"
-        losses[name] = loss.item()
+        losses[name] = loss.detach()
     net.set_config(configs[0])
-    return losses
+    # one host sync per step, after every sub-network's kernels are queued
+    return dict(zip(losses, torch.stack(list(losses.values())).tolist()))
