@@ -29,7 +29,7 @@ from dds_fast.training.stages import DEFAULT_VALIDATION_IMAGES
 def noisy_pairs(names, sigma: float, channels: int, seed: int = 0):
     noise = GaussianNoise(sigma)
     images = bundled_images(names, channels=channels)
-    return [(noise(clean, torch.Generator().manual_seed(seed + i)), clean) for i, clean in enumerate(images.values())]
+    return [noise.pair(clean, torch.Generator().manual_seed(seed + i)) for i, clean in enumerate(images.values())]
 
 
 def bm3d_row(pairs, sigma: float) -> Evaluation | None:

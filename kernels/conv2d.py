@@ -292,19 +292,26 @@ def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
-def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of an implicit GEMM over npix pixels, cols output columns and
-    red reduction channels.
+def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of an implicit GEMM over npix pixels, cols output
+    columns and red reduction channels.
 
     On a GPU, callers pass the weight's maximum widths, never the active ones, so one compiled
     kernel serves every width. The interpreter pays per program, so it gets big tiles.
+    The gathered operands' pointer and mask tensors take many registers: these tiles are the
+    ones that do not spill on sm_90 under Triton 3.6 and 3.9 (tests/test_compile_sm90.py).
     """
     if INTERPRET:
-        return _pow2(npix, 16, 1024), _pow2(cols, 16, 64), _pow2(red, 16, 64)
+        return _pow2(npix, 16, 1024), _pow2(cols, 16, 64), _pow2(red, 16, 64), 4
     if dtype == torch.float32:
-        # ieee fp32 dots unroll into FMAs: smaller tiles keep code size and compile time sane.
-        return 64, _pow2(cols, 16, 64), 16
-    return 128, _pow2(cols, 16, 64), _pow2(red, 16, 32)
+        # ieee fp32 dots unroll into FMAs: small tiles keep code size and registers sane
+        return 32, _pow2(cols, 16, 64), 16, 4
+    # at 4 warps this tile spilled up to 1.6 KB per thread; BLOCK_K 32 still spills in the
+    # two-input forward over fp32 weights
+    return 128, _pow2(cols, 16, 64), 16, 8
+
+
+GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90
 
 
 def _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_channels, stride, padding,
@@ -314,7 +321,7 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_ch
     k = weight.shape[-1]
     ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
     y = _empty_channels_last((n, out_channels, ho, wo), x0)
-    bm, bn, bk = _tiles(x0.dtype, ho * wo, weight.shape[0], weight.shape[1])
+    bm, bn, bk, warps = _tiles(x0.dtype, ho * wo, weight.shape[0], weight.shape[1])
     x1_ = x0 if x1 is None else x1  # any valid pointer: unused when TWO_INPUTS is False
     b_ = weight if bias is None else bias
     r_ = y if residual is None else residual
@@ -328,7 +335,7 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_ch
         float(negative_slope),
         KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=x1 is not None, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=widths is not None,
-        DOT_F32=_dot_f32(x0.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        DOT_F32=_dot_f32(x0.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )
     return y
 
@@ -338,7 +345,7 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
     k = weight.shape[-1]
     ho, wo = dz.shape[2], dz.shape[3]
     dx = _empty_channels_last(x.shape, x)
-    bm, bn, bk = _tiles(x.dtype, h * w, weight.shape[1], weight.shape[0])
+    bm, bn, bk, warps = _tiles(x.dtype, h * w, weight.shape[1], weight.shape[0])
     # One launch per sub-pixel phase; the phases tile the input exactly, so every pixel is written.
     for ih0 in range(min(stride, h)):
         for iw0 in range(min(stride, w)):
@@ -348,7 +355,7 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
                 dz, weight, dx, h, w, ho, wo, hp, wp, cout, cin, start,
                 *dz.stride(), *weight.stride(), *dx.stride(),
                 KSIZE=k, STRIDE=stride, PAD=padding, IH0=ih0, IW0=iw0, DOT_F32=_dot_f32(x.dtype),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
             )
     return dx
 
@@ -379,7 +386,7 @@ def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
     _bwd_weight_kernel[(triton.cdiv(cout, bco), triton.cdiv(cin, bci) * k * k, splits)](
         dz, x, ws, h, w, ho, wo, npix, chunk, cout, cin, *dz.stride(), *x.stride(),
         KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(x.dtype),
-        BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=4,
+        BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=GRAD_WEIGHT_WARPS,
     )
     _reduce_into(ws, dw, splits, k * k, cout, cin, start, dw.stride(), k)
 

@@ -10,6 +10,7 @@ from dds_fast.training.data import bundled_images
 from dds_fast.training.noise import (
     CameraNoise,
     GaussianNoise,
+    MixedNoise,
     PoissonGaussianNoise,
     demosaic,
     make_noise,
@@ -19,7 +20,8 @@ from dds_fast.training.noise import (
     unprocess,
 )
 
-ALL_MODELS = [GaussianNoise(25), GaussianNoise((0, 55)), PoissonGaussianNoise(), CameraNoise()]
+ALL_MODELS = [GaussianNoise(25), GaussianNoise((0, 55)), PoissonGaussianNoise(), CameraNoise(),
+              MixedNoise([CameraNoise(), {"name": "awgn", "sigma": [5, 50]}])]
 
 
 def gen(seed=0):
@@ -71,6 +73,8 @@ def test_factory_builds_each_model():
     assert isinstance(make_noise("awgn", sigma=15), GaussianNoise)
     assert isinstance(make_noise("poisson_gaussian", a=1e-3, b=1e-5), PoissonGaussianNoise)
     assert isinstance(make_noise("camera"), CameraNoise)
+    mix = make_noise("mix", models=[{"name": "camera"}, {"name": "awgn", "sigma": 25}], weights=[1, 3])
+    assert isinstance(mix, MixedNoise) and isinstance(mix.models[1], GaussianNoise) and mix.weights == [1.0, 3.0]
 
 
 @pytest.mark.parametrize(
@@ -83,6 +87,12 @@ def test_factory_builds_each_model():
         ("awgn", {"sgima": 25}, "bad parameters for noise model 'awgn'"),
         ("poisson_gaussian", {"a": (0, 1e-2)}, "log-uniformly"),
         ("camera", {"shot_noise": 0}, "positive"),
+        ("mix", {"models": []}, "at least one model"),
+        ("mix", {"models": [{"sigma": 25}]}, "dict with a 'name'"),
+        ("mix", {"models": [{"name": "mix", "models": [{"name": "camera"}]}]}, "cannot contain another mixture"),
+        ("mix", {"models": [{"name": "awgn"}], "weights": [1, 2]}, "1 finite non-negative"),
+        ("mix", {"models": [{"name": "awgn"}, {"name": "camera"}], "weights": [0, 0]}, "positive sum"),
+        ("mix", {"models": [{"name": "awgn", "sgima": 3}]}, "bad parameters for noise model 'awgn'"),
     ],
 )
 def test_factory_rejects_bad_input(name, kwargs, message):
@@ -254,3 +264,27 @@ def test_camera_output_in_unit_range_and_unbiased_on_flat_image():
     assert noisy.min() >= 0 and noisy.max() <= 1
     # The tone curve bends the noise a little, but the mean stays near the clean value.
     assert np.allclose(noisy.mean((1, 2, 3)).numpy(), 0.4, atol=0.02)
+
+
+# ----------------------------------------------------------------------------- mixtures and targets
+
+
+def test_mixture_gives_each_image_one_of_its_models():
+    clean = torch.rand(64, 1, 32, 32, generator=gen(3))
+    mix = MixedNoise([GaussianNoise(5), GaussianNoise(50)], weights=[1, 3])
+    noisy, target = mix.pair(clean, gen(4))
+    assert torch.equal(target, clean)
+    stds = (noisy - clean).std(dim=(1, 2, 3)) * 255
+    low, high = stds < 10, stds > 40
+    assert bool((low | high).all())
+    assert 4 <= int(low.sum()) <= 28  # about a quarter of 64 draws the first model
+
+
+def test_camera_target_is_the_clean_image_through_the_same_isp():
+    clean = bundled_images(["astronaut"])["astronaut"][None, :, :64, :64]
+    noisy, target = CameraNoise().pair(clean, gen(5))
+    params = sample_camera_params(1, 3, gen(5), like=clean)  # the pair's first draws
+    torch.testing.assert_close(target, process(unprocess(clean, params), params))
+    assert (target - clean).abs().max() > 0.05  # demosaicking and clipping change the image
+    quiet_noisy, quiet_target = CameraNoise(shot_noise=1e-9).pair(clean, gen(5))
+    torch.testing.assert_close(quiet_noisy, quiet_target, atol=1e-3, rtol=0)

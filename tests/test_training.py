@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import dds_fast
 from dds_fast import SlimDnCNN, SlimUNet
-from dds_fast.training.loop import LoopSettings, TrainingDiverged, TrainLoop, step_generator
+from dds_fast.training.loop import LoopSettings, TrainingDiverged, TrainLoop, cosine_factor, step_generator
 from dds_fast.training.sandwich import sandwich_configs, sandwich_step
 from dds_fast.training.slimming import progressive_slimming, slimmer, thin_routing_space
 from dds_fast.training.stages import Run, TrainConfig
@@ -119,13 +119,14 @@ class Pairs(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def make_loop(run_dir, steps, checkpoint_every=2, nan_at=None, optimizer="adam"):
+def make_loop(run_dir, steps, checkpoint_every=2, nan_at=None, optimizer="adam", schedule="epoch"):
     net = tiny_net()
     if optimizer == "adam":
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     else:  # plain SGD: Adam's first steps follow the sign of near-zero gradients, rounding included
         optimizer = torch.optim.SGD(net.parameters(), lr=1e-1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9) if schedule == "epoch" else None
+    lr_factor = cosine_factor(6) if schedule == "cosine" else None
 
     def step_fn(step, noisy, clean):
         configs = sandwich_configs(net.space, 3, step_generator(0, step))
@@ -135,24 +136,37 @@ def make_loop(run_dir, steps, checkpoint_every=2, nan_at=None, optimizer="adam")
         return losses
 
     settings = LoopSettings(steps=steps, batch_size=2, checkpoint_every=checkpoint_every, progress=False)
-    return TrainLoop(run_dir, "stage1", net, optimizer, Pairs(), step_fn, settings, scheduler=scheduler), net
+    return TrainLoop(run_dir, "stage1", net, optimizer, Pairs(), step_fn, settings, scheduler=scheduler,
+                     lr_factor=lr_factor), net
 
 
-def test_resume_after_a_kill_reaches_the_same_result(tmp_path):
-    straight, net_a = make_loop(tmp_path / "a", steps=6)
+@pytest.mark.parametrize("schedule", ["epoch", "cosine"])
+def test_resume_after_a_kill_reaches_the_same_result(tmp_path, schedule):
+    straight, net_a = make_loop(tmp_path / "a", steps=6, schedule=schedule)
     straight.run()
     # a run killed after step 4 (checkpoint at 4, a logged step 4 lost with it) ...
-    first, _ = make_loop(tmp_path / "b", steps=4)
+    first, _ = make_loop(tmp_path / "b", steps=4, schedule=schedule)
     first.run()
     with (tmp_path / "b" / "stage1.log.jsonl").open("a") as log:
         log.write(json.dumps({"step": 4, "largest": 1.0}) + "\n")
-    resumed, net_b = make_loop(tmp_path / "b", steps=6)
+    resumed, net_b = make_loop(tmp_path / "b", steps=6, schedule=schedule)
     assert resumed.run() == 2
     for (name, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "stage1.log.jsonl").read_text().splitlines()]
     assert steps == list(range(6))
     assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"] < 1e-2
+
+
+def test_cosine_schedule_decays_from_the_initial_rate_to_one_percent(tmp_path):
+    factor = cosine_factor(6)
+    values = [factor(step) for step in range(6)]
+    assert values[0] == 1.0 and values[-1] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(values, values[1:]))
+    loop, _ = make_loop(tmp_path, steps=6, schedule="cosine")
+    loop.run()
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "stage1.log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([1e-2 * v for v in values])
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -196,6 +210,8 @@ def test_training_config_from_file(tmp_path):
         TrainConfig.from_file(path)
     with pytest.raises(ValueError, match="cannot read"):
         TrainConfig.from_file(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
+        TrainConfig.from_dict({"lr_schedule": "step"})
 
 
 def test_three_stage_run_end_to_end_on_cpu(tmp_path):

@@ -287,7 +287,8 @@ class NoisyPatches(Dataset):
     Each item picks an image uniformly, a uniform random crop of ``patch_size``, optionally
     one of the 8 flips/rotations, and draws noise from ``noise``, all from a generator seeded
     by ``(seed, epoch, i)``. ``length`` is the number of patches per epoch. The noisy patch is
-    not clipped unless the noise model clips.
+    not clipped unless the noise model clips; the clean one is the noise model's target
+    (:meth:`NoiseModel.pair`).
     """
 
     def __init__(
@@ -322,8 +323,7 @@ class NoisyPatches(Dataset):
         clean = image[:, top : top + self.patch_size, left : left + self.patch_size]
         if self.augment:
             (clean,) = random_flip_rotate(g, clean)
-        clean = clean.contiguous()
-        return self.noise(clean, g), clean
+        return self.noise.pair(clean.contiguous(), g)
 
 
 class PairedImages(Dataset):
@@ -361,7 +361,7 @@ def make_validation_set(
             if patch_size is not None:
                 top, left = _crop_box(image.shape[-2], image.shape[-1], patch_size, g)
                 clean = image[:, top : top + patch_size, left : left + patch_size].contiguous()
-            pairs.append((noise(clean, g), clean))
+            pairs.append(noise.pair(clean, g))
     return PairedImages(pairs)
 
 

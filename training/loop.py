@@ -53,6 +53,14 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def cosine_factor(steps: int, final: float = 0.01) -> Callable[[int], float]:
+    """Cosine decay of the learning rate over ``steps``, from 1 to ``final`` of its initial value."""
+    def factor(step: int) -> float:
+        progress = min(step / max(steps - 1, 1), 1.0)
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of one step's own randomness, so a resumed run draws the same."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -61,11 +69,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 class TrainLoop:
     """Runs ``step_fn(step, noisy, clean) -> {name: loss}`` (it calls backward; the loop steps
     the optimizer) for ``settings.steps`` steps, checkpointing ``model``, ``optimizer`` and
-    ``scheduler`` (stepped once per epoch) to ``run_dir/<stage>.state.safetensors``."""
+    ``scheduler`` (stepped once per epoch) to ``run_dir/<stage>.state.safetensors``.
+    ``lr_factor(step)``, if given, scales the optimizer's initial learning rates at each step
+    (a pure function of the step, so a resumed run follows the same schedule)."""
 
     def __init__(self, run_dir, stage: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  dataset, step_fn: Callable[[int, torch.Tensor, torch.Tensor], dict[str, float]],
-                 settings: LoopSettings, scheduler=None, device: str | torch.device = "cpu"):
+                 settings: LoopSettings, scheduler=None, device: str | torch.device = "cpu",
+                 lr_factor: Callable[[int], float] | None = None):
         if len(dataset) < settings.batch_size:
             raise ValueError(f"dataset has {len(dataset)} items, fewer than a batch of {settings.batch_size}")
         self.rank, self.world = rank_and_world()
@@ -74,6 +85,8 @@ class TrainLoop:
         self.run_dir = Path(run_dir)
         self.stage = stage
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.lr_factor = lr_factor
+        self.initial_lrs = [group["lr"] for group in optimizer.param_groups]
         self.dataset, self.step_fn, self.settings = dataset, step_fn, settings
         self.device = torch.device(device)
         self.steps_per_epoch = len(dataset) // settings.batch_size
@@ -164,6 +177,9 @@ class TrainLoop:
                 began = time.perf_counter()
                 noisy, clean = self.batch(step)
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.lr_factor is not None:
+                    for group, initial in zip(self.optimizer.param_groups, self.initial_lrs):
+                        group["lr"] = initial * self.lr_factor(step)
                 losses = self.step_fn(step, noisy, clean)
                 if self.world > 1:
                     losses = self._average(losses)

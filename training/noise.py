@@ -28,6 +28,7 @@ __all__ = [
     "NoiseModel",
     "GaussianNoise",
     "PoissonGaussianNoise",
+    "MixedNoise",
     "CameraNoise",
     "CameraParams",
     "NOISE_MODELS",
@@ -110,9 +111,17 @@ class NoiseModel:
     name = "base"
 
     def __call__(self, clean: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.pair(clean, generator)[0]
+
+    def pair(self, clean: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noisy, target)``: the target is ``clean`` itself unless the model changes the
+        noise-free image too (the camera pipeline's target is ``clean`` through the same ISP)."""
         batch, squeeze = _as_batch(clean)
-        noisy = self._apply(batch, generator)
-        return noisy.squeeze(0) if squeeze else noisy
+        noisy, target = self._pair(batch, generator)
+        return (noisy.squeeze(0), target.squeeze(0)) if squeeze else (noisy, target)
+
+    def _pair(self, clean: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._apply(clean, generator), clean
 
     def _apply(self, clean: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
@@ -341,7 +350,9 @@ class CameraNoise(NoiseModel):
     from ``shot_noise`` (the paper's [1e-4, 0.012] by default) and the read-noise variance
     from the paper's fit ``log(read) = 2.18 * log(shot) + 1.2 + N(0, 0.26)``.
 
-    The output is clipped to [0, 1] (the ISP clips). With 3 channels the noise is spatially
+    The output is clipped to [0, 1] (the ISP clips). The training target (:meth:`pair`) is
+    the noise-free raw through the same ISP, as in the paper: demosaicking and the clips
+    change the image too, and a denoiser should not learn to undo them. With 3 channels the noise is spatially
     correlated by demosaicking and its colour mixed by the colour matrix. With 1 channel
     (a monochrome sensor) there is no mosaic, white balance or colour matrix: the noise is
     still signal-dependent (shot + read in linear space, then gamma and tone curve) but
@@ -353,7 +364,7 @@ class CameraNoise(NoiseModel):
     def __init__(self, shot_noise=(1e-4, 0.012)):
         self.shot_noise = _range(shot_noise, "shot_noise", allow_zero=False)
 
-    def _apply(self, clean, generator):
+    def _pair(self, clean, generator):
         n, c = clean.shape[:2]
         params = sample_camera_params(n, c, generator, like=clean)
         raw = unprocess(clean, params)
@@ -361,16 +372,62 @@ class CameraNoise(NoiseModel):
         read = torch.exp(2.18 * torch.log(shot) + 1.2 + 0.26 * _randn((n,), generator, clean))
         variance = shot.view(n, 1, 1, 1) * raw + read.view(n, 1, 1, 1)
         noisy_raw = raw + torch.sqrt(variance) * _randn(raw.shape, generator, clean)
-        return process(noisy_raw, params)
+        return process(noisy_raw, params), process(raw, params)
 
     def __repr__(self):
         return f"CameraNoise(shot_noise={self.shot_noise})"
 
 
+# ----------------------------------------------------------------------------- mixture
+
+
+class MixedNoise(NoiseModel):
+    """Each image gets one of several noise models, drawn with ``weights`` (equal by default).
+
+    ``models`` are noise models or ``{"name": ..., **params}`` dicts, as in a training
+    config: ``MixedNoise([{"name": "camera"}, {"name": "awgn", "sigma": [5, 50]}])``.
+    """
+
+    name = "mix"
+
+    def __init__(self, models, weights=None):
+        models = list(models)
+        if not models:
+            raise ValueError("a noise mixture needs at least one model")
+        self.models = [model if isinstance(model, NoiseModel) else _model_from_dict(model) for model in models]
+        weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(models) or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"mixture weights must be {len(models)} finite non-negative numbers with a positive "
+                             f"sum, got {weights}")
+        self.weights = weights
+
+    def _pair(self, clean, generator):
+        probs = torch.tensor(self.weights, dtype=torch.float64, device=_device(generator, clean))
+        picks = torch.multinomial(probs, clean.shape[0], replacement=True, generator=generator).tolist()
+        noisy, target = torch.empty_like(clean), torch.empty_like(clean)
+        for index, model in enumerate(self.models):
+            rows = [row for row, pick in enumerate(picks) if pick == index]
+            if rows:
+                noisy[rows], target[rows] = model._pair(clean[rows], generator)
+        return noisy, target
+
+    def __repr__(self):
+        return f"MixedNoise({self.models}, weights={self.weights})"
+
+
+def _model_from_dict(spec) -> NoiseModel:
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"a mixture's model must be a noise model or a dict with a 'name', got {spec!r}")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    if spec["name"] == MixedNoise.name:
+        raise ValueError("a noise mixture cannot contain another mixture")
+    return make_noise(spec["name"], **params)
+
+
 # ----------------------------------------------------------------------------- factory
 
 NOISE_MODELS: dict[str, type[NoiseModel]] = {
-    cls.name: cls for cls in (GaussianNoise, PoissonGaussianNoise, CameraNoise)
+    cls.name: cls for cls in (GaussianNoise, PoissonGaussianNoise, CameraNoise, MixedNoise)
 }
 
 

@@ -23,10 +23,12 @@ from dds_fast.config import RoutingEntry
 
 from .data import NoisyPatches, bundled_images, load_image_folder, make_validation_set
 from .gate_stage import gate_step
-from .loop import LoopSettings, TrainLoop, rank_and_world, step_generator
+from .loop import LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_generator
 from .noise import make_noise
 from .sandwich import reconstruction_loss, sandwich_configs, sandwich_step
 from .slimming import progressive_slimming, thin_routing_space
+
+LR_SCHEDULES = ("cosine", "constant")
 
 # Held out of training by default, so reported numbers are on images the net never saw.
 DEFAULT_VALIDATION_IMAGES = ("chelsea", "coins")
@@ -49,6 +51,7 @@ class TrainConfig:
     epoch_patches: int = 1024
     steps: int = 2000
     lr: float = 2e-4
+    lr_schedule: str = "cosine"  # or "constant"; stage 1 and the I-Nets (the gate has its own)
     sandwich: int = 4
     distillation: str = "synergy"
     loss: str = "l1"
@@ -85,6 +88,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{source}: unknown training options {unknown}")
         config = cls(**values)
+        if config.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{source}: unknown lr_schedule {config.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if isinstance(config.validation_images, list):
             config.validation_images = tuple(config.validation_images)
         return config
@@ -151,6 +156,9 @@ class Run:
         return LoopSettings(steps=steps, batch_size=batch_size or c.batch_size, checkpoint_every=c.checkpoint_every,
                             seed=c.seed, progress=c.progress)
 
+    def lr_factor(self, steps: int):
+        return cosine_factor(steps) if self.config.lr_schedule == "cosine" else None
+
     def save(self, model, name: str, **metadata) -> Path:
         """Write a result on rank 0; every rank waits for it (a no-op in one process)."""
         rank, world = rank_and_world()
@@ -173,7 +181,7 @@ class Run:
             return sandwich_step(net, noisy, clean, configs, c.distillation, self.loss_fn, self.autocast)
 
         TrainLoop(self.dir, "stage1", net, optimizer, self.dataset(), step_fn, self.settings(c.steps),
-                  device=self.device).run()
+                  device=self.device, lr_factor=self.lr_factor(c.steps)).run()
         net.set_config(net.space.largest())
         self.save(net, "stage1.safetensors", stage=1)
         return net
@@ -244,7 +252,8 @@ class Run:
                 loss.backward()
                 return {"loss": loss.item()}
 
-            TrainLoop(self.dir, f"inet-{index}", net, optimizer, self.dataset(), step_fn,
-                      self.settings(c.inet_steps or c.steps), device=self.device).run()
+            steps = c.inet_steps or c.steps
+            TrainLoop(self.dir, f"inet-{index}", net, optimizer, self.dataset(), step_fn, self.settings(steps),
+                      device=self.device, lr_factor=self.lr_factor(steps)).run()
             paths.append(self.save(net, f"inet-{index}.safetensors", stage="inet", macs_per_pixel=entry.macs_per_pixel))
         return paths
