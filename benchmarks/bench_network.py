@@ -1,16 +1,14 @@
-"""The gate head, whole-network configs and one stage-1 training step (benchmark suite,
-items 3 to 5). On a GPU: fp16 at 512x512 (configs at batch 1 and 8), the gate at batch 1;
-without a GPU, tiny fp32 shapes so CI exercises the code.
-
-Not here yet: DDSNet dynamic mode with mixed widths in one batch and the one-graph forward,
-which need the per-image-width path of DDSNet on the Triton kernels.
+"""The gate head, whole-network configs, DDSNet dynamic mode and one stage-1 training step
+(benchmark suite, items 3 to 5). On a GPU: fp16 at 512x512 (configs at batch 1 and 8, the
+dynamic mode at batch 16), the gate at batch 1; without a GPU, tiny fp32 shapes so CI
+exercises the code.
 """
 import pytest
 import torch
 from _timing import CUDA, DEVICE, TIMER, describe
 
-from dds_fast import DynamicGate, SlimConv2d, SlimUNet, macs_per_pixel
-from dds_fast.runner import default_configs
+from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimUNet, export_static, macs_per_pixel
+from dds_fast.runner import capture_cuda_graph, default_configs
 from dds_fast.training.sandwich import sandwich_configs, sandwich_step
 
 pytestmark = pytest.mark.benchmark(timer=TIMER, warmup=True, warmup_iterations=3)
@@ -55,6 +53,66 @@ def test_network_config(benchmark, backend, label, batch):
     with torch.no_grad():
         out = benchmark(net, x)
     assert out.shape == x.shape
+
+
+DYNAMIC_BATCH = 16 if CUDA else 4
+
+
+def dynamic_model(backend):
+    """A DDSNet whose routing space is the five default configs (smallest to largest), with a
+    fixed mix of them over a batch: image i runs config i mod 5."""
+    net = unet(backend).to(dtype=DTYPE)
+    routes = [RoutingEntry(config, macs_per_pixel(net, config)) for _, config in default_configs(net)]
+    gate = DynamicGate(net.stem_channels, len(routes), backend=backend)
+    gate.attention = False
+    model = DDSNet(net, gate, routes).to(DEVICE, DTYPE).eval()
+    x = torch.rand(DYNAMIC_BATCH, 3, SIZE, SIZE, device=DEVICE, dtype=DTYPE).to(memory_format=torch.channels_last)
+    choice = torch.arange(DYNAMIC_BATCH, device=DEVICE) % len(routes)
+    return model, x, choice
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ddsnet_dynamic_mixed_batch(benchmark, backend):
+    """Triton: every image at its own widths, one launch per layer. Reference: the batch
+    grouped by config, one sub-network run per group (a host sync to group)."""
+    model, x, choice = dynamic_model(backend)
+    model.per_image = backend == "triton"
+    benchmark.group = f"DDSNet dynamic, five configs mixed in a batch of {DYNAMIC_BATCH}"
+    describe(benchmark, backend=backend, dtype=str(DTYPE), batch=DYNAMIC_BATCH, size=SIZE,
+             macs_per_pixel=sum(model.dynamic_macs_per_pixel[i] for i in choice.tolist()) / DYNAMIC_BATCH)
+    with torch.no_grad():
+        out = benchmark(model, x, choice=choice)
+    assert out.shape == x.shape
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["one graph", "a graph per config"])
+def test_ddsnet_dynamic_cuda_graphs(benchmark, mode):
+    """One CUDA graph for the whole dynamic forward (per-image widths on the Triton kernels),
+    against what static sub-networks need: the gate's graph, a host sync to read its choices,
+    then one graph per config (cuDNN on contiguous narrow weights) on its part of the batch."""
+    model, x, choice = dynamic_model("triton")
+    with torch.no_grad():
+        if mode == "one graph":
+            model.per_image = True
+            run = capture_cuda_graph(lambda: model(x, choice=choice), DEVICE)
+        else:
+            out = torch.empty_like(x)
+            gate = capture_cuda_graph(lambda: model.gate_forward(x), DEVICE)
+            graphs = []
+            for index, entry in enumerate(model.routing_space):
+                static = export_static(model.supernet, entry.config).to(DEVICE, DTYPE).eval()
+                rows = (choice == index).nonzero().squeeze(1)
+                part = x[rows].contiguous(memory_format=torch.channels_last)
+                graphs.append(capture_cuda_graph(lambda s=static, r=rows, p=part: out.index_copy_(0, r, s(p)), DEVICE))
+
+            def run():
+                gate()
+                for index in torch.unique(choice).tolist():  # the host needs the choices
+                    graphs[index]()
+    benchmark.group = f"DDSNet dynamic in CUDA graphs, batch {DYNAMIC_BATCH}"
+    describe(benchmark, mode=mode, dtype=str(DTYPE), batch=DYNAMIC_BATCH, size=SIZE)
+    benchmark(run)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

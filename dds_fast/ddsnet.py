@@ -152,16 +152,33 @@ class DDSNet(nn.Module):
             for conv, _ in tables:
                 conv.per_image_widths = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_choice(self, choice, batch: int) -> torch.Tensor:
+        if not isinstance(choice, torch.Tensor) or choice.shape != (batch,) or choice.dtype not in (
+                torch.int32, torch.int64):
+            raise ValueError(f"DDSNet: choice must be an int32 or int64 tensor of shape ({batch},), one routing "
+                             f"index per image, got {choice!r}")
+        # a value check syncs with the device, which a CUDA graph capture does not allow
+        if not (choice.is_cuda and torch.cuda.is_current_stream_capturing()) and len(choice) and (
+                int(choice.min()) < 0 or int(choice.max()) >= len(self.routing_space)):
+            raise ValueError(f"DDSNet: choice holds {choice.tolist()}; routing indices run from 0 to "
+                             f"{len(self.routing_space) - 1}")
+        return choice
+
+    def forward(self, x: torch.Tensor, choice: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise ``x``. ``choice``, an optional tensor of one routing index per image,
+        overrides the gate's decisions (for ablations and for timing a given mix of
+        sub-networks); the gate still runs, as its attention head may scale the features."""
         if self._budget_index is not None:  # static mode: the narrow network alone, no gate
+            if choice is not None:
+                raise ValueError("DDSNet: choice applies to dynamic mode; call set_budget(None) first")
             self.supernet.set_config(self.routing_space[self._budget_index].config)
             return self.supernet(x)
         padded, gate_out = self.gate_forward(x)
-        if self._uses_per_image_widths(padded):
-            out = self._body_per_image(gate_out.features, padded, gate_out.choice)
-            return out[..., : x.shape[-2], : x.shape[-1]]
-        choice = gate_out.choice
+        choice = gate_out.choice if choice is None else self._check_choice(choice, len(x)).to(gate_out.choice)
         features = gate_out.features
+        if self._uses_per_image_widths(padded):
+            out = self._body_per_image(features, padded, choice)
+            return out[..., : x.shape[-2], : x.shape[-1]]
         out = None
         for index in torch.unique(choice).tolist():
             rows = (choice == index).nonzero().squeeze(1)

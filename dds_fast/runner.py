@@ -141,6 +141,21 @@ def _cuda_driver() -> str | None:
         return None
 
 
+def capture_cuda_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """Warm ``fn`` up on a side stream, capture one call in a CUDA graph and return its replay.
+    The replay reads and writes the tensors ``fn`` used at capture."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 class LatencyRunner:
     """Times a model's forward at each width config on one input shape.
 
@@ -189,16 +204,7 @@ class LatencyRunner:
             return Timing.from_samples([start.elapsed_time(end) for start, end in events])
 
     def _graphed(self, fn):
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
+        return capture_cuda_graph(fn, self.device)
 
     # -- costs --------------------------------------------------------------------------
     def floor_ms(self, model: nn.Module, peaks: DevicePeaks) -> tuple[float, str, float]:

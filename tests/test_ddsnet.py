@@ -47,6 +47,34 @@ def test_mixed_batch_equals_per_image_runs():
     torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
 
 
+def test_choice_overrides_the_gate():
+    model = make_ddsnet()
+    x = images(n=5)
+    choice = torch.tensor([2, 0, 1, 0, 2])
+    with torch.no_grad():
+        out = model(x, choice=choice)
+        for i, index in enumerate(choice.tolist()):
+            static = export_static(model.supernet, model.routing_space[index].config)
+            torch.testing.assert_close(out[i : i + 1], static(x[i : i + 1]), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model(x, choice=model.gate_forward(x)[1].choice), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("choice, message", [
+    (torch.tensor([0, 3]), r"choice holds \[0, 3\]; routing indices run from 0 to 2"),
+    (torch.tensor([-1, 0]), "routing indices run from 0 to 2"),
+    (torch.tensor([0]), r"shape \(2,\)"),
+    (torch.tensor([0.0, 1.0]), "int32 or int64"),
+    ([0, 1], "int32 or int64"),
+])
+def test_bad_choice(choice, message):
+    model = make_ddsnet()
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model(images(n=2), choice=choice)
+    model.set_budget(float("inf"))
+    with torch.no_grad(), pytest.raises(ValueError, match="dynamic mode"):
+        model(images(n=2), choice=torch.tensor([0, 1]))
+
+
 def test_attention_scales_the_stem_features_the_body_reads():
     model = make_ddsnet()
     model.gate.attention = True
@@ -127,13 +155,15 @@ def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net):
         if isinstance(module, dds_fast.SlimConv2d):
             module.backend = "triton"
     x = images(n=4, size=(8, 8), seed=5).float()
+    choice = torch.tensor([1, 2, 0, 1])
     with torch.no_grad():
         assert len({id(r) for r in model.route(x)}) > 1
         model.per_image = False
-        grouped = model(x)
+        grouped, grouped_chosen = model(x), model(x, choice=choice)
         model.per_image = True
-        per_image = model(x)
+        per_image, per_image_chosen = model(x), model(x, choice=choice)
     torch.testing.assert_close(per_image, grouped, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(per_image_chosen, grouped_chosen, rtol=1e-4, atol=1e-5)
     assert all(m.per_image_widths is None for m in model.modules() if isinstance(m, dds_fast.SlimConv2d))
 
 
