@@ -152,7 +152,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
     "--patch-size": ("patch_size", int), "--sandwich": ("sandwich", int), "--distillation": ("distillation", str),
     "--num-choices": ("num_choices", int), "--checkpoint-every": ("checkpoint_every", int),
     "--seed": ("seed", int), "--device": ("device", str), "--gate-steps": ("gate_steps", int),
-    "--budget": ("budget", float), "--beta": ("beta", float),
+    "--budget": ("budget", float), "--beta": ("beta", float), "--backend": ("backend", str),
 }
 
 

@@ -212,6 +212,18 @@ def test_training_config_from_file(tmp_path):
         TrainConfig.from_file(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
         TrainConfig.from_dict({"lr_schedule": "step"})
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        TrainConfig.from_dict({"backend": "cudnn"})
+
+
+def test_run_puts_every_conv_on_the_configured_backend(tmp_path):
+    from dds_fast import SlimConv2d
+
+    run = Run(tmp_path, TrainConfig(backend="torch", base_width=8, depth=2))
+    net = run.new_network()
+    run.save(net, "net.safetensors")
+    for model in (net, run.load("net.safetensors")):
+        assert {m.backend for m in model.modules() if isinstance(m, SlimConv2d)} == {"torch"}
 
 
 def test_three_stage_run_end_to_end_on_cpu(tmp_path):

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 import dds_fast
-from dds_fast import DDSNet, DynamicGate
+from dds_fast import DDSNet, DynamicGate, SlimConv2d
+from dds_fast.slim_conv import BACKENDS
 from dds_fast.config import RoutingEntry
 
 from .data import NoisyPatches, bundled_images, load_image_folder, make_validation_set
@@ -70,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"
+    backend: str = "auto"  # of every SlimConv2d: auto (Triton on CUDA), torch (cuDNN) or triton
     progress: bool = True
 
     @classmethod
@@ -88,6 +90,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{source}: unknown training options {unknown}")
         config = cls(**values)
+        if config.backend not in BACKENDS:
+            raise ValueError(f"{source}: unknown backend {config.backend!r}; choose one of {BACKENDS}")
         if config.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"{source}: unknown lr_schedule {config.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if isinstance(config.validation_images, list):
@@ -131,7 +135,16 @@ class Run:
             raise ValueError(f"unknown architecture {c.arch!r}; choose SlimUNet or SlimDnCNN")
         kwargs = dict(in_channels=c.channels, base_width=c.base_width, depth=c.depth)
         torch.manual_seed(c.seed)
-        return cls(**kwargs).to(self.device)
+        return self.on_backend(cls(**kwargs).to(self.device))
+
+    def load(self, name: str):
+        return self.on_backend(dds_fast.load(self.dir / name, map_location=self.device))
+
+    def on_backend(self, model):
+        for module in model.modules():
+            if isinstance(module, SlimConv2d):
+                module.backend = self.config.backend
+        return model
 
     def dataset(self, patch_size: int | None = None) -> NoisyPatches:
         c = self.config
@@ -190,7 +203,7 @@ class Run:
         """Progressive slimming on the validation crops: the routing space. Runs on rank 0;
         the other ranks wait and load its result."""
         c = self.config
-        net = dds_fast.load(self.dir / "stage1.safetensors", map_location=self.device) if net is None else net
+        net = self.load("stage1.safetensors") if net is None else net
         net.eval()
         rank, world = rank_and_world()
         if rank == 0:
@@ -205,14 +218,14 @@ class Run:
                           trajectory=[e.to_dict() for e in trajectory])
         if world > 1:
             torch.distributed.barrier()
-            net = dds_fast.load(self.dir / "stage2.safetensors", map_location=self.device)
+            net = self.load("stage2.safetensors")
         return net
 
     def stage3(self, supernet=None) -> DDSNet:
         """Gate training on the frozen super-network: online easy/hard labels plus the MACs budget."""
         c = self.config
         if supernet is None:
-            supernet = dds_fast.load(self.dir / "stage2.safetensors", map_location=self.device)
+            supernet = self.load("stage2.safetensors")
         if not supernet.routing_space:
             raise ValueError("stage 3 needs the routing space of stage 2")
         for p in supernet.parameters():
