@@ -180,6 +180,18 @@ def test_noisy_patches_are_reproducible_and_vary(photos):
     assert not torch.equal(a[0][1], first)  # new epoch, new crops
 
 
+def test_noisy_patches_batch_has_the_items_crops_and_its_own_noise(photos):
+    data = NoisyPatches(photos, GaussianNoise(25), patch_size=32, length=12, seed=2)
+    noisy, clean = data.batch(4, 8)
+    assert torch.equal(clean, torch.stack([data[i][1] for i in range(4, 12)]))
+    assert (noisy - clean).std() * 255 == pytest.approx(25, rel=0.1)
+    again, _ = data.batch(4, 8)
+    assert torch.equal(noisy, again)
+    assert not torch.equal(data.batch(0, 8)[0][4:], noisy[:4])  # noise of another batch
+    data.set_epoch(1)
+    assert not torch.equal(data.batch(4, 8)[1], clean)
+
+
 def test_noisy_patches_crops_come_from_the_images():
     image = torch.arange(3 * 10 * 12, dtype=torch.float32).view(3, 10, 12) / 360
     data = NoisyPatches([image], GaussianNoise(0), patch_size=4, length=20, augment=False)

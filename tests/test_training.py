@@ -261,6 +261,24 @@ def _distributed_worker(rank, world, init_file, run_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("dataset", ["items", "batched noise"])
+def test_ranks_slice_the_batch_one_process_sees(tmp_path, dataset):
+    from dds_fast.training.data import NoisyPatches
+    from dds_fast.training.noise import make_noise
+
+    data = Pairs() if dataset == "items" else NoisyPatches([torch.rand(3, 40, 40)], make_noise("camera"),
+                                                           patch_size=16, length=8, seed=1)
+    net = tiny_net()
+    loop = TrainLoop(tmp_path, "stage1", net, torch.optim.SGD(net.parameters(), lr=0.1), data, lambda *a: {},
+                     LoopSettings(steps=4, batch_size=4, progress=False))
+    whole = loop.batch(3)
+    loop.world = 2
+    for rank in (0, 1):
+        loop.rank = rank
+        for part, full in zip(loop.batch(3), whole):
+            torch.testing.assert_close(part, full[2 * rank : 2 * rank + 2], rtol=0, atol=0)
+
+
 def test_two_processes_train_like_one_on_the_whole_batch(tmp_path):
     """Gloo on the CPU: two ranks on half a batch each, gradients averaged, reach the weights
     of one process on the whole batch."""

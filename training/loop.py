@@ -99,6 +99,12 @@ class TrainLoop:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         share = self.settings.batch_size // self.world
+        if hasattr(self.dataset, "batch"):
+            # noise drawn for the whole batch on the device; each rank keeps its slice, so
+            # several processes see what one would
+            noisy, clean = self.dataset.batch(offset * self.settings.batch_size, self.settings.batch_size, self.device)
+            rows = slice(self.rank * share, (self.rank + 1) * share)
+            return noisy[rows], clean[rows]
         start = offset * self.settings.batch_size + self.rank * share
         items = [self.dataset[i] for i in range(start, start + share)]
         noisy = torch.stack([noisy for noisy, _ in items]).to(self.device, non_blocking=True)
