@@ -580,6 +580,10 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
             return f"input dtype {t.dtype} with weight dtype {weight.dtype} (the weight's, or fp32 master weights)"
         if t.device.type != "cuda" and not INTERPRET:
             return f"tensor on {t.device} (the kernels need CUDA, or TRITON_INTERPRET=1)"
+    for t in tensors:
+        if t.dim() == 4 and max(t.shape[1], weight.shape[0]) * t.shape[2] * t.shape[3] >= 2 ** 31:
+            return (f"an image of {t.shape[1]} channels, {t.shape[2]}x{t.shape[3]}, with {weight.shape[0]} output "
+                    f"channels has 2**31 elements or more (the kernels index within an image in int32)")
     return None
 
 
