@@ -305,7 +305,7 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int
         return _pow2(npix, 16, 1024), _pow2(cols, 16, 64), _pow2(red, 16, 64), 4
     if dtype == torch.float32:
         # ieee fp32 dots unroll into FMAs: small tiles keep code size and registers sane
-        return 32, _pow2(cols, 16, 64), 16, 4
+        return 32, _pow2(cols, 16, 32), 16, 4
     # at 4 warps this tile spilled up to 1.6 KB per thread; BLOCK_K 32 still spills in the
     # two-input forward over fp32 weights
     return 128, _pow2(cols, 16, 64), 16, 8

@@ -25,16 +25,24 @@ assert not K.INTERPRET and not G._interpreted()
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 stacks = {}
 
+# Channel strides of 1 (channels_last activations and weights, the fast path): the JIT
+# specialises them into constants, which changes the code and its register use.
+UNIT_STRIDES = {"sx0c", "sx1c", "syc", "src", "swi", "szc", "sxc", "sdyc"}
+
 def build(name, fn, ptrs, constexprs, warps):
-    sig = {a: "constexpr" if a in constexprs else ptrs.get(a, "i32") for a in fn.arg_names}
-    cx = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    kernel = triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    if os.path.exists(CUOBJDUMP):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        stacks[name] = int(re.search(r"STACK:(\\d+)", usage).group(1))
+    for layout in ("strided", "channels_last") if UNIT_STRIDES & set(fn.arg_names) else ("strided",):
+        ones = {a: 1 for a in fn.arg_names if layout == "channels_last" and a in UNIT_STRIDES}
+        values = {**constexprs, **ones}
+        sig = {a: "constexpr" if a in values else ptrs.get(a, "i32") for a in fn.arg_names}
+        cx = {(fn.arg_names.index(k),): v for k, v in values.items()}
+        kernel = triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        if os.path.exists(CUOBJDUMP):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
+                                       text=True).stdout
+            stacks[f"{name} ({layout})"] = int(re.search(r"STACK:(\\d+)", usage).group(1))
 
 def tiles(dtype):
     bm, bn, bk, warps = K._tiles(dtype, 512 * 512, 64, 64)
