@@ -76,6 +76,13 @@ def _fwd_segment(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
     return acc
 
 
+@triton.jit
+def _aligned(value, ALIGN: tl.constexpr):
+    # value is a multiple of ALIGN (the host checks): written so, the compiler knows it and
+    # loads and stores whole vectors along channels (asynchronous copies into shared memory)
+    return value // ALIGN * ALIGN
+
+
 @triton.jit(do_not_specialize=["C0", "C1", "COUT"])
 def _conv_fwd_kernel(
     x0, x1, w, b, res, y, widths,
@@ -87,13 +94,23 @@ def _conv_fwd_kernel(
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    C_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_co = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)  # one image per program: its widths are per-program scalars
-    cout_n = COUT
-    c0_n = C0
-    c1_n = C1
+    # what the host found to be multiples of 8 (or 1): channel counts and segment starts,
+    # the activations' batch and pixel strides, the weight's strides other than Cin's
+    cout_n = _aligned(COUT, C_ALIGN)
+    c0_n = _aligned(C0, C_ALIGN)
+    c1_n = _aligned(C1, C_ALIGN)
+    START0 = _aligned(START0, C_ALIGN)
+    START1 = _aligned(START1, C_ALIGN)
+    sx0n, sx0h, sx0w = _aligned(sx0n, X_ALIGN), _aligned(sx0h, X_ALIGN), _aligned(sx0w, X_ALIGN)
+    sx1n, sx1h, sx1w = _aligned(sx1n, X_ALIGN), _aligned(sx1h, X_ALIGN), _aligned(sx1w, X_ALIGN)
+    srn, srh, srw = _aligned(srn, X_ALIGN), _aligned(srh, X_ALIGN), _aligned(srw, X_ALIGN)
+    syn, syh, syw = _aligned(syn, X_ALIGN), _aligned(syh, X_ALIGN), _aligned(syw, X_ALIGN)
+    swo, swh, sww = _aligned(swo, W_ALIGN), _aligned(swh, W_ALIGN), _aligned(sww, W_ALIGN)
     if PER_IMAGE:
         # Clamped to the buffers so a bad width can never read or write out of bounds.
         cout_n = tl.minimum(tl.load(widths + n * swdn), COUT)
@@ -283,6 +300,11 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
+def _alignment(*values: int) -> int:
+    """8 when every value is a multiple of 8, else 1: how far the kernels may assume alignment."""
+    return 8 if all(v % 8 == 0 for v in values) else 1
+
+
 def _empty_channels_last(shape, like: torch.Tensor) -> torch.Tensor:
     """Every output and gradient buffer comes from here (tests poison it to prove full writes)."""
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
@@ -327,6 +349,7 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_ch
     r_ = y if residual is None else residual
     wd_ = y if widths is None else widths
     grid = (triton.cdiv(ho * wo, bm), triton.cdiv(out_channels, bn), n)
+    activations = [t for t in (x0, x1, residual, y) if t is not None]
     _conv_fwd_kernel[grid](
         x0, x1_, weight, b_, r_, y, wd_,
         h, w, ho, wo, c0, c1, out_channels, start0, start1,
@@ -336,6 +359,9 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_ch
         KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=x1 is not None, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=widths is not None,
         DOT_F32=_dot_f32(x0.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        C_ALIGN=_alignment(c0, c1, out_channels, start0, start1),
+        X_ALIGN=_alignment(*(s for t in activations for s in (t.stride(0), t.stride(2), t.stride(3)))),
+        W_ALIGN=_alignment(weight.stride(0), weight.stride(2), weight.stride(3)),
     )
     return y
 

@@ -44,6 +44,17 @@ def build(name, fn, ptrs, constexprs, warps):
                                        text=True).stdout
             stacks[f"{name} ({layout})"] = int(re.search(r"STACK:(\\d+)", usage).group(1))
 
+def vector_loads(fn, ptrs, constexprs, warps):
+    # vector loads and asynchronous copies in the PTX of the channels_last build with 16-byte
+    # aligned pointers, as the JIT specialises them at run time
+    values = {**constexprs, **{a: 1 for a in fn.arg_names if a in UNIT_STRIDES}}
+    sig = {a: "constexpr" if a in values else ptrs.get(a, "i32") for a in fn.arg_names}
+    cx = {(fn.arg_names.index(k),): v for k, v in values.items()}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+    kernel = triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps})
+    return len(re.findall(r"cp\\.async\\.c[ag]\\.shared\\.global|ld\\.global\\.v[248]", kernel.asm["ptx"]))
+
 def tiles(dtype):
     bm, bn, bk, warps = K._tiles(dtype, 512 * 512, 64, 64)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps
@@ -57,9 +68,20 @@ for name, act, wt, extra in [
     ("forward fp32", f, f, dict(DOT_F32=True)),
 ]:
     blocks, warps = tiles(torch.float32 if act == f else torch.bfloat16)
-    build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", slope="fp32"),
-          dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
-                    PER_IMAGE=False, DOT_F32=False), **blocks, **extra), warps)
+    for align in (1, 8):
+        build(f"{name}, alignment {align}", K._conv_fwd_kernel,
+              dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", slope="fp32"),
+              dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
+                        PER_IMAGE=False, DOT_F32=False, C_ALIGN=align, X_ALIGN=align, W_ALIGN=align),
+                   **blocks, **extra), warps)
+blocks, warps = tiles(torch.float16)
+vectors = {}
+for align in (1, 8):
+    vectors[f"forward fp16, alignment {align}"] = vector_loads(
+        K._conv_fwd_kernel, dict(x0="*fp16", x1="*fp16", w="*fp16", b="*fp16", res="*fp16", y="*fp16",
+                                 widths="*i32", slope="fp32"),
+        dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2, PER_IMAGE=False,
+             DOT_F32=False, C_ALIGN=align, X_ALIGN=align, W_ALIGN=align, **blocks), warps)
 blocks, warps = tiles(torch.bfloat16)
 for name, wt, stride in [("grad input bf16 over fp32 weights", f, 1), ("grad input bf16, stride 2", p, 2)]:
     build(name, K._bwd_input_kernel, dict(dz=p, w=wt, dx=p),
@@ -81,7 +103,7 @@ build("gate head", G._head_kernel, dict(part_ptr=f, inv_hw="fp32", w1_ptr=f, b1_
                                         probs_ptr=f, choice_ptr="*i32"),
       dict(ATTENTION=True, BLOCK_T=32, BLOCK_C=64, BLOCK_CR=16, BLOCK_H=16, BLOCK_E=16), 4)
 build("gate scale", G._scale_kernel, dict(x_ptr=p, scale_ptr=f, out_ptr=p), dict(BLOCK_HW=64, BLOCK_C=32), 4)
-print(json.dumps(stacks))
+print(json.dumps({"stacks": stacks, "vectors": vectors}))
 """
 
 
@@ -91,7 +113,10 @@ def test_kernels_compile_for_h100_without_spills():
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    stacks = json.loads(done.stdout.strip().splitlines()[-1])
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    stacks, vectors = found["stacks"], found["vectors"]
+    # without the alignment hints every global load is scalar; with them, vectors
+    assert vectors["forward fp16, alignment 1"] == 0 and vectors["forward fp16, alignment 8"] > 0, vectors
     if not stacks:
         pytest.skip("kernels compile for sm_90; this Triton has no cuobjdump to read their register use")
     spilled = {name: size for name, size in stacks.items() if size}

@@ -129,6 +129,28 @@ FORWARD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_with_alignment_hints_matches_reference(monkeypatch, dtype):
+    """Widths, starts and strides all multiples of 8 (channels_last input and weight): the
+    launcher tells the kernel so (for vector loads); the result must not change."""
+    chosen, alignment = [], K._alignment
+
+    def spy(*values):
+        chosen.append(alignment(*values))
+        return chosen[-1]
+
+    monkeypatch.setattr(K, "_alignment", spy)
+    case = make_case(4, dtype=dtype, widths=(16, 8), starts=(0, 16), cin_max=32, cout_max=24, o=16, h=5, w=6,
+                     residual=True, weight_ohwi=True)
+    case["residual"] = case["residual"].to(memory_format=torch.channels_last)
+    y = run(case, "leaky_relu", 0.2)
+    assert chosen == [8, 8, 8]  # channel counts, activation strides, weight strides
+    assert rel_err(y, reference(case, "leaky_relu", 0.2)) < TOL[dtype]
+    chosen.clear()
+    run(make_case(4, dtype=dtype, widths=(16,), cin_max=32, cout_max=24, o=12, h=5, w=6), None)
+    assert chosen[0] == 1  # 12 output channels
+
+
 @pytest.mark.parametrize("dtype,k,stride,activation,bias,residual,two", FORWARD_CASES)
 def test_forward_matches_reference(dtype, k, stride, activation, bias, residual, two):
     widths, starts = ((7, 5), (0, 12)) if two else ((13,), (0,))
