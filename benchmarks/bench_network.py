@@ -24,7 +24,7 @@ def unet(backend):
     for module in net.modules():
         if isinstance(module, SlimConv2d):
             module.backend = backend
-    return net.to(DEVICE)
+    return net.to(DEVICE, memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -65,7 +65,7 @@ def dynamic_model(backend):
     routes = [RoutingEntry(config, macs_per_pixel(net, config)) for _, config in default_configs(net)]
     gate = DynamicGate(net.stem_channels, len(routes), backend=backend)
     gate.attention = False
-    model = DDSNet(net, gate, routes).to(DEVICE, DTYPE).eval()
+    model = DDSNet(net, gate, routes).to(DEVICE, DTYPE, memory_format=torch.channels_last).eval()
     x = torch.rand(DYNAMIC_BATCH, 3, SIZE, SIZE, device=DEVICE, dtype=DTYPE).to(memory_format=torch.channels_last)
     choice = torch.arange(DYNAMIC_BATCH, device=DEVICE) % len(routes)
     return model, x, choice
@@ -101,7 +101,8 @@ def test_ddsnet_dynamic_cuda_graphs(benchmark, mode):
             gate = capture_cuda_graph(lambda: model.gate_forward(x), DEVICE)
             graphs = []
             for index, entry in enumerate(model.routing_space):
-                static = export_static(model.supernet, entry.config).to(DEVICE, DTYPE).eval()
+                static = export_static(model.supernet, entry.config).to(DEVICE, DTYPE,
+                                                                        memory_format=torch.channels_last).eval()
                 rows = (choice == index).nonzero().squeeze(1)
                 part = x[rows].contiguous(memory_format=torch.channels_last)
                 graphs.append(capture_cuda_graph(lambda s=static, r=rows, p=part: out.index_copy_(0, r, s(p)), DEVICE))

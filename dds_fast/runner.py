@@ -176,8 +176,8 @@ class LatencyRunner:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("LatencyRunner: cuda_graph=True needs a CUDA device")
-        self.model = model.to(self.device, dtype).eval()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(self.device, dtype, memory_format=self.memory_format).eval()
         self.input_shape = tuple(int(s) for s in input_shape)
         self.dtype, self.warmup, self.repeats, self.cuda_graph = dtype, warmup, repeats, cuda_graph
         self.backend = backend or _backend_of(model)

@@ -154,11 +154,15 @@ def _bwd_dz_kernel(
     sdyn, sdyc, sdyh, sdyw, syn, syc, syh, syw, szn, szc, szh, szw,
     slope,
     ACT: tl.constexpr, STORE_DZ: tl.constexpr, BIAS_SUMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_co = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
+    COUT = _aligned(COUT, ALIGN)  # and the batch and pixel strides (see _conv_fwd_kernel)
+    sdyn, sdyh, sdyw = _aligned(sdyn, ALIGN), _aligned(sdyh, ALIGN), _aligned(sdyw, ALIGN)
+    syn, syh, syw = _aligned(syn, ALIGN), _aligned(syh, ALIGN), _aligned(syw, ALIGN)
+    szn, szh, szw = _aligned(szn, ALIGN), _aligned(szh, ALIGN), _aligned(szw, ALIGN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < HO * WO
     oh = offs_m // WO
@@ -191,6 +195,7 @@ def _bwd_input_kernel(
     szn, szc, szh, szw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, IH0: tl.constexpr, IW0: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    C_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
 ):
     """Grad input for the input pixels (IH0 + STRIDE*jh, IW0 + STRIDE*jw) of one sub-pixel phase.
 
@@ -200,6 +205,10 @@ def _bwd_input_kernel(
     pid_m = tl.program_id(0)
     pid_ci = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
+    COUT, CIN, START = _aligned(COUT, C_ALIGN), _aligned(CIN, C_ALIGN), _aligned(START, C_ALIGN)
+    szn, szh, szw = _aligned(szn, X_ALIGN), _aligned(szh, X_ALIGN), _aligned(szw, X_ALIGN)
+    sxn, sxh, sxw = _aligned(sxn, X_ALIGN), _aligned(sxh, X_ALIGN), _aligned(sxw, X_ALIGN)
+    swo, swh, sww = _aligned(swo, W_ALIGN), _aligned(swh, W_ALIGN), _aligned(sww, W_ALIGN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < HP * WP
     jh = offs_m // WP
@@ -238,10 +247,14 @@ def _bwd_weight_kernel(
     szn, szc, szh, szw, sxn, sxc, sxh, sxw,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr,
+    C_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
 ):
     """Partial grad weight of one tap over one chunk of output pixels (all images flattened),
     written to ws[split, tap, co, ci] in fp32. Taps are on the grid: more parallel programs
     and one compiled loop instead of KSIZE**2 unrolled ones."""
+    COUT, CIN = _aligned(COUT, C_ALIGN), _aligned(CIN, C_ALIGN)
+    szn, szh, szw = _aligned(szn, X_ALIGN), _aligned(szh, X_ALIGN), _aligned(szw, X_ALIGN)
+    sxn, sxh, sxw = _aligned(sxn, X_ALIGN), _aligned(sxh, X_ALIGN), _aligned(sxw, X_ALIGN)
     pid_co = tl.program_id(0)
     pid_ci = tl.program_id(1) // (KSIZE * KSIZE)
     tap = tl.program_id(1) % (KSIZE * KSIZE)
@@ -305,6 +318,10 @@ def _alignment(*values: int) -> int:
     return 8 if all(v % 8 == 0 for v in values) else 1
 
 
+def _batch_and_pixel_strides(*tensors: torch.Tensor) -> list[int]:
+    return [s for t in tensors for s in (t.stride(0), t.stride(2), t.stride(3))]
+
+
 def _empty_channels_last(shape, like: torch.Tensor) -> torch.Tensor:
     """Every output and gradient buffer comes from here (tests poison it to prove full writes)."""
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
@@ -349,7 +366,6 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_ch
     r_ = y if residual is None else residual
     wd_ = y if widths is None else widths
     grid = (triton.cdiv(ho * wo, bm), triton.cdiv(out_channels, bn), n)
-    activations = [t for t in (x0, x1, residual, y) if t is not None]
     _conv_fwd_kernel[grid](
         x0, x1_, weight, b_, r_, y, wd_,
         h, w, ho, wo, c0, c1, out_channels, start0, start1,
@@ -360,7 +376,7 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_ch
         HAS_RES=residual is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=widths is not None,
         DOT_F32=_dot_f32(x0.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         C_ALIGN=_alignment(c0, c1, out_channels, start0, start1),
-        X_ALIGN=_alignment(*(s for t in activations for s in (t.stride(0), t.stride(2), t.stride(3)))),
+        X_ALIGN=_alignment(*_batch_and_pixel_strides(x0, x1_, r_, y)),
         W_ALIGN=_alignment(weight.stride(0), weight.stride(2), weight.stride(3)),
     )
     return y
@@ -381,7 +397,9 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
                 dz, weight, dx, h, w, ho, wo, hp, wp, cout, cin, start,
                 *dz.stride(), *weight.stride(), *dx.stride(),
                 KSIZE=k, STRIDE=stride, PAD=padding, IH0=ih0, IW0=iw0, DOT_F32=_dot_f32(x.dtype),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, C_ALIGN=_alignment(cout, cin, start),
+                X_ALIGN=_alignment(*_batch_and_pixel_strides(dz, dx)),
+                W_ALIGN=_alignment(weight.stride(0), weight.stride(2), weight.stride(3)),
             )
     return dx
 
@@ -413,6 +431,7 @@ def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
         dz, x, ws, h, w, ho, wo, npix, chunk, cout, cin, *dz.stride(), *x.stride(),
         KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(x.dtype),
         BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=GRAD_WEIGHT_WARPS,
+        C_ALIGN=_alignment(cout, cin), X_ALIGN=_alignment(*_batch_and_pixel_strides(dz, x)),
     )
     _reduce_into(ws, dw, splits, k * k, cout, cin, start, dw.stride(), k)
 
@@ -444,7 +463,7 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
         _bwd_dz_kernel[grid](
             grad_y, y_, dz, bias_ws, ho, wo, o, *grad_y.stride(), *y_.stride(), *dz.stride(),
             float(negative_slope), ACT=act, STORE_DZ=store_dz, BIAS_SUMS=bias_sums,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=4, ALIGN=_alignment(o, *_batch_and_pixel_strides(grad_y, y_, dz)),
         )
         if bias_sums:
             db = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)

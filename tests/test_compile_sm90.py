@@ -30,9 +30,11 @@ stacks = {}
 UNIT_STRIDES = {"sx0c", "sx1c", "syc", "src", "swi", "szc", "sxc", "sdyc"}
 
 def build(name, fn, ptrs, constexprs, warps):
+    # generic strides and no alignment; channels_last with every alignment flag at 8
     for layout in ("strided", "channels_last") if UNIT_STRIDES & set(fn.arg_names) else ("strided",):
         ones = {a: 1 for a in fn.arg_names if layout == "channels_last" and a in UNIT_STRIDES}
-        values = {**constexprs, **ones}
+        aligns = {a: 8 if layout == "channels_last" else 1 for a in fn.arg_names if a.endswith("ALIGN")}
+        values = {**constexprs, **ones, **aligns}
         sig = {a: "constexpr" if a in values else ptrs.get(a, "i32") for a in fn.arg_names}
         cx = {(fn.arg_names.index(k),): v for k, v in values.items()}
         kernel = triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -68,20 +70,26 @@ for name, act, wt, extra in [
     ("forward fp32", f, f, dict(DOT_F32=True)),
 ]:
     blocks, warps = tiles(torch.float32 if act == f else torch.bfloat16)
-    for align in (1, 8):
-        build(f"{name}, alignment {align}", K._conv_fwd_kernel,
-              dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", slope="fp32"),
-              dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
-                        PER_IMAGE=False, DOT_F32=False, C_ALIGN=align, X_ALIGN=align, W_ALIGN=align),
-                   **blocks, **extra), warps)
+    build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", slope="fp32"),
+          dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
+                    PER_IMAGE=False, DOT_F32=False), **blocks, **extra), warps)
 blocks, warps = tiles(torch.float16)
+h = "*fp16"
 vectors = {}
 for align in (1, 8):
+    flags = dict(C_ALIGN=align, X_ALIGN=align, W_ALIGN=align)
     vectors[f"forward fp16, alignment {align}"] = vector_loads(
-        K._conv_fwd_kernel, dict(x0="*fp16", x1="*fp16", w="*fp16", b="*fp16", res="*fp16", y="*fp16",
-                                 widths="*i32", slope="fp32"),
+        K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", slope="fp32"),
         dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2, PER_IMAGE=False,
-             DOT_F32=False, C_ALIGN=align, X_ALIGN=align, W_ALIGN=align, **blocks), warps)
+             DOT_F32=False, **flags, **blocks), warps)
+    vectors[f"grad input fp16, alignment {align}"] = vector_loads(
+        K._bwd_input_kernel, dict(dz=h, w=h, dx=h),
+        dict(KSIZE=3, STRIDE=1, PAD=1, IH0=0, IW0=0, DOT_F32=False, **flags, **blocks), warps)
+    del flags["W_ALIGN"]
+    vectors[f"grad weight fp16, alignment {align}"] = vector_loads(
+        K._bwd_weight_kernel, dict(dz=h, x=h, ws=f),
+        dict(KSIZE=3, STRIDE=1, PAD=1, DOT_F32=False, BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=64, **flags),
+        K.GRAD_WEIGHT_WARPS)
 blocks, warps = tiles(torch.bfloat16)
 for name, wt, stride in [("grad input bf16 over fp32 weights", f, 1), ("grad input bf16, stride 2", p, 2)]:
     build(name, K._bwd_input_kernel, dict(dz=p, w=wt, dx=p),
@@ -116,7 +124,8 @@ def test_kernels_compile_for_h100_without_spills():
     found = json.loads(done.stdout.strip().splitlines()[-1])
     stacks, vectors = found["stacks"], found["vectors"]
     # without the alignment hints every global load is scalar; with them, vectors
-    assert vectors["forward fp16, alignment 1"] == 0 and vectors["forward fp16, alignment 8"] > 0, vectors
+    for kernel in ("forward", "grad input", "grad weight"):
+        assert vectors[f"{kernel} fp16, alignment 1"] == 0 < vectors[f"{kernel} fp16, alignment 8"], vectors
     if not stacks:
         pytest.skip("kernels compile for sm_90; this Triton has no cuobjdump to read their register use")
     spilled = {name: size for name, size in stacks.items() if size}

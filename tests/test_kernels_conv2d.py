@@ -76,14 +76,15 @@ def run(case, activation, slope=0.01, **kw):
                        negative_slope=slope, residual=case["residual"], **kw)
 
 
-def check_grads(case, activation, slope=0.01):
+def check_grads(case, activation, slope=0.01, grad_format=torch.contiguous_format):
     """Forward and every gradient against fp64 autograd; grad weight/bias zero outside the slice."""
     dtype = case["weight"].dtype
     leaves = [*case["inputs"], case["weight"]] + [t for t in (case["bias"], case["residual"]) if t is not None]
     for t in leaves:
         t.requires_grad_(True)
     y = run(case, activation, slope)
-    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(dtype).to(
+        DEVICE, memory_format=grad_format)
     y.backward(grad)
 
     ref_leaves = {"inputs": [x.detach().double().requires_grad_() for x in case["inputs"]],
@@ -129,10 +130,16 @@ FORWARD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_forward_with_alignment_hints_matches_reference(monkeypatch, dtype):
-    """Widths, starts and strides all multiples of 8 (channels_last input and weight): the
-    launcher tells the kernel so (for vector loads); the result must not change."""
+def aligned_case(dtype, stride=1):
+    """Widths, segment starts and strides all multiples of 8 (channels_last input, residual
+    and weight): the launchers tell the kernels so, for vector loads."""
+    case = make_case(4, dtype=dtype, widths=(16, 8), starts=(0, 16), cin_max=32, cout_max=24, o=16, h=5, w=6,
+                     stride=stride, residual=True, weight_ohwi=True)
+    case["residual"] = case["residual"].to(memory_format=torch.channels_last)
+    return case
+
+
+def spy_on_alignment(monkeypatch) -> list[int]:
     chosen, alignment = [], K._alignment
 
     def spy(*values):
@@ -140,15 +147,26 @@ def test_forward_with_alignment_hints_matches_reference(monkeypatch, dtype):
         return chosen[-1]
 
     monkeypatch.setattr(K, "_alignment", spy)
-    case = make_case(4, dtype=dtype, widths=(16, 8), starts=(0, 16), cin_max=32, cout_max=24, o=16, h=5, w=6,
-                     residual=True, weight_ohwi=True)
-    case["residual"] = case["residual"].to(memory_format=torch.channels_last)
+    return chosen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_with_alignment_hints_matches_reference(monkeypatch, dtype):
+    chosen = spy_on_alignment(monkeypatch)
+    case = aligned_case(dtype)
     y = run(case, "leaky_relu", 0.2)
     assert chosen == [8, 8, 8]  # channel counts, activation strides, weight strides
     assert rel_err(y, reference(case, "leaky_relu", 0.2)) < TOL[dtype]
     chosen.clear()
     run(make_case(4, dtype=dtype, widths=(16,), cin_max=32, cout_max=24, o=12, h=5, w=6), None)
     assert chosen[0] == 1  # 12 output channels
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradients_with_alignment_hints_match_reference(monkeypatch, stride):
+    chosen = spy_on_alignment(monkeypatch)
+    check_grads(aligned_case(torch.float32, stride), "leaky_relu", grad_format=torch.channels_last)
+    assert chosen and set(chosen) == {8}, chosen
 
 
 @pytest.mark.parametrize("dtype,k,stride,activation,bias,residual,two", FORWARD_CASES)

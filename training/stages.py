@@ -135,15 +135,19 @@ class Run:
             raise ValueError(f"unknown architecture {c.arch!r}; choose SlimUNet or SlimDnCNN")
         kwargs = dict(in_channels=c.channels, base_width=c.base_width, depth=c.depth)
         torch.manual_seed(c.seed)
-        return self.on_backend(cls(**kwargs).to(self.device))
+        return self.prepare(cls(**kwargs).to(self.device))
 
     def load(self, name: str):
-        return self.on_backend(dds_fast.load(self.dir / name, map_location=self.device))
+        return self.prepare(dds_fast.load(self.dir / name, map_location=self.device))
 
-    def on_backend(self, model):
+    def prepare(self, model):
+        """The configured conv backend; on a GPU, channels_last weights (the kernels' aligned
+        fast path, and cuDNN's preferred layout for channels_last activations)."""
         for module in model.modules():
             if isinstance(module, SlimConv2d):
                 module.backend = self.config.backend
+        if self.device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
         return model
 
     def dataset(self, patch_size: int | None = None) -> NoisyPatches:
