@@ -177,7 +177,7 @@ def cmd_train(args) -> int:
         if args.stage in ("stage3", "all"):
             run.stage3()
         if args.stage in ("inets", "all"):
-            run.inets()
+            run.inets(indices=args.inet)
     except TrainingDiverged as error:
         print(f"dds-fast: error: {error}", file=sys.stderr)
         return 3
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("stage", choices=["stage1", "stage2", "stage3", "inets", "all"])
     train.add_argument("--run-dir", required=True, help="where checkpoints, logs and results go")
     train.add_argument("--config", help="a JSON file of training options (flags override it)")
+    train.add_argument("--inet", type=int, action="append",
+                       help="train only the I-Net of this routing config (repeatable; default: all)")
     for flag, (field, kind) in TRAIN_FLAGS.items():
         train.add_argument(flag, dest=field, type=kind)
     train.set_defaults(func=cmd_train)

@@ -216,6 +216,15 @@ def test_training_config_from_file(tmp_path):
         TrainConfig.from_dict({"backend": "cudnn"})
 
 
+def test_inets_reject_an_unknown_routing_index(tmp_path):
+    from dds_fast import RoutingEntry
+
+    run = Run(tmp_path, TrainConfig(base_width=8, depth=2))
+    space = run.new_network().space
+    with pytest.raises(ValueError, match=r"no routing config \[2\]: the routing space has 2"):
+        run.inets([RoutingEntry(space.smallest(), 1.0), RoutingEntry(space.largest(), 2.0)], indices=[0, 2])
+
+
 def test_run_puts_every_conv_on_the_configured_backend(tmp_path):
     from dds_fast import SlimConv2d
 

@@ -252,13 +252,19 @@ class Run:
         self.save(model, "dds.safetensors", stage=3, budget=budget)
         return model
 
-    def inets(self, routing_space=None) -> list[Path]:
-        """Static baselines: the same architecture trained alone at each routing config."""
+    def inets(self, routing_space=None, indices=None) -> list[Path]:
+        """Static baselines: the same architecture trained alone at each routing config (or
+        at the configs ``indices`` only, so that separate processes can share the work)."""
         c = self.config
         if routing_space is None:
             routing_space = dds_fast.load(self.dir / "stage2.safetensors").routing_space
+        indices = range(len(routing_space)) if indices is None else indices
+        unknown = sorted(set(indices) - set(range(len(routing_space))))
+        if unknown:
+            raise ValueError(f"no routing config {unknown}: the routing space has {len(routing_space)}")
         paths = []
-        for index, entry in enumerate(routing_space):
+        for index in indices:
+            entry = routing_space[index]
             net = self.new_network()
             net.set_config(entry.config)
             optimizer = torch.optim.Adam(net.parameters(), lr=c.lr)
