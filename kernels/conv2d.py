@@ -322,6 +322,11 @@ def _batch_and_pixel_strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in (t.stride(0), t.stride(2), t.stride(3))]
 
 
+def _pixel_strides_of_weight(weight: torch.Tensor) -> tuple[int, int, int]:
+    """The weight's strides other than its input channels' (the ones the kernels step over)."""
+    return weight.stride(0), weight.stride(2), weight.stride(3)
+
+
 def _empty_channels_last(shape, like: torch.Tensor) -> torch.Tensor:
     """Every output and gradient buffer comes from here (tests poison it to prove full writes)."""
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
@@ -377,7 +382,7 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_ch
         DOT_F32=_dot_f32(x0.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         C_ALIGN=_alignment(c0, c1, out_channels, start0, start1),
         X_ALIGN=_alignment(*_batch_and_pixel_strides(x0, x1_, r_, y)),
-        W_ALIGN=_alignment(weight.stride(0), weight.stride(2), weight.stride(3)),
+        W_ALIGN=_alignment(*_pixel_strides_of_weight(weight)),
     )
     return y
 
@@ -399,7 +404,7 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
                 KSIZE=k, STRIDE=stride, PAD=padding, IH0=ih0, IW0=iw0, DOT_F32=_dot_f32(x.dtype),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, C_ALIGN=_alignment(cout, cin, start),
                 X_ALIGN=_alignment(*_batch_and_pixel_strides(dz, dx)),
-                W_ALIGN=_alignment(weight.stride(0), weight.stride(2), weight.stride(3)),
+                W_ALIGN=_alignment(*_pixel_strides_of_weight(weight)),
             )
     return dx
 
