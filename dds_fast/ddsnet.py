@@ -12,6 +12,7 @@ the batch is grouped by chosen config (one host sync per forward).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -122,14 +123,17 @@ class DDSNet(nn.Module):
 
     def _width_tables(self, device: torch.device) -> list[tuple[SlimConv2d, torch.Tensor]]:
         """For each conv of the body, an int32 [E, 1 + inputs] table of its (out width, in
-        widths) under each routing config, on ``device``; built once per device."""
+        widths) under each routing config, on ``device``, and the largest number every entry
+        is a multiple of (so the kernel knows the widths keep its vector loads); built once
+        per device."""
         if self._tables is None or self._tables[0] != device:
             rows: dict[SlimConv2d, list] = {}
             for entry in self.routing_space:
                 for call in trace_convs(self.supernet, entry.config)[0]:
                     if call.module is not self.supernet.stem_conv:
                         rows.setdefault(call.module, []).append((call.out_width, *call.in_widths))
-            self._tables = (device, [(conv, torch.tensor(r, dtype=torch.int32, device=device))
+            self._tables = (device, [(conv, torch.tensor(r, dtype=torch.int32, device=device),
+                                      math.gcd(*(w for row in r for w in row)))
                                      for conv, r in rows.items()])
         return self._tables[1]
 
@@ -145,12 +149,14 @@ class DDSNet(nn.Module):
         tables = self._width_tables(padded.device)
         self.supernet.set_config(self._full_stem)  # buffers at full width, widths per image
         try:
-            for conv, table in tables:
+            for conv, table, multiple in tables:
                 conv.per_image_widths = table.index_select(0, choice.long())
+                conv.per_image_widths_multiple = multiple
             return self.supernet.body(features, padded)
         finally:
-            for conv, _ in tables:
+            for conv, _, _ in tables:
                 conv.per_image_widths = None
+                conv.per_image_widths_multiple = 1
 
     def _check_choice(self, choice, batch: int) -> torch.Tensor:
         if not isinstance(choice, torch.Tensor) or choice.shape != (batch,) or choice.dtype not in (

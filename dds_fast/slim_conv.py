@@ -78,6 +78,8 @@ class SlimConv2d(nn.Conv2d):
         # int32 [N, 1 + inputs] on the device: each image's (out width, in widths), read by the
         # kernel; inputs are then max-width buffers and channels past an image's width unwritten
         self.per_image_widths: torch.Tensor | None = None
+        # what the setter of per_image_widths promises every entry is a multiple of (see slim_conv2d)
+        self.per_image_widths_multiple = 1
 
     # -- widths -------------------------------------------------------------------------
     @property
@@ -173,7 +175,7 @@ class SlimConv2d(nn.Conv2d):
         return kernels.slim_conv2d(inputs, self.weight, self.bias, segment_starts=self.segment_starts,
                                    out_channels=out_width, stride=self.stride[0], padding=self.padding[0],
                                    activation=self.activation, negative_slope=self.negative_slope, residual=residual,
-                                   widths=self.per_image_widths)
+                                   widths=self.per_image_widths, widths_multiple=self.per_image_widths_multiple)
 
     def _triton_kernels(self, inputs: list[torch.Tensor]):
         """The kernel module when this call runs on Triton, else None (the reference path)."""

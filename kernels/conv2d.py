@@ -15,6 +15,8 @@ narrow layer never copies its slice. Activations are NCHW tensors in any memory 
 - Per-image widths (forward only): an int32 device tensor ``[N, 1 + len(inputs)]`` gives each
   image's (out width, in width per input); the kernels read the widths from memory, so one
   compiled kernel (and one CUDA graph) serves every width and nothing syncs with the host.
+  A caller that knows every width is a multiple of 8 (DDSNet's tables) says so, and the
+  channel masks keep their vector loads.
 
 ``slim_conv2d`` is registered as the ``torch.library`` op ``dds_fast::slim_conv2d`` (with
 autograd, a fake implementation for ``torch.compile`` and a FLOP formula).
@@ -112,11 +114,12 @@ def _conv_fwd_kernel(
     syn, syh, syw = _aligned(syn, X_ALIGN), _aligned(syh, X_ALIGN), _aligned(syw, X_ALIGN)
     swo, swh, sww = _aligned(swo, W_ALIGN), _aligned(swh, W_ALIGN), _aligned(sww, W_ALIGN)
     if PER_IMAGE:
-        # Clamped to the buffers so a bad width can never read or write out of bounds.
-        cout_n = tl.minimum(tl.load(widths + n * swdn), COUT)
-        c0_n = tl.minimum(tl.load(widths + n * swdn + swdc), C0)
+        # Clamped to the buffers so a bad width can never read or write out of bounds; C_ALIGN
+        # covers the caller's promise that the widths are multiples of 8 too.
+        cout_n = _aligned(tl.minimum(tl.load(widths + n * swdn), COUT), C_ALIGN)
+        c0_n = _aligned(tl.minimum(tl.load(widths + n * swdn + swdc), C0), C_ALIGN)
         if TWO_INPUTS:
-            c1_n = tl.minimum(tl.load(widths + n * swdn + 2 * swdc), C1)
+            c1_n = _aligned(tl.minimum(tl.load(widths + n * swdn + 2 * swdc), C1), C_ALIGN)
     if pid_co * BLOCK_N >= cout_n:
         return  # tile beyond this image's output width: left unwritten
 
@@ -358,8 +361,8 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int
 GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90
 
 
-def _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_channels, stride, padding,
-                  activation, negative_slope):
+def _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start0, start1, out_channels, stride,
+                  padding, activation, negative_slope):
     n, c0, h, w = x0.shape
     c1 = 0 if x1 is None else x1.shape[1]
     k = weight.shape[-1]
@@ -380,7 +383,7 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_ch
         KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=x1 is not None, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=widths is not None,
         DOT_F32=_dot_f32(x0.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        C_ALIGN=_alignment(c0, c1, out_channels, start0, start1),
+        C_ALIGN=_alignment(c0, c1, out_channels, start0, start1, *([] if widths is None else [widths_multiple])),
         X_ALIGN=_alignment(*_batch_and_pixel_strides(x0, x1_, r_, y)),
         W_ALIGN=_alignment(*_pixel_strides_of_weight(weight)),
     )
@@ -491,15 +494,16 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
 @torch.library.custom_op("dds_fast::slim_conv2d", mutates_args=())
 def _slim_conv2d_op(x0: torch.Tensor, x1: Optional[torch.Tensor], weight: torch.Tensor,
                     bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                    widths: Optional[torch.Tensor], start0: int, start1: int, out_channels: int,
-                    stride: int, padding: int, activation: str, negative_slope: float) -> torch.Tensor:
-    return _forward_impl(x0, x1, weight, bias, residual, widths, start0, start1, out_channels, stride,
-                         padding, activation, negative_slope)
+                    widths: Optional[torch.Tensor], widths_multiple: int, start0: int, start1: int,
+                    out_channels: int, stride: int, padding: int, activation: str,
+                    negative_slope: float) -> torch.Tensor:
+    return _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start0, start1, out_channels,
+                         stride, padding, activation, negative_slope)
 
 
 @_slim_conv2d_op.register_fake
-def _(x0, x1, weight, bias, residual, widths, start0, start1, out_channels, stride, padding, activation,
-      negative_slope):
+def _(x0, x1, weight, bias, residual, widths, widths_multiple, start0, start1, out_channels, stride, padding,
+      activation, negative_slope):
     n, _, h, w = x0.shape
     k = weight.shape[-1]
     return _empty_channels_last((n, out_channels, _out_size(h, k, stride, padding),
@@ -528,7 +532,7 @@ def _(grad_y, y, x0, x1, weight, start0, start1, stride, padding, activation, ne
 
 
 def _setup_context(ctx, inputs, output):
-    (x0, x1, weight, bias, residual, widths, start0, start1, out_channels, stride, padding, activation,
+    (x0, x1, weight, bias, residual, widths, _, start0, start1, out_channels, stride, padding, activation,
      negative_slope) = inputs
     ctx.save_for_backward(x0, x1, weight, output if activation != "none" else None)
     ctx.args = (start0, start1, stride, padding, activation, negative_slope)
@@ -550,7 +554,7 @@ def _backward(ctx, grad_y):
         dres = grad_y
     return (dx0 if need[0] else None, dx1 if need[1] else None, dw if need[2] else None,
             db if (need[3] and ctx.has_bias) else None, dres if need[4] else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 _slim_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -643,7 +647,7 @@ def _dtypes_match(activation: torch.dtype, weight: torch.dtype) -> bool:
 
 
 def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual,
-                widths):
+                widths, widths_multiple):
     if not isinstance(inputs, (list, tuple)) or not 1 <= len(inputs) <= 2 \
             or not all(isinstance(t, torch.Tensor) for t in inputs):
         got = len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__
@@ -701,12 +705,18 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
                 i, j = bad[0].tolist()
                 raise ValueError(f"slim_conv2d: widths[{i}, {j}] = {int(widths[i, j])} not in "
                                  f"[0, {int(limits[j])}]")
+            bad = (widths % widths_multiple).nonzero()
+            if len(bad):
+                i, j = bad[0].tolist()
+                raise ValueError(f"slim_conv2d: widths[{i}, {j}] = {int(widths[i, j])} is not a multiple of "
+                                 f"widths_multiple={widths_multiple}")
 
 
 def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                 segment_starts: Sequence[int] = (0,), out_channels: Optional[int] = None, stride=1,
                 padding=None, activation: Optional[str] = None, negative_slope: float = 0.01,
-                residual: Optional[torch.Tensor] = None, widths: Optional[torch.Tensor] = None) -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None, widths: Optional[torch.Tensor] = None,
+                widths_multiple: int = 1) -> torch.Tensor:
     """``act(conv(cat(inputs, 1), weight[:o, active input channels]) + bias[:o] + residual)``.
 
     - ``inputs``: 1 or 2 tensors ``[N, C_k, H, W]``; input k's channels are the weight's input
@@ -720,6 +730,9 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
       image's (out width, in width per input). The inputs are then max-width buffers read only
       up to each image's widths, and output channels at or beyond an image's out width are left
       UNWRITTEN (uninitialised memory). Forward only.
+    - ``widths_multiple``: the caller's promise that every entry of ``widths`` is a multiple of
+      it (checked on CPU only, where that costs no device sync). A multiple of 8 lets the
+      kernel keep vector loads; on a GPU a broken promise rounds widths down to that multiple.
 
     Inputs (and residual) share one dtype: the weight's, or fp16/bf16 over fp32 weights (mixed
     precision: the weight tiles are cast in registers, and weight and bias gradients stay fp32).
@@ -732,7 +745,11 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     stride = _as_int(stride, "stride")
     padding = k // 2 if padding is None else _as_int(padding, "padding")
     segment_starts = tuple(int(s) for s in segment_starts)
-    _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual, widths)
+    widths_multiple = _as_int(widths_multiple, "widths_multiple")
+    if widths_multiple < 1:
+        raise ValueError(f"slim_conv2d: widths_multiple={widths_multiple} must be >= 1")
+    _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual, widths,
+                widths_multiple)
     if activation == "leaky_relu" and negative_slope < 0:
         raise ValueError(f"slim_conv2d: leaky_relu negative_slope={negative_slope} must be >= 0")
     if widths is not None and torch.is_grad_enabled() and any(
@@ -741,5 +758,5 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     x1 = inputs[1] if len(inputs) == 2 else None
     start1 = segment_starts[1] if len(inputs) == 2 else 0
     return torch.ops.dds_fast.slim_conv2d(
-        inputs[0], x1, weight, bias, residual, widths, segment_starts[0], start1, out_channels, stride, padding,
-        "none" if activation is None else activation, float(negative_slope))
+        inputs[0], x1, weight, bias, residual, widths, widths_multiple, segment_starts[0], start1, out_channels,
+        stride, padding, "none" if activation is None else activation, float(negative_slope))

@@ -78,10 +78,11 @@ h = "*fp16"
 vectors = {}
 for align in (1, 8):
     flags = dict(C_ALIGN=align, X_ALIGN=align, W_ALIGN=align)
-    vectors[f"forward fp16, alignment {align}"] = vector_loads(
-        K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", slope="fp32"),
-        dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2, PER_IMAGE=False,
-             DOT_F32=False, **flags, **blocks), warps)
+    for per_image in (False, True):
+        vectors[f"forward{' per-image' if per_image else ''} fp16, alignment {align}"] = vector_loads(
+            K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", slope="fp32"),
+            dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2,
+                 PER_IMAGE=per_image, DOT_F32=False, **flags, **blocks), warps)
     vectors[f"grad input fp16, alignment {align}"] = vector_loads(
         K._bwd_input_kernel, dict(dz=h, w=h, dx=h),
         dict(KSIZE=3, STRIDE=1, PAD=1, IH0=0, IW0=0, DOT_F32=False, **flags, **blocks), warps)
@@ -124,7 +125,7 @@ def test_kernels_compile_for_h100_without_spills():
     found = json.loads(done.stdout.strip().splitlines()[-1])
     stacks, vectors = found["stacks"], found["vectors"]
     # without the alignment hints every global load is scalar; with them, vectors
-    for kernel in ("forward", "grad input", "grad weight"):
+    for kernel in ("forward", "forward per-image", "grad input", "grad weight"):
         assert vectors[f"{kernel} fp16, alignment 1"] == 0 < vectors[f"{kernel} fp16, alignment 8"], vectors
     if not stacks:
         pytest.skip("kernels compile for sm_90; this Triton has no cuobjdump to read their register use")

@@ -165,6 +165,8 @@ def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net):
     torch.testing.assert_close(per_image, grouped, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(per_image_chosen, grouped_chosen, rtol=1e-4, atol=1e-5)
     assert all(m.per_image_widths is None for m in model.modules() if isinstance(m, dds_fast.SlimConv2d))
+    # widths in steps of 8 are promised to the kernels (vector loads); the 3-channel output is not
+    assert {multiple for _, _, multiple in model._width_tables(x.device)} == {1, 8}
 
 
 def test_per_image_widths_need_the_triton_backend():

@@ -305,7 +305,7 @@ def test_weight_is_never_copied():
     # The mode sees only the op boundary through the custom op: also trace the implementations.
     with _RecordCopies(sliced) as inner:
         y2 = K._forward_impl(*[t.detach() for t in case["inputs"]], weight.detach(), case["bias"].detach(),
-                             case["residual"], None, 0, 12, o, 1, 1, "relu", 0.01)
+                             case["residual"], None, 1, 0, 12, o, 1, 1, "relu", 0.01)
         K._backward_impl(torch.ones_like(y2), y2, *[t.detach() for t in case["inputs"]], weight.detach(),
                          0, 12, 1, 1, "relu", 0.01, True, [True] * 5)
     assert mode.copies == [] and inner.copies == []
@@ -334,11 +334,36 @@ def test_per_image_widths_ignore_nan_and_skip_inactive_outputs(monkeypatch, k, s
         assert torch.isnan(y[i, o:]).all()  # beyond the image's out width: documented as unwritten
 
 
+def test_per_image_widths_promised_multiples_of_8_keep_the_alignment_hint(monkeypatch):
+    chosen = spy_on_alignment(monkeypatch)
+    case = make_case(16, widths=(16, 8), starts=(0, 16), cin_max=32, cout_max=24, o=24, h=5, w=6,
+                     residual=True, weight_ohwi=True)
+    case["residual"] = case["residual"].to(memory_format=torch.channels_last)
+    a, b = case["inputs"]
+    per_image = [(8, 8, 0), (24, 16, 8)]
+    for i, (_, ca, cb) in enumerate(per_image):
+        a[i, ca:] = float("nan")
+        b[i, cb:] = float("nan")
+    widths = torch.tensor(per_image, dtype=torch.int32, device=DEVICE)
+    y = run(case, "relu", widths=widths, widths_multiple=8)
+    assert chosen[0] == 8  # channel counts, segment starts and the promised widths
+    for i, (o, ca, cb) in enumerate(per_image):
+        sub = dict(case, inputs=[a[i:i + 1, :ca], b[i:i + 1, :cb]], o=o, residual=case["residual"][i:i + 1, :o])
+        assert rel_err(y[i:i + 1, :o], reference(sub, "relu")) < TOL[torch.float32]
+    chosen.clear()
+    run(case, "relu", widths=widths)
+    assert chosen[0] == 1  # no promise, no hint
+
+
 def test_per_image_widths_errors():
     case = make_case(10, widths=(13,))
     if DEVICE == "cpu":  # values are checked only where that costs no device sync
         with pytest.raises(ValueError, match=r"widths\[1, 1\] = 14 not in \[0, 13\]"):
             run(case, None, widths=torch.tensor([[3, 4], [5, 14]], dtype=torch.int32))
+        with pytest.raises(ValueError, match=r"widths\[0, 0\] = 3 is not a multiple of widths_multiple=8"):
+            run(case, None, widths=torch.tensor([[3, 8], [8, 8]], dtype=torch.int32), widths_multiple=8)
+    with pytest.raises(ValueError, match="widths_multiple=0 must be >= 1"):
+        run(case, None, widths=torch.tensor([[3, 4], [5, 6]], dtype=torch.int32, device=DEVICE), widths_multiple=0)
     with pytest.raises(ValueError, match="int32"):
         run(case, None, widths=torch.tensor([[3, 4], [5, 6]], device=DEVICE))
     case["weight"].requires_grad_(True)
