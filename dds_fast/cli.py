@@ -150,6 +150,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
     "--arch": ("arch", str), "--base-width": ("base_width", int), "--depth": ("depth", int),
     "--channels": ("channels", int), "--noise": ("noise", str), "--images": ("images", str),
     "--patch-size": ("patch_size", int), "--sandwich": ("sandwich", int), "--distillation": ("distillation", str),
+    "--distillation-loss": ("distillation_loss", str),
     "--num-choices": ("num_choices", int), "--checkpoint-every": ("checkpoint_every", int),
     "--seed": ("seed", int), "--device": ("device", str), "--gate-steps": ("gate_steps", int),
     "--budget": ("budget", float), "--beta": ("beta", float), "--backend": ("backend", str),

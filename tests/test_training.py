@@ -38,23 +38,30 @@ def test_sandwich_targets(distillation):
     configs = sandwich_configs(net.space, 4, torch.Generator().manual_seed(1))
     seen = []
 
-    def recording_loss(output, target):
-        seen.append((output.detach().clone(), target.detach().clone(), target.requires_grad))
-        return F.l1_loss(output, target)
+    def recording(criterion):
+        def loss(output, target):
+            seen.append((criterion, output.detach().clone(), target.detach().clone(), target.requires_grad))
+            return F.l1_loss(output, target)
+        return loss
 
-    losses = sandwich_step(net, noisy, clean, configs, distillation, recording_loss)
+    losses = sandwich_step(net, noisy, clean, configs, distillation, recording("truth"),
+                           distillation_loss_fn=recording("teacher"))
     assert list(losses) == ["largest", "random1", "random2", "smallest"]
-    outputs = [o for o, _, _ in seen]
-    assert not any(requires_grad for _, _, requires_grad in seen)  # targets are detached
-    torch.testing.assert_close(seen[0][1], clean)
+    criteria = [c for c, _, _, _ in seen]
+    outputs = [o for _, o, _, _ in seen]
+    targets = [t for _, _, t, _ in seen]
+    assert not any(requires_grad for _, _, _, requires_grad in seen)  # targets are detached
+    torch.testing.assert_close(targets[0], clean)
     if distillation == "none":
-        for _, target, _ in seen:
+        assert criteria == ["truth"] * 4
+        for target in targets:
             torch.testing.assert_close(target, clean)
     else:
-        for _, target, _ in seen[1:3]:
+        assert criteria == ["truth"] + ["teacher"] * 3
+        for target in targets[1:3]:
             torch.testing.assert_close(target, outputs[0])
         expected_smallest = torch.stack(outputs[:3]).mean(0) if distillation == "synergy" else outputs[0]
-        torch.testing.assert_close(seen[3][1], expected_smallest)
+        torch.testing.assert_close(targets[3], expected_smallest)
     assert net.get_config() == net.space.largest()
 
 
@@ -214,6 +221,10 @@ def test_training_config_from_file(tmp_path):
         TrainConfig.from_dict({"lr_schedule": "step"})
     with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
         TrainConfig.from_dict({"backend": "cudnn"})
+    with pytest.raises(ValueError, match="unknown distillation_loss 'kl'"):
+        TrainConfig.from_dict({"distillation_loss": "kl"})
+    with pytest.raises(ValueError, match="unknown distillation 'soft'"):
+        TrainConfig.from_dict({"distillation": "soft"})
 
 
 def test_inets_reject_an_unknown_routing_index(tmp_path):

@@ -10,6 +10,12 @@ optimizer step. The targets (the paper's Eq. 6 and 7):
 - ``inplace`` (in-place distillation): every other sub-network learns from the detached
   largest.
 - ``none``: every sub-network learns from the ground truth.
+
+Distillation targets get their own loss, MSE by default. With L1 each student's gradient is
+a sign whose size does not shrink as it nears its teacher, so three students outweigh the
+one ground-truth term and pull every width towards agreeing on the trivial output (the
+noisy input): on AWGN sigma 25 after 600 steps the largest config reached 25.6 dB with L1
+students against 28.5 dB without distillation.
 """
 from __future__ import annotations
 
@@ -38,10 +44,12 @@ def sandwich_configs(space: WidthSpace, n: int, generator: torch.Generator) -> l
 
 
 def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[SubnetConfig],
-                  distillation: str = "synergy", loss_fn=F.l1_loss, autocast=contextlib.nullcontext) -> dict[str, float]:
+                  distillation: str = "synergy", loss_fn=F.l1_loss, autocast=contextlib.nullcontext,
+                  distillation_loss_fn=F.mse_loss) -> dict[str, float]:
     """Forward and backward every config in ``configs`` (largest first, smallest last) and
-    return each one's loss; the caller takes the optimizer step. Leaves the net at the
-    largest config."""
+    return each one's loss; the caller takes the optimizer step. ``loss_fn`` compares with
+    the ground truth, ``distillation_loss_fn`` with a teacher's output. Leaves the net at
+    the largest config."""
     if distillation not in DISTILLATIONS:
         raise ValueError(f"unknown distillation {distillation!r}; choose one of {DISTILLATIONS}")
     losses: dict[str, torch.Tensor] = {}
@@ -51,13 +59,14 @@ def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[S
         net.set_config(config)
         with autocast():
             output = net(noisy)
+        criterion = distillation_loss_fn
         if index == 0 or distillation == "none":
-            target = clean
+            target, criterion = clean, loss_fn
         elif distillation == "synergy" and index == last:
             target = torch.stack(teacher_outputs).mean(0)
         else:
             target = teacher_outputs[0]
-        loss = loss_fn(output.float(), target.float())
+        loss = criterion(output.float(), target.float())
         loss.backward()
         # the largest teaches everyone; the random ones also join the smallest's target
         if index == 0 or (distillation == "synergy" and index < last):

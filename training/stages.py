@@ -26,7 +26,7 @@ from .data import NoisyPatches, bundled_images, load_image_folder, make_validati
 from .gate_stage import gate_step
 from .loop import LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_generator
 from .noise import make_noise
-from .sandwich import reconstruction_loss, sandwich_configs, sandwich_step
+from .sandwich import DISTILLATIONS, LOSSES, reconstruction_loss, sandwich_configs, sandwich_step
 from .slimming import progressive_slimming, thin_routing_space
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -55,7 +55,8 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # or "constant"; stage 1 and the I-Nets (the gate has its own)
     sandwich: int = 4
     distillation: str = "synergy"
-    loss: str = "l1"
+    loss: str = "l1"  # against the ground truth
+    distillation_loss: str = "mse"  # against a teacher's output (see training/sandwich.py)
     slim_step: int = 16
     num_choices: int = 4
     validation_crops: int = 4
@@ -94,6 +95,11 @@ class TrainConfig:
             raise ValueError(f"{source}: unknown backend {config.backend!r}; choose one of {BACKENDS}")
         if config.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"{source}: unknown lr_schedule {config.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        if config.distillation not in DISTILLATIONS:
+            raise ValueError(f"{source}: unknown distillation {config.distillation!r}; choose one of {DISTILLATIONS}")
+        for option in ("loss", "distillation_loss"):
+            if getattr(config, option) not in LOSSES:
+                raise ValueError(f"{source}: unknown {option} {getattr(config, option)!r}; choose one of {sorted(LOSSES)}")
         if isinstance(config.validation_images, list):
             config.validation_images = tuple(config.validation_images)
         return config
@@ -114,6 +120,7 @@ class Run:
         self.device = config.resolved_device()
         self.noise = make_noise(config.noise, **config.noise_args)
         self.loss_fn = reconstruction_loss(config.loss)
+        self.distillation_loss_fn = reconstruction_loss(config.distillation_loss)
         if config.images is None:
             images = bundled_images(channels=config.channels)
         else:
@@ -195,7 +202,8 @@ class Run:
 
         def step_fn(step, noisy, clean):
             configs = sandwich_configs(net.space, c.sandwich, step_generator(c.seed, step))
-            return sandwich_step(net, noisy, clean, configs, c.distillation, self.loss_fn, self.autocast)
+            return sandwich_step(net, noisy, clean, configs, c.distillation, self.loss_fn, self.autocast,
+                                 self.distillation_loss_fn)
 
         TrainLoop(self.dir, "stage1", net, optimizer, self.dataset(), step_fn, self.settings(c.steps),
                   device=self.device, lr_factor=self.lr_factor(c.steps)).run()
