@@ -165,6 +165,15 @@ def test_resume_after_a_kill_reaches_the_same_result(tmp_path, schedule):
     assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"] < 1e-2
 
 
+def test_a_run_killed_before_its_first_checkpoint_leaves_no_log_lines_behind(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "stage1.log.jsonl").write_text(json.dumps({"step": 0, "largest": 1.0}) + "\n")
+    loop, _ = make_loop(tmp_path, steps=2)
+    loop.run()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "stage1.log.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]
+
+
 def test_cosine_schedule_decays_from_the_initial_rate_to_one_percent(tmp_path):
     factor = cosine_factor(6)
     values = [factor(step) for step in range(6)]

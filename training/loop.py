@@ -154,12 +154,11 @@ class TrainLoop:
         scheduler_state = json.loads(meta["scheduler"])
         if self.scheduler is not None and scheduler_state is not None:
             self.scheduler.load_state_dict(scheduler_state)
-        step = int(meta["step"])
-        self._truncate_log(step)
-        return step
+        return int(meta["step"])
 
     def _truncate_log(self, step: int) -> None:
-        # lines written after the checkpoint by a killed run are replayed, so drop them
+        # lines written after the checkpoint (or before the first one) by a killed run are
+        # replayed, so drop them
         if not self.log_path.exists():
             return
         kept = [line for line in self.log_path.read_text().splitlines()
@@ -175,6 +174,8 @@ class TrainLoop:
         if self.world > 1:
             dist.barrier()
         start = self.resume()
+        if lead:
+            self._truncate_log(start)
         total = self.settings.steps
         self.model.train()
         with tqdm(total=total, initial=start, desc=self.stage, disable=not (self.settings.progress and lead),
