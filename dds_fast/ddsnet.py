@@ -121,7 +121,7 @@ class DDSNet(nn.Module):
             return [self.routing_space[self._budget_index].macs_per_pixel] * len(x)
         return [self.dynamic_macs_per_pixel[self.routing_space.index(e)] for e in self.route(x)]
 
-    def _width_tables(self, device: torch.device) -> list[tuple[SlimConv2d, torch.Tensor]]:
+    def _width_tables(self, device: torch.device) -> list[tuple[SlimConv2d, torch.Tensor, int]]:
         """For each conv of the body, an int32 [E, 1 + inputs] table of its (out width, in
         widths) under each routing config, on ``device``, and the largest number every entry
         is a multiple of (so the kernel knows the widths keep its vector loads); built once
