@@ -19,8 +19,8 @@ import time
 
 import torch
 
+from dds_fast.config import RoutingEntry
 from dds_fast.metrics import batch_psnr
-from dds_fast.training.loop import TrainLoop
 from dds_fast.training.stages import Run, TrainConfig
 
 
@@ -46,17 +46,10 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         run = Run(run_dir, config)
-        if args.alone:
-            net = run.new_network()
-            optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
-
-            def step_fn(step, noisy, clean):
-                loss = run.loss_fn(net(noisy), clean)
-                loss.backward()
-                return {"largest": loss.item()}
-
-            TrainLoop(run.dir, "alone", net, optimizer, run.dataset(), step_fn, run.settings(config.steps),
-                      device=run.device).run()
+        if args.alone:  # the I-Net of the largest config: the same loop without the sandwich
+            largest = run.new_network().space.largest()
+            run.inets([RoutingEntry(largest, macs_per_pixel=0.0)])
+            net = run.load("inet-0.safetensors")
         else:
             net = run.stage1()
         net.eval()
