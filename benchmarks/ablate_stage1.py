@@ -60,13 +60,18 @@ def main(argv=None) -> int:
                                   ("uniform 1/3", net.space.uniform(1 / 3)), ("smallest", net.space.smallest())]:
                 net.set_config(widths)
                 psnrs[label] = sum(batch_psnr(net(noisy), clean) for noisy, clean in batches) / len(batches)
-    result = {"device": f"CPU: {platform.machine()}", "torch": torch.__version__, "alone": args.alone,
-              "options": options, "validation_psnr": psnrs, "seconds": time.perf_counter() - began}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    report({"alone": args.alone, "options": options, "validation_psnr": psnrs,
+            "seconds": time.perf_counter() - began}, args.out)
     return 0
+
+
+def report(result: dict, out: str | None) -> None:
+    """Print a CPU ablation's result with the machine and versions; write it as JSON to ``out``."""
+    result = {"device": f"CPU: {platform.machine()}", "torch": torch.__version__, **result}
+    print(json.dumps(result, indent=1))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""Denoising quality of a checkpoint on held-out photos, against BM3D.
+"""Denoising quality of a checkpoint on held-out photos, against BM3D and the I-Nets.
 
-    python benchmarks/quality.py CHECKPOINT [--noise awgn|camera] [--sigma 25]
+    python benchmarks/quality.py CHECKPOINT [MORE_DDS ...] [--noise awgn camera] [--sigma 10 25 50]
         [--images chelsea coins] [--inets INET.safetensors ...] [--out FILE.json]
 
 Adds noise (fixed seed) to scikit-image's bundled photos that training held out: AWGN of
-``--sigma``, or the camera pipeline (then the clean reference is the photo through the same
-ISP). Reports PSNR/SSIM on 8-bit outputs (``dds_fast.metrics``) with MACs/pixel for: the
-noisy input, the DDSNet in dynamic mode, each routing config run alone, and, for AWGN,
-BM3D (the ``bm3d`` package, CBM3D for colour, told the true sigma) when it is installed.
-Also the I-Net table when ``--inets`` lists I-Net checkpoints.
+each ``--sigma``, and/or the camera pipeline (then the clean reference is the photo through
+the same ISP); every image under every noise is one test pair. Reports PSNR/SSIM on 8-bit
+outputs (``dds_fast.metrics``) with MACs/pixel for: the noisy input, the DDSNet in dynamic
+mode, each routing config run alone, and, when every pair is AWGN, BM3D (the ``bm3d``
+package, CBM3D for colour, told the true sigma) when it is installed. Further DDSNet
+checkpoints (the same super-network with gates trained for other budgets) add a dynamic
+row each. With ``--inets``: the I-Net table, and each dynamic DDS against the cheapest
+I-Net that costs at least its mean MACs/pixel.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 import dds_fast
+from dds_fast.checkpoint import read_metadata
 from dds_fast.evaluate import TABLE_HEADER, Evaluation, comparison_table, evaluate
 from dds_fast.metrics import psnr, ssim
 from dds_fast.training.data import bundled_images
@@ -33,13 +37,14 @@ def noisy_pairs(names, noise, channels: int, seed: int = 0):
     return [noise.pair(clean, torch.Generator().manual_seed(seed + i)) for i, clean in enumerate(images.values())]
 
 
-def bm3d_row(pairs, sigma: float) -> Evaluation | None:
+def bm3d_row(pairs, sigmas: list[float]) -> Evaluation | None:
+    """BM3D on each pair, told its AWGN sigma."""
     try:
         import bm3d
     except ImportError:
         return None
     scores = []
-    for noisy, clean in pairs:
+    for (noisy, clean), sigma in zip(pairs, sigmas):
         image = noisy.permute(1, 2, 0).double().numpy()
         if image.shape[-1] == 3:
             out = bm3d.bm3d_rgb(image, sigma / 255)
@@ -51,41 +56,73 @@ def bm3d_row(pairs, sigma: float) -> Evaluation | None:
                       sum(s[1] for s in scores) / len(scores), float("nan"), len(scores))
 
 
+def matched_table(dynamic_rows: list[Evaluation], inet_rows: list[Evaluation]) -> str:
+    """Each dynamic DDS against the cheapest I-Net that costs at least its mean MACs/pixel."""
+    lines = ["| DDS | mean MACs/pixel | PSNR | I-Net | MACs/pixel | PSNR | DDS - I-Net (dB) |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for row in dynamic_rows:
+        dearer = [inet for inet in inet_rows if inet.macs_per_pixel >= row.macs_per_pixel]
+        if dearer:
+            inet = min(dearer, key=lambda r: r.macs_per_pixel)
+            lines.append(f"| {row.name} | {row.macs_per_pixel:,.0f} | {row.psnr:.2f} | {inet.name} | "
+                         f"{inet.macs_per_pixel:,.0f} | {inet.psnr:.2f} | {row.psnr - inet.psnr:+.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--noise", choices=["awgn", "camera"], default="awgn")
-    parser.add_argument("--sigma", type=float, default=25.0, help="of the AWGN, in 0-255 units")
+    parser.add_argument("checkpoints", nargs="+", help="a model; further DDSNets add a dynamic row each")
+    parser.add_argument("--noise", nargs="+", choices=["awgn", "camera"], default=["awgn"])
+    parser.add_argument("--sigma", nargs="+", type=float, default=[25.0], help="of the AWGN, in 0-255 units")
     parser.add_argument("--images", nargs="+", default=list(DEFAULT_VALIDATION_IMAGES))
     parser.add_argument("--inets", nargs="*", default=[])
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
-    model = dds_fast.load(args.checkpoint).eval()
-    awgn = args.noise == "awgn"
-    pairs = noisy_pairs(args.images, GaussianNoise(args.sigma) if awgn else CameraNoise(), model.in_channels)
+    models = [dds_fast.load(path).eval() for path in args.checkpoints]
+    model = models[0]
+    noises, sigmas = [], []
+    for name in dict.fromkeys(args.noise):
+        if name == "awgn":
+            noises += [(f"AWGN sigma {sigma:g}", GaussianNoise(sigma), sigma) for sigma in args.sigma]
+        else:
+            noises.append(("camera noise", CameraNoise(), None))
+    pairs = []
+    for _, noise, sigma in noises:
+        added = noisy_pairs(args.images, noise, model.in_channels)
+        pairs += added
+        sigmas += [sigma] * len(added)
     noisy = Evaluation("noisy input", sum(psnr(n, c) for n, c in pairs) / len(pairs),
                        sum(ssim(n, c) for n, c in pairs) / len(pairs), 0.0, len(pairs))
     rows = [noisy]
     started = time.perf_counter()
+    dynamic_rows = []
     if isinstance(model, dds_fast.DDSNet):
-        rows.append(evaluate(model, pairs, "DDS dynamic"))
+        for path, dds in zip(args.checkpoints, models):
+            if not isinstance(dds, dds_fast.DDSNet):
+                raise SystemExit(f"{path} is not a DDSNet checkpoint; only DDSNets can follow the first")
+            budget = read_metadata(path)["user"].get("budget")
+            dynamic_rows.append(evaluate(dds, pairs, "DDS dynamic" + (f", gate budget {budget:,.0f}" if budget else "")))
+        rows += dynamic_rows
         for index, entry in enumerate(model.routing_space):
             model.supernet.set_config(entry.config)
             rows.append(evaluate(model.supernet, pairs, f"route {index} alone"))
     else:
         rows.append(evaluate(model, pairs, type(model).__name__))
-    baseline = bm3d_row(pairs, args.sigma) if awgn else None
+    baseline = bm3d_row(pairs, sigmas) if None not in sigmas else None
     if baseline is not None:
         rows.append(baseline)
     table = "\n".join([TABLE_HEADER] + [row.row() for row in rows])
     if args.inets and isinstance(model, dds_fast.DDSNet):
-        table += "\n\n" + comparison_table(model, [dds_fast.load(p).eval() for p in args.inets], pairs)
-    noise = f"AWGN sigma {args.sigma:g}" if awgn else "camera noise"
+        inets = [dds_fast.load(p).eval() for p in args.inets]
+        inet_rows = [evaluate(inet, pairs, f"I-Net {index}") for index, inet in enumerate(inets)]
+        table += "\n\n" + comparison_table(model, inets, pairs, inet_rows)
+        table += "\n\n" + matched_table(dynamic_rows, inet_rows)
+    noise = ", ".join(name for name, _, _ in noises)
     print(f"{noise} on {', '.join(args.images)}; {time.perf_counter() - started:.0f} s")
     print(table)
     if args.out:
-        record = {"device": f"CPU: {platform.processor() or platform.machine()}", "checkpoint": str(args.checkpoint),
+        record = {"device": f"CPU: {platform.processor() or platform.machine()}", "checkpoints": args.checkpoints,
                   "noise": noise, "images": args.images, "torch": torch.__version__,
                   "rows": [row.__dict__ for row in rows], "table": table}
         Path(args.out).write_text(json.dumps(record, indent=2))

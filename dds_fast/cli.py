@@ -154,6 +154,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
     "--num-choices": ("num_choices", int), "--checkpoint-every": ("checkpoint_every", int),
     "--seed": ("seed", int), "--device": ("device", str), "--gate-steps": ("gate_steps", int),
     "--budget": ("budget", float), "--beta": ("beta", float), "--backend": ("backend", str),
+    "--refine-steps": ("refine_steps", int), "--refine-lr": ("refine_lr", float),
 }
 
 
@@ -175,6 +176,8 @@ def cmd_train(args) -> int:
             run.stage1()
         if args.stage in ("stage2", "all"):
             run.stage2()
+        if args.stage == "refine" or (args.stage == "all" and config.refine_steps > 0):
+            run.refine()
         if args.stage in ("stage3", "all"):
             run.stage3()
         if args.stage in ("inets", "all"):
@@ -247,9 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
-    train = sub.add_parser("train", help="train: stage1 (once-for-all), stage2 (progressive slimming), stage3 "
-                                         "(gate), inets (static baselines) or all; resumes from the run directory")
-    train.add_argument("stage", choices=["stage1", "stage2", "stage3", "inets", "all"])
+    train = sub.add_parser("train", help="train: stage1 (once-for-all), stage2 (progressive slimming), refine "
+                                         "(the routing configs; with --refine-steps), stage3 (gate), inets (static "
+                                         "baselines) or all; resumes from the run directory")
+    train.add_argument("stage", choices=["stage1", "stage2", "refine", "stage3", "inets", "all"])
     train.add_argument("--run-dir", required=True, help="where checkpoints, logs and results go")
     train.add_argument("--config", help="a JSON file of training options (flags override it)")
     train.add_argument("--inet", type=int, action="append",

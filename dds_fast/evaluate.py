@@ -82,13 +82,16 @@ def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]
                       sum(macs) / len(macs), len(scores))
 
 
-def comparison_table(dds: DDSNet, inets: Sequence[nn.Module], pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> str:
+def comparison_table(dds: DDSNet, inets: Sequence[nn.Module], pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                     inet_rows: Sequence[Evaluation] | None = None) -> str:
     """The paper's Table I: for each I-Net, DDS at the best config within the I-Net's MACs
-    (static budget mode) against the I-Net; then DDS in dynamic mode."""
+    (static budget mode) against the I-Net; then DDS in dynamic mode. ``inet_rows``: the
+    I-Nets' evaluations on ``pairs`` when the caller has them already."""
     pairs = list(pairs)
+    if inet_rows is None:
+        inet_rows = [evaluate(inet, pairs, f"I-Net {index}") for index, inet in enumerate(inets)]
     rows = []
-    for index, inet in enumerate(inets):
-        inet_eval = evaluate(inet, pairs, f"I-Net {index}")
+    for inet_eval in inet_rows:
         dds.set_budget(inet_eval.macs_per_pixel)
         rows += [evaluate(dds, pairs, f"DDS at <= {inet_eval.macs_per_pixel:,.0f}"), inet_eval]
     dds.set_budget(None)

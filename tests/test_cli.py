@@ -65,9 +65,12 @@ def test_train_all_stages_from_a_config_file(tmp_path, capsys):
                                   "slim_step": 8, "num_choices": 2, "progress": False, "gate_steps": 2,
                                   "gate_batch_size": 4, "gate_patch_size": 24}))
     run_dir = tmp_path / "run"
-    assert main(["train", "all", "--run-dir", str(run_dir), "--config", str(config), "--steps", "2"]) == 0
-    assert {"stage1.safetensors", "stage2.safetensors", "dds.safetensors", "inet-0.safetensors", "inet-1.safetensors"} <= {
-        p.name for p in run_dir.iterdir()}
+    assert main(["train", "all", "--run-dir", str(run_dir), "--config", str(config), "--steps", "2",
+                 "--refine-steps", "1"]) == 0
+    assert {"stage1.safetensors", "stage2.safetensors", "refine.safetensors", "dds.safetensors", "inet-0.safetensors",
+            "inet-1.safetensors"} <= {p.name for p in run_dir.iterdir()}
+    assert main(["train", "refine", "--run-dir", str(run_dir), "--config", str(config)]) == 2
+    assert "--refine-steps" in capsys.readouterr().err
     assert main(["info", str(run_dir / "stage2.safetensors")]) == 0
     assert "route 1" in capsys.readouterr().out
     assert main(["train", "stage1", "--run-dir", str(run_dir), "--config", str(tmp_path / "nope.json")]) == 2

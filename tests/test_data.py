@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from dds_fast.training.data import (
     PHOTO_NAMES,
+    TEST_NAMES,
     TEXTURE_NAMES,
     NoisyPatches,
     PairedPatches,
@@ -50,6 +51,13 @@ def test_bundled_images_channel_conversion():
     assert gray["astronaut"].shape == (1, 512, 512) and gray["camera"].shape == (1, 512, 512)
     colour_camera = bundled_images(["camera"])["camera"]
     assert torch.equal(colour_camera[0], colour_camera[1]) and torch.equal(colour_camera[0], gray["camera"][0])
+
+
+def test_test_images_load_but_stay_out_of_the_default_training_set():
+    images = bundled_images(TEST_NAMES)
+    assert tuple(images) == TEST_NAMES and not set(TEST_NAMES) & set(bundled_images())
+    for name, image in images.items():
+        assert image.shape[0] == 3 and min(image.shape[1:]) >= 512 and image.std() > 0.05, name
 
 
 def test_bundled_images_unknown_name():

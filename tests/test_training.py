@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import dds_fast
 from dds_fast import SlimDnCNN, SlimUNet
 from dds_fast.training.loop import LoopSettings, TrainingDiverged, TrainLoop, cosine_factor, step_generator
-from dds_fast.training.sandwich import sandwich_configs, sandwich_step
+from dds_fast.config import RoutingEntry
+from dds_fast.training.sandwich import routing_sandwich_configs, sandwich_configs, sandwich_step
 from dds_fast.training.slimming import progressive_slimming, slimmer, thin_routing_space
 from dds_fast.training.stages import Run, TrainConfig
 
@@ -29,6 +30,29 @@ def test_sandwich_configs_are_largest_random_smallest():
     assert configs[0] == space.largest() and configs[-1] == space.smallest() and len(configs) == 4
     with pytest.raises(ValueError, match="n >= 2"):
         sandwich_configs(space, 1, torch.Generator())
+
+
+def test_routing_sandwich_draws_the_middle_configs_without_replacement():
+    space = tiny_net().space
+    generator = torch.Generator().manual_seed(0)
+    routing = sorted({c for c in (space.sample(generator) for _ in range(40))} | {space.largest(), space.smallest()},
+                     key=lambda c: tuple(c.to_dict().values()))[:6]
+    routing = [RoutingEntry(c, float(i)) for i, c in enumerate(routing)]  # ascending MACs
+    for n in (2, 3, 4, 6, 9):
+        configs = routing_sandwich_configs(routing, n, generator)
+        assert configs[0] == routing[-1].config and configs[-1] == routing[0].config
+        middle = configs[1:-1]
+        assert len(middle) == min(n - 2, 4) and len(set(middle)) == len(middle)
+        assert set(middle) <= {e.config for e in routing[1:-1]}
+        # dearer first, so the smallest's teachers come in the order the sandwich expects
+        order = [[e.config for e in routing].index(c) for c in middle]
+        assert order == sorted(order, reverse=True)
+    seen = {c for _ in range(30) for c in routing_sandwich_configs(routing, 3, generator)[1:-1]}
+    assert seen == {e.config for e in routing[1:-1]}
+    with pytest.raises(ValueError, match="n >= 2"):
+        routing_sandwich_configs(routing, 1, generator)
+    with pytest.raises(ValueError, match="at least 2 configs"):
+        routing_sandwich_configs(routing[:1], 4, generator)
 
 
 @pytest.mark.parametrize("distillation", ["synergy", "inplace", "none"])
@@ -195,7 +219,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_gate_labels_and_step():
     from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
-    from dds_fast.training.gate_stage import gate_labels, gate_step
+    from dds_fast.training.gate_stage import gate_labels, gate_step, per_image_psnr
 
     labels = gate_labels(torch.tensor([30.0, 30.5, 31.0]), torch.tensor([29.9, 30.0, 30.0]), 4, beta=0.2)
     assert labels.tolist() == [0, 3, 3]
@@ -212,8 +236,25 @@ def test_gate_labels_and_step():
     assert routes[0].macs_per_pixel <= record["expected_macs"] <= model.dynamic_macs_per_pixel[-1]
     psi = record["expected_macs"]
     assert record["complexity"] == pytest.approx(((psi - routes[0].macs_per_pixel) / model.supernet_macs_per_pixel) ** 2)
+    with torch.no_grad():
+        quality = []
+        for entry in routes:
+            net.set_config(entry.config)
+            quality.append(per_image_psnr(net(noisy), clean))
+    assert record["psnr_gain"] == pytest.approx((quality[1] - quality[0]).mean().item(), abs=1e-4)
     with pytest.raises(ValueError, match="ascending"):
         gate_step(DDSNet(net, DynamicGate(net.stem_channels, 2), routes[::-1]), noisy, clean, 1.0)
+
+
+def test_one_sided_gate_labels_get_a_warning_naming_the_median_gain():
+    from dds_fast.training.gate_stage import one_sided_labels
+
+    log = [{"hard_fraction": 1.0, "psnr_gain": g} for g in (2.5, 0.9, 3.1)]
+    assert "labelled hard with beta = 0.2 dB" in one_sided_labels(log, 0.2) and "2.50 dB" in one_sided_labels(log, 0.2)
+    assert "labelled easy" in one_sided_labels([{**r, "hard_fraction": 0.0} for r in log], 5.0)
+    assert one_sided_labels([{**log[0], "hard_fraction": 0.5}] + log, 0.2) is None
+    assert one_sided_labels([], 0.2) is None
+    assert "labelled hard with beta = 0.2 dB, so" in one_sided_labels([{"hard_fraction": 1.0}], 0.2)
 
 
 def test_training_config_from_file(tmp_path):
@@ -259,17 +300,27 @@ def test_three_stage_run_end_to_end_on_cpu(tmp_path):
     config = TrainConfig(arch="SlimDnCNN", channels=1, base_width=8, depth=3, patch_size=24, batch_size=4,
                          epoch_patches=8, steps=3, inet_steps=2, validation_crops=1, validation_patch=32,
                          slim_step=8, num_choices=2, checkpoint_every=2, progress=False, gate_steps=2,
-                         gate_batch_size=4, gate_patch_size=24)
+                         gate_batch_size=4, gate_patch_size=24, refine_steps=2, beta=-1000.0)
     run = Run(tmp_path, config)
     net = run.stage1()
     routed = run.stage2(net)
     assert len(routed.routing_space) == 2
     reloaded = dds_fast.load(tmp_path / "stage2.safetensors")
     assert reloaded.routing_space == routed.routing_space
-    model = run.stage3()
+    with pytest.raises(ValueError, match="train refine"):
+        run.stage3()
+    refined = run.refine()
+    log = [json.loads(line) for line in (tmp_path / "refine.log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and {"largest", "smallest"} <= set(log[0])
+    assert [e.config for e in refined.routing_space] == [e.config for e in routed.routing_space]
+    stage2_weights, refined_weights = reloaded.state_dict(), dds_fast.load(tmp_path / "refine.safetensors").state_dict()
+    assert any(not torch.equal(stage2_weights[k], refined_weights[k]) for k in stage2_weights)
+    with pytest.warns(UserWarning, match="labelled hard with beta = -1000.0 dB"):
+        model = run.stage3()
+    assert all(torch.equal(v, refined_weights[k]) for k, v in model.supernet.state_dict().items())
     assert model.gate.attention is False and len(model.routing_space) == 2
     loaded = dds_fast.load(tmp_path / "dds.safetensors")
-    assert loaded.routing_space == routed.routing_space
+    assert loaded.routing_space == refined.routing_space
     log = [json.loads(line) for line in (tmp_path / "stage3.log.jsonl").read_text().splitlines()]
     assert len(log) == config.gate_steps and {"cross_entropy", "complexity", "expected_macs"} <= set(log[0])
     paths = run.inets()

@@ -36,6 +36,7 @@ __all__ = [
     "save_image",
     "PHOTO_NAMES",
     "TEXTURE_NAMES",
+    "TEST_NAMES",
     "IMAGE_EXTENSIONS",
     "bundled_images",
     "to_channels",
@@ -65,6 +66,10 @@ PHOTO_NAMES = (
     "coins",
 )
 TEXTURE_NAMES = ("brick", "grass", "gravel", "text", "page")
+# Also stored in the package, but not photos of everyday scenes (a stained tissue sample, a
+# fundus photo, a telescope image): kept out of the default training set, so a trained
+# model can be tested on images that neither training nor validation touched.
+TEST_NAMES = ("immunohistochemistry", "retina", "hubble_deep_field")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # ITU-R BT.601 luma, as MATLAB's rgb2gray: the weights used to make the usual gray test sets.
@@ -109,11 +114,12 @@ def _to_tensor(array: np.ndarray, source: str) -> torch.Tensor:
 def bundled_images(names: Sequence[str] | None = None, channels: int = 3) -> dict[str, torch.Tensor]:
     """The offline scikit-image photos as float32 [channels, H, W] tensors in [0, 1].
 
-    ``names`` defaults to all of :data:`PHOTO_NAMES` and :data:`TEXTURE_NAMES`;
-    ``stereo_motorcycle_left`` / ``_right`` are the two frames of the stereo pair.
+    ``names`` defaults to all of :data:`PHOTO_NAMES` and :data:`TEXTURE_NAMES` (not
+    :data:`TEST_NAMES`); ``stereo_motorcycle_left`` / ``_right`` are the two frames of the
+    stereo pair.
     """
     names = tuple(PHOTO_NAMES + TEXTURE_NAMES) if names is None else tuple(names)
-    known = PHOTO_NAMES + TEXTURE_NAMES
+    known = PHOTO_NAMES + TEXTURE_NAMES + TEST_NAMES
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown bundled image(s) {unknown}; available: {list(known)}")

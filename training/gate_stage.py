@@ -8,6 +8,10 @@ cross-entropy on those one-hot labels plus the complexity loss ``((Psi - C) / T)
 Psi is the batch's mean expected MACs/pixel under the gate's softmax, C the budget and T
 the super-network's MACs/pixel, so the gate spends the budget where the gain is.
 
+With two labels only, the middle routes get their share through the complexity loss alone,
+and when the smallest route trails the largest by more than ``beta`` on every image, every
+label is *hard* and the gate learns the budget but not which images are easy (stage 3 warns).
+
 The super-network stays frozen and the gate's attention head is off (the body reads the
 plain stem features), as in the paper.
 """
@@ -52,5 +56,22 @@ def gate_step(model: DDSNet, noisy: torch.Tensor, clean: torch.Tensor, budget: f
     complexity = ((psi - budget) / model.supernet_macs_per_pixel) ** 2
     loss = cross_entropy + complexity_weight * complexity
     loss.backward()
-    values = torch.stack([loss, cross_entropy, complexity, psi, (labels > 0).float().mean()]).detach().tolist()
-    return dict(zip(["loss", "cross_entropy", "complexity", "expected_macs", "hard_fraction"], values))
+    gain = (quality[1] - quality[0]).mean().to(loss.device, loss.dtype)
+    values = torch.stack([loss, cross_entropy, complexity, psi, (labels > 0).float().mean(), gain])
+    return dict(zip(["loss", "cross_entropy", "complexity", "expected_macs", "hard_fraction", "psnr_gain"],
+                    values.detach().tolist()))
+
+
+def one_sided_labels(records: list[dict], beta: float) -> str | None:
+    """A warning when every image of a gate-training log got the same label: the gate then
+    learns the budget alone, not which images are easy. None when both labels occurred."""
+    if not records:
+        return None
+    hard = sum(r["hard_fraction"] for r in records) / len(records)
+    if 0 < hard < 1:
+        return None
+    gains = sorted(r["psnr_gain"] for r in records if "psnr_gain" in r)  # logs of older versions lack it
+    median = (f" (the largest config's PSNR gain over the smallest had a median of {gains[len(gains) // 2]:.2f} dB "
+              f"over the batches)") if gains else ""
+    return (f"stage 3: every training image was labelled {'hard' if hard else 'easy'} with beta = {beta} dB{median}, "
+            f"so the gate learnt the budget alone, not which images are easy; set beta near that gain")

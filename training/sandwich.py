@@ -43,6 +43,18 @@ def sandwich_configs(space: WidthSpace, n: int, generator: torch.Generator) -> l
     return [space.largest()] + [space.sample(generator) for _ in range(n - 2)] + [space.smallest()]
 
 
+def routing_sandwich_configs(routing_space, n: int, generator: torch.Generator) -> list[SubnetConfig]:
+    """The sandwich over a routing space (entries in ascending MACs): its dearest config,
+    ``n - 2`` of the others drawn without replacement (all of them when fewer), its cheapest."""
+    if n < 2:
+        raise ValueError(f"the sandwich rule needs n >= 2 sub-networks per step, got {n}")
+    if len(routing_space) < 2:
+        raise ValueError(f"a routing space needs at least 2 configs, got {len(routing_space)}")
+    middle = routing_space[1:-1]
+    drawn = torch.randperm(len(middle), generator=generator)[:n - 2].sort().values.tolist()
+    return [routing_space[-1].config] + [middle[i].config for i in reversed(drawn)] + [routing_space[0].config]
+
+
 def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[SubnetConfig],
                   distillation: str = "synergy", loss_fn=F.l1_loss, autocast=contextlib.nullcontext,
                   distillation_loss_fn=F.mse_loss) -> dict[str, float]:

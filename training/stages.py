@@ -2,7 +2,8 @@
 
 A run directory holds, per stage, its resumable state, its JSON-lines log and its result:
 ``stage1.safetensors`` (the once-for-all super-network), ``stage2.safetensors`` (the same
-weights with the routing space found by progressive slimming), ``dds.safetensors`` (the
+weights with the routing space found by progressive slimming), ``refine.safetensors`` (when
+``refine_steps`` > 0: those weights trained further on the routing configs), ``dds.safetensors`` (the
 DDSNet with its trained gate) and ``inet-<k>.safetensors`` (the individually trained
 static baselines at the routing space's MACs).
 """
@@ -12,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +25,12 @@ from dds_fast.slim_conv import BACKENDS
 from dds_fast.config import RoutingEntry
 
 from .data import NoisyPatches, bundled_images, load_image_folder, make_validation_set
-from .gate_stage import gate_step
+from .gate_stage import gate_step, one_sided_labels
 from .loop import LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_generator
 from .noise import make_noise
-from .sandwich import DISTILLATIONS, LOSSES, reconstruction_loss, sandwich_configs, sandwich_step
-from .slimming import progressive_slimming, thin_routing_space
+from .sandwich import (DISTILLATIONS, LOSSES, reconstruction_loss, routing_sandwich_configs, sandwich_configs,
+                       sandwich_step)
+from .slimming import progressive_slimming, thin_routing_space, validation_psnr
 
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -62,6 +65,8 @@ class TrainConfig:
     validation_crops: int = 4
     validation_patch: int = 128
     inet_steps: int | None = None  # default: the same as stage 1
+    refine_steps: int = 0  # sandwich steps on the routing configs after stage 2 (0: the paper's Algorithm 1)
+    refine_lr: float = 2e-4
     gate_steps: int = 1000
     gate_lr: float = 5e-5
     gate_lr_decay: float = 0.9  # per epoch
@@ -233,11 +238,52 @@ class Run:
             net = self.load("stage2.safetensors")
         return net
 
+    def refine(self, net=None, random_configs: bool = False):
+        """Our addition to Algorithm 1, run when ``refine_steps`` > 0: more sandwich steps (same
+        distillation) whose sub-networks are the routing configs themselves. Stage 1 samples
+        configs at random, so the routing configs between the largest and the smallest are
+        trained far less than either, and they trail I-Nets at their MACs. The routing
+        entries' validation PSNR is measured again after. ``random_configs`` draws stage 1's
+        random configs instead: the control of ``benchmarks/ablate_refine.py``."""
+        c = self.config
+        if c.refine_steps < 1:
+            raise ValueError(f"refine_steps is {c.refine_steps}: set it (--refine-steps) to refine the routing configs")
+        net = self.load("stage2.safetensors") if net is None else net
+        routing_space = net.routing_space
+        if not routing_space:
+            raise ValueError("refining needs the routing space of stage 2")
+        net.train()
+        for p in net.parameters():
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(net.parameters(), lr=c.refine_lr)
+
+        def step_fn(step, noisy, clean):
+            generator = step_generator(c.seed, step)
+            configs = (sandwich_configs(net.space, c.sandwich, generator) if random_configs
+                       else routing_sandwich_configs(routing_space, c.sandwich, generator))
+            return sandwich_step(net, noisy, clean, configs, c.distillation, self.loss_fn, self.autocast,
+                                 self.distillation_loss_fn)
+
+        TrainLoop(self.dir, "refine", net, optimizer, self.dataset(), step_fn, self.settings(c.refine_steps),
+                  device=self.device, lr_factor=self.lr_factor(c.refine_steps)).run()
+        net.eval()
+        batches = self.validation_batches()
+        net.routing_space = [RoutingEntry(e.config, e.macs_per_pixel, validation_psnr(net, batches, e.config))
+                             for e in routing_space]
+        net.set_config(net.space.largest())
+        self.save(net, "refine.safetensors", stage="refine")
+        return net
+
     def stage3(self, supernet=None) -> DDSNet:
         """Gate training on the frozen super-network: online easy/hard labels plus the MACs budget."""
         c = self.config
         if supernet is None:
-            supernet = self.load("stage2.safetensors")
+            stage = "refine" if c.refine_steps > 0 else "stage2"
+            name = f"{stage}.safetensors"
+            if not (self.dir / name).exists():
+                raise ValueError(f"stage 3 starts from {self.dir / name}, which does not exist: "
+                                 f"run `dds-fast train {stage}` first")
+            supernet = self.load(name)
         if not supernet.routing_space:
             raise ValueError("stage 3 needs the routing space of stage 2")
         for p in supernet.parameters():
@@ -256,6 +302,11 @@ class Run:
 
         TrainLoop(self.dir, "stage3", model, optimizer, self.dataset(c.gate_patch_size), step_fn,
                   self.settings(c.gate_steps, c.gate_batch_size), scheduler=scheduler, device=self.device).run()
+        if rank_and_world()[0] == 0:
+            records = [json.loads(line) for line in (self.dir / "stage3.log.jsonl").read_text().splitlines()]
+            warning = one_sided_labels(records, c.beta)
+            if warning:
+                warnings.warn(warning)
         model.eval()
         self.save(model, "dds.safetensors", stage=3, budget=budget)
         return model

@@ -1,0 +1,56 @@
+"""Refinement ablation: does training on the routing configs close their gap to the I-Nets?
+
+    python benchmarks/ablate_refine.py CHECKPOINT [--steps 400] [--lr 2e-4] [--random] [--out FILE.json]
+
+From a DDSNet (or stage-2) checkpoint, runs the ``refine`` stage for ``--steps`` with the
+training options the checkpoint stores: the sandwich over its routing configs, or with
+``--random`` over stage 1's random configs (the control: is it just more training?). Reports
+each routing config's validation PSNR (8-bit, on the held-out photos' crops, the stage-2
+measure) before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+from ablate_stage1 import report
+
+import dds_fast
+from dds_fast.checkpoint import read_metadata
+from dds_fast.training.slimming import validation_psnr
+from dds_fast.training.stages import Run, TrainConfig
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--random", action="store_true", help="sample stage 1's random configs instead")
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    model = dds_fast.load(args.checkpoint)
+    net = model.supernet if isinstance(model, dds_fast.DDSNet) else model
+    net.routing_space = model.routing_space
+    if not net.routing_space:
+        raise SystemExit(f"{args.checkpoint} holds no routing space")
+    stored = read_metadata(args.checkpoint)["user"]["train_config"]
+    config = TrainConfig.from_dict({**stored, "refine_steps": args.steps, "refine_lr": args.lr, "device": "cpu",
+                                    "progress": False, "checkpoint_every": args.steps})
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as run_dir:
+        run = Run(run_dir, config)
+        net.eval()
+        batches = run.validation_batches()
+        before = [validation_psnr(net, batches, e.config) for e in net.routing_space]
+        after = [e.psnr for e in run.refine(net, random_configs=args.random).routing_space]
+    report({"checkpoint": args.checkpoint, "configs": "random" if args.random else "routing", "steps": args.steps,
+            "lr": args.lr, "macs_per_pixel": [e.macs_per_pixel for e in model.routing_space],
+            "validation_psnr_before": before, "validation_psnr_after": after,
+            "seconds": time.perf_counter() - began}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
