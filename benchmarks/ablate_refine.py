@@ -1,12 +1,13 @@
 """Refinement ablation: does training on the routing configs close their gap to the I-Nets?
 
-    python benchmarks/ablate_refine.py CHECKPOINT [--steps 400] [--lr 2e-4] [--random] [--out FILE.json]
+    python benchmarks/ablate_refine.py CHECKPOINT [--steps 400] [--lr 2e-4] [--random]
+        [--set KEY=JSON ...] [--out FILE.json]
 
 From a DDSNet (or stage-2) checkpoint, runs the ``refine`` stage for ``--steps`` with the
 training options the checkpoint stores: the sandwich over its routing configs, or with
 ``--random`` over stage 1's random configs (the control: is it just more training?). Reports
 each routing config's validation PSNR (8-bit, on the held-out photos' crops, the stage-2
-measure) before and after.
+measure) before and after. ``--set`` overrides other stored options (``distillation``...).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import argparse
 import tempfile
 import time
 
-from ablate_stage1 import report
+from ablate_stage1 import parse_overrides, report
 
 import dds_fast
 from dds_fast.checkpoint import read_metadata
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--random", action="store_true", help="sample stage 1's random configs instead")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="any other TrainConfig option, e.g. --set distillation='\"none\"'")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     model = dds_fast.load(args.checkpoint)
@@ -36,8 +39,9 @@ def main(argv=None) -> int:
     if not net.routing_space:
         raise SystemExit(f"{args.checkpoint} holds no routing space")
     stored = read_metadata(args.checkpoint)["user"]["train_config"]
-    config = TrainConfig.from_dict({**stored, "refine_steps": args.steps, "refine_lr": args.lr, "device": "cpu",
-                                    "progress": False, "checkpoint_every": args.steps})
+    overrides = parse_overrides(args.set)
+    config = TrainConfig.from_dict({**stored, **overrides, "refine_steps": args.steps, "refine_lr": args.lr,
+                                    "device": "cpu", "progress": False, "checkpoint_every": args.steps})
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         run = Run(run_dir, config)
@@ -46,6 +50,7 @@ def main(argv=None) -> int:
         before = [validation_psnr(net, batches, e.config) for e in net.routing_space]
         after = [e.psnr for e in run.refine(net, random_configs=args.random).routing_space]
     report({"checkpoint": args.checkpoint, "configs": "random" if args.random else "routing", "steps": args.steps,
+            "overrides": overrides,
             "lr": args.lr, "macs_per_pixel": [e.macs_per_pixel for e in model.routing_space],
             "validation_psnr_before": before, "validation_psnr_after": after,
             "seconds": time.perf_counter() - began}, args.out)

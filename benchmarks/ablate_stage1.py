@@ -39,9 +39,7 @@ def main(argv=None) -> int:
                    lr=1e-3, lr_schedule="constant", sandwich=args.sandwich, distillation=args.distillation,
                    distillation_loss=args.distillation_loss, steps=args.steps, device="cpu", progress=False,
                    checkpoint_every=args.steps)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        options[key] = json.loads(value)
+    options.update(parse_overrides(args.set))
     config = TrainConfig.from_dict(options)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
@@ -63,6 +61,18 @@ def main(argv=None) -> int:
     report({"alone": args.alone, "options": options, "validation_psnr": psnrs,
             "seconds": time.perf_counter() - began}, args.out)
     return 0
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``--set KEY=JSON`` options as a dict of TrainConfig values."""
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"--set {item}: the value is not JSON ({error})") from None
+    return overrides
 
 
 def report(result: dict, out: str | None) -> None:
