@@ -275,6 +275,9 @@ def test_training_config_from_file(tmp_path):
         TrainConfig.from_dict({"distillation_loss": "kl"})
     with pytest.raises(ValueError, match="unknown distillation 'soft'"):
         TrainConfig.from_dict({"distillation": "soft"})
+    with pytest.raises(ValueError, match="unknown refine_distillation 'soft'"):
+        TrainConfig.from_dict({"refine_distillation": "soft"})
+    assert TrainConfig.from_dict({"refine_distillation": "none"}).refine_distillation == "none"
 
 
 def test_inets_reject_an_unknown_routing_index(tmp_path):

@@ -67,6 +67,7 @@ class TrainConfig:
     inet_steps: int | None = None  # default: the same as stage 1
     refine_steps: int = 0  # sandwich steps on the routing configs after stage 2 (0: the paper's Algorithm 1)
     refine_lr: float = 2e-4
+    refine_distillation: str | None = None  # default: the same as stage 1
     gate_steps: int = 1000
     gate_lr: float = 5e-5
     gate_lr_decay: float = 0.9  # per epoch
@@ -100,8 +101,10 @@ class TrainConfig:
             raise ValueError(f"{source}: unknown backend {config.backend!r}; choose one of {BACKENDS}")
         if config.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"{source}: unknown lr_schedule {config.lr_schedule!r}; choose one of {LR_SCHEDULES}")
-        if config.distillation not in DISTILLATIONS:
-            raise ValueError(f"{source}: unknown distillation {config.distillation!r}; choose one of {DISTILLATIONS}")
+        for option in ("distillation", "refine_distillation"):
+            value = getattr(config, option)
+            if value not in DISTILLATIONS and not (option == "refine_distillation" and value is None):
+                raise ValueError(f"{source}: unknown {option} {value!r}; choose one of {DISTILLATIONS}")
         for option in ("loss", "distillation_loss"):
             if getattr(config, option) not in LOSSES:
                 raise ValueError(f"{source}: unknown {option} {getattr(config, option)!r}; choose one of {sorted(LOSSES)}")
@@ -239,8 +242,9 @@ class Run:
         return net
 
     def refine(self, net=None, random_configs: bool = False):
-        """Our addition to Algorithm 1, run when ``refine_steps`` > 0: more sandwich steps (same
-        distillation) whose sub-networks are the routing configs themselves. Stage 1 samples
+        """Our addition to Algorithm 1, run when ``refine_steps`` > 0: more sandwich steps
+        (``refine_distillation``, by default stage 1's) whose sub-networks are the routing
+        configs themselves. Stage 1 samples
         configs at random, so the routing configs between the largest and the smallest are
         trained far less than either, and they trail I-Nets at their MACs. The routing
         entries' validation PSNR is measured again after. ``random_configs`` draws stage 1's
@@ -261,8 +265,8 @@ class Run:
             generator = step_generator(c.seed, step)
             configs = (sandwich_configs(net.space, c.sandwich, generator) if random_configs
                        else routing_sandwich_configs(routing_space, c.sandwich, generator))
-            return sandwich_step(net, noisy, clean, configs, c.distillation, self.loss_fn, self.autocast,
-                                 self.distillation_loss_fn)
+            return sandwich_step(net, noisy, clean, configs, c.refine_distillation or c.distillation, self.loss_fn,
+                                 self.autocast, self.distillation_loss_fn)
 
         TrainLoop(self.dir, "refine", net, optimizer, self.dataset(), step_fn, self.settings(c.refine_steps),
                   device=self.device, lr_factor=self.lr_factor(c.refine_steps)).run()
