@@ -250,8 +250,12 @@ def test_one_sided_gate_labels_get_a_warning_naming_the_median_gain():
     from dds_fast.training.gate_stage import one_sided_labels
 
     log = [{"hard_fraction": 1.0, "psnr_gain": g} for g in (2.5, 0.9, 3.1)]
-    assert "labelled hard with beta = 0.2 dB" in one_sided_labels(log, 0.2) and "2.50 dB" in one_sided_labels(log, 0.2)
-    assert "labelled easy" in one_sided_labels([{**r, "hard_fraction": 0.0} for r in log], 5.0)
+    warning = one_sided_labels(log, 0.2)
+    assert "100.0% of the training images were labelled hard with beta = 0.2 dB" in warning and "2.50 dB" in warning
+    assert "100.0% of the training images were labelled easy" in one_sided_labels(
+        [{**r, "hard_fraction": 0.0} for r in log], 5.0)
+    nearly = [{**log[0], "hard_fraction": 0.97}] + log * 33  # 99.97% hard: as degenerate
+    assert "100.0% of the training images were labelled hard" in one_sided_labels(nearly, 0.2)
     assert one_sided_labels([{**log[0], "hard_fraction": 0.5}] + log, 0.2) is None
     assert one_sided_labels([], 0.2) is None
     assert "labelled hard with beta = 0.2 dB, so" in one_sided_labels([{"hard_fraction": 1.0}], 0.2)
@@ -318,7 +322,7 @@ def test_three_stage_run_end_to_end_on_cpu(tmp_path):
     assert [e.config for e in refined.routing_space] == [e.config for e in routed.routing_space]
     stage2_weights, refined_weights = reloaded.state_dict(), dds_fast.load(tmp_path / "refine.safetensors").state_dict()
     assert any(not torch.equal(stage2_weights[k], refined_weights[k]) for k in stage2_weights)
-    with pytest.warns(UserWarning, match="labelled hard with beta = -1000.0 dB"):
+    with pytest.warns(UserWarning, match="100.0% of the training images were labelled hard with beta = -1000.0 dB"):
         model = run.stage3()
     assert all(torch.equal(v, refined_weights[k]) for k, v in model.supernet.state_dict().items())
     assert model.gate.attention is False and len(model.routing_space) == 2

@@ -10,7 +10,8 @@ the super-network's MACs/pixel, so the gate spends the budget where the gain is.
 
 With two labels only, the middle routes get their share through the complexity loss alone,
 and when the smallest route trails the largest by more than ``beta`` on every image, every
-label is *hard* and the gate learns the budget but not which images are easy (stage 3 warns).
+label is *hard* and the gate learns the budget but not which images are easy (stage 3 warns
+when over 99% of the labels agree).
 
 The super-network stays frozen and the gate's attention head is off (the body reads the
 plain stem features), as in the paper.
@@ -62,16 +63,17 @@ def gate_step(model: DDSNet, noisy: torch.Tensor, clean: torch.Tensor, budget: f
                     values.detach().tolist()))
 
 
-def one_sided_labels(records: list[dict], beta: float) -> str | None:
-    """A warning when every image of a gate-training log got the same label: the gate then
-    learns the budget alone, not which images are easy. None when both labels occurred."""
+def one_sided_labels(records: list[dict], beta: float, tolerance: float = 0.01) -> str | None:
+    """A warning when all but ``tolerance`` of the images of a gate-training log got the same
+    label: the gate then learns the budget alone, not which images are easy. None otherwise."""
     if not records:
         return None
     hard = sum(r["hard_fraction"] for r in records) / len(records)
-    if 0 < hard < 1:
+    if tolerance <= hard <= 1 - tolerance:
         return None
     gains = sorted(r["psnr_gain"] for r in records if "psnr_gain" in r)  # logs of older versions lack it
     median = (f" (the largest config's PSNR gain over the smallest had a median of {gains[len(gains) // 2]:.2f} dB "
               f"over the batches)") if gains else ""
-    return (f"stage 3: every training image was labelled {'hard' if hard else 'easy'} with beta = {beta} dB{median}, "
+    side, share = ("hard", hard) if hard > 0.5 else ("easy", 1 - hard)
+    return (f"stage 3: {share:.1%} of the training images were labelled {side} with beta = {beta} dB{median}, "
             f"so the gate learnt the budget alone, not which images are easy; set beta near that gain")
