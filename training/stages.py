@@ -243,12 +243,12 @@ class Run:
 
     def refine(self, net=None, random_configs: bool = False):
         """Our addition to Algorithm 1, run when ``refine_steps`` > 0: more sandwich steps
-        (``refine_distillation``, by default stage 1's) whose sub-networks are the routing
-        configs themselves. Stage 1 samples
-        configs at random, so the routing configs between the largest and the smallest are
-        trained far less than either, and they trail I-Nets at their MACs. The routing
-        entries' validation PSNR is measured again after. ``random_configs`` draws stage 1's
-        random configs instead: the control of ``benchmarks/ablate_refine.py``."""
+        (with ``refine_distillation``, by default stage 1's) whose sub-networks are the routing
+        configs themselves. Stage 1 samples configs at random, so the routing configs between
+        the largest and the smallest are trained far less than either, and they trail I-Nets
+        at their MACs. The routing entries' validation PSNR is measured again after.
+        ``random_configs`` draws stage 1's random configs instead: the control of
+        ``benchmarks/ablate_refine.py``."""
         c = self.config
         if c.refine_steps < 1:
             raise ValueError(f"refine_steps is {c.refine_steps}: set it (--refine-steps) to refine the routing configs")
