@@ -81,6 +81,9 @@ def main(argv=None) -> int:
 
     models = [dds_fast.load(path).eval() for path in args.checkpoints]
     model = models[0]
+    for path, extra in list(zip(args.checkpoints, models))[1:]:
+        if not isinstance(extra, dds_fast.DDSNet) or not isinstance(model, dds_fast.DDSNet):
+            raise SystemExit(f"{path}: further checkpoints add dynamic rows, so they and the first must be DDSNets")
     noises, sigmas = [], []
     for name in dict.fromkeys(args.noise):
         if name == "awgn":
@@ -99,8 +102,6 @@ def main(argv=None) -> int:
     dynamic_rows = []
     if isinstance(model, dds_fast.DDSNet):
         for path, dds in zip(args.checkpoints, models):
-            if not isinstance(dds, dds_fast.DDSNet):
-                raise SystemExit(f"{path} is not a DDSNet checkpoint; only DDSNets can follow the first")
             budget = read_metadata(path)["user"].get("budget")
             dynamic_rows.append(evaluate(dds, pairs, "DDS dynamic" + (f", gate budget {budget:,.0f}" if budget else "")))
         rows += dynamic_rows
