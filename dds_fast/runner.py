@@ -143,7 +143,8 @@ def _cuda_driver() -> str | None:
 
 def capture_cuda_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
     """Warm ``fn`` up on a side stream, capture one call in a CUDA graph and return its replay.
-    The replay reads and writes the tensors ``fn`` used at capture."""
+    The replay reads and writes the tensors ``fn`` used at capture, and holds ``fn`` (so the
+    tensors its closure holds): freed, their memory would be reused under the graph."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -153,7 +154,11 @@ def capture_cuda_graph(fn: Callable[[], object], device: torch.device) -> Callab
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return graph.replay
+
+    def replay() -> None:
+        graph.replay()
+    replay.captured = fn
+    return replay
 
 
 class LatencyRunner:

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
+from ._launch import cdiv, next_pow2
+
 # Read once at import: triton.jit picks interpretation at decoration time too.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -58,23 +60,29 @@ def _fwd_segment(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
                  oh, ow, m_ok, co, co_ok, H, W,
                  KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """Accumulate one input block: taps unrolled, channel blocks up to the run-time width."""
+    """Accumulate one input block over every (tap, channel block) step.
+
+    One flat loop rather than a loop of channel blocks inside unrolled taps: at narrow widths
+    each tap has a single channel block, so the inner loop had nothing for the compiler to
+    pipeline and every tap waited for its own loads; flat, the next steps' loads are in
+    flight while this step multiplies."""
     ck = tl.arange(0, BLOCK_K)
-    for r in tl.static_range(KSIZE):
+    blocks = tl.cdiv(c_n, BLOCK_K)
+    for step in range(0, KSIZE * KSIZE * blocks):
+        tap = step // blocks
+        c = (step - tap * blocks) * BLOCK_K + ck
+        r = tap // KSIZE
+        s = tap - r * KSIZE
         ih = oh * STRIDE - PAD + r
-        for s in tl.static_range(KSIZE):
-            iw = ow * STRIDE - PAD + s
-            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_ptrs = x_img + (ih * sxh + iw * sxw)[:, None]
-            w_ptrs = w + (co * swo)[None, :] + r * swh + s * sww
-            for c0 in range(0, c_n, BLOCK_K):
-                c = c0 + ck
-                c_ok = c < c_n
-                # Both operands masked: inactive channels of a max-width buffer may hold NaN.
-                a = tl.load(x_ptrs + (c * sxc)[None, :], mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(w_ptrs + ((start + c) * swi)[:, None], mask=c_ok[:, None] & co_ok[None, :],
-                            other=0.0)
-                acc = _mma(acc, a, b, DOT_F32)
+        iw = ow * STRIDE - PAD + s
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c_ok = c < c_n
+        # Both operands masked: inactive channels of a max-width buffer may hold NaN.
+        a = tl.load(x_img + (ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :],
+                    mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w + (co * swo)[None, :] + r * swh + s * sww + ((start + c) * swi)[:, None],
+                    mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = _mma(acc, a, b, DOT_F32)
     return acc
 
 
@@ -220,24 +228,29 @@ def _bwd_input_kernel(
     ci_ok = ci < CIN
     ck = tl.arange(0, BLOCK_K)
     dz_img = dz + n * szn
+    # The live taps of this phase: r = R0 + STRIDE * i for i < NR (likewise s), all taps at
+    # stride 1. One flat loop over (live tap, channel block), as in the forward, so that the
+    # next steps' loads are in flight while this one multiplies.
+    R0 = (IH0 + PAD) % STRIDE
+    S0 = (IW0 + PAD) % STRIDE
+    NR = (KSIZE - R0 + STRIDE - 1) // STRIDE
+    NS = (KSIZE - S0 + STRIDE - 1) // STRIDE
+    blocks = tl.cdiv(COUT, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in tl.static_range(KSIZE):
-        if (IH0 + PAD - r) % STRIDE == 0:
-            oh = jh + (IH0 + PAD - r) // STRIDE
-            for s in tl.static_range(KSIZE):
-                if (IW0 + PAD - s) % STRIDE == 0:
-                    ow = jw + (IW0 + PAD - s) // STRIDE
-                    pix_ok = m_ok & (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
-                    z_ptrs = dz_img + (oh * szh + ow * szw)[:, None]
-                    w_ptrs = w + ((START + ci) * swi)[None, :] + r * swh + s * sww
-                    for c0 in range(0, COUT, BLOCK_K):
-                        co = c0 + ck
-                        co_ok = co < COUT
-                        a = tl.load(z_ptrs + (co * szc)[None, :], mask=pix_ok[:, None] & co_ok[None, :],
-                                    other=0.0)
-                        bt = tl.load(w_ptrs + (co * swo)[:, None], mask=co_ok[:, None] & ci_ok[None, :],
-                                     other=0.0)
-                        acc = _mma(acc, a, bt, DOT_F32)
+    for step in range(0, NR * NS * blocks):
+        tap = step // blocks
+        co = (step - tap * blocks) * BLOCK_K + ck
+        r = R0 + STRIDE * (tap // NS)
+        s = S0 + STRIDE * (tap % NS)
+        oh = jh + (IH0 + PAD - r) // STRIDE
+        ow = jw + (IW0 + PAD - s) // STRIDE
+        pix_ok = m_ok & (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
+        co_ok = co < COUT
+        a = tl.load(dz_img + (oh * szh + ow * szw)[:, None] + (co * szc)[None, :],
+                    mask=pix_ok[:, None] & co_ok[None, :], other=0.0)
+        bt = tl.load(w + ((START + ci) * swi)[None, :] + r * swh + s * sww + (co * swo)[:, None],
+                     mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
+        acc = _mma(acc, a, bt, DOT_F32)
     ih = IH0 + jh * STRIDE
     iw = IW0 + jw * STRIDE
     x_ptrs = dx + n * sxn + (ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :]
@@ -309,7 +322,7 @@ def _reduce_kernel(ws, out, R, E, COUT, CIN, START, so, si, sh, sw,
 # Launch helpers
 # ----------------------------------------------------------------------------------------
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, next_pow2(max(int(n), 1))))
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
@@ -373,7 +386,7 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start
     b_ = weight if bias is None else bias
     r_ = y if residual is None else residual
     wd_ = y if widths is None else widths
-    grid = (triton.cdiv(ho * wo, bm), triton.cdiv(out_channels, bn), n)
+    grid = (cdiv(ho * wo, bm), cdiv(out_channels, bn), n)
     _conv_fwd_kernel[grid](
         x0, x1_, weight, b_, r_, y, wd_,
         h, w, ho, wo, c0, c1, out_channels, start0, start1,
@@ -399,8 +412,8 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
     # One launch per sub-pixel phase; the phases tile the input exactly, so every pixel is written.
     for ih0 in range(min(stride, h)):
         for iw0 in range(min(stride, w)):
-            hp, wp = triton.cdiv(h - ih0, stride), triton.cdiv(w - iw0, stride)
-            grid = (triton.cdiv(hp * wp, bm), triton.cdiv(cin, bn), n)
+            hp, wp = cdiv(h - ih0, stride), cdiv(w - iw0, stride)
+            grid = (cdiv(hp * wp, bm), cdiv(cin, bn), n)
             _bwd_input_kernel[grid](
                 dz, weight, dx, h, w, ho, wo, hp, wp, cout, cin, start,
                 *dz.stride(), *weight.stride(), *dx.stride(),
@@ -415,7 +428,7 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
 def _reduce_into(ws, out, rows, taps, cout, cin, start, strides, k):
     e = taps * cout * cin
     block = 1024
-    _reduce_kernel[(triton.cdiv(e, block),)](ws, out, rows, e, cout, cin, start, *strides, KSIZE=k, BLOCK=block)
+    _reduce_kernel[(cdiv(e, block),)](ws, out, rows, e, cout, cin, start, *strides, KSIZE=k, BLOCK=block)
 
 
 def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
@@ -429,13 +442,13 @@ def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
     else:
         bp = 16 if x.dtype == torch.float32 else 64  # see _tiles
         target = 4 * torch.cuda.get_device_properties(dz.device).multi_processor_count
-    tiles = triton.cdiv(cout, bco) * triton.cdiv(cin, bci) * k * k
+    tiles = cdiv(cout, bco) * cdiv(cin, bci) * k * k
     # Split the pixel reduction so that about `target` programs run, in whole BLOCK_P steps.
-    splits = max(1, min(triton.cdiv(target, tiles), triton.cdiv(npix, bp)))
-    chunk = triton.cdiv(triton.cdiv(npix, splits), bp) * bp
-    splits = triton.cdiv(npix, chunk)
+    splits = max(1, min(cdiv(target, tiles), cdiv(npix, bp)))
+    chunk = cdiv(cdiv(npix, splits), bp) * bp
+    splits = cdiv(npix, chunk)
     ws = torch.empty((splits, k * k, cout, cin), dtype=torch.float32, device=dz.device)
-    _bwd_weight_kernel[(triton.cdiv(cout, bco), triton.cdiv(cin, bci) * k * k, splits)](
+    _bwd_weight_kernel[(cdiv(cout, bco), cdiv(cin, bci) * k * k, splits)](
         dz, x, ws, h, w, ho, wo, npix, chunk, cout, cin, *dz.stride(), *x.stride(),
         KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(x.dtype),
         BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=GRAD_WEIGHT_WARPS,
@@ -462,7 +475,7 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
     if store_dz or bias_sums:
         bm = _pow2(ho * wo, 16, 1024) if INTERPRET else 64
         bn = _pow2(weight.shape[0], 16, 64)
-        grid = (triton.cdiv(ho * wo, bm), triton.cdiv(o, bn), n)
+        grid = (cdiv(ho * wo, bm), cdiv(o, bn), n)
         if store_dz:
             dz = _empty_channels_last(grad_y.shape, grad_y)
         # Unused pointers get a live tensor: an empty one may have no valid device address.
@@ -659,6 +672,9 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
         raise ValueError(f"slim_conv2d: weight must be [Cout, Cin, k, k] with odd k, got {tuple(weight.shape)}")
     cout_max, cin_max, k = weight.shape[0], weight.shape[1], weight.shape[2]
     first = inputs[0]
+    if first.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"slim_conv2d: the inputs are on {first.device}, but the kernels were compiled for a GPU; "
+                         "set TRITON_INTERPRET=1 before importing dds_fast.kernels to run them on the CPU")
     for i, (t, start) in enumerate(zip(inputs, segment_starts)):
         if t.dim() != 4:
             raise ValueError(f"slim_conv2d: input {i} must be 4-D [N, C, H, W], got {tuple(t.shape)}")
@@ -757,6 +773,17 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
         raise ValueError("slim_conv2d: per-image widths are forward only; run under torch.no_grad()")
     x1 = inputs[1] if len(inputs) == 2 else None
     start1 = segment_starts[1] if len(inputs) == 2 else 0
-    return torch.ops.dds_fast.slim_conv2d(
-        inputs[0], x1, weight, bias, residual, widths, widths_multiple, segment_starts[0], start1, out_channels,
-        stride, padding, "none" if activation is None else activation, float(negative_slope))
+    args = (inputs[0], x1, weight, bias, residual, widths, widths_multiple, segment_starts[0], start1, out_channels,
+            stride, padding, "none" if activation is None else activation, float(negative_slope))
+    if _plain_inference(*inputs, weight, bias, residual):
+        return _forward_impl(*args)
+    return torch.ops.dds_fast.slim_conv2d(*args)
+
+
+def _plain_inference(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when nothing needs the registered op: no gradient, no tracing, no dispatch mode
+    (FlopCounterMode, fake tensors). Its dispatch then costs more host time than the launch
+    itself, so the same implementation runs directly."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from ._launch import cdiv, next_pow2
+
 __all__ = ["GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale", "fused_gate", "fold_batchnorm"]
 
 
@@ -147,7 +149,7 @@ def _num_sms(index: int) -> int:
 
 
 def _pow2(v: int) -> int:
-    return triton.next_power_of_2(max(int(v), 1))
+    return next_pow2(max(int(v), 1))
 
 
 def _tile(c: int, hw: int) -> tuple[int, int]:
@@ -187,17 +189,17 @@ def squeeze_partials(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     n, c, h, w = x.shape
     hw = h * w
     block_hw, block_c = _tile(c, hw)
-    c_blocks = triton.cdiv(c, block_c)
+    c_blocks = cdiv(c, block_c)
     if chunk is None:
         # one chunk per image under the interpreter; on a GPU about four programs per SM, each
         # over at least four pixel blocks, so the head never sums more partials than pixels
-        chunks = 1 if _interpreted() else triton.cdiv(4 * _num_sms(x.device.index), n * c_blocks)
-        chunk = max(triton.cdiv(hw, chunks), 4 * block_hw)
+        chunks = 1 if _interpreted() else cdiv(4 * _num_sms(x.device.index), n * c_blocks)
+        chunk = max(cdiv(hw, chunks), 4 * block_hw)
     if chunk < 1:
         raise ValueError(f"squeeze_partials: chunk must be >= 1, got {chunk}")
     block_hw = min(block_hw, _pow2(chunk))
-    chunk = triton.cdiv(min(chunk, hw), block_hw) * block_hw
-    num_chunks = triton.cdiv(hw, chunk)
+    chunk = cdiv(min(chunk, hw), block_hw) * block_hw
+    num_chunks = cdiv(hw, chunk)
     part = torch.empty((n, num_chunks, c), device=x.device, dtype=torch.float32)
     _squeeze_kernel[(num_chunks, c_blocks, n)](x, part, c, hw, chunk, num_chunks, x.stride(0), x.stride(1),
                                                stride_p, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
@@ -266,7 +268,7 @@ def apply_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     _, so_p = _pixels(out, "apply_scale")
     block_hw, block_c = _tile(c, h * w)
-    grid = (triton.cdiv(h * w, block_hw), triton.cdiv(c, block_c), n)
+    grid = (cdiv(h * w, block_hw), cdiv(c, block_c), n)
     _scale_kernel[grid](x, scale, out, c, h * w, x.stride(0), x.stride(1), sx_p, out.stride(0), out.stride(1), so_p,
                         BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
     return out

@@ -1,7 +1,6 @@
 """Data layer: bundled photos, image files and folders, patch datasets, SIDD layouts."""
 import imageio.v3 as iio
 import numpy as np
-import png
 import pytest
 import scipy.io
 import torch
@@ -27,6 +26,8 @@ from dds_fast.training.data import (
     to_channels,
 )
 from dds_fast.training.noise import GaussianNoise
+
+png = pytest.importorskip("png")  # pypng, a dependency; absent on the GPU machines' image
 
 
 def rng(seed=0):

@@ -9,14 +9,15 @@ import torch.nn.functional as F
 from dds_fast.gate import DynamicGate, GateOutput
 from dds_fast.kernels import gate as kernels
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative error bounds of the fused path against fp64, per input dtype (bf16 stores
 # truncate under the interpreter, so a full bf16 unit of error is allowed)
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def make_gate(channels, num_choices, **kwargs):
-    """A gate in eval mode with every parameter and running statistic random, so that no
-    term of the heads is trivially zero or one."""
+def make_gate(channels, num_choices, device=DEVICE, **kwargs):
+    """A gate in eval mode on ``device`` with every parameter and running statistic random,
+    so that no term of the heads is trivially zero or one (the same values on any device)."""
     torch.manual_seed(0)
     gate = DynamicGate(channels, num_choices, **kwargs)
     with torch.no_grad():
@@ -27,12 +28,12 @@ def make_gate(channels, num_choices, **kwargs):
         gate.bn.bias.normal_(0, 0.2)
         gate.bn.running_mean.normal_(0, 0.1)
         gate.bn.running_var.uniform_(0.5, 2.0)
-    return gate.eval()
+    return gate.to(device).eval()
 
 
 def reference(gate, x, bn_batch_stats=False):
     """Eq. 8-10 in fp64 from the gate's parameters, written independently of the module
-    (differentiable in the parameters of an fp64 gate)."""
+    (differentiable in the parameters of an fp64 gate), on the device of ``x``."""
     p = {k: v.double() for k, v in [*gate.named_parameters(), *gate.named_buffers()]}
     x = x.double()
     r = F.relu(x.mean((2, 3)) @ p["fc1.weight"].T + p["fc1.bias"])
@@ -55,12 +56,12 @@ def layout(x, kind):
     if kind == "channels_last":
         return x.contiguous(memory_format=torch.channels_last)
     if kind == "prefix":  # active channel prefix of a wider channels_last buffer, NaN beyond it
-        wide = torch.full((x.shape[0], x.shape[1] + 5, *x.shape[2:]), float("nan"), dtype=x.dtype).contiguous(
-            memory_format=torch.channels_last)
+        wide = torch.full((x.shape[0], x.shape[1] + 5, *x.shape[2:]), float("nan"), dtype=x.dtype, device=x.device)
+        wide = wide.contiguous(memory_format=torch.channels_last)
         wide[:, :x.shape[1]] = x
         return wide[:, :x.shape[1]]
     if kind == "crop":  # spatial axes that do not flatten: copied by the kernel wrapper
-        big = torch.randn(x.shape[0], x.shape[1], x.shape[2] + 2, x.shape[3] + 3, dtype=x.dtype)
+        big = torch.randn(x.shape[0], x.shape[1], x.shape[2] + 2, x.shape[3] + 3, dtype=x.dtype, device=x.device)
         big[:, :, 1:-1, 2:-1] = x
         return big[:, :, 1:-1, 2:-1]
     return x
@@ -80,7 +81,7 @@ def assert_matches(out, ref, dtype):
 @pytest.mark.parametrize("n, c, e, kind", [(1, 24, 2, "nchw"), (7, 20, 16, "channels_last"), (3, 24, 5, "prefix")])
 def test_fused_matches_reference(dtype, n, c, e, kind):
     gate = make_gate(c, e, backend="triton")
-    x = layout(torch.randn(n, c, 6, 7).to(dtype), kind)
+    x = layout(torch.randn(n, c, 6, 7).to(DEVICE, dtype), kind)
     with torch.no_grad():
         out = gate(x)
     memory_format = torch.contiguous_format if kind == "nchw" else torch.channels_last
@@ -94,7 +95,7 @@ def test_fused_small_tiles(monkeypatch, kind):
     of each, instead of the interpreter's one block per image."""
     monkeypatch.setattr(kernels, "_tile", lambda c, hw: (16, 8))
     gate = make_gate(20, 6, backend="triton")
-    x = layout(torch.randn(2, 20, 6, 7).half(), kind)
+    x = layout(torch.randn(2, 20, 6, 7).to(DEVICE, torch.float16), kind)
     with torch.no_grad():
         out = gate(x)
     assert_matches(out, reference(gate, x), torch.float16)
@@ -102,7 +103,7 @@ def test_fused_small_tiles(monkeypatch, kind):
 
 def test_fused_crop_view_and_reference_module():
     gate = make_gate(16, 3, reduction=2, hidden=12, backend="triton")
-    x = layout(torch.randn(2, 16, 5, 4), "crop")
+    x = layout(torch.randn(2, 16, 5, 4).to(DEVICE), "crop")
     with torch.inference_mode():
         fused = gate(x)
         gate.backend = "torch"
@@ -116,16 +117,22 @@ def test_fused_crop_view_and_reference_module():
 def test_squeeze_partials(chunk):
     # 48x48 at 20 channels: more pixels than one interpreter block (2048), so the chunk loop
     # runs twice; chunk=100 splits each image into 18 chunks of one 128-pixel block
-    x = torch.randn(2, 20, 48, 48).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 20, 48, 48).to(DEVICE).contiguous(memory_format=torch.channels_last)
     part = kernels.squeeze_partials(x, chunk=chunk)
-    assert part.shape == (2, 1 if chunk is None else 18, 20)
+    assert part.shape[::2] == (2, 20)
+    if chunk is not None:
+        assert part.shape[1] == 18
+    elif kernels._interpreted():
+        assert part.shape[1] == 1  # one chunk per image
+    else:
+        assert part.shape[1] > 1  # a GPU splits each image to fill its SMs
     assert torch.allclose(part.sum(1).double(), x.double().sum((2, 3)), rtol=1e-5, atol=1e-3)
 
 
 def test_gate_head_sums_many_partials():
     # 300 partial rows at 24 channels: two passes of the head's 256-row block
     gate = make_gate(24, 7)
-    part = torch.randn(3, 300, 24)
+    part = torch.randn(3, 300, 24).to(DEVICE)
     w3, b3 = kernels.fold_batchnorm(gate.fc3.weight, gate.fc3.bias, gate.bn)
     head = kernels.gate_head(part, 1000, gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias, w3, b3,
                              gate.fc4.weight, gate.fc4.bias)
@@ -159,13 +166,13 @@ def test_fold_batchnorm(affine):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_attention_off_is_identity(backend):
     gate = make_gate(20, 4, backend=backend)
-    x = torch.randn(3, 20, 5, 5)
+    x = torch.randn(3, 20, 5, 5).to(DEVICE)
     with torch.no_grad():
         on = gate(x)
         gate.attention = False
         off = gate(x)
     assert off.features is x
-    assert torch.equal(off.scale, torch.ones(3, 20))
+    assert torch.equal(off.scale, torch.ones(3, 20, device=DEVICE))
     assert not torch.equal(on.scale, off.scale)
     # the prediction head reads R, which the attention does not change
     assert torch.allclose(on.logits, off.logits) and torch.equal(on.choice, off.choice)
@@ -178,7 +185,7 @@ def test_fresh_gate_starts_as_identity():
 
 def test_outputs_fully_written(monkeypatch):
     gate = make_gate(24, 9, backend="triton")
-    x = torch.randn(4, 24, 5, 6).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 24, 5, 6).to(DEVICE).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         clean = gate(x)
     empty, empty_like = torch.empty, torch.empty_like
@@ -196,8 +203,9 @@ def test_outputs_fully_written(monkeypatch):
 
 
 def test_attention_head_gradients():
-    """Stage 1: attention on, train mode. backend='triton' still trains (reference autograd)."""
-    gate = make_gate(12, 3, backend="triton").train()
+    """Stage 1: attention on, train mode. backend='triton' still trains (reference autograd,
+    whatever the device: checked on the CPU)."""
+    gate = make_gate(12, 3, device="cpu", backend="triton").train()
     x = torch.randn(4, 12, 5, 3, requires_grad=True)
     probe = torch.randn(4, 12, 5, 3)
     names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
@@ -221,7 +229,7 @@ def test_attention_head_gradients():
 
 def test_prediction_head_gradients():
     """Stage 3: attention off, train mode (BatchNorm on batch statistics)."""
-    gate = make_gate(12, 5, backend="triton").train()
+    gate = make_gate(12, 5, device="cpu", backend="triton").train()
     gate.attention = False
     x = torch.randn(6, 12, 4, 4)
     probe = torch.randn(6, 5)
@@ -256,9 +264,14 @@ def test_dispatch(monkeypatch):
     fused_gate = kernels.fused_gate
     monkeypatch.setattr(kernels, "fused_gate", lambda *a, **k: calls.append(1) or fused_gate(*a, **k))
     x = torch.randn(2, 8, 3, 3)
-    gate = make_gate(8, 2, backend="auto")
     with torch.no_grad():
-        gate(x)                       # auto on CPU: reference
+        make_gate(8, 2, device="cpu", backend="auto")(x)  # auto on CPU: reference
+        assert not calls
+        x = x.to(DEVICE)
+        gate = make_gate(8, 2, backend="auto")
+        gate(x)                       # auto: fused for CUDA tensors only
+        assert len(calls) == (DEVICE == "cuda")
+        calls.clear()
         gate.backend = "torch"
         gate(x)
         gate.backend = "triton"
@@ -298,23 +311,40 @@ def test_input_errors(backend):
         gate(torch.ones(1, 8, 2, 2, dtype=torch.int32))
 
 
-def test_kernel_argument_errors():
-    gate = make_gate(8, 3)
-    args = [gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias, gate.fc3.weight, gate.fc3.bias,
+def head_args(gate):
+    return [gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias, gate.fc3.weight, gate.fc3.bias,
             gate.fc4.weight, gate.fc4.bias]
+
+
+def test_kernel_argument_errors():
+    args = head_args(make_gate(8, 3))
     with pytest.raises(ValueError, match=r"w2 has shape \(6, 2\), expected \(8, 2\)"):
-        kernels.gate_head(torch.randn(1, 1, 8), 4, *args[:2], torch.randn(6, 2), *args[3:])
+        kernels.gate_head(torch.randn(1, 1, 8, device=DEVICE), 4, *args[:2], torch.randn(6, 2, device=DEVICE),
+                          *args[3:])
     with pytest.raises(ValueError, match="partials must be fp32"):
-        kernels.gate_head(torch.randn(1, 1, 8, dtype=torch.float64), 4, *args)
+        kernels.gate_head(torch.randn(1, 1, 8, dtype=torch.float64, device=DEVICE), 4, *args)
     with pytest.raises(ValueError, match=r"scale must be fp32 \[2, 8\]"):
-        kernels.apply_scale(torch.randn(2, 8, 3, 3), torch.ones(2, 7))
+        kernels.apply_scale(torch.randn(2, 8, 3, 3, device=DEVICE), torch.ones(2, 7, device=DEVICE))
     with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
-        kernels.squeeze_partials(torch.randn(1, 8, 3, 3), chunk=0)
+        kernels.squeeze_partials(torch.randn(1, 8, 3, 3, device=DEVICE), chunk=0)
+
+
+@pytest.mark.skipif(kernels._interpreted(), reason="the interpreter runs the kernels on CPU tensors")
+def test_cpu_tensors_get_a_clear_error_from_kernels_compiled_for_a_gpu():
+    gate = make_gate(8, 3, device="cpu", backend="triton")
+    x = torch.randn(2, 8, 3, 3)
+    message = "tensors are on the CPU but the Triton kernels were compiled for a GPU"
+    with torch.no_grad(), pytest.raises(RuntimeError, match=f"squeeze_partials: {message}"):
+        gate(x)
+    with pytest.raises(RuntimeError, match=f"gate_head: {message}"):
+        kernels.gate_head(torch.ones(2, 1, 8), 9, *head_args(gate))
+    with pytest.raises(RuntimeError, match=f"apply_scale: {message}"):
+        kernels.apply_scale(x, torch.ones(2, 8))
 
 
 def test_folded_batchnorm_is_cached_until_a_parameter_changes():
     gate = make_gate(20, 4, backend="triton").eval()
-    x = torch.randn(2, 20, 5, 5)
+    x = torch.randn(2, 20, 5, 5).to(DEVICE)
     with torch.no_grad():
         first = gate(x)
         cached = gate._fold_cache[1]
@@ -324,7 +354,7 @@ def test_folded_batchnorm_is_cached_until_a_parameter_changes():
         gate.bn.running_mean.add_(0.5)  # as a load or an update would
         changed = gate(x)
     assert gate._fold_cache[1] is not cached
-    reference = make_gate(20, 4, backend="torch").eval()
+    reference = make_gate(20, 4, device="cpu", backend="torch").eval()  # on the CPU: fp32 matmuls never in TF32
     reference.load_state_dict(gate.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(changed.logits, reference(x).logits.float(), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(changed.logits.cpu(), reference(x.cpu()).logits.float(), rtol=2e-5, atol=2e-5)

@@ -450,6 +450,12 @@ def test_gpu_larger_shapes(dtype):
 
 
 @gpu_only
+def test_cpu_tensors_get_a_clear_error_from_kernels_compiled_for_a_gpu():
+    with pytest.raises(ValueError, match="compiled for a GPU"):
+        slim_conv2d([torch.randn(1, 4, 5, 5)], torch.randn(8, 4, 3, 3))
+
+
+@gpu_only
 def test_gpu_cuda_graph_replay_with_new_widths():
     torch.manual_seed(16)
     n, cmax, omax = 2, 32, 48

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dds_fast import RoutingEntry, SlimConv2d, SlimDnCNN, macs_per_pixel
-from dds_fast.runner import DevicePeaks, LatencyRunner, Timing, default_configs
+from dds_fast.runner import DevicePeaks, LatencyRunner, Timing, capture_cuda_graph, default_configs
 
 
 def test_timing_percentiles():
@@ -84,3 +84,22 @@ def test_runner_times_a_ddsnet_dynamic_and_per_route():
     # dynamic mode: a routed config plus the full-width stem the gate reads
     assert report.results[0].macs_per_pixel in model.dynamic_macs_per_pixel
     assert net.get_config() == net.space.largest()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_captured_graph_keeps_the_tensors_of_its_function_alive():
+    """Seen on an H200: a graph whose index tensor was freed after capture read reused memory
+    and failed index_copy_'s bounds assert on replay."""
+    out = torch.zeros(8, device="cuda")
+
+    def capture():
+        rows = torch.tensor([1, 5], device="cuda")
+        values = torch.tensor([2.0, 3.0], device="cuda")
+        return capture_cuda_graph(lambda: out.index_copy_(0, rows, values), torch.device("cuda"))
+
+    replay = capture()
+    reuse = [torch.full((2,), 10 ** 6, dtype=torch.int64, device="cuda") for _ in range(64)]
+    out.zero_()
+    replay()
+    torch.cuda.synchronize()
+    assert out.tolist() == [0, 2, 0, 0, 0, 3, 0, 0] and len(reuse) == 64

@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import png
 import scipy.io
 import skimage.data
 import tifffile
@@ -149,6 +148,8 @@ def _png_header(path: Path) -> tuple[int, int] | None:
 def _read_png16_colour(path: Path) -> np.ndarray:
     """A 16-bit colour PNG as uint16 [H, W, C], through pypng: Pillow (and so imageio)
     silently truncates these to 8 bits."""
+    import png  # only 16-bit files need pypng (the GPU machines' image lacks it)
+
     width, height, rows, info = png.Reader(filename=str(path)).asDirect()
     return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
 
@@ -203,6 +204,8 @@ def save_image(path, image: torch.Tensor, bits: int = 8) -> Path:
     if suffix not in (".png", ".jpg", ".jpeg"):
         raise ValueError(f"save_image: unsupported output format {path.suffix!r}; use .png, .jpg or .jpeg")
     if bits == 16:  # Pillow cannot write 16-bit colour
+        import png  # only 16-bit files need pypng (the GPU machines' image lacks it)
+
         writer = png.Writer(array.shape[1], array.shape[0], greyscale=channels == 1, bitdepth=16)
         with open(path, "wb") as f:
             writer.write(f, array.reshape(array.shape[0], -1))
