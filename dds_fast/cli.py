@@ -155,7 +155,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
     "--seed": ("seed", int), "--device": ("device", str), "--gate-steps": ("gate_steps", int),
     "--budget": ("budget", float), "--beta": ("beta", float), "--backend": ("backend", str),
     "--refine-steps": ("refine_steps", int), "--refine-lr": ("refine_lr", float),
-    "--refine-distillation": ("refine_distillation", str),
+    "--refine-distillation": ("refine_distillation", str), "--slim-criterion": ("slim_criterion", str),
 }
 
 

@@ -128,6 +128,30 @@ def test_progressive_slimming_walks_from_largest_to_smallest():
         thin_routing_space(trajectory, len(trajectory) + 1)
 
 
+@pytest.mark.parametrize("criterion,first_slimmed", [("psnr", "enc1"), ("psnr_per_mac", "dec0.mid")])
+def test_slimming_criteria_choose_by_loss_or_by_loss_per_mac(monkeypatch, criterion, first_slimmed):
+    """enc1 loses the least PSNR per step but saves 560 MACs/pixel; dec0.mid loses 1.5x as
+    much and saves 3456: the paper's rule slims enc1 first, ours dec0.mid."""
+    from dds_fast.training import slimming
+
+    net = SlimUNet(in_channels=1, base_width=8, depth=2).eval()
+    largest = net.space.largest()
+    cost = {"enc1": 0.1, "dec0.mid": 0.15}
+
+    def fake_psnr(net, batches, config):
+        return 30.0 - sum(cost.get(g, 1.0) * (largest[g] - config[g]) / 8 for g in config)
+
+    monkeypatch.setattr(slimming, "validation_psnr", fake_psnr)
+    trajectory = progressive_slimming(net, [], step=8, criterion=criterion)
+    first = trajectory[1].config
+    assert [g for g in first if first[g] != largest[g]] == [first_slimmed]
+    assert trajectory[-1].config == net.space.smallest()
+    with pytest.raises(ValueError, match="unknown slimming criterion 'flops'"):
+        progressive_slimming(net, [], criterion="flops")
+    with pytest.raises(ValueError, match="unknown slim_criterion 'flops'"):
+        TrainConfig.from_dict({"slim_criterion": "flops"})
+
+
 def test_slimmer_steps_and_floors():
     space = SlimUNet(base_width=16, depth=2).space
     group = space["enc0"]  # choices 8, 16, 24

@@ -2,8 +2,12 @@
 
 From the largest config, each step tries slimming every tied group by one channel step
 (``step`` channels: 16 in the paper), evaluates each candidate's PSNR on a validation set
-and keeps the one that loses the least. Every step is recorded; the trajectory, thinned to
-a few configs spread over the MACs range, is the routing space the gate chooses from.
+and keeps the one that loses the least (criterion ``psnr``, the paper's). Our addition,
+criterion ``psnr_per_mac``, keeps the one that loses the least per MAC it saves: slimming a
+wide layer saves more than slimming a narrow one, so the paper's rule can walk the cheap
+groups down first for a small loss and a small saving. Every step is recorded; the
+trajectory, thinned to a few configs spread over the MACs range, is the routing space the
+gate chooses from.
 """
 from __future__ import annotations
 
@@ -39,12 +43,18 @@ def slimmer(config: SubnetConfig, group, step: int) -> int | None:
     return group.choices[0] if group.choices[0] < width else None
 
 
+SLIM_CRITERIA = ("psnr", "psnr_per_mac")
+
+
 def progressive_slimming(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], step: int = 16,
-                         on_step: Callable[[RoutingEntry], None] | None = None) -> list[RoutingEntry]:
+                         on_step: Callable[[RoutingEntry], None] | None = None,
+                         criterion: str = "psnr") -> list[RoutingEntry]:
     """The greedy trajectory from the largest to the smallest config, as RoutingEntries
     (config, MACs/pixel, validation PSNR), largest first. Restores the net's config."""
     if step < 1:
         raise ValueError(f"slimming step must be >= 1 channel, got {step}")
+    if criterion not in SLIM_CRITERIA:
+        raise ValueError(f"unknown slimming criterion {criterion!r}; choose one of {SLIM_CRITERIA}")
     batches = list(batches)
     previous = net.get_config()
     space = net.space
@@ -62,8 +72,12 @@ def progressive_slimming(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor
             if not candidates:
                 break
             scored = [RoutingEntry(c, macs_per_pixel(net, c), validation_psnr(net, batches, c)) for c in candidates]
-            # least PSNR lost; among equals, the cheaper one
-            best = max(scored, key=lambda e: (e.psnr, -e.macs_per_pixel))
+            here = trajectory[-1]
+            if criterion == "psnr":  # least PSNR lost; among equals, the cheaper one
+                best = max(scored, key=lambda e: (e.psnr, -e.macs_per_pixel))
+            else:  # least PSNR lost per MAC saved (a gain counts as a negative loss)
+                best = min(scored, key=lambda e: ((here.psnr - e.psnr) / max(here.macs_per_pixel - e.macs_per_pixel,
+                                                                             1e-9), e.macs_per_pixel))
             config = best.config
             trajectory.append(best)
             if on_step:

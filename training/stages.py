@@ -30,7 +30,7 @@ from .loop import LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_g
 from .noise import make_noise
 from .sandwich import (DISTILLATIONS, LOSSES, reconstruction_loss, routing_sandwich_configs, sandwich_configs,
                        sandwich_step)
-from .slimming import progressive_slimming, thin_routing_space, validation_psnr
+from .slimming import SLIM_CRITERIA, progressive_slimming, thin_routing_space, validation_psnr
 
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -61,6 +61,7 @@ class TrainConfig:
     loss: str = "l1"  # against the ground truth
     distillation_loss: str = "mse"  # against a teacher's output (see training/sandwich.py)
     slim_step: int = 16
+    slim_criterion: str = "psnr"  # or "psnr_per_mac" (our addition; see training/slimming.py)
     num_choices: int = 4
     validation_crops: int = 4
     validation_patch: int = 128
@@ -105,6 +106,8 @@ class TrainConfig:
             value = getattr(config, option)
             if value not in DISTILLATIONS and not (option == "refine_distillation" and value is None):
                 raise ValueError(f"{source}: unknown {option} {value!r}; choose one of {DISTILLATIONS}")
+        if config.slim_criterion not in SLIM_CRITERIA:
+            raise ValueError(f"{source}: unknown slim_criterion {config.slim_criterion!r}; choose one of {SLIM_CRITERIA}")
         for option in ("loss", "distillation_loss"):
             if getattr(config, option) not in LOSSES:
                 raise ValueError(f"{source}: unknown {option} {getattr(config, option)!r}; choose one of {sorted(LOSSES)}")
@@ -232,7 +235,8 @@ class Run:
                     log.write(json.dumps(entry.to_dict()) + "\n")
                     log.flush()
 
-                trajectory = progressive_slimming(net, self.validation_batches(), step=c.slim_step, on_step=on_step)
+                trajectory = progressive_slimming(net, self.validation_batches(), step=c.slim_step, on_step=on_step,
+                                                  criterion=c.slim_criterion)
             net.routing_space = thin_routing_space(trajectory, c.num_choices)
             dds_fast.save(net, self.dir / "stage2.safetensors", stage=2, train_config=dataclasses.asdict(c),
                           trajectory=[e.to_dict() for e in trajectory])
