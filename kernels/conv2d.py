@@ -322,7 +322,7 @@ def _reduce_kernel(ws, out, R, E, COUT, CIN, START, so, si, sh, sw,
 # Launch helpers
 # ----------------------------------------------------------------------------------------
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, next_pow2(max(int(n), 1))))
+    return max(lo, min(hi, next_pow2(n)))
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:

@@ -148,18 +148,14 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _pow2(v: int) -> int:
-    return next_pow2(max(int(v), 1))
-
-
 def _tile(c: int, hw: int) -> tuple[int, int]:
     """(BLOCK_HW, BLOCK_C) of the streaming kernels: about 4K elements per program on a GPU;
     under the interpreter, where each program costs tens of ms, whole images at once."""
     if _interpreted():
-        block_c = _pow2(c)
-        return min(_pow2(hw), max(16, 65536 // block_c)), block_c
-    block_c = min(_pow2(c), 128)
-    return min(max(16, 4096 // block_c), _pow2(hw)), block_c
+        block_c = next_pow2(c)
+        return min(next_pow2(hw), max(16, 65536 // block_c)), block_c
+    block_c = min(next_pow2(c), 128)
+    return min(max(16, 4096 // block_c), next_pow2(hw)), block_c
 
 
 def _pixels(x: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
@@ -197,7 +193,7 @@ def squeeze_partials(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         chunk = max(cdiv(hw, chunks), 4 * block_hw)
     if chunk < 1:
         raise ValueError(f"squeeze_partials: chunk must be >= 1, got {chunk}")
-    block_hw = min(block_hw, _pow2(chunk))
+    block_hw = min(block_hw, next_pow2(chunk))
     chunk = cdiv(min(chunk, hw), block_hw) * block_hw
     num_chunks = cdiv(hw, chunk)
     part = torch.empty((n, num_chunks, c), device=x.device, dtype=torch.float32)
@@ -241,11 +237,11 @@ def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
                          torch.empty((n, e), device=dev, dtype=torch.float32),
                          torch.empty((n, e), device=dev, dtype=torch.float32),
                          torch.empty((n,), device=dev, dtype=torch.int32))
-    block_c = _pow2(c)
-    block_t = min(_pow2(num_chunks), max(1, 8192 // block_c))
+    block_c = next_pow2(c)
+    block_t = min(next_pow2(num_chunks), max(1, 8192 // block_c))
     _head_kernel[(n,)](partials, num_chunks, 1.0 / hw, w1, b1, w2, b2, w3, b3, w4, b4, *out, c, cr, hid, e,
-                       ATTENTION=bool(attention), BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=_pow2(cr),
-                       BLOCK_H=_pow2(hid), BLOCK_E=_pow2(e), num_warps=4)
+                       ATTENTION=bool(attention), BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=next_pow2(cr),
+                       BLOCK_H=next_pow2(hid), BLOCK_E=next_pow2(e), num_warps=4)
     return out
 
 

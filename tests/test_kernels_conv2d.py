@@ -383,6 +383,9 @@ def test_flop_counter_counts_active_slice():
     with FlopCounterMode(display=False) as counter:
         y.sum().backward()  # inputs need no grad: grad weight only
     assert counter.get_total_flops() == 2 * macs
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run(case, "relu")  # inference skips the op's dispatch unless a mode like this one is on
+    assert counter.get_total_flops() == 2 * macs
 
 
 def test_torch_compile_fullgraph():
