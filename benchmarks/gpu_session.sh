@@ -4,9 +4,10 @@
 # plot) and the pytest-benchmark suite. Every step has its own time limit, so a slow or hung
 # step costs its slot, not the lease; results are packed into $OUT/results.tgz at the end.
 # Usage on the device machine, from the repository root, with pypng's wheel in .whl/ (the
-# image lacks it): bash benchmarks/gpu_session.sh [full|quick]. quick (about 3.5 minutes)
-# runs the tests that touch a kernel, the per-kernel breakdown, the layer table, the network
-# at batch 8, a profile of its smallest config and the one-graph dynamic mode.
+# image lacks it): bash benchmarks/gpu_session.sh [full|quick]. quick (at most 5 minutes)
+# runs the tests that touch a kernel, the per-kernel breakdown, a forward tile sweep, the
+# layer table, the network at batch 8, a profile of its smallest config and the one-graph
+# dynamic mode.
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-$PWD/gpu-out}
@@ -30,6 +31,9 @@ if [ "$MODE" = quick ]; then
   step "per-kernel breakdown against cuDNN"
   timeout -s INT 40 python3 benchmarks/conv_breakdown.py "$R/conv_breakdown.json" > "$R/conv_breakdown.txt" 2>&1
   cat "$R/conv_breakdown.txt"
+  step "forward tile sweep, batch 8, 512x512"
+  timeout -s INT 60 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_forward_tiles.json" > "$R/sweep.txt" 2>&1
+  cat "$R/sweep.txt"
   step "dds-fast bench: layers fp16 (512/256, batch 8/1), network at 8x3x512x512 with CUDA graphs"
   timeout -s INT 45 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
     --size 256 --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
