@@ -3,8 +3,9 @@
 # suite on CUDA (GPU-only tests included), `dds-fast bench` (layers and network, JSON, markdown,
 # plot) and the pytest-benchmark suite. Every step has its own time limit, so a slow or hung
 # step costs its slot, not the lease; results are packed into $OUT/results.tgz at the end.
-# Usage on the device machine, from the repository root, with pypng's wheel in .whl/ (the
-# image lacks it): bash benchmarks/gpu_session.sh [full|quick]. quick (at most 5 minutes)
+# Usage on the device machine, from the repository root (wheels in .whl/ are installed
+# first: only the 16-bit PNG tests need pypng, which the image lacks): bash
+# benchmarks/gpu_session.sh [full|quick]. quick (at most 5 minutes)
 # runs the tests that touch a kernel, the per-kernel breakdown, a forward tile sweep, the
 # layer table, the network at batch 8, a profile of its smallest config and the one-graph
 # dynamic mode.

@@ -1,6 +1,7 @@
 # Sourced by the device-machine scripts (benchmarks/gpu_session.sh, training/gpu_train.sh),
 # from the repository root: makes `python3 -c "import dds_fast"` work on the GPU image, which
-# has torch and Triton but no package registry and no pypng (carried as a wheel in .whl/).
+# has torch and Triton but no package registry. Wheels carried in .whl/ are installed first
+# (pypng, which the image lacks, for the 16-bit PNG tests).
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the GPU model (training/gpu.json: all three stages, then the I-Nets) within one
 # device call, resuming where the last call stopped. Usage on the device machine, from the
-# repository root, with pypng's wheel in .whl/: bash training/gpu_train.sh [SECONDS, default 540]
+# repository root: bash training/gpu_train.sh [SECONDS, default 540]
 # The run directory comes back as $OUT/gpu-run.tgz; unpack it to runs/gpu here and carry
 # runs/gpu with the next call to continue on a fresh machine.
 set -uo pipefail
