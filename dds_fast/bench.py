@@ -19,10 +19,16 @@ import torch
 
 from .export import StaticConv2d
 from .nets import SlimUNet
-from .runner import LatencyRunner, Report, describe_device
+from .runner import DevicePeaks, LatencyRunner, Report, describe_device
 from .slim_conv import SlimConv2d
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
+# The benchmark issue's targets: how many times faster than each baseline the fused layer
+# must be, how close to its roofline floor each config must run, and what share of the
+# MAC ratio the smallest config's real speedup must reach.
+LAYER_TARGETS = {"(b) static": 1.0, "(a) sliced copy": 1.5}
+FLOOR_TARGET = 1.5
+SPEEDUP_SHARE_TARGET = 0.8
 
 
 def layer_variants(channels: int, ratio: float, device, dtype, backends: list[str], compile_static: bool = True):
@@ -80,6 +86,61 @@ def layer_markdown(rows: list[dict]) -> str:
         ratio = static[(r["size"], r["batch"], r["ratio"])] / r["median_ms"]
         lines.append(f"| {r['size']} | {r['batch']} | {r['ratio']} | {r['width']} | {r['variant']} | "
                      f"{r['median_ms']:.4f} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def layer_floor_ms(row: dict, element_bytes: int, peaks: DevicePeaks) -> tuple[float, str]:
+    """The layer's roofline floor: one read of the narrow input, one write of the output and
+    the active weights and bias, against its FLOPs (2 per MAC)."""
+    pixels = row["batch"] * row["size"] ** 2
+    moved = (2 * pixels * row["width"] + row["width"] ** 2 * 9 + row["width"]) * element_bytes
+    bytes_ms, flops_ms = moved / peaks.bytes_per_s * 1e3, 2 * row["macs"] / peaks.flops_per_s * 1e3
+    return max(bytes_ms, flops_ms), ("FLOPs" if flops_ms >= bytes_ms else "bytes")
+
+
+def target_rows(layers: list[dict], network: Report, element_bytes: int) -> list[dict]:
+    """Each target of the benchmark issue that this run measured: what it needs, what was
+    measured, whether it is met, and the floor that bounds it (bytes or FLOPs)."""
+    rows = []
+    timed = {(r["size"], r["batch"], r["ratio"], r["variant"]): r for r in layers if "median_ms" in r}
+    for (size, batch, ratio, variant), ours in timed.items():
+        if variant != "triton fused":
+            continue
+        floor, bound = layer_floor_ms(ours, element_bytes, network.peaks)
+        for baseline, need in LAYER_TARGETS.items():
+            other = timed.get((size, batch, ratio, baseline))
+            if other is not None:
+                rows.append(dict(target=f"layer {size}x{size}, batch {batch}, width {ours['width']}: fused vs {baseline}",
+                                 need=need, got=other["median_ms"] / ours["median_ms"], unit="x faster",
+                                 bound=f"{bound}: floor {floor:.4f} ms, measured {ours['median_ms'] / floor:.1f}x it"))
+    batch = network.input_shape[0]
+    for r in network.results:
+        rows.append(dict(target=f"network batch {batch}, {r.label}: within {FLOOR_TARGET}x of its floor",
+                         need=FLOOR_TARGET, got=r.timing.median_ms / r.floor_ms, unit="x the floor", lower_is_better=True,
+                         bound=f"{r.floor_bound}: floor {r.floor_ms:.4f} ms"))
+    smallest = min(network.results, key=lambda r: r.macs_per_pixel)
+    if smallest.theoretical_speedup > 1:
+        rows.append(dict(target=f"network batch {batch}: {smallest.label}'s real speedup over the largest, as a share of "
+                                f"its MAC ratio {smallest.theoretical_speedup:.1f}",
+                         need=SPEEDUP_SHARE_TARGET, got=smallest.speedup_efficiency, unit=" of the MAC ratio",
+                         bound=f"{smallest.floor_bound}: the smallest config runs at {smallest.floor_fraction:.2f} of "
+                               f"its floor's speed"))
+    for row in rows:
+        row["met"] = row["got"] <= row["need"] if row.get("lower_is_better") else row["got"] >= row["need"]
+    return rows
+
+
+def targets_markdown(rows: list[dict]) -> str:
+    lines = ["| target | needed | measured | met | bound |", "| --- | ---: | ---: | --- | --- |"]
+    for r in rows:
+        if r["met"]:
+            verdict = "yes"
+        elif r.get("lower_is_better"):
+            verdict = f"no: {r['got'] / r['need']:.1f}x over"
+        else:
+            verdict = f"no: {1 - r['got'] / r['need']:.0%} short"
+        relation = "at most" if r.get("lower_is_better") else "at least"
+        lines.append(f"| {r['target']} | {relation} {r['need']:g}{r['unit']} | {r['got']:.2f} | {verdict} | {r['bound']} |")
     return "\n".join(lines)
 
 
@@ -142,12 +203,14 @@ def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, b
     runner = LatencyRunner(model, (batches[0], model.in_channels, sizes[0], sizes[0]), torch_dtype, device, warmup,
                            repeats, cuda_graph=cuda_graph and on_gpu)
     network = runner.run()
+    targets = target_rows(layers, network, torch.finfo(torch_dtype).bits // 8)
     name, env = describe_device(device)
-    result = {"device": name, "environment": env, "dtype": dtype, "layers": layers, "network": network.to_dict()}
+    result = {"device": name, "environment": env, "dtype": dtype, "layers": layers, "network": network.to_dict(),
+              "targets": targets}
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
     markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\n## One conv layer, {channels} channels max, "
                 f"3x3, LeakyReLU, channels_last\n\n{layer_markdown(layers)}\n\n## Whole network\n\n"
-                f"{network.to_markdown()}\n")
+                f"{network.to_markdown()}\n\n## Targets\n\n{targets_markdown(targets)}\n")
     (out_dir / "bench.md").write_text(markdown)
     plot_network(network, out_dir / "network.png")
     return result

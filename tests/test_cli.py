@@ -87,4 +87,8 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     assert variants == {"(a) sliced copy", "(b) static"}  # no Triton timing without a GPU
     assert len(result["network"]["results"]) == 5
     assert (out / "network.png").stat().st_size > 1000
-    assert "Whole network" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Whole network" in printed and "## Targets" in printed
+    # on CPU only the network targets apply (the layer targets need the Triton variant)
+    targets = [t["target"] for t in result["targets"]]
+    assert len(targets) == 6 and all(t.startswith("network batch 1") for t in targets)

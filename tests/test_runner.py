@@ -103,3 +103,31 @@ def test_a_captured_graph_keeps_the_tensors_of_its_function_alive():
     replay()
     torch.cuda.synchronize()
     assert out.tolist() == [0, 2, 0, 0, 0, 3, 0, 0] and len(reuse) == 64
+
+
+def test_bench_targets_say_what_is_met_and_by_how_much():
+    from dds_fast.bench import target_rows, targets_markdown
+    from dds_fast.runner import ConfigResult, Report
+
+    def layer(variant, ms):
+        return dict(size=512, batch=8, ratio=0.25, width=16, variant=variant, macs=16 * 16 * 9 * 512 * 512 * 8,
+                    median_ms=ms)
+
+    layers = [layer("triton fused", 0.2), layer("(b) static", 0.25), layer("(a) sliced copy", 0.24)]
+    peaks = DevicePeaks(flops_per_s=1e15, bytes_per_s=4e12)
+    network = Report("GPU", {}, "float16", (8, 3, 512, 512), "triton", peaks, [
+        ConfigResult("smallest", None, 1000.0, Timing(2.0, 1.9, 2.1, 10), 40.0, 20.0, 1.0, "bytes"),
+        ConfigResult("largest", None, 40000.0, Timing(40.0, 39.0, 41.0, 10), 1.0, 1.0, 32.0, "FLOPs")])
+    rows = {r["target"]: r for r in target_rows(layers, network, 2)}
+    vs_b = rows["layer 512x512, batch 8, width 16: fused vs (b) static"]
+    vs_a = rows["layer 512x512, batch 8, width 16: fused vs (a) sliced copy"]
+    assert vs_b["met"] and vs_b["got"] == pytest.approx(1.25)
+    assert not vs_a["met"] and vs_a["got"] == pytest.approx(1.2)
+    # (2 x 16 channels x 512^2 x 8 images + weights and bias) x 2 bytes at 4 TB/s
+    assert vs_a["bound"].startswith("bytes: floor 0.0336 ms")
+    assert not rows["network batch 8, smallest: within 1.5x of its floor"]["met"]
+    assert rows["network batch 8, largest: within 1.5x of its floor"]["met"]
+    share = next(r for r in rows.values() if "MAC ratio" in r["target"])
+    assert share["got"] == pytest.approx(0.5) and not share["met"]
+    table = targets_markdown(list(rows.values()))
+    assert "| no: 20% short |" in table and "| no: 1.3x over |" in table and "| no: 38% short |" in table
