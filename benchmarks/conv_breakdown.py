@@ -55,7 +55,7 @@ def main(out_path: str) -> None:
                     2 * act, flops),
             }
             for name, (ours, cudnn, nbytes, nflops) in pieces.items():
-                floor = max(nbytes / peaks.bytes_per_s, nflops / peaks.flops_per_s) * 1e3
+                floor, _ = peaks.floor_ms(nbytes, nflops)
                 t_ours, t_cudnn = median_ms(ours), median_ms(cudnn)
                 rows.append(dict(batch=batch, width=width, piece=name, triton_ms=t_ours, cudnn_ms=t_cudnn,
                                  floor_ms=floor, triton_vs_cudnn=t_cudnn / t_ours))

@@ -94,8 +94,7 @@ def layer_floor_ms(row: dict, element_bytes: int, peaks: DevicePeaks) -> tuple[f
     the active weights and bias, against its FLOPs (2 per MAC)."""
     pixels = row["batch"] * row["size"] ** 2
     moved = (2 * pixels * row["width"] + row["width"] ** 2 * 9 + row["width"]) * element_bytes
-    bytes_ms, flops_ms = moved / peaks.bytes_per_s * 1e3, 2 * row["macs"] / peaks.flops_per_s * 1e3
-    return max(bytes_ms, flops_ms), ("FLOPs" if flops_ms >= bytes_ms else "bytes")
+    return peaks.floor_ms(moved, 2 * row["macs"])
 
 
 def target_rows(layers: list[dict], network: Report, element_bytes: int) -> list[dict]:

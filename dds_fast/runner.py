@@ -45,6 +45,11 @@ class DevicePeaks:
     flops_per_s: float
     bytes_per_s: float
 
+    def floor_ms(self, nbytes: float, flops: float) -> tuple[float, str]:
+        """The roofline floor of moving ``nbytes`` and computing ``flops``: (ms, the bound)."""
+        bytes_ms, flops_ms = nbytes / self.bytes_per_s * 1e3, flops / self.flops_per_s * 1e3
+        return max(bytes_ms, flops_ms), ("FLOPs" if flops_ms >= bytes_ms else "bytes")
+
 
 @dataclass
 class ConfigResult:
@@ -227,10 +232,7 @@ class LatencyRunner:
             in_pixels = out_pixels * call.module.stride[0] * call.module.stride[1]
             moved += element * (n * sum(call.in_widths) * in_pixels + n * call.out_width * out_pixels
                                 + call.out_width * sum(call.in_widths) * kh * kw)
-        flops_ms = 2 * macs / peaks.flops_per_s * 1e3
-        bytes_ms = moved / peaks.bytes_per_s * 1e3
-        macs_per_pixel = sum(call.macs for call in calls) / pixels
-        return max(flops_ms, bytes_ms), ("FLOPs" if flops_ms >= bytes_ms else "bytes"), macs_per_pixel
+        return (*peaks.floor_ms(moved, 2 * macs), sum(call.macs for call in calls) / pixels)
 
     def measure_peaks(self) -> DevicePeaks:
         """A large matrix product in the run's dtype and a large device copy, timed like the model."""
