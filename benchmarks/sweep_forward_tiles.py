@@ -56,6 +56,7 @@ def main(out_path: str) -> None:
             reference = F.conv2d(x.float(), weight[:width, :width].float(), padding=1)
             for name, tiles in candidates(width).items():
                 K._tiles = launcher_tiles if tiles is None else (lambda *args, t=tiles: t)
+                K._forward_plan.cache_clear()  # launch plans hold the tiles they were built with
                 with torch.no_grad():
                     def run():
                         return K.slim_conv2d([x], weight, out_channels=width)
@@ -70,6 +71,7 @@ def main(out_path: str) -> None:
                 print(f"width {width:2d}  {name:28s} {shown}  rel err {error:.1e}", flush=True)
     finally:
         K._tiles = launcher_tiles
+        K._forward_plan.cache_clear()
     device_name = torch.cuda.get_device_name() if CUDA else "CPU (interpreter: checks the script, not the speed)"
     with open(out_path, "w") as f:
         json.dump(dict(device=device_name, torch=torch.__version__, dtype=str(DTYPE), batch=BATCH, size=SIZE,

@@ -3,7 +3,9 @@
 Dynamic mode: the stem runs at full width, the gate reads it and picks a config index per
 image, and each image runs the body of its chosen sub-network on the prefix of the stem's
 output (which equals the narrow stem's output: filter j of a conv depends on filter j only).
-Static mode (``set_budget``): every image runs the best config within a MACs budget.
+Static mode (``set_budget``): every image runs the best config within a MACs budget (alone
+when the gate's attention is off; behind the full-width stem and the gate's attention scale
+when it is on, since the body was trained on scaled features).
 
 Two paths give the same result. On CUDA with the Triton backend (and no gradient), every
 layer runs once for the whole batch, reading each image's widths from a device table indexed
@@ -116,45 +118,60 @@ class DDSNet(nn.Module):
 
     def routed_macs(self, x: torch.Tensor) -> list[float]:
         """MACs/pixel each image of ``x`` costs in the current mode: the routed config plus,
-        in dynamic mode, the full-width stem the gate reads."""
+        where the gate runs (dynamic mode, or static mode with attention on), the full-width
+        stem it reads."""
         if self._budget_index is not None:
-            return [self.routing_space[self._budget_index].macs_per_pixel] * len(x)
+            i = self._budget_index
+            # with attention on, static mode runs the full-width stem and the gate too
+            cost = self.dynamic_macs_per_pixel[i] if self.gate.attention else self.routing_space[i].macs_per_pixel
+            return [cost] * len(x)
         return [self.dynamic_macs_per_pixel[self.routing_space.index(e)] for e in self.route(x)]
 
-    def _width_tables(self, device: torch.device) -> list[tuple[SlimConv2d, torch.Tensor, int]]:
-        """For each conv of the body, an int32 [E, 1 + inputs] table of its (out width, in
-        widths) under each routing config, on ``device``, and the largest number every entry
-        is a multiple of (so the kernel knows the widths keep its vector loads); built once
-        per device."""
+    def _width_table(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[SlimConv2d, slice, int]]]:
+        """An int32 [E, columns] table on ``device`` holding, for each conv of the body, its
+        (out width, in widths) under each routing config in a column range; and, per conv, that
+        range and the largest number every one of its widths is a multiple of (so the kernel
+        knows they keep its vector loads). Built once per device."""
         if self._tables is None or self._tables[0] != device:
             rows: dict[SlimConv2d, list] = {}
             for entry in self.routing_space:
                 for call in trace_convs(self.supernet, entry.config)[0]:
                     if call.module is not self.supernet.stem_conv:
                         rows.setdefault(call.module, []).append((call.out_width, *call.in_widths))
-            self._tables = (device, [(conv, torch.tensor(r, dtype=torch.int32, device=device),
-                                      math.gcd(*(w for row in r for w in row)))
-                                     for conv, r in rows.items()])
+            columns, layers = [], []
+            for conv, per_entry in rows.items():
+                start = sum(len(c[0]) for c in columns)
+                columns.append(per_entry)
+                layers.append((conv, slice(start, start + len(per_entry[0])),
+                               math.gcd(*(w for row in per_entry for w in row))))
+            table = torch.tensor([[w for per_entry in columns for w in per_entry[e]]
+                                  for e in range(len(self.routing_space))], dtype=torch.int32, device=device)
+            self._tables = (device, (table, layers))
         return self._tables[1]
 
     def _uses_per_image_widths(self, x: torch.Tensor) -> bool:
         if self.per_image is not None:
             return self.per_image
-        return (x.is_cuda and not torch.is_grad_enabled()
-                and all(m.backend != "torch" for m in self.supernet.modules() if isinstance(m, SlimConv2d)))
+        if not x.is_cuda or torch.is_grad_enabled():
+            return False
+        # every conv must run on the kernels (dtype, layer options); else group the batch
+        return all(m.backend != "torch" and m._triton_kernels([x]) is not None
+                   for m in self.supernet.modules() if isinstance(m, SlimConv2d))
 
     def _body_per_image(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """Every image through its own config in one launch per layer: each conv reads its
-        widths from the device tables, indexed by the gate's choice (no host sync)."""
-        tables = self._width_tables(padded.device)
+        widths from the device table, indexed by the gate's choice (one gather for all the
+        layers, no host sync)."""
+        table, layers = self._width_table(padded.device)
+        widths = table.index_select(0, choice)
         self.supernet.set_config(self._full_stem)  # buffers at full width, widths per image
         try:
-            for conv, table, multiple in tables:
-                conv.per_image_widths = table.index_select(0, choice.long())
+            for conv, columns, multiple in layers:
+                conv.per_image_widths = widths[:, columns]
                 conv.per_image_widths_multiple = multiple
             return self.supernet.body(features, padded)
         finally:
-            for conv, _, _ in tables:
+            for conv, _, _ in layers:
                 conv.per_image_widths = None
                 conv.per_image_widths_multiple = 1
 
@@ -174,13 +191,18 @@ class DDSNet(nn.Module):
         """Denoise ``x``. ``choice``, an optional tensor of one routing index per image,
         overrides the gate's decisions (for ablations and for timing a given mix of
         sub-networks); the gate still runs, as its attention head may scale the features."""
-        if self._budget_index is not None:  # static mode: the narrow network alone, no gate
+        if self._budget_index is not None:
             if choice is not None:
                 raise ValueError("DDSNet: choice applies to dynamic mode; call set_budget(None) first")
-            self.supernet.set_config(self.routing_space[self._budget_index].config)
-            return self.supernet(x)
-        padded, gate_out = self.gate_forward(x)
-        choice = gate_out.choice if choice is None else self._check_choice(choice, len(x)).to(gate_out.choice)
+            if not self.gate.attention:  # static mode: the narrow network alone, no gate
+                self.supernet.set_config(self.routing_space[self._budget_index].config)
+                return self.supernet(x)
+            # the attention head scales the stem's features: the budget's config behind the gate
+            padded, gate_out = self.gate_forward(x)
+            choice = torch.full_like(gate_out.choice, self._budget_index)
+        else:
+            padded, gate_out = self.gate_forward(x)
+            choice = gate_out.choice if choice is None else self._check_choice(choice, len(x)).to(gate_out.choice)
         features = gate_out.features
         if self._uses_per_image_widths(padded):
             out = self._body_per_image(features, padded, choice)

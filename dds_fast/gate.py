@@ -11,7 +11,7 @@ Eq. 8-10 of DDS-Net (Jiang et al., IEEE TIP 2023), behind the first conv block:
 (stage 3), when ``X~ = X``.
 
 Backends. The fused Triton kernels (``dds_fast.kernels.gate``: squeeze, both heads with the
-BatchNorm folded into ``W3, b3``, softmax and argmax in two launches, then the scale in a
+eval BatchNorm applied from its running statistics, softmax and argmax in two launches, then the scale in a
 third) are an inference path: they run when the module is in eval mode and no gradient is
 needed (``torch.no_grad``/``inference_mode``, or nothing requires grad). Training and any
 call that needs gradients use the reference torch ops with autograd, whatever the backend:
@@ -74,7 +74,6 @@ class DynamicGate(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.attention = True
-        self._fold_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.fc1 = nn.Linear(channels, reduced)
         self.fc2 = nn.Linear(reduced, channels)
         self.fc3 = nn.Linear(reduced, hidden)
@@ -125,22 +124,11 @@ class DynamicGate(nn.Module):
         logits = self.fc4(F.relu(self.bn(self.fc3(r))))
         return GateOutput(features, scale, logits, F.softmax(logits, dim=1), logits.argmax(dim=1).to(torch.int32))
 
-    def _folded_w3_b3(self, kernels) -> tuple[torch.Tensor, torch.Tensor]:
-        """W3, b3 with the eval BatchNorm folded in, recomputed only when one of their tensors
-        changed (an optimizer step or a load bumps the version counter; a move, the address),
-        so inference launches no folding ops."""
-        sources = [self.fc3.weight, self.fc3.bias, self.bn.running_mean, self.bn.running_var, self.bn.weight,
-                   self.bn.bias]
-        key = tuple((t.data_ptr(), t._version) for t in sources if t is not None)
-        if self._fold_cache is None or self._fold_cache[0] != key:
-            self._fold_cache = (key, kernels.fold_batchnorm(self.fc3.weight, self.fc3.bias, self.bn))
-        return self._fold_cache[1]
-
     def _forward_fused(self, x: torch.Tensor) -> GateOutput:
         from dds_fast.kernels import gate as kernels  # imports Triton only when it is used
 
-        w3, b3 = self._folded_w3_b3(kernels)
-        head = kernels.fused_gate(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, w3, b3,
+        head = kernels.fused_gate(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                  self.fc3.weight, self.fc3.bias, kernels.BatchNormStats.of(self.bn),
                                   self.fc4.weight, self.fc4.bias, attention=self.attention)
         features = kernels.apply_scale(x, head.scale) if self.attention else x
         return GateOutput(features, *head)

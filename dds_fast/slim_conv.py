@@ -6,6 +6,7 @@ the first ``o`` filters and the first ``i`` input channels of the one shared wei
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Sequence
@@ -181,10 +182,9 @@ class SlimConv2d(nn.Conv2d):
         """The kernel module when this call runs on Triton, else None (the reference path)."""
         if self.backend == "torch" or (self.backend == "auto" and not inputs[0].is_cuda):
             return None
-        try:
-            from .kernels import conv2d as kernels
-        except ImportError as error:  # no Triton on this platform
-            reason = f"Triton is not available ({error})"
+        kernels = _kernels_module()
+        if isinstance(kernels, str):
+            reason = kernels
         else:
             reason = kernels.unsupported_reason(inputs, self.weight, self.stride, self.padding, self.dilation,
                                                 self.groups, self.padding_mode, self.activation, self.negative_slope)
@@ -212,6 +212,17 @@ class SlimConv2d(nn.Conv2d):
         if self._active_out is not None:
             parts.append(f"active_out_channels={self._active_out}")
         return ", ".join(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_module():
+    """``dds_fast.kernels.conv2d``, or why it cannot be imported (looked up once: a layer asks
+    on every call)."""
+    try:
+        from .kernels import conv2d
+    except ImportError as error:  # no Triton on this platform
+        return f"Triton is not available ({error})"
+    return conv2d
 
 
 def name_layers(model: nn.Module) -> nn.Module:

@@ -1,6 +1,10 @@
 """Host-side launch arithmetic shared by the kernels. Plain Python on purpose: some Triton
 versions wrap ``triton.cdiv`` and ``triton.next_power_of_2`` in a JIT function that costs
 microseconds per call from the host, on every launch."""
+import os
+
+# Read once at import: triton.jit picks interpretation when the kernels are decorated, too.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def cdiv(a: int, b: int) -> int:

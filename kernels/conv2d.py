@@ -21,18 +21,15 @@ narrow layer never copies its slice. Activations are NCHW tensors in any memory 
 ``slim_conv2d`` is registered as the ``torch.library`` op ``dds_fast::slim_conv2d`` (with
 autograd, a fake implementation for ``torch.compile`` and a FLOP formula).
 """
-import os
-from typing import List, Optional, Sequence
+import functools
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from ._launch import cdiv, next_pow2
-
-# Read once at import: triton.jit picks interpretation at decoration time too.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._launch import INTERPRET, cdiv, next_pow2
 
 ACTIVATIONS = (None, "relu", "leaky_relu")
 _ACT_NAMES = {"none": 0, "relu": 1, "leaky_relu": 2}
@@ -334,13 +331,14 @@ def _alignment(*values: int) -> int:
     return 8 if all(v % 8 == 0 for v in values) else 1
 
 
-def _batch_and_pixel_strides(*tensors: torch.Tensor) -> list[int]:
-    return [s for t in tensors for s in (t.stride(0), t.stride(2), t.stride(3))]
+def _batch_and_pixel_strides(*strides_of: Sequence[int]) -> list[int]:
+    """The batch and pixel strides of NCHW tensors with these strides."""
+    return [s for strides in strides_of for s in (strides[0], strides[2], strides[3])]
 
 
-def _pixel_strides_of_weight(weight: torch.Tensor) -> tuple[int, int, int]:
+def _pixel_strides_of_weight(strides: Sequence[int]) -> tuple[int, int, int]:
     """The weight's strides other than its input channels' (the ones the kernels step over)."""
-    return weight.stride(0), weight.stride(2), weight.stride(3)
+    return strides[0], strides[2], strides[3]
 
 
 def _empty_channels_last(shape, like: torch.Tensor) -> torch.Tensor:
@@ -374,33 +372,63 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int
 GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90
 
 
+class _ForwardPlan(NamedTuple):
+    """Everything a forward launch derives from its arguments' shapes, strides and options."""
+    out_shape: tuple[int, int, int, int]
+    grid: tuple[int, int, int]
+    scalars: tuple  # the kernel's run-time scalar arguments, in order
+    meta: dict  # its compile-time arguments
+
+
+def _meta(t: Optional[torch.Tensor]):
+    """What the argument checks and the launch plan read of a tensor (a hashable key)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_channels, stride, padding,
+                  activation, negative_slope) -> _ForwardPlan:
+    """The launch of ``_conv_fwd_kernel`` for arguments with these ``_meta`` keys: computed once
+    per signature, since the host work per call is what bounds small launches."""
+    (n, c0, h, w), x0_strides, dtype, device = m0
+    c1 = 0 if m1 is None else m1[0][1]
+    x1_strides = x0_strides if m1 is None else m1[1]
+    w_shape, w_strides = mw[0], mw[1]
+    k = w_shape[-1]
+    ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
+    out_shape = (n, out_channels, ho, wo)
+    y_strides = torch.empty(out_shape, device="meta", memory_format=torch.channels_last).stride()
+    r_strides = y_strides if mr is None else mr[1]
+    wd_strides = (0, 0) if mwd is None else mwd[1]
+    bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0], w_shape[1])
+    scalars = (h, w, ho, wo, c0, c1, out_channels, start0, start1, *x0_strides, *x1_strides, *w_strides,
+               w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides, *wd_strides, float(negative_slope))
+    per_image_multiple = [] if mwd is None else [widths_multiple]
+    meta = dict(
+        KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None,
+        HAS_RES=mr is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=mwd is not None,
+        DOT_F32=_dot_f32(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        C_ALIGN=_alignment(c0, c1, out_channels, start0, start1, *per_image_multiple),
+        X_ALIGN=_alignment(*_batch_and_pixel_strides(x0_strides, x1_strides, r_strides, y_strides)),
+        W_ALIGN=_alignment(*_pixel_strides_of_weight(w_strides)),
+    )
+    return _ForwardPlan(out_shape, (cdiv(ho * wo, bm), cdiv(out_channels, bn), n), scalars, meta)
+
+
+def _launch_forward(plan: _ForwardPlan, x0, x1, weight, bias, residual, widths) -> torch.Tensor:
+    y = _empty_channels_last(plan.out_shape, x0)
+    # unused pointers get any valid tensor: the kernel does not read them
+    _conv_fwd_kernel[plan.grid](x0, x0 if x1 is None else x1, weight, weight if bias is None else bias,
+                                y if residual is None else residual, y, y if widths is None else widths,
+                                *plan.scalars, **plan.meta)
+    return y
+
+
 def _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start0, start1, out_channels, stride,
                   padding, activation, negative_slope):
-    n, c0, h, w = x0.shape
-    c1 = 0 if x1 is None else x1.shape[1]
-    k = weight.shape[-1]
-    ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
-    y = _empty_channels_last((n, out_channels, ho, wo), x0)
-    bm, bn, bk, warps = _tiles(x0.dtype, ho * wo, weight.shape[0], weight.shape[1])
-    x1_ = x0 if x1 is None else x1  # any valid pointer: unused when TWO_INPUTS is False
-    b_ = weight if bias is None else bias
-    r_ = y if residual is None else residual
-    wd_ = y if widths is None else widths
-    grid = (cdiv(ho * wo, bm), cdiv(out_channels, bn), n)
-    _conv_fwd_kernel[grid](
-        x0, x1_, weight, b_, r_, y, wd_,
-        h, w, ho, wo, c0, c1, out_channels, start0, start1,
-        *x0.stride(), *x1_.stride(), *weight.stride(), b_.stride(0),
-        *r_.stride(), *y.stride(), *(wd_.stride() if widths is not None else (0, 0)),
-        float(negative_slope),
-        KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=x1 is not None, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=widths is not None,
-        DOT_F32=_dot_f32(x0.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        C_ALIGN=_alignment(c0, c1, out_channels, start0, start1, *([] if widths is None else [widths_multiple])),
-        X_ALIGN=_alignment(*_batch_and_pixel_strides(x0, x1_, r_, y)),
-        W_ALIGN=_alignment(*_pixel_strides_of_weight(weight)),
-    )
-    return y
+    plan = _forward_plan(_meta(x0), _meta(x1), _meta(weight), _meta(bias), _meta(residual), _meta(widths),
+                         widths_multiple, start0, start1, out_channels, stride, padding, activation, negative_slope)
+    return _launch_forward(plan, x0, x1, weight, bias, residual, widths)
 
 
 def _grad_input(dz, weight, x, start, stride, padding, cout):
@@ -419,8 +447,8 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
                 *dz.stride(), *weight.stride(), *dx.stride(),
                 KSIZE=k, STRIDE=stride, PAD=padding, IH0=ih0, IW0=iw0, DOT_F32=_dot_f32(x.dtype),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, C_ALIGN=_alignment(cout, cin, start),
-                X_ALIGN=_alignment(*_batch_and_pixel_strides(dz, dx)),
-                W_ALIGN=_alignment(*_pixel_strides_of_weight(weight)),
+                X_ALIGN=_alignment(*_batch_and_pixel_strides(dz.stride(), dx.stride())),
+                W_ALIGN=_alignment(*_pixel_strides_of_weight(weight.stride())),
             )
     return dx
 
@@ -436,6 +464,8 @@ def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
     k = dw.shape[-1]
     ho, wo = dz.shape[2], dz.shape[3]
     npix = n * ho * wo
+    if npix == 0:
+        return  # an empty batch: the gradient stays zero
     bco, bci = _pow2(dw.shape[0], 16, 64), _pow2(dw.shape[1], 16, 64)
     if INTERPRET:
         bp, target = 64, 18  # small chunks, so that tiny test shapes still exercise the split
@@ -452,7 +482,7 @@ def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
         dz, x, ws, h, w, ho, wo, npix, chunk, cout, cin, *dz.stride(), *x.stride(),
         KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(x.dtype),
         BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=GRAD_WEIGHT_WARPS,
-        C_ALIGN=_alignment(cout, cin), X_ALIGN=_alignment(*_batch_and_pixel_strides(dz, x)),
+        C_ALIGN=_alignment(cout, cin), X_ALIGN=_alignment(*_batch_and_pixel_strides(dz.stride(), x.stride())),
     )
     _reduce_into(ws, dw, splits, k * k, cout, cin, start, dw.stride(), k)
 
@@ -484,7 +514,7 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
         _bwd_dz_kernel[grid](
             grad_y, y_, dz, bias_ws, ho, wo, o, *grad_y.stride(), *y_.stride(), *dz.stride(),
             float(negative_slope), ACT=act, STORE_DZ=store_dz, BIAS_SUMS=bias_sums,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=4, ALIGN=_alignment(o, *_batch_and_pixel_strides(grad_y, y_, dz)),
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=4, ALIGN=_alignment(o, *_batch_and_pixel_strides(grad_y.stride(), y_.stride(), dz.stride())),
         )
         if bias_sums:
             db = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
@@ -604,7 +634,9 @@ def _as_int(value, name: str) -> int:
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"slim_conv2d: {name} must be an int or a pair of equal ints, got {value!r}")
         value = value[0]
-    return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"slim_conv2d: {name} must be an int or a pair of equal ints, got {value!r}")
+    return value
 
 
 def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dilation=1, groups=1,
@@ -615,11 +647,29 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
     ``inputs`` is a tensor or a list of tensors; the other arguments are those of the layer.
     """
     tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    if not 1 <= len(tensors) <= 2:
-        return f"{len(tensors)} inputs (the kernels fuse a concat of at most 2)"
-    if weight.dim() != 4:
-        return f"weight must be 4-D, got {weight.dim()}-D"
-    kh, kw = weight.shape[2], weight.shape[3]
+    args = (tuple(_spec(t) for t in tensors), _spec(weight), stride, padding, dilation, groups, padding_mode,
+            activation, negative_slope)
+    try:
+        return _reason(*args)
+    except TypeError:  # an unhashable option (a list): not worth caching
+        return _reason.__wrapped__(*args)
+
+
+def _spec(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, t.device.type
+
+
+@functools.lru_cache(maxsize=1024)
+def _reason(specs, weight_spec, stride, padding, dilation, groups, padding_mode, activation,
+            negative_slope) -> Optional[str]:
+    """``unsupported_reason`` from the tensors' (shape, dtype, device type): a layer asks on
+    every call, so the answer is cached."""
+    if not 1 <= len(specs) <= 2:
+        return f"{len(specs)} inputs (the kernels fuse a concat of at most 2)"
+    w_shape, w_dtype, _ = weight_spec
+    if len(w_shape) != 4:
+        return f"weight must be 4-D, got {len(w_shape)}-D"
+    kh, kw = w_shape[2], w_shape[3]
     if kh != kw:
         return f"kernel {kh}x{kw} is not square"
     if kh % 2 == 0:
@@ -640,16 +690,16 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
         return f"activation {activation!r} is not one of {list(ACTIVATIONS)}"
     if activation == "leaky_relu" and negative_slope < 0:
         return f"leaky_relu negative_slope {negative_slope} < 0 (backward reads the sign of the output)"
-    for t in tensors + [weight]:
-        if t.dtype not in _DTYPES:
-            return f"dtype {t.dtype} is not float32, float16 or bfloat16"
-        if not _dtypes_match(t.dtype, weight.dtype):
-            return f"input dtype {t.dtype} with weight dtype {weight.dtype} (the weight's, or fp32 master weights)"
-        if t.device.type != "cuda" and not INTERPRET:
-            return f"tensor on {t.device} (the kernels need CUDA, or TRITON_INTERPRET=1)"
-    for t in tensors:
-        if t.dim() == 4 and max(t.shape[1], weight.shape[0]) * t.shape[2] * t.shape[3] >= 2 ** 31:
-            return (f"an image of {t.shape[1]} channels, {t.shape[2]}x{t.shape[3]}, with {weight.shape[0]} output "
+    for _, dtype, device_type in specs + (weight_spec,):
+        if dtype not in _DTYPES:
+            return f"dtype {dtype} is not float32, float16 or bfloat16"
+        if not _dtypes_match(dtype, w_dtype):
+            return f"input dtype {dtype} with weight dtype {w_dtype} (the weight's, or fp32 master weights)"
+        if device_type != "cuda" and not INTERPRET:
+            return f"tensor on {device_type} (the kernels need CUDA, or TRITON_INTERPRET=1)"
+    for shape, _, _ in specs:
+        if len(shape) == 4 and max(shape[1], w_shape[0]) * shape[2] * shape[3] >= 2 ** 31:
+            return (f"an image of {shape[1]} channels, {shape[2]}x{shape[3]}, with {w_shape[0]} output "
                     f"channels has 2**31 elements or more (the kernels index within an image in int32)")
     return None
 
@@ -676,8 +726,11 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
         raise ValueError(f"slim_conv2d: the inputs are on {first.device}, but the kernels were compiled for a GPU; "
                          "set TRITON_INTERPRET=1 before importing dds_fast.kernels to run them on the CPU")
     for i, (t, start) in enumerate(zip(inputs, segment_starts)):
-        if t.dim() != 4:
-            raise ValueError(f"slim_conv2d: input {i} must be 4-D [N, C, H, W], got {tuple(t.shape)}")
+        if t.dim() != 4 or t.shape[1] == 0:
+            raise ValueError(f"slim_conv2d: input {i} must be 4-D [N, C, H, W] with C >= 1, got {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"slim_conv2d: input {i} is {t.dtype}; the kernels take float32, float16 or bfloat16 "
+                             f"(unsupported_reason() says when to use the PyTorch reference instead)")
         if (t.shape[0], t.shape[2], t.shape[3]) != (first.shape[0], first.shape[2], first.shape[3]):
             raise ValueError(f"slim_conv2d: inputs disagree in batch or size: {[tuple(u.shape) for u in inputs]}")
         if t.dtype != first.dtype or not _dtypes_match(t.dtype, weight.dtype) or t.device != weight.device:
@@ -688,8 +741,8 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
             raise ValueError(f"slim_conv2d: input {i} has {t.shape[1]} channels from weight channel {start}, "
                              f"beyond the weight's {cin_max} input channels")
     if len(inputs) == 2 and segment_starts[0] + inputs[0].shape[1] > segment_starts[1]:
-        raise ValueError(f"slim_conv2d: input 0 ({inputs[0].shape[1]} channels from {segment_starts[0]}) overlaps "
-                         f"input 1's segment starting at {segment_starts[1]}")
+        raise ValueError(f"slim_conv2d: segment_starts {list(segment_starts)} must ascend without overlap: input 0 "
+                         f"takes weight channels {segment_starts[0]} to {segment_starts[0] + inputs[0].shape[1] - 1}")
     if not 1 <= out_channels <= cout_max:
         raise ValueError(f"slim_conv2d: out_channels={out_channels} not in [1, {cout_max}]")
     if stride not in (1, 2):
@@ -713,19 +766,43 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
         if widths.dtype != torch.int32 or tuple(widths.shape) != (n, cols) or widths.device != first.device:
             raise ValueError(f"slim_conv2d: widths must be an int32 [{n}, {cols}] tensor on {first.device}, got "
                              f"{widths.dtype} {tuple(widths.shape)} on {widths.device}")
-        if widths.device.type == "cpu":
-            # Checked only where it costs no device sync; on a GPU the kernel clamps to the buffers.
-            limits = torch.tensor([out_channels] + [t.shape[1] for t in inputs], dtype=torch.int32)
-            bad = ((widths < 0) | (widths > limits)).nonzero()
-            if len(bad):
-                i, j = bad[0].tolist()
-                raise ValueError(f"slim_conv2d: widths[{i}, {j}] = {int(widths[i, j])} not in "
-                                 f"[0, {int(limits[j])}]")
-            bad = (widths % widths_multiple).nonzero()
-            if len(bad):
-                i, j = bad[0].tolist()
-                raise ValueError(f"slim_conv2d: widths[{i}, {j}] = {int(widths[i, j])} is not a multiple of "
-                                 f"widths_multiple={widths_multiple}")
+
+
+def _check_width_values(widths, inputs, out_channels, widths_multiple):
+    """The values of per-image widths on the CPU (on a GPU, reading them would sync; the kernel
+    clamps them to the buffers instead)."""
+    limits = torch.tensor([out_channels] + [t.shape[1] for t in inputs], dtype=torch.int32)
+    bad = ((widths < 0) | (widths > limits)).nonzero()
+    if len(bad):
+        i, j = bad[0].tolist()
+        raise ValueError(f"slim_conv2d: widths[{i}, {j}] = {int(widths[i, j])} not in [0, {int(limits[j])}]")
+    bad = (widths % widths_multiple).nonzero()
+    if len(bad):
+        i, j = bad[0].tolist()
+        raise ValueError(f"slim_conv2d: widths[{i}, {j}] = {int(widths[i, j])} is not a multiple of "
+                         f"widths_multiple={widths_multiple}")
+
+
+_CHECKED_SIGNATURES: dict = {}  # signatures whose arguments passed _check_args
+
+
+def _remember(seen: dict, key, limit: int = 1024):
+    if key is not None:
+        if len(seen) >= limit:
+            seen.clear()
+        seen[key] = None
+
+
+def _signature(inputs, weight, bias, residual, widths, *options):
+    """A hashable key of everything ``_check_args`` reads (the values of CPU widths excepted),
+    its first six entries the ``_meta`` keys of the plan; None when an argument is not even
+    a tensor, for the checks to report."""
+    try:
+        x1 = inputs[1] if len(inputs) == 2 else None
+        return (_meta(inputs[0]), _meta(x1), _meta(weight), _meta(bias), _meta(residual), _meta(widths),
+                len(inputs), *options)
+    except (AttributeError, TypeError, IndexError):
+        return None
 
 
 def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -764,20 +841,26 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     widths_multiple = _as_int(widths_multiple, "widths_multiple")
     if widths_multiple < 1:
         raise ValueError(f"slim_conv2d: widths_multiple={widths_multiple} must be >= 1")
-    _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual, widths,
-                widths_multiple)
-    if activation == "leaky_relu" and negative_slope < 0:
-        raise ValueError(f"slim_conv2d: leaky_relu negative_slope={negative_slope} must be >= 0")
+    signature = _signature(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride, padding,
+                           activation, negative_slope, widths_multiple)
+    if signature is None or signature not in _CHECKED_SIGNATURES:
+        _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual, widths,
+                    widths_multiple)
+        if activation == "leaky_relu" and negative_slope < 0:
+            raise ValueError(f"slim_conv2d: leaky_relu negative_slope={negative_slope} must be >= 0")
+        _remember(_CHECKED_SIGNATURES, signature)
+    if widths is not None and widths.device.type == "cpu":
+        _check_width_values(widths, inputs, out_channels, widths_multiple)
     if widths is not None and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (*inputs, weight, bias, residual)):
         raise ValueError("slim_conv2d: per-image widths are forward only; run under torch.no_grad()")
     x1 = inputs[1] if len(inputs) == 2 else None
     start1 = segment_starts[1] if len(inputs) == 2 else 0
-    args = (inputs[0], x1, weight, bias, residual, widths, widths_multiple, segment_starts[0], start1, out_channels,
-            stride, padding, "none" if activation is None else activation, float(negative_slope))
+    options = (widths_multiple, segment_starts[0], start1, out_channels, stride, padding,
+               "none" if activation is None else activation, float(negative_slope))
     if _plain_inference(*inputs, weight, bias, residual):
-        return _forward_impl(*args)
-    return torch.ops.dds_fast.slim_conv2d(*args)
+        return _launch_forward(_forward_plan(*signature[:6], *options), inputs[0], x1, weight, bias, residual, widths)
+    return torch.ops.dds_fast.slim_conv2d(inputs[0], x1, weight, bias, residual, widths, *options)
 
 
 def _plain_inference(*tensors: Optional[torch.Tensor]) -> bool:

@@ -7,8 +7,8 @@ consuming conv can apply the scale while it loads its input tile):
   buffer ``[N, T, C]``; deterministic, no atomics, no memset.
 - ``gate_head(partials, hw, ...)``: one program per image sums the partials, then runs both
   heads in fp32 registers: ``R = relu(W1 U + b1)``, ``scale = 1 + tanh(W2 R + b2)``,
-  ``logits = W4 relu(W3' R + b3') + b4`` (BatchNorm folded into ``W3', b3'`` by
-  ``fold_batchnorm``), max-subtracted softmax and argmax. Writes scale ``[N, C]``, logits and
+  ``logits = W4 relu(BN(W3 R + b3)) + b4`` (the eval BatchNorm applied in the kernel from
+  its running statistics), max-subtracted softmax and argmax. Writes scale ``[N, C]``, logits and
   probs ``[N, E]`` (fp32) and choice ``[N]`` (int32) to device memory, so the next layers
   can read the chosen config without a host sync.
 - ``apply_scale(x, scale)``: ``x * scale[:, :, None, None]`` in the layout of ``x``.
@@ -27,11 +27,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from ._launch import cdiv, next_pow2
+from ._launch import INTERPRET, cdiv, next_pow2
 
-__all__ = ["GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale", "fused_gate", "fold_batchnorm"]
+__all__ = ["BatchNormStats", "GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale", "fused_gate"]
 
 
 class GateHeadOutput(NamedTuple):
@@ -63,9 +62,10 @@ def _squeeze_kernel(x_ptr, part_ptr, C, HW, chunk, num_chunks, stride_n, stride_
 @triton.jit
 def _head_kernel(part_ptr, num_chunks, inv_hw,
                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
+                 bn_mean_ptr, bn_var_ptr, bn_weight_ptr, bn_bias_ptr, bn_eps,
                  scale_ptr, logits_ptr, probs_ptr, choice_ptr,
                  C, CR, HID, E,
-                 ATTENTION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                 ATTENTION: tl.constexpr, BN_AFFINE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_CR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
     # The FCs are far below tl.dot's 16-wide minimum: broadcast-multiply and tl.sum. Their
     # weight tiles alternate orientation so each result already has the layout the next
@@ -101,6 +101,13 @@ def _head_kernel(part_ptr, num_chunks, inv_hw,
     w3t = tl.load(w3_ptr + offs_h[None, :] * CR + offs_r[:, None], mask=mask_r[:, None] & mask_h[None, :],
                   other=0.0).to(tl.float32)
     hid = tl.sum(w3t * r[:, None], axis=0) + tl.load(b3_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    # the eval BatchNorm from its current statistics (read every call: nothing to go stale)
+    mean = tl.load(bn_mean_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    var = tl.load(bn_var_ptr + offs_h, mask=mask_h, other=1.0).to(tl.float32)
+    hid = (hid - mean) / tl.sqrt(var + bn_eps)
+    if BN_AFFINE:
+        hid = hid * tl.load(bn_weight_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32) \
+            + tl.load(bn_bias_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
     hid = tl.maximum(hid, 0.0)                                                   # [BLOCK_H]
 
     offs_e = tl.arange(0, BLOCK_E)
@@ -133,13 +140,9 @@ def _scale_kernel(x_ptr, scale_ptr, out_ptr, C, HW, sx_n, sx_c, sx_p, so_n, so_c
              y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreted() -> bool:
-    return isinstance(_squeeze_kernel, InterpretedFunction)
-
-
 def _check_runnable(t: torch.Tensor, what: str):
-    if t.device.type == "cpu" and not _interpreted():
-        raise RuntimeError(f"{what}: tensors are on the CPU but the Triton kernels were compiled for a GPU; "
+    if t.device.type == "cpu" and not INTERPRET:
+        raise ValueError(f"{what}: tensors are on the CPU but the Triton kernels were compiled for a GPU; "
                            "set TRITON_INTERPRET=1 before importing dds_fast.kernels.gate to run them on the CPU")
 
 
@@ -151,7 +154,7 @@ def _num_sms(index: int) -> int:
 def _tile(c: int, hw: int) -> tuple[int, int]:
     """(BLOCK_HW, BLOCK_C) of the streaming kernels: about 4K elements per program on a GPU;
     under the interpreter, where each program costs tens of ms, whole images at once."""
-    if _interpreted():
+    if INTERPRET:
         block_c = next_pow2(c)
         return min(next_pow2(hw), max(16, 65536 // block_c)), block_c
     block_c = min(next_pow2(c), 128)
@@ -189,7 +192,7 @@ def squeeze_partials(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     if chunk is None:
         # one chunk per image under the interpreter; on a GPU about four programs per SM, each
         # over at least four pixel blocks, so the head never sums more partials than pixels
-        chunks = 1 if _interpreted() else cdiv(4 * _num_sms(x.device.index), n * c_blocks)
+        chunks = 1 if INTERPRET else cdiv(4 * _num_sms(x.device.index), n * c_blocks)
         chunk = max(cdiv(hw, chunks), 4 * block_hw)
     if chunk < 1:
         raise ValueError(f"squeeze_partials: chunk must be >= 1, got {chunk}")
@@ -210,15 +213,30 @@ def _check_param(t: torch.Tensor, name: str, shape: tuple[int, ...], device: tor
     return t.contiguous()
 
 
+class BatchNormStats(NamedTuple):
+    """An eval-mode ``BatchNorm1d``: ``(h - mean) / sqrt(var + eps) * weight + bias``."""
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor | None  # None (with bias) when the BatchNorm is not affine
+    bias: torch.Tensor | None
+    eps: float
+
+    @classmethod
+    def of(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> "BatchNormStats":
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("gate_head: the BatchNorm has no running statistics (track_running_stats=False)")
+        return cls(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
+
+
 def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-              b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, w4: torch.Tensor, b4: torch.Tensor,
-              attention: bool = True) -> GateHeadOutput:
+              b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, bn: BatchNormStats, w4: torch.Tensor,
+              b4: torch.Tensor, attention: bool = True) -> GateHeadOutput:
     """Both gate heads from squeeze partials ``[N, T, C]`` (fp32 channel sums over ``hw`` pixels).
 
     Weights are ``nn.Linear`` layouts: ``w1 [CR, C]``, ``w2 [C, CR]``, ``w3 [HID, CR]``,
-    ``w4 [E, HID]``, each bias 1-D; ``w3, b3`` with the BatchNorm already folded in
-    (``fold_batchnorm``). Any float dtype; the math runs in fp32. With ``attention=False``
-    the scale is all ones and ``w2, b2`` are not read.
+    ``w4 [E, HID]``, each bias 1-D; ``bn`` the eval BatchNorm behind ``w3`` (``HID``
+    features), applied in the kernel from its current statistics. Any float dtype; the math
+    runs in fp32. With ``attention=False`` the scale is all ones and ``w2, b2`` are not read.
     """
     if partials.dim() != 3 or partials.dtype != torch.float32:
         raise ValueError(f"gate_head: partials must be fp32 [N, T, C], got {partials.dtype} {tuple(partials.shape)}")
@@ -232,6 +250,12 @@ def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
     w3, w4 = _check_param(w3, "w3", (hid, cr), dev), _check_param(w4, "w4", (e, hid), dev)
     b1, b2 = _check_param(b1, "b1", (cr,), dev), _check_param(b2, "b2", (c,), dev)
     b3, b4 = _check_param(b3, "b3", (hid,), dev), _check_param(b4, "b4", (e,), dev)
+    affine = bn.weight is not None
+    if affine != (bn.bias is not None):
+        raise ValueError("gate_head: the BatchNorm needs both weight and bias, or neither")
+    mean, var = _check_param(bn.mean, "bn.mean", (hid,), dev), _check_param(bn.var, "bn.var", (hid,), dev)
+    bn_w = _check_param(bn.weight, "bn.weight", (hid,), dev) if affine else mean  # unread when not affine
+    bn_b = _check_param(bn.bias, "bn.bias", (hid,), dev) if affine else mean
     partials = partials.contiguous()
     out = GateHeadOutput(torch.empty((n, c), device=dev, dtype=torch.float32),
                          torch.empty((n, e), device=dev, dtype=torch.float32),
@@ -239,17 +263,18 @@ def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
                          torch.empty((n,), device=dev, dtype=torch.int32))
     block_c = next_pow2(c)
     block_t = min(next_pow2(num_chunks), max(1, 8192 // block_c))
-    _head_kernel[(n,)](partials, num_chunks, 1.0 / hw, w1, b1, w2, b2, w3, b3, w4, b4, *out, c, cr, hid, e,
-                       ATTENTION=bool(attention), BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=next_pow2(cr),
-                       BLOCK_H=next_pow2(hid), BLOCK_E=next_pow2(e), num_warps=4)
+    _head_kernel[(n,)](partials, num_chunks, 1.0 / hw, w1, b1, w2, b2, w3, b3, w4, b4, mean, var, bn_w, bn_b,
+                       float(bn.eps), *out, c, cr, hid, e, ATTENTION=bool(attention), BN_AFFINE=affine,
+                       BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=next_pow2(cr), BLOCK_H=next_pow2(hid),
+                       BLOCK_E=next_pow2(e), num_warps=4)
     return out
 
 
 def fused_gate(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-               w3: torch.Tensor, b3: torch.Tensor, w4: torch.Tensor, b4: torch.Tensor,
+               w3: torch.Tensor, b3: torch.Tensor, bn: BatchNormStats, w4: torch.Tensor, b4: torch.Tensor,
                attention: bool = True) -> GateHeadOutput:
     """``squeeze_partials`` then ``gate_head``: the whole gate decision in two launches."""
-    return gate_head(squeeze_partials(x), x.shape[2] * x.shape[3], w1, b1, w2, b2, w3, b3, w4, b4, attention)
+    return gate_head(squeeze_partials(x), x.shape[2] * x.shape[3], w1, b1, w2, b2, w3, b3, bn, w4, b4, attention)
 
 
 def apply_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -268,23 +293,3 @@ def apply_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     _scale_kernel[grid](x, scale, out, c, h * w, x.stride(0), x.stride(1), sx_p, out.stride(0), out.stride(1), so_p,
                         BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
     return out
-
-
-def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
-                   bn: torch.nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W', b')`` in fp32 with ``W' r + b' == bn_eval(W r + b)``: the running statistics of an
-    eval-mode BatchNorm folded into the linear layer in front of it."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("fold_batchnorm: the BatchNorm has no running statistics (track_running_stats=False)")
-    if bn.num_features != weight.shape[0]:
-        raise ValueError(f"fold_batchnorm: BatchNorm has {bn.num_features} features, the layer "
-                         f"{weight.shape[0]} outputs")
-    with torch.no_grad():
-        s = torch.rsqrt(bn.running_var.float() + bn.eps)
-        shift = -bn.running_mean.float() * s
-        if bn.weight is not None:
-            s = s * bn.weight.float()
-            shift = shift * bn.weight.float() + bn.bias.float()
-        w = weight.float() * s[:, None]
-        b = shift if bias is None else bias.float() * s + shift
-    return w, b

@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from dds_fast.kernels import conv2d as K
 from dds_fast.kernels import gate as G
-assert not K.INTERPRET and not G._interpreted()
+assert not K.INTERPRET and not G.INTERPRET
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 stacks = {}
 
@@ -108,9 +108,10 @@ build("activation and bias gradient", K._bwd_dz_kernel, dict(dy=p, y=p, dz=p, bi
 build("reduce into bf16", K._reduce_kernel, dict(ws=f, out=p), dict(KSIZE=3, BLOCK=1024), 4)
 build("gate squeeze", G._squeeze_kernel, dict(x_ptr=p, part_ptr=f), dict(BLOCK_HW=64, BLOCK_C=32), 4)
 build("gate head", G._head_kernel, dict(part_ptr=f, inv_hw="fp32", w1_ptr=f, b1_ptr=f, w2_ptr=f, b2_ptr=f,
-                                        w3_ptr=f, b3_ptr=f, w4_ptr=f, b4_ptr=f, scale_ptr=f, logits_ptr=f,
-                                        probs_ptr=f, choice_ptr="*i32"),
-      dict(ATTENTION=True, BLOCK_T=32, BLOCK_C=64, BLOCK_CR=16, BLOCK_H=16, BLOCK_E=16), 4)
+                                        w3_ptr=f, b3_ptr=f, w4_ptr=f, b4_ptr=f, bn_mean_ptr=f, bn_var_ptr=f,
+                                        bn_weight_ptr=f, bn_bias_ptr=f, bn_eps="fp32", scale_ptr=f,
+                                        logits_ptr=f, probs_ptr=f, choice_ptr="*i32"),
+      dict(ATTENTION=True, BN_AFFINE=True, BLOCK_T=32, BLOCK_C=64, BLOCK_CR=16, BLOCK_H=16, BLOCK_E=16), 4)
 build("gate scale", G._scale_kernel, dict(x_ptr=p, scale_ptr=f, out_ptr=p), dict(BLOCK_HW=64, BLOCK_C=32), 4)
 print(json.dumps({"stacks": stacks, "vectors": vectors}))
 """

@@ -107,6 +107,22 @@ def test_static_budget_mode():
     assert model.set_budget(None) is None
 
 
+def test_static_budget_mode_with_attention_runs_the_config_behind_the_gate():
+    model = make_ddsnet()
+    model.gate.attention = True
+    torch.nn.init.normal_(model.gate.fc2.weight, std=1.0)
+    entry = model.set_budget(model.routing_space[1].macs_per_pixel)
+    assert entry is model.routing_space[1]
+    x = images()
+    assert model.routed_macs(x) == [model.dynamic_macs_per_pixel[1]] * len(x)
+    with torch.no_grad():
+        static = model(x)
+        model.set_budget(None)
+        torch.testing.assert_close(static, model(x, choice=torch.ones(len(x), dtype=torch.long)))
+        # the narrow network alone differs: its features go unscaled
+        assert not torch.allclose(static, export_static(model.supernet, entry.config)(x))
+
+
 def test_expected_macs_counts_the_full_width_stem():
     model = make_ddsnet()
     probs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.0, 0.5]], dtype=torch.float64)
@@ -146,16 +162,21 @@ def test_bad_construction():
         DDSNet(torch.nn.Conv2d(3, 3, 1), DynamicGate(16, 2), route)
 
 
-@pytest.mark.parametrize("make_net", [lambda: SlimUNet(in_channels=3, base_width=8, depth=2),
-                                      lambda: SlimDnCNN(in_channels=3, base_width=8, depth=3)])
-def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net):
+@pytest.mark.parametrize("make_net,attention", [(lambda: SlimUNet(in_channels=3, base_width=8, depth=2), False),
+                                                (lambda: SlimUNet(in_channels=3, base_width=8, depth=2), True),
+                                                (lambda: SlimDnCNN(in_channels=3, base_width=8, depth=3), False)])
+def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net, attention):
     """One launch per layer with per-image widths (Triton, under the interpreter on CPU) against
-    the reference grouping; the inactive channels of each buffer hold whatever was there."""
+    the reference grouping; the inactive channels of each buffer hold whatever was there. The
+    gate runs on its fused kernels, with its attention scale on or off."""
     pytest.importorskip("triton")
     model = make_ddsnet(make_net, num_choices=3, seed=4).float().to(DEVICE)
     for module in model.supernet.modules():
         if isinstance(module, dds_fast.SlimConv2d):
             module.backend = "triton"
+    model.gate.backend = "triton"
+    model.gate.attention = attention
+    torch.nn.init.normal_(model.gate.fc2.weight, std=1.0)
     x = images(n=4, size=(8, 8), seed=5).float().to(DEVICE)
     choice = torch.tensor([1, 2, 0, 1], device=DEVICE)
     with torch.no_grad():
@@ -168,7 +189,7 @@ def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net):
     torch.testing.assert_close(per_image_chosen, grouped_chosen, rtol=1e-4, atol=1e-5)
     assert all(m.per_image_widths is None for m in model.modules() if isinstance(m, dds_fast.SlimConv2d))
     # widths in steps of 8 are promised to the kernels (vector loads); the 3-channel output is not
-    assert {multiple for _, _, multiple in model._width_tables(x.device)} == {1, 8}
+    assert {multiple for _, _, multiple in model._width_table(x.device)[1]} == {1, 8}
 
 
 def test_per_image_widths_need_the_triton_backend():

@@ -122,7 +122,7 @@ def test_squeeze_partials(chunk):
     assert part.shape[::2] == (2, 20)
     if chunk is not None:
         assert part.shape[1] == 18
-    elif kernels._interpreted():
+    elif kernels.INTERPRET:
         assert part.shape[1] == 1  # one chunk per image
     else:
         assert part.shape[1] > 1  # a GPU splits each image to fill its SMs
@@ -133,9 +133,7 @@ def test_gate_head_sums_many_partials():
     # 300 partial rows at 24 channels: two passes of the head's 256-row block
     gate = make_gate(24, 7)
     part = torch.randn(3, 300, 24).to(DEVICE)
-    w3, b3 = kernels.fold_batchnorm(gate.fc3.weight, gate.fc3.bias, gate.bn)
-    head = kernels.gate_head(part, 1000, gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias, w3, b3,
-                             gate.fc4.weight, gate.fc4.bias)
+    head = kernels.gate_head(part, 1000, *head_args(gate))
     u = part.double().sum(1) / 1000
     ref = reference(gate, u[:, :, None, None])
     assert rel_err(head.scale, ref.scale) < 2e-5 and rel_err(head.logits, ref.logits) < 2e-5
@@ -143,24 +141,50 @@ def test_gate_head_sums_many_partials():
 
 
 @pytest.mark.parametrize("affine", [True, False])
-def test_fold_batchnorm(affine):
-    torch.manual_seed(1)
-    fc, bn = torch.nn.Linear(6, 10), torch.nn.BatchNorm1d(10, affine=affine)
+def test_gate_head_applies_the_eval_batchnorm(affine):
+    gate = make_gate(12, 5)
+    bn = torch.nn.BatchNorm1d(gate.hidden, affine=affine, eps=0.3).to(DEVICE).eval()
     with torch.no_grad():
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.1, 3.0)
         if affine:
             bn.weight.normal_()
             bn.bias.normal_()
-    bn.eval()
-    r = torch.randn(9, 6)
-    w, b = kernels.fold_batchnorm(fc.weight, fc.bias, bn)
-    assert w.dtype == b.dtype == torch.float32
-    assert torch.allclose(r @ w.T + b, bn(fc(r)), rtol=1e-5, atol=1e-5)
+    args = head_args(gate)
+    args[6] = kernels.BatchNormStats.of(bn)
+    part = torch.randn(2, 3, 12, device=DEVICE)
+    head = kernels.gate_head(part, 10, *args)
+    r = F.relu(part.double().sum(1) / 10 @ gate.fc1.weight.double().T + gate.fc1.bias.double())
+    h = bn.double()(r @ gate.fc3.weight.double().T + gate.fc3.bias.double())
+    logits = F.relu(h) @ gate.fc4.weight.double().T + gate.fc4.bias.double()
+    assert rel_err(head.logits, logits) < 2e-5
     with pytest.raises(ValueError, match="running statistics"):
-        kernels.fold_batchnorm(fc.weight, fc.bias, torch.nn.BatchNorm1d(10, track_running_stats=False))
-    with pytest.raises(ValueError, match="12 features.*10 outputs"):
-        kernels.fold_batchnorm(fc.weight, fc.bias, torch.nn.BatchNorm1d(12))
+        kernels.BatchNormStats.of(torch.nn.BatchNorm1d(10, track_running_stats=False))
+    args[6] = kernels.BatchNormStats.of(torch.nn.BatchNorm1d(gate.hidden + 1).to(DEVICE))
+    with pytest.raises(ValueError, match=rf"bn.mean has shape \({gate.hidden + 1},\), expected \({gate.hidden},\)"):
+        kernels.gate_head(part, 10, *args)
+
+
+def test_fused_gate_reads_parameters_changed_in_place():
+    """Nothing derived from the parameters is cached: edits through ``.data`` (which bump no
+    version counter), a new eps, and a gate made under inference_mode all take effect."""
+    gate = make_gate(20, 4, backend="triton")
+    x = torch.randn(2, 20, 5, 5).to(DEVICE)
+    reference_gate = make_gate(20, 4, device="cpu", backend="torch")  # CPU: fp32 matmuls never in TF32
+    with torch.no_grad():
+        first = gate(x)
+        gate.fc3.weight.data.mul_(-3)
+        gate.bn.running_mean.data.add_(0.5)
+        gate.bn.eps = 0.25
+        changed = gate(x)
+    assert not torch.allclose(changed.logits, first.logits)
+    reference_gate.load_state_dict(gate.state_dict())
+    reference_gate.bn.eps = 0.25
+    with torch.no_grad():
+        torch.testing.assert_close(changed.logits.cpu(), reference_gate(x.cpu()).logits.float(), rtol=2e-5, atol=2e-5)
+    with torch.inference_mode():
+        inference_gate = make_gate(20, 4, backend="triton")
+        torch.testing.assert_close(inference_gate(x).logits, first.logits)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -313,7 +337,7 @@ def test_input_errors(backend):
 
 def head_args(gate):
     return [gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias, gate.fc3.weight, gate.fc3.bias,
-            gate.fc4.weight, gate.fc4.bias]
+            kernels.BatchNormStats.of(gate.bn), gate.fc4.weight, gate.fc4.bias]
 
 
 def test_kernel_argument_errors():
@@ -329,32 +353,14 @@ def test_kernel_argument_errors():
         kernels.squeeze_partials(torch.randn(1, 8, 3, 3, device=DEVICE), chunk=0)
 
 
-@pytest.mark.skipif(kernels._interpreted(), reason="the interpreter runs the kernels on CPU tensors")
+@pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter runs the kernels on CPU tensors")
 def test_cpu_tensors_get_a_clear_error_from_kernels_compiled_for_a_gpu():
     gate = make_gate(8, 3, device="cpu", backend="triton")
     x = torch.randn(2, 8, 3, 3)
     message = "tensors are on the CPU but the Triton kernels were compiled for a GPU"
-    with torch.no_grad(), pytest.raises(RuntimeError, match=f"squeeze_partials: {message}"):
+    with torch.no_grad(), pytest.raises(ValueError, match=f"squeeze_partials: {message}"):
         gate(x)
-    with pytest.raises(RuntimeError, match=f"gate_head: {message}"):
+    with pytest.raises(ValueError, match=f"gate_head: {message}"):
         kernels.gate_head(torch.ones(2, 1, 8), 9, *head_args(gate))
-    with pytest.raises(RuntimeError, match=f"apply_scale: {message}"):
+    with pytest.raises(ValueError, match=f"apply_scale: {message}"):
         kernels.apply_scale(x, torch.ones(2, 8))
-
-
-def test_folded_batchnorm_is_cached_until_a_parameter_changes():
-    gate = make_gate(20, 4, backend="triton").eval()
-    x = torch.randn(2, 20, 5, 5).to(DEVICE)
-    with torch.no_grad():
-        first = gate(x)
-        cached = gate._fold_cache[1]
-        again = gate(x)
-        assert gate._fold_cache[1] is cached
-        torch.testing.assert_close(again.logits, first.logits)
-        gate.bn.running_mean.add_(0.5)  # as a load or an update would
-        changed = gate(x)
-    assert gate._fold_cache[1] is not cached
-    reference = make_gate(20, 4, device="cpu", backend="torch").eval()  # on the CPU: fp32 matmuls never in TF32
-    reference.load_state_dict(gate.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(changed.logits.cpu(), reference(x.cpu()).logits.float(), rtol=2e-5, atol=2e-5)

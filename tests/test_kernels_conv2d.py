@@ -140,6 +140,7 @@ def aligned_case(dtype, stride=1):
 
 
 def spy_on_alignment(monkeypatch) -> list[int]:
+    K._forward_plan.cache_clear()  # a cached launch plan would not ask again
     chosen, alignment = [], K._alignment
 
     def spy(*values):
@@ -371,6 +372,24 @@ def test_per_image_widths_errors():
         run(case, None, widths=torch.tensor([[3, 4], [5, 6]], dtype=torch.int32, device=DEVICE))
 
 
+def test_checks_and_launch_plan_are_cached_per_signature():
+    """The host work of a call is done once per signature (shapes, strides, dtypes, options):
+    new strides get a plan of their own, and CPU width values are checked on every call."""
+    case = make_case(11, widths=(16,), o=16)
+    K._forward_plan.cache_clear()
+    first, again = run(case, "relu"), run(case, "relu")
+    assert K._forward_plan.cache_info()[:2] == (1, 1)  # (hits, misses)
+    assert torch.equal(first, again)
+    assert rel_err(first, reference(case, "relu")) < TOL[torch.float32]
+    nchw = dict(case, inputs=[x.contiguous() for x in case["inputs"]])
+    assert rel_err(run(nchw, "relu"), reference(case, "relu")) < TOL[torch.float32]
+    assert K._forward_plan.cache_info().misses == 2
+    if DEVICE == "cpu":
+        run(case, "relu", widths=torch.tensor([[8, 8], [16, 16]], dtype=torch.int32), widths_multiple=8)
+        with pytest.raises(ValueError, match=r"widths\[1, 1\] = 24 not in \[0, 16\]"):
+            run(case, "relu", widths=torch.tensor([[8, 8], [16, 24]], dtype=torch.int32), widths_multiple=8)
+
+
 # ------------------------------------------------------------------- torch.library integration
 def test_flop_counter_counts_active_slice():
     case = make_case(11, widths=(7, 5), starts=(0, 12), stride=2)
@@ -435,10 +454,22 @@ def test_bad_arguments_raise_value_error():
         slim_conv2d([x], w, segment_starts=(12,))
     with pytest.raises(ValueError, match=r"out_channels=21 not in \[1, 20\]"):
         slim_conv2d([x], w, out_channels=21)
-    with pytest.raises(ValueError, match="overlaps"):
+    with pytest.raises(ValueError, match=r"segment_starts \[0, 5\] must ascend without overlap"):
         slim_conv2d([x, x], w, segment_starts=(0, 5))
     with pytest.raises(ValueError, match="residual is"):
         slim_conv2d([x], w, out_channels=5, residual=torch.zeros(2, 6, 7, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="input 0 is torch.float64; the kernels take float32"):
+        slim_conv2d([x.double()], w.double())
+    with pytest.raises(ValueError, match="with C >= 1"):
+        slim_conv2d([x[:, :0]], w)
+    with pytest.raises(ValueError, match="padding must be an int or a pair of equal ints, got 'same'"):
+        slim_conv2d([x], w, padding="same")
+
+
+def test_empty_batch_forward_and_backward():
+    case = make_case(16, n=0, widths=(13,), residual=True)
+    check_grads(case, "leaky_relu")  # empty outputs and inputs' gradients; weight and bias gradients zero
+    assert (case["weight"].grad == 0).all() and (case["bias"].grad == 0).all()
 
 
 # --------------------------------------------------------------------------------- GPU only
