@@ -39,15 +39,24 @@ def _as_batch(image: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int = 32) -> torch.Tensor:
     """Denoise one image [C, H, W] (or [1, C, H, W]); images larger than ``tile`` are cut
-    into tiles with ``overlap`` pixels of context on each side, so memory stays bounded."""
+    into tiles with ``overlap`` pixels of context on each side, so memory stays bounded.
+
+    Tiles start on multiples of the model's ``size_multiple`` (its downsampling factor), so
+    each sees the pixel grid the whole image would: the overlap is rounded up and the step
+    down to that multiple. A DDSNet routes each tile on its own."""
     if tile < 1 or overlap < 0 or 2 * overlap >= tile:
         raise ValueError(f"denoise: need tile >= 1 and 0 <= 2 * overlap < tile, got tile={tile}, overlap={overlap}")
     x = _as_batch(noisy)
     h, w = x.shape[-2:]
     if h <= tile and w <= tile:
         return model(x)[0]
+    multiple = getattr(model, "size_multiple", 1)
+    overlap = -(-overlap // multiple) * multiple
+    step = (tile - 2 * overlap) // multiple * multiple
+    if step < 1:
+        raise ValueError(f"denoise: tile={tile} leaves no core after an overlap of {overlap} on each side "
+                         f"(rounded up to the model's size multiple {multiple})")
     out = torch.empty_like(x)
-    step = tile - 2 * overlap
     for top in range(0, h, step):
         for left in range(0, w, step):
             # the tile with its context, clipped to the image; keep only its core

@@ -34,6 +34,19 @@ def test_tiled_denoise_equals_whole_image_for_a_local_network(size):
         denoise(model, x, tile=16, overlap=8)
 
 
+@pytest.mark.parametrize("tile,overlap", [(61, 21), (45, 13)])
+def test_tiled_denoise_keeps_a_unet_on_the_whole_image_pixel_grid(tile, overlap):
+    """Tiles that start off the U-Net's downsampling grid (here, steps of 19 pixels) see
+    other pooling windows than the whole image does; the tiler aligns them."""
+    torch.manual_seed(0)
+    model = dds_fast.SlimUNet(in_channels=3, base_width=8, depth=3).eval()
+    x = torch.rand(3, 70, 50, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(denoise(model, x, tile=tile, overlap=overlap), denoise(model, x, tile=1024),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="leaves no core"):
+        denoise(model, x, tile=18, overlap=7)
+
+
 def pairs(n=2, size=32):
     g = torch.Generator().manual_seed(2)
     clean = [torch.rand(3, size, size, generator=g) for _ in range(n)]
