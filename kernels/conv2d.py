@@ -619,10 +619,12 @@ def _slim_conv2d_flops(x0_shape, x1_shape, w_shape, *args, out_shape=None, **kwa
 def _slim_conv2d_backward_flops(grad_y_shape, y_shape, x0_shape, x1_shape, w_shape, start0, start1, stride,
                                 padding, activation, negative_slope, has_bias, needs, out_shape=None,
                                 **kwargs) -> int:
-    # Grad input and grad weight each cost one forward's multiply-adds.
-    one = _macs(x0_shape, x1_shape, w_shape, grad_y_shape)
-    grads = (1 if (needs[0] or needs[1]) else 0) + (1 if needs[2] else 0)
-    return 2 * one * grads
+    # Each input's gradient costs the multiply-adds of its share of the forward; the weight's
+    # gradient, the whole forward's.
+    grad_inputs = (_macs(x0_shape, None, w_shape, grad_y_shape) if needs[0] else 0) + (
+        _macs(x1_shape, None, w_shape, grad_y_shape) if needs[1] else 0)
+    grad_weight = _macs(x0_shape, x1_shape, w_shape, grad_y_shape) if needs[2] else 0
+    return 2 * (grad_inputs + grad_weight)
 
 
 # ----------------------------------------------------------------------------------------

@@ -118,6 +118,8 @@ def test_half_activations_over_fp32_master_weights(dtype, tolerance):
     assert (weight.grad.double() - w64.grad).norm() <= tolerance * w64.grad.norm()
     assert weight.grad[6:].abs().sum() == 0 and weight.grad[:, 7:].abs().sum() == 0
     assert (x.grad.double() - x64.grad).norm() <= tolerance * x64.grad.norm()
+    assert (bias.grad[:6].double() - b64.grad[:6]).norm() <= tolerance * b64.grad[:6].norm()
+    assert bias.grad[6:].abs().sum() == 0
 
 
 def test_autocast_runs_the_kernels_in_half_precision():
