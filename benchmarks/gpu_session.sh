@@ -6,7 +6,7 @@
 # Usage on the device machine, from the repository root (wheels in .whl/ are installed
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
 # benchmarks/gpu_session.sh [full|quick]. quick (at most 5 minutes)
-# runs the tests that touch a kernel, the per-kernel breakdown, a forward tile sweep, the
+# runs the tests that touch a kernel, the host time per call, the per-kernel breakdown, a forward tile sweep, the
 # layer table, the network at batch 8, a profile of its smallest config and the one-graph
 # dynamic mode.
 set -uo pipefail
@@ -29,6 +29,9 @@ if [ "$MODE" = quick ]; then
   timeout -s INT 95 python3 -m pytest -q -n 8 --timeout 80 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
     tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_runner.py > "$R/tests.txt" 2>&1
   tail -25 "$R/tests.txt"
+  step "host time per call: our wrappers (kernels stubbed) and with Triton's launches"
+  timeout -s INT 30 python3 benchmarks/host_cost.py "$R/host_cost.json" > "$R/host_cost.txt" 2>&1
+  cat "$R/host_cost.txt"
   step "per-kernel breakdown against cuDNN"
   timeout -s INT 40 python3 benchmarks/conv_breakdown.py "$R/conv_breakdown.json" > "$R/conv_breakdown.txt" 2>&1
   cat "$R/conv_breakdown.txt"

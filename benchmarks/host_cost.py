@@ -1,0 +1,103 @@
+"""Host time per call of the layer and gate wrappers: where a batch-1 launch's time goes.
+
+    python benchmarks/host_cost.py [OUT.json]
+
+Each call is timed in a tight loop of a tiny shape, so the GPU keeps up and the wall clock per
+call is host work. "stubbed" swaps every Triton kernel for a no-op launch: what our Python
+costs (checks, launch plan, allocation). On a GPU, "launched" runs the kernels too, and the
+difference is what Triton's launcher and the driver add. Without a GPU only the stubbed rows
+are measured (the interpreter's launches say nothing about a GPU's).
+"""
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the wrappers accept CPU tensors only then
+
+from dds_fast import DynamicGate, SlimConv2d  # noqa: E402
+from dds_fast.kernels import conv2d as conv_kernels  # noqa: E402
+from dds_fast.kernels import gate as gate_kernels  # noqa: E402
+
+KERNELS = [(conv_kernels, "_conv_fwd_kernel"), (gate_kernels, "_squeeze_kernel"), (gate_kernels, "_head_kernel"),
+           (gate_kernels, "_scale_kernel")]
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def per_call_us(fn, calls: int = 2000, repeats: int = 5) -> float:
+    """Best of ``repeats`` loops of ``calls`` calls, in microseconds per call."""
+    for _ in range(calls // 10):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if CUDA:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if CUDA:
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - began) / calls * 1e6)
+    return best
+
+
+def cases(device: str, dtype: torch.dtype) -> dict:
+    torch.manual_seed(0)
+    conv = SlimConv2d(64, 64, 3, padding=1, backend="triton", activation="leaky_relu").to(
+        device, dtype, memory_format=torch.channels_last)
+    conv.active_out_channels = 16
+    x = torch.randn(1, 16, 16, 16, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    gate = DynamicGate(48, 4, backend="triton").to(device).eval()
+    features = torch.randn(1, 48, 16, 16, device=device, dtype=dtype)
+    reference_gate = DynamicGate(48, 4, backend="torch").to(device, dtype).eval()
+
+    def gate_without_attention():
+        gate.attention = False
+        gate(features)
+        gate.attention = True
+
+    return {
+        "SlimConv2d.forward, width 16 of 64": lambda: conv(x),
+        "kernels.slim_conv2d": lambda: conv_kernels.slim_conv2d([x], conv.weight, conv.bias, out_channels=16,
+                                                               activation="leaky_relu"),
+        "fused gate, attention on": lambda: gate(features),
+        "fused gate, attention off": gate_without_attention,
+        "eager gate (reference ops), attention on": lambda: reference_gate(features),
+    }
+
+
+def main(out_path: str) -> None:
+    device, dtype = ("cuda", torch.float16) if CUDA else ("cpu", torch.float32)
+    rows = {}
+    with torch.no_grad():
+        runs = cases(device, dtype)
+        if CUDA:
+            rows["launched"] = {name: per_call_us(fn) for name, fn in runs.items()}
+        saved = [(module, name, getattr(module, name)) for module, name in KERNELS]
+        try:
+            for module, name, _ in saved:
+                setattr(module, name, _NoLaunch())
+            rows["stubbed"] = {name: per_call_us(fn) for name, fn in runs.items() if "eager" not in name}
+        finally:
+            for module, name, kernel in saved:
+                setattr(module, name, kernel)
+    for mode, timings in rows.items():
+        for name, us in timings.items():
+            print(f"{mode:9s} {name:42s} {us:8.1f} us/call")
+    device_name = torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()})"
+    with open(out_path, "w") as f:
+        json.dump(dict(device=device_name, torch=torch.__version__, dtype=str(dtype), python=platform.python_version(),
+                       us_per_call=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "host-cost.json")
