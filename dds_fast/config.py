@@ -155,6 +155,8 @@ class WidthSpace:
             raise ValueError(f"config does not match the network's groups: missing {missing}, unknown {unknown}")
         for g in self.groups:
             width = widths[g.name]
+            if isinstance(width, bool) or not hasattr(width, "__index__"):
+                raise ValueError(f"config: group {g.name!r} width {width!r} is not an integer")
             if not 1 <= width <= g.max_width:
                 raise ValueError(f"config: group {g.name!r} width {width} outside [1, {g.max_width}]")
         return SubnetConfig(tuple((g.name, int(widths[g.name])) for g in self.groups))

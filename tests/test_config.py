@@ -85,6 +85,8 @@ def test_validate_names_what_is_wrong():
         s.validate({"a": 8, "b": 8, "c": 8})
     with pytest.raises(ValueError, match=r"'b' width 56 outside \[1, 48\]"):
         s.validate({"a": 8, "b": 56})
+    with pytest.raises(ValueError, match=r"'a' width '8' is not an integer"):
+        s.validate({"a": "8", "b": 16})
 
 
 def test_groups_and_routing_entries():
