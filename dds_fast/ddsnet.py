@@ -110,7 +110,9 @@ class DDSNet(nn.Module):
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> list[RoutingEntry]:
-        """The routing entry (config and MACs/pixel) each image of ``x`` would run."""
+        """The routing entry (config and MACs/pixel) each image of ``x`` would run (the
+        entry's own MACs; ``routed_macs`` adds the full-width stem the gate reads). Call it in
+        eval mode: in train mode the gate's BatchNorm uses, and updates, batch statistics."""
         if self._budget_index is not None:
             return [self.routing_space[self._budget_index]] * len(x)
         _, gate_out = self.gate_forward(x)
@@ -190,7 +192,9 @@ class DDSNet(nn.Module):
     def forward(self, x: torch.Tensor, choice: torch.Tensor | None = None) -> torch.Tensor:
         """Denoise ``x``. ``choice``, an optional tensor of one routing index per image,
         overrides the gate's decisions (for ablations and for timing a given mix of
-        sub-networks); the gate still runs, as its attention head may scale the features."""
+        sub-networks); the gate still runs, as its attention head may scale the features.
+        Before capturing a CUDA graph, run one forward on the device outside the capture:
+        the first builds the device's width table."""
         if self._budget_index is not None:
             if choice is not None:
                 raise ValueError("DDSNet: choice applies to dynamic mode; call set_budget(None) first")
