@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -159,18 +160,31 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
 }
 
 
+def _json_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text}") from None
+
+
 def cmd_train(args) -> int:
+    import dataclasses
+    import os
+
     from .training.loop import TrainingDiverged
     from .training.stages import Run, TrainConfig
 
-    import os
-
+    options = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)
+               if getattr(args, field.name, None) is not None}
+    config = (TrainConfig.from_file(args.config, **options) if args.config
+              else TrainConfig.from_dict(options))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        # under torchrun: one process per GPU (NCCL), or per CPU worker (Gloo)
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    overrides = {field: getattr(args, field) for field, _ in TRAIN_FLAGS.values() if getattr(args, field) is not None}
-    config = (TrainConfig.from_file(args.config, **overrides) if args.config
-              else TrainConfig.from_dict(overrides))
+        # under torchrun: one process per GPU (NCCL), or per CPU worker (Gloo). Each process
+        # takes its own GPU first, or NCCL would put every rank's work on GPU 0.
+        cuda = config.resolved_device().type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
     run = Run(args.run_dir, config)
     try:
         if args.stage in ("stage1", "all"):
@@ -261,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train only the I-Net of this routing config (repeatable; default: all)")
     for flag, (field, kind) in TRAIN_FLAGS.items():
         train.add_argument(flag, dest=field, type=kind)
+    train.add_argument("--noise-args", dest="noise_args", type=_json_value, metavar="JSON",
+                       help="the noise model's arguments as a JSON object, e.g. '{\"sigma\": [5, 50]}' "
+                            "(default: the model's own; AWGN: sigma 25)")
+    train.add_argument("--paired-root", dest="paired_root", metavar="FOLDER",
+                       help="train on real pairs: a SIDD-Medium sRGB folder (Data/<scene>/*_NOISY_SRGB_*.PNG "
+                            "beside *_GT_SRGB_*) instead of noise added to clean images")
+    train.add_argument("--sidd-validation", dest="sidd_validation", metavar="FOLDER",
+                       help="validate (stage 2, refine) on real pairs: the folder of ValidationNoisyBlocksSrgb.mat "
+                            "and ValidationGtBlocksSrgb.mat")
+    train.add_argument("--validation-images", dest="validation_images", nargs="+", metavar="NAME",
+                       help="clean images held out for validation (bundled photo names, or file names in "
+                            "--images; default: chelsea and coins, or the folder's last two by name)")
     train.set_defaults(func=cmd_train)
     den = sub.add_parser("denoise", help="denoise an image (PNG 8/16-bit or JPEG, gray or RGB, any size)")
     den.add_argument("input")
@@ -288,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
+    except (CheckpointError, OSError, ValueError) as error:  # bad input or missing files: no traceback
         print(f"dds-fast: error: {error}", file=sys.stderr)
         return 2
 

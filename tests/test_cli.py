@@ -1,4 +1,9 @@
-from dds_fast import RoutingEntry, SlimUNet, macs_per_pixel, save
+import json
+
+import pytest
+import torch
+
+from dds_fast import RoutingEntry, SlimUNet, macs_per_pixel, read_metadata, save
 from dds_fast import cli
 from dds_fast.cli import main
 
@@ -57,8 +62,6 @@ def test_trained_demo_routes_a_held_out_photo(capsys, tmp_path):
 
 
 def test_train_all_stages_from_a_config_file(tmp_path, capsys):
-    import json
-
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"arch": "SlimDnCNN", "channels": 1, "base_width": 8, "depth": 3, "patch_size": 24,
                                   "batch_size": 4, "epoch_patches": 8, "validation_crops": 1, "validation_patch": 32,
@@ -76,9 +79,87 @@ def test_train_all_stages_from_a_config_file(tmp_path, capsys):
     assert main(["train", "stage1", "--run-dir", str(run_dir), "--config", str(tmp_path / "nope.json")]) == 2
 
 
-def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
-    import json
+def test_shipped_model_is_a_small_ddsnet_and_the_demo_runs_with_no_argument(tmp_path, capsys):
+    from dds_fast import DDSNet, load
+    from dds_fast.training.data import read_image
 
+    model = load(cli.SHIPPED_MODEL)
+    assert isinstance(model, DDSNet) and len(model.routing_space) >= 2
+    assert macs_per_pixel(model.supernet, model.supernet.space.largest()) <= 200_000
+    picture = tmp_path / "demo.png"
+    assert main(["demo", "--repeats", "1", "--out", str(picture)]) == 0
+    out = capsys.readouterr().out
+    assert "the shipped model" in out and "gate chose sub-network" in out
+    assert read_image(picture)[0].shape[0] == 3
+
+
+TINY_TRAINING = {"arch": "SlimDnCNN", "channels": 1, "base_width": 8, "depth": 3, "patch_size": 16, "batch_size": 2,
+                 "epoch_patches": 4, "validation_patch": 16, "progress": False}
+
+
+def test_train_flags_for_noise_arguments_and_validation_images(tmp_path):
+    from test_training import image_folder
+
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps(TINY_TRAINING))
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+    run_dir = tmp_path / "run"
+    assert main(["train", "stage1", "--run-dir", str(run_dir), "--config", str(config), "--steps", "1",
+                 "--images", str(folder), "--noise", "camera", "--noise-args", '{"shot_noise": 0.01}',
+                 "--validation-images", "a.png", "b.png"]) == 0
+    stored = read_metadata(run_dir / "stage1.safetensors")["user"]["train_config"]
+    assert stored["noise"] == "camera" and stored["noise_args"] == {"shot_noise": 0.01}
+    assert stored["validation_images"] == ["a.png", "b.png"]
+    with pytest.raises(SystemExit) as raised:
+        main(["train", "stage1", "--run-dir", str(run_dir), "--noise-args", "{sigma: 5}"])
+    assert raised.value.code == 2
+
+
+def test_train_reports_bad_input_as_an_error_without_a_traceback(tmp_path, capsys):
+    run = ["train", "stage1", "--run-dir", str(tmp_path / "run")]
+    (tmp_path / "hostname").write_text("box\n")
+    assert main(run + ["--images", str(tmp_path / "hostname")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    config = tmp_path / "train.json"
+    for contents, message in [("[1, 2]", "expected a JSON object of training options, got list"),
+                              ('{"steps": "ten"}', "steps must be an integer, got 'ten'"),
+                              ('{"noise_args": [25]}', "noise_args must be a JSON object, got [25]")]:
+        config.write_text(contents)
+        assert main(run + ["--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dds-fast: error: ") and message in err, err
+    assert main(run + ["--paired-root", str(tmp_path / "sidd")]) == 2
+    assert str(tmp_path / "sidd" / "Data") in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(run + ["--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("device,expected", [("auto", [("set_device", 1), ("init", "nccl")]),
+                                             ("cpu", [("init", "gloo")])])
+def test_train_under_torchrun_binds_each_process_to_its_gpu_before_nccl(tmp_path, monkeypatch, device, expected):
+    calls = []
+
+    def init_process_group(backend):
+        calls.append(("init", backend))
+        raise Stop  # the rest needs a real process group
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    with pytest.raises(Stop):
+        main(["train", "stage1", "--run-dir", str(tmp_path), "--device", device])
+    assert calls == expected
+
+
+def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--device", "cpu", "--size", "16", "--channels", "8", "--no-compile", "--out", str(out)]) == 0
     result = json.loads((out / "bench.json").read_text())

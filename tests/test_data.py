@@ -217,8 +217,13 @@ def test_random_flip_rotate_covers_the_eight_symmetries():
 
 
 def test_noisy_patches_errors(photos):
-    with pytest.raises(ValueError, match="smaller than patch_size"):
+    with pytest.raises(ValueError, match=r"image 0 of size \(20, 30\) is smaller than patch_size 24"):
         NoisyPatches([torch.rand(3, 20, 30)], GaussianNoise(25), patch_size=24)
+    with pytest.raises(ValueError, match=r"image photos/small.png of size \(20, 30\) is smaller than patch_size 24"):
+        NoisyPatches({"photos/big.png": torch.rand(3, 30, 30), "photos/small.png": torch.rand(3, 20, 30)},
+                     GaussianNoise(25), patch_size=24)
+    with pytest.raises(ValueError, match="image photos/small.png of size"):
+        make_validation_set({"photos/small.png": torch.rand(3, 20, 30)}, GaussianNoise(25), patch_size=24)
     with pytest.raises(ValueError, match="mix gray and colour"):
         NoisyPatches([torch.rand(3, 20, 20), torch.rand(1, 20, 20)], GaussianNoise(25), patch_size=8)
     with pytest.raises(ValueError, match="no images"):

@@ -8,7 +8,7 @@ import dds_fast
 from dds_fast import SlimDnCNN, SlimUNet
 from dds_fast.training.loop import LoopSettings, TrainingDiverged, TrainLoop, cosine_factor, step_generator
 from dds_fast.config import RoutingEntry
-from dds_fast.training.sandwich import routing_sandwich_configs, sandwich_configs, sandwich_step
+from dds_fast.training.sandwich import routing_sandwich_configs, sandwich_configs, sandwich_step, training_psnr
 from dds_fast.training.slimming import progressive_slimming, slimmer, thin_routing_space
 from dds_fast.training.stages import Run, TrainConfig
 
@@ -70,7 +70,7 @@ def test_sandwich_targets(distillation):
 
     losses = sandwich_step(net, noisy, clean, configs, distillation, recording("truth"),
                            distillation_loss_fn=recording("teacher"))
-    assert list(losses) == ["largest", "random1", "random2", "smallest"]
+    assert list(losses) == ["largest", "random1", "random2", "smallest", "psnr"]
     criteria = [c for c, _, _, _ in seen]
     outputs = [o for _, o, _, _ in seen]
     targets = [t for _, _, t, _ in seen]
@@ -87,6 +87,16 @@ def test_sandwich_targets(distillation):
         expected_smallest = torch.stack(outputs[:3]).mean(0) if distillation == "synergy" else outputs[0]
         torch.testing.assert_close(targets[3], expected_smallest)
     assert net.get_config() == net.space.largest()
+    # the largest's output against the ground truth, from the step's own forward
+    mse = ((outputs[0].clamp(0, 1) - clean) ** 2).mean(dim=(1, 2, 3))
+    assert losses["psnr"] == pytest.approx((-10 * torch.log10(mse)).mean().item(), rel=1e-5)
+
+
+def test_training_psnr_is_the_mean_per_image_psnr_of_the_clipped_output():
+    clean = torch.full((2, 1, 4, 4), 0.5)
+    output = clean + torch.tensor([0.1, 0.01]).view(2, 1, 1, 1)
+    assert training_psnr(output, clean).item() == pytest.approx((20 + 40) / 2, rel=1e-4)
+    assert training_psnr(torch.full_like(clean, 2.0), torch.ones_like(clean)).item() == pytest.approx(100)
 
 
 def test_sandwich_accumulates_gradients_of_every_subnetwork():
@@ -174,7 +184,7 @@ class Pairs(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def make_loop(run_dir, steps, checkpoint_every=2, nan_at=None, optimizer="adam", schedule="epoch"):
+def make_loop(run_dir, steps, checkpoint_every=2, nan_at=None, optimizer="adam", schedule="epoch", progress=False):
     net = tiny_net()
     if optimizer == "adam":
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
@@ -190,7 +200,7 @@ def make_loop(run_dir, steps, checkpoint_every=2, nan_at=None, optimizer="adam",
             losses["largest"] = float("nan")
         return losses
 
-    settings = LoopSettings(steps=steps, batch_size=2, checkpoint_every=checkpoint_every, progress=False)
+    settings = LoopSettings(steps=steps, batch_size=2, checkpoint_every=checkpoint_every, progress=progress)
     return TrainLoop(run_dir, "stage1", net, optimizer, Pairs(), step_fn, settings, scheduler=scheduler,
                      lr_factor=lr_factor), net
 
@@ -233,6 +243,14 @@ def test_cosine_schedule_decays_from_the_initial_rate_to_one_percent(tmp_path):
     assert logged == pytest.approx([1e-2 * v for v in values])
 
 
+def test_progress_bar_and_log_show_the_psnr(tmp_path, capsys):
+    loop, _ = make_loop(tmp_path, steps=2, progress=True)
+    loop.run()
+    assert "psnr=" in capsys.readouterr().err
+    log = [json.loads(line) for line in (tmp_path / "stage1.log.jsonl").read_text().splitlines()]
+    assert all(0 < record["psnr"] < 100 for record in log)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     loop, _ = make_loop(tmp_path, steps=6, nan_at=3)
     with pytest.raises(TrainingDiverged, match=r"step 3.*last good checkpoint \(step 2\)"):
@@ -268,6 +286,45 @@ def test_gate_labels_and_step():
     assert record["psnr_gain"] == pytest.approx((quality[1] - quality[0]).mean().item(), abs=1e-4)
     with pytest.raises(ValueError, match="ascending"):
         gate_step(DDSNet(net, DynamicGate(net.stem_channels, 2), routes[::-1]), noisy, clean, 1.0)
+
+
+def test_gate_step_on_two_ranks_averages_to_one_process_on_the_whole_batch(monkeypatch):
+    """The complexity loss squares the mean Psi over the whole batch, so each rank needs the
+    others' Psi: two ranks on half a batch each, their gradients averaged as the loop does,
+    give the gradient of one process on the whole batch. (The gate's BatchNorm in eval mode:
+    in train mode each rank normalises its own share, as under DDP.)"""
+    from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
+    from dds_fast.training import gate_stage
+
+    net = tiny_net()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    torch.manual_seed(0)
+    gate = DynamicGate(net.stem_channels, 2)
+    gate.attention = False
+    model = DDSNet(net, gate, routes)
+    gate.eval()
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.mul_(2)  # so that the two shares' Psi differ: bright images, then dark ones
+    noisy, clean = batch(n=4, size=16)
+    noisy[2:], clean[2:] = noisy[2:] * 0.1, clean[2:] * 0.1
+
+    def grads(rows):
+        gate.zero_grad()
+        record = gate_stage.gate_step(model, noisy[rows], clean[rows], routes[0].macs_per_pixel,
+                                      complexity_weight=1000.0)
+        return [p.grad.clone() for p in gate.parameters() if p.grad is not None], record["expected_macs"]
+
+    whole, _ = grads(slice(0, 4))
+    shares = [slice(0, 2), slice(2, 4)]
+    psi = [grads(rows)[1] for rows in shares]
+    monkeypatch.setattr(gate_stage, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(gate_stage.dist, "all_reduce", lambda tensor: tensor.fill_(sum(psi)))
+    ranks = [grads(rows)[0] for rows in shares]
+    for full, *parts in zip(whole, *ranks):
+        torch.testing.assert_close(sum(parts) / 2, full)
 
 
 def test_one_sided_gate_labels_get_a_warning_naming_the_median_gain():
@@ -306,6 +363,175 @@ def test_training_config_from_file(tmp_path):
     with pytest.raises(ValueError, match="unknown refine_distillation 'soft'"):
         TrainConfig.from_dict({"refine_distillation": "soft"})
     assert TrainConfig.from_dict({"refine_distillation": "none"}).refine_distillation == "none"
+
+
+def test_training_config_checks_the_type_of_every_option(tmp_path):
+    config = TrainConfig.from_dict({"lr": 1, "budget": 20000, "validation_images": ["a.png"], "inet_steps": None})
+    assert config.lr == 1.0 and isinstance(config.lr, float) and isinstance(config.budget, float)
+    assert config.validation_images == ("a.png",)
+    for values, message in [({"steps": "ten"}, "steps must be an integer, got 'ten'"),
+                            ({"steps": 2.5}, "steps must be an integer"),
+                            ({"steps": True}, "steps must be an integer"),
+                            ({"noise_args": [25]}, r"noise_args must be a JSON object, got \[25\]"),
+                            ({"validation_images": "chelsea"}, "validation_images must be a list of str or null"),
+                            ({"budget": "big"}, "budget must be a number or null"),
+                            ({"progress": 1}, "progress must be true or false")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_dict(values)
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json: expected a JSON object of training options, got list"):
+        TrainConfig.from_file(path)
+
+
+def test_training_config_checks_the_device():
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        TrainConfig(device="gpu").resolved_device()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
+            TrainConfig(device="cuda").resolved_device()
+    assert TrainConfig(device="cpu").resolved_device() == torch.device("cpu")
+
+
+def test_noise_arguments_default_to_the_models_own(tmp_path):
+    from dds_fast.training.noise import CameraNoise, PoissonGaussianNoise
+
+    assert Run(tmp_path, TrainConfig(device="cpu")).noise.sigma == (25.0, 25.0)
+    assert isinstance(Run(tmp_path, TrainConfig(noise="camera", device="cpu")).noise, CameraNoise)
+    noise = Run(tmp_path, TrainConfig.from_dict({"noise": "poisson_gaussian", "noise_args": {"a": 0.01},
+                                                 "device": "cpu"})).noise
+    assert isinstance(noise, PoissonGaussianNoise) and noise.a == (0.01, 0.01)
+    with pytest.raises(ValueError, match="bad parameters for noise model 'camera'"):
+        Run(tmp_path, TrainConfig(noise="camera", noise_args={"sigma": 25.0}, device="cpu"))
+
+
+def image_folder(folder, names, size=(40, 36)):
+    """Small random RGB PNGs."""
+    from dds_fast.training.data import save_image
+
+    folder.mkdir()
+    for k, name in enumerate(names):
+        save_image(folder / name, torch.rand(3, *size, generator=torch.Generator().manual_seed(k)))
+    return folder
+
+
+def test_a_folder_holds_out_its_last_two_images_by_default(tmp_path):
+    folder = image_folder(tmp_path / "photos", ["d.png", "a.png", "c.png", "b.png"])
+    run = Run(tmp_path / "run", TrainConfig(images=str(folder), device="cpu"))
+    assert list(run.train_images) == [str(folder / "a.png"), str(folder / "b.png")]
+    assert list(run.validation_images) == [str(folder / "c.png"), str(folder / "d.png")]
+    chosen = Run(tmp_path / "run", TrainConfig(images=str(folder), validation_images=("a.png",), device="cpu"))
+    assert list(chosen.validation_images) == [str(folder / "a.png")] and len(chosen.train_images) == 3
+    with pytest.raises(ValueError, match=r"validation images \['chelsea'\] are not among the clean images"):
+        Run(tmp_path / "run", TrainConfig(images=str(folder), validation_images=("a.png", "chelsea"), device="cpu"))
+    with pytest.raises(ValueError, match="none is left to train on"):
+        Run(tmp_path / "run", TrainConfig(images=str(folder), validation_images=("a.png", "b.png", "c.png", "d.png"),
+                                          device="cpu"))
+    two = Run(tmp_path / "run", TrainConfig(images=str(image_folder(tmp_path / "two", ["x.png", "y.png"])),
+                                            device="cpu"))
+    assert list(two.validation_images) == [str(tmp_path / "two" / "y.png")] and len(two.train_images) == 1
+    with pytest.raises(ValueError, match=r"no clean image is held out for validation among \['x.png'\]"):
+        Run(tmp_path / "run", TrainConfig(images=str(image_folder(tmp_path / "one", ["x.png"])), device="cpu"))
+
+
+def test_a_folder_image_smaller_than_the_patch_is_named(tmp_path):
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+    run = Run(tmp_path / "run", TrainConfig(images=str(folder), patch_size=38, device="cpu"))
+    with pytest.raises(ValueError, match=r"image .*a.png of size \(40, 36\) is smaller than patch_size 38"):
+        run.dataset()
+
+
+def tiny_run_config(**options):
+    return TrainConfig(**{"arch": "SlimDnCNN", "channels": 1, "base_width": 8, "depth": 3, "patch_size": 16,
+                          "batch_size": 2, "epoch_patches": 4, "validation_crops": 1, "validation_patch": 16,
+                          "slim_step": 8, "num_choices": 2, "checkpoint_every": 2, "progress": False, "device": "cpu",
+                          **options})
+
+
+def test_stage1_resumes_through_run_to_the_result_of_one_run(tmp_path, monkeypatch):
+    """Bit-identical on the CPU to one 4-step run: a 2-step run asked again for 4 steps, and a
+    run killed after its step-2 checkpoint. (A constant learning rate: a cosine schedule
+    depends on the step count asked for.)"""
+    from dds_fast.training import stages
+
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+
+    def stage1(run_dir, steps):
+        config = tiny_run_config(images=str(folder), steps=steps, lr_schedule="constant")
+        return Run(run_dir, config).stage1().state_dict()
+
+    def assert_same(a, b):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+    straight = stage1(tmp_path / "straight", 4)
+    stage1(tmp_path / "longer", 2)
+    assert_same(stage1(tmp_path / "longer", 4), straight)
+
+    def killed_at_step_2(net, noisy, clean, configs, *args, **kwargs):
+        if (tmp_path / "killed" / "stage1.state.safetensors").exists():
+            raise KeyboardInterrupt
+        return sandwich_step(net, noisy, clean, configs, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "sandwich_step", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        stage1(tmp_path / "killed", 4)
+    monkeypatch.setattr(stages, "sandwich_step", sandwich_step)
+    assert_same(stage1(tmp_path / "killed", 4), straight)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "stage1.log.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+
+
+def test_all_stages_train_and_validate_on_sidd_pairs(tmp_path):
+    import numpy as np
+
+    from test_data import write_sidd_medium, write_sidd_validation  # the layouts test_data checks
+
+    from dds_fast.training.data import PairedPatches
+
+    write_sidd_medium(tmp_path / "medium")
+    (tmp_path / "val").mkdir()
+    clean = np.random.default_rng(0).integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8)
+    write_sidd_validation(tmp_path / "val", 255 - clean, clean)
+    config = tiny_run_config(paired_root=str(tmp_path / "medium"), sidd_validation=str(tmp_path / "val"),
+                             images=str(tmp_path / "nowhere"), steps=2, refine_steps=1, inet_steps=1, gate_steps=1,
+                             gate_batch_size=2, gate_patch_size=16, validation_crops=2)
+    run = Run(tmp_path / "run", config)  # no clean images needed: the folder is never read
+    data = run.dataset()
+    assert isinstance(data, PairedPatches) and len(data) == 4
+    noisy, target = data[0]
+    assert noisy.shape == (1, 16, 16) and torch.allclose(noisy, 1 - target, atol=1e-6)  # a real (inverted) pair
+    batches = run.validation_batches()
+    noisy, target = torch.cat([n for n, _ in batches]), torch.cat([k for _, k in batches])
+    assert len(noisy) == 4 and target.shape[1:] == (1, 16, 16)  # blocks 0 and 1 of both images, in gray
+    assert torch.allclose(noisy, 1 - target, atol=1e-6)
+    run.stage1()
+    run.stage2()
+    run.refine()
+    run.stage3()
+    assert [p.name for p in run.inets()] == ["inet-0.safetensors", "inet-1.safetensors"]
+    for stage in ("stage1", "refine", "inet-0"):
+        log = [json.loads(line) for line in (tmp_path / "run" / f"{stage}.log.jsonl").read_text().splitlines()]
+        assert all(record["psnr"] > 0 for record in log), stage
+
+
+def test_missing_or_malformed_sidd_data_is_named(tmp_path):
+    from test_data import write_sidd_medium
+
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "medium" / "Data")):
+        Run(tmp_path / "run", tiny_run_config(paired_root=str(tmp_path / "medium")))
+    write_sidd_medium(tmp_path / "medium")
+    (tmp_path / "val").mkdir()
+    with pytest.raises(FileNotFoundError, match="ValidationNoisyBlocksSrgb.mat"):
+        Run(tmp_path / "run", tiny_run_config(paired_root=str(tmp_path / "medium"), sidd_validation=str(tmp_path / "val")))
+    for name in ("ValidationNoisyBlocksSrgb.mat", "ValidationGtBlocksSrgb.mat"):
+        (tmp_path / "val" / name).write_bytes(b"garbage" * 20)
+    run = Run(tmp_path / "run", tiny_run_config(paired_root=str(tmp_path / "medium"), sidd_validation=str(tmp_path / "val")))
+    with pytest.raises(ValueError, match="cannot read MATLAB file .*ValidationNoisyBlocksSrgb.mat"):
+        run.validation_batches()
+    synthetic = Run(tmp_path / "run", tiny_run_config(paired_root=str(tmp_path / "medium")))
+    with pytest.warns(UserWarning, match="set sidd_validation to validate on real pairs too"):
+        synthetic.validation_batches()
 
 
 def test_inets_reject_an_unknown_routing_index(tmp_path):

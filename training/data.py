@@ -49,6 +49,7 @@ __all__ = [
     "make_validation_set",
     "PairedPatches",
     "sidd_medium_pairs",
+    "sidd_validation_files",
     "SIDDValidation",
 ]
 
@@ -268,27 +269,32 @@ def _crop_box(height: int, width: int, size: int, generator: torch.Generator) ->
     return _randint(height - size + 1, generator), _randint(width - size + 1, generator)
 
 
-def _image_list(images, channels: int | None) -> list[torch.Tensor]:
-    values = list(images.values()) if isinstance(images, Mapping) else list(images)
+def _image_list(images, channels: int | None) -> tuple[list[str], list[torch.Tensor]]:
+    """Labels (``image <key>`` of a mapping, ``image <position>`` of a sequence) and the images."""
+    if isinstance(images, Mapping):
+        labels, values = [f"image {key}" for key in images], list(images.values())
+    else:
+        values = list(images)
+        labels = [f"image {k}" for k in range(len(values))]
     if not values:
         raise ValueError("no images given")
-    for k, image in enumerate(values):
+    for label, image in zip(labels, values):
         if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ValueError(f"image {k}: expected a tensor shaped [1 or 3, H, W], got {shape}")
+            raise ValueError(f"{label}: expected a tensor shaped [1 or 3, H, W], got {shape}")
     if channels is not None:
-        return [to_channels(v, channels) for v in values]
+        return labels, [to_channels(v, channels) for v in values]
     if len({v.shape[0] for v in values}) > 1:
         raise ValueError("images mix gray and colour: pass channels=1 or channels=3")
-    return values
+    return labels, values
 
 
-def _check_patch(images: Sequence[torch.Tensor], patch_size: int) -> None:
+def _check_patch(labels: Sequence[str], images: Sequence[torch.Tensor], patch_size: int) -> None:
     if patch_size < 1:
         raise ValueError(f"patch_size must be positive, got {patch_size}")
-    for k, image in enumerate(images):
+    for label, image in zip(labels, images):
         if min(image.shape[-2:]) < patch_size:
-            raise ValueError(f"image {k} of size {tuple(image.shape[-2:])} is smaller than patch_size {patch_size}")
+            raise ValueError(f"{label} of size {tuple(image.shape[-2:])} is smaller than patch_size {patch_size}")
 
 
 class NoisyPatches(Dataset):
@@ -299,7 +305,8 @@ class NoisyPatches(Dataset):
     by ``(seed, epoch, i)``. ``length`` is the number of patches per epoch. The noisy patch is
     not clipped unless the noise model clips; the clean one is the noise model's target
     (:meth:`NoiseModel.pair`). The training loop takes whole batches (:meth:`batch`), with
-    the noise drawn on the training device.
+    the noise drawn on the training device. ``images`` is a list of [C, H, W] tensors, or a
+    dict of them whose keys (file paths, say) name them in errors.
     """
 
     def __init__(
@@ -312,8 +319,9 @@ class NoisyPatches(Dataset):
         seed: int = 0,
         augment: bool = True,
     ):
-        self.images = [im.float() for im in _image_list(images, channels)]
-        _check_patch(self.images, patch_size)
+        labels, values = _image_list(images, channels)
+        self.images = [im.float() for im in values]
+        _check_patch(labels, self.images, patch_size)
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
         self.noise, self.patch_size, self.length = noise, patch_size, length
@@ -372,9 +380,10 @@ def make_validation_set(
     channels: int | None = None,
 ) -> PairedImages:
     """Noisy/clean pairs fixed once from ``seed``: whole images (``patch_size=None``) or seeded crops."""
-    values = [im.float() for im in _image_list(images, channels)]
+    labels, values = _image_list(images, channels)
+    values = [im.float() for im in values]
     if patch_size is not None:
-        _check_patch(values, patch_size)
+        _check_patch(labels, values, patch_size)
     if crops_per_image < 1:
         raise ValueError(f"crops_per_image must be positive, got {crops_per_image}")
     pairs = []
@@ -495,8 +504,6 @@ _SIDD_VAL_FILES = {"noisy": "ValidationNoisyBlocksSrgb", "clean": "ValidationGtB
 
 
 def _load_mat_blocks(path: Path, key: str) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"SIDD validation file not found: {path}")
     try:
         contents = scipy.io.loadmat(path)
     except NotImplementedError as err:  # MATLAB v7.3 files are HDF5, which loadmat cannot read
@@ -515,22 +522,34 @@ def _load_mat_blocks(path: Path, key: str) -> np.ndarray:
     return blocks
 
 
+def sidd_validation_files(root) -> tuple[Path, Path]:
+    """The noisy and the ground-truth .mat files of the SIDD validation blocks in ``root``;
+    errors name what is missing (a cheap check before a run that needs them)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"SIDD validation folder not found: {root}")
+    files = tuple(root / f"{_SIDD_VAL_FILES[kind]}.mat" for kind in ("noisy", "clean"))
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"SIDD validation file not found: {path}")
+    return files
+
+
 class SIDDValidation(Dataset):
     """The SIDD sRGB validation blocks (1280 pairs of 256x256 for the official files).
 
     ``root`` holds ``ValidationNoisyBlocksSrgb.mat`` and ``ValidationGtBlocksSrgb.mat``. Blocks
     stay uint8 in memory and become float32 [3, H, W] in [0, 1] per item; item order is
-    image-major (image ``i // blocks``, block ``i % blocks``).
+    image-major (image ``i // blocks_per_image``, block ``i % blocks_per_image``).
     """
 
     def __init__(self, root):
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"SIDD validation folder not found: {root}")
-        noisy = _load_mat_blocks(root / f"{_SIDD_VAL_FILES['noisy']}.mat", _SIDD_VAL_FILES["noisy"])
-        clean = _load_mat_blocks(root / f"{_SIDD_VAL_FILES['clean']}.mat", _SIDD_VAL_FILES["clean"])
+        noisy_path, clean_path = sidd_validation_files(root)
+        noisy = _load_mat_blocks(noisy_path, _SIDD_VAL_FILES["noisy"])
+        clean = _load_mat_blocks(clean_path, _SIDD_VAL_FILES["clean"])
         if noisy.shape != clean.shape:
             raise ValueError(f"SIDD validation blocks in {root} differ in shape: noisy {noisy.shape} vs clean {clean.shape}")
+        self.blocks_per_image = noisy.shape[1]
         self.noisy = noisy.reshape(-1, *noisy.shape[2:])
         self.clean = clean.reshape(-1, *clean.shape[2:])
 

@@ -19,10 +19,13 @@ plain stem features), as in the paper.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from dds_fast.ddsnet import DDSNet
 from dds_fast.metrics import psnr
+
+from .loop import rank_and_world
 
 
 def per_image_psnr(output: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
@@ -38,7 +41,8 @@ def gate_labels(psnr_largest: torch.Tensor, psnr_smallest: torch.Tensor, num_cho
 def gate_step(model: DDSNet, noisy: torch.Tensor, clean: torch.Tensor, budget: float, beta: float = 0.2,
               complexity_weight: float = 1.0) -> dict[str, float]:
     """One gate-training step's forward and backward (the caller steps the optimizer).
-    The routing space must be in ascending MACs (index 0 the smallest)."""
+    The routing space must be in ascending MACs (index 0 the smallest). Under
+    ``torch.distributed``, Psi is the mean over every rank's images."""
     supernet, routes = model.supernet, model.routing_space
     if [e.macs_per_pixel for e in routes] != sorted(e.macs_per_pixel for e in routes):
         raise ValueError("gate training needs the routing space in ascending MACs/pixel")
@@ -54,6 +58,14 @@ def gate_step(model: DDSNet, noisy: torch.Tensor, clean: torch.Tensor, budget: f
     gate_out = model.gate(stem)
     cross_entropy = F.cross_entropy(gate_out.logits.float(), labels)
     psi = model.expected_macs(gate_out.probs.float()).mean()
+    _, world = rank_and_world()
+    if world > 1:
+        # the complexity loss squares the mean over the whole batch, not each rank's share:
+        # take the ranks' mean as the value and keep this rank's gradient, which the loop's
+        # average over the ranks turns into the gradient of one process on the whole batch
+        total = psi.detach().clone()
+        dist.all_reduce(total)
+        psi = psi + (total / world - psi.detach())
     complexity = ((psi - budget) / model.supernet_macs_per_pixel) ** 2
     loss = cross_entropy + complexity_weight * complexity
     loss.backward()

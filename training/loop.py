@@ -8,8 +8,13 @@ the step function (such as sandwich configs) is seeded from the step number.
 
 Several processes (``torchrun``; ``torch.distributed`` initialised by the caller): each rank
 takes its slice of every batch, gradients and losses are averaged over the ranks before the
-optimizer step (so the result is that of one process on the whole batch), and rank 0 alone
-writes the log and the checkpoints.
+optimizer step, and rank 0 alone writes the log and the checkpoints. The result is that of
+one process on the whole batch when the loss is a mean over the images; a step function
+whose loss is not (stage 3's complexity loss squares a batch mean) all-reduces what it
+needs itself (:func:`~dds_fast.training.gate_stage.gate_step`). One exception: a
+BatchNorm layer in train mode (the gate's, in stage 3) normalises with the statistics of
+its rank's share of the batch, as under DDP, so there several processes come close to one
+process but do not equal it.
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,18 +26,21 @@ from dds_fast import DDSNet, DynamicGate, SlimConv2d
 from dds_fast.slim_conv import BACKENDS
 from dds_fast.config import RoutingEntry
 
-from .data import NoisyPatches, bundled_images, load_image_folder, make_validation_set
+from .data import (NoisyPatches, PairedPatches, SIDDValidation, bundled_images, load_image_folder,
+                   make_validation_set, sidd_medium_pairs, sidd_validation_files, to_channels)
 from .gate_stage import gate_step, one_sided_labels
 from .loop import LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_generator
 from .noise import make_noise
 from .sandwich import (DISTILLATIONS, LOSSES, reconstruction_loss, routing_sandwich_configs, sandwich_configs,
-                       sandwich_step)
+                       sandwich_step, training_psnr)
 from .slimming import SLIM_CRITERIA, progressive_slimming, thin_routing_space, validation_psnr
 
 LR_SCHEDULES = ("cosine", "constant")
 
-# Held out of training by default, so reported numbers are on images the net never saw.
+# Held out of training by default, so reported numbers are on images the net never saw: two
+# of the bundled photos, or the last two files by name of an image folder (see Run).
 DEFAULT_VALIDATION_IMAGES = ("chelsea", "coins")
+FOLDER_VALIDATION_IMAGES = 2
 
 
 @dataclass
@@ -47,9 +52,11 @@ class TrainConfig:
     base_width: int = 16
     depth: int = 3
     noise: str = "awgn"
-    noise_args: dict = field(default_factory=lambda: {"sigma": 25.0})
+    noise_args: dict = field(default_factory=dict)  # default: the model's own (AWGN: sigma 25)
     images: str | None = None  # a folder of clean images; default: scikit-image's bundled photos
-    validation_images: tuple[str, ...] = DEFAULT_VALIDATION_IMAGES
+    validation_images: tuple[str, ...] | None = None  # held out of images; default: see Run
+    paired_root: str | None = None  # a SIDD-Medium sRGB folder: train on its real noisy/clean pairs
+    sidd_validation: str | None = None  # a folder of the SIDD validation blocks (.mat): validate on them
     patch_size: int = 64
     batch_size: int = 16
     epoch_patches: int = 1024
@@ -89,15 +96,24 @@ class TrainConfig:
             values = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read training config {path}: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a JSON object of training options, got {type(values).__name__}")
         return cls.from_dict({**values, **overrides}, source=str(path))
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "options") -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """A config from ``{option: value}`` (JSON types: a list for a tuple, an integer for a
+        float), each value checked against its field's type."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: expected a mapping of training options, got {type(values).__name__}")
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(values) - set(hints))
         if unknown:
             raise ValueError(f"{source}: unknown training options {unknown}")
-        config = cls(**values)
+        for name, value in values.items():
+            if not _accepts(hints[name], value):
+                raise ValueError(f"{source}: {name} must be {_describe(hints[name])}, got {value!r}")
+        config = cls(**{name: _converted(hints[name], value) for name, value in values.items()})
         if config.backend not in BACKENDS:
             raise ValueError(f"{source}: unknown backend {config.backend!r}; choose one of {BACKENDS}")
         if config.lr_schedule not in LR_SCHEDULES:
@@ -111,39 +127,108 @@ class TrainConfig:
         for option in ("loss", "distillation_loss"):
             if getattr(config, option) not in LOSSES:
                 raise ValueError(f"{source}: unknown {option} {getattr(config, option)!r}; choose one of {sorted(LOSSES)}")
-        if isinstance(config.validation_images, list):
-            config.validation_images = tuple(config.validation_images)
         return config
 
     def resolved_device(self) -> torch.device:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
+        """The training device; a ValueError when this machine lacks it."""
+        if self.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError as error:
+                raise ValueError(f"unknown device {self.device!r}: {error}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: CUDA is not available on this machine (use cpu or auto)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if device.type == "cuda" and device.index is None and torch.distributed.is_initialized():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
         return device
 
 
+def _union_args(hint) -> tuple | None:
+    """The members of ``X | Y`` (or ``Optional[X]``), None for any other type."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else None
+
+
+def _accepts(hint, value) -> bool:
+    """Whether a JSON-like ``value`` fits the field type ``hint``."""
+    members = _union_args(hint)
+    if members is not None:
+        return any(_accepts(member, value) for member in members)
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a list or tuple of X
+        return isinstance(value, (list, tuple)) and all(_accepts(typing.get_args(hint)[0], v) for v in value)
+    if hint in (int, float) and isinstance(value, bool):  # JSON true is no number
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    members = _union_args(hint)
+    if members is not None:
+        return " or ".join(_describe(member) for member in members)
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {typing.get_args(hint)[0].__name__}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a JSON object",
+            type(None): "null"}[hint]
+
+
+def _converted(hint, value):
+    """``value`` as the field stores it: a tuple for a list, a float for an integer."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool) and float in (_union_args(hint) or (hint,)):
+        return float(value)
+    return value
+
+
 class Run:
-    """One run directory: the data, the network and the stages of a TrainConfig."""
+    """One run directory: the data, the network and the stages of a TrainConfig.
+
+    Training data: the real pairs of ``paired_root`` (SIDD-Medium) when set, else the clean
+    ``images`` with noise from the noise model. Validation (stage 2, refine): the SIDD blocks
+    of ``sidd_validation`` when set, else the noise model on clean images held out of
+    training: ``validation_images`` (names; a folder's file names relative to it), by default
+    chelsea and coins of the bundled photos, or the last two files by name of a folder (the
+    last one of a folder of two)."""
 
     def __init__(self, run_dir, config: TrainConfig):
         self.dir = Path(run_dir)
-        self.config = config
+        self.config = c = config
         self.device = config.resolved_device()
         self.noise = make_noise(config.noise, **config.noise_args)
         self.loss_fn = reconstruction_loss(config.loss)
         self.distillation_loss_fn = reconstruction_loss(config.distillation_loss)
-        if config.images is None:
-            images = bundled_images(channels=config.channels)
+        # the paths of real data are checked now, not after hours of stage 1
+        self.pairs = sidd_medium_pairs(c.paired_root) if c.paired_root else None
+        if c.sidd_validation:
+            sidd_validation_files(c.sidd_validation)
+        self.train_images, self.validation_images = ({}, {}) if self.pairs and c.sidd_validation else self._clean_images()
+
+    def _clean_images(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The training and the held-out clean images, keyed by name (a folder's by file path,
+        so that errors name the file)."""
+        c = self.config
+        if c.images is None:
+            images, default = bundled_images(channels=c.channels), DEFAULT_VALIDATION_IMAGES
         else:
-            images = load_image_folder(config.images, channels=config.channels)
-        held_out = [name for name in config.validation_images if name in images]
-        if not held_out:
-            raise ValueError(f"none of the validation images {list(config.validation_images)} is among the "
-                             f"{len(images)} clean images")
-        self.train_images = [image for name, image in images.items() if name not in held_out]
-        self.validation_images = [images[name] for name in held_out]
-        if not self.train_images:
-            raise ValueError("every clean image is held out for validation; none is left to train on")
+            images = load_image_folder(c.images, channels=c.channels)  # sorted by name
+            default = tuple(images)[max(1, len(images) - FOLDER_VALIDATION_IMAGES):]
+        held_out = () if c.sidd_validation else default if c.validation_images is None else c.validation_images
+        missing = [name for name in held_out if name not in images]
+        if missing:
+            raise ValueError(f"validation images {missing} are not among the clean images {list(images)}")
+        if not held_out and not c.sidd_validation:
+            raise ValueError(f"no clean image is held out for validation among {list(images)}: "
+                             f"add images or set sidd_validation")
+        if not c.paired_root and len(held_out) == len(images):
+            raise ValueError(f"every clean image ({list(images)}) is held out for validation; none is left to train on")
+        key = (lambda name: str(Path(c.images) / name)) if c.images else str
+        return ({key(name): image for name, image in images.items() if name not in held_out},
+                {key(name): images[name] for name in held_out})
 
     # -- pieces -------------------------------------------------------------------------
     def new_network(self):
@@ -168,15 +253,29 @@ class Run:
             model.to(memory_format=torch.channels_last)
         return model
 
-    def dataset(self, patch_size: int | None = None) -> NoisyPatches:
+    def dataset(self, patch_size: int | None = None) -> NoisyPatches | PairedPatches:
         c = self.config
-        return NoisyPatches(self.train_images, self.noise, patch_size=patch_size or c.patch_size,
-                            length=c.epoch_patches, seed=c.seed)
+        patch_size = patch_size or c.patch_size
+        if self.pairs is not None:
+            # about epoch_patches crops an epoch; the loop reads the items in order, so each
+            # (large) image is decoded once an epoch
+            return PairedPatches(self.pairs, patch_size, patches_per_pair=max(1, c.epoch_patches // len(self.pairs)),
+                                 channels=c.channels, seed=c.seed)
+        return NoisyPatches(self.train_images, self.noise, patch_size=patch_size, length=c.epoch_patches, seed=c.seed)
 
     def validation_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.config
-        pairs = make_validation_set(self.validation_images, self.noise, seed=c.seed + 1,
-                                    patch_size=c.validation_patch, crops_per_image=c.validation_crops)
+        if c.sidd_validation:
+            blocks = SIDDValidation(c.sidd_validation)
+            # validation_crops blocks of each image, as the synthetic set takes that many crops of each
+            pairs = [tuple(to_channels(x, c.channels) for x in blocks[i]) for i in range(len(blocks))
+                     if i % blocks.blocks_per_image < c.validation_crops]
+        else:
+            if self.pairs is not None:
+                warnings.warn(f"training on the real pairs of {c.paired_root} but validating with the {c.noise!r} "
+                              f"noise model on clean images: set sidd_validation to validate on real pairs too")
+            pairs = make_validation_set(self.validation_images, self.noise, seed=c.seed + 1,
+                                        patch_size=c.validation_patch, crops_per_image=c.validation_crops)
         noisy = torch.stack([n for n, _ in pairs]).to(self.device)
         clean = torch.stack([k for _, k in pairs]).to(self.device)
         return [(noisy[i:i + c.batch_size], clean[i:i + c.batch_size]) for i in range(0, len(noisy), c.batch_size)]
@@ -338,9 +437,10 @@ class Run:
 
             def step_fn(step, noisy, clean, net=net):
                 with self.autocast():
-                    loss = self.loss_fn(net(noisy).float(), clean)
+                    output = net(noisy)
+                loss = self.loss_fn(output.float(), clean)
                 loss.backward()
-                return {"loss": loss.item()}
+                return dict(zip(["loss", "psnr"], torch.stack([loss.detach(), training_psnr(output, clean)]).tolist()))
 
             steps = c.inet_steps or c.steps
             TrainLoop(self.dir, f"inet-{index}", net, optimizer, self.dataset(), step_fn, self.settings(steps),
