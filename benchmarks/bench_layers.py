@@ -12,7 +12,8 @@ import pytest
 import torch
 from _timing import CUDA, DEVICE, TIMER, describe
 
-from dds_fast.bench import WIDTHS, layer_variants
+from dds_fast.bench import layer_variants
+from dds_fast.runner import WIDTHS
 
 pytestmark = pytest.mark.benchmark(timer=TIMER, warmup=True, warmup_iterations=5)
 

@@ -5,7 +5,7 @@
 # step costs its slot, not the lease; results are packed into $OUT/results.tgz at the end.
 # Usage on the device machine, from the repository root (wheels in .whl/ are installed
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
-# benchmarks/gpu_session.sh [full|quick]. quick (at most 5 minutes)
+# benchmarks/gpu_session.sh [full|quick]. quick (at most 6 minutes)
 # runs the tests that touch a kernel, the host time per call, the per-kernel breakdown, a forward tile sweep, the
 # layer table, the network at batch 8, a profile of its smallest config and the one-graph
 # dynamic mode.
@@ -36,10 +36,10 @@ if [ "$MODE" = quick ]; then
   timeout -s INT 40 python3 benchmarks/conv_breakdown.py "$R/conv_breakdown.json" > "$R/conv_breakdown.txt" 2>&1
   cat "$R/conv_breakdown.txt"
   step "forward tile sweep, batch 8, 512x512"
-  timeout -s INT 60 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_forward_tiles.json" > "$R/sweep.txt" 2>&1
+  timeout -s INT 45 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_forward_tiles.json" > "$R/sweep.txt" 2>&1
   cat "$R/sweep.txt"
   step "dds-fast bench: layers fp16 (512/256, batch 8/1), network at 8x3x512x512 with CUDA graphs"
-  timeout -s INT 45 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
+  timeout -s INT 90 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
     --size 256 --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
   tail -70 "$R/bench.txt"
   step "kernels of the smallest network config, batch 8"
@@ -60,7 +60,7 @@ timeout -s INT 170 python3 -m pytest -q -n 8 --timeout 150 -p no:cacheprovider t
 tail -25 "$R/tests.txt"
 
 step "dds-fast bench: layers fp16 (512/256, batch 16/1), network at 1x3x512x512 with CUDA graphs"
-timeout -s INT 110 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 --size 256 \
+timeout -s INT 140 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 --size 256 \
   --batch 1 --batch 16 --out "$R/bench" > "$R/bench.txt" 2>&1
 tail -70 "$R/bench.txt"
 
@@ -71,7 +71,7 @@ timeout -s INT 120 python3 -m pytest -q benchmarks/bench_network.py $BENCH \
 grep -E "passed|failed|error" "$R/bench_network.txt" | tail -3
 
 step "pytest-benchmark: layer forward+backward fp16"
-timeout -s INT 70 python3 -m pytest -q benchmarks/bench_layers.py -k "forward_backward and float16" $BENCH \
+timeout -s INT 40 python3 -m pytest -q benchmarks/bench_layers.py -k "forward_backward and float16" $BENCH \
   --benchmark-json="$R/bench_layers_fwdbwd.json" > "$R/bench_layers_fwdbwd.txt" 2>&1
 grep -E "passed|failed|error" "$R/bench_layers_fwdbwd.txt" | tail -3
 

@@ -6,35 +6,45 @@ Per layer, at each width ratio, it times the same narrow convolution four ways, 
 the Triton SlimConv2d with its fused epilogue (CUDA only), (a) the sliced-copy PyTorch path
 (``weight[:o, :i]``, the stock convolution, bias, activation), (b) the stock convolution on a
 contiguous static weight of the narrow shape with bias and activation (the best slicing
-cannot reach) and (c) ``torch.compile`` of (b).
+cannot reach) and (c) ``torch.compile`` of (b); and forward plus backward of the fused layer
+and of (b). The network is timed at each batch, with the gate head it routes with.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .export import StaticConv2d
+from .gate import DynamicGate
 from .nets import SlimUNet
-from .runner import DevicePeaks, LatencyRunner, Report, describe_device
+from .runner import WIDTHS, DevicePeaks, LatencyRunner, Report, backend_of, describe_device, width_at
 from .slim_conv import SlimConv2d
 
-WIDTHS = (0.25, 0.5, 0.75, 1.0)
 # The benchmark issue's targets: how many times faster than each baseline the fused layer
-# must be, how close to its roofline floor each config must run, and what share of the
-# MAC ratio the smallest config's real speedup must reach.
-LAYER_TARGETS = {"(b) static": 1.0, "(a) sliced copy": 1.5}
+# must be (forward, and forward plus backward), how close to its roofline floor each config
+# must run, what share of the MAC ratio the smallest config's real speedup must reach at
+# batch 8, and what share of the smallest config's latency the gate may take.
+LAYER_TARGETS = {("forward", "(b) static"): 1.0, ("forward", "(a) sliced copy"): 1.5,
+                 ("forward+backward", "(b) static"): 0.8}
 FLOOR_TARGET = 1.5
-SPEEDUP_SHARE_TARGET = 0.8
+SPEEDUP_SHARE_TARGET, SPEEDUP_BATCH = 0.8, 8
+GATE_TARGET = 0.05
+# Per step: its MACs in forward convs, and the activation- and weight-sized tensors it moves
+# at least once. The forward reads the input and writes the output; the backward also reads
+# the output's gradient, the input (for the weight gradient) and the output (the
+# activation's slope) and writes the input's and the weights' gradients.
+STEPS = {"forward": (1, 2, 1), "forward+backward": (3, 6, 3)}
+# forward+backward is timed for the pair its target compares (on a CPU, (b) alone)
+BACKWARD_VARIANTS = ("triton fused", "(b) static")
 
 
 def layer_variants(channels: int, ratio: float, device, dtype, backends: list[str], compile_static: bool = True):
     """The layer's variants at one width ratio, each a callable taking the narrow input."""
     torch.manual_seed(0)
-    width = max(1, math.ceil(ratio * channels))
+    width = width_at(ratio, channels)
     variants = {}
     for backend in backends:
         slim = SlimConv2d(channels, channels, 3, padding=1, activation="leaky_relu", negative_slope=0.2,
@@ -53,6 +63,20 @@ def layer_variants(channels: int, ratio: float, device, dtype, backends: list[st
     return width, variants
 
 
+def backward_step(layer, x: torch.Tensor):
+    """One training step of ``layer``: the forward, then the backward of a fixed output
+    gradient into the input and the weights."""
+    x = x.detach().requires_grad_()
+    probe = torch.randn_like(x)  # a width -> width 3x3 conv keeps the input's shape
+
+    def step():
+        with torch.enable_grad():  # the runner times under no_grad
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            layer(x).backward(probe)
+    return step
+
+
 def bench_layers(channels: int, sizes, batches, device, dtype, warmup: int, repeats: int,
                  compile_static: bool = True) -> list[dict]:
     backends = ["triton", "torch"] if device.type == "cuda" else ["torch"]
@@ -65,65 +89,111 @@ def bench_layers(channels: int, sizes, batches, device, dtype, warmup: int, repe
                     memory_format=torch.channels_last)
                 runner = LatencyRunner(variants["(b) static"], x.shape, dtype, device, warmup, repeats)
                 for name, layer in variants.items():
-                    try:
-                        timing = runner.time_fn(lambda: layer(x))
-                    except Exception as error:  # torch.compile can be unavailable (no compiler): report it
-                        rows.append(dict(size=size, batch=batch, ratio=ratio, width=width, variant=name,
-                                         error=f"{type(error).__name__}: {error}"[:300]))
-                        continue
-                    rows.append(dict(size=size, batch=batch, ratio=ratio, width=width, variant=name,
-                                     macs=width * width * 9 * size * size * batch, **asdict(timing)))
+                    steps = {"forward": lambda: layer(x)}
+                    if name in BACKWARD_VARIANTS:
+                        steps["forward+backward"] = backward_step(layer, x)
+                    for step, fn in steps.items():
+                        row = dict(size=size, batch=batch, ratio=ratio, width=width, variant=name, step=step)
+                        try:
+                            timing = runner.time_fn(fn)
+                        except Exception as error:  # torch.compile can be unavailable (no compiler): report it
+                            rows.append(dict(row, error=f"{type(error).__name__}: {error}"[:300]))
+                            continue
+                        rows.append(dict(row, macs=STEPS[step][0] * width * width * 9 * size * size * batch,
+                                         **asdict(timing)))
     return rows
 
 
 def layer_markdown(rows: list[dict]) -> str:
-    lines = ["| size | batch | ratio | width | variant | median ms | vs (b) static |", "| ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
-    static = {(r["size"], r["batch"], r["ratio"]): r["median_ms"] for r in rows if r["variant"] == "(b) static" and "median_ms" in r}
+    lines = ["| size | batch | ratio | width | step | variant | median ms | vs (b) static |",
+             "| ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
+    static = {(r["size"], r["batch"], r["ratio"], r["step"]): r["median_ms"] for r in rows
+              if r["variant"] == "(b) static" and "median_ms" in r}
     for r in rows:
+        where = f"| {r['size']} | {r['batch']} | {r['ratio']} | {r['width']} | {r['step']} | {r['variant']} |"
         if "median_ms" not in r:
-            lines.append(f"| {r['size']} | {r['batch']} | {r['ratio']} | {r['width']} | {r['variant']} | failed: {r['error']} | |")
+            lines.append(f"{where} failed: {r['error']} | |")
             continue
-        ratio = static[(r["size"], r["batch"], r["ratio"])] / r["median_ms"]
-        lines.append(f"| {r['size']} | {r['batch']} | {r['ratio']} | {r['width']} | {r['variant']} | "
-                     f"{r['median_ms']:.4f} | {ratio:.2f}x |")
+        ratio = static[(r["size"], r["batch"], r["ratio"], r["step"])] / r["median_ms"]
+        lines.append(f"{where} {r['median_ms']:.4f} | {ratio:.2f}x |")
     return "\n".join(lines)
 
 
 def layer_floor_ms(row: dict, element_bytes: int, peaks: DevicePeaks) -> tuple[float, str]:
-    """The layer's roofline floor: one read of the narrow input, one write of the output and
-    the active weights and bias, against its FLOPs (2 per MAC)."""
+    """The layer step's roofline floor: the fewest activation- and weight-sized tensors it
+    moves (``STEPS``), against its FLOPs (2 per MAC)."""
+    _, activations, weights = STEPS[row["step"]]
     pixels = row["batch"] * row["size"] ** 2
-    moved = (2 * pixels * row["width"] + row["width"] ** 2 * 9 + row["width"]) * element_bytes
+    moved = (activations * pixels * row["width"] + weights * (row["width"] ** 2 * 9 + row["width"])) * element_bytes
     return peaks.floor_ms(moved, 2 * row["macs"])
 
 
-def target_rows(layers: list[dict], network: Report, element_bytes: int) -> list[dict]:
+def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
+    """The gate head behind the network's full-width stem at the runner's input, timed as the
+    network was (CUDA-graph replay included): a DDSNet's own gate, else a DynamicGate of
+    DDS-Net's shape choosing among the timed configs, as stage 3 leaves it (attention off).
+    None for a network without a stem. Its floor: one read of the stem's output (and, with
+    attention, a scaled copy of it)."""
+    net = getattr(runner.model, "supernet", runner.model)
+    if not hasattr(net, "stem_conv"):
+        return None
+    gate = getattr(runner.model, "gate", None)
+    if gate is None:
+        gate = DynamicGate(net.stem_channels, max(2, len(network.configured())))
+        gate.attention = False
+        gate = gate.to(runner.device, runner.dtype).eval()
+    n = runner.input_shape[0]
+    size = net.stem_conv.output_size(*net.pad(runner.inputs).shape[-2:])
+    # the gate's time does not depend on the values it reads
+    features = torch.rand(n, net.stem_channels, *size, device=runner.device, dtype=runner.dtype).to(
+        memory_format=runner.memory_format)
+    timing = runner.time_fn(lambda: gate(features), runner.cuda_graph)
+    # its FLOPs are the squeeze's, one add per element: the heads are tiny
+    floor, bound = network.peaks.floor_ms((3 if gate.attention else 1) * features.numel() * features.element_size(),
+                                          features.numel())
+    return dict(batch=n, channels=net.stem_channels, num_choices=gate.num_choices, attention=gate.attention,
+                backend=backend_of(gate, runner.device), floor_ms=floor, floor_bound=bound, **asdict(timing))
+
+
+def target_rows(layers: list[dict], networks: list[Report], element_bytes: int, gates: list[dict] = ()) -> list[dict]:
     """Each target of the benchmark issue that this run measured: what it needs, what was
-    measured, whether it is met, and the floor that bounds it (bytes or FLOPs)."""
+    measured, whether it is met, and the floor that bounds it (bytes or FLOPs). ``networks``
+    are the network's reports, one per batch; ``gates`` the gate timings of ``time_gate``."""
     rows = []
-    timed = {(r["size"], r["batch"], r["ratio"], r["variant"]): r for r in layers if "median_ms" in r}
-    for (size, batch, ratio, variant), ours in timed.items():
+    peaks = networks[0].peaks
+    timed = {(r["size"], r["batch"], r["ratio"], r["step"], r["variant"]): r for r in layers if "median_ms" in r}
+    for (size, batch, ratio, step, variant), ours in timed.items():
         if variant != "triton fused":
             continue
-        floor, bound = layer_floor_ms(ours, element_bytes, network.peaks)
-        for baseline, need in LAYER_TARGETS.items():
-            other = timed.get((size, batch, ratio, baseline))
-            if other is not None:
-                rows.append(dict(target=f"layer {size}x{size}, batch {batch}, width {ours['width']}: fused vs {baseline}",
+        floor, bound = layer_floor_ms(ours, element_bytes, peaks)
+        for (target_step, baseline), need in LAYER_TARGETS.items():
+            other = timed.get((size, batch, ratio, step, baseline))
+            if target_step == step and other is not None:
+                what = "fused" if step == "forward" else f"fused {step}"
+                rows.append(dict(target=f"layer {size}x{size}, batch {batch}, width {ours['width']}: {what} vs "
+                                        f"{baseline}",
                                  need=need, got=other["median_ms"] / ours["median_ms"], unit="x faster",
                                  bound=f"{bound}: floor {floor:.4f} ms, measured {ours['median_ms'] / floor:.1f}x it"))
-    batch = network.input_shape[0]
-    for r in network.results:
-        rows.append(dict(target=f"network batch {batch}, {r.label}: within {FLOOR_TARGET}x of its floor",
-                         need=FLOOR_TARGET, got=r.timing.median_ms / r.floor_ms, unit="x the floor", lower_is_better=True,
-                         bound=f"{r.floor_bound}: floor {r.floor_ms:.4f} ms"))
-    smallest = min(network.results, key=lambda r: r.macs_per_pixel)
-    if smallest.theoretical_speedup > 1:
-        rows.append(dict(target=f"network batch {batch}: {smallest.label}'s real speedup over the largest, as a share of "
-                                f"its MAC ratio {smallest.theoretical_speedup:.1f}",
-                         need=SPEEDUP_SHARE_TARGET, got=smallest.speedup_efficiency, unit=" of the MAC ratio",
-                         bound=f"{smallest.floor_bound}: the smallest config runs at {smallest.floor_fraction:.2f} of "
-                               f"its floor's speed"))
+    for network in networks:
+        batch = network.input_shape[0]
+        for r in network.results:
+            rows.append(dict(target=f"network batch {batch}, {r.label}: within {FLOOR_TARGET}x of its floor",
+                             need=FLOOR_TARGET, got=r.timing.median_ms / r.floor_ms, unit="x the floor",
+                             lower_is_better=True, bound=f"{r.floor_bound}: floor {r.floor_ms:.4f} ms"))
+        smallest = min(network.configured(), key=lambda r: r.macs_per_pixel)
+        if batch == SPEEDUP_BATCH and smallest.theoretical_speedup > 1:
+            rows.append(dict(target=f"network batch {batch}: {smallest.label}'s real speedup over the largest, as a "
+                                    f"share of its MAC ratio {smallest.theoretical_speedup:.1f}",
+                             need=SPEEDUP_SHARE_TARGET, got=smallest.speedup_efficiency, unit=" of the MAC ratio",
+                             bound=f"{smallest.floor_bound}: the smallest config runs at {smallest.floor_fraction:.2f} "
+                                   f"of its floor's speed"))
+        for gate in (g for g in gates if g["batch"] == batch):
+            rows.append(dict(target=f"network batch {batch}: gate head at most {GATE_TARGET:.0%} of {smallest.label}'s "
+                                    f"latency",
+                             need=GATE_TARGET, got=gate["median_ms"] / smallest.timing.median_ms,
+                             unit=f" of {smallest.timing.median_ms:.4f} ms", lower_is_better=True,
+                             bound=f"{gate['floor_bound']}: floor {gate['floor_ms']:.4f} ms (reading the stem's "
+                                   f"output), measured {gate['median_ms'] / gate['floor_ms']:.1f}x it"))
     for row in rows:
         row["met"] = row["got"] <= row["need"] if row.get("lower_is_better") else row["got"] >= row["need"]
     return rows
@@ -143,8 +213,9 @@ def targets_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_network(report: Report, path: Path) -> Path | None:
-    """Two panels: real against theoretical speedup; latency against MACs/pixel with the floor."""
+def plot_network(reports: list[Report], path: Path) -> Path | None:
+    """Two panels, one series per batch: real against theoretical speedup; latency against
+    MACs/pixel with the floor."""
     try:
         import matplotlib
 
@@ -153,20 +224,25 @@ def plot_network(report: Report, path: Path) -> Path | None:
     except ImportError:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    theory = [r.theoretical_speedup for r in report.results]
-    real = [r.real_speedup for r in report.results]
-    left.plot(theory, real, "o")
-    top = max(theory + real) * 1.05
-    left.plot([1, top], [1, top], "--", color="gray", label="real = theoretical")
-    for r in report.results:
-        left.annotate(r.label, (r.theoretical_speedup, r.real_speedup), fontsize=7)
+    top = 1.0
+    for report in reports:
+        batch = f"batch {report.input_shape[0]}"
+        theory = [r.theoretical_speedup for r in report.results]
+        real = [r.real_speedup for r in report.results]
+        left.plot(theory, real, "o", label=batch)
+        top = max([top] + theory + real)
+        for r in report.results:
+            left.annotate(r.label, (r.theoretical_speedup, r.real_speedup), fontsize=7)
+        ordered = sorted(report.results, key=lambda r: r.macs_per_pixel)
+        macs = [r.macs_per_pixel for r in ordered]
+        line, = right.plot(macs, [r.timing.median_ms for r in ordered], "o-", label=f"{batch}: measured (median)")
+        right.plot(macs, [r.floor_ms for r in ordered], "s--", color=line.get_color(), label=f"{batch}: roofline floor")
+    left.plot([1, top * 1.05], [1, top * 1.05], "--", color="gray", label="real = theoretical")
     left.set(xlabel="theoretical speedup (MAC ratio)", ylabel="real speedup", title="speedup over the largest config")
     left.legend()
-    ordered = sorted(report.results, key=lambda r: r.macs_per_pixel)
-    macs = [r.macs_per_pixel for r in ordered]
-    right.plot(macs, [r.timing.median_ms for r in ordered], "o-", label="measured (median)")
-    right.plot(macs, [r.floor_ms for r in ordered], "s--", label="roofline floor")
-    right.set(xlabel="MACs/pixel", ylabel="latency (ms)", title=f"{report.device}, {report.dtype}, {list(report.input_shape)}")
+    first = reports[0]
+    right.set(xlabel="MACs/pixel", ylabel="latency (ms)",
+              title=f"{first.device}, {first.dtype}, {list(first.input_shape[1:])}")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -174,10 +250,17 @@ def plot_network(report: Report, path: Path) -> Path | None:
     return path
 
 
+def gate_markdown(gates: list[dict]) -> str:
+    return "\n".join(f"Gate head at batch {g['batch']} ({g['channels']} channels, {g['num_choices']} choices, "
+                     f"attention {'on' if g['attention'] else 'off'}, backend {g['backend']}): "
+                     f"{g['median_ms']:.4f} ms ({g['p20_ms']:.4f}-{g['p80_ms']:.4f})" for g in gates)
+
+
 def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, batches=None, channels: int = 64,
               model=None, device: str | None = None, warmup: int | None = None, repeats: int | None = None,
               cuda_graph: bool = False, compile_static: bool = True) -> dict:
-    """Run the layer and network benchmarks; write ``bench.json``, ``bench.md`` and ``network.png``."""
+    """Run the layer and network benchmarks; write ``bench.json``, ``bench.md`` and ``network.png``.
+    The network is timed at ``sizes[0]`` and each of ``batches``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
     if torch_dtype is None:
@@ -199,17 +282,24 @@ def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, b
 
     layers = bench_layers(channels, sizes, batches, device, torch_dtype, warmup, repeats, compile_static)
     model = model if model is not None else SlimUNet(in_channels=3, base_width=32, depth=4)
-    runner = LatencyRunner(model, (batches[0], model.in_channels, sizes[0], sizes[0]), torch_dtype, device, warmup,
-                           repeats, cuda_graph=cuda_graph and on_gpu)
-    network = runner.run()
-    targets = target_rows(layers, network, torch.finfo(torch_dtype).bits // 8)
+    networks, gates, peaks = [], [], None
+    for batch in batches:
+        runner = LatencyRunner(model, (batch, model.in_channels, sizes[0], sizes[0]), torch_dtype, device, warmup,
+                               repeats, cuda_graph=cuda_graph and on_gpu)
+        networks.append(runner.run(peaks=peaks))
+        peaks = networks[0].peaks  # measured once per run
+        gate = time_gate(runner, networks[-1])
+        if gate is not None:
+            gates.append(gate)
+    targets = target_rows(layers, networks, torch.finfo(torch_dtype).bits // 8, gates)
     name, env = describe_device(device)
-    result = {"device": name, "environment": env, "dtype": dtype, "layers": layers, "network": network.to_dict(),
-              "targets": targets}
+    result = {"device": name, "environment": env, "dtype": dtype, "layers": layers,
+              "network": [network.to_dict() for network in networks], "gate": gates, "targets": targets}
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    tables = "\n\n".join(network.to_markdown() for network in networks)
     markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\n## One conv layer, {channels} channels max, "
                 f"3x3, LeakyReLU, channels_last\n\n{layer_markdown(layers)}\n\n## Whole network\n\n"
-                f"{network.to_markdown()}\n\n## Targets\n\n{targets_markdown(targets)}\n")
+                f"{tables}\n\n{gate_markdown(gates)}\n\n## Targets\n\n{targets_markdown(targets)}\n")
     (out_dir / "bench.md").write_text(markdown)
-    plot_network(network, out_dir / "network.png")
+    plot_network(networks, out_dir / "network.png")
     return result

@@ -101,6 +101,11 @@ class DDSNet(nn.Module):
                                                         self.routing_space[i].macs_per_pixel))
         return self.routing_space[self._budget_index]
 
+    @property
+    def budget_index(self) -> int | None:
+        """The routing index every image runs in static mode (``set_budget``); None in dynamic mode."""
+        return self._budget_index
+
     def gate_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, GateOutput]:
         """The padded input's full-width stem through the gate: (padded input, gate output)."""
         self.supernet.check_input(x)

@@ -5,15 +5,18 @@ p20 and p80; CUDA events on a GPU, optionally CUDA-graph replay; the wall clock 
 labelled as such) and reports MACs/pixel, the theoretical speedup over the largest config
 (the MAC ratio), the real speedup, their ratio, and the roofline floor: the larger of
 FLOPs over the device's peak rate and the fewest bytes over its bandwidth, both measured
-once per run on the same device.
+once per run on the same device. A bare SlimConv2d is timed at width ratios of its output and
+input; a DDSNet in dynamic mode at the routes its gate picks.
 """
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -21,7 +24,16 @@ from torch import nn
 
 from ._version import __version__
 from .config import SubnetConfig
-from .cost import trace_convs
+from .cost import ConvCall, trace_convs
+from .ddsnet import DDSNet
+from .slim_conv import SlimConv2d
+
+WIDTHS = (0.25, 0.5, 0.75, 1.0)  # the width ratios a bare layer is timed at
+
+
+def width_at(ratio: float, channels: int) -> int:
+    """The channels a layer of ``channels`` keeps at width ``ratio``: the first ceil(ratio * n)."""
+    return max(1, math.ceil(ratio * channels))
 
 
 @dataclass
@@ -82,6 +94,12 @@ class Report:
     backend: str
     peaks: DevicePeaks
     results: list[ConfigResult] = field(default_factory=list)
+    cuda_graph: bool = False
+
+    def configured(self) -> list[ConfigResult]:
+        """The rows timed at a given config (not a DDSNet's dynamic mode or a model as it is),
+        or every row when none was: the speedups' reference and the smallest come from these."""
+        return [r for r in self.results if r.config is not None] or self.results
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -94,7 +112,9 @@ class Report:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_markdown(self) -> str:
-        lines = [f"Device: {self.device}; dtype {self.dtype}; input {list(self.input_shape)}; backend {self.backend}",
+        graphs = "; CUDA-graph replay" if self.cuda_graph else ""
+        lines = [f"Device: {self.device}; dtype {self.dtype}; input {list(self.input_shape)}; backend {self.backend}"
+                 f"{graphs}",
                  "",
                  "| config | MACs/pixel | median ms (p20-p80) | theoretical speedup | real speedup | real/theoretical "
                  "| roofline floor ms | floor/measured |",
@@ -170,10 +190,13 @@ class LatencyRunner:
     """Times a model's forward at each width config on one input shape.
 
     ``model`` is a SlimConv2d, a slimmable network (anything with ``set_config``) or any
-    module; ``configs`` are ``(label, config)`` pairs (config ``None`` times the model as it
-    is). On CUDA, timing uses CUDA events and, with ``cuda_graph=True``, replays one
-    captured graph per config; on CPU it uses the wall clock. The model is moved to the
-    runner's device and dtype and put in eval mode.
+    module; ``configs`` are ``(label, config)`` pairs: a SubnetConfig for a network, a width
+    ratio in (0, 1] for a SlimConv2d (of its output and of each input block, the input sliced
+    to that prefix), ``None`` to time the model as it is (a DDSNet: its dynamic mode). On
+    CUDA, timing uses CUDA events and, with ``cuda_graph=True``, replays one captured graph
+    per config; on CPU it uses the wall clock. The model is moved to the runner's device and
+    dtype and put in eval mode. The reported ``backend`` is what its layers run on that
+    device ('auto' resolved).
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
@@ -190,7 +213,7 @@ class LatencyRunner:
         self.model = model.to(self.device, dtype, memory_format=self.memory_format).eval()
         self.input_shape = tuple(int(s) for s in input_shape)
         self.dtype, self.warmup, self.repeats, self.cuda_graph = dtype, warmup, repeats, cuda_graph
-        self.backend = backend or _backend_of(model)
+        self.backend = backend_of(model, self.device) if backend is None else _resolved(backend, self.device)
         self.inputs = torch.rand(self.input_shape, device=self.device, dtype=dtype).to(memory_format=self.memory_format)
 
     # -- timing -------------------------------------------------------------------------
@@ -217,22 +240,50 @@ class LatencyRunner:
         return capture_cuda_graph(fn, self.device)
 
     # -- costs --------------------------------------------------------------------------
-    def floor_ms(self, model: nn.Module, peaks: DevicePeaks) -> tuple[float, str, float]:
-        """Roofline floor of one forward of ``model`` as it is: (ms, 'FLOPs' or 'bytes',
-        MACs/pixel). Bytes are the fewest: each conv reads its input and active weights once
-        and writes its output once."""
-        n, c, h, w = self.input_shape
-        calls, pixels = trace_convs(model, None, (c, h, w))
+    def _cost(self, target: nn.Module, inputs) -> tuple[list[tuple[list[ConvCall], int]], float]:
+        """The convs one forward of ``target`` on ``inputs`` runs, in groups of (calls, images),
+        and its MACs per input pixel."""
+        n, _, h, w = self.input_shape
+        # in budget mode a DDSNet runs one config for every image, which a trace counts right
+        if isinstance(target, DDSNet) and target.budget_index is None:
+            return self._routed_cost(target)
+        if isinstance(target, SlimConv2d):  # its shapes are known, and a list input cannot be traced
+            widths = tuple(t.shape[1] for t in inputs) if isinstance(inputs, list) else (inputs.shape[1],)
+            calls = [ConvCall("", target, widths, target.active_out_channels or target.out_channels,
+                              target.output_size(h, w))]
+        else:
+            calls, _ = trace_convs(target, None, (inputs.shape[1], h, w))
+        return [(calls, n)], sum(call.macs for call in calls) / (h * w)
+
+    def _routed_cost(self, model: DDSNet) -> tuple[list[tuple[list[ConvCall], int]], float]:
+        """A DDSNet in dynamic mode runs each image's route behind the full-width stem its gate
+        reads. Traced as it is, its per-image path (CUDA) runs every conv on full-width
+        buffers and would count the largest config: so each route the gate picks for the
+        runner's inputs is traced over its images, and the MACs are the mean routed cost."""
+        _, c, h, w = self.input_shape
+        chosen = Counter(model.routing_space.index(entry) for entry in model.route(self.inputs))
+        stem = model.supernet.stem_conv
+        groups = []
+        for index, images in sorted(chosen.items()):
+            calls, _ = trace_convs(model.supernet, model.routing_space[index].config, (c, h, w))
+            groups.append(([replace(call, out_width=stem.out_channels) if call.module is stem else call
+                            for call in calls], images))
+        return groups, statistics.fmean(model.routed_macs(self.inputs))
+
+    def _traffic(self, groups: list[tuple[list[ConvCall], int]]) -> tuple[int, int]:
+        """The fewest bytes and the FLOPs (2 per MAC) of the calls, each group over its images:
+        each conv reads its input and active weights once and writes its output once."""
         element = torch.empty((), dtype=self.dtype).element_size()
-        macs = sum(call.macs for call in calls) * n
-        moved = 0
-        for call in calls:
-            kh, kw = call.module.kernel_size
-            out_pixels = call.out_size[0] * call.out_size[1]
-            in_pixels = out_pixels * call.module.stride[0] * call.module.stride[1]
-            moved += element * (n * sum(call.in_widths) * in_pixels + n * call.out_width * out_pixels
-                                + call.out_width * sum(call.in_widths) * kh * kw)
-        return (*peaks.floor_ms(moved, 2 * macs), sum(call.macs for call in calls) / pixels)
+        moved = flops = 0
+        for calls, n in groups:
+            for call in calls:
+                kh, kw = call.module.kernel_size
+                out_pixels = call.out_size[0] * call.out_size[1]
+                in_pixels = out_pixels * call.module.stride[0] * call.module.stride[1]
+                moved += element * (n * sum(call.in_widths) * in_pixels + n * call.out_width * out_pixels
+                                    + call.out_width * sum(call.in_widths) * kh * kw)
+                flops += 2 * n * call.macs
+        return moved, flops
 
     def measure_peaks(self) -> DevicePeaks:
         """A large matrix product in the run's dtype and a large device copy, timed like the model."""
@@ -248,7 +299,37 @@ class LatencyRunner:
                            bytes_per_s=2 * src.numel() * 4 / (copy.median_ms / 1e3))
 
     # -- the run ------------------------------------------------------------------------
-    def run(self, configs: Sequence[tuple[str, SubnetConfig | None]] | None = None,
+    def _select(self, configurable: nn.Module, config) -> tuple[nn.Module, object, dict | None]:
+        """Set ``config``; return what to time, its input and the config as recorded."""
+        if config is None:
+            return self.model, self.inputs, None
+        if isinstance(configurable, SlimConv2d):
+            return self._conv_at(configurable, config)
+        if isinstance(config, (int, float)) or not hasattr(configurable, "set_config"):
+            raise ValueError(f"LatencyRunner: {type(configurable).__name__} takes SubnetConfigs (or None, to time it "
+                             f"as it is), got {config!r}; width ratios apply to a bare SlimConv2d")
+        configurable.set_config(config)
+        return configurable, self.inputs, configurable.get_config().to_dict()
+
+    def _conv_at(self, conv: SlimConv2d, ratio) -> tuple[nn.Module, object, dict]:
+        """A bare SlimConv2d at ``ratio`` of its output and of each input block. Its input is
+        the prefix of each block, copied out before timing as the narrow layer before it
+        would have written it."""
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"LatencyRunner: a SlimConv2d's configs are width ratios in (0, 1] (or None), "
+                             f"got {ratio!r}")
+        if self.input_shape[1] != conv.in_channels:
+            raise ValueError(f"LatencyRunner: width ratios slice all {conv.in_channels} input channels of the "
+                             f"SlimConv2d({conv.in_channels}->{conv.out_channels}); input_shape has "
+                             f"{self.input_shape[1]}")
+        in_widths = [width_at(ratio, size) for size in conv.in_segments]
+        conv.active_out_channels = width_at(ratio, conv.out_channels)
+        inputs = [self.inputs[:, start:start + width].contiguous(memory_format=self.memory_format)
+                  for start, width in zip(conv.segment_starts, in_widths)]
+        return (conv, inputs[0] if len(inputs) == 1 else inputs,
+                dict(ratio=ratio, in_widths=in_widths, out_width=conv.active_out_channels))
+
+    def run(self, configs: Sequence[tuple[str, SubnetConfig | float | None]] | None = None,
             peaks: DevicePeaks | None = None) -> Report:
         if configs is None:
             configs = default_configs(self.model)
@@ -256,35 +337,36 @@ class LatencyRunner:
             raise ValueError("LatencyRunner.run: no configs to time")
         peaks = peaks or self.measure_peaks()
         name, env = describe_device(self.device)
-        report = Report(name, env, str(self.dtype).replace("torch.", ""), self.input_shape, str(self.backend), peaks)
+        report = Report(name, env, str(self.dtype).replace("torch.", ""), self.input_shape, self.backend, peaks,
+                        cuda_graph=self.cuda_graph)
         # a DDSNet's configs are its super-network's; config None times the model as it is
         configurable = getattr(self.model, "supernet", self.model)
-        previous = configurable.get_config() if hasattr(configurable, "get_config") else None
+        restore = _widths_restorer(configurable)
         try:
             for label, config in configs:
-                target = self.model
-                if config is not None:
-                    configurable.set_config(config)
-                    target = configurable
-                floor, bound, macs = self.floor_ms(target, peaks)
-                timing = self.time_fn(lambda: target(self.inputs), self.cuda_graph)
-                report.results.append(ConfigResult(label, None if config is None else config.to_dict(), macs,
-                                                   timing, floor_ms=floor, floor_bound=bound))
+                target, inputs, record = self._select(configurable, config)
+                groups, macs = self._cost(target, inputs)
+                floor, bound = peaks.floor_ms(*self._traffic(groups))
+                timing = self.time_fn(lambda: target(inputs), self.cuda_graph)
+                report.results.append(ConfigResult(label, record, macs, timing, floor_ms=floor, floor_bound=bound))
         finally:
-            if previous is not None:
-                configurable.set_config(previous)
-        largest = max(report.results, key=lambda r: r.macs_per_pixel)
+            restore()
+        # a DDSNet's dynamic row mixes configs: the speedups are over the largest config alone
+        largest = max(report.configured(), key=lambda r: r.macs_per_pixel)
         for result in report.results:
             result.theoretical_speedup = largest.macs_per_pixel / result.macs_per_pixel
             result.real_speedup = largest.timing.median_ms / result.timing.median_ms
         return report
 
 
-def default_configs(model: nn.Module) -> list[tuple[str, SubnetConfig | None]]:
+def default_configs(model: nn.Module) -> list[tuple[str, SubnetConfig | float | None]]:
     """A DDSNet: its dynamic mode, then each routed config alone. A slimmable net: its routing
-    space when it has one, else smallest, uniform 0.25/0.5/0.75, largest."""
+    space when it has one, else smallest, uniform 0.25/0.5/0.75, largest. A SlimConv2d: width
+    ratios 0.25 to 1."""
     if hasattr(model, "supernet"):
         return [("dynamic", None)] + [(f"route {i}", e.config) for i, e in enumerate(model.routing_space)]
+    if isinstance(model, SlimConv2d):
+        return [(f"width {ratio:g}", ratio) for ratio in WIDTHS]
     if not hasattr(model, "space"):
         return [("as is", None)]
     routing = getattr(model, "routing_space", None)
@@ -295,6 +377,26 @@ def default_configs(model: nn.Module) -> list[tuple[str, SubnetConfig | None]]:
             + [("largest", space.largest())])
 
 
-def _backend_of(model: nn.Module) -> str:
-    backends = {m.backend for m in model.modules() if hasattr(m, "backend") and isinstance(m.backend, str)}
+def _widths_restorer(module: nn.Module) -> Callable[[], None]:
+    """A call that puts the module's widths back as they are now."""
+    if isinstance(module, SlimConv2d):
+        previous = module.active_out_channels
+        return lambda: setattr(module, "active_out_channels", previous)
+    if hasattr(module, "get_config"):
+        config = module.get_config()
+        return lambda: module.set_config(config)
+    return lambda: None
+
+
+def _resolved(backend: str, device: torch.device) -> str:
+    # 'auto' layers (convs and the gate) take the Triton kernels on CUDA tensors, else the reference
+    if backend != "auto":
+        return backend
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def backend_of(model: nn.Module, device: torch.device) -> str:
+    """The backends ``model``'s layers run on ``device``, 'auto' resolved (settings the kernels
+    do not cover fall back to the reference with a warning, which this does not see)."""
+    backends = {_resolved(m.backend, device) for m in model.modules() if isinstance(getattr(m, "backend", None), str)}
     return ",".join(sorted(backends)) or "torch"

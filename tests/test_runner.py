@@ -38,6 +38,7 @@ def test_runner_reports_every_config_on_cpu():
     assert net.get_config() == net.space.largest()
     record = json.loads(report.to_json())
     assert record["device"] == report.device and record["dtype"] == "float32"
+    assert record["backend"] == "torch" and record["cuda_graph"] is False  # 'auto' on CPU tensors
     assert {"torch", "triton"} <= set(record["environment"])
     assert "speedup_efficiency" in record["results"][0]
     assert "| smallest |" in report.to_markdown()
@@ -47,9 +48,28 @@ def test_runner_uses_the_routing_space_and_plain_modules():
     net = small_net()
     net.routing_space = [RoutingEntry(net.space.smallest(), 1.0), RoutingEntry(net.space.largest(), 2.0)]
     assert [label for label, _ in default_configs(net)] == ["route 0", "route 1"]
-    conv = SlimConv2d(4, 4, 3, padding=1)
-    report = LatencyRunner(conv, (1, 4, 8, 8), warmup=0, repeats=2).run(peaks=DevicePeaks(1e9, 1e9))
-    assert [r.label for r in report.results] == ["as is"] and report.results[0].macs_per_pixel == 4 * 4 * 9
+    plain = LatencyRunner(torch.nn.Conv2d(4, 4, 3, padding=1), (1, 4, 8, 8), warmup=0, repeats=1)
+    plain = plain.run(peaks=DevicePeaks(1e9, 1e9))
+    assert [r.label for r in plain.results] == ["as is"] and plain.results[0].macs_per_pixel == 4 * 4 * 9
+
+
+def test_runner_times_a_slim_conv_at_width_ratios():
+    conv = SlimConv2d(8, 4, 3, padding=1, in_segments=(4, 4))
+    runner = LatencyRunner(conv, (1, 8, 8, 8), warmup=0, repeats=2)
+    report = runner.run(peaks=DevicePeaks(1e9, 1e9))
+    assert [r.label for r in report.results] == ["width 0.25", "width 0.5", "width 0.75", "width 1"]
+    # each input block is sliced to its own prefix: 1, 2, 3, 4 channels of each of the two
+    assert [r.config for r in report.results] == [dict(ratio=r, in_widths=[w, w], out_width=w)
+                                                  for r, w in zip((0.25, 0.5, 0.75, 1.0), (1, 2, 3, 4))]
+    assert [r.macs_per_pixel for r in report.results] == [w * 2 * w * 9 for w in (1, 2, 3, 4)]
+    assert [r.theoretical_speedup for r in report.results] == pytest.approx([16, 4, 16 / 9, 1])
+    assert report.results[-1].real_speedup == 1 and conv.active_out_channels is None
+    with pytest.raises(ValueError, match=r"width ratios in \(0, 1\]"):
+        runner.run([("too wide", 1.5)], peaks=DevicePeaks(1e9, 1e9))
+    with pytest.raises(ValueError, match="input_shape has 4"):
+        LatencyRunner(conv, (1, 4, 8, 8)).run([("half", 0.5)], peaks=DevicePeaks(1e9, 1e9))
+    with pytest.raises(ValueError, match="width ratios apply to a bare SlimConv2d"):
+        LatencyRunner(small_net(), (1, 1, 8, 8)).run([("half", 0.5)], peaks=DevicePeaks(1e9, 1e9))
 
 
 def test_measured_peaks_are_positive():
@@ -78,12 +98,44 @@ def test_runner_times_a_ddsnet_dynamic_and_per_route():
     gate = DynamicGate(net.stem_channels, 2)
     gate.attention = False
     model = DDSNet(net, gate, routes)
-    report = LatencyRunner(model, (2, 1, 16, 16), warmup=1, repeats=2).run(peaks=DevicePeaks(1e9, 1e9))
+    runner = LatencyRunner(model, (2, 1, 16, 16), warmup=1, repeats=2)
+    report = runner.run(peaks=DevicePeaks(1e9, 1e9))
     assert [r.label for r in report.results] == ["dynamic", "route 0", "route 1"]
     assert [r.macs_per_pixel for r in report.results[1:]] == [e.macs_per_pixel for e in routes]
-    # dynamic mode: a routed config plus the full-width stem the gate reads
-    assert report.results[0].macs_per_pixel in model.dynamic_macs_per_pixel
+    # dynamic mode: the mean routed config plus the full-width stem the gate reads
+    assert report.results[0].macs_per_pixel == pytest.approx(sum(model.routed_macs(runner.inputs)) / 2)
+    assert report.results[2].theoretical_speedup == 1 and report.results[2].real_speedup == 1
     assert net.get_config() == net.space.largest()
+
+
+def test_dynamic_row_counts_the_routes_chosen_on_the_per_image_path():
+    """The per-image path (CUDA; forced here under the interpreter) runs every conv on
+    full-width buffers: a trace of it counts the largest config, not the routes chosen."""
+    pytest.importorskip("triton")
+    from dds_fast import DDSNet, DynamicGate, SlimConv2d
+
+    class Alternating(DynamicGate):  # image i runs route i mod 2
+        def forward(self, x):
+            out = super().forward(x)
+            return out._replace(choice=torch.arange(len(x), dtype=torch.int32) % self.num_choices)
+
+    net = small_net()
+    for module in net.modules():
+        if isinstance(module, SlimConv2d):
+            module.backend = "triton"
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    gate = Alternating(net.stem_channels, 2)
+    gate.attention = False
+    model = DDSNet(net, gate, routes)
+    model.per_image = True
+    runner = LatencyRunner(model, (2, 1, 8, 8), warmup=0, repeats=1)
+    report = runner.run([("dynamic", None), ("route 1", routes[1].config)], peaks=DevicePeaks(1e9, 1e18))
+    dynamic, largest = report.results
+    assert report.backend == "torch,triton"  # the 'auto' gate runs the reference on CPU tensors
+    assert dynamic.macs_per_pixel == pytest.approx(sum(model.dynamic_macs_per_pixel) / 2)
+    # FLOPs-bound floor: 2 FLOPs per MAC of each image's route at 1 GFLOP/s, over 8x8 pixels
+    assert dynamic.floor_ms == pytest.approx(2 * sum(model.dynamic_macs_per_pixel) * 64 / 1e9 * 1e3)
+    assert largest.theoretical_speedup == 1 and dynamic.theoretical_speedup > 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -103,31 +155,3 @@ def test_a_captured_graph_keeps_the_tensors_of_its_function_alive():
     replay()
     torch.cuda.synchronize()
     assert out.tolist() == [0, 2, 0, 0, 0, 3, 0, 0] and len(reuse) == 64
-
-
-def test_bench_targets_say_what_is_met_and_by_how_much():
-    from dds_fast.bench import target_rows, targets_markdown
-    from dds_fast.runner import ConfigResult, Report
-
-    def layer(variant, ms):
-        return dict(size=512, batch=8, ratio=0.25, width=16, variant=variant, macs=16 * 16 * 9 * 512 * 512 * 8,
-                    median_ms=ms)
-
-    layers = [layer("triton fused", 0.2), layer("(b) static", 0.25), layer("(a) sliced copy", 0.24)]
-    peaks = DevicePeaks(flops_per_s=1e15, bytes_per_s=4e12)
-    network = Report("GPU", {}, "float16", (8, 3, 512, 512), "triton", peaks, [
-        ConfigResult("smallest", None, 1000.0, Timing(2.0, 1.9, 2.1, 10), 40.0, 20.0, 1.0, "bytes"),
-        ConfigResult("largest", None, 40000.0, Timing(40.0, 39.0, 41.0, 10), 1.0, 1.0, 32.0, "FLOPs")])
-    rows = {r["target"]: r for r in target_rows(layers, network, 2)}
-    vs_b = rows["layer 512x512, batch 8, width 16: fused vs (b) static"]
-    vs_a = rows["layer 512x512, batch 8, width 16: fused vs (a) sliced copy"]
-    assert vs_b["met"] and vs_b["got"] == pytest.approx(1.25)
-    assert not vs_a["met"] and vs_a["got"] == pytest.approx(1.2)
-    # (2 x 16 channels x 512^2 x 8 images + weights and bias) x 2 bytes at 4 TB/s
-    assert vs_a["bound"].startswith("bytes: floor 0.0336 ms")
-    assert not rows["network batch 8, smallest: within 1.5x of its floor"]["met"]
-    assert rows["network batch 8, largest: within 1.5x of its floor"]["met"]
-    share = next(r for r in rows.values() if "MAC ratio" in r["target"])
-    assert share["got"] == pytest.approx(0.5) and not share["met"]
-    table = targets_markdown(list(rows.values()))
-    assert "| no: 20% short |" in table and "| no: 1.3x over |" in table and "| no: 38% short |" in table

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from dds_fast import SlimDnCNN
+from dds_fast.bench import run_bench, target_rows, targets_markdown
+from dds_fast.runner import ConfigResult, DevicePeaks, Report, Timing
+
+
+def test_bench_targets_say_what_is_met_and_by_how_much():
+    def layer(variant, ms, step="forward"):
+        return dict(size=512, batch=8, ratio=0.25, width=16, variant=variant, step=step,
+                    macs=(3 if step != "forward" else 1) * 16 * 16 * 9 * 512 * 512 * 8, median_ms=ms)
+
+    layers = [layer("triton fused", 0.2), layer("(b) static", 0.25), layer("(a) sliced copy", 0.24),
+              layer("triton fused", 0.5, "forward+backward"), layer("(b) static", 0.45, "forward+backward")]
+    peaks = DevicePeaks(flops_per_s=1e15, bytes_per_s=4e12)
+
+    def network(batch):
+        return Report("GPU", {}, "float16", (batch, 3, 512, 512), "triton", peaks, [
+            ConfigResult("smallest", {"a": 8}, 1000.0, Timing(2.0, 1.9, 2.1, 10), 40.0, 20.0, 1.0, "bytes"),
+            ConfigResult("largest", {"a": 64}, 40000.0, Timing(40.0, 39.0, 41.0, 10), 1.0, 1.0, 32.0, "FLOPs")])
+
+    gates = [dict(batch=8, median_ms=0.2, floor_ms=0.01, floor_bound="bytes")]
+    rows = {r["target"]: r for r in target_rows(layers, [network(1), network(8)], 2, gates)}
+    vs_b = rows["layer 512x512, batch 8, width 16: fused vs (b) static"]
+    vs_a = rows["layer 512x512, batch 8, width 16: fused vs (a) sliced copy"]
+    assert vs_b["met"] and vs_b["got"] == pytest.approx(1.25)
+    assert not vs_a["met"] and vs_a["got"] == pytest.approx(1.2)
+    # (2 x 16 channels x 512^2 x 8 images + weights and bias) x 2 bytes at 4 TB/s
+    assert vs_a["bound"].startswith("bytes: floor 0.0336 ms")
+    training = rows["layer 512x512, batch 8, width 16: fused forward+backward vs (b) static"]
+    # 6 activation-sized and 3 weight-sized tensors: (6 x 16 x 512^2 x 8 + 3 x 2320) x 2 bytes
+    assert training["met"] and training["got"] == pytest.approx(0.9)
+    assert training["bound"].startswith("bytes: floor 0.1007")
+    assert not rows["network batch 8, smallest: within 1.5x of its floor"]["met"]
+    assert rows["network batch 1, largest: within 1.5x of its floor"]["met"]
+    share = [r for r in rows.values() if "MAC ratio" in r["target"]]  # the target is at batch 8
+    assert len(share) == 1 and share[0]["target"].startswith("network batch 8")
+    assert share[0]["got"] == pytest.approx(0.5) and not share[0]["met"]
+    gate = rows["network batch 8: gate head at most 5% of smallest's latency"]
+    assert gate["got"] == pytest.approx(0.1) and not gate["met"]
+    table = targets_markdown(list(rows.values()))
+    assert "| no: 20% short |" in table and "| no: 1.3x over |" in table and "| no: 38% short |" in table
+    assert "| no: 2.0x over |" in table
+
+
+def test_bench_times_the_network_at_every_batch_on_cpu(tmp_path):
+    result = run_bench(tmp_path, sizes=[8], batches=[1, 8], channels=4, model=SlimDnCNN(1, base_width=8, depth=3),
+                       device="cpu", warmup=0, repeats=1, compile_static=False)
+    assert [n["input_shape"][0] for n in result["network"]] == [1, 8]
+    assert all(n["backend"] == "torch" and n["cuda_graph"] is False for n in result["network"])
+    assert {(r["variant"], r["step"]) for r in result["layers"]} == {
+        ("(a) sliced copy", "forward"), ("(b) static", "forward"), ("(b) static", "forward+backward")}
+    assert [(g["batch"], g["backend"]) for g in result["gate"]] == [(1, "torch"), (8, "torch")]
+    targets = [t["target"] for t in result["targets"]]
+    assert sum("MAC ratio" in t for t in targets) == 1 and sum("gate head" in t for t in targets) == 2
+    assert json.loads((tmp_path / "bench.json").read_text())["targets"] == result["targets"]
+    assert "Gate head at batch 8" in (tmp_path / "bench.md").read_text()
