@@ -81,7 +81,8 @@ def cmd_demo(args) -> int:
 def _demo_trained(args) -> int:
     from .ddsnet import DDSNet
     from .metrics import psnr, ssim
-    from .training.data import save_image
+    from .training.data import TEST_NAMES, save_image
+    from .training.stages import DEFAULT_VALIDATION_IMAGES
 
     model = _model_from(args.checkpoint)
     if not isinstance(model, DDSNet):
@@ -91,8 +92,11 @@ def _demo_trained(args) -> int:
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.sigma / 255
     noisy = clean + noise
     source = args.checkpoint or "the shipped model"
+    # the shipped model never trained on the validation or test photos; of a user's model we cannot tell
+    held_out = args.checkpoint is None and args.image in DEFAULT_VALIDATION_IMAGES + TEST_NAMES
     print(f"{source}: DDSNet over {type(model.supernet).__name__}, {len(model.routing_space)} sub-networks; "
-          f"bundled photo '{args.image}' {tuple(clean.shape[1:])} (held out of training) with AWGN sigma {args.sigma:g}.")
+          f"bundled photo '{args.image}' {tuple(clean.shape[1:])}{' (held out of training)' if held_out else ''} "
+          f"with AWGN sigma {args.sigma:g}.")
     with torch.no_grad():
         batch = noisy[None]
         route = model.route(batch)[0]

@@ -89,7 +89,7 @@ def test_shipped_model_is_a_small_ddsnet_and_the_demo_runs_with_no_argument(tmp_
     picture = tmp_path / "demo.png"
     assert main(["demo", "--repeats", "1", "--out", str(picture)]) == 0
     out = capsys.readouterr().out
-    assert "the shipped model" in out and "gate chose sub-network" in out
+    assert "the shipped model" in out and "gate chose sub-network" in out and "(held out of training)" in out
     assert read_image(picture)[0].shape[0] == 3
 
 
