@@ -107,11 +107,20 @@ class DDSNet(nn.Module):
         return self._budget_index
 
     def gate_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, GateOutput]:
-        """The padded input's full-width stem through the gate: (padded input, gate output)."""
+        """The padded input's full-width stem through the gate: (padded input, gate output).
+        On the kernels, the stem conv's epilogue also sums its output's channels, which the
+        fused gate reads instead of squeezing the stem output again."""
         self.supernet.check_input(x)
         padded = self.supernet.pad(x)
         self.supernet.set_config(self._full_stem)
-        return padded, self.gate(self.supernet.stem(padded))
+        stem = self.supernet.stem_conv
+        stem.emit_channel_sums = True
+        try:
+            features = self.supernet.stem(padded)
+            sums, stem.channel_sums = stem.channel_sums, None
+        finally:
+            stem.emit_channel_sums = False
+        return padded, self.gate(features, channel_sums=sums)
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> list[RoutingEntry]:

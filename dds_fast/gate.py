@@ -106,9 +106,18 @@ class DynamicGate(nn.Module):
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
-    def forward(self, x: torch.Tensor) -> GateOutput:
+    def forward(self, x: torch.Tensor, channel_sums: torch.Tensor | None = None) -> GateOutput:
+        """``channel_sums``: optional fp32 ``[N, T, C]`` sums of ``x`` over T blocks of its
+        pixels (what ``SlimConv2d.emit_channel_sums`` leaves behind), which the fused path then
+        reads instead of squeezing ``x`` itself; the reference path ignores them."""
         self._check_input(x)
-        return self._forward_fused(x) if self._fused(x) else self._forward_reference(x)
+        if not self._fused(x):
+            return self._forward_reference(x)
+        if channel_sums is not None and (channel_sums.dim() != 3 or channel_sums.shape[0] != x.shape[0]
+                                         or channel_sums.shape[2] != self.channels):
+            raise ValueError(f"DynamicGate: channel_sums must be [{x.shape[0]}, T, {self.channels}], got "
+                             f"{tuple(channel_sums.shape)}")
+        return self._forward_fused(x, channel_sums)
 
     def _forward_reference(self, x: torch.Tensor) -> GateOutput:
         dtype = self.fc1.weight.dtype
@@ -124,11 +133,12 @@ class DynamicGate(nn.Module):
         logits = self.fc4(F.relu(self.bn(self.fc3(r))))
         return GateOutput(features, scale, logits, F.softmax(logits, dim=1), logits.argmax(dim=1).to(torch.int32))
 
-    def _forward_fused(self, x: torch.Tensor) -> GateOutput:
+    def _forward_fused(self, x: torch.Tensor, channel_sums: torch.Tensor | None) -> GateOutput:
         from dds_fast.kernels import gate as kernels  # imports Triton only when it is used
 
-        head = kernels.fused_gate(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                  self.fc3.weight, self.fc3.bias, kernels.BatchNormStats.of(self.bn),
-                                  self.fc4.weight, self.fc4.bias, attention=self.attention)
+        partials = kernels.squeeze_partials(x) if channel_sums is None else channel_sums
+        head = kernels.gate_head(partials, x.shape[2] * x.shape[3], self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                 self.fc2.bias, self.fc3.weight, self.fc3.bias, kernels.BatchNormStats.of(self.bn),
+                                 self.fc4.weight, self.fc4.bias, attention=self.attention)
         features = kernels.apply_scale(x, head.scale) if self.attention else x
         return GateOutput(features, *head)

@@ -81,6 +81,11 @@ class SlimConv2d(nn.Conv2d):
         self.per_image_widths: torch.Tensor | None = None
         # what the setter of per_image_widths promises every entry is a multiple of (see slim_conv2d)
         self.per_image_widths_multiple = 1
+        # When set, a forward on the kernels' inference path also leaves the output's fp32
+        # channel sums over blocks of pixels, [N, T, out], in channel_sums (else None there):
+        # the squeeze of a gate behind this layer, with no second pass over the output.
+        self.emit_channel_sums = False
+        self.channel_sums: torch.Tensor | None = None
 
     # -- widths -------------------------------------------------------------------------
     @property
@@ -156,6 +161,7 @@ class SlimConv2d(nn.Conv2d):
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
 
     def forward(self, x, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self.channel_sums = None
         inputs = self._check_inputs(x)
         out_width = self.out_channels if self._active_out is None else self._active_out
         if residual is not None:
@@ -173,10 +179,15 @@ class SlimConv2d(nn.Conv2d):
             dtype = torch.get_autocast_dtype(device)
             inputs = [t.to(dtype) for t in inputs]
             residual = None if residual is None else residual.to(dtype)
-        return kernels.slim_conv2d(inputs, self.weight, self.bias, segment_starts=self.segment_starts,
-                                   out_channels=out_width, stride=self.stride[0], padding=self.padding[0],
-                                   activation=self.activation, negative_slope=self.negative_slope, residual=residual,
-                                   widths=self.per_image_widths, widths_multiple=self.per_image_widths_multiple)
+        sums_wanted = self.emit_channel_sums and self.per_image_widths is None
+        y = kernels.slim_conv2d(inputs, self.weight, self.bias, segment_starts=self.segment_starts,
+                                out_channels=out_width, stride=self.stride[0], padding=self.padding[0],
+                                activation=self.activation, negative_slope=self.negative_slope, residual=residual,
+                                widths=self.per_image_widths, widths_multiple=self.per_image_widths_multiple,
+                                channel_sums=sums_wanted)
+        if sums_wanted:
+            y, self.channel_sums = y
+        return y
 
     def _triton_kernels(self, inputs: list[torch.Tensor]):
         """The kernel module when this call runs on Triton, else None (the reference path)."""

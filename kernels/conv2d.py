@@ -92,7 +92,7 @@ def _aligned(value, ALIGN: tl.constexpr):
 
 @triton.jit(do_not_specialize=["C0", "C1", "COUT"])
 def _conv_fwd_kernel(
-    x0, x1, w, b, res, y, widths,
+    x0, x1, w, b, res, y, widths, sums,
     H, W, HO, WO, C0, C1, COUT, START0, START1,
     sx0n, sx0c, sx0h, sx0w, sx1n, sx1c, sx1h, sx1w,
     swo, swi, swh, sww, sb,
@@ -100,7 +100,7 @@ def _conv_fwd_kernel(
     slope,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     C_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -153,7 +153,13 @@ def _conv_fwd_kernel(
     elif ACT == 2:
         acc = tl.where(acc > 0, acc, acc * slope)
     y_ptrs = y + n * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
-    tl.store(y_ptrs, acc.to(y.dtype.element_ty), mask=out_ok)
+    out = acc.to(y.dtype.element_ty)
+    tl.store(y_ptrs, out, mask=out_ok)
+    if CHANNEL_SUMS:
+        # the gate's squeeze, for free: this tile's channel sums of the stored output, one
+        # row per pixel tile (summed in order by the gate head: deterministic, no atomics)
+        part = tl.sum(tl.where(out_ok, out.to(tl.float32), 0.0), axis=0)
+        tl.store(sums + (n * tl.num_programs(0) + pid_m) * COUT + co, part, mask=co_ok)
 
 
 @triton.jit(do_not_specialize=["COUT"])
@@ -387,7 +393,7 @@ def _meta(t: Optional[torch.Tensor]):
 
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_channels, stride, padding,
-                  activation, negative_slope) -> _ForwardPlan:
+                  activation, negative_slope, channel_sums=False) -> _ForwardPlan:
     """The launch of ``_conv_fwd_kernel`` for arguments with these ``_meta`` keys: computed once
     per signature, since the host work per call is what bounds small launches."""
     (n, c0, h, w), x0_strides, dtype, device = m0
@@ -407,7 +413,7 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     meta = dict(
         KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None,
         HAS_RES=mr is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=mwd is not None,
-        DOT_F32=_dot_f32(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         C_ALIGN=_alignment(c0, c1, out_channels, start0, start1, *per_image_multiple),
         X_ALIGN=_alignment(*_batch_and_pixel_strides(x0_strides, x1_strides, r_strides, y_strides)),
         W_ALIGN=_alignment(*_pixel_strides_of_weight(w_strides)),
@@ -415,13 +421,18 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     return _ForwardPlan(out_shape, (cdiv(ho * wo, bm), cdiv(out_channels, bn), n), scalars, meta)
 
 
-def _launch_forward(plan: _ForwardPlan, x0, x1, weight, bias, residual, widths) -> torch.Tensor:
+def _launch_forward(plan: _ForwardPlan, x0, x1, weight, bias, residual, widths):
+    """The output; with ``plan.meta['CHANNEL_SUMS']``, also its fp32 channel sums per pixel tile."""
     y = _empty_channels_last(plan.out_shape, x0)
+    sums = None
+    if plan.meta["CHANNEL_SUMS"]:
+        sums = torch.empty((plan.out_shape[0], plan.grid[0], plan.out_shape[1]), dtype=torch.float32,
+                           device=x0.device)
     # unused pointers get any valid tensor: the kernel does not read them
     _conv_fwd_kernel[plan.grid](x0, x0 if x1 is None else x1, weight, weight if bias is None else bias,
                                 y if residual is None else residual, y, y if widths is None else widths,
-                                *plan.scalars, **plan.meta)
-    return y
+                                y if sums is None else sums, *plan.scalars, **plan.meta)
+    return y if sums is None else (y, sums)
 
 
 def _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start0, start1, out_channels, stride,
@@ -811,7 +822,7 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
                 segment_starts: Sequence[int] = (0,), out_channels: Optional[int] = None, stride=1,
                 padding=None, activation: Optional[str] = None, negative_slope: float = 0.01,
                 residual: Optional[torch.Tensor] = None, widths: Optional[torch.Tensor] = None,
-                widths_multiple: int = 1) -> torch.Tensor:
+                widths_multiple: int = 1, channel_sums: bool = False):
     """``act(conv(cat(inputs, 1), weight[:o, active input channels]) + bias[:o] + residual)``.
 
     - ``inputs``: 1 or 2 tensors ``[N, C_k, H, W]``; input k's channels are the weight's input
@@ -828,6 +839,11 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     - ``widths_multiple``: the caller's promise that every entry of ``widths`` is a multiple of
       it (checked on CPU only, where that costs no device sync). A multiple of 8 lets the
       kernel keep vector loads; on a GPU a broken promise rounds widths down to that multiple.
+    - ``channel_sums``: also return the output's channel sums, ``(y, sums)`` with ``sums`` fp32
+      ``[N, T, o]`` over T consecutive blocks of output pixels (the squeeze partials that
+      ``kernels.gate.gate_head`` reads), computed in the epilogue. ``sums`` is None when the
+      call goes through the registered op (gradients, torch.compile, a dispatch mode); not
+      with per-image widths.
 
     Inputs (and residual) share one dtype: the weight's, or fp16/bf16 over fp32 weights (mixed
     precision: the weight tiles are cast in registers, and weight and bias gradients stay fp32).
@@ -853,6 +869,9 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
         _remember(_CHECKED_SIGNATURES, signature)
     if widths is not None and widths.device.type == "cpu":
         _check_width_values(widths, inputs, out_channels, widths_multiple)
+    if channel_sums and widths is not None:
+        raise ValueError("slim_conv2d: channel_sums with per-image widths is not supported (the sums of "
+                         "channels beyond an image's width would be undefined)")
     if widths is not None and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (*inputs, weight, bias, residual)):
         raise ValueError("slim_conv2d: per-image widths are forward only; run under torch.no_grad()")
@@ -861,8 +880,10 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     options = (widths_multiple, segment_starts[0], start1, out_channels, stride, padding,
                "none" if activation is None else activation, float(negative_slope))
     if _plain_inference(*inputs, weight, bias, residual):
-        return _launch_forward(_forward_plan(*signature[:6], *options), inputs[0], x1, weight, bias, residual, widths)
-    return torch.ops.dds_fast.slim_conv2d(inputs[0], x1, weight, bias, residual, widths, *options)
+        plan = _forward_plan(*signature[:6], *options, channel_sums=bool(channel_sums))
+        return _launch_forward(plan, inputs[0], x1, weight, bias, residual, widths)
+    y = torch.ops.dds_fast.slim_conv2d(inputs[0], x1, weight, bias, residual, widths, *options)
+    return (y, None) if channel_sums else y
 
 
 def _plain_inference(*tensors: Optional[torch.Tensor]) -> bool:

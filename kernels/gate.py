@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ._launch import INTERPRET, cdiv, next_pow2
 
-__all__ = ["BatchNormStats", "GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale", "fused_gate"]
+__all__ = ["BatchNormStats", "GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale"]
 
 
 class GateHeadOutput(NamedTuple):
@@ -268,13 +268,6 @@ def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
                        BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=next_pow2(cr), BLOCK_H=next_pow2(hid),
                        BLOCK_E=next_pow2(e), num_warps=4)
     return out
-
-
-def fused_gate(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-               w3: torch.Tensor, b3: torch.Tensor, bn: BatchNormStats, w4: torch.Tensor, b4: torch.Tensor,
-               attention: bool = True) -> GateHeadOutput:
-    """``squeeze_partials`` then ``gate_head``: the whole gate decision in two launches."""
-    return gate_head(squeeze_partials(x), x.shape[2] * x.shape[3], w1, b1, w2, b2, w3, b3, bn, w4, b4, attention)
 
 
 def apply_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,11 @@ import json
 
 import pytest
 
-from dds_fast import SlimDnCNN
-from dds_fast.bench import run_bench, target_rows, targets_markdown
-from dds_fast.runner import ConfigResult, DevicePeaks, Report, Timing
+import torch
+
+from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimDnCNN, macs_per_pixel
+from dds_fast.bench import run_bench, target_rows, targets_markdown, time_gate
+from dds_fast.runner import ConfigResult, DevicePeaks, LatencyRunner, Report, Timing
 
 
 def test_bench_targets_say_what_is_met_and_by_how_much():
@@ -21,7 +23,10 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
             ConfigResult("smallest", {"a": 8}, 1000.0, Timing(2.0, 1.9, 2.1, 10), 40.0, 20.0, 1.0, "bytes"),
             ConfigResult("largest", {"a": 64}, 40000.0, Timing(40.0, 39.0, 41.0, 10), 1.0, 1.0, 32.0, "FLOPs")])
 
-    gates = [dict(batch=8, median_ms=0.2, floor_ms=0.01, floor_bound="bytes")]
+    gates = [dict(batch=8, backend="triton", fused_ms=0.02, eager_ms=0.3, floor_ms=0.01, floor_bound="bytes",
+                  routed_smallest_ms=2.2, smallest="smallest", smallest_ms=2.0),
+             dict(batch=1, backend="triton", fused_ms=0.02, eager_ms=0.06, floor_ms=0.005, floor_bound="bytes",
+                  routed_smallest_ms=2.05, smallest="smallest", smallest_ms=2.0)]
     rows = {r["target"]: r for r in target_rows(layers, [network(1), network(8)], 2, gates)}
     vs_b = rows["layer 512x512, batch 8, width 16: fused vs (b) static"]
     vs_a = rows["layer 512x512, batch 8, width 16: fused vs (a) sliced copy"]
@@ -38,8 +43,11 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
     share = [r for r in rows.values() if "MAC ratio" in r["target"]]  # the issue's target is at batch 8
     assert len(share) == 1 and share[0]["target"].startswith("network batch 8")
     assert share[0]["got"] == pytest.approx(0.5) and not share[0]["met"]
-    gate = rows["network batch 8: gate head at most 5% of smallest's latency"]
+    gate = rows["network batch 8: gate and routing add at most 5% to smallest's latency"]
     assert gate["got"] == pytest.approx(0.1) and not gate["met"]
+    assert rows["network batch 1: gate and routing add at most 5% to smallest's latency"]["met"]
+    speedup = [r for r in rows.values() if r["target"].startswith("gate head")]  # batch 1 only
+    assert len(speedup) == 1 and speedup[0]["got"] == pytest.approx(3.0) and not speedup[0]["met"]
     table = targets_markdown(list(rows.values()))
     assert "| no: 20% short |" in table and "| no: 1.3x over |" in table and "| no: 38% short |" in table
     assert "| no: 2.0x over |" in table
@@ -53,7 +61,29 @@ def test_bench_times_the_network_at_every_batch_on_cpu(tmp_path):
     assert {(r["variant"], r["step"]) for r in result["layers"]} == {
         ("(a) sliced copy", "forward"), ("(b) static", "forward"), ("(b) static", "forward+backward")}
     assert [(g["batch"], g["backend"]) for g in result["gate"]] == [(1, "torch"), (8, "torch")]
+    assert all(g["routed_smallest_ms"] > 0 and g["smallest_ms"] > 0 and g["eager_ms"] > 0 for g in result["gate"])
     targets = [t["target"] for t in result["targets"]]
-    assert sum("MAC ratio" in t for t in targets) == 1 and sum("gate head" in t for t in targets) == 2
+    # on the reference backend the fused-against-eager target does not apply
+    assert sum("MAC ratio" in t for t in targets) == 1 and sum("gate and routing" in t for t in targets) == 2
+    assert not any(t.startswith("gate head") for t in targets)
     assert json.loads((tmp_path / "bench.json").read_text())["targets"] == result["targets"]
-    assert "Gate head at batch 8" in (tmp_path / "bench.md").read_text()
+    assert "Gate at batch 8" in (tmp_path / "bench.md").read_text()
+
+
+def test_time_gate_times_the_head_on_the_stems_channel_sums_and_the_routed_forward():
+    """On the kernels (the interpreter here), the head reads the sums the stem's epilogue left."""
+    pytest.importorskip("triton")
+    net = SlimDnCNN(1, base_width=8, depth=3)
+    for module in net.modules():
+        if isinstance(module, SlimConv2d):
+            module.backend = "triton"
+    gate = DynamicGate(net.stem_channels, 2, backend="triton")
+    model = DDSNet(net, gate, [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(),
+                                                                                  net.space.largest())])
+    runner = LatencyRunner(model, (1, 1, 8, 8), torch.float32, "cpu", warmup=0, repeats=1)
+    report = runner.run(peaks=DevicePeaks(flops_per_s=1e12, bytes_per_s=1e11))
+    timing = time_gate(runner, report)
+    assert timing["backend"] == "triton" and timing["reads_stem_sums"] and timing["attention"] is True
+    assert timing["smallest"] == "route 0" and timing["routed_smallest_ms"] > 0
+    assert model.gate.fc4.bias.abs().sum() > 0 and model.gate.backend == "triton"  # timed on a rigged copy
+    assert not net.stem_conv.emit_channel_sums and net.stem_conv.channel_sums is None

@@ -68,11 +68,13 @@ for name, act, wt, extra in [
     ("forward bf16 over fp32 weights, two inputs, residual, per-image widths", p, f,
      dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True)),
     ("forward fp32", f, f, dict(DOT_F32=True)),
+    ("forward bf16 with channel sums (a gate's stem)", p, p, dict(CHANNEL_SUMS=True)),
 ]:
     blocks, warps = tiles(torch.float32 if act == f else torch.bfloat16)
-    build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", slope="fp32"),
+    build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", sums=f,
+                                         slope="fp32"),
           dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
-                    PER_IMAGE=False, DOT_F32=False), **blocks, **extra), warps)
+                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False), **blocks, **extra), warps)
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}
@@ -80,9 +82,9 @@ for align in (1, 8):
     flags = dict(C_ALIGN=align, X_ALIGN=align, W_ALIGN=align)
     for per_image in (False, True):
         vectors[f"forward{' per-image' if per_image else ''} fp16, alignment {align}"] = vector_loads(
-            K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", slope="fp32"),
+            K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
             dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2,
-                 PER_IMAGE=per_image, DOT_F32=False, **flags, **blocks), warps)
+                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, **flags, **blocks), warps)
     vectors[f"grad input fp16, alignment {align}"] = vector_loads(
         K._bwd_input_kernel, dict(dz=h, w=h, dx=h),
         dict(KSIZE=3, STRIDE=1, PAD=1, IH0=0, IW0=0, DOT_F32=False, **flags, **blocks), warps)

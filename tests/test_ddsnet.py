@@ -192,6 +192,33 @@ def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net, attenti
     assert {multiple for _, _, multiple in model._width_table(x.device)[1]} == {1, 8}
 
 
+def test_the_fused_gate_reads_the_channel_sums_of_the_stems_epilogue(monkeypatch):
+    pytest.importorskip("triton")
+    from dds_fast.kernels import gate as gate_kernels
+
+    model = make_ddsnet(lambda: SlimUNet(in_channels=3, base_width=8, depth=2), seed=4).float().to(DEVICE)
+    for module in model.supernet.modules():
+        if isinstance(module, dds_fast.SlimConv2d):
+            module.backend = "triton"
+    model.gate.attention = True
+    torch.nn.init.normal_(model.gate.fc2.weight, std=1.0)
+    model.per_image = False
+    x = images(n=4, size=(8, 8), seed=5).float().to(DEVICE)
+    with torch.no_grad():
+        model.gate.backend = "torch"
+        expected, expected_routes = model(x), model.route(x)
+        model.gate.backend = "triton"
+
+        def no_squeeze(*args, **kwargs):
+            raise AssertionError("the gate squeezed the stem output again")
+
+        monkeypatch.setattr(gate_kernels, "squeeze_partials", no_squeeze)
+        got, routes = model(x), model.route(x)
+    assert routes == expected_routes and len({id(r) for r in routes}) > 1
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert model.supernet.stem_conv.channel_sums is None and not model.supernet.stem_conv.emit_channel_sums
+
+
 def test_per_image_widths_need_the_triton_backend():
     model = make_ddsnet()
     model.per_image = True

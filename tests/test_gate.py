@@ -285,8 +285,8 @@ def test_prediction_head_gradients():
 
 def test_dispatch(monkeypatch):
     calls = []
-    fused_gate = kernels.fused_gate
-    monkeypatch.setattr(kernels, "fused_gate", lambda *a, **k: calls.append(1) or fused_gate(*a, **k))
+    gate_head = kernels.gate_head
+    monkeypatch.setattr(kernels, "gate_head", lambda *a, **k: calls.append(1) or gate_head(*a, **k))
     x = torch.randn(2, 8, 3, 3)
     with torch.no_grad():
         make_gate(8, 2, device="cpu", backend="auto")(x)  # auto on CPU: reference

@@ -258,7 +258,7 @@ def test_gradients_odd_sizes_and_layouts():
 def test_kernels_use_no_atomics():
     """Determinism by construction: the interpreter runs programs one at a time, so the rerun
     test below cannot catch a race in CI; a GPU run can."""
-    assert "atomic" not in "".join(inspect.getsource(kernel.fn) for kernel in (
+    assert "tl.atomic" not in "".join(inspect.getsource(kernel.fn) for kernel in (
         K._conv_fwd_kernel, K._bwd_dz_kernel, K._bwd_input_kernel, K._bwd_weight_kernel, K._reduce_kernel))
 
 
@@ -406,6 +406,24 @@ def test_checks_and_launch_plan_are_cached_per_signature():
         run(case, "relu", widths=torch.tensor([[8, 8], [16, 16]], dtype=torch.int32), widths_multiple=8)
         with pytest.raises(ValueError, match=r"widths\[1, 1\] = 24 not in \[0, 16\]"):
             run(case, "relu", widths=torch.tensor([[8, 8], [16, 24]], dtype=torch.int32), widths_multiple=8)
+
+
+@pytest.mark.parametrize("dtype,stride,two", [(torch.float32, 1, False), (torch.float16, 2, True)])
+def test_channel_sums_are_the_outputs_sums_per_pixel_block(dtype, stride, two):
+    """45x47 output pixels: more than one pixel block of the launch, even in the interpreter."""
+    widths, starts = ((7, 5), (0, 12)) if two else ((13,), (0,))
+    case = make_case(17, dtype=dtype, n=2, h=45 * stride, w=47 * stride, stride=stride, widths=widths, starts=starts,
+                     residual=True)
+    y, sums = run(case, "leaky_relu", channel_sums=True)
+    assert torch.equal(y, run(case, "leaky_relu"))
+    assert sums.dtype == torch.float32 and sums.shape[0] == 2 and sums.shape[1] > 1 and sums.shape[2] == case["o"]
+    torch.testing.assert_close(sums.sum(1), y.float().sum((2, 3)), rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="channel_sums with per-image widths"):
+        run(case, "leaky_relu", channel_sums=True,
+            widths=torch.tensor([[4] + list(widths)] * 2, dtype=torch.int32, device=DEVICE))
+    case["weight"].requires_grad_(True)
+    y, sums = run(case, "leaky_relu", channel_sums=True)  # through the registered op: no sums
+    assert sums is None and y.requires_grad
 
 
 # ------------------------------------------------------------------- torch.library integration

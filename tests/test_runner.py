@@ -115,8 +115,8 @@ def test_dynamic_row_counts_the_routes_chosen_on_the_per_image_path():
     from dds_fast import DDSNet, DynamicGate, SlimConv2d
 
     class Alternating(DynamicGate):  # image i runs route i mod 2
-        def forward(self, x):
-            out = super().forward(x)
+        def forward(self, x, channel_sums=None):
+            out = super().forward(x, channel_sums)
             return out._replace(choice=torch.arange(len(x), dtype=torch.int32) % self.num_choices)
 
     net = small_net()
