@@ -180,7 +180,7 @@ class DDSNet(nn.Module):
         layers, no host sync)."""
         table, layers = self._width_table(padded.device)
         widths = table.index_select(0, choice)
-        self.supernet.set_config(self._full_stem)  # buffers at full width, widths per image
+        # gate_forward left every layer at full width: the buffers; the widths are per image
         try:
             for conv, columns, multiple in layers:
                 conv.per_image_widths = widths[:, columns]

@@ -161,7 +161,8 @@ class SlimConv2d(nn.Conv2d):
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
 
     def forward(self, x, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self.channel_sums = None
+        if self.emit_channel_sums:  # (an nn.Module attribute write costs host time: only when asked)
+            self.channel_sums = None
         inputs = self._check_inputs(x)
         out_width = self.out_channels if self._active_out is None else self._active_out
         if residual is not None:
