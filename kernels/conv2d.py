@@ -100,7 +100,8 @@ def _conv_fwd_kernel(
     slope,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
-    CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     C_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -525,7 +526,8 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
         _bwd_dz_kernel[grid](
             grad_y, y_, dz, bias_ws, ho, wo, o, *grad_y.stride(), *y_.stride(), *dz.stride(),
             float(negative_slope), ACT=act, STORE_DZ=store_dz, BIAS_SUMS=bias_sums,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=4, ALIGN=_alignment(o, *_batch_and_pixel_strides(grad_y.stride(), y_.stride(), dz.stride())),
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+            ALIGN=_alignment(o, *_batch_and_pixel_strides(grad_y.stride(), y_.stride(), dz.stride())),
         )
         if bias_sums:
             db = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
