@@ -27,7 +27,7 @@ cat "$R/device.txt"
 if [ "$MODE" = quick ]; then
   step "kernel tests on CUDA (8 workers)"
   timeout -s INT 95 python3 -m pytest -q -n 8 --timeout 80 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
-    tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_runner.py > "$R/tests.txt" 2>&1
+    tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_runner.py tests/test_bench.py > "$R/tests.txt" 2>&1
   tail -25 "$R/tests.txt"
   step "host time per call: our wrappers (kernels stubbed) and with Triton's launches"
   timeout -s INT 30 python3 benchmarks/host_cost.py "$R/host_cost.json" > "$R/host_cost.txt" 2>&1

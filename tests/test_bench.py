@@ -80,7 +80,8 @@ def test_time_gate_times_the_head_on_the_stems_channel_sums_and_the_routed_forwa
     gate = DynamicGate(net.stem_channels, 2, backend="triton")
     model = DDSNet(net, gate, [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(),
                                                                                   net.space.largest())])
-    runner = LatencyRunner(model, (1, 1, 8, 8), torch.float32, "cpu", warmup=0, repeats=1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine the kernels need CUDA tensors
+    runner = LatencyRunner(model, (1, 1, 8, 8), torch.float32, device, warmup=0, repeats=1)
     report = runner.run(peaks=DevicePeaks(flops_per_s=1e12, bytes_per_s=1e11))
     timing = time_gate(runner, report)
     assert timing["backend"] == "triton" and timing["reads_stem_sums"] and timing["attention"] is True
