@@ -10,9 +10,11 @@ Eq. 8-10 of DDS-Net (Jiang et al., IEEE TIP 2023), behind the first conv block:
 ``attention`` is on while the super-network trains (stage 1) and off while the gate trains
 (stage 3), when ``X~ = X``.
 
-Backends. The fused Triton kernels (``dds_fast.kernels.gate``: squeeze, both heads with the
-eval BatchNorm applied from its running statistics, softmax and argmax in two launches, then the scale in a
-third) are an inference path: they run when the module is in eval mode and no gradient is
+Backends. The fused Triton kernels (``dds_fast.kernels.gate``: the squeeze, unless the
+producing conv's epilogue already summed the channels (``channel_sums``, as in a DDSNet);
+both heads with the eval BatchNorm applied from its running statistics, softmax and argmax
+in one launch; the scale in another when attention is on) are an inference path: they run
+when the module is in eval mode and no gradient is
 needed (``torch.no_grad``/``inference_mode``, or nothing requires grad). Training and any
 call that needs gradients use the reference torch ops with autograd, whatever the backend:
 in train mode BatchNorm normalises with batch statistics, which the fused eval path cannot
