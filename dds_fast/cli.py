@@ -159,6 +159,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
     "--num-choices": ("num_choices", int), "--checkpoint-every": ("checkpoint_every", int),
     "--seed": ("seed", int), "--device": ("device", str), "--gate-steps": ("gate_steps", int),
     "--budget": ("budget", float), "--beta": ("beta", float), "--backend": ("backend", str),
+    "--gate-complexity-weight": ("gate_complexity_weight", float),
     "--refine-steps": ("refine_steps", int), "--refine-lr": ("refine_lr", float),
     "--refine-distillation": ("refine_distillation", str), "--slim-criterion": ("slim_criterion", str),
 }

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -581,6 +582,11 @@ def test_three_stage_run_end_to_end(tmp_path):
     assert loaded.routing_space == refined.routing_space
     log = [json.loads(line) for line in (tmp_path / "stage3.log.jsonl").read_text().splitlines()]
     assert len(log) == config.gate_steps and {"cross_entropy", "complexity", "expected_macs"} <= set(log[0])
+    assert log[0]["loss"] == pytest.approx(log[0]["cross_entropy"] + log[0]["complexity"], rel=1e-5)
+    weighted = Run(tmp_path / "weighted", dataclasses.replace(config, gate_complexity_weight=10.0))
+    weighted.stage3(refined)
+    first = json.loads((tmp_path / "weighted" / "stage3.log.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(first["cross_entropy"] + 10 * first["complexity"], rel=1e-5)
     paths = run.inets()
     assert [p.name for p in paths] == ["inet-0.safetensors", "inet-1.safetensors"]
     inet = dds_fast.load(paths[0])

@@ -83,6 +83,9 @@ class TrainConfig:
     gate_patch_size: int = 128
     beta: float = 0.2  # dB of PSNR gain that makes an image hard
     budget: float | None = None  # MACs/pixel; default: the middle of the routing space's range
+    # weight of the complexity loss against the cross-entropy: with labels nearly all one way,
+    # 1 (the paper's plain sum) lets the cross-entropy override the budget
+    gate_complexity_weight: float = 1.0
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"
@@ -405,7 +408,7 @@ class Run:
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, c.gate_lr_decay)
 
         def step_fn(step, noisy, clean):
-            return gate_step(model, noisy, clean, budget, c.beta)
+            return gate_step(model, noisy, clean, budget, c.beta, c.gate_complexity_weight)
 
         TrainLoop(self.dir, "stage3", model, optimizer, self.dataset(c.gate_patch_size), step_fn,
                   self.settings(c.gate_steps, c.gate_batch_size), scheduler=scheduler, device=self.device).run()
