@@ -154,13 +154,13 @@ class DDSNet(nn.Module):
                 for call in trace_convs(self.supernet, entry.config)[0]:
                     if call.module is not self.supernet.stem_conv:
                         rows.setdefault(call.module, []).append((call.out_width, *call.in_widths))
-            columns, layers = [], []
+            layers, start = [], 0
             for conv, per_entry in rows.items():
-                start = sum(len(c[0]) for c in columns)
-                columns.append(per_entry)
                 layers.append((conv, slice(start, start + len(per_entry[0])),
                                math.gcd(*(w for row in per_entry for w in row))))
-            table = torch.tensor([[w for per_entry in columns for w in per_entry[e]]
+                start += len(per_entry[0])
+            # row e: every conv's widths under config e, side by side
+            table = torch.tensor([[w for per_entry in rows.values() for w in per_entry[e]]
                                   for e in range(len(self.routing_space))], dtype=torch.int32, device=device)
             self._tables = (device, (table, layers))
         return self._tables[1]
