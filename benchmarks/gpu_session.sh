@@ -5,10 +5,10 @@
 # step costs its slot, not the lease; results are packed into $OUT/results.tgz at the end.
 # Usage on the device machine, from the repository root (wheels in .whl/ are installed
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
-# benchmarks/gpu_session.sh [full|quick]. quick (at most 6 minutes)
-# runs the tests that touch a kernel, the host time per call, the per-kernel breakdown, a forward tile sweep, the
-# layer table, the network at batch 8, a profile of its smallest config and the one-graph
-# dynamic mode.
+# benchmarks/gpu_session.sh [full|quick]. quick (at most 8 minutes) runs the tests that touch
+# a kernel, the host time per call, the layer table, the network at batch 8, a forward tile
+# sweep, Nsight Compute on the forward kernel and cuDNN, the per-kernel breakdown and a profile
+# of two network configs.
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-$PWD/gpu-out}
@@ -29,26 +29,29 @@ if [ "$MODE" = quick ]; then
   timeout -s INT 95 python3 -m pytest -q -n 8 --timeout 80 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
     tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_runner.py tests/test_bench.py > "$R/tests.txt" 2>&1
   tail -25 "$R/tests.txt"
-  step "host time per call: our wrappers (kernels stubbed) and with Triton's launches"
-  timeout -s INT 30 python3 benchmarks/host_cost.py "$R/host_cost.json" > "$R/host_cost.txt" 2>&1
+  step "host time per call: our wrappers (kernels stubbed), cached launches, Triton's JIT launch"
+  timeout -s INT 40 python3 benchmarks/host_cost.py "$R/host_cost.json" > "$R/host_cost.txt" 2>&1
   cat "$R/host_cost.txt"
+  step "dds-fast bench: layers fp16 (512/256, batch 8/1), network at 8x3x512x512 with CUDA graphs"
+  timeout -s INT 120 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
+    --size 256 --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
+  tail -70 "$R/bench.txt"
+  step "forward tile sweep: narrow (Cmax 64, 512x512) and wide (Cmax 256, 64x64) layers, batch 8"
+  timeout -s INT 100 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_forward_tiles.json" > "$R/sweep.txt" 2>&1
+  cat "$R/sweep.txt"
+  step "Nsight Compute: forward kernel and cuDNN, widths 16 and 64"
+  timeout -s INT 75 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+    python3 benchmarks/ncu_forward.py > "$R/ncu_forward.txt" 2>&1
+  grep -E "^  [^ ].*\(|Duration|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" \
+    "$R/ncu_forward.txt" | head -60
   step "per-kernel breakdown against cuDNN"
   timeout -s INT 40 python3 benchmarks/conv_breakdown.py "$R/conv_breakdown.json" > "$R/conv_breakdown.txt" 2>&1
   cat "$R/conv_breakdown.txt"
-  step "forward tile sweep, batch 8, 512x512"
-  timeout -s INT 45 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_forward_tiles.json" > "$R/sweep.txt" 2>&1
-  cat "$R/sweep.txt"
-  step "dds-fast bench: layers fp16 (512/256, batch 8/1), network at 8x3x512x512 with CUDA graphs"
-  timeout -s INT 90 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
-    --size 256 --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
-  tail -70 "$R/bench.txt"
-  step "kernels of the smallest network config, batch 8"
-  timeout -s INT 30 python3 benchmarks/profile_network.py "$R/profile_network.txt" > /dev/null 2>&1
-  head -20 "$R/profile_network.txt"
-  step "DDSNet dynamic mode: one graph against a graph per config"
-  timeout -s INT 30 python3 -m pytest -q benchmarks/bench_network.py -k "graph" --benchmark-enable \
-    --benchmark-max-time=0.1 --benchmark-columns=median,rounds -p no:cacheprovider > "$R/graphs.txt" 2>&1
-  grep -E "one graph|per config|passed|failed" "$R/graphs.txt" | tail -5
+  step "kernels of the smallest and the uniform 0.75 network configs, batch 8"
+  timeout -s INT 40 python3 benchmarks/profile_network.py --config smallest --config "uniform 0.75" \
+    "$R/profile_network.txt" > /dev/null 2>&1
+  grep -E "config|_kernel|Self CUDA time total" "$R/profile_network.txt" | head -24
   step pack
   tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
   exit 0

@@ -5,8 +5,10 @@
 Each call is timed in a tight loop of a tiny shape, so the GPU keeps up and the wall clock per
 call is host work. "stubbed" swaps every Triton kernel for a no-op launch: what our Python
 costs (checks, launch plan, allocation). On a GPU, "launched" runs the kernels too, and the
-difference is what Triton's launcher and the driver add. Without a GPU only the stubbed rows
-are measured (the interpreter's launches say nothing about a GPU's).
+difference is what Triton's launcher and the driver add; "launched, JIT" launches through
+Triton's JIT on every call (``kernels._launch.CACHE_LAUNCHES`` off), as before the launches
+were cached. Without a GPU only the stubbed rows are measured (the interpreter's launches say
+nothing about a GPU's).
 """
 import json
 import os
@@ -21,6 +23,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the wrappers accept CPU tensors only then
 
 from dds_fast import DynamicGate, SlimConv2d  # noqa: E402
+from dds_fast.kernels import _launch  # noqa: E402
 from dds_fast.kernels import conv2d as conv_kernels  # noqa: E402
 from dds_fast.kernels import gate as gate_kernels  # noqa: E402
 
@@ -82,17 +85,24 @@ def main(out_path: str) -> None:
         runs = cases(device, dtype)
         if CUDA:
             rows["launched"] = {name: per_call_us(fn) for name, fn in runs.items()}
+            _launch.CACHE_LAUNCHES = False
+            try:
+                rows["launched, JIT"] = {name: per_call_us(fn) for name, fn in runs.items() if "eager" not in name}
+            finally:
+                _launch.CACHE_LAUNCHES = True
         saved = [(module, name, getattr(module, name)) for module, name in KERNELS]
         try:
             for module, name, _ in saved:
                 setattr(module, name, _NoLaunch())
+            conv_kernels._forward_plan.cache_clear()  # cached plans hold the kernel they launch
             rows["stubbed"] = {name: per_call_us(fn) for name, fn in runs.items() if "eager" not in name}
         finally:
             for module, name, kernel in saved:
                 setattr(module, name, kernel)
+            conv_kernels._forward_plan.cache_clear()
     for mode, timings in rows.items():
         for name, us in timings.items():
-            print(f"{mode:9s} {name:42s} {us:8.1f} us/call")
+            print(f"{mode:14s} {name:42s} {us:8.1f} us/call")
     device_name = torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()})"
     with open(out_path, "w") as f:
         json.dump(dict(device=device_name, torch=torch.__version__, dtype=str(dtype), python=platform.python_version(),

@@ -1,34 +1,50 @@
 """Tile sweep for the forward kernel: which (BLOCK_M, BLOCK_N, BLOCK_K, warps) is fastest at
-each width, checked against cuDNN's result before it is timed.
+each width, checked against an fp32 reference before it is timed, beside cuDNN on the same
+narrow shape.
 
     python benchmarks/sweep_forward_tiles.py [OUT.json]
 
-One 3x3 layer, Cmax 64, fp16, channels_last, batch 8, 512x512 (on a GPU; without one, a tiny
-fp32 case under the interpreter checks the script, not the speed). The launcher's tile choice
-(``kernels.conv2d._tiles``) is swapped for each candidate in turn; "launcher" is today's.
+Two 3x3 layers, fp16, channels_last, batch 8 (on a GPU; without one, tiny fp32 cases under the
+interpreter check the script, not the speed):
+- narrow: Cmax 64 at 512x512, widths 16, 32 and 64 (the first level of a slimmable U-Net);
+- wide: Cmax 256 at 64x64, widths 192 and 256 (its deepest level, where most of the largest
+  config's FLOPs are).
+The launcher's tile choice (``kernels.conv2d._tiles``) is swapped for each candidate in turn;
+"launcher" is today's. Rows are written to the JSON as they come, so a time limit keeps them.
 """
 import json
+import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from dds_fast.kernels import conv2d as K
-
 CUDA = torch.cuda.is_available()
-CMAX = 64
-DTYPE, BATCH, SIZE = (torch.float16, 8, 512) if CUDA else (torch.float32, 1, 8)
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # set before the kernels are imported
+
+from dds_fast.kernels import conv2d as K  # noqa: E402
+
+DTYPE, BATCH = (torch.float16, 8) if CUDA else (torch.float32, 1)
+# (name, Cmax, size, widths)
+CASES = [("narrow", 64, 512, (16, 32, 64)), ("wide", 256, 64, (192, 256))] if CUDA else [
+    ("narrow", 32, 8, (16, 32)), ("wide", 64, 4, (48,))]
 
 
-def candidates(width: int) -> dict:
+def candidates(case: str, width: int) -> dict:
     bucket = K._pow2(width, 16, 64)  # the active width's power of two, not the weight's
+    if case == "narrow":
+        return {"launcher": None,
+                "v6: BLOCK_N from Cmax": (128, 64, 16, 8),
+                "BLOCK_N bucket, BLOCK_K 32": (128, bucket, 32, 8),
+                "BLOCK_M 256": (256, bucket, 16, 8),
+                "BLOCK_N 64, BLOCK_K 32": (128, 64, 32, 8)}
     return {"launcher": None,
-            "BLOCK_N = width bucket": (128, bucket, 16, 8),
-            "BLOCK_N bucket, BLOCK_K 32": (128, bucket, 32, 8),
-            "BLOCK_M 64, 4 warps": (64, bucket, 16, 4),
-            "BLOCK_M 256": (256, bucket, 16, 8),
-            "BLOCK_K 32": (128, 64, 32, 8)}
+            "BLOCK_K 32": (128, 64, 32, 8),
+            "BLOCK_N 128, BLOCK_K 32": (128, 128, 32, 8),
+            "BLOCK_N 128, BLOCK_K 64": (128, 128, 64, 8),
+            "BLOCK_M 64, BLOCK_N 128, BLOCK_K 32, 4 warps": (64, 128, 32, 4)}
 
 
 def median_ms(fn) -> float:
@@ -47,35 +63,51 @@ def median_ms(fn) -> float:
 def main(out_path: str) -> None:
     device = "cuda" if CUDA else "cpu"
     launcher_tiles = K._tiles
-    rows = []
-    try:
-        for width in (16, 32, 64):
-            torch.manual_seed(0)
-            weight = torch.randn(CMAX, CMAX, 3, 3, device=device, dtype=DTYPE).to(memory_format=torch.channels_last)
-            x = torch.randn(BATCH, width, SIZE, SIZE, device=device, dtype=DTYPE).to(memory_format=torch.channels_last)
-            reference = F.conv2d(x.float(), weight[:width, :width].float(), padding=1)
-            for name, tiles in candidates(width).items():
-                K._tiles = launcher_tiles if tiles is None else (lambda *args, t=tiles: t)
-                K._forward_plan.cache_clear()  # launch plans hold the tiles they were built with
-                with torch.no_grad():
-                    def run():
-                        return K.slim_conv2d([x], weight, out_channels=width)
+    device_name = torch.cuda.get_device_name() if CUDA else "CPU (interpreter: checks the script, not the speed)"
+    report = dict(device=device_name, torch=torch.__version__, dtype=str(DTYPE), batch=BATCH, rows=[])
 
-                    y = run()
-                    error = ((y.float() - reference).norm() / reference.norm()).item()
-                    ms = median_ms(run) if error < 1e-2 else None
-                rows.append(dict(width=width, candidate=name, tiles=tiles or launcher_tiles(DTYPE, SIZE * SIZE, CMAX,
-                                                                                            CMAX),
-                                 rel_error=error, median_ms=ms))
-                shown = "wrong result" if ms is None else f"{ms:8.4f} ms"
-                print(f"width {width:2d}  {name:28s} {shown}  rel err {error:.1e}", flush=True)
+    def record(**row):
+        report["rows"].append(row)
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=2)
+        shown = "wrong result" if row["median_ms"] is None else f"{row['median_ms']:8.4f} ms"
+        print(f"{row['case']:6s} width {row['width']:3d}  {row['candidate']:46s} {shown}  "
+              f"rel err {row['rel_error']:.1e}", flush=True)
+
+    try:
+        for case, cmax, size, widths in CASES:
+            for width in widths:
+                torch.manual_seed(0)
+                weight = torch.randn(cmax, cmax, 3, 3, device=device, dtype=DTYPE).to(
+                    memory_format=torch.channels_last) / (3 * width ** 0.5)
+                x = torch.randn(BATCH, width, size, size, device=device, dtype=DTYPE).to(
+                    memory_format=torch.channels_last)
+                reference = F.conv2d(x.double(), weight[:width, :width].double(), padding=1)
+                narrow = weight[:width, :width].contiguous(memory_format=torch.channels_last)
+
+                def error_of(y):
+                    return ((y.double() - reference).norm() / reference.norm()).item()
+
+                with torch.no_grad():
+                    y = F.conv2d(x, narrow, padding=1)
+                    record(case=case, cmax=cmax, size=size, width=width, candidate="cuDNN static (b), no epilogue",
+                           tiles=None, rel_error=error_of(y),
+                           median_ms=median_ms(lambda: F.conv2d(x, narrow, padding=1)))
+                for name, tiles in candidates(case, width).items():
+                    K._tiles = launcher_tiles if tiles is None else (lambda *args, t=tiles: t)
+                    K._forward_plan.cache_clear()  # launch plans hold the tiles they were built with
+                    with torch.no_grad():
+                        def run():
+                            return K.slim_conv2d([x], weight, out_channels=width)
+
+                        error = error_of(run())
+                        ms = median_ms(run) if error < 1e-2 else None
+                    chosen = tiles or launcher_tiles(DTYPE, size * size, width, cmax)
+                    record(case=case, cmax=cmax, size=size, width=width, candidate=name, tiles=chosen,
+                           rel_error=error, median_ms=ms)
     finally:
         K._tiles = launcher_tiles
         K._forward_plan.cache_clear()
-    device_name = torch.cuda.get_device_name() if CUDA else "CPU (interpreter: checks the script, not the speed)"
-    with open(out_path, "w") as f:
-        json.dump(dict(device=device_name, torch=torch.__version__, dtype=str(DTYPE), batch=BATCH, size=SIZE,
-                       cmax=CMAX, rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":

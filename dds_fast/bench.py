@@ -101,6 +101,9 @@ def bench_layers(channels: int, sizes, batches, device, dtype, warmup: int, repe
                         row = dict(size=size, batch=batch, ratio=ratio, width=width, variant=name, step=step)
                         try:
                             timing = runner.time_fn(fn)
+                            if step == "forward" and device.type == "cuda":
+                                # the GPU's own time, without the host's launch cost
+                                row["graph_median_ms"] = runner.time_fn(fn, cuda_graph=True).median_ms
                         except Exception as error:  # torch.compile can be unavailable (no compiler): report it
                             rows.append(dict(row, error=f"{type(error).__name__}: {error}"[:300]))
                             continue
@@ -110,17 +113,27 @@ def bench_layers(channels: int, sizes, batches, device, dtype, warmup: int, repe
 
 
 def layer_markdown(rows: list[dict]) -> str:
-    lines = ["| size | batch | ratio | width | step | variant | median ms | vs (b) static |",
-             "| ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
-    static = {(r["size"], r["batch"], r["ratio"], r["step"]): r["median_ms"] for r in rows
-              if r["variant"] == "(b) static" and "median_ms" in r}
+    """The layer table; on a GPU, each forward also timed as a CUDA-graph replay (the GPU's
+    time alone: at batch 1 the eager call's time is mostly the host's)."""
+    graphs = any("graph_median_ms" in r for r in rows)
+    lines = ["| size | batch | ratio | width | step | variant | median ms | vs (b) static |"
+             + (" graph replay ms | vs (b) |" if graphs else ""),
+             "| ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |" + (" ---: | ---: |" if graphs else "")]
+    timed = {(r["size"], r["batch"], r["ratio"], r["step"]): r for r in rows
+             if r["variant"] == "(b) static" and "median_ms" in r}
     for r in rows:
         where = f"| {r['size']} | {r['batch']} | {r['ratio']} | {r['width']} | {r['step']} | {r['variant']} |"
         if "median_ms" not in r:
-            lines.append(f"{where} failed: {r['error']} | |")
+            lines.append(f"{where} failed: {r['error']} | |" + (" | |" if graphs else ""))
             continue
-        ratio = static[(r["size"], r["batch"], r["ratio"], r["step"])] / r["median_ms"]
-        lines.append(f"{where} {r['median_ms']:.4f} | {ratio:.2f}x |")
+        static = timed[(r["size"], r["batch"], r["ratio"], r["step"])]
+        line = f"{where} {r['median_ms']:.4f} | {static['median_ms'] / r['median_ms']:.2f}x |"
+        if graphs:
+            if "graph_median_ms" in r and "graph_median_ms" in static:
+                line += f" {r['graph_median_ms']:.4f} | {static['graph_median_ms'] / r['graph_median_ms']:.2f}x |"
+            else:
+                line += " | |"
+        lines.append(line)
     return "\n".join(lines)
 
 

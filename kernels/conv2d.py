@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from ._launch import INTERPRET, cdiv, next_pow2
+from ._launch import INTERPRET, CachedLaunch, cdiv, next_pow2
 
 ACTIVATIONS = (None, "relu", "leaky_relu")
 _ACT_NAMES = {"none": 0, "relu": 1, "leaky_relu": 2}
@@ -361,8 +361,9 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of an implicit GEMM over npix pixels, cols output
     columns and red reduction channels.
 
-    On a GPU, callers pass the weight's maximum widths, never the active ones, so one compiled
-    kernel serves every width. The interpreter pays per program, so it gets big tiles.
+    Callers pass the weight's maximum widths, so one compiled kernel serves every width, except
+    a static forward, which passes its active output width (three kernels at most: BLOCK_N 16,
+    32, 64). The interpreter pays per program, so it gets big tiles.
     The gathered operands' pointer and mask tensors take many registers: these tiles are the
     ones that do not spill on sm_90 under Triton 3.6 and 3.9 (tests/test_compile_sm90.py).
     """
@@ -382,9 +383,7 @@ GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90
 class _ForwardPlan(NamedTuple):
     """Everything a forward launch derives from its arguments' shapes, strides and options."""
     out_shape: tuple[int, int, int, int]
-    grid: tuple[int, int, int]
-    scalars: tuple  # the kernel's run-time scalar arguments, in order
-    meta: dict  # its compile-time arguments
+    launch: CachedLaunch  # grid, run-time scalars and compile-time arguments of _conv_fwd_kernel
 
 
 def _meta(t: Optional[torch.Tensor]):
@@ -407,7 +406,9 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     y_strides = torch.empty(out_shape, device="meta", memory_format=torch.channels_last).stride()
     r_strides = y_strides if mr is None else mr[1]
     wd_strides = (0, 0) if mwd is None else mwd[1]
-    bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0], w_shape[1])
+    # per-image widths share one kernel for every width; a static launch sizes its output
+    # tiles to the active width (at width 16 of 64, a 64-wide tile wastes 3/4 of each MMA)
+    bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0] if mwd is not None else out_channels, w_shape[1])
     scalars = (h, w, ho, wo, c0, c1, out_channels, start0, start1, *x0_strides, *x1_strides, *w_strides,
                w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides, *wd_strides, float(negative_slope))
     per_image_multiple = [] if mwd is None else [widths_multiple]
@@ -419,20 +420,21 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         X_ALIGN=_alignment(*_batch_and_pixel_strides(x0_strides, x1_strides, r_strides, y_strides)),
         W_ALIGN=_alignment(*_pixel_strides_of_weight(w_strides)),
     )
-    return _ForwardPlan(out_shape, (cdiv(ho * wo, bm), cdiv(out_channels, bn), n), scalars, meta)
+    grid = (cdiv(ho * wo, bm), cdiv(out_channels, bn), n)
+    return _ForwardPlan(out_shape, CachedLaunch(_conv_fwd_kernel, grid, scalars, meta, num_tensors=8))
 
 
 def _launch_forward(plan: _ForwardPlan, x0, x1, weight, bias, residual, widths):
     """The output; with ``plan.meta['CHANNEL_SUMS']``, also its fp32 channel sums per pixel tile."""
     y = _empty_channels_last(plan.out_shape, x0)
+    launch = plan.launch
     sums = None
-    if plan.meta["CHANNEL_SUMS"]:
-        sums = torch.empty((plan.out_shape[0], plan.grid[0], plan.out_shape[1]), dtype=torch.float32,
+    if launch.meta["CHANNEL_SUMS"]:
+        sums = torch.empty((plan.out_shape[0], launch.grid[0], plan.out_shape[1]), dtype=torch.float32,
                            device=x0.device)
     # unused pointers get any valid tensor: the kernel does not read them
-    _conv_fwd_kernel[plan.grid](x0, x0 if x1 is None else x1, weight, weight if bias is None else bias,
-                                y if residual is None else residual, y, y if widths is None else widths,
-                                y if sums is None else sums, *plan.scalars, **plan.meta)
+    launch(x0, x0 if x1 is None else x1, weight, weight if bias is None else bias, y if residual is None else residual,
+           y, y if widths is None else widths, y if sums is None else sums)
     return y if sums is None else (y, sums)
 
 

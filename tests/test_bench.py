@@ -5,8 +5,20 @@ import pytest
 import torch
 
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimDnCNN, macs_per_pixel
-from dds_fast.bench import run_bench, target_rows, targets_markdown, time_gate
+from dds_fast.bench import layer_markdown, run_bench, target_rows, targets_markdown, time_gate
 from dds_fast.runner import ConfigResult, DevicePeaks, LatencyRunner, Report, Timing
+
+
+def test_layer_table_shows_graph_replay_times_beside_eager_ones():
+    def row(variant, ms, graph_ms):
+        return dict(size=512, batch=1, ratio=0.25, width=16, variant=variant, step="forward", median_ms=ms,
+                    graph_median_ms=graph_ms)
+
+    table = layer_markdown([row("triton fused", 0.1, 0.01), row("(b) static", 0.05, 0.02)])
+    assert "graph replay ms | vs (b) |" in table
+    assert "| triton fused | 0.1000 | 0.50x | 0.0100 | 2.00x |" in table
+    eager_only = [{k: v for k, v in row("(b) static", 0.05, 0.0).items() if k != "graph_median_ms"}]
+    assert "graph" not in layer_markdown(eager_only)
 
 
 def test_bench_targets_say_what_is_met_and_by_how_much():

@@ -525,6 +525,26 @@ def test_gpu_larger_shapes(dtype):
 
 
 @gpu_only
+def test_gpu_cached_launches_follow_new_inputs_and_pointer_alignment():
+    """After a signature's first launch through Triton's JIT, calls go straight to the compiled
+    kernel's launcher: it must read each call's tensors, and an input whose address is not
+    16-byte aligned must get a kernel compiled without that assumption."""
+    shape = dict(dtype=torch.float16, n=2, h=9, w=11, widths=(16,), cin_max=32, cout_max=32, o=16)
+    K._forward_plan.cache_clear()
+    for seed in (17, 18, 19):
+        case = make_case(seed, **shape)
+        assert rel_err(run(case, "relu"), reference(case, "relu")) < TOL[torch.float16]
+    x = case["inputs"][0]
+    flat = torch.randn(x.numel() + 1, device="cuda", dtype=x.dtype)
+    shifted = flat[1:].as_strided(x.shape, x.stride())  # same strides, address 2 bytes off
+    assert shifted.data_ptr() % 16 != 0
+    odd = dict(case, inputs=[shifted])
+    assert rel_err(run(odd, "relu"), reference(odd, "relu")) < TOL[torch.float16]
+    assert rel_err(run(case, "relu"), reference(case, "relu")) < TOL[torch.float16]
+    assert K._forward_plan.cache_info().misses == 1  # one plan, two compiled launchers
+
+
+@gpu_only
 def test_cpu_tensors_get_a_clear_error_from_kernels_compiled_for_a_gpu():
     with pytest.raises(ValueError, match="compiled for a GPU"):
         slim_conv2d([torch.randn(1, 4, 5, 5)], torch.randn(8, 4, 3, 3))
