@@ -7,8 +7,8 @@
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
 # benchmarks/gpu_session.sh [full|quick]. quick (at most 8 minutes) runs the tests that touch
 # a kernel, the host time per call, the layer table, the network at batch 8, a forward tile
-# sweep, Nsight Compute on the forward kernel and cuDNN, the per-kernel breakdown and a profile
-# of two network configs.
+# sweep, a profile of a layer's training step, each layer of three network configs alone and
+# the per-kernel breakdown. (Nsight Compute: benchmarks/ncu_forward.py says how.)
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-$PWD/gpu-out}
@@ -35,23 +35,20 @@ if [ "$MODE" = quick ]; then
   step "dds-fast bench: layers fp16 (512/256, batch 8/1), network at 8x3x512x512 with CUDA graphs"
   timeout -s INT 120 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
     --size 256 --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
-  tail -70 "$R/bench.txt"
-  step "forward tile sweep: narrow (Cmax 64, 512x512) and wide (Cmax 256, 64x64) layers, batch 8"
+  tail -32 "$R/bench.txt"
+  step "forward tile sweep: narrow (Cmax 64, 512x512), wide (Cmax 384, 64x64) and per-image layers, batch 8"
   timeout -s INT 100 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_forward_tiles.json" > "$R/sweep.txt" 2>&1
   cat "$R/sweep.txt"
-  step "Nsight Compute: forward kernel and cuDNN, widths 16 and 64"
-  timeout -s INT 75 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-    python3 benchmarks/ncu_forward.py > "$R/ncu_forward.txt" 2>&1
-  grep -E "^  [^ ].*\(|Duration|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" \
-    "$R/ncu_forward.txt" | head -60
+  step "one training step of the benchmark's layer under the profiler: Triton and cuDNN"
+  timeout -s INT 40 python3 benchmarks/profile_layer_step.py "$R/profile_layer_step.txt" > /dev/null 2>&1
+  grep -E "forward\+backward|Self CUDA time total|_kernel|void|sm[0-9]+_" "$R/profile_layer_step.txt" | cut -c1-60,150-230 | head -30
+  step "each conv layer of three network configs alone, against cuDNN and its floor"
+  timeout -s INT 60 python3 benchmarks/network_layers.py --config smallest --config "uniform 0.75" --config largest \
+    "$R/network_layers.json" > "$R/network_layers.txt" 2>&1
+  grep "sum of layers" "$R/network_layers.txt"
   step "per-kernel breakdown against cuDNN"
   timeout -s INT 40 python3 benchmarks/conv_breakdown.py "$R/conv_breakdown.json" > "$R/conv_breakdown.txt" 2>&1
   cat "$R/conv_breakdown.txt"
-  step "kernels of the smallest and the uniform 0.75 network configs, batch 8"
-  timeout -s INT 40 python3 benchmarks/profile_network.py --config smallest --config "uniform 0.75" \
-    "$R/profile_network.txt" > /dev/null 2>&1
-  grep -E "config|_kernel|Self CUDA time total" "$R/profile_network.txt" | head -24
   step pack
   tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
   exit 0

@@ -372,9 +372,11 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int
     if dtype == torch.float32:
         # ieee fp32 dots unroll into FMAs: small tiles keep code size and registers sane
         return 32, _pow2(cols, 16, 32), 16, 4
-    # at 4 warps this tile spilled up to 1.6 KB per thread; BLOCK_K 32 still spills in the
-    # two-input forward over fp32 weights
-    return 128, _pow2(cols, 16, 64), 16, 8
+    # From the tile sweep (benchmarks/NOTES.md, v7): BLOCK_K 32 halves the loop steps and their
+    # per-step index and mask work once there are 32 channels; a 16-wide tile takes 256 rows.
+    # BLOCK_N 128 was faster on wide layers but spills on sm_90; 4 warps spilled at 128 x 64.
+    bn = _pow2(cols, 16, 64)
+    return (256 if bn == 16 else 128), bn, (32 if red >= 32 else 16), 8
 
 
 GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90

@@ -57,20 +57,21 @@ def vector_loads(fn, ptrs, constexprs, warps):
                             options={"num_warps": warps})
     return len(re.findall(r"cp\\.async\\.c[ag]\\.shared\\.global|ld\\.global\\.v[248]", kernel.asm["ptx"]))
 
-def tiles(dtype):
-    bm, bn, bk, warps = K._tiles(dtype, 512 * 512, 64, 64)
+def tiles(dtype, cols=64):
+    bm, bn, bk, warps = K._tiles(dtype, 512 * 512, cols, 64)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps
 
 p, f = "*bf16", "*fp32"
-for name, act, wt, extra in [
+for (name, act, wt, extra), cols in [(case, cols) for case in [
     ("forward bf16, two inputs, residual, per-image widths", p, p,
      dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True, STRIDE=2)),
     ("forward bf16 over fp32 weights, two inputs, residual, per-image widths", p, f,
      dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True)),
     ("forward fp32", f, f, dict(DOT_F32=True)),
     ("forward bf16 with channel sums (a gate's stem)", p, p, dict(CHANNEL_SUMS=True)),
-]:
-    blocks, warps = tiles(torch.float32 if act == f else torch.bfloat16)
+] for cols in (16, 32, 64)]:  # the tiles of every output width bucket a static launch picks
+    blocks, warps = tiles(torch.float32 if act == f else torch.bfloat16, cols)
+    name = f"{name}, {cols} output columns"
     build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", sums=f,
                                          slope="fp32"),
           dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
@@ -109,6 +110,7 @@ build("activation and bias gradient", K._bwd_dz_kernel, dict(dy=p, y=p, dz=p, bi
       dict(ACT=2, STORE_DZ=True, BIAS_SUMS=True, BLOCK_M=64, BLOCK_N=64), 4)
 build("reduce into bf16", K._reduce_kernel, dict(ws=f, out=p), dict(KSIZE=3, BLOCK=1024), 4)
 build("gate squeeze", G._squeeze_kernel, dict(x_ptr=p, part_ptr=f), dict(BLOCK_HW=64, BLOCK_C=32), 4)
+build("gate head's first pass", G._sum_rows_kernel, dict(part_ptr=f, out_ptr=f), dict(BLOCK_T=64, BLOCK_C=64), 4)
 build("gate head", G._head_kernel, dict(part_ptr=f, inv_hw="fp32", w1_ptr=f, b1_ptr=f, w2_ptr=f, b2_ptr=f,
                                         w3_ptr=f, b3_ptr=f, w4_ptr=f, b4_ptr=f, bn_mean_ptr=f, bn_var_ptr=f,
                                         bn_weight_ptr=f, bn_bias_ptr=f, bn_eps="fp32", scale_ptr=f,

@@ -130,7 +130,8 @@ def test_squeeze_partials(chunk):
 
 
 def test_gate_head_sums_many_partials():
-    # 300 partial rows at 24 channels: two passes of the head's 256-row block
+    # 300 partial rows at 24 channels: a first pass of five programs (the last one partly
+    # filled: 300 = 4 x 64 + 44), then the head over their five rows
     gate = make_gate(24, 7)
     part = torch.randn(3, 300, 24).to(DEVICE)
     head = kernels.gate_head(part, 1000, *head_args(gate))

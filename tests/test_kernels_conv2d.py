@@ -525,15 +525,26 @@ def test_gpu_larger_shapes(dtype):
 
 
 @gpu_only
-def test_gpu_cached_launches_follow_new_inputs_and_pointer_alignment():
+def test_gpu_cached_launches_follow_new_inputs_and_pointer_alignment(monkeypatch):
     """After a signature's first launch through Triton's JIT, calls go straight to the compiled
     kernel's launcher: it must read each call's tensors, and an input whose address is not
     16-byte aligned must get a kernel compiled without that assumption."""
-    shape = dict(dtype=torch.float16, n=2, h=9, w=11, widths=(16,), cin_max=32, cout_max=32, o=16)
+    class CountedJit:  # Triton's JIT entry, counting the launches that go through it
+        def __init__(self, kernel):
+            self.kernel, self.arg_names, self.calls = kernel, kernel.arg_names, 0
+
+        def __getitem__(self, grid):
+            self.calls += 1
+            return self.kernel[grid]
+
+    jit = CountedJit(K._conv_fwd_kernel)
+    monkeypatch.setattr(K, "_conv_fwd_kernel", jit)
     K._forward_plan.cache_clear()
+    shape = dict(dtype=torch.float16, n=2, h=9, w=11, widths=(16,), cin_max=32, cout_max=32, o=16)
     for seed in (17, 18, 19):
         case = make_case(seed, **shape)
         assert rel_err(run(case, "relu"), reference(case, "relu")) < TOL[torch.float16]
+    assert jit.calls == 1
     x = case["inputs"][0]
     flat = torch.randn(x.numel() + 1, device="cuda", dtype=x.dtype)
     shifted = flat[1:].as_strided(x.shape, x.stride())  # same strides, address 2 bytes off
@@ -541,7 +552,8 @@ def test_gpu_cached_launches_follow_new_inputs_and_pointer_alignment():
     odd = dict(case, inputs=[shifted])
     assert rel_err(run(odd, "relu"), reference(odd, "relu")) < TOL[torch.float16]
     assert rel_err(run(case, "relu"), reference(case, "relu")) < TOL[torch.float16]
-    assert K._forward_plan.cache_info().misses == 1  # one plan, two compiled launchers
+    assert jit.calls == 2 and K._forward_plan.cache_info().misses == 1  # one plan, two compiled launchers
+    K._forward_plan.cache_clear()  # its plans hold the counting wrapper
 
 
 @gpu_only

@@ -128,7 +128,8 @@ def test_dynamic_row_counts_the_routes_chosen_on_the_per_image_path():
     gate.attention = False
     model = DDSNet(net, gate, routes)
     model.per_image = True
-    runner = LatencyRunner(model, (2, 1, 8, 8), warmup=0, repeats=1)
+    device = "cuda" if torch.cuda.is_available() else None  # GPU-compiled kernels take no CPU tensors
+    runner = LatencyRunner(model, (2, 1, 8, 8), device=device, warmup=0, repeats=1)
     report = runner.run([("dynamic", None), ("route 1", routes[1].config)], peaks=DevicePeaks(1e9, 1e18))
     dynamic, largest = report.results
     # the 'auto' gate runs the reference on CPU tensors
