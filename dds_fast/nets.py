@@ -197,7 +197,12 @@ class SlimUNet(SlimNet):
             first, second = self.encoders[level]
             h = second(first(h))
         for up, (first, second), skip in zip(self.ups, self.decoders, reversed(skips)):
-            h = F.pixel_shuffle(up(h), 2)
+            wide = up(h)
+            h = F.pixel_shuffle(wide, 2)
+            if wide.is_contiguous(memory_format=torch.channels_last):
+                # pixel_shuffle may return NCHW for a channels_last input; the kernels' loads
+                # are coalesced along channels only
+                h = h.contiguous(memory_format=torch.channels_last)
             h = second(first([h, skip]))
         residual = x if self.out_channels == self.in_channels else None
         return self.last(h, residual=residual)

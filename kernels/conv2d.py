@@ -30,6 +30,7 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._launch import INTERPRET, CachedLaunch, cdiv, next_pow2
+from ._rows import fold_rows
 
 ACTIVATIONS = (None, "relu", "leaky_relu")
 _ACT_NAMES = {"none": 0, "relu": 1, "leaky_relu": 2}
@@ -361,9 +362,9 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of an implicit GEMM over npix pixels, cols output
     columns and red reduction channels.
 
-    Callers pass the weight's maximum widths, so one compiled kernel serves every width, except
-    a static forward, which passes its active output width (three kernels at most: BLOCK_N 16,
-    32, 64). The interpreter pays per program, so it gets big tiles.
+    Per-image forwards pass the weight's maximum widths, so one compiled kernel serves every
+    width; static launches pass their active widths (a handful of kernels: BLOCK_N 16, 32 or
+    64, BLOCK_K 16 or 32). The interpreter pays per program, so it gets big tiles.
     The gathered operands' pointer and mask tensors take many registers: these tiles are the
     ones that do not spill on sm_90 under Triton 3.6 and 3.9 (tests/test_compile_sm90.py).
     """
@@ -372,14 +373,19 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int
     if dtype == torch.float32:
         # ieee fp32 dots unroll into FMAs: small tiles keep code size and registers sane
         return 32, _pow2(cols, 16, 32), 16, 4
-    # From the tile sweep (benchmarks/NOTES.md, v7): BLOCK_K 32 halves the loop steps and their
-    # per-step index and mask work once there are 32 channels; a 16-wide tile takes 256 rows.
-    # BLOCK_N 128 was faster on wide layers but spills on sm_90; 4 warps spilled at 128 x 64.
+    # From the tile sweeps (benchmarks/NOTES.md, v7 and v8): BLOCK_K 32 halves the loop steps
+    # and their per-step index and mask work once there are 32 channels (and wastes half of
+    # each step below that); narrow tiles take 256 rows. Faster but spilling on sm_90, so not
+    # taken: BLOCK_N 128 on wide layers, 256 x 64 tiles, 4 warps beyond 256 x 16 x 16.
     bn = _pow2(cols, 16, 64)
-    return (256 if bn == 16 else 128), bn, (32 if red >= 32 else 16), 8
+    bk = 32 if red >= 32 else 16
+    if bn == 16:
+        return 256, bn, bk, (4 if bk == 16 else 8)
+    return (256 if bn == 32 else 128), bn, bk, 8
 
 
 GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90
+FOLD_LIMIT = 128  # rows of partial sums that a reduction's single pass may take; more are folded first
 
 
 class _ForwardPlan(NamedTuple):
@@ -408,9 +414,12 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     y_strides = torch.empty(out_shape, device="meta", memory_format=torch.channels_last).stride()
     r_strides = y_strides if mr is None else mr[1]
     wd_strides = (0, 0) if mwd is None else mwd[1]
-    # per-image widths share one kernel for every width; a static launch sizes its output
-    # tiles to the active width (at width 16 of 64, a 64-wide tile wastes 3/4 of each MMA)
-    bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0] if mwd is not None else out_channels, w_shape[1])
+    # per-image widths share one kernel for every width; a static launch sizes its tiles to
+    # the active widths (at width 16 of 64, a 64-wide tile wastes 3/4 of each MMA)
+    if mwd is None:
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, max(c0, c1))
+    else:
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0], w_shape[1])
     scalars = (h, w, ho, wo, c0, c1, out_channels, start0, start1, *x0_strides, *x1_strides, *w_strides,
                w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides, *wd_strides, float(negative_slope))
     per_image_multiple = [] if mwd is None else [widths_multiple]
@@ -452,7 +461,7 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
     k = weight.shape[-1]
     ho, wo = dz.shape[2], dz.shape[3]
     dx = _empty_channels_last(x.shape, x)
-    bm, bn, bk, warps = _tiles(x.dtype, h * w, weight.shape[1], weight.shape[0])
+    bm, bn, bk, warps = _tiles(x.dtype, h * w, cin, cout)
     # One launch per sub-pixel phase; the phases tile the input exactly, so every pixel is written.
     for ih0 in range(min(stride, h)):
         for iw0 in range(min(stride, w)):
@@ -471,6 +480,11 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
 
 def _reduce_into(ws, out, rows, taps, cout, cin, start, strides, k):
     e = taps * cout * cin
+    # The bias gradient leaves one row per (image, pixel tile): 32768 rows at 8x512x512, which
+    # _reduce_kernel's programs, one per 1024 entries, took 10 ms to sum on an H200. Folded
+    # over many programs first, a few rows are left.
+    ws = fold_rows(ws.view(1, rows, e), limit=FOLD_LIMIT)[0]
+    rows = ws.shape[0]
     block = 1024
     _reduce_kernel[(cdiv(e, block),)](ws, out, rows, e, cout, cin, start, *strides, KSIZE=k, BLOCK=block)
 
@@ -482,11 +496,13 @@ def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
     npix = n * ho * wo
     if npix == 0:
         return  # an empty batch: the gradient stays zero
-    bco, bci = _pow2(dw.shape[0], 16, 64), _pow2(dw.shape[1], 16, 64)
+    # tiles of the active widths: at width 16 of 64, 64-wide tiles did 16x the MMA work
+    bco, bci = _pow2(cout, 16, 64), _pow2(cin, 16, 64)
     if INTERPRET:
         bp, target = 64, 18  # small chunks, so that tiny test shapes still exercise the split
     else:
-        bp = 16 if x.dtype == torch.float32 else 64  # see _tiles
+        # fp32: see _tiles; narrow tiles take longer pixel steps, for work per step
+        bp = 16 if x.dtype == torch.float32 else (128 if bco * bci <= 32 * 32 else 64)
         target = 4 * torch.cuda.get_device_properties(dz.device).multi_processor_count
     tiles = cdiv(cout, bco) * cdiv(cin, bci) * k * k
     # Split the pixel reduction so that about `target` programs run, in whole BLOCK_P steps.

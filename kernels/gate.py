@@ -5,8 +5,8 @@ consuming conv can apply the scale while it loads its input tile):
 
 - ``squeeze_partials(x)``: per-(image, spatial chunk) channel sums of ``x`` into an fp32
   buffer ``[N, T, C]``; deterministic, no atomics, no memset.
-- ``gate_head(partials, hw, ...)``: one program per image sums the partials (after a first
-  pass over many programs when there are more than 128 rows of them), then runs both
+- ``gate_head(partials, hw, ...)``: one program per image sums the partials (folded first
+  over many programs when there are more than 128 rows of them), then runs both
   heads in fp32 registers: ``R = relu(W1 U + b1)``, ``scale = 1 + tanh(W2 R + b2)``,
   ``logits = W4 relu(BN(W3 R + b3)) + b4`` (the eval BatchNorm applied in the kernel from
   its running statistics), max-subtracted softmax and argmax. Writes scale ``[N, C]``, logits and
@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._launch import INTERPRET, cdiv, next_pow2
+from ._rows import fold_rows
 
 __all__ = ["BatchNormStats", "GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale"]
 
@@ -58,23 +59,6 @@ def _squeeze_kernel(x_ptr, part_ptr, C, HW, chunk, num_chunks, stride_n, stride_
         v = tl.load(base + p[:, None] * stride_p + offs_c[None, :] * stride_c, mask=mask, other=0.0)
         acc += v.to(tl.float32)
     tl.store(part_ptr + (n * num_chunks + pid_t) * C + offs_c, tl.sum(acc, axis=0), mask=mask_c)
-
-
-@triton.jit
-def _sum_rows_kernel(part_ptr, out_ptr, num_rows, rows_per_program, C,
-                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    # out[n, s] = the sum of partial rows [s * rows_per_program, (s + 1) * rows_per_program)
-    s = tl.program_id(0)
-    n = tl.program_id(1)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    first = s * rows_per_program
-    for t0 in range(0, rows_per_program, BLOCK_T):
-        t = first + t0 + tl.arange(0, BLOCK_T)
-        mask = ((t < num_rows) & (t0 + tl.arange(0, BLOCK_T) < rows_per_program))[:, None] & mask_c[None, :]
-        acc += tl.load(part_ptr + (n * num_rows + t)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + (n * tl.num_programs(0) + s) * C + offs_c, tl.sum(acc, axis=0), mask=mask_c)
 
 
 @triton.jit
@@ -162,9 +146,6 @@ def _check_runnable(t: torch.Tensor, what: str):
     if t.device.type == "cpu" and not INTERPRET:
         raise ValueError(f"{what}: tensors are on the CPU but the Triton kernels were compiled for a GPU; "
                            "set TRITON_INTERPRET=1 before importing dds_fast.kernels.gate to run them on the CPU")
-
-
-ROWS_PER_PROGRAM = 64  # partial rows per program of gate_head's first pass (a power of two)
 
 
 @functools.lru_cache(maxsize=None)
@@ -283,15 +264,10 @@ def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
                          torch.empty((n, e), device=dev, dtype=torch.float32),
                          torch.empty((n,), device=dev, dtype=torch.int32))
     block_c = next_pow2(c)
-    if num_chunks > 2 * ROWS_PER_PROGRAM:
-        # the head runs one program per image: alone over a 512x512 stem's 2048 rows of sums it
-        # took 16 us on an H200, so a first pass spreads them over many programs
-        first_pass = cdiv(num_chunks, ROWS_PER_PROGRAM)
-        reduced = torch.empty((n, first_pass, c), device=dev, dtype=torch.float32)
-        _sum_rows_kernel[(first_pass, n)](partials, reduced, num_chunks, ROWS_PER_PROGRAM, c,
-                                          BLOCK_T=min(ROWS_PER_PROGRAM, max(1, 8192 // block_c)), BLOCK_C=block_c,
-                                          num_warps=4)
-        partials, num_chunks = reduced, first_pass
+    # the head runs one program per image: alone over a 512x512 stem's 2048 rows of sums it took
+    # 16 us on an H200, so they are first folded over many programs
+    partials = fold_rows(partials)
+    num_chunks = partials.shape[1]
     block_t = min(next_pow2(num_chunks), max(1, 8192 // block_c))
     _head_kernel[(n,)](partials, num_chunks, 1.0 / hw, w1, b1, w2, b2, w3, b3, w4, b4, mean, var, bn_w, bn_b,
                        float(bn.eps), *out, c, cr, hid, e, ATTENTION=bool(attention), BN_AFFINE=affine,

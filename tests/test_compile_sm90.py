@@ -21,6 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from dds_fast.kernels import conv2d as K
 from dds_fast.kernels import gate as G
+from dds_fast.kernels import _rows as R
 assert not K.INTERPRET and not G.INTERPRET
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 stacks = {}
@@ -57,21 +58,21 @@ def vector_loads(fn, ptrs, constexprs, warps):
                             options={"num_warps": warps})
     return len(re.findall(r"cp\\.async\\.c[ag]\\.shared\\.global|ld\\.global\\.v[248]", kernel.asm["ptx"]))
 
-def tiles(dtype, cols=64):
-    bm, bn, bk, warps = K._tiles(dtype, 512 * 512, cols, 64)
+def tiles(dtype, cols=64, red=64):
+    bm, bn, bk, warps = K._tiles(dtype, 512 * 512, cols, red)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps
 
 p, f = "*bf16", "*fp32"
-for (name, act, wt, extra), cols in [(case, cols) for case in [
+for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
     ("forward bf16, two inputs, residual, per-image widths", p, p,
      dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True, STRIDE=2)),
     ("forward bf16 over fp32 weights, two inputs, residual, per-image widths", p, f,
      dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True)),
     ("forward fp32", f, f, dict(DOT_F32=True)),
     ("forward bf16 with channel sums (a gate's stem)", p, p, dict(CHANNEL_SUMS=True)),
-] for cols in (16, 32, 64)]:  # the tiles of every output width bucket a static launch picks
-    blocks, warps = tiles(torch.float32 if act == f else torch.bfloat16, cols)
-    name = f"{name}, {cols} output columns"
+] for widths in ((16, 16), (16, 64), (32, 64), (64, 64))]:  # every tile class a static launch picks
+    blocks, warps = tiles(torch.float32 if act == f else torch.bfloat16, cols, red)
+    name = f"{name}, {cols} output and {red} input columns"
     build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", sums=f,
                                          slope="fp32"),
           dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
@@ -102,15 +103,17 @@ blocks, warps = tiles(torch.float32)
 build("grad input fp32", K._bwd_input_kernel, dict(dz=f, w=f, dx=f),
       dict(KSIZE=3, STRIDE=1, PAD=1, IH0=0, IW0=0, DOT_F32=True, **blocks), warps)
 W = K.GRAD_WEIGHT_WARPS
-build("grad weight bf16", K._bwd_weight_kernel, dict(dz=p, x=p, ws=f),
-      dict(KSIZE=3, STRIDE=2, PAD=1, DOT_F32=False, BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=64), W)
+for bco, bci, bp in ((64, 64, 64), (16, 32, 128), (32, 32, 128)):  # wide, and narrow tiles' longer steps
+    build(f"grad weight bf16, {bco} x {bci} x {bp}", K._bwd_weight_kernel, dict(dz=p, x=p, ws=f),
+          dict(KSIZE=3, STRIDE=2, PAD=1, DOT_F32=False, BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp), W)
 build("grad weight fp32", K._bwd_weight_kernel, dict(dz=f, x=f, ws=f),
       dict(KSIZE=3, STRIDE=1, PAD=1, DOT_F32=True, BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=16), W)
 build("activation and bias gradient", K._bwd_dz_kernel, dict(dy=p, y=p, dz=p, bias_ws=f, slope="fp32"),
       dict(ACT=2, STORE_DZ=True, BIAS_SUMS=True, BLOCK_M=64, BLOCK_N=64), 4)
 build("reduce into bf16", K._reduce_kernel, dict(ws=f, out=p), dict(KSIZE=3, BLOCK=1024), 4)
 build("gate squeeze", G._squeeze_kernel, dict(x_ptr=p, part_ptr=f), dict(BLOCK_HW=64, BLOCK_C=32), 4)
-build("gate head's first pass", G._sum_rows_kernel, dict(part_ptr=f, out_ptr=f), dict(BLOCK_T=64, BLOCK_C=64), 4)
+build("row folding (bias gradient, gate head)", R._sum_rows_kernel, dict(part_ptr=f, out_ptr=f),
+      dict(BLOCK_T=32, BLOCK_C=256), 4)
 build("gate head", G._head_kernel, dict(part_ptr=f, inv_hw="fp32", w1_ptr=f, b1_ptr=f, w2_ptr=f, b2_ptr=f,
                                         w3_ptr=f, b3_ptr=f, w4_ptr=f, b4_ptr=f, bn_mean_ptr=f, bn_var_ptr=f,
                                         bn_weight_ptr=f, bn_bias_ptr=f, bn_eps="fp32", scale_ptr=f,

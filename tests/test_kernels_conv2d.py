@@ -262,6 +262,28 @@ def test_kernels_use_no_atomics():
         K._conv_fwd_kernel, K._bwd_dz_kernel, K._bwd_input_kernel, K._bwd_weight_kernel, K._reduce_kernel))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_weight_and_bias_gradients_folded_over_many_programs(monkeypatch, dtype):
+    """The split reductions of grad weight and grad bias leave one row per program (32768 rows
+    for a bias at 8x512x512); above FOLD_LIMIT rows they are folded in parallel first."""
+    monkeypatch.setattr(K, "FOLD_LIMIT", 1)
+    check_grads(make_case(21, dtype=dtype, n=3, widths=(6, 5), starts=(0, 12)), "leaky_relu")
+
+
+def test_fold_rows_sums_blocks_of_rows_in_order():
+    from dds_fast.kernels._rows import fold_rows
+
+    part = torch.randn(2, 7, 5, dtype=torch.float64).float().to(DEVICE)
+    folded = fold_rows(part, limit=1, rows_per_program=2)  # 7 -> 4 -> 2 -> 1 rows
+    assert folded.shape == (2, 1, 5)
+    assert rel_err(folded[:, 0], part.double().sum(1)) < 1e-6
+    assert torch.equal(fold_rows(part, limit=7), part)  # few enough already
+    with pytest.raises(ValueError, match="fp32"):
+        fold_rows(part.double())
+    with pytest.raises(ValueError, match="rows_per_program"):
+        fold_rows(part, rows_per_program=1)
+
+
 def test_backward_is_deterministic():
     grads = []
     for _ in range(2):
