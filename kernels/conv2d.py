@@ -103,27 +103,30 @@ def _conv_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
     CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    C_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
+    C_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
+    W_ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_co = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)  # one image per program: its widths are per-program scalars
-    # what the host found to be multiples of 8 (or 1): channel counts and segment starts,
-    # the activations' batch and pixel strides, the weight's strides other than Cin's
-    cout_n = _aligned(COUT, C_ALIGN)
+    # what the host found to be multiples of 8 (or 1), the input side apart from the output
+    # side (a 3-channel output must not cost the input loads their vectors): input channel
+    # counts and segment starts, output channels, the inputs' batch and pixel strides, the
+    # output's and residual's, and the weight's strides other than Cin's
+    cout_n = _aligned(COUT, CO_ALIGN)
     c0_n = _aligned(C0, C_ALIGN)
     c1_n = _aligned(C1, C_ALIGN)
     START0 = _aligned(START0, C_ALIGN)
     START1 = _aligned(START1, C_ALIGN)
     sx0n, sx0h, sx0w = _aligned(sx0n, X_ALIGN), _aligned(sx0h, X_ALIGN), _aligned(sx0w, X_ALIGN)
     sx1n, sx1h, sx1w = _aligned(sx1n, X_ALIGN), _aligned(sx1h, X_ALIGN), _aligned(sx1w, X_ALIGN)
-    srn, srh, srw = _aligned(srn, X_ALIGN), _aligned(srh, X_ALIGN), _aligned(srw, X_ALIGN)
-    syn, syh, syw = _aligned(syn, X_ALIGN), _aligned(syh, X_ALIGN), _aligned(syw, X_ALIGN)
+    srn, srh, srw = _aligned(srn, Y_ALIGN), _aligned(srh, Y_ALIGN), _aligned(srw, Y_ALIGN)
+    syn, syh, syw = _aligned(syn, Y_ALIGN), _aligned(syh, Y_ALIGN), _aligned(syw, Y_ALIGN)
     swo, swh, sww = _aligned(swo, W_ALIGN), _aligned(swh, W_ALIGN), _aligned(sww, W_ALIGN)
     if PER_IMAGE:
-        # Clamped to the buffers so a bad width can never read or write out of bounds; C_ALIGN
-        # covers the caller's promise that the widths are multiples of 8 too.
-        cout_n = _aligned(tl.minimum(tl.load(widths + n * swdn), COUT), C_ALIGN)
+        # Clamped to the buffers so a bad width can never read or write out of bounds; the
+        # alignment flags cover the caller's promise that the widths are multiples of 8 too.
+        cout_n = _aligned(tl.minimum(tl.load(widths + n * swdn), COUT), CO_ALIGN)
         c0_n = _aligned(tl.minimum(tl.load(widths + n * swdn + swdc), C0), C_ALIGN)
         if TWO_INPUTS:
             c1_n = _aligned(tl.minimum(tl.load(widths + n * swdn + 2 * swdc), C1), C_ALIGN)
@@ -427,8 +430,10 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None,
         HAS_RES=mr is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=mwd is not None,
         CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        C_ALIGN=_alignment(c0, c1, out_channels, start0, start1, *per_image_multiple),
-        X_ALIGN=_alignment(*_batch_and_pixel_strides(x0_strides, x1_strides, r_strides, y_strides)),
+        C_ALIGN=_alignment(c0, c1, start0, start1, *per_image_multiple),
+        CO_ALIGN=_alignment(out_channels, *per_image_multiple),
+        X_ALIGN=_alignment(*_batch_and_pixel_strides(x0_strides, x1_strides)),
+        Y_ALIGN=_alignment(*_batch_and_pixel_strides(r_strides, y_strides)),
         W_ALIGN=_alignment(*_pixel_strides_of_weight(w_strides)),
     )
     grid = (cdiv(ho * wo, bm), cdiv(out_channels, bn), n)

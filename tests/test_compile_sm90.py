@@ -86,7 +86,13 @@ for align in (1, 8):
         vectors[f"forward{' per-image' if per_image else ''} fp16, alignment {align}"] = vector_loads(
             K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
             dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2,
-                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, **flags, **blocks), warps)
+                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, CO_ALIGN=align, Y_ALIGN=align, **flags,
+                 **blocks), warps)
+    # a 3-channel output (a net's last layer): the inputs keep their vector loads
+    vectors[f"forward fp16, input alignment {align}, output alignment 1"] = vector_loads(
+        K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
+        dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=True, ACT=0,
+             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, CO_ALIGN=1, Y_ALIGN=1, **flags, **blocks), warps)
     vectors[f"grad input fp16, alignment {align}"] = vector_loads(
         K._bwd_input_kernel, dict(dz=h, w=h, dx=h),
         dict(KSIZE=3, STRIDE=1, PAD=1, IH0=0, IW0=0, DOT_F32=False, **flags, **blocks), warps)
@@ -135,6 +141,8 @@ def test_kernels_compile_for_h100_without_spills():
     # without the alignment hints every global load is scalar; with them, vectors
     for kernel in ("forward", "forward per-image", "grad input", "grad weight"):
         assert vectors[f"{kernel} fp16, alignment 1"] == 0 < vectors[f"{kernel} fp16, alignment 8"], vectors
+    assert vectors["forward fp16, input alignment 1, output alignment 1"] == 0 < vectors[
+        "forward fp16, input alignment 8, output alignment 1"], vectors
     if not stacks:
         pytest.skip("kernels compile for sm_90; this Triton has no cuobjdump to read their register use")
     spilled = {name: size for name, size in stacks.items() if size}

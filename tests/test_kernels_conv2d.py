@@ -158,11 +158,15 @@ def test_forward_with_alignment_hints_matches_reference(monkeypatch, dtype):
     chosen = spy_on_alignment(monkeypatch)
     case = aligned_case(dtype)
     y = run(case, "leaky_relu", 0.2)
-    assert chosen == [8, 8, 8]  # channel counts, activation strides, weight strides
+    # input channels, output channels, input strides, output strides, weight strides
+    assert chosen == [8, 8, 8, 8, 8]
     assert rel_err(y, reference(case, "leaky_relu", 0.2)) < TOL[dtype]
     chosen.clear()
-    run(make_case(4, dtype=dtype, widths=(16,), cin_max=32, cout_max=24, o=12, h=5, w=6), None)
-    assert chosen[0] == 1  # 12 output channels
+    odd_out = make_case(4, dtype=dtype, widths=(16,), cin_max=32, cout_max=24, o=12, h=5, w=6, weight_ohwi=True)
+    y = run(odd_out, None)
+    # 12 output channels: the output side loses its hints, the input side keeps them
+    assert chosen == [8, 1, 8, 1, 8]
+    assert rel_err(y, reference(odd_out, None)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("stride", [1, 2])
