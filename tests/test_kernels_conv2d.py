@@ -288,6 +288,25 @@ def test_fold_rows_sums_blocks_of_rows_in_order():
         fold_rows(part, rows_per_program=1)
 
 
+def test_eager_training_calls_match_the_registered_op(monkeypatch):
+    """Eager training calls skip the torch.library op's dispatch (an autograd.Function over the
+    same implementation); a dispatch mode or tracing still goes through the op. Same bits."""
+    def grads(force_op):
+        if force_op:
+            monkeypatch.setattr(K, "_eager_path", lambda *tensors: None)
+        case = make_case(22, widths=(7, 5), starts=(0, 12), residual=True)
+        leaves = [*case["inputs"], case["weight"], case["bias"], case["residual"]]
+        for t in leaves:
+            t.requires_grad_(True)
+        probe = torch.randn(2, 11, 7, 9, generator=torch.Generator().manual_seed(23)).to(DEVICE)
+        run(case, "leaky_relu").backward(probe)
+        monkeypatch.undo()
+        return [t.grad for t in leaves]
+
+    for eager, op in zip(grads(False), grads(True)):
+        assert torch.equal(eager, op)
+
+
 def test_backward_is_deterministic():
     grads = []
     for _ in range(2):
