@@ -24,11 +24,14 @@ if not CUDA:
 
 from dds_fast import DynamicGate, SlimConv2d  # noqa: E402
 from dds_fast.kernels import _launch  # noqa: E402
+from dds_fast.kernels import _rows as rows_kernels  # noqa: E402
 from dds_fast.kernels import conv2d as conv_kernels  # noqa: E402
 from dds_fast.kernels import gate as gate_kernels  # noqa: E402
 
-KERNELS = [(conv_kernels, "_conv_fwd_kernel"), (gate_kernels, "_squeeze_kernel"), (gate_kernels, "_head_kernel"),
-           (gate_kernels, "_scale_kernel")]
+KERNELS = [(conv_kernels, name) for name in ("_conv_fwd_kernel", "_bwd_dz_kernel", "_bwd_input_kernel",
+                                             "_bwd_weight_kernel", "_reduce_kernel")] + [
+    (rows_kernels, "_sum_rows_kernel"), (gate_kernels, "_squeeze_kernel"), (gate_kernels, "_head_kernel"),
+    (gate_kernels, "_scale_kernel")]
 
 
 class _NoLaunch:
@@ -71,6 +74,23 @@ def cases(device: str, dtype: torch.dtype) -> dict:
         gate(features)
         gate.attention = True
 
+    trained = torch.randn_like(x).requires_grad_()
+    probe = torch.randn_like(x)
+
+    def training_step():
+        with torch.enable_grad():
+            conv.zero_grad(set_to_none=True)
+            trained.grad = None
+            conv(trained).backward(probe)
+
+    def training_step_through_the_op():
+        eager_path = conv_kernels._eager_path
+        conv_kernels._eager_path = lambda *tensors: None  # as under a dispatch mode
+        try:
+            training_step()
+        finally:
+            conv_kernels._eager_path = eager_path
+
     return {
         "SlimConv2d.forward, width 16 of 64": lambda: conv(x),
         "kernels.slim_conv2d": lambda: conv_kernels.slim_conv2d([x], conv.weight, conv.bias, out_channels=16,
@@ -78,6 +98,8 @@ def cases(device: str, dtype: torch.dtype) -> dict:
         "fused gate, attention on": lambda: gate(features),
         "fused gate, attention off": gate_without_attention,
         "eager gate (reference ops), attention on": lambda: reference_gate(features),
+        "SlimConv2d training step (forward + backward)": training_step,
+        "the same through the torch.library op": training_step_through_the_op,
     }
 
 

@@ -20,6 +20,7 @@ def next_pow2(n: int) -> int:
 
 # Benchmarks turn this off to time the launch through Triton's JIT on every call.
 CACHE_LAUNCHES = True
+_LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas"}
 
 
 class CachedLaunch:
@@ -36,7 +37,15 @@ class CachedLaunch:
 
     def __init__(self, kernel, grid: tuple, scalars: tuple, meta: dict, num_tensors: int):
         self.kernel, self.grid, self.scalars, self.meta = kernel, grid, scalars, meta
-        names = kernel.arg_names[num_tensors + len(scalars):] if not INTERPRET else []
+        # checked under the interpreter too, which never takes the cached path: the parameters
+        # after the tensors and scalars must be exactly the compile-time ones that meta names
+        names = kernel.arg_names[num_tensors + len(scalars):]
+        unknown = [name for name in names if name not in meta] + [
+            key for key in meta if key not in names and key not in _LAUNCH_OPTIONS]
+        if unknown:
+            raise ValueError(f"CachedLaunch: {unknown} do not match the compile-time parameters of "
+                             f"{getattr(kernel, '__name__', kernel)} after {num_tensors} tensors and "
+                             f"{len(scalars)} scalars")
         self.constexprs = tuple(meta[name] for name in names)  # in the kernel's parameter order
         self._runners = {}
 

@@ -85,6 +85,33 @@ def _fwd_segment(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
 
 
 @triton.jit
+def _fwd_taps_in_k(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
+                   oh, ow, m_ok, co, co_ok, H, W,
+                   KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """``_fwd_segment`` for an input of a few channels (an image's: 1 or 3): the taps join the
+    channels in the reduction, so a 3-channel 3x3 conv runs one step of 27 live lanes out of
+    32 instead of nine steps of 3 out of 16. Each lane's tap and channel come from its index."""
+    kk = tl.arange(0, BLOCK_K)
+    total = KSIZE * KSIZE * c_n
+    for k0 in range(0, total, BLOCK_K):
+        k = k0 + kk
+        tap = k // c_n
+        c = k - tap * c_n
+        r = tap // KSIZE
+        s = tap - r * KSIZE
+        k_ok = k < total
+        ih = (oh * STRIDE - PAD)[:, None] + r[None, :]
+        iw = (ow * STRIDE - PAD)[:, None] + s[None, :]
+        ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_img + ih * sxh + iw * sxw + (c * sxc)[None, :], mask=ok, other=0.0)
+        b = tl.load(w + (co * swo)[None, :] + (r * swh + s * sww + (start + c) * swi)[:, None],
+                    mask=k_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = _mma(acc, a, b, DOT_F32)
+    return acc
+
+
+@triton.jit
 def _aligned(value, ALIGN: tl.constexpr):
     # value is a multiple of ALIGN (the host checks): written so, the compiler knows it and
     # loads and stores whole vectors along channels (asynchronous copies into shared memory)
@@ -101,7 +128,7 @@ def _conv_fwd_kernel(
     slope,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
-    CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr,
+    CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, TAPS_IN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     C_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
     W_ALIGN: tl.constexpr,
@@ -141,8 +168,12 @@ def _conv_fwd_kernel(
     co_ok = co < cout_n
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _fwd_segment(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
-                       oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
+    if TAPS_IN_K:
+        acc = _fwd_taps_in_k(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
+                             oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
+    else:
+        acc = _fwd_segment(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
+                           oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
     if TWO_INPUTS:
         acc = _fwd_segment(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1, c1_n,
                            oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
@@ -388,6 +419,7 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int
 
 
 GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90
+TAPS_IN_K_CHANNELS = 4  # inputs of at most this many channels fold the taps into the reduction
 FOLD_LIMIT = 128  # rows of partial sums that a reduction's single pass may take; more are folded first
 
 
@@ -419,7 +451,13 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     wd_strides = (0, 0) if mwd is None else mwd[1]
     # per-image widths share one kernel for every width; a static launch sizes its tiles to
     # the active widths (at width 16 of 64, a 64-wide tile wastes 3/4 of each MMA)
-    if mwd is None:
+    # an image's few channels (a net's first conv): the taps join the reduction (_fwd_taps_in_k),
+    # in one 32-wide step for 3 channels, or two 16-wide ones at 64 columns, where 32 spills
+    taps_in_k = m1 is None and mwd is None and k > 1 and 0 < c0 <= TAPS_IN_K_CHANNELS
+    if taps_in_k:
+        reduction = _pow2(c0 * k * k, 16, 32 if out_channels <= 32 else 16)
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, reduction)
+    elif mwd is None:
         bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, max(c0, c1))
     else:
         bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0], w_shape[1])
@@ -429,7 +467,8 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     meta = dict(
         KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None,
         HAS_RES=mr is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=mwd is not None,
-        CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), TAPS_IN_K=taps_in_k,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         C_ALIGN=_alignment(c0, c1, start0, start1, *per_image_multiple),
         CO_ALIGN=_alignment(out_channels, *per_image_multiple),
         X_ALIGN=_alignment(*_batch_and_pixel_strides(x0_strides, x1_strides)),

@@ -70,13 +70,15 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
      dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True)),
     ("forward fp32", f, f, dict(DOT_F32=True)),
     ("forward bf16 with channel sums (a gate's stem)", p, p, dict(CHANNEL_SUMS=True)),
-] for widths in ((16, 16), (16, 64), (32, 64), (64, 64))]:  # every tile class a static launch picks
+] for widths in ((16, 16), (16, 64), (32, 64), (64, 64))] + [  # every tile class a static launch picks
+    (("forward bf16, taps in the reduction (3 input channels), channel sums", p, p,
+      dict(TAPS_IN_K=True, CHANNEL_SUMS=True)), widths) for widths in ((16, 16), (16, 32), (32, 32), (64, 16))]:
     blocks, warps = tiles(torch.float32 if act == f else torch.bfloat16, cols, red)
     name = f"{name}, {cols} output and {red} input columns"
     build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", sums=f,
                                          slope="fp32"),
           dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
-                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False), **blocks, **extra), warps)
+                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False), **blocks, **extra), warps)
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}
@@ -86,13 +88,15 @@ for align in (1, 8):
         vectors[f"forward{' per-image' if per_image else ''} fp16, alignment {align}"] = vector_loads(
             K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
             dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2,
-                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, CO_ALIGN=align, Y_ALIGN=align, **flags,
+                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, CO_ALIGN=align,
+                 Y_ALIGN=align, **flags,
                  **blocks), warps)
     # a 3-channel output (a net's last layer): the inputs keep their vector loads
     vectors[f"forward fp16, input alignment {align}, output alignment 1"] = vector_loads(
         K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
         dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=True, ACT=0,
-             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, CO_ALIGN=1, Y_ALIGN=1, **flags, **blocks), warps)
+             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, CO_ALIGN=1, Y_ALIGN=1, **flags,
+             **blocks), warps)
     vectors[f"grad input fp16, alignment {align}"] = vector_loads(
         K._bwd_input_kernel, dict(dz=h, w=h, dx=h),
         dict(KSIZE=3, STRIDE=1, PAD=1, IH0=0, IW0=0, DOT_F32=False, **flags, **blocks), warps)

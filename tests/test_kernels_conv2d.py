@@ -188,6 +188,38 @@ def test_forward_matches_reference(dtype, k, stride, activation, bias, residual,
     assert rel_err(y, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype,c,stride,activation", [(torch.float32, 3, 1, "relu"), (torch.float16, 1, 2, None),
+                                                       (torch.bfloat16, 3, 2, "leaky_relu"),
+                                                       (torch.float16, 4, 1, "leaky_relu")])
+def test_few_input_channels_fold_the_taps_into_the_reduction(monkeypatch, dtype, c, stride, activation):
+    """An image's few channels (a net's first conv) take the taps-in-the-reduction loop; the
+    input is a prefix of a wider buffer and the weight has NaN beyond the active channels."""
+    plans = []
+    plan_of = K._forward_plan
+
+    def spy(*args, **kwargs):
+        plans.append(plan_of(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(K, "_forward_plan", spy)
+    case = make_case(24, dtype=dtype, widths=(c,), cin_max=8, cout_max=20, o=11, stride=stride, residual=True,
+                     h=9, w=10)
+    wider = torch.full((2, 8, 9, 10), math.nan, dtype=dtype, device=DEVICE).to(memory_format=torch.channels_last)
+    wider[:, :c] = case["inputs"][0]
+    case["inputs"] = [wider[:, :c]]
+    with torch.no_grad():
+        case["weight"][:, c:] = math.nan
+        y = run(case, activation, 0.2)
+    assert plans[-1].launch.meta["TAPS_IN_K"]
+    assert rel_err(y, reference(case, activation, 0.2)) < TOL[dtype]
+    monkeypatch.setattr(K, "TAPS_IN_K_CHANNELS", 0)  # the per-tap loop gives the same result
+    plan_of.cache_clear()
+    with torch.no_grad():
+        per_tap = run(case, activation, 0.2)
+    assert not plans[-1].launch.meta["TAPS_IN_K"]
+    assert rel_err(per_tap, reference(case, activation, 0.2)) < TOL[dtype]
+
+
 def test_forward_any_strides():
     """NCHW inputs, an OHWI (channels_last) weight, a non-contiguous residual, full widths."""
     case = make_case(2, channels_last=False, weight_ohwi=True, widths=(24,), o=20, residual=True)
@@ -567,6 +599,18 @@ def test_gpu_larger_shapes(dtype):
     check_grads(case, "leaky_relu")
     case = make_case(15, dtype=dtype, n=2, h=33, w=31, stride=2, widths=(48,), cin_max=64, cout_max=96, o=72)
     check_grads(case, "relu")
+
+
+def test_cached_launch_checks_its_arguments_against_the_kernel():
+    from dds_fast.kernels._launch import CachedLaunch
+
+    x, weight = torch.randn(1, 4, 5, 5, device=DEVICE), torch.randn(8, 4, 3, 3, device=DEVICE)
+    launch = K._forward_plan(K._meta(x), None, K._meta(weight), None, None, None, 1, 0, 0, 8, 1, 1, "relu",
+                             0.01).launch
+    with pytest.raises(ValueError, match="do not match"):  # one tensor too few: a scalar's name shows
+        CachedLaunch(K._conv_fwd_kernel, launch.grid, launch.scalars, launch.meta, num_tensors=7)
+    with pytest.raises(ValueError, match="do not match"):
+        CachedLaunch(K._conv_fwd_kernel, launch.grid, launch.scalars, dict(launch.meta, BLOCK_Q=16), num_tensors=8)
 
 
 @gpu_only
