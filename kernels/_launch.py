@@ -1,6 +1,7 @@
 """Host-side launch arithmetic and cached launches shared by the kernels. Plain Python on
 purpose: some Triton versions wrap ``triton.cdiv`` and ``triton.next_power_of_2`` in a JIT
 function that costs microseconds per call from the host, on every launch."""
+import functools
 import os
 
 import torch
@@ -61,3 +62,15 @@ class CachedLaunch:
         compiled = self.kernel[self.grid](*tensors, *self.scalars, **self.meta)
         if hasattr(compiled, "packed_metadata"):  # a compiled kernel (not a benchmark's stub)
             self._runners[key] = compiled[self.grid]
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_of(kernel, grid: tuple, scalars: tuple, meta: tuple, num_tensors: int) -> CachedLaunch:
+    return CachedLaunch(kernel, grid, scalars, dict(meta), num_tensors)
+
+
+def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, **meta) -> None:
+    """``kernel[grid](*tensors, *scalars, **meta)`` through a ``CachedLaunch`` kept per
+    (kernel, grid, scalars, meta): for launch sites without a plan cache of their own, whose
+    arguments repeat from one training step to the next."""
+    _launch_of(kernel, grid, scalars, tuple(meta.items()), len(tensors))(*tensors)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_pow2
+from ._launch import cdiv, launch, next_pow2
 
 ROWS_PER_PROGRAM = 64
 
@@ -48,7 +48,7 @@ def fold_rows(part: torch.Tensor, limit: int = 2 * ROWS_PER_PROGRAM,
     while part.shape[1] > limit:
         rows = part.shape[1]
         folded = torch.empty((n, cdiv(rows, rows_per_program), c), device=part.device, dtype=torch.float32)
-        _sum_rows_kernel[(folded.shape[1], n, cdiv(c, block_c))](part, folded, rows, rows_per_program, c,
-                                                                BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
+        launch(_sum_rows_kernel, (folded.shape[1], n, cdiv(c, block_c)), (part, folded), (rows, rows_per_program, c),
+               BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
         part = folded
     return part

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from ._launch import INTERPRET, CachedLaunch, cdiv, next_pow2
+from ._launch import INTERPRET, CachedLaunch, cdiv, launch, next_pow2
 from ._rows import fold_rows
 
 ACTIVATIONS = (None, "relu", "leaky_relu")
@@ -482,13 +482,13 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
 def _launch_forward(plan: _ForwardPlan, x0, x1, weight, bias, residual, widths):
     """The output; with ``plan.meta['CHANNEL_SUMS']``, also its fp32 channel sums per pixel tile."""
     y = _empty_channels_last(plan.out_shape, x0)
-    launch = plan.launch
+    forward = plan.launch
     sums = None
-    if launch.meta["CHANNEL_SUMS"]:
-        sums = torch.empty((plan.out_shape[0], launch.grid[0], plan.out_shape[1]), dtype=torch.float32,
+    if forward.meta["CHANNEL_SUMS"]:
+        sums = torch.empty((plan.out_shape[0], forward.grid[0], plan.out_shape[1]), dtype=torch.float32,
                            device=x0.device)
     # unused pointers get any valid tensor: the kernel does not read them
-    launch(x0, x0 if x1 is None else x1, weight, weight if bias is None else bias, y if residual is None else residual,
+    forward(x0, x0 if x1 is None else x1, weight, weight if bias is None else bias, y if residual is None else residual,
            y, y if widths is None else widths, y if sums is None else sums)
     return y if sums is None else (y, sums)
 
@@ -511,14 +511,12 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
         for iw0 in range(min(stride, w)):
             hp, wp = cdiv(h - ih0, stride), cdiv(w - iw0, stride)
             grid = (cdiv(hp * wp, bm), cdiv(cin, bn), n)
-            _bwd_input_kernel[grid](
-                dz, weight, dx, h, w, ho, wo, hp, wp, cout, cin, start,
-                *dz.stride(), *weight.stride(), *dx.stride(),
-                KSIZE=k, STRIDE=stride, PAD=padding, IH0=ih0, IW0=iw0, DOT_F32=_dot_f32(x.dtype),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, C_ALIGN=_alignment(cout, cin, start),
-                X_ALIGN=_alignment(*_batch_and_pixel_strides(dz.stride(), dx.stride())),
-                W_ALIGN=_alignment(*_pixel_strides_of_weight(weight.stride())),
-            )
+            launch(_bwd_input_kernel, grid, (dz, weight, dx),
+                   (h, w, ho, wo, hp, wp, cout, cin, start, *dz.stride(), *weight.stride(), *dx.stride()),
+                   KSIZE=k, STRIDE=stride, PAD=padding, IH0=ih0, IW0=iw0, DOT_F32=_dot_f32(x.dtype),
+                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, C_ALIGN=_alignment(cout, cin, start),
+                   X_ALIGN=_alignment(*_batch_and_pixel_strides(dz.stride(), dx.stride())),
+                   W_ALIGN=_alignment(*_pixel_strides_of_weight(weight.stride())))
     return dx
 
 
@@ -530,7 +528,7 @@ def _reduce_into(ws, out, rows, taps, cout, cin, start, strides, k):
     ws = fold_rows(ws.view(1, rows, e), limit=FOLD_LIMIT)[0]
     rows = ws.shape[0]
     block = 1024
-    _reduce_kernel[(cdiv(e, block),)](ws, out, rows, e, cout, cin, start, *strides, KSIZE=k, BLOCK=block)
+    launch(_reduce_kernel, (cdiv(e, block),), (ws, out), (rows, e, cout, cin, start, *strides), KSIZE=k, BLOCK=block)
 
 
 def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
@@ -554,12 +552,11 @@ def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
     chunk = cdiv(cdiv(npix, splits), bp) * bp
     splits = cdiv(npix, chunk)
     ws = torch.empty((splits, k * k, cout, cin), dtype=torch.float32, device=dz.device)
-    _bwd_weight_kernel[(cdiv(cout, bco), cdiv(cin, bci) * k * k, splits)](
-        dz, x, ws, h, w, ho, wo, npix, chunk, cout, cin, *dz.stride(), *x.stride(),
-        KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(x.dtype),
-        BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=GRAD_WEIGHT_WARPS,
-        C_ALIGN=_alignment(cout, cin), X_ALIGN=_alignment(*_batch_and_pixel_strides(dz.stride(), x.stride())),
-    )
+    launch(_bwd_weight_kernel, (cdiv(cout, bco), cdiv(cin, bci) * k * k, splits), (dz, x, ws),
+           (h, w, ho, wo, npix, chunk, cout, cin, *dz.stride(), *x.stride()),
+           KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(x.dtype),
+           BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=GRAD_WEIGHT_WARPS,
+           C_ALIGN=_alignment(cout, cin), X_ALIGN=_alignment(*_batch_and_pixel_strides(dz.stride(), x.stride())))
     _reduce_into(ws, dw, splits, k * k, cout, cin, start, dw.stride(), k)
 
 
@@ -587,12 +584,10 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
         # Unused pointers get a live tensor: an empty one may have no valid device address.
         bias_ws = torch.empty((n * grid[0], o), dtype=torch.float32, device=grad_y.device) if bias_sums else grad_y
         y_ = grad_y if y is None else y
-        _bwd_dz_kernel[grid](
-            grad_y, y_, dz, bias_ws, ho, wo, o, *grad_y.stride(), *y_.stride(), *dz.stride(),
-            float(negative_slope), ACT=act, STORE_DZ=store_dz, BIAS_SUMS=bias_sums,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
-            ALIGN=_alignment(o, *_batch_and_pixel_strides(grad_y.stride(), y_.stride(), dz.stride())),
-        )
+        launch(_bwd_dz_kernel, grid, (grad_y, y_, dz, bias_ws),
+               (ho, wo, o, *grad_y.stride(), *y_.stride(), *dz.stride(), float(negative_slope)),
+               ACT=act, STORE_DZ=store_dz, BIAS_SUMS=bias_sums, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+               ALIGN=_alignment(o, *_batch_and_pixel_strides(grad_y.stride(), y_.stride(), dz.stride())))
         if bias_sums:
             db = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
             _reduce_into(bias_ws, db, n * grid[0], 1, o, 1, 0, (db.stride(0), 0, 0, 0), 1)
