@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, cdiv, next_pow2
+from ._launch import INTERPRET, cdiv, launch, next_pow2
 from ._rows import fold_rows
 
 __all__ = ["BatchNormStats", "GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale"]
@@ -62,11 +62,10 @@ def _squeeze_kernel(x_ptr, part_ptr, C, HW, chunk, num_chunks, stride_n, stride_
 
 
 @triton.jit
-def _head_kernel(part_ptr, num_chunks, inv_hw,
-                 w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
-                 bn_mean_ptr, bn_var_ptr, bn_weight_ptr, bn_bias_ptr, bn_eps,
+def _head_kernel(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
+                 bn_mean_ptr, bn_var_ptr, bn_weight_ptr, bn_bias_ptr,
                  scale_ptr, logits_ptr, probs_ptr, choice_ptr,
-                 C, CR, HID, E,
+                 num_chunks, inv_hw, bn_eps, C, CR, HID, E,
                  ATTENTION: tl.constexpr, BN_AFFINE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_CR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
     # The FCs are far below tl.dot's 16-wide minimum: broadcast-multiply and tl.sum. Their
@@ -202,8 +201,9 @@ def squeeze_partials(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     chunk = cdiv(min(chunk, hw), block_hw) * block_hw
     num_chunks = cdiv(hw, chunk)
     part = torch.empty((n, num_chunks, c), device=x.device, dtype=torch.float32)
-    _squeeze_kernel[(num_chunks, c_blocks, n)](x, part, c, hw, chunk, num_chunks, x.stride(0), x.stride(1),
-                                               stride_p, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+    launch(_squeeze_kernel, (num_chunks, c_blocks, n), (x, part),
+           (c, hw, chunk, num_chunks, x.stride(0), x.stride(1), stride_p), BLOCK_HW=block_hw, BLOCK_C=block_c,
+           num_warps=4)
     return part
 
 
@@ -269,10 +269,10 @@ def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
     partials = fold_rows(partials)
     num_chunks = partials.shape[1]
     block_t = min(next_pow2(num_chunks), max(1, 8192 // block_c))
-    _head_kernel[(n,)](partials, num_chunks, 1.0 / hw, w1, b1, w2, b2, w3, b3, w4, b4, mean, var, bn_w, bn_b,
-                       float(bn.eps), *out, c, cr, hid, e, ATTENTION=bool(attention), BN_AFFINE=affine,
-                       BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=next_pow2(cr), BLOCK_H=next_pow2(hid),
-                       BLOCK_E=next_pow2(e), num_warps=4)
+    launch(_head_kernel, (n,), (partials, w1, b1, w2, b2, w3, b3, w4, b4, mean, var, bn_w, bn_b, *out),
+           (num_chunks, 1.0 / hw, float(bn.eps), c, cr, hid, e), ATTENTION=bool(attention), BN_AFFINE=affine,
+           BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=next_pow2(cr), BLOCK_H=next_pow2(hid),
+           BLOCK_E=next_pow2(e), num_warps=4)
     return out
 
 
@@ -289,6 +289,7 @@ def apply_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     _, so_p = _pixels(out, "apply_scale")
     block_hw, block_c = _tile(c, h * w)
     grid = (cdiv(h * w, block_hw), cdiv(c, block_c), n)
-    _scale_kernel[grid](x, scale, out, c, h * w, x.stride(0), x.stride(1), sx_p, out.stride(0), out.stride(1), so_p,
-                        BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+    launch(_scale_kernel, grid, (x, scale, out), (c, h * w, x.stride(0), x.stride(1), sx_p, out.stride(0),
+                                                  out.stride(1), so_p), BLOCK_HW=block_hw, BLOCK_C=block_c,
+           num_warps=4)
     return out
