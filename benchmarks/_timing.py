@@ -23,3 +23,34 @@ def device_name() -> str:
 
 def describe(benchmark, **info) -> None:
     benchmark.extra_info.update(device=device_name(), torch=torch.__version__, **info)
+
+
+def median_ms(fn) -> float:
+    """``fn``'s median time in ms: ``triton.testing.do_bench`` (CUDA events, 25 ms of warm-up,
+    100 ms of repeats) on a GPU; without one, the median of five wall-clock calls, which checks
+    a script rather than timing anything."""
+    if CUDA:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    times = []
+    for _ in range(5):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return sorted(times)[2] * 1e3
+
+
+def kernel_table(fn, runs: int = 5, rows: int = 20) -> str:
+    """torch.profiler's table of GPU time per kernel over ``runs`` calls of ``fn``, largest
+    first, after three calls outside the profile (compilation, warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)

@@ -11,16 +11,12 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import triton.testing
 
+from _timing import median_ms
 from dds_fast.kernels import conv2d as K
 from dds_fast.runner import LatencyRunner, describe_device
 
 CMAX, SIZE, DTYPE = 64, 512, torch.float16
-
-
-def median_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def main(out_path: str) -> None:

@@ -11,29 +11,14 @@ reference path on the CPU in fp32 with wall-clock medians: a check of the script
 """
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
+from _timing import CUDA, median_ms
+
 from dds_fast import SlimConv2d, SlimUNet
 from dds_fast.runner import LatencyRunner, default_configs
-
-
-CUDA = torch.cuda.is_available()
-
-
-def median_ms(fn) -> float:
-    if CUDA:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-    times = []
-    for _ in range(5):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return sorted(times)[2] * 1e3
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ import argparse
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from _timing import kernel_table
 from dds_fast.bench import backward_step, layer_variants
 
 
@@ -28,15 +28,7 @@ def main() -> None:
         memory_format=torch.channels_last)
     reports = []
     for name in ("triton fused", "(b) static"):
-        step = backward_step(variants[name], x)
-        for _ in range(3):  # compile and warm up outside the profile
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60)
+        table = kernel_table(backward_step(variants[name], x))
         reports.append(f"{torch.cuda.get_device_name()}, {name}, 3x3 conv width {width} of 64, input "
                        f"{list(x.shape)} fp16 channels_last, 5 forward+backward steps\n{table}")
     with open(args.out, "w") as f:

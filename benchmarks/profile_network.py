@@ -8,8 +8,8 @@ import argparse
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from _timing import kernel_table
 from dds_fast import SlimUNet
 from dds_fast.runner import default_configs
 
@@ -36,14 +36,7 @@ def main() -> None:
     for label in labels:
         net.set_config(configs[label])
         with torch.no_grad():
-            for _ in range(3):  # compile and warm up outside the profile
-                net(x)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    net(x)
-                torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+            table = kernel_table(lambda: net(x))
         reports.append(f"{torch.cuda.get_device_name()}, SlimUNet base 32 depth 4, config {label}, "
                        f"input {list(x.shape)} fp16 channels_last, 5 forwards\n{table}")
     with open(args.out, "w") as f:

@@ -17,7 +17,6 @@ The launcher's tile choice (``kernels.conv2d._tiles``) is swapped for each candi
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # set before the kernels are imported
 
+from _timing import median_ms  # noqa: E402
 from dds_fast.kernels import conv2d as K  # noqa: E402
 
 DTYPE, BATCH = (torch.float16, 8) if CUDA else (torch.float32, 1)
@@ -55,19 +55,6 @@ def candidates(case: str, width: int) -> dict:
             "BLOCK_N 32": (128, 32, 32, 8),
             "BLOCK_N 16, BLOCK_M 256": (256, 16, 32, 8),
             "BLOCK_N 64, BLOCK_K 16": (128, 64, 16, 8)}
-
-
-def median_ms(fn) -> float:
-    if CUDA:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    times = []
-    for _ in range(3):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return sorted(times)[1] * 1e3
 
 
 def main(out_path: str) -> None:
