@@ -646,6 +646,18 @@ def test_gpu_cached_launches_follow_new_inputs_and_pointer_alignment(monkeypatch
 
 
 @gpu_only
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gpu_backward_cached_launches_take_each_steps_tensors(stride):
+    """The backward's launches repeat their arguments from one step to the next, so from the
+    second step on they go to the compiled kernels' launchers: every step, on new values, must
+    still match the reference (grad input per phase, grad weight, the folds and reductions)."""
+    for seed in (25, 26, 27):
+        case = make_case(seed, dtype=torch.float16, n=2, h=33, w=31, stride=stride, widths=(24, 16), starts=(0, 32),
+                         cin_max=48, cout_max=40, o=32, residual=stride == 1)
+        check_grads(case, "leaky_relu")
+
+
+@gpu_only
 def test_cpu_tensors_get_a_clear_error_from_kernels_compiled_for_a_gpu():
     with pytest.raises(ValueError, match="compiled for a GPU"):
         slim_conv2d([torch.randn(1, 4, 5, 5)], torch.randn(8, 4, 3, 3))
