@@ -30,9 +30,10 @@ class CachedLaunch:
 
     Triton's JIT binds and specialises every argument on every call (tens of microseconds for
     a kernel of 50 arguments, which is most of a small layer's time). The specialisation of
-    fixed scalars never changes, and a tensor's is the 16-byte alignment of its address, so
-    after the first launch through the JIT for a (device, alignments) key, later calls go to
-    the compiled kernel's own launcher. The interpreter always takes the JIT path."""
+    fixed scalars never changes, and a tensor's is its dtype and the 16-byte alignment of its
+    address, so after the first launch through the JIT for a (device, each tensor's dtype and
+    alignment) key, later calls go to the compiled kernel's own launcher. The interpreter
+    always takes the JIT path."""
 
     __slots__ = ("kernel", "grid", "scalars", "meta", "constexprs", "_runners")
 
@@ -54,7 +55,7 @@ class CachedLaunch:
         if INTERPRET or not CACHE_LAUNCHES:
             self.kernel[self.grid](*tensors, *self.scalars, **self.meta)
             return
-        key = (torch.cuda.current_device(), *[t.data_ptr() % 16 == 0 for t in tensors])
+        key = (torch.cuda.current_device(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
         runner = self._runners.get(key)
         if runner is not None:
             runner(*tensors, *self.scalars, *self.constexprs)

@@ -658,6 +658,15 @@ def test_gpu_backward_cached_launches_take_each_steps_tensors(stride):
 
 
 @gpu_only
+def test_gpu_cached_launches_tell_dtypes_apart():
+    """The backward's launches are cached by their scalars and compile-time arguments, which
+    an fp16 and a bf16 layer of one shape share: the tensors' dtypes keep their kernels apart."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float16):
+        check_grads(make_case(28, dtype=dtype, n=2, h=9, w=11, widths=(16,), cin_max=32, cout_max=24, o=16),
+                    "relu")
+
+
+@gpu_only
 def test_cpu_tensors_get_a_clear_error_from_kernels_compiled_for_a_gpu():
     with pytest.raises(ValueError, match="compiled for a GPU"):
         slim_conv2d([torch.randn(1, 4, 5, 5)], torch.randn(8, 4, 3, 3))
