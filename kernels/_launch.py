@@ -38,6 +38,8 @@ class CachedLaunch:
     __slots__ = ("kernel", "grid", "scalars", "meta", "constexprs", "_runners")
 
     def __init__(self, kernel, grid: tuple, scalars: tuple, meta: dict, num_tensors: int):
+        # the compiled kernel's launcher reads three grid dimensions (the JIT pads them itself)
+        grid = tuple(grid) + (1,) * (3 - len(grid))
         self.kernel, self.grid, self.scalars, self.meta = kernel, grid, scalars, meta
         # checked under the interpreter too, which never takes the cached path: the parameters
         # after the tensors and scalars must be exactly the compile-time ones that meta names

@@ -688,7 +688,11 @@ class _EagerSlimConv2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _backward(ctx, grad_y, _backward_impl)
+        if torch.is_grad_enabled():  # create_graph=True: its gradients would be silently constant
+            raise RuntimeError("slim_conv2d: no double backward through the Triton kernels (create_graph=True); "
+                               "use backend='torch' for higher-order gradients")
+        # a dispatch mode entered around the backward alone (FlopCounterMode) sees the op
+        return _backward(ctx, grad_y, None if torch._C._len_torch_dispatch_stack() else _backward_impl)
 
 
 def _macs(x0_shape, x1_shape, w_shape, out_shape) -> int:

@@ -337,6 +337,14 @@ def test_eager_training_calls_match_the_registered_op(monkeypatch):
 
     for eager, op in zip(grads(False), grads(True)):
         assert torch.equal(eager, op)
+    case = make_case(22, widths=(7,), residual=False)
+    case["inputs"][0].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="no double backward"):  # not a silently constant gradient
+        torch.autograd.grad(run(case, "relu").sum(), case["inputs"], create_graph=True)
+    y = run(case, "relu")
+    with FlopCounterMode(display=False) as counter:  # a mode around the backward alone sees the op
+        y.sum().backward()
+    assert counter.get_total_flops() > 0
 
 
 def test_backward_is_deterministic():
@@ -611,6 +619,8 @@ def test_cached_launch_checks_its_arguments_against_the_kernel():
         CachedLaunch(K._conv_fwd_kernel, launch.grid, launch.scalars, launch.meta, num_tensors=7)
     with pytest.raises(ValueError, match="do not match"):
         CachedLaunch(K._conv_fwd_kernel, launch.grid, launch.scalars, dict(launch.meta, BLOCK_Q=16), num_tensors=8)
+    # a compiled kernel's own launcher reads three grid dimensions, unlike the JIT, which pads them
+    assert CachedLaunch(K._conv_fwd_kernel, (5,), launch.scalars, launch.meta, num_tensors=8).grid == (5, 1, 1)
 
 
 @gpu_only
