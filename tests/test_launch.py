@@ -1,0 +1,93 @@
+"""The GPU path of ``CachedLaunch`` without a GPU: Triton's own ``CompiledKernel.__getitem__``
+runner over a stand-in for the compiled kernel and the driver, so that what the runner hands
+the launcher (grid, argument order, which compiled kernel) is checked in CI. The interpreter,
+which runs every other test, never takes this path."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from triton.compiler.compiler import CompiledKernel  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+
+from dds_fast.kernels import _launch  # noqa: E402
+
+
+class _Driver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+
+class _Compiled:
+    """What a JIT launch returns, recording the launches of Triton's runner over it."""
+    __getitem__ = CompiledKernel.__getitem__
+    packed_metadata = function = module = None
+
+    def __init__(self, kernel, signature):
+        self.kernel, self.signature = kernel, signature
+
+    def _init_handles(self):
+        pass
+
+    def launch_metadata(self, *args):
+        return None
+
+    def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
+        self.kernel.calls.append(("runner", self.signature, (gx, gy, gz), args))
+
+
+class _Kernel:
+    """A kernel of parameters (x, y, n, scale, BLOCK, FLAG) whose JIT compiles per tensor dtype."""
+    arg_names = ["x", "y", "n", "scale", "BLOCK", "FLAG"]
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def jit(*args, **meta):
+            signature = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+            self.calls.append(("jit", signature, grid, args, meta))
+            return _Compiled(self, signature)
+        return jit
+
+
+@pytest.fixture
+def gpu_path(monkeypatch):
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(driver, "_active", _Driver())  # what the driver had (None on CI) comes back
+
+
+def test_runner_gets_three_grid_dimensions_and_the_arguments_in_order(gpu_path):
+    kernel = _Kernel()
+    x, y = torch.randn(8), torch.randn(8)
+    for _ in range(2):
+        _launch.launch(kernel, (5,), (x, y), (8, 0.5), BLOCK=16, FLAG=True, num_warps=4)
+    jit, runner = kernel.calls
+    assert jit[0] == "jit" and jit[3] == (x, y, 8, 0.5) and jit[4] == dict(BLOCK=16, FLAG=True, num_warps=4)
+    # the compiled kernel's launcher reads grid[0..2], and every parameter, constexprs included
+    assert runner[0] == "runner" and runner[2] == (5, 1, 1)
+    assert runner[3][:4] == (x, y, 8, 0.5) and runner[3][4:] == (16, True)
+
+
+def test_runners_are_kept_apart_by_dtype_and_alignment(gpu_path):
+    kernel = _Kernel()
+    half, bf16 = torch.randn(16, dtype=torch.float16), torch.randn(16, dtype=torch.bfloat16)
+    shifted = torch.randn(17, dtype=torch.float16)[1:]  # 2 bytes past a 16-byte boundary
+    for tensor in (half, bf16, half, bf16, shifted, shifted):
+        _launch.launch(kernel, (2, 1, 1), (tensor, tensor), (16, 1.0), BLOCK=16, FLAG=False)
+    kinds = [(call[0], call[1]) for call in kernel.calls]
+    assert kinds == [("jit", ("torch.float16",) * 2), ("jit", ("torch.bfloat16",) * 2),
+                     ("runner", ("torch.float16",) * 2), ("runner", ("torch.bfloat16",) * 2),
+                     ("jit", ("torch.float16",) * 2), ("runner", ("torch.float16",) * 2)]
+
+
+def test_the_jit_path_is_taken_every_call_when_caching_is_off(gpu_path, monkeypatch):
+    monkeypatch.setattr(_launch, "CACHE_LAUNCHES", False)
+    kernel = _Kernel()
+    x = torch.randn(4)
+    for _ in range(3):
+        _launch.launch(kernel, (1, 1, 1), (x, x), (4, 2.0), BLOCK=16, FLAG=True)
+    assert [call[0] for call in kernel.calls] == ["jit"] * 3
