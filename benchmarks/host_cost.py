@@ -99,20 +99,35 @@ def cases(device: str, dtype: torch.dtype) -> dict:
         "fused gate, attention off": gate_without_attention,
         "eager gate (reference ops), attention on": lambda: reference_gate(features),
         "SlimConv2d training step (forward + backward)": training_step,
-        "the same through the torch.library op": training_step_through_the_op,
+        "SlimConv2d training step through the torch.library op": training_step_through_the_op,
     }
 
 
 def main(out_path: str) -> None:
     device, dtype = ("cuda", torch.float16) if CUDA else ("cpu", torch.float32)
+    if not CUDA:
+        torch.set_num_threads(1)  # host work is one thread; two OpenMP threads made zeros_like 7 ms here
+    device_name = torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()})"
     rows = {}
+
+    def measure(mode: str, runs: dict) -> None:
+        """Time each case, printing and saving as it goes (a time limit keeps what is done)."""
+        rows[mode] = {}
+        for name, fn in runs.items():
+            rows[mode][name] = per_call_us(fn, calls=300 if "training" in name else 2000)
+            print(f"{mode:14s} {name:46s} {rows[mode][name]:8.1f} us/call", flush=True)
+            with open(out_path, "w") as f:
+                json.dump(dict(device=device_name, torch=torch.__version__, dtype=str(dtype),
+                               python=platform.python_version(), us_per_call=rows), f, indent=2)
+
     with torch.no_grad():
         runs = cases(device, dtype)
+        launched = {name: fn for name, fn in runs.items() if "eager" not in name}
         if CUDA:
-            rows["launched"] = {name: per_call_us(fn) for name, fn in runs.items()}
+            measure("launched", runs)
             _launch.CACHE_LAUNCHES = False
             try:
-                rows["launched, JIT"] = {name: per_call_us(fn) for name, fn in runs.items() if "eager" not in name}
+                measure("launched, JIT", launched)
             finally:
                 _launch.CACHE_LAUNCHES = True
         saved = [(module, name, getattr(module, name)) for module, name in KERNELS]
@@ -120,19 +135,11 @@ def main(out_path: str) -> None:
             for module, name, kernel in saved:
                 setattr(module, name, _NoLaunch(kernel))
             conv_kernels._forward_plan.cache_clear()  # cached plans hold the kernel they launch
-            rows["stubbed"] = {name: per_call_us(fn) for name, fn in runs.items() if "eager" not in name}
+            measure("stubbed", launched)
         finally:
             for module, name, kernel in saved:
                 setattr(module, name, kernel)
             conv_kernels._forward_plan.cache_clear()
-    for mode, timings in rows.items():
-        for name, us in timings.items():
-            print(f"{mode:14s} {name:42s} {us:8.1f} us/call")
-    device_name = torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()})"
-    with open(out_path, "w") as f:
-        json.dump(dict(device=device_name, torch=torch.__version__, dtype=str(dtype), python=platform.python_version(),
-                       us_per_call=rows), f, indent=2)
-
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "host-cost.json")

@@ -106,7 +106,9 @@ def main(out_path: str) -> None:
 
                         error = error_of(run())
                         ms = median_ms(run) if error < 1e-2 else None
-                    chosen = tiles or launcher_tiles(DTYPE, size * size, cmax if per_image else width, cmax)
+                    # the tiles the launcher picks: the active widths for a static launch
+                    widths_seen = (cmax, cmax) if per_image else (width, width)
+                    chosen = tiles or launcher_tiles(DTYPE, size * size, *widths_seen)
                     record(case=case, cmax=cmax, size=size, width=width, candidate=name, tiles=chosen,
                            rel_error=error, median_ms=ms)
     finally:

@@ -101,12 +101,14 @@ def bench_layers(channels: int, sizes, batches, device, dtype, warmup: int, repe
                         row = dict(size=size, batch=batch, ratio=ratio, width=width, variant=name, step=step)
                         try:
                             timing = runner.time_fn(fn)
-                            if step == "forward" and device.type == "cuda":
-                                # the GPU's own time, without the host's launch cost
-                                row["graph_median_ms"] = runner.time_fn(fn, cuda_graph=True).median_ms
                         except Exception as error:  # torch.compile can be unavailable (no compiler): report it
                             rows.append(dict(row, error=f"{type(error).__name__}: {error}"[:300]))
                             continue
+                        if step == "forward" and device.type == "cuda":
+                            try:  # the GPU's own time, without the host's launch cost
+                                row["graph_median_ms"] = runner.time_fn(fn, cuda_graph=True).median_ms
+                            except Exception as error:  # a capture that fails keeps the eager timing
+                                row["graph_error"] = f"{type(error).__name__}: {error}"[:300]
                         rows.append(dict(row, macs=STEPS[step][0] * width * width * 9 * size * size * batch,
                                          **asdict(timing)))
     return rows
@@ -126,10 +128,13 @@ def layer_markdown(rows: list[dict]) -> str:
         if "median_ms" not in r:
             lines.append(f"{where} failed: {r['error']} | |" + (" | |" if graphs else ""))
             continue
-        static = timed[(r["size"], r["batch"], r["ratio"], r["step"])]
-        line = f"{where} {r['median_ms']:.4f} | {static['median_ms'] / r['median_ms']:.2f}x |"
+        static = timed.get((r["size"], r["batch"], r["ratio"], r["step"]))
+        if static is None:  # the baseline failed: no ratio
+            line = f"{where} {r['median_ms']:.4f} | |"
+        else:
+            line = f"{where} {r['median_ms']:.4f} | {static['median_ms'] / r['median_ms']:.2f}x |"
         if graphs:
-            if "graph_median_ms" in r and "graph_median_ms" in static:
+            if static is not None and "graph_median_ms" in r and "graph_median_ms" in static:
                 line += f" {r['graph_median_ms']:.4f} | {static['graph_median_ms'] / r['graph_median_ms']:.2f}x |"
             else:
                 line += " | |"

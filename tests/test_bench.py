@@ -19,6 +19,10 @@ def test_layer_table_shows_graph_replay_times_beside_eager_ones():
     assert "| triton fused | 0.1000 | 0.50x | 0.0100 | 2.00x |" in table
     eager_only = [{k: v for k, v in row("(b) static", 0.05, 0.0).items() if k != "graph_median_ms"}]
     assert "graph" not in layer_markdown(eager_only)
+    # a failed baseline leaves our row without a ratio, not the table without a row
+    failed = dict(size=512, batch=1, ratio=0.25, width=16, variant="(b) static", step="forward", error="boom")
+    table = layer_markdown([row("triton fused", 0.1, 0.01), failed])
+    assert "| triton fused | 0.1000 | | | |" in table and "failed: boom" in table
 
 
 def test_bench_targets_say_what_is_met_and_by_how_much():
