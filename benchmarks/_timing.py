@@ -54,3 +54,37 @@ def kernel_table(fn, runs: int = 5, rows: int = 20) -> str:
             fn()
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
+def network_arguments(doc: str, out: str, configs: list[str]):
+    """The command line of the scripts that time or profile SlimUNet configs: OUT, --config
+    (repeatable), --batch and --size."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("out", nargs="?", default=out)
+    parser.add_argument("--config", action="append", help="a label of dds_fast.runner.default_configs "
+                        f"(repeat for several; default {' and '.join(configs)})")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+    args.config = args.config or configs
+    return args
+
+
+def chosen_configs(labels: list[str], net) -> dict:
+    """The net's configs (``dds_fast.runner.default_configs``) of ``labels``; exits naming any unknown."""
+    from dds_fast.runner import default_configs
+
+    configs = dict(default_configs(net))
+    unknown = [label for label in labels if label not in configs]
+    if unknown:
+        raise SystemExit(f"--config must be among {sorted(configs)}, got {unknown}")
+    return {label: configs[label] for label in labels}
+
+
+def write_reports(path: str, reports: list[str]) -> None:
+    text = "\n\n".join(reports)
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)

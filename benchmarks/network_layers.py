@@ -9,31 +9,24 @@ conv over the concatenated inputs and a contiguous copy of the active weight (bi
 activation left out: the floor of what slicing cannot reach). Without a GPU it runs the
 reference path on the CPU in fp32 with wall-clock medians: a check of the script, not a speed.
 """
-import argparse
 import json
 
 import torch
 import torch.nn.functional as F
 
-from _timing import CUDA, median_ms
+from _timing import CUDA, chosen_configs, median_ms, network_arguments
 
 from dds_fast import SlimConv2d, SlimUNet
-from dds_fast.runner import LatencyRunner, default_configs
+from dds_fast.runner import LatencyRunner
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", default="network-layers.json")
-    parser.add_argument("--config", action="append", help="a label of dds_fast.runner.default_configs "
-                        "(repeat for several; default smallest and largest)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=512)
-    args = parser.parse_args()
+    args = network_arguments(__doc__, "network-layers.json", ["smallest", "largest"])
     device, dtype = ("cuda", torch.float16) if CUDA else ("cpu", torch.float32)
     net = SlimUNet(in_channels=3, base_width=32, depth=4).to(device, dtype).to(memory_format=torch.channels_last)
     net.eval()
     peaks = LatencyRunner(torch.nn.Identity(), (1, 1, 1, 1), dtype, torch.device(device), 2, 5).measure_peaks()
-    configs = dict(default_configs(net))
+    configs = chosen_configs(args.config, net)
     x = torch.rand(args.batch, 3, args.size, args.size, device=device, dtype=dtype).to(
         memory_format=torch.channels_last)
     convs = [(name, m) for name, m in net.named_modules() if isinstance(m, SlimConv2d)]
@@ -41,8 +34,8 @@ def main() -> None:
                   torch=torch.__version__, dtype=str(dtype),
                   input=list(x.shape), peaks=dict(flops_per_s=peaks.flops_per_s, bytes_per_s=peaks.bytes_per_s),
                   configs={})
-    for label in args.config or ["smallest", "largest"]:
-        net.set_config(configs[label])
+    for label, config in configs.items():
+        net.set_config(config)
         calls = {}
         hooks = [m.register_forward_pre_hook(lambda m, a, kw, name=name: calls.setdefault(name, (a, kw)),
                                              with_kwargs=True) for name, m in convs]

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from _timing import kernel_table
+from _timing import kernel_table, write_reports
 from dds_fast.bench import backward_step, layer_variants
 
 
@@ -31,9 +31,7 @@ def main() -> None:
         table = kernel_table(backward_step(variants[name], x))
         reports.append(f"{torch.cuda.get_device_name()}, {name}, 3x3 conv width {width} of 64, input "
                        f"{list(x.shape)} fp16 channels_last, 5 forward+backward steps\n{table}")
-    with open(args.out, "w") as f:
-        f.write("\n\n".join(reports))
-    print("\n\n".join(reports))
+    write_reports(args.out, reports)
 
 
 if __name__ == "__main__":
