@@ -420,6 +420,7 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int
 
 GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90
 TAPS_IN_K_CHANNELS = 4  # inputs of at most this many channels fold the taps into the reduction
+MAX_BATCH = 65535  # images are the grid's third dimension, which CUDA caps at 65535
 FOLD_LIMIT = 128  # rows of partial sums that a reduction's single pass may take; more are folded first
 
 
@@ -791,6 +792,8 @@ def _reason(specs, weight_spec, stride, padding, dilation, groups, padding_mode,
             return f"input dtype {dtype} with weight dtype {w_dtype} (the weight's, or fp32 master weights)"
         if device_type != "cuda" and not INTERPRET:
             return f"tensor on {device_type} (the kernels need CUDA, or TRITON_INTERPRET=1)"
+    if len(specs[0][0]) == 4 and specs[0][0][0] > MAX_BATCH:
+        return f"a batch of {specs[0][0][0]} images (the kernels' grid takes at most {MAX_BATCH})"
     for shape, _, _ in specs:
         if len(shape) == 4 and max(shape[1], w_shape[0]) * shape[2] * shape[3] >= 2 ** 31:
             return (f"an image of {shape[1]} channels, {shape[2]}x{shape[3]}, with {w_shape[0]} output "
@@ -834,6 +837,17 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
         if start < 0 or start + t.shape[1] > cin_max:
             raise ValueError(f"slim_conv2d: input {i} has {t.shape[1]} channels from weight channel {start}, "
                              f"beyond the weight's {cin_max} input channels")
+    n = first.shape[0]
+    if n > MAX_BATCH:
+        raise ValueError(f"slim_conv2d: a batch of {n} images; the kernels' grid takes at most {MAX_BATCH} "
+                         f"(split the batch)")
+    for name, t in [(f"input {i}", t) for i, t in enumerate(inputs)] + [("residual", residual)]:
+        # offsets within an image are int32: a view into a much wider buffer can reach past them
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and sum((size - 1) * abs(step) for size, step in
+                                                  zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31:
+            raise ValueError(f"slim_conv2d: {name} (shape {tuple(t.shape)}, strides {t.stride()}) spans 2**31 "
+                             f"elements or more within an image, past the kernels' int32 offsets; pass a "
+                             f"contiguous copy")
     if len(inputs) == 2 and segment_starts[0] + inputs[0].shape[1] > segment_starts[1]:
         raise ValueError(f"slim_conv2d: segment_starts {list(segment_starts)} must ascend without overlap: input 0 "
                          f"takes weight channels {segment_starts[0]} to {segment_starts[0] + inputs[0].shape[1] - 1}")

@@ -592,6 +592,23 @@ def test_bad_arguments_raise_value_error():
         slim_conv2d([x], w, padding="same")
 
 
+def test_limits_of_the_kernels_indexing_get_clear_errors():
+    """Images are the grid's third dimension (at most 65535), and offsets within an image are
+    int32: past either, a clear error (and unsupported_reason names the batch, for layers to
+    fall back), never a failed launch or a wrapped offset."""
+    weight = torch.randn(4, 2, 3, 3, device=DEVICE)
+    many = torch.randn(K.MAX_BATCH + 1, 2, 1, 1, device=DEVICE)
+    assert "batch of 65536 images" in unsupported_reason([many], weight)
+    with pytest.raises(ValueError, match="at most 65535"):
+        slim_conv2d([many], weight)
+    if not K.INTERPRET:
+        return  # kernels compiled for a GPU take no meta tensors
+    # a view into a buffer 2**31 elements wide (meta tensors: nothing is allocated)
+    wide = torch.empty(2 ** 31 + 8, dtype=torch.float16, device="meta").as_strided((1, 2, 2, 2), (8, 2 ** 31, 2, 1))
+    with pytest.raises(ValueError, match="int32 offsets"):
+        slim_conv2d([wide], torch.empty(4, 2, 3, 3, dtype=torch.float16, device="meta"))
+
+
 def test_empty_batch_forward_and_backward():
     case = make_case(16, n=0, widths=(13,), residual=True)
     check_grads(case, "leaky_relu")  # empty outputs and inputs' gradients; weight and bias gradients zero
