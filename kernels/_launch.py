@@ -8,6 +8,7 @@ import torch
 
 # Read once at import: triton.jit picks interpretation when the kernels are decorated, too.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_BATCH = 65535  # the kernels put images on the grid's third dimension, which CUDA caps there
 
 
 def cdiv(a: int, b: int) -> int:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from ._launch import INTERPRET, CachedLaunch, cdiv, launch, next_pow2
+from ._launch import INTERPRET, MAX_BATCH, CachedLaunch, cdiv, launch, next_pow2
 from ._rows import fold_rows
 
 ACTIVATIONS = (None, "relu", "leaky_relu")
@@ -420,7 +420,6 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int
 
 GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90
 TAPS_IN_K_CHANNELS = 4  # inputs of at most this many channels fold the taps into the reduction
-MAX_BATCH = 65535  # images are the grid's third dimension, which CUDA caps at 65535
 FOLD_LIMIT = 128  # rows of partial sums that a reduction's single pass may take; more are folded first
 
 

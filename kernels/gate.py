@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, cdiv, launch, next_pow2
+from ._launch import INTERPRET, MAX_BATCH, cdiv, launch, next_pow2
 from ._rows import fold_rows
 
 __all__ = ["BatchNormStats", "GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale"]
@@ -168,6 +168,8 @@ def _pixels(x: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
         raise ValueError(f"{what}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"{what}: x is empty, shape {tuple(x.shape)}")
+    if x.shape[0] > MAX_BATCH:
+        raise ValueError(f"{what}: a batch of {x.shape[0]} images; the kernels' grid takes at most {MAX_BATCH}")
     h, w = x.shape[2], x.shape[3]
     if w == 1:
         return x, x.stride(2)

@@ -350,6 +350,8 @@ def test_kernel_argument_errors():
                           *args[3:])
     with pytest.raises(ValueError, match="partials must be fp32"):
         kernels.gate_head(torch.randn(1, 1, 8, dtype=torch.float64, device=DEVICE), 4, *args)
+    with pytest.raises(ValueError, match="at most 65535"):
+        kernels.squeeze_partials(torch.randn(65536, 2, 1, 1, device=DEVICE))
     with pytest.raises(ValueError, match=r"scale must be fp32 \[2, 8\]"):
         kernels.apply_scale(torch.randn(2, 8, 3, 3, device=DEVICE), torch.ones(2, 7, device=DEVICE))
     with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
