@@ -601,6 +601,7 @@ def _distributed_worker(rank, world, init_file, run_dir):
         loop, _ = make_loop(run_dir, steps=3, optimizer="sgd")
         assert loop.world == world and len(loop.batch(0)[0]) == 2 // world
         loop.run()
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (it aborted once)
     finally:
         dist.destroy_process_group()
 
