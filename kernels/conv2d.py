@@ -449,18 +449,18 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     y_strides = torch.empty(out_shape, device="meta", memory_format=torch.channels_last).stride()
     r_strides = y_strides if mr is None else mr[1]
     wd_strides = (0, 0) if mwd is None else mwd[1]
-    # per-image widths share one kernel for every width; a static launch sizes its tiles to
-    # the active widths (at width 16 of 64, a 64-wide tile wastes 3/4 of each MMA)
-    # an image's few channels (a net's first conv): the taps join the reduction (_fwd_taps_in_k),
-    # in one 32-wide step for 3 channels, or two 16-wide ones at 64 columns, where 32 spills
+    # Per-image widths share one kernel for every width; a static launch sizes its tiles to
+    # the active widths (at width 16 of 64, a 64-wide tile wastes 3/4 of each MMA). An image's
+    # few channels (a net's first conv) join the taps in the reduction (_fwd_taps_in_k): one
+    # 32-wide step for 3 channels, or two 16-wide ones at 64 columns, where 32 spills.
     taps_in_k = m1 is None and mwd is None and k > 1 and 0 < c0 <= TAPS_IN_K_CHANNELS
-    if taps_in_k:
+    if mwd is not None:
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0], w_shape[1])
+    elif taps_in_k:
         reduction = _pow2(c0 * k * k, 16, 32 if out_channels <= 32 else 16)
         bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, reduction)
-    elif mwd is None:
-        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, max(c0, c1))
     else:
-        bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0], w_shape[1])
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, max(c0, c1))
     scalars = (h, w, ho, wo, c0, c1, out_channels, start0, start1, *x0_strides, *x1_strides, *w_strides,
                w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides, *wd_strides, float(negative_slope))
     per_image_multiple = [] if mwd is None else [widths_multiple]
