@@ -7,8 +7,8 @@
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
 # benchmarks/gpu_session.sh [full|quick]. quick (under 9 minutes at its step limits) runs the tests that touch
 # a kernel, the host time per call, the layer table, the network at batch 8, a forward tile
-# sweep, a profile of a layer's training step, each layer of three network configs alone and
-# the per-kernel breakdown. (Nsight Compute: benchmarks/ncu_forward.py says how.)
+# sweep, a profile of a layer's training step, each layer of three network configs alone,
+# the per-kernel breakdown and the gate head's kernels. (Nsight Compute: benchmarks/ncu_forward.py says how.)
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-$PWD/gpu-out}
@@ -56,6 +56,9 @@ y.stride(), 'channels_last' if y.is_contiguous(memory_format=torch.channels_last
   step "forward tile sweep: narrow (Cmax 64, 512x512), wide (Cmax 384, 64x64) and per-image layers, batch 8"
   timeout -k 15 -s INT 100 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_forward_tiles.json" > "$R/sweep.txt" 2>&1
   cat "$R/sweep.txt"
+  step "the fused gate head's kernels under the profiler"
+  timeout -k 15 -s INT 40 python3 benchmarks/profile_gate.py "$R/profile_gate.txt" > /dev/null 2>&1
+  grep -E "gate on|Self CUDA time total|_kernel" "$R/profile_gate.txt" | cut -c1-60,100-175
   step pack
   tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
   exit 0

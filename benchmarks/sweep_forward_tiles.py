@@ -1,18 +1,20 @@
-"""Tile sweep for the forward kernel: which (BLOCK_M, BLOCK_N, BLOCK_K, warps) is fastest at
-each width, checked against an fp64 reference before it is timed, beside cuDNN on the same
-narrow shape.
+"""Tile sweep for the conv kernels: which tiles are fastest at each width, checked against an
+fp64 reference before they are timed, beside cuDNN on the same narrow shape.
 
     python benchmarks/sweep_forward_tiles.py [OUT.json]
 
-3x3 layers, fp16, channels_last, batch 8 (on a GPU; without one, tiny fp32 cases under the
-interpreter check the script, not the speed):
-- narrow: Cmax 64 at 512x512, widths 16, 32 and 64 (the first level of a slimmable U-Net);
-- wide: Cmax 384 at 64x64, widths 288 and 384 (the deepest level of the benchmark's
-  SlimUNet at a 512x512 input);
+3x3 layers, fp16, channels_last activations and weights, batch 8 (on a GPU; without one,
+tiny fp32 cases under the interpreter check the script, not the speed). Forward, the
+launcher's tiles against v9's (which ignored the fast layout's room for bigger tiles):
+- narrow: Cmax 64 at 512x512, widths 48 and 64;
+- mid: 96 channels at 256x256 and 192 at 128x128 (the benchmark SlimUNet's middle levels);
+- wide: Cmax 384 at 64x64, width 384 (its deepest level);
 - per-image: the narrow layer with per-image widths (DDSNet's dynamic mode), every image at
   width 16 or every image at 64: one kernel serves both, so its tiles trade one for the other.
-The launcher's tile choice (``kernels.conv2d._tiles``) is swapped for each candidate in turn;
-"launcher" is today's. Rows are written to the JSON as they come, so a time limit keeps them.
+Grad weight (``grad-weight`` rows), widths 16 and 64 at 512x512 and 96 at 256x256: a kernel
+row's three taps per program against one tap per program.
+The swapped-in choices are restored at the end; rows are written to the JSON as they come,
+so a time limit keeps them. Earlier sweeps' candidates and results are in benchmarks/NOTES.md.
 """
 import json
 import os
@@ -30,36 +32,35 @@ from dds_fast.kernels import conv2d as K  # noqa: E402
 
 DTYPE, BATCH = (torch.float16, 8) if CUDA else (torch.float32, 1)
 # (name, Cmax, size, widths)
-CASES = [("narrow", 64, 512, (16, 32, 64)), ("wide", 384, 64, (288, 384)), ("per-image", 64, 512, (16, 64))] \
-    if CUDA else [("narrow", 32, 8, (16, 32)), ("wide", 64, 4, (48,)), ("per-image", 32, 8, (16,))]
+CASES = [("narrow", 64, 512, (48, 64)), ("mid", 96, 256, (96,)), ("mid", 192, 128, (192,)), ("wide", 384, 64, (384,)),
+         ("per-image", 64, 512, (16, 64))] if CUDA else [
+    ("tiny", 8, 8, (8,)), ("narrow", 32, 8, (16, 32)), ("wide", 64, 4, (48,)), ("per-image", 32, 8, (16,))]
+GRAD_WEIGHT_CASES = [(64, 512, 16), (64, 512, 64), (96, 256, 96)] if CUDA else [(32, 8, 16)]
+
+
+LAUNCHER_TILES = K._tiles
+
+
+def v9_tiles(dtype, npix, cols, red, fast=False):
+    """The tiles before v10, which ignored the fast layout."""
+    return LAUNCHER_TILES(dtype, npix, cols, red, False)
 
 
 def candidates(case: str, width: int) -> dict:
-    bucket = K._pow2(width, 16, 64)  # the active width's power of two, not the weight's
-    if case == "narrow":
-        return {"launcher": None,
-                "v6: BLOCK_N from Cmax, BLOCK_K 16": (128, 64, 16, 8),
-                "BLOCK_M 256, BLOCK_K 32": (256, bucket, 32, 8),
-                "BLOCK_M 128, BLOCK_K 32": (128, bucket, 32, 8),
-                "BLOCK_M 128, BLOCK_K 64": (128, bucket, 64, 8),
-                "BLOCK_M 256, BLOCK_K 16": (256, bucket, 16, 8),
-                "BLOCK_M 256, BLOCK_K 16, 4 warps": (256, bucket, 16, 4)}
-    if case == "wide":
-        return {"launcher": None,
-                "BLOCK_K 64": (128, 64, 64, 8),
-                "BLOCK_N 128, BLOCK_K 64": (128, 128, 64, 8),
-                "BLOCK_N 128, BLOCK_K 32": (128, 128, 32, 8),
-                "BLOCK_M 64, BLOCK_K 64, 4 warps": (64, 64, 64, 4),
-                "BLOCK_M 256, BLOCK_K 32": (256, 64, 32, 8)}
-    return {"launcher": None,
-            "BLOCK_N 32": (128, 32, 32, 8),
-            "BLOCK_N 16, BLOCK_M 256": (256, 16, 32, 8),
-            "BLOCK_N 64, BLOCK_K 16": (128, 64, 16, 8)}
+    """name -> (tiles, or a replacement of _tiles, or None for the launcher's; TAPS_IN_K_CHANNELS
+    or None for today's). Earlier sweeps' candidates are in benchmarks/NOTES.md."""
+    if case == "tiny":
+        return {"launcher": (None, None), "per-tap loop": (None, 0), "taps in the reduction": (None, width)}
+    return {"launcher": (None, None), "v9: small tiles in every layout": (v9_tiles, None)}
+
+
+# name -> GRAD_WEIGHT_ROW_TAPS (None: today's)
+GRAD_WEIGHT_CANDIDATES = {"launcher": None, "a tap per program": False}
 
 
 def main(out_path: str) -> None:
     device = "cuda" if CUDA else "cpu"
-    launcher_tiles = K._tiles
+    launcher_tiles, launcher_taps, launcher_row_taps = K._tiles, K.TAPS_IN_K_CHANNELS, K.GRAD_WEIGHT_ROW_TAPS
     device_name = torch.cuda.get_device_name() if CUDA else "CPU (interpreter: checks the script, not the speed)"
     report = dict(device=device_name, torch=torch.__version__, dtype=str(DTYPE), batch=BATCH, rows=[])
 
@@ -68,19 +69,32 @@ def main(out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=2)
         shown = "wrong result" if row["median_ms"] is None else f"{row['median_ms']:8.4f} ms"
-        print(f"{row['case']:9s} width {row['width']:3d}  {row['candidate']:46s} {shown}  "
+        print(f"{row['case']:11s} Cmax {row['cmax']:3d} width {row['width']:3d}  {row['candidate']:36s} {shown}  "
               f"rel err {row['rel_error']:.1e}", flush=True)
+
+    def timed(run, error_of):
+        """(relative error, median ms); a candidate that fails to build or run is a row, not an end."""
+        try:
+            error = error_of(run())
+        except Exception as failure:  # noqa: BLE001 (e.g. out of shared memory for these tiles)
+            print(f"failed: {str(failure)[:300]}", flush=True)
+            return float("nan"), None
+        return error, (median_ms(run) if error < 1e-2 else None)
+
+    def layer(cmax, width, size, per_image=False):
+        torch.manual_seed(0)
+        weight = torch.randn(cmax, cmax, 3, 3, device=device, dtype=DTYPE).to(
+            memory_format=torch.channels_last) / (3 * width ** 0.5)
+        # per-image widths read a max-width buffer up to each image's width
+        x = torch.randn(BATCH, cmax if per_image else width, size, size, device=device, dtype=DTYPE).to(
+            memory_format=torch.channels_last)
+        return weight, x
 
     try:
         for case, cmax, size, widths in CASES:
             for width in widths:
-                torch.manual_seed(0)
-                weight = torch.randn(cmax, cmax, 3, 3, device=device, dtype=DTYPE).to(
-                    memory_format=torch.channels_last) / (3 * width ** 0.5)
                 per_image = case == "per-image"
-                # per-image widths read a max-width buffer up to each image's width
-                x = torch.randn(BATCH, cmax if per_image else width, size, size, device=device, dtype=DTYPE).to(
-                    memory_format=torch.channels_last)
+                weight, x = layer(cmax, width, size, per_image)
                 widths = torch.full((BATCH, 2), width, dtype=torch.int32, device=device) if per_image else None
                 x_active = x[:, :width]
                 reference = F.conv2d(x_active.double(), weight[:width, :width].double(), padding=1)
@@ -91,28 +105,58 @@ def main(out_path: str) -> None:
                     return ((y[:, :width].double() - reference).norm() / reference.norm()).item()
 
                 with torch.no_grad():
-                    y = F.conv2d(dense, narrow, padding=1)
-                    record(case=case, cmax=cmax, size=size, width=width, candidate="cuDNN static (b), no epilogue",
-                           tiles=None, rel_error=error_of(y),
-                           median_ms=median_ms(lambda: F.conv2d(dense, narrow, padding=1)))
-                for name, tiles in candidates(case, width).items():
-                    K._tiles = launcher_tiles if tiles is None else (lambda *args, t=tiles: t)
+                    error, ms = timed(lambda: F.conv2d(dense, narrow, padding=1), error_of)
+                record(case=case, cmax=cmax, size=size, width=width, candidate="cuDNN static (b), no epilogue",
+                       tiles=None, rel_error=error, median_ms=ms)
+                for name, (tiles, taps) in candidates(case, width).items():
+                    K._tiles = launcher_tiles if tiles is None else tiles if callable(tiles) else (
+                        lambda *args, t=tiles: t)
+                    K.TAPS_IN_K_CHANNELS = launcher_taps if taps is None else taps
                     K._forward_plan.cache_clear()  # launch plans hold the tiles they were built with
-                    with torch.no_grad():
-                        def run():
-                            if per_image:
-                                return K.slim_conv2d([x], weight, widths=widths, widths_multiple=8)
-                            return K.slim_conv2d([x], weight, out_channels=width)
 
-                        error = error_of(run())
-                        ms = median_ms(run) if error < 1e-2 else None
+                    def run():
+                        if per_image:
+                            return K.slim_conv2d([x], weight, widths=widths, widths_multiple=8)
+                        return K.slim_conv2d([x], weight, out_channels=width)
+
+                    with torch.no_grad():
+                        error, ms = timed(run, error_of)
                     # the tiles the launcher picks: the active widths for a static launch
                     widths_seen = (cmax, cmax) if per_image else (width, width)
-                    chosen = tiles or launcher_tiles(DTYPE, size * size, *widths_seen)
+                    chosen = K._tiles(DTYPE, size * size, *widths_seen, True)
                     record(case=case, cmax=cmax, size=size, width=width, candidate=name, tiles=chosen,
                            rel_error=error, median_ms=ms)
+        K._tiles, K.TAPS_IN_K_CHANNELS = launcher_tiles, launcher_taps
+        K._forward_plan.cache_clear()
+        for cmax, size, width in GRAD_WEIGHT_CASES:
+            weight, x = layer(cmax, width, size)
+            dy = torch.randn(BATCH, width, size, size, device=device, dtype=DTYPE).to(
+                memory_format=torch.channels_last)
+            reference = torch.nn.grad.conv2d_weight(x.double(), (width, width, 3, 3), dy.double(), padding=1)
+            dense = x.contiguous(memory_format=torch.channels_last)
+            narrow = weight[:width, :width].contiguous(memory_format=torch.channels_last)
+
+            def error_of(dw):
+                return ((dw[:width, :width].double() - reference).norm() / reference.norm()).item()
+
+            def cudnn():
+                return torch.ops.aten.convolution_backward(dy, dense, narrow, None, (1, 1), (1, 1), (1, 1), False,
+                                                           (0, 0), 1, (False, True, False))[1]
+            error, ms = timed(cudnn, error_of)
+            record(case="grad-weight", cmax=cmax, size=size, width=width, candidate="cuDNN static (b)",
+                   tiles=None, rel_error=error, median_ms=ms)
+            for name, row_taps in GRAD_WEIGHT_CANDIDATES.items():
+                K.GRAD_WEIGHT_ROW_TAPS = launcher_row_taps if row_taps is None else row_taps
+
+                def run():
+                    dw = torch.zeros_like(weight)
+                    K._grad_weight_into(dw, dy, x, 0, 1, 1, width)
+                    return dw
+                error, ms = timed(run, error_of)
+                record(case="grad-weight", cmax=cmax, size=size, width=width, candidate=name,
+                       tiles=K._grad_weight_tiles(DTYPE, width, width), rel_error=error, median_ms=ms)
     finally:
-        K._tiles = launcher_tiles
+        K._tiles, K.TAPS_IN_K_CHANNELS, K.GRAD_WEIGHT_ROW_TAPS = launcher_tiles, launcher_taps, launcher_row_taps
         K._forward_plan.cache_clear()
 
 

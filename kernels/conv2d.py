@@ -296,49 +296,89 @@ def _bwd_input_kernel(
     tl.store(x_ptrs, acc.to(dx.dtype.element_ty), mask=m_ok[:, None] & ci_ok[None, :])
 
 
+@triton.jit
+def _x_tile(x, pix, iw, row_ok, ci, ci_ok, sxw, sxc, W):
+    """The input tile [pixels, BLOCK_CI] under one tap: pixel offsets ``pix`` (image and row)
+    plus column ``iw``, zero where the tap falls outside the image."""
+    ok = row_ok & (iw >= 0) & (iw < W)
+    return tl.load(x + (pix + iw * sxw)[:, None] + (ci * sxc)[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["COUT", "CIN", "NPIX", "CHUNK"])
 def _bwd_weight_kernel(
     dz, x, ws, H, W, HO, WO, NPIX, CHUNK, COUT, CIN,
     szn, szc, szh, szw, sxn, sxc, sxh, sxw,
-    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_TAPS: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr,
     C_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr,
 ):
-    """Partial grad weight of one tap over one chunk of output pixels (all images flattened),
-    written to ws[split, tap, co, ci] in fp32. Taps are on the grid: more parallel programs
-    and one compiled loop instead of KSIZE**2 unrolled ones."""
+    """Partial grad weight over one chunk of output pixels (all images flattened), written to
+    ws[split, tap, co, ci] in fp32: one tap per program, or with ROW_TAPS (KSIZE 3) the three
+    taps of one kernel row, which then share each dz tile instead of loading it three times
+    (with taps on the grid, the operands cross from L2 once per tap). Taps on the grid: more
+    parallel programs and one compiled loop instead of KSIZE**2 unrolled ones."""
     COUT, CIN = _aligned(COUT, C_ALIGN), _aligned(CIN, C_ALIGN)
     szn, szh, szw = _aligned(szn, X_ALIGN), _aligned(szh, X_ALIGN), _aligned(szw, X_ALIGN)
     sxn, sxh, sxw = _aligned(sxn, X_ALIGN), _aligned(sxh, X_ALIGN), _aligned(sxw, X_ALIGN)
     pid_co = tl.program_id(0)
-    pid_ci = tl.program_id(1) // (KSIZE * KSIZE)
-    tap = tl.program_id(1) % (KSIZE * KSIZE)
-    split = tl.program_id(2)
-    r = tap // KSIZE
-    s = tap % KSIZE
     co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < COUT
-    ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    ci_ok = ci < CIN
+    split = tl.program_id(2)
     first = split.to(tl.int64) * CHUNK
-    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
-    for p0 in range(0, CHUNK, BLOCK_P):
-        p = first + p0 + tl.arange(0, BLOCK_P)
-        p_ok = (p < NPIX) & (p0 + tl.arange(0, BLOCK_P) < CHUNK)
-        img = p // (HO * WO)
-        q = p % (HO * WO)
-        oh = q // WO
-        ow = q % WO
-        ih = oh * STRIDE - PAD + r
-        iw = ow * STRIDE - PAD + s
-        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(dz + (img * szn + oh * szh + ow * szw)[None, :] + (co * szc)[:, None],
-                    mask=co_ok[:, None] & p_ok[None, :], other=0.0)
-        bt = tl.load(x + (img * sxn + ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
-                     mask=x_ok[:, None] & ci_ok[None, :], other=0.0)
-        acc = _mma(acc, a, bt, DOT_F32)
-    ws_ptrs = ws + ((split * (KSIZE * KSIZE) + tap) * COUT + co[:, None]) * CIN + ci[None, :]
-    tl.store(ws_ptrs, acc, mask=co_ok[:, None] & ci_ok[None, :])
+    if ROW_TAPS:
+        pid_ci = tl.program_id(1) // KSIZE
+        r = tl.program_id(1) % KSIZE
+        ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+        ci_ok = ci < CIN
+        acc0 = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+        for p0 in range(0, CHUNK, BLOCK_P):
+            p = first + p0 + tl.arange(0, BLOCK_P)
+            p_ok = (p < NPIX) & (p0 + tl.arange(0, BLOCK_P) < CHUNK)
+            img = p // (HO * WO)
+            q = p % (HO * WO)
+            oh = q // WO
+            ow = q % WO
+            a = tl.load(dz + (img * szn + oh * szh + ow * szw)[None, :] + (co * szc)[:, None],
+                        mask=co_ok[:, None] & p_ok[None, :], other=0.0)
+            ih = oh * STRIDE - PAD + r
+            row_ok = p_ok & (ih >= 0) & (ih < H)
+            pix = img * sxn + ih * sxh
+            iw = ow * STRIDE - PAD
+            acc0 = _mma(acc0, a, _x_tile(x, pix, iw, row_ok, ci, ci_ok, sxw, sxc, W), DOT_F32)
+            acc1 = _mma(acc1, a, _x_tile(x, pix, iw + 1, row_ok, ci, ci_ok, sxw, sxc, W), DOT_F32)
+            acc2 = _mma(acc2, a, _x_tile(x, pix, iw + 2, row_ok, ci, ci_ok, sxw, sxc, W), DOT_F32)
+        ws_ptrs = ws + ((split * (KSIZE * KSIZE) + r * KSIZE) * COUT + co[:, None]) * CIN + ci[None, :]
+        ok = co_ok[:, None] & ci_ok[None, :]
+        tl.store(ws_ptrs, acc0, mask=ok)
+        tl.store(ws_ptrs + COUT * CIN, acc1, mask=ok)
+        tl.store(ws_ptrs + 2 * COUT * CIN, acc2, mask=ok)
+    else:
+        pid_ci = tl.program_id(1) // (KSIZE * KSIZE)
+        tap = tl.program_id(1) % (KSIZE * KSIZE)
+        r = tap // KSIZE
+        s = tap % KSIZE
+        ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+        ci_ok = ci < CIN
+        acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+        for p0 in range(0, CHUNK, BLOCK_P):
+            p = first + p0 + tl.arange(0, BLOCK_P)
+            p_ok = (p < NPIX) & (p0 + tl.arange(0, BLOCK_P) < CHUNK)
+            img = p // (HO * WO)
+            q = p % (HO * WO)
+            oh = q // WO
+            ow = q % WO
+            ih = oh * STRIDE - PAD + r
+            iw = ow * STRIDE - PAD + s
+            x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(dz + (img * szn + oh * szh + ow * szw)[None, :] + (co * szc)[:, None],
+                        mask=co_ok[:, None] & p_ok[None, :], other=0.0)
+            bt = tl.load(x + (img * sxn + ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
+                         mask=x_ok[:, None] & ci_ok[None, :], other=0.0)
+            acc = _mma(acc, a, bt, DOT_F32)
+        ws_ptrs = ws + ((split * (KSIZE * KSIZE) + tap) * COUT + co[:, None]) * CIN + ci[None, :]
+        tl.store(ws_ptrs, acc, mask=co_ok[:, None] & ci_ok[None, :])
 
 
 @triton.jit
@@ -392,33 +432,49 @@ def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
-def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int) -> tuple[int, int, int, int]:
+def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int, fast: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of an implicit GEMM over npix pixels, cols output
     columns and red reduction channels.
 
     Per-image forwards pass the weight's maximum widths, so one compiled kernel serves every
-    width; static launches pass their active widths (a handful of kernels: BLOCK_N 16, 32 or
-    64, BLOCK_K 16 or 32). The interpreter pays per program, so it gets big tiles.
-    The gathered operands' pointer and mask tensors take many registers: these tiles are the
-    ones that do not spill on sm_90 under Triton 3.6 and 3.9 (tests/test_compile_sm90.py).
+    width; static launches pass their active widths. The interpreter pays per program, so it
+    gets big tiles. The gathered operands' pointer and mask tensors take many registers:
+    ``fast`` says every channel stride is 1 and every alignment flag 8 (channels_last
+    activations and weights), where the compiler keeps them small and bigger tiles fit;
+    elsewhere the small tiles are the ones that do not spill on sm_90 under Triton 3.6 and
+    3.9 (tests/test_compile_sm90.py).
     """
     if INTERPRET:
         return _pow2(npix, 16, 1024), _pow2(cols, 16, 64), _pow2(red, 16, 64), 4
     if dtype == torch.float32:
         # ieee fp32 dots unroll into FMAs: small tiles keep code size and registers sane
         return 32, _pow2(cols, 16, 32), 16, 4
-    # From the tile sweeps (benchmarks/NOTES.md, v7 and v8): BLOCK_K 32 halves the loop steps
-    # and their per-step index and mask work once there are 32 channels (and wastes half of
-    # each step below that); narrow tiles take 256 rows. Faster but spilling on sm_90, so not
-    # taken: BLOCK_N 128 on wide layers, 256 x 64 tiles, 4 warps beyond 256 x 16 x 16.
-    bn = _pow2(cols, 16, 64)
+    # From the tile sweeps (benchmarks/NOTES.md, v7, v8 and v10): BLOCK_K 32 halves the loop
+    # steps and their per-step index and mask work once there are 32 channels (and wastes half
+    # of each step below that); narrow tiles take 256 rows; beyond 64 columns, 128 x 128 x 64
+    # tiles were 18-35% faster than 128 x 64 x 32 ones, and 256 x 64 x 32 12-14% at 48-64.
+    bn = _pow2(cols, 16, 128 if fast else 64)
     bk = 32 if red >= 32 else 16
     if bn == 16:
         return 256, bn, bk, (4 if bk == 16 else 8)
-    return (256 if bn == 32 else 128), bn, bk, 8
+    if bn == 128:
+        return 128, bn, (64 if red >= 64 else bk), 8
+    return (256 if bn == 32 or fast else 128), bn, bk, 8
 
 
-GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90
+def _fast_layout(channel_strides: Sequence[int], *alignments: int) -> bool:
+    """Whether a launch may take ``_tiles``' big tiles: unit channel strides, all alignments 8
+    (and 16-byte aligned tensors, ``_aligned_pointers``)."""
+    return all(s == 1 for s in channel_strides) and all(a == 8 for a in alignments)
+
+
+def _aligned_pointers(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether every tensor's address is a multiple of 16 bytes, as the JIT specialises it."""
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90 beyond 16 x 16 tiles
+GRAD_WEIGHT_ROW_TAPS = True  # 3x3 grad weight: a kernel row's three taps per program
 TAPS_IN_K_CHANNELS = 4  # inputs of at most this many channels fold the taps into the reduction
 FOLD_LIMIT = 128  # rows of partial sums that a reduction's single pass may take; more are folded first
 
@@ -436,9 +492,10 @@ def _meta(t: Optional[torch.Tensor]):
 
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_channels, stride, padding,
-                  activation, negative_slope, channel_sums=False) -> _ForwardPlan:
-    """The launch of ``_conv_fwd_kernel`` for arguments with these ``_meta`` keys: computed once
-    per signature, since the host work per call is what bounds small launches."""
+                  activation, negative_slope, channel_sums=False, aligned_pointers=False) -> _ForwardPlan:
+    """The launch of ``_conv_fwd_kernel`` for arguments with these ``_meta`` keys
+    (``aligned_pointers``: whether every tensor's address is a multiple of 16 bytes): computed
+    once per signature, since the host work per call is what bounds small launches."""
     (n, c0, h, w), x0_strides, dtype, device = m0
     c1 = 0 if m1 is None else m1[0][1]
     x1_strides = x0_strides if m1 is None else m1[1]
@@ -454,26 +511,30 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     # few channels (a net's first conv) join the taps in the reduction (_fwd_taps_in_k): one
     # 32-wide step for 3 channels, or two 16-wide ones at 64 columns, where 32 spills.
     taps_in_k = m1 is None and mwd is None and k > 1 and 0 < c0 <= TAPS_IN_K_CHANNELS
-    if mwd is not None:
-        bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0], w_shape[1])
-    elif taps_in_k:
-        reduction = _pow2(c0 * k * k, 16, 32 if out_channels <= 32 else 16)
-        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, reduction)
-    else:
-        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, max(c0, c1))
-    scalars = (h, w, ho, wo, c0, c1, out_channels, start0, start1, *x0_strides, *x1_strides, *w_strides,
-               w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides, *wd_strides, float(negative_slope))
     per_image_multiple = [] if mwd is None else [widths_multiple]
-    meta = dict(
-        KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None,
-        HAS_RES=mr is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=mwd is not None,
-        CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), TAPS_IN_K=taps_in_k,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    aligns = dict(
         C_ALIGN=_alignment(c0, c1, start0, start1, *per_image_multiple),
         CO_ALIGN=_alignment(out_channels, *per_image_multiple),
         X_ALIGN=_alignment(*_batch_and_pixel_strides(x0_strides, x1_strides)),
         Y_ALIGN=_alignment(*_batch_and_pixel_strides(r_strides, y_strides)),
         W_ALIGN=_alignment(*_pixel_strides_of_weight(w_strides)),
+    )
+    fast = aligned_pointers and _fast_layout((x0_strides[1], x1_strides[1], r_strides[1], y_strides[1], w_strides[1]),
+                                             *aligns.values())
+    if mwd is not None:
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0], w_shape[1], fast)
+    elif taps_in_k:
+        reduction = _pow2(c0 * k * k, 16, 32 if out_channels <= 32 else 16)
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, reduction)
+    else:
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, max(c0, c1), fast)
+    scalars = (h, w, ho, wo, c0, c1, out_channels, start0, start1, *x0_strides, *x1_strides, *w_strides,
+               w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides, *wd_strides, float(negative_slope))
+    meta = dict(
+        KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None,
+        HAS_RES=mr is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=mwd is not None,
+        CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), TAPS_IN_K=taps_in_k,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **aligns,
     )
     grid = (cdiv(ho * wo, bm), cdiv(out_channels, bn), n)
     return _ForwardPlan(out_shape, CachedLaunch(_conv_fwd_kernel, grid, scalars, meta, num_tensors=8))
@@ -496,7 +557,8 @@ def _launch_forward(plan: _ForwardPlan, x0, x1, weight, bias, residual, widths):
 def _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start0, start1, out_channels, stride,
                   padding, activation, negative_slope):
     plan = _forward_plan(_meta(x0), _meta(x1), _meta(weight), _meta(bias), _meta(residual), _meta(widths),
-                         widths_multiple, start0, start1, out_channels, stride, padding, activation, negative_slope)
+                         widths_multiple, start0, start1, out_channels, stride, padding, activation, negative_slope,
+                         aligned_pointers=_aligned_pointers(x0, x1, weight, bias, residual, widths))
     return _launch_forward(plan, x0, x1, weight, bias, residual, widths)
 
 
@@ -505,7 +567,12 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
     k = weight.shape[-1]
     ho, wo = dz.shape[2], dz.shape[3]
     dx = _empty_channels_last(x.shape, x)
-    bm, bn, bk, warps = _tiles(x.dtype, h * w, cin, cout)
+    c_align = _alignment(cout, cin, start)
+    x_align = _alignment(*_batch_and_pixel_strides(dz.stride(), dx.stride()))
+    w_align = _alignment(*_pixel_strides_of_weight(weight.stride()))
+    fast = _aligned_pointers(dz, weight) and _fast_layout((dz.stride(1), dx.stride(1), weight.stride(1)), c_align,
+                                                          x_align, w_align)
+    bm, bn, bk, warps = _tiles(x.dtype, h * w, cin, cout, fast)
     # One launch per sub-pixel phase; the phases tile the input exactly, so every pixel is written.
     for ih0 in range(min(stride, h)):
         for iw0 in range(min(stride, w)):
@@ -514,9 +581,8 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
             launch(_bwd_input_kernel, grid, (dz, weight, dx),
                    (h, w, ho, wo, hp, wp, cout, cin, start, *dz.stride(), *weight.stride(), *dx.stride()),
                    KSIZE=k, STRIDE=stride, PAD=padding, IH0=ih0, IW0=iw0, DOT_F32=_dot_f32(x.dtype),
-                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, C_ALIGN=_alignment(cout, cin, start),
-                   X_ALIGN=_alignment(*_batch_and_pixel_strides(dz.stride(), dx.stride())),
-                   W_ALIGN=_alignment(*_pixel_strides_of_weight(weight.stride())))
+                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, C_ALIGN=c_align, X_ALIGN=x_align,
+                   W_ALIGN=w_align)
     return dx
 
 
@@ -531,6 +597,19 @@ def _reduce_into(ws, out, rows, taps, cout, cin, start, strides, k):
     launch(_reduce_kernel, (cdiv(e, block),), (ws, out), (rows, e, cout, cin, start, *strides), KSIZE=k, BLOCK=block)
 
 
+def _grad_weight_tiles(dtype: torch.dtype, cout: int, cin: int) -> tuple[int, int, int, int]:
+    """(BLOCK_CO, BLOCK_CI, BLOCK_P, num_warps) of the grad weight kernel: tiles of the active
+    widths (at width 16 of 64, 64-wide tiles did 16x the MMA work); fp32 takes short pixel
+    steps (see _tiles), narrow tiles long ones, for work per step."""
+    bco, bci = _pow2(cout, 16, 64), _pow2(cin, 16, 64)
+    if INTERPRET:
+        return bco, bci, 64, 4
+    if dtype == torch.float32:
+        return bco, bci, 16, GRAD_WEIGHT_WARPS
+    # 16 x 16 tiles: 4 warps were 17% faster than 8 on the H200 (NOTES v10)
+    return bco, bci, (128 if bco * bci <= 32 * 32 else 64), (4 if bco * bci <= 16 * 16 else GRAD_WEIGHT_WARPS)
+
+
 def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
     n, cin, h, w = x.shape
     k = dw.shape[-1]
@@ -538,25 +617,24 @@ def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
     npix = n * ho * wo
     if npix == 0:
         return  # an empty batch: the gradient stays zero
-    # tiles of the active widths: at width 16 of 64, 64-wide tiles did 16x the MMA work
-    bco, bci = _pow2(cout, 16, 64), _pow2(cin, 16, 64)
-    if INTERPRET:
-        bp, target = 64, 18  # small chunks, so that tiny test shapes still exercise the split
-    else:
-        # fp32: see _tiles; narrow tiles take longer pixel steps, for work per step
-        bp = 16 if x.dtype == torch.float32 else (128 if bco * bci <= 32 * 32 else 64)
-        target = 4 * torch.cuda.get_device_properties(dz.device).multi_processor_count
-    tiles = cdiv(cout, bco) * cdiv(cin, bci) * k * k
+    bco, bci, bp, warps = _grad_weight_tiles(x.dtype, cout, cin)
+    c_align = _alignment(cout, cin)
+    x_align = _alignment(*_batch_and_pixel_strides(dz.stride(), x.stride()))
+    # a row's taps per program take more registers: the fast layout's only (they spill elsewhere)
+    row_taps = k == 3 and GRAD_WEIGHT_ROW_TAPS and _aligned_pointers(dz, x) and _fast_layout(
+        (dz.stride(1), x.stride(1)), c_align, x_align)
+    # small chunks under the interpreter, so that tiny test shapes still exercise the split
+    target = 18 if INTERPRET else 4 * torch.cuda.get_device_properties(dz.device).multi_processor_count
+    tiles = cdiv(cout, bco) * cdiv(cin, bci) * (k if row_taps else k * k)
     # Split the pixel reduction so that about `target` programs run, in whole BLOCK_P steps.
     splits = max(1, min(cdiv(target, tiles), cdiv(npix, bp)))
     chunk = cdiv(cdiv(npix, splits), bp) * bp
     splits = cdiv(npix, chunk)
     ws = torch.empty((splits, k * k, cout, cin), dtype=torch.float32, device=dz.device)
-    launch(_bwd_weight_kernel, (cdiv(cout, bco), cdiv(cin, bci) * k * k, splits), (dz, x, ws),
+    launch(_bwd_weight_kernel, (cdiv(cout, bco), cdiv(cin, bci) * (k if row_taps else k * k), splits), (dz, x, ws),
            (h, w, ho, wo, npix, chunk, cout, cin, *dz.stride(), *x.stride()),
-           KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(x.dtype),
-           BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=GRAD_WEIGHT_WARPS,
-           C_ALIGN=_alignment(cout, cin), X_ALIGN=_alignment(*_batch_and_pixel_strides(dz.stride(), x.stride())))
+           KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(x.dtype), ROW_TAPS=row_taps,
+           BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=warps, C_ALIGN=c_align, X_ALIGN=x_align)
     _reduce_into(ws, dw, splits, k * k, cout, cin, start, dw.stride(), k)
 
 
@@ -975,7 +1053,8 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
                "none" if activation is None else activation, float(negative_slope))
     path = _eager_path(*inputs, weight, bias, residual)
     if path == "inference":
-        plan = _forward_plan(*signature[:6], *options, channel_sums=bool(channel_sums))
+        plan = _forward_plan(*signature[:6], *options, channel_sums=bool(channel_sums),
+                             aligned_pointers=_aligned_pointers(*inputs, weight, bias, residual, widths))
         return _launch_forward(plan, inputs[0], x1, weight, bias, residual, widths)
     call = _EagerSlimConv2d.apply if path == "training" else torch.ops.dds_fast.slim_conv2d
     y = call(inputs[0], x1, weight, bias, residual, widths, *options)

@@ -30,15 +30,21 @@ stacks = {}
 # specialises them into constants, which changes the code and its register use.
 UNIT_STRIDES = {"sx0c", "sx1c", "syc", "src", "swi", "szc", "sxc", "sdyc"}
 
-def build(name, fn, ptrs, constexprs, warps):
-    # generic strides and no alignment; channels_last with every alignment flag at 8
+def build(name, fn, ptrs, constexprs, warps, fast_tiles=None):
+    # generic strides and no alignment; channels_last with every alignment flag at 8, where
+    # the launchers take the tiles of their fast layout (fast_tiles: constexprs, warps)
     for layout in ("strided", "channels_last") if UNIT_STRIDES & set(fn.arg_names) else ("strided",):
         ones = {a: 1 for a in fn.arg_names if layout == "channels_last" and a in UNIT_STRIDES}
         aligns = {a: 8 if layout == "channels_last" else 1 for a in fn.arg_names if a.endswith("ALIGN")}
-        values = {**constexprs, **ones, **aligns}
+        blocks, num_warps = fast_tiles if layout == "channels_last" and fast_tiles else ({}, warps)
+        values = {**constexprs, **blocks, **ones, **aligns}
         sig = {a: "constexpr" if a in values else ptrs.get(a, "i32") for a in fn.arg_names}
         cx = {(fn.arg_names.index(k),): v for k, v in values.items()}
-        kernel = triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        # and 16-byte aligned pointers there, which the JIT specialises and the fast tiles require
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if layout == "channels_last" and sig[a].startswith("*")}
+        kernel = triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": num_warps})
         if os.path.exists(CUOBJDUMP):
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(kernel.asm["cubin"])
@@ -58,8 +64,8 @@ def vector_loads(fn, ptrs, constexprs, warps):
                             options={"num_warps": warps})
     return len(re.findall(r"cp\\.async\\.c[ag]\\.shared\\.global|ld\\.global\\.v[248]", kernel.asm["ptx"]))
 
-def tiles(dtype, cols=64, red=64):
-    bm, bn, bk, warps = K._tiles(dtype, 512 * 512, cols, red)
+def tiles(dtype, cols=64, red=64, fast=False):
+    bm, bn, bk, warps = K._tiles(dtype, 512 * 512, cols, red, fast)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps
 
 p, f = "*bf16", "*fp32"
@@ -70,15 +76,18 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
      dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True)),
     ("forward fp32", f, f, dict(DOT_F32=True)),
     ("forward bf16 with channel sums (a gate's stem)", p, p, dict(CHANNEL_SUMS=True)),
-] for widths in ((16, 16), (16, 64), (32, 64), (64, 64))] + [  # every tile class a static launch picks
+] for widths in ((16, 16), (16, 64), (32, 64), (64, 16), (64, 64), (128, 16), (128, 32), (128, 128))] + [
+    # every tile class a static launch picks
     (("forward bf16, taps in the reduction (3 input channels), channel sums", p, p,
       dict(TAPS_IN_K=True, CHANNEL_SUMS=True)), widths) for widths in ((16, 16), (16, 32), (32, 32), (64, 16))]:
-    blocks, warps = tiles(torch.float32 if act == f else torch.bfloat16, cols, red)
+    dtype = torch.float32 if act == f else torch.bfloat16
+    blocks, warps = tiles(dtype, cols, red)
     name = f"{name}, {cols} output and {red} input columns"
     build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", sums=f,
                                          slope="fp32"),
           dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
-                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False), **blocks, **extra), warps)
+                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False), **blocks, **extra), warps,
+          None if extra.get("TAPS_IN_K") else tiles(dtype, cols, red, fast=True))
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}
@@ -103,21 +112,27 @@ for align in (1, 8):
     del flags["W_ALIGN"]
     vectors[f"grad weight fp16, alignment {align}"] = vector_loads(
         K._bwd_weight_kernel, dict(dz=h, x=h, ws=f),
-        dict(KSIZE=3, STRIDE=1, PAD=1, DOT_F32=False, BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=64, **flags),
+        dict(KSIZE=3, STRIDE=1, PAD=1, DOT_F32=False, ROW_TAPS=True, BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=64,
+             **flags),
         K.GRAD_WEIGHT_WARPS)
-blocks, warps = tiles(torch.bfloat16)
 for name, wt, stride in [("grad input bf16 over fp32 weights", f, 1), ("grad input bf16, stride 2", p, 2)]:
-    build(name, K._bwd_input_kernel, dict(dz=p, w=wt, dx=p),
-          dict(KSIZE=3, STRIDE=stride, PAD=1, IH0=1, IW0=0, DOT_F32=False, **blocks), warps)
+    for cin, cout in ((64, 64), (128, 32), (128, 128)):
+        blocks, warps = tiles(torch.bfloat16, cin, cout)
+        build(f"{name}, {cin} input and {cout} output columns", K._bwd_input_kernel, dict(dz=p, w=wt, dx=p),
+              dict(KSIZE=3, STRIDE=stride, PAD=1, IH0=1, IW0=0, DOT_F32=False, **blocks), warps,
+              tiles(torch.bfloat16, cin, cout, fast=True))
 blocks, warps = tiles(torch.float32)
 build("grad input fp32", K._bwd_input_kernel, dict(dz=f, w=f, dx=f),
       dict(KSIZE=3, STRIDE=1, PAD=1, IH0=0, IW0=0, DOT_F32=True, **blocks), warps)
+for cout, cin in ((64, 64), (16, 16), (16, 32), (32, 32)):  # wide, and narrow tiles' longer steps
+    bco, bci, bp, warps = K._grad_weight_tiles(torch.bfloat16, cout, cin)
+    build(f"grad weight bf16, {bco} x {bci} x {bp}, {warps} warps", K._bwd_weight_kernel, dict(dz=p, x=p, ws=f),
+          dict(KSIZE=3, STRIDE=2, PAD=1, DOT_F32=False, ROW_TAPS=False, BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp),
+          warps, (dict(ROW_TAPS=True), warps))  # a kernel row's taps per program in the fast layout
 W = K.GRAD_WEIGHT_WARPS
-for bco, bci, bp in ((64, 64, 64), (16, 32, 128), (32, 32, 128)):  # wide, and narrow tiles' longer steps
-    build(f"grad weight bf16, {bco} x {bci} x {bp}", K._bwd_weight_kernel, dict(dz=p, x=p, ws=f),
-          dict(KSIZE=3, STRIDE=2, PAD=1, DOT_F32=False, BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp), W)
 build("grad weight fp32", K._bwd_weight_kernel, dict(dz=f, x=f, ws=f),
-      dict(KSIZE=3, STRIDE=1, PAD=1, DOT_F32=True, BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=16), W)
+      dict(KSIZE=3, STRIDE=1, PAD=1, DOT_F32=True, ROW_TAPS=False, BLOCK_CO=64, BLOCK_CI=64, BLOCK_P=16), W,
+      (dict(ROW_TAPS=True), W))
 build("activation and bias gradient", K._bwd_dz_kernel, dict(dy=p, y=p, dz=p, bias_ws=f, slope="fp32"),
       dict(ACT=2, STORE_DZ=True, BIAS_SUMS=True, BLOCK_M=64, BLOCK_N=64), 4)
 build("reduce into bf16", K._reduce_kernel, dict(ws=f, out=p), dict(KSIZE=3, BLOCK=1024), 4)

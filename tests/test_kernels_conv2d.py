@@ -626,6 +626,35 @@ def test_gpu_larger_shapes(dtype):
     check_grads(case, "relu")
 
 
+def test_big_tiles_only_in_the_fast_layout(monkeypatch):
+    """Bigger tiles fit in registers only with unit channel strides, widths and strides that are
+    multiples of 8 and 16-byte aligned tensors (tests/test_compile_sm90.py): anything else must
+    ask _tiles for the small ones."""
+    asked = []
+    tiles = K._tiles
+    monkeypatch.setattr(K, "_tiles", lambda *args: asked.append(args[4] if len(args) > 4 else False) or tiles(*args))
+    K._forward_plan.cache_clear()
+
+    def fast(**changes):
+        asked.clear()
+        shift = changes.pop("shift", False)
+        case = make_case(29, **dict(dict(n=1, h=5, w=6, widths=(16,), cin_max=24, cout_max=24, o=16,
+                                         weight_ohwi=True), **changes))
+        if shift:  # same strides, address 4 bytes off
+            x = case["inputs"][0]
+            flat = torch.randn(x.numel() + 1, device=x.device)
+            case["inputs"] = [flat[1:].as_strided(x.shape, x.stride())]
+        assert rel_err(run(case, "relu"), reference(case, "relu")) < TOL[torch.float32]
+        return asked[-1]
+
+    assert fast()
+    assert not fast(weight_ohwi=False)  # OIHW weight: input channels 9 apart
+    assert not fast(channels_last=False)
+    assert not fast(o=12)  # output width not a multiple of 8
+    assert not fast(shift=True)
+    K._forward_plan.cache_clear()
+
+
 def test_cached_launch_checks_its_arguments_against_the_kernel():
     from dds_fast.kernels._launch import CachedLaunch
 
@@ -668,7 +697,8 @@ def test_gpu_cached_launches_follow_new_inputs_and_pointer_alignment(monkeypatch
     odd = dict(case, inputs=[shifted])
     assert rel_err(run(odd, "relu"), reference(odd, "relu")) < TOL[torch.float16]
     assert rel_err(run(case, "relu"), reference(case, "relu")) < TOL[torch.float16]
-    assert jit.calls == 2 and K._forward_plan.cache_info().misses == 1  # one plan, two compiled launchers
+    # two plans (a misaligned input may not take the fast layout's tiles), two compiled launchers
+    assert jit.calls == 2 and K._forward_plan.cache_info().misses == 2
     K._forward_plan.cache_clear()  # its plans hold the counting wrapper
 
 
@@ -682,6 +712,17 @@ def test_gpu_backward_cached_launches_take_each_steps_tensors(stride):
         case = make_case(seed, dtype=torch.float16, n=2, h=33, w=31, stride=stride, widths=(24, 16), starts=(0, 32),
                          cin_max=48, cout_max=40, o=32, residual=stride == 1)
         check_grads(case, "leaky_relu")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_fast_layout_tiles(dtype):
+    """channels_last activations and weight, widths that are multiples of 8: the forward takes
+    256 x 64 and 128 x 128 tiles, grad input too (two inputs, residual and stride 2 included)."""
+    for seed, shape in enumerate([dict(widths=(48,), cin_max=64, cout_max=64, o=64, residual=True),
+                                  dict(widths=(96, 64), starts=(0, 96), cin_max=160, cout_max=136, o=128),
+                                  dict(widths=(128,), cin_max=128, cout_max=136, o=136, stride=2)]):
+        check_grads(make_case(40 + seed, dtype=dtype, n=2, h=19, w=21, weight_ohwi=True, **shape), "leaky_relu")
 
 
 @gpu_only
