@@ -304,6 +304,16 @@ def _x_tile(x, pix, iw, row_ok, ci, ci_ok, sxw, sxc, W):
     return tl.load(x + (pix + iw * sxw)[:, None] + (ci * sxc)[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)
 
 
+@triton.jit
+def _chunk_pixels(first, p0, NPIX, CHUNK, HO, WO, BLOCK_P: tl.constexpr):
+    """Step p0 of the chunk of flattened output pixels from ``first``: mask, image, row, column."""
+    p = first + p0 + tl.arange(0, BLOCK_P)
+    p_ok = (p < NPIX) & (p0 + tl.arange(0, BLOCK_P) < CHUNK)
+    img = p // (HO * WO)
+    q = p % (HO * WO)
+    return p_ok, img, q // WO, q % WO
+
+
 @triton.jit(do_not_specialize=["COUT", "CIN", "NPIX", "CHUNK"])
 def _bwd_weight_kernel(
     dz, x, ws, H, W, HO, WO, NPIX, CHUNK, COUT, CIN,
@@ -334,12 +344,7 @@ def _bwd_weight_kernel(
         acc1 = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
         for p0 in range(0, CHUNK, BLOCK_P):
-            p = first + p0 + tl.arange(0, BLOCK_P)
-            p_ok = (p < NPIX) & (p0 + tl.arange(0, BLOCK_P) < CHUNK)
-            img = p // (HO * WO)
-            q = p % (HO * WO)
-            oh = q // WO
-            ow = q % WO
+            p_ok, img, oh, ow = _chunk_pixels(first, p0, NPIX, CHUNK, HO, WO, BLOCK_P)
             a = tl.load(dz + (img * szn + oh * szh + ow * szw)[None, :] + (co * szc)[:, None],
                         mask=co_ok[:, None] & p_ok[None, :], other=0.0)
             ih = oh * STRIDE - PAD + r
@@ -363,12 +368,7 @@ def _bwd_weight_kernel(
         ci_ok = ci < CIN
         acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
         for p0 in range(0, CHUNK, BLOCK_P):
-            p = first + p0 + tl.arange(0, BLOCK_P)
-            p_ok = (p < NPIX) & (p0 + tl.arange(0, BLOCK_P) < CHUNK)
-            img = p // (HO * WO)
-            q = p % (HO * WO)
-            oh = q // WO
-            ow = q % WO
+            p_ok, img, oh, ow = _chunk_pixels(first, p0, NPIX, CHUNK, HO, WO, BLOCK_P)
             ih = oh * STRIDE - PAD + r
             iw = ow * STRIDE - PAD + s
             x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
