@@ -30,7 +30,7 @@ from dds_fast.kernels import gate as gate_kernels  # noqa: E402
 
 KERNELS = [(conv_kernels, name) for name in ("_conv_fwd_kernel", "_bwd_dz_kernel", "_bwd_input_kernel",
                                              "_bwd_weight_kernel", "_reduce_kernel")] + [
-    (rows_kernels, "_sum_rows_kernel"), (gate_kernels, "_squeeze_kernel"), (gate_kernels, "_head_kernel"),
+    (rows_kernels, "_sum_rows_kernel"), (gate_kernels, "_squeeze_kernel"), (gate_kernels, "_gate_kernel"),
     (gate_kernels, "_scale_kernel")]
 
 

@@ -5,8 +5,8 @@ consuming conv can apply the scale while it loads its input tile):
 
 - ``squeeze_partials(x)``: per-(image, spatial chunk) channel sums of ``x`` into an fp32
   buffer ``[N, T, C]``; deterministic, no atomics, no memset.
-- ``gate_head(partials, hw, ...)``: one program per image sums the partials (folded first
-  over many programs when there are more than 128 rows of them), then runs both
+- ``gate_head(partials, hw, ...)``: one launch. Up to 128 programs per image fold its rows of
+  partials; the last of them to finish (a ticket counter) sums the folded rows and runs both
   heads in fp32 registers: ``R = relu(W1 U + b1)``, ``scale = 1 + tanh(W2 R + b2)``,
   ``logits = W4 relu(BN(W3 R + b3)) + b4`` (the eval BatchNorm applied in the kernel from
   its running statistics), max-subtracted softmax and argmax. Writes scale ``[N, C]``, logits and
@@ -30,7 +30,9 @@ import triton
 import triton.language as tl
 
 from ._launch import INTERPRET, MAX_BATCH, cdiv, launch, next_pow2
-from ._rows import fold_rows
+from ._rows import ROWS_PER_PROGRAM
+
+MAX_FOLDS = 128  # programs per image that fold the partials; the last one also runs the heads
 
 __all__ = ["BatchNormStats", "GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale"]
 
@@ -62,26 +64,53 @@ def _squeeze_kernel(x_ptr, part_ptr, C, HW, chunk, num_chunks, stride_n, stride_
 
 
 @triton.jit
-def _head_kernel(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
+def _gate_kernel(part_ptr, folded_ptr, arrivals_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
                  bn_mean_ptr, bn_var_ptr, bn_weight_ptr, bn_bias_ptr,
                  scale_ptr, logits_ptr, probs_ptr, choice_ptr,
-                 num_chunks, inv_hw, bn_eps, C, CR, HID, E,
+                 num_rows, rows_per_program, inv_hw, bn_eps, C, CR, HID, E,
                  ATTENTION: tl.constexpr, BN_AFFINE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_CR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
-    # The FCs are far below tl.dot's 16-wide minimum: broadcast-multiply and tl.sum. Their
-    # weight tiles alternate orientation so each result already has the layout the next
-    # product broadcasts along, with no layout conversion in between.
-    n = tl.program_id(0)
+    # Program (s, n) sums its block of image n's rows of partials into folded[n, s]; the last
+    # of image n's programs to arrive (a ticket counter) sums the folded rows, in order, and
+    # runs the heads: one launch, and the same bits whichever program comes last.
+    s = tl.program_id(0)
+    n = tl.program_id(1)
+    num_folds = tl.num_programs(0)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     offs_t = tl.arange(0, BLOCK_T)
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for t0 in range(0, num_chunks, BLOCK_T):
-        t = t0 + offs_t
-        mask = (t < num_chunks)[:, None] & mask_c[None, :]
-        acc += tl.load(part_ptr + (n * num_chunks + t)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-    u = tl.sum(acc, axis=0) * inv_hw                                             # [BLOCK_C]
+    for t0 in range(0, rows_per_program, BLOCK_T):
+        block = t0 + offs_t
+        t = s * rows_per_program + block
+        mask = ((t < num_rows) & (block < rows_per_program))[:, None] & mask_c[None, :]
+        acc += tl.load(part_ptr + (n.to(tl.int64) * num_rows + t)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+    tl.store(folded_ptr + (n * num_folds + s) * C + offs_c, tl.sum(acc, axis=0), mask=mask_c)
+    tl.debug_barrier()  # every thread's store comes before the ticket's release
+    ticket = tl.atomic_add(arrivals_ptr + n, 1, sem="acq_rel", scope="gpu")
+    if ticket == num_folds - 1:
+        tl.atomic_xchg(arrivals_ptr + n, 0)  # ready for the next call (a CUDA graph replays it)
+        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for t0 in range(0, num_folds, BLOCK_T):
+            t = t0 + offs_t
+            mask = (t < num_folds)[:, None] & mask_c[None, :]
+            # .cg: other programs wrote these rows; read them from L2, not this SM's L1
+            acc += tl.load(folded_ptr + (n * num_folds + t)[:, None] * C + offs_c[None, :], mask=mask, other=0.0,
+                           cache_modifier=".cg")
+        u = tl.sum(acc, axis=0) * inv_hw                                         # [BLOCK_C]
+        _heads(u, n, offs_c, mask_c, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
+               bn_mean_ptr, bn_var_ptr, bn_weight_ptr, bn_bias_ptr, scale_ptr, logits_ptr, probs_ptr, choice_ptr,
+               bn_eps, C, CR, HID, E, ATTENTION, BN_AFFINE, BLOCK_C, BLOCK_CR, BLOCK_H, BLOCK_E)
 
+
+@triton.jit
+def _heads(u, n, offs_c, mask_c, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
+           bn_mean_ptr, bn_var_ptr, bn_weight_ptr, bn_bias_ptr, scale_ptr, logits_ptr, probs_ptr, choice_ptr,
+           bn_eps, C, CR, HID, E, ATTENTION: tl.constexpr, BN_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
+           BLOCK_CR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
+    # The FCs are far below tl.dot's 16-wide minimum: broadcast-multiply and tl.sum. Their
+    # weight tiles alternate orientation so each result already has the layout the next
+    # product broadcasts along, with no layout conversion in between.
     offs_r = tl.arange(0, BLOCK_CR)
     mask_r = offs_r < CR
     mask_rc = mask_r[:, None] & mask_c[None, :]
@@ -209,6 +238,14 @@ def squeeze_partials(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     return part
 
 
+@functools.lru_cache(maxsize=None)
+def _arrivals(device: torch.device) -> torch.Tensor:
+    """The gate kernel's ticket counters, one per image: zero between calls (the last program
+    of each image resets its own), so one buffer serves every call on a device, graph replays
+    included. Calls on two streams at once would share them: the gate runs on one stream."""
+    return torch.zeros(MAX_BATCH, device=device, dtype=torch.int32)
+
+
 def _check_param(t: torch.Tensor, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     if tuple(t.shape) != shape:
         raise ValueError(f"gate_head: {name} has shape {tuple(t.shape)}, expected {shape}")
@@ -266,14 +303,16 @@ def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
                          torch.empty((n, e), device=dev, dtype=torch.float32),
                          torch.empty((n,), device=dev, dtype=torch.int32))
     block_c = next_pow2(c)
-    # the head runs one program per image: alone over a 512x512 stem's 2048 rows of sums it took
-    # 16 us on an H200, so they are first folded over many programs
-    partials = fold_rows(partials)
-    num_chunks = partials.shape[1]
-    block_t = min(next_pow2(num_chunks), max(1, 8192 // block_c))
-    launch(_head_kernel, (n,), (partials, w1, b1, w2, b2, w3, b3, w4, b4, mean, var, bn_w, bn_b, *out),
-           (num_chunks, 1.0 / hw, float(bn.eps), c, cr, hid, e), ATTENTION=bool(attention), BN_AFFINE=affine,
-           BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=next_pow2(cr), BLOCK_H=next_pow2(hid),
+    # alone over a 512x512 stem's 2048 rows of sums, one program per image took 16 us on an
+    # H200: the rows are folded by up to MAX_FOLDS programs per image first, in the same launch
+    rows_per_program = max(ROWS_PER_PROGRAM, cdiv(num_chunks, MAX_FOLDS))
+    num_folds = cdiv(num_chunks, rows_per_program)
+    folded = torch.empty((n, num_folds, c), device=dev, dtype=torch.float32)
+    block_t = min(next_pow2(rows_per_program), max(1, 8192 // block_c))
+    launch(_gate_kernel, (num_folds, n), (partials, folded, _arrivals(dev), w1, b1, w2, b2, w3, b3, w4, b4, mean,
+                                          var, bn_w, bn_b, *out),
+           (num_chunks, rows_per_program, 1.0 / hw, float(bn.eps), c, cr, hid, e), ATTENTION=bool(attention),
+           BN_AFFINE=affine, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=next_pow2(cr), BLOCK_H=next_pow2(hid),
            BLOCK_E=next_pow2(e), num_warps=4)
     return out
 

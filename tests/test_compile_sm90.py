@@ -136,9 +136,9 @@ build("activation and bias gradient", K._bwd_dz_kernel, dict(dy=p, y=p, dz=p, bi
       dict(ACT=2, STORE_DZ=True, BIAS_SUMS=True, BLOCK_M=64, BLOCK_N=64), 4)
 build("reduce into bf16", K._reduce_kernel, dict(ws=f, out=p), dict(KSIZE=3, BLOCK=1024), 4)
 build("gate squeeze", G._squeeze_kernel, dict(x_ptr=p, part_ptr=f), dict(BLOCK_HW=64, BLOCK_C=32), 4)
-build("row folding (bias gradient, gate head)", R._sum_rows_kernel, dict(part_ptr=f, out_ptr=f),
+build("row folding (bias gradient)", R._sum_rows_kernel, dict(part_ptr=f, out_ptr=f),
       dict(BLOCK_T=32, BLOCK_C=256), 4)
-build("gate head", G._head_kernel, dict(part_ptr=f, inv_hw="fp32", w1_ptr=f, b1_ptr=f, w2_ptr=f, b2_ptr=f,
+build("gate head", G._gate_kernel, dict(part_ptr=f, folded_ptr=f, arrivals_ptr="*i32", inv_hw="fp32", w1_ptr=f, b1_ptr=f, w2_ptr=f, b2_ptr=f,
                                         w3_ptr=f, b3_ptr=f, w4_ptr=f, b4_ptr=f, bn_mean_ptr=f, bn_var_ptr=f,
                                         bn_weight_ptr=f, bn_bias_ptr=f, bn_eps="fp32", scale_ptr=f,
                                         logits_ptr=f, probs_ptr=f, choice_ptr="*i32"),

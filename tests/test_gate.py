@@ -129,10 +129,14 @@ def test_squeeze_partials(chunk):
     assert torch.allclose(part.sum(1).double(), x.double().sum((2, 3)), rtol=1e-5, atol=1e-3)
 
 
-def test_gate_head_sums_many_partials():
-    # 300 partial rows at 24 channels: a first pass of five programs (the last one partly
-    # filled: 300 = 4 x 64 + 44), then the head over their five rows; twice, on new values,
-    # since on a GPU the second call of a signature goes to the compiled kernels' launchers
+@pytest.mark.parametrize("max_folds", [128, 2])
+def test_gate_head_sums_many_partials(monkeypatch, max_folds):
+    # 300 partial rows at 24 channels, folded by five programs per image (300 = 4 x 64 + 44), or
+    # by two of 150 rows when at most two may fold; the last of them to arrive runs the heads.
+    # Twice, on new values, since on a GPU the second call of a signature goes to the compiled
+    # kernel's launcher, and the ticket counters must be back at zero for it.
+    from dds_fast.kernels import gate as gate_kernels
+    monkeypatch.setattr(gate_kernels, "MAX_FOLDS", max_folds)
     gate = make_gate(24, 7)
     for _ in range(2):
         part = torch.randn(3, 300, 24).to(DEVICE)
@@ -141,6 +145,7 @@ def test_gate_head_sums_many_partials():
         ref = reference(gate, u[:, :, None, None])
         assert rel_err(head.scale, ref.scale) < 2e-5 and rel_err(head.logits, ref.logits) < 2e-5
         assert torch.equal(head.choice.long(), ref.choice)
+        assert not gate_kernels._arrivals(part.device).any()
 
 
 @pytest.mark.parametrize("affine", [True, False])

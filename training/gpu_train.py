@@ -1,0 +1,85 @@
+"""Train a model within a time budget (one device call), resuming where the last call stopped.
+
+The first call times a few stage-1 steps of ``--config`` and sizes the schedule to the budget:
+stage-1 steps S, the I-Nets S steps each (the same schedule, as the comparison needs), refine
+S/2 steps and the gate's steps as configured. That plan is written to ``RUN_DIR/config.json``
+before any training, and a later call (a fresh machine, the run directory carried back)
+resumes with it instead of timing again. The stages then run in order (``dds-fast train
+all``): one after another, so the plan's arithmetic holds (I-Nets trained beside the refine
+stage, one process each, shared two CPU cores four ways in a trial here and overran it 2.5x).
+
+Usage: python3 training/gpu_train.py --config training/gpu.json --run-dir runs/gpu --budget 420
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROBE_STEPS = 40
+# Costs in stage-1 steps, for sizing: a refine step is a stage-1 step (the same sandwich); the
+# I-Nets together about 1.2 (each trains one routing config; their MACs sum to a little more
+# than a sandwich step's four configs); a gate step two forwards of a twice larger batch
+INETS_STEP_COST = 1.2
+GATE_STEP_COST = 0.5
+FIXED_SECONDS = 45  # stage 2's validation passes, the process's start, the last checkpoints
+
+
+def train(stage: str, run_dir: Path, config: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "dds_fast", "train", stage, "--run-dir", str(run_dir), "--config", str(config),
+               *extra]
+    print("$", " ".join(command), flush=True)
+    return subprocess.Popen(command)
+
+
+def finish(process: subprocess.Popen) -> None:
+    if process.wait() != 0:
+        raise SystemExit(f"{' '.join(process.args)} failed with exit code {process.returncode}")
+
+
+def seconds_per_step(config: Path) -> float:
+    """The median time of the last half of ``PROBE_STEPS`` stage-1 steps (the first ones
+    include warm-up)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        finish(train("stage1", Path(scratch), config, "--steps", str(PROBE_STEPS),
+                     "--checkpoint-every", str(PROBE_STEPS)))
+        records = [json.loads(line) for line in (Path(scratch) / "stage1.log.jsonl").read_text().splitlines()]
+    return statistics.median(r["time"] for r in records[PROBE_STEPS // 2:])
+
+
+def plan(options: dict, step_seconds: float, budget: float) -> dict:
+    """``options`` with steps, inet_steps and refine_steps sized to ``budget`` seconds."""
+    gate_seconds = options.get("gate_steps", 1000) * GATE_STEP_COST * step_seconds
+    steps = int((budget - FIXED_SECONDS - gate_seconds) / step_seconds / (1.5 + INETS_STEP_COST))
+    if steps < 100:
+        raise SystemExit(f"a stage-1 step takes {step_seconds:.3f} s: {budget:.0f} s leave only {steps} steps")
+    return {**options, "steps": steps, "inet_steps": steps, "refine_steps": steps // 2}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True, help="training options (steps are sized here)")
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--budget", type=float, required=True, help="seconds for the whole run, timing included")
+    args = parser.parse_args()
+    began = time.monotonic()
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    planned = args.run_dir / "config.json"
+    if not planned.exists():
+        options = json.loads(args.config.read_text())
+        step_seconds = seconds_per_step(args.config)
+        options = plan(options, step_seconds, args.budget - (time.monotonic() - began))
+        planned.write_text(json.dumps(options, indent=1) + "\n")
+        print(f"stage-1 step {step_seconds * 1000:.1f} ms: {options['steps']} steps, refine {options['refine_steps']}",
+              flush=True)
+    finish(train("all", args.run_dir, planned))
+    print(f"done in {time.monotonic() - began:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
