@@ -41,9 +41,16 @@ GRAD_WEIGHT_CASES = [(64, 512, 16), (64, 512, 64), (96, 256, 96)] if CUDA else [
 LAUNCHER_TILES = K._tiles
 
 
-def v9_tiles(dtype, npix, cols, red, fast=False):
+def v9_tiles(dtype, npix, cols, red, fast=False, two_inputs=False):
     """The tiles before v10, which ignored the fast layout."""
     return LAUNCHER_TILES(dtype, npix, cols, red, False)
+
+
+def v10_tiles(dtype, npix, cols, red, fast=False, two_inputs=False):
+    """v10's: 64-wide reduction steps from 64 channels on (v11: multiples of 64 only), and 256
+    rows for two inputs too."""
+    bm, bn, bk, warps = LAUNCHER_TILES(dtype, npix, cols, red, fast)
+    return bm, bn, (64 if bn == 128 and red >= 64 else bk), warps
 
 
 def candidates(case: str, width: int) -> dict:
@@ -51,7 +58,8 @@ def candidates(case: str, width: int) -> dict:
     or None for today's). Earlier sweeps' candidates are in benchmarks/NOTES.md."""
     if case == "tiny":
         return {"launcher": (None, None), "per-tap loop": (None, 0), "taps in the reduction": (None, width)}
-    return {"launcher": (None, None), "v9: small tiles in every layout": (v9_tiles, None)}
+    return {"launcher": (None, None), "v9: small tiles in every layout": (v9_tiles, None),
+            "v10: 64-wide steps over any reduction": (v10_tiles, None)}
 
 
 # name -> GRAD_WEIGHT_ROW_TAPS (None: today's)

@@ -432,7 +432,8 @@ def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
-def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int, fast: bool = False) -> tuple[int, int, int, int]:
+def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int, fast: bool = False,
+           two_inputs: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of an implicit GEMM over npix pixels, cols output
     columns and red reduction channels.
 
@@ -453,13 +454,17 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int, fast: bool = Fals
     # steps and their per-step index and mask work once there are 32 channels (and wastes half
     # of each step below that); narrow tiles take 256 rows; beyond 64 columns, 128 x 128 x 64
     # tiles were 18-35% faster than 128 x 64 x 32 ones, and 256 x 64 x 32 12-14% at 48-64.
+    # In v10 two exceptions lost time (48 + 48 to 48 channels at 512x512: 1.25 -> 1.38 ms; 96
+    # to 192: +15-19%), so a reduction that is no multiple of 64 steps by 32 (96 channels in
+    # 64-wide steps waste a quarter), and two inputs keep 128 rows (each input's loop is a
+    # separate pipeline; 256 rows double the registers both hold).
     bn = _pow2(cols, 16, 128 if fast else 64)
     bk = 32 if red >= 32 else 16
     if bn == 16:
         return 256, bn, bk, (4 if bk == 16 else 8)
     if bn == 128:
-        return 128, bn, (64 if red >= 64 else bk), 8
-    return (256 if bn == 32 or fast else 128), bn, bk, 8
+        return 128, bn, (64 if red % 64 == 0 else bk), 8
+    return (256 if bn == 32 or (fast and not two_inputs) else 128), bn, bk, 8
 
 
 def _fast_layout(channel_strides: Sequence[int], *alignments: int) -> bool:
@@ -522,12 +527,12 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     fast = aligned_pointers and _fast_layout((x0_strides[1], x1_strides[1], r_strides[1], y_strides[1], w_strides[1]),
                                              *aligns.values())
     if mwd is not None:
-        bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0], w_shape[1], fast)
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0], w_shape[1], fast, m1 is not None)
     elif taps_in_k:
         reduction = _pow2(c0 * k * k, 16, 32 if out_channels <= 32 else 16)
         bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, reduction)
     else:
-        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, max(c0, c1), fast)
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, max(c0, c1), fast, m1 is not None)
     scalars = (h, w, ho, wo, c0, c1, out_channels, start0, start1, *x0_strides, *x1_strides, *w_strides,
                w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides, *wd_strides, float(negative_slope))
     meta = dict(

@@ -64,8 +64,8 @@ def vector_loads(fn, ptrs, constexprs, warps):
                             options={"num_warps": warps})
     return len(re.findall(r"cp\\.async\\.c[ag]\\.shared\\.global|ld\\.global\\.v[248]", kernel.asm["ptx"]))
 
-def tiles(dtype, cols=64, red=64, fast=False):
-    bm, bn, bk, warps = K._tiles(dtype, 512 * 512, cols, red, fast)
+def tiles(dtype, cols=64, red=64, fast=False, two_inputs=False):
+    bm, bn, bk, warps = K._tiles(dtype, 512 * 512, cols, red, fast, two_inputs)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps
 
 p, f = "*bf16", "*fp32"
@@ -87,7 +87,7 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
                                          slope="fp32"),
           dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
                     PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False), **blocks, **extra), warps,
-          None if extra.get("TAPS_IN_K") else tiles(dtype, cols, red, fast=True))
+          None if extra.get("TAPS_IN_K") else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)))
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}
