@@ -8,7 +8,11 @@
 # benchmarks/gpu_session.sh [full|quick]. quick (under 9 minutes at its step limits) runs the tests that touch
 # a kernel, the host time per call, the layer table, the network at batch 8, a forward tile
 # sweep, a profile of a layer's training step, each layer of three network configs alone,
-# the per-kernel breakdown and the gate head's kernels. (Nsight Compute: benchmarks/ncu_forward.py says how.)
+# the per-kernel breakdown and the gate head's kernels. train (one whole call, 590 s): the gate
+# head's profile, the layer and network tables at 512x512 (batch 1 and 8) and each layer of
+# three network configs, on a quiet GPU; then the kernel tests beside the GPU model's
+# training (training/gpu_train.sh), which gets the rest of the call. (Nsight Compute:
+# benchmarks/ncu_forward.py says how.)
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-$PWD/gpu-out}
@@ -23,6 +27,32 @@ source benchmarks/gpu_setup.sh
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } > "$R/device.txt" 2>&1
 cat "$R/device.txt"
+
+if [ "$MODE" = train ]; then
+  step "the fused gate head's kernels under the profiler"
+  timeout -k 15 -s INT 40 python3 benchmarks/profile_gate.py "$R/profile_gate.txt" > /dev/null 2>&1
+  grep -E "gate on|Self CUDA time total|_kernel" "$R/profile_gate.txt" | cut -c1-60,100-175
+  step "dds-fast bench: layers fp16 (512, batch 8/1), network and gate at 3x512x512 with CUDA graphs"
+  timeout -k 15 -s INT 100 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
+    --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
+  tail -45 "$R/bench.txt"
+  step "each conv layer of three network configs alone, against cuDNN and its floor"
+  timeout -k 15 -s INT 60 python3 benchmarks/network_layers.py --config smallest --config "uniform 0.75" --config largest \
+    "$R/network_layers.json" > "$R/network_layers.txt" 2>&1
+  grep "sum of layers" "$R/network_layers.txt"
+  step "kernel tests on CUDA (4 workers), beside the training"
+  timeout -k 15 -s INT 150 python3 -m pytest -q -n 4 --timeout 120 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
+    tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py > "$R/tests.txt" 2>&1 &
+  TESTS=$!
+  step "training for the rest of the call"
+  DDS_SETUP_DONE=1 bash training/gpu_train.sh $((575 - SECONDS)) > "$R/train.txt" 2>&1
+  tail -20 "$R/train.txt"
+  wait $TESTS
+  tail -25 "$R/tests.txt"
+  step pack
+  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
+  exit 0
+fi
 
 if [ "$MODE" = quick ]; then
   step "kernel tests on CUDA (8 workers)"
