@@ -10,8 +10,8 @@
 # sweep, a profile of a layer's training step, each layer of three network configs alone,
 # the per-kernel breakdown and the gate head's kernels. train (one whole call, 590 s): the gate
 # head's profile, the layer and network tables at 512x512 (batch 1 and 8) and each layer of
-# three network configs, on a quiet GPU; then the kernel tests beside the GPU model's
-# training (training/gpu_train.sh), which gets the rest of the call. (Nsight Compute:
+# three network configs, on a quiet GPU; then the GPU model's training (training/gpu_train.sh)
+# for the rest of the call but the last 110 s, which run the kernel tests. (Nsight Compute:
 # benchmarks/ncu_forward.py says how.)
 set -uo pipefail
 MODE=${1:-full}
@@ -40,14 +40,13 @@ if [ "$MODE" = train ]; then
   timeout -k 15 -s INT 60 python3 benchmarks/network_layers.py --config smallest --config "uniform 0.75" --config largest \
     "$R/network_layers.json" > "$R/network_layers.txt" 2>&1
   grep "sum of layers" "$R/network_layers.txt"
-  step "kernel tests on CUDA (4 workers), beside the training"
-  timeout -k 15 -s INT 150 python3 -m pytest -q -n 4 --timeout 120 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
-    tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py > "$R/tests.txt" 2>&1 &
-  TESTS=$!
-  step "training for the rest of the call"
-  DDS_SETUP_DONE=1 bash training/gpu_train.sh $((575 - SECONDS)) > "$R/train.txt" 2>&1
+  # the training times a probe of itself to size its schedule: nothing else may run beside it
+  step "training, leaving 110 s for the kernel tests"
+  DDS_SETUP_DONE=1 bash training/gpu_train.sh $((575 - 110 - SECONDS)) > "$R/train.txt" 2>&1
   tail -20 "$R/train.txt"
-  wait $TESTS
+  step "kernel tests on CUDA (8 workers)"
+  timeout -k 10 -s INT $((575 - SECONDS)) python3 -m pytest -q -n 8 --timeout 80 -p no:cacheprovider -rfEs \
+    tests/test_kernels_conv2d.py tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py > "$R/tests.txt" 2>&1
   tail -25 "$R/tests.txt"
   step pack
   tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"

@@ -21,13 +21,17 @@ import tempfile
 import time
 from pathlib import Path
 
-PROBE_STEPS = 40
-# Costs in stage-1 steps, for sizing: a refine step is a stage-1 step (the same sandwich); the
-# I-Nets together about 1.2 (each trains one routing config; their MACs sum to a little more
-# than a sandwich step's four configs); a gate step two forwards of a twice larger batch
-INETS_STEP_COST = 1.2
-GATE_STEP_COST = 0.5
-FIXED_SECONDS = 45  # stage 2's validation passes, the process's start, the last checkpoints
+# Random sandwich configs meet new conv shapes for many steps, each slow the first time (an
+# H200 run of training/gpu.json: 82 ms per step over steps 20-40, 41 ms over the whole run;
+# a 40-step probe planned for 91 ms and the run used 373 of its 520 s), so the probe is long
+# and times its last third.
+PROBE_STEPS = 150
+# Costs in stage-1 steps, for sizing, from that run: a refine step is a stage-1 step (39 ms,
+# the same sandwich); the four I-Nets 1.7 together (17-18 ms each, launch-bound at these
+# sizes); a gate step 2.6 (108 ms: the largest and smallest configs on a batch twice as large)
+INETS_STEP_COST = 1.7
+GATE_STEP_COST = 2.6
+FIXED_SECONDS = 60  # stage 2's validation passes (about 20 s there), starts, the last checkpoints
 
 
 def train(stage: str, run_dir: Path, config: Path, *extra: str) -> subprocess.Popen:
@@ -43,20 +47,19 @@ def finish(process: subprocess.Popen) -> None:
 
 
 def seconds_per_step(config: Path) -> float:
-    """The median time of the last half of ``PROBE_STEPS`` stage-1 steps (the first ones
-    include warm-up)."""
+    """The median time of the last third of ``PROBE_STEPS`` stage-1 steps."""
     with tempfile.TemporaryDirectory() as scratch:
         finish(train("stage1", Path(scratch), config, "--steps", str(PROBE_STEPS),
                      "--checkpoint-every", str(PROBE_STEPS)))
         records = [json.loads(line) for line in (Path(scratch) / "stage1.log.jsonl").read_text().splitlines()]
-    return statistics.median(r["time"] for r in records[PROBE_STEPS // 2:])
+    return statistics.median(r["time"] for r in records[-(PROBE_STEPS // 3):])
 
 
 def plan(options: dict, step_seconds: float, budget: float) -> dict:
     """``options`` with steps, inet_steps and refine_steps sized to ``budget`` seconds."""
     gate_seconds = options.get("gate_steps", 1000) * GATE_STEP_COST * step_seconds
     steps = int((budget - FIXED_SECONDS - gate_seconds) / step_seconds / (1.5 + INETS_STEP_COST))
-    if steps < 100:
+    if steps < 1000:  # fewer would not make a model worth shipping
         raise SystemExit(f"a stage-1 step takes {step_seconds:.3f} s: {budget:.0f} s leave only {steps} steps")
     return {**options, "steps": steps, "inet_steps": steps, "refine_steps": steps // 2}
 
