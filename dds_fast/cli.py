@@ -22,11 +22,11 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
 
 
 def cmd_info(args) -> int:
-    from .ddsnet import DDSNet
+    from .ddsnet import AttentionSupernet, DDSNet
 
     meta = read_metadata(args.checkpoint)
     model = load(args.checkpoint)
-    net = model.supernet if isinstance(model, DDSNet) else model
+    net = model.supernet if isinstance(model, (DDSNet, AttentionSupernet)) else model
     space = net.space
     print(f"checkpoint:    {args.checkpoint}")
     print(f"architecture:  {meta['arch']} {meta['arch_args'] if net is model else meta['arch_args']['supernet']}")
@@ -35,6 +35,9 @@ def cmd_info(args) -> int:
         gate = model.gate
         print(f"gate:          over {gate.channels} stem channels, {gate.num_choices} choices, attention "
               f"{'on' if gate.attention else 'off'}")
+    if isinstance(model, AttentionSupernet):
+        print(f"gate:          attention head over {model.gate.channels} stem channels (stage 1; the prediction "
+              f"head is untrained)")
     if meta["user"]:
         user = {k: v for k, v in meta["user"].items() if k not in ("train_config", "trajectory")}
         print(f"metadata:      {user}")

@@ -27,6 +27,73 @@ from .nets import ARCHITECTURES, SlimNet, register_architecture
 from .slim_conv import SlimConv2d
 
 
+def _padded_full_stem_input(supernet: SlimNet, x: torch.Tensor) -> torch.Tensor:
+    """``x`` checked and padded for ``supernet``, which is left at its largest config: the
+    stem a gate reads runs at full width whatever config the body then runs."""
+    supernet.check_input(x)
+    supernet.set_config(supernet.space.largest())
+    return supernet.pad(x)
+
+
+@register_architecture
+class AttentionSupernet(nn.Module):
+    """A super-network behind a DynamicGate's attention head, as stage 1 trains the two
+    together (the attention head is on while the super-network trains, the paper's Section
+    III-C): every config runs the full-width stem, the gate scales its features by
+    ``1 + tanh(W2 R + b2)``, and the body runs the config on the scaled features' prefix, as
+    a DDSNet with attention on runs an image routed to that config. It takes configs, keeps a
+    routing space and saves like a SlimNet, so the sandwich rule, progressive slimming and
+    the refine stage train and evaluate either; the gate's prediction head stays untrained
+    (stage 3's)."""
+
+    def __init__(self, supernet: SlimNet, gate: DynamicGate):
+        super().__init__()
+        if not isinstance(supernet, SlimNet):
+            raise ValueError(f"AttentionSupernet: supernet must be a SlimNet, got {type(supernet).__name__}")
+        if gate.channels != supernet.stem_channels:
+            raise ValueError(f"AttentionSupernet: the gate reads {gate.channels} channels but the network's stem "
+                             f"has {supernet.stem_channels}")
+        self.supernet, self.gate = supernet, gate
+        self.space, self.in_channels = supernet.space, supernet.in_channels
+        self.size_multiple, self.stem_channels = supernet.size_multiple, supernet.stem_channels
+        self._stem_group = supernet.space.groups[0].name
+
+    @property
+    def routing_space(self):
+        return self.supernet.routing_space
+
+    @routing_space.setter
+    def routing_space(self, entries):
+        self.supernet.routing_space = entries
+
+    def set_config(self, config) -> None:
+        self.supernet.set_config(config)
+
+    def get_config(self):
+        return self.supernet.get_config()
+
+    @property
+    def arch_args(self) -> dict:
+        return {"supernet": {"arch": type(self.supernet).__name__, "args": self.supernet.arch_args},
+                "gate": {"channels": self.gate.channels, "num_choices": self.gate.num_choices,
+                         "reduction": self.gate.reduction, "hidden": self.gate.hidden}}
+
+    @classmethod
+    def from_arch_args(cls, supernet: dict, gate: dict) -> "AttentionSupernet":
+        net_cls = ARCHITECTURES.get(supernet["arch"])
+        if net_cls is None or not issubclass(net_cls, SlimNet):
+            raise ValueError(f"AttentionSupernet: unknown super-network architecture {supernet['arch']!r}")
+        return cls(net_cls(**supernet["args"]), DynamicGate(**gate))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        config = self.supernet.get_config()
+        padded = _padded_full_stem_input(self.supernet, x)
+        features, _ = self.gate.attend(self.supernet.stem(padded))
+        self.supernet.set_config(config)
+        out = self.supernet.body(features[:, : config[self._stem_group]], padded)
+        return out[..., : x.shape[-2], : x.shape[-1]]
+
+
 @register_architecture
 class DDSNet(nn.Module):
     """``supernet`` (a SlimNet), ``gate`` (a DynamicGate over the stem's full width with one
@@ -57,11 +124,10 @@ class DDSNet(nn.Module):
         # is needed; True/False forces the choice (True runs under the interpreter on CPU)
         self.per_image: bool | None = None
         self._stem_group = supernet.space.groups[0].name
-        self._full_stem = supernet.space.largest()
         stem = supernet.stem_conv
         stem_macs = stem.kernel_size[0] * stem.kernel_size[1] * stem.in_channels  # per stem filter and pixel
         # the stem runs at full width in dynamic mode, whatever the config: count that
-        self.supernet_macs_per_pixel = macs_per_pixel(supernet, self._full_stem)
+        self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
         self.dynamic_macs_per_pixel = [e.macs_per_pixel + stem_macs * (stem.out_channels - e.config[self._stem_group])
                                        for e in self.routing_space]
 
@@ -110,9 +176,7 @@ class DDSNet(nn.Module):
         """The padded input's full-width stem through the gate: (padded input, gate output).
         On the kernels, the stem conv's epilogue also sums its output's channels, which the
         fused gate reads instead of squeezing the stem output again."""
-        self.supernet.check_input(x)
-        padded = self.supernet.pad(x)
-        self.supernet.set_config(self._full_stem)
+        padded = _padded_full_stem_input(self.supernet, x)
         stem = self.supernet.stem_conv
         stem.emit_channel_sums = True
         try:

@@ -7,8 +7,9 @@ Eq. 8-10 of DDS-Net (Jiang et al., IEEE TIP 2023), behind the first conv block:
 - prediction head ``P = softmax(W4 relu(BN(W3 R + b3)) + b4)``; ``choice = argmax P``, the
   index of one of the ``num_choices`` candidate sub-networks.
 
-``attention`` is on while the super-network trains (stage 1) and off while the gate trains
-(stage 3), when ``X~ = X``.
+``attention`` is on while the super-network trains (stage 1, through an
+``AttentionSupernet``, which trains W1 and W2 with it) and off while the gate trains (stage
+3, when ``X~ = X``); a DDSNet whose body was trained behind the scale then runs behind it.
 
 Backends. The fused Triton kernels (``dds_fast.kernels.gate``: the squeeze, unless the
 producing conv's epilogue already summed the channels (``channel_sums``, as in a DDSNet);
@@ -121,16 +122,28 @@ class DynamicGate(nn.Module):
                              f"{tuple(channel_sums.shape)}")
         return self._forward_fused(x, channel_sums)
 
-    def _forward_reference(self, x: torch.Tensor) -> GateOutput:
-        dtype = self.fc1.weight.dtype
+    def _squeeze(self, x: torch.Tensor) -> torch.Tensor:
+        """``R = relu(W1 U + b1)``, the input of both heads."""
         # sum in at least fp32: a half-precision mean over a large image loses digits
-        u = x.mean(dim=(2, 3), dtype=torch.promote_types(x.dtype, torch.float32)).to(dtype)
-        r = F.relu(self.fc1(u))
+        u = x.mean(dim=(2, 3), dtype=torch.promote_types(x.dtype, torch.float32)).to(self.fc1.weight.dtype)
+        return F.relu(self.fc1(u))
+
+    def _excite(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = 1 + torch.tanh(self.fc2(r))
+        return x * scale.to(x.dtype)[:, :, None, None], scale
+
+    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention head alone, through the reference ops with autograd: ``(X~, scale)``.
+        Stage 1 trains it with the super-network, before the prediction head has any use."""
+        self._check_input(x)
+        return self._excite(x, self._squeeze(x))
+
+    def _forward_reference(self, x: torch.Tensor) -> GateOutput:
+        r = self._squeeze(x)
         if self.attention:
-            scale = 1 + torch.tanh(self.fc2(r))
-            features = x * scale.to(x.dtype)[:, :, None, None]
+            features, scale = self._excite(x, r)
         else:
-            scale = torch.ones_like(u)
+            scale = torch.ones(len(x), self.channels, dtype=r.dtype, device=r.device)
             features = x
         logits = self.fc4(F.relu(self.bn(self.fc3(r))))
         return GateOutput(features, scale, logits, F.softmax(logits, dim=1), logits.argmax(dim=1).to(torch.int32))

@@ -93,6 +93,39 @@ def test_attention_scales_the_stem_features_the_body_reads():
         torch.testing.assert_close(model(x[:1]), expected)
 
 
+def test_attention_supernet_runs_a_config_as_the_ddsnet_routes_an_image_to_it(tmp_path):
+    """Stage 1's model: any config of the space behind the attention head equals the DDSNet
+    (attention on) with every image routed to that config; it keeps a routing space and
+    round-trips through a checkpoint; the prediction head takes no gradient."""
+    model = make_ddsnet()
+    model.gate.attention = True
+    torch.nn.init.normal_(model.gate.fc2.weight, std=1.0)
+    attended = dds_fast.AttentionSupernet(model.supernet, model.gate)
+    x = images(n=3)
+    for index, entry in enumerate(model.routing_space):
+        attended.set_config(entry.config)
+        with torch.no_grad():
+            expected = model(x, choice=torch.full((len(x),), index))
+            torch.testing.assert_close(attended(x), expected)
+    attended.set_config(model.routing_space[1].config)
+    attended.train()
+    attended(x).square().mean().backward()
+    gate = attended.gate
+    assert gate.fc1.weight.grad is not None and gate.fc2.weight.grad is not None
+    assert gate.fc3.weight.grad is None and gate.fc4.weight.grad is None
+    attended.routing_space = model.routing_space
+    assert attended.supernet.routing_space == model.routing_space
+    dds_fast.save(attended, tmp_path / "stage1.safetensors")
+    loaded = dds_fast.load(tmp_path / "stage1.safetensors").double().eval()
+    assert isinstance(loaded, dds_fast.AttentionSupernet) and loaded.routing_space == model.routing_space
+    assert loaded.get_config() == model.routing_space[1].config
+    attended.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), attended(x))
+    with pytest.raises(ValueError, match="the gate reads 5 channels but the network's stem has"):
+        dds_fast.AttentionSupernet(model.supernet, DynamicGate(5, 2))
+
+
 def test_static_budget_mode():
     model = make_ddsnet()
     macs = [e.macs_per_pixel for e in model.routing_space]

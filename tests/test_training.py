@@ -554,14 +554,21 @@ def test_run_puts_every_conv_on_the_configured_backend(tmp_path):
         assert {m.backend for m in model.modules() if isinstance(m, SlimConv2d)} == {"torch"}
 
 
-def test_three_stage_run_end_to_end(tmp_path):
-    """On the configured device (CUDA where present); checkpoints load on the CPU."""
+@pytest.mark.parametrize("attention", [True, False])
+def test_three_stage_run_end_to_end(tmp_path, attention):
+    """On the configured device (CUDA where present); checkpoints load on the CPU. With
+    ``attention`` the super-network trains behind the gate's attention head through stages 1,
+    2 and refine; stage 3 keeps that head as trained and the DDSNet runs behind it."""
     config = TrainConfig(arch="SlimDnCNN", channels=1, base_width=8, depth=3, patch_size=24, batch_size=4,
                          epoch_patches=8, steps=3, inet_steps=2, validation_crops=1, validation_patch=32,
                          slim_step=8, num_choices=2, checkpoint_every=2, progress=False, gate_steps=2,
-                         gate_batch_size=4, gate_patch_size=24, refine_steps=2, beta=-1000.0)
+                         gate_batch_size=4, gate_patch_size=24, refine_steps=2, beta=-1000.0, attention=attention)
     run = Run(tmp_path, config)
     net = run.stage1()
+    assert isinstance(net, dds_fast.AttentionSupernet) is attention
+    if attention:  # W2 starts at zero: stage 1 trained the attention head
+        assert net.gate.fc2.weight.abs().sum() > 0
+        assert isinstance(dds_fast.load(tmp_path / "stage1.safetensors"), dds_fast.AttentionSupernet)
     routed = run.stage2(net)
     assert len(routed.routing_space) == 2
     reloaded = dds_fast.load(tmp_path / "stage2.safetensors")
@@ -576,8 +583,12 @@ def test_three_stage_run_end_to_end(tmp_path):
     assert any(not torch.equal(stage2_weights[k], refined_weights[k]) for k in stage2_weights)
     with pytest.warns(UserWarning, match="100.0% of the training images were labelled hard with beta = -1000.0 dB"):
         model = run.stage3()
-    assert all(torch.equal(v.cpu(), refined_weights[k]) for k, v in model.supernet.state_dict().items())
-    assert model.gate.attention is False and len(model.routing_space) == 2
+    prefix = "supernet." if attention else ""
+    assert all(torch.equal(v.cpu(), refined_weights[prefix + k]) for k, v in model.supernet.state_dict().items())
+    if attention:  # the head the body was trained behind, unchanged by stage 3
+        for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+            assert torch.equal(model.gate.state_dict()[name].cpu(), refined_weights["gate." + name])
+    assert model.gate.attention is attention and len(model.routing_space) == 2
     loaded = dds_fast.load(tmp_path / "dds.safetensors")
     assert loaded.routing_space == refined.routing_space
     log = [json.loads(line) for line in (tmp_path / "stage3.log.jsonl").read_text().splitlines()]

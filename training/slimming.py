@@ -17,6 +17,7 @@ import torch
 
 from dds_fast.config import RoutingEntry, SubnetConfig
 from dds_fast.cost import macs_per_pixel
+from dds_fast.ddsnet import AttentionSupernet
 from dds_fast.metrics import batch_psnr
 
 
@@ -56,10 +57,13 @@ def progressive_slimming(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor
     if criterion not in SLIM_CRITERIA:
         raise ValueError(f"unknown slimming criterion {criterion!r}; choose one of {SLIM_CRITERIA}")
     batches = list(batches)
+    # a routing entry's MACs are its config's own, also behind an attention head (whose
+    # full-width stem a DDSNet adds for dynamic mode)
+    costed = net.supernet if isinstance(net, AttentionSupernet) else net
     previous = net.get_config()
     space = net.space
     config = space.largest()
-    trajectory = [RoutingEntry(config, macs_per_pixel(net, config), validation_psnr(net, batches, config))]
+    trajectory = [RoutingEntry(config, macs_per_pixel(costed, config), validation_psnr(net, batches, config))]
     if on_step:
         on_step(trajectory[-1])
     try:
@@ -71,7 +75,7 @@ def progressive_slimming(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor
                     candidates.append(config.replace(**{group.name: width}))
             if not candidates:
                 break
-            scored = [RoutingEntry(c, macs_per_pixel(net, c), validation_psnr(net, batches, c)) for c in candidates]
+            scored = [RoutingEntry(c, macs_per_pixel(costed, c), validation_psnr(net, batches, c)) for c in candidates]
             here = trajectory[-1]
             if criterion == "psnr":  # least PSNR lost; among equals, the cheaper one
                 best = max(scored, key=lambda e: (e.psnr, -e.macs_per_pixel))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import dds_fast
-from dds_fast import DDSNet, DynamicGate, SlimConv2d
+from dds_fast import AttentionSupernet, DDSNet, DynamicGate, SlimConv2d
 from dds_fast.slim_conv import BACKENDS
 from dds_fast.config import RoutingEntry
 
@@ -83,6 +83,9 @@ class TrainConfig:
     gate_patch_size: int = 128
     beta: float = 0.2  # dB of PSNR gain that makes an image hard
     budget: float | None = None  # MACs/pixel; default: the middle of the routing space's range
+    # the gate's attention head trained with the super-network (stages 1, 2 and refine run it
+    # behind the head, as the paper); stage 3 trains the prediction head with it off
+    attention: bool = True
     # weight of the complexity loss against the cross-entropy: with labels nearly all one way,
     # 1 (the paper's plain sum) lets the cross-entropy override the budget
     gate_complexity_weight: float = 1.0
@@ -308,9 +311,12 @@ class Run:
 
     # -- stages -------------------------------------------------------------------------
     def stage1(self):
-        """Once-for-all weights: sandwich rule with In-place Synergy (or the ablations)."""
+        """Once-for-all weights: sandwich rule with In-place Synergy (or the ablations), behind
+        the gate's attention head when ``attention`` (an AttentionSupernet)."""
         c = self.config
         net = self.new_network()
+        if c.attention:
+            net = self.prepare(AttentionSupernet(net, DynamicGate(net.stem_channels, c.num_choices)).to(self.device))
         optimizer = torch.optim.Adam(net.parameters(), lr=c.lr)
 
         def step_fn(step, noisy, clean):
@@ -399,12 +405,21 @@ class Run:
         for p in supernet.parameters():
             p.requires_grad_(False)
         torch.manual_seed(c.seed)
+        attended = isinstance(supernet, AttentionSupernet)
         gate = DynamicGate(supernet.stem_channels, len(supernet.routing_space)).to(self.device)
-        gate.attention = False
+        if attended:
+            # the attention the body was trained behind stays as it was (frozen above): W1 is
+            # shared, so the prediction head learns on the squeeze stage 1 trained
+            gate.fc1.load_state_dict(supernet.gate.fc1.state_dict())
+            gate.fc2.load_state_dict(supernet.gate.fc2.state_dict())
+            gate.fc1.requires_grad_(False)
+            gate.fc2.requires_grad_(False)
+            supernet = supernet.supernet
+        gate.attention = False  # off while the gate trains, as in the paper
         model = DDSNet(supernet, gate, supernet.routing_space)
         macs = model.dynamic_macs_per_pixel
         budget = c.budget if c.budget is not None else (min(macs) + max(macs)) / 2
-        optimizer = torch.optim.Adam(gate.parameters(), lr=c.gate_lr)
+        optimizer = torch.optim.Adam([p for p in gate.parameters() if p.requires_grad], lr=c.gate_lr)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, c.gate_lr_decay)
 
         def step_fn(step, noisy, clean):
@@ -418,6 +433,8 @@ class Run:
             if warning:
                 warnings.warn(warning)
         model.eval()
+        # a body trained behind the attention scale runs behind it (static mode too)
+        gate.attention = attended
         self.save(model, "dds.safetensors", stage=3, budget=budget)
         return model
 
