@@ -42,7 +42,8 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
     gates = [dict(batch=8, backend="triton", fused_ms=0.02, eager_ms=0.3, floor_ms=0.01, floor_bound="bytes",
                   routed_smallest_ms=2.2, smallest="smallest", smallest_ms=2.0),
              dict(batch=1, backend="triton", fused_ms=0.02, eager_ms=0.06, floor_ms=0.005, floor_bound="bytes",
-                  routed_smallest_ms=2.05, smallest="smallest", smallest_ms=2.0)]
+                  fused_in_graph_ms=0.004, eager_in_graph_ms=0.044, routed_smallest_ms=2.05, smallest="smallest",
+                  smallest_ms=2.0)]
     rows = {r["target"]: r for r in target_rows(layers, [network(1), network(8)], 2, gates)}
     vs_b = rows["layer 512x512, batch 8, width 16: fused vs (b) static"]
     vs_a = rows["layer 512x512, batch 8, width 16: fused vs (a) sliced copy"]
@@ -62,8 +63,10 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
     gate = rows["network batch 8: gate and routing add at most 5% to smallest's latency"]
     assert gate["got"] == pytest.approx(0.1) and not gate["met"]
     assert rows["network batch 1: gate and routing add at most 5% to smallest's latency"]["met"]
-    speedup = [r for r in rows.values() if r["target"].startswith("gate head")]  # batch 1 only
+    speedup = [r for r in rows.values() if r["target"].startswith("gate head at batch 1: ")]  # batch 1 only
     assert len(speedup) == 1 and speedup[0]["got"] == pytest.approx(3.0) and not speedup[0]["met"]
+    in_graph = rows["gate head at batch 1, per call in a graph of 20: fused at least 5x faster than eager"]
+    assert in_graph["got"] == pytest.approx(11.0) and in_graph["met"] and "4.0 us" in in_graph["bound"]
     table = targets_markdown(list(rows.values()))
     assert "| no: 20% short |" in table and "| no: 1.3x over |" in table and "| no: 38% short |" in table
     assert "| no: 2.0x over |" in table
@@ -102,5 +105,6 @@ def test_time_gate_times_the_head_on_the_stems_channel_sums_and_the_routed_forwa
     timing = time_gate(runner, report)
     assert timing["backend"] == "triton" and timing["reads_stem_sums"] and timing["attention"] is True
     assert timing["smallest"] == "route 0" and timing["routed_smallest_ms"] > 0
+    assert (timing["fused_in_graph_ms"] is None) == (device == "cpu")  # graphs need CUDA
     assert model.gate.fc4.bias.abs().sum() > 0 and model.gate.backend == "triton"  # timed on a rigged copy
     assert not net.stem_conv.emit_channel_sums and net.stem_conv.channel_sums is None
