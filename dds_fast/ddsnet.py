@@ -27,6 +27,9 @@ from .nets import ARCHITECTURES, SlimNet, register_architecture
 from .slim_conv import SlimConv2d
 
 
+PER_IMAGE_TILES = ("widest", "narrowest")
+
+
 def _padded_full_stem_input(supernet: SlimNet, x: torch.Tensor) -> torch.Tensor:
     """``x`` checked and padded for ``supernet``, which is left at its largest config: the
     stem a gate reads runs at full width whatever config the body then runs."""
@@ -123,6 +126,11 @@ class DDSNet(nn.Module):
         # None: per-image widths on the Triton kernels when the input is on CUDA and no grad
         # is needed; True/False forces the choice (True runs under the interpreter on CPU)
         self.per_image: bool | None = None
+        # what the per-image launches size their tiles for: each layer's widest route (a
+        # narrow image then wastes most of each tile) or its narrowest (narrow images run as
+        # a static launch would, wide ones on more, smaller tiles); the output is the same up
+        # to rounding
+        self.per_image_tiles = "widest"
         self._stem_group = supernet.space.groups[0].name
         stem = supernet.stem_conv
         stem_macs = stem.kernel_size[0] * stem.kernel_size[1] * stem.in_channels  # per stem filter and pixel
@@ -207,11 +215,12 @@ class DDSNet(nn.Module):
             return [cost] * len(x)
         return [self.dynamic_macs_per_pixel[self.routing_space.index(e)] for e in self.route(x)]
 
-    def _width_table(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[SlimConv2d, slice, int]]]:
+    def _width_table(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[SlimConv2d, slice, int, tuple]]]:
         """An int32 [E, columns] table on ``device`` holding, for each conv of the body, its
         (out width, in widths) under each routing config in a column range; and, per conv, that
-        range and the largest number every one of its widths is a multiple of (so the kernel
-        knows they keep its vector loads). Built once per device."""
+        range, the largest number every one of its widths is a multiple of (so the kernel
+        knows they keep its vector loads) and its narrowest (out, in) widths over the routes
+        (what ``per_image_tiles='narrowest'`` sizes its tiles for). Built once per device."""
         if self._tables is None or self._tables[0] != device:
             rows: dict[SlimConv2d, list] = {}
             for entry in self.routing_space:
@@ -220,8 +229,9 @@ class DDSNet(nn.Module):
                         rows.setdefault(call.module, []).append((call.out_width, *call.in_widths))
             layers, start = [], 0
             for conv, per_entry in rows.items():
+                narrowest = (min(row[0] for row in per_entry), min(max(row[1:]) for row in per_entry))
                 layers.append((conv, slice(start, start + len(per_entry[0])),
-                               math.gcd(*(w for row in per_entry for w in row))))
+                               math.gcd(*(w for row in per_entry for w in row)), narrowest))
                 start += len(per_entry[0])
             # row e: every conv's widths under config e, side by side
             table = torch.tensor([[w for per_entry in rows.values() for w in per_entry[e]]
@@ -242,18 +252,23 @@ class DDSNet(nn.Module):
         """Every image through its own config in one launch per layer: each conv reads its
         widths from the device table, indexed by the gate's choice (one gather for all the
         layers, no host sync)."""
+        if self.per_image_tiles not in PER_IMAGE_TILES:
+            raise ValueError(f"DDSNet: per_image_tiles must be one of {PER_IMAGE_TILES}, got {self.per_image_tiles!r}")
+        narrow_tiles = self.per_image_tiles == "narrowest"
         table, layers = self._width_table(padded.device)
         widths = table.index_select(0, choice)
         # gate_forward left every layer at full width: the buffers; the widths are per image
         try:
-            for conv, columns, multiple in layers:
+            for conv, columns, multiple, narrowest in layers:
                 conv.per_image_widths = widths[:, columns]
                 conv.per_image_widths_multiple = multiple
+                conv.per_image_tile_widths = narrowest if narrow_tiles else None
             return self.supernet.body(features, padded)
         finally:
-            for conv, _, _ in layers:
+            for conv, _, _, _ in layers:
                 conv.per_image_widths = None
                 conv.per_image_widths_multiple = 1
+                conv.per_image_tile_widths = None
 
     def _check_choice(self, choice, batch: int) -> torch.Tensor:
         if not isinstance(choice, torch.Tensor) or choice.shape != (batch,) or choice.dtype not in (

@@ -81,6 +81,9 @@ class SlimConv2d(nn.Conv2d):
         self.per_image_widths: torch.Tensor | None = None
         # what the setter of per_image_widths promises every entry is a multiple of (see slim_conv2d)
         self.per_image_widths_multiple = 1
+        # optional (out, in) widths to size the per-image launch's tiles for (see slim_conv2d's
+        # tile_widths); None: the layer's maximum widths
+        self.per_image_tile_widths: tuple[int, int] | None = None
         # When set, a forward on the kernels' inference path also leaves the output's fp32
         # channel sums over blocks of pixels, [N, T, out], in channel_sums (else None there):
         # the squeeze of a gate behind this layer, with no second pass over the output.
@@ -185,7 +188,7 @@ class SlimConv2d(nn.Conv2d):
                                 out_channels=out_width, stride=self.stride[0], padding=self.padding[0],
                                 activation=self.activation, negative_slope=self.negative_slope, residual=residual,
                                 widths=self.per_image_widths, widths_multiple=self.per_image_widths_multiple,
-                                channel_sums=sums_wanted)
+                                channel_sums=sums_wanted, tile_widths=self.per_image_tile_widths)
         if sums_wanted:
             y, self.channel_sums = y
         return y

@@ -497,10 +497,12 @@ def _meta(t: Optional[torch.Tensor]):
 
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_channels, stride, padding,
-                  activation, negative_slope, channel_sums=False, aligned_pointers=False) -> _ForwardPlan:
+                  activation, negative_slope, channel_sums=False, aligned_pointers=False,
+                  tile_widths=None) -> _ForwardPlan:
     """The launch of ``_conv_fwd_kernel`` for arguments with these ``_meta`` keys
-    (``aligned_pointers``: whether every tensor's address is a multiple of 16 bytes): computed
-    once per signature, since the host work per call is what bounds small launches."""
+    (``aligned_pointers``: whether every tensor's address is a multiple of 16 bytes;
+    ``tile_widths``: see ``slim_conv2d``): computed once per signature, since the host work per
+    call is what bounds small launches."""
     (n, c0, h, w), x0_strides, dtype, device = m0
     c1 = 0 if m1 is None else m1[0][1]
     x1_strides = x0_strides if m1 is None else m1[1]
@@ -527,7 +529,8 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     fast = aligned_pointers and _fast_layout((x0_strides[1], x1_strides[1], r_strides[1], y_strides[1], w_strides[1]),
                                              *aligns.values())
     if mwd is not None:
-        bm, bn, bk, warps = _tiles(dtype, ho * wo, w_shape[0], w_shape[1], fast, m1 is not None)
+        cols, red = (w_shape[0], w_shape[1]) if tile_widths is None else tile_widths
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, cols, red, fast, m1 is not None)
     elif taps_in_k:
         reduction = _pow2(c0 * k * k, 16, 32 if out_channels <= 32 else 16)
         bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, reduction)
@@ -1000,7 +1003,8 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
                 segment_starts: Sequence[int] = (0,), out_channels: Optional[int] = None, stride=1,
                 padding=None, activation: Optional[str] = None, negative_slope: float = 0.01,
                 residual: Optional[torch.Tensor] = None, widths: Optional[torch.Tensor] = None,
-                widths_multiple: int = 1, channel_sums: bool = False):
+                widths_multiple: int = 1, channel_sums: bool = False,
+                tile_widths: Optional[tuple[int, int]] = None):
     """``act(conv(cat(inputs, 1), weight[:o, active input channels]) + bias[:o] + residual)``.
 
     - ``inputs``: 1 or 2 tensors ``[N, C_k, H, W]``; input k's channels are the weight's input
@@ -1022,6 +1026,10 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
       ``kernels.gate.gate_head`` reads), computed in the epilogue. ``sums`` is None when the
       call goes through the registered op (gradients, torch.compile, a dispatch mode); not
       with per-image widths.
+    - ``tile_widths``: with per-image widths, the (out, in per input) widths to size the tiles
+      for instead of the weight's maximum ones (the narrowest of the widths the images will
+      take, say): images as narrow run on tiles that fit them, wider ones on more, smaller
+      tiles. The result is the same up to rounding (the reduction is summed in other blocks).
 
     Inputs (and residual) share one dtype: the weight's, or fp16/bf16 over fp32 weights (mixed
     precision: the weight tiles are cast in registers, and weight and bias gradients stay fp32).
@@ -1047,6 +1055,12 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
         _remember(_CHECKED_SIGNATURES, signature)
     if widths is not None and widths.device.type == "cpu":
         _check_width_values(widths, inputs, out_channels, widths_multiple)
+    if tile_widths is not None:
+        if widths is None:
+            raise ValueError("slim_conv2d: tile_widths applies to per-image widths only")
+        tile_widths = tuple(_as_int(t, "tile_widths") for t in tile_widths)
+        if len(tile_widths) != 2 or min(tile_widths) < 1:
+            raise ValueError(f"slim_conv2d: tile_widths must be two positive widths (out, in), got {tile_widths}")
     if channel_sums and widths is not None:
         raise ValueError("slim_conv2d: channel_sums with per-image widths is not supported (the sums of "
                          "channels beyond an image's width would be undefined)")
@@ -1060,7 +1074,8 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     path = _eager_path(*inputs, weight, bias, residual)
     if path == "inference":
         plan = _forward_plan(*signature[:6], *options, channel_sums=bool(channel_sums),
-                             aligned_pointers=_aligned_pointers(*inputs, weight, bias, residual, widths))
+                             aligned_pointers=_aligned_pointers(*inputs, weight, bias, residual, widths),
+                             tile_widths=tile_widths)
         return _launch_forward(plan, inputs[0], x1, weight, bias, residual, widths)
     call = _EagerSlimConv2d.apply if path == "training" else torch.ops.dds_fast.slim_conv2d
     y = call(inputs[0], x1, weight, bias, residual, widths, *options)

@@ -40,7 +40,8 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
             ConfigResult("largest", {"a": 64}, 40000.0, Timing(40.0, 39.0, 41.0, 10), 1.0, 1.0, 32.0, "FLOPs")])
 
     gates = [dict(batch=8, backend="triton", fused_ms=0.02, eager_ms=0.3, floor_ms=0.01, floor_bound="bytes",
-                  routed_smallest_ms=2.2, smallest="smallest", smallest_ms=2.0),
+                  routed_smallest_ms=2.2, smallest="smallest", smallest_ms=2.0, routed_smallest_narrow_tiles_ms=2.08,
+                  routed_largest_ms=41.0, routed_largest_narrow_tiles_ms=44.0, largest="largest", largest_ms=40.0),
              dict(batch=1, backend="triton", fused_ms=0.02, eager_ms=0.06, floor_ms=0.005, floor_bound="bytes",
                   fused_in_graph_ms=0.004, eager_in_graph_ms=0.044, routed_smallest_ms=2.05, smallest="smallest",
                   smallest_ms=2.0)]
@@ -63,6 +64,9 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
     gate = rows["network batch 8: gate and routing add at most 5% to smallest's latency"]
     assert gate["got"] == pytest.approx(0.1) and not gate["met"]
     assert rows["network batch 1: gate and routing add at most 5% to smallest's latency"]["met"]
+    narrow = rows["network batch 8, per-image tiles for the narrowest route: gate and routing add at most 5% to "
+                  "smallest's latency"]
+    assert narrow["got"] == pytest.approx(0.04) and narrow["met"] and "44.0000 ms, 41.0000" in narrow["bound"]
     speedup = [r for r in rows.values() if r["target"].startswith("gate head at batch 1: ")]  # batch 1 only
     assert len(speedup) == 1 and speedup[0]["got"] == pytest.approx(3.0) and not speedup[0]["met"]
     in_graph = rows["gate head at batch 1, per call in a graph of 20: fused at least 5x faster than eager"]
@@ -81,6 +85,7 @@ def test_bench_times_the_network_at_every_batch_on_cpu(tmp_path):
         ("(a) sliced copy", "forward"), ("(b) static", "forward"), ("(b) static", "forward+backward")}
     assert [(g["batch"], g["backend"]) for g in result["gate"]] == [(1, "torch"), (8, "torch")]
     assert all(g["routed_smallest_ms"] > 0 and g["smallest_ms"] > 0 and g["eager_ms"] > 0 for g in result["gate"])
+    assert all(g["routed_largest_ms"] > 0 and g["routed_smallest_narrow_tiles_ms"] is None for g in result["gate"])
     targets = [t["target"] for t in result["targets"]]
     # on the reference backend the fused-against-eager target does not apply
     assert sum("MAC ratio" in t for t in targets) == 1 and sum("gate and routing" in t for t in targets) == 2

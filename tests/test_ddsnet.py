@@ -218,11 +218,24 @@ def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net, attenti
         grouped, grouped_chosen = model(x), model(x, choice=choice)
         model.per_image = True
         per_image, per_image_chosen = model(x), model(x, choice=choice)
+        # tiles sized for each layer's narrowest route: the same output
+        model.per_image_tiles = "narrowest"
+        narrow_tiles = model(x, choice=choice)
     torch.testing.assert_close(per_image, grouped, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(per_image_chosen, grouped_chosen, rtol=1e-4, atol=1e-5)
-    assert all(m.per_image_widths is None for m in model.modules() if isinstance(m, dds_fast.SlimConv2d))
+    torch.testing.assert_close(narrow_tiles, grouped_chosen, rtol=1e-4, atol=1e-5)
+    convs = [m for m in model.modules() if isinstance(m, dds_fast.SlimConv2d)]
+    assert all(m.per_image_widths is None and m.per_image_tile_widths is None for m in convs)
+    layers = model._width_table(x.device)[1]
     # widths in steps of 8 are promised to the kernels (vector loads); the 3-channel output is not
-    assert {multiple for _, _, multiple in model._width_table(x.device)[1]} == {1, 8}
+    assert {multiple for _, _, multiple, _ in layers} == {1, 8}
+    smallest = model.routing_space[0].config
+    model.supernet.set_config(smallest)
+    for conv, _, _, (out, red) in layers:  # the smallest route is every layer's narrowest here
+        assert out == (conv.active_out_channels or conv.out_channels)
+    model.per_image_tiles = "smallest"
+    with pytest.raises(ValueError, match="per_image_tiles must be one of"), torch.no_grad():
+        model(x)
 
 
 def test_the_fused_gate_reads_the_channel_sums_of_the_stems_epilogue(monkeypatch):

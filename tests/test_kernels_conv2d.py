@@ -459,6 +459,36 @@ def test_per_image_widths_promised_multiples_of_8_keep_the_alignment_hint(monkey
     assert chosen[0] == 1  # no promise, no hint
 
 
+def test_per_image_tiles_sized_for_given_widths_give_the_same_result(monkeypatch):
+    """tile_widths sizes a per-image launch's tiles for narrower widths than the weight's: wide
+    images then take more, smaller tiles, with the same result up to rounding (poisoned output,
+    NaN in the inactive input channels)."""
+    monkeypatch.setattr(K, "_empty_channels_last", lambda shape, like: torch.full(
+        shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
+    asked = []
+    tiles = K._tiles
+    monkeypatch.setattr(K, "_tiles", lambda *args: asked.append(args[2:4]) or tiles(*args))
+    K._forward_plan.cache_clear()
+    case = make_case(31, n=2, h=7, w=6, widths=(40,), cin_max=40, cout_max=72, o=72)
+    (x,) = case["inputs"]
+    per_image = [(16, 8), (72, 40)]
+    for i, (_, c) in enumerate(per_image):
+        x[i, c:] = float("nan")
+    widths = torch.tensor(per_image, dtype=torch.int32, device=DEVICE)
+    wide = run(case, "relu", widths=widths)
+    narrow = run(case, "relu", widths=widths, tile_widths=(16, 8))
+    assert asked == [(72, 40), (16, 8)]
+    for i, (o, c) in enumerate(per_image):
+        ref = reference(dict(case, inputs=[x[i:i + 1, :c]], o=o), "relu")
+        assert rel_err(narrow[i:i + 1, :o], ref) < TOL[torch.float32]
+        assert rel_err(narrow[i:i + 1, :o], wide[i:i + 1, :o]) < TOL[torch.float32]  # other reduction blocks
+    with pytest.raises(ValueError, match="tile_widths applies to per-image widths only"):
+        run(case, "relu", tile_widths=(16, 8))
+    with pytest.raises(ValueError, match="tile_widths must be two positive widths"):
+        run(case, "relu", widths=widths, tile_widths=(16, 0))
+    K._forward_plan.cache_clear()
+
+
 def test_per_image_widths_errors():
     case = make_case(10, widths=(13,))
     if DEVICE == "cpu":  # values are checked only where that costs no device sync
