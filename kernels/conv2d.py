@@ -578,10 +578,9 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
     c_align = _alignment(cout, cin, start)
     x_align = _alignment(*_batch_and_pixel_strides(dz.stride(), dx.stride()))
     w_align = _alignment(*_pixel_strides_of_weight(weight.stride()))
-    # the small tiles in every layout: with the fast layout's bigger ones, an fp16 grad input on
-    # the H200 (128 x 128 x 64, two inputs or stride 2) was 1.4e-3 off the fp64 reference where
-    # the interpreter, with the same tiles, is 2e-4 off (benchmarks/NOTES.md, v10)
-    bm, bn, bk, warps = _tiles(x.dtype, h * w, cin, cout)
+    fast = _aligned_pointers(dz, weight) and _fast_layout((dz.stride(1), dx.stride(1), weight.stride(1)), c_align,
+                                                          x_align, w_align)
+    bm, bn, bk, warps = _tiles(x.dtype, h * w, cin, cout, fast)
     # One launch per sub-pixel phase; the phases tile the input exactly, so every pixel is written.
     for ih0 in range(min(stride, h)):
         for iw0 in range(min(stride, w)):

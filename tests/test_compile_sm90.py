@@ -116,10 +116,11 @@ for align in (1, 8):
              **flags),
         K.GRAD_WEIGHT_WARPS)
 for name, wt, stride in [("grad input bf16 over fp32 weights", f, 1), ("grad input bf16, stride 2", p, 2)]:
-    for cin, cout in ((16, 64), (64, 64)):
+    for cin, cout in ((16, 64), (64, 64), (128, 32), (128, 96), (128, 128)):
         blocks, warps = tiles(torch.bfloat16, cin, cout)
         build(f"{name}, {cin} input and {cout} output columns", K._bwd_input_kernel, dict(dz=p, w=wt, dx=p),
-              dict(KSIZE=3, STRIDE=stride, PAD=1, IH0=1, IW0=0, DOT_F32=False, **blocks), warps)
+              dict(KSIZE=3, STRIDE=stride, PAD=1, IH0=1, IW0=0, DOT_F32=False, **blocks), warps,
+              tiles(torch.bfloat16, cin, cout, fast=True))
 blocks, warps = tiles(torch.float32)
 build("grad input fp32", K._bwd_input_kernel, dict(dz=f, w=f, dx=f),
       dict(KSIZE=3, STRIDE=1, PAD=1, IH0=0, IW0=0, DOT_F32=True, **blocks), warps)
