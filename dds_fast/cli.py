@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train only the I-Net of this routing config (repeatable; default: all)")
     for flag, (field, kind) in TRAIN_FLAGS.items():
         train.add_argument(flag, dest=field, type=kind)
+    train.add_argument("--attention", dest="attention", action=argparse.BooleanOptionalAction, default=None,
+                       help="train the gate's attention head with the super-network in stages 1, 2 and refine "
+                            "(default: on, as the paper)")
     train.add_argument("--noise-args", dest="noise_args", type=_json_value, metavar="JSON",
                        help="the noise model's arguments as a JSON object, e.g. '{\"sigma\": [5, 50]}' "
                             "(default: the model's own; AWGN: sigma 25)")

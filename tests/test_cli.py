@@ -110,6 +110,11 @@ def test_train_flags_for_noise_arguments_and_validation_images(tmp_path):
     stored = read_metadata(run_dir / "stage1.safetensors")["user"]["train_config"]
     assert stored["noise"] == "camera" and stored["noise_args"] == {"shot_noise": 0.01}
     assert stored["validation_images"] == ["a.png", "b.png"]
+    assert stored["attention"] is True and read_metadata(run_dir / "stage1.safetensors")["arch"] == "AttentionSupernet"
+    plain = tmp_path / "plain"
+    assert main(["train", "stage1", "--run-dir", str(plain), "--config", str(config), "--steps", "1",
+                 "--images", str(folder), "--no-attention"]) == 0
+    assert read_metadata(plain / "stage1.safetensors")["arch"] == "SlimDnCNN"
     with pytest.raises(SystemExit) as raised:
         main(["train", "stage1", "--run-dir", str(run_dir), "--noise-args", "{sigma: 5}"])
     assert raised.value.code == 2
