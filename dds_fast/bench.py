@@ -275,22 +275,21 @@ def target_rows(layers: list[dict], networks: list[Report], element_bytes: int, 
                              bound=f"{smallest.floor_bound}: the smallest config runs at {smallest.floor_fraction:.2f} "
                                    f"of its floor's speed"))
         for gate in (g for g in gates if g["batch"] == batch):
-            added = gate["routed_smallest_ms"] - gate["smallest_ms"]
-            rows.append(dict(target=f"network batch {batch}: gate and routing add at most {GATE_TARGET:.0%} to "
-                                    f"{gate['smallest']}'s latency",
-                             need=GATE_TARGET, got=added / gate["smallest_ms"],
-                             unit=f" of {gate['smallest_ms']:.4f} ms", lower_is_better=True,
-                             bound=f"the gate head alone {gate['fused_ms']:.4f} ms, {gate['floor_bound']} floor "
-                                   f"{gate['floor_ms']:.4f} ms; the rest is the full-width stem and the routing"))
+            def routing_row(what: str, routed_ms: float, bound: str) -> dict:
+                return dict(target=f"network batch {batch}{what}: gate and routing add at most {GATE_TARGET:.0%} to "
+                                   f"{gate['smallest']}'s latency", need=GATE_TARGET,
+                            got=(routed_ms - gate["smallest_ms"]) / gate["smallest_ms"],
+                            unit=f" of {gate['smallest_ms']:.4f} ms", lower_is_better=True, bound=bound)
+
+            rows.append(routing_row("", gate["routed_smallest_ms"],
+                                    f"the gate head alone {gate['fused_ms']:.4f} ms, {gate['floor_bound']} floor "
+                                    f"{gate['floor_ms']:.4f} ms; the rest is the full-width stem and the routing"))
             if gate.get("routed_smallest_narrow_tiles_ms") is not None:
-                added = gate["routed_smallest_narrow_tiles_ms"] - gate["smallest_ms"]
-                rows.append(dict(target=f"network batch {batch}, per-image tiles for the narrowest route: gate and "
-                                        f"routing add at most {GATE_TARGET:.0%} to {gate['smallest']}'s latency",
-                                 need=GATE_TARGET, got=added / gate["smallest_ms"],
-                                 unit=f" of {gate['smallest_ms']:.4f} ms", lower_is_better=True,
-                                 bound=f"routed to {gate['largest']}: {gate['routed_largest_narrow_tiles_ms']:.4f} ms, "
-                                       f"{gate['routed_largest_ms']:.4f} with the widest route's tiles, "
-                                       f"{gate['largest_ms']:.4f} alone"))
+                rows.append(routing_row(", per-image tiles for the narrowest route",
+                                        gate["routed_smallest_narrow_tiles_ms"],
+                                        f"routed to {gate['largest']}: {gate['routed_largest_narrow_tiles_ms']:.4f} ms, "
+                                        f"{gate['routed_largest_ms']:.4f} with the widest route's tiles, "
+                                        f"{gate['largest_ms']:.4f} alone"))
             if gate["backend"] == "triton" and batch == 1 and gate.get("fused_in_graph_ms"):
                 rows.append(dict(target=f"gate head at batch 1, per call in a graph of {GATE_CALLS_PER_GRAPH}: fused "
                                         f"at least {GATE_SPEEDUP_TARGET:g}x faster than eager", need=GATE_SPEEDUP_TARGET,
