@@ -64,7 +64,7 @@ if [ "$MODE" = quick ]; then
     cat "$R/host_cost.txt"
   fi
   step "dds-fast bench: layers fp16 (512/256, batch 8/1), network at 8x3x512x512 with CUDA graphs"
-  timeout -k 15 -s INT 120 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
+  timeout -k 15 -s INT 150 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
     --size 256 --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
   tail -32 "$R/bench.txt"
   step "one training step of the benchmark's layer under the profiler: Triton and cuDNN"
