@@ -5,8 +5,8 @@
 # step costs its slot, not the lease; results are packed into $OUT/results.tgz at the end.
 # Usage on the device machine, from the repository root (wheels in .whl/ are installed
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
-# benchmarks/gpu_session.sh [full|quick]. quick (under 9 minutes at its step limits) runs the tests that touch
-# a kernel, the host time per call, the layer table, the network at batch 8, a forward tile
+# benchmarks/gpu_session.sh [full|quick|train]. quick (under 9 minutes at its step limits) runs the tests that
+# touch a kernel, the host time per call (with HOST_COST=1: 90 s more), the layer table, the network at batch 8, a forward tile
 # sweep, a profile of a layer's training step, each layer of three network configs alone,
 # the per-kernel breakdown and the gate head's kernels. train (one whole call, 590 s): the gate
 # head's profile, the layer and network tables at 512x512 (batch 1 and 8) and each layer of
@@ -33,7 +33,7 @@ if [ "$MODE" = train ]; then
   timeout -k 15 -s INT 40 python3 benchmarks/profile_gate.py "$R/profile_gate.txt" > /dev/null 2>&1
   grep -E "gate on|Self CUDA time total|_kernel" "$R/profile_gate.txt" | cut -c1-60,100-175
   step "dds-fast bench: layers fp16 (512, batch 8/1), network and gate at 3x512x512 with CUDA graphs"
-  timeout -k 15 -s INT 100 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
+  timeout -k 15 -s INT 120 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
     --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
   tail -45 "$R/bench.txt"
   step "each conv layer of three network configs alone, against cuDNN and its floor"
@@ -58,7 +58,7 @@ if [ "$MODE" = quick ]; then
   timeout -k 15 -s INT 95 python3 -m pytest -q -n 8 --timeout 80 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
     tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_runner.py tests/test_bench.py > "$R/tests.txt" 2>&1
   tail -25 "$R/tests.txt"
-  if [ "${HOST_COST:-1}" = 1 ]; then
+  if [ "${HOST_COST:-0}" = 1 ]; then
     step "host time per call: our wrappers (kernels stubbed), cached launches, Triton's JIT launch"
     timeout -k 15 -s INT 90 python3 benchmarks/host_cost.py "$R/host_cost.json" > "$R/host_cost.txt" 2>&1
     cat "$R/host_cost.txt"
