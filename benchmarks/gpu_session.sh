@@ -7,8 +7,9 @@
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
 # benchmarks/gpu_session.sh [full|quick|train]. quick (under 9 minutes at its step limits) runs
 # the tests that touch a kernel, the host time per call only with HOST_COST=1 (90 s more), the
-# layer table, the network at batch 8, a forward tile sweep, a profile of a layer's training step, each layer of three network configs alone,
-# the per-kernel breakdown and the gate head's kernels. train (one whole call, 590 s): the gate
+# layer table, the network at batch 8, a forward tile sweep, a profile of a layer's training
+# step, each layer of three network configs alone, the per-kernel breakdown and the gate
+# head's kernels. train (one whole call, 590 s): the gate
 # head's profile, the layer and network tables at 512x512 (batch 1 and 8) and each layer of
 # three network configs, on a quiet GPU; then the GPU model's training (training/gpu_train.sh)
 # for the rest of the call but the last 110 s, which run the kernel tests. (Nsight Compute:
