@@ -1,12 +1,11 @@
 """Train a model within a time budget (one device call), resuming where the last call stopped.
 
-The first call times a few stage-1 steps of ``--config`` and sizes the schedule to the budget:
+The first call times a probe of stage-1 steps of ``--config`` and sizes the schedule to the budget:
 stage-1 steps S, the I-Nets S steps each (the same schedule, as the comparison needs), refine
 S/2 steps and the gate's steps as configured. That plan is written to ``RUN_DIR/config.json``
 before any training, and a later call (a fresh machine, the run directory carried back)
-resumes with it instead of timing again. The stages then run in order (``dds-fast train
-all``): one after another, so the plan's arithmetic holds (I-Nets trained beside the refine
-stage, one process each, shared two CPU cores four ways in a trial here and overran it 2.5x).
+resumes with it instead of timing again. The stages then run one after another (``dds-fast
+train all``), as the plan's arithmetic assumes.
 
 Usage: python3 training/gpu_train.py --config training/gpu.json --run-dir runs/gpu --budget 420
 """
@@ -34,23 +33,20 @@ GATE_STEP_COST = 2.6
 FIXED_SECONDS = 60  # stage 2's validation passes (about 20 s there), starts, the last checkpoints
 
 
-def train(stage: str, run_dir: Path, config: Path, *extra: str) -> subprocess.Popen:
+def train(stage: str, run_dir: Path, config: Path, *extra: str) -> None:
+    """``dds-fast train STAGE`` in its own process (a stage's failure stops the run)."""
     command = [sys.executable, "-m", "dds_fast", "train", stage, "--run-dir", str(run_dir), "--config", str(config),
                *extra]
     print("$", " ".join(command), flush=True)
-    return subprocess.Popen(command)
-
-
-def finish(process: subprocess.Popen) -> None:
-    if process.wait() != 0:
-        raise SystemExit(f"{' '.join(process.args)} failed with exit code {process.returncode}")
+    code = subprocess.run(command).returncode
+    if code != 0:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {code}")
 
 
 def seconds_per_step(config: Path) -> float:
     """The median time of the last third of ``PROBE_STEPS`` stage-1 steps."""
     with tempfile.TemporaryDirectory() as scratch:
-        finish(train("stage1", Path(scratch), config, "--steps", str(PROBE_STEPS),
-                     "--checkpoint-every", str(PROBE_STEPS)))
+        train("stage1", Path(scratch), config, "--steps", str(PROBE_STEPS), "--checkpoint-every", str(PROBE_STEPS))
         records = [json.loads(line) for line in (Path(scratch) / "stage1.log.jsonl").read_text().splitlines()]
     return statistics.median(r["time"] for r in records[-(PROBE_STEPS // 3):])
 
@@ -80,7 +76,7 @@ def main() -> None:
         planned.write_text(json.dumps(options, indent=1) + "\n")
         print(f"stage-1 step {step_seconds * 1000:.1f} ms: {options['steps']} steps, refine {options['refine_steps']}",
               flush=True)
-    finish(train("all", args.run_dir, planned))
+    train("all", args.run_dir, planned)
     print(f"done in {time.monotonic() - began:.0f} s", flush=True)
 
 
