@@ -134,12 +134,12 @@ def main(out_path: str) -> None:
         try:
             for module, name, kernel in saved:
                 setattr(module, name, _NoLaunch(kernel))
-            conv_kernels._forward_plan.cache_clear()  # cached plans hold the kernel they launch
+            conv_kernels.clear_plans()  # cached plans hold the kernel they launch
             measure("stubbed", launched)
         finally:
             for module, name, kernel in saved:
                 setattr(module, name, kernel)
-            conv_kernels._forward_plan.cache_clear()
+            conv_kernels.clear_plans()
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "host-cost.json")

@@ -120,7 +120,7 @@ def main(out_path: str) -> None:
                     K._tiles = launcher_tiles if tiles is None else tiles if callable(tiles) else (
                         lambda *args, t=tiles: t)
                     K.TAPS_IN_K_CHANNELS = launcher_taps if taps is None else taps
-                    K._forward_plan.cache_clear()  # launch plans hold the tiles they were built with
+                    K.clear_plans()  # launch plans hold the tiles they were built with
 
                     def run():
                         if per_image:
@@ -135,7 +135,7 @@ def main(out_path: str) -> None:
                     record(case=case, cmax=cmax, size=size, width=width, candidate=name, tiles=chosen,
                            rel_error=error, median_ms=ms)
         K._tiles, K.TAPS_IN_K_CHANNELS = launcher_tiles, launcher_taps
-        K._forward_plan.cache_clear()
+        K.clear_plans()
         for cmax, size, width in GRAD_WEIGHT_CASES:
             weight, x = layer(cmax, width, size)
             dy = torch.randn(BATCH, width, size, size, device=device, dtype=DTYPE).to(
@@ -165,7 +165,7 @@ def main(out_path: str) -> None:
                        tiles=K._grad_weight_tiles(DTYPE, width, width), rel_error=error, median_ms=ms)
     finally:
         K._tiles, K.TAPS_IN_K_CHANNELS, K.GRAD_WEIGHT_ROW_TAPS = launcher_tiles, launcher_taps, launcher_row_taps
-        K._forward_plan.cache_clear()
+        K.clear_plans()
 
 
 if __name__ == "__main__":

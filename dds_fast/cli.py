@@ -165,6 +165,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
     "--gate-complexity-weight": ("gate_complexity_weight", float),
     "--refine-steps": ("refine_steps", int), "--refine-lr": ("refine_lr", float),
     "--refine-distillation": ("refine_distillation", str), "--slim-criterion": ("slim_criterion", str),
+    "--inet-steps": ("inet_steps", int),
 }
 
 

@@ -245,7 +245,7 @@ class DDSNet(nn.Module):
         if not x.is_cuda or torch.is_grad_enabled():
             return False
         # every conv must run on the kernels (dtype, layer options); else group the batch
-        return all(m.backend != "torch" and m._triton_kernels([x]) is not None
+        return all(m.backend != "torch" and m._triton_kernels([x], m.weight) is not None
                    for m in self.supernet.modules() if isinstance(m, SlimConv2d))
 
     def _body_per_image(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ the first ``o`` filters and the first ``i`` input channels of the one shared wei
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import warnings
 from typing import Sequence
@@ -105,11 +106,7 @@ class SlimConv2d(nn.Conv2d):
 
     @property
     def segment_starts(self) -> tuple[int, ...]:
-        starts, total = [], 0
-        for size in self.in_segments:
-            starts.append(total)
-            total += size
-        return tuple(starts)
+        return _starts(self.in_segments)
 
     def _label(self) -> str:
         name = getattr(self, "layer_name", None) or "SlimConv2d"
@@ -171,7 +168,8 @@ class SlimConv2d(nn.Conv2d):
         if residual is not None:
             n, _, h, w = inputs[0].shape
             self._check_residual(residual, (n, out_width, *self.output_size(h, w)))
-        kernels = self._triton_kernels(inputs)
+        weight, bias = self.weight, self.bias  # (each module attribute read costs host time)
+        kernels = self._triton_kernels(inputs, weight)
         if kernels is None:
             if self.per_image_widths is not None:
                 raise ValueError(f"{self._label()}: per-image widths need the Triton backend on this input")
@@ -184,7 +182,7 @@ class SlimConv2d(nn.Conv2d):
             inputs = [t.to(dtype) for t in inputs]
             residual = None if residual is None else residual.to(dtype)
         sums_wanted = self.emit_channel_sums and self.per_image_widths is None
-        y = kernels.slim_conv2d(inputs, self.weight, self.bias, segment_starts=self.segment_starts,
+        y = kernels.slim_conv2d(inputs, weight, bias, segment_starts=self.segment_starts,
                                 out_channels=out_width, stride=self.stride[0], padding=self.padding[0],
                                 activation=self.activation, negative_slope=self.negative_slope, residual=residual,
                                 widths=self.per_image_widths, widths_multiple=self.per_image_widths_multiple,
@@ -193,7 +191,7 @@ class SlimConv2d(nn.Conv2d):
             y, self.channel_sums = y
         return y
 
-    def _triton_kernels(self, inputs: list[torch.Tensor]):
+    def _triton_kernels(self, inputs: list[torch.Tensor], weight: torch.Tensor):
         """The kernel module when this call runs on Triton, else None (the reference path)."""
         if self.backend == "torch" or (self.backend == "auto" and not inputs[0].is_cuda):
             return None
@@ -201,7 +199,7 @@ class SlimConv2d(nn.Conv2d):
         if isinstance(kernels, str):
             reason = kernels
         else:
-            reason = kernels.unsupported_reason(inputs, self.weight, self.stride, self.padding, self.dilation,
+            reason = kernels.unsupported_reason(inputs, weight, self.stride, self.padding, self.dilation,
                                                 self.groups, self.padding_mode, self.activation, self.negative_slope)
             if reason is None:
                 return kernels
@@ -227,6 +225,12 @@ class SlimConv2d(nn.Conv2d):
         if self._active_out is not None:
             parts.append(f"active_out_channels={self._active_out}")
         return ", ".join(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _starts(segments: tuple[int, ...]) -> tuple[int, ...]:
+    """Where each input block starts among the weight's input channels."""
+    return tuple(itertools.accumulate(segments[:-1], initial=0))
 
 
 @functools.lru_cache(maxsize=None)

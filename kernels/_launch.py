@@ -7,7 +7,8 @@ import os
 import torch
 
 # Read once at import: triton.jit picks interpretation when the kernels are decorated, too.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton's own reading of the variable: "true" or "on" interprets as "1" does.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "y", "yes", "true", "on")
 MAX_BATCH = 65535  # the kernels put images on the grid's third dimension, which CUDA caps there
 
 

@@ -826,8 +826,8 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
 
     ``inputs`` is a tensor or a list of tensors; the other arguments are those of the layer.
     """
-    tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    args = (tuple(_spec(t) for t in tensors), _spec(weight), stride, padding, dilation, groups, padding_mode,
+    tensors = [inputs] if isinstance(inputs, torch.Tensor) else inputs
+    args = (tuple([_spec(t) for t in tensors]), _spec(weight), stride, padding, dilation, groups, padding_mode,
             activation, negative_slope)
     try:
         return _reason(*args)
@@ -836,7 +836,7 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
 
 
 def _spec(t: torch.Tensor) -> tuple:
-    return tuple(t.shape), t.dtype, t.device.type
+    return t.shape, t.dtype, t.device.type
 
 
 @functools.lru_cache(maxsize=1024)
@@ -979,11 +979,36 @@ def _check_width_values(widths, inputs, out_channels, widths_multiple):
 _CHECKED_SIGNATURES: dict = {}  # signatures whose arguments passed _check_args
 
 
-def _remember(seen: dict, key, limit: int = 1024):
+def _remember(seen: dict, key, value=None, limit: int = 1024):
     if key is not None:
         if len(seen) >= limit:
             seen.clear()
-        seen[key] = None
+        seen[key] = value
+
+
+_INFERENCE_PLANS: dict = {}  # _inference_key -> the plan of a checked call outside autograd
+
+
+def clear_plans() -> None:
+    """Forget every cached launch plan (for code that changes what the plans are made of)."""
+    _forward_plan.cache_clear()
+    _INFERENCE_PLANS.clear()
+
+
+def _inference_key(inputs, weight, bias, residual, *options):
+    """``slim_conv2d``'s arguments (no per-image widths) as one hashable key: on a repeated call
+    it finds the plan without normalising, checking or planning again, which is most of a
+    small layer's host time. None when the arguments do not make a key (the full path then
+    reports what is wrong)."""
+    if type(inputs) not in (list, tuple):
+        return None
+    try:
+        key = (*[_meta(t) for t in inputs], _meta(weight), _meta(bias), _meta(residual), *options,
+               _aligned_pointers(*inputs, weight, bias, residual))
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
 
 
 def _signature(inputs, weight, bias, residual, widths, *options):
@@ -1036,6 +1061,16 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     Differentiable w.r.t. inputs, weight and bias (full-size gradients, zero outside the
     active slice) and residual.
     """
+    key = None
+    # (only plain int options: 1.0 and True hash as 1 does, and must still be rejected)
+    if widths is None and not channel_sums and tile_widths is None and type(stride) is int \
+            and (padding is None or type(padding) is int) and type(widths_multiple) is int:
+        key = _inference_key(inputs, weight, bias, residual, segment_starts, out_channels, stride, padding,
+                             activation, negative_slope, widths_multiple)
+        plan = _INFERENCE_PLANS.get(key)
+        if plan is not None and _eager_path(*inputs, weight, bias, residual) == "inference":
+            return _launch_forward(plan, inputs[0], inputs[1] if len(inputs) == 2 else None, weight, bias,
+                                   residual, None)
     k = weight.shape[-1] if weight.dim() == 4 else 0
     out_channels = weight.shape[0] if out_channels is None else int(out_channels)
     stride = _as_int(stride, "stride")
@@ -1075,6 +1110,7 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
         plan = _forward_plan(*signature[:6], *options, channel_sums=bool(channel_sums),
                              aligned_pointers=_aligned_pointers(*inputs, weight, bias, residual, widths),
                              tile_widths=tile_widths)
+        _remember(_INFERENCE_PLANS, key, plan)
         return _launch_forward(plan, inputs[0], x1, weight, bias, residual, widths)
     call = _EagerSlimConv2d.apply if path == "training" else torch.ops.dds_fast.slim_conv2d
     y = call(inputs[0], x1, weight, bias, residual, widths, *options)

@@ -117,6 +117,19 @@ def test_load_16bit_png_with_colour_or_alpha_keeps_all_bits(tmp_path, channels):
     assert torch.equal(image, expected)
 
 
+@pytest.mark.parametrize("greyscale", [True, False])
+def test_load_16bit_png_with_fewer_significant_bits(tmp_path, greyscale):
+    """A camera's 12 bits stored in a 16-bit PNG with an sBIT chunk (pypng writes bit depth 12
+    that way) read at full scale, gray or colour alike."""
+    twelve = rng().integers(0, 4096, (5, 4, 1 if greyscale else 3), dtype=np.uint16)
+    with open(tmp_path / "twelve.png", "wb") as f:
+        png.Writer(4, 5, greyscale=greyscale, bitdepth=12).write(f, twelve.reshape(5, -1).tolist())
+    image, bits = read_image(tmp_path / "twelve.png")
+    assert bits == 16
+    expected = torch.from_numpy(twelve.astype(np.float32) / 4095).permute(2, 0, 1)
+    torch.testing.assert_close(image, expected, atol=1e-4, rtol=0)
+
+
 def test_load_jpeg(tmp_path):
     flat = np.full((16, 16, 3), 128, np.uint8)
     iio.imwrite(tmp_path / "flat.jpg", flat)

@@ -151,7 +151,7 @@ def aligned_case(dtype, stride=1):
 
 
 def spy_on_alignment(monkeypatch) -> list[int]:
-    K._forward_plan.cache_clear()  # a cached launch plan would not ask again
+    K.clear_plans()  # a cached launch plan would not ask again
     chosen, alignment = [], K._alignment
 
     def spy(*values):
@@ -210,6 +210,7 @@ def test_few_input_channels_fold_the_taps_into_the_reduction(monkeypatch, dtype,
         plans.append(plan_of(*args, **kwargs))
         return plans[-1]
 
+    spy.cache_clear = plan_of.cache_clear
     monkeypatch.setattr(K, "_forward_plan", spy)
     case = make_case(24, dtype=dtype, widths=(c,), cin_max=8, cout_max=20, o=11, stride=stride, residual=True,
                      h=9, w=10)
@@ -222,7 +223,7 @@ def test_few_input_channels_fold_the_taps_into_the_reduction(monkeypatch, dtype,
     assert plans[-1].launch.meta["TAPS_IN_K"]
     assert rel_err(y, reference(case, activation, 0.2)) < TOL[dtype]
     monkeypatch.setattr(K, "TAPS_IN_K_CHANNELS", 0)  # the per-tap loop gives the same result
-    plan_of.cache_clear()
+    K.clear_plans()
     with torch.no_grad():
         per_tap = run(case, activation, 0.2)
     assert not plans[-1].launch.meta["TAPS_IN_K"]
@@ -477,7 +478,7 @@ def test_per_image_tiles_sized_for_given_widths_give_the_same_result(monkeypatch
     asked = []
     tiles = K._tiles
     monkeypatch.setattr(K, "_tiles", lambda *args: asked.append(args[2:4]) or tiles(*args))
-    K._forward_plan.cache_clear()
+    K.clear_plans()
     case = make_case(31, n=2, h=7, w=6, widths=(40,), cin_max=40, cout_max=72, o=72)
     (x,) = case["inputs"]
     per_image = [(16, 8), (72, 40)]
@@ -495,7 +496,7 @@ def test_per_image_tiles_sized_for_given_widths_give_the_same_result(monkeypatch
         run(case, "relu", tile_widths=(16, 8))
     with pytest.raises(ValueError, match="tile_widths must be two positive widths"):
         run(case, "relu", widths=widths, tile_widths=(16, 0))
-    K._forward_plan.cache_clear()
+    K.clear_plans()
 
 
 def test_per_image_widths_errors():
@@ -516,20 +517,30 @@ def test_per_image_widths_errors():
 
 def test_checks_and_launch_plan_are_cached_per_signature():
     """The host work of a call is done once per signature (shapes, strides, dtypes, options):
-    new strides get a plan of their own, and CPU width values are checked on every call."""
+    a repeated call finds its plan by its raw arguments without planning again, new strides
+    or options get a plan of their own, and CPU width values are checked on every call."""
     case = make_case(11, widths=(16,), o=16)
-    K._forward_plan.cache_clear()
+    K.clear_plans()
     first, again = run(case, "relu"), run(case, "relu")
-    assert K._forward_plan.cache_info()[:2] == (1, 1)  # (hits, misses)
+    assert K._forward_plan.cache_info()[:2] == (0, 1) and len(K._INFERENCE_PLANS) == 1  # (hits, misses)
     assert torch.equal(first, again)
     assert rel_err(first, reference(case, "relu")) < TOL[torch.float32]
     nchw = dict(case, inputs=[x.contiguous() for x in case["inputs"]])
     assert rel_err(run(nchw, "relu"), reference(case, "relu")) < TOL[torch.float32]
     assert K._forward_plan.cache_info().misses == 2
+    assert rel_err(run(case, "leaky_relu", 0.3), reference(case, "leaky_relu", 0.3)) < TOL[torch.float32]
+    assert K._forward_plan.cache_info().misses == 3
+    with pytest.raises(ValueError, match="stride=3 not supported"):  # checked, though the rest repeats
+        run(dict(case, stride=3), "relu")
+    with pytest.raises(ValueError, match="stride must be an int"):  # equal to 1, but not an int
+        run(dict(case, stride=1.0), "relu")
     if DEVICE == "cpu":
         run(case, "relu", widths=torch.tensor([[8, 8], [16, 16]], dtype=torch.int32), widths_multiple=8)
         with pytest.raises(ValueError, match=r"widths\[1, 1\] = 24 not in \[0, 16\]"):
             run(case, "relu", widths=torch.tensor([[8, 8], [16, 24]], dtype=torch.int32), widths_multiple=8)
+    case["weight"].requires_grad_(True)  # a call autograd records skips the inference plans
+    trained = run(case, "relu")
+    assert trained.grad_fn is not None and torch.equal(trained.detach(), first)
 
 
 @pytest.mark.parametrize("dtype,stride,two", [(torch.float32, 1, False), (torch.float16, 2, True)])
@@ -672,7 +683,7 @@ def test_big_tiles_only_in_the_fast_layout(monkeypatch):
     asked = []
     tiles = K._tiles
     monkeypatch.setattr(K, "_tiles", lambda *args: asked.append(args[4] if len(args) > 4 else False) or tiles(*args))
-    K._forward_plan.cache_clear()
+    K.clear_plans()
 
     def fast(**changes):
         asked.clear()
@@ -691,7 +702,7 @@ def test_big_tiles_only_in_the_fast_layout(monkeypatch):
     assert not fast(channels_last=False)
     assert not fast(o=12)  # output width not a multiple of 8
     assert not fast(shift=True)
-    K._forward_plan.cache_clear()
+    K.clear_plans()
 
 
 def test_cached_launch_checks_its_arguments_against_the_kernel():
@@ -723,7 +734,7 @@ def test_gpu_cached_launches_follow_new_inputs_and_pointer_alignment(monkeypatch
 
     jit = CountedJit(K._conv_fwd_kernel)
     monkeypatch.setattr(K, "_conv_fwd_kernel", jit)
-    K._forward_plan.cache_clear()
+    K.clear_plans()
     shape = dict(dtype=torch.float16, n=2, h=9, w=11, widths=(16,), cin_max=32, cout_max=32, o=16)
     for seed in (17, 18, 19):
         case = make_case(seed, **shape)
@@ -738,7 +749,7 @@ def test_gpu_cached_launches_follow_new_inputs_and_pointer_alignment(monkeypatch
     assert rel_err(run(case, "relu"), reference(case, "relu")) < TOL[torch.float16]
     # two plans (a misaligned input may not take the fast layout's tiles), two compiled launchers
     assert jit.calls == 2 and K._forward_plan.cache_info().misses == 2
-    K._forward_plan.cache_clear()  # its plans hold the counting wrapper
+    K.clear_plans()  # its plans hold the counting wrapper
 
 
 @gpu_only

@@ -91,3 +91,19 @@ def test_the_jit_path_is_taken_every_call_when_caching_is_off(gpu_path, monkeypa
     for _ in range(3):
         _launch.launch(kernel, (1, 1, 1), (x, x), (4, 2.0), BLOCK=16, FLAG=True)
     assert [call[0] for call in kernel.calls] == ["jit"] * 3
+
+
+@pytest.mark.parametrize("value", ["true", "On", "0", "off"])
+def test_interpret_is_read_as_triton_reads_it(value):
+    """``TRITON_INTERPRET=true`` interprets the kernels: the host side must plan for the
+    interpreter then too (bf16 dots upcast, CPU tensors accepted), or it plans for a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import triton.knobs; from dds_fast.kernels import _launch; "
+             "print(_launch.INTERPRET, triton.knobs.runtime.interpret)")
+    env = dict(os.environ, TRITON_INTERPRET=value)
+    ours, triton_s = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split()
+    assert ours == triton_s == str(value.lower() in ("true", "on"))

@@ -148,10 +148,12 @@ def _png_header(path: Path) -> tuple[int, int] | None:
 
 def _read_png16_colour(path: Path) -> np.ndarray:
     """A 16-bit colour PNG as uint16 [H, W, C], through pypng: Pillow (and so imageio)
-    silently truncates these to 8 bits."""
+    silently truncates these to 8 bits. The stored samples, as Pillow reads 16-bit gray:
+    pypng's ``asDirect`` would scale them down to an sBIT chunk's depth (0..4095 for a
+    camera's 12 bits), which the caller's division by 65535 would read as 16x too dark."""
     import png  # only 16-bit files need pypng (the GPU machines' image lacks it)
 
-    width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+    width, height, rows, info = png.Reader(filename=str(path)).read()
     return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
 
 
