@@ -1,9 +1,10 @@
 """Checkpoints in safetensors (never pickle), written atomically.
 
 The file's metadata holds the format tag, the library version, the architecture with its
-constructor arguments, the active config, the routing space (``model.routing_space``, a list
-of RoutingEntry) with its MACs table when the model has one, and the caller's own metadata
-(JSON values).
+constructor arguments, the active config, whether the model is a static export of that
+config (``export_static``), the routing space (``model.routing_space``, a list of
+RoutingEntry) with its MACs table when the model has one, and the caller's own metadata
+(JSON values). Tensors keep their dtypes, and load back in them.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from torch import nn
 
 from ._version import __version__
 from .config import RoutingEntry, SubnetConfig
-from .nets import ARCHITECTURES
+from .export import StaticConv2d, export_static
+from .nets import ARCHITECTURES, SlimNet
 
 FORMAT = "dds-fast"
 SHIPPED_MODEL = Path(__file__).parent / "weights" / "dds.safetensors"  # the model the package ships
@@ -35,6 +37,11 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     if ARCHITECTURES.get(arch) is not type(model) or not hasattr(model, "arch_args"):
         raise ValueError(f"save: {arch} is not a registered architecture ({sorted(ARCHITECTURES)}); "
                          "save a plain module's state_dict with safetensors.torch.save_file instead")
+    static = isinstance(model, SlimNet) and model.is_static
+    if not static and any(isinstance(m, StaticConv2d) for m in model.modules()):
+        # load rebuilds a static export from its SlimNet's arguments and config; nothing else
+        raise ValueError(f"save: this {arch} holds exported static layers; export_static of a SlimNet can be "
+                         f"saved, not of a {arch}")
     try:
         user = json.dumps(metadata)
     except TypeError as error:
@@ -45,6 +52,7 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
         "arch": arch,
         "arch_args": json.dumps(model.arch_args),
         "user": user,
+        "static": json.dumps(static),
     }
     if hasattr(model, "get_config") and model.get_config() is not None:
         header["config"] = model.get_config().to_json()
@@ -74,6 +82,17 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     return path
 
 
+_JSON_KINDS = {dict: "object", list: "array", bool: "true or false"}
+
+
+def _json_field(header: dict[str, str], name: str, kind: type, default: str | None = None):
+    """Header field ``name`` decoded from JSON, which must be a ``kind``."""
+    value = json.loads(header[name] if default is None else header.get(name, default))
+    if not isinstance(value, kind):
+        raise TypeError(f"'{name}' must be a JSON {_JSON_KINDS[kind]}, got {header[name]!r}")
+    return value
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """The checkpoint's metadata, decoded; raises CheckpointError for a file that is not one."""
     path = Path(path)
@@ -91,20 +110,28 @@ def read_metadata(path: str | os.PathLike) -> dict:
         meta = {
             "version": header["version"],
             "arch": header["arch"],
-            "arch_args": json.loads(header["arch_args"]),
-            "user": json.loads(header.get("user", "{}")),
-            "config": SubnetConfig.from_json(header["config"]) if "config" in header else None,
-            "routing_space": ([RoutingEntry.from_dict(e) for e in json.loads(header["routing_space"])]
+            "arch_args": _json_field(header, "arch_args", dict),
+            "user": _json_field(header, "user", dict, "{}"),
+            "static": _json_field(header, "static", bool, "false"),
+            "config": SubnetConfig.from_dict(_json_field(header, "config", dict)) if "config" in header else None,
+            "routing_space": ([RoutingEntry.from_dict(e) for e in _json_field(header, "routing_space", list)]
                               if "routing_space" in header else None),
         }
-    except (KeyError, TypeError, json.JSONDecodeError, ValueError) as error:
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} has malformed metadata: {error}") from None
+    if meta["static"] and meta["config"] is None:
+        raise CheckpointError(f"checkpoint {path} holds a static export but no config to rebuild its shapes from")
     return meta
 
 
 def load(path: str | os.PathLike, arch: str | type | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model saved at ``path``. ``arch`` (a class or its name), when given, must
-    match the file's architecture."""
+    """Rebuild the model saved at ``path``, its tensors in the dtypes they were saved in, on
+    the device ``map_location``. ``arch`` (a class or its name), when given, must match the
+    file's architecture."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"load: map_location {map_location!r} is not a torch device: {error}") from None
     path = Path(path)
     meta = read_metadata(path)
     expected = arch.__name__ if isinstance(arch, type) else arch
@@ -120,7 +147,27 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"checkpoint {path}: cannot build {meta['arch']} from its arguments: {error}") from None
     try:
-        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+        if meta["config"] is not None and hasattr(model, "set_config"):
+            model.set_config(meta["config"])
+        if meta["static"]:
+            model = export_static(model)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path}: its config does not fit {meta['arch']}: {error}") from None
+    routing = meta["routing_space"]
+    if routing is not None and getattr(model, "routing_space", None) is not None:
+        # a DDSNet validated its routing space as it was built from arch_args: the header's copy must agree
+        if model.routing_space != routing:
+            raise CheckpointError(f"checkpoint {path}: its header's routing space differs from the one in its "
+                                  f"arguments")
+    elif routing is not None:
+        try:
+            model.routing_space = [RoutingEntry(model.space.validate(e.config), e.macs_per_pixel, e.psnr)
+                                   for e in routing]
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint {path}: its routing space does not fit {meta['arch']}: "
+                                  f"{error}") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint {path}: cannot read its tensors (truncated or corrupt?): {error}") from None
@@ -130,12 +177,10 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
         raise CheckpointError(f"checkpoint {path} does not match {meta['arch']}: missing keys {missing}, "
                               f"unexpected keys {unexpected}")
     try:
-        model.load_state_dict(tensors)
+        model.load_state_dict(tensors, assign=True)  # assign: the saved dtypes, not the fresh model's fp32
     except RuntimeError as error:
         raise CheckpointError(f"checkpoint {path} does not match {meta['arch']}: {error}") from None
-    model.to(map_location)
-    if meta["config"] is not None and hasattr(model, "set_config"):
-        model.set_config(meta["config"])
-    if meta["routing_space"] is not None:
-        model.routing_space = meta["routing_space"]
-    return model
+    try:
+        return model.to(device)
+    except (RuntimeError, AssertionError) as error:  # e.g. CUDA asked for where there is none
+        raise ValueError(f"load: cannot move the model to map_location {map_location!r}: {error}") from None

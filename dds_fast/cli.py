@@ -61,10 +61,10 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _bundled_photo(name: str, size: int | None = None) -> torch.Tensor:
+def _bundled_photo(name: str, size: int | None = None, channels: int = 3) -> torch.Tensor:
     from .training.data import bundled_images
 
-    photo = bundled_images([name], channels=3)[name]
+    photo = bundled_images([name], channels=channels)[name]
     if size is not None:
         photo = torch.nn.functional.interpolate(photo[None], size=(size, size), mode="bilinear", antialias=True,
                                                 align_corners=False)[0].clamp(0, 1)
@@ -91,7 +91,7 @@ def _demo_trained(args) -> int:
     if not isinstance(model, DDSNet):
         raise ValueError(f"demo needs a DDSNet checkpoint (a dds-fast train run's dds.safetensors), "
                          f"got a {type(model).__name__}")
-    clean = _bundled_photo(args.image)
+    clean = _bundled_photo(args.image, channels=model.in_channels)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.sigma / 255
     noisy = clean + noise
     source = args.checkpoint or "the shipped model"
@@ -112,13 +112,14 @@ def _demo_trained(args) -> int:
         print(f"PSNR {psnr(noisy, clean):.2f} -> {psnr(output, clean):.2f} dB; "
               f"SSIM {ssim(noisy, clean):.3f} -> {ssim(output, clean):.3f}")
         rows = []
-        supernet = model.supernet
-        for k, entry in enumerate(model.routing_space):
-            supernet.set_config(entry.config)
-            alone = supernet(batch)[0].float()
-            rows.append([f"route {k}" + (" (chosen)" if k == index else ""), f"{entry.macs_per_pixel:,.0f}",
-                         f"{psnr(alone, clean):.2f}", f"{_median_ms(lambda: supernet(batch), args.repeats):.0f}"])
-    print("every sub-network of the routing space alone on this image:")
+        for k in range(len(model.routing_space)):
+            # through the model as it routes (the gate's attention scale included), the choice forced to k
+            choice = torch.full((1,), k)
+            forced = model(batch, choice=choice)[0].float()
+            latency = _median_ms(lambda: model(batch, choice=choice), args.repeats)
+            rows.append([f"route {k}" + (" (chosen)" if k == index else ""), f"{model.dynamic_macs_per_pixel[k]:,.0f}",
+                         f"{psnr(forced, clean):.2f}", f"{latency:.0f}"])
+    print("every sub-network of the routing space on this image (the gate's choice overridden):")
     _print_table(rows, ["config", "MACs/pixel", "PSNR dB", "CPU ms"])
     save_image(args.out, torch.cat([noisy.clamp(0, 1), output.clamp(0, 1), clean], dim=2))
     print(f"wrote {args.out} (noisy | denoised | clean)")
@@ -244,10 +245,10 @@ def cmd_denoise(args) -> int:
     if args.budget is not None:
         if not isinstance(model, DDSNet):
             raise ValueError(f"--budget needs a DDSNet checkpoint; {args.checkpoint} holds a {type(model).__name__}")
-        entry = model.set_budget(args.budget)
-        print(f"static mode: config at {entry.macs_per_pixel:,.0f} MACs/pixel")
+        model.set_budget(args.budget)
+        print(f"static mode: config at {model.static_macs_per_pixel(model.budget_index):,.0f} MACs/pixel")
     image, bits = read_image(args.input)
-    output = denoise(model, to_channels(image, model.in_channels), tile=args.tile)
+    output = denoise(model, to_channels(image, model.in_channels), tile=args.tile, overlap=args.overlap)
     output = to_channels(output.float(), image.shape[0])
     save_image(args.output, output, 16 if bits == 16 and Path(args.output).suffix.lower() == ".png" else 8)
     if isinstance(model, DDSNet) and args.budget is None and max(image.shape[-2:]) <= args.tile:
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--checkpoint", help="a DDSNet or slimmable network checkpoint (default: the shipped model)")
     den.add_argument("--budget", type=float, help="MACs/pixel: run the best config within it (static mode)")
     den.add_argument("--tile", type=int, default=512, help="tile side for large images (memory stays bounded)")
+    den.add_argument("--overlap", type=int, help="pixels of context around each tile (default: the model's "
+                                                 "receptive field radius, so tiles leave no seams)")
     den.set_defaults(func=cmd_denoise)
     bench = sub.add_parser("bench", help="time layers and every config of a network; JSON, markdown and plots")
     bench.add_argument("--full", action="store_true", help="all sizes and batches (default: quick)")

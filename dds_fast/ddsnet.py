@@ -38,6 +38,19 @@ def _padded_full_stem_input(supernet: SlimNet, x: torch.Tensor) -> torch.Tensor:
     return supernet.pad(x)
 
 
+def _supernet_and_gate_args(supernet: SlimNet, gate: DynamicGate) -> dict:
+    """The checkpoint arguments of a super-network behind a gate (``_build_supernet`` and
+    ``DynamicGate(**gate)`` read them back)."""
+    return {"supernet": {"arch": type(supernet).__name__, "args": supernet.arch_args}, "gate": gate.arch_args}
+
+
+def _build_supernet(owner: str, spec: dict) -> SlimNet:
+    net_cls = ARCHITECTURES.get(spec["arch"])
+    if net_cls is None or not issubclass(net_cls, SlimNet):
+        raise ValueError(f"{owner}: unknown super-network architecture {spec['arch']!r}")
+    return net_cls(**spec["args"])
+
+
 @register_architecture
 class AttentionSupernet(nn.Module):
     """A super-network behind a DynamicGate's attention head, as stage 1 trains the two
@@ -76,17 +89,16 @@ class AttentionSupernet(nn.Module):
         return self.supernet.get_config()
 
     @property
+    def receptive_radius(self) -> int:
+        return self.supernet.receptive_radius
+
+    @property
     def arch_args(self) -> dict:
-        return {"supernet": {"arch": type(self.supernet).__name__, "args": self.supernet.arch_args},
-                "gate": {"channels": self.gate.channels, "num_choices": self.gate.num_choices,
-                         "reduction": self.gate.reduction, "hidden": self.gate.hidden}}
+        return _supernet_and_gate_args(self.supernet, self.gate)
 
     @classmethod
     def from_arch_args(cls, supernet: dict, gate: dict) -> "AttentionSupernet":
-        net_cls = ARCHITECTURES.get(supernet["arch"])
-        if net_cls is None or not issubclass(net_cls, SlimNet):
-            raise ValueError(f"AttentionSupernet: unknown super-network architecture {supernet['arch']!r}")
-        return cls(net_cls(**supernet["args"]), DynamicGate(**gate))
+        return cls(_build_supernet("AttentionSupernet", supernet), DynamicGate(**gate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         config = self.supernet.get_config()
@@ -142,35 +154,39 @@ class DDSNet(nn.Module):
     # -- checkpoints --------------------------------------------------------------------
     @property
     def arch_args(self) -> dict:
-        return {
-            "supernet": {"arch": type(self.supernet).__name__, "args": self.supernet.arch_args},
-            "gate": {"channels": self.gate.channels, "num_choices": self.gate.num_choices,
-                     "reduction": self.gate.reduction, "hidden": self.gate.hidden},
-            "attention": self.gate.attention,
-            "routing_space": [entry.to_dict() for entry in self.routing_space],
-        }
+        return {**_supernet_and_gate_args(self.supernet, self.gate), "attention": self.gate.attention,
+                "routing_space": [entry.to_dict() for entry in self.routing_space]}
 
     @classmethod
     def from_arch_args(cls, supernet: dict, gate: dict, attention: bool, routing_space: list) -> "DDSNet":
-        net_cls = ARCHITECTURES.get(supernet["arch"])
-        if net_cls is None or not issubclass(net_cls, SlimNet):
-            raise ValueError(f"DDSNet: unknown super-network architecture {supernet['arch']!r}")
         dynamic_gate = DynamicGate(**gate)
         dynamic_gate.attention = attention
-        return cls(net_cls(**supernet["args"]), dynamic_gate, [RoutingEntry.from_dict(e) for e in routing_space])
+        return cls(_build_supernet("DDSNet", supernet), dynamic_gate,
+                   [RoutingEntry.from_dict(e) for e in routing_space])
+
+    @property
+    def receptive_radius(self) -> int:
+        return self.supernet.receptive_radius
 
     # -- routing ------------------------------------------------------------------------
+    def static_macs_per_pixel(self, index: int) -> float:
+        """MACs/pixel of static mode at routing index ``index``: the config alone, or, with
+        the gate's attention on, the config behind the full-width stem the gate reads."""
+        return self.dynamic_macs_per_pixel[index] if self.gate.attention else self.routing_space[index].macs_per_pixel
+
     def set_budget(self, macs_per_pixel: float | None) -> RoutingEntry | None:
-        """Static mode: every image runs the best config within ``macs_per_pixel`` (the one
-        with the best validation PSNR, else the dearest). ``None`` returns to dynamic mode."""
+        """Static mode: every image runs the best config whose cost in static mode
+        (``static_macs_per_pixel``) is within ``macs_per_pixel`` (the one with the best
+        validation PSNR, else the dearest). ``None`` returns to dynamic mode."""
         if macs_per_pixel is None:
             self._budget_index = None
             return None
-        within = [i for i, e in enumerate(self.routing_space) if e.macs_per_pixel <= macs_per_pixel]
+        costs = [self.static_macs_per_pixel(i) for i in range(len(self.routing_space))]
+        within = [i for i, cost in enumerate(costs) if cost <= macs_per_pixel]
         if not within:
-            cheapest = min(e.macs_per_pixel for e in self.routing_space)
+            attention = " (with the full-width stem the gate's attention reads)" if self.gate.attention else ""
             raise ValueError(f"DDSNet.set_budget: no config fits {macs_per_pixel:,.0f} MACs/pixel; the cheapest "
-                             f"costs {cheapest:,.0f}")
+                             f"costs {min(costs):,.0f}{attention}")
         self._budget_index = max(within, key=lambda i: (self.routing_space[i].psnr or float("-inf"),
                                                         self.routing_space[i].macs_per_pixel))
         return self.routing_space[self._budget_index]
@@ -209,10 +225,7 @@ class DDSNet(nn.Module):
         where the gate runs (dynamic mode, or static mode with attention on), the full-width
         stem it reads."""
         if self._budget_index is not None:
-            i = self._budget_index
-            # with attention on, static mode runs the full-width stem and the gate too
-            cost = self.dynamic_macs_per_pixel[i] if self.gate.attention else self.routing_space[i].macs_per_pixel
-            return [cost] * len(x)
+            return [self.static_macs_per_pixel(self._budget_index)] * len(x)
         return [self.dynamic_macs_per_pixel[self.routing_space.index(e)] for e in self.route(x)]
 
     def _width_table(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[SlimConv2d, slice, int, tuple]]]:

@@ -37,32 +37,42 @@ def _as_batch(image: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int = 32) -> torch.Tensor:
+def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int | None = None) -> torch.Tensor:
     """Denoise one image [C, H, W] (or [1, C, H, W]); images larger than ``tile`` are cut
     into tiles with ``overlap`` pixels of context on each side, so memory stays bounded.
+    The default overlap is the model's ``receptive_radius``, with which the tiles give the
+    whole image's output (up to rounding).
 
     Tiles start on multiples of the model's ``size_multiple`` (its downsampling factor), so
     each sees the pixel grid the whole image would: the overlap is rounded up and the step
     down to that multiple. A DDSNet routes each tile on its own."""
-    if tile < 1 or overlap < 0 or 2 * overlap >= tile:
-        raise ValueError(f"denoise: need tile >= 1 and 0 <= 2 * overlap < tile, got tile={tile}, overlap={overlap}")
+    if tile < 1 or (overlap is not None and overlap < 0):
+        raise ValueError(f"denoise: need tile >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
     x = _as_batch(noisy)
     h, w = x.shape[-2:]
     if h <= tile and w <= tile:
         return model(x)[0]
+    if overlap is None:
+        if not hasattr(model, "receptive_radius"):
+            raise ValueError(f"denoise: {type(model).__name__} has no receptive_radius to size the tiles' overlap "
+                             f"by; pass overlap (--overlap)")
+        overlap = model.receptive_radius
     multiple = getattr(model, "size_multiple", 1)
     overlap = -(-overlap // multiple) * multiple
     step = (tile - 2 * overlap) // multiple * multiple
     if step < 1:
-        raise ValueError(f"denoise: tile={tile} leaves no core after an overlap of {overlap} on each side "
-                         f"(rounded up to the model's size multiple {multiple})")
-    out = torch.empty_like(x)
+        raise ValueError(f"denoise: a tile of {tile} pixels leaves no core after {overlap} pixels of overlap on "
+                         f"each side (rounded up to the model's size multiple {multiple}); use a larger tile "
+                         f"(--tile) or, at the cost of seams, a smaller overlap (--overlap)")
+    out = None
     for top in range(0, h, step):
         for left in range(0, w, step):
             # the tile with its context, clipped to the image; keep only its core
             y0, x0 = max(0, top - overlap), max(0, left - overlap)
             y1, x1 = min(h, top + step + overlap), min(w, left + step + overlap)
             result = model(x[..., y0:y1, x0:x1])
+            if out is None:  # the model's output channels and dtype, not the input's
+                out = result.new_empty((1, result.shape[1], h, w))
             core_h, core_w = min(step, h - top), min(step, w - left)
             out[..., top:top + core_h, left:left + core_w] = result[..., top - y0:top - y0 + core_h,
                                                                      left - x0:left - x0 + core_w]
@@ -94,15 +104,21 @@ def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]
 def comparison_table(dds: DDSNet, inets: Sequence[nn.Module], pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
                      inet_rows: Sequence[Evaluation] | None = None) -> str:
     """The paper's Table I: for each I-Net, DDS at the best config within the I-Net's MACs
-    (static budget mode) against the I-Net; then DDS in dynamic mode. ``inet_rows``: the
-    I-Nets' evaluations on ``pairs`` when the caller has them already."""
+    (static budget mode, the full-width stem counted when the gate's attention is on) against
+    the I-Net; then DDS in dynamic mode. ``inet_rows``: the I-Nets' evaluations on ``pairs``
+    when the caller has them already."""
     pairs = list(pairs)
     if inet_rows is None:
         inet_rows = [evaluate(inet, pairs, f"I-Net {index}") for index, inet in enumerate(inets)]
     rows = []
     for inet_eval in inet_rows:
-        dds.set_budget(inet_eval.macs_per_pixel)
-        rows += [evaluate(dds, pairs, f"DDS at <= {inet_eval.macs_per_pixel:,.0f}"), inet_eval]
+        label = f"DDS at <= {inet_eval.macs_per_pixel:,.0f}"
+        try:
+            dds.set_budget(inet_eval.macs_per_pixel)
+        except ValueError:  # with attention on, the full-width stem can put every config above the budget
+            rows += [f"| {label}: no config fits | | | | |", inet_eval.row()]
+            continue
+        rows += [evaluate(dds, pairs, label).row(), inet_eval.row()]
     dds.set_budget(None)
-    rows.append(evaluate(dds, pairs, "DDS dynamic"))
-    return "\n".join([TABLE_HEADER] + [row.row() for row in rows])
+    rows.append(evaluate(dds, pairs, "DDS dynamic").row())
+    return "\n".join([TABLE_HEADER] + rows)

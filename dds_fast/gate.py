@@ -87,6 +87,12 @@ class DynamicGate(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
+    @property
+    def arch_args(self) -> dict:
+        """The constructor arguments a checkpoint rebuilds the gate from (``DynamicGate(**arch_args)``)."""
+        return {"channels": self.channels, "num_choices": self.num_choices, "reduction": self.reduction,
+                "hidden": self.hidden}
+
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, num_choices={self.num_choices}, reduced={self.reduced}, "
                 f"hidden={self.hidden}, attention={self.attention}, backend={self.backend!r}")

@@ -25,6 +25,8 @@ def to_uint8(image) -> np.ndarray:
     if isinstance(image, torch.Tensor):
         if image.dim() not in (3, 4):
             raise ValueError(f"expected a tensor shaped [C, H, W] or [N, C, H, W], got {tuple(image.shape)}")
+        if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32, torch.float64):
+            image = image.float()  # numpy has no bfloat16 (or float8): float32 holds their values exactly
         array = image.detach().cpu().movedim(-3, -1).numpy()
     elif isinstance(image, np.ndarray):
         array = image[..., None] if image.ndim == 2 else image

@@ -65,7 +65,7 @@ class SlimNet(nn.Module):
 
     # -- configs ------------------------------------------------------------------------
     def set_config(self, config: SubnetConfig | Mapping[str, int]) -> None:
-        if not self._bindings:
+        if self.is_static:
             raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
         config = self.space.validate(config)
         for conv, group, multiplier in self._bindings:
@@ -74,6 +74,11 @@ class SlimNet(nn.Module):
 
     def get_config(self) -> SubnetConfig:
         return self._config
+
+    @property
+    def is_static(self) -> bool:
+        """Whether this is an ``export_static`` copy, whose widths are fixed."""
+        return not self._bindings
 
     @property
     def stem_channels(self) -> int:
@@ -90,6 +95,15 @@ class SlimNet(nn.Module):
                              f"{self.in_channels}")
         if x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"{type(self).__name__}: empty image of size {tuple(x.shape[2:])}")
+        if not x.is_floating_point():
+            raise ValueError(f"{type(self).__name__}: input dtype {x.dtype} is not floating point; the network "
+                             f"takes float images in [0, 1] (e.g. x.float() / 255 for uint8)")
+        weight = self.stem_conv.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type) and not (
+                isinstance(self.stem_conv, SlimConv2d) and self.stem_conv._triton_kernels([x], weight) is not None):
+            # only the Triton kernels (or autocast) read fp16/bf16 inputs over fp32 weights
+            raise ValueError(f"{type(self).__name__}: input dtype {x.dtype} differs from the network's "
+                             f"{weight.dtype}; convert the input (x.to({weight.dtype})) or the network")
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Pad bottom and right to a multiple of ``size_multiple`` (reflect where the image is
@@ -113,11 +127,24 @@ class SlimNet(nn.Module):
         """The first conv, whose output the gate reads."""
         raise NotImplementedError
 
+    @property
+    def receptive_radius(self) -> int:
+        """How many input pixels away, at most, an input pixel can change an output pixel:
+        the context a tile needs on each side to match the whole image."""
+        raise NotImplementedError
+
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem_conv(x)
 
     def body(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _widen(lo: int, hi: int, scale: int, conv: nn.Conv2d) -> tuple[int, int, int]:
+    """The input offsets ``[lo, hi]`` an output pixel reads, after ``conv`` runs on features
+    ``scale`` input pixels apart, and the scale of its output."""
+    reach = conv.kernel_size[0] // 2 * scale
+    return lo - reach, hi + reach, scale * conv.stride[0]
 
 
 def _conv(cin, cout, k=3, stride=1, activation="leaky_relu", slope=0.2, in_segments=None):
@@ -189,6 +216,25 @@ class SlimUNet(SlimNet):
     def stem_conv(self):
         return self.encoders[0][0]
 
+    @property
+    def receptive_radius(self) -> int:
+        lo = hi = 0
+        scale, skips = 1, []
+        for level, convs in enumerate(self.encoders):
+            if level:
+                skips.append((lo, hi))
+            for conv in convs:
+                lo, hi, scale = _widen(lo, hi, scale, conv)
+        for up, convs, (skip_lo, skip_hi) in zip(self.ups, self.decoders, reversed(skips)):
+            lo, hi, scale = _widen(lo, hi, scale, up)
+            # pixel shuffle: an odd output pixel reads the coarse pixel centred one fine pixel before it
+            scale //= 2
+            lo, hi = min(lo - scale, skip_lo), max(hi, skip_hi)
+            for conv in convs:
+                lo, hi, scale = _widen(lo, hi, scale, conv)
+        lo, hi, _ = _widen(lo, hi, scale, self.last)
+        return max(-lo, hi)
+
     def body(self, features, x):
         skips = []
         h = self.encoders[0][1](features)
@@ -235,6 +281,10 @@ class SlimDnCNN(SlimNet):
     @property
     def stem_conv(self):
         return self.layers[0]
+
+    @property
+    def receptive_radius(self) -> int:
+        return sum(conv.kernel_size[0] // 2 for conv in [*self.layers, self.last])
 
     def body(self, features, x):
         h = features

@@ -21,6 +21,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
+def num_sms(index: int) -> int:
+    """GPU ``index``'s multiprocessor count (a driver query per call otherwise)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 # Benchmarks turn this off to time the launch through Triton's JIT on every call.
 CACHE_LAUNCHES = True
 _LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas"}

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from ._launch import INTERPRET, MAX_BATCH, CachedLaunch, cdiv, launch, next_pow2
+from ._launch import INTERPRET, MAX_BATCH, CachedLaunch, cdiv, launch, next_pow2, num_sms
 from ._rows import fold_rows
 
 ACTIVATIONS = (None, "relu", "leaky_relu")
@@ -549,7 +549,7 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
 
 
 def _launch_forward(plan: _ForwardPlan, x0, x1, weight, bias, residual, widths):
-    """The output; with ``plan.meta['CHANNEL_SUMS']``, also its fp32 channel sums per pixel tile."""
+    """The output; with ``plan.launch.meta['CHANNEL_SUMS']``, also its fp32 channel sums per pixel tile."""
     y = _empty_channels_last(plan.out_shape, x0)
     forward = plan.launch
     sums = None
@@ -566,7 +566,9 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start
                   padding, activation, negative_slope):
     plan = _forward_plan(_meta(x0), _meta(x1), _meta(weight), _meta(bias), _meta(residual), _meta(widths),
                          widths_multiple, start0, start1, out_channels, stride, padding, activation, negative_slope,
-                         aligned_pointers=_aligned_pointers(x0, x1, weight, bias, residual, widths))
+                         # the keywords slim_conv2d passes, in its order: one cache entry for both
+                         channel_sums=False, aligned_pointers=_aligned_pointers(x0, x1, weight, bias, residual, widths),
+                         tile_widths=None)
     return _launch_forward(plan, x0, x1, weight, bias, residual, widths)
 
 
@@ -632,7 +634,7 @@ def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
     row_taps = k == 3 and GRAD_WEIGHT_ROW_TAPS and _aligned_pointers(dz, x) and _fast_layout(
         (dz.stride(1), x.stride(1)), c_align, x_align)
     # small chunks under the interpreter, so that tiny test shapes still exercise the split
-    target = 18 if INTERPRET else 4 * torch.cuda.get_device_properties(dz.device).multi_processor_count
+    target = 18 if INTERPRET else 4 * num_sms(dz.device.index)
     tiles = cdiv(cout, bco) * cdiv(cin, bci) * (k if row_taps else k * k)
     # Split the pixel reduction so that about `target` programs run, in whole BLOCK_P steps.
     splits = max(1, min(cdiv(target, tiles), cdiv(npix, bp)))
@@ -698,6 +700,11 @@ def _slim_conv2d_op(x0: torch.Tensor, x1: Optional[torch.Tensor], weight: torch.
                     widths: Optional[torch.Tensor], widths_multiple: int, start0: int, start1: int,
                     out_channels: int, stride: int, padding: int, activation: str,
                     negative_slope: float) -> torch.Tensor:
+    # a direct call of the op, or a traced graph run on other shapes, has not been through slim_conv2d's checks
+    two = x1 is not None
+    _checked_signature([x0, x1] if two else [x0], weight, bias, residual, widths, (start0, start1) if two else (start0,),
+                       out_channels, stride, padding, None if activation == "none" else activation, negative_slope,
+                       widths_multiple)
     return _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start0, start1, out_channels,
                          stride, padding, activation, negative_slope)
 
@@ -928,6 +935,7 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
                          f"(split the batch)")
     for name, t in [(f"input {i}", t) for i, t in enumerate(inputs)] + [("residual", residual)]:
         # offsets within an image are int32: a view into a much wider buffer can reach past them
+        # (the output's own span is checked below, with its shape)
         if isinstance(t, torch.Tensor) and t.dim() == 4 and sum((size - 1) * abs(step) for size, step in
                                                   zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31:
             raise ValueError(f"slim_conv2d: {name} (shape {tuple(t.shape)}, strides {t.stride()}) spans 2**31 "
@@ -938,6 +946,10 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
                          f"takes weight channels {segment_starts[0]} to {segment_starts[0] + inputs[0].shape[1] - 1}")
     if not 1 <= out_channels <= cout_max:
         raise ValueError(f"slim_conv2d: out_channels={out_channels} not in [1, {cout_max}]")
+    if stride in (1, 2) and padding == k // 2 and out_channels * _out_size(first.shape[2], k, stride, padding) \
+            * _out_size(first.shape[3], k, stride, padding) >= 2 ** 31:
+        raise ValueError(f"slim_conv2d: an output image of {out_channels} channels from {tuple(first.shape[2:])} "
+                         f"pixels spans 2**31 elements or more, past the kernels' int32 offsets (split the image)")
     if stride not in (1, 2):
         raise ValueError(f"slim_conv2d: stride={stride} not supported (1 or 2)")
     if padding != k // 2:
@@ -1023,6 +1035,23 @@ def _signature(inputs, weight, bias, residual, widths, *options):
         return None
 
 
+def _checked_signature(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride, padding,
+                       activation, negative_slope, widths_multiple):
+    """``_signature`` of arguments that ``_check_args`` passes (run once per signature; the
+    values of CPU widths on every call)."""
+    signature = _signature(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride, padding,
+                           activation, negative_slope, widths_multiple)
+    if signature is None or signature not in _CHECKED_SIGNATURES:
+        _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual, widths,
+                    widths_multiple)
+        if activation == "leaky_relu" and negative_slope < 0:
+            raise ValueError(f"slim_conv2d: leaky_relu negative_slope={negative_slope} must be >= 0")
+        _remember(_CHECKED_SIGNATURES, signature)
+    if widths is not None and widths.device.type == "cpu":
+        _check_width_values(widths, inputs, out_channels, widths_multiple)
+    return signature
+
+
 def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                 segment_starts: Sequence[int] = (0,), out_channels: Optional[int] = None, stride=1,
                 padding=None, activation: Optional[str] = None, negative_slope: float = 0.01,
@@ -1079,16 +1108,8 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     widths_multiple = _as_int(widths_multiple, "widths_multiple")
     if widths_multiple < 1:
         raise ValueError(f"slim_conv2d: widths_multiple={widths_multiple} must be >= 1")
-    signature = _signature(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride, padding,
-                           activation, negative_slope, widths_multiple)
-    if signature is None or signature not in _CHECKED_SIGNATURES:
-        _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual, widths,
-                    widths_multiple)
-        if activation == "leaky_relu" and negative_slope < 0:
-            raise ValueError(f"slim_conv2d: leaky_relu negative_slope={negative_slope} must be >= 0")
-        _remember(_CHECKED_SIGNATURES, signature)
-    if widths is not None and widths.device.type == "cpu":
-        _check_width_values(widths, inputs, out_channels, widths_multiple)
+    signature = _checked_signature(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride,
+                                   padding, activation, negative_slope, widths_multiple)
     if tile_widths is not None:
         if widths is None:
             raise ValueError("slim_conv2d: tile_widths applies to per-image widths only")

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, MAX_BATCH, cdiv, launch, next_pow2
+from ._launch import INTERPRET, MAX_BATCH, cdiv, launch, next_pow2, num_sms
 from ._rows import ROWS_PER_PROGRAM
 
 MAX_FOLDS = 128  # programs per image that fold the partials; the last one also runs the heads
@@ -176,11 +176,6 @@ def _check_runnable(t: torch.Tensor, what: str):
                            "set TRITON_INTERPRET=1 before importing dds_fast.kernels.gate to run them on the CPU")
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _tile(c: int, hw: int) -> tuple[int, int]:
     """(BLOCK_HW, BLOCK_C) of the streaming kernels: about 4K elements per program on a GPU;
     under the interpreter, where each program costs tens of ms, whole images at once."""
@@ -224,7 +219,7 @@ def squeeze_partials(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     if chunk is None:
         # one chunk per image under the interpreter; on a GPU about four programs per SM, each
         # over at least four pixel blocks, so the head never sums more partials than pixels
-        chunks = 1 if INTERPRET else cdiv(4 * _num_sms(x.device.index), n * c_blocks)
+        chunks = 1 if INTERPRET else cdiv(4 * num_sms(x.device.index), n * c_blocks)
         chunk = max(cdiv(hw, chunks), 4 * block_hw)
     if chunk < 1:
         raise ValueError(f"squeeze_partials: chunk must be >= 1, got {chunk}")
@@ -283,6 +278,11 @@ def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
         raise ValueError(f"gate_head: partials must be fp32 [N, T, C], got {partials.dtype} {tuple(partials.shape)}")
     if hw < 1:
         raise ValueError(f"gate_head: hw must be >= 1, got {hw}")
+    if partials.shape[1] < 1 or partials.shape[2] < 1:  # no program would write the outputs
+        raise ValueError(f"gate_head: partials [N, T, C] need T >= 1 rows of sums and C >= 1 channels, got "
+                         f"{tuple(partials.shape)}")
+    if partials.shape[0] > MAX_BATCH:  # the arrival counters hold MAX_BATCH images
+        raise ValueError(f"gate_head: a batch of {partials.shape[0]} images; the kernel takes at most {MAX_BATCH}")
     _check_runnable(partials, "gate_head")
     n, num_chunks, c = partials.shape
     cr, hid, e = w1.shape[0], w3.shape[0], w4.shape[0]

@@ -131,3 +131,85 @@ def test_saved_file_has_ordinary_permissions(net, tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_static_export_round_trips(net, tmp_path):
+    net.routing_space = [RoutingEntry(net.space.smallest(), macs_per_pixel(net, net.space.smallest()))]
+    static = dds_fast.export_static(net)
+    loaded = load(save(static, tmp_path / "static.safetensors"))
+    assert type(loaded) is SlimUNet and loaded.is_static and loaded.get_config() == net.get_config()
+    assert loaded.routing_space == net.routing_space
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in static.state_dict().items()}
+    x = torch.rand(1, 3, 9, 7)
+    torch.testing.assert_close(loaded(x), static(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="static"):
+        loaded.set_config(net.space.largest())
+    assert macs_per_pixel(loaded) == macs_per_pixel(net)
+
+
+def test_save_rejects_static_layers_it_could_not_rebuild(net, tmp_path):
+    attended = dds_fast.AttentionSupernet(net, dds_fast.DynamicGate(net.stem_channels, 2))
+    with pytest.raises(ValueError, match="export_static of a SlimNet can be saved, not of a AttentionSupernet"):
+        save(dds_fast.export_static(attended), tmp_path / "a.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_tensors_load_back_in_the_dtype_they_were_saved_in(net, tmp_path, dtype):
+    loaded = load(save(net.to(dtype), tmp_path / "model.safetensors"))
+    assert {t.dtype for t in loaded.state_dict().values()} == {dtype}
+    for (name, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert all(p.requires_grad for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("config", "[1, 2]", "'config' must be a JSON object, got '\\[1, 2\\]'"),
+    ("arch_args", '"SlimUNet"', "'arch_args' must be a JSON object"),
+    ("routing_space", '{"config": {}}', "'routing_space' must be a JSON array"),
+    ("routing_space", '[{"config": [8], "macs_per_pixel": 1}]', "malformed metadata"),
+    ("static", '"yes"', "'static' must be a JSON true or false"),
+])
+def test_malformed_header_fields(net, tmp_path, field, value, message):
+    path = save(net, tmp_path / "model.safetensors")
+    rewrite(path, net.state_dict(), **{field: value})
+    with pytest.raises(CheckpointError, match=f"{path}.*{message}"):
+        load(path)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("config", "{}", "its config does not fit SlimUNet: config does not match the network's groups"),
+    ("config", '{"enc0.mid": 8}', "missing"),
+    ("routing_space", '[{"config": {"nope": 8}, "macs_per_pixel": 1}]', "its routing space does not fit SlimUNet"),
+])
+def test_configs_that_do_not_fit_the_network(net, tmp_path, field, value, message):
+    path = save(net, tmp_path / "model.safetensors")
+    rewrite(path, net.state_dict(), **{field: value})
+    with pytest.raises(CheckpointError, match=f"{path}.*{message}"):
+        load(path)
+
+
+def test_a_ddsnet_header_routing_space_must_agree_with_its_arguments(tmp_path):
+    from dds_fast import DDSNet, DynamicGate
+
+    supernet = SlimUNet(in_channels=3, base_width=8, depth=2)
+    routes = [RoutingEntry(c, macs_per_pixel(supernet, c))
+              for c in (supernet.space.smallest(), supernet.space.largest())]
+    dds = DDSNet(supernet, DynamicGate(supernet.stem_channels, 2), routes)
+    path = save(dds, tmp_path / "dds.safetensors")
+    assert load(path).routing_space == routes
+    swapped = json.dumps([entry.to_dict() for entry in reversed(routes)])
+    rewrite(path, dds.state_dict(), routing_space=swapped)
+    with pytest.raises(CheckpointError, match="routing space differs"):
+        load(path)
+
+
+def test_a_bad_map_location_is_reported_as_such(net, tmp_path):
+    path = save(net, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="map_location 'gpu9' is not a torch device") as raised:
+        load(path, map_location="gpu9")
+    assert not isinstance(raised.value, CheckpointError)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cannot move the model to map_location 'cuda'") as raised:
+            load(path, map_location="cuda")
+        assert not isinstance(raised.value, CheckpointError)
+    assert load(path, map_location=torch.device("cpu")).get_config() == net.get_config()

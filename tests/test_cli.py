@@ -61,6 +61,41 @@ def test_trained_demo_routes_a_held_out_photo(capsys, tmp_path):
     assert image.shape == (3, 303, 3 * 384)  # noisy | denoised | clean
 
 
+def small_ddsnet(in_channels=3, attention=False):
+    from dds_fast import DDSNet, DynamicGate
+
+    torch.manual_seed(0)
+    net = SlimUNet(in_channels=in_channels, base_width=8, depth=2)
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    gate = DynamicGate(net.stem_channels, 2)
+    gate.attention = attention
+    if attention:
+        torch.nn.init.normal_(gate.fc2.bias, std=0.5)  # a trained attention head: its scale is not 1
+    return DDSNet(net, gate, routes).eval()
+
+
+def test_trained_demo_runs_each_route_behind_the_gates_attention(capsys, tmp_path):
+    checkpoint = save(small_ddsnet(attention=True), tmp_path / "dds.safetensors")
+    assert main(["demo", "--checkpoint", str(checkpoint), "--image", "coins", "--repeats", "1",
+                 "--out", str(tmp_path / "demo.png")]) == 0
+    out = capsys.readouterr().out
+    denoised = out.split("PSNR ")[1].split(" -> ")[1].split(" dB")[0]
+    chosen = next(line.split() for line in out.splitlines() if "(chosen)" in line)
+    # the chosen route's row is the model's own output: the same PSNR
+    assert chosen[4] == denoised
+
+
+def test_trained_demo_on_a_gray_model_reads_the_photo_in_gray(capsys, tmp_path):
+    from dds_fast.training.data import read_image
+
+    checkpoint = save(small_ddsnet(in_channels=1), tmp_path / "dds.safetensors")
+    picture = tmp_path / "demo.png"
+    assert main(["demo", "--checkpoint", str(checkpoint), "--image", "chelsea", "--repeats", "1",
+                 "--out", str(picture)]) == 0
+    assert "gate chose sub-network" in capsys.readouterr().out
+    assert read_image(picture)[0].shape == (1, 300, 3 * 451)
+
+
 def test_train_all_stages_from_a_config_file(tmp_path, capsys):
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"arch": "SlimDnCNN", "channels": 1, "base_width": 8, "depth": 3, "patch_size": 24,

@@ -106,6 +106,16 @@ def test_load_16bit_gray_png_and_tiff(tmp_path):
     assert torch.equal(load_image(tmp_path / "rgb16.tif")[2], expected)
 
 
+def test_load_planar_rgb_tiff(tmp_path):
+    """A TIFF with each colour in a plane of its own: tifffile reads it as [3, H, W]."""
+    import tifffile
+
+    rgb = rng().integers(0, 65536, (5, 7, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, -1, 0), planarconfig="separate", photometric="rgb")
+    image, bits = read_image(tmp_path / "planar.tif")
+    assert bits == 16 and torch.equal(image, torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 65535))
+
+
 @pytest.mark.parametrize("channels", [2, 3, 4])
 def test_load_16bit_png_with_colour_or_alpha_keeps_all_bits(tmp_path, channels):
     # Pillow truncates these to 8 bits
@@ -286,6 +296,28 @@ def test_sidd_medium_pairs_and_aligned_patches(tmp_path):
     assert all(torch.equal(data[i][0], again[i][0]) for i in range(len(data)))
     gray = PairedPatches(pairs, patch_size=16, patches_per_pair=1, channels=1)
     assert gray[0][0].shape == (1, 16, 16)
+
+
+def test_paired_patches_interleave_pairs_in_a_seeded_order_each_epoch():
+    """A batch of consecutive items takes its crops from different pairs, each pair read
+    patches_per_pair times an epoch, in an order of its own each epoch, fixed by the seed."""
+    pairs = [(torch.full((1, 8, 8), k / 10), torch.full((1, 8, 8), k / 10)) for k in range(5)]
+
+    def order(data, epoch):
+        data.set_epoch(epoch)
+        pairs_read = [round(data[i][1][0, 0, 0].item() * 10) for i in range(len(data))]
+        assert pairs_read == [data.pair_of(i) for i in range(len(data))]
+        return pairs_read
+
+    data = PairedPatches(pairs, patch_size=4, patches_per_pair=3, seed=1, interleave=2)
+    first = order(data, 0)
+    assert sorted(first) == sorted(list(range(5)) * 3)
+    assert all(first[i] != first[i + 1] for i in range(0, 12, 2))  # batches of 2 over groups of 2 pairs
+    assert first[:6] == first[:2] * 3 and first[12:] == first[12:13] * 3  # each file decoded once an epoch
+    assert order(data, 1) != first and sorted(order(data, 1)) == sorted(first)
+    assert order(PairedPatches(pairs, patch_size=4, patches_per_pair=3, seed=1, interleave=2), 0) == first
+    with pytest.raises(ValueError, match="interleave must be positive"):
+        PairedPatches(pairs, interleave=0)
 
 
 def test_paired_patches_from_tensors():

@@ -144,7 +144,7 @@ def test_static_budget_mode_with_attention_runs_the_config_behind_the_gate():
     model = make_ddsnet()
     model.gate.attention = True
     torch.nn.init.normal_(model.gate.fc2.weight, std=1.0)
-    entry = model.set_budget(model.routing_space[1].macs_per_pixel)
+    entry = model.set_budget(model.dynamic_macs_per_pixel[1])
     assert entry is model.routing_space[1]
     x = images()
     assert model.routed_macs(x) == [model.dynamic_macs_per_pixel[1]] * len(x)
@@ -154,6 +154,21 @@ def test_static_budget_mode_with_attention_runs_the_config_behind_the_gate():
         torch.testing.assert_close(static, model(x, choice=torch.ones(len(x), dtype=torch.long)))
         # the narrow network alone differs: its features go unscaled
         assert not torch.allclose(static, export_static(model.supernet, entry.config)(x))
+
+
+def test_static_budget_with_attention_counts_the_full_width_stem_the_gate_reads():
+    """With attention on, static mode runs the full-width stem and the gate: the budget
+    bounds that cost, as routed_macs reports it, not the config's own MACs."""
+    model = make_ddsnet()
+    model.gate.attention = True
+    own, static = model.routing_space[1].macs_per_pixel, model.dynamic_macs_per_pixel[1]
+    assert own < static
+    assert model.set_budget(own) is model.routing_space[0]
+    assert model.routed_macs(images())[0] == model.static_macs_per_pixel(0) <= own
+    with pytest.raises(ValueError, match="full-width stem"):
+        model.set_budget(model.routing_space[0].macs_per_pixel)
+    model.gate.attention = False  # the narrow network alone: its own MACs
+    assert model.set_budget(own) is model.routing_space[1] and model.routed_macs(images())[0] == own
 
 
 def test_expected_macs_counts_the_full_width_stem():
@@ -177,6 +192,21 @@ def test_checkpoint_round_trip(tmp_path):
     x = images().float()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_ddsnet_and_attention_supernet_record_the_gate_and_supernet_alike(tmp_path):
+    model = make_ddsnet().float()
+    gate = model.gate
+    assert DynamicGate(**gate.arch_args).arch_args == gate.arch_args == {
+        "channels": gate.channels, "num_choices": gate.num_choices, "reduction": gate.reduction, "hidden": gate.hidden}
+    attended = dds_fast.AttentionSupernet(model.supernet, gate)
+    assert {k: model.arch_args[k] for k in ("supernet", "gate")} == attended.arch_args
+    assert model.receptive_radius == attended.receptive_radius == model.supernet.receptive_radius
+    unknown = {"arch": "Conv2d", "args": {}}
+    with pytest.raises(ValueError, match="DDSNet: unknown super-network architecture 'Conv2d'"):
+        DDSNet.from_arch_args(**{**model.arch_args, "supernet": unknown})
+    with pytest.raises(ValueError, match="AttentionSupernet: unknown super-network architecture 'Conv2d'"):
+        dds_fast.AttentionSupernet.from_arch_args(**{**attended.arch_args, "supernet": unknown})
 
 
 def test_bad_construction():

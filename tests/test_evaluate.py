@@ -47,6 +47,45 @@ def test_tiled_denoise_keeps_a_unet_on_the_whole_image_pixel_grid(tile, overlap)
         denoise(model, x, tile=18, overlap=7)
 
 
+def far_reaching_unet(depth, out_channels=None):
+    """A U-Net whose weights are pushed away from zero, so every path to the deepest level
+    changes the output measurably (at its initial weights, far pixels barely do)."""
+    torch.manual_seed(0)
+    model = dds_fast.SlimUNet(in_channels=3, out_channels=out_channels, base_width=8, depth=depth).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.sign(parameter))
+    return model
+
+
+def test_default_overlap_is_the_receptive_field_so_a_deep_unet_tiles_without_seams():
+    model = far_reaching_unet(depth=4)  # a receptive field radius of 45 pixels
+    x = torch.rand(3, 150, 140, generator=torch.Generator().manual_seed(1))
+    whole = denoise(model, x, tile=1024)
+    torch.testing.assert_close(denoise(model, x, tile=128), whole, rtol=1e-5, atol=1e-5)
+    # 32 pixels of context, the old default, leave seams
+    assert (denoise(model, x, tile=128, overlap=32) - whole).abs().max() > 1e-3
+
+
+def test_tiles_take_the_output_channels_of_the_model():
+    model = far_reaching_unet(depth=3, out_channels=1)
+    x = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(1))
+    tiled = denoise(model, x, tile=60)
+    assert tiled.shape == (1, 40, 50)
+    torch.testing.assert_close(tiled, model(x[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_image_within_one_tile_runs_whole_whatever_the_overlap():
+    model = far_reaching_unet(depth=3)
+    x = torch.rand(3, 30, 20, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(denoise(model, x, tile=32), model(x[None])[0])
+    torch.testing.assert_close(denoise(model, x, tile=32, overlap=40), model(x[None])[0])
+    with pytest.raises(ValueError, match=r"tile of 16 pixels leaves no core.*--tile.*--overlap"):
+        denoise(model, x, tile=16)
+    with pytest.raises(ValueError, match="no receptive_radius"):
+        denoise(torch.nn.Identity(), x, tile=16)
+
+
 def pairs(n=2, size=32):
     g = torch.Generator().manual_seed(2)
     clean = [torch.rand(3, size, size, generator=g) for _ in range(n)]
@@ -70,6 +109,23 @@ def test_evaluate_reports_psnr_ssim_and_macs():
     assert "I-Net 0" in table and "DDS dynamic" in table and table.count("\n") == 4
 
 
+def test_comparison_rows_within_a_budget_cost_at_most_the_budget_with_attention_on():
+    dds = ddsnet()
+    dds.gate.attention = True  # static mode then runs the full-width stem too
+    data = pairs(n=1)
+    inet_rows = []
+    for index, entry in enumerate(dds.routing_space):
+        dds.supernet.set_config(entry.config)
+        inet_rows.append(evaluate(dds.supernet, data, f"I-Net {index}"))
+    table = comparison_table(dds, [], data, inet_rows)
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if "DDS at <=" in line]
+    # the smallest config costs more than its own MACs behind the full-width stem: nothing fits
+    assert rows[0][0].strip() == f"DDS at <= {dds.routing_space[0].macs_per_pixel:,.0f}: no config fits"
+    for label, macs, *_ in rows[1:]:
+        budget = float(label.split("<=")[1].replace(",", ""))
+        assert float(macs.replace(",", "")) <= budget
+
+
 def test_denoise_command(tmp_path, capsys):
     dds = ddsnet()
     checkpoint = dds_fast.save(dds, tmp_path / "dds.safetensors")
@@ -90,3 +146,23 @@ def test_denoise_command(tmp_path, capsys):
     assert main(["denoise", str(bad), "-o", str(tmp_path / "x.png"), "--checkpoint", str(checkpoint)]) == 2
     assert "bad.png" in capsys.readouterr().err
     assert main(["denoise", str(gray), "-o", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "no")]) == 2
+
+
+def test_denoise_command_tiles_with_the_overlap_asked_for(tmp_path, capsys):
+    model = far_reaching_unet(depth=3)
+    checkpoint = dds_fast.save(model, tmp_path / "unet.safetensors")
+    noisy = save_image(tmp_path / "in.png", torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(3)), 16)
+    image = read_image(noisy)[0]
+
+    def run(*flags):
+        out = tmp_path / "out.png"
+        code = main(["denoise", str(noisy), "-o", str(out), "--checkpoint", str(checkpoint), *flags])
+        return code, read_image(out)[0] if code == 0 else None
+
+    whole = run("--tile", "64")[1]  # a tile below twice the receptive field, but the image fits in it
+    torch.testing.assert_close(whole, model(image[None])[0].clamp(0, 1), rtol=0, atol=1 / 65535)
+    # tiled, with the receptive field as overlap
+    torch.testing.assert_close(run("--tile", "60")[1], whole, rtol=0, atol=1 / 65535)
+    assert not torch.equal(run("--tile", "20", "--overlap", "4")[1], whole)  # too little context: seams
+    assert run("--tile", "30")[0] == 2
+    assert "--tile" in capsys.readouterr().err

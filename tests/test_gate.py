@@ -355,6 +355,11 @@ def test_kernel_argument_errors():
                           *args[3:])
     with pytest.raises(ValueError, match="partials must be fp32"):
         kernels.gate_head(torch.randn(1, 1, 8, dtype=torch.float64, device=DEVICE), 4, *args)
+    with pytest.raises(ValueError, match=r"need T >= 1 rows of sums .* got \(2, 0, 8\)"):
+        kernels.gate_head(torch.randn(2, 0, 8, device=DEVICE), 4, *args)
+    many = torch.randn(1, 1, 8, device=DEVICE).expand(65536, 1, 8)  # a view: nothing is allocated
+    with pytest.raises(ValueError, match="a batch of 65536 images; the kernel takes at most 65535"):
+        kernels.gate_head(many, 4, *args)
     with pytest.raises(ValueError, match="at most 65535"):
         kernels.squeeze_partials(torch.randn(65536, 2, 1, 1, device=DEVICE))
     with pytest.raises(ValueError, match=r"scale must be fp32 \[2, 8\]"):

@@ -320,9 +320,13 @@ def test_fold_rows_sums_blocks_of_rows_in_order():
     from dds_fast.kernels._rows import fold_rows
 
     part = torch.randn(2, 7, 5, dtype=torch.float64).float().to(DEVICE)
+    once = fold_rows(part, limit=4, rows_per_program=2)  # 7 -> 4 rows: consecutive pairs, the last alone
+    blocks = torch.stack([part[:, 0:2].sum(1), part[:, 2:4].sum(1), part[:, 4:6].sum(1), part[:, 6]], 1)
+    assert once.shape == (2, 4, 5) and rel_err(once, blocks.double()) < 1e-6
     folded = fold_rows(part, limit=1, rows_per_program=2)  # 7 -> 4 -> 2 -> 1 rows
     assert folded.shape == (2, 1, 5)
     assert rel_err(folded[:, 0], part.double().sum(1)) < 1e-6
+    assert torch.equal(fold_rows(part, limit=1, rows_per_program=2), folded)  # the same bits again
     assert torch.equal(fold_rows(part, limit=7), part)  # few enough already
     with pytest.raises(ValueError, match="fp32"):
         fold_rows(part.double())
@@ -446,6 +450,52 @@ def test_per_image_widths_ignore_nan_and_skip_inactive_outputs(monkeypatch, k, s
         sub = dict(case, inputs=[a[i:i + 1, :ca], b[i:i + 1, :cb]], o=o, residual=case["residual"][i:i + 1, :o])
         assert rel_err(y[i:i + 1, :o], reference(sub, "leaky_relu")) < TOL[dtype]
         assert torch.isnan(y[i, o:]).all()  # beyond the image's out width: documented as unwritten
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_backward_reads_only_the_active_prefix_of_a_wider_input_buffer(stride):
+    """Training on a prefix view of a max-width activation buffer whose other channels hold
+    NaN (a slimmed net's layout): every gradient is right, and the buffer's inactive channels
+    and the weight outside the slice get exact zeros."""
+    case = make_case(23, widths=(5,), cin_max=9, cout_max=8, o=6, stride=stride)
+    x = case["inputs"][0]
+    wide = torch.full((x.shape[0], 9, *x.shape[2:]), math.nan, device=DEVICE).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        wide[:, :5] = x
+    wide.requires_grad_(True)
+    weight, bias = case["weight"].requires_grad_(True), case["bias"].requires_grad_(True)
+    y = run(dict(case, inputs=[wide[:, :5]]), "leaky_relu", 0.2)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    y.backward(grad)
+    leaves = {"inputs": [x.double().requires_grad_()], "weight": weight.detach().double().requires_grad_(),
+              "bias": bias.detach().double().requires_grad_()}
+    reference(case, "leaky_relu", 0.2, leaves=leaves).backward(grad.double())
+    assert rel_err(wide.grad[:, :5], leaves["inputs"][0].grad) < TOL[torch.float32]
+    assert (wide.grad[:, 5:] == 0).all()
+    assert rel_err(weight.grad[:6, :5], leaves["weight"].grad[:6, :5]) < TOL[torch.float32]
+    assert (weight.grad[6:] == 0).all() and (weight.grad[:, 5:] == 0).all()
+    assert rel_err(bias.grad[:6], leaves["bias"].grad[:6]) < TOL[torch.float32] and (bias.grad[6:] == 0).all()
+
+
+def test_the_kernel_clamps_per_image_widths_the_host_cannot_check(monkeypatch):
+    """On a GPU the widths' values are never read on the host (that would sync): the kernel
+    clamps each to its buffer, so a bad table gives a wrong width, never an out-of-bounds
+    access. ``_forward_impl`` takes the launch past the CPU check."""
+    monkeypatch.setattr(K, "_empty_channels_last", lambda shape, like: torch.full(
+        shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
+    case = make_case(19, n=3, widths=(6,), cin_max=9, cout_max=8, o=8)
+    x = case["inputs"][0]
+    widths = torch.tensor([[100, 100], [-5, 3], [4, -1]], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        y = K._forward_impl(x, None, case["weight"], case["bias"], None, widths, 1, 0, 0, 8, 1, 1, "none", 0.0)
+    whole = dict(case, inputs=[x[:1]])  # (100, 100) clamped to (8 outputs, 6 inputs)
+    assert rel_err(y[:1], reference(whole, None)) < TOL[torch.float32]
+    assert torch.isnan(y[1]).all()  # out width -5: nothing written
+    no_inputs = dict(case, inputs=[x[2:, :1]], weight=case["weight"].clone(), o=4)
+    no_inputs["weight"][:, :1] = 0  # input width -1 reads no channel: the bias alone
+    assert rel_err(y[2:, :4], reference(no_inputs, None)) < TOL[torch.float32]
+    assert torch.isnan(y[2, 4:]).all()
 
 
 def test_per_image_widths_promised_multiples_of_8_keep_the_alignment_hint(monkeypatch):
@@ -590,10 +640,18 @@ def test_torch_compile_fullgraph():
     def f(x, weight, bias):
         return slim_conv2d([x], weight, bias, out_channels=9, activation="relu")
 
-    y = torch.compile(f, fullgraph=True)(case["inputs"][0], case["weight"], case["bias"])
-    y.sum().backward()
-    assert rel_err(y, reference(case, "relu")) < TOL[torch.float32]
-    assert (case["weight"].grad[9:] == 0).all()
+    x = case["inputs"][0].requires_grad_(True)
+    y = torch.compile(f, fullgraph=True)(x, case["weight"], case["bias"])
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    y.backward(grad)
+    leaves = {"inputs": [x.detach().double().requires_grad_()],
+              "weight": case["weight"].detach().double().requires_grad_()}
+    ref = reference(case, "relu", leaves=leaves)
+    ref.backward(grad.double())
+    assert rel_err(y, ref) < TOL[torch.float32]
+    assert rel_err(x.grad, leaves["inputs"][0].grad) < TOL[torch.float32]
+    assert rel_err(case["weight"].grad[:9, :6], leaves["weight"].grad[:9, :6]) < TOL[torch.float32]
+    assert (case["weight"].grad[9:] == 0).all() and (case["weight"].grad[:, 6:] == 0).all()
 
 
 # -------------------------------------------------------------------------- argument checks
@@ -640,6 +698,12 @@ def test_bad_arguments_raise_value_error():
         slim_conv2d([x[:, :0]], w)
     with pytest.raises(ValueError, match="padding must be an int or a pair of equal ints, got 'same'"):
         slim_conv2d([x], w, padding="same")
+    with pytest.raises(ValueError, match=r"bias is torch.float16 \(20,\)"):
+        slim_conv2d([x], w, case["bias"].half())
+    with pytest.raises(ValueError, match="inputs disagree in batch or size"):
+        slim_conv2d([x, x[:1]], w, segment_starts=(0, 13))
+    with pytest.raises(ValueError, match="input 0 is torch.float32 .* the weight torch.float16"):
+        slim_conv2d([x], w.half())
 
 
 def test_limits_of_the_kernels_indexing_get_clear_errors():
@@ -657,6 +721,26 @@ def test_limits_of_the_kernels_indexing_get_clear_errors():
     wide = torch.empty(2 ** 31 + 8, dtype=torch.float16, device="meta").as_strided((1, 2, 2, 2), (8, 2 ** 31, 2, 1))
     with pytest.raises(ValueError, match="int32 offsets"):
         slim_conv2d([wide], torch.empty(4, 2, 3, 3, dtype=torch.float16, device="meta"))
+    # a 3-channel 8192x8192 image fits; its 64-channel output spans 2**32 elements
+    big = torch.empty(1, 3, 8192, 8192, dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match="output image of 64 channels .* int32 offsets"):
+        slim_conv2d([big], torch.empty(64, 3, 3, 3, dtype=torch.float16, device="meta"))
+
+
+def test_the_registered_op_checks_its_arguments():
+    """A direct call of the op (or a traced graph replayed on other shapes) gets the wrapper's
+    checks: never a read past the weight."""
+    case = make_case(14, widths=(4,), cin_max=4, cout_max=2, o=2)
+    x, w, b = case["inputs"][0], case["weight"], case["bias"]
+    op = torch.ops.dds_fast.slim_conv2d
+    with pytest.raises(ValueError, match=r"out_channels=6 not in \[1, 2\]"):
+        op(x, None, w, b, None, None, 1, 0, 0, 6, 1, 1, "none", 0.01)
+    with pytest.raises(ValueError, match="4 channels from weight channel 3, beyond the weight's 4"):
+        op(x, None, w, b, None, None, 1, 3, 0, 2, 1, 1, "relu", 0.01)
+    with pytest.raises(ValueError, match=r"widths\[0, 0\] = 5 not in \[0, 2\]"):
+        op(x, None, w, b, None, torch.tensor([[5, 4], [2, 4]], dtype=torch.int32), 1, 0, 0, 2, 1, 1, "none", 0.01)
+    y = op(x, None, w, b, None, None, 1, 0, 0, 2, 1, 1, "leaky_relu", 0.2)
+    assert rel_err(y, reference(dict(case, o=2), "leaky_relu", 0.2)) < TOL[torch.float32]
 
 
 def test_empty_batch_forward_and_backward():

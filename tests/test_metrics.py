@@ -111,3 +111,12 @@ def test_batch_helpers_reject_single_images():
 def test_ssim_rejects_images_smaller_than_window():
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_outputs_score_as_their_float32_values(dtype):
+    clean = rand(3, 16, 16)
+    output = (clean + 0.05 * rand(3, 16, 16, seed=1)).to(dtype)
+    assert psnr(output, clean) == psnr(output.float(), clean)
+    assert ssim(output, clean) == ssim(output.float(), clean)
+    assert batch_psnr(output[None], clean[None]) == psnr(output.float(), clean)

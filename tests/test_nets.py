@@ -118,10 +118,48 @@ def test_config_round_trip_and_errors():
     (torch.rand(3, 8, 8), "4-D"),
     (torch.rand(1, 2, 8, 8), "2 channels, the network takes 3"),
     (torch.rand(1, 3, 0, 8), "empty"),
+    ((torch.rand(1, 3, 8, 8) * 255).to(torch.uint8), "input dtype torch.uint8 is not floating point"),
+    (torch.rand(1, 3, 8, 8, dtype=torch.float64), "input dtype torch.float64 differs from the network's torch.float32"),
+    # the reference path on the CPU: only the Triton kernels read half inputs over fp32 weights
+    (torch.rand(1, 3, 8, 8, dtype=torch.float16), "input dtype torch.float16 differs"),
 ])
 def test_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
         small_unet().float()(bad)
+
+
+def test_input_dtypes_the_layers_take_are_accepted():
+    net = small_unet()  # float64 weights: float64 inputs on the reference path
+    assert net(torch.rand(1, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
+    net = small_unet().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net.check_input(torch.rand(1, 3, 8, 8, dtype=torch.bfloat16))
+    for module in net.modules():
+        if isinstance(module, SlimConv2d):
+            module.backend = "triton"  # the kernels (here under the interpreter) read fp16 over fp32 weights
+    net.check_input(torch.rand(1, 3, 8, 8, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("make,depth", [(lambda d: SlimUNet(in_channels=1, base_width=8, depth=d), 2),
+                                        (lambda d: SlimUNet(in_channels=1, base_width=8, depth=d), 3),
+                                        (lambda d: SlimUNet(in_channels=1, base_width=8, depth=d), 4),
+                                        (lambda d: SlimDnCNN(in_channels=1, base_width=8, depth=d), 5)])
+def test_receptive_radius_is_the_farthest_an_input_pixel_reaches(make, depth):
+    torch.manual_seed(0)
+    net = make(depth).eval()
+    with torch.no_grad():
+        for parameter in net.parameters():  # away from zero, so no path cancels out
+            parameter.add_(0.05 * torch.sign(parameter))
+        size = 2 * net.receptive_radius + 2 * net.size_multiple + 1
+        base = net(torch.zeros(1, 1, size, size))
+        reach = 0
+        centre = size // 2 - net.size_multiple // 2
+        for offset in range(net.size_multiple):  # every position on the downsampling grid
+            x = torch.zeros(1, 1, size, size)
+            x[..., centre + offset, centre + offset] = 1
+            rows, cols = ((net(x) - base)[0, 0] != 0).nonzero(as_tuple=True)
+            reach = max(reach, (rows - centre - offset).abs().max().item(), (cols - centre - offset).abs().max().item())
+    assert reach == net.receptive_radius
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -84,6 +84,14 @@ def test_factory_builds_each_model():
         ("awgn", {"sigma": -1}, "non-negative"),
         ("awgn", {"sigma": (30, 10)}, "lo <= hi"),
         ("awgn", {"sigma": "loud"}, "number or a"),
+        # a string is no range: float() would read "25" character by character as (2, 5)
+        ("awgn", {"sigma": "25"}, r"sigma must be a number or a \(lo, hi\) pair of numbers, got '25'"),
+        ("awgn", {"sigma": ["5", "50"]}, "sigma must be a number or a"),
+        ("awgn", {"sigma": [5, 25, 50]}, "sigma must be a number or a"),
+        ("awgn", {"sigma": 25, "clip": "no"}, "clip must be true or false, got 'no'"),
+        ("poisson_gaussian", {"a": "13"}, "a must be a number or a"),
+        ("poisson_gaussian", {"clip": 1}, "clip must be true or false, got 1"),
+        ("camera", {"shot_noise": "12"}, "shot_noise must be a number or a"),
         ("awgn", {"sgima": 25}, "bad parameters for noise model 'awgn'"),
         ("poisson_gaussian", {"a": (0, 1e-2)}, "log-uniformly"),
         ("camera", {"shot_noise": 0}, "positive"),
@@ -92,6 +100,8 @@ def test_factory_builds_each_model():
         ("mix", {"models": [{"name": "mix", "models": [{"name": "camera"}]}]}, "cannot contain another mixture"),
         ("mix", {"models": [{"name": "awgn"}], "weights": [1, 2]}, "1 finite non-negative"),
         ("mix", {"models": [{"name": "awgn"}, {"name": "camera"}], "weights": [0, 0]}, "positive sum"),
+        ("mix", {"models": [{"name": "awgn"}, {"name": "camera"}], "weights": "12"}, "finite non-negative numbers"),
+        ("mix", {"models": [{"name": "awgn"}, {"name": "camera"}], "weights": ["1", "2"]}, "finite non-negative"),
         ("mix", {"models": [{"name": "awgn", "sgima": 3}]}, "bad parameters for noise model 'awgn'"),
     ],
 )

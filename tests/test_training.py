@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -260,6 +261,88 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert fresh.resume() == 2
 
 
+def test_a_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
+    """A finite loss with an infinite gradient (an overflowing backward): the step is refused,
+    so no checkpoint holds its NaN weights."""
+    loop, net = make_loop(tmp_path, steps=6, checkpoint_every=1)
+    inner = loop.step_fn
+
+    def step_fn(step, noisy, clean):
+        losses = inner(step, noisy, clean)
+        if step == 1:
+            next(net.parameters()).grad.view(-1)[0] = float("inf")
+        return losses
+
+    loop.step_fn = step_fn
+    with pytest.raises(TrainingDiverged, match=r"'largest \|gradient\|': inf\} at step 1.*checkpoint \(step 1\)"):
+        loop.run()
+    fresh, fresh_net = make_loop(tmp_path, steps=6)
+    assert fresh.resume() == 1 and all(torch.isfinite(p).all() for p in fresh_net.parameters())
+
+
+def test_resume_names_a_corrupt_or_truncated_state_file(tmp_path):
+    loop, _ = make_loop(tmp_path, steps=2)
+    loop.run()
+    state = tmp_path / "stage1.state.safetensors"
+    data = state.read_bytes()
+    for broken in (data[: len(data) // 2], b"garbage"):
+        state.write_bytes(broken)
+        with pytest.raises(ValueError, match=f"cannot read the training state {state}"):
+            make_loop(tmp_path, steps=4)[0].run()
+
+
+def test_resume_refuses_fewer_steps_than_the_checkpoint_has_run(tmp_path):
+    make_loop(tmp_path, steps=6)[0].run()
+    with pytest.raises(ValueError, match=r"stage1.state.safetensors has run 6 steps, more than the 2 asked for"):
+        make_loop(tmp_path, steps=2)[0].run()
+    assert len((tmp_path / "stage1.log.jsonl").read_text().splitlines()) == 6
+
+
+def test_resume_names_a_state_file_of_another_architecture(tmp_path):
+    make_loop(tmp_path, steps=2)[0].run()
+    wider = SlimDnCNN(in_channels=1, base_width=24, depth=3)
+    loop = TrainLoop(tmp_path, "stage1", wider, torch.optim.Adam(wider.parameters()), Pairs(), lambda *a: {},
+                     LoopSettings(steps=4, batch_size=2, progress=False))
+    with pytest.raises(ValueError, match=r"(?s)stage1.state.safetensors does not fit this stage1 model .*size mismatch"):
+        loop.resume()
+
+
+def test_resume_drops_a_log_record_cut_short_by_a_kill(tmp_path, monkeypatch):
+    from dds_fast.training import loop as loop_module
+
+    make_loop(tmp_path, steps=4)[0].run()
+    log = tmp_path / "stage1.log.jsonl"
+    with log.open("a") as f:
+        f.write('{"step": 4, "time": 0.01, "lr": 0.0')  # killed mid-record
+    before = log.read_text()
+    # a failure while the log is rewritten leaves it whole
+    monkeypatch.setattr(loop_module.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        make_loop(tmp_path, steps=6)[0].run()
+    assert log.read_text() == before
+    monkeypatch.undo()
+    assert make_loop(tmp_path, steps=6)[0].run() == 2
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(6))
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:2] + ["{broken"] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match=r"stage1.log.jsonl, line 3: not a JSON record"):
+        make_loop(tmp_path, steps=8)[0].run()
+
+
+def test_gate_psnr_of_an_exact_reproduction_is_finite():
+    """8-bit PSNR is +inf on an exact reproduction (a black sky): the gain and the log would
+    be too, and the loop would stop as if training diverged."""
+    from dds_fast.training.gate_stage import per_image_psnr
+
+    clean = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    one_off = clean.clone()
+    one_off[1, 0, 0, 0] += 1 / 255
+    values = per_image_psnr(clean, one_off)
+    assert torch.isfinite(values).all() and values[0] == pytest.approx(10 * math.log10(255 ** 2 * 3 * 64))
+    assert values[0] >= values[1]
+
+
 def test_gate_labels_and_step():
     from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
     from dds_fast.training.gate_stage import gate_labels, gate_step, per_image_psnr
@@ -385,6 +468,26 @@ def test_training_config_checks_the_type_of_every_option(tmp_path):
         TrainConfig.from_file(path)
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"num_choices": 1}, "num_choices must be >= 2, got 1"),
+    ({"validation_crops": 0}, "validation_crops must be >= 1, got 0"),
+    ({"slim_step": 0}, "slim_step must be >= 1, got 0"),
+    ({"sandwich": 1}, "sandwich must be >= 2, got 1"),
+    ({"seed": -1}, "seed must be >= 0, got -1"),
+    ({"inet_steps": 0}, r"inet_steps must be >= 1 \(or null: the same as steps\), got 0"),
+    ({"channels": 2}, "channels must be 1 or 3, got 2"),
+    ({"lr": 0.0}, "lr must be a positive number, got 0.0"),
+    ({"budget": -5.0}, "budget must be a positive number, got -5.0"),
+    ({"gate_lr_decay": 0.0}, r"gate_lr_decay must be in \(0, 1\], got 0.0"),
+    ({"batch_size": 32, "epoch_patches": 16}, "batch_size 32 is larger than epoch_patches 16"),
+])
+def test_training_config_checks_ranges_before_any_stage_runs(values, message):
+    with pytest.raises(ValueError, match=f"^options: {message}"):
+        TrainConfig.from_dict(values)
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TrainConfig(), **values)
+
+
 def test_training_config_checks_the_device():
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         TrainConfig(device="gpu").resolved_device()
@@ -418,28 +521,32 @@ def image_folder(folder, names, size=(40, 36)):
 
 def test_a_folder_holds_out_its_last_two_images_by_default(tmp_path):
     folder = image_folder(tmp_path / "photos", ["d.png", "a.png", "c.png", "b.png"])
-    run = Run(tmp_path / "run", TrainConfig(images=str(folder), device="cpu"))
+    small = dict(validation_patch=32, device="cpu")
+    run = Run(tmp_path / "run", TrainConfig(images=str(folder), **small))
     assert list(run.train_images) == [str(folder / "a.png"), str(folder / "b.png")]
     assert list(run.validation_images) == [str(folder / "c.png"), str(folder / "d.png")]
-    chosen = Run(tmp_path / "run", TrainConfig(images=str(folder), validation_images=("a.png",), device="cpu"))
+    chosen = Run(tmp_path / "run", TrainConfig(images=str(folder), validation_images=("a.png",), **small))
     assert list(chosen.validation_images) == [str(folder / "a.png")] and len(chosen.train_images) == 3
     with pytest.raises(ValueError, match=r"validation images \['chelsea'\] are not among the clean images"):
-        Run(tmp_path / "run", TrainConfig(images=str(folder), validation_images=("a.png", "chelsea"), device="cpu"))
+        Run(tmp_path / "run", TrainConfig(images=str(folder), validation_images=("a.png", "chelsea"), **small))
     with pytest.raises(ValueError, match="none is left to train on"):
         Run(tmp_path / "run", TrainConfig(images=str(folder), validation_images=("a.png", "b.png", "c.png", "d.png"),
-                                          device="cpu"))
-    two = Run(tmp_path / "run", TrainConfig(images=str(image_folder(tmp_path / "two", ["x.png", "y.png"])),
-                                            device="cpu"))
+                                          **small))
+    two = Run(tmp_path / "run", TrainConfig(images=str(image_folder(tmp_path / "two", ["x.png", "y.png"])), **small))
     assert list(two.validation_images) == [str(tmp_path / "two" / "y.png")] and len(two.train_images) == 1
     with pytest.raises(ValueError, match=r"no clean image is held out for validation among \['x.png'\]"):
-        Run(tmp_path / "run", TrainConfig(images=str(image_folder(tmp_path / "one", ["x.png"])), device="cpu"))
+        Run(tmp_path / "run", TrainConfig(images=str(image_folder(tmp_path / "one", ["x.png"])), **small))
 
 
 def test_a_folder_image_smaller_than_the_patch_is_named(tmp_path):
     folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
-    run = Run(tmp_path / "run", TrainConfig(images=str(folder), patch_size=38, device="cpu"))
+    run = Run(tmp_path / "run", TrainConfig(images=str(folder), patch_size=38, validation_patch=32, device="cpu"))
     with pytest.raises(ValueError, match=r"image .*a.png of size \(40, 36\) is smaller than patch_size 38"):
         run.dataset()
+    # stage 2's crops of the held-out images are checked before stage 1 runs
+    with pytest.raises(ValueError, match=r"validation_patch 37 is larger than the held-out image .*b.png of size "
+                                         r"\(40, 36\)"):
+        Run(tmp_path / "run", TrainConfig(images=str(folder), validation_patch=37, device="cpu"))
 
 
 def tiny_run_config(**options):
@@ -483,6 +590,30 @@ def test_stage1_resumes_through_run_to_the_result_of_one_run(tmp_path, monkeypat
     assert steps == [0, 1, 2, 3]
 
 
+def test_stage_resume_refuses_other_options_naming_them(tmp_path):
+    """Each stage's state file records the options its training depends on: a resume with
+    others is refused, the changed ones named. Under the cosine schedule, which spans the
+    steps asked for, so are other steps; a constant rate lets a finished stage go on."""
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+
+    def stage1(run_dir, **options):
+        return Run(run_dir, tiny_run_config(images=str(folder), **{"steps": 2, **options})).stage1()
+
+    stage1(tmp_path / "run", lr_schedule="constant")
+    state = tmp_path / "run" / "stage1.state.safetensors"
+    with pytest.raises(ValueError, match=rf"{state} was trained with other options: lr 0.0002 then, 0.1 now; "
+                                         r"noise 'awgn' then, 'camera' now\. Resume with"):
+        stage1(tmp_path / "run", lr_schedule="constant", lr=0.1, noise="camera")
+    with pytest.raises(ValueError, match=r"base_width 8 then, 16 now"):  # not load_state_dict's RuntimeError
+        stage1(tmp_path / "run", lr_schedule="constant", base_width=16)
+    with pytest.raises(ValueError, match=r"attention True then, False now"):
+        stage1(tmp_path / "run", lr_schedule="constant", attention=False)
+    stage1(tmp_path / "run", lr_schedule="constant", steps=3)  # more steps: goes on
+    stage1(tmp_path / "cosine")
+    with pytest.raises(ValueError, match=r"steps 2 then, 3 now \(the learning-rate schedule spans the steps"):
+        stage1(tmp_path / "cosine", steps=3)
+
+
 def test_all_stages_train_and_validate_on_sidd_pairs(tmp_path):
     import numpy as np
 
@@ -500,6 +631,7 @@ def test_all_stages_train_and_validate_on_sidd_pairs(tmp_path):
     run = Run(tmp_path / "run", config)  # no clean images needed: the folder is never read
     data = run.dataset()
     assert isinstance(data, PairedPatches) and len(data) == 4
+    assert data.pair_of(0) != data.pair_of(1)  # a batch takes its crops from different pairs
     noisy, target = data[0]
     assert noisy.shape == (1, 16, 16) and torch.allclose(noisy, 1 - target, atol=1e-6)  # a real (inverted) pair
     batches = run.validation_batches()

@@ -157,9 +157,20 @@ def _read_png16_colour(path: Path) -> np.ndarray:
     return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
 
 
+def _read_tiff(path: Path) -> np.ndarray:
+    """A TIFF as [H, W(, C)], through tifffile: Pillow cannot read 16-bit colour TIFFs. A
+    planar-configuration file (each colour a plane of its own) reads as [C, H, W]."""
+    with tifffile.TiffFile(path) as tiff:
+        array = tiff.asarray()
+        page = tiff.pages[0]
+        if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1:
+            array = np.moveaxis(array, -3, -1)
+    return array
+
+
 def _decode(path: Path) -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
-        return tifffile.imread(path)  # Pillow cannot read 16-bit colour TIFFs
+        return _read_tiff(path)
     header = _png_header(path)
     if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
         return _read_png16_colour(path)
@@ -243,7 +254,7 @@ def load_image_folder(folder, channels: int | None = None, recursive: bool = Fal
 
 # Stream tags keep the datasets' random streams apart: a training patch and a validation
 # crop built from the same seed and indices must not share crop position and noise.
-_TRAIN_STREAM, _VALIDATION_STREAM, _PAIRED_STREAM, _BATCH_NOISE_STREAM = 0, 1, 2, 3
+_TRAIN_STREAM, _VALIDATION_STREAM, _PAIRED_STREAM, _BATCH_NOISE_STREAM, _PAIR_ORDER_STREAM = 0, 1, 2, 3, 4
 
 
 def item_generator(seed: int, *indices: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -425,11 +436,14 @@ def sidd_medium_pairs(root) -> list[tuple[Path, Path]]:
 class PairedPatches(Dataset):
     """Random aligned crops of real noisy/clean pairs, e.g. from :func:`sidd_medium_pairs`.
 
-    ``pairs`` holds (noisy, clean) file paths, read lazily, or [C, H, W] tensors. Item ``i``
-    comes from pair ``i // patches_per_pair``, so reading items in order decodes each file
-    once; the last ``cache_size`` decoded pairs are kept (per DataLoader worker) as their
-    stored integer arrays, since full SIDD images are large. Crop position and the flip/
-    rotation (shared by both images) come from ``(seed, epoch, i)``.
+    ``pairs`` holds (noisy, clean) file paths, read lazily, or [C, H, W] tensors. Each epoch
+    takes the pairs in an order drawn from ``(seed, epoch)``, ``interleave`` of them at a
+    time: their ``interleave * patches_per_pair`` items take one crop of each in turn, so
+    that consecutive items (a batch) come from different pairs, and reading items in order
+    decodes each file once an epoch. The last ``cache_size`` (by default
+    ``max(2, interleave)``) decoded pairs are kept (per DataLoader worker) as their stored
+    integer arrays, since full SIDD images are large. Crop position and the flip/rotation
+    (shared by both images) come from ``(seed, epoch, i)``.
     """
 
     def __init__(
@@ -440,20 +454,34 @@ class PairedPatches(Dataset):
         channels: int | None = None,
         seed: int = 0,
         augment: bool = True,
-        cache_size: int = 2,
+        cache_size: int | None = None,
+        interleave: int = 1,
     ):
         if not pairs:
             raise ValueError("no image pairs given")
-        if patch_size < 1 or patches_per_pair < 1:
-            raise ValueError(f"patch_size and patches_per_pair must be positive, got {patch_size}, {patches_per_pair}")
+        if patch_size < 1 or patches_per_pair < 1 or interleave < 1:
+            raise ValueError(f"patch_size, patches_per_pair and interleave must be positive, got {patch_size}, "
+                             f"{patches_per_pair}, {interleave}")
         self.pairs = list(pairs)
         self.patch_size, self.patches_per_pair, self.channels = patch_size, patches_per_pair, channels
-        self.seed, self.augment, self.epoch = seed, augment, 0
-        self.cache_size = cache_size
+        self.seed, self.augment = seed, augment
+        self.interleave = interleave
+        self.cache_size = max(2, interleave) if cache_size is None else cache_size
         self._cache: OrderedDict[int, tuple] = OrderedDict()
+        self.epoch = None
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch != self.epoch:  # the training loop sets it before every batch
+            self.epoch = epoch
+            self._order = torch.randperm(len(self.pairs), generator=item_generator(self.seed, _PAIR_ORDER_STREAM, epoch))
+
+    def pair_of(self, index: int) -> int:
+        """The pair that item ``index`` crops this epoch."""
+        group_items = self.interleave * self.patches_per_pair
+        group, position = divmod(index, group_items)
+        first = group * self.interleave
+        return int(self._order[first + position % min(self.interleave, len(self.pairs) - first)])
 
     def __len__(self) -> int:
         return len(self.pairs) * self.patches_per_pair
@@ -483,7 +511,7 @@ class PairedPatches(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} patches")
-        k = index // self.patches_per_pair
+        k = self.pair_of(index)
         pair = self._load(k)
         g = item_generator(self.seed, _PAIRED_STREAM, self.epoch, index)
         tensor = isinstance(pair[0], torch.Tensor)

@@ -1,10 +1,11 @@
 """The training loop shared by the stages: deterministic batches, atomic checkpoints that
 resume after a kill to the same result, JSON-lines logs, a progress bar, and a stop with a
-clear message on a NaN or infinite loss.
+clear message on a NaN or infinite loss or gradient.
 
 Resuming is exact because nothing random lives outside the checkpoint: batch ``s`` is drawn
 from the dataset's own seeded generator at (epoch, index), and any per-step randomness of
-the step function (such as sandwich configs) is seeded from the step number.
+the step function (such as sandwich configs) is seeded from the step number. The checkpoint
+records the options the training depends on, and a resume with other options is refused.
 
 Several processes (``torchrun``; ``torch.distributed`` initialised by the caller): each rank
 takes its slice of every batch, gradients and losses are averaged over the ranks before the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from dds_fast.checkpoint import atomic_save_file
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
+    """A loss or a gradient became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -43,7 +45,6 @@ class LoopSettings:
     steps: int
     batch_size: int = 16
     checkpoint_every: int = 100
-    seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
@@ -76,12 +77,18 @@ class TrainLoop:
     the optimizer) for ``settings.steps`` steps, checkpointing ``model``, ``optimizer`` and
     ``scheduler`` (stepped once per epoch) to ``run_dir/<stage>.state.safetensors``.
     ``lr_factor(step)``, if given, scales the optimizer's initial learning rates at each step
-    (a pure function of the step, so a resumed run follows the same schedule)."""
+    (a pure function of the step, so a resumed run follows the same schedule).
+
+    ``options`` (JSON values) are what else the training depends on; the checkpoint records
+    them with the batch size and the items per epoch, and :meth:`resume` refuses a checkpoint
+    recorded with others. A finished stage may be asked for more steps and goes on from its
+    checkpoint, unless ``options`` hold ``steps`` (as they should when the learning-rate
+    schedule spans the steps asked for)."""
 
     def __init__(self, run_dir, stage: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  dataset, step_fn: Callable[[int, torch.Tensor, torch.Tensor], dict[str, float]],
                  settings: LoopSettings, scheduler=None, device: str | torch.device = "cpu",
-                 lr_factor: Callable[[int], float] | None = None):
+                 lr_factor: Callable[[int], float] | None = None, options: dict | None = None):
         if len(dataset) < settings.batch_size:
             raise ValueError(f"dataset has {len(dataset)} items, fewer than a batch of {settings.batch_size}")
         self.rank, self.world = rank_and_world()
@@ -95,6 +102,9 @@ class TrainLoop:
         self.dataset, self.step_fn, self.settings = dataset, step_fn, settings
         self.device = torch.device(device)
         self.steps_per_epoch = len(dataset) // settings.batch_size
+        # through JSON, as the checkpoint stores them (a tuple reads back as a list)
+        self.options = json.loads(json.dumps({"batch_size": settings.batch_size, "items_per_epoch": len(dataset),
+                                              **(options or {})}))
         self.state_path = self.run_dir / f"{stage}.state.safetensors"
         self.log_path = self.run_dir / f"{stage}.log.jsonl"
 
@@ -133,42 +143,86 @@ class TrainLoop:
             "param_groups": json.dumps(optim["param_groups"]),
             "optim_scalars": json.dumps(scalars),
             "scheduler": json.dumps(self.scheduler.state_dict() if self.scheduler else None),
+            "options": json.dumps(self.options),
         }
         atomic_save_file(tensors, self.state_path, metadata)
 
     def resume(self) -> int:
-        """Load the stage's checkpoint if there is one; returns the step to continue from."""
+        """Load the stage's checkpoint if there is one; returns the step to continue from. A
+        ValueError naming the file when it cannot be read, was recorded with other options or
+        for another model, or has run more steps than asked for."""
         if not self.state_path.exists():
             return 0
-        with safe_open(str(self.state_path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        try:
+            with safe_open(str(self.state_path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            step = int(meta["step"])
+            scalars, param_groups, scheduler_state = (json.loads(meta[key]) for key in
+                                                      ("optim_scalars", "param_groups", "scheduler"))
+            options = json.loads(meta["options"]) if "options" in meta else None
+        except Exception as error:  # any reader's error: a truncated or corrupt file
+            raise ValueError(f"cannot read the training state {self.state_path} ({error}); "
+                             f"delete it to train the stage from the start") from error
         if meta.get("stage") != self.stage:
             raise ValueError(f"{self.state_path} holds stage {meta.get('stage')!r}, not {self.stage!r}")
+        if options is not None:  # state files of earlier versions recorded none
+            self._check_options(options)
+        if step > self.settings.steps:
+            raise ValueError(f"{self.state_path} has run {step} steps, more than the {self.settings.steps} asked "
+                             f"for: ask for {step} or more, or train in another run directory")
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.model.load_state_dict(model_state)
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
                 _, index, name = key.split(".", 2)
                 state.setdefault(int(index), {})[name] = value.to(self.device)
-        for key, value in json.loads(meta["optim_scalars"]).items():
+        for key, value in scalars.items():
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-        scheduler_state = json.loads(meta["scheduler"])
-        if self.scheduler is not None and scheduler_state is not None:
-            self.scheduler.load_state_dict(scheduler_state)
-        return int(meta["step"])
+        try:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+            if self.scheduler is not None and scheduler_state is not None:
+                self.scheduler.load_state_dict(scheduler_state)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(f"{self.state_path} does not fit this {self.stage} model (another architecture?): "
+                             f"{error}") from None
+        return step
+
+    def _check_options(self, recorded: dict) -> None:
+        changed = {name: (recorded.get(name), self.options.get(name)) for name in sorted(recorded.keys() | self.options)
+                   if recorded.get(name) != self.options.get(name)}
+        if not changed:
+            return
+        listed = "; ".join(f"{name} {old!r} then, {new!r} now" for name, (old, new) in changed.items())
+        steps = (" (the learning-rate schedule spans the steps asked for, so another count changes it: with "
+                 "lr_schedule constant a finished stage can be asked for more)" if "steps" in changed else "")
+        raise ValueError(f"{self.state_path} was trained with other options: {listed}{steps}. Resume with the "
+                         f"options it was trained with, or train in another run directory")
 
     def _truncate_log(self, step: int) -> None:
         # lines written after the checkpoint (or before the first one) by a killed run are
         # replayed, so drop them
         if not self.log_path.exists():
             return
-        kept = [line for line in self.log_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) < step]
-        self.log_path.write_text("".join(line + "\n" for line in kept))
+        lines = self.log_path.read_text().splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # a record cut short by the kill: replayed too
+                    break
+                raise ValueError(f"{self.log_path}, line {number}: not a JSON record: {line[:80]!r}") from None
+            if record.get("step", 0) < step:
+                kept.append(line)
+        # through a temporary file: a kill now leaves the old log or the new one, not half of one
+        temporary = self.log_path.with_name(f".{self.log_path.name}.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, self.log_path)
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> int:
@@ -193,12 +247,13 @@ class TrainLoop:
                     for group, initial in zip(self.optimizer.param_groups, self.initial_lrs):
                         group["lr"] = initial * self.lr_factor(step)
                 losses = self.step_fn(step, noisy, clean)
-                if self.world > 1:
-                    losses = self._average(losses)
+                losses, largest_gradient = self._reduce(losses)
                 bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
-                if bad:
+                if not math.isfinite(largest_gradient):
+                    bad["largest |gradient|"] = largest_gradient
+                if bad:  # before the optimizer step, so that no checkpoint holds its result
                     saved = f"step {int(self._saved_step())}" if self.state_path.exists() else "none yet"
-                    raise TrainingDiverged(f"{self.stage}: loss {bad} at step {step}; stopped. The last good "
+                    raise TrainingDiverged(f"{self.stage}: {bad} at step {step}, not finite; stopped. The last good "
                                            f"checkpoint ({saved}) is kept at {self.state_path}")
                 self.optimizer.step()
                 if self.scheduler is not None and (step + 1) % self.steps_per_epoch == 0:
@@ -217,15 +272,26 @@ class TrainLoop:
             dist.barrier()  # the last checkpoint is written before any rank moves on
         return total - start
 
-    def _average(self, losses: dict[str, float]) -> dict[str, float]:
-        """Average the gradients (before the optimizer step) and the losses over the ranks."""
+    def _reduce(self, losses: dict[str, float]) -> tuple[dict[str, float], float]:
+        """Average the gradients (before the optimizer step) and the losses over the ranks, and
+        take the largest |gradient|, NaN or infinite where a gradient is. One transfer to the
+        host: on one process it waits for that reduction alone, the step function's own
+        transfer of its losses having waited for the backward."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        for grad in grads:
+        for grad in grads if self.world > 1 else ():
             dist.all_reduce(grad)
             grad.div_(self.world)
-        values = torch.tensor(list(losses.values()), dtype=torch.float64, device=grads[0].device if grads else "cpu")
-        dist.all_reduce(values)
-        return dict(zip(losses, (values / self.world).tolist()))
+        # the max norm of each gradient in one fused kernel: a NaN propagates, and no sum of
+        # squares can overflow
+        largest = (torch.stack(torch._foreach_norm(grads, math.inf)).max().double() if grads
+                   else torch.zeros((), dtype=torch.float64))
+        if self.world == 1:
+            return losses, largest.item()
+        values = torch.cat([torch.tensor(list(losses.values()), dtype=torch.float64, device=largest.device),
+                            largest.view(1)])
+        dist.all_reduce(values)  # every rank's largest is the same after the average above
+        *averaged, largest_gradient = (values / self.world).tolist()
+        return dict(zip(losses, averaged)), largest_gradient
 
     def _saved_step(self) -> int:
         with safe_open(str(self.state_path), framework="pt") as f:

@@ -19,6 +19,7 @@ Models (``make_noise(name, **kw)`` builds them by name):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -84,15 +85,25 @@ def _sample(n: int, bounds: tuple[float, float], generator, like: torch.Tensor, 
     return _uniform(n, lo, hi, generator, like)
 
 
+def _is_number(value) -> bool:
+    # JSON true is no number, and float() would read a string such as "25"
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def _range(value, name: str, *, allow_zero: bool = True) -> tuple[float, float]:
     """Normalise a fixed value or a (lo, hi) pair to a validated (lo, hi) pair."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if _is_number(value):
         lo = hi = float(value)
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value):
+        lo, hi = (float(v) for v in value)
     else:
-        try:
-            lo, hi = (float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number or a (lo, hi) pair, got {value!r}") from None
+        raise ValueError(f"{name} must be a number or a (lo, hi) pair of numbers, got {value!r}")
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise ValueError(f"{name} must satisfy lo <= hi with finite values, got ({lo}, {hi})")
     if lo < 0 or (not allow_zero and lo == 0):
@@ -143,7 +154,7 @@ class GaussianNoise(NoiseModel):
 
     def __init__(self, sigma=25.0, clip: bool = False):
         self.sigma = _range(sigma, "sigma")
-        self.clip = clip
+        self.clip = _flag(clip, "clip")
 
     def _apply(self, clean, generator):
         n = clean.shape[0]
@@ -176,7 +187,7 @@ class PoissonGaussianNoise(NoiseModel):
         for name, (lo, hi) in (("a", self.a), ("b", self.b)):
             if lo != hi and lo == 0:
                 raise ValueError(f"{name} range is sampled log-uniformly, so its lower bound must be > 0, got ({lo}, {hi})")
-        self.clip = clip
+        self.clip = _flag(clip, "clip")
 
     def _apply(self, clean, generator):
         n = clean.shape[0]
@@ -395,11 +406,12 @@ class MixedNoise(NoiseModel):
         if not models:
             raise ValueError("a noise mixture needs at least one model")
         self.models = [model if isinstance(model, NoiseModel) else _model_from_dict(model) for model in models]
-        weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(models) or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        weights = [1.0] * len(models) if weights is None else weights
+        if (not isinstance(weights, (list, tuple)) or len(weights) != len(models)
+                or not all(_is_number(w) and math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0):
             raise ValueError(f"mixture weights must be {len(models)} finite non-negative numbers with a positive "
-                             f"sum, got {weights}")
-        self.weights = weights
+                             f"sum, got {weights!r}")
+        self.weights = [float(w) for w in weights]
 
     def _pair(self, clean, generator):
         probs = torch.tensor(self.weights, dtype=torch.float64, device=_device(generator, clean))

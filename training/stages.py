@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -36,6 +37,11 @@ from .sandwich import (DISTILLATIONS, LOSSES, reconstruction_loss, routing_sandw
 from .slimming import SLIM_CRITERIA, progressive_slimming, thin_routing_space, validation_psnr
 
 LR_SCHEDULES = ("cosine", "constant")
+# Options that every stage's training depends on (its data; with clean images, their noise
+# and which are held out too), and the trained network's shape; see Run.loop_options
+DATA_OPTIONS = ("channels", "epoch_patches", "seed")
+CLEAN_DATA_OPTIONS = ("noise", "noise_args", "validation_images")
+NETWORK_OPTIONS = ("arch", "base_width", "depth")
 
 # Held out of training by default, so reported numbers are on images the net never saw: two
 # of the bundled photos, or the last two files by name of an image folder (see Run).
@@ -62,7 +68,7 @@ class TrainConfig:
     epoch_patches: int = 1024
     steps: int = 2000
     lr: float = 2e-4
-    lr_schedule: str = "cosine"  # or "constant"; stage 1 and the I-Nets (the gate has its own)
+    lr_schedule: str = "cosine"  # or "constant"; stage 1, refine and the I-Nets (the gate has its own)
     sandwich: int = 4
     distillation: str = "synergy"
     loss: str = "l1"  # against the ground truth
@@ -95,6 +101,31 @@ class TrainConfig:
     backend: str = "auto"  # of every SlimConv2d: auto (Triton on CUDA), torch (cuDNN) or triton
     progress: bool = True
 
+    def __post_init__(self):
+        """Ranges, checked before any training rather than by the stage that first needs them."""
+        least = {"patch_size": 1, "batch_size": 1, "epoch_patches": 1, "steps": 1, "sandwich": 2, "slim_step": 1,
+                 "num_choices": 2, "validation_crops": 1, "validation_patch": 1, "refine_steps": 0, "gate_steps": 1,
+                 "gate_batch_size": 1, "gate_patch_size": 1, "checkpoint_every": 1, "seed": 0}
+        for name, minimum in least.items():
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.inet_steps is not None and self.inet_steps < 1:
+            raise ValueError(f"inet_steps must be >= 1 (or null: the same as steps), got {self.inet_steps}")
+        for name in ("lr", "refine_lr", "gate_lr") + (("budget",) if self.budget is not None else ()):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if not 0 < self.gate_lr_decay <= 1:
+            raise ValueError(f"gate_lr_decay must be in (0, 1], got {self.gate_lr_decay}")
+        if not (math.isfinite(self.gate_complexity_weight) and self.gate_complexity_weight >= 0):
+            raise ValueError(f"gate_complexity_weight must be a non-negative number, got {self.gate_complexity_weight}")
+        if not math.isfinite(self.beta):
+            raise ValueError(f"beta must be a finite number, got {self.beta}")
+        if self.batch_size > self.epoch_patches:
+            raise ValueError(f"batch_size {self.batch_size} is larger than epoch_patches {self.epoch_patches}: "
+                             f"an epoch holds no batch")
+
     @classmethod
     def from_file(cls, path, **overrides) -> "TrainConfig":
         path = Path(path)
@@ -119,7 +150,10 @@ class TrainConfig:
         for name, value in values.items():
             if not _accepts(hints[name], value):
                 raise ValueError(f"{source}: {name} must be {_describe(hints[name])}, got {value!r}")
-        config = cls(**{name: _converted(hints[name], value) for name, value in values.items()})
+        try:
+            config = cls(**{name: _converted(hints[name], value) for name, value in values.items()})
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
         if config.backend not in BACKENDS:
             raise ValueError(f"{source}: unknown backend {config.backend!r}; choose one of {BACKENDS}")
         if config.lr_schedule not in LR_SCHEDULES:
@@ -213,6 +247,11 @@ class Run:
         if c.sidd_validation:
             sidd_validation_files(c.sidd_validation)
         self.train_images, self.validation_images = ({}, {}) if self.pairs and c.sidd_validation else self._clean_images()
+        if not c.sidd_validation:  # stage 2 crops these, after stage 1
+            for name, image in self.validation_images.items():
+                if min(image.shape[-2:]) < c.validation_patch:
+                    raise ValueError(f"validation_patch {c.validation_patch} is larger than the held-out image "
+                                     f"{name} of size {tuple(image.shape[-2:])}")
 
     def _clean_images(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The training and the held-out clean images, keyed by name (a folder's by file path,
@@ -263,10 +302,11 @@ class Run:
         c = self.config
         patch_size = patch_size or c.patch_size
         if self.pairs is not None:
-            # about epoch_patches crops an epoch; the loop reads the items in order, so each
-            # (large) image is decoded once an epoch
+            # about epoch_patches crops an epoch; the loop reads the items in order, and a
+            # batch takes its crops from batch_size pairs (their decoded images are cached:
+            # about 100 MB a SIDD-Medium pair), so each image is decoded once an epoch
             return PairedPatches(self.pairs, patch_size, patches_per_pair=max(1, c.epoch_patches // len(self.pairs)),
-                                 channels=c.channels, seed=c.seed)
+                                 channels=c.channels, seed=c.seed, interleave=min(c.batch_size, len(self.pairs)))
         return NoisyPatches(self.train_images, self.noise, patch_size=patch_size, length=c.epoch_patches, seed=c.seed)
 
     def validation_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -294,10 +334,24 @@ class Run:
     def settings(self, steps: int, batch_size: int | None = None) -> LoopSettings:
         c = self.config
         return LoopSettings(steps=steps, batch_size=batch_size or c.batch_size, checkpoint_every=c.checkpoint_every,
-                            seed=c.seed, progress=c.progress)
+                            progress=c.progress)
 
     def lr_factor(self, steps: int):
         return cosine_factor(steps) if self.config.lr_schedule == "cosine" else None
+
+    def loop_options(self, *names: str, schedule_steps: int | None = None, **values) -> dict:
+        """What a stage's training depends on, for its state file (TrainLoop refuses a resume
+        with others): the options ``names`` of the config, the lr schedule of ``schedule_steps``
+        steps (where it spans them, the steps), and ``values``. The data's locations are left
+        out: a folder moved is the same data."""
+        c = self.config
+        data = DATA_OPTIONS + (CLEAN_DATA_OPTIONS if self.pairs is None else ())
+        options = {name: getattr(c, name) for name in data + names}
+        if schedule_steps is not None:
+            options["lr_schedule"] = c.lr_schedule
+            if c.lr_schedule == "cosine":
+                options["steps"] = schedule_steps
+        return {**options, **values}
 
     def save(self, model, name: str, **metadata) -> Path:
         """Write a result on rank 0; every rank waits for it (a no-op in one process)."""
@@ -324,8 +378,12 @@ class Run:
             return sandwich_step(net, noisy, clean, configs, c.distillation, self.loss_fn, self.autocast,
                                  self.distillation_loss_fn)
 
+        # the gate the body trains behind has num_choices outputs
+        gate_shape = ("num_choices",) if c.attention else ()
+        options = self.loop_options(*NETWORK_OPTIONS, "attention", *gate_shape, "patch_size", "lr", "sandwich",
+                                    "distillation", "loss", "distillation_loss", schedule_steps=c.steps)
         TrainLoop(self.dir, "stage1", net, optimizer, self.dataset(), step_fn, self.settings(c.steps),
-                  device=self.device, lr_factor=self.lr_factor(c.steps)).run()
+                  device=self.device, lr_factor=self.lr_factor(c.steps), options=options).run()
         net.set_config(net.space.largest())
         self.save(net, "stage1.safetensors", stage=1)
         return net
@@ -380,8 +438,11 @@ class Run:
             return sandwich_step(net, noisy, clean, configs, c.refine_distillation or c.distillation, self.loss_fn,
                                  self.autocast, self.distillation_loss_fn)
 
+        options = self.loop_options("patch_size", "refine_lr", "sandwich", "loss", "distillation_loss",
+                                    schedule_steps=c.refine_steps, distillation=c.refine_distillation or c.distillation,
+                                    random_configs=random_configs, routes=[e.config.to_dict() for e in routing_space])
         TrainLoop(self.dir, "refine", net, optimizer, self.dataset(), step_fn, self.settings(c.refine_steps),
-                  device=self.device, lr_factor=self.lr_factor(c.refine_steps)).run()
+                  device=self.device, lr_factor=self.lr_factor(c.refine_steps), options=options).run()
         net.eval()
         batches = self.validation_batches()
         net.routing_space = [RoutingEntry(e.config, e.macs_per_pixel, validation_psnr(net, batches, e.config))
@@ -425,8 +486,12 @@ class Run:
         def step_fn(step, noisy, clean):
             return gate_step(model, noisy, clean, budget, c.beta, c.gate_complexity_weight)
 
+        # the gate's rate decays per epoch, not over the steps: a finished stage 3 can go on
+        options = self.loop_options("gate_patch_size", "gate_lr", "gate_lr_decay", "beta", "gate_complexity_weight",
+                                    budget=budget, routes=[e.config.to_dict() for e in model.routing_space])
         TrainLoop(self.dir, "stage3", model, optimizer, self.dataset(c.gate_patch_size), step_fn,
-                  self.settings(c.gate_steps, c.gate_batch_size), scheduler=scheduler, device=self.device).run()
+                  self.settings(c.gate_steps, c.gate_batch_size), scheduler=scheduler, device=self.device,
+                  options=options).run()
         if rank_and_world()[0] == 0:
             records = [json.loads(line) for line in (self.dir / "stage3.log.jsonl").read_text().splitlines()]
             warning = one_sided_labels(records, c.beta)
@@ -463,7 +528,9 @@ class Run:
                 return dict(zip(["loss", "psnr"], torch.stack([loss.detach(), training_psnr(output, clean)]).tolist()))
 
             steps = c.inet_steps or c.steps
+            options = self.loop_options(*NETWORK_OPTIONS, "patch_size", "lr", "loss", schedule_steps=steps,
+                                        config=entry.config.to_dict())
             TrainLoop(self.dir, f"inet-{index}", net, optimizer, self.dataset(), step_fn, self.settings(steps),
-                      device=self.device, lr_factor=self.lr_factor(steps)).run()
+                      device=self.device, lr_factor=self.lr_factor(steps), options=options).run()
             paths.append(self.save(net, f"inet-{index}.safetensors", stage="inet", macs_per_pixel=entry.macs_per_pixel))
         return paths
