@@ -105,9 +105,12 @@ def main(argv=None) -> int:
             budget = read_metadata(path)["user"].get("budget")
             dynamic_rows.append(evaluate(dds, pairs, "DDS dynamic" + (f", gate budget {budget:,.0f}" if budget else "")))
         rows += dynamic_rows
-        for index, entry in enumerate(model.routing_space):
-            model.supernet.set_config(entry.config)
-            rows.append(evaluate(model.supernet, pairs, f"route {index} alone"))
+        for index in range(len(model.routing_space)):
+            # static mode runs a route as the model does: behind the gate's attention scale when that is on
+            model.set_budget(model.static_macs_per_pixel(index))
+            picked = "" if model.budget_index == index else f" (its budget runs route {model.budget_index})"
+            rows.append(evaluate(model, pairs, f"route {index} alone{picked}"))
+        model.set_budget(None)
     else:
         rows.append(evaluate(model, pairs, type(model).__name__))
     baseline = bm3d_row(pairs, sigmas) if None not in sigmas else None

@@ -176,7 +176,10 @@ class TrainLoop:
         for key, value in tensors.items():
             if key.startswith("optim."):
                 _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value.to(self.device)
+                # as saved (on the CPU): load_state_dict moves each value to its parameter's device,
+                # except Adam's step counters, which stay on the CPU unless fused or capturable
+                # (on the GPU, each would cost a host sync per step)
+                state.setdefault(int(index), {})[name] = value
         for key, value in scalars.items():
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
