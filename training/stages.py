@@ -65,7 +65,9 @@ class TrainConfig:
     sidd_validation: str | None = None  # a folder of the SIDD validation blocks (.mat): validate on them
     patch_size: int = 64
     batch_size: int = 16
-    epoch_patches: int = 1024
+    # crops per epoch: the data order's period, and the gate's learning-rate decay step
+    # (16384 / gate_batch_size steps: 1024 made the defaults decay 62 times over stage 3)
+    epoch_patches: int = 16384
     steps: int = 2000
     lr: float = 2e-4
     lr_schedule: str = "cosine"  # or "constant"; stage 1, refine and the I-Nets (the gate has its own)
