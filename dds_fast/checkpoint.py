@@ -65,7 +65,8 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """safetensors ``save_file`` through a temporary file and a rename, so a reader (or a
-    run killed mid-write) sees the old file or the new one, never half of one."""
+    run killed mid-write) sees the old file or the new one, never half of one. The data and
+    the rename are flushed to the disk, so a power loss after the call keeps the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -75,11 +76,22 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a checkpoint gets ordinary permissions
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself (POSIX; Windows has no directory handles)
+        _fsync(path.parent, os.O_DIRECTORY)
     return path
+
+
+def _fsync(path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _JSON_KINDS = {dict: "object", list: "array", bool: "true or false"}

@@ -62,6 +62,19 @@ def test_save_is_atomic_when_it_fails(net, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["model.safetensors"]
 
 
+def test_save_flushes_the_file_before_the_rename_and_the_rename_after(net, tmp_path, monkeypatch):
+    """Without the first fsync a power loss can leave the renamed file empty; without the
+    second, the old file back."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or replace(a, b))
+    path = save(net, tmp_path / "model.safetensors")
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert ".tmp" in events[0][1] and events[1][1] == str(path) and events[2][1] == str(tmp_path)
+
+
 def test_truncated_file(net, tmp_path):
     path = save(net, tmp_path / "model.safetensors")
     data = path.read_bytes()
