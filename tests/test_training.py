@@ -556,6 +556,28 @@ def tiny_run_config(**options):
                           **options})
 
 
+def test_stage2_reruns_reuse_the_routing_space_of_the_same_stage1(tmp_path, monkeypatch):
+    """``train all`` resuming after a kill runs stage 2 again: it reuses its routing space
+    while stage 1's weights and the slimming options are the same, and slims again otherwise."""
+    from dds_fast.training import stages
+
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+    run = Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=2, lr_schedule="constant"))
+    run.stage1()
+    first = run.stage2()
+    slimmed = []
+    slimming = stages.progressive_slimming
+    monkeypatch.setattr(stages, "progressive_slimming", lambda *a, **k: slimmed.append(1) or slimming(*a, **k))
+    assert run.stage2().routing_space == first.routing_space and not slimmed
+    Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=2, lr_schedule="constant", slim_step=4)).stage2()
+    assert len(slimmed) == 1  # another slimming step
+    run.stage2()
+    assert len(slimmed) == 2
+    Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=3, lr_schedule="constant")).stage1()
+    run.stage2()  # stage 1 trained on: its weights changed
+    assert len(slimmed) == 3
+
+
 def test_stage1_resumes_through_run_to_the_result_of_one_run(tmp_path, monkeypatch):
     """Bit-identical on the CPU to one 4-step run: a 2-step run asked again for 4 steps, and a
     run killed after its step-2 checkpoint. (A constant learning rate: a cosine schedule

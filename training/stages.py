@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import torch
 import dds_fast
 from dds_fast import AttentionSupernet, DDSNet, DynamicGate, SlimConv2d
 from dds_fast.slim_conv import BACKENDS
+from dds_fast.checkpoint import read_metadata
 from dds_fast.config import RoutingEntry
 
 from .data import (NoisyPatches, PairedPatches, SIDDValidation, bundled_images, load_image_folder,
@@ -394,6 +396,18 @@ class Run:
         """Progressive slimming on the validation crops: the routing space. Runs on rank 0;
         the other ranks wait and load its result."""
         c = self.config
+        # what the routing space depends on: a rerun (``train all`` resuming after a kill)
+        # reuses it, as slimming on a GPU need not pick the same configs twice and the later
+        # stages' state files hold them
+        made_from = None
+        if net is None:
+            stage1 = self.dir / "stage1.safetensors"
+            made_from = json.loads(json.dumps(self.loop_options(
+                "slim_step", "slim_criterion", "num_choices", "validation_crops", "validation_patch",
+                stage1=hashlib.sha256(stage1.read_bytes()).hexdigest() if stage1.exists() else None)))
+            done = self.dir / "stage2.safetensors"
+            if done.exists() and read_metadata(done)["user"].get("made_from") == made_from:
+                return self.load("stage2.safetensors")
         net = self.load("stage1.safetensors") if net is None else net
         net.eval()
         rank, world = rank_and_world()
@@ -407,7 +421,7 @@ class Run:
                                                   criterion=c.slim_criterion)
             net.routing_space = thin_routing_space(trajectory, c.num_choices)
             dds_fast.save(net, self.dir / "stage2.safetensors", stage=2, train_config=dataclasses.asdict(c),
-                          trajectory=[e.to_dict() for e in trajectory])
+                          trajectory=[e.to_dict() for e in trajectory], made_from=made_from)
         if world > 1:
             torch.distributed.barrier()
             net = self.load("stage2.safetensors")
