@@ -107,6 +107,8 @@ def test_train_all_stages_from_a_config_file(tmp_path, capsys):
                  "--refine-steps", "1"]) == 0
     assert {"stage1.safetensors", "stage2.safetensors", "refine.safetensors", "dds.safetensors", "inet-0.safetensors",
             "inet-1.safetensors"} <= {p.name for p in run_dir.iterdir()}
+    # each I-Net trains as many steps as each route (stage 1's 2 and refine's 1)
+    assert len((run_dir / "inet-0.log.jsonl").read_text().splitlines()) == 3
     assert main(["train", "refine", "--run-dir", str(run_dir), "--config", str(config)]) == 2
     assert "--refine-steps" in capsys.readouterr().err
     assert main(["info", str(run_dir / "stage2.safetensors")]) == 0

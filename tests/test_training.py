@@ -474,7 +474,7 @@ def test_training_config_checks_the_type_of_every_option(tmp_path):
     ({"slim_step": 0}, "slim_step must be >= 1, got 0"),
     ({"sandwich": 1}, "sandwich must be >= 2, got 1"),
     ({"seed": -1}, "seed must be >= 0, got -1"),
-    ({"inet_steps": 0}, r"inet_steps must be >= 1 \(or null: the same as steps\), got 0"),
+    ({"inet_steps": 0}, r"inet_steps must be >= 1 \(or null: steps \+ refine_steps\), got 0"),
     ({"channels": 2}, "channels must be 1 or 3, got 2"),
     ({"lr": 0.0}, "lr must be a positive number, got 0.0"),
     ({"budget": -5.0}, "budget must be a positive number, got -5.0"),

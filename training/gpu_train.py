@@ -1,8 +1,9 @@
 """Train a model within a time budget (one device call), resuming where the last call stopped.
 
 The first call times a probe of stage-1 steps of ``--config`` and sizes the schedule to the budget:
-stage-1 steps S, the I-Nets S steps each (the same schedule, as the comparison needs), refine
-S/2 steps and the gate's steps as configured. That plan is written to ``RUN_DIR/config.json``
+stage-1 steps S, refine S/2 steps, the I-Nets 1.5 S steps each (as many as the routes get
+from stage 1 and refine: a comparison of equally trained networks) and the gate's steps as
+configured. That plan is written to ``RUN_DIR/config.json``
 before any training, and a later call (a fresh machine, the run directory carried back)
 resumes with it instead of timing again. The stages then run one after another (``dds-fast
 train all``), as the plan's arithmetic assumes.
@@ -54,10 +55,11 @@ def seconds_per_step(config: Path) -> float:
 def plan(options: dict, step_seconds: float, budget: float) -> dict:
     """``options`` with steps, inet_steps and refine_steps sized to ``budget`` seconds."""
     gate_seconds = options.get("gate_steps", 1000) * GATE_STEP_COST * step_seconds
-    steps = int((budget - FIXED_SECONDS - gate_seconds) / step_seconds / (1.5 + INETS_STEP_COST))
+    steps = int((budget - FIXED_SECONDS - gate_seconds) / step_seconds / (1.5 + 1.5 * INETS_STEP_COST))
     if steps < 1000:  # fewer would not make a model worth shipping
         raise SystemExit(f"a stage-1 step takes {step_seconds:.3f} s: {budget:.0f} s leave only {steps} steps")
-    return {**options, "steps": steps, "inet_steps": steps, "refine_steps": steps // 2}
+    refine_steps = steps // 2
+    return {**options, "steps": steps, "inet_steps": steps + refine_steps, "refine_steps": refine_steps}
 
 
 def main() -> None:

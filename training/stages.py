@@ -82,7 +82,8 @@ class TrainConfig:
     num_choices: int = 4
     validation_crops: int = 4
     validation_patch: int = 128
-    inet_steps: int | None = None  # default: the same as stage 1
+    # default: as many as each route gets (stage 1's steps and refine's), for a fair comparison
+    inet_steps: int | None = None
     refine_steps: int = 0  # sandwich steps on the routing configs after stage 2 (0: the paper's Algorithm 1)
     refine_lr: float = 2e-4
     refine_distillation: str | None = None  # default: the same as stage 1
@@ -116,7 +117,7 @@ class TrainConfig:
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.inet_steps is not None and self.inet_steps < 1:
-            raise ValueError(f"inet_steps must be >= 1 (or null: the same as steps), got {self.inet_steps}")
+            raise ValueError(f"inet_steps must be >= 1 (or null: steps + refine_steps), got {self.inet_steps}")
         for name in ("lr", "refine_lr", "gate_lr") + (("budget",) if self.budget is not None else ()):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
@@ -543,7 +544,7 @@ class Run:
                 loss.backward()
                 return dict(zip(["loss", "psnr"], torch.stack([loss.detach(), training_psnr(output, clean)]).tolist()))
 
-            steps = c.inet_steps or c.steps
+            steps = c.inet_steps or c.steps + c.refine_steps
             options = self.loop_options(*NETWORK_OPTIONS, "patch_size", "lr", "loss", schedule_steps=steps,
                                         config=entry.config.to_dict())
             TrainLoop(self.dir, f"inet-{index}", net, optimizer, self.dataset(), step_fn, self.settings(steps),
