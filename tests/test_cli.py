@@ -131,7 +131,7 @@ def test_shipped_model_is_a_small_ddsnet_and_the_demo_runs_with_no_argument(tmp_
 
 
 TINY_TRAINING = {"arch": "SlimDnCNN", "channels": 1, "base_width": 8, "depth": 3, "patch_size": 16, "batch_size": 2,
-                 "epoch_patches": 4, "validation_patch": 16, "progress": False}
+                 "epoch_patches": 4, "gate_batch_size": 4, "validation_patch": 16, "progress": False}
 
 
 def test_train_flags_for_noise_arguments_and_validation_images(tmp_path):

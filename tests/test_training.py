@@ -480,6 +480,7 @@ def test_training_config_checks_the_type_of_every_option(tmp_path):
     ({"budget": -5.0}, "budget must be a positive number, got -5.0"),
     ({"gate_lr_decay": 0.0}, r"gate_lr_decay must be in \(0, 1\], got 0.0"),
     ({"batch_size": 32, "epoch_patches": 16}, "batch_size 32 is larger than epoch_patches 16"),
+    ({"batch_size": 8, "epoch_patches": 16}, "gate_batch_size 64 is larger than epoch_patches 16"),
 ])
 def test_training_config_checks_ranges_before_any_stage_runs(values, message):
     with pytest.raises(ValueError, match=f"^options: {message}"):
@@ -551,7 +552,8 @@ def test_a_folder_image_smaller_than_the_patch_is_named(tmp_path):
 
 def tiny_run_config(**options):
     return TrainConfig(**{"arch": "SlimDnCNN", "channels": 1, "base_width": 8, "depth": 3, "patch_size": 16,
-                          "batch_size": 2, "epoch_patches": 4, "validation_crops": 1, "validation_patch": 16,
+                          "batch_size": 2, "epoch_patches": 4, "gate_batch_size": 4, "validation_crops": 1,
+                          "validation_patch": 16,
                           "slim_step": 8, "num_choices": 2, "checkpoint_every": 2, "progress": False, "device": "cpu",
                           **options})
 
@@ -573,9 +575,13 @@ def test_stage2_reruns_reuse_the_routing_space_of_the_same_stage1(tmp_path, monk
     assert len(slimmed) == 1  # another slimming step
     run.stage2()
     assert len(slimmed) == 2
+    Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=2, lr_schedule="constant", noise="camera")).stage2()
+    assert len(slimmed) == 3  # other validation data
+    run.stage2()
+    assert len(slimmed) == 4
     Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=3, lr_schedule="constant")).stage1()
     run.stage2()  # stage 1 trained on: its weights changed
-    assert len(slimmed) == 3
+    assert len(slimmed) == 5
 
 
 def test_stage1_resumes_through_run_to_the_result_of_one_run(tmp_path, monkeypatch):

@@ -127,9 +127,10 @@ class TrainConfig:
             raise ValueError(f"gate_complexity_weight must be a non-negative number, got {self.gate_complexity_weight}")
         if not math.isfinite(self.beta):
             raise ValueError(f"beta must be a finite number, got {self.beta}")
-        if self.batch_size > self.epoch_patches:
-            raise ValueError(f"batch_size {self.batch_size} is larger than epoch_patches {self.epoch_patches}: "
-                             f"an epoch holds no batch")
+        for name in ("batch_size", "gate_batch_size"):  # stage 3 draws its batches from an epoch too
+            if getattr(self, name) > self.epoch_patches:
+                raise ValueError(f"{name} {getattr(self, name)} is larger than epoch_patches {self.epoch_patches}: "
+                                 f"an epoch holds no batch")
 
     @classmethod
     def from_file(cls, path, **overrides) -> "TrainConfig":
@@ -403,9 +404,14 @@ class Run:
         made_from = None
         if net is None:
             stage1 = self.dir / "stage1.safetensors"
-            made_from = json.loads(json.dumps(self.loop_options(
-                "slim_step", "slim_criterion", "num_choices", "validation_crops", "validation_patch",
-                stage1=hashlib.sha256(stage1.read_bytes()).hexdigest() if stage1.exists() else None)))
+            # what validation_batches reads: SIDD blocks, or noise added to held-out clean images
+            validation = ({"sidd_validation": True} if c.sidd_validation else
+                          {name: getattr(c, name) for name in ("noise", "noise_args", "validation_images",
+                                                               "validation_patch", "seed")})
+            made_from = json.loads(json.dumps({
+                **validation, **{name: getattr(c, name) for name in ("channels", "batch_size", "validation_crops",
+                                                                     "slim_step", "slim_criterion", "num_choices")},
+                "stage1": hashlib.sha256(stage1.read_bytes()).hexdigest() if stage1.exists() else None}))
             done = self.dir / "stage2.safetensors"
             if done.exists() and read_metadata(done)["user"].get("made_from") == made_from:
                 return self.load("stage2.safetensors")
