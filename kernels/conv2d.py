@@ -1010,17 +1010,15 @@ def clear_plans() -> None:
 def _inference_key(inputs, weight, bias, residual, *options):
     """``slim_conv2d``'s arguments (no per-image widths) as one hashable key: on a repeated call
     it finds the plan without normalising, checking or planning again, which is most of a
-    small layer's host time. None when the arguments do not make a key (the full path then
-    reports what is wrong)."""
+    small layer's host time. None when an argument is not a tensor (the full path then reports
+    it); unhashable when an option is."""
     if type(inputs) not in (list, tuple):
         return None
     try:
-        key = (*[_meta(t) for t in inputs], _meta(weight), _meta(bias), _meta(residual), *options,
-               _aligned_pointers(*inputs, weight, bias, residual))
-        hash(key)
-    except (AttributeError, TypeError):
+        return (*[_meta(t) for t in inputs], _meta(weight), _meta(bias), _meta(residual), *options,
+                _aligned_pointers(*inputs, weight, bias, residual))
+    except AttributeError:
         return None
-    return key
 
 
 def _signature(inputs, weight, bias, residual, widths, *options):
@@ -1091,12 +1089,17 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     active slice) and residual.
     """
     key = None
-    # (only plain int options: 1.0 and True hash as 1 does, and must still be rejected)
+    # eager calls only (tracing has no pointers), with plain int options (1.0 and True hash as
+    # 1 does, and must still be rejected)
     if widths is None and not channel_sums and tile_widths is None and type(stride) is int \
-            and (padding is None or type(padding) is int) and type(widths_multiple) is int:
+            and (padding is None or type(padding) is int) and type(widths_multiple) is int \
+            and not torch.compiler.is_compiling():
         key = _inference_key(inputs, weight, bias, residual, segment_starts, out_channels, stride, padding,
                              activation, negative_slope, widths_multiple)
-        plan = _INFERENCE_PLANS.get(key)
+        try:
+            plan = _INFERENCE_PLANS.get(key)
+        except TypeError:  # an unhashable option (a list of segment starts)
+            key = plan = None
         if plan is not None and _eager_path(*inputs, weight, bias, residual) == "inference":
             return _launch_forward(plan, inputs[0], inputs[1] if len(inputs) == 2 else None, weight, bias,
                                    residual, None)

@@ -584,6 +584,7 @@ def test_checks_and_launch_plan_are_cached_per_signature():
         run(dict(case, stride=3), "relu")
     with pytest.raises(ValueError, match="stride must be an int"):  # equal to 1, but not an int
         run(dict(case, stride=1.0), "relu")
+    assert torch.equal(run(dict(case, starts=[0]), "relu"), first)  # a list: no key, the full path
     if DEVICE == "cpu":
         run(case, "relu", widths=torch.tensor([[8, 8], [16, 16]], dtype=torch.int32), widths_multiple=8)
         with pytest.raises(ValueError, match=r"widths\[1, 1\] = 24 not in \[0, 16\]"):
