@@ -181,20 +181,12 @@ def test_tensors_load_back_in_the_dtype_they_were_saved_in(net, tmp_path, dtype)
     ("routing_space", '{"config": {}}', "'routing_space' must be a JSON array"),
     ("routing_space", '[{"config": [8], "macs_per_pixel": 1}]', "malformed metadata"),
     ("static", '"yes"', "'static' must be a JSON true or false"),
-])
-def test_malformed_header_fields(net, tmp_path, field, value, message):
-    path = save(net, tmp_path / "model.safetensors")
-    rewrite(path, net.state_dict(), **{field: value})
-    with pytest.raises(CheckpointError, match=f"{path}.*{message}"):
-        load(path)
-
-
-@pytest.mark.parametrize("field,value,message", [
+    # well formed, but not for this network
     ("config", "{}", "its config does not fit SlimUNet: config does not match the network's groups"),
     ("config", '{"enc0.mid": 8}', "missing"),
     ("routing_space", '[{"config": {"nope": 8}, "macs_per_pixel": 1}]', "its routing space does not fit SlimUNet"),
 ])
-def test_configs_that_do_not_fit_the_network(net, tmp_path, field, value, message):
+def test_malformed_or_unfitting_header_fields(net, tmp_path, field, value, message):
     path = save(net, tmp_path / "model.safetensors")
     rewrite(path, net.state_dict(), **{field: value})
     with pytest.raises(CheckpointError, match=f"{path}.*{message}"):
