@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -29,6 +30,17 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
+def _integer(value):
+    """``value`` as an int if it is an integer (numpy and tensor integers too); anything else
+    as it is, for SubnetConfig to reject: ``int()`` would turn 12.7 into 12 and "8" into 8."""
+    if isinstance(value, bool):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
 @dataclass(frozen=True)
 class SubnetConfig:
     """One width per tied channel group, in the network's group order.
@@ -39,6 +51,11 @@ class SubnetConfig:
     widths: tuple[tuple[str, int], ...]
 
     def __post_init__(self):
+        if isinstance(self.widths, Mapping):
+            raise ValueError("SubnetConfig: widths must be (group, width) pairs; use SubnetConfig.from_dict "
+                             "for a mapping")
+        # pairs given as lists would leave the config unhashable and unequal to the same widths
+        object.__setattr__(self, "widths", tuple((name, width) for name, width in self.widths))
         names = [name for name, _ in self.widths]
         if len(set(names)) != len(names):
             raise ValueError(f"SubnetConfig: duplicate group names in {names}")
@@ -48,7 +65,7 @@ class SubnetConfig:
 
     @classmethod
     def from_dict(cls, widths: Mapping[str, int]) -> "SubnetConfig":
-        return cls(tuple((str(name), int(width)) for name, width in widths.items()))
+        return cls(tuple((str(name), _integer(width)) for name, width in widths.items()))
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.widths)
@@ -134,7 +151,8 @@ class WidthSpace:
             raise ValueError(f"uniform: ratio must be in (0, 1], got {ratio}")
         widths = []
         for g in self.groups:
-            target = math.ceil(ratio * g.max_width)
+            # rounded first: in floats 0.28 * 200 is 56.00000000000001, whose ceil skips 56
+            target = math.ceil(round(ratio * g.max_width, 9))
             widths.append((g.name, next((c for c in g.choices if c >= target), g.choices[-1])))
         return SubnetConfig(tuple(widths))
 

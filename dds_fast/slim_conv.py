@@ -268,9 +268,10 @@ def convert_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace every ``nn.Conv2d`` in ``model`` (in place) by a SlimConv2d sharing its Parameters.
 
     Outputs at full width are unchanged. Grouped convs (``groups > 1``) cannot be slimmed by
-    channel prefix and are left as they are, and so are subclasses of ``nn.Conv2d`` whose
-    forward may do more than a convolution. Returns ``model`` (a new module when ``model``
-    itself is an ``nn.Conv2d``).
+    channel prefix and are left as they are, and so are subclasses of ``nn.Conv2d`` and convs
+    with hooks (``torch.nn.utils.weight_norm``, say), whose forward may do more than a
+    convolution. A conv reachable by several names becomes one SlimConv2d. Returns ``model``
+    (a new module when ``model`` itself is an ``nn.Conv2d``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"convert_model: backend must be one of {BACKENDS}, got {backend!r}")
@@ -281,12 +282,22 @@ def convert_model(model: nn.Module, backend: str = "auto") -> nn.Module:
         if module.groups != 1:
             logger.debug("convert_model: leaving grouped conv %s as nn.Conv2d", module)
             return False
+        # hooks belong to the old module (weight_norm's pre-hook even rebuilds .weight, which is
+        # then no Parameter to share); a copy without them would compute something else
+        if (module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks):
+            logger.debug("convert_model: leaving conv %s with hooks as nn.Conv2d", module)
+            return False
         return True
 
     if convertible(model):
         return name_layers(_slim_from(model, backend))
+    converted: dict[nn.Module, SlimConv2d] = {}  # a shared conv must stay one module, one width
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): that lists a module held under two names only once
+        for child_name, child in list(parent._modules.items()):
             if convertible(child):
-                setattr(parent, child_name, _slim_from(child, backend))
+                if child not in converted:
+                    converted[child] = _slim_from(child, backend)
+                setattr(parent, child_name, converted[child])
     return name_layers(model)

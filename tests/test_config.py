@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,34 @@ def test_groups_and_routing_entries():
         WidthSpace([ChannelGroup("x", 8, (8,)), ChannelGroup("x", 8, (8,))])
     entry = RoutingEntry(SubnetConfig.from_dict({"a": 8}), 1234.5, 30.1)
     assert RoutingEntry.from_dict(json.loads(json.dumps(entry.to_dict()))) == entry
+
+
+@pytest.mark.parametrize("width", [12.7, 8.0, "8", True, None])
+def test_from_dict_and_json_reject_widths_that_are_not_integers(width):
+    with pytest.raises(ValueError, match=f"width of group 'enc0' must be a positive int, got {width!r}"):
+        SubnetConfig.from_dict({"enc0": width})
+    with pytest.raises(ValueError, match="width of group 'enc0'"):
+        SubnetConfig.from_json('{"enc0": 12.7}')
+
+
+def test_from_dict_takes_integer_types():
+    config = SubnetConfig.from_dict({"a": np.int64(8), "b": torch.tensor(16)})
+    assert config == SubnetConfig((("a", 8), ("b", 16)))
+    assert all(type(width) is int for _, width in config.widths)
+
+
+def test_config_from_lists_is_the_same_hashable_value():
+    config = SubnetConfig([["a", 8], ["b", 16]])
+    assert config == SubnetConfig((("a", 8), ("b", 16)))
+    assert {config: 1}[SubnetConfig((("a", 8), ("b", 16)))] == 1
+    with pytest.raises(ValueError, match="from_dict"):  # iterating a dict would split names into letters
+        SubnetConfig({"up": 8})
+
+
+def test_uniform_picks_the_width_at_exactly_the_ratio():
+    choices = width_choices(100, width_mult=2.0)
+    assert choices[-1] == 200 and 56 in choices
+    space = WidthSpace([ChannelGroup("g", 200, choices)])
+    assert 0.28 * 200 > 56  # the float product lands just above the choice
+    assert space.uniform(0.28)["g"] == 56
+    assert space.uniform(0.281)["g"] == 64

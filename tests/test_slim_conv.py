@@ -187,3 +187,50 @@ def test_convert_model_on_a_single_conv_returns_slim_copy():
     assert isinstance(slim, SlimConv2d) and slim.weight is conv.weight
     with pytest.raises(ValueError, match="backend"):
         convert_model(conv, backend="tpu")
+
+
+class SharedConv(nn.Module):
+    """One conv held under two names and applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_convert_model_keeps_a_shared_conv_one_slimmable_module():
+    torch.manual_seed(0)
+    model = SharedConv()
+    x = torch.randn(1, 4, 6, 5)
+    before = model(x)
+    convert_model(model)
+    assert isinstance(model.a, SlimConv2d) and model.b is model.a
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    model.a.active_out_channels = 2  # both uses of the one conv narrow together
+    w, b = model.a.weight, model.a.bias
+    expected = F.conv2d(F.conv2d(x, w[:2], b[:2], padding=1), w[:2, :2], b[:2], padding=1)
+    torch.testing.assert_close(model(x), expected)
+
+    conv = nn.Conv2d(4, 4, 3, padding=1)  # shared by two containers
+    model = convert_model(nn.ModuleDict(dict(left=nn.Sequential(conv), right=nn.Sequential(conv))))
+    assert isinstance(model.left[0], SlimConv2d) and model.left[0] is model.right[0]
+
+
+def test_convert_model_leaves_convs_with_hooks_as_they_are():
+    torch.manual_seed(1)
+    with pytest.warns(FutureWarning):  # the old API, still common in restoration nets (WDSR, EDSR)
+        normed = nn.utils.weight_norm(nn.Conv2d(4, 4, 3, padding=1))
+    hooked = nn.Conv2d(4, 4, 3, padding=1)
+    calls = []
+    hooked.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), normed, hooked)
+    x = torch.randn(1, 3, 5, 5)
+    before = model(x)
+    convert_model(model)
+    assert isinstance(model[0], SlimConv2d)
+    assert model[1] is normed and model[2] is hooked
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert len(calls) == 2  # the hook still runs
