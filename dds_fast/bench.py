@@ -169,7 +169,8 @@ def _per_call_in_graph(runner: LatencyRunner, fn) -> float | None:
 def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
     """The gate's cost at the runner's input, timed as the network was (CUDA-graph replay
     included), with a DDSNet's own gate, else a DynamicGate of DDS-Net's shape over the timed
-    configs as stage 3 leaves it (attention off); None for a network without a stem:
+    configs as stage 3 leaves it (attention off); None for a network without a stem or with
+    fewer than two configs to route between (a static export, a single route):
 
     - ``fused_ms``, ``eager_ms``: the gate head alone on the full-width stem's output, on its
       kernels (reading the channel sums the stem's epilogue leaves, as DDSNet runs it) and on
@@ -184,9 +185,9 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
       narrowest route (``DDSNet.per_image_tiles``) instead of its widest.
     """
     net = getattr(runner.model, "supernet", runner.model)
-    if not hasattr(net, "stem_conv"):
-        return None
     configured = sorted(network.configured(), key=lambda r: r.macs_per_pixel)
+    if not hasattr(net, "stem_conv") or len(configured) < 2:  # a gate has two choices at least
+        return None
     gate = getattr(runner.model, "gate", None)
     if gate is None:
         gate = DynamicGate(net.stem_channels, max(2, len(configured)))
@@ -402,6 +403,9 @@ def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, b
         sizes, batches = sizes or [64], batches or [1]
         warmup = 2 if warmup is None else warmup
         repeats = 5 if repeats is None else repeats
+    for name, values in (("sizes", sizes), ("batches", batches), ("channels", [channels])):
+        if min(values) < 1:  # else torch fails deep inside, on a negative dimension
+            raise ValueError(f"bench: {name} must be positive, got {values}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -60,6 +60,8 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
             raise ValueError(f"{type(model).__name__}: pass input_shape=(C, H, W) to count its cost")
         side = 2 * getattr(model, "size_multiple", 1)
         input_shape = (model.in_channels, side, side)
+    if len(input_shape) != 3 or min(input_shape) < 1:  # the batch of one is added here
+        raise ValueError(f"trace_convs: input_shape must be (C, H, W) of positive sizes, got {tuple(input_shape)}")
     names = {module: name for name, module in model.named_modules()}
     calls: list[ConvCall] = []
 

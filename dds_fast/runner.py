@@ -280,8 +280,9 @@ class LatencyRunner:
                 kh, kw = call.module.kernel_size
                 out_pixels = call.out_size[0] * call.out_size[1]
                 in_pixels = out_pixels * call.module.stride[0] * call.module.stride[1]
+                # a grouped conv's filters each hold in/groups channels, as ConvCall.macs counts
                 moved += element * (n * sum(call.in_widths) * in_pixels + n * call.out_width * out_pixels
-                                    + call.out_width * sum(call.in_widths) * kh * kw)
+                                    + call.out_width * (sum(call.in_widths) // call.module.groups) * kh * kw)
                 flops += 2 * n * call.macs
         return moved, flops
 
@@ -335,6 +336,9 @@ class LatencyRunner:
             configs = default_configs(self.model)
         if not configs:
             raise ValueError("LatencyRunner.run: no configs to time")
+        for item in configs:  # a bare config would unpack into a label and a config, or fail obscurely
+            if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
+                raise ValueError(f"LatencyRunner.run: configs must be (label, config) pairs, got {item!r}")
         peaks = peaks or self.measure_peaks()
         name, env = describe_device(self.device)
         report = Report(name, env, str(self.dtype).replace("torch.", ""), self.input_shape, self.backend, peaks,
@@ -344,6 +348,8 @@ class LatencyRunner:
         restore = _widths_restorer(configurable)
         try:
             for label, config in configs:
+                if config is None:  # as it came, not at the config an earlier row set
+                    restore()
                 target, inputs, record = self._select(configurable, config)
                 groups, macs = self._cost(target, inputs)
                 floor, bound = peaks.floor_ms(*self._traffic(groups))
@@ -362,12 +368,12 @@ class LatencyRunner:
 def default_configs(model: nn.Module) -> list[tuple[str, SubnetConfig | float | None]]:
     """A DDSNet: its dynamic mode, then each routed config alone. A slimmable net: its routing
     space when it has one, else smallest, uniform 0.25/0.5/0.75, largest. A SlimConv2d: width
-    ratios 0.25 to 1."""
-    if hasattr(model, "supernet"):
+    ratios 0.25 to 1. A static export, or any other module: as it is."""
+    if isinstance(model, DDSNet):
         return [("dynamic", None)] + [(f"route {i}", e.config) for i, e in enumerate(model.routing_space)]
     if isinstance(model, SlimConv2d):
         return [(f"width {ratio:g}", ratio) for ratio in WIDTHS]
-    if not hasattr(model, "space"):
+    if not hasattr(model, "space") or getattr(model, "is_static", False):  # an export_static copy: widths fixed
         return [("as is", None)]
     routing = getattr(model, "routing_space", None)
     if routing:
@@ -382,7 +388,7 @@ def _widths_restorer(module: nn.Module) -> Callable[[], None]:
     if isinstance(module, SlimConv2d):
         previous = module.active_out_channels
         return lambda: setattr(module, "active_out_channels", previous)
-    if hasattr(module, "get_config"):
+    if hasattr(module, "get_config") and not getattr(module, "is_static", False):  # static: set_config raises
         config = module.get_config()
         return lambda: module.set_config(config)
     return lambda: None

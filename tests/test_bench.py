@@ -7,6 +7,7 @@ import torch
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimDnCNN, macs_per_pixel
 from dds_fast.bench import layer_markdown, run_bench, target_rows, targets_markdown, time_gate
 from dds_fast.runner import ConfigResult, DevicePeaks, LatencyRunner, Report, Timing
+from tests.test_runner import PEAKS, small_net
 
 
 def test_layer_table_shows_graph_replay_times_beside_eager_ones():
@@ -113,3 +114,25 @@ def test_time_gate_times_the_head_on_the_stems_channel_sums_and_the_routed_forwa
     assert (timing["fused_in_graph_ms"] is None) == (device == "cpu")  # graphs need CUDA
     assert model.gate.fc4.bias.abs().sum() > 0 and model.gate.backend == "triton"  # timed on a rigged copy
     assert not net.stem_conv.emit_channel_sums and net.stem_conv.channel_sums is None
+
+
+def test_no_gate_is_timed_over_a_single_route():
+    net = small_net()
+    net.routing_space = [RoutingEntry(net.space.smallest(), macs_per_pixel(net, net.space.smallest()))]
+    runner = LatencyRunner(net, (1, 1, 8, 8), warmup=0, repeats=1)
+    report = runner.run(peaks=PEAKS)
+    assert [r.label for r in report.results] == ["route 0"]
+    assert time_gate(runner, report) is None  # a gate chooses between two configs at least
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(sizes=[-4]), "sizes"),
+    (dict(sizes=[0]), "sizes"),
+    (dict(batches=[0]), "batches"),
+    (dict(channels=-1), "channels"),
+])
+def test_bench_rejects_non_positive_sizes_batches_and_channels(tmp_path, kwargs, name):
+    args = dict(sizes=[8], batches=[1], channels=4, model=small_net(), device="cpu", warmup=0, repeats=1,
+                compile_static=False)
+    with pytest.raises(ValueError, match=f"bench: {name} must be positive"):
+        run_bench(tmp_path, **{**args, **kwargs})

@@ -70,3 +70,13 @@ def test_errors():
         macs_per_pixel(nn.Sequential(SlimConv2d(3, 3, 1)))
     with pytest.raises(ValueError, match="no width configs"):
         macs_per_pixel(nn.Sequential(SlimConv2d(3, 3, 1)), config={"a": 1}, input_shape=(3, 4, 4))
+
+
+@pytest.mark.parametrize("model,shape", [
+    (SlimConv2d(4, 8, 3, padding=1), (4, 0, 8)),
+    (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1)), (8, 8)),
+    (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1)), (1, 1, 8, 8)),
+])
+def test_counting_rejects_an_input_shape_that_is_not_c_h_w(model, shape):
+    with pytest.raises(ValueError, match=r"input_shape must be \(C, H, W\) of positive sizes"):
+        macs_per_pixel(model, input_shape=shape)

@@ -2,14 +2,20 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
-from dds_fast import RoutingEntry, SlimConv2d, SlimDnCNN, macs_per_pixel
+from dds_fast import DynamicGate, RoutingEntry, SlimConv2d, SlimDnCNN, export_static, macs_per_pixel
+from dds_fast.bench import time_gate
+from dds_fast.ddsnet import AttentionSupernet
 from dds_fast.runner import DevicePeaks, LatencyRunner, Timing, capture_cuda_graph, default_configs
 
 
 def test_timing_percentiles():
     timing = Timing.from_samples([5, 1, 4, 2, 3, 6, 7, 8, 9, 10, 11])
     assert (timing.median_ms, timing.p20_ms, timing.p80_ms, timing.repeats) == (6, 3, 9, 11)
+
+
+PEAKS = DevicePeaks(flops_per_s=1e9, bytes_per_s=1e9)  # no peak to measure: the tests time nothing real
 
 
 def small_net():
@@ -157,3 +163,52 @@ def test_a_captured_graph_keeps_the_tensors_of_its_function_alive():
     replay()
     torch.cuda.synchronize()
     assert out.tolist() == [0, 2, 0, 0, 0, 3, 0, 0] and len(reuse) == 64
+
+
+def test_a_grouped_convs_floor_counts_the_weights_it_holds():
+    """A depthwise 3x3 conv holds one input channel per filter: 64 x 9 weights, not 64 x 64 x 9."""
+    conv = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+    report = LatencyRunner(conv, (1, 64, 2, 2), warmup=0, repeats=1).run(
+        peaks=DevicePeaks(flops_per_s=1e18, bytes_per_s=1e9))
+    # fp32: the input and the output (64 channels x 4 pixels each) and the weights, at 1 GB/s
+    moved = (2 * 64 * 4 + 64 * 9) * 4
+    assert report.results[0].floor_bound == "bytes"
+    assert report.results[0].floor_ms == pytest.approx(moved / 1e9 * 1e3)
+
+
+def test_an_as_is_row_times_the_model_as_it_came_not_at_the_row_before():
+    net = small_net()
+    runner = LatencyRunner(net, (1, 1, 8, 8), warmup=0, repeats=1)
+    report = runner.run([("smallest", net.space.smallest()), ("as is", None)], peaks=PEAKS)
+    smallest, as_is = report.results
+    assert smallest.macs_per_pixel == macs_per_pixel(net, net.space.smallest())
+    assert as_is.macs_per_pixel == macs_per_pixel(net, net.space.largest()) and as_is.config is None
+    assert net.get_config() == net.space.largest()
+
+
+def test_configs_must_be_label_and_config_pairs():
+    net = small_net()
+    # a bare SubnetConfig iterates over its group names: once taken as a label and a config
+    with pytest.raises(ValueError, match=r"\(label, config\) pairs"):
+        LatencyRunner(net, (1, 1, 8, 8), warmup=0, repeats=1).run([net.space.smallest()], peaks=PEAKS)
+    with pytest.raises(ValueError, match=r"\(label, config\) pairs, got 0.5"):
+        LatencyRunner(SlimConv2d(4, 4, 3, padding=1), (1, 4, 8, 8), warmup=0, repeats=1).run([0.5], peaks=PEAKS)
+
+
+def test_a_stage1_attention_supernet_without_routes_gets_the_slimmable_defaults():
+    """Stage 1 saves an AttentionSupernet: a supernet behind the gate, no routing space yet
+    and no dynamic mode."""
+    net = small_net()
+    model = AttentionSupernet(net, DynamicGate(net.stem_channels, 2))
+    assert [label for label, _ in default_configs(model)] == [
+        "smallest", "uniform 0.25", "uniform 0.5", "uniform 0.75", "largest"]
+
+
+def test_a_static_export_is_timed_as_it_is_and_has_no_gate_to_time():
+    net = small_net()
+    static = export_static(net, net.space.smallest())
+    runner = LatencyRunner(static, (1, 1, 8, 8), warmup=0, repeats=1)
+    report = runner.run(peaks=PEAKS)  # its widths are fixed: set_config raises
+    assert [(r.label, r.macs_per_pixel) for r in report.results] == [
+        ("as is", macs_per_pixel(net, net.space.smallest()))]
+    assert time_gate(runner, report) is None
