@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import SubnetConfig
 from .cost import trace_convs
-from .slim_conv import SlimConv2d, apply_epilogue
+from .slim_conv import SlimConv2d, apply_epilogue, epilogue_repr
 
 
 class StaticConv2d(nn.Conv2d):
@@ -26,6 +26,9 @@ class StaticConv2d(nn.Conv2d):
                          device=device, dtype=dtype)
         self.activation = activation
         self.negative_slope = negative_slope
+
+    def extra_repr(self) -> str:
+        return ", ".join([super().extra_repr()] + epilogue_repr(self.activation, self.negative_slope))
 
     def forward(self, x, residual: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(x, (list, tuple)):

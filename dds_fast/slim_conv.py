@@ -23,6 +23,13 @@ _WARNED: set[str] = set()  # fallback reasons already warned about, so each warn
 ACTIVATIONS = (None, "relu", "leaky_relu")
 
 
+def epilogue_repr(activation: str | None, negative_slope: float) -> list[str]:
+    """The repr fields of a conv's fused activation (none without one; the slope for LeakyReLU)."""
+    if activation is None:
+        return []
+    return [f"activation={activation!r}"] + ([f"negative_slope={negative_slope:g}"] if activation == "leaky_relu" else [])
+
+
 def apply_epilogue(y: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
                    negative_slope: float) -> torch.Tensor:
     """``act(y + residual)``: the order the fused kernels use."""
@@ -220,8 +227,7 @@ class SlimConv2d(nn.Conv2d):
         parts = [super().extra_repr(), f"backend={self.backend!r}"]
         if len(self.in_segments) > 1:
             parts.append(f"in_segments={list(self.in_segments)}")
-        if self.activation is not None:
-            parts.append(f"activation={self.activation!r}")
+        parts += epilogue_repr(self.activation, self.negative_slope)
         if self._active_out is not None:
             parts.append(f"active_out_channels={self._active_out}")
         return ", ".join(parts)

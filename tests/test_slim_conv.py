@@ -234,3 +234,15 @@ def test_convert_model_leaves_convs_with_hooks_as_they_are():
     assert model[1] is normed and model[2] is hooked
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
     assert len(calls) == 2  # the hook still runs
+
+
+def test_repr_shows_the_fused_activation_and_the_static_export_keeps_it():
+    from dds_fast import SlimUNet, export_static
+
+    leaky = SlimConv2d(3, 4, 3, padding=1, activation="leaky_relu", negative_slope=0.2)
+    assert "activation='leaky_relu', negative_slope=0.2" in repr(leaky)
+    assert "negative_slope" not in repr(SlimConv2d(3, 4, 3, padding=1, activation="relu"))
+    assert "activation" not in repr(SlimConv2d(3, 4, 3, padding=1))
+    net = SlimUNet(base_width=8, depth=2)
+    static = export_static(net, net.space.smallest())
+    assert f"activation='leaky_relu', negative_slope={net.stem_conv.negative_slope:g}" in repr(static.stem_conv)
