@@ -1,0 +1,118 @@
+"""benchmarks/routing_headroom.py: the oracle gate and the static frontier it is measured against."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dds_fast import save
+from dds_fast.evaluate import evaluate
+from tests.test_cli import small_ddsnet
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def headroom(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its sibling quality.py
+    spec = importlib.util.spec_from_file_location("routing_headroom", BENCHMARKS / "routing_headroom.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("quality", None)
+
+
+def test_oracle_sends_each_image_to_its_best_route_for_the_price(headroom):
+    # image 0 gains nothing from the dearer route, image 1 gains 2 dB
+    route_psnr = np.array([[30.0, 30.0], [25.0, 27.0]])
+    macs = np.array([1000.0, 3000.0])
+    points = headroom.oracle_points(route_psnr, macs)
+    choices = [tuple(p["choice"]) for p in points]
+    assert len(choices) == len(set(choices))
+    assert (0, 1) in choices  # the split a gate that reads the image would make
+    split = points[choices.index((0, 1))]
+    assert split["macs_per_pixel"] == pytest.approx(2000.0)
+    assert split["psnr"] == pytest.approx(28.5)
+    # the frontier at 2000 MACs/pixel is halfway between the routes run alone: 27.5 and 28.5
+    frontier = headroom.frontier_psnr(macs, route_psnr.mean(axis=0), 2000.0)
+    assert frontier == pytest.approx(28.0)
+    for point in points:
+        weight = point["lambda_db_per_mac"]
+        assert point["choice"] == np.argmax(route_psnr - weight * macs, axis=1).tolist()
+
+
+def test_script_rows_are_the_model_run_statically_and_dynamically(headroom, tmp_path):
+    dds = small_ddsnet()
+    checkpoint = save(dds, tmp_path / "dds.safetensors")
+    out = tmp_path / "headroom.json"
+    assert headroom.main([str(checkpoint), "--images", "coins", "--sigma", "25", "--camera", "1",
+                          "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    rows = {row["name"]: row for row in record["rows"]}
+    pairs = headroom.noisy_pairs(["coins"], headroom.GaussianNoise(25), 3)
+    pairs += headroom.noisy_pairs(["coins"], headroom.CameraNoise(), 3, seed=1000)
+    for index in range(len(dds.routing_space)):
+        dds.set_budget(dds.static_macs_per_pixel(index))
+        alone = evaluate(dds, pairs)
+        assert rows[f"route {index} alone"]["psnr"] == pytest.approx(alone.psnr)
+        assert rows[f"route {index} alone"]["gain_db"] == pytest.approx(0.0, abs=1e-9)
+    dds.set_budget(None)
+    dynamic = evaluate(dds, pairs)
+    assert rows["trained gate"]["psnr"] == pytest.approx(dynamic.psnr)
+    assert rows["trained gate"]["macs_per_pixel"] == pytest.approx(dynamic.macs_per_pixel)
+    assert len(record["route_psnr"]) == len(record["pairs"]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [(["--camera", "-1"], "--camera"), (["--sigma", "--camera", "0"], "no noise")])
+def test_script_refuses_bad_arguments(headroom, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        headroom.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_script_sets_each_row_against_the_static_networks_given(headroom, tmp_path):
+    """With ``--inets``, each row is also set against the static networks' frontier: a route
+    saved alone as a static network is that route, so its row sits on that frontier."""
+    dds = small_ddsnet()
+    checkpoint = save(dds, tmp_path / "dds.safetensors")
+    inets = []
+    for index in reversed(range(len(dds.routing_space))):  # given out of MACs order
+        dds.supernet.set_config(dds.routing_space[index].config)
+        inets.append(str(save(dds.supernet, tmp_path / f"inet-{index}.safetensors")))
+    out = tmp_path / "headroom.json"
+    assert headroom.main([str(checkpoint), "--images", "coins", "--sigma", "25", "--camera", "0",
+                          "--inets", *inets, "--out", str(out)]) == 0
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    for index in range(len(dds.routing_space)):
+        route, inet = rows[f"route {index} alone"], rows[f"inet-{index}"]
+        assert inet["macs_per_pixel"] == pytest.approx(route["macs_per_pixel"])
+        assert inet["psnr"] == pytest.approx(route["psnr"], abs=1e-6)
+        assert route["inet_frontier_psnr"] == pytest.approx(route["psnr"], abs=1e-6)
+
+
+def test_gate_squeeze_is_the_channel_means_of_the_full_width_stem(headroom):
+    import torch
+
+    dds = small_ddsnet()
+    dds.supernet.set_config(dds.supernet.space.smallest())  # the gate reads the full width whatever runs
+    x = torch.rand(2, 3, 16, 16)
+    dds.supernet.set_config(dds.supernet.space.largest())
+    expected = dds.supernet.stem(x).double().mean(dim=(2, 3)).detach().numpy()
+    dds.supernet.set_config(dds.supernet.space.smallest())
+    np.testing.assert_allclose(headroom.gate_squeeze(dds, x), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_script_fits_the_gain_on_training_crops(headroom, tmp_path):
+    dds = small_ddsnet()
+    checkpoint = save(dds, tmp_path / "dds.safetensors")
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"arch": "SlimUNet", "channels": 3, "base_width": 8, "depth": 2,
+                                  "gate_patch_size": 16, "gate_batch_size": 4, "epoch_patches": 64}))
+    out = tmp_path / "headroom.json"
+    assert headroom.main([str(checkpoint), "--images", "coins", "--sigma", "10", "50", "--camera", "1",
+                          "--fit-config", str(config), "--fit-crops", "40", "--out", str(out)]) == 0
+    fit = json.loads(out.read_text())["gain_fit"]
+    assert fit["crops"] == 40 and 0 <= fit["r2_on_crops"] <= 1
+    assert -1 <= fit["correlation_on_pairs"] <= 1
