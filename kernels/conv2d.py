@@ -22,11 +22,13 @@ narrow layer never copies its slice. Activations are NCHW tensors in any memory 
 autograd, a fake implementation for ``torch.compile`` and a FLOP formula).
 """
 import functools
+import numbers
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.flop_counter import register_flop_formula
 
 from ._launch import INTERPRET, MAX_BATCH, CachedLaunch, cdiv, launch, next_pow2, num_sms
@@ -815,14 +817,17 @@ def _slim_conv2d_backward_flops(grad_y_shape, y_shape, x0_shape, x1_shape, w_sha
 # ----------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------
-def _as_int(value, name: str) -> int:
-    """An int, or a pair of equal ints (nn.Conv2d stores stride and padding as pairs)."""
-    if isinstance(value, (tuple, list)):
+def _as_int(value, name: str, pairs: bool = True) -> int:
+    """An int, or (``pairs``) a pair of equal ints (nn.Conv2d stores stride and padding as pairs).
+    Never a float, bool or tensor: int() would truncate 2.7 to 2, and a tensor in a plan's key
+    could change in place."""
+    kind = "an int or a pair of equal ints" if pairs else "an int"
+    if pairs and isinstance(value, (tuple, list)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"slim_conv2d: {name} must be an int or a pair of equal ints, got {value!r}")
+            raise ValueError(f"slim_conv2d: {name} must be {kind}, got {value!r}")
         value = value[0]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"slim_conv2d: {name} must be an int or a pair of equal ints, got {value!r}")
+        raise ValueError(f"slim_conv2d: {name} must be {kind}, got {value!r}")
     return value
 
 
@@ -904,6 +909,13 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
             or not all(isinstance(t, torch.Tensor) for t in inputs):
         got = len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__
         raise ValueError(f"slim_conv2d: inputs must be a list of 1 or 2 tensors, got {got}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual), ("widths", widths)):
+        if not isinstance(t, torch.Tensor) and (t is not None or name == "weight"):
+            raise ValueError(f"slim_conv2d: {name} must be a tensor{'' if name == 'weight' else ' or None'}, "
+                             f"got {type(t).__name__}")
+    # here, not in slim_conv2d alone: a direct call of the op with 0 would align the kernel to 8
+    if widths_multiple < 1:
+        raise ValueError(f"slim_conv2d: widths_multiple={widths_multiple} must be >= 1")
     if len(segment_starts) != len(inputs):
         raise ValueError(f"slim_conv2d: {len(inputs)} input(s) but {len(segment_starts)} segment_starts "
                          f"{list(segment_starts)}")
@@ -1045,7 +1057,9 @@ def _checked_signature(inputs, weight, bias, residual, widths, segment_starts, o
         if activation == "leaky_relu" and negative_slope < 0:
             raise ValueError(f"slim_conv2d: leaky_relu negative_slope={negative_slope} must be >= 0")
         _remember(_CHECKED_SIGNATURES, signature)
-    if widths is not None and widths.device.type == "cpu":
+    # traced or fake widths have no values to read (the op checks them when it runs)
+    if widths is not None and widths.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and not is_fake(widths):
         _check_width_values(widths, inputs, out_channels, widths_multiple)
     return signature
 
@@ -1090,10 +1104,11 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     """
     key = None
     # eager calls only (tracing has no pointers), with plain int options (1.0 and True hash as
-    # 1 does, and must still be rejected)
+    # 1 does, and must still be rejected; segment starts are not looked at, to save the time:
+    # a start of 0.0 may find the plan of 0, the same launch)
     if widths is None and not channel_sums and tile_widths is None and type(stride) is int \
             and (padding is None or type(padding) is int) and type(widths_multiple) is int \
-            and not torch.compiler.is_compiling():
+            and (out_channels is None or type(out_channels) is int) and not torch.compiler.is_compiling():
         key = _inference_key(inputs, weight, bias, residual, segment_starts, out_channels, stride, padding,
                              activation, negative_slope, widths_multiple)
         try:
@@ -1103,14 +1118,18 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
         if plan is not None and _eager_path(*inputs, weight, bias, residual) == "inference":
             return _launch_forward(plan, inputs[0], inputs[1] if len(inputs) == 2 else None, weight, bias,
                                    residual, None)
-    k = weight.shape[-1] if weight.dim() == 4 else 0
-    out_channels = weight.shape[0] if out_channels is None else int(out_channels)
+    four_d = isinstance(weight, torch.Tensor) and weight.dim() == 4  # else the checks below report the weight
+    k = weight.shape[-1] if four_d else 0
+    if out_channels is None:
+        out_channels = weight.shape[0] if four_d else 1
+    out_channels = _as_int(out_channels, "out_channels", pairs=False)
     stride = _as_int(stride, "stride")
     padding = k // 2 if padding is None else _as_int(padding, "padding")
-    segment_starts = tuple(int(s) for s in segment_starts)
+    segment_starts = tuple(_as_int(s, f"segment_starts[{i}]", pairs=False) for i, s in enumerate(segment_starts))
     widths_multiple = _as_int(widths_multiple, "widths_multiple")
-    if widths_multiple < 1:
-        raise ValueError(f"slim_conv2d: widths_multiple={widths_multiple} must be >= 1")
+    # a tensor in a plan's key could change in place (float first: an ABC check costs host time)
+    if type(negative_slope) is not float and not isinstance(negative_slope, numbers.Real):
+        raise ValueError(f"slim_conv2d: negative_slope must be a number, got {type(negative_slope).__name__}")
     signature = _checked_signature(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride,
                                    padding, activation, negative_slope, widths_multiple)
     if tile_widths is not None:

@@ -221,8 +221,8 @@ def squeeze_partials(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         # over at least four pixel blocks, so the head never sums more partials than pixels
         chunks = 1 if INTERPRET else cdiv(4 * num_sms(x.device.index), n * c_blocks)
         chunk = max(cdiv(hw, chunks), 4 * block_hw)
-    if chunk < 1:
-        raise ValueError(f"squeeze_partials: chunk must be >= 1, got {chunk}")
+    elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"squeeze_partials: chunk must be an int >= 1, got {chunk!r}")
     block_hw = min(block_hw, next_pow2(chunk))
     chunk = cdiv(min(chunk, hw), block_hw) * block_hw
     num_chunks = cdiv(hw, chunk)

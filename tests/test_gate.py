@@ -364,8 +364,9 @@ def test_kernel_argument_errors():
         kernels.squeeze_partials(torch.randn(65536, 2, 1, 1, device=DEVICE))
     with pytest.raises(ValueError, match=r"scale must be fp32 \[2, 8\]"):
         kernels.apply_scale(torch.randn(2, 8, 3, 3, device=DEVICE), torch.ones(2, 7, device=DEVICE))
-    with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
-        kernels.squeeze_partials(torch.randn(1, 8, 3, 3, device=DEVICE), chunk=0)
+    for chunk in (0, 2.5):  # 2.5 got as far as torch.empty, with a float size
+        with pytest.raises(ValueError, match=f"chunk must be an int >= 1, got {chunk}"):
+            kernels.squeeze_partials(torch.randn(1, 8, 3, 3, device=DEVICE), chunk=chunk)
 
 
 @pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter runs the kernels on CPU tensors")

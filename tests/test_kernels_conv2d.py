@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -655,6 +656,33 @@ def test_torch_compile_fullgraph():
     assert (case["weight"].grad[9:] == 0).all() and (case["weight"].grad[:, 6:] == 0).all()
 
 
+def test_per_image_widths_under_fake_tensors_and_torch_compile():
+    """Traced and fake widths have no values to check (on the CPU the eager call checks them):
+    the fake path gives the eager output's shape and layout, a compiled graph the eager result,
+    and the op still checks the real widths when the graph runs."""
+    case = make_case(19, n=2, h=4, w=5, widths=(8,), o=6, cin_max=8, cout_max=6)
+    x, weight, bias = case["inputs"][0], case["weight"], case["bias"]
+    widths = torch.tensor([[3, 4], [6, 8]], dtype=torch.int32, device=DEVICE)
+
+    def f(x, weight, bias, widths):
+        return slim_conv2d([x], weight, bias, widths=widths, activation="relu")
+
+    with torch.no_grad():
+        eager = f(x, weight, bias, widths)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = f(*[mode.from_tensor(t) for t in (x, weight, bias, widths)])
+        assert (fake.shape, fake.stride(), fake.dtype) == (eager.shape, eager.stride(), eager.dtype)
+        compiled = torch.compile(f, fullgraph=True)
+        y = compiled(x, weight, bias, widths)
+        for i, (o, c) in enumerate(widths.tolist()):
+            assert torch.equal(y[i, :o], eager[i, :o])
+            assert rel_err(y[i:i + 1, :o], reference(dict(case, inputs=[x[i:i + 1, :c]], o=o), "relu")) \
+                < TOL[torch.float32]
+        if DEVICE == "cpu":
+            with pytest.raises(ValueError, match=r"widths\[1, 0\] = 7 not in \[0, 6\]"):
+                compiled(x, weight, bias, torch.tensor([[3, 4], [7, 8]], dtype=torch.int32))
+
+
 # -------------------------------------------------------------------------- argument checks
 def test_unsupported_reason():
     x = torch.zeros(1, 4, 5, 5, device=DEVICE)
@@ -707,6 +735,35 @@ def test_bad_arguments_raise_value_error():
         slim_conv2d([x], w.half())
 
 
+def test_arguments_of_the_wrong_type_get_value_errors():
+    """Widths are ints, never truncated (out_channels=2.7 ran 2 filters); nothing that can
+    change in place (a tensor width or slope) may key a cached plan (a 0-d tensor slope,
+    changed with fill_, kept the first call's slope); a non-tensor argument is named."""
+    case = make_case(18, widths=(13,))
+    x, w, b = case["inputs"][0], case["weight"], case["bias"]
+    K.clear_plans()
+    for bad in (2.7, True, torch.tensor(2)):
+        with pytest.raises(ValueError, match=r"out_channels must be an int, got"):
+            slim_conv2d([x], w, b, out_channels=bad)
+    assert rel_err(slim_conv2d([x], w, b, out_channels=2), reference(dict(case, o=2), None)) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="out_channels must be an int, got 2.0"):  # though 2's plan is cached
+        slim_conv2d([x], w, b, out_channels=2.0)
+    with pytest.raises(ValueError, match=r"segment_starts\[0\] must be an int, got 0.5"):
+        slim_conv2d([x], w, segment_starts=(0.5,))
+    with pytest.raises(ValueError, match=r"segment_starts\[1\] must be an int, got tensor"):
+        slim_conv2d([x, x], w, segment_starts=(0, torch.tensor(13)))
+    with pytest.raises(ValueError, match="negative_slope must be a number, got Tensor"):
+        slim_conv2d([x], w, activation="leaky_relu", negative_slope=torch.tensor(0.1))
+    with pytest.raises(ValueError, match="weight must be a tensor, got NoneType"):
+        slim_conv2d([x], None)
+    with pytest.raises(ValueError, match="bias must be a tensor or None, got float"):
+        slim_conv2d([x], w, 0.5)
+    with pytest.raises(ValueError, match="residual must be a tensor or None, got float"):
+        slim_conv2d([x], w, residual=1.0)
+    with pytest.raises(ValueError, match="widths must be a tensor or None, got list"):
+        slim_conv2d([x], w, widths=[[4, 13], [4, 13]])
+
+
 def test_limits_of_the_kernels_indexing_get_clear_errors():
     """Images are the grid's third dimension (at most 65535), and offsets within an image are
     int32: past either, a clear error (and unsupported_reason names the batch, for layers to
@@ -742,6 +799,11 @@ def test_the_registered_op_checks_its_arguments():
         op(x, None, w, b, None, torch.tensor([[5, 4], [2, 4]], dtype=torch.int32), 1, 0, 0, 2, 1, 1, "none", 0.01)
     y = op(x, None, w, b, None, None, 1, 0, 0, 2, 1, 1, "leaky_relu", 0.2)
     assert rel_err(y, reference(dict(case, o=2), "leaky_relu", 0.2)) < TOL[torch.float32]
+    # 0 (or -8) is "a multiple" of 8: on a GPU the kernel took every width for one and rounded it down
+    widths = torch.tensor([[1, 3], [2, 4]], dtype=torch.int32, device=DEVICE)
+    for multiple in (0, -8):
+        with pytest.raises(ValueError, match=f"widths_multiple={multiple} must be >= 1"):
+            op(x, None, w, b, None, widths, multiple, 0, 0, 2, 1, 1, "none", 0.01)
 
 
 def test_empty_batch_forward_and_backward():
