@@ -71,6 +71,14 @@ def _bundled_photo(name: str, size: int | None = None, channels: int = 3) -> tor
     return photo
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type for counts and sizes: 0 or less would fail deep in the run, not name the flag."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _median_ms(fn, repeats: int) -> float:
     return wall_clock(fn, 1, repeats).median_ms
 
@@ -84,9 +92,10 @@ def cmd_demo(args) -> int:
 def _demo_trained(args) -> int:
     from .ddsnet import DDSNet
     from .metrics import psnr, ssim
-    from .training.data import TEST_NAMES, save_image
+    from .training.data import TEST_NAMES, check_output_path, save_image
     from .training.stages import DEFAULT_VALIDATION_IMAGES
 
+    check_output_path(args.out)
     model = _model_from(args.checkpoint)
     if not isinstance(model, DDSNet):
         raise ValueError(f"demo needs a DDSNet checkpoint (a dds-fast train run's dds.safetensors), "
@@ -216,10 +225,13 @@ def cmd_train(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import run_bench
+    from .training.stages import TrainConfig
 
+    # the training device check: an unknown device or missing CUDA is an error naming it, not a traceback
+    device = str(TrainConfig(device=args.device or "auto").resolved_device())
     model = load(args.checkpoint) if args.checkpoint else None
     result = run_bench(args.out, quick=not args.full, dtype=args.dtype, sizes=args.size, batches=args.batch,
-                       channels=args.channels, model=model, device=args.device, cuda_graph=args.cuda_graph,
+                       channels=args.channels, model=model, device=device, cuda_graph=args.cuda_graph,
                        compile_static=not args.no_compile)
     print((Path(args.out) / "bench.md").read_text())
     print(f"device: {result['device']}; written to {args.out}/bench.json, bench.md, network.png")
@@ -239,8 +251,9 @@ def _model_from(checkpoint: str | None):
 def cmd_denoise(args) -> int:
     from .ddsnet import DDSNet
     from .evaluate import denoise
-    from .training.data import read_image, save_image, to_channels
+    from .training.data import check_output_path, read_image, save_image, to_channels
 
+    check_output_path(args.output)
     model = _model_from(args.checkpoint)
     if args.budget is not None:
         if not isinstance(model, DDSNet):
@@ -270,9 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", default="chelsea", help="a bundled scikit-image photo (default: held out)")
     demo.add_argument("--sigma", type=float, default=25.0)
     demo.add_argument("--out", default="dds-demo.png", help="the side-by-side PNG")
-    demo.add_argument("--size", type=int, default=256, help="(untrained demo) photo side")
+    demo.add_argument("--size", type=_positive_int, default=256, help="(untrained demo) photo side")
     demo.add_argument("--base-width", type=int, default=16, help="(untrained demo) network width")
-    demo.add_argument("--repeats", type=int, default=5)
+    demo.add_argument("--repeats", type=_positive_int, default=5)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
     train = sub.add_parser("train", help="train: stage1 (once-for-all), stage2 (progressive slimming), refine "

@@ -6,8 +6,8 @@ would be, then scored with scikit-image on the 0-255 range. SSIM uses a Gaussian
 three channels, averaged).
 
 Inputs: torch tensors [C, H, W] (single image) or [N, C, H, W] (batch), or numpy arrays
-[H, W] / [H, W, C] (single) or [N, H, W, C] (batch). Float values are taken to be in [0, 1];
-uint8 arrays or tensors are used as they are. C is 1 or 3.
+[H, W] / [H, W, C] (single) or [N, H, W, C] (batch). Float values are taken to be in [0, 1]
+(NaN is an error: it has no 8-bit value); uint8 arrays or tensors are used as they are. C is 1 or 3.
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def to_uint8(image) -> np.ndarray:
         return array
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"expected float images in [0, 1] or uint8, got dtype {array.dtype}")
+    if np.isnan(array).any():  # NaN has no 8-bit value: the cast would score it as black
+        raise ValueError(f"image holds NaN values (shape {array.shape}, channels last); it has no 8-bit value")
     # Quantise in the image's own precision (at least float32), as rounding a saved float32
     # output would: float64 can round differently at exact .5 ties.
     array = array.astype(np.promote_types(array.dtype, np.float32), copy=False)

@@ -215,3 +215,34 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     # on CPU only the network targets apply (the layer targets need the Triton variant)
     targets = [t["target"] for t in result["targets"]]
     assert len(targets) == 6 and all(t.startswith("network batch 1") for t in targets)
+
+
+@pytest.mark.parametrize("flag", ["--size", "--repeats"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_demo_rejects_a_non_positive_size_or_repeat_count_by_name(flag, value, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "SHIPPED_MODEL", tmp_path / "none.safetensors")  # the untrained demo reads --size
+    with pytest.raises(SystemExit) as raised:
+        main(["demo", flag, value])
+    assert raised.value.code == 2
+    assert f"argument {flag}: must be a positive integer, got {value}" in capsys.readouterr().err
+
+
+def test_trained_demo_checks_its_output_path_before_the_work(capsys, tmp_path):
+    checkpoint = save(small_ddsnet(), tmp_path / "dds.safetensors")
+    for out, message in [(tmp_path / "demo.tif", "unsupported format '.tif'"),
+                         (tmp_path / "missing" / "demo.png", f"folder {tmp_path / 'missing'} does not exist")]:
+        assert main(["demo", "--checkpoint", str(checkpoint), "--image", "coins", "--repeats", "1",
+                     "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and str(out) in captured.err
+        assert "gate chose" not in captured.out  # stopped before denoising, not after
+
+
+def test_bench_rejects_a_device_this_machine_lacks_before_benchmarking(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--device", "gpu0", "--out", str(out)]) == 2
+    assert "unknown device 'gpu0'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda", "--out", str(out)]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()

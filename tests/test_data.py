@@ -1,4 +1,6 @@
 """Data layer: bundled photos, image files and folders, patch datasets, SIDD layouts."""
+from pathlib import Path
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -395,7 +397,31 @@ def test_save_image_round_trip(tmp_path, channels, name, bits, tolerance):
 def test_save_image_errors(tmp_path):
     with pytest.raises(ValueError, match="16-bit"):
         save_image(tmp_path / "a.jpg", torch.rand(3, 4, 4), 16)
-    with pytest.raises(ValueError, match="unsupported output format"):
+    with pytest.raises(ValueError, match="unsupported format '.bmp'"):
         save_image(tmp_path / "a.bmp", torch.rand(3, 4, 4))
     with pytest.raises(ValueError, match="C = 1 or 3"):
         save_image(tmp_path / "a.png", torch.rand(2, 4, 4))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_image(tmp_path / "missing" / "a.png", torch.rand(3, 4, 4))
+    image = torch.rand(3, 4, 4)
+    image[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        save_image(tmp_path / "a.png", image)
+
+
+def test_a_failed_save_leaves_the_file_it_would_replace(tmp_path, monkeypatch):
+    """``dds-fast denoise x.png -o x.png`` must not lose x.png when the write fails."""
+    from PIL import Image
+
+    path = save_image(tmp_path / "photo.png", torch.rand(3, 8, 8))
+    before = path.read_bytes()
+
+    def fail(self, target, *args, **kwargs):
+        Path(target).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_image(path, torch.rand(3, 8, 8))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]

@@ -166,3 +166,18 @@ def test_denoise_command_tiles_with_the_overlap_asked_for(tmp_path, capsys):
     assert not torch.equal(run("--tile", "20", "--overlap", "4")[1], whole)  # too little context: seams
     assert run("--tile", "30")[0] == 2
     assert "--tile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output,message", [("out.tif", "unsupported format '.tif'"), ("out", "unsupported format ''"),
+                                            ("missing/out.png", "does not exist")])
+def test_denoise_command_checks_the_output_path_before_denoising(tmp_path, capsys, monkeypatch, output, message):
+    checkpoint = dds_fast.save(net(), tmp_path / "net.safetensors")
+    noisy = save_image(tmp_path / "in.png", torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(3)))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("denoised an image whose output cannot be written")
+
+    monkeypatch.setattr(dds_fast.evaluate, "denoise", no_work)
+    assert main(["denoise", str(noisy), "-o", str(tmp_path / output), "--checkpoint", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(tmp_path / output) in err

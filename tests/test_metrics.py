@@ -120,3 +120,15 @@ def test_half_precision_outputs_score_as_their_float32_values(dtype):
     assert psnr(output, clean) == psnr(output.float(), clean)
     assert ssim(output, clean) == ssim(output.float(), clean)
     assert batch_psnr(output[None], clean[None]) == psnr(output.float(), clean)
+
+
+@pytest.mark.parametrize("score", [psnr, ssim])
+def test_nan_outputs_are_an_error_not_scored_as_black(score):
+    # a NaN has no 8-bit value: the cast made it 0, so a diverged model scored as a black image
+    clean = rand(3, 16, 16)
+    output = clean.clone()
+    output[0, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        score(output, clean)
+    with pytest.raises(ValueError, match="NaN"):
+        score(clean, output.permute(1, 2, 0).numpy())

@@ -16,6 +16,7 @@ order items are asked for; call ``set_epoch`` to get fresh crops each epoch.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -203,29 +204,45 @@ def load_image(path, channels: int | None = None) -> torch.Tensor:
     return image if channels is None else to_channels(image, channels)
 
 
+def check_output_path(path) -> Path:
+    """``path`` if ``save_image`` can write there: a .png, .jpg or .jpeg file in a folder that
+    exists (checked before long work, which a bad path would otherwise throw away)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise ValueError(f"output {path}: unsupported format {path.suffix!r}; use .png, .jpg or .jpeg")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output {path}: folder {path.parent} does not exist")
+    return path
+
+
 def save_image(path, image: torch.Tensor, bits: int = 8) -> Path:
     """Write [C, H, W] in [0, 1] (C = 1 or 3) as PNG (8 or 16 bits, through pypng, which
-    keeps 16-bit colour) or JPEG (8 bits, quality 95)."""
-    path = Path(path)
+    keeps 16-bit colour) or JPEG (8 bits, quality 95), atomically: a failed write leaves
+    what was at ``path`` (perhaps the input) as it was."""
+    path = check_output_path(path)
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"save_image: expected [C, H, W] with C = 1 or 3, got {tuple(image.shape)}")
-    suffix = path.suffix.lower()
-    if bits not in (8, 16) or (bits == 16 and suffix != ".png"):
+    if bits not in (8, 16) or (bits == 16 and path.suffix.lower() != ".png"):
         raise ValueError(f"save_image: {bits}-bit output is not supported for {path.name} (8-bit PNG/JPEG, 16-bit PNG)")
+    if torch.isnan(image).any():  # NaN has no pixel value: the cast would write it as black
+        raise ValueError(f"save_image: the image for {path} holds NaN values")
     top = 2 ** bits - 1
     array = (image.detach().float().clamp(0, 1) * top).round().to(torch.int32).permute(1, 2, 0).cpu().numpy()
     channels = array.shape[-1]
-    if suffix not in (".png", ".jpg", ".jpeg"):
-        raise ValueError(f"save_image: unsupported output format {path.suffix!r}; use .png, .jpg or .jpeg")
-    if bits == 16:  # Pillow cannot write 16-bit colour
-        import png  # only 16-bit files need pypng (the GPU machines' image lacks it)
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # the suffix tells Pillow the format
+    try:
+        if bits == 16:  # Pillow cannot write 16-bit colour
+            import png  # only 16-bit files need pypng (the GPU machines' image lacks it)
 
-        writer = png.Writer(array.shape[1], array.shape[0], greyscale=channels == 1, bitdepth=16)
-        with open(path, "wb") as f:
-            writer.write(f, array.reshape(array.shape[0], -1))
-    else:
-        pixels = array.astype(np.uint8)
-        Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(path, quality=95)
+            writer = png.Writer(array.shape[1], array.shape[0], greyscale=channels == 1, bitdepth=16)
+            with open(partial, "wb") as f:
+                writer.write(f, array.reshape(array.shape[0], -1))
+        else:
+            pixels = array.astype(np.uint8)
+            Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(partial, quality=95)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
