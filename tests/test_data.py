@@ -400,7 +400,9 @@ def test_save_image_errors(tmp_path):
     with pytest.raises(ValueError, match="unsupported format '.bmp'"):
         save_image(tmp_path / "a.bmp", torch.rand(3, 4, 4))
     with pytest.raises(ValueError, match="C = 1 or 3"):
-        save_image(tmp_path / "a.png", torch.rand(2, 4, 4))
+        save_image(tmp_path / "a.png", torch.rand(5, 4, 4))
+    with pytest.raises(ValueError, match="no alpha"):
+        save_image(tmp_path / "a.jpg", torch.rand(4, 4, 4))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_image(tmp_path / "missing" / "a.png", torch.rand(3, 4, 4))
     image = torch.rand(3, 4, 4)
@@ -425,3 +427,18 @@ def test_a_failed_save_leaves_the_file_it_would_replace(tmp_path, monkeypatch):
         save_image(path, torch.rand(3, 8, 8))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
+
+
+def test_a_jpeg_reads_the_way_its_exif_orientation_shows_it(tmp_path):
+    """Cameras store a portrait photo's pixels turned, with an EXIF tag saying how to show them."""
+    from PIL import Image
+
+    stored = (np.arange(4 * 6 * 3) * 3 % 256).astype(np.uint8).reshape(4, 6, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "portrait.jpg", exif=exif, quality=100)
+    image, _ = read_image(tmp_path / "portrait.jpg")
+    assert image.shape == (3, 6, 4)
+    plain, _ = read_image(save_image(tmp_path / "plain.png", torch.from_numpy(stored).permute(2, 0, 1) / 255))
+    # turned clockwise: the stored first column, bottom up, is the shown first row
+    torch.testing.assert_close(image, plain.rot90(-1, dims=(1, 2)), atol=8 / 255, rtol=0)

@@ -181,3 +181,28 @@ def test_denoise_command_checks_the_output_path_before_denoising(tmp_path, capsy
     assert main(["denoise", str(noisy), "-o", str(tmp_path / output), "--checkpoint", str(checkpoint)]) == 2
     err = capsys.readouterr().err
     assert message in err and str(tmp_path / output) in err
+
+
+@pytest.mark.parametrize("bits, channels", [(8, 4), (16, 4), (8, 2), (16, 2)])
+def test_denoise_command_passes_the_alpha_plane_through(tmp_path, bits, channels):
+    """An RGBA (or gray + alpha) PNG comes back with its alpha as it was and its colour
+    denoised as the colour alone would be."""
+    checkpoint = dds_fast.save(net(), tmp_path / "net.safetensors")
+    generator = torch.Generator().manual_seed(5)
+    image = torch.rand(channels, 20, 30, generator=generator)
+    source = save_image(tmp_path / "in.png", image, bits)
+    colour_only = save_image(tmp_path / "colour.png", read_image(source, keep_alpha=True)[0][:-1], bits)
+    for path, out in [(source, tmp_path / "out.png"), (colour_only, tmp_path / "out-colour.png")]:
+        assert main(["denoise", str(path), "-o", str(out), "--checkpoint", str(checkpoint)]) == 0
+    result, out_bits = read_image(tmp_path / "out.png", keep_alpha=True)
+    assert result.shape == image.shape and out_bits == bits
+    torch.testing.assert_close(result[-1:], read_image(source, keep_alpha=True)[0][-1:], rtol=0, atol=0)
+    torch.testing.assert_close(result[:-1], read_image(tmp_path / "out-colour.png")[0], rtol=0, atol=0)
+    assert read_image(tmp_path / "out.png")[0].shape[0] == channels - 1  # alpha dropped unless asked for
+
+
+def test_denoise_command_refuses_to_drop_an_alpha_plane_into_a_jpeg(tmp_path, capsys):
+    checkpoint = dds_fast.save(net(), tmp_path / "net.safetensors")
+    source = save_image(tmp_path / "in.png", torch.rand(4, 12, 12, generator=torch.Generator().manual_seed(6)))
+    assert main(["denoise", str(source), "-o", str(tmp_path / "out.jpg"), "--checkpoint", str(checkpoint)]) == 2
+    assert "alpha channel" in capsys.readouterr().err and not (tmp_path / "out.jpg").exists()

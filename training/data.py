@@ -26,7 +26,7 @@ import scipy.io
 import skimage.data
 import tifffile
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .noise import NoiseModel
@@ -93,8 +93,9 @@ def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     return torch.einsum("c,chw->hw", _LUMA.to(image), image).unsqueeze(0)
 
 
-def _to_tensor(array: np.ndarray, source: str) -> torch.Tensor:
-    """HW / HWC integer or bool array -> float32 [C, H, W] in [0, 1], alpha dropped."""
+def _to_tensor(array: np.ndarray, source: str, keep_alpha: bool = False) -> torch.Tensor:
+    """HW / HWC integer or bool array -> float32 [C, H, W] in [0, 1], alpha dropped unless
+    ``keep_alpha`` (then the last of 2 or 4 channels)."""
     if array.dtype == np.uint8:
         scaled = array.astype(np.float32) / 255.0
     elif array.dtype == np.uint16:
@@ -107,8 +108,8 @@ def _to_tensor(array: np.ndarray, source: str) -> torch.Tensor:
         scaled = scaled[..., None]
     if scaled.ndim != 3 or scaled.shape[-1] not in (1, 2, 3, 4):
         raise ValueError(f"{source}: expected a gray or colour image, got array shape {array.shape}")
-    # 2 = gray + alpha, 4 = RGBA: keep the colour planes only.
-    scaled = scaled[..., :1] if scaled.shape[-1] == 2 else scaled[..., :3]
+    if not keep_alpha:  # 2 = gray + alpha, 4 = RGBA: keep the colour planes only
+        scaled = scaled[..., :1] if scaled.shape[-1] == 2 else scaled[..., :3]
     return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
 
 
@@ -176,6 +177,8 @@ def _decode(path: Path) -> np.ndarray:
     if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
         return _read_png16_colour(path)
     with Image.open(path) as image:
+        # pixels as a viewer shows them: a camera's JPEG often stores them turned, with an EXIF tag
+        image = ImageOps.exif_transpose(image)
         if image.mode in ("P", "PA", "CMYK", "YCbCr"):  # palette / print colour spaces -> RGB
             image = image.convert("RGB")
         return np.asarray(image)
@@ -191,11 +194,12 @@ def _read_array(path: Path) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 
-def read_image(path) -> tuple[torch.Tensor, int]:
-    """One image as float32 [C, H, W] in [0, 1] and the file's bits per sample (8 or 16)."""
+def read_image(path, keep_alpha: bool = False) -> tuple[torch.Tensor, int]:
+    """One image as float32 [C, H, W] in [0, 1] and the file's bits per sample (8 or 16).
+    C is 1 or 3; with ``keep_alpha``, a file's alpha plane follows as one more channel."""
     path = Path(path)
     array = _read_array(path)
-    return _to_tensor(array, str(path)), 16 if array.dtype == np.uint16 else 8
+    return _to_tensor(array, str(path), keep_alpha), 16 if array.dtype == np.uint16 else 8
 
 
 def load_image(path, channels: int | None = None) -> torch.Tensor:
@@ -216,12 +220,15 @@ def check_output_path(path) -> Path:
 
 
 def save_image(path, image: torch.Tensor, bits: int = 8) -> Path:
-    """Write [C, H, W] in [0, 1] (C = 1 or 3) as PNG (8 or 16 bits, through pypng, which
-    keeps 16-bit colour) or JPEG (8 bits, quality 95), atomically: a failed write leaves
-    what was at ``path`` (perhaps the input) as it was."""
+    """Write [C, H, W] in [0, 1] (C = 1 or 3, or 2 and 4 with alpha last, PNG only) as PNG
+    (8 or 16 bits, through pypng, which keeps 16-bit colour) or JPEG (8 bits, quality 95),
+    atomically: a failed write leaves what was at ``path`` (perhaps the input) as it was."""
     path = check_output_path(path)
-    if image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"save_image: expected [C, H, W] with C = 1 or 3, got {tuple(image.shape)}")
+    if image.dim() != 3 or image.shape[0] not in (1, 2, 3, 4):
+        raise ValueError(f"save_image: expected [C, H, W] with C = 1 or 3 (2 or 4 with alpha), got "
+                         f"{tuple(image.shape)}")
+    if image.shape[0] in (2, 4) and path.suffix.lower() != ".png":
+        raise ValueError(f"save_image: {path.name}: JPEG holds no alpha channel; write a .png")
     if bits not in (8, 16) or (bits == 16 and path.suffix.lower() != ".png"):
         raise ValueError(f"save_image: {bits}-bit output is not supported for {path.name} (8-bit PNG/JPEG, 16-bit PNG)")
     if torch.isnan(image).any():  # NaN has no pixel value: the cast would write it as black
@@ -234,12 +241,14 @@ def save_image(path, image: torch.Tensor, bits: int = 8) -> Path:
         if bits == 16:  # Pillow cannot write 16-bit colour
             import png  # only 16-bit files need pypng (the GPU machines' image lacks it)
 
-            writer = png.Writer(array.shape[1], array.shape[0], greyscale=channels == 1, bitdepth=16)
+            writer = png.Writer(array.shape[1], array.shape[0], greyscale=channels < 3, alpha=channels in (2, 4),
+                                bitdepth=16)
             with open(partial, "wb") as f:
                 writer.write(f, array.reshape(array.shape[0], -1))
         else:
             pixels = array.astype(np.uint8)
-            Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(partial, quality=95)
+            mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
+            Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode).save(partial, quality=95)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
