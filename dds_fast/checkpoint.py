@@ -109,7 +109,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """The checkpoint's metadata, decoded; raises CheckpointError for a file that is not one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} is a folder, not a file" if path.is_dir()
+                                else f"checkpoint {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

@@ -128,6 +128,8 @@ def test_unknown_architecture_and_missing_file(net, tmp_path):
         load(path)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load(tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="is a folder, not a file"):
+        load(tmp_path)
 
 
 def test_save_rejects_unregistered_models_and_bad_metadata(net, tmp_path):
