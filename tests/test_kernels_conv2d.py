@@ -700,6 +700,8 @@ def test_unsupported_reason():
     assert "3 inputs" in unsupported_reason([x, x, x], w3)
     assert "weight dtype torch.float16" in unsupported_reason([x], w3.half())  # fp32 over half weights
     assert unsupported_reason([x.half()], w3) is None  # half activations over fp32 master weights
+    # each over fp32 master weights, but no one dtype to read the concat in: torch.cat promotes
+    assert "dtypes torch.float16 and torch.float32" in unsupported_reason([x[:, :2].half(), x[:, 2:]], w3)
     huge = x[:, :1, :1, :1].expand(1, 4, 2 ** 15, 2 ** 14)  # 2**31 elements, no memory
     assert "2**31 elements" in unsupported_reason([huge], w3)
     assert "2**31 elements" in unsupported_reason([huge[:, :, :, : 2 ** 13]], torch.zeros(8, 4, 3, 3, device=DEVICE))

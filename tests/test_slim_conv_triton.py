@@ -66,6 +66,16 @@ def test_unsupported_settings_fall_back_with_one_warning():
         fast(x)  # the same reason warns once
 
 
+def test_a_concat_of_two_dtypes_falls_back_as_torch_cat_would_promote():
+    fast, slow = pair(in_channels=4, out_channels=3, kernel_size=3, padding=1, in_segments=[2, 2])
+    slow.to(DEVICE)
+    a, b = torch.randn(1, 2, 5, 5).to(DEVICE).half(), torch.randn(1, 2, 5, 5).to(DEVICE)
+    with pytest.warns(UserWarning, match="falls back.*dtypes torch.float16 and torch.float32"):
+        y = fast([a, b])
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, slow([a, b]))
+
+
 def test_auto_backend_uses_the_reference_on_cpu(monkeypatch):
     from dds_fast.kernels import conv2d
 
