@@ -43,6 +43,7 @@ import dds_fast
 from dds_fast.cost import macs_per_pixel
 from dds_fast.evaluate import denoise
 from dds_fast.metrics import psnr
+from dds_fast.training.gate_stage import per_image_psnr
 from dds_fast.training.noise import CameraNoise, GaussianNoise
 from dds_fast.training.stages import DEFAULT_VALIDATION_IMAGES, Run, TrainConfig
 from quality import noisy_pairs
@@ -77,8 +78,6 @@ def fit_gain(model: dds_fast.DDSNet, config_path: str, crops: int, batch: int = 
     """A ridge fit of the largest route's PSNR gain over the smallest on the gate's squeeze,
     over ``crops`` crops drawn as the training config's stage 3 draws them: (predict, R^2 on
     the crops)."""
-    from dds_fast.training.gate_stage import per_image_psnr
-
     config = TrainConfig(**json.loads(Path(config_path).read_text()))
     with tempfile.TemporaryDirectory() as run_dir:
         data = Run(run_dir, config).dataset(config.gate_patch_size)
