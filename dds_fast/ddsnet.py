@@ -118,23 +118,13 @@ class DDSNet(nn.Module):
         super().__init__()
         if not isinstance(supernet, SlimNet):
             raise ValueError(f"DDSNet: supernet must be a SlimNet, got {type(supernet).__name__}")
-        routing_space = list(routing_space)
-        if not routing_space:
-            raise ValueError("DDSNet: the routing space is empty")
         if gate.channels != supernet.stem_channels:
             raise ValueError(f"DDSNet: the gate reads {gate.channels} channels but the network's stem has "
                              f"{supernet.stem_channels}")
-        if gate.num_choices != len(routing_space):
-            raise ValueError(f"DDSNet: the gate chooses among {gate.num_choices} sub-networks but the routing "
-                             f"space has {len(routing_space)}")
-        self.routing_space = [RoutingEntry(supernet.space.validate(e.config), e.macs_per_pixel, e.psnr)
-                              for e in routing_space]
         self.supernet = supernet
         self.gate = gate
         self.in_channels = supernet.in_channels
         self.size_multiple = supernet.size_multiple
-        self._budget_index: int | None = None
-        self._tables: tuple[torch.device, list] | None = None
         # None: per-image widths on the Triton kernels when the input is on CUDA and no grad
         # is needed; True/False forces the choice (True runs under the interpreter on CPU)
         self.per_image: bool | None = None
@@ -144,12 +134,33 @@ class DDSNet(nn.Module):
         # to rounding
         self.per_image_tiles = "widest"
         self._stem_group = supernet.space.groups[0].name
-        stem = supernet.stem_conv
+        self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
+        self.routing_space = routing_space
+
+    @property
+    def routing_space(self) -> list[RoutingEntry]:
+        return self._routing_space
+
+    @routing_space.setter
+    def routing_space(self, entries: Sequence[RoutingEntry]) -> None:
+        """Checked against the gate and the super-network. What is derived from the entries
+        (``dynamic_macs_per_pixel``, the per-image width tables) is rebuilt, and a budget,
+        an index into the old space, is dropped: the model returns to dynamic mode."""
+        entries = list(entries)
+        if not entries:
+            raise ValueError("DDSNet: the routing space is empty")
+        if self.gate.num_choices != len(entries):
+            raise ValueError(f"DDSNet: the gate chooses among {self.gate.num_choices} sub-networks but the routing "
+                             f"space has {len(entries)}")
+        space = self.supernet.space
+        self._routing_space = [RoutingEntry(space.validate(e.config), e.macs_per_pixel, e.psnr) for e in entries]
+        stem = self.supernet.stem_conv
         stem_macs = stem.kernel_size[0] * stem.kernel_size[1] * stem.in_channels  # per stem filter and pixel
         # the stem runs at full width in dynamic mode, whatever the config: count that
-        self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
         self.dynamic_macs_per_pixel = [e.macs_per_pixel + stem_macs * (stem.out_channels - e.config[self._stem_group])
-                                       for e in self.routing_space]
+                                       for e in self._routing_space]
+        self._tables: tuple[torch.device, list] | None = None
+        self._budget_index: int | None = None
 
     # -- checkpoints --------------------------------------------------------------------
     @property
@@ -331,5 +342,6 @@ class DDSNet(nn.Module):
     def expected_macs(self, probs: torch.Tensor) -> torch.Tensor:
         """Per-image expected MACs/pixel under the gate's softmax ``probs`` [N, E] (the
         complexity loss's Psi), counting the full-width stem of dynamic mode."""
-        table = torch.tensor(self.dynamic_macs_per_pixel, device=probs.device, dtype=probs.dtype)
-        return probs @ table
+        # at least fp32: a large network's MACs/pixel overflow fp16 (65504)
+        dtype = torch.promote_types(probs.dtype, torch.float32)
+        return probs.to(dtype) @ torch.tensor(self.dynamic_macs_per_pixel, device=probs.device, dtype=dtype)

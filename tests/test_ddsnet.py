@@ -183,6 +183,19 @@ def test_expected_macs_counts_the_full_width_stem():
     torch.testing.assert_close(model.expected_macs(probs), expected)
 
 
+
+def test_expected_macs_of_half_probabilities_do_not_overflow():
+    """MACs/pixel of a large network exceed fp16's 65504: a half-precision gate's softmax
+    still gets a finite expected cost."""
+    small = make_ddsnet()
+    model = DDSNet(small.supernet, small.gate, [RoutingEntry(e.config, 100 * e.macs_per_pixel)
+                                                for e in small.routing_space])
+    probs = torch.tensor([[0.0, 0.5, 0.5]])
+    expected = model.expected_macs(probs.double())
+    got = model.expected_macs(probs.half())
+    assert torch.isfinite(got).all() and expected.item() > 65504
+    torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=0)
+
 def test_checkpoint_round_trip(tmp_path):
     model = make_ddsnet().float()
     path = dds_fast.save(model, tmp_path / "dds.safetensors")
@@ -208,6 +221,51 @@ def test_ddsnet_and_attention_supernet_record_the_gate_and_supernet_alike(tmp_pa
     with pytest.raises(ValueError, match="AttentionSupernet: unknown super-network architecture 'Conv2d'"):
         dds_fast.AttentionSupernet.from_arch_args(**{**attended.arch_args, "supernet": unknown})
 
+
+
+def test_a_new_routing_space_replaces_what_was_derived_from_the_old_one():
+    """Reassigning ``routing_space`` (to record new PSNRs, or reorder the routes) is checked
+    like the constructor's, and the costs, the budget and the device width tables follow it."""
+    model = make_ddsnet()
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+    model.set_budget(float("inf"))
+    reordered = list(reversed(model.routing_space))
+    model.routing_space = reordered
+    assert model.routing_space == reordered and model.budget_index is None  # back to dynamic mode
+    fresh = DDSNet(model.supernet, model.gate, reordered)
+    assert model.dynamic_macs_per_pixel == fresh.dynamic_macs_per_pixel
+    routes = model.route(x)
+    assert model.routed_macs(x) == [fresh.dynamic_macs_per_pixel[reordered.index(r)] for r in routes]
+    with torch.no_grad():
+        # the gate's choices are the same indices, which now name other configs
+        assert not torch.allclose(model(x), before)
+        torch.testing.assert_close(model(x), fresh(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="chooses among 3 sub-networks but the routing space has 2"):
+        model.routing_space = reordered[:2]
+    other = SlimDnCNN(in_channels=3, base_width=8, depth=3)
+    with pytest.raises(ValueError, match="missing"):
+        model.routing_space = [RoutingEntry(other.space.largest(), 1.0)] * 3
+    assert model.routing_space == reordered
+
+
+def test_per_image_width_tables_follow_a_new_routing_space():
+    pytest.importorskip("triton")
+    model = make_ddsnet(lambda: SlimDnCNN(in_channels=3, base_width=8, depth=3), seed=4).float().to(DEVICE)
+    for module in model.supernet.modules():
+        if isinstance(module, dds_fast.SlimConv2d):
+            module.backend = "triton"
+    model.per_image = True
+    x = images(n=2, size=(8, 8), seed=5).float().to(DEVICE)
+    choice = torch.tensor([0, 2], device=DEVICE)
+    with torch.no_grad():
+        model(x, choice=choice)  # builds the width table of the first routing space
+        model.routing_space = list(reversed(model.routing_space))
+        per_image = model(x, choice=choice)
+        model.per_image = False
+        grouped = model(x, choice=choice)
+    torch.testing.assert_close(per_image, grouped, rtol=1e-4, atol=1e-5)
 
 def test_bad_construction():
     net = SlimUNet(in_channels=3, base_width=8, depth=3)
