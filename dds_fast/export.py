@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import SubnetConfig
 from .cost import trace_convs
+from .ddsnet import DDSNet
 from .slim_conv import SlimConv2d, apply_epilogue, epilogue_repr
 
 
@@ -56,7 +57,11 @@ def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | N
 
     The copy computes the same outputs, shares no Parameters with ``model`` and can no
     longer change width. ``input_shape`` is only needed for models without ``in_channels``.
+    A DDSNet is refused: export one of its routes from its ``supernet``.
     """
+    if isinstance(model, DDSNet):  # its layers run at each image's own route: no one static shape
+        raise ValueError("export_static: a DDSNet routes each image to a config of its own; export one route "
+                         "as export_static(model.supernet, model.routing_space[index].config)")
     calls, _ = trace_convs(model, config, input_shape)
     shapes: dict[SlimConv2d, tuple[tuple[int, ...], int]] = {}
     for call in calls:

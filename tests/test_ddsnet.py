@@ -393,3 +393,9 @@ def test_one_cuda_graph_replays_inputs_that_choose_other_configs():
             expected = model(x)
             model.per_image = None
             torch.testing.assert_close(static_out, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_export_static_of_a_ddsnet_points_to_its_routes():
+    model = make_ddsnet()
+    with pytest.raises(ValueError, match=r"export_static\(model.supernet, model.routing_space\[index\].config\)"):
+        export_static(model)
