@@ -55,7 +55,8 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
     """
     if config is not None and not hasattr(model, "set_config"):
         raise ValueError(f"{type(model).__name__} has no width configs; pass config=None")
-    if input_shape is None:
+    defaulted = input_shape is None
+    if defaulted:
         if not hasattr(model, "in_channels"):
             raise ValueError(f"{type(model).__name__}: pass input_shape=(C, H, W) to count its cost")
         side = 2 * getattr(model, "size_multiple", 1)
@@ -75,8 +76,15 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
+        # a generator of its own: counting must not move the caller's random stream
+        generator = torch.Generator(device=reference.device).manual_seed(0)
         with _at_config(model, config), torch.no_grad():
-            model(torch.rand(1, *input_shape, device=reference.device, dtype=reference.dtype))
+            model(torch.rand(1, *input_shape, device=reference.device, dtype=reference.dtype, generator=generator))
+    except RuntimeError as error:
+        if not defaulted:
+            raise
+        raise ValueError(f"{type(model).__name__}: the default input {tuple(input_shape)} does not fit it ({error}); "
+                         f"pass input_shape=(C, H, W)") from error
     finally:
         for hook in hooks:
             hook.remove()

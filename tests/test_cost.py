@@ -80,3 +80,19 @@ def test_errors():
 def test_counting_rejects_an_input_shape_that_is_not_c_h_w(model, shape):
     with pytest.raises(ValueError, match=r"input_shape must be \(C, H, W\) of positive sizes"):
         macs_per_pixel(model, input_shape=shape)
+
+
+def test_counting_leaves_the_global_random_stream_alone():
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=3)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    macs_per_pixel(net)
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+def test_a_model_the_default_input_does_not_fit_asks_for_an_input_shape():
+    conv = convert_model(nn.Conv2d(3, 4, 3))  # unpadded: the default 2x2 input is smaller than its kernel
+    with pytest.raises(ValueError, match=r"pass input_shape=\(C, H, W\)"):
+        macs_per_pixel(conv)
+    assert macs_per_pixel(conv, input_shape=(3, 6, 6)) == 4 * 3 * 9 * 16 / 36

@@ -13,9 +13,7 @@ def make_ddsnet(make_net=lambda: SlimUNet(in_channels=3, base_width=8, depth=3),
     generator = torch.Generator().manual_seed(seed)
     configs = [net.space.smallest(), net.space.sample(generator), net.space.largest()][:num_choices]
     routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in configs]
-    gate = DynamicGate(net.stem_channels, len(routes)).double()
-    for layer in (gate.fc1, gate.fc3, gate.fc4):  # a decisive random gate, so choices differ
-        torch.nn.init.normal_(layer.weight, std=3.0)
+    gate = brightness_gate(net, len(routes))
     gate.attention = False
     return DDSNet(net, gate, routes).eval()
 
@@ -25,6 +23,28 @@ def images(n=6, size=(11, 13), seed=1):
     # images of different brightness and contrast, so the gate sees different statistics
     base = torch.rand(n, 3, *size, generator=g, dtype=torch.float64)
     return base * torch.linspace(0.2, 3.0, n, dtype=torch.float64).view(n, 1, 1, 1)
+
+
+def brightness_gate(net, num_choices: int) -> DynamicGate:
+    """A gate whose choice steps up with the mean of the stem's output, at thresholds that
+    split ``images()`` evenly between the routes: test batches mix routes by design, not by
+    the luck of a random gate. Its other parameters keep their random initialisation."""
+    gate = DynamicGate(net.stem_channels, num_choices).double()
+    with torch.no_grad():
+        net.set_config(net.space.largest())
+        level = net.stem(images()).mean(dim=(1, 2, 3)).sort().values  # what fc1's first row reads
+        for layer in (gate.fc1, gate.fc3, gate.fc4):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        gate.fc1.weight[0] = 1 / net.stem_channels
+        gate.fc1.bias[0] = 1 - level[0]  # r0 = 1 + (level - lowest): positive through the ReLU
+        gate.fc3.weight[0, 0] = 1.0
+        # logit k = k * r0 - (t_1 + ... + t_k): route k wins for r0 between t_k and t_k+1
+        edges = [len(level) * k // num_choices for k in range(1, num_choices)]
+        thresholds = [1 + (level[i - 1] + level[i]) / 2 - level[0] for i in edges]
+        gate.fc4.weight[:, 0] = torch.arange(num_choices, dtype=torch.float64)
+        gate.fc4.bias[1:] = -torch.tensor(thresholds, dtype=torch.float64).cumsum(0)
+    return gate
 
 
 def test_dynamic_output_equals_each_image_through_its_static_subnetwork():
