@@ -19,8 +19,10 @@ runs a route). Three things are compared, PSNR on 8-bit outputs:
   mean MACs with these weights, so its gain over the frontier bounds what a better gate
   could add.
 With ``--inets`` (static networks, such as the I-Nets trained at the routes' configs), their
-rows too, and each row's PSNR against the I-Nets' frontier at its MACs: where even the oracle
-trails that frontier, no gate on these weights reaches the I-Nets.
+rows too, and each row's PSNR against the I-Nets' frontier at its MACs (where even the oracle
+trails that frontier, no gate on these weights reaches the I-Nets) and against the frontier
+of the same oracle routing between the I-Nets (what weight sharing costs when both are
+routed perfectly).
 With ``--fit-config``, how much the gate's input tells about an image's difficulty: a ridge
 fit of the largest route's PSNR gain over the smallest on the squeeze the gate reads (the
 channel means of the full-width stem's output), over ``--fit-crops`` training crops drawn as
@@ -107,7 +109,7 @@ def fit_gain(model: dds_fast.DDSNet, config_path: str, crops: int, batch: int = 
 def oracle_points(route_psnr: np.ndarray, route_macs: np.ndarray, steps: int = 40) -> list[dict]:
     """The oracle's (mean MACs, mean PSNR) for a sweep of lambda, one point per distinct
     routing: ``route_psnr`` is [pairs, routes], ``route_macs`` what each route costs."""
-    spread = route_macs[-1] - route_macs[0]
+    spread = max(route_macs[-1] - route_macs[0], 1.0)  # one route: any lambda picks it
     points, seen = [], set()
     # lambda in dB per MAC/pixel: from choosing the largest route nearly always to the smallest
     for weight in np.geomspace(1e-3, 1e2, steps) / spread:
@@ -164,12 +166,16 @@ def main(argv=None) -> int:
     with torch.no_grad():
         gate_choice = np.array([int(model.gate_forward(noisy[None])[1].choice) for noisy, _ in pairs])
     mean_psnr = route_psnr.mean(axis=0)
-    inets = []  # (MACs/pixel, mean PSNR, name), ascending in MACs
+    inets = []  # (MACs/pixel, name, PSNR of each pair), ascending in MACs
     for path in args.inets:
         inet = dds_fast.load(path).eval()
-        inets.append((macs_per_pixel(inet), float(per_pair_psnr(inet, pairs).mean()), Path(path).stem))
-    inets.sort()
-    inet_macs, inet_psnr = np.array([i[0] for i in inets]), np.array([i[1] for i in inets])
+        inets.append((macs_per_pixel(inet), Path(path).stem, per_pair_psnr(inet, pairs)))
+    inets.sort(key=lambda i: i[0])
+    inet_macs = np.array([i[0] for i in inets])
+    inet_psnr = np.array([i[2].mean() for i in inets])
+    if inets:
+        inet_oracle = sorted((p["macs_per_pixel"], p["psnr"])
+                             for p in oracle_points(np.stack([i[2] for i in inets], axis=1), inet_macs))
 
     def row(name, macs, quality, choice=None):
         frontier = frontier_psnr(static_macs, mean_psnr, macs)
@@ -178,6 +184,7 @@ def main(argv=None) -> int:
                   "routes_used": None if choice is None else np.bincount(choice, minlength=len(routes)).tolist()}
         if inets:
             record["inet_frontier_psnr"] = frontier_psnr(inet_macs, inet_psnr, macs)
+            record["inet_oracle_psnr"] = frontier_psnr(*np.array(inet_oracle).T, macs)
         return record
 
     rows = [row(f"route {k} alone", float(static_macs[k]), float(mean_psnr[k]), np.full(len(pairs), k)) for k in routes]
@@ -186,12 +193,13 @@ def main(argv=None) -> int:
     oracle = oracle_points(route_psnr, dynamic_macs)
     rows += [row(f"oracle, lambda {p['lambda_db_per_mac'] * 1e4:.3g} dB per 10K MACs", p["macs_per_pixel"],
                  p["psnr"], np.array(p["choice"])) for p in oracle]
-    rows += [row(name, float(macs), quality) for macs, quality, name in inets]
-    inet_columns = " I-Net frontier there | minus it (dB) |" if inets else ""
+    rows += [row(name, float(macs), float(quality.mean())) for macs, name, quality in inets]
+    inet_columns = " I-Net frontier there | minus it (dB) | I-Net oracle there | minus it (dB) |" if inets else ""
     lines = [f"| routing | mean MACs/pixel | PSNR (dB) | static frontier there | gain (dB) |{inet_columns} "
-             f"images per route |", "| --- | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * bool(inets) + " --- |"]
+             f"images per route |", "| --- | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * 2 * bool(inets) + " --- |"]
     for r in rows:
-        versus = (f" {r['inet_frontier_psnr']:.3f} | {r['psnr'] - r['inet_frontier_psnr']:+.3f} |" if inets else "")
+        versus = "".join(f" {r[key]:.3f} | {r['psnr'] - r[key]:+.3f} |" for key in
+                         ("inet_frontier_psnr", "inet_oracle_psnr") if inets)
         lines.append(f"| {r['name']} | {r['macs_per_pixel']:,.0f} | {r['psnr']:.3f} | {r['frontier_psnr']:.3f} | "
                      f"{r['gain_db']:+.3f} |{versus} {r['routes_used'] or ''} |")
     table = "\n".join(lines)
