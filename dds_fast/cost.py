@@ -3,7 +3,9 @@
 The DDS-Net paper's "FLOPs/pixel" are multiply-adds (MACs) per input pixel; so are ours.
 ``torch.utils.flop_counter.FlopCounterMode`` counts 2 FLOPs per multiply-add, so its total
 divided by ``2 * H * W`` equals :func:`macs_per_pixel`. Bias adds, activations and the
-residual add are not counted, as in the paper.
+residual add are not counted, as in the paper. Only 2-D convolutions (``nn.Conv2d``, which
+SlimConv2d is) are counted: in a converted model, other layers with multiply-adds
+(``nn.Linear``, ``nn.ConvTranspose2d``) are left out, where FlopCounterMode counts them.
 """
 from __future__ import annotations
 
