@@ -73,7 +73,7 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
         widths = tuple(t.shape[1] for t in x) if isinstance(x, (list, tuple)) else (x.shape[1],)
         calls.append(ConvCall(names.get(module, ""), module, widths, output.shape[1], tuple(output.shape[-2:])))
 
-    reference = next(model.parameters())
+    reference = next(model.parameters(), torch.empty(0))  # a model without parameters runs in fp32 on the CPU
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
     modes = {m: m.training for m in model.modules()}
     try:

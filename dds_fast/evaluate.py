@@ -86,15 +86,21 @@ def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]
     MACs/pixel: a DDSNet's routed configs (with its full-width stem), else the model's."""
     model.eval()
     scores, macs = [], []
-    device = next(model.parameters()).device
-    static_macs = None if isinstance(model, DDSNet) else macs_per_pixel(model)
+    device = next(model.parameters(), torch.empty(0)).device  # no parameters (a baseline): the CPU
     for noisy, clean in pairs:
         noisy = _as_batch(noisy).to(device)
         clean = _as_batch(clean)
         output = denoise(model, noisy, tile).float().cpu()
         scores.append((psnr(output, clean[0]), ssim(output, clean[0])))
-        # a DDSNet routes the whole image here; tiles of a large image may route differently
-        macs.append(model.routed_macs(noisy)[0] if isinstance(model, DDSNet) else static_macs)
+        if isinstance(model, DDSNet):
+            # routed as a whole image here; tiles of a large image may route differently
+            macs.append(model.routed_macs(noisy)[0])
+        elif len(macs) == 0:
+            # a model without in_channels (any module, a baseline) is counted on the first image
+            shape = None if hasattr(model, "in_channels") else tuple(noisy.shape[1:])
+            macs.append(macs_per_pixel(model, input_shape=shape))
+        else:
+            macs.append(macs[0])
     if not scores:
         raise ValueError("evaluate: no images")
     return Evaluation(name, sum(s[0] for s in scores) / len(scores), sum(s[1] for s in scores) / len(scores),

@@ -206,3 +206,12 @@ def test_denoise_command_refuses_to_drop_an_alpha_plane_into_a_jpeg(tmp_path, ca
     source = save_image(tmp_path / "in.png", torch.rand(4, 12, 12, generator=torch.Generator().manual_seed(6)))
     assert main(["denoise", str(source), "-o", str(tmp_path / "out.jpg"), "--checkpoint", str(checkpoint)]) == 2
     assert "alpha channel" in capsys.readouterr().err and not (tmp_path / "out.jpg").exists()
+
+
+def test_a_model_without_parameters_is_evaluated_as_a_baseline():
+    """The identity (the noisy input itself) costs nothing and scores as the noisy input."""
+    generator = torch.Generator().manual_seed(7)
+    clean = torch.rand(3, 16, 20, generator=generator)
+    noisy = (clean + 0.1 * torch.randn(3, 16, 20, generator=generator)).clamp(0, 1)
+    result = evaluate(torch.nn.Identity(), [(noisy, clean)])
+    assert result.macs_per_pixel == 0 and result.psnr == pytest.approx(psnr(noisy, clean))
