@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -64,18 +65,24 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """safetensors ``save_file`` through a temporary file and a rename, so a reader (or a
-    run killed mid-write) sees the old file or the new one, never half of one. The data and
-    the rename are flushed to the disk, so a power loss after the call keeps the new file."""
+    """safetensors ``save_file`` through ``atomic_write``."""
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` writes a temporary file beside ``path`` (with its suffix, which some
+    writers read the format from), then a rename puts it in place, so a reader (or a run
+    killed mid-write) sees the old file or the new one, never half of one. The data and the
+    rename are flushed to the disk, so a power loss after the call keeps the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a checkpoint gets ordinary permissions
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the result gets ordinary permissions
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -253,20 +253,17 @@ def cmd_denoise(args) -> int:
     from .evaluate import denoise
     from .training.data import check_output_path, read_image, save_image, to_channels
 
-    check_output_path(args.output)
+    image, bits = read_image(args.input, keep_alpha=True)
+    alpha = None
+    if image.shape[0] in (2, 4):  # the alpha plane is no noisy signal: it passes through as it was
+        image, alpha = image[:-1], image[-1:]
+    check_output_path(args.output, alpha=alpha is not None)
     model = _model_from(args.checkpoint)
     if args.budget is not None:
         if not isinstance(model, DDSNet):
             raise ValueError(f"--budget needs a DDSNet checkpoint; {args.checkpoint} holds a {type(model).__name__}")
         model.set_budget(args.budget)
         print(f"static mode: config at {model.static_macs_per_pixel(model.budget_index):,.0f} MACs/pixel")
-    image, bits = read_image(args.input, keep_alpha=True)
-    alpha = None
-    if image.shape[0] in (2, 4):  # the alpha plane is no noisy signal: it passes through as it was
-        image, alpha = image[:-1], image[-1:]
-        if Path(args.output).suffix.lower() != ".png":
-            raise ValueError(f"{args.input} has an alpha channel, which {args.output} (JPEG) cannot hold; "
-                             f"write a .png")
     output = denoise(model, to_channels(image, model.in_channels), tile=args.tile, overlap=args.overlap)
     output = to_channels(output.float(), image.shape[0])
     if alpha is not None:

@@ -16,7 +16,6 @@ order items are asked for; call ``set_epoch`` to get fresh crops each epoch.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,8 @@ import tifffile
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from dds_fast.checkpoint import atomic_write
 
 from .noise import NoiseModel
 
@@ -208,12 +209,15 @@ def load_image(path, channels: int | None = None) -> torch.Tensor:
     return image if channels is None else to_channels(image, channels)
 
 
-def check_output_path(path) -> Path:
-    """``path`` if ``save_image`` can write there: a .png, .jpg or .jpeg file in a folder that
-    exists (checked before long work, which a bad path would otherwise throw away)."""
+def check_output_path(path, alpha: bool = False) -> Path:
+    """``path`` if ``save_image`` can write there: a .png, .jpg or .jpeg file (a .png for an
+    image with an ``alpha`` plane) in a folder that exists; checked before long work, which a
+    bad path would otherwise throw away."""
     path = Path(path)
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise ValueError(f"output {path}: unsupported format {path.suffix!r}; use .png, .jpg or .jpeg")
+    if alpha and path.suffix.lower() != ".png":
+        raise ValueError(f"output {path}: JPEG holds no alpha channel; write a .png")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output {path}: folder {path.parent} does not exist")
     return path
@@ -223,12 +227,10 @@ def save_image(path, image: torch.Tensor, bits: int = 8) -> Path:
     """Write [C, H, W] in [0, 1] (C = 1 or 3, or 2 and 4 with alpha last, PNG only) as PNG
     (8 or 16 bits, through pypng, which keeps 16-bit colour) or JPEG (8 bits, quality 95),
     atomically: a failed write leaves what was at ``path`` (perhaps the input) as it was."""
-    path = check_output_path(path)
     if image.dim() != 3 or image.shape[0] not in (1, 2, 3, 4):
         raise ValueError(f"save_image: expected [C, H, W] with C = 1 or 3 (2 or 4 with alpha), got "
                          f"{tuple(image.shape)}")
-    if image.shape[0] in (2, 4) and path.suffix.lower() != ".png":
-        raise ValueError(f"save_image: {path.name}: JPEG holds no alpha channel; write a .png")
+    path = check_output_path(path, alpha=image.shape[0] in (2, 4))
     if bits not in (8, 16) or (bits == 16 and path.suffix.lower() != ".png"):
         raise ValueError(f"save_image: {bits}-bit output is not supported for {path.name} (8-bit PNG/JPEG, 16-bit PNG)")
     if torch.isnan(image).any():  # NaN has no pixel value: the cast would write it as black
@@ -236,23 +238,21 @@ def save_image(path, image: torch.Tensor, bits: int = 8) -> Path:
     top = 2 ** bits - 1
     array = (image.detach().float().clamp(0, 1) * top).round().to(torch.int32).permute(1, 2, 0).cpu().numpy()
     channels = array.shape[-1]
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # the suffix tells Pillow the format
-    try:
+
+    def write(tmp: Path) -> None:
         if bits == 16:  # Pillow cannot write 16-bit colour
             import png  # only 16-bit files need pypng (the GPU machines' image lacks it)
 
             writer = png.Writer(array.shape[1], array.shape[0], greyscale=channels < 3, alpha=channels in (2, 4),
                                 bitdepth=16)
-            with open(partial, "wb") as f:
+            with open(tmp, "wb") as f:
                 writer.write(f, array.reshape(array.shape[0], -1))
         else:
             pixels = array.astype(np.uint8)
             mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
-            Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode).save(partial, quality=95)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+            Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode).save(tmp, quality=95)
+
+    return atomic_write(path, write)
 
 
 def list_images(folder, recursive: bool = False) -> list[Path]:

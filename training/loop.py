@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from tqdm import tqdm
 
-from dds_fast.checkpoint import atomic_save_file
+from dds_fast.checkpoint import atomic_save_file, atomic_write
 
 
 class TrainingDiverged(RuntimeError):
@@ -222,10 +221,8 @@ class TrainLoop:
                 raise ValueError(f"{self.log_path}, line {number}: not a JSON record: {line[:80]!r}") from None
             if record.get("step", 0) < step:
                 kept.append(line)
-        # through a temporary file: a kill now leaves the old log or the new one, not half of one
-        temporary = self.log_path.with_name(f".{self.log_path.name}.tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, self.log_path)
+        # a kill now leaves the old log or the new one, not half of one
+        atomic_write(self.log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> int:
