@@ -56,15 +56,18 @@ def kernel_table(fn, runs: int = 5, rows: int = 20) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
 
 
-def network_arguments(doc: str, out: str, configs: list[str]):
+def network_arguments(doc: str, out: str, configs: list[str], extend=None):
     """The command line of the scripts that time or profile SlimUNet configs: OUT, --config
-    (repeatable), --batch and --size."""
+    (repeatable), --batch and --size, and whatever ``extend(parser)`` adds."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if extend is not None:
+        extend(parser)
     parser.add_argument("out", nargs="?", default=out)
+    default = f"; default {' and '.join(configs)}" if configs else ""
     parser.add_argument("--config", action="append", help="a label of dds_fast.runner.default_configs "
-                        f"(repeat for several; default {' and '.join(configs)})")
+                        f"(repeat for several{default})")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()

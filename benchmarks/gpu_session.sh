@@ -5,7 +5,9 @@
 # step costs its slot, not the lease; results are packed into $OUT/results.tgz at the end.
 # Usage on the device machine, from the repository root (wheels in .whl/ are installed
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
-# benchmarks/gpu_session.sh [full|quick|train]. quick (under 9 minutes at its step limits) runs
+# benchmarks/gpu_session.sh [full|quick|train|verify]. verify (about 6 minutes) reruns a quick run's
+# tests with more time, profiles the routed dynamic forward, times the layers and network again
+# (the run-to-run spread) and the shipped model's routes. quick (under 9 minutes at its step limits) runs
 # the tests that touch a kernel, the host time per call only with HOST_COST=1 (90 s more), the
 # layer table, the network at batch 8, a forward tile sweep, a profile of a layer's training
 # step, each layer of three network configs alone, the per-kernel breakdown and the gate
@@ -49,6 +51,32 @@ if [ "$MODE" = train ]; then
   timeout -k 10 -s INT $((575 - SECONDS)) python3 -m pytest -q -n 8 --timeout 80 -p no:cacheprovider -rfEs \
     tests/test_kernels_conv2d.py tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py > "$R/tests.txt" 2>&1
   tail -25 "$R/tests.txt"
+  step pack
+  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
+  exit 0
+fi
+
+if [ "$MODE" = verify ]; then
+  step "the fast layout's tile test alone, then the tests that touch a kernel (8 workers)"
+  timeout -k 10 -s INT 45 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels_conv2d.py \
+    -k fast_layout_tiles > "$R/tests_fast_layout.txt" 2>&1
+  grep -E "PASSED|FAILED|passed|failed" "$R/tests_fast_layout.txt" | tail -4
+  timeout -k 15 -s INT 150 python3 -m pytest -q -n 8 --timeout 120 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
+    tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_runner.py tests/test_bench.py \
+    tests/test_profile_network.py > "$R/tests.txt" 2>&1
+  tail -8 "$R/tests.txt"
+  step "the routed dynamic forward kernel by kernel, against each route's config alone"
+  timeout -k 15 -s INT 75 python3 benchmarks/profile_network.py --routed smallest --routed largest \
+    "$R/profile_network_routed.txt" > /dev/null 2>&1
+  grep "CUDA time per forward" "$R/profile_network_routed.txt" | cut -c1-220
+  step "dds-fast bench again (the run-to-run spread): layers fp16 512, batch 8/1, network with CUDA graphs"
+  timeout -k 15 -s INT 110 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
+    --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
+  grep -E "^\| network|^\| gate" "$R/bench.txt" | cut -c1-200
+  step "the shipped model's routes and gate at 512x512"
+  timeout -k 15 -s INT 50 python3 -m dds_fast bench --checkpoint dds_fast/weights/dds.safetensors --no-compile \
+    --cuda-graph --dtype float16 --size 512 --batch 1 --batch 8 --out "$R/bench_shipped" > "$R/bench_shipped.txt" 2>&1
+  tail -12 "$R/bench_shipped.txt" | cut -c1-200
   step pack
   tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
   exit 0

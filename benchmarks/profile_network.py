@@ -2,30 +2,88 @@
 time per kernel name, largest first. The network table gives each config's total against its
 roofline floor; this says which kernels make up the gap.
 
-    python benchmarks/profile_network.py [--config smallest ...] [--batch 8] [--size 512] [OUT.txt]
+    python benchmarks/profile_network.py [--config smallest ...] [--routed smallest|largest ...]
+        [--tiles widest|narrowest ...] [--batch 8] [--size 512] [OUT.txt]
+
+--routed also profiles DDSNet's dynamic forward with the gate rigged to send every image to
+the cheapest (or dearest) of the routes ``dds-fast bench`` times the gate over (the net's
+default configs, a fresh DynamicGate, attention off), once per --tiles policy
+(``DDSNet.per_image_tiles``; default both): against the route's config alone (the default
+--config), what the gate and the per-image routing add.
 """
+import argparse
+import re
 import sys
 
 import torch
 
 from _timing import chosen_configs, kernel_table, network_arguments, write_reports
-from dds_fast import SlimUNet
+from dds_fast import DDSNet, SlimUNet
+from dds_fast.bench import ddsnet_over, rig_gate
+from dds_fast.config import RoutingEntry
+from dds_fast.cost import macs_per_pixel
+from dds_fast.ddsnet import PER_IMAGE_TILES
+from dds_fast.runner import default_configs
+
+RUNS = 5  # kernel_table's forwards per profile
+UNITS_MS = {"s": 1e3, "ms": 1.0, "us": 1e-3}
+
+
+def arguments() -> argparse.Namespace:
+    """network_arguments' command line plus --routed and --tiles."""
+    def routing(parser):
+        parser.add_argument("--routed", action="append", choices=("smallest", "largest"), default=[])
+        parser.add_argument("--tiles", action="append", choices=PER_IMAGE_TILES)
+    args = network_arguments(__doc__, "profile-network.txt", [], routing)
+    # by default, each routed route's config alone (SlimUNet's default configs share the labels)
+    args.config = args.config or args.routed or ["smallest"]
+    args.tiles = args.tiles or list(PER_IMAGE_TILES)
+    return args
+
+
+def bench_routes(net: SlimUNet, size: int) -> tuple[list[str], DDSNet]:
+    """The bench's routes, cheapest first (their labels), and the DDSNet routing among them, as
+    ``time_gate`` builds it from the network report: the net's default configs at their MACs
+    per pixel at this input, which order them."""
+    labelled = sorted(((label, RoutingEntry(config, macs_per_pixel(net, config, (net.in_channels, size, size))))
+                       for label, config in default_configs(net)), key=lambda pair: pair[1].macs_per_pixel)
+    return [label for label, _ in labelled], ddsnet_over(net, [entry for _, entry in labelled])
+
+
+def cuda_ms_per_forward(table: str) -> float:
+    """The table's "Self CUDA time total" (all kernels, every profiled forward) per forward."""
+    value, unit = re.search(r"CUDA time total: ([\d.]+)(\w+)", table).groups()
+    return float(value) * UNITS_MS[unit] / RUNS
 
 
 def main() -> None:
-    args = network_arguments(__doc__, "profile-network.txt", ["smallest"])
+    args = arguments()
     if not torch.cuda.is_available():
         sys.exit("profile_network.py profiles GPU kernels: it needs CUDA")
     net = SlimUNet(in_channels=3, base_width=32, depth=4).cuda().half().to(memory_format=torch.channels_last).eval()
     x = torch.rand(args.batch, 3, args.size, args.size, device="cuda", dtype=torch.half).to(
         memory_format=torch.channels_last)
     reports = []
+
+    def profile(what: str, fn) -> None:
+        with torch.no_grad():
+            table = kernel_table(fn, runs=RUNS)
+        reports.append(f"{torch.cuda.get_device_name()}, SlimUNet base 32 depth 4, {what}, input {list(x.shape)} "
+                       f"fp16 channels_last, {RUNS} forwards: {cuda_ms_per_forward(table):.3f} ms CUDA time "
+                       f"per forward\n{table}")
+
     for label, config in chosen_configs(args.config, net).items():
         net.set_config(config)
-        with torch.no_grad():
-            table = kernel_table(lambda: net(x))
-        reports.append(f"{torch.cuda.get_device_name()}, SlimUNet base 32 depth 4, config {label}, "
-                       f"input {list(x.shape)} fp16 channels_last, 5 forwards\n{table}")
+        profile(f"config {label} alone", lambda: net(x))
+    if args.routed:
+        labels, routed = bench_routes(net, args.size)
+        for route in args.routed:
+            index = 0 if route == "smallest" else len(labels) - 1
+            rig_gate(routed.gate, index)
+            for tiles in args.tiles:
+                routed.per_image_tiles = tiles
+                profile(f"DDSNet dynamic forward over {len(labels)} routes, every image routed to {labels[index]}, "
+                        f"per_image_tiles {tiles}", lambda: routed(x))
     write_reports(args.out, reports)
 
 if __name__ == "__main__":

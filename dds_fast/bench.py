@@ -22,7 +22,7 @@ from .config import RoutingEntry, SubnetConfig
 from .ddsnet import PER_IMAGE_TILES, DDSNet
 from .export import StaticConv2d
 from .gate import DynamicGate
-from .nets import SlimUNet
+from .nets import SlimNet, SlimUNet
 from .runner import WIDTHS, DevicePeaks, LatencyRunner, Report, backend_of, describe_device, width_at
 from .slim_conv import SlimConv2d
 
@@ -166,6 +166,26 @@ def _per_call_in_graph(runner: LatencyRunner, fn) -> float | None:
     return runner.time_fn(calls, cuda_graph=True).median_ms / GATE_CALLS_PER_GRAPH
 
 
+def ddsnet_over(net: SlimNet, routes: list[RoutingEntry], gate: DynamicGate | None = None) -> DDSNet:
+    """A DDSNet routing ``net`` among ``routes`` (as many as the gate has choices), in eval mode,
+    with a copy of ``gate`` on the stem's device and dtype (a copy: rigging must leave a model's
+    own gate alone), else a DynamicGate of DDS-Net's shape as stage 3 leaves it (attention off)."""
+    if gate is None:
+        gate = DynamicGate(net.stem_channels, len(routes))
+        gate.attention = False
+    stem = net.stem_conv.weight
+    gate = copy.deepcopy(gate).to(stem.device, stem.dtype).eval()
+    return DDSNet(net, gate, routes[:gate.num_choices]).eval()
+
+
+def rig_gate(gate: DynamicGate, index: int) -> None:
+    """Make ``gate`` send every image to choice ``index``: with its last layer's weights zero,
+    its logits are that layer's one-hot bias, whatever the image."""
+    with torch.no_grad():
+        gate.fc4.weight.zero_()
+        gate.fc4.bias.copy_((torch.arange(gate.num_choices) == index).to(gate.fc4.bias.dtype))
+
+
 def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
     """The gate's cost at the runner's input, timed as the network was (CUDA-graph replay
     included), with a DDSNet's own gate, else a DynamicGate of DDS-Net's shape over the timed
@@ -188,23 +208,17 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
     configured = sorted(network.configured(), key=lambda r: r.macs_per_pixel)
     if not hasattr(net, "stem_conv") or len(configured) < 2:  # a gate has two choices at least
         return None
-    gate = getattr(runner.model, "gate", None)
-    if gate is None:
-        gate = DynamicGate(net.stem_channels, max(2, len(configured)))
-        gate.attention = False
-    gate = copy.deepcopy(gate).to(runner.device, runner.dtype).eval()
+    routed = ddsnet_over(net, [RoutingEntry(SubnetConfig.from_dict(r.config), r.macs_per_pixel) for r in configured],
+                         getattr(runner.model, "gate", None))
+    gate = routed.gate
     routes = configured[:gate.num_choices]
-    routed = DDSNet(net, gate, [RoutingEntry(SubnetConfig.from_dict(r.config), r.macs_per_pixel)
-                                for r in routes]).eval()
     fused_backend = backend_of(gate, runner.device)
     previous = net.get_config()
     stem = net.stem_conv
 
     def routed_ms(index: int, tiles: str) -> float:
-        """The dynamic forward with the gate rigged to send every image to route ``index``."""
-        with torch.no_grad():
-            gate.fc4.weight.zero_()
-            gate.fc4.bias.copy_((torch.arange(gate.num_choices) == index).to(gate.fc4.bias.dtype))
+        """The dynamic forward with every image sent to route ``index``."""
+        rig_gate(gate, index)
         routed.per_image_tiles = tiles
         return runner.time_fn(lambda: routed(runner.inputs), runner.cuda_graph).median_ms
 
