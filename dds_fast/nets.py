@@ -243,15 +243,23 @@ class SlimUNet(SlimNet):
             first, second = self.encoders[level]
             h = second(first(h))
         for up, (first, second), skip in zip(self.ups, self.decoders, reversed(skips)):
-            wide = up(h)
-            h = F.pixel_shuffle(wide, 2)
-            if wide.is_contiguous(memory_format=torch.channels_last):
-                # pixel_shuffle may return NCHW for a channels_last input; the kernels' loads
-                # are coalesced along channels only
-                h = h.contiguous(memory_format=torch.channels_last)
-            h = second(first([h, skip]))
+            h = second(first([pixel_shuffle(up(h), 2), skip]))
         residual = x if self.out_channels == self.in_channels else None
         return self.last(h, residual=residual)
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``F.pixel_shuffle`` that keeps a channels_last input channels_last (the kernels' loads are
+    coalesced along channels only) in one copy. On CUDA, ``F.pixel_shuffle`` returns such an
+    input's result in NCHW, and converting it back took a second copy of a tensor as large."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return F.pixel_shuffle(x, factor)
+    n, c, h, w = x.shape
+    if c % (factor * factor):
+        raise ValueError(f"pixel_shuffle: {c} channels are not a multiple of {factor}**2")
+    # channels_last memory is [N, H, W, C] with C = (out channel, row offset, column offset)
+    blocks = x.permute(0, 2, 3, 1).reshape(n, h, w, c // factor ** 2, factor, factor)
+    return blocks.permute(0, 1, 4, 2, 5, 3).reshape(n, h * factor, w * factor, -1).permute(0, 3, 1, 2)
 
 
 @register_architecture

@@ -1,8 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dds_fast import SlimConv2d, SlimDnCNN, SlimUNet, export_static
+from dds_fast.nets import pixel_shuffle
 
 
 def small_unet(**kw):
@@ -180,3 +182,30 @@ def test_dncnn_groups_are_per_layer():
     net = small_dncnn()
     assert net.space.names() == ["layer0", "layer1", "layer2"]
     assert net.stem_channels == 16
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 5, 7), (1, 4, 1, 1), (3, 32, 4, 6)])
+def test_pixel_shuffle_keeps_channels_last_in_at_most_one_copy(shape):
+    x = torch.randn(shape, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    with _CountOps() as counted:
+        y = pixel_shuffle(x, 2)
+    assert counted.ops.count("clone") <= 1 and "pixel_shuffle" not in counted.ops  # one copy at most
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, F.pixel_shuffle(x, 2))
+    probe = torch.randn_like(y)
+    y.backward(probe)
+    assert torch.equal(x.grad, F.pixel_unshuffle(probe, 2))
+    nchw = x.detach().contiguous()  # any other layout: F.pixel_shuffle itself
+    assert torch.equal(pixel_shuffle(nchw, 2), F.pixel_shuffle(nchw, 2))
+    with pytest.raises(ValueError, match="not a multiple of 2"):
+        pixel_shuffle(torch.randn(1, 6, 2, 2).to(memory_format=torch.channels_last), 2)
