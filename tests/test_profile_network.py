@@ -1,7 +1,5 @@
 """benchmarks/profile_network.py off CUDA: its command line and the routed DDSNet it profiles."""
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,19 +7,13 @@ import torch
 from dds_fast import SlimUNet
 from dds_fast.bench import rig_gate
 from dds_fast.runner import LatencyRunner
+from tests.scripts import load_benchmark
 from tests.test_runner import PEAKS
-
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 @pytest.fixture
 def script(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its sibling _timing.py
-    spec = importlib.util.spec_from_file_location("profile_network", BENCHMARKS / "profile_network.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("_timing", None)
+    return load_benchmark(monkeypatch, "profile_network")
 
 
 def test_routed_options_default_to_both_tile_policies_beside_the_routes_alone(script, monkeypatch):

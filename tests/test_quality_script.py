@@ -1,21 +1,16 @@
 """benchmarks/quality.py, the script behind the README's quality tables, on a tiny DDSNet."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from dds_fast import save
+from tests.scripts import load_benchmark
 from tests.test_cli import small_ddsnet
-
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "quality.py"
 
 
 @pytest.fixture
 def quality(monkeypatch):
-    spec = importlib.util.spec_from_file_location("quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark(monkeypatch, "quality")
     monkeypatch.setattr(module, "bm3d_row", lambda pairs, sigmas: None)  # slow, and optional
     return module
 

@@ -1,27 +1,18 @@
 """benchmarks/routing_headroom.py: the oracle gate and the static frontier it is measured against."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dds_fast import save
 from dds_fast.evaluate import evaluate
+from tests.scripts import load_benchmark
 from tests.test_cli import small_ddsnet
-
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 @pytest.fixture
 def headroom(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its sibling quality.py
-    spec = importlib.util.spec_from_file_location("routing_headroom", BENCHMARKS / "routing_headroom.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("quality", None)
+    return load_benchmark(monkeypatch, "routing_headroom")
 
 
 def test_oracle_sends_each_image_to_its_best_route_for_the_price(headroom):
