@@ -45,7 +45,7 @@ def main(out_path: str) -> None:
                                                                 [0, 0], 1, [True, False, False]),
                     2 * act, flops),
                 "grad weight (split + reduce)": (
-                    lambda: K._grad_weight_into(dw, dz, x, 0, 1, 1, width),
+                    lambda: K._grad_weight_into(dw, dz, x, 0, 1, 1, width, zero_rest=True),
                     lambda: torch.ops.aten.convolution_backward(dz, x, narrow, None, [1, 1], [1, 1], [1, 1], False,
                                                                 [0, 0], 1, [False, True, False]),
                     2 * act, flops),

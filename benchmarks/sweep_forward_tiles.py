@@ -158,7 +158,7 @@ def main(out_path: str) -> None:
 
                 def run():
                     dw = torch.zeros_like(weight)
-                    K._grad_weight_into(dw, dy, x, 0, 1, 1, width)
+                    K._grad_weight_into(dw, dy, x, 0, 1, 1, width, zero_rest=True)
                     return dw
                 error, ms = timed(run, error_of)
                 record(case="grad-weight", cmax=cmax, size=size, width=width, candidate=name,

@@ -384,19 +384,24 @@ def _bwd_weight_kernel(
 
 
 @triton.jit
-def _reduce_kernel(ws, out, R, E, COUT, CIN, START, so, si, sh, sw,
-                   KSIZE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[co, START + ci, r, s] = sum over rows of ws[row, tap, co, ci] (fixed order: deterministic)."""
-    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = e < E
+def _reduce_kernel(ws, out, R, COUT, CIN, START, COUT_MAX, CIN_MAX, so, si, sh, sw,
+                   KSIZE: tl.constexpr, ZERO_REST: tl.constexpr, BLOCK: tl.constexpr):
+    """out[co, START + ci, r, s] = sum over rows of ws[row, tap, co, ci] (fixed order: deterministic),
+    over the whole [COUT_MAX, CIN_MAX, KSIZE, KSIZE] output; with ZERO_REST, zero outside the
+    active block (a fill launch less), else left as it is."""
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    s = f % KSIZE
+    r = (f // KSIZE) % KSIZE
+    ci = (f // (KSIZE * KSIZE)) % CIN_MAX - START
+    co = f // (KSIZE * KSIZE * CIN_MAX)
+    inside = co < COUT_MAX
+    active = inside & (co < COUT) & (ci >= 0) & (ci < CIN)
+    e = ((r * KSIZE + s) * COUT + co) * CIN + ci
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for row in range(R):
-        acc += tl.load(ws + row * E + e, mask=ok, other=0.0)
-    tap = e // (COUT * CIN)
-    co = (e // CIN) % COUT
-    ci = e % CIN
-    dst = co * so + (START + ci) * si + (tap // KSIZE) * sh + (tap % KSIZE) * sw
-    tl.store(out + dst, acc.to(out.dtype.element_ty), mask=ok)
+        acc += tl.load(ws + row * (KSIZE * KSIZE * COUT * CIN) + e, mask=active, other=0.0)
+    dst = co * so + (START + ci) * si + r * sh + s * sw
+    tl.store(out + dst, acc.to(out.dtype.element_ty), mask=inside if ZERO_REST else active)
 
 
 # ----------------------------------------------------------------------------------------
@@ -598,15 +603,20 @@ def _grad_input(dz, weight, x, start, stride, padding, cout):
     return dx
 
 
-def _reduce_into(ws, out, rows, taps, cout, cin, start, strides, k):
-    e = taps * cout * cin
-    # The bias gradient leaves one row per (image, pixel tile): 32768 rows at 8x512x512, which
-    # _reduce_kernel's programs, one per 1024 entries, took 10 ms to sum on an H200. Folded
-    # over many programs first, a few rows are left.
-    ws = fold_rows(ws.view(1, rows, e), limit=FOLD_LIMIT)[0]
-    rows = ws.shape[0]
+def _reduce_into(ws, out, rows, cout, cin, start, k, zero_rest):
+    """``out`` (a weight-shaped gradient, or a bias gradient viewed as [Cout, 1, 1, 1]) from the
+    ``rows`` partial sums ``ws [rows, k*k, cout, cin]``; with ``zero_rest``, zero elsewhere."""
+    if rows:
+        # The bias gradient leaves one row per (image, pixel tile): 32768 rows at 8x512x512, which
+        # _reduce_kernel's programs, one per 1024 entries, took 10 ms to sum on an H200. Folded
+        # over many programs first, a few rows are left.
+        ws = fold_rows(ws.view(1, rows, k * k * cout * cin), limit=FOLD_LIMIT)[0]
+    else:  # an empty batch: no rows to sum, but the kernel takes a live fp32 pointer
+        ws = torch.empty(1, 1, dtype=torch.float32, device=out.device)[:0]
     block = 1024
-    launch(_reduce_kernel, (cdiv(e, block),), (ws, out), (rows, e, cout, cin, start, *strides), KSIZE=k, BLOCK=block)
+    launch(_reduce_kernel, (cdiv(out.numel(), block),), (ws, out),
+           (ws.shape[0], cout, cin, start, out.shape[0], out.shape[1], *out.stride()), KSIZE=k,
+           ZERO_REST=zero_rest, BLOCK=block)
 
 
 def _grad_weight_tiles(dtype: torch.dtype, cout: int, cin: int) -> tuple[int, int, int, int]:
@@ -622,13 +632,16 @@ def _grad_weight_tiles(dtype: torch.dtype, cout: int, cin: int) -> tuple[int, in
     return bco, bci, (128 if bco * bci <= 32 * 32 else 64), (4 if bco * bci <= 16 * 16 else GRAD_WEIGHT_WARPS)
 
 
-def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
+def _grad_weight_into(dw, dz, x, start, stride, padding, cout, zero_rest):
+    """The active block of ``dw`` from one input ``x`` (channels from ``start``); with
+    ``zero_rest``, every other entry zero."""
     n, cin, h, w = x.shape
     k = dw.shape[-1]
     ho, wo = dz.shape[2], dz.shape[3]
     npix = n * ho * wo
-    if npix == 0:
-        return  # an empty batch: the gradient stays zero
+    if npix == 0:  # an empty batch: no partial sums, a zero gradient
+        _reduce_into(None, dw, 0, cout, cin, start, k, zero_rest)
+        return
     bco, bci, bp, warps = _grad_weight_tiles(x.dtype, cout, cin)
     c_align = _alignment(cout, cin)
     x_align = _alignment(*_batch_and_pixel_strides(dz.stride(), x.stride()))
@@ -647,7 +660,7 @@ def _grad_weight_into(dw, dz, x, start, stride, padding, cout):
            (h, w, ho, wo, npix, chunk, cout, cin, *dz.stride(), *x.stride()),
            KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(x.dtype), ROW_TAPS=row_taps,
            BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=warps, C_ALIGN=c_align, X_ALIGN=x_align)
-    _reduce_into(ws, dw, splits, k * k, cout, cin, start, dw.stride(), k)
+    _reduce_into(ws, dw, splits, cout, cin, start, k, zero_rest)
 
 
 def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, activation, negative_slope,
@@ -679,16 +692,16 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
                ACT=act, STORE_DZ=store_dz, BIAS_SUMS=bias_sums, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
                ALIGN=_alignment(o, *_batch_and_pixel_strides(grad_y.stride(), y_.stride(), dz.stride())))
         if bias_sums:
-            db = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-            _reduce_into(bias_ws, db, n * grid[0], 1, o, 1, 0, (db.stride(0), 0, 0, 0), 1)
+            db = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            _reduce_into(bias_ws, db.view(-1, 1, 1, 1), n * grid[0], o, 1, 0, 1, zero_rest=True)
     dx0 = _grad_input(dz, weight, x0, start0, stride, padding, o) if need_x0 else empty()
     dx1 = _grad_input(dz, weight, x1, start1, stride, padding, o) if need_x1 else empty()
     dw = empty()
     if need_w:
-        dw = torch.zeros_like(weight)  # full size: entries outside the active blocks stay zero
-        _grad_weight_into(dw, dz, x0, start0, stride, padding, o)
+        dw = torch.empty_like(weight)  # full size: the first reduction zeroes what no input's block covers
+        _grad_weight_into(dw, dz, x0, start0, stride, padding, o, zero_rest=True)
         if x1 is not None:
-            _grad_weight_into(dw, dz, x1, start1, stride, padding, o)
+            _grad_weight_into(dw, dz, x1, start1, stride, padding, o, zero_rest=False)
     dres = dz if (need_res and store_dz) else empty()
     return dx0, dx1, dw, db, dres
 

@@ -385,6 +385,26 @@ def test_outputs_fully_written(monkeypatch):
         check_grads(case, "relu")  # rel_err would be NaN if any element were left unwritten
 
 
+@pytest.mark.parametrize("zero_rest", [True, False])
+@pytest.mark.parametrize("n", [2, 0])
+def test_weight_gradient_reduction_writes_its_block_and_zeroes_the_rest_when_asked(n, zero_rest):
+    """The weight gradient starts as NaN: the reduction writes the active block and, with
+    ``zero_rest``, zero everywhere else (no fill launch before it); without, it leaves the rest
+    as it was (where a fused concat's first input wrote its block). An empty batch gives zeros."""
+    case = make_case(22, n=n, widths=(5,), o=6)
+    x, weight, start = case["inputs"][0], case["weight"], 3
+    dz = torch.randn(n, 6, x.shape[2], x.shape[3], dtype=torch.float64).to(DEVICE)
+    dw = torch.full_like(weight, float("nan"))
+    K._grad_weight_into(dw, dz.float().contiguous(memory_format=torch.channels_last), x, start, 1, 1, 6,
+                        zero_rest=zero_rest)
+    block = (slice(0, 6), slice(start, start + 5))
+    expected = torch.nn.grad.conv2d_weight(x.double(), (6, 5, 3, 3), dz, padding=1)
+    assert (dw[block] == 0).all() if n == 0 else rel_err(dw[block], expected) < TOL[torch.float32]
+    outside = torch.ones_like(dw, dtype=torch.bool)
+    outside[block] = False
+    assert (dw[outside] == 0).all() if zero_rest else dw[outside].isnan().all()
+
+
 class _RecordWeightUse(TorchDispatchMode):
     """Records every op that takes a tensor sharing the weight's storage (a view, a slice, a
     cast, a copy), other than our own ops and allocations shaped like it. The kernels read the
