@@ -5,7 +5,7 @@
 # step costs its slot, not the lease; results are packed into $OUT/results.tgz at the end.
 # Usage on the device machine, from the repository root (wheels in .whl/ are installed
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
-# benchmarks/gpu_session.sh [full|quick|train|verify]. verify (about 6 minutes) reruns a quick run's
+# benchmarks/gpu_session.sh [full|quick|train|verify]. verify (289 s on an H100) reruns a quick run's
 # tests with more time, profiles the routed dynamic forward, times the layers and network again
 # (the run-to-run spread) and the shipped model's routes. quick (its step limits add up to 9.7
 # minutes; it took 5.4 with HOST_COST=1 on an H100, where the tests alone need 96 s) runs

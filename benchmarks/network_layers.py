@@ -52,7 +52,8 @@ def main() -> None:
             with torch.no_grad():
                 y = conv(*a, **kw)
                 in_widths = [t.shape[1] for t in inputs]
-                narrow = conv.active_weight(in_widths, y.shape[1]).contiguous(memory_format=torch.channels_last)
+                out_width = conv.active_out_channels or conv.out_channels  # filters: an upsampling conv shuffles them
+                narrow = conv.active_weight(in_widths, out_width).contiguous(memory_format=torch.channels_last)
                 cat = torch.cat(inputs, 1).contiguous(memory_format=torch.channels_last)
                 ours = median_ms(lambda: conv(*a, **kw))
                 cudnn = median_ms(lambda: F.conv2d(cat, narrow, None, conv.stride, conv.padding))
@@ -61,8 +62,8 @@ def main() -> None:
             floor, bound = peaks.floor_ms(nbytes, 2 * macs)
             rows.append(dict(layer=name, inputs=[list(t.shape) for t in inputs], out=list(y.shape), ms=ours,
                              cudnn_ms=cudnn, floor_ms=floor, bound=bound))
-            print(f"{label:12s} {name:28s} in {'+'.join(map(str, in_widths)):>9s} out {y.shape[1]:4d} "
-                  f"{y.shape[2]:4d}px  ours {ours:7.4f} ms  cuDNN {cudnn:7.4f} ms  floor {floor:7.4f} ms ({bound})",
+            print(f"{label:12s} {name:28s} in {'+'.join(map(str, in_widths)):>9s} out {out_width:4d} "
+                  f"{y.shape[2] // conv.upscale_factor:4d}px  ours {ours:7.4f} ms  cuDNN {cudnn:7.4f} ms  floor {floor:7.4f} ms ({bound})",
                   flush=True)
         total = sum(r["ms"] for r in rows)
         print(f"{label:12s} sum of layers: ours {total:.3f} ms, cuDNN {sum(r['cudnn_ms'] for r in rows):.3f} ms, "

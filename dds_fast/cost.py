@@ -71,7 +71,9 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
     def record(module, args, output):
         x = args[0]
         widths = tuple(t.shape[1] for t in x) if isinstance(x, (list, tuple)) else (x.shape[1],)
-        calls.append(ConvCall(names.get(module, ""), module, widths, output.shape[1], tuple(output.shape[-2:])))
+        r = getattr(module, "upscale_factor", 1)  # an upsampling SlimConv2d: count its filters' own output
+        calls.append(ConvCall(names.get(module, ""), module, widths, output.shape[1] * r * r,
+                              (output.shape[-2] // r, output.shape[-1] // r)))
 
     reference = next(model.parameters(), torch.empty(0))  # a model without parameters runs in fp32 on the CPU
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]

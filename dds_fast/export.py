@@ -17,31 +17,33 @@ class StaticConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` with exactly the narrow shapes of one SlimConv2d slice.
 
     It keeps the SlimConv2d calling convention (a list input is concatenated, the optional
-    residual and activation follow the conv) and runs the stock PyTorch convolution (cuDNN
+    residual and activation follow the conv, then the pixel shuffle of an upsampling conv) and runs the stock PyTorch convolution (cuDNN
     on a GPU) on its own contiguous weight: the fair static baseline.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode,
-                 activation, negative_slope, device=None, dtype=None):
+                 activation, negative_slope, upscale_factor=1, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias, padding_mode,
                          device=device, dtype=dtype)
         self.activation = activation
         self.negative_slope = negative_slope
+        self.upscale_factor = upscale_factor
 
     def extra_repr(self) -> str:
-        return ", ".join([super().extra_repr()] + epilogue_repr(self.activation, self.negative_slope))
+        upscale = [f"upscale_factor={self.upscale_factor}"] if self.upscale_factor > 1 else []
+        return ", ".join([super().extra_repr()] + epilogue_repr(self.activation, self.negative_slope) + upscale)
 
     def forward(self, x, residual: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(x, (list, tuple)):
             x = torch.cat(list(x), 1)
-        return apply_epilogue(super().forward(x), residual, self.activation, self.negative_slope)
+        return apply_epilogue(super().forward(x), residual, self.activation, self.negative_slope, self.upscale_factor)
 
 
 def _static_from(slim: SlimConv2d, in_widths: tuple[int, ...], out_width: int) -> StaticConv2d:
     weight = slim.active_weight(in_widths, out_width)
     static = StaticConv2d(sum(in_widths), out_width, slim.kernel_size, slim.stride, slim.padding, slim.dilation,
                           slim.bias is not None, slim.padding_mode, slim.activation, slim.negative_slope,
-                          device=weight.device, dtype=weight.dtype)
+                          slim.upscale_factor, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         static.weight.copy_(weight)
         if slim.bias is not None:

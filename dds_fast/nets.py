@@ -147,9 +147,9 @@ def _widen(lo: int, hi: int, scale: int, conv: nn.Conv2d) -> tuple[int, int, int
     return lo - reach, hi + reach, scale * conv.stride[0]
 
 
-def _conv(cin, cout, k=3, stride=1, activation="leaky_relu", slope=0.2, in_segments=None):
+def _conv(cin, cout, k=3, stride=1, activation="leaky_relu", slope=0.2, in_segments=None, upscale_factor=1):
     return SlimConv2d(cin, cout, k, stride=stride, padding=k // 2, activation=activation,
-                      negative_slope=slope, in_segments=in_segments)
+                      negative_slope=slope, in_segments=in_segments, upscale_factor=upscale_factor)
 
 
 @register_architecture
@@ -203,7 +203,8 @@ class SlimUNet(SlimNet):
             skip = self._groups[f"enc{level}"].max_width
             # Pixel shuffle sends conv channels 4c..4c+3 to output channel c, so the first
             # 4u filters produce exactly the first u upsampled channels.
-            self.ups.append(self._bind(_conv(prev, 4 * up, k=1, activation=None), f"up{level}", multiplier=4))
+            self.ups.append(self._bind(_conv(prev, 4 * up, k=1, activation=None, upscale_factor=2), f"up{level}",
+                                       multiplier=4))
             self.decoders.append(nn.ModuleList([
                 self._bind(_conv(up + skip, mid, slope=slope, in_segments=(up, skip)), f"dec{level}.mid"),
                 self._bind(_conv(mid, out, slope=slope), f"dec{level}"),
@@ -243,23 +244,9 @@ class SlimUNet(SlimNet):
             first, second = self.encoders[level]
             h = second(first(h))
         for up, (first, second), skip in zip(self.ups, self.decoders, reversed(skips)):
-            h = second(first([pixel_shuffle(up(h), 2), skip]))
+            h = second(first([up(h), skip]))
         residual = x if self.out_channels == self.in_channels else None
         return self.last(h, residual=residual)
-
-
-def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """``F.pixel_shuffle`` that keeps a channels_last input channels_last (the kernels' loads are
-    coalesced along channels only) in one copy. On CUDA, ``F.pixel_shuffle`` returns such an
-    input's result in NCHW, and converting it back took a second copy of a tensor as large."""
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        return F.pixel_shuffle(x, factor)
-    n, c, h, w = x.shape
-    if c % (factor * factor):
-        raise ValueError(f"pixel_shuffle: {c} channels are not a multiple of {factor}**2")
-    # channels_last memory is [N, H, W, C] with C = (out channel, row offset, column offset)
-    blocks = x.permute(0, 2, 3, 1).reshape(n, h, w, c // factor ** 2, factor, factor)
-    return blocks.permute(0, 1, 4, 2, 5, 3).reshape(n, h * factor, w * factor, -1).permute(0, 3, 1, 2)
 
 
 @register_architecture

@@ -30,16 +30,33 @@ def epilogue_repr(activation: str | None, negative_slope: float) -> list[str]:
     return [f"activation={activation!r}"] + ([f"negative_slope={negative_slope:g}"] if activation == "leaky_relu" else [])
 
 
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``F.pixel_shuffle`` that keeps a channels_last input channels_last (the kernels' loads are
+    coalesced along channels only) in one copy. On CUDA, ``F.pixel_shuffle`` returns such an
+    input's result in NCHW, and converting it back took a second copy of a tensor as large."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return F.pixel_shuffle(x, factor)
+    n, c, h, w = x.shape
+    if c % (factor * factor):
+        raise ValueError(f"pixel_shuffle: {c} channels are not a multiple of {factor}**2")
+    # channels_last memory is [N, H, W, C] with C = (out channel, row offset, column offset)
+    blocks = x.permute(0, 2, 3, 1).reshape(n, h, w, c // factor ** 2, factor, factor)
+    # the copy into [N, H, row offset, W, column offset, C] order is the output's channels_last memory (a
+    # reshape would skip it where it can view, as at 1x1, and return NCHW; -1 is ambiguous in an empty batch)
+    out = blocks.permute(0, 1, 4, 2, 5, 3).contiguous()
+    return out.view(n, h * factor, w * factor, c // factor ** 2).permute(0, 3, 1, 2)
+
+
 def apply_epilogue(y: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
-                   negative_slope: float) -> torch.Tensor:
-    """``act(y + residual)``: the order the fused kernels use."""
+                   negative_slope: float, upscale_factor: int = 1) -> torch.Tensor:
+    """``pixel_shuffle(act(y + residual), upscale_factor)``: the order the fused kernels use."""
     if residual is not None:
         y = y + residual
     if activation == "relu":
-        return F.relu(y)
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, negative_slope)
-    return y
+        y = F.relu(y)
+    elif activation == "leaky_relu":
+        y = F.leaky_relu(y, negative_slope)
+    return y if upscale_factor == 1 else pixel_shuffle(y, upscale_factor)
 
 
 class SlimConv2d(nn.Conv2d):
@@ -54,6 +71,9 @@ class SlimConv2d(nn.Conv2d):
     - ``activation`` (None, 'relu' or 'leaky_relu' with ``negative_slope``) and a
       ``residual`` argument of ``forward`` form the epilogue ``act(conv + bias + residual)``,
       which the Triton backend fuses into the convolution.
+    - ``upscale_factor`` r > 1: the output is ``F.pixel_shuffle(act(conv + bias), r)``, an
+      upsampling conv (the Triton backend shuffles in its store, with no copy after it);
+      widths are then multiples of r^2, and there is no residual.
     - ``backend``: 'torch' (reference, runs anywhere), 'triton' (the fused kernels, under
       ``TRITON_INTERPRET=1`` on CPU) or 'auto' (Triton on CUDA tensors, reference on CPU).
 
@@ -64,7 +84,7 @@ class SlimConv2d(nn.Conv2d):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
                  backend: str = "auto", in_segments: Sequence[int] | None = None,
-                 activation: str | None = None, negative_slope: float = 0.01):
+                 activation: str | None = None, negative_slope: float = 0.01, upscale_factor: int = 1):
         if groups != 1:
             raise ValueError(f"SlimConv2d({in_channels}->{out_channels}): groups={groups} cannot be slimmed "
                              "by channel prefix; keep it an nn.Conv2d")
@@ -74,6 +94,10 @@ class SlimConv2d(nn.Conv2d):
             raise ValueError(f"{self._label()}: backend must be one of {BACKENDS}, got {backend!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"{self._label()}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if isinstance(upscale_factor, bool) or not isinstance(upscale_factor, int) or upscale_factor < 1 \
+                or out_channels % upscale_factor ** 2:
+            raise ValueError(f"{self._label()}: upscale_factor must be an int >= 1 whose square divides "
+                             f"out_channels, got {upscale_factor!r}")
         segments = (in_channels,) if in_segments is None else tuple(int(s) for s in in_segments)
         if any(s < 1 for s in segments) or sum(segments) != in_channels:
             raise ValueError(f"{self._label()}: in_segments {list(segments)} must be positive and sum to "
@@ -82,6 +106,7 @@ class SlimConv2d(nn.Conv2d):
         self.in_segments = segments
         self.activation = activation
         self.negative_slope = float(negative_slope)
+        self.upscale_factor = upscale_factor
         self.layer_name: str | None = None
         self._active_out: int | None = None
         # int32 [N, 1 + inputs] on the device: each image's (out width, in widths), read by the
@@ -106,9 +131,11 @@ class SlimConv2d(nn.Conv2d):
     @active_out_channels.setter
     def active_out_channels(self, value: int | None):
         if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.out_channels:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.out_channels \
+                    or value % self.upscale_factor ** 2:
+                multiple = f" and a multiple of {self.upscale_factor ** 2}" if self.upscale_factor > 1 else ""
                 raise ValueError(f"{self._label()}: active_out_channels must be an int in [1, "
-                                 f"{self.out_channels}] or None, got {value!r}")
+                                 f"{self.out_channels}]{multiple}, or None, got {value!r}")
         self._active_out = value
 
     @property
@@ -173,6 +200,8 @@ class SlimConv2d(nn.Conv2d):
         inputs = self._check_inputs(x)
         out_width = self.out_channels if self._active_out is None else self._active_out
         if residual is not None:
+            if self.upscale_factor > 1:
+                raise ValueError(f"{self._label()}: a residual with upscale_factor > 1 is not supported")
             n, _, h, w = inputs[0].shape
             self._check_residual(residual, (n, out_width, *self.output_size(h, w)))
         weight, bias = self.weight, self.bias  # (each module attribute read costs host time)
@@ -193,7 +222,8 @@ class SlimConv2d(nn.Conv2d):
                                 out_channels=out_width, stride=self.stride[0], padding=self.padding[0],
                                 activation=self.activation, negative_slope=self.negative_slope, residual=residual,
                                 widths=self.per_image_widths, widths_multiple=self.per_image_widths_multiple,
-                                channel_sums=sums_wanted, tile_widths=self.per_image_tile_widths)
+                                channel_sums=sums_wanted, tile_widths=self.per_image_tile_widths,
+                                upscale_factor=self.upscale_factor)
         if sums_wanted:
             y, self.channel_sums = y
         return y
@@ -221,13 +251,16 @@ class SlimConv2d(nn.Conv2d):
         weight = self.active_weight([t.shape[1] for t in inputs], out_width)
         bias = None if self.bias is None else self.bias[:out_width]
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
-        return apply_epilogue(self._conv_forward(x, weight, bias), residual, self.activation, self.negative_slope)
+        return apply_epilogue(self._conv_forward(x, weight, bias), residual, self.activation, self.negative_slope,
+                              self.upscale_factor)
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"backend={self.backend!r}"]
         if len(self.in_segments) > 1:
             parts.append(f"in_segments={list(self.in_segments)}")
         parts += epilogue_repr(self.activation, self.negative_slope)
+        if self.upscale_factor > 1:
+            parts.append(f"upscale_factor={self.upscale_factor}")
         if self._active_out is not None:
             parts.append(f"active_out_channels={self._active_out}")
         return ", ".join(parts)

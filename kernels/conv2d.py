@@ -130,7 +130,7 @@ def _conv_fwd_kernel(
     slope,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
-    CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, TAPS_IN_K: tl.constexpr,
+    CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, TAPS_IN_K: tl.constexpr, UPSCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     C_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
     W_ALIGN: tl.constexpr,
@@ -190,7 +190,13 @@ def _conv_fwd_kernel(
         acc = tl.maximum(acc, 0.0)
     elif ACT == 2:
         acc = tl.where(acc > 0, acc, acc * slope)
-    y_ptrs = y + n * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+    if UPSCALE > 1:
+        # pixel shuffle in the store: filter co is channel co // r^2 of output pixel
+        # (r * oh + co // r % r, r * ow + co % r), y being the shuffled [N, COUT / r^2, r * HO, r * WO]
+        y_ptrs = y + n * syn + (oh * (UPSCALE * syh) + ow * (UPSCALE * syw))[:, None] + (
+            (co // (UPSCALE * UPSCALE)) * syc + (co // UPSCALE % UPSCALE) * syh + (co % UPSCALE) * syw)[None, :]
+    else:
+        y_ptrs = y + n * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
     out = acc.to(y.dtype.element_ty)
     tl.store(y_ptrs, out, mask=out_ok)
     if CHANNEL_SUMS:
@@ -435,6 +441,17 @@ def _empty_channels_last(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 
 
+def _pixel_unshuffle(t: torch.Tensor, factor: int) -> torch.Tensor:
+    """``F.pixel_unshuffle`` into channels_last, in one copy: output channel c * r^2 + i * r + j
+    of pixel (h, w) is channel c of input pixel (r * h + i, r * w + j)."""
+    n, c, h, w = t.shape
+    r = factor
+    blocks = t.permute(0, 2, 3, 1).reshape(n, h // r, r, w // r, r, c)
+    # contiguous, then a view: a reshape that can view (a 1x1 output) would keep an NCHW layout
+    out = blocks.permute(0, 1, 3, 5, 2, 4).contiguous()
+    return out.view(n, h // r, w // r, c * r * r).permute(0, 3, 1, 2)
+
+
 def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
@@ -504,7 +521,7 @@ def _meta(t: Optional[torch.Tensor]):
 
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_channels, stride, padding,
-                  activation, negative_slope, channel_sums=False, aligned_pointers=False,
+                  activation, negative_slope, upscale_factor, channel_sums=False, aligned_pointers=False,
                   tile_widths=None) -> _ForwardPlan:
     """The launch of ``_conv_fwd_kernel`` for arguments with these ``_meta`` keys
     (``aligned_pointers``: whether every tensor's address is a multiple of 16 bytes;
@@ -516,7 +533,8 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     w_shape, w_strides = mw[0], mw[1]
     k = w_shape[-1]
     ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
-    out_shape = (n, out_channels, ho, wo)
+    r = upscale_factor
+    out_shape = (n, out_channels // (r * r), ho * r, wo * r)
     y_strides = torch.empty(out_shape, device="meta", memory_format=torch.channels_last).stride()
     r_strides = y_strides if mr is None else mr[1]
     wd_strides = (0, 0) if mwd is None else mwd[1]
@@ -533,8 +551,9 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         Y_ALIGN=_alignment(*_batch_and_pixel_strides(r_strides, y_strides)),
         W_ALIGN=_alignment(*_pixel_strides_of_weight(w_strides)),
     )
-    fast = aligned_pointers and _fast_layout((x0_strides[1], x1_strides[1], r_strides[1], y_strides[1], w_strides[1]),
-                                             *aligns.values())
+    # the shuffled store's per-filter addresses spill the fast layout's big tiles on sm_90
+    fast = aligned_pointers and r == 1 and _fast_layout(
+        (x0_strides[1], x1_strides[1], r_strides[1], y_strides[1], w_strides[1]), *aligns.values())
     if mwd is not None:
         cols, red = (w_shape[0], w_shape[1]) if tile_widths is None else tile_widths
         bm, bn, bk, warps = _tiles(dtype, ho * wo, cols, red, fast, m1 is not None)
@@ -548,7 +567,7 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     meta = dict(
         KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None,
         HAS_RES=mr is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=mwd is not None,
-        CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), TAPS_IN_K=taps_in_k,
+        CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), TAPS_IN_K=taps_in_k, UPSCALE=r,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **aligns,
     )
     grid = (cdiv(ho * wo, bm), cdiv(out_channels, bn), n)
@@ -570,9 +589,10 @@ def _launch_forward(plan: _ForwardPlan, x0, x1, weight, bias, residual, widths):
 
 
 def _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start0, start1, out_channels, stride,
-                  padding, activation, negative_slope):
+                  padding, activation, negative_slope, upscale_factor):
     plan = _forward_plan(_meta(x0), _meta(x1), _meta(weight), _meta(bias), _meta(residual), _meta(widths),
                          widths_multiple, start0, start1, out_channels, stride, padding, activation, negative_slope,
+                         upscale_factor,
                          # the keywords slim_conv2d passes, in its order: one cache entry for both
                          channel_sums=False, aligned_pointers=_aligned_pointers(x0, x1, weight, bias, residual, widths),
                          tile_widths=None)
@@ -714,23 +734,23 @@ def _slim_conv2d_op(x0: torch.Tensor, x1: Optional[torch.Tensor], weight: torch.
                     bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                     widths: Optional[torch.Tensor], widths_multiple: int, start0: int, start1: int,
                     out_channels: int, stride: int, padding: int, activation: str,
-                    negative_slope: float) -> torch.Tensor:
+                    negative_slope: float, upscale_factor: int = 1) -> torch.Tensor:
     # a direct call of the op, or a traced graph run on other shapes, has not been through slim_conv2d's checks
     two = x1 is not None
     _checked_signature([x0, x1] if two else [x0], weight, bias, residual, widths, (start0, start1) if two else (start0,),
                        out_channels, stride, padding, None if activation == "none" else activation, negative_slope,
-                       widths_multiple)
+                       widths_multiple, upscale_factor)
     return _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start0, start1, out_channels,
-                         stride, padding, activation, negative_slope)
+                         stride, padding, activation, negative_slope, upscale_factor)
 
 
 @_slim_conv2d_op.register_fake
 def _(x0, x1, weight, bias, residual, widths, widths_multiple, start0, start1, out_channels, stride, padding,
-      activation, negative_slope):
+      activation, negative_slope, upscale_factor=1):
     n, _, h, w = x0.shape
-    k = weight.shape[-1]
-    return _empty_channels_last((n, out_channels, _out_size(h, k, stride, padding),
-                                 _out_size(w, k, stride, padding)), x0)
+    k, r = weight.shape[-1], upscale_factor
+    return _empty_channels_last((n, out_channels // (r * r), _out_size(h, k, stride, padding) * r,
+                                 _out_size(w, k, stride, padding) * r), x0)
 
 
 @torch.library.custom_op("dds_fast::slim_conv2d_backward", mutates_args=())
@@ -756,9 +776,10 @@ def _(grad_y, y, x0, x1, weight, start0, start1, stride, padding, activation, ne
 
 def _setup_context(ctx, inputs, output):
     (x0, x1, weight, bias, residual, widths, _, start0, start1, out_channels, stride, padding, activation,
-     negative_slope) = inputs
+     negative_slope, *upscale) = inputs  # the op's call may leave upscale_factor at its default
     ctx.save_for_backward(x0, x1, weight, output if activation != "none" else None)
     ctx.args = (start0, start1, stride, padding, activation, negative_slope)
+    ctx.upscale_factor = upscale[0] if upscale else 1
     ctx.has_bias = bias is not None
     ctx.per_image = widths is not None
 
@@ -768,6 +789,9 @@ def _backward(ctx, grad_y, backward_impl=None):
         raise NotImplementedError("slim_conv2d: per-image widths are forward only")
     x0, x1, weight, y = ctx.saved_tensors
     start0, start1, stride, padding, activation, negative_slope = ctx.args
+    if ctx.upscale_factor > 1:  # the backward takes the filters' own layout: undo the store's shuffle
+        grad_y = _pixel_unshuffle(grad_y, ctx.upscale_factor)
+        y = None if y is None else _pixel_unshuffle(y, ctx.upscale_factor)
     need = ctx.needs_input_grad
     needs = [need[0], need[1], need[2], need[3], need[4]]
     dx0, dx1, dw, db, dres = (backward_impl or torch.ops.dds_fast.slim_conv2d_backward)(
@@ -777,7 +801,7 @@ def _backward(ctx, grad_y, backward_impl=None):
         dres = grad_y
     return (dx0 if need[0] else None, dx1 if need[1] else None, dw if need[2] else None,
             db if (need[3] and ctx.has_bias) else None, dres if need[4] else None,
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None) + (None,) * (len(need) - 14)
 
 
 _slim_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -919,7 +943,7 @@ def _dtypes_match(activation: torch.dtype, weight: torch.dtype) -> bool:
 
 
 def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual,
-                widths, widths_multiple):
+                widths, widths_multiple, upscale_factor):
     if not isinstance(inputs, (list, tuple)) or not 1 <= len(inputs) <= 2 \
             or not all(isinstance(t, torch.Tensor) for t in inputs):
         got = len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__
@@ -998,6 +1022,16 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
         if widths.dtype != torch.int32 or tuple(widths.shape) != (n, cols) or widths.device != first.device:
             raise ValueError(f"slim_conv2d: widths must be an int32 [{n}, {cols}] tensor on {first.device}, got "
                              f"{widths.dtype} {tuple(widths.shape)} on {widths.device}")
+    if upscale_factor < 1:
+        raise ValueError(f"slim_conv2d: upscale_factor={upscale_factor} must be >= 1")
+    if upscale_factor > 1:
+        groups = upscale_factor ** 2  # the filters of one shuffled channel
+        if out_channels % groups or (widths is not None and widths_multiple % groups):
+            raise ValueError(f"slim_conv2d: with upscale_factor={upscale_factor}, out_channels ({out_channels}) and "
+                             f"every per-image width (widths_multiple={widths_multiple}) must be multiples of "
+                             f"{groups}")
+        if residual is not None:
+            raise ValueError("slim_conv2d: a residual with upscale_factor > 1 is not supported")
 
 
 def _check_width_values(widths, inputs, out_channels, widths_multiple):
@@ -1061,14 +1095,14 @@ def _signature(inputs, weight, bias, residual, widths, *options):
 
 
 def _checked_signature(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride, padding,
-                       activation, negative_slope, widths_multiple):
+                       activation, negative_slope, widths_multiple, upscale_factor):
     """``_signature`` of arguments that ``_check_args`` passes (run once per signature; the
     values of CPU widths on every call)."""
     signature = _signature(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride, padding,
-                           activation, negative_slope, widths_multiple)
+                           activation, negative_slope, widths_multiple, upscale_factor)
     if signature is None or signature not in _CHECKED_SIGNATURES:
         _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual, widths,
-                    widths_multiple)
+                    widths_multiple, upscale_factor)
         if activation == "leaky_relu" and negative_slope < 0:
             raise ValueError(f"slim_conv2d: leaky_relu negative_slope={negative_slope} must be >= 0")
         _remember(_CHECKED_SIGNATURES, signature)
@@ -1084,7 +1118,7 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
                 padding=None, activation: Optional[str] = None, negative_slope: float = 0.01,
                 residual: Optional[torch.Tensor] = None, widths: Optional[torch.Tensor] = None,
                 widths_multiple: int = 1, channel_sums: bool = False,
-                tile_widths: Optional[tuple[int, int]] = None):
+                tile_widths: Optional[tuple[int, int]] = None, upscale_factor: int = 1):
     """``act(conv(cat(inputs, 1), weight[:o, active input channels]) + bias[:o] + residual)``.
 
     - ``inputs``: 1 or 2 tensors ``[N, C_k, H, W]``; input k's channels are the weight's input
@@ -1111,6 +1145,10 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
       take, say): images as narrow run on tiles that fit them, wider ones on more, smaller
       tiles. The result is the same up to rounding (the reduction is summed in other blocks).
 
+    - ``upscale_factor`` r: the output pixel-shuffled as ``F.pixel_shuffle(out, r)`` does, in
+      the store (an upsampling conv with no copy after it): ``[N, o / r^2, r Ho, r Wo]``; ``o``
+      and per-image widths multiples of r^2; no residual or channel sums.
+
     Inputs (and residual) share one dtype: the weight's, or fp16/bf16 over fp32 weights (mixed
     precision: the weight tiles are cast in registers, and weight and bias gradients stay fp32).
     Returns ``[N, o, Ho, Wo]`` in channels_last, in the inputs' dtype (fp32 accumulation).
@@ -1123,9 +1161,10 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     # a start of 0.0 may find the plan of 0, the same launch)
     if widths is None and not channel_sums and tile_widths is None and type(stride) is int \
             and (padding is None or type(padding) is int) and type(widths_multiple) is int \
-            and (out_channels is None or type(out_channels) is int) and not torch.compiler.is_compiling():
+            and type(upscale_factor) is int and (out_channels is None or type(out_channels) is int) \
+            and not torch.compiler.is_compiling():
         key = _inference_key(inputs, weight, bias, residual, segment_starts, out_channels, stride, padding,
-                             activation, negative_slope, widths_multiple)
+                             activation, negative_slope, widths_multiple, upscale_factor)
         try:
             plan = _INFERENCE_PLANS.get(key)
         except TypeError:  # an unhashable option (a list of segment starts)
@@ -1142,17 +1181,20 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     padding = k // 2 if padding is None else _as_int(padding, "padding")
     segment_starts = tuple(_as_int(s, f"segment_starts[{i}]", pairs=False) for i, s in enumerate(segment_starts))
     widths_multiple = _as_int(widths_multiple, "widths_multiple")
+    upscale_factor = _as_int(upscale_factor, "upscale_factor", pairs=False)
     # a tensor in a plan's key could change in place (float first: an ABC check costs host time)
     if type(negative_slope) is not float and not isinstance(negative_slope, numbers.Real):
         raise ValueError(f"slim_conv2d: negative_slope must be a number, got {type(negative_slope).__name__}")
     signature = _checked_signature(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride,
-                                   padding, activation, negative_slope, widths_multiple)
+                                   padding, activation, negative_slope, widths_multiple, upscale_factor)
     if tile_widths is not None:
         if widths is None:
             raise ValueError("slim_conv2d: tile_widths applies to per-image widths only")
         tile_widths = tuple(_as_int(t, "tile_widths") for t in tile_widths)
         if len(tile_widths) != 2 or min(tile_widths) < 1:
             raise ValueError(f"slim_conv2d: tile_widths must be two positive widths (out, in), got {tile_widths}")
+    if channel_sums and upscale_factor > 1:
+        raise ValueError("slim_conv2d: channel_sums with upscale_factor > 1 is not supported")
     if channel_sums and widths is not None:
         raise ValueError("slim_conv2d: channel_sums with per-image widths is not supported (the sums of "
                          "channels beyond an image's width would be undefined)")
@@ -1162,7 +1204,7 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     x1 = inputs[1] if len(inputs) == 2 else None
     start1 = segment_starts[1] if len(inputs) == 2 else 0
     options = (widths_multiple, segment_starts[0], start1, out_channels, stride, padding,
-               "none" if activation is None else activation, float(negative_slope))
+               "none" if activation is None else activation, float(negative_slope), upscale_factor)
     path = _eager_path(*inputs, weight, bias, residual)
     if path == "inference":
         plan = _forward_plan(*signature[:6], *options, channel_sums=bool(channel_sums),

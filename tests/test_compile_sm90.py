@@ -76,6 +76,8 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
      dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True)),
     ("forward fp32", f, f, dict(DOT_F32=True)),
     ("forward bf16 with channel sums (a gate's stem)", p, p, dict(CHANNEL_SUMS=True)),
+    ("forward bf16, pixel shuffle in the store (an upsampling conv), per-image widths", p, p,
+     dict(UPSCALE=2, PER_IMAGE=True)),
 ] for widths in ((16, 16), (16, 64), (32, 64), (64, 16), (64, 64), (128, 16), (128, 32), (128, 128))] + [
     # every tile class a static launch picks
     (("forward bf16, taps in the reduction (3 input channels), channel sums", p, p,
@@ -86,8 +88,10 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
     build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", sums=f,
                                          slope="fp32"),
           dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
-                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False), **blocks, **extra), warps,
-          None if extra.get("TAPS_IN_K") else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)))
+                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, UPSCALE=1), **blocks,
+               **extra), warps,
+          None if extra.get("TAPS_IN_K") or extra.get("UPSCALE") else tiles(dtype, cols, red, True,
+                                                                             extra.get("TWO_INPUTS", False)))
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}
@@ -97,14 +101,15 @@ for align in (1, 8):
         vectors[f"forward{' per-image' if per_image else ''} fp16, alignment {align}"] = vector_loads(
             K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
             dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2,
-                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, CO_ALIGN=align,
+                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, UPSCALE=1, CO_ALIGN=align,
                  Y_ALIGN=align, **flags,
                  **blocks), warps)
     # a 3-channel output (a net's last layer): the inputs keep their vector loads
     vectors[f"forward fp16, input alignment {align}, output alignment 1"] = vector_loads(
         K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
         dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=True, ACT=0,
-             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, CO_ALIGN=1, Y_ALIGN=1, **flags,
+             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, UPSCALE=1, CO_ALIGN=1, Y_ALIGN=1,
+             **flags,
              **blocks), warps)
     vectors[f"grad input fp16, alignment {align}"] = vector_loads(
         K._bwd_input_kernel, dict(dz=h, w=h, dx=h),
@@ -135,7 +140,9 @@ build("grad weight fp32", K._bwd_weight_kernel, dict(dz=f, x=f, ws=f),
       (dict(ROW_TAPS=True), W))
 build("activation and bias gradient", K._bwd_dz_kernel, dict(dy=p, y=p, dz=p, bias_ws=f, slope="fp32"),
       dict(ACT=2, STORE_DZ=True, BIAS_SUMS=True, BLOCK_M=64, BLOCK_N=64), 4)
-build("reduce into bf16", K._reduce_kernel, dict(ws=f, out=p), dict(KSIZE=3, BLOCK=1024), 4)
+for zero_rest in (True, False):
+    build(f"reduce into bf16{', zeroing the rest' if zero_rest else ''}", K._reduce_kernel, dict(ws=f, out=p),
+          dict(KSIZE=3, ZERO_REST=zero_rest, BLOCK=1024), 4)
 build("gate squeeze", G._squeeze_kernel, dict(x_ptr=p, part_ptr=f), dict(BLOCK_HW=64, BLOCK_C=32), 4)
 build("row folding (bias gradient)", R._sum_rows_kernel, dict(part_ptr=f, out_ptr=f),
       dict(BLOCK_T=32, BLOCK_C=256), 4)

@@ -36,7 +36,8 @@ def act_ref(z, activation, slope=0.01):
 
 
 def make_case(seed, *, dtype=torch.float32, n=2, h=7, w=9, k=3, stride=1, widths=(13,), starts=(0,),
-              cin_max=24, cout_max=20, o=11, bias=True, residual=False, channels_last=True, weight_ohwi=False):
+              cin_max=24, cout_max=20, o=11, bias=True, residual=False, channels_last=True, weight_ohwi=False,
+              upscale=1):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
@@ -54,7 +55,7 @@ def make_case(seed, *, dtype=torch.float32, n=2, h=7, w=9, k=3, stride=1, widths
         inputs=[t.to(DEVICE) for t in inputs], weight=weight.to(DEVICE),
         bias=rnd(cout_max).to(DEVICE) if bias else None,
         residual=rnd(n, o, ho, wo).to(DEVICE) if residual else None,
-        starts=starts, o=o, stride=stride, k=k)
+        starts=starts, o=o, stride=stride, k=k, upscale=upscale)
 
 
 def reference(case, activation, slope=0.01, *, leaves=None):
@@ -70,13 +71,13 @@ def reference(case, activation, slope=0.01, *, leaves=None):
     residual = t.get("residual", None if case["residual"] is None else case["residual"].double())
     if residual is not None:
         z = z + residual
-    return act_ref(z, activation, slope)
+    return F.pixel_shuffle(act_ref(z, activation, slope), case["upscale"])
 
 
 def run(case, activation, slope=0.01, **kw):
     return slim_conv2d(case["inputs"], case["weight"], case["bias"], segment_starts=case["starts"],
                        out_channels=case["o"], stride=case["stride"], activation=activation,
-                       negative_slope=slope, residual=case["residual"], **kw)
+                       negative_slope=slope, residual=case["residual"], upscale_factor=case["upscale"], **kw)
 
 
 def check_grads(case, activation, slope=0.01, grad_format=torch.contiguous_format):
@@ -442,7 +443,7 @@ def test_weight_is_never_sliced_or_copied(act_dtype):
     detached = weight.detach()
     with _RecordWeightUse(weight) as inner:
         y2 = K._forward_impl(*[t.detach() for t in case["inputs"]], detached, case["bias"].detach(),
-                             case["residual"].detach(), None, 1, 0, 12, o, 1, 1, "relu", 0.01)
+                             case["residual"].detach(), None, 1, 0, 12, o, 1, 1, "relu", 0.01, 1)
         K._backward_impl(torch.ones_like(y2), y2, *[t.detach() for t in case["inputs"]], detached,
                          0, 12, 1, 1, "relu", 0.01, True, [True] * 5)
     assert mode.uses == [] and inner.uses == []
@@ -451,6 +452,51 @@ def test_weight_is_never_sliced_or_copied(act_dtype):
         weight[:o].contiguous()
         weight.to(act_dtype if act_dtype != torch.float32 else torch.float64)
     assert any("slice" in use for use in check.uses) and any("_to_copy" in use for use in check.uses)
+
+
+# ------------------------------------------------------------------- upsampling convs
+@pytest.mark.parametrize("dtype,k,stride,two", [(torch.float32, 1, 1, False), (torch.float32, 3, 2, True),
+                                                (torch.float16, 3, 1, True), (torch.bfloat16, 1, 2, False)])
+def test_upscale_shuffles_the_output_in_the_store(monkeypatch, dtype, k, stride, two):
+    """``upscale_factor=2`` equals F.pixel_shuffle of the plain conv, every element written
+    (the output starts as NaN), and trains: gradients through the shuffle match fp64."""
+    monkeypatch.setattr(K, "_empty_channels_last", lambda shape, like: torch.full(
+        shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
+    case = make_case(23, dtype=dtype, k=k, stride=stride, widths=(6, 5) if two else (7,),
+                     starts=(0, 9) if two else (0,), o=12, upscale=2)
+    check_grads(case, "leaky_relu")
+    y = run(case, None)
+    ho, wo = (7 - 1) // stride + 1, (9 - 1) // stride + 1
+    assert y.shape == (2, 3, 2 * ho, 2 * wo) and y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_upscale_with_per_image_widths():
+    case = make_case(24, widths=(12,), o=16, cout_max=16, upscale=2)
+    x = case["inputs"][0]
+    per_image = [(8, 4), (16, 12)]  # (out width, in width): multiples of 4, as widths_multiple promises
+    x[0, 4:] = float("nan")
+    widths = torch.tensor(per_image, dtype=torch.int32, device=DEVICE)
+    y = run(case, "relu", widths=widths, widths_multiple=4)
+    for i, (o, c) in enumerate(per_image):
+        sub = dict(case, inputs=[x[i:i + 1, :c]], o=o)
+        assert rel_err(y[i:i + 1, :o // 4], reference(sub, "relu")) < TOL[torch.float32]
+
+
+def test_upscale_errors():
+    case = make_case(25, widths=(4,), o=8)
+    x, w = case["inputs"][0], case["weight"]
+    with pytest.raises(ValueError, match=r"out_channels \(6\) and every per-image width .* multiples of 4"):
+        slim_conv2d([x], w, out_channels=6, upscale_factor=2)
+    with pytest.raises(ValueError, match="widths_multiple=2"):
+        slim_conv2d([x], w, out_channels=8, upscale_factor=2, widths_multiple=2,
+                    widths=torch.tensor([[8, 4], [4, 4]], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="residual with upscale_factor"):
+        slim_conv2d([x], w, out_channels=8, upscale_factor=2, residual=torch.randn(2, 8, 7, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="channel_sums with upscale_factor"):
+        slim_conv2d([x], w, out_channels=8, upscale_factor=2, channel_sums=True)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="upscale_factor"):
+            slim_conv2d([x], w, out_channels=8, upscale_factor=bad)
 
 
 # ----------------------------------------------------------------------- per-image widths
@@ -509,7 +555,7 @@ def test_the_kernel_clamps_per_image_widths_the_host_cannot_check(monkeypatch):
     x = case["inputs"][0]
     widths = torch.tensor([[100, 100], [-5, 3], [4, -1]], dtype=torch.int32, device=DEVICE)
     with torch.no_grad():
-        y = K._forward_impl(x, None, case["weight"], case["bias"], None, widths, 1, 0, 0, 8, 1, 1, "none", 0.0)
+        y = K._forward_impl(x, None, case["weight"], case["bias"], None, widths, 1, 0, 0, 8, 1, 1, "none", 0.0, 1)
     whole = dict(case, inputs=[x[:1]])  # (100, 100) clamped to (8 outputs, 6 inputs)
     assert rel_err(y[:1], reference(whole, None)) < TOL[torch.float32]
     assert torch.isnan(y[1]).all()  # out width -5: nothing written
@@ -655,12 +701,13 @@ def test_flop_counter_counts_active_slice():
     assert counter.get_total_flops() == 2 * macs
 
 
-def test_torch_compile_fullgraph():
-    case = make_case(12, n=1, h=5, w=5, widths=(6,), o=9)
+@pytest.mark.parametrize("upscale", [1, 2])
+def test_torch_compile_fullgraph(upscale):
+    case = make_case(12, n=1, h=5, w=5, widths=(6,), o=8, upscale=upscale)
     case["weight"].requires_grad_(True)
 
     def f(x, weight, bias):
-        return slim_conv2d([x], weight, bias, out_channels=9, activation="relu")
+        return slim_conv2d([x], weight, bias, out_channels=8, activation="relu", upscale_factor=upscale)
 
     x = case["inputs"][0].requires_grad_(True)
     y = torch.compile(f, fullgraph=True)(x, case["weight"], case["bias"])
@@ -672,8 +719,8 @@ def test_torch_compile_fullgraph():
     ref.backward(grad.double())
     assert rel_err(y, ref) < TOL[torch.float32]
     assert rel_err(x.grad, leaves["inputs"][0].grad) < TOL[torch.float32]
-    assert rel_err(case["weight"].grad[:9, :6], leaves["weight"].grad[:9, :6]) < TOL[torch.float32]
-    assert (case["weight"].grad[9:] == 0).all() and (case["weight"].grad[:, 6:] == 0).all()
+    assert rel_err(case["weight"].grad[:8, :6], leaves["weight"].grad[:8, :6]) < TOL[torch.float32]
+    assert (case["weight"].grad[8:] == 0).all() and (case["weight"].grad[:, 6:] == 0).all()
 
 
 def test_per_image_widths_under_fake_tensors_and_torch_compile():
@@ -881,7 +928,7 @@ def test_cached_launch_checks_its_arguments_against_the_kernel():
 
     x, weight = torch.randn(1, 4, 5, 5, device=DEVICE), torch.randn(8, 4, 3, 3, device=DEVICE)
     launch = K._forward_plan(K._meta(x), None, K._meta(weight), None, None, None, 1, 0, 0, 8, 1, 1, "relu",
-                             0.01).launch
+                             0.01, 1).launch
     with pytest.raises(ValueError, match="do not match"):  # one tensor too few: a scalar's name shows
         CachedLaunch(K._conv_fwd_kernel, launch.grid, launch.scalars, launch.meta, num_tensors=7)
     with pytest.raises(ValueError, match="do not match"):

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dds_fast import SlimConv2d, SlimDnCNN, SlimUNet, export_static
-from dds_fast.nets import pixel_shuffle
+from dds_fast.slim_conv import pixel_shuffle
 
 
 def small_unet(**kw):
@@ -194,7 +194,8 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("shape", [(2, 12, 5, 7), (1, 4, 1, 1), (3, 32, 4, 6)])
+# (2, 8, 1, 1): a 1x1 input is also NCHW-contiguous, and a reshape alone returns it NCHW
+@pytest.mark.parametrize("shape", [(2, 12, 5, 7), (1, 4, 1, 1), (3, 32, 4, 6), (2, 8, 1, 1)])
 def test_pixel_shuffle_keeps_channels_last_in_at_most_one_copy(shape):
     x = torch.randn(shape, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
     with _CountOps() as counted:
@@ -209,3 +210,5 @@ def test_pixel_shuffle_keeps_channels_last_in_at_most_one_copy(shape):
     assert torch.equal(pixel_shuffle(nchw, 2), F.pixel_shuffle(nchw, 2))
     with pytest.raises(ValueError, match="not a multiple of 2"):
         pixel_shuffle(torch.randn(1, 6, 2, 2).to(memory_format=torch.channels_last), 2)
+    empty = pixel_shuffle(torch.randn(0, 8, 3, 3).to(memory_format=torch.channels_last), 2)  # an empty batch
+    assert empty.shape == (0, 2, 6, 6) and empty.is_contiguous(memory_format=torch.channels_last)

@@ -77,6 +77,20 @@ def test_epilogue_bias_residual_activation(activation, slope):
     torch.testing.assert_close(conv(x, residual=residual), expected)
 
 
+def test_upsampling_conv_is_the_pixel_shuffle_of_the_slice():
+    torch.manual_seed(3)
+    conv = SlimConv2d(6, 16, 1, activation="relu", upscale_factor=2).double()
+    conv.active_out_channels = 8
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    expected = F.pixel_shuffle(F.relu(F.conv2d(x, conv.weight[:8, :5], conv.bias[:8])), 2)
+    torch.testing.assert_close(conv(x), expected)
+    assert "upscale_factor=2" in repr(conv)
+    with pytest.raises(ValueError, match=r"active_out_channels.*multiple of 4.*6"):
+        conv.active_out_channels = 6
+    with pytest.raises(ValueError, match="residual with upscale_factor"):
+        conv(x, residual=expected)
+
+
 def test_concat_segments_use_each_blocks_prefix():
     torch.manual_seed(3)
     conv = SlimConv2d(10 + 6, 8, 3, padding=1, in_segments=(10, 6)).double()
@@ -122,6 +136,9 @@ def test_bad_input_raises_value_error_naming_layer_and_numbers(make_error, match
     (dict(activation="gelu"), "activation"),
     (dict(in_segments=(3, 2)), "in_segments"),
     (dict(in_segments=(6, 0)), "in_segments"),
+    (dict(upscale_factor=3), "upscale_factor"),  # 8 filters are no multiple of 9
+    (dict(upscale_factor=0), "upscale_factor"),
+    (dict(upscale_factor=2.0), "upscale_factor"),
 ])
 def test_unsupported_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -246,3 +263,4 @@ def test_repr_shows_the_fused_activation_and_the_static_export_keeps_it():
     net = SlimUNet(base_width=8, depth=2)
     static = export_static(net, net.space.smallest())
     assert f"activation='leaky_relu', negative_slope={net.stem_conv.negative_slope:g}" in repr(static.stem_conv)
+    assert "upscale_factor=2" in repr(static.ups[0])

@@ -28,6 +28,7 @@ def pair(**kwargs):
      7, 5, 1),
     (dict(in_channels=12, out_channels=10, kernel_size=3, stride=2, padding=1, activation="relu"), 10, 12, 2),
     (dict(in_channels=9, out_channels=6, kernel_size=1, bias=False), 3, 9, 1),
+    (dict(in_channels=8, out_channels=16, kernel_size=1, upscale_factor=2), 8, 6, 1),  # an upsampling conv
 ])
 def test_forward_and_gradients_match_the_reference(kwargs, active, in_width, stride):
     fast, slow = pair(**kwargs)
