@@ -6,7 +6,8 @@ shape and against its roofline floor: which layers make the network's distance f
 Every SlimConv2d's inputs are captured in one forward of the config (fp16, channels_last);
 each layer is then timed with ``triton.testing.do_bench`` (median), and so is cuDNN's static
 conv over the concatenated inputs and a contiguous copy of the active weight (bias and
-activation left out: the floor of what slicing cannot reach). Without a GPU it runs the
+activation left out: the floor of what slicing cannot reach; an upsampling conv's time includes
+its pixel-shuffled store, cuDNN's conv is not shuffled). Without a GPU it runs the
 reference path on the CPU in fp32 with wall-clock medians: a check of the script, not a speed.
 """
 import json

@@ -324,7 +324,8 @@ class LatencyRunner:
                              f"SlimConv2d({conv.in_channels}->{conv.out_channels}); input_shape has "
                              f"{self.input_shape[1]}")
         in_widths = [width_at(ratio, size) for size in conv.in_segments]
-        conv.active_out_channels = width_at(ratio, conv.out_channels)
+        shuffled = conv.upscale_factor ** 2  # an upsampling conv keeps whole output channels of that many filters
+        conv.active_out_channels = width_at(ratio, conv.out_channels // shuffled) * shuffled
         inputs = [self.inputs[:, start:start + width].contiguous(memory_format=self.memory_format)
                   for start, width in zip(conv.segment_starts, in_widths)]
         return (conv, inputs[0] if len(inputs) == 1 else inputs,

@@ -1025,16 +1025,17 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
     if upscale_factor < 1:
         raise ValueError(f"slim_conv2d: upscale_factor={upscale_factor} must be >= 1")
     if upscale_factor > 1:
-        groups = upscale_factor ** 2  # the filters of one shuffled channel
-        if out_channels % groups or (widths is not None and widths_multiple % groups):
+        # whole shuffled channels: the out widths only (widths_multiple also covers the in widths,
+        # which need not be multiples of r^2; each image's out width is checked with the values)
+        groups = upscale_factor ** 2
+        if out_channels % groups:
             raise ValueError(f"slim_conv2d: with upscale_factor={upscale_factor}, out_channels ({out_channels}) and "
-                             f"every per-image width (widths_multiple={widths_multiple}) must be multiples of "
-                             f"{groups}")
+                             f"each image's out width must be multiples of {groups}")
         if residual is not None:
             raise ValueError("slim_conv2d: a residual with upscale_factor > 1 is not supported")
 
 
-def _check_width_values(widths, inputs, out_channels, widths_multiple):
+def _check_width_values(widths, inputs, out_channels, widths_multiple, upscale_factor):
     """The values of per-image widths on the CPU (on a GPU, reading them would sync; the kernel
     clamps them to the buffers instead)."""
     limits = torch.tensor([out_channels] + [t.shape[1] for t in inputs], dtype=torch.int32)
@@ -1047,6 +1048,11 @@ def _check_width_values(widths, inputs, out_channels, widths_multiple):
         i, j = bad[0].tolist()
         raise ValueError(f"slim_conv2d: widths[{i}, {j}] = {int(widths[i, j])} is not a multiple of "
                          f"widths_multiple={widths_multiple}")
+    bad = (widths[:, 0] % upscale_factor ** 2).nonzero() if upscale_factor > 1 else []  # whole shuffled channels
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"slim_conv2d: widths[{i}, 0] = {int(widths[i, 0])} is not a multiple of "
+                         f"{upscale_factor ** 2} (upscale_factor={upscale_factor})")
 
 
 _CHECKED_SIGNATURES: dict = {}  # signatures whose arguments passed _check_args
@@ -1109,7 +1115,7 @@ def _checked_signature(inputs, weight, bias, residual, widths, segment_starts, o
     # traced or fake widths have no values to read (the op checks them when it runs)
     if widths is not None and widths.device.type == "cpu" and not torch.compiler.is_compiling() \
             and not is_fake(widths):
-        _check_width_values(widths, inputs, out_channels, widths_multiple)
+        _check_width_values(widths, inputs, out_channels, widths_multiple, upscale_factor)
     return signature
 
 
@@ -1147,7 +1153,8 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
 
     - ``upscale_factor`` r: the output pixel-shuffled as ``F.pixel_shuffle(out, r)`` does, in
       the store (an upsampling conv with no copy after it): ``[N, o / r^2, r Ho, r Wo]``; ``o``
-      and per-image widths multiples of r^2; no residual or channel sums.
+      and each image's out width multiples of r^2 (the latter checked on CPU only; on a GPU
+      a broken one leaves part of a channel unwritten); no residual or channel sums.
 
     Inputs (and residual) share one dtype: the weight's, or fp16/bf16 over fp32 weights (mixed
     precision: the weight tiles are cast in registers, and weight and bias gradients stay fp32).

@@ -346,6 +346,24 @@ def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net, attenti
         model(x)
 
 
+def test_per_image_widths_of_a_unet_in_steps_of_6():
+    """Widths in steps of 6: an upsampling conv's per-image widths share no multiple of 4 with
+    its inputs' (only its out widths, whole shuffled channels, are multiples of 4)."""
+    pytest.importorskip("triton")
+    model = make_ddsnet(lambda: SlimUNet(in_channels=3, base_width=8, depth=2, divisor=6), seed=4).float().to(DEVICE)
+    for module in model.supernet.modules():
+        if isinstance(module, dds_fast.SlimConv2d):
+            module.backend = "triton"
+    x = images(n=4, size=(8, 8), seed=5).float().to(DEVICE)
+    choice = torch.tensor([1, 2, 0, 1], device=DEVICE)
+    with torch.no_grad():
+        model.per_image = False
+        grouped = model(x, choice=choice)
+        model.per_image = True
+        per_image = model(x, choice=choice)
+    torch.testing.assert_close(per_image, grouped, rtol=1e-4, atol=1e-5)
+
+
 def test_the_fused_gate_reads_the_channel_sums_of_the_stems_epilogue(monkeypatch):
     pytest.importorskip("triton")
     from dds_fast.kernels import gate as gate_kernels

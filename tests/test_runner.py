@@ -78,6 +78,14 @@ def test_runner_times_a_slim_conv_at_width_ratios():
         LatencyRunner(small_net(), (1, 1, 8, 8)).run([("half", 0.5)], peaks=DevicePeaks(1e9, 1e9))
 
 
+def test_runner_times_an_upsampling_conv_at_whole_shuffled_channels():
+    # 40 filters are 10 output channels: width 0.25 keeps 3 of them (12 filters), not 10 filters
+    conv = SlimConv2d(8, 40, 1, upscale_factor=2)
+    report = LatencyRunner(conv, (1, 8, 4, 4), warmup=0, repeats=1).run(peaks=PEAKS)
+    assert [r.config["out_width"] for r in report.results] == [12, 20, 32, 40]
+    assert [r.macs_per_pixel for r in report.results] == [12 * 2, 20 * 4, 32 * 6, 40 * 8]
+
+
 def test_measured_peaks_are_positive():
     runner = LatencyRunner(small_net(), (1, 1, 8, 8), warmup=1, repeats=2)
     peaks = runner.measure_peaks()
