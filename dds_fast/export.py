@@ -17,8 +17,9 @@ class StaticConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` with exactly the narrow shapes of one SlimConv2d slice.
 
     It keeps the SlimConv2d calling convention (a list input is concatenated, the optional
-    residual and activation follow the conv, then the pixel shuffle of an upsampling conv) and runs the stock PyTorch convolution (cuDNN
-    on a GPU) on its own contiguous weight: the fair static baseline.
+    residual and activation follow the conv, then an upsampling conv's pixel shuffle) and runs
+    the stock PyTorch convolution (cuDNN on a GPU) on its own contiguous weight: the fair
+    static baseline.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode,
