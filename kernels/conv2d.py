@@ -166,7 +166,15 @@ def _conv_fwd_kernel(
     m_ok = offs_m < HO * WO
     oh = offs_m // WO
     ow = offs_m % WO
-    co = pid_co * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N)
+    if UPSCALE > 1:
+        # pixel shuffle: filter co goes to channel co // r^2 of sub-pixel phase co % r^2. The tile's
+        # columns take its filters phase by phase, so that each run of PHASE_COLS columns stores
+        # consecutive channels of one phase: vector stores, as without the shuffle
+        PHASE_COLS: tl.constexpr = BLOCK_N // (UPSCALE * UPSCALE)
+        co = pid_co * BLOCK_N + (cols % PHASE_COLS) * (UPSCALE * UPSCALE) + cols // PHASE_COLS
+    else:
+        co = pid_co * BLOCK_N + cols
     co_ok = co < cout_n
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -191,10 +199,15 @@ def _conv_fwd_kernel(
     elif ACT == 2:
         acc = tl.where(acc > 0, acc, acc * slope)
     if UPSCALE > 1:
-        # pixel shuffle in the store: filter co is channel co // r^2 of output pixel
-        # (r * oh + co // r % r, r * ow + co % r), y being the shuffled [N, COUT / r^2, r * HO, r * WO]
+        # y is the shuffled [N, COUT / r^2, r * HO, r * WO]: phase p of pixel (oh, ow) is output
+        # pixel (r * oh + p // r, r * ow + p % r)
+        channel = pid_co * PHASE_COLS + cols % PHASE_COLS
+        phase = cols // PHASE_COLS
         y_ptrs = y + n * syn + (oh * (UPSCALE * syh) + ow * (UPSCALE * syw))[:, None] + (
-            (co // (UPSCALE * UPSCALE)) * syc + (co // UPSCALE % UPSCALE) * syh + (co % UPSCALE) * syw)[None, :]
+            channel * syc + (phase // UPSCALE) * syh + (phase % UPSCALE) * syw)[None, :]
+        # the same filters as co_ok (whole channels: out widths are multiples of r^2), said in
+        # channels, whose runs the compiler can see are all in or all out (CO_ALIGN counts them)
+        out_ok = m_ok[:, None] & (channel < _aligned(cout_n // (UPSCALE * UPSCALE), CO_ALIGN))[None, :]
     else:
         y_ptrs = y + n * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
     out = acc.to(y.dtype.element_ty)
@@ -546,14 +559,15 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     per_image_multiple = [] if mwd is None else [widths_multiple]
     aligns = dict(
         C_ALIGN=_alignment(c0, c1, start0, start1, *per_image_multiple),
-        CO_ALIGN=_alignment(out_channels, *per_image_multiple),
+        # with an upscale, of the shuffled channels (r^2 filters each; a multiple of widths that is
+        # not one of r^2 promises nothing about them)
+        CO_ALIGN=_alignment(*[v // (r * r) if v % (r * r) == 0 else 1 for v in [out_channels, *per_image_multiple]]),
         X_ALIGN=_alignment(*_batch_and_pixel_strides(x0_strides, x1_strides)),
         Y_ALIGN=_alignment(*_batch_and_pixel_strides(r_strides, y_strides)),
         W_ALIGN=_alignment(*_pixel_strides_of_weight(w_strides)),
     )
-    # the shuffled store's per-filter addresses spill the fast layout's big tiles on sm_90
-    fast = aligned_pointers and r == 1 and _fast_layout(
-        (x0_strides[1], x1_strides[1], r_strides[1], y_strides[1], w_strides[1]), *aligns.values())
+    fast = aligned_pointers and _fast_layout((x0_strides[1], x1_strides[1], r_strides[1], y_strides[1], w_strides[1]),
+                                             *aligns.values())
     if mwd is not None:
         cols, red = (w_shape[0], w_shape[1]) if tile_widths is None else tile_widths
         bm, bn, bk, warps = _tiles(dtype, ho * wo, cols, red, fast, m1 is not None)

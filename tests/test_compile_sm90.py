@@ -53,16 +53,17 @@ def build(name, fn, ptrs, constexprs, warps, fast_tiles=None):
                                        text=True).stdout
             stacks[f"{name} ({layout})"] = int(re.search(r"STACK:(\\d+)", usage).group(1))
 
-def vector_loads(fn, ptrs, constexprs, warps):
-    # vector loads and asynchronous copies in the PTX of the channels_last build with 16-byte
-    # aligned pointers, as the JIT specialises them at run time
+def vector_loads(fn, ptrs, constexprs, warps, stores=False):
+    # vector loads and asynchronous copies (or vector stores) in the PTX of the channels_last
+    # build with 16-byte aligned pointers, as the JIT specialises them at run time
     values = {**constexprs, **{a: 1 for a in fn.arg_names if a in UNIT_STRIDES}}
     sig = {a: "constexpr" if a in values else ptrs.get(a, "i32") for a in fn.arg_names}
     cx = {(fn.arg_names.index(k),): v for k, v in values.items()}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
     kernel = triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": warps})
-    return len(re.findall(r"cp\\.async\\.c[ag]\\.shared\\.global|ld\\.global\\.v[248]", kernel.asm["ptx"]))
+    pattern = r"st\\.global\\.v[248]" if stores else r"cp\\.async\\.c[ag]\\.shared\\.global|ld\\.global\\.v[248]"
+    return len(re.findall(pattern, kernel.asm["ptx"]))
 
 def tiles(dtype, cols=64, red=64, fast=False, two_inputs=False):
     bm, bn, bk, warps = K._tiles(dtype, 512 * 512, cols, red, fast, two_inputs)
@@ -90,8 +91,7 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
           dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
                     PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, UPSCALE=1), **blocks,
                **extra), warps,
-          None if extra.get("TAPS_IN_K") or extra.get("UPSCALE") else tiles(dtype, cols, red, True,
-                                                                             extra.get("TWO_INPUTS", False)))
+          None if extra.get("TAPS_IN_K") else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)))
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}
@@ -111,6 +111,12 @@ for align in (1, 8):
              PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, UPSCALE=1, CO_ALIGN=1, Y_ALIGN=1,
              **flags,
              **blocks), warps)
+    # an upsampling conv's shuffled store: vectors along each sub-pixel phase's channels
+    vectors[f"upsampling forward's stores fp16, alignment {align}"] = vector_loads(
+        K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
+        dict(KSIZE=1, STRIDE=1, PAD=0, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=0,
+             PER_IMAGE=True, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, UPSCALE=2, CO_ALIGN=align,
+             Y_ALIGN=align, **flags, **blocks), warps, stores=True)
     vectors[f"grad input fp16, alignment {align}"] = vector_loads(
         K._bwd_input_kernel, dict(dz=h, w=h, dx=h),
         dict(KSIZE=3, STRIDE=1, PAD=1, IH0=0, IW0=0, DOT_F32=False, **flags, **blocks), warps)
@@ -165,7 +171,7 @@ def test_kernels_compile_for_h100_without_spills():
     found = json.loads(done.stdout.strip().splitlines()[-1])
     stacks, vectors = found["stacks"], found["vectors"]
     # without the alignment hints every global load is scalar; with them, vectors
-    for kernel in ("forward", "forward per-image", "grad input", "grad weight"):
+    for kernel in ("forward", "forward per-image", "upsampling forward's stores", "grad input", "grad weight"):
         assert vectors[f"{kernel} fp16, alignment 1"] == 0 < vectors[f"{kernel} fp16, alignment 8"], vectors
     assert vectors["forward fp16, input alignment 1, output alignment 1"] == 0 < vectors[
         "forward fp16, input alignment 8, output alignment 1"], vectors

@@ -455,19 +455,20 @@ def test_weight_is_never_sliced_or_copied(act_dtype):
 
 
 # ------------------------------------------------------------------- upsampling convs
-@pytest.mark.parametrize("dtype,k,stride,two", [(torch.float32, 1, 1, False), (torch.float32, 3, 2, True),
-                                                (torch.float16, 3, 1, True), (torch.bfloat16, 1, 2, False)])
-def test_upscale_shuffles_the_output_in_the_store(monkeypatch, dtype, k, stride, two):
+@pytest.mark.parametrize("dtype,k,stride,two,o", [(torch.float32, 1, 1, False, 12), (torch.float32, 3, 2, True, 12),
+                                                  (torch.float16, 3, 1, True, 12), (torch.bfloat16, 1, 2, False, 12),
+                                                  (torch.float16, 1, 1, False, 32)])  # 8 channels: aligned
+def test_upscale_shuffles_the_output_in_the_store(monkeypatch, dtype, k, stride, two, o):
     """``upscale_factor=2`` equals F.pixel_shuffle of the plain conv, every element written
     (the output starts as NaN), and trains: gradients through the shuffle match fp64."""
     monkeypatch.setattr(K, "_empty_channels_last", lambda shape, like: torch.full(
         shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
     case = make_case(23, dtype=dtype, k=k, stride=stride, widths=(6, 5) if two else (7,),
-                     starts=(0, 9) if two else (0,), o=12, upscale=2)
+                     starts=(0, 9) if two else (0,), o=o, cout_max=40, upscale=2)
     check_grads(case, "leaky_relu")
     y = run(case, None)
     ho, wo = (7 - 1) // stride + 1, (9 - 1) // stride + 1
-    assert y.shape == (2, 3, 2 * ho, 2 * wo) and y.is_contiguous(memory_format=torch.channels_last)
+    assert y.shape == (2, o // 4, 2 * ho, 2 * wo) and y.is_contiguous(memory_format=torch.channels_last)
 
 
 # (out width, in width): out widths are whole shuffled channels (multiples of 4); in widths need
