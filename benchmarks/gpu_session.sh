@@ -7,7 +7,8 @@
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
 # benchmarks/gpu_session.sh [full|quick|train|verify]. verify (289 s on an H100) reruns a quick run's
 # tests with more time, profiles the routed dynamic forward, times the layers and network again
-# (the run-to-run spread) and the shipped model's routes. quick (its step limits add up to 9.7
+# (the run-to-run spread) and the shipped model's routes; with HOST_COST=1 (90 s more) also the
+# host time per call and a host-side profile of a launched training step. quick (its step limits add up to 9.7
 # minutes; it took 5.4 with HOST_COST=1 on an H100, where the tests alone need 96 s) runs
 # the tests that touch a kernel, the host time per call only with HOST_COST=1 (90 s more), the
 # layer table, the network at batch 8, a forward tile sweep, a profile of a layer's training
@@ -66,6 +67,12 @@ if [ "$MODE" = verify ]; then
     tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_runner.py tests/test_bench.py \
     tests/test_profile_network.py > "$R/tests.txt" 2>&1
   tail -8 "$R/tests.txt"
+  if [ "${HOST_COST:-0}" = 1 ]; then
+    step "host time per call, and where a launched training step's host time goes"
+    timeout -k 15 -s INT 90 python3 benchmarks/host_cost.py "$R/host_cost.json" > "$R/host_cost.txt" 2>&1
+    cat "$R/host_cost.txt"
+    grep -E "Name|Self CPU time total|Launch|Synchronize|evaluate_function" "$R/host_cost-step-profile.txt" | cut -c1-150
+  fi
   step "the routed dynamic forward kernel by kernel, against each route's config alone"
   timeout -k 15 -s INT 75 python3 benchmarks/profile_network.py --routed smallest --routed largest \
     "$R/profile_network_routed.txt" > /dev/null 2>&1

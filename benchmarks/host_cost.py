@@ -8,7 +8,9 @@ costs (checks, launch plan, allocation). On a GPU, "launched" runs the kernels t
 difference is what Triton's launcher and the driver add; "launched, JIT" launches through
 Triton's JIT on every call (``kernels._launch.CACHE_LAUNCHES`` off), as before the launches
 were cached. Without a GPU only the stubbed rows are measured (the interpreter's launches say
-nothing about a GPU's).
+nothing about a GPU's). On a GPU it also writes OUT-step-profile.txt: torch.profiler's host-side
+table of launched training steps (every op, launch and synchronisation by self CPU time), which
+says where a step's host time goes beyond our Python.
 """
 import json
 import os
@@ -103,6 +105,23 @@ def cases(device: str, dtype: torch.dtype) -> dict:
     }
 
 
+def profile_step(step, out_path: str, steps: int = 50) -> None:
+    """torch.profiler's host-side table over ``steps`` launched calls of ``step``, by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    with open(out_path, "w") as f:
+        f.write(f"{torch.cuda.get_device_name()}, SlimConv2d training step (forward + backward), width 16 of "
+                f"64, 1x16x16x16 fp16, {steps} steps\n")
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+
+
 def main(out_path: str) -> None:
     device, dtype = ("cuda", torch.float16) if CUDA else ("cpu", torch.float32)
     if not CUDA:
@@ -125,6 +144,8 @@ def main(out_path: str) -> None:
         launched = {name: fn for name, fn in runs.items() if "eager" not in name}
         if CUDA:
             measure("launched", runs)
+            profile_step(runs["SlimConv2d training step (forward + backward)"],
+                         out_path.rsplit(".", 1)[0] + "-step-profile.txt")
             _launch.CACHE_LAUNCHES = False
             try:
                 measure("launched, JIT", launched)
