@@ -41,19 +41,19 @@ def median_ms(fn) -> float:
     return sorted(times)[2] * 1e3
 
 
-def kernel_table(fn, runs: int = 5, rows: int = 20) -> str:
-    """torch.profiler's table of GPU time per kernel over ``runs`` calls of ``fn``, largest
-    first, after three calls outside the profile (compilation, warm-up)."""
+def kernel_table(fn, runs: int = 5, rows: int = 20, sort_by: str = "cuda_time_total", warmup: int = 3) -> str:
+    """torch.profiler's table over ``runs`` calls of ``fn`` (by default GPU time per kernel),
+    largest first, after ``warmup`` calls outside the profile (compilation, warm-up)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(3):
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(runs):
             fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70)
 
 
 def network_arguments(doc: str, out: str, configs: list[str], extend=None):

@@ -24,6 +24,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the wrappers accept CPU tensors only then
 
+from _timing import kernel_table  # noqa: E402
 from dds_fast import DynamicGate, SlimConv2d  # noqa: E402
 from dds_fast.kernels import _launch  # noqa: E402
 from dds_fast.kernels import _rows as rows_kernels  # noqa: E402
@@ -107,19 +108,10 @@ def cases(device: str, dtype: torch.dtype) -> dict:
 
 def profile_step(step, out_path: str, steps: int = 50) -> None:
     """torch.profiler's host-side table over ``steps`` launched calls of ``step``, by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
+    table = kernel_table(step, runs=steps, rows=30, sort_by="self_cpu_time_total", warmup=20)
     with open(out_path, "w") as f:
         f.write(f"{torch.cuda.get_device_name()}, SlimConv2d training step (forward + backward), width 16 of "
-                f"64, 1x16x16x16 fp16, {steps} steps\n")
-        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+                f"64, 1x16x16x16 fp16, {steps} steps\n{table}")
 
 
 def main(out_path: str) -> None:
