@@ -1,11 +1,13 @@
 """Tile sweep for the conv kernels: which tiles are fastest at each width, checked against an
 fp64 reference before they are timed, beside cuDNN on the same narrow shape.
 
-    python benchmarks/sweep_forward_tiles.py [OUT.json]
+    python benchmarks/sweep_forward_tiles.py [OUT.json [CASE ...]]
 
 3x3 layers, fp16, channels_last activations and weights, batch 8 (on a GPU; without one,
 tiny fp32 cases under the interpreter check the script, not the speed). Forward, the
 launcher's tiles against v9's (which ignored the fast layout's room for bigger tiles):
+- eight: 8 channels at 512x512 (a narrow config's full-resolution layers), with the taps in the
+  reduction (v14) and with v13's per-tap loop;
 - narrow: Cmax 64 at 512x512, widths 48 and 64;
 - mid: 96 channels at 256x256 and 192 at 128x128 (the benchmark SlimUNet's middle levels);
 - wide: Cmax 384 at 64x64, width 384 (its deepest level);
@@ -19,6 +21,7 @@ so a time limit keeps them. Earlier sweeps' candidates and results are in benchm
 import json
 import os
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +35,9 @@ from dds_fast.kernels import conv2d as K  # noqa: E402
 
 DTYPE, BATCH = (torch.float16, 8) if CUDA else (torch.float32, 1)
 # (name, Cmax, size, widths)
-CASES = [("narrow", 64, 512, (48, 64)), ("mid", 96, 256, (96,)), ("mid", 192, 128, (192,)), ("wide", 384, 64, (384,)),
-         ("per-image", 64, 512, (16, 64))] if CUDA else [
-    ("tiny", 8, 8, (8,)), ("narrow", 32, 8, (16, 32)), ("wide", 64, 4, (48,)), ("per-image", 32, 8, (16,))]
+CASES = [("eight", 8, 512, (8,)), ("narrow", 64, 512, (48, 64)), ("mid", 96, 256, (96,)), ("mid", 192, 128, (192,)),
+         ("wide", 384, 64, (384,)), ("per-image", 64, 512, (16, 64))] if CUDA else [
+    ("eight", 8, 8, (8,)), ("narrow", 32, 8, (16, 32)), ("wide", 64, 4, (48,)), ("per-image", 32, 8, (16,))]
 GRAD_WEIGHT_CASES = [(64, 512, 16), (64, 512, 64), (96, 256, 96)] if CUDA else [(32, 8, 16)]
 
 
@@ -56,8 +59,8 @@ def v10_tiles(dtype, npix, cols, red, fast=False, two_inputs=False):
 def candidates(case: str, width: int) -> dict:
     """name -> (tiles, or a replacement of _tiles, or None for the launcher's; TAPS_IN_K_CHANNELS
     or None for today's). Earlier sweeps' candidates are in benchmarks/NOTES.md."""
-    if case == "tiny":
-        return {"launcher": (None, None), "per-tap loop": (None, 0), "taps in the reduction": (None, width)}
+    if case == "eight":  # v14: 8 channels' taps in the reduction, against v13's per-tap loop
+        return {"launcher": (None, None), "per-tap loop (v13)": (None, ())}
     return {"launcher": (None, None), "v9: small tiles in every layout": (v9_tiles, None),
             "v10: 64-wide steps over any reduction": (v10_tiles, None)}
 
@@ -66,7 +69,8 @@ def candidates(case: str, width: int) -> dict:
 GRAD_WEIGHT_CANDIDATES = {"launcher": None, "a tap per program": False}
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, only: Optional[set] = None) -> None:
+    """Every case, or those named in ``only`` (``grad-weight`` for the grad weight rows)."""
     device = "cuda" if CUDA else "cpu"
     launcher_tiles, launcher_taps, launcher_row_taps = K._tiles, K.TAPS_IN_K_CHANNELS, K.GRAD_WEIGHT_ROW_TAPS
     device_name = torch.cuda.get_device_name() if CUDA else "CPU (interpreter: checks the script, not the speed)"
@@ -100,6 +104,8 @@ def main(out_path: str) -> None:
 
     try:
         for case, cmax, size, widths in CASES:
+            if only and case not in only:
+                continue
             for width in widths:
                 per_image = case == "per-image"
                 weight, x = layer(cmax, width, size, per_image)
@@ -136,7 +142,7 @@ def main(out_path: str) -> None:
                            rel_error=error, median_ms=ms)
         K._tiles, K.TAPS_IN_K_CHANNELS = launcher_tiles, launcher_taps
         K.clear_plans()
-        for cmax, size, width in GRAD_WEIGHT_CASES:
+        for cmax, size, width in GRAD_WEIGHT_CASES if not only or "grad-weight" in only else ():
             weight, x = layer(cmax, width, size)
             dy = torch.randn(BATCH, width, size, size, device=device, dtype=DTYPE).to(
                 memory_format=torch.channels_last)
@@ -169,4 +175,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "sweep-forward-tiles.json")
+    main(sys.argv[1] if len(sys.argv) > 1 else "sweep-forward-tiles.json", set(sys.argv[2:]) or None)

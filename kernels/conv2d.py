@@ -87,25 +87,32 @@ def _fwd_segment(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
 
 
 @triton.jit
-def _fwd_taps_in_k(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
+def _fwd_taps_in_k(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start,
                    oh, ow, m_ok, co, co_ok, H, W,
                    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """``_fwd_segment`` for an input of a few channels (an image's: 1 or 3): the taps join the
-    channels in the reduction, so a 3-channel 3x3 conv runs one step of 27 live lanes out of
-    32 instead of nine steps of 3 out of 16. Each lane's tap and channel come from its index."""
+                   BLOCK_K: tl.constexpr, TAP_C: tl.constexpr):
+    """``_fwd_segment`` for an input of a few channels (an image's 1 or 3, or a narrow layer's 8
+    or 16): the taps join the channels in the reduction, so a 3-channel 3x3 conv runs one step
+    of 27 live lanes out of 32 instead of nine steps of 3 out of 16, and an 8-channel one three
+    steps of 32 instead of nine half-empty steps of 16. Each lane's tap and channel come from
+    its index; TAP_C, the channel count, is a compile-time constant, so that is a shift or a
+    multiply, and runs of TAP_C lanes are consecutive channels of one tap (vector loads)."""
     kk = tl.arange(0, BLOCK_K)
-    total = KSIZE * KSIZE * c_n
+    total: tl.constexpr = KSIZE * KSIZE * TAP_C
+    ih0 = oh * STRIDE - PAD
+    iw0 = ow * STRIDE - PAD
     for k0 in range(0, total, BLOCK_K):
         k = k0 + kk
-        tap = k // c_n
-        c = k - tap * c_n
+        tap = k // TAP_C
+        c = k - tap * TAP_C
         r = tap // KSIZE
         s = tap - r * KSIZE
         k_ok = k < total
-        ih = (oh * STRIDE - PAD)[:, None] + r[None, :]
-        iw = (ow * STRIDE - PAD)[:, None] + s[None, :]
-        ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih = ih0[:, None] + r[None, :]
+        iw = iw0[:, None] + s[None, :]
+        # unsigned: a negative row or column fails the one comparison
+        ok = (m_ok[:, None] & k_ok[None, :] & (ih.to(tl.uint32, bitcast=True) < H)
+              & (iw.to(tl.uint32, bitcast=True) < W))
         a = tl.load(x_img + ih * sxh + iw * sxw + (c * sxc)[None, :], mask=ok, other=0.0)
         b = tl.load(w + (co * swo)[None, :] + (r * swh + s * sww + (start + c) * swi)[:, None],
                     mask=k_ok[:, None] & co_ok[None, :], other=0.0)
@@ -130,7 +137,8 @@ def _conv_fwd_kernel(
     slope,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
-    CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, TAPS_IN_K: tl.constexpr, UPSCALE: tl.constexpr,
+    CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, TAP_C0: tl.constexpr, TAP_C1: tl.constexpr,
+    UPSCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     C_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
     W_ALIGN: tl.constexpr,
@@ -178,15 +186,20 @@ def _conv_fwd_kernel(
     co_ok = co < cout_n
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if TAPS_IN_K:
-        acc = _fwd_taps_in_k(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
-                             oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
+    # an input of TAP_C channels (the host passes C == TAP_C) folds its taps into the reduction
+    if TAP_C0 > 0:
+        acc = _fwd_taps_in_k(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0,
+                             oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C0)
     else:
         acc = _fwd_segment(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
                            oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
     if TWO_INPUTS:
-        acc = _fwd_segment(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1, c1_n,
-                           oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
+        if TAP_C1 > 0:
+            acc = _fwd_taps_in_k(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1,
+                                 oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C1)
+        else:
+            acc = _fwd_segment(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1, c1_n,
+                               oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
 
     out_ok = m_ok[:, None] & co_ok[None, :]
     if HAS_BIAS:
@@ -504,6 +517,16 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int, fast: bool = Fals
     return (256 if bn == 32 or (fast and not two_inputs) else 128), bn, bk, 8
 
 
+def _taps_step(lanes: Sequence[int], out_channels: int) -> int:
+    """The reduction step (16 or 32 lanes) of inputs whose taps join the reduction, ``lanes``
+    (taps x channels) each: the one that pads the fewest lanes, the wider on a tie (fewer
+    steps): 3 channels x 9 taps take one step of 32, 8 x 9 five of 16 (90% live, against 75%
+    in three of 32). Beyond 32 output columns 32-wide steps spilled on sm_90."""
+    if out_channels > 32:
+        return 16
+    return min((32, 16), key=lambda step: sum(cdiv(n, step) * step - n for n in lanes))
+
+
 def _fast_layout(channel_strides: Sequence[int], *alignments: int) -> bool:
     """Whether a launch may take ``_tiles``' big tiles: unit channel strides, all alignments 8
     (and 16-byte aligned tensors, ``_aligned_pointers``)."""
@@ -517,7 +540,9 @@ def _aligned_pointers(*tensors: Optional[torch.Tensor]) -> bool:
 
 GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90 beyond 16 x 16 tiles
 GRAD_WEIGHT_ROW_TAPS = True  # 3x3 grad weight: a kernel row's three taps per program
-TAPS_IN_K_CHANNELS = 4  # inputs of at most this many channels fold the taps into the reduction
+# Inputs of these channel counts fold the taps into the reduction: an image's few, where the
+# per-tap loop leaves most lanes idle, and 8, where it leaves half (16 and up fill its steps).
+TAPS_IN_K_CHANNELS = (1, 2, 3, 4, 8)
 FOLD_LIMIT = 128  # rows of partial sums that a reduction's single pass may take; more are folded first
 
 
@@ -552,10 +577,12 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     r_strides = y_strides if mr is None else mr[1]
     wd_strides = (0, 0) if mwd is None else mwd[1]
     # Per-image widths share one kernel for every width; a static launch sizes its tiles to
-    # the active widths (at width 16 of 64, a 64-wide tile wastes 3/4 of each MMA). An image's
-    # few channels (a net's first conv) join the taps in the reduction (_fwd_taps_in_k): one
-    # 32-wide step for 3 channels, or two 16-wide ones at 64 columns, where 32 spills.
-    taps_in_k = m1 is None and mwd is None and k > 1 and 0 < c0 <= TAPS_IN_K_CHANNELS
+    # the active widths (at width 16 of 64, a 64-wide tile wastes 3/4 of each MMA). An input
+    # of a few channels (a net's first conv, or a narrow layer's 8) joins its taps to the
+    # reduction (_fwd_taps_in_k), with its channel count compiled in.
+    static_taps = mwd is None and k > 1
+    tap_c0 = c0 if static_taps and c0 in TAPS_IN_K_CHANNELS else 0
+    tap_c1 = c1 if static_taps and m1 is not None and c1 in TAPS_IN_K_CHANNELS else 0
     per_image_multiple = [] if mwd is None else [widths_multiple]
     aligns = dict(
         C_ALIGN=_alignment(c0, c1, start0, start1, *per_image_multiple),
@@ -571,9 +598,9 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     if mwd is not None:
         cols, red = (w_shape[0], w_shape[1]) if tile_widths is None else tile_widths
         bm, bn, bk, warps = _tiles(dtype, ho * wo, cols, red, fast, m1 is not None)
-    elif taps_in_k:
-        reduction = _pow2(c0 * k * k, 16, 32 if out_channels <= 32 else 16)
-        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, reduction)
+    elif tap_c0 or tap_c1:
+        step = _taps_step([c * k * k for c in (tap_c0, tap_c1) if c], out_channels)
+        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, step, two_inputs=m1 is not None)
     else:
         bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, max(c0, c1), fast, m1 is not None)
     scalars = (h, w, ho, wo, c0, c1, out_channels, start0, start1, *x0_strides, *x1_strides, *w_strides,
@@ -581,7 +608,7 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     meta = dict(
         KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None,
         HAS_RES=mr is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=mwd is not None,
-        CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), TAPS_IN_K=taps_in_k, UPSCALE=r,
+        CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), TAP_C0=tap_c0, TAP_C1=tap_c1, UPSCALE=r,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **aligns,
     )
     grid = (cdiv(ho * wo, bm), cdiv(out_channels, bn), n)

@@ -82,16 +82,18 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
 ] for widths in ((16, 16), (16, 64), (32, 64), (64, 16), (64, 64), (128, 16), (128, 32), (128, 128))] + [
     # every tile class a static launch picks
     (("forward bf16, taps in the reduction (3 input channels), channel sums", p, p,
-      dict(TAPS_IN_K=True, CHANNEL_SUMS=True)), widths) for widths in ((16, 16), (16, 32), (32, 32), (64, 16))]:
+      dict(TAP_C0=3, CHANNEL_SUMS=True)), widths) for widths in ((16, 16), (16, 32), (32, 32), (64, 16))] + [
+    (("forward bf16, taps in the reduction (two inputs of 8 channels), residual", p, p,
+      dict(TAP_C0=8, TAP_C1=8, TWO_INPUTS=True, HAS_RES=True)), widths) for widths in ((16, 16), (32, 16), (64, 16))]:
     dtype = torch.float32 if act == f else torch.bfloat16
     blocks, warps = tiles(dtype, cols, red)
     name = f"{name}, {cols} output and {red} input columns"
     build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", sums=f,
                                          slope="fp32"),
           dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
-                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, UPSCALE=1), **blocks,
+                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, UPSCALE=1), **blocks,
                **extra), warps,
-          None if extra.get("TAPS_IN_K") else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)))
+          None if extra.get("TAP_C0") else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)))
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}
@@ -101,21 +103,27 @@ for align in (1, 8):
         vectors[f"forward{' per-image' if per_image else ''} fp16, alignment {align}"] = vector_loads(
             K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
             dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2,
-                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, UPSCALE=1, CO_ALIGN=align,
+                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, UPSCALE=1, CO_ALIGN=align,
                  Y_ALIGN=align, **flags,
                  **blocks), warps)
     # a 3-channel output (a net's last layer): the inputs keep their vector loads
     vectors[f"forward fp16, input alignment {align}, output alignment 1"] = vector_loads(
         K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
         dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=True, ACT=0,
-             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, UPSCALE=1, CO_ALIGN=1, Y_ALIGN=1,
+             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, UPSCALE=1, CO_ALIGN=1, Y_ALIGN=1,
              **flags,
              **blocks), warps)
+    # a narrow layer's 8 channels with the taps in the reduction: each tap's channels are one vector
+    vectors[f"taps in the reduction fp16, alignment {align}"] = vector_loads(
+        K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
+        dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
+             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=8, TAP_C1=0, UPSCALE=1, CO_ALIGN=align,
+             Y_ALIGN=align, **flags, BLOCK_M=256, BLOCK_N=16, BLOCK_K=16), 4)
     # an upsampling conv's shuffled store: vectors along each sub-pixel phase's channels
     vectors[f"upsampling forward's stores fp16, alignment {align}"] = vector_loads(
         K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
         dict(KSIZE=1, STRIDE=1, PAD=0, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=0,
-             PER_IMAGE=True, CHANNEL_SUMS=False, DOT_F32=False, TAPS_IN_K=False, UPSCALE=2, CO_ALIGN=align,
+             PER_IMAGE=True, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, UPSCALE=2, CO_ALIGN=align,
              Y_ALIGN=align, **flags, **blocks), warps, stores=True)
     vectors[f"grad input fp16, alignment {align}"] = vector_loads(
         K._bwd_input_kernel, dict(dz=h, w=h, dx=h),
@@ -171,7 +179,8 @@ def test_kernels_compile_for_h100_without_spills():
     found = json.loads(done.stdout.strip().splitlines()[-1])
     stacks, vectors = found["stacks"], found["vectors"]
     # without the alignment hints every global load is scalar; with them, vectors
-    for kernel in ("forward", "forward per-image", "upsampling forward's stores", "grad input", "grad weight"):
+    for kernel in ("forward", "forward per-image", "taps in the reduction", "upsampling forward's stores", "grad input",
+                   "grad weight"):
         assert vectors[f"{kernel} fp16, alignment 1"] == 0 < vectors[f"{kernel} fp16, alignment 8"], vectors
     assert vectors["forward fp16, input alignment 1, output alignment 1"] == 0 < vectors[
         "forward fp16, input alignment 8, output alignment 1"], vectors

@@ -199,12 +199,16 @@ def test_forward_matches_reference(dtype, k, stride, activation, bias, residual,
     assert rel_err(y, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype,c,stride,activation", [(torch.float32, 3, 1, "relu"), (torch.float16, 1, 2, None),
-                                                       (torch.bfloat16, 3, 2, "leaky_relu"),
-                                                       (torch.float16, 4, 1, "leaky_relu")])
-def test_few_input_channels_fold_the_taps_into_the_reduction(monkeypatch, dtype, c, stride, activation):
-    """An image's few channels (a net's first conv) take the taps-in-the-reduction loop; the
-    input is a prefix of a wider buffer and the weight has NaN beyond the active channels."""
+@pytest.mark.parametrize("dtype,widths,starts,stride,activation", [
+    (torch.float32, (3,), (0,), 1, "relu"), (torch.float16, (1,), (0,), 2, None),
+    (torch.bfloat16, (3,), (0,), 2, "leaky_relu"), (torch.float16, (4,), (0,), 1, "leaky_relu"),
+    # a narrow layer's 8 channels, and a decoder's concat of two (or of 8 and 16: the per-tap loop)
+    (torch.float32, (8,), (0,), 2, "leaky_relu"), (torch.float16, (8, 8), (0, 8), 1, "relu"),
+    (torch.bfloat16, (8, 16), (0, 8), 1, None), (torch.float32, (16, 8), (0, 16), 2, "relu")])
+def test_few_input_channels_fold_the_taps_into_the_reduction(monkeypatch, dtype, widths, starts, stride, activation):
+    """Inputs of a few channels (a net's first conv) or 8 (a narrow layer) take the
+    taps-in-the-reduction loop with their channel count compiled in; each input is a prefix of
+    a wider buffer with NaN beyond it, and the weight has NaN beyond the active channels."""
     plans = []
     plan_of = K._forward_plan
 
@@ -214,22 +218,31 @@ def test_few_input_channels_fold_the_taps_into_the_reduction(monkeypatch, dtype,
 
     spy.cache_clear = plan_of.cache_clear
     monkeypatch.setattr(K, "_forward_plan", spy)
-    case = make_case(24, dtype=dtype, widths=(c,), cin_max=8, cout_max=20, o=11, stride=stride, residual=True,
-                     h=9, w=10)
-    wider = torch.full((2, 8, 9, 10), math.nan, dtype=dtype, device=DEVICE).to(memory_format=torch.channels_last)
-    wider[:, :c] = case["inputs"][0]
-    case["inputs"] = [wider[:, :c]]
+    case = make_case(24, dtype=dtype, widths=widths, starts=starts, cin_max=26, cout_max=20, o=11, stride=stride,
+                     residual=True, h=9, w=10)
+    for i, x in enumerate(case["inputs"]):
+        wider = torch.full((2, x.shape[1] + 5, 9, 10), math.nan, dtype=dtype, device=DEVICE).to(
+            memory_format=torch.channels_last)
+        wider[:, :x.shape[1]] = x
+        case["inputs"][i] = wider[:, :x.shape[1]]
     with torch.no_grad():
-        case["weight"][:, c:] = math.nan
+        case["weight"][:, sum(widths):] = math.nan
         y = run(case, activation, 0.2)
-    assert plans[-1].launch.meta["TAPS_IN_K"]
+    meta = plans[-1].launch.meta
+    assert (meta["TAP_C0"], meta["TAP_C1"]) == tuple(c if c != 16 else 0 for c in (*widths, 0)[:2])
     assert rel_err(y, reference(case, activation, 0.2)) < TOL[dtype]
-    monkeypatch.setattr(K, "TAPS_IN_K_CHANNELS", 0)  # the per-tap loop gives the same result
+    monkeypatch.setattr(K, "TAPS_IN_K_CHANNELS", ())  # the per-tap loop gives the same result
     K.clear_plans()
     with torch.no_grad():
         per_tap = run(case, activation, 0.2)
-    assert not plans[-1].launch.meta["TAPS_IN_K"]
+    assert plans[-1].launch.meta["TAP_C0"] == plans[-1].launch.meta["TAP_C1"] == 0
     assert rel_err(per_tap, reference(case, activation, 0.2)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("lanes,out_channels,step", [([27], 8, 32), ([9], 8, 16), ([18], 16, 32), ([36], 8, 16),
+                                                     ([72], 8, 16), ([72, 72], 8, 16), ([27], 64, 16)])
+def test_taps_step_pads_fewest_lanes(lanes, out_channels, step):
+    assert K._taps_step(lanes, out_channels) == step
 
 
 def test_forward_any_strides():
