@@ -81,8 +81,8 @@ if [ "$MODE" = verify ]; then
     > "$R/network_layers.txt" 2>&1
   grep "sum of layers" "$R/network_layers.txt"
   step "the routed dynamic forward kernel by kernel, against each route's config alone"
-  timeout -k 15 -s INT 75 python3 benchmarks/profile_network.py --routed smallest --routed largest \
-    "$R/profile_network_routed.txt" > /dev/null 2>&1
+  timeout -k 15 -s INT 90 python3 benchmarks/profile_network.py --routed smallest --routed largest \
+    --buffers packed --buffers max-width "$R/profile_network_routed.txt" > /dev/null 2>&1
   grep "CUDA time per forward" "$R/profile_network_routed.txt" | cut -c1-220
   step "dds-fast bench again (the run-to-run spread): layers fp16 512, batch 8/1, network with CUDA graphs"
   timeout -k 15 -s INT 110 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \

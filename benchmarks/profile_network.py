@@ -3,13 +3,14 @@ time per kernel name, largest first. The network table gives each config's total
 roofline floor; this says which kernels make up the gap.
 
     python benchmarks/profile_network.py [--config smallest ...] [--routed smallest|largest ...]
-        [--tiles widest|narrowest ...] [--batch 8] [--size 512] [OUT.txt]
+        [--tiles widest|narrowest ...] [--buffers packed|max-width ...] [--batch 8] [--size 512] [OUT.txt]
 
 --routed also profiles DDSNet's dynamic forward with the gate rigged to send every image to
 the cheapest (or dearest) of the routes ``dds-fast bench`` times the gate over (the net's
 default configs, a fresh DynamicGate, attention off), once per --tiles policy
-(``DDSNet.per_image_tiles``; default both): against the route's config alone (the default
---config), what the gate and the per-image routing add.
+(``DDSNet.per_image_tiles``; default both) and --buffers layout (``DDSNet.packed_buffers``:
+packed, the default, or max-width): against the route's config alone (the default --config),
+what the gate and the per-image routing add.
 """
 import argparse
 import re
@@ -27,6 +28,7 @@ from dds_fast.runner import default_configs
 
 RUNS = 5  # kernel_table's forwards per profile
 UNITS_MS = {"s": 1e3, "ms": 1.0, "us": 1e-3}
+BUFFERS = ("packed", "max-width")  # DDSNet.packed_buffers True / False
 
 
 def arguments() -> argparse.Namespace:
@@ -34,10 +36,12 @@ def arguments() -> argparse.Namespace:
     def routing(parser):
         parser.add_argument("--routed", action="append", choices=("smallest", "largest"), default=[])
         parser.add_argument("--tiles", action="append", choices=PER_IMAGE_TILES)
+        parser.add_argument("--buffers", action="append", choices=BUFFERS)
     args = network_arguments(__doc__, "profile-network.txt", [], routing)
     # by default, each routed route's config alone (SlimUNet's default configs share the labels)
     args.config = args.config or args.routed or ["smallest"]
     args.tiles = args.tiles or list(PER_IMAGE_TILES)
+    args.buffers = args.buffers or ["packed"]
     return args
 
 
@@ -81,9 +85,11 @@ def main() -> None:
             index = 0 if route == "smallest" else len(labels) - 1
             rig_gate(routed.gate, index)
             for tiles in args.tiles:
-                routed.per_image_tiles = tiles
-                profile(f"DDSNet dynamic forward over {len(labels)} routes, every image routed to {labels[index]}, "
-                        f"per_image_tiles {tiles}", lambda: routed(x))
+                for buffers in args.buffers:
+                    routed.per_image_tiles = tiles
+                    routed.packed_buffers = buffers == "packed"
+                    profile(f"DDSNet dynamic forward over {len(labels)} routes, every image routed to "
+                            f"{labels[index]}, per_image_tiles {tiles}, {buffers} buffers", lambda: routed(x))
     write_reports(args.out, reports)
 
 if __name__ == "__main__":

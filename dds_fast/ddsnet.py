@@ -24,7 +24,7 @@ from .config import RoutingEntry
 from .cost import macs_per_pixel, trace_convs
 from .gate import DynamicGate, GateOutput
 from .nets import ARCHITECTURES, SlimNet, register_architecture
-from .slim_conv import SlimConv2d
+from .slim_conv import PackedBuffers, SlimConv2d, _kernels_module
 
 
 PER_IMAGE_TILES = ("widest", "narrowest")
@@ -133,6 +133,10 @@ class DDSNet(nn.Module):
         # a static launch would, wide ones on more, smaller tiles); the output is the same up
         # to rounding
         self.per_image_tiles = "widest"
+        # per-image layers store their outputs packed (each image at its own width's pitch:
+        # a narrow image moves the bytes of a narrow buffer, not the max-width one's) where the
+        # network allows it (SlimNet.packs_per_image_buffers) and the call runs eagerly
+        self.packed_buffers = True
         self._stem_group = supernet.space.groups[0].name
         self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
         self.routing_space = routing_space
@@ -281,18 +285,22 @@ class DDSNet(nn.Module):
         narrow_tiles = self.per_image_tiles == "narrowest"
         table, layers = self._width_table(padded.device)
         widths = table.index_select(0, choice)
+        packing = PackedBuffers() if self.packed_buffers and self.supernet.packs_per_image_buffers \
+            and _kernels_module().packs_per_image_buffers() else None
         # gate_forward left every layer at full width: the buffers; the widths are per image
         try:
             for conv, columns, multiple, narrowest in layers:
                 conv.per_image_widths = widths[:, columns]
                 conv.per_image_widths_multiple = multiple
                 conv.per_image_tile_widths = narrowest if narrow_tiles else None
+                conv.per_image_packing = packing
             return self.supernet.body(features, padded)
         finally:
             for conv, _, _, _ in layers:
                 conv.per_image_widths = None
                 conv.per_image_widths_multiple = 1
                 conv.per_image_tile_widths = None
+                conv.per_image_packing = None
 
     def _check_choice(self, choice, batch: int) -> torch.Tensor:
         if not isinstance(choice, torch.Tensor) or choice.shape != (batch,) or choice.dtype not in (

@@ -35,6 +35,10 @@ class SlimNet(nn.Module):
 
     size_multiple = 1
     routing_space = None  # list of RoutingEntry, set by progressive slimming or a checkpoint
+    # Whether DDSNet's per-image forward may store the body's intermediate outputs packed
+    # (slim_conv.PackedBuffers): true of a body that passes them to its SlimConv2d layers only
+    # and ends in a layer of fixed width (whose packed output is a dense one).
+    packs_per_image_buffers = False
 
     def __init__(self, in_channels: int, out_channels: int, arch_args: dict):
         super().__init__()
@@ -167,6 +171,8 @@ class SlimUNet(SlimNet):
     ``dec{l}``. The stem is ``enc0``'s first conv (group ``enc0.mid``).
     """
 
+    packs_per_image_buffers = True
+
     def __init__(self, in_channels: int = 3, out_channels: int | None = None, base_width: int = 32,
                  depth: int = 4, width_mult: float = 1.5, min_ratio: float = 0.2, divisor: int = 8,
                  negative_slope: float = 0.2):
@@ -253,6 +259,8 @@ class SlimUNet(SlimNet):
 class SlimDnCNN(SlimNet):
     """DnCNN without batch norm, slimmable per layer: ``depth`` 3x3 convs with ReLU between
     them and a global residual. Groups ``layer0`` .. ``layer{depth-2}``; the stem is layer 0."""
+
+    packs_per_image_buffers = True
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_width: int = 64,
                  depth: int = 17, width_mult: float = 1.5, min_ratio: float = 0.2, divisor: int = 8):

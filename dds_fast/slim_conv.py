@@ -10,6 +10,7 @@ import functools
 import itertools
 import logging
 import warnings
+import weakref
 from typing import Sequence
 
 import torch
@@ -28,6 +29,24 @@ def epilogue_repr(activation: str | None, negative_slope: float) -> list[str]:
     if activation is None:
         return []
     return [f"activation={activation!r}"] + ([f"negative_slope={negative_slope:g}"] if activation == "leaky_relu" else [])
+
+
+class PackedBuffers:
+    """The packed per-image outputs of one dynamic forward (``kernels.slim_conv2d``'s
+    ``packed_output``): each image's pixels at its own width's pitch, which a tensor's strides
+    cannot say. SlimConv2d layers that share one store their per-image outputs packed and read
+    the tensors it holds as packed inputs; the forward that sets it up must pass those tensors
+    to nothing else."""
+
+    def __init__(self):
+        self._held: dict[int, weakref.ref] = {}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self._held[id(tensor)] = weakref.ref(tensor)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        ref = self._held.get(id(tensor))  # the reference tells a recycled id apart
+        return ref is not None and ref() is tensor
 
 
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -117,6 +136,9 @@ class SlimConv2d(nn.Conv2d):
         # optional (out, in) widths to size the per-image launch's tiles for (see slim_conv2d's
         # tile_widths); None: the layer's maximum widths
         self.per_image_tile_widths: tuple[int, int] | None = None
+        # with per-image widths, a store shared by the layers of one dynamic forward: this
+        # layer's output is stored packed (see PackedBuffers) and inputs it holds read packed
+        self.per_image_packing: PackedBuffers | None = None
         # When set, a forward on the kernels' inference path also leaves the output's fp32
         # channel sums over blocks of pixels, [N, T, out], in channel_sums (else None there):
         # the squeeze of a gate behind this layer, with no second pass over the output.
@@ -210,6 +232,9 @@ class SlimConv2d(nn.Conv2d):
             if self.per_image_widths is not None:
                 raise ValueError(f"{self._label()}: per-image widths need the Triton backend on this input")
             return self._reference(inputs, out_width, residual)
+        packing = self.per_image_packing if self.per_image_widths is not None else None
+        # (read before autocast's cast, which keeps the strides and so the packed layout)
+        packed = {} if packing is None else dict(packed_inputs=[packing.holds(t) for t in inputs], packed_output=True)
         device = inputs[0].device.type
         if torch.is_autocast_enabled(device):
             # autocast does not see the custom op: cast the activations as it would for a conv;
@@ -223,9 +248,11 @@ class SlimConv2d(nn.Conv2d):
                                 activation=self.activation, negative_slope=self.negative_slope, residual=residual,
                                 widths=self.per_image_widths, widths_multiple=self.per_image_widths_multiple,
                                 channel_sums=sums_wanted, tile_widths=self.per_image_tile_widths,
-                                upscale_factor=self.upscale_factor)
+                                upscale_factor=self.upscale_factor, **packed)
         if sums_wanted:
             y, self.channel_sums = y
+        if packing is not None:
+            packing.add(y)
         return y
 
     def _triton_kernels(self, inputs: list[torch.Tensor], weight: torch.Tensor):

@@ -138,7 +138,7 @@ def _conv_fwd_kernel(
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
     CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, TAP_C0: tl.constexpr, TAP_C1: tl.constexpr,
-    UPSCALE: tl.constexpr,
+    UPSCALE: tl.constexpr, PACKED_X0: tl.constexpr, PACKED_X1: tl.constexpr, PACKED_Y: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     C_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
     W_ALIGN: tl.constexpr,
@@ -167,6 +167,18 @@ def _conv_fwd_kernel(
         c0_n = _aligned(tl.minimum(tl.load(widths + n * swdn + swdc), C0), C_ALIGN)
         if TWO_INPUTS:
             c1_n = _aligned(tl.minimum(tl.load(widths + n * swdn + 2 * swdc), C1), C_ALIGN)
+        # packed buffers: each image's pixels one after another at its own width's pitch (what a
+        # packed output stores, and a packed input of the same widths reads), so a narrow image
+        # moves as few bytes as in a buffer of its own width
+        if PACKED_X0:
+            sx0w = c0_n
+            sx0h = W * c0_n
+        if PACKED_X1:
+            sx1w = c1_n
+            sx1h = W * c1_n
+        if PACKED_Y:
+            syw = _aligned(cout_n // (UPSCALE * UPSCALE), CO_ALIGN)
+            syh = (WO * UPSCALE) * syw
     if pid_co * BLOCK_N >= cout_n:
         return  # tile beyond this image's output width: left unwritten
 
@@ -546,6 +558,9 @@ TAPS_IN_K_CHANNELS = (1, 2, 3, 4, 8)
 FOLD_LIMIT = 128  # rows of partial sums that a reduction's single pass may take; more are folded first
 
 
+_NOT_PACKED = (False, False, False)  # (input 0, input 1, output): see slim_conv2d's packed_inputs
+
+
 class _ForwardPlan(NamedTuple):
     """Everything a forward launch derives from its arguments' shapes, strides and options."""
     out_shape: tuple[int, int, int, int]
@@ -560,11 +575,12 @@ def _meta(t: Optional[torch.Tensor]):
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_channels, stride, padding,
                   activation, negative_slope, upscale_factor, channel_sums=False, aligned_pointers=False,
-                  tile_widths=None) -> _ForwardPlan:
+                  tile_widths=None, packed=_NOT_PACKED) -> _ForwardPlan:
     """The launch of ``_conv_fwd_kernel`` for arguments with these ``_meta`` keys
     (``aligned_pointers``: whether every tensor's address is a multiple of 16 bytes;
-    ``tile_widths``: see ``slim_conv2d``): computed once per signature, since the host work per
-    call is what bounds small launches."""
+    ``tile_widths``: see ``slim_conv2d``; ``packed``: whether input 0, input 1 and the output
+    are packed per-image buffers): computed once per signature, since the host work per call is
+    what bounds small launches."""
     (n, c0, h, w), x0_strides, dtype, device = m0
     c1 = 0 if m1 is None else m1[0][1]
     x1_strides = x0_strides if m1 is None else m1[1]
@@ -609,7 +625,7 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None,
         HAS_RES=mr is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=mwd is not None,
         CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), TAP_C0=tap_c0, TAP_C1=tap_c1, UPSCALE=r,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **aligns,
+        PACKED_X0=packed[0], PACKED_X1=packed[1], PACKED_Y=packed[2], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **aligns,
     )
     grid = (cdiv(ho * wo, bm), cdiv(out_channels, bn), n)
     return _ForwardPlan(out_shape, CachedLaunch(_conv_fwd_kernel, grid, scalars, meta, num_tensors=8))
@@ -636,7 +652,7 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start
                          upscale_factor,
                          # the keywords slim_conv2d passes, in its order: one cache entry for both
                          channel_sums=False, aligned_pointers=_aligned_pointers(x0, x1, weight, bias, residual, widths),
-                         tile_widths=None)
+                         tile_widths=None, packed=_NOT_PACKED)
     return _launch_forward(plan, x0, x1, weight, bias, residual, widths)
 
 
@@ -1165,7 +1181,8 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
                 padding=None, activation: Optional[str] = None, negative_slope: float = 0.01,
                 residual: Optional[torch.Tensor] = None, widths: Optional[torch.Tensor] = None,
                 widths_multiple: int = 1, channel_sums: bool = False,
-                tile_widths: Optional[tuple[int, int]] = None, upscale_factor: int = 1):
+                tile_widths: Optional[tuple[int, int]] = None, upscale_factor: int = 1,
+                packed_inputs: Sequence[bool] = (), packed_output: bool = False):
     """``act(conv(cat(inputs, 1), weight[:o, active input channels]) + bias[:o] + residual)``.
 
     - ``inputs``: 1 or 2 tensors ``[N, C_k, H, W]``; input k's channels are the weight's input
@@ -1196,6 +1213,15 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
       the store (an upsampling conv with no copy after it): ``[N, o / r^2, r Ho, r Wo]``; ``o``
       and each image's out width multiples of r^2 (the latter checked on CPU only; on a GPU
       a broken one leaves part of a channel unwritten); no residual or channel sums.
+    - ``packed_output`` (per-image widths only): store each image's pixels one after another
+      at the pitch of its own out width (``[H, W, its width]`` from the start of its slot of
+      the max-width buffer) instead of at the buffer's channel stride, so a narrow image writes
+      and later reads as few bytes as in a buffer of its width. The returned tensor's strides
+      then do NOT describe its contents: only ``slim_conv2d`` reading it as a packed input
+      (``packed_inputs``: one flag per input) with the same per-image widths may use it. An
+      image at the buffer's full width is stored as in a dense buffer. Eager inference only
+      (not under torch.compile or a dispatch mode); packed inputs must be channels_last
+      contiguous.
 
     Inputs (and residual) share one dtype: the weight's, or fp16/bf16 over fp32 weights (mixed
     precision: the weight tiles are cast in registers, and weight and bias gradients stay fp32).
@@ -1207,7 +1233,8 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     # eager calls only (tracing has no pointers), with plain int options (1.0 and True hash as
     # 1 does, and must still be rejected; segment starts are not looked at, to save the time:
     # a start of 0.0 may find the plan of 0, the same launch)
-    if widths is None and not channel_sums and tile_widths is None and type(stride) is int \
+    if widths is None and not channel_sums and tile_widths is None and not packed_output and not packed_inputs \
+            and type(stride) is int \
             and (padding is None or type(padding) is int) and type(widths_multiple) is int \
             and type(upscale_factor) is int and (out_channels is None or type(out_channels) is int) \
             and not torch.compiler.is_compiling():
@@ -1254,15 +1281,42 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     options = (widths_multiple, segment_starts[0], start1, out_channels, stride, padding,
                "none" if activation is None else activation, float(negative_slope), upscale_factor)
     path = _eager_path(*inputs, weight, bias, residual)
+    packed = _packed_flags(inputs, widths, packed_inputs, packed_output, path)
     if path == "inference":
         plan = _forward_plan(*signature[:6], *options, channel_sums=bool(channel_sums),
                              aligned_pointers=_aligned_pointers(*inputs, weight, bias, residual, widths),
-                             tile_widths=tile_widths)
+                             tile_widths=tile_widths, packed=packed)
         _remember(_INFERENCE_PLANS, key, plan)
         return _launch_forward(plan, inputs[0], x1, weight, bias, residual, widths)
     call = _EagerSlimConv2d.apply if path == "training" else torch.ops.dds_fast.slim_conv2d
     y = call(inputs[0], x1, weight, bias, residual, widths, *options)
     return (y, None) if channel_sums else y
+
+
+def packs_per_image_buffers() -> bool:
+    """Whether ``slim_conv2d`` calls made now may pack per-image buffers: on the eager path (not
+    under torch.compile or a dispatch mode such as FlopCounterMode)."""
+    return _eager_path() == "inference"
+
+
+def _packed_flags(inputs, widths, packed_inputs, packed_output, path) -> tuple[bool, bool, bool]:
+    """(input 0, input 1, output) packed, checked: see ``slim_conv2d``'s ``packed_output``."""
+    flags = tuple(bool(p) for p in packed_inputs)
+    if not flags and not packed_output:
+        return _NOT_PACKED
+    if widths is None:
+        raise ValueError("slim_conv2d: packed inputs or outputs need per-image widths")
+    if len(flags) not in (0, len(inputs)):
+        raise ValueError(f"slim_conv2d: packed_inputs needs one flag per input ({len(inputs)}), got {len(flags)}")
+    if path != "inference":
+        raise ValueError("slim_conv2d: packed per-image buffers run on the eager inference path only, not under "
+                         "torch.compile or a dispatch mode")
+    for i, (x, p) in enumerate(zip(inputs, flags)):
+        if p and not x.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"slim_conv2d: packed input {i} must be a channels_last contiguous buffer (as a packed "
+                             f"output is), got strides {tuple(x.stride())}")
+    flags = flags or (False,) * len(inputs)
+    return flags[0], len(flags) == 2 and flags[1], bool(packed_output)
 
 
 def _eager_path(*tensors: Optional[torch.Tensor]) -> Optional[str]:

@@ -71,14 +71,14 @@ def tiles(dtype, cols=64, red=64, fast=False, two_inputs=False):
 
 p, f = "*bf16", "*fp32"
 for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
-    ("forward bf16, two inputs, residual, per-image widths", p, p,
-     dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True, STRIDE=2)),
+    ("forward bf16, two inputs, residual, per-image widths, packed buffers", p, p,
+     dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True, STRIDE=2, PACKED_X0=True, PACKED_X1=True, PACKED_Y=True)),
     ("forward bf16 over fp32 weights, two inputs, residual, per-image widths", p, f,
      dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True)),
     ("forward fp32", f, f, dict(DOT_F32=True)),
     ("forward bf16 with channel sums (a gate's stem)", p, p, dict(CHANNEL_SUMS=True)),
-    ("forward bf16, pixel shuffle in the store (an upsampling conv), per-image widths", p, p,
-     dict(UPSCALE=2, PER_IMAGE=True)),
+    ("forward bf16, pixel shuffle in the store (an upsampling conv), per-image widths, packed output", p, p,
+     dict(UPSCALE=2, PER_IMAGE=True, PACKED_Y=True)),
 ] for widths in ((16, 16), (16, 64), (32, 64), (64, 16), (64, 64), (128, 16), (128, 32), (128, 128))] + [
     # every tile class a static launch picks
     (("forward bf16, taps in the reduction (3 input channels), channel sums", p, p,
@@ -91,7 +91,8 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
     build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", sums=f,
                                          slope="fp32"),
           dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
-                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, UPSCALE=1), **blocks,
+                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=False,
+                    PACKED_X1=False, PACKED_Y=False, UPSCALE=1), **blocks,
                **extra), warps,
           None if extra.get("TAP_C0") else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)))
 blocks, warps = tiles(torch.float16)
@@ -100,30 +101,36 @@ vectors = {}
 for align in (1, 8):
     flags = dict(C_ALIGN=align, X_ALIGN=align, W_ALIGN=align)
     for per_image in (False, True):
+        # per-image launches read and write packed buffers (DDSNet's): pitches from the widths
+        packed = dict(PACKED_X0=per_image, PACKED_X1=per_image, PACKED_Y=per_image)
         vectors[f"forward{' per-image' if per_image else ''} fp16, alignment {align}"] = vector_loads(
             K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
             dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2,
-                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, UPSCALE=1, CO_ALIGN=align,
+                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, **packed, UPSCALE=1,
+                 CO_ALIGN=align,
                  Y_ALIGN=align, **flags,
                  **blocks), warps)
     # a 3-channel output (a net's last layer): the inputs keep their vector loads
     vectors[f"forward fp16, input alignment {align}, output alignment 1"] = vector_loads(
         K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
         dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=True, ACT=0,
-             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, UPSCALE=1, CO_ALIGN=1, Y_ALIGN=1,
+             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=False, PACKED_X1=False,
+             PACKED_Y=False, UPSCALE=1, CO_ALIGN=1, Y_ALIGN=1,
              **flags,
              **blocks), warps)
     # a narrow layer's 8 channels with the taps in the reduction: each tap's channels are one vector
     vectors[f"taps in the reduction fp16, alignment {align}"] = vector_loads(
         K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
         dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
-             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=8, TAP_C1=0, UPSCALE=1, CO_ALIGN=align,
+             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=8, TAP_C1=0, PACKED_X0=False, PACKED_X1=False,
+             PACKED_Y=False, UPSCALE=1, CO_ALIGN=align,
              Y_ALIGN=align, **flags, BLOCK_M=256, BLOCK_N=16, BLOCK_K=16), 4)
     # an upsampling conv's shuffled store: vectors along each sub-pixel phase's channels
     vectors[f"upsampling forward's stores fp16, alignment {align}"] = vector_loads(
         K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
         dict(KSIZE=1, STRIDE=1, PAD=0, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=0,
-             PER_IMAGE=True, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, UPSCALE=2, CO_ALIGN=align,
+             PER_IMAGE=True, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=True, PACKED_X1=False,
+             PACKED_Y=True, UPSCALE=2, CO_ALIGN=align,
              Y_ALIGN=align, **flags, **blocks), warps, stores=True)
     vectors[f"grad input fp16, alignment {align}"] = vector_loads(
         K._bwd_input_kernel, dict(dz=h, w=h, dx=h),

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import dds_fast
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimDnCNN, SlimUNet, export_static, macs_per_pixel
@@ -344,6 +345,54 @@ def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net, attenti
     model.per_image_tiles = "smallest"
     with pytest.raises(ValueError, match="per_image_tiles must be one of"), torch.no_grad():
         model(x)
+
+
+@pytest.mark.parametrize("make_net", [lambda: SlimUNet(in_channels=3, base_width=8, depth=2),
+                                      lambda: SlimDnCNN(in_channels=3, base_width=8, depth=3)])
+def test_packed_per_image_buffers_change_nothing_but_the_layout(monkeypatch, make_net):
+    """The per-image forward stores each layer's output packed (every image at its own width's
+    pitch) and reads it back so: the output is bitwise that of max-width buffers. Not packed
+    under a dispatch mode (FlopCounterMode), nor for a network that does not allow it."""
+    pytest.importorskip("triton")
+    from dds_fast.kernels import conv2d as K
+    model = make_ddsnet(make_net, num_choices=3, seed=6).float().to(DEVICE)
+    for module in model.supernet.modules():
+        if isinstance(module, dds_fast.SlimConv2d):
+            module.backend = "triton"
+    model.per_image = True
+    x = images(n=3, size=(8, 8), seed=7).float().to(DEVICE)
+    choice = torch.tensor([0, 2, 1], device=DEVICE)
+    packed_calls = []
+    launch = K.slim_conv2d
+
+    def spy(*args, packed_inputs=(), packed_output=False, **kwargs):
+        packed_calls.append((tuple(packed_inputs), packed_output))
+        return launch(*args, packed_inputs=packed_inputs, packed_output=packed_output, **kwargs)
+
+    with torch.no_grad():
+        model(x, choice=choice)  # builds the width table (which traces every route) first
+    monkeypatch.setattr(K, "slim_conv2d", spy)
+    with torch.no_grad():
+        packed = model(x, choice=choice)
+        body_convs = len(model._width_table(x.device)[1])
+        # every body conv stores packed (the stem, for the gate, does not); all but the first
+        # read packed (the first reads the stem's dense output)
+        assert sum(out for _, out in packed_calls) == body_convs == len(packed_calls) - 1
+        assert sum(any(flags) for flags, _ in packed_calls) == body_convs - 1
+        model.packed_buffers = False
+        packed_calls.clear()
+        dense = model(x, choice=choice)
+        assert not any(out or any(flags) for flags, out in packed_calls)
+        model.packed_buffers = True
+        packed_calls.clear()
+        with FlopCounterMode(display=False):
+            counted = model(x, choice=choice)
+        assert not any(out or any(flags) for flags, out in packed_calls)
+        monkeypatch.setattr(type(model.supernet), "packs_per_image_buffers", False)
+        packed_calls.clear()
+        unpackable = model(x, choice=choice)
+        assert not any(out or any(flags) for flags, out in packed_calls)
+    assert torch.equal(packed, dense) and torch.equal(packed, counted) and torch.equal(packed, unpackable)
 
 
 def test_per_image_widths_of_a_unet_in_steps_of_6():

@@ -536,6 +536,70 @@ def test_per_image_widths_ignore_nan_and_skip_inactive_outputs(monkeypatch, k, s
         assert torch.isnan(y[i, o:]).all()  # beyond the image's out width: documented as unwritten
 
 
+def unpack(buffer: torch.Tensor, image: int, pitch: int) -> torch.Tensor:
+    """Image ``image`` of a packed per-image buffer: ``[pitch, H, W]`` from the start of its slot."""
+    _, _, h, w = buffer.shape
+    return buffer[image].permute(1, 2, 0).reshape(-1)[:h * w * pitch].view(h, w, pitch).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("dtype,upscale,two", [(torch.float32, 1, True), (torch.float16, 2, False),
+                                               (torch.bfloat16, 1, False)])
+def test_packed_per_image_buffers(monkeypatch, dtype, upscale, two):
+    """A packed output holds each image at its own width's pitch, with the dense output's
+    values; a conv reading it (and, for a concat, a second packed buffer) as packed inputs
+    gives the dense chain's output exactly. Buffers start as NaN, and the inputs hold NaN
+    beyond each image's widths."""
+    monkeypatch.setattr(K, "_empty_channels_last", lambda shape, like: torch.full(
+        shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
+    g = torch.Generator().manual_seed(31)
+    r2 = upscale * upscale
+    first_widths = [(8 * r2 // 2, 5), (8 * r2, 12)]  # (out, in) of the first conv per image
+    x = torch.randn(2, 12, 5, 6, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    for i, (_, c) in enumerate(first_widths):
+        x[i, c:] = float("nan")
+    w1 = torch.randn(8 * r2, 12, 3, 3, generator=g).to(dtype)
+    w2 = torch.randn(6, 16, 3, 3, generator=g).to(dtype)
+    x, w1, w2 = x.to(DEVICE), w1.to(DEVICE), w2.to(DEVICE)
+    widths1 = torch.tensor(first_widths, dtype=torch.int32, device=DEVICE)
+
+    def first(packed):
+        return slim_conv2d([x], w1, widths=widths1, activation="relu", upscale_factor=upscale,
+                           packed_output=packed)
+
+    dense, packed = first(False), first(True)
+    for i, (o, _) in enumerate(first_widths):
+        assert torch.equal(unpack(packed, i, o // r2), dense[i, :o // r2])
+    inputs = {False: [dense], True: [packed]}
+    per_image = [[3, o // r2] for o, _ in first_widths]
+    if two:  # the concat of a decoder: a second packed buffer beside the first
+        other = {p: first(p) for p in (False, True)}
+        inputs = {p: [inputs[p][0], other[p]] for p in (False, True)}
+        per_image = [row + [row[1]] for row in per_image]
+    widths2 = torch.tensor(per_image, dtype=torch.int32, device=DEVICE)
+    starts = (0, 8) if two else (0,)
+    expected, got = (slim_conv2d(inputs[p], w2, widths=widths2, segment_starts=starts, out_channels=6,
+                                 packed_inputs=[p] * len(inputs[p])) for p in (False, True))
+    for i, row in enumerate(per_image):
+        assert not torch.isnan(got[i, :row[0]]).any()
+        assert torch.equal(got[i, :row[0]], expected[i, :row[0]])
+
+
+def test_packed_buffer_errors():
+    x = torch.randn(2, 8, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 8, 3, 3, device=DEVICE)
+    widths = torch.full((2, 2), 8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="packed inputs or outputs need per-image widths"):
+        slim_conv2d([x], w, packed_output=True)
+    with pytest.raises(ValueError, match="packed inputs or outputs need per-image widths"):
+        slim_conv2d([x], w, packed_inputs=[True])
+    with pytest.raises(ValueError, match=r"one flag per input \(1\), got 2"):
+        slim_conv2d([x], w, widths=widths, packed_inputs=[True, False])
+    with pytest.raises(ValueError, match="packed input 0 must be a channels_last contiguous buffer"):
+        slim_conv2d([x.contiguous()], w, widths=widths, packed_inputs=[True])
+    with FlopCounterMode(display=False), pytest.raises(ValueError, match="eager inference path only"):
+        slim_conv2d([x], w, widths=widths, packed_output=True)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_backward_reads_only_the_active_prefix_of_a_wider_input_buffer(stride):
     """Training on a prefix view of a max-width activation buffer whose other channels hold

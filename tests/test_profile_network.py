@@ -20,12 +20,14 @@ def test_routed_options_default_to_both_tile_policies_beside_the_routes_alone(sc
     monkeypatch.setattr(sys, "argv", ["profile_network.py", "--routed", "largest", "--batch", "2", "out.txt",
                                       "--routed", "smallest"])
     args = script.arguments()
-    assert (args.routed, args.tiles, args.config) == (["largest", "smallest"], ["widest", "narrowest"],
-                                                      ["largest", "smallest"])
+    assert (args.routed, args.tiles, args.config, args.buffers) == (["largest", "smallest"], ["widest", "narrowest"],
+                                                                    ["largest", "smallest"], ["packed"])
     assert (args.batch, args.size, args.out) == (2, 512, "out.txt")
-    monkeypatch.setattr(sys, "argv", ["profile_network.py", "--tiles", "narrowest"])
+    monkeypatch.setattr(sys, "argv", ["profile_network.py", "--tiles", "narrowest", "--buffers", "max-width",
+                                      "--buffers", "packed"])
     args = script.arguments()
-    assert (args.routed, args.tiles, args.config) == ([], ["narrowest"], ["smallest"])
+    assert (args.routed, args.tiles, args.config, args.buffers) == ([], ["narrowest"], ["smallest"],
+                                                                    ["max-width", "packed"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs CUDA"):
             script.main()
