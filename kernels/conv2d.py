@@ -121,6 +121,31 @@ def _fwd_taps_in_k(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start,
 
 
 @triton.jit
+def _fwd_input(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
+               oh, ow, m_ok, co, co_ok, H, W,
+               KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr,
+               BLOCK_K: tl.constexpr, TAP_C: tl.constexpr, PER_IMAGE: tl.constexpr):
+    """One input's share of the reduction. With TAP_C, its taps fold into the reduction: in a
+    static launch always (the host passes C == TAP_C), with per-image widths for the images
+    whose width is TAP_C (a branch per program, on its image's width); else the per-tap loop."""
+    if TAP_C > 0:
+        if PER_IMAGE:
+            if c_n == TAP_C:
+                acc = _fwd_taps_in_k(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start,
+                                     oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C)
+            else:
+                acc = _fwd_segment(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
+                                   oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
+        else:
+            acc = _fwd_taps_in_k(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start,
+                                 oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C)
+    else:
+        acc = _fwd_segment(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
+                           oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
+    return acc
+
+
+@triton.jit
 def _aligned(value, ALIGN: tl.constexpr):
     # value is a multiple of ALIGN (the host checks): written so, the compiler knows it and
     # loads and stores whole vectors along channels (asynchronous copies into shared memory)
@@ -198,20 +223,11 @@ def _conv_fwd_kernel(
     co_ok = co < cout_n
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # an input of TAP_C channels (the host passes C == TAP_C) folds its taps into the reduction
-    if TAP_C0 > 0:
-        acc = _fwd_taps_in_k(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0,
-                             oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C0)
-    else:
-        acc = _fwd_segment(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
-                           oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
+    acc = _fwd_input(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
+                     oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C0, PER_IMAGE)
     if TWO_INPUTS:
-        if TAP_C1 > 0:
-            acc = _fwd_taps_in_k(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1,
-                                 oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C1)
-        else:
-            acc = _fwd_segment(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1, c1_n,
-                               oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K)
+        acc = _fwd_input(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1, c1_n,
+                         oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C1, PER_IMAGE)
 
     out_ok = m_ok[:, None] & co_ok[None, :]
     if HAS_BIAS:
@@ -595,10 +611,15 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     # Per-image widths share one kernel for every width; a static launch sizes its tiles to
     # the active widths (at width 16 of 64, a 64-wide tile wastes 3/4 of each MMA). An input
     # of a few channels (a net's first conv, or a narrow layer's 8) joins its taps to the
-    # reduction (_fwd_taps_in_k), with its channel count compiled in.
-    static_taps = mwd is None and k > 1
-    tap_c0 = c0 if static_taps and c0 in TAPS_IN_K_CHANNELS else 0
-    tap_c1 = c1 if static_taps and m1 is not None and c1 in TAPS_IN_K_CHANNELS else 0
+    # reduction (_fwd_taps_in_k), with its channel count compiled in; with per-image widths,
+    # so do the images whose input width is the one the tiles are sized for, when it is such a
+    # count (a branch per program on its image's width).
+    if mwd is None:
+        tap_c0 = c0 if k > 1 and c0 in TAPS_IN_K_CHANNELS else 0
+        tap_c1 = c1 if k > 1 and m1 is not None and c1 in TAPS_IN_K_CHANNELS else 0
+    else:
+        tap_c0 = tile_widths[1] if tile_widths and k > 1 and tile_widths[1] in TAPS_IN_K_CHANNELS else 0
+        tap_c1 = tap_c0 if m1 is not None else 0
     per_image_multiple = [] if mwd is None else [widths_multiple]
     aligns = dict(
         C_ALIGN=_alignment(c0, c1, start0, start1, *per_image_multiple),

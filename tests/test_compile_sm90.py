@@ -84,7 +84,11 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
     (("forward bf16, taps in the reduction (3 input channels), channel sums", p, p,
       dict(TAP_C0=3, CHANNEL_SUMS=True)), widths) for widths in ((16, 16), (16, 32), (32, 32), (64, 16))] + [
     (("forward bf16, taps in the reduction (two inputs of 8 channels), residual", p, p,
-      dict(TAP_C0=8, TAP_C1=8, TWO_INPUTS=True, HAS_RES=True)), widths) for widths in ((16, 16), (32, 16), (64, 16))]:
+      dict(TAP_C0=8, TAP_C1=8, TWO_INPUTS=True, HAS_RES=True)), widths) for widths in ((16, 16), (32, 16), (64, 16))] + [
+    # per-image widths on tiles for 8 input channels: a branch per image between both loops
+    (("forward bf16, two inputs, per-image widths, packed buffers, taps in the reduction at 8 channels", p, p,
+      dict(TAP_C0=8, TAP_C1=8, TWO_INPUTS=True, PER_IMAGE=True, PACKED_X0=True, PACKED_X1=True, PACKED_Y=True)),
+     widths) for widths in ((16, 8), (32, 8), (64, 8), (128, 8))]:
     dtype = torch.float32 if act == f else torch.bfloat16
     blocks, warps = tiles(dtype, cols, red)
     name = f"{name}, {cols} output and {red} input columns"
@@ -94,7 +98,7 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
                     PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=False,
                     PACKED_X1=False, PACKED_Y=False, UPSCALE=1), **blocks,
                **extra), warps,
-          None if extra.get("TAP_C0") else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)))
+          None if extra.get("TAP_C0") and not extra.get("PER_IMAGE") else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)))
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}

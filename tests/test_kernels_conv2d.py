@@ -697,6 +697,36 @@ def test_per_image_tiles_sized_for_given_widths_give_the_same_result(monkeypatch
     K.clear_plans()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_per_image_images_at_the_tiles_input_width_fold_their_taps(monkeypatch, dtype):
+    """With tiles sized for an input width of 8, the images whose input is 8 channels wide take
+    the taps-in-the-reduction loop and the others the per-tap loop, in one launch: each image
+    matches its own conv (NaN beyond each image's widths, in a fused concat)."""
+    plans = []
+    plan_of = K._forward_plan
+
+    def spy(*args, **kwargs):
+        plans.append(plan_of(*args, **kwargs))
+        return plans[-1]
+
+    spy.cache_clear = plan_of.cache_clear
+    monkeypatch.setattr(K, "_forward_plan", spy)
+    case = make_case(33, dtype=dtype, n=3, h=6, w=5, widths=(16, 16), starts=(0, 16), cin_max=32, cout_max=24, o=24)
+    a, b = case["inputs"]
+    per_image = [(16, 8, 8), (24, 16, 8), (8, 8, 16)]  # (out, in of a, in of b)
+    for i, (_, ca, cb) in enumerate(per_image):
+        a[i, ca:] = float("nan")
+        b[i, cb:] = float("nan")
+    widths = torch.tensor(per_image, dtype=torch.int32, device=DEVICE)
+    y = run(case, "leaky_relu", widths=widths, widths_multiple=8, tile_widths=(8, 8))
+    assert (plans[-1].launch.meta["TAP_C0"], plans[-1].launch.meta["TAP_C1"]) == (8, 8)
+    for i, (o, ca, cb) in enumerate(per_image):
+        sub = dict(case, inputs=[a[i:i + 1, :ca], b[i:i + 1, :cb]], o=o)
+        assert rel_err(y[i:i + 1, :o], reference(sub, "leaky_relu")) < TOL[dtype]
+    run(case, "leaky_relu", widths=widths, widths_multiple=8)  # tiles for the widest: no taps
+    assert plans[-1].launch.meta["TAP_C0"] == plans[-1].launch.meta["TAP_C1"] == 0
+
+
 def test_per_image_widths_errors():
     case = make_case(10, widths=(13,))
     if DEVICE == "cpu":  # values are checked only where that costs no device sync
