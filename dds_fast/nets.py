@@ -36,9 +36,16 @@ class SlimNet(nn.Module):
     size_multiple = 1
     routing_space = None  # list of RoutingEntry, set by progressive slimming or a checkpoint
     # Whether DDSNet's per-image forward may store the body's intermediate outputs packed
-    # (slim_conv.PackedBuffers): true of a body that passes them to its SlimConv2d layers only
-    # and ends in a layer of fixed width (whose packed output is a dense one).
+    # (slim_conv.PackedBuffers): true of a body that passes them to its SlimConv2d layers only,
+    # never as a residual, and ends in a layer of fixed width (whose packed output is a dense
+    # one). A subclass that overrides ``body`` must declare it again (see __init_subclass__).
     packs_per_image_buffers = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a new body may pass an intermediate to a torch op, which would read a packed one wrong
+        if "body" in cls.__dict__ and "packs_per_image_buffers" not in cls.__dict__:
+            cls.packs_per_image_buffers = False
 
     def __init__(self, in_channels: int, out_channels: int, arch_args: dict):
         super().__init__()

@@ -235,6 +235,9 @@ class SlimConv2d(nn.Conv2d):
         packing = self.per_image_packing if self.per_image_widths is not None else None
         # (read before autocast's cast, which keeps the strides and so the packed layout)
         packed = {} if packing is None else dict(packed_inputs=[packing.holds(t) for t in inputs], packed_output=True)
+        if packing is not None and residual is not None and packing.holds(residual):
+            raise ValueError(f"{self._label()}: a packed per-image buffer cannot be a residual (the kernels read "
+                             "residuals as dense tensors)")
         device = inputs[0].device.type
         if torch.is_autocast_enabled(device):
             # autocast does not see the custom op: cast the activations as it would for a conv;

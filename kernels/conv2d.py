@@ -91,11 +91,11 @@ def _fwd_taps_in_k(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start,
                    oh, ow, m_ok, co, co_ok, H, W,
                    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr,
                    BLOCK_K: tl.constexpr, TAP_C: tl.constexpr):
-    """``_fwd_segment`` for an input of a few channels (an image's 1 or 3, or a narrow layer's 8
-    or 16): the taps join the channels in the reduction, so a 3-channel 3x3 conv runs one step
-    of 27 live lanes out of 32 instead of nine steps of 3 out of 16, and an 8-channel one three
-    steps of 32 instead of nine half-empty steps of 16. Each lane's tap and channel come from
-    its index; TAP_C, the channel count, is a compile-time constant, so that is a shift or a
+    """``_fwd_segment`` for an input of a few channels (an image's 1 or 3, or a narrow layer's
+    8): the taps join the channels in the reduction, so a 3-channel 3x3 conv runs one step of
+    27 live lanes out of 32 instead of nine steps of 3 out of 16, and an 8-channel one five
+    steps of 16 instead of nine half-empty ones. Each lane's tap and channel come from its
+    index; TAP_C, the channel count, is a compile-time constant, so that is a shift or a
     multiply, and runs of TAP_C lanes are consecutive channels of one tap (vector loads)."""
     kk = tl.arange(0, BLOCK_K)
     total: tl.constexpr = KSIZE * KSIZE * TAP_C
@@ -611,15 +611,10 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     # Per-image widths share one kernel for every width; a static launch sizes its tiles to
     # the active widths (at width 16 of 64, a 64-wide tile wastes 3/4 of each MMA). An input
     # of a few channels (a net's first conv, or a narrow layer's 8) joins its taps to the
-    # reduction (_fwd_taps_in_k), with its channel count compiled in; with per-image widths,
-    # so do the images whose input width is the one the tiles are sized for, when it is such a
-    # count (a branch per program on its image's width).
+    # reduction (_fwd_taps_in_k), with its channel count compiled in.
     if mwd is None:
         tap_c0 = c0 if k > 1 and c0 in TAPS_IN_K_CHANNELS else 0
         tap_c1 = c1 if k > 1 and m1 is not None and c1 in TAPS_IN_K_CHANNELS else 0
-    else:
-        tap_c0 = tile_widths[1] if tile_widths and k > 1 and tile_widths[1] in TAPS_IN_K_CHANNELS else 0
-        tap_c1 = tap_c0 if m1 is not None else 0
     per_image_multiple = [] if mwd is None else [widths_multiple]
     aligns = dict(
         C_ALIGN=_alignment(c0, c1, start0, start1, *per_image_multiple),
@@ -635,6 +630,11 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     if mwd is not None:
         cols, red = (w_shape[0], w_shape[1]) if tile_widths is None else tile_widths
         bm, bn, bk, warps = _tiles(dtype, ho * wo, cols, red, fast, m1 is not None)
+        # With per-image widths, the images whose input width is the one the tiles are sized
+        # for fold their taps too when it is such a count (a branch per program on its image's
+        # width); in the fast layout only (DDSNet's buffers), as elsewhere both loops spill.
+        tap_c0 = red if fast and tile_widths and k > 1 and red in TAPS_IN_K_CHANNELS else 0
+        tap_c1 = tap_c0 if m1 is not None else 0
     elif tap_c0 or tap_c1:
         step = _taps_step([c * k * k for c in (tap_c0, tap_c1) if c], out_channels)
         bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, step, two_inputs=m1 is not None)
@@ -1242,7 +1242,7 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
       (``packed_inputs``: one flag per input) with the same per-image widths may use it. An
       image at the buffer's full width is stored as in a dense buffer. Eager inference only
       (not under torch.compile or a dispatch mode); packed inputs must be channels_last
-      contiguous.
+      contiguous; a residual is always read as a dense tensor.
 
     Inputs (and residual) share one dtype: the weight's, or fp16/bf16 over fp32 weights (mixed
     precision: the weight tiles are cast in registers, and weight and bias gradients stay fp32).
@@ -1323,7 +1323,7 @@ def packs_per_image_buffers() -> bool:
 def _packed_flags(inputs, widths, packed_inputs, packed_output, path) -> tuple[bool, bool, bool]:
     """(input 0, input 1, output) packed, checked: see ``slim_conv2d``'s ``packed_output``."""
     flags = tuple(bool(p) for p in packed_inputs)
-    if not flags and not packed_output:
+    if not any(flags) and not packed_output:
         return _NOT_PACKED
     if widths is None:
         raise ValueError("slim_conv2d: packed inputs or outputs need per-image widths")

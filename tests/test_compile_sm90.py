@@ -30,10 +30,10 @@ stacks = {}
 # specialises them into constants, which changes the code and its register use.
 UNIT_STRIDES = {"sx0c", "sx1c", "syc", "src", "swi", "szc", "sxc", "sdyc"}
 
-def build(name, fn, ptrs, constexprs, warps, fast_tiles=None):
+def build(name, fn, ptrs, constexprs, warps, fast_tiles=None, layouts=("strided", "channels_last")):
     # generic strides and no alignment; channels_last with every alignment flag at 8, where
     # the launchers take the tiles of their fast layout (fast_tiles: constexprs, warps)
-    for layout in ("strided", "channels_last") if UNIT_STRIDES & set(fn.arg_names) else ("strided",):
+    for layout in layouts if UNIT_STRIDES & set(fn.arg_names) else ("strided",):
         ones = {a: 1 for a in fn.arg_names if layout == "channels_last" and a in UNIT_STRIDES}
         aligns = {a: 8 if layout == "channels_last" else 1 for a in fn.arg_names if a.endswith("ALIGN")}
         blocks, num_warps = fast_tiles if layout == "channels_last" and fast_tiles else ({}, warps)
@@ -86,6 +86,7 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
     (("forward bf16, taps in the reduction (two inputs of 8 channels), residual", p, p,
       dict(TAP_C0=8, TAP_C1=8, TWO_INPUTS=True, HAS_RES=True)), widths) for widths in ((16, 16), (32, 16), (64, 16))] + [
     # per-image widths on tiles for 8 input channels: a branch per image between both loops
+    # (the fast layout only, where the launcher takes it)
     (("forward bf16, two inputs, per-image widths, packed buffers, taps in the reduction at 8 channels", p, p,
       dict(TAP_C0=8, TAP_C1=8, TWO_INPUTS=True, PER_IMAGE=True, PACKED_X0=True, PACKED_X1=True, PACKED_Y=True)),
      widths) for widths in ((16, 8), (32, 8), (64, 8), (128, 8))]:
@@ -98,7 +99,8 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
                     PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=False,
                     PACKED_X1=False, PACKED_Y=False, UPSCALE=1), **blocks,
                **extra), warps,
-          None if extra.get("TAP_C0") and not extra.get("PER_IMAGE") else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)))
+          None if extra.get("TAP_C0") and not extra.get("PER_IMAGE") else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)),
+          ("channels_last",) if extra.get("TAP_C0") and extra.get("PER_IMAGE") else ("strided", "channels_last"))
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}

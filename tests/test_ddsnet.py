@@ -395,6 +395,37 @@ def test_packed_per_image_buffers_change_nothing_but_the_layout(monkeypatch, mak
     assert torch.equal(packed, dense) and torch.equal(packed, counted) and torch.equal(packed, unpackable)
 
 
+def test_a_network_that_rewrites_the_body_must_declare_packing_again():
+    """A subclass body may hand an intermediate to a torch op, which would read a packed buffer
+    wrong: overriding ``body`` turns packing off unless the subclass declares it again."""
+    class Scaled(SlimDnCNN):
+        def body(self, features, x):
+            return super().body(features * 0.5, x)
+
+    class Declared(Scaled):
+        packs_per_image_buffers = True
+
+    class Same(SlimUNet):
+        pass
+
+    assert SlimDnCNN.packs_per_image_buffers and SlimUNet.packs_per_image_buffers
+    assert not Scaled.packs_per_image_buffers and Declared.packs_per_image_buffers
+    assert Same.packs_per_image_buffers
+
+
+def test_a_packed_buffer_is_refused_as_a_residual():
+    pytest.importorskip("triton")
+    from dds_fast.slim_conv import PackedBuffers
+    conv = dds_fast.SlimConv2d(8, 8, 3, padding=1, backend="triton").to(DEVICE)
+    x = torch.randn(2, 8, 4, 4, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 8, 4, 4, device=DEVICE)
+    conv.per_image_widths = torch.full((2, 2), 8, dtype=torch.int32, device=DEVICE)
+    conv.per_image_packing = PackedBuffers()
+    conv.per_image_packing.add(residual)
+    with torch.no_grad(), pytest.raises(ValueError, match="packed per-image buffer cannot be a residual"):
+        conv(x, residual=residual)
+
+
 def test_per_image_widths_of_a_unet_in_steps_of_6():
     """Widths in steps of 6: an upsampling conv's per-image widths share no multiple of 4 with
     its inputs' (only its out widths, whole shuffled channels, are multiples of 4)."""

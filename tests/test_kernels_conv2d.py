@@ -592,6 +592,8 @@ def test_packed_buffer_errors():
         slim_conv2d([x], w, packed_output=True)
     with pytest.raises(ValueError, match="packed inputs or outputs need per-image widths"):
         slim_conv2d([x], w, packed_inputs=[True])
+    # flags that pack nothing ask for nothing
+    torch.testing.assert_close(slim_conv2d([x], w, packed_inputs=[False]), slim_conv2d([x], w))
     with pytest.raises(ValueError, match=r"one flag per input \(1\), got 2"):
         slim_conv2d([x], w, widths=widths, packed_inputs=[True, False])
     with pytest.raises(ValueError, match="packed input 0 must be a channels_last contiguous buffer"):
@@ -711,7 +713,8 @@ def test_per_image_images_at_the_tiles_input_width_fold_their_taps(monkeypatch, 
 
     spy.cache_clear = plan_of.cache_clear
     monkeypatch.setattr(K, "_forward_plan", spy)
-    case = make_case(33, dtype=dtype, n=3, h=6, w=5, widths=(16, 16), starts=(0, 16), cin_max=32, cout_max=24, o=24)
+    case = make_case(33, dtype=dtype, n=3, h=6, w=5, widths=(16, 16), starts=(0, 16), cin_max=32, cout_max=24, o=24,
+                     weight_ohwi=True)  # channels_last throughout: the fast layout, where the launcher folds them
     a, b = case["inputs"]
     per_image = [(16, 8, 8), (24, 16, 8), (8, 8, 16)]  # (out, in of a, in of b)
     for i, (_, ca, cb) in enumerate(per_image):
