@@ -59,10 +59,16 @@ def v10_tiles(dtype, npix, cols, red, fast=False, two_inputs=False):
 def candidates(case: str, width: int) -> dict:
     """name -> (tiles, or a replacement of _tiles, or None for the launcher's; TAPS_IN_K_CHANNELS
     or None for today's). Earlier sweeps' candidates are in benchmarks/NOTES.md."""
+    # (sm90.py counts fewer instructions per pixel for the v14 candidates: 17.5 against 22.6 with
+    # 2 warps at 8 channels, 112.5 against 131.8 with 64-wide steps at 64)
     if case == "eight":  # v14: 8 channels' taps in the reduction, against v13's per-tap loop
-        return {"launcher": (None, None), "per-tap loop (v13)": (None, ())}
-    return {"launcher": (None, None), "v9: small tiles in every layout": (v9_tiles, None),
-            "v10: 64-wide steps over any reduction": (v10_tiles, None)}
+        return {"launcher": (None, None), "per-tap loop (v13)": (None, ()),
+                "v14: 2 warps": ((256, 16, 16, 2), None)}
+    found = {"launcher": (None, None), "v9: small tiles in every layout": (v9_tiles, None),
+             "v10: 64-wide steps over any reduction": (v10_tiles, None)}
+    if case == "narrow" and width == 64:
+        found["v14: 256 x 64 x 64"] = ((256, 64, 64, 8), None)
+    return found
 
 
 # name -> GRAD_WEIGHT_ROW_TAPS (None: today's)
@@ -124,7 +130,7 @@ def main(out_path: str, only: Optional[set] = None) -> None:
                        tiles=None, rel_error=error, median_ms=ms)
                 for name, (tiles, taps) in candidates(case, width).items():
                     K._tiles = launcher_tiles if tiles is None else tiles if callable(tiles) else (
-                        lambda *args, t=tiles: t)
+                        lambda *args, t=tiles, **kwargs: t)
                     K.TAPS_IN_K_CHANNELS = launcher_taps if taps is None else taps
                     K.clear_plans()  # launch plans hold the tiles they were built with
 

@@ -11,59 +11,36 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"  # sm90.py: the build and its readings
+
 _COMPILE_FOR_SM90 = """
-import json, os, re, subprocess, sys, tempfile
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, sys
+import torch
+sys.path.insert(0, BENCHMARKS)
+from sm90 import LAYOUTS, UNIT_STRIDES, compile_kernel, forward_row, has_cuobjdump, resources, vector_accesses
 from dds_fast.kernels import conv2d as K
 from dds_fast.kernels import gate as G
 from dds_fast.kernels import _rows as R
 assert not K.INTERPRET and not G.INTERPRET
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 stacks = {}
 
-# Channel strides of 1 (channels_last activations and weights, the fast path): the JIT
-# specialises them into constants, which changes the code and its register use.
-UNIT_STRIDES = {"sx0c", "sx1c", "syc", "src", "swi", "szc", "sxc", "sdyc"}
-
-def build(name, fn, ptrs, constexprs, warps, fast_tiles=None, layouts=("strided", "channels_last")):
+def build(name, fn, ptrs, constexprs, warps, fast_tiles=None, layouts=LAYOUTS):
     # generic strides and no alignment; channels_last with every alignment flag at 8, where
     # the launchers take the tiles of their fast layout (fast_tiles: constexprs, warps)
     for layout in layouts if UNIT_STRIDES & set(fn.arg_names) else ("strided",):
-        ones = {a: 1 for a in fn.arg_names if layout == "channels_last" and a in UNIT_STRIDES}
-        aligns = {a: 8 if layout == "channels_last" else 1 for a in fn.arg_names if a.endswith("ALIGN")}
         blocks, num_warps = fast_tiles if layout == "channels_last" and fast_tiles else ({}, warps)
-        values = {**constexprs, **blocks, **ones, **aligns}
-        sig = {a: "constexpr" if a in values else ptrs.get(a, "i32") for a in fn.arg_names}
-        cx = {(fn.arg_names.index(k),): v for k, v in values.items()}
-        # and 16-byte aligned pointers there, which the JIT specialises and the fast tiles require
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                 if layout == "channels_last" and sig[a].startswith("*")}
-        kernel = triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": num_warps})
-        if os.path.exists(CUOBJDUMP):
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(kernel.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
-                                       text=True).stdout
-            stacks[f"{name} ({layout})"] = int(re.search(r"STACK:(\\d+)", usage).group(1))
+        kernel = compile_kernel(fn, ptrs, {**constexprs, **blocks}, num_warps, layout)
+        if has_cuobjdump():
+            stacks[f"{name} ({layout})"] = resources(kernel)["stack"]
 
 def vector_loads(fn, ptrs, constexprs, warps, stores=False):
-    # vector loads and asynchronous copies (or vector stores) in the PTX of the channels_last
-    # build with 16-byte aligned pointers, as the JIT specialises them at run time
-    values = {**constexprs, **{a: 1 for a in fn.arg_names if a in UNIT_STRIDES}}
-    sig = {a: "constexpr" if a in values else ptrs.get(a, "i32") for a in fn.arg_names}
-    cx = {(fn.arg_names.index(k),): v for k, v in values.items()}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
-    kernel = triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": warps})
-    pattern = r"st\\.global\\.v[248]" if stores else r"cp\\.async\\.c[ag]\\.shared\\.global|ld\\.global\\.v[248]"
-    return len(re.findall(pattern, kernel.asm["ptx"]))
+    # in the channels_last build with 16-byte aligned pointers, as the JIT specialises them at
+    # run time (constexprs set the alignment flags)
+    return vector_accesses(compile_kernel(fn, ptrs, constexprs, warps), stores)
 
 def tiles(dtype, cols=64, red=64, fast=False, two_inputs=False):
     bm, bn, bk, warps = K._tiles(dtype, 512 * 512, cols, red, fast, two_inputs)
@@ -179,15 +156,23 @@ build("gate head", G._gate_kernel, dict(part_ptr=f, folded_ptr=f, arrivals_ptr="
                                         logits_ptr=f, probs_ptr=f, choice_ptr="*i32"),
       dict(ATTENTION=True, BN_AFFINE=True, BLOCK_T=32, BLOCK_C=64, BLOCK_CR=16, BLOCK_H=16, BLOCK_E=16), 4)
 build("gate scale", G._scale_kernel, dict(x_ptr=p, scale_ptr=f, out_ptr=p), dict(BLOCK_HW=64, BLOCK_C=32), 4)
-print(json.dumps({"stacks": stacks, "vectors": vectors}))
+# the instructions an 8-channel layer issues per pixel, its taps in the reduction and not
+per_pixel = {}
+if has_cuobjdump():
+    for taps in ((8,), ()):
+        K.TAPS_IN_K_CHANNELS = taps
+        K.clear_plans()
+        row = forward_row(K, "8 to 8", (8,), 8, 1)
+        per_pixel[f"taps {row['taps_in_reduction'][0]}"] = row["warp_instructions_per_pixel"]
+print(json.dumps({"stacks": stacks, "vectors": vectors, "per_pixel": per_pixel}))
 """
 
 
 def test_kernels_compile_for_h100_without_spills():
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", f"BENCHMARKS = {str(BENCHMARKS)!r}" + _COMPILE_FOR_SM90], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     stacks, vectors = found["stacks"], found["vectors"]
@@ -199,5 +184,8 @@ def test_kernels_compile_for_h100_without_spills():
         "forward fp16, input alignment 8, output alignment 1"], vectors
     if not stacks:
         pytest.skip("kernels compile for sm_90; this Triton has no cuobjdump to read their register use")
+    # v14's premise (benchmarks/NOTES.md): 8 channels' taps in the reduction issue far fewer
+    # instructions per output pixel than the per-tap loop's half-empty steps
+    assert found["per_pixel"]["taps 8"] < 0.75 * found["per_pixel"]["taps 0"], found["per_pixel"]
     spilled = {name: size for name, size in stacks.items() if size}
     assert not spilled, f"kernels spill registers on sm_90 (stack bytes per thread): {spilled}"
