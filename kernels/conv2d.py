@@ -68,9 +68,10 @@ def _fwd_segment(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
     flight while this step multiplies."""
     ck = tl.arange(0, BLOCK_K)
     blocks = tl.cdiv(c_n, BLOCK_K)
-    for step in range(0, KSIZE * KSIZE * blocks):
-        tap = step // blocks
-        c = (step - tap * blocks) * BLOCK_K + ck
+    tap = 0
+    c0 = 0
+    for _ in range(0, KSIZE * KSIZE * blocks):
+        c = c0 + ck
         r = tap // KSIZE
         s = tap - r * KSIZE
         ih = oh * STRIDE - PAD + r
@@ -83,6 +84,11 @@ def _fwd_segment(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
         b = tl.load(w + (co * swo)[None, :] + r * swh + s * sww + ((start + c) * swi)[:, None],
                     mask=c_ok[:, None] & co_ok[None, :], other=0.0)
         acc = _mma(acc, a, b, DOT_F32)
+        # the next channel block, or the next tap's first: counted, not divided out of the step
+        c0 += BLOCK_K
+        next_tap = c0 >= c_n
+        tap = tl.where(next_tap, tap + 1, tap)
+        c0 = tl.where(next_tap, 0, c0)
     return acc
 
 
@@ -338,9 +344,10 @@ def _bwd_input_kernel(
     NS = (KSIZE - S0 + STRIDE - 1) // STRIDE
     blocks = tl.cdiv(COUT, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(0, NR * NS * blocks):
-        tap = step // blocks
-        co = (step - tap * blocks) * BLOCK_K + ck
+    tap = 0
+    co0 = 0
+    for _ in range(0, NR * NS * blocks):
+        co = co0 + ck
         r = R0 + STRIDE * (tap // NS)
         s = S0 + STRIDE * (tap % NS)
         oh = jh + (IH0 + PAD - r) // STRIDE
@@ -352,6 +359,10 @@ def _bwd_input_kernel(
         bt = tl.load(w + ((START + ci) * swi)[None, :] + r * swh + s * sww + (co * swo)[:, None],
                      mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
         acc = _mma(acc, a, bt, DOT_F32)
+        co0 += BLOCK_K  # the next channel block, or the next live tap's first (as in the forward)
+        next_tap = co0 >= COUT
+        tap = tl.where(next_tap, tap + 1, tap)
+        co0 = tl.where(next_tap, 0, co0)
     ih = IH0 + jh * STRIDE
     iw = IW0 + jw * STRIDE
     x_ptrs = dx + n * sxn + (ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :]
