@@ -60,7 +60,7 @@ def candidates(case: str, width: int) -> dict:
     """name -> (tiles, or a replacement of _tiles, or None for the launcher's; TAPS_IN_K_CHANNELS
     or None for today's). Earlier sweeps' candidates are in benchmarks/NOTES.md."""
     # (sm90.py counts fewer instructions per pixel for the v14 candidates: 17.5 against 22.6 with
-    # 2 warps at 8 channels, 112.5 against 131.8 with 64-wide steps at 64)
+    # 2 warps at 8 channels, 108.2 against 123.1 with 64-wide steps at 64)
     if case == "eight":  # v14: 8 channels' taps in the reduction, against v13's per-tap loop
         return {"launcher": (None, None), "per-tap loop (v13)": (None, ()),
                 "v14: 2 warps": ((256, 16, 16, 2), None)}
