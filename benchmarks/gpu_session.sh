@@ -6,9 +6,10 @@
 # Usage on the device machine, from the repository root (wheels in .whl/ are installed
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
 # benchmarks/gpu_session.sh [full|quick|train|verify]. verify (289 s on an H100 before its v14
-# and v15 steps, which add at most 125) reruns a quick run's tests with more time, times 8-channel
-# layers both ways and the smallest config's layers, profiles the routed dynamic forward (packed
-# and max-width buffers), counts the forward's instructions per pixel as this Triton builds it, times the layers and network again
+# to v16 steps, which add at most 195) reruns a quick run's tests with more time, sweeps the
+# v14-v16 candidates, times two configs' layers with and without tensor descriptors, profiles
+# the routed dynamic forward (packed and max-width buffers), counts the forward's instructions
+# per pixel as this Triton builds it, times the layers and network again
 # (the run-to-run spread) and the shipped model's routes; with HOST_COST=1 (90 s more) also the
 # host time per call and a host-side profile of a launched training step. quick (its step limits add up to 9.7
 # minutes; it took 5.4 with HOST_COST=1 on an H100, where the tests alone need 96 s) runs
@@ -75,12 +76,16 @@ if [ "$MODE" = verify ]; then
     cat "$R/host_cost.txt"
     grep -E "Name|Self CPU time total|Launch|Synchronize|evaluate_function" "$R/host_cost-step-profile.txt" | cut -c1-150
   fi
-  step "8-channel layers: the taps in the reduction (v14) against the per-tap loop; the smallest config's layers"
-  timeout -k 10 -s INT 30 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_eight.json" eight > "$R/sweep_eight.txt" 2>&1
-  grep -E "^eight" "$R/sweep_eight.txt"
-  timeout -k 10 -s INT 40 python3 benchmarks/network_layers.py --config smallest "$R/network_layers.json" \
-    > "$R/network_layers.txt" 2>&1
+  step "v14 and v16 against v13 in one run: 8-channel taps, tensor descriptors, tile candidates; layers of two configs"
+  timeout -k 10 -s INT 60 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_v16.json" eight narrow mid \
+    > "$R/sweep_v16.txt" 2>&1
+  grep -E "^(eight|narrow|mid)" "$R/sweep_v16.txt"
+  timeout -k 10 -s INT 40 python3 benchmarks/network_layers.py --config smallest --config largest \
+    "$R/network_layers.json" > "$R/network_layers.txt" 2>&1
   grep "sum of layers" "$R/network_layers.txt"
+  timeout -k 10 -s INT 40 python3 benchmarks/network_layers.py --tma --config smallest --config largest \
+    "$R/network_layers_tma.json" > "$R/network_layers_tma.txt" 2>&1
+  grep "sum of layers" "$R/network_layers_tma.txt"
   step "the routed dynamic forward kernel by kernel, against each route's config alone"
   timeout -k 15 -s INT 90 python3 benchmarks/profile_network.py --routed smallest --routed largest \
     --buffers packed --buffers max-width "$R/profile_network_routed.txt" > /dev/null 2>&1

@@ -1,13 +1,14 @@
 """Each conv layer of a SlimUNet config timed alone on a GPU, against cuDNN on the same narrow
 shape and against its roofline floor: which layers make the network's distance from its floor.
 
-    python benchmarks/network_layers.py [--config smallest ...] [--batch 8] [--size 512] [OUT.json]
+    python benchmarks/network_layers.py [--config smallest ...] [--batch 8] [--size 512] [--tma] [OUT.json]
 
 Every SlimConv2d's inputs are captured in one forward of the config (fp16, channels_last);
 each layer is then timed with ``triton.testing.do_bench`` (median), and so is cuDNN's static
 conv over the concatenated inputs and a contiguous copy of the active weight (bias and
 activation left out: the floor of what slicing cannot reach; an upsampling conv's time includes
-its pixel-shuffled store, cuDNN's conv is not shuffled). Without a GPU it runs the
+its pixel-shuffled store, cuDNN's conv is not shuffled). --tma turns on the forward through
+tensor descriptors (``kernels.conv2d.TMA_FORWARD``) where it applies. Without a GPU it runs the
 reference path on the CPU in fp32 with wall-clock medians: a check of the script, not a speed.
 """
 import json
@@ -22,7 +23,12 @@ from dds_fast.runner import LatencyRunner
 
 
 def main() -> None:
-    args = network_arguments(__doc__, "network-layers.json", ["smallest", "largest"])
+    args = network_arguments(__doc__, "network-layers.json", ["smallest", "largest"], lambda parser: parser.add_argument(
+        "--tma", action="store_true", help="the forward through tensor descriptors where it applies"))
+    if args.tma:
+        from dds_fast.kernels import conv2d
+
+        conv2d.TMA_FORWARD = True
     device, dtype = ("cuda", torch.float16) if CUDA else ("cpu", torch.float32)
     net = SlimUNet(in_channels=3, base_width=32, depth=4).to(device, dtype).to(memory_format=torch.channels_last)
     net.eval()
@@ -32,7 +38,7 @@ def main() -> None:
         memory_format=torch.channels_last)
     convs = [(name, m) for name, m in net.named_modules() if isinstance(m, SlimConv2d)]
     report = dict(device=torch.cuda.get_device_name() if CUDA else "CPU (reference path: checks the script)",
-                  torch=torch.__version__, dtype=str(dtype),
+                  torch=torch.__version__, dtype=str(dtype), tma_forward=args.tma,
                   input=list(x.shape), peaks=dict(flops_per_s=peaks.flops_per_s, bytes_per_s=peaks.bytes_per_s),
                   configs={})
     for label, config in configs.items():

@@ -5,8 +5,9 @@ instructions each output pixel costs, a static cost model for the forward convs.
     python benchmarks/sm90.py [OUT.json]
 
 prints, for the layers of the benchmark SlimUNet's smallest config and a few wider ones at
-8x512x512 (fp16, channels_last), the tiles the launcher picks, registers, spill bytes, the
-main loops' lengths and the warp instructions per output pixel: (the code outside the loops +
+8x512x512 (fp16, channels_last), the kernel and tiles the launcher picks (then again with
+``TMA_FORWARD`` where it applies), registers, spill bytes, the main loops' lengths and the
+warp instructions per output pixel: (the code outside the loops +
 each loop's body x its trips) x warps / BLOCK_M. At a few instructions per pixel a layer is
 bound by issue, not bytes: on an H100, 132 SMs x 4 warp instructions a cycle at about 1.75
 GHz issue 2.1M pixels x 36.5 in 83 us. The code is the installed Triton's (3.9 here; the
@@ -72,14 +73,18 @@ def vector_accesses(kernel, stores: bool = False) -> int:
 
 
 def instructions(kernel) -> tuple[int, list[int]]:
-    """(SASS instructions, the body length of each loop: a backward branch, in code order)."""
+    """(SASS instructions, the body length of each loop that multiplies, in code order: a
+    backward branch over a matrix instruction; the waits on asynchronous copies also branch
+    back, over no multiply)."""
     code = [(int(m.group(1), 16), m.group(2)) for m in
             re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", _cuobjdump(kernel, "-sass"))]
     loops = []
     for offset, body in code:
         target = re.search(r"BRA\s.*?0x([0-9a-f]+)", body)
         if target and int(target.group(1), 16) < offset:
-            loops.append(sum(1 for o, _ in code if int(target.group(1), 16) <= o <= offset))
+            inside = [b for o, b in code if int(target.group(1), 16) <= o <= offset]
+            if any(re.search(r"\bH?GMMA|\bHMMA", b) for b in inside) and not any("STG" in b for b in inside):
+                loops.append(len(inside))
     return len(code), loops
 
 
@@ -88,7 +93,8 @@ def forward_cases() -> list[tuple[str, tuple, tuple, int]]:
     return [("3 to 8 (the smallest config's stem)", (3,), 8, 1), ("8 to 8", (8,), 8, 1),
             ("8 to 16, stride 2", (8,), 16, 2), ("8 + 8 to 8 (a decoder's concat)", (8, 8), 8, 1),
             ("8 to 3 (the last layer, with the residual)", (8,), 3, 1), ("16 to 16", (16,), 16, 1),
-            ("48 to 48", (48,), 48, 1), ("64 to 64", (64,), 64, 1)]
+            ("48 to 48", (48,), 48, 1), ("64 to 64", (64,), 64, 1),
+            ("48 to 3 (the largest config's last layer)", (48,), 3, 1)]
 
 
 def forward_row(K, name: str, ins: tuple, out: int, stride: int, batch: int = 8, size: int = 512) -> dict:
@@ -107,21 +113,27 @@ def forward_row(K, name: str, ins: tuple, out: int, stride: int, batch: int = 8,
                            (weight.shape, weight.stride(), torch.float16, torch.device("cuda")),
                            ((out,), (1,), torch.float16, torch.device("cuda")), residual, None, 1, 0, ins[0], out,
                            stride, 1, "leaky_relu" if out != 3 else "none", 0.2, 1, aligned_pointers=True)
-    launch = plan.launch
-    block_m, block_k = launch.meta["BLOCK_M"], launch.meta["BLOCK_K"]
-    constexprs = {key: value for key, value in launch.meta.items() if key != "num_warps"}
-    warps = launch.meta["num_warps"]
-    kernel = compile_kernel(K._conv_fwd_kernel, dict(x0="*fp16", x1="*fp16", w="*fp16", b="*fp16", res="*fp16",
-                                                     y="*fp16", widths="*i32", sums="*fp32", slope="fp32"),
-                            constexprs, warps)
+    if plan.tma is not None:  # K.TMA_FORWARD: the descriptors' kernel
+        meta = plan.tma.meta
+        x_box, w_box = f"[1,{meta['BH']},{meta['BW']},{meta['BLOCK_K']}]", f"[{meta['BLOCK_N']},1,1,{meta['BLOCK_K']}]"
+        kernel_fn, block_m, taps = K._conv_fwd_tma_kernel, meta["BH"] * meta["BW"], (0, 0)
+        ptrs = dict(x0d=f"tensordesc<fp16{x_box}>", x1d=f"tensordesc<fp16{x_box}>", w0d=f"tensordesc<fp16{w_box}>",
+                    w1d=f"tensordesc<fp16{w_box}>", b="*fp16", res="*fp16", y="*fp16", slope="fp32")
+    else:
+        meta = plan.launch.meta
+        kernel_fn, block_m, taps = K._conv_fwd_kernel, meta["BLOCK_M"], (meta["TAP_C0"], meta["TAP_C1"])
+        ptrs = dict(x0="*fp16", x1="*fp16", w="*fp16", b="*fp16", res="*fp16", y="*fp16", widths="*i32",
+                    sums="*fp32", slope="fp32")
+    block_k, warps = meta["BLOCK_K"], meta["num_warps"]
+    kernel = compile_kernel(kernel_fn, ptrs, {key: value for key, value in meta.items() if key != "num_warps"}, warps)
     total, loops = instructions(kernel)
-    trips = [-(-9 * c // block_k) if tap else 9 * -(-c // block_k)
-             for c, tap in zip(ins, (launch.meta["TAP_C0"], launch.meta["TAP_C1"]))]
-    # a loop the compiler unrolled is in the total once; the loops found are the inputs' in order
+    trips = [-(-9 * c // block_k) if tap else 9 * -(-c // block_k) for c, tap in zip(ins, taps)]
+    # every instruction once, and each input's loop (in order) its further trips; a loop the
+    # compiler unrolled is in the total as often as it runs
     counted = trips[:len(loops)]
-    per_pixel = (total - sum(loops) + sum(b * t for b, t in zip(loops, counted))) * warps / block_m
-    return dict(layer=name, tiles=[block_m, launch.meta["BLOCK_N"], block_k, warps],
-                taps_in_reduction=[launch.meta["TAP_C0"], launch.meta["TAP_C1"]], **resources(kernel),
+    per_pixel = (total + sum(b * (t - 1) for b, t in zip(loops, counted))) * warps / block_m
+    return dict(layer=name, kernel=kernel_fn.__name__, tiles=[block_m, meta["BLOCK_N"], block_k, warps],
+                taps_in_reduction=list(taps), **resources(kernel),
                 instructions=total, loops=loops, trips=counted, warp_instructions_per_pixel=round(per_pixel, 1))
 
 
@@ -131,12 +143,17 @@ def main(out_path: str) -> None:
     import dds_fast.kernels.conv2d as K
 
     rows = []
-    for case in forward_cases():
-        rows.append(forward_row(K, *case))
-        row = rows[-1]
-        print(f"{row['layer']:45s} tiles {row['tiles']} taps {row['taps_in_reduction']} regs {row['reg']:3d} "
-              f"spill {row['stack']} loops {row['loops']} x {row['trips']}: "
-              f"{row['warp_instructions_per_pixel']} warp instructions per pixel", flush=True)
+    for tma in (False, True):  # the launcher's kernels, then with TMA_FORWARD where it applies
+        K.TMA_FORWARD = tma
+        K.clear_plans()
+        for case in forward_cases():
+            row = forward_row(K, *case)
+            if tma and row["kernel"] != "_conv_fwd_tma_kernel":
+                continue
+            rows.append(row)
+            print(f"{row['layer']:45s} {row['kernel']:21s} tiles {row['tiles']} taps {row['taps_in_reduction']} "
+                  f"regs {row['reg']:3d} spill {row['stack']} loops {row['loops']} x {row['trips']}: "
+                  f"{row['warp_instructions_per_pixel']} warp instructions per pixel", flush=True)
     with open(out_path, "w") as f:
         json.dump(dict(target="sm_90", triton=triton.__version__, batch=8, size=512, dtype="float16",
                        rows=rows), f, indent=2)

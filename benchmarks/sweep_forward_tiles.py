@@ -13,6 +13,7 @@ launcher's tiles against v9's (which ignored the fast layout's room for bigger t
 - wide: Cmax 384 at 64x64, width 384 (its deepest level);
 - per-image: the narrow layer with per-image widths (DDSNet's dynamic mode), every image at
   width 16 or every image at 64: one kernel serves both, so its tiles trade one for the other.
+Static cases also take the forward through tensor descriptors (v16, ``TMA_FORWARD``).
 Grad weight (``grad-weight`` rows), widths 16 and 64 at 512x512 and 96 at 256x256: a kernel
 row's three taps per program against one tap per program.
 The swapped-in choices are restored at the end; rows are written to the JSON as they come,
@@ -42,6 +43,7 @@ GRAD_WEIGHT_CASES = [(64, 512, 16), (64, 512, 64), (96, 256, 96)] if CUDA else [
 
 
 LAUNCHER_TILES = K._tiles
+TMA = "tensor descriptors"  # a candidate's tiles: the launcher's, with K.TMA_FORWARD on
 
 
 def v9_tiles(dtype, npix, cols, red, fast=False, two_inputs=False):
@@ -68,6 +70,8 @@ def candidates(case: str, width: int) -> dict:
              "v10: 64-wide steps over any reduction": (v10_tiles, None)}
     if case == "narrow" and width == 64:
         found["v14: 256 x 64 x 64"] = ((256, 64, 64, 8), None)
+    if case != "per-image":  # (sm90.py: 71.8 against 123.1 at 64 channels, 97.7 at 48, 22.6 against 33.9 at 16)
+        found["v16: tensor descriptors (TMA_FORWARD)"] = (TMA, None)
     return found
 
 
@@ -79,6 +83,7 @@ def main(out_path: str, only: Optional[set] = None) -> None:
     """Every case, or those named in ``only`` (``grad-weight`` for the grad weight rows)."""
     device = "cuda" if CUDA else "cpu"
     launcher_tiles, launcher_taps, launcher_row_taps = K._tiles, K.TAPS_IN_K_CHANNELS, K.GRAD_WEIGHT_ROW_TAPS
+    launcher_tma = K.TMA_FORWARD
     device_name = torch.cuda.get_device_name() if CUDA else "CPU (interpreter: checks the script, not the speed)"
     report = dict(device=device_name, torch=torch.__version__, dtype=str(DTYPE), batch=BATCH, rows=[])
 
@@ -129,7 +134,8 @@ def main(out_path: str, only: Optional[set] = None) -> None:
                 record(case=case, cmax=cmax, size=size, width=width, candidate="cuDNN static (b), no epilogue",
                        tiles=None, rel_error=error, median_ms=ms)
                 for name, (tiles, taps) in candidates(case, width).items():
-                    K._tiles = launcher_tiles if tiles is None else tiles if callable(tiles) else (
+                    K.TMA_FORWARD = tiles == TMA  # else the launcher's choice, off
+                    K._tiles = launcher_tiles if tiles in (None, TMA) else tiles if callable(tiles) else (
                         lambda *args, t=tiles, **kwargs: t)
                     K.TAPS_IN_K_CHANNELS = launcher_taps if taps is None else taps
                     K.clear_plans()  # launch plans hold the tiles they were built with
@@ -146,7 +152,7 @@ def main(out_path: str, only: Optional[set] = None) -> None:
                     chosen = K._tiles(DTYPE, size * size, *widths_seen, True)
                     record(case=case, cmax=cmax, size=size, width=width, candidate=name, tiles=chosen,
                            rel_error=error, median_ms=ms)
-        K._tiles, K.TAPS_IN_K_CHANNELS = launcher_tiles, launcher_taps
+        K._tiles, K.TAPS_IN_K_CHANNELS, K.TMA_FORWARD = launcher_tiles, launcher_taps, launcher_tma
         K.clear_plans()
         for cmax, size, width in GRAD_WEIGHT_CASES if not only or "grad-weight" in only else ():
             weight, x = layer(cmax, width, size)
@@ -177,6 +183,7 @@ def main(out_path: str, only: Optional[set] = None) -> None:
                        tiles=K._grad_weight_tiles(DTYPE, width, width), rel_error=error, median_ms=ms)
     finally:
         K._tiles, K.TAPS_IN_K_CHANNELS, K.GRAD_WEIGHT_ROW_TAPS = launcher_tiles, launcher_taps, launcher_row_taps
+        K.TMA_FORWARD = launcher_tma
         K.clear_plans()
 
 

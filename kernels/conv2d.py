@@ -28,6 +28,10 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # a Triton without host-side tensor descriptors: no TMA_FORWARD
+    TensorDescriptor = None
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils.flop_counter import register_flop_formula
 
@@ -152,6 +156,21 @@ def _fwd_input(acc, x_img, sxc, sxh, sxw, w, swo, swi, swh, sww, start, c_n,
 
 
 @triton.jit
+def _epilogue(acc, b, sb, r_ptrs, out_ok, co, co_ok, slope,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    """Bias, residual and activation on the fp32 accumulator of an output tile."""
+    if HAS_BIAS:
+        acc += tl.load(b + co * sb, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        acc += tl.load(r_ptrs, mask=out_ok, other=0.0).to(tl.float32)
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 2:
+        acc = tl.where(acc > 0, acc, acc * slope)
+    return acc
+
+
+@triton.jit
 def _aligned(value, ALIGN: tl.constexpr):
     # value is a multiple of ALIGN (the host checks): written so, the compiler knows it and
     # loads and stores whole vectors along channels (asynchronous copies into shared memory)
@@ -236,15 +255,8 @@ def _conv_fwd_kernel(
                          oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C1, PER_IMAGE)
 
     out_ok = m_ok[:, None] & co_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b + co * sb, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RES:
-        r_ptrs = res + n * srn + (oh * srh + ow * srw)[:, None] + (co * src)[None, :]
-        acc += tl.load(r_ptrs, mask=out_ok, other=0.0).to(tl.float32)
-    if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
-    elif ACT == 2:
-        acc = tl.where(acc > 0, acc, acc * slope)
+    acc = _epilogue(acc, b, sb, res + n * srn + (oh * srh + ow * srw)[:, None] + (co * src)[None, :], out_ok, co,
+                    co_ok, slope, HAS_BIAS, HAS_RES, ACT)
     if UPSCALE > 1:
         # y is the shuffled [N, COUT / r^2, r * HO, r * WO]: phase p of pixel (oh, ow) is output
         # pixel (r * oh + p // r, r * ow + p % r)
@@ -264,6 +276,69 @@ def _conv_fwd_kernel(
         # row per pixel tile (summed in order by the gate head: deterministic, no atomics)
         part = tl.sum(tl.where(out_ok, out.to(tl.float32), 0.0), axis=0)
         tl.store(sums + (n * tl.num_programs(0) + pid_m) * COUT + co, part, mask=co_ok)
+
+
+@triton.jit
+def _tma_segment(acc, xd, wd, n, oh0, ow0, co0,
+                 KSIZE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr, BH: tl.constexpr,
+                 BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_fwd_segment`` through tensor descriptors (TMA on sm_90): the input tile of a tap is
+    the box of BH x BW pixels at the tap's offset, which the copy engine fetches with zeros
+    beyond the image and beyond the descriptor's channels (the active ones): no address or
+    mask arithmetic per element."""
+    blocks = tl.cdiv(xd.shape[3], BLOCK_K)
+    tap = 0
+    c0 = 0
+    for _ in range(0, KSIZE * KSIZE * blocks):
+        r = tap // KSIZE
+        s = tap - r * KSIZE
+        a = xd.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BH * BW, BLOCK_K)
+        bt = wd.load([co0, r, s, c0]).reshape(BLOCK_N, BLOCK_K)
+        acc = _mma(acc, a, tl.trans(bt), DOT_F32)
+        c0 += BLOCK_K
+        next_tap = c0 >= xd.shape[3]
+        tap = tl.where(next_tap, tap + 1, tap)
+        c0 = tl.where(next_tap, 0, c0)
+    return acc
+
+
+@triton.jit(do_not_specialize=["COUT"])
+def _conv_fwd_tma_kernel(
+    x0d, x1d, w0d, w1d, b, res, y,
+    HO, WO, COUT, sb, srn, src, srh, srw, syn, syc, syh, syw, slope,
+    KSIZE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, DOT_F32: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CO_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
+):
+    """``_conv_fwd_kernel`` for a static stride-1 launch in the fast layout, its inputs and
+    weight blocks read through tensor descriptors (``x?d``: the NHWC view of an input's active
+    channels; ``w?d``: the [o, k, k, channels] view of its weight block). Each program computes
+    a BH x BW block of output pixels."""
+    pid_m = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    n = tl.program_id(2)
+    cout_n = _aligned(COUT, CO_ALIGN)
+    srn, srh, srw = _aligned(srn, Y_ALIGN), _aligned(srh, Y_ALIGN), _aligned(srw, Y_ALIGN)
+    syn, syh, syw = _aligned(syn, Y_ALIGN), _aligned(syh, Y_ALIGN), _aligned(syw, Y_ALIGN)
+    tiles_w = tl.cdiv(WO, BW)
+    oh0 = pid_m // tiles_w * BH
+    ow0 = pid_m % tiles_w * BW
+    acc = tl.zeros((BH * BW, BLOCK_N), dtype=tl.float32)
+    acc = _tma_segment(acc, x0d, w0d, n, oh0, ow0, pid_co * BLOCK_N, KSIZE, PAD, DOT_F32, BH, BW, BLOCK_N, BLOCK_K)
+    if TWO_INPUTS:
+        acc = _tma_segment(acc, x1d, w1d, n, oh0, ow0, pid_co * BLOCK_N, KSIZE, PAD, DOT_F32, BH, BW, BLOCK_N,
+                           BLOCK_K)
+    pix = tl.arange(0, BH * BW)
+    oh = oh0 + pix // BW
+    ow = ow0 + pix % BW
+    co = pid_co * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < cout_n
+    out_ok = ((oh < HO) & (ow < WO))[:, None] & co_ok[None, :]
+    n64 = n.to(tl.int64)
+    acc = _epilogue(acc, b, sb, res + n64 * srn + (oh * srh + ow * srw)[:, None] + (co * src)[None, :], out_ok, co,
+                    co_ok, slope, HAS_BIAS, HAS_RES, ACT)
+    tl.store(y + n64 * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :], acc.to(y.dtype.element_ty),
+             mask=out_ok)
 
 
 @triton.jit(do_not_specialize=["COUT"])
@@ -583,15 +658,29 @@ GRAD_WEIGHT_ROW_TAPS = True  # 3x3 grad weight: a kernel row's three taps per pr
 # per-tap loop leaves most lanes idle, and 8, where it leaves half (16 and up fill its steps).
 TAPS_IN_K_CHANNELS = (1, 2, 3, 4, 8)
 FOLD_LIMIT = 128  # rows of partial sums that a reduction's single pass may take; more are folded first
+# Static stride-1 forwards in the fast layout read their inputs and weight through tensor
+# descriptors (_conv_fwd_tma_kernel): on sm_90 fewer instructions per pixel (benchmarks/NOTES.md,
+# v16), not yet timed on a GPU, so off until a sweep says it is faster.
+TMA_FORWARD = False
 
 
 _NOT_PACKED = (False, False, False)  # (input 0, input 1, output): see slim_conv2d's packed_inputs
+
+
+class _TmaLaunch(NamedTuple):
+    """A launch of ``_conv_fwd_tma_kernel`` (through the JIT: its descriptors are made per call)."""
+    grid: tuple[int, int, int]
+    scalars: tuple
+    meta: dict
+    starts: tuple[int, int]  # the inputs' first channels in the weight
+    out_channels: int
 
 
 class _ForwardPlan(NamedTuple):
     """Everything a forward launch derives from its arguments' shapes, strides and options."""
     out_shape: tuple[int, int, int, int]
     launch: CachedLaunch  # grid, run-time scalars and compile-time arguments of _conv_fwd_kernel
+    tma: Optional[_TmaLaunch] = None  # the same forward through tensor descriptors (TMA_FORWARD)
 
 
 def _meta(t: Optional[torch.Tensor]):
@@ -660,12 +749,47 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         PACKED_X0=packed[0], PACKED_X1=packed[1], PACKED_Y=packed[2], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **aligns,
     )
     grid = (cdiv(ho * wo, bm), cdiv(out_channels, bn), n)
-    return _ForwardPlan(out_shape, CachedLaunch(_conv_fwd_kernel, grid, scalars, meta, num_tensors=8))
+    tma = None
+    # descriptors need the inputs' and weight's fast layout; the output and residual may be any
+    tma_layout = aligned_pointers and _fast_layout((x0_strides[1], x1_strides[1], w_strides[1]), aligns["C_ALIGN"],
+                                                   aligns["X_ALIGN"], aligns["W_ALIGN"])
+    if TMA_FORWARD and TensorDescriptor is not None and tma_layout and stride == 1 and mwd is None and not channel_sums and r == 1 and not (
+            tap_c0 or tap_c1) and dtype in (torch.float16, torch.bfloat16):
+        # the gather's tiles, its rows as a block of pixels (as wide as the image, up to 64), and
+        # 64-wide reduction steps where they divide it: a step's cost no longer grows with its
+        # width (no gathered addresses), so fewer, wider steps
+        bw = min(bm, 64, next_pow2(wo))
+        bh = bm // bw
+        bk = 64 if max(c0, c1) >= 64 and c0 % 64 == 0 and c1 % 64 == 0 else bk
+        tma = _TmaLaunch(
+            (cdiv(ho, bh) * cdiv(wo, bw), cdiv(out_channels, bn), n),
+            (ho, wo, out_channels, w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides,
+             float(negative_slope)),
+            dict(KSIZE=k, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None, HAS_RES=mr is not None,
+                 ACT=_ACT_NAMES[activation], DOT_F32=_dot_f32(dtype), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk,
+                 CO_ALIGN=aligns["CO_ALIGN"], Y_ALIGN=aligns["Y_ALIGN"], num_warps=warps),
+            (start0, start1), out_channels)
+    return _ForwardPlan(out_shape, CachedLaunch(_conv_fwd_kernel, grid, scalars, meta, num_tensors=8), tma)
+
+
+def _tma_descriptors(x, weight, start: int, out_channels: int, meta: dict):
+    """Tensor descriptors of an input (its NHWC view) and of its weight block ([o, k, k, C])."""
+    xv = x.permute(0, 2, 3, 1)
+    wv = weight.permute(0, 2, 3, 1)[:out_channels, :, :, start:start + x.shape[1]]
+    return (TensorDescriptor(xv, list(xv.shape), list(xv.stride()), [1, meta["BH"], meta["BW"], meta["BLOCK_K"]]),
+            TensorDescriptor(wv, list(wv.shape), list(wv.stride()), [meta["BLOCK_N"], 1, 1, meta["BLOCK_K"]]))
 
 
 def _launch_forward(plan: _ForwardPlan, x0, x1, weight, bias, residual, widths):
     """The output; with ``plan.launch.meta['CHANNEL_SUMS']``, also its fp32 channel sums per pixel tile."""
     y = _empty_channels_last(plan.out_shape, x0)
+    if plan.tma is not None:
+        grid, scalars, meta, starts, out_channels = plan.tma
+        x0d, w0d = _tma_descriptors(x0, weight, starts[0], out_channels, meta)
+        x1d, w1d = (x0d, w0d) if x1 is None else _tma_descriptors(x1, weight, starts[1], out_channels, meta)
+        _conv_fwd_tma_kernel[grid](x0d, x1d, w0d, w1d, weight if bias is None else bias,
+                                   y if residual is None else residual, y, *scalars, **meta)
+        return y
     forward = plan.launch
     sums = None
     if forward.meta["CHANNEL_SUMS"]:

@@ -164,6 +164,18 @@ if has_cuobjdump():
         K.clear_plans()
         row = forward_row(K, "8 to 8", (8,), 8, 1)
         per_pixel[f"taps {row['taps_in_reduction'][0]}"] = row["warp_instructions_per_pixel"]
+    # the forward through tensor descriptors (TMA_FORWARD), as the launcher would tile it
+    K.TMA_FORWARD = True
+    K.clear_plans()
+    for name, ins, out in [("16 to 16", (16,), 16), ("64 to 64", (64,), 64), ("96 + 96 to 96", (96, 96), 96),
+                           ("192 to 192", (192,), 192), ("48 to 3", (48,), 3)]:
+        row = forward_row(K, name, ins, out, 1)
+        assert row["kernel"] == "_conv_fwd_tma_kernel", row
+        stacks[f"forward through tensor descriptors, {name}"] = row["stack"]
+        per_pixel[f"tma {name}"] = row["warp_instructions_per_pixel"]
+    K.TMA_FORWARD = False
+    K.clear_plans()
+    per_pixel["gather 64 to 64"] = forward_row(K, "64 to 64", (64,), 64, 1)["warp_instructions_per_pixel"]
 print(json.dumps({"stacks": stacks, "vectors": vectors, "per_pixel": per_pixel}))
 """
 
@@ -187,5 +199,7 @@ def test_kernels_compile_for_h100_without_spills():
     # v14's premise (benchmarks/NOTES.md): 8 channels' taps in the reduction issue far fewer
     # instructions per output pixel than the per-tap loop's half-empty steps
     assert found["per_pixel"]["taps 8"] < 0.75 * found["per_pixel"]["taps 0"], found["per_pixel"]
+    # and v16's: tensor descriptors take the gathered addresses out of the wide layers' steps
+    assert found["per_pixel"]["tma 64 to 64"] < 0.75 * found["per_pixel"]["gather 64 to 64"], found["per_pixel"]
     spilled = {name: size for name, size in stacks.items() if size}
     assert not spilled, f"kernels spill registers on sm_90 (stack bytes per thread): {spilled}"

@@ -239,6 +239,49 @@ def test_few_input_channels_fold_the_taps_into_the_reduction(monkeypatch, dtype,
     assert rel_err(per_tap, reference(case, activation, 0.2)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype,k,widths,starts,o,activation,bias,residual", [
+    (torch.float16, 3, (16,), (0,), 24, "leaky_relu", True, False),
+    (torch.bfloat16, 3, (16, 24), (8, 24), 16, "relu", False, True),  # a concat, blocks not at 0
+    (torch.float16, 1, (24,), (0,), 8, None, True, True),
+    (torch.float16, 5, (16,), (0,), 16, "relu", True, False),
+    (torch.bfloat16, 3, (16,), (0,), 3, None, True, True)])  # a last layer: 3 outputs, stored through pointers
+def test_forward_through_tensor_descriptors(monkeypatch, dtype, k, widths, starts, o, activation, bias, residual):
+    """TMA_FORWARD: a static stride-1 forward in the fast layout reads its inputs and weight
+    blocks through tensor descriptors; each input a prefix view of a wider buffer with NaN
+    beyond it, the weight NaN outside the active blocks, the output poisoned before the call."""
+    monkeypatch.setattr(K, "TMA_FORWARD", True)
+    monkeypatch.setattr(K, "_empty_channels_last", lambda shape, like: torch.full(
+        shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
+    plans = []
+    plan_of = K._forward_plan
+
+    def spy(*args, **kwargs):
+        plans.append(plan_of(*args, **kwargs))
+        return plans[-1]
+
+    spy.cache_clear = plan_of.cache_clear
+    monkeypatch.setattr(K, "_forward_plan", spy)
+    K.clear_plans()
+    case = make_case(41, dtype=dtype, k=k, n=2, h=7, w=9, widths=widths, starts=starts, cin_max=48, cout_max=32, o=o,
+                     bias=bias, residual=residual, weight_ohwi=True)
+    if residual:  # channels_last too: the fast layout
+        case["residual"] = case["residual"].contiguous(memory_format=torch.channels_last)
+    for i, x in enumerate(case["inputs"]):
+        wider = torch.full((2, x.shape[1] + 8, 7, 9), math.nan, dtype=dtype, device=DEVICE).to(
+            memory_format=torch.channels_last)
+        wider[:, :x.shape[1]] = x
+        case["inputs"][i] = wider[:, :x.shape[1]]
+    with torch.no_grad():
+        active = torch.zeros(case["weight"].shape, dtype=torch.bool, device=DEVICE)
+        for start, c in zip(starts, widths):
+            active[:o, start:start + c] = True
+        case["weight"][~active] = math.nan
+        y = run(case, activation)
+    assert plans[-1].tma is not None
+    assert rel_err(y, reference(case, activation)) < TOL[dtype]
+    K.clear_plans()
+
+
 @pytest.mark.parametrize("lanes,out_channels,step", [([27], 8, 32), ([9], 8, 16), ([18], 16, 32), ([36], 8, 16),
                                                      ([72], 8, 16), ([72, 72], 8, 16), ([27], 64, 16)])
 def test_taps_step_pads_fewest_lanes(lanes, out_channels, step):
