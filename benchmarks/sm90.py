@@ -10,7 +10,7 @@ prints, for the layers of the benchmark SlimUNet's smallest config and a few wid
 warp instructions per output pixel: (the code outside the loops +
 each loop's body x its trips) x warps / BLOCK_M. At a few instructions per pixel a layer is
 bound by issue, not bytes: on an H100, 132 SMs x 4 warp instructions a cycle at about 1.75
-GHz issue 2.1M pixels x 36.5 in 83 us. The code is the installed Triton's (3.9 here; the
+GHz issue 2.1M pixels x 36.5 (8 to 8 channels before v14) in 83 us. The code is the installed Triton's (3.9 here; the
 GPU machines run 3.6, whose code may differ). Needs TRITON_INTERPRET unset: the interpreter
 picks other tiles.
 """
@@ -128,9 +128,11 @@ def forward_row(K, name: str, ins: tuple, out: int, stride: int, batch: int = 8,
     kernel = compile_kernel(kernel_fn, ptrs, {key: value for key, value in meta.items() if key != "num_warps"}, warps)
     total, loops = instructions(kernel)
     trips = [-(-9 * c // block_k) if tap else 9 * -(-c // block_k) for c, tap in zip(ins, taps)]
-    # every instruction once, and each input's loop (in order) its further trips; a loop the
-    # compiler unrolled is in the total as often as it runs
-    counted = trips[:len(loops)]
+    # every instruction once, and each input's loop (in order) its further trips; an input of
+    # one step has no loop (in the total once, as it runs), and a loop unrolled is in it as often
+    counted = [t for t, tap in zip(trips, taps) if not (tap and t == 1)]
+    if len(counted) != len(loops):
+        raise RuntimeError(f"sm90.py: {len(loops)} multiplying loops in {name}'s code for inputs of {counted} trips")
     per_pixel = (total + sum(b * (t - 1) for b, t in zip(loops, counted))) * warps / block_m
     return dict(layer=name, kernel=kernel_fn.__name__, tiles=[block_m, meta["BLOCK_N"], block_k, warps],
                 taps_in_reduction=list(taps), **resources(kernel),

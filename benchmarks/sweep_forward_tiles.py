@@ -13,7 +13,8 @@ launcher's tiles against v9's (which ignored the fast layout's room for bigger t
 - wide: Cmax 384 at 64x64, width 384 (its deepest level);
 - per-image: the narrow layer with per-image widths (DDSNet's dynamic mode), every image at
   width 16 or every image at 64: one kernel serves both, so its tiles trade one for the other.
-Static cases also take the forward through tensor descriptors (v16, ``TMA_FORWARD``).
+The narrow, mid and wide cases also take the forward through tensor descriptors (v16,
+``TMA_FORWARD``; fp16 only, so not on the CPU, where the row says so).
 Grad weight (``grad-weight`` rows), widths 16 and 64 at 512x512 and 96 at 256x256: a kernel
 row's three taps per program against one tap per program.
 The swapped-in choices are restored at the end; rows are written to the JSON as they come,
@@ -150,6 +151,11 @@ def main(out_path: str, only: Optional[set] = None) -> None:
                     # the tiles the launcher picks: the active widths for a static launch
                     widths_seen = (cmax, cmax) if per_image else (width, width)
                     chosen = K._tiles(DTYPE, size * size, *widths_seen, True)
+                    if tiles == TMA:  # its own tiles (pixels as BH x BW), if the plan took it at all
+                        tma = [p.tma for p in K._INFERENCE_PLANS.values() if p.tma is not None]
+                        chosen = [tma[0].meta[key] for key in ("BH", "BW", "BLOCK_N", "BLOCK_K", "num_warps")] \
+                            if tma else None
+                        name += "" if tma else " (not taken: the gather ran)"
                     record(case=case, cmax=cmax, size=size, width=width, candidate=name, tiles=chosen,
                            rel_error=error, median_ms=ms)
         K._tiles, K.TAPS_IN_K_CHANNELS, K.TMA_FORWARD = launcher_tiles, launcher_taps, launcher_tma

@@ -660,7 +660,8 @@ TAPS_IN_K_CHANNELS = (1, 2, 3, 4, 8)
 FOLD_LIMIT = 128  # rows of partial sums that a reduction's single pass may take; more are folded first
 # Static stride-1 forwards in the fast layout read their inputs and weight through tensor
 # descriptors (_conv_fwd_tma_kernel): on sm_90 fewer instructions per pixel (benchmarks/NOTES.md,
-# v16), not yet timed on a GPU, so off until a sweep says it is faster.
+# v16), not yet timed on a GPU, so off until a sweep says it is faster. Launch plans keep the
+# choice they were made with: clear_plans() after changing it.
 TMA_FORWARD = False
 
 
@@ -753,8 +754,10 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     # descriptors need the inputs' and weight's fast layout; the output and residual may be any
     tma_layout = aligned_pointers and _fast_layout((x0_strides[1], x1_strides[1], w_strides[1]), aligns["C_ALIGN"],
                                                    aligns["X_ALIGN"], aligns["W_ALIGN"])
-    if TMA_FORWARD and TensorDescriptor is not None and tma_layout and stride == 1 and mwd is None and not channel_sums and r == 1 and not (
-            tap_c0 or tap_c1) and dtype in (torch.float16, torch.bfloat16):
+    # (a descriptor's every dimension must be positive: empty batches and images take the gather)
+    if TMA_FORWARD and TensorDescriptor is not None and tma_layout and stride == 1 and mwd is None \
+            and not channel_sums and r == 1 and not (tap_c0 or tap_c1) and dtype in (torch.float16, torch.bfloat16) \
+            and min(n, h, w, ho, wo) > 0:
         # the gather's tiles, its rows as a block of pixels (as wide as the image, up to 64), and
         # 64-wide reduction steps where they divide it: a step's cost no longer grows with its
         # width (no gathered addresses), so fewer, wider steps

@@ -80,6 +80,30 @@ def run(case, activation, slope=0.01, **kw):
                        negative_slope=slope, residual=case["residual"], upscale_factor=case["upscale"], **kw)
 
 
+def spy_on_plans(monkeypatch) -> list:
+    """The forward plans of the launches that follow, in order."""
+    plans = []
+    plan_of = K._forward_plan
+
+    def spy(*args, **kwargs):
+        plans.append(plan_of(*args, **kwargs))
+        return plans[-1]
+
+    spy.cache_clear = plan_of.cache_clear
+    monkeypatch.setattr(K, "_forward_plan", spy)
+    return plans
+
+
+def as_prefixes_of_nan_buffers(case, extra: int) -> None:
+    """Each input of ``case`` becomes the prefix view of a channels_last buffer ``extra``
+    channels wider, NaN beyond it (a slimmed layer's inactive channels)."""
+    for i, x in enumerate(case["inputs"]):
+        wider = torch.full((x.shape[0], x.shape[1] + extra, *x.shape[2:]), math.nan, dtype=x.dtype,
+                           device=x.device).to(memory_format=torch.channels_last)
+        wider[:, :x.shape[1]] = x
+        case["inputs"][i] = wider[:, :x.shape[1]]
+
+
 def check_grads(case, activation, slope=0.01, grad_format=torch.contiguous_format):
     """Forward and every gradient against fp64 autograd; grad weight/bias zero outside the slice."""
     dtype = case["weight"].dtype
@@ -209,22 +233,10 @@ def test_few_input_channels_fold_the_taps_into_the_reduction(monkeypatch, dtype,
     """Inputs of a few channels (a net's first conv) or 8 (a narrow layer) take the
     taps-in-the-reduction loop with their channel count compiled in; each input is a prefix of
     a wider buffer with NaN beyond it, and the weight has NaN beyond the active channels."""
-    plans = []
-    plan_of = K._forward_plan
-
-    def spy(*args, **kwargs):
-        plans.append(plan_of(*args, **kwargs))
-        return plans[-1]
-
-    spy.cache_clear = plan_of.cache_clear
-    monkeypatch.setattr(K, "_forward_plan", spy)
+    plans = spy_on_plans(monkeypatch)
     case = make_case(24, dtype=dtype, widths=widths, starts=starts, cin_max=26, cout_max=20, o=11, stride=stride,
                      residual=True, h=9, w=10)
-    for i, x in enumerate(case["inputs"]):
-        wider = torch.full((2, x.shape[1] + 5, 9, 10), math.nan, dtype=dtype, device=DEVICE).to(
-            memory_format=torch.channels_last)
-        wider[:, :x.shape[1]] = x
-        case["inputs"][i] = wider[:, :x.shape[1]]
+    as_prefixes_of_nan_buffers(case, 5)
     with torch.no_grad():
         case["weight"][:, sum(widths):] = math.nan
         y = run(case, activation, 0.2)
@@ -252,25 +264,13 @@ def test_forward_through_tensor_descriptors(monkeypatch, dtype, k, widths, start
     monkeypatch.setattr(K, "TMA_FORWARD", True)
     monkeypatch.setattr(K, "_empty_channels_last", lambda shape, like: torch.full(
         shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
-    plans = []
-    plan_of = K._forward_plan
-
-    def spy(*args, **kwargs):
-        plans.append(plan_of(*args, **kwargs))
-        return plans[-1]
-
-    spy.cache_clear = plan_of.cache_clear
-    monkeypatch.setattr(K, "_forward_plan", spy)
+    plans = spy_on_plans(monkeypatch)
     K.clear_plans()
     case = make_case(41, dtype=dtype, k=k, n=2, h=7, w=9, widths=widths, starts=starts, cin_max=48, cout_max=32, o=o,
                      bias=bias, residual=residual, weight_ohwi=True)
     if residual:  # channels_last too: the fast layout
         case["residual"] = case["residual"].contiguous(memory_format=torch.channels_last)
-    for i, x in enumerate(case["inputs"]):
-        wider = torch.full((2, x.shape[1] + 8, 7, 9), math.nan, dtype=dtype, device=DEVICE).to(
-            memory_format=torch.channels_last)
-        wider[:, :x.shape[1]] = x
-        case["inputs"][i] = wider[:, :x.shape[1]]
+    as_prefixes_of_nan_buffers(case, 8)
     with torch.no_grad():
         active = torch.zeros(case["weight"].shape, dtype=torch.bool, device=DEVICE)
         for start, c in zip(starts, widths):
@@ -279,6 +279,12 @@ def test_forward_through_tensor_descriptors(monkeypatch, dtype, k, widths, start
         y = run(case, activation)
     assert plans[-1].tma is not None
     assert rel_err(y, reference(case, activation)) < TOL[dtype]
+    # an empty batch has no descriptor (every dimension must be positive): the gather runs
+    empty = dict(case, inputs=[x[:0] for x in case["inputs"]],
+                 residual=None if case["residual"] is None else case["residual"][:0])
+    with torch.no_grad():
+        assert run(empty, activation).shape == (0, *y.shape[1:])
+    assert plans[-1].tma is None
     K.clear_plans()
 
 
@@ -747,15 +753,7 @@ def test_per_image_images_at_the_tiles_input_width_fold_their_taps(monkeypatch, 
     """With tiles sized for an input width of 8, the images whose input is 8 channels wide take
     the taps-in-the-reduction loop and the others the per-tap loop, in one launch: each image
     matches its own conv (NaN beyond each image's widths, in a fused concat)."""
-    plans = []
-    plan_of = K._forward_plan
-
-    def spy(*args, **kwargs):
-        plans.append(plan_of(*args, **kwargs))
-        return plans[-1]
-
-    spy.cache_clear = plan_of.cache_clear
-    monkeypatch.setattr(K, "_forward_plan", spy)
+    plans = spy_on_plans(monkeypatch)
     case = make_case(33, dtype=dtype, n=3, h=6, w=5, widths=(16, 16), starts=(0, 16), cin_max=32, cout_max=24, o=24,
                      weight_ohwi=True)  # channels_last throughout: the fast layout, where the launcher folds them
     a, b = case["inputs"]
