@@ -747,7 +747,8 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         KSIZE=k, STRIDE=stride, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None,
         HAS_RES=mr is not None, ACT=_ACT_NAMES[activation], PER_IMAGE=mwd is not None,
         CHANNEL_SUMS=channel_sums, DOT_F32=_dot_f32(dtype), TAP_C0=tap_c0, TAP_C1=tap_c1, UPSCALE=r,
-        PACKED_X0=packed[0], PACKED_X1=packed[1], PACKED_Y=packed[2], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **aligns,
+        PACKED_X0=packed[0], PACKED_X1=packed[1], PACKED_Y=packed[2], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, **aligns,
     )
     grid = (cdiv(ho * wo, bm), cdiv(out_channels, bn), n)
     tma = None

@@ -61,7 +61,8 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
     (("forward bf16, taps in the reduction (3 input channels), channel sums", p, p,
       dict(TAP_C0=3, CHANNEL_SUMS=True)), widths) for widths in ((16, 16), (16, 32), (32, 32), (64, 16))] + [
     (("forward bf16, taps in the reduction (two inputs of 8 channels), residual", p, p,
-      dict(TAP_C0=8, TAP_C1=8, TWO_INPUTS=True, HAS_RES=True)), widths) for widths in ((16, 16), (32, 16), (64, 16))] + [
+      dict(TAP_C0=8, TAP_C1=8, TWO_INPUTS=True, HAS_RES=True)), widths)
+    for widths in ((16, 16), (32, 16), (64, 16))] + [
     # per-image widths on tiles for 8 input channels: a branch per image between both loops
     # (the fast layout only, where the launcher takes it)
     (("forward bf16, two inputs, per-image widths, packed buffers, taps in the reduction at 8 channels", p, p,
@@ -76,7 +77,8 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
                     PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=False,
                     PACKED_X1=False, PACKED_Y=False, UPSCALE=1), **blocks,
                **extra), warps,
-          None if extra.get("TAP_C0") and not extra.get("PER_IMAGE") else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)),
+          None if extra.get("TAP_C0") and not extra.get("PER_IMAGE") else tiles(dtype, cols, red, True,
+                                                                                 extra.get("TWO_INPUTS", False)),
           ("channels_last",) if extra.get("TAP_C0") and extra.get("PER_IMAGE") else ("strided", "channels_last"))
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
