@@ -279,14 +279,14 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _tma_segment(acc, xd, wd, n, oh0, ow0, co0,
+def _tma_segment(acc, xd, wd, c_n, n, oh0, ow0, co0,
                  KSIZE: tl.constexpr, PAD: tl.constexpr, DOT_F32: tl.constexpr, BH: tl.constexpr,
                  BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``_fwd_segment`` through tensor descriptors (TMA on sm_90): the input tile of a tap is
     the box of BH x BW pixels at the tap's offset, which the copy engine fetches with zeros
     beyond the image and beyond the descriptor's channels (the active ones): no address or
     mask arithmetic per element."""
-    blocks = tl.cdiv(xd.shape[3], BLOCK_K)
+    blocks = tl.cdiv(c_n, BLOCK_K)
     tap = 0
     c0 = 0
     for _ in range(0, KSIZE * KSIZE * blocks):
@@ -296,16 +296,16 @@ def _tma_segment(acc, xd, wd, n, oh0, ow0, co0,
         bt = wd.load([co0, r, s, c0]).reshape(BLOCK_N, BLOCK_K)
         acc = _mma(acc, a, tl.trans(bt), DOT_F32)
         c0 += BLOCK_K
-        next_tap = c0 >= xd.shape[3]
+        next_tap = c0 >= c_n
         tap = tl.where(next_tap, tap + 1, tap)
         c0 = tl.where(next_tap, 0, c0)
     return acc
 
 
-@triton.jit(do_not_specialize=["COUT"])
+@triton.jit(do_not_specialize=["C0", "C1", "COUT"])
 def _conv_fwd_tma_kernel(
     x0d, x1d, w0d, w1d, b, res, y,
-    HO, WO, COUT, sb, srn, src, srh, srw, syn, syc, syh, syw, slope,
+    HO, WO, C0, C1, COUT, sb, srn, src, srh, srw, syn, syc, syh, syw, slope,
     KSIZE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, DOT_F32: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CO_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
@@ -324,9 +324,10 @@ def _conv_fwd_tma_kernel(
     oh0 = pid_m // tiles_w * BH
     ow0 = pid_m % tiles_w * BW
     acc = tl.zeros((BH * BW, BLOCK_N), dtype=tl.float32)
-    acc = _tma_segment(acc, x0d, w0d, n, oh0, ow0, pid_co * BLOCK_N, KSIZE, PAD, DOT_F32, BH, BW, BLOCK_N, BLOCK_K)
+    acc = _tma_segment(acc, x0d, w0d, C0, n, oh0, ow0, pid_co * BLOCK_N, KSIZE, PAD, DOT_F32, BH, BW, BLOCK_N,
+                       BLOCK_K)
     if TWO_INPUTS:
-        acc = _tma_segment(acc, x1d, w1d, n, oh0, ow0, pid_co * BLOCK_N, KSIZE, PAD, DOT_F32, BH, BW, BLOCK_N,
+        acc = _tma_segment(acc, x1d, w1d, C1, n, oh0, ow0, pid_co * BLOCK_N, KSIZE, PAD, DOT_F32, BH, BW, BLOCK_N,
                            BLOCK_K)
     pix = tl.arange(0, BH * BW)
     oh = oh0 + pix // BW
@@ -767,7 +768,7 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         bk = 64 if max(c0, c1) >= 64 and c0 % 64 == 0 and c1 % 64 == 0 else bk
         tma = _TmaLaunch(
             (cdiv(ho, bh) * cdiv(wo, bw), cdiv(out_channels, bn), n),
-            (ho, wo, out_channels, w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides,
+            (ho, wo, c0, c1, out_channels, w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides,
              float(negative_slope)),
             dict(KSIZE=k, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None, HAS_RES=mr is not None,
                  ACT=_ACT_NAMES[activation], DOT_F32=_dot_f32(dtype), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk,
