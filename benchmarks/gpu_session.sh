@@ -28,6 +28,13 @@ R=$OUT/results
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 step() { echo "== $(date +%T) $*"; }
+# verify's steps: a time limit cut to what is left of the call's 575 s, or the step skipped
+capped() {
+  local limit=$1 left=$((575 - SECONDS)); shift
+  if [ "$left" -le 15 ]; then echo "skipped, no time left: $*"; return 0; fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  timeout -k 10 -s INT "$limit" "$@"
+}
 
 step install
 source benchmarks/gpu_setup.sh
@@ -63,43 +70,43 @@ fi
 
 if [ "$MODE" = verify ]; then
   step "the fast layout's tile test alone, then the tests that touch a kernel (8 workers)"
-  timeout -k 10 -s INT 45 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels_conv2d.py \
+  capped 45 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels_conv2d.py \
     -k fast_layout_tiles > "$R/tests_fast_layout.txt" 2>&1
   grep -E "PASSED|FAILED|passed|failed" "$R/tests_fast_layout.txt" | tail -4
-  timeout -k 15 -s INT 150 python3 -m pytest -q -n 8 --timeout 120 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
+  capped 150 python3 -m pytest -q -n 8 --timeout 120 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
     tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_runner.py tests/test_bench.py \
     tests/test_profile_network.py > "$R/tests.txt" 2>&1
   tail -8 "$R/tests.txt"
   if [ "${HOST_COST:-0}" = 1 ]; then
     step "host time per call, and where a launched training step's host time goes"
-    timeout -k 15 -s INT 90 python3 benchmarks/host_cost.py "$R/host_cost.json" > "$R/host_cost.txt" 2>&1
+    capped 90 python3 benchmarks/host_cost.py "$R/host_cost.json" > "$R/host_cost.txt" 2>&1
     cat "$R/host_cost.txt"
     grep -E "Name|Self CPU time total|Launch|Synchronize|evaluate_function" "$R/host_cost-step-profile.txt" | cut -c1-150
   fi
   step "v14 and v16 against v13 in one run: 8-channel taps, tensor descriptors, tile candidates; layers of two configs"
-  timeout -k 10 -s INT 60 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_v16.json" eight narrow mid \
+  capped 60 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_v16.json" eight narrow mid \
     > "$R/sweep_v16.txt" 2>&1
   grep -E "^(eight|narrow|mid)" "$R/sweep_v16.txt"
-  timeout -k 10 -s INT 40 python3 benchmarks/network_layers.py --config smallest --config largest \
+  capped 40 python3 benchmarks/network_layers.py --config smallest --config largest \
     "$R/network_layers.json" > "$R/network_layers.txt" 2>&1
   grep "sum of layers" "$R/network_layers.txt"
-  timeout -k 10 -s INT 40 python3 benchmarks/network_layers.py --tma --config smallest --config largest \
+  capped 40 python3 benchmarks/network_layers.py --tma --config smallest --config largest \
     "$R/network_layers_tma.json" > "$R/network_layers_tma.txt" 2>&1
   grep "sum of layers" "$R/network_layers_tma.txt"
   step "the routed dynamic forward kernel by kernel, against each route's config alone"
-  timeout -k 15 -s INT 90 python3 benchmarks/profile_network.py --routed smallest --routed largest \
+  capped 90 python3 benchmarks/profile_network.py --routed smallest --routed largest \
     --buffers packed --buffers max-width "$R/profile_network_routed.txt" > /dev/null 2>&1
   grep "CUDA time per forward" "$R/profile_network_routed.txt" | cut -c1-220
   step "dds-fast bench again (the run-to-run spread): layers fp16 512, batch 8/1, network with CUDA graphs"
-  timeout -k 15 -s INT 110 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
+  capped 110 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
     --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
   grep -E "^\| network|^\| gate" "$R/bench.txt" | cut -c1-200
   step "the shipped model's routes and gate at 512x512"
-  timeout -k 15 -s INT 50 python3 -m dds_fast bench --checkpoint dds_fast/weights/dds.safetensors --no-compile \
+  capped 50 python3 -m dds_fast bench --checkpoint dds_fast/weights/dds.safetensors --no-compile \
     --cuda-graph --dtype float16 --size 512 --batch 1 --batch 8 --out "$R/bench_shipped" > "$R/bench_shipped.txt" 2>&1
   tail -12 "$R/bench_shipped.txt" | cut -c1-200
   step "instructions per pixel of the forward as this machine's Triton builds it for sm_90 (sm90.py)"
-  timeout -k 10 -s INT 40 python3 benchmarks/sm90.py "$R/sm90.json" > "$R/sm90.txt" 2>&1
+  capped 40 python3 benchmarks/sm90.py "$R/sm90.json" > "$R/sm90.txt" 2>&1
   grep -v -i warn "$R/sm90.txt" | cut -c1-200
   step pack
   tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
