@@ -84,9 +84,9 @@ if [ "$MODE" = verify ]; then
     grep -E "Name|Self CPU time total|Launch|Synchronize|evaluate_function" "$R/host_cost-step-profile.txt" | cut -c1-150
   fi
   step "v14 and v16 against v13 in one run: 8-channel taps, tensor descriptors, tile candidates; layers of two configs"
-  capped 60 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_v16.json" eight narrow mid \
+  capped 60 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_v16.json" stem eight narrow mid \
     > "$R/sweep_v16.txt" 2>&1
-  grep -E "^(eight|narrow|mid)" "$R/sweep_v16.txt"
+  grep -E "^(stem|eight|narrow|mid)" "$R/sweep_v16.txt"
   capped 40 python3 benchmarks/network_layers.py --config smallest --config largest \
     "$R/network_layers.json" > "$R/network_layers.txt" 2>&1
   grep "sum of layers" "$R/network_layers.txt"

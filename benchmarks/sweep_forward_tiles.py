@@ -6,6 +6,8 @@ fp64 reference before they are timed, beside cuDNN on the same narrow shape.
 3x3 layers, fp16, channels_last activations and weights, batch 8 (on a GPU; without one,
 tiny fp32 cases under the interpreter check the script, not the speed). Forward, the
 launcher's tiles against v9's (which ignored the fast layout's room for bigger tiles):
+- stem: 3 to 48 channels at 512x512 with the gate's channel sums (DDSNet's full-width stem),
+  on the launcher's tiles and on 32-lane steps;
 - eight: 8 channels at 512x512 (a narrow config's full-resolution layers), with the taps in the
   reduction (v14) and with v13's per-tap loop;
 - narrow: Cmax 64 at 512x512, widths 48 and 64;
@@ -37,9 +39,9 @@ from dds_fast.kernels import conv2d as K  # noqa: E402
 
 DTYPE, BATCH = (torch.float16, 8) if CUDA else (torch.float32, 1)
 # (name, Cmax, size, widths)
-CASES = [("eight", 8, 512, (8,)), ("narrow", 64, 512, (48, 64)), ("mid", 96, 256, (96,)), ("mid", 192, 128, (192,)),
+CASES = [("stem", 48, 512, (48,)), ("eight", 8, 512, (8,)), ("narrow", 64, 512, (48, 64)), ("mid", 96, 256, (96,)), ("mid", 192, 128, (192,)),
          ("wide", 384, 64, (384,)), ("per-image", 64, 512, (16, 64))] if CUDA else [
-    ("eight", 8, 8, (8,)), ("narrow", 32, 8, (16, 32)), ("wide", 64, 4, (48,)), ("per-image", 32, 8, (16,))]
+    ("stem", 48, 8, (48,)), ("eight", 8, 8, (8,)), ("narrow", 32, 8, (16, 32)), ("wide", 64, 4, (48,)), ("per-image", 32, 8, (16,))]
 GRAD_WEIGHT_CASES = [(64, 512, 16), (64, 512, 64), (96, 256, 96)] if CUDA else [(32, 8, 16)]
 
 
@@ -64,6 +66,9 @@ def candidates(case: str, width: int) -> dict:
     or None for today's). Earlier sweeps' candidates are in benchmarks/NOTES.md."""
     # (sm90.py counts fewer instructions per pixel for the v14 candidates: 17.5 against 22.6 with
     # 2 warps at 8 channels, 108.2 against 123.1 with 64-wide steps at 64)
+    if case == "stem":  # the gate's full-width stem: 32-lane steps no longer spill at 64 columns
+        return {"launcher": (None, None), "256 x 64 x 32": ((256, 64, 32, 8), None),
+                "128 x 64 x 32, 4 warps": ((128, 64, 32, 4), None)}
     if case == "eight":  # v14: 8 channels' taps in the reduction, against v13's per-tap loop
         return {"launcher": (None, None), "per-tap loop (v13)": (None, ()),
                 "v14: 2 warps": ((256, 16, 16, 2), None)}
@@ -105,12 +110,12 @@ def main(out_path: str, only: Optional[set] = None) -> None:
             return float("nan"), None
         return error, (median_ms(run) if error < 1e-2 else None)
 
-    def layer(cmax, width, size, per_image=False):
+    def layer(cmax, width, size, per_image=False, cin=None):
         torch.manual_seed(0)
-        weight = torch.randn(cmax, cmax, 3, 3, device=device, dtype=DTYPE).to(
+        weight = torch.randn(cmax, cin or cmax, 3, 3, device=device, dtype=DTYPE).to(
             memory_format=torch.channels_last) / (3 * width ** 0.5)
         # per-image widths read a max-width buffer up to each image's width
-        x = torch.randn(BATCH, cmax if per_image else width, size, size, device=device, dtype=DTYPE).to(
+        x = torch.randn(BATCH, cin or (cmax if per_image else width), size, size, device=device, dtype=DTYPE).to(
             memory_format=torch.channels_last)
         return weight, x
 
@@ -119,12 +124,13 @@ def main(out_path: str, only: Optional[set] = None) -> None:
             if only and case not in only:
                 continue
             for width in widths:
-                per_image = case == "per-image"
-                weight, x = layer(cmax, width, size, per_image)
+                per_image, stem = case == "per-image", case == "stem"
+                cin = 3 if stem else width  # a stem reads an RGB image
+                weight, x = layer(cmax, width, size, per_image, 3 if stem else None)
                 widths = torch.full((BATCH, 2), width, dtype=torch.int32, device=device) if per_image else None
-                x_active = x[:, :width]
-                reference = F.conv2d(x_active.double(), weight[:width, :width].double(), padding=1)
-                narrow = weight[:width, :width].contiguous(memory_format=torch.channels_last)
+                x_active = x[:, :cin]
+                reference = F.conv2d(x_active.double(), weight[:width, :cin].double(), padding=1)
+                narrow = weight[:width, :cin].contiguous(memory_format=torch.channels_last)
                 dense = x_active.contiguous(memory_format=torch.channels_last)
 
                 def error_of(y):
@@ -144,6 +150,8 @@ def main(out_path: str, only: Optional[set] = None) -> None:
                     def run():
                         if per_image:
                             return K.slim_conv2d([x], weight, widths=widths, widths_multiple=8)
+                        if stem:  # with the gate's channel sums, as DDSNet runs it
+                            return K.slim_conv2d([x], weight, out_channels=width, channel_sums=True)[0]
                         return K.slim_conv2d([x], weight, out_channels=width)
 
                     with torch.no_grad():
