@@ -26,7 +26,7 @@ from ._version import __version__
 from .config import SubnetConfig
 from .cost import ConvCall, trace_convs
 from .ddsnet import DDSNet
-from .slim_conv import SlimConv2d
+from .slim_conv import SlimConv2d, _kernels_module
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)  # the width ratios a bare layer is timed at
 
@@ -147,6 +147,10 @@ def describe_device(device: torch.device) -> tuple[str, dict]:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    kernels = _kernels_module()
+    if not isinstance(kernels, str):  # the kernel choices a run was made with
+        env["kernel_options"] = {"tma_forward": kernels.TMA_FORWARD,
+                                 "taps_in_k_channels": list(kernels.TAPS_IN_K_CHANNELS)}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda

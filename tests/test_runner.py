@@ -46,6 +46,8 @@ def test_runner_reports_every_config_on_cpu():
     assert record["device"] == report.device and record["dtype"] == "float32"
     assert record["backend"] == "torch" and record["cuda_graph"] is False  # 'auto' on CPU tensors
     assert {"torch", "triton"} <= set(record["environment"])
+    # the kernel choices the run was made with (v14-v16 options)
+    assert record["environment"]["kernel_options"] == {"tma_forward": False, "taps_in_k_channels": [1, 2, 3, 4, 8]}
     assert "speedup_efficiency" in record["results"][0]
     assert "| smallest |" in report.to_markdown()
 
