@@ -114,7 +114,7 @@ def forward_row(K, name: str, ins: tuple, out: int, stride: int, batch: int = 8,
                            ((out,), (1,), torch.float16, torch.device("cuda")), residual, None, 1, 0, ins[0], out,
                            stride, 1, "leaky_relu" if out != 3 else "none", 0.2, 1, aligned_pointers=True)
     if plan.tma is not None:  # K.TMA_FORWARD: the descriptors' kernel
-        meta = plan.tma.meta
+        meta = plan.tma.launch.meta
         x_box, w_box = f"[1,{meta['BH']},{meta['BW']},{meta['BLOCK_K']}]", f"[{meta['BLOCK_N']},1,1,{meta['BLOCK_K']}]"
         kernel_fn, block_m, taps = K._conv_fwd_tma_kernel, meta["BH"] * meta["BW"], (0, 0)
         ptrs = dict(x0d=f"tensordesc<fp16{x_box}>", x1d=f"tensordesc<fp16{x_box}>", w0d=f"tensordesc<fp16{w_box}>",

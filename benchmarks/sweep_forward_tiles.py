@@ -39,9 +39,10 @@ from dds_fast.kernels import conv2d as K  # noqa: E402
 
 DTYPE, BATCH = (torch.float16, 8) if CUDA else (torch.float32, 1)
 # (name, Cmax, size, widths)
-CASES = [("stem", 48, 512, (48,)), ("eight", 8, 512, (8,)), ("narrow", 64, 512, (48, 64)), ("mid", 96, 256, (96,)), ("mid", 192, 128, (192,)),
-         ("wide", 384, 64, (384,)), ("per-image", 64, 512, (16, 64))] if CUDA else [
-    ("stem", 48, 8, (48,)), ("eight", 8, 8, (8,)), ("narrow", 32, 8, (16, 32)), ("wide", 64, 4, (48,)), ("per-image", 32, 8, (16,))]
+CASES = [("stem", 48, 512, (48,)), ("eight", 8, 512, (8,)), ("narrow", 64, 512, (48, 64)), ("mid", 96, 256, (96,)),
+         ("mid", 192, 128, (192,)), ("wide", 384, 64, (384,)), ("per-image", 64, 512, (16, 64))] if CUDA else [
+    ("stem", 48, 8, (48,)), ("eight", 8, 8, (8,)), ("narrow", 32, 8, (16, 32)), ("wide", 64, 4, (48,)),
+    ("per-image", 32, 8, (16,))]
 GRAD_WEIGHT_CASES = [(64, 512, 16), (64, 512, 64), (96, 256, 96)] if CUDA else [(32, 8, 16)]
 
 
@@ -161,8 +162,8 @@ def main(out_path: str, only: Optional[set] = None) -> None:
                     chosen = K._tiles(DTYPE, size * size, *widths_seen, True)
                     if tiles == TMA:  # its own tiles (pixels as BH x BW), if the plan took it at all
                         tma = [p.tma for p in K._INFERENCE_PLANS.values() if p.tma is not None]
-                        chosen = [tma[0].meta[key] for key in ("BH", "BW", "BLOCK_N", "BLOCK_K", "num_warps")] \
-                            if tma else None
+                        keys = ("BH", "BW", "BLOCK_N", "BLOCK_K", "num_warps")
+                        chosen = [tma[0].launch.meta[key] for key in keys] if tma else None
                         name += "" if tma else " (not taken: the gather ran)"
                     record(case=case, cmax=cmax, size=size, width=width, candidate=name, tiles=chosen,
                            rel_error=error, median_ms=ms)

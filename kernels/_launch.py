@@ -65,7 +65,7 @@ class CachedLaunch:
         if INTERPRET or not CACHE_LAUNCHES:
             self.kernel[self.grid](*tensors, *self.scalars, **self.meta)
             return
-        key = (torch.cuda.current_device(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
+        key = self._key(tensors)
         runner = self._runners.get(key)
         if runner is not None:
             runner(*tensors, *self.scalars, *self.constexprs)
@@ -73,6 +73,24 @@ class CachedLaunch:
         compiled = self.kernel[self.grid](*tensors, *self.scalars, **self.meta)
         if hasattr(compiled, "packed_metadata"):  # a compiled kernel (not a benchmark's stub)
             self._runners[key] = compiled[self.grid]
+
+    @staticmethod
+    def _key(tensors) -> tuple:
+        return (torch.cuda.current_device(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
+
+
+class CachedDescriptorLaunch(CachedLaunch):
+    """A ``CachedLaunch`` whose tensor arguments may also be host-side tensor descriptors
+    (``triton.tools.tensor_descriptor.TensorDescriptor``). The JIT specialises a descriptor by
+    its dtype and block shape (the plan fixes the latter), and the compiled kernel's launcher
+    encodes each call's descriptors itself."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _key(tensors) -> tuple:
+        return (torch.cuda.current_device(), *[(t.dtype, t.data_ptr() % 16 == 0) if isinstance(t, torch.Tensor)
+                                                else (t.base.dtype,) for t in tensors])
 
 
 @functools.lru_cache(maxsize=4096)

@@ -35,7 +35,8 @@ except ImportError:  # a Triton without host-side tensor descriptors: no TMA_FOR
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils.flop_counter import register_flop_formula
 
-from ._launch import INTERPRET, MAX_BATCH, CachedLaunch, cdiv, launch, next_pow2, num_sms
+from ._launch import (INTERPRET, MAX_BATCH, CachedDescriptorLaunch, CachedLaunch, cdiv, launch, next_pow2,
+                      num_sms)
 from ._rows import fold_rows
 
 ACTIVATIONS = (None, "relu", "leaky_relu")
@@ -670,11 +671,10 @@ _NOT_PACKED = (False, False, False)  # (input 0, input 1, output): see slim_conv
 
 
 class _TmaLaunch(NamedTuple):
-    """A launch of ``_conv_fwd_tma_kernel`` (through the JIT: its descriptors are made per call)."""
-    grid: tuple[int, int, int]
-    scalars: tuple
-    meta: dict
-    starts: tuple[int, int]  # the inputs' first channels in the weight
+    """A launch of ``_conv_fwd_tma_kernel``: its descriptors are made per call, for these
+    inputs' first channels in the weight and this many output channels."""
+    launch: CachedDescriptorLaunch
+    starts: tuple[int, int]
     out_channels: int
 
 
@@ -766,13 +766,13 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         bw = min(bm, 64, next_pow2(wo))
         bh = bm // bw
         bk = 64 if max(c0, c1) >= 64 and c0 % 64 == 0 and c1 % 64 == 0 else bk
-        tma = _TmaLaunch(
-            (cdiv(ho, bh) * cdiv(wo, bw), cdiv(out_channels, bn), n),
+        tma = _TmaLaunch(CachedDescriptorLaunch(
+            _conv_fwd_tma_kernel, (cdiv(ho, bh) * cdiv(wo, bw), cdiv(out_channels, bn), n),
             (ho, wo, c0, c1, out_channels, w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides,
              float(negative_slope)),
             dict(KSIZE=k, PAD=padding, TWO_INPUTS=m1 is not None, HAS_BIAS=mb is not None, HAS_RES=mr is not None,
                  ACT=_ACT_NAMES[activation], DOT_F32=_dot_f32(dtype), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk,
-                 CO_ALIGN=aligns["CO_ALIGN"], Y_ALIGN=aligns["Y_ALIGN"], num_warps=warps),
+                 CO_ALIGN=aligns["CO_ALIGN"], Y_ALIGN=aligns["Y_ALIGN"], num_warps=warps), num_tensors=7),
             (start0, start1), out_channels)
     return _ForwardPlan(out_shape, CachedLaunch(_conv_fwd_kernel, grid, scalars, meta, num_tensors=8), tma)
 
@@ -789,11 +789,11 @@ def _launch_forward(plan: _ForwardPlan, x0, x1, weight, bias, residual, widths):
     """The output; with ``plan.launch.meta['CHANNEL_SUMS']``, also its fp32 channel sums per pixel tile."""
     y = _empty_channels_last(plan.out_shape, x0)
     if plan.tma is not None:
-        grid, scalars, meta, starts, out_channels = plan.tma
-        x0d, w0d = _tma_descriptors(x0, weight, starts[0], out_channels, meta)
-        x1d, w1d = (x0d, w0d) if x1 is None else _tma_descriptors(x1, weight, starts[1], out_channels, meta)
-        _conv_fwd_tma_kernel[grid](x0d, x1d, w0d, w1d, weight if bias is None else bias,
-                                   y if residual is None else residual, y, *scalars, **meta)
+        launch_tma, starts, out_channels = plan.tma
+        x0d, w0d = _tma_descriptors(x0, weight, starts[0], out_channels, launch_tma.meta)
+        x1d, w1d = (x0d, w0d) if x1 is None else _tma_descriptors(x1, weight, starts[1], out_channels,
+                                                                 launch_tma.meta)
+        launch_tma(x0d, x1d, w0d, w1d, weight if bias is None else bias, y if residual is None else residual, y)
         return y
     forward = plan.launch
     sums = None

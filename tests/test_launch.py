@@ -84,6 +84,26 @@ def test_runners_are_kept_apart_by_dtype_and_alignment(gpu_path):
                      ("jit", ("torch.float16",) * 2), ("runner", ("torch.float16",) * 2)]
 
 
+def test_descriptor_launches_are_kept_apart_by_their_dtype_and_hand_the_descriptors_on(gpu_path):
+    """``CachedDescriptorLaunch`` (the forward through tensor descriptors): a descriptor is
+    keyed by its base's dtype; each call's descriptors reach the runner in order."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def descriptor(dtype):
+        base = torch.randn(4, 16).to(dtype)
+        return TensorDescriptor(base, list(base.shape), list(base.stride()), [2, 16])
+
+    kernel = _Kernel()
+    launch = _launch.CachedDescriptorLaunch(kernel, (3,), (16, 1.0), dict(BLOCK=16, FLAG=True), num_tensors=2)
+    y = torch.randn(8)
+    calls = [descriptor(dtype) for dtype in (torch.float16, torch.float16, torch.bfloat16, torch.bfloat16)]
+    for desc in calls:
+        launch(desc, y)
+    assert [call[0] for call in kernel.calls] == ["jit", "runner", "jit", "runner"]
+    assert kernel.calls[1][3][0] is calls[1] and kernel.calls[3][3][0] is calls[3]  # this call's descriptor
+    assert kernel.calls[1][2] == (3, 1, 1) and kernel.calls[1][3][1:] == (y, 16, 1.0, 16, True)
+
+
 def test_the_jit_path_is_taken_every_call_when_caching_is_off(gpu_path, monkeypatch):
     monkeypatch.setattr(_launch, "CACHE_LAUNCHES", False)
     kernel = _Kernel()
