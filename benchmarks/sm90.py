@@ -139,6 +139,17 @@ def forward_row(K, name: str, ins: tuple, out: int, stride: int, batch: int = 8,
                 instructions=total, loops=loops, trips=counted, warp_instructions_per_pixel=round(per_pixel, 1))
 
 
+def _device() -> str:
+    """The machine that built and counted (no kernel runs on it)."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, no GPU)"
+
+
 def main(out_path: str) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("sm90.py builds for a GPU: unset TRITON_INTERPRET")
@@ -158,7 +169,7 @@ def main(out_path: str) -> None:
                   f"{row['warp_instructions_per_pixel']} warp instructions per pixel", flush=True)
     with open(out_path, "w") as f:
         json.dump(dict(target="sm_90", triton=triton.__version__, batch=8, size=512, dtype="float16",
-                       what="SASS built for sm_90 and counted, on whatever machine ran this: no timing",
+                       device=_device(), what="SASS built for sm_90 and counted on this device: no timing",
                        rows=rows), f, indent=2)
 
 
