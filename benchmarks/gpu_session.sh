@@ -18,8 +18,10 @@
 # step, each layer of three network configs alone, the per-kernel breakdown and the gate
 # head's kernels. train (one whole call, 590 s): the gate
 # head's profile, the layer and network tables at 512x512 (batch 1 and 8) and each layer of
-# three network configs, on a quiet GPU; then the GPU model's training (training/gpu_train.sh)
-# for the rest of the call but the last 110 s, which run the kernel tests. (Nsight Compute:
+# three network configs, on a quiet GPU; the graph-captured training step's test
+# (tests/test_graphed.py); then the GPU model's training (training/gpu_train.sh, its steps
+# replayed as CUDA graphs) for the rest of the call but the last 110 s, which run the kernel
+# tests. (Nsight Compute:
 # benchmarks/ncu_forward.py says how.)
 set -uo pipefail
 MODE=${1:-full}
@@ -55,6 +57,9 @@ if [ "$MODE" = train ]; then
   timeout -k 15 -s INT 60 python3 benchmarks/network_layers.py --config smallest --config "uniform 0.75" --config largest \
     "$R/network_layers.json" > "$R/network_layers.txt" 2>&1
   grep "sum of layers" "$R/network_layers.txt"
+  step "graph-captured training steps against eager ones (the training below replays them)"
+  timeout -k 10 -s INT 60 python3 -m pytest -q -p no:cacheprovider -rA tests/test_graphed.py > "$R/tests_graphed.txt" 2>&1
+  grep -E "PASSED|FAILED|passed|failed" "$R/tests_graphed.txt" | tail -4
   # the training times a probe of itself to size its schedule: nothing else may run beside it
   step "training, leaving 110 s for the kernel tests"
   DDS_SETUP_DONE=1 bash training/gpu_train.sh $((575 - 110 - SECONDS)) > "$R/train.txt" 2>&1

@@ -306,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--attention", dest="attention", action=argparse.BooleanOptionalAction, default=None,
                        help="train the gate's attention head with the super-network in stages 1, 2 and refine "
                             "(default: on, as the paper)")
+    train.add_argument("--graphs", dest="graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay each training step of stage 1, refine and the I-Nets as one CUDA graph, the "
+                            "sandwich's sub-networks as masked widths (full width, the same gradients; default: "
+                            "off)")
     train.add_argument("--noise-args", dest="noise_args", type=_json_value, metavar="JSON",
                        help="the noise model's arguments as a JSON object, e.g. '{\"sigma\": [5, 50]}' "
                             "(default: the model's own; AWGN: sigma 25)")

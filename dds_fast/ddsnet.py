@@ -88,6 +88,18 @@ class AttentionSupernet(nn.Module):
     def get_config(self):
         return self.supernet.get_config()
 
+    def binding_widths(self, config) -> list[int]:
+        return self.supernet.binding_widths(config)
+
+    def set_masked_widths(self, widths: torch.Tensor) -> None:
+        """As ``SlimNet.set_masked_widths``; the stem still runs unmasked, and its mask applies
+        to the attended features the body reads."""
+        self.supernet.set_masked_widths(widths)
+
+    @property
+    def masked(self) -> bool:
+        return self.supernet.masked
+
     @property
     def receptive_radius(self) -> int:
         return self.supernet.receptive_radius
@@ -101,11 +113,28 @@ class AttentionSupernet(nn.Module):
         return cls(_build_supernet("AttentionSupernet", supernet), DynamicGate(**gate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.supernet.masked:
+            return self._masked_forward(x)
         config = self.supernet.get_config()
         padded = _padded_full_stem_input(self.supernet, x)
         features, _ = self.gate.attend(self.supernet.stem(padded))
         self.supernet.set_config(config)
         out = self.supernet.body(features[:, : config[self._stem_group]], padded)
+        return out[..., : x.shape[-2], : x.shape[-1]]
+
+    def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` under ``set_masked_widths``: the attention reads the whole stem, and the
+        stem's mask then cuts the attended features to the config's width."""
+        supernet = self.supernet
+        supernet.check_input(x)
+        padded = supernet.pad(x)
+        stem = supernet.stem_conv
+        mask, stem.output_mask = stem.output_mask, None
+        try:
+            features, _ = self.gate.attend(supernet.stem(padded))
+        finally:
+            stem.output_mask = mask
+        out = supernet.body(features * mask, padded)
         return out[..., : x.shape[-2], : x.shape[-1]]
 
 

@@ -65,6 +65,9 @@ def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | N
     if isinstance(model, DDSNet):  # its layers run at each image's own route: no one static shape
         raise ValueError("export_static: a DDSNet routes each image to a config of its own; export one route "
                          "as export_static(model.supernet, model.routing_space[index].config)")
+    if getattr(model, "masked", False):  # its layers run at full width: set_config says which slice to export
+        raise ValueError("export_static: the model runs masked widths (set_masked_widths); call set_config with "
+                         "the config to export first, or pass it")
     calls, _ = trace_convs(model, config, input_shape)
     shapes: dict[SlimConv2d, tuple[tuple[int, ...], int]] = {}
     for call in calls:

@@ -58,6 +58,7 @@ class SlimNet(nn.Module):
         self._groups: dict[str, ChannelGroup] = {}
         self._bindings: list[tuple[SlimConv2d, str, int]] = []
         self._config: SubnetConfig | None = None
+        self._masked = False
 
     def _group(self, name: str, base_width: int) -> int:
         a = self.arch_args
@@ -81,10 +82,56 @@ class SlimNet(nn.Module):
         config = self.space.validate(config)
         for conv, group, multiplier in self._bindings:
             conv.active_out_channels = config[group] * multiplier
+            conv.output_mask = None
         self._config = config
+        self._masked = False
 
     def get_config(self) -> SubnetConfig:
         return self._config
+
+    def binding_widths(self, config: SubnetConfig | Mapping[str, int]) -> list[int]:
+        """Each slimmable layer's output channels under ``config``, as its output counts them
+        (after any pixel shuffle): a row of the widths that ``set_masked_widths`` takes."""
+        config = self.space.validate(config)
+        return [config[group] * multiplier // conv.upscale_factor ** 2 for conv, group, multiplier in self._bindings]
+
+    @property
+    def masked(self) -> bool:
+        """Whether ``set_masked_widths`` holds masks (until the next ``set_config``)."""
+        return self._masked
+
+    def set_masked_widths(self, widths: torch.Tensor) -> None:
+        """Run the config whose ``binding_widths`` are ``widths`` (an integer tensor on the
+        parameters' device, one entry per slimmable layer) at full width: every layer computes
+        all its channels and zeroes those at or past its width. Since the inputs' extra
+        channels are then zeros, each output channel, the loss and every gradient (zero outside
+        the active slices) are those of ``set_config`` of that config, up to rounding; but no
+        shape depends on the widths, which are read on the device, so one CUDA graph of a
+        training step serves every config (at the largest config's cost). The widths are
+        checked on CPU only (elsewhere that would cost a device sync). ``set_config`` ends it."""
+        if self.is_static:
+            raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
+        count = len(self._bindings)
+        if not isinstance(widths, torch.Tensor) or widths.shape != (count,) or widths.is_floating_point() \
+                or widths.is_complex() or widths.dtype == torch.bool:
+            shape = f"{widths.dtype} {tuple(widths.shape)}" if isinstance(widths, torch.Tensor) else type(widths).__name__
+            raise ValueError(f"{type(self).__name__}.set_masked_widths: widths must be an integer tensor of shape "
+                             f"({count},), one per slimmable layer (binding_widths), got {shape}")
+        device = self.stem_conv.weight.device
+        if widths.device != device:
+            raise ValueError(f"{type(self).__name__}.set_masked_widths: widths are on {widths.device}, the network "
+                             f"on {device}")
+        outputs = [conv.out_channels // conv.upscale_factor ** 2 for conv, _, _ in self._bindings]
+        if widths.device.type == "cpu":
+            for (conv, _, _), width, limit in zip(self._bindings, widths.tolist(), outputs):
+                if not 1 <= width <= limit:
+                    raise ValueError(f"{type(self).__name__}.set_masked_widths: {conv.layer_name} has width {width}, "
+                                     f"not in [1, {limit}]")
+        self.set_config(self.space.largest())
+        keep = torch.arange(max(outputs), device=device) < widths[:, None]
+        for row, ((conv, _, _), channels) in enumerate(zip(self._bindings, outputs)):
+            conv.output_mask = keep[row, :channels].view(1, channels, 1, 1)
+        self._masked = True
 
     @property
     def is_static(self) -> bool:

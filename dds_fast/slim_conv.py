@@ -144,6 +144,11 @@ class SlimConv2d(nn.Conv2d):
         # the squeeze of a gate behind this layer, with no second pass over the output.
         self.emit_channel_sums = False
         self.channel_sums: torch.Tensor | None = None
+        # A bool [1, C, 1, 1] on the output's device (C: the output's channels, after any pixel
+        # shuffle): the output is multiplied by it, zeroing the channels it leaves out. A
+        # SlimNet's set_masked_widths runs a config this way at full width, so that no shape
+        # depends on the config (one CUDA graph of a training step serves every config).
+        self.output_mask: torch.Tensor | None = None
 
     # -- widths -------------------------------------------------------------------------
     @property
@@ -228,10 +233,14 @@ class SlimConv2d(nn.Conv2d):
             self._check_residual(residual, (n, out_width, *self.output_size(h, w)))
         weight, bias = self.weight, self.bias  # (each module attribute read costs host time)
         kernels = self._triton_kernels(inputs, weight)
+        mask = self.output_mask
+        if mask is not None and self.per_image_widths is not None:
+            raise ValueError(f"{self._label()}: an output mask and per-image widths cannot be combined")
         if kernels is None:
             if self.per_image_widths is not None:
                 raise ValueError(f"{self._label()}: per-image widths need the Triton backend on this input")
-            return self._reference(inputs, out_width, residual)
+            y = self._reference(inputs, out_width, residual)
+            return y if mask is None else y * mask
         packing = self.per_image_packing if self.per_image_widths is not None else None
         # (read before autocast's cast, which keeps the strides and so the packed layout)
         packed = {} if packing is None else dict(packed_inputs=[packing.holds(t) for t in inputs], packed_output=True)
@@ -256,7 +265,7 @@ class SlimConv2d(nn.Conv2d):
             y, self.channel_sums = y
         if packing is not None:
             packing.add(y)
-        return y
+        return y if mask is None else y * mask
 
     def _triton_kernels(self, inputs: list[torch.Tensor], weight: torch.Tensor):
         """The kernel module when this call runs on Triton, else None (the reference path)."""

@@ -77,6 +77,27 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
     assert "| no: 2.0x over |" in table
 
 
+def test_layer_targets_also_compare_graph_replays_where_both_were_replayed():
+    def layer(variant, ms, graph_ms=None, step="forward+backward"):
+        row = dict(size=512, batch=1, ratio=0.25, width=16, variant=variant, step=step,
+                   macs=3 * 16 * 16 * 9 * 512 * 512, median_ms=ms)
+        return row if graph_ms is None else dict(row, graph_median_ms=graph_ms)
+
+    peaks = DevicePeaks(flops_per_s=1e15, bytes_per_s=4e12)
+    network = Report("GPU", {}, "float16", (1, 3, 512, 512), "triton", peaks, [
+        ConfigResult("largest", {"a": 64}, 40000.0, Timing(40.0, 39.0, 41.0, 10), 1.0, 1.0, 32.0, "FLOPs")])
+    rows = {r["target"]: r for r in target_rows(
+        [layer("triton fused", 0.9, 0.2), layer("(b) static", 0.4, 0.25),
+         layer("triton fused", 0.06, 0.02, "forward"), layer("(b) static", 0.05, None, "forward")], [network], 2)}
+    name = "layer 512x512, batch 1, width 16: fused forward+backward vs (b) static"
+    assert rows[name]["got"] == pytest.approx(0.4 / 0.9) and not rows[name]["met"]
+    replayed = rows[name + ", both as CUDA-graph replays"]
+    assert replayed["got"] == pytest.approx(1.25) and replayed["met"] and "replayed" in replayed["bound"]
+    # the forward's baseline was not replayed: its eager row only
+    assert "layer 512x512, batch 1, width 16: fused vs (b) static" in rows
+    assert "layer 512x512, batch 1, width 16: fused vs (b) static, both as CUDA-graph replays" not in rows
+
+
 def test_bench_times_the_network_at_every_batch_on_cpu(tmp_path):
     result = run_bench(tmp_path, sizes=[8], batches=[1, 8], channels=4, model=SlimDnCNN(1, base_width=8, depth=3),
                        device="cpu", warmup=0, repeats=1, compile_static=False)

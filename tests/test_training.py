@@ -253,6 +253,28 @@ def test_progress_bar_and_log_show_the_psnr(tmp_path, capsys):
     assert all(0 < record["psnr"] < 100 for record in log)
 
 
+def test_losses_returned_as_tensors_are_read_after_the_next_batch_is_drawn(tmp_path):
+    """A step function may return its losses as device tensors (a replayed CUDA graph's): the
+    loop draws the next batch before it reads them, then logs them as floats; a NaN among them
+    still stops the run before the optimizer step."""
+    loop, net = make_loop(tmp_path, steps=3, nan_at=2)
+    events = []
+    batch, inner = loop.batch, loop.step_fn
+    loop.batch = lambda step: events.append(("batch", step)) or batch(step)
+
+    def step_fn(step, noisy, clean):
+        events.append(("step", step))
+        return {name: torch.tensor(value) for name, value in inner(step, noisy, clean).items()}
+
+    loop.step_fn = step_fn
+    with pytest.raises(TrainingDiverged, match="step 2"):
+        loop.run()
+    assert events == [("batch", 0), ("step", 0), ("batch", 1), ("step", 1), ("batch", 2), ("step", 2)]
+    log = [json.loads(line) for line in (tmp_path / "stage1.log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == [0, 1]
+    assert all(isinstance(record["largest"], float) and 0 < record["psnr"] < 100 for record in log)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     loop, _ = make_loop(tmp_path, steps=6, nan_at=3)
     with pytest.raises(TrainingDiverged, match=r"step 3.*last good checkpoint \(step 2\)"):

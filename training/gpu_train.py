@@ -3,7 +3,8 @@
 The first call times a probe of stage-1 steps of ``--config`` and sizes the schedule to the budget:
 stage-1 steps S, refine S/2 steps, the I-Nets 1.5 S steps each (as many as the routes get
 from stage 1 and refine: a comparison of equally trained networks) and the gate's steps as
-configured. That plan is written to ``RUN_DIR/config.json``
+configured. With ``graphs`` in the config, the probe times replayed steps (after their
+warm-up), and the eager steps' costs are counted in seconds. That plan is written to ``RUN_DIR/config.json``
 before any training, and a later call (a fresh machine, the run directory carried back)
 resumes with it instead of timing again. The stages then run one after another (``dds-fast
 train all``), as the plan's arithmetic assumes.
@@ -31,6 +32,11 @@ PROBE_STEPS = 150
 # sizes); a gate step 2.6 (108 ms: the largest and smallest configs on a batch twice as large)
 INETS_STEP_COST = 1.7
 GATE_STEP_COST = 2.6
+# With ``graphs`` (not yet measured): a stage-1 step replays four sub-networks at full width
+# and an I-Net step one at its own width, so the four I-Nets together cost at most one
+# stage-1 step; the gate's steps stay eager, at the seconds measured above.
+GRAPHED_INETS_STEP_COST = 1.0
+GATE_STEP_SECONDS = 0.108
 FIXED_SECONDS = 60  # stage 2's validation passes (about 20 s there), starts, the last checkpoints
 
 
@@ -54,8 +60,11 @@ def seconds_per_step(config: Path) -> float:
 
 def plan(options: dict, step_seconds: float, budget: float) -> dict:
     """``options`` with steps, inet_steps and refine_steps sized to ``budget`` seconds."""
-    gate_seconds = options.get("gate_steps", 1000) * GATE_STEP_COST * step_seconds
-    steps = int((budget - FIXED_SECONDS - gate_seconds) / step_seconds / (1.5 + 1.5 * INETS_STEP_COST))
+    graphs = options.get("graphs", False)
+    gate_steps = options.get("gate_steps", 1000)
+    gate_seconds = gate_steps * (GATE_STEP_SECONDS if graphs else GATE_STEP_COST * step_seconds)
+    inets_cost = GRAPHED_INETS_STEP_COST if graphs else INETS_STEP_COST
+    steps = int((budget - FIXED_SECONDS - gate_seconds) / step_seconds / (1.5 + 1.5 * inets_cost))
     if steps < 1000:  # fewer would not make a model worth shipping
         raise SystemExit(f"a stage-1 step takes {step_seconds:.3f} s: {budget:.0f} s leave only {steps} steps")
     refine_steps = steps // 2

@@ -73,7 +73,9 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 class TrainLoop:
     """Runs ``step_fn(step, noisy, clean) -> {name: loss}`` (it calls backward; the loop steps
-    the optimizer) for ``settings.steps`` steps, checkpointing ``model``, ``optimizer`` and
+    the optimizer; a loss is a float, or a 0-d device tensor that the loop reads after it has
+    drawn the next batch, so that a step queued on a GPU overlaps the host's work on the next
+    one) for ``settings.steps`` steps, checkpointing ``model``, ``optimizer`` and
     ``scheduler`` (stepped once per epoch) to ``run_dir/<stage>.state.safetensors``.
     ``lr_factor(step)``, if given, scales the optimizer's initial learning rates at each step
     (a pure function of the step, so a resumed run follows the same schedule).
@@ -239,15 +241,18 @@ class TrainLoop:
         self.model.train()
         with tqdm(total=total, initial=start, desc=self.stage, disable=not (self.settings.progress and lead),
                   dynamic_ncols=True) as bar, (self.log_path.open("a") if lead else nullcontext()) as log:
+            following = self.batch(start) if start < total else None
             for step in range(start, total):
                 began = time.perf_counter()
-                noisy, clean = self.batch(step)
+                noisy, clean = following
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.lr_factor is not None:
                     for group, initial in zip(self.optimizer.param_groups, self.initial_lrs):
                         group["lr"] = initial * self.lr_factor(step)
                 losses = self.step_fn(step, noisy, clean)
-                losses, largest_gradient = self._reduce(losses)
+                # drawn while the step's queued work runs (the batches do not depend on the weights)
+                following = self.batch(step + 1) if step + 1 < total else None
+                losses, largest_gradient = self._reduce(_as_floats(losses))
                 bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
                 if not math.isfinite(largest_gradient):
                     bad["largest |gradient|"] = largest_gradient
@@ -296,3 +301,12 @@ class TrainLoop:
     def _saved_step(self) -> int:
         with safe_open(str(self.state_path), framework="pt") as f:
             return int(f.metadata()["step"])
+
+
+def _as_floats(losses: dict) -> dict[str, float]:
+    """A step's losses as floats: its tensors read in one transfer."""
+    tensors = [name for name, value in losses.items() if torch.is_tensor(value)]
+    if not tensors:
+        return losses
+    values = dict(zip(tensors, torch.stack([losses[name].detach().double().reshape(()) for name in tensors]).tolist()))
+    return {name: values.get(name, value) for name, value in losses.items()}

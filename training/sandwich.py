@@ -20,11 +20,14 @@ students against 28.5 dB without distillation.
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from dds_fast.config import SubnetConfig, WidthSpace
+
+from .graphed import GraphedStep
 
 DISTILLATIONS = ("synergy", "inplace", "none")
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
@@ -64,20 +67,20 @@ def routing_sandwich_configs(routing_space, n: int, generator: torch.Generator) 
     return [routing_space[-1].config] + [middle[i].config for i in reversed(drawn)] + [routing_space[0].config]
 
 
-def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[SubnetConfig],
-                  distillation: str = "synergy", loss_fn=F.l1_loss, autocast=contextlib.nullcontext,
-                  distillation_loss_fn=F.mse_loss) -> dict[str, float]:
-    """Forward and backward every config in ``configs`` (largest first, smallest last) and
-    return each one's loss and the largest's :func:`training_psnr` (``psnr``); the caller
-    takes the optimizer step. ``loss_fn`` compares with the ground truth,
-    ``distillation_loss_fn`` with a teacher's output. Leaves the net at the largest config."""
+def sandwich_losses(net, noisy: torch.Tensor, clean: torch.Tensor, count: int, select: Callable[[int], None],
+                    distillation: str = "synergy", loss_fn=F.l1_loss, autocast=contextlib.nullcontext,
+                    distillation_loss_fn=F.mse_loss) -> dict[str, torch.Tensor]:
+    """Forward and backward ``count`` sub-networks, the largest first and the smallest last,
+    ``select(index)`` putting the net at the ``index``-th; returns each one's loss and the
+    largest's :func:`training_psnr` (``psnr``) as device tensors. ``loss_fn`` compares with
+    the ground truth, ``distillation_loss_fn`` with a teacher's output."""
     if distillation not in DISTILLATIONS:
         raise ValueError(f"unknown distillation {distillation!r}; choose one of {DISTILLATIONS}")
     losses: dict[str, torch.Tensor] = {}
     teacher_outputs: list[torch.Tensor] = []
-    last = len(configs) - 1
-    for index, config in enumerate(configs):
-        net.set_config(config)
+    last = count - 1
+    for index in range(count):
+        select(index)
         with autocast():
             output = net(noisy)
         criterion = distillation_loss_fn
@@ -95,6 +98,49 @@ def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[S
         name = "largest" if index == 0 else "smallest" if index == last else f"random{index}"
         losses[name] = loss.detach()
     losses["psnr"] = training_psnr(teacher_outputs[0], clean)  # the largest's output, against the ground truth
+    return losses
+
+
+def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[SubnetConfig],
+                  distillation: str = "synergy", loss_fn=F.l1_loss, autocast=contextlib.nullcontext,
+                  distillation_loss_fn=F.mse_loss) -> dict[str, float]:
+    """:func:`sandwich_losses` over ``configs`` (largest first, smallest last), each set with
+    ``set_config``; returns the losses as floats (the caller takes the optimizer step) and
+    leaves the net at the largest config."""
+    losses = sandwich_losses(net, noisy, clean, len(configs), lambda index: net.set_config(configs[index]),
+                             distillation, loss_fn, autocast, distillation_loss_fn)
     net.set_config(configs[0])
     # one host sync per step, after every sub-network's kernels are queued
     return dict(zip(losses, torch.stack(list(losses.values())).tolist()))
+
+
+class MaskedSandwich:
+    """The sandwich step as a :class:`~training.graphed.GraphedStep`: each sub-network runs as
+    masked widths (``set_masked_widths``), read from a device table that every step fills,
+    so that one CUDA graph serves every step's configs. Same losses and gradients as
+    :func:`sandwich_step` (up to rounding) at the cost of running every sub-network at full
+    width. ``__call__(noisy, clean, configs)`` as ``sandwich_step``, but the losses are 0-d
+    device tensors (no host sync); leaves the net at the largest config (unmasked)."""
+
+    def __init__(self, net, distillation: str = "synergy", loss_fn=F.l1_loss, autocast=contextlib.nullcontext,
+                 distillation_loss_fn=F.mse_loss, warmup: int = 3):
+        if distillation not in DISTILLATIONS:
+            raise ValueError(f"unknown distillation {distillation!r}; choose one of {DISTILLATIONS}")
+        self.net = net
+
+        def losses(noisy, clean, widths):
+            try:
+                return sandwich_losses(net, noisy, clean, widths.shape[0],
+                                       lambda index: net.set_masked_widths(widths[index]), distillation, loss_fn,
+                                       autocast, distillation_loss_fn)
+            finally:
+                net.set_config(net.space.largest())
+
+        self.step = GraphedStep(losses, net.parameters(), warmup)
+
+    def __call__(self, noisy: torch.Tensor, clean: torch.Tensor,
+                 configs: list[SubnetConfig]) -> dict[str, torch.Tensor]:
+        widths = torch.tensor([self.net.binding_widths(config) for config in configs], dtype=torch.int32)
+        if noisy.is_cuda:  # a pageable copy would wait for the work queued before it
+            widths = widths.pin_memory()
+        return self.step(noisy, clean, widths.to(noisy.device, non_blocking=True))

@@ -32,10 +32,11 @@ from dds_fast.config import RoutingEntry
 from .data import (NoisyPatches, PairedPatches, SIDDValidation, bundled_images, load_image_folder,
                    make_validation_set, sidd_medium_pairs, sidd_validation_files, to_channels)
 from .gate_stage import gate_step, one_sided_labels
+from .graphed import GraphedStep
 from .loop import LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_generator
 from .noise import make_noise
-from .sandwich import (DISTILLATIONS, LOSSES, reconstruction_loss, routing_sandwich_configs, sandwich_configs,
-                       sandwich_step, training_psnr)
+from .sandwich import (DISTILLATIONS, LOSSES, MaskedSandwich, reconstruction_loss, routing_sandwich_configs,
+                       sandwich_configs, sandwich_step, training_psnr)
 from .slimming import SLIM_CRITERIA, progressive_slimming, thin_routing_space, validation_psnr
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -104,6 +105,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     backend: str = "auto"  # of every SlimConv2d: auto (Triton on CUDA), torch (cuDNN) or triton
+    # Stage 1, refine and the I-Nets replay each step's forward and backward as one CUDA graph
+    # (training/graphed.py), the sandwich's sub-networks as masked widths: far fewer host
+    # launches, every sub-network at full width. Off CUDA the same masked steps run eagerly.
+    graphs: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -337,6 +342,14 @@ class Run:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def sandwich(self, net, distillation: str):
+        """``(noisy, clean, configs) -> losses``: one sandwich step's forwards and backwards,
+        as a CUDA-graph replay of masked widths with ``graphs``."""
+        if self.config.graphs:
+            return MaskedSandwich(net, distillation, self.loss_fn, self.autocast, self.distillation_loss_fn)
+        return lambda noisy, clean, configs: sandwich_step(net, noisy, clean, configs, distillation, self.loss_fn,
+                                                           self.autocast, self.distillation_loss_fn)
+
     def settings(self, steps: int, batch_size: int | None = None) -> LoopSettings:
         c = self.config
         return LoopSettings(steps=steps, batch_size=batch_size or c.batch_size, checkpoint_every=c.checkpoint_every,
@@ -379,10 +392,10 @@ class Run:
             net = self.prepare(AttentionSupernet(net, DynamicGate(net.stem_channels, c.num_choices)).to(self.device))
         optimizer = torch.optim.Adam(net.parameters(), lr=c.lr)
 
+        sandwich = self.sandwich(net, c.distillation)
+
         def step_fn(step, noisy, clean):
-            configs = sandwich_configs(net.space, c.sandwich, step_generator(c.seed, step))
-            return sandwich_step(net, noisy, clean, configs, c.distillation, self.loss_fn, self.autocast,
-                                 self.distillation_loss_fn)
+            return sandwich(noisy, clean, sandwich_configs(net.space, c.sandwich, step_generator(c.seed, step)))
 
         # the gate the body trains behind has num_choices outputs
         gate_shape = ("num_choices",) if c.attention else ()
@@ -453,13 +466,13 @@ class Run:
         for p in net.parameters():
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(net.parameters(), lr=c.refine_lr)
+        sandwich = self.sandwich(net, c.refine_distillation or c.distillation)
 
         def step_fn(step, noisy, clean):
             generator = step_generator(c.seed, step)
             configs = (sandwich_configs(net.space, c.sandwich, generator) if random_configs
                        else routing_sandwich_configs(routing_space, c.sandwich, generator))
-            return sandwich_step(net, noisy, clean, configs, c.refine_distillation or c.distillation, self.loss_fn,
-                                 self.autocast, self.distillation_loss_fn)
+            return sandwich(noisy, clean, configs)
 
         options = self.loop_options("patch_size", "refine_lr", "sandwich", "loss", "distillation_loss",
                                     schedule_steps=c.refine_steps, distillation=c.refine_distillation or c.distillation,
@@ -543,12 +556,18 @@ class Run:
             net.set_config(entry.config)
             optimizer = torch.optim.Adam(net.parameters(), lr=c.lr)
 
-            def step_fn(step, noisy, clean, net=net):
+            def losses(noisy, clean, net=net):
                 with self.autocast():
                     output = net(noisy)
                 loss = self.loss_fn(output.float(), clean)
                 loss.backward()
-                return dict(zip(["loss", "psnr"], torch.stack([loss.detach(), training_psnr(output, clean)]).tolist()))
+                return {"loss": loss.detach(), "psnr": training_psnr(output, clean)}
+
+            # one config: its shapes are fixed, and the whole step is a graph as it is
+            graphed = GraphedStep(losses, net.parameters()) if c.graphs else None
+
+            def step_fn(step, noisy, clean, losses=losses, graphed=graphed):
+                return losses(noisy, clean) if graphed is None else graphed(noisy, clean)
 
             steps = c.inet_steps or c.steps + c.refine_steps
             options = self.loop_options(*NETWORK_OPTIONS, "patch_size", "lr", "loss", schedule_steps=steps,

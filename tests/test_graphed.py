@@ -1,0 +1,220 @@
+"""Masked widths (SlimNet.set_masked_widths) and CUDA-graph training steps (training/graphed.py)."""
+import json
+
+import pytest
+import torch
+
+from dds_fast import DynamicGate, SlimDnCNN, SlimUNet, export_static
+from dds_fast.ddsnet import AttentionSupernet
+from dds_fast.training.graphed import GraphedStep
+from dds_fast.training.sandwich import MaskedSandwich, sandwich_configs, sandwich_step
+from dds_fast.training.stages import Run, TrainConfig
+
+CUDA = torch.cuda.is_available()
+
+
+def nets():
+    torch.manual_seed(0)
+    return {
+        "SlimUNet": SlimUNet(3, base_width=8, depth=3),
+        "SlimDnCNN": SlimDnCNN(1, base_width=8, depth=4),
+        "AttentionSupernet": AttentionSupernet(SlimUNet(3, base_width=8, depth=3), DynamicGate(16, 3)),
+    }
+
+
+def narrow_config(net, seed=3):
+    config = net.space.sample(torch.Generator().manual_seed(seed))
+    assert config != net.space.largest() and config != net.space.smallest()
+    return config
+
+
+def gradients(net):
+    return [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+
+
+def assert_same_gradients(expected, got, atol):
+    assert len(expected) == len(got)
+    for index, (a, b) in enumerate(zip(expected, got)):
+        assert (a is None) == (b is None), index
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=0, atol=atol, msg=f"parameter {index}")
+
+
+@pytest.mark.parametrize("name", ["SlimUNet", "SlimDnCNN", "AttentionSupernet"])
+def test_masked_widths_compute_the_config_and_its_gradients(name):
+    """fp64: the output and every gradient (zero outside the active slices) equal set_config's;
+    the unused channels of every layer's output are exactly zero."""
+    net = nets()[name].double()
+    x = torch.rand(2, net.in_channels, 12, 10, dtype=torch.float64)  # 10: padded to the U-Net's multiple
+    config = narrow_config(net)
+    net.set_config(config)
+    expected = net(x)
+    expected.square().sum().backward()
+    expected_grads = gradients(net)
+    net.zero_grad(set_to_none=True)
+
+    widths = torch.tensor(net.binding_widths(config))
+    net.set_masked_widths(widths)
+    assert net.masked and net.get_config() == net.space.largest()
+    outputs = {}
+    supernet = net.supernet if name == "AttentionSupernet" else net
+    hooks = [conv.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, o)) for conv, _, _ in supernet._bindings]
+    got = net(x)
+    for hook in hooks:
+        hook.remove()
+    got.square().sum().backward()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert_same_gradients(expected_grads, gradients(net), atol=1e-12)
+    for (conv, _, _), width in zip(supernet._bindings, widths.tolist()):
+        assert outputs[conv].shape[1] == conv.out_channels // conv.upscale_factor ** 2
+        if name == "AttentionSupernet" and conv is supernet.stem_conv:
+            continue  # the attention reads the whole stem; its mask cuts the attended features
+        assert outputs[conv][:, width:].abs().sum() == 0, conv.layer_name
+    net.set_config(config)  # ends the masks
+    assert not net.masked and all(conv.output_mask is None for conv, _, _ in supernet._bindings)
+
+
+def test_binding_widths_count_an_upsampling_conv_after_its_shuffle():
+    net = nets()["SlimUNet"]
+    config = narrow_config(net)
+    widths = net.binding_widths(config)
+    for (conv, group, multiplier), width in zip(net._bindings, widths):
+        assert width == config[group] * multiplier // conv.upscale_factor ** 2
+    assert any(conv.upscale_factor == 2 for conv, _, _ in net._bindings)
+
+
+def test_bad_masked_widths_are_named():
+    net = nets()["SlimUNet"]
+    count = len(net._bindings)
+    good = torch.tensor(net.binding_widths(net.space.largest()))
+    with pytest.raises(ValueError, match=rf"integer tensor of shape \({count},\)"):
+        net.set_masked_widths(good[:-1])
+    with pytest.raises(ValueError, match="integer tensor"):
+        net.set_masked_widths(good.float())
+    with pytest.raises(ValueError, match="integer tensor"):
+        net.set_masked_widths(good.tolist())
+    too_wide = good.clone()
+    too_wide[2] += 1
+    with pytest.raises(ValueError, match=rf"{net._bindings[2][0].layer_name} has width {too_wide[2]}"):
+        net.set_masked_widths(too_wide)
+    zero = good.clone()
+    zero[0] = 0
+    with pytest.raises(ValueError, match="has width 0"):
+        net.set_masked_widths(zero)
+    assert not net.masked
+    net.set_masked_widths(good)
+    with pytest.raises(ValueError, match="set_masked_widths"):
+        export_static(net)
+    net.set_config(net.space.largest())
+    static = export_static(net)
+    with pytest.raises(ValueError, match="static network"):
+        static.set_masked_widths(good)
+    conv = net.stem_conv
+    conv.output_mask = torch.ones(1, conv.out_channels, 1, 1, dtype=torch.bool)
+    conv.per_image_widths = torch.ones(1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="output mask and per-image widths"):
+        conv(torch.rand(1, 3, 8, 8))
+
+
+def batches(count, channels, size=12, n=2):
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(count):
+        clean = torch.rand(n, channels, size, size, generator=g, dtype=torch.float64)
+        out.append((clean + 0.1 * torch.randn(clean.shape, generator=g, dtype=torch.float64), clean))
+    return out
+
+
+@pytest.mark.parametrize("distillation", ["synergy", "inplace", "none"])
+def test_masked_sandwich_matches_the_sandwich_step(distillation):
+    """Off CUDA the masked sandwich runs eagerly: the same losses and gradients as
+    sandwich_step on the same configs, and the net left at the largest config."""
+    net = nets()["SlimUNet"].double()
+    noisy, clean = batches(1, 3)[0]
+    configs = sandwich_configs(net.space, 4, torch.Generator().manual_seed(1))
+    expected = sandwich_step(net, noisy, clean, configs, distillation)
+    expected_grads = gradients(net)
+    net.zero_grad(set_to_none=True)
+    masked = MaskedSandwich(net, distillation)
+    got = masked(noisy, clean, configs)
+    assert list(got) == list(expected)
+    for name in expected:
+        assert got[name].dim() == 0 and not got[name].requires_grad  # read by the loop after its next batch
+        assert float(got[name]) == pytest.approx(expected[name], rel=1e-12), name
+    assert_same_gradients(expected_grads, gradients(net), atol=1e-12)
+    assert net.get_config() == net.space.largest() and not net.masked
+    assert masked.step.calls == 1 and not masked.step.captured  # no CUDA here: eager
+
+
+def test_graphed_step_checks_its_warmup():
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        GraphedStep(lambda: {}, [], warmup=0)
+
+
+def test_training_with_graphs_matches_training_without_on_cpu(tmp_path, monkeypatch):
+    """``graphs`` changes how steps run, not what they compute: off CUDA, stage 1 and an I-Net
+    log the same losses (up to rounding) with it as without it, the sandwich through masked
+    widths."""
+    from test_training import image_folder, tiny_run_config
+
+    from dds_fast.nets import SlimNet
+
+    masked = []
+    set_masked_widths = SlimNet.set_masked_widths
+    monkeypatch.setattr(SlimNet, "set_masked_widths", lambda net, widths: masked.append(1) or
+                        set_masked_widths(net, widths))
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+    logs = {}
+    for graphs in (False, True):
+        assert len(masked) == 0
+        run = Run(tmp_path / f"graphs-{graphs}", tiny_run_config(images=str(folder), steps=3, graphs=graphs))
+        run.stage1()
+        run.stage2()
+        run.inets(indices=[0])
+        logs[graphs] = [json.loads(line) for stage in ("stage1", "inet-0")
+                        for line in (run.dir / f"{stage}.log.jsonl").read_text().splitlines()]
+    assert len(masked) == 3 * 4  # three steps of four sub-networks
+    assert len(logs[True]) == len(logs[False]) == 6
+    for plain, graphed in zip(logs[False], logs[True]):
+        assert plain.keys() == graphed.keys()
+        for name in plain:
+            if name != "time":
+                assert graphed[name] == pytest.approx(plain[name], rel=1e-4, abs=1e-6), name
+
+
+def test_graphs_is_a_training_option():
+    assert TrainConfig(graphs=True).graphs
+    with pytest.raises(ValueError, match="graphs must be"):
+        TrainConfig.from_dict({"graphs": "yes"})
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_graphed_sandwich_trains_as_the_eager_one(backend):
+    """Six Adam steps on a GPU: the masked sandwich, captured after its warm-up and replayed,
+    against sandwich_step eagerly from the same weights on the same batches and configs."""
+    results = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        net = SlimUNet(3, base_width=8, depth=3).cuda().to(memory_format=torch.channels_last)
+        for conv, _, _ in net._bindings:
+            conv.backend = backend
+        net.last.backend = backend
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        masked = MaskedSandwich(net, warmup=2) if graphed else None
+        losses = []
+        for step, (noisy, clean) in enumerate(batches(6, 3, size=16, n=2)):
+            noisy, clean = noisy.float().cuda(), clean.float().cuda()
+            configs = sandwich_configs(net.space, 4, torch.Generator().manual_seed(step))
+            optimizer.zero_grad(set_to_none=True)
+            losses.append({name: float(value) for name, value in masked(noisy, clean, configs).items()}
+                          if graphed else sandwich_step(net, noisy, clean, configs))
+            optimizer.step()
+        results[graphed] = losses, [p.detach().clone() for p in net.parameters()]
+        if graphed:
+            assert masked.step.captured and masked.step.replays == 4 and masked.step.failure is None
+    for plain, graphed in zip(results[False][0], results[True][0]):
+        for name in plain:
+            assert graphed[name] == pytest.approx(plain[name], rel=2e-3, abs=1e-5), name
+    for a, b in zip(results[False][1], results[True][1]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
