@@ -91,7 +91,7 @@ def fit_gain(model: dds_fast.DDSNet, config_path: str, crops: int, batch: int = 
         for k in (0, len(model.routing_space) - 1):
             model.set_budget(model.static_macs_per_pixel(k))
             with torch.no_grad():
-                quality.append(per_image_psnr(model(noisy).float(), clean).numpy())
+                quality.append(per_image_psnr(model(noisy).float(), clean).cpu().numpy())
         model.set_budget(None)
         gain.append(quality[1] - quality[0])
     x, y = np.concatenate(squeeze), np.concatenate(gain)

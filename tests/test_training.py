@@ -363,6 +363,24 @@ def test_gate_psnr_of_an_exact_reproduction_is_finite():
     assert values[0] >= values[1]
 
 
+def test_gate_psnr_scores_each_image_as_the_8_bit_metric_does():
+    from dds_fast.metrics import psnr
+    from dds_fast.training.gate_stage import per_image_psnr
+
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(5, 3, 9, 7, generator=g)
+    output = clean + 0.05 * torch.randn(clean.shape, generator=g)  # outside [0, 1] too: clipped
+    output[0] = torch.round(clean[0] * 255) / 255 + 0.5 / 255  # exact .5 ties: rounded to even, as numpy does
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        got = per_image_psnr(output.to(dtype), clean)
+        expected = torch.tensor([psnr(o, c) for o, c in zip(output.to(dtype), clean)], dtype=torch.float64)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-9)
+    nan = output.clone()
+    nan[2, 0, 0, 0] = float("nan")
+    assert per_image_psnr(nan, clean).isnan().tolist() == [False, False, True, False, False]
+
+
 def test_gate_labels_and_step():
     from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
     from dds_fast.training.gate_stage import gate_labels, gate_step, per_image_psnr
