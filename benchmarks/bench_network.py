@@ -9,7 +9,7 @@ from _timing import CUDA, DEVICE, TIMER, describe
 
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimUNet, export_static, macs_per_pixel
 from dds_fast.runner import capture_cuda_graph, default_configs
-from dds_fast.training.sandwich import sandwich_configs, sandwich_step
+from dds_fast.training.sandwich import MaskedSandwich, sandwich_configs, sandwich_step
 
 pytestmark = pytest.mark.benchmark(timer=TIMER, warmup=True, warmup_iterations=3)
 
@@ -136,8 +136,11 @@ def test_ddsnet_dynamic_cuda_graphs(benchmark, mode):
     benchmark(run)
 
 
+@pytest.mark.parametrize("mode", ["eager", "graphed"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_stage1_training_step(benchmark, backend):
+def test_stage1_training_step(benchmark, backend, mode):
+    """``graphed``: the trainer's ``graphs`` option, the step's forwards and backwards replayed
+    as one CUDA graph of masked widths (training/graphed.py; eager off CUDA)."""
     net = unet(backend)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     clean = torch.rand(4, 3, 128 if CUDA else 8, 128 if CUDA else 8, device=DEVICE)
@@ -147,16 +150,22 @@ def test_stage1_training_step(benchmark, backend):
     benchmark.group = "stage-1 sandwich step (n = 4)"
     # the two random configs change every step: the ends of the sandwich bound its cost
     ends = {"largest": net.space.largest(), "smallest": net.space.smallest()}
-    describe(benchmark, backend=backend, batch=4, size=clean.shape[-1], sandwich=4,
+    describe(benchmark, backend=backend, mode=mode, batch=4, size=clean.shape[-1], sandwich=4,
              dtype="float32 weights, bfloat16 autocast" if CUDA else "float32",
              widths={end: config.to_dict() for end, config in ends.items()},
              macs_per_pixel={end: macs_per_pixel(net, config) for end, config in ends.items()})
 
+    kwargs = {"autocast": autocast} if autocast else {}
+    masked = MaskedSandwich(net, **kwargs) if mode == "graphed" else None
+
     def step():
         optimizer.zero_grad(set_to_none=True)
         configs = sandwich_configs(net.space, 4, generator)
-        kwargs = {"autocast": autocast} if autocast else {}
-        losses = sandwich_step(net, noisy, clean, configs, **kwargs)
+        if masked is None:
+            losses = sandwich_step(net, noisy, clean, configs, **kwargs)
+        else:  # read as the training loop reads them: one transfer
+            losses = masked(noisy, clean, configs)
+            losses = dict(zip(losses, torch.stack(list(losses.values())).tolist()))
         optimizer.step()
         return losses
 
