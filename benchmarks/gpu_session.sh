@@ -30,6 +30,18 @@ R=$OUT/results
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 step() { echo "== $(date +%T) $*"; }
+# A test step stopped at its limit can leave pytest-xdist workers running on the GPU, sharing
+# it with every timing after: the H100 run of v12 timed its host costs right after such a
+# step (NOTES v17). Each test step ends with this: whatever still runs tests is killed, and said.
+quiet_gpu() {
+  local pids
+  pids=$( { pgrep -f -- "-m pytest"; pgrep -f "exec(eval(sys.stdin"; } 2>/dev/null | sort -u | tr '\n' ' ')
+  if [ -n "${pids// /}" ]; then
+    echo "test processes still running after the step, killed: $pids"
+    kill -9 $pids 2>/dev/null
+    sleep 2
+  fi
+}
 # verify's steps: a time limit cut to what is left of the call's 575 s, or the step skipped
 capped() {
   local limit=$1 left=$((575 - SECONDS)); shift
@@ -59,6 +71,7 @@ if [ "$MODE" = train ]; then
   grep "sum of layers" "$R/network_layers.txt"
   step "graph-captured training steps against eager ones (the training below replays them)"
   timeout -k 10 -s INT 60 python3 -m pytest -q -p no:cacheprovider -rA tests/test_graphed.py > "$R/tests_graphed.txt" 2>&1
+  quiet_gpu
   grep -E "PASSED|FAILED|passed|failed" "$R/tests_graphed.txt" | tail -4
   # the training times a probe of itself to size its schedule: nothing else may run beside it
   step "training, leaving 110 s for the kernel tests"
@@ -67,6 +80,7 @@ if [ "$MODE" = train ]; then
   step "kernel tests on CUDA (8 workers)"
   timeout -k 10 -s INT $((575 - SECONDS)) python3 -m pytest -q -n 8 --timeout 80 -p no:cacheprovider -rfEs \
     tests/test_kernels_conv2d.py tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py > "$R/tests.txt" 2>&1
+  quiet_gpu
   tail -25 "$R/tests.txt"
   step pack
   tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
@@ -77,10 +91,12 @@ if [ "$MODE" = verify ]; then
   step "the fast layout's tile test alone, then the tests that touch a kernel (8 workers)"
   capped 45 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels_conv2d.py \
     -k fast_layout_tiles > "$R/tests_fast_layout.txt" 2>&1
+  quiet_gpu
   grep -E "PASSED|FAILED|passed|failed" "$R/tests_fast_layout.txt" | tail -4
   capped 150 python3 -m pytest -q -n 8 --timeout 120 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
     tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_runner.py tests/test_bench.py \
     tests/test_profile_network.py > "$R/tests.txt" 2>&1
+  quiet_gpu
   tail -8 "$R/tests.txt"
   if [ "${HOST_COST:-0}" = 1 ]; then
     step "host time per call, and where a launched training step's host time goes"
@@ -122,6 +138,7 @@ if [ "$MODE" = quick ]; then
   step "kernel tests on CUDA (8 workers)"
   timeout -k 15 -s INT 140 python3 -m pytest -q -n 8 --timeout 120 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
     tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_runner.py tests/test_bench.py > "$R/tests.txt" 2>&1
+  quiet_gpu
   tail -25 "$R/tests.txt"
   if [ "${HOST_COST:-0}" = 1 ]; then
     step "host time per call: our wrappers (kernels stubbed), cached launches, Triton's JIT launch"
@@ -161,6 +178,7 @@ fi
 step "tests on CUDA (8 workers)"
 timeout -k 15 -s INT 170 python3 -m pytest -q -n 8 --timeout 150 -p no:cacheprovider tests -rfEs \
   > "$R/tests.txt" 2>&1
+quiet_gpu
 tail -25 "$R/tests.txt"
 
 step "dds-fast bench: layers fp16 (512/256, batch 16/1), network at 1x3x512x512 with CUDA graphs"
@@ -172,11 +190,13 @@ BENCH="--benchmark-enable --benchmark-max-time=0.1 --benchmark-min-rounds=20 --b
 step "pytest-benchmark: gate, network configs at batch 1 and 8, dynamic mode, graphs, training step"
 timeout -k 15 -s INT 120 python3 -m pytest -q benchmarks/bench_network.py $BENCH \
   --benchmark-json="$R/bench_network.json" > "$R/bench_network.txt" 2>&1
+quiet_gpu
 grep -E "passed|failed|error" "$R/bench_network.txt" | tail -3
 
 step "pytest-benchmark: layer forward+backward fp16"
 timeout -k 15 -s INT 40 python3 -m pytest -q benchmarks/bench_layers.py -k "forward_backward and float16" $BENCH \
   --benchmark-json="$R/bench_layers_fwdbwd.json" > "$R/bench_layers_fwdbwd.txt" 2>&1
+quiet_gpu
 grep -E "passed|failed|error" "$R/bench_layers_fwdbwd.txt" | tail -3
 
 step "dds-fast bench bf16 layers (512, batch 16)"
@@ -186,6 +206,7 @@ timeout -k 15 -s INT 25 python3 -m dds_fast bench --full --no-compile --dtype bf
 step "pytest-benchmark: torch.compile baseline (c), fp16 forward"
 timeout -k 15 -s INT 40 python3 -m pytest -q benchmarks/bench_layers.py -k "compiled" $BENCH \
   --benchmark-json="$R/bench_layers_compiled.json" > "$R/bench_layers_compiled.txt" 2>&1
+quiet_gpu
 grep -E "passed|failed|error" "$R/bench_layers_compiled.txt" | tail -3
 
 step pack
