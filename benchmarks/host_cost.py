@@ -12,9 +12,12 @@ nothing about a GPU's). On a GPU it also writes OUT-step-profile.txt: torch.prof
 table of launched training steps (every op, launch and synchronisation by self CPU time), which
 says where a step's host time goes beyond our Python.
 """
+import cProfile
+import io
 import json
 import os
 import platform
+import pstats
 import sys
 import time
 
@@ -107,11 +110,65 @@ def cases(device: str, dtype: torch.dtype) -> dict:
 
 
 def profile_step(step, out_path: str, steps: int = 50) -> None:
-    """torch.profiler's host-side table over ``steps`` launched calls of ``step``, by self CPU time."""
+    """torch.profiler's host-side table over ``steps`` launched calls of ``step``, by self CPU
+    time, then Python's own profile of as many calls (every Python function, Triton's launcher
+    included, by its own time): the first names the ops and launches, the second what the
+    host runs between them."""
     table = kernel_table(step, runs=steps, rows=30, sort_by="self_cpu_time_total", warmup=20)
+    profile = cProfile.Profile()
+    torch.cuda.synchronize()
+    profile.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(30)
     with open(out_path, "w") as f:
         f.write(f"{torch.cuda.get_device_name()}, SlimConv2d training step (forward + backward), width 16 of "
-                f"64, 1x16x16x16 fp16, {steps} steps\n{table}")
+                f"64, 1x16x16x16 fp16, {steps} steps\n{table}\n\ncProfile of {steps} launched steps (the "
+                f"main thread: CUDA backwards run on autograd's device thread, timed below), by own "
+                f"time:\n{text.getvalue()}\n\nWall time per step inside our host functions, on any thread "
+                f"(nested calls counted in each):\n")
+        for name, us in timed_breakdown(step, steps).items():
+            f.write(f"{us:10.1f} us  {name}\n")
+
+
+def timed_breakdown(step, steps: int) -> dict[str, float]:
+    """Microseconds per ``step`` spent inside each of our host functions of a training step,
+    whatever thread calls them (the backward runs on autograd's device thread, which a Python
+    profiler of the main thread does not see), and in the whole step."""
+    spent = {}
+    targets = [(conv_kernels, name) for name in ("_forward_impl", "_backward_impl", "_grad_input", "_grad_weight_into",
+                                                 "_reduce_into", "_launch_forward")] + [
+        (rows_kernels, "fold_rows"), (torch, "empty"), (torch, "empty_like")]
+    saved = [(module, name, getattr(module, name)) for module, name in targets]
+    launch_call = _launch.CachedLaunch.__call__
+
+    def timed(label, fn):
+        def wrapper(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - began
+        return wrapper
+
+    try:
+        for module, name, fn in saved:
+            setattr(module, name, timed(f"{module.__name__}.{name}", fn))
+        _launch.CachedLaunch.__call__ = timed("CachedLaunch.__call__ (a cached launch)", launch_call)
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        spent["the whole step, synchronised at the end"] = time.perf_counter() - began
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+        _launch.CachedLaunch.__call__ = launch_call
+    return {name: seconds / steps * 1e6 for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
 def main(out_path: str) -> None:
