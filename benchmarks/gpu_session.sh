@@ -103,6 +103,7 @@ if [ "$MODE" = verify ]; then
     capped 90 python3 benchmarks/host_cost.py "$R/host_cost.json" > "$R/host_cost.txt" 2>&1
     cat "$R/host_cost.txt"
     grep -E "Name|Self CPU time total|Launch|Synchronize|evaluate_function" "$R/host_cost-step-profile.txt" | cut -c1-150
+    sed -n '/^Wall time per step/,$p' "$R/host_cost-step-profile.txt"
   fi
   step "v14 and v16 against v13 in one run: 8-channel taps, tensor descriptors, tile candidates; layers of two configs"
   capped 60 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_v16.json" stem eight narrow mid \
