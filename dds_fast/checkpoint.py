@@ -38,6 +38,9 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     if ARCHITECTURES.get(arch) is not type(model) or not hasattr(model, "arch_args"):
         raise ValueError(f"save: {arch} is not a registered architecture ({sorted(ARCHITECTURES)}); "
                          "save a plain module's state_dict with safetensors.torch.save_file instead")
+    if getattr(model, "masked", False):  # its config says largest, its layers compute another one
+        raise ValueError(f"save: this {arch} runs masked widths (set_masked_widths); call set_config with the "
+                         f"config to keep first")
     static = isinstance(model, SlimNet) and model.is_static
     if not static and any(isinstance(m, StaticConv2d) for m in model.modules()):
         # load rebuilds a static export from its SlimNet's arguments and config; nothing else

@@ -67,7 +67,7 @@ def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | N
                          "as export_static(model.supernet, model.routing_space[index].config)")
     if getattr(model, "masked", False):  # its layers run at full width: set_config says which slice to export
         raise ValueError("export_static: the model runs masked widths (set_masked_widths); call set_config with "
-                         "the config to export first, or pass it")
+                         "the config to export first")
     calls, _ = trace_convs(model, config, input_shape)
     shapes: dict[SlimConv2d, tuple[tuple[int, ...], int]] = {}
     for call in calls:

@@ -82,9 +82,11 @@ class SlimNet(nn.Module):
         config = self.space.validate(config)
         for conv, group, multiplier in self._bindings:
             conv.active_out_channels = config[group] * multiplier
-            conv.output_mask = None
+        if self._masked:  # (each module attribute write costs host time in the eager sandwich)
+            for conv, _, _ in self._bindings:
+                conv.output_mask = None
+            self._masked = False
         self._config = config
-        self._masked = False
 
     def get_config(self) -> SubnetConfig:
         return self._config
@@ -97,7 +99,9 @@ class SlimNet(nn.Module):
 
     @property
     def masked(self) -> bool:
-        """Whether ``set_masked_widths`` holds masks (until the next ``set_config``)."""
+        """Whether ``set_masked_widths`` holds masks (until the next ``set_config``). Saving,
+        exporting and MAC counting see the largest config meanwhile: ``save`` and
+        ``export_static`` refuse a masked net, and counting at a config ends the masks."""
         return self._masked
 
     def set_masked_widths(self, widths: torch.Tensor) -> None:

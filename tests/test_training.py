@@ -255,8 +255,8 @@ def test_progress_bar_and_log_show_the_psnr(tmp_path, capsys):
 
 def test_losses_returned_as_tensors_are_read_after_the_next_batch_is_drawn(tmp_path):
     """A step function may return its losses as device tensors (a replayed CUDA graph's): the
-    loop draws the next batch before it reads them, then logs them as floats; a NaN among them
-    still stops the run before the optimizer step."""
+    loop logs them as floats, and a NaN among them still stops the run before the optimizer
+    step (the order of the reads: test_graphed.py)."""
     loop, net = make_loop(tmp_path, steps=3, nan_at=2)
     events = []
     batch, inner = loop.batch, loop.step_fn

@@ -283,6 +283,16 @@ def load_image_folder(folder, channels: int | None = None, recursive: bool = Fal
 _TRAIN_STREAM, _VALIDATION_STREAM, _PAIRED_STREAM, _BATCH_NOISE_STREAM, _PAIR_ORDER_STREAM = 0, 1, 2, 3, 4
 
 
+def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A host batch on ``device``, without waiting for the device: a copy to a GPU from pageable
+    memory first waits for the work queued there (a replayed training step, say), one from
+    pinned memory does not."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def item_generator(seed: int, *indices: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A generator on ``device`` seeded from ``(seed, *indices)``; SeedSequence mixes them so
     nearby items are independent."""
@@ -392,7 +402,7 @@ class NoisyPatches(Dataset):
         the items, the noise drawn for the whole batch at once on ``device`` (the camera
         pipeline costs about 10 ms per 128x128 patch on one CPU core) from a generator
         seeded by (seed, epoch, start)."""
-        clean = torch.stack([self._clean(i)[0] for i in range(start, start + size)]).to(device, non_blocking=True)
+        clean = to_device(torch.stack([self._clean(i)[0] for i in range(start, start + size)]), device)
         generator = item_generator(self.seed, _BATCH_NOISE_STREAM, self.epoch, start, device=clean.device)
         return self.noise.pair(clean, generator)
 

@@ -60,9 +60,13 @@ class GraphedStep:
             return self._replay(inputs)
         if not on_cuda or self.failure is not None or self._graph is not None or self.calls <= self.warmup:
             return self._eager(inputs, side_stream=on_cuda)
+        stream = torch.cuda.current_stream()
         try:
             self._capture(inputs)
         except Exception as error:  # a step that cannot be captured still trains, eagerly
+            # torch.cuda.graph's __exit__ ends the capture before it restores the stream: where
+            # capture_end raises (an invalidated capture), its capture stream stays current
+            torch.cuda.set_stream(stream)
             self._graph = None
             self.failure = f"{type(error).__name__}: {error}"
             warnings.warn(f"GraphedStep: the capture failed ({self.failure}); every step runs eagerly",

@@ -34,6 +34,8 @@ from tqdm import tqdm
 
 from dds_fast.checkpoint import atomic_save_file, atomic_write
 
+from .data import to_device
+
 
 class TrainingDiverged(RuntimeError):
     """A loss or a gradient became NaN or infinite; the last good checkpoint is kept."""
@@ -123,8 +125,8 @@ class TrainLoop:
             return noisy[rows], clean[rows]
         start = offset * self.settings.batch_size + self.rank * share
         items = [self.dataset[i] for i in range(start, start + share)]
-        noisy = torch.stack([noisy for noisy, _ in items]).to(self.device, non_blocking=True)
-        clean = torch.stack([clean for _, clean in items]).to(self.device, non_blocking=True)
+        noisy = to_device(torch.stack([noisy for noisy, _ in items]), self.device)
+        clean = to_device(torch.stack([clean for _, clean in items]), self.device)
         return noisy, clean
 
     # -- checkpoints --------------------------------------------------------------------

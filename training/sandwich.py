@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from dds_fast.config import SubnetConfig, WidthSpace
 
+from .data import to_device
 from .graphed import GraphedStep
 
 DISTILLATIONS = ("synergy", "inplace", "none")
@@ -141,6 +142,4 @@ class MaskedSandwich:
     def __call__(self, noisy: torch.Tensor, clean: torch.Tensor,
                  configs: list[SubnetConfig]) -> dict[str, torch.Tensor]:
         widths = torch.tensor([self.net.binding_widths(config) for config in configs], dtype=torch.int32)
-        if noisy.is_cuda:  # a pageable copy would wait for the work queued before it
-            widths = widths.pin_memory()
-        return self.step(noisy, clean, widths.to(noisy.device, non_blocking=True))
+        return self.step(noisy, clean, to_device(widths, noisy.device))
