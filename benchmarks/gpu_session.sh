@@ -5,7 +5,9 @@
 # step costs its slot, not the lease; results are packed into $OUT/results.tgz at the end.
 # Usage on the device machine, from the repository root (wheels in .whl/ are installed
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
-# benchmarks/gpu_session.sh [full|quick|train|verify]. verify (289 s on an H100 before its v14
+# benchmarks/gpu_session.sh [full|quick|train|verify|model]. model (one whole call): the
+# graph-captured training steps' tests, then the GPU model's training for the rest of the
+# call. verify (289 s on an H100 before its v14
 # to v16 steps, which add at most 195) reruns a quick run's tests with more time, sweeps the
 # v14-v16 candidates, times two configs' layers with and without tensor descriptors, profiles
 # the routed dynamic forward (packed and max-width buffers), counts the forward's instructions
@@ -56,6 +58,19 @@ source benchmarks/gpu_setup.sh
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } > "$R/device.txt" 2>&1
 cat "$R/device.txt"
+
+if [ "$MODE" = model ]; then
+  step "graph-captured training steps against eager ones (the training below replays them)"
+  timeout -k 10 -s INT 60 python3 -m pytest -q -p no:cacheprovider -rA tests/test_graphed.py > "$R/tests_graphed.txt" 2>&1
+  quiet_gpu
+  grep -E "PASSED|FAILED|passed|failed" "$R/tests_graphed.txt" | tail -4
+  step "the GPU model's training for the rest of the call"
+  DDS_SETUP_DONE=1 bash training/gpu_train.sh $((570 - SECONDS)) > "$R/train.txt" 2>&1
+  tail -20 "$R/train.txt"
+  step pack
+  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
+  exit 0
+fi
 
 if [ "$MODE" = train ]; then
   step "the fused gate head's kernels under the profiler"
