@@ -64,6 +64,13 @@ if [ "$MODE" = model ]; then
   timeout -k 10 -s INT 60 python3 -m pytest -q -p no:cacheprovider -rA tests/test_graphed.py > "$R/tests_graphed.txt" 2>&1
   quiet_gpu
   grep -E "PASSED|FAILED|passed|failed" "$R/tests_graphed.txt" | tail -4
+  if ! grep -q "PASSED.*test_gpu_graphed_sandwich_trains_as_the_eager_one\[torch\]" "$R/tests_graphed.txt"; then
+    # the graphed steps are not known to train as the eager ones here: train eagerly
+    python3 -c "import json; c = json.load(open('training/gpu.json')); c['graphs'] = False; \
+json.dump(c, open('$R/gpu-eager.json', 'w'))"
+    export GPU_CONFIG="$R/gpu-eager.json"
+    echo "graphed steps not confirmed on this GPU: training with graphs off ($GPU_CONFIG)"
+  fi
   step "the GPU model's training for the rest of the call"
   DDS_SETUP_DONE=1 bash training/gpu_train.sh $((570 - SECONDS)) > "$R/train.txt" 2>&1
   tail -20 "$R/train.txt"
