@@ -1,5 +1,6 @@
 """Masked widths (SlimNet.set_masked_widths) and CUDA-graph training steps (training/graphed.py)."""
 import json
+import math
 
 import pytest
 import torch
@@ -130,17 +131,20 @@ def batches(count, channels, size=12, n=2):
     return out
 
 
+@pytest.mark.parametrize("fixed_ends", [False, True])
 @pytest.mark.parametrize("distillation", ["synergy", "inplace", "none"])
-def test_masked_sandwich_matches_the_sandwich_step(distillation):
+def test_masked_sandwich_matches_the_sandwich_step(distillation, fixed_ends):
     """Off CUDA the masked sandwich runs eagerly: the same losses and gradients as
-    sandwich_step on the same configs, and the net left at the largest config."""
+    sandwich_step on the same configs, with every sub-network masked or the fixed ends at
+    their own widths, and the net left at the largest config."""
     net = nets()["SlimUNet"].double()
     noisy, clean = batches(1, 3)[0]
     configs = sandwich_configs(net.space, 4, torch.Generator().manual_seed(1))
     expected = sandwich_step(net, noisy, clean, configs, distillation)
     expected_grads = gradients(net)
     net.zero_grad(set_to_none=True)
-    masked = MaskedSandwich(net, distillation)
+    fixed = [configs[0], None, None, configs[-1]] if fixed_ends else None
+    masked = MaskedSandwich(net, distillation, fixed=fixed)
     got = masked(noisy, clean, configs)
     assert list(got) == list(expected)
     for name in expected:
@@ -149,6 +153,45 @@ def test_masked_sandwich_matches_the_sandwich_step(distillation):
     assert_same_gradients(expected_grads, gradients(net), atol=1e-12)
     assert net.get_config() == net.space.largest() and not net.masked
     assert masked.step.calls == 1 and not masked.step.captured  # no CUDA here: eager
+
+
+def test_masked_sandwich_refuses_a_config_other_than_its_fixed_one():
+    net = nets()["SlimDnCNN"]
+    space = net.space
+    masked = MaskedSandwich(net, fixed=[space.largest(), None, space.smallest()])
+    noisy, clean = batches(1, 1)[0]
+    noisy, clean = noisy.float(), clean.float()
+    other = narrow_config(net)
+    with pytest.raises(ValueError, match="sub-network 2 runs a fixed config"):
+        masked(noisy, clean, [space.largest(), other, other])
+    with pytest.raises(ValueError, match="2 configs for 3 sub-networks"):
+        masked(noisy, clean, [space.largest(), space.smallest()])
+    with pytest.raises(ValueError, match="n >= 2"):
+        MaskedSandwich(net, fixed=[space.largest()])
+    assert masked.step.calls == 0
+    masked(noisy, clean, [space.largest(), other, space.smallest()])  # a varying middle is masked
+    assert masked.step.calls == 1
+
+
+def test_refine_with_graphs_runs_every_route_at_its_own_widths(tmp_path, monkeypatch):
+    """A refine stage that trains every route at every step fixes all of them: no masks."""
+    from test_training import image_folder, tiny_run_config
+
+    from dds_fast.nets import SlimNet
+
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+    run = Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=2, graphs=True, refine_steps=2,
+                                                 sandwich=3, num_choices=3))
+    run.stage1()
+    run.stage2()
+    masked = []
+    set_masked_widths = SlimNet.set_masked_widths
+    monkeypatch.setattr(SlimNet, "set_masked_widths", lambda net, widths: masked.append(1) or
+                        set_masked_widths(net, widths))
+    refined = run.refine()
+    assert len(refined.routing_space) == 3 and masked == []
+    log = [json.loads(line) for line in (run.dir / "refine.log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(record["largest"]) for record in log)
 
 
 def test_graphed_step_checks_its_warmup():
@@ -178,7 +221,7 @@ def test_training_with_graphs_matches_training_without_on_cpu(tmp_path, monkeypa
         run.inets(indices=[0])
         logs[graphs] = [json.loads(line) for stage in ("stage1", "inet-0")
                         for line in (run.dir / f"{stage}.log.jsonl").read_text().splitlines()]
-    assert len(masked) == 3 * 4  # three steps of four sub-networks
+    assert len(masked) == 3 * 2  # three steps of two random sub-networks; the ends run their own widths
     assert len(logs[True]) == len(logs[False]) == 6
     for plain, graphed in zip(logs[False], logs[True]):
         assert plain.keys() == graphed.keys()
@@ -196,8 +239,9 @@ def test_graphs_is_a_training_option():
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gpu_graphed_sandwich_trains_as_the_eager_one(backend):
-    """Six SGD steps on a GPU: the masked sandwich, captured after its warm-up and replayed,
-    against sandwich_step eagerly from the same weights on the same batches and configs."""
+    """Six SGD steps on a GPU: the masked sandwich (its ends at their own widths, its middle
+    masked), captured after its warm-up and replayed, against sandwich_step eagerly from the
+    same weights on the same batches and configs."""
     results = {}
     for graphed in (False, True):
         torch.manual_seed(0)
@@ -207,7 +251,8 @@ def test_gpu_graphed_sandwich_trains_as_the_eager_one(backend):
         net.last.backend = backend
         # plain SGD: Adam's first steps follow the sign of near-zero gradients, rounding included
         optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9)
-        masked = MaskedSandwich(net, warmup=2) if graphed else None
+        ends = [net.space.largest(), None, None, net.space.smallest()]  # as stage 1 fixes them
+        masked = MaskedSandwich(net, warmup=2, fixed=ends) if graphed else None
         losses = []
         for step, (noisy, clean) in enumerate(batches(6, 3, size=16, n=2)):
             noisy, clean = noisy.float().cuda(), clean.float().cuda()

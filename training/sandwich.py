@@ -20,7 +20,7 @@ students against 28.5 dB without distillation.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,24 +116,39 @@ def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[S
 
 
 class MaskedSandwich:
-    """The sandwich step as a :class:`~training.graphed.GraphedStep`: each sub-network runs as
-    masked widths (``set_masked_widths``), read from a device table that every step fills,
-    so that one CUDA graph serves every step's configs. Same losses and gradients as
-    :func:`sandwich_step` (up to rounding) at the cost of running every sub-network at full
-    width. ``__call__(noisy, clean, configs)`` as ``sandwich_step``, but the losses are 0-d
-    device tensors (no host sync); leaves the net at the largest config (unmasked)."""
+    """The sandwich step as a :class:`~training.graphed.GraphedStep`, one CUDA graph for every
+    step: a sub-network whose config is the same at every step (``fixed``: the largest and the
+    smallest of stage 1, every route of a refine stage that trains them all) runs at its own
+    widths, as ``set_config`` runs it; the others run as masked widths (``set_masked_widths``)
+    read from a device table that each step fills, at the largest config's cost. Same losses
+    and gradients as :func:`sandwich_step` (up to rounding). ``fixed``: one entry per
+    sub-network, its config or None where it varies (default: all vary).
+    ``__call__(noisy, clean, configs)`` as ``sandwich_step``, but the losses are 0-d device
+    tensors (no host sync); a config that differs from its fixed one is a ValueError. Leaves
+    the net at the largest config (unmasked)."""
 
     def __init__(self, net, distillation: str = "synergy", loss_fn=F.l1_loss, autocast=contextlib.nullcontext,
-                 distillation_loss_fn=F.mse_loss, warmup: int = 3):
+                 distillation_loss_fn=F.mse_loss, warmup: int = 3,
+                 fixed: Sequence[SubnetConfig | None] | None = None):
         if distillation not in DISTILLATIONS:
             raise ValueError(f"unknown distillation {distillation!r}; choose one of {DISTILLATIONS}")
         self.net = net
+        self.fixed = None if fixed is None else [None if c is None else net.space.validate(c) for c in fixed]
+        if self.fixed is not None and len(self.fixed) < 2:
+            raise ValueError(f"the sandwich rule needs n >= 2 sub-networks per step, got {len(self.fixed)} fixed "
+                             f"entries")
+
+        def select(index, widths):
+            config = None if self.fixed is None else self.fixed[index]
+            if config is None:
+                net.set_masked_widths(widths[index])
+            else:
+                net.set_config(config)
 
         def losses(noisy, clean, widths):
             try:
-                return sandwich_losses(net, noisy, clean, widths.shape[0],
-                                       lambda index: net.set_masked_widths(widths[index]), distillation, loss_fn,
-                                       autocast, distillation_loss_fn)
+                return sandwich_losses(net, noisy, clean, widths.shape[0], lambda index: select(index, widths),
+                                       distillation, loss_fn, autocast, distillation_loss_fn)
             finally:
                 net.set_config(net.space.largest())
 
@@ -141,5 +156,12 @@ class MaskedSandwich:
 
     def __call__(self, noisy: torch.Tensor, clean: torch.Tensor,
                  configs: list[SubnetConfig]) -> dict[str, torch.Tensor]:
+        if self.fixed is not None:
+            if len(configs) != len(self.fixed):
+                raise ValueError(f"MaskedSandwich: {len(configs)} configs for {len(self.fixed)} sub-networks")
+            for index, (config, fixed) in enumerate(zip(configs, self.fixed)):
+                if fixed is not None and config != fixed:
+                    raise ValueError(f"MaskedSandwich: sub-network {index} runs a fixed config; got another one "
+                                     f"({config.to_dict()} for {fixed.to_dict()})")
         widths = torch.tensor([self.net.binding_widths(config) for config in configs], dtype=torch.int32)
         return self.step(noisy, clean, to_device(widths, noisy.device))

@@ -40,6 +40,12 @@ from .sandwich import (DISTILLATIONS, LOSSES, MaskedSandwich, reconstruction_los
 from .slimming import SLIM_CRITERIA, progressive_slimming, thin_routing_space, validation_psnr
 
 LR_SCHEDULES = ("cosine", "constant")
+
+
+def ends_fixed(largest, smallest, count: int) -> list:
+    """A sandwich of ``count`` sub-networks whose ends are always ``largest`` and ``smallest``
+    and whose middle varies (``MaskedSandwich``'s ``fixed``)."""
+    return [largest] + [None] * (count - 2) + [smallest]
 # Options that every stage's training depends on (its data; with clean images, their noise
 # and which are held out too), and the trained network's shape; see Run.loop_options
 DATA_OPTIONS = ("channels", "epoch_patches", "seed")
@@ -342,11 +348,13 @@ class Run:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def sandwich(self, net, distillation: str):
-        """``(noisy, clean, configs) -> losses``: one sandwich step's forwards and backwards,
-        as a CUDA-graph replay of masked widths with ``graphs``."""
+    def sandwich(self, net, distillation: str, fixed):
+        """``(noisy, clean, configs) -> losses``: one sandwich step's forwards and backwards;
+        with ``graphs``, a CUDA-graph replay in which the sub-networks whose config ``fixed``
+        gives run at their widths and the others as masked widths (``MaskedSandwich``)."""
         if self.config.graphs:
-            return MaskedSandwich(net, distillation, self.loss_fn, self.autocast, self.distillation_loss_fn)
+            return MaskedSandwich(net, distillation, self.loss_fn, self.autocast, self.distillation_loss_fn,
+                                  fixed=fixed)
         return lambda noisy, clean, configs: sandwich_step(net, noisy, clean, configs, distillation, self.loss_fn,
                                                            self.autocast, self.distillation_loss_fn)
 
@@ -392,7 +400,7 @@ class Run:
             net = self.prepare(AttentionSupernet(net, DynamicGate(net.stem_channels, c.num_choices)).to(self.device))
         optimizer = torch.optim.Adam(net.parameters(), lr=c.lr)
 
-        sandwich = self.sandwich(net, c.distillation)
+        sandwich = self.sandwich(net, c.distillation, ends_fixed(net.space.largest(), net.space.smallest(), c.sandwich))
 
         def step_fn(step, noisy, clean):
             return sandwich(noisy, clean, sandwich_configs(net.space, c.sandwich, step_generator(c.seed, step)))
@@ -466,7 +474,13 @@ class Run:
         for p in net.parameters():
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(net.parameters(), lr=c.refine_lr)
-        sandwich = self.sandwich(net, c.refine_distillation or c.distillation)
+        if random_configs:
+            fixed = ends_fixed(net.space.largest(), net.space.smallest(), c.sandwich)
+        elif len(routing_space) <= c.sandwich:  # every route at every step, in the same order
+            fixed = routing_sandwich_configs(routing_space, c.sandwich, torch.Generator())
+        else:
+            fixed = ends_fixed(routing_space[-1].config, routing_space[0].config, c.sandwich)
+        sandwich = self.sandwich(net, c.refine_distillation or c.distillation, fixed)
 
         def step_fn(step, noisy, clean):
             generator = step_generator(c.seed, step)
