@@ -1,6 +1,7 @@
 """Masked widths (SlimNet.set_masked_widths) and CUDA-graph training steps (training/graphed.py)."""
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -180,8 +181,9 @@ def test_refine_with_graphs_runs_every_route_at_its_own_widths(tmp_path, monkeyp
     from dds_fast.nets import SlimNet
 
     folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
-    run = Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=2, graphs=True, refine_steps=2,
-                                                 sandwich=3, num_choices=3))
+    with pytest.warns(UserWarning, match="no CUDA graphs"):
+        run = Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=2, graphs=True, refine_steps=2,
+                                                     sandwich=3, num_choices=3))
     run.stage1()
     run.stage2()
     masked = []
@@ -215,7 +217,10 @@ def test_training_with_graphs_matches_training_without_on_cpu(tmp_path, monkeypa
     logs = {}
     for graphs in (False, True):
         assert len(masked) == 0
-        run = Run(tmp_path / f"graphs-{graphs}", tiny_run_config(images=str(folder), steps=3, graphs=graphs))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run = Run(tmp_path / f"graphs-{graphs}", tiny_run_config(images=str(folder), steps=3, graphs=graphs))
+        assert any("no CUDA graphs on cpu" in str(w.message) for w in caught) == graphs
         run.stage1()
         run.stage2()
         run.inets(indices=[0])

@@ -256,6 +256,9 @@ class Run:
         self.dir = Path(run_dir)
         self.config = c = config
         self.device = config.resolved_device()
+        if config.graphs and self.device.type != "cuda":
+            warnings.warn(f"graphs: there are no CUDA graphs on {self.device.type}; the sandwich's varying "
+                          f"sub-networks run as masked widths, eagerly, which costs more than without graphs")
         self.noise = make_noise(config.noise, **config.noise_args)
         self.loss_fn = reconstruction_loss(config.loss)
         self.distillation_loss_fn = reconstruction_loss(config.distillation_loss)
