@@ -276,6 +276,40 @@ def test_gpu_graphed_sandwich_trains_as_the_eager_one(backend):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.skipif(not CUDA, reason="device synchronisation needs a GPU")
+def test_gpu_graphed_step_and_next_batch_queue_without_host_syncs():
+    """What the loop does between reading one step's losses and the next: draw a batch (crops
+    on the host, the camera/AWGN mix on the device) and replay a captured sandwich, with no
+    host synchronisation (CUDA's sync debug mode raises on one), so the host's data work
+    overlaps the GPU's step."""
+    from dds_fast.training.data import NoisyPatches, bundled_images
+    from dds_fast.training.noise import make_noise
+
+    torch.manual_seed(0)
+    net = SlimUNet(3, base_width=8, depth=3).cuda().to(memory_format=torch.channels_last)
+    images = list(bundled_images(["astronaut", "coffee"], channels=3).values())
+    data = NoisyPatches(images, make_noise("mix", models=[{"name": "camera"}, {"name": "awgn", "sigma": [5, 50]}]),
+                        patch_size=32, length=64)
+    ends = [net.space.largest(), None, None, net.space.smallest()]
+    masked = MaskedSandwich(net, warmup=1, fixed=ends)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+    for step in range(3):  # a warm-up, the capture, a replay
+        noisy, clean = data.batch(4 * step, 4, "cuda")
+        configs = sandwich_configs(net.space, 4, torch.Generator().manual_seed(step))
+        optimizer.zero_grad(set_to_none=True)
+        masked(noisy, clean, configs)
+        optimizer.step()
+    assert masked.step.captured
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        noisy, clean = data.batch(12, 4, "cuda")
+        losses = masked(noisy, clean, sandwich_configs(net.space, 4, torch.Generator().manual_seed(3)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert masked.step.replays == 2 and all(torch.isfinite(v) for v in losses.values())
+
+
 def test_the_loop_reads_tensor_losses_after_it_draws_the_next_batch(tmp_path, monkeypatch):
     """The order the loop's docstring promises, observed where the losses are read (the events
     of batches and steps alone are the same whether the next batch is drawn before or after)."""

@@ -220,6 +220,17 @@ _RGB2XYZ = torch.tensor(
 )
 _GAMMA = 2.2
 _EPS = 1e-8  # keeps pow() away from 0, where its gradient is infinite
+# Constants on the devices and dtypes that use them: a copy from the host's pageable memory
+# at each batch would wait for all the work queued on a GPU (a replayed training step).
+_ON_DEVICE: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a host constant) on ``like``'s device in ``like``'s dtype, copied once."""
+    key = (name, like.device, like.dtype)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = value.to(like.device, like.dtype)
+    return _ON_DEVICE[key]
 
 
 @dataclass
@@ -263,11 +274,13 @@ def sample_camera_params(n: int, channels: int, generator: torch.Generator | Non
     blue_gain = _uniform(n, 1.5, 1.9, generator, like)
     # A random convex combination of the four XYZ->camera matrices gives a plausible camera
     # that is none of the four; rows are normalised so that white stays white (sum 1).
-    weights = _uniform(4 * n, 1e-8, 1e8, generator, like).double().view(n, 4, 1, 1).cpu()
-    xyz2cam = (weights * _XYZ2CAMS).sum(1) / weights.sum(1)
-    rgb2cam = xyz2cam @ _RGB2XYZ
+    # in float64 where the draws are (no round trip through the host, which would wait for a
+    # GPU's queued work); inv_ex: inv's check of the result is a device sync too
+    weights = _uniform(4 * n, 1e-8, 1e8, generator, like).double().view(n, 4, 1, 1)
+    xyz2cam = (weights * _constant("xyz2cams", _XYZ2CAMS, weights)).sum(1) / weights.sum(1)
+    rgb2cam = xyz2cam @ _constant("rgb2xyz", _RGB2XYZ, weights)
     rgb2cam = rgb2cam / rgb2cam.sum(-1, keepdim=True)
-    cam2rgb = torch.linalg.inv(rgb2cam)
+    cam2rgb = torch.linalg.inv_ex(rgb2cam).inverse
     cast = dict(dtype=like.dtype, device=like.device)
     return CameraParams(rgb2cam.to(**cast), cam2rgb.to(**cast), rgb_gain, red_gain, blue_gain)
 
@@ -300,6 +313,11 @@ def mosaic(images: torch.Tensor) -> torch.Tensor:
     return (images * masks).sum(1, keepdim=True)
 
 
+_BILINEAR_RB = [[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]
+_BILINEAR_G = [[0.0, 1.0, 0.0], [1.0, 4.0, 1.0], [0.0, 1.0, 0.0]]
+_DEMOSAIC_KERNELS = torch.tensor([_BILINEAR_RB, _BILINEAR_G, _BILINEAR_RB]).unsqueeze(1)
+
+
 def demosaic(raw: torch.Tensor) -> torch.Tensor:
     """Bilinear demosaicking of an RGGB mosaic [N, 1, H, W] -> [N, 3, H, W].
 
@@ -309,9 +327,7 @@ def demosaic(raw: torch.Tensor) -> torch.Tensor:
     """
     n, _, h, w = raw.shape
     masks = _bayer_masks(h, w, raw).unsqueeze(0)  # [1, 3, H, W]
-    rb = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=raw.dtype, device=raw.device)
-    g = torch.tensor([[0.0, 1.0, 0.0], [1.0, 4.0, 1.0], [0.0, 1.0, 0.0]], dtype=raw.dtype, device=raw.device)
-    kernels = torch.stack([rb, g, rb]).unsqueeze(1)  # [3, 1, 3, 3], depthwise
+    kernels = _constant("demosaic", _DEMOSAIC_KERNELS, raw)  # [3, 1, 3, 3], depthwise
     values = F.conv2d(raw * masks, kernels, padding=1, groups=3)
     weights = F.conv2d(masks.expand(1, 3, h, w), kernels, padding=1, groups=3)
     return values / weights
@@ -414,13 +430,23 @@ class MixedNoise(NoiseModel):
         self.weights = [float(w) for w in weights]
 
     def _pair(self, clean, generator):
-        probs = torch.tensor(self.weights, dtype=torch.float64, device=_device(generator, clean))
-        picks = torch.multinomial(probs, clean.shape[0], replacement=True, generator=generator).tolist()
+        probs = torch.tensor(self.weights, dtype=torch.float64)
+        if _device(generator, clean).type == "cpu":
+            picks = torch.multinomial(probs, clean.shape[0], replacement=True, generator=generator).tolist()
+        else:
+            # picks drawn on a GPU and read back would wait for all its queued work (a replayed
+            # training step): they come from a host generator seeded as the device one was
+            host = None if generator is None else torch.Generator().manual_seed(generator.initial_seed())
+            picks = torch.multinomial(probs, clean.shape[0], replacement=True, generator=host).tolist()
         noisy, target = torch.empty_like(clean), torch.empty_like(clean)
         for index, model in enumerate(self.models):
-            rows = [row for row, pick in enumerate(picks) if pick == index]
-            if rows:
-                noisy[rows], target[rows] = model._pair(clean[rows], generator)
+            rows = torch.tensor([row for row, pick in enumerate(picks) if pick == index], dtype=torch.long)
+            if len(rows):
+                if clean.is_cuda:  # (indices from pageable memory would wait too)
+                    rows = rows.pin_memory().to(clean.device, non_blocking=True)
+                model_noisy, model_target = model._pair(clean.index_select(0, rows), generator)
+                noisy.index_copy_(0, rows, model_noisy)
+                target.index_copy_(0, rows, model_target)
         return noisy, target
 
     def __repr__(self):
