@@ -161,7 +161,8 @@ def main(out_path: str, only: Optional[set] = None) -> None:
                     widths_seen = (cmax, cmax) if per_image else (width, width)
                     chosen = K._tiles(DTYPE, size * size, *widths_seen, True)
                     if tiles == TMA:  # its own tiles (pixels as BH x BW), if the plan took it at all
-                        tma = [p.tma for p in K._INFERENCE_PLANS.values() if p.tma is not None]
+                        launches = [p.launch for p in K._INFERENCE_PLANS.values() if p.launch is not None]
+                        tma = [launch.tma for launch in launches if launch.tma is not None]
                         keys = ("BH", "BW", "BLOCK_N", "BLOCK_K", "num_warps")
                         chosen = [tma[0].launch.meta[key] for key in keys] if tma else None
                         name += "" if tma else " (not taken: the gather ran)"

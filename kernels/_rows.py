@@ -5,11 +5,13 @@ partial sums per program; a single program summing tens of thousands of such row
 milliseconds. ``fold_rows`` sums consecutive blocks of rows in parallel, in a fixed order,
 until few are left for the consumer.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, launch, next_pow2
+from ._launch import CachedLaunch, cdiv, next_pow2
 
 ROWS_PER_PROGRAM = 64
 
@@ -42,13 +44,23 @@ def fold_rows(part: torch.Tensor, limit: int = 2 * ROWS_PER_PROGRAM,
     if limit < 1 or rows_per_program < 2:
         raise ValueError(f"fold_rows: need limit >= 1 and rows_per_program >= 2, got {limit} and {rows_per_program}")
     part = part.contiguous()
-    n, _, c = part.shape
-    block_c = min(next_pow2(c), 256)
-    block_t = min(next_pow2(rows_per_program), max(1, 8192 // block_c))
-    while part.shape[1] > limit:
-        rows = part.shape[1]
-        folded = torch.empty((n, cdiv(rows, rows_per_program), c), device=part.device, dtype=torch.float32)
-        launch(_sum_rows_kernel, (folded.shape[1], n, cdiv(c, block_c)), (part, folded), (rows, rows_per_program, c),
-               BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
+    for fold, shape in fold_plan(*part.shape, limit, rows_per_program):
+        folded = torch.empty(shape, device=part.device, dtype=torch.float32)
+        fold(part, folded)
         part = folded
     return part
+
+
+@functools.lru_cache(maxsize=1024)
+def fold_plan(n: int, rows: int, c: int, limit: int, rows_per_program: int) -> tuple[tuple[CachedLaunch, tuple], ...]:
+    """``fold_rows``' launches for a contiguous ``[n, rows, c]``, each with the shape it writes
+    (planned once per shape: the host work per call is what bounds small training steps)."""
+    block_c = min(next_pow2(c), 256)
+    block_t = min(next_pow2(rows_per_program), max(1, 8192 // block_c))
+    plan = []
+    while rows > limit:
+        folded = cdiv(rows, rows_per_program)
+        plan.append((CachedLaunch(_sum_rows_kernel, (folded, n, cdiv(c, block_c)), (rows, rows_per_program, c),
+                                  dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4), num_tensors=2), (n, folded, c)))
+        rows = folded
+    return tuple(plan)

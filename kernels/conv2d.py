@@ -22,6 +22,7 @@ narrow layer never copies its slice. Activations are NCHW tensors in any memory 
 autograd, a fake implementation for ``torch.compile`` and a FLOP formula).
 """
 import functools
+import math
 import numbers
 from typing import List, NamedTuple, Optional, Sequence
 
@@ -35,9 +36,9 @@ except ImportError:  # a Triton without host-side tensor descriptors: no TMA_FOR
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils.flop_counter import register_flop_formula
 
-from ._launch import (INTERPRET, MAX_BATCH, CachedDescriptorLaunch, CachedLaunch, cdiv, launch, next_pow2,
+from ._launch import (INTERPRET, MAX_BATCH, CachedDescriptorLaunch, CachedLaunch, cdiv, next_pow2,
                       num_sms)
-from ._rows import fold_rows
+from ._rows import fold_plan, fold_rows
 
 ACTIVATIONS = (None, "relu", "leaky_relu")
 _ACT_NAMES = {"none": 0, "relu": 1, "leaky_relu": 2}
@@ -818,27 +819,40 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start
 
 
 def _grad_input(dz, weight, x, start, stride, padding, cout):
-    n, cin, h, w = x.shape
-    k = weight.shape[-1]
-    ho, wo = dz.shape[2], dz.shape[3]
     dx = _empty_channels_last(x.shape, x)
+    for launch_phase in _grad_input_plan(_meta(dz), _meta(weight), _meta(dx), start, stride, padding, cout,
+                                         _aligned_pointers(dz, weight)):
+        launch_phase(dz, weight, dx)
+    return dx
+
+
+# The backward's launch plans are computed once per signature (the tensors' _meta keys, the
+# options and the pointers' alignment), as the forward's are: planning every call took about
+# half of a small layer's backward host time. clear_plans() forgets them.
+@functools.lru_cache(maxsize=1024)
+def _grad_input_plan(dz_meta, w_meta, dx_meta, start, stride, padding, cout, aligned) -> tuple[CachedLaunch, ...]:
+    """The launches of ``_bwd_input_kernel``, one per sub-pixel phase."""
+    (n, cin, h, w), dx_strides, dtype, _ = dx_meta
+    (_, _, ho, wo), dz_strides = dz_meta[0], dz_meta[1]
+    w_shape, w_strides = w_meta[0], w_meta[1]
+    k = w_shape[-1]
     c_align = _alignment(cout, cin, start)
-    x_align = _alignment(*_batch_and_pixel_strides(dz.stride(), dx.stride()))
-    w_align = _alignment(*_pixel_strides_of_weight(weight.stride()))
-    fast = _aligned_pointers(dz, weight) and _fast_layout((dz.stride(1), dx.stride(1), weight.stride(1)), c_align,
-                                                          x_align, w_align)
-    bm, bn, bk, warps = _tiles(x.dtype, h * w, cin, cout, fast)
+    x_align = _alignment(*_batch_and_pixel_strides(dz_strides, dx_strides))
+    w_align = _alignment(*_pixel_strides_of_weight(w_strides))
+    fast = aligned and _fast_layout((dz_strides[1], dx_strides[1], w_strides[1]), c_align, x_align, w_align)
+    bm, bn, bk, warps = _tiles(dtype, h * w, cin, cout, fast)
     # One launch per sub-pixel phase; the phases tile the input exactly, so every pixel is written.
+    launches = []
     for ih0 in range(min(stride, h)):
         for iw0 in range(min(stride, w)):
             hp, wp = cdiv(h - ih0, stride), cdiv(w - iw0, stride)
-            grid = (cdiv(hp * wp, bm), cdiv(cin, bn), n)
-            launch(_bwd_input_kernel, grid, (dz, weight, dx),
-                   (h, w, ho, wo, hp, wp, cout, cin, start, *dz.stride(), *weight.stride(), *dx.stride()),
-                   KSIZE=k, STRIDE=stride, PAD=padding, IH0=ih0, IW0=iw0, DOT_F32=_dot_f32(x.dtype),
-                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, C_ALIGN=c_align, X_ALIGN=x_align,
-                   W_ALIGN=w_align)
-    return dx
+            launches.append(CachedLaunch(
+                _bwd_input_kernel, (cdiv(hp * wp, bm), cdiv(cin, bn), n),
+                (h, w, ho, wo, hp, wp, cout, cin, start, *dz_strides, *w_strides, *dx_strides),
+                dict(KSIZE=k, STRIDE=stride, PAD=padding, IH0=ih0, IW0=iw0, DOT_F32=_dot_f32(dtype), BLOCK_M=bm,
+                     BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, C_ALIGN=c_align, X_ALIGN=x_align, W_ALIGN=w_align),
+                num_tensors=3))
+    return tuple(launches)
 
 
 def _reduce_into(ws, out, rows, cout, cin, start, k, zero_rest):
@@ -851,10 +865,15 @@ def _reduce_into(ws, out, rows, cout, cin, start, k, zero_rest):
         ws = fold_rows(ws.view(1, rows, k * k * cout * cin), limit=FOLD_LIMIT)[0]
     else:  # an empty batch: no rows to sum, but the kernel takes a live fp32 pointer
         ws = torch.empty(1, 1, dtype=torch.float32, device=out.device)[:0]
+    _reduce_launch(ws.shape[0], cout, cin, start, k, zero_rest, out.shape, out.stride())(ws, out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _reduce_launch(rows, cout, cin, start, k, zero_rest, out_shape, out_strides) -> CachedLaunch:
     block = 1024
-    launch(_reduce_kernel, (cdiv(out.numel(), block),), (ws, out),
-           (ws.shape[0], cout, cin, start, out.shape[0], out.shape[1], *out.stride()), KSIZE=k,
-           ZERO_REST=zero_rest, BLOCK=block)
+    return CachedLaunch(_reduce_kernel, (cdiv(math.prod(out_shape), block),),
+                        (rows, cout, cin, start, out_shape[0], out_shape[1], *out_strides),
+                        dict(KSIZE=k, ZERO_REST=zero_rest, BLOCK=block), num_tensors=2)
 
 
 def _grad_weight_tiles(dtype: torch.dtype, cout: int, cin: int) -> tuple[int, int, int, int]:
@@ -873,32 +892,59 @@ def _grad_weight_tiles(dtype: torch.dtype, cout: int, cin: int) -> tuple[int, in
 def _grad_weight_into(dw, dz, x, start, stride, padding, cout, zero_rest):
     """The active block of ``dw`` from one input ``x`` (channels from ``start``); with
     ``zero_rest``, every other entry zero."""
-    n, cin, h, w = x.shape
     k = dw.shape[-1]
-    ho, wo = dz.shape[2], dz.shape[3]
-    npix = n * ho * wo
-    if npix == 0:  # an empty batch: no partial sums, a zero gradient
-        _reduce_into(None, dw, 0, cout, cin, start, k, zero_rest)
+    plan = _grad_weight_plan(_meta(dz), _meta(x), k, cout, stride, padding, _aligned_pointers(dz, x),
+                             GRAD_WEIGHT_ROW_TAPS, GRAD_WEIGHT_WARPS)
+    if plan is None:  # an empty batch: no partial sums, a zero gradient
+        _reduce_into(None, dw, 0, cout, x.shape[1], start, k, zero_rest)
         return
-    bco, bci, bp, warps = _grad_weight_tiles(x.dtype, cout, cin)
+    workspace, launch_weight = plan
+    ws = torch.empty(workspace, dtype=torch.float32, device=dz.device)
+    launch_weight(dz, x, ws)
+    _reduce_into(ws, dw, workspace[0], cout, x.shape[1], start, k, zero_rest)
+
+
+@functools.lru_cache(maxsize=1024)
+def _grad_weight_plan(dz_meta, x_meta, k, cout, stride, padding, aligned, row_taps_allowed, warps_beyond_16):
+    """(the fp32 workspace's shape, the launch of ``_bwd_weight_kernel``), or None for an empty
+    batch. ``row_taps_allowed`` and ``warps_beyond_16``: GRAD_WEIGHT_ROW_TAPS and
+    GRAD_WEIGHT_WARPS as they were (part of the key, so a sweep that sets them gets new plans)."""
+    (n, cin, h, w), x_strides, dtype, device = x_meta
+    (_, _, ho, wo), dz_strides = dz_meta[0], dz_meta[1]
+    npix = n * ho * wo
+    if npix == 0:
+        return None
+    bco, bci, bp, warps = _grad_weight_tiles(dtype, cout, cin)
     c_align = _alignment(cout, cin)
-    x_align = _alignment(*_batch_and_pixel_strides(dz.stride(), x.stride()))
+    x_align = _alignment(*_batch_and_pixel_strides(dz_strides, x_strides))
     # a row's taps per program take more registers: the fast layout's only (they spill elsewhere)
-    row_taps = k == 3 and GRAD_WEIGHT_ROW_TAPS and _aligned_pointers(dz, x) and _fast_layout(
-        (dz.stride(1), x.stride(1)), c_align, x_align)
+    row_taps = k == 3 and row_taps_allowed and aligned and _fast_layout((dz_strides[1], x_strides[1]), c_align,
+                                                                        x_align)
     # small chunks under the interpreter, so that tiny test shapes still exercise the split
-    target = 18 if INTERPRET else 4 * num_sms(dz.device.index)
+    target = 18 if INTERPRET else 4 * num_sms(device.index)
     tiles = cdiv(cout, bco) * cdiv(cin, bci) * (k if row_taps else k * k)
     # Split the pixel reduction so that about `target` programs run, in whole BLOCK_P steps.
     splits = max(1, min(cdiv(target, tiles), cdiv(npix, bp)))
     chunk = cdiv(cdiv(npix, splits), bp) * bp
     splits = cdiv(npix, chunk)
-    ws = torch.empty((splits, k * k, cout, cin), dtype=torch.float32, device=dz.device)
-    launch(_bwd_weight_kernel, (cdiv(cout, bco), cdiv(cin, bci) * (k if row_taps else k * k), splits), (dz, x, ws),
-           (h, w, ho, wo, npix, chunk, cout, cin, *dz.stride(), *x.stride()),
-           KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(x.dtype), ROW_TAPS=row_taps,
-           BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp, num_warps=warps, C_ALIGN=c_align, X_ALIGN=x_align)
-    _reduce_into(ws, dw, splits, cout, cin, start, k, zero_rest)
+    return (splits, k * k, cout, cin), CachedLaunch(
+        _bwd_weight_kernel, (cdiv(cout, bco), cdiv(cin, bci) * (k if row_taps else k * k), splits),
+        (h, w, ho, wo, npix, chunk, cout, cin, *dz_strides, *x_strides),
+        dict(KSIZE=k, STRIDE=stride, PAD=padding, DOT_F32=_dot_f32(dtype), ROW_TAPS=row_taps, BLOCK_CO=bco,
+             BLOCK_CI=bci, BLOCK_P=bp, num_warps=warps, C_ALIGN=c_align, X_ALIGN=x_align), num_tensors=3)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dz_plan(gy_meta, y_meta, dz_strides, cout_max, act, negative_slope, store_dz, bias_sums):
+    """(rows of the bias gradient's partial sums, the launch of ``_bwd_dz_kernel``)."""
+    (n, o, ho, wo), gy_strides = gy_meta[0], gy_meta[1]
+    bm = _pow2(ho * wo, 16, 1024) if INTERPRET else 64
+    bn = _pow2(cout_max, 16, 64)
+    grid = (cdiv(ho * wo, bm), cdiv(o, bn), n)
+    return n * grid[0], CachedLaunch(
+        _bwd_dz_kernel, grid, (ho, wo, o, *gy_strides, *y_meta[1], *dz_strides, negative_slope),
+        dict(ACT=act, STORE_DZ=store_dz, BIAS_SUMS=bias_sums, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+             ALIGN=_alignment(o, *_batch_and_pixel_strides(gy_strides, y_meta[1], dz_strides))), num_tensors=4)
 
 
 def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, activation, negative_slope,
@@ -917,21 +963,17 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
     dz = grad_y
     db = empty()
     if store_dz or bias_sums:
-        bm = _pow2(ho * wo, 16, 1024) if INTERPRET else 64
-        bn = _pow2(weight.shape[0], 16, 64)
-        grid = (cdiv(ho * wo, bm), cdiv(o, bn), n)
         if store_dz:
             dz = _empty_channels_last(grad_y.shape, grad_y)
-        # Unused pointers get a live tensor: an empty one may have no valid device address.
-        bias_ws = torch.empty((n * grid[0], o), dtype=torch.float32, device=grad_y.device) if bias_sums else grad_y
         y_ = grad_y if y is None else y
-        launch(_bwd_dz_kernel, grid, (grad_y, y_, dz, bias_ws),
-               (ho, wo, o, *grad_y.stride(), *y_.stride(), *dz.stride(), float(negative_slope)),
-               ACT=act, STORE_DZ=store_dz, BIAS_SUMS=bias_sums, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
-               ALIGN=_alignment(o, *_batch_and_pixel_strides(grad_y.stride(), y_.stride(), dz.stride())))
+        bias_rows, launch_dz = _dz_plan(_meta(grad_y), _meta(y_), dz.stride(), weight.shape[0], act,
+                                        float(negative_slope), store_dz, bias_sums)
+        # Unused pointers get a live tensor: an empty one may have no valid device address.
+        bias_ws = torch.empty((bias_rows, o), dtype=torch.float32, device=grad_y.device) if bias_sums else grad_y
+        launch_dz(grad_y, y_, dz, bias_ws)
         if bias_sums:
             db = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
-            _reduce_into(bias_ws, db.view(-1, 1, 1, 1), n * grid[0], o, 1, 0, 1, zero_rest=True)
+            _reduce_into(bias_ws, db.view(-1, 1, 1, 1), bias_rows, o, 1, 0, 1, zero_rest=True)
     dx0 = _grad_input(dz, weight, x0, start0, stride, padding, o) if need_x0 else empty()
     dx1 = _grad_input(dz, weight, x1, start1, stride, padding, o) if need_x1 else empty()
     dw = empty()
@@ -1283,12 +1325,21 @@ def _remember(seen: dict, key, value=None, limit: int = 1024):
         seen[key] = value
 
 
-_INFERENCE_PLANS: dict = {}  # _inference_key -> the plan of a checked call outside autograd
+class _KnownCall(NamedTuple):
+    """What a repeated eager call of ``slim_conv2d`` needs: the launch plan (inference; None
+    until an inference call made it) and the normalised options that ``_EagerSlimConv2d``
+    takes (training)."""
+    launch: Optional[_ForwardPlan]
+    options: tuple
+
+
+_INFERENCE_PLANS: dict = {}  # _inference_key -> the _KnownCall of a checked eager call
 
 
 def clear_plans() -> None:
     """Forget every cached launch plan (for code that changes what the plans are made of)."""
-    _forward_plan.cache_clear()
+    for plan in (_forward_plan, _dz_plan, _grad_input_plan, _grad_weight_plan, _reduce_launch, fold_plan):
+        plan.cache_clear()
     _INFERENCE_PLANS.clear()
 
 
@@ -1405,9 +1456,13 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
             plan = _INFERENCE_PLANS.get(key)
         except TypeError:  # an unhashable option (a list of segment starts)
             key = plan = None
-        if plan is not None and _eager_path(*inputs, weight, bias, residual) == "inference":
-            return _launch_forward(plan, inputs[0], inputs[1] if len(inputs) == 2 else None, weight, bias,
-                                   residual, None)
+        if plan is not None:
+            path = _eager_path(*inputs, weight, bias, residual)
+            x1 = inputs[1] if len(inputs) == 2 else None
+            if path == "inference" and plan.launch is not None:
+                return _launch_forward(plan.launch, inputs[0], x1, weight, bias, residual, None)
+            if path == "training":  # the arguments were checked and normalised once already
+                return _EagerSlimConv2d.apply(inputs[0], x1, weight, bias, residual, None, *plan.options)
     four_d = isinstance(weight, torch.Tensor) and weight.dim() == 4  # else the checks below report the weight
     k = weight.shape[-1] if four_d else 0
     if out_channels is None:
@@ -1447,8 +1502,10 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
         plan = _forward_plan(*signature[:6], *options, channel_sums=bool(channel_sums),
                              aligned_pointers=_aligned_pointers(*inputs, weight, bias, residual, widths),
                              tile_widths=tile_widths, packed=packed)
-        _remember(_INFERENCE_PLANS, key, plan)
+        _remember(_INFERENCE_PLANS, key, _KnownCall(plan, options))
         return _launch_forward(plan, inputs[0], x1, weight, bias, residual, widths)
+    if path == "training" and key not in _INFERENCE_PLANS:  # (an inference call's entry serves both)
+        _remember(_INFERENCE_PLANS, key, _KnownCall(None, options))
     call = _EagerSlimConv2d.apply if path == "training" else torch.ops.dds_fast.slim_conv2d
     y = call(inputs[0], x1, weight, bias, residual, widths, *options)
     return (y, None) if channel_sums else y

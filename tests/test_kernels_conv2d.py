@@ -816,6 +816,32 @@ def test_checks_and_launch_plan_are_cached_per_signature():
     assert trained.grad_fn is not None and torch.equal(trained.detach(), first)
 
 
+def test_repeated_training_calls_are_normalised_once_and_train_alike(monkeypatch):
+    """An eager training call whose signature was seen goes straight to the autograd function
+    with the options normalised the first time; the forward and every gradient are those of
+    the first call, and an inference call of the same signature later plans its launch."""
+    case = make_case(12, widths=(16,), o=16, bias=True)
+    K.clear_plans()
+    normalised = []
+    checked_signature = K._checked_signature
+    monkeypatch.setattr(K, "_checked_signature", lambda *a: normalised.append(1) or checked_signature(*a))
+    results = []
+    for _ in range(3):
+        leaves = [case["inputs"][0].detach().requires_grad_(), case["weight"].detach().requires_grad_(),
+                  case["bias"].detach().requires_grad_()]
+        y = run(dict(case, inputs=leaves[:1], weight=leaves[1], bias=leaves[2]), "leaky_relu", 0.2)
+        y.square().sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves])
+    assert len(normalised) == 1
+    for again in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], again))
+    assert rel_err(results[0][0], reference(case, "leaky_relu", 0.2)) < TOL[torch.float32]
+    with torch.no_grad():
+        assert torch.equal(run(case, "leaky_relu", 0.2), results[0][0])
+    assert len(normalised) == 2  # the inference call planned its launch
+    K.clear_plans()
+
+
 @pytest.mark.parametrize("dtype,stride,two", [(torch.float32, 1, False), (torch.float16, 2, True)])
 def test_channel_sums_are_the_outputs_sums_per_pixel_block(dtype, stride, two):
     """45x47 output pixels: more than one pixel block of the launch, even in the interpreter."""
