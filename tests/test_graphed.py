@@ -303,7 +303,9 @@ def test_gpu_graphed_step_and_next_batch_queue_without_host_syncs():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        noisy, clean = data.batch(12, 4, "cuda")
+        # several batches: the mixture's picks differ between them, so both of its models run
+        for start in range(12, 64, 4):
+            noisy, clean = data.batch(start, 4, "cuda")
         losses = masked(noisy, clean, sandwich_configs(net.space, 4, torch.Generator().manual_seed(3)))
     finally:
         torch.cuda.set_sync_debug_mode("default")

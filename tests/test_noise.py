@@ -298,3 +298,116 @@ def test_camera_target_is_the_clean_image_through_the_same_isp():
     assert (target - clean).abs().max() > 0.05  # demosaicking and clipping change the image
     quiet_noisy, quiet_target = CameraNoise(shot_noise=1e-9).pair(clean, gen(5))
     torch.testing.assert_close(quiet_noisy, quiet_target, atol=1e-3, rtol=0)
+
+
+class _Label(GaussianNoise):
+    """A stand-in model: each of its images is ``value``; it moves its generator on as a draw would."""
+
+    def __init__(self, value):
+        super().__init__(0)
+        self.value = value
+
+    def _apply(self, clean, generator):
+        torch.rand(1, generator=getattr(generator, "host", generator))
+        return torch.full_like(clean, self.value)
+
+
+class _DeviceGenerator:
+    """Stands in for a CUDA generator (there is none here) where MixedNoise reads one: its device,
+    seeds and state, the state moved on by each draw."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, seed):
+        self.host = torch.Generator().manual_seed(seed)
+
+    def initial_seed(self):
+        return self.host.initial_seed()
+
+    def get_state(self):
+        return self.host.get_state()
+
+
+def test_mixture_on_a_device_generator_picks_anew_as_the_generator_moves_on():
+    """A device generator's picks come from a host generator (no sync): seeded from the device
+    generator's state, so that a reused generator gives each batch new picks (as a CPU one does)
+    and the same state the same picks, unrelated to the draws of a host generator of its seed."""
+    mix = MixedNoise([_Label(0.0), _Label(1.0)])
+    clean = torch.zeros(64, 1, 2, 2)
+    device_generator = _DeviceGenerator(11)
+    first, second = (mix(clean, device_generator)[:, 0, 0, 0] for _ in range(2))
+    assert not torch.equal(first, second)  # (the same 64 picks again: 2**-64)
+    assert torch.equal(mix(clean, _DeviceGenerator(11))[:, 0, 0, 0], first)
+    host_picks = torch.multinomial(torch.tensor(mix.weights, dtype=torch.float64), 64, replacement=True,
+                                   generator=gen(11)).float()
+    assert not torch.equal(first, host_picks)
+    cpu_generator = gen(11)  # a CPU generator's picks, as before: its own first draws
+    cpu_first, cpu_second = (mix(clean, cpu_generator)[:, 0, 0, 0] for _ in range(2))
+    assert torch.equal(cpu_first, host_picks) and not torch.equal(cpu_first, cpu_second)
+
+
+def test_constants_first_copied_under_inference_mode_still_train(monkeypatch):
+    """The camera pipeline's constants are copied to a dtype and device once; a copy made under
+    inference_mode must not be an inference tensor, which a later backward could not save."""
+    from dds_fast.training import noise
+
+    monkeypatch.setattr(noise, "_ON_DEVICE", {})
+    raw = torch.rand(1, 1, 6, 6, dtype=torch.float64, generator=gen(12))
+    with torch.inference_mode():
+        expected = demosaic(raw)
+    leaf = raw.clone().requires_grad_()
+    out = demosaic(leaf)
+    out.sum().backward()
+    assert torch.equal(out.detach(), expected) and leaf.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_mixture_with_one_generator_picks_anew_each_call():
+    mix = MixedNoise([GaussianNoise(0), GaussianNoise(50)])
+    clean = torch.rand(64, 1, 8, 8, device="cuda")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    first, second = ((mix(clean, generator) != clean).flatten(1).any(1) for _ in range(2))
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name,kwargs", [
+    ("awgn", {"sigma": 25}), ("awgn", {"sigma": [5, 50]}), ("poisson_gaussian", {}), ("camera", {}),
+    ("mix", {"models": [{"name": "camera"}, {"name": "awgn", "sigma": [5, 50]}, {"name": "poisson_gaussian"}]})])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_gpu_batches_queue_without_host_syncs(name, kwargs, channels):
+    """Every model's batch on a GPU (the camera pipeline included, which the graphed step's test
+    may not pick) queues its work without a host synchronisation (sync debug mode raises on one),
+    once the constants are on the device."""
+    from dds_fast.training.data import NoisyPatches
+
+    images = list(bundled_images(["astronaut", "coffee"], channels=channels).values())
+    data = NoisyPatches(images, make_noise(name, **kwargs), patch_size=32, length=64)
+    CameraNoise()(torch.rand(2, channels, 8, 8, device="cuda"))  # the constants' one copy
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for start in (0, 8, 16):
+            noisy, clean = data.batch(start, 8, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert noisy.shape == clean.shape == (8, channels, 32, 32) and bool(torch.isfinite(noisy).all())
+
+
+def test_mixture_indexes_images_on_any_device():
+    """The rows of each model's images go to the images' device (index_copy_ takes no host
+    indices there): on the meta device here, standing in for an accelerator other than CUDA."""
+    clean = torch.empty(6, 3, 8, 8, device="meta")
+    noisy, target = MixedNoise([GaussianNoise(5), GaussianNoise((5, 50))]).pair(clean)
+    assert noisy.device.type == target.device.type == "meta" and noisy.shape == clean.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_camera_noise_in_half_precision_is_finite(dtype):
+    """The colour-matrix weights range up to 1e8, past fp16's largest value: they are drawn
+    in fp32 whatever the images' dtype (fp16 images came out all NaN)."""
+    clean = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    noisy, target = make_noise("camera").pair(clean, torch.Generator().manual_seed(0))
+    assert noisy.dtype == target.dtype == dtype
+    assert torch.isfinite(noisy).all() and torch.isfinite(target).all()
+    assert (noisy.float() - target.float()).abs().mean() > 1e-3  # noise was added

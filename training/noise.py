@@ -18,6 +18,7 @@ Models (``make_noise(name, **kw)`` builds them by name):
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -229,7 +230,10 @@ def _constant(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     """``value`` (a host constant) on ``like``'s device in ``like``'s dtype, copied once."""
     key = (name, like.device, like.dtype)
     if key not in _ON_DEVICE:
-        _ON_DEVICE[key] = value.to(like.device, like.dtype)
+        # a normal tensor even when first asked for under inference_mode: an inference tensor
+        # could not be saved for a later backward (demosaic's kernels, by conv2d)
+        with torch.inference_mode(False):
+            _ON_DEVICE[key] = value.to(like.device, like.dtype)
     return _ON_DEVICE[key]
 
 
@@ -276,7 +280,9 @@ def sample_camera_params(n: int, channels: int, generator: torch.Generator | Non
     # that is none of the four; rows are normalised so that white stays white (sum 1).
     # in float64 where the draws are (no round trip through the host, which would wait for a
     # GPU's queued work); inv_ex: inv's check of the result is a device sync too
-    weights = _uniform(4 * n, 1e-8, 1e8, generator, like).double().view(n, 4, 1, 1)
+    # (drawn in at least fp32: 1e8 overflows fp16)
+    wide = torch.empty((), dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
+    weights = _uniform(4 * n, 1e-8, 1e8, generator, wide).double().view(n, 4, 1, 1)
     xyz2cam = (weights * _constant("xyz2cams", _XYZ2CAMS, weights)).sum(1) / weights.sum(1)
     rgb2cam = xyz2cam @ _constant("rgb2xyz", _RGB2XYZ, weights)
     rgb2cam = rgb2cam / rgb2cam.sum(-1, keepdim=True)
@@ -435,15 +441,16 @@ class MixedNoise(NoiseModel):
             picks = torch.multinomial(probs, clean.shape[0], replacement=True, generator=generator).tolist()
         else:
             # picks drawn on a GPU and read back would wait for all its queued work (a replayed
-            # training step): they come from a host generator seeded as the device one was
-            host = None if generator is None else torch.Generator().manual_seed(generator.initial_seed())
+            # training step): they come from a host generator seeded from the device one's state
+            host = None if generator is None else torch.Generator().manual_seed(_host_seed(generator))
             picks = torch.multinomial(probs, clean.shape[0], replacement=True, generator=host).tolist()
         noisy, target = torch.empty_like(clean), torch.empty_like(clean)
         for index, model in enumerate(self.models):
             rows = torch.tensor([row for row, pick in enumerate(picks) if pick == index], dtype=torch.long)
             if len(rows):
-                if clean.is_cuda:  # (indices from pageable memory would wait too)
-                    rows = rows.pin_memory().to(clean.device, non_blocking=True)
+                if clean.device.type != "cpu":  # index_copy_ takes indices on its own device
+                    # (on a GPU, from pinned memory: from pageable memory they would wait too)
+                    rows = (rows.pin_memory() if clean.is_cuda else rows).to(clean.device, non_blocking=True)
                 model_noisy, model_target = model._pair(clean.index_select(0, rows), generator)
                 noisy.index_copy_(0, rows, model_noisy)
                 target.index_copy_(0, rows, model_target)
@@ -451,6 +458,15 @@ class MixedNoise(NoiseModel):
 
     def __repr__(self):
         return f"MixedNoise({self.models}, weights={self.weights})"
+
+
+def _host_seed(generator: torch.Generator) -> int:
+    """A seed for host draws from a device generator's state (a CUDA generator's seed and
+    Philox offset, kept on the host: reading them does not sync). Its current state, not its
+    initial seed: a generator that has drawn since gets other picks, as a CPU one would; and
+    hashed, so that a host generator given the same seed elsewhere draws other numbers."""
+    digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def _model_from_dict(spec) -> NoiseModel:
