@@ -36,6 +36,18 @@ def gradients(net):
     return [None if p.grad is None else p.grad.clone() for p in net.parameters()]
 
 
+def at_a_narrow_config(net, x):
+    """(a narrow config, the output at it through set_config, every parameter's gradient of
+    the output's sum of squares); the gradients are then cleared."""
+    config = narrow_config(net)
+    net.set_config(config)
+    expected = net(x)
+    expected.square().sum().backward()
+    expected_grads = gradients(net)
+    net.zero_grad(set_to_none=True)
+    return config, expected, expected_grads
+
+
 def assert_same_gradients(expected, got, atol):
     assert len(expected) == len(got)
     for index, (a, b) in enumerate(zip(expected, got)):
@@ -50,13 +62,7 @@ def test_masked_widths_compute_the_config_and_its_gradients(name):
     the unused channels of every layer's output are exactly zero."""
     net = nets()[name].double()
     x = torch.rand(2, net.in_channels, 12, 10, dtype=torch.float64)  # 10: padded to the U-Net's multiple
-    config = narrow_config(net)
-    net.set_config(config)
-    expected = net(x)
-    expected.square().sum().backward()
-    expected_grads = gradients(net)
-    net.zero_grad(set_to_none=True)
-
+    config, expected, expected_grads = at_a_narrow_config(net, x)
     widths = torch.tensor(net.binding_widths(config))
     net.set_masked_widths(widths)
     assert net.masked and net.get_config() == net.space.largest()
@@ -312,29 +318,6 @@ def test_gpu_graphed_step_and_next_batch_queue_without_host_syncs():
     assert masked.step.replays == 2 and all(torch.isfinite(v) for v in losses.values())
 
 
-def test_the_loop_reads_tensor_losses_after_it_draws_the_next_batch(tmp_path, monkeypatch):
-    """The order the loop's docstring promises, observed where the losses are read (the events
-    of batches and steps alone are the same whether the next batch is drawn before or after)."""
-    import dds_fast.training.loop as loop_module
-    from test_training import make_loop
-
-    loop, _ = make_loop(tmp_path, steps=3)
-    events = []
-    batch, inner = loop.batch, loop.step_fn
-    loop.batch = lambda step: events.append(("batch", step)) or batch(step)
-
-    def step_fn(step, noisy, clean):
-        events.append(("step", step))
-        return {name: torch.tensor(value) for name, value in inner(step, noisy, clean).items()}
-
-    loop.step_fn = step_fn
-    as_floats = loop_module._as_floats
-    monkeypatch.setattr(loop_module, "_as_floats", lambda losses: events.append(("read",)) or as_floats(losses))
-    loop.run()
-    assert events == [("batch", 0), ("step", 0), ("batch", 1), ("read",), ("step", 1), ("batch", 2), ("read",),
-                      ("step", 2), ("read",)]
-
-
 class _OnCuda(torch.Tensor):
     """A CPU tensor that says it is on CUDA: GraphedStep's control flow without a GPU."""
 
@@ -426,12 +409,7 @@ def test_masked_widths_on_the_triton_kernels_compute_the_config_and_its_gradient
         if isinstance(module, SlimConv2d):
             module.backend = "triton"
     x = torch.rand(2, 3, 12, 10).to(memory_format=torch.channels_last)
-    config = narrow_config(net)
-    net.set_config(config)
-    expected = net(x)
-    expected.square().sum().backward()
-    expected_grads = gradients(net)
-    net.zero_grad(set_to_none=True)
+    config, expected, expected_grads = at_a_narrow_config(net, x)
     net.set_masked_widths(torch.tensor(net.binding_widths(config)))
     got = net(x)
     got.square().sum().backward()

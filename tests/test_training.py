@@ -253,10 +253,13 @@ def test_progress_bar_and_log_show_the_psnr(tmp_path, capsys):
     assert all(0 < record["psnr"] < 100 for record in log)
 
 
-def test_losses_returned_as_tensors_are_read_after_the_next_batch_is_drawn(tmp_path):
+def test_losses_returned_as_tensors_are_read_after_the_next_batch_is_drawn(tmp_path, monkeypatch):
     """A step function may return its losses as device tensors (a replayed CUDA graph's): the
-    loop logs them as floats, and a NaN among them still stops the run before the optimizer
-    step (the order of the reads: test_graphed.py)."""
+    loop draws the next batch before it reads them (observed where they are read: the batches
+    and steps alone come in the same order either way), logs them as floats, and a NaN among
+    them still stops the run before the optimizer step."""
+    import dds_fast.training.loop as loop_module
+
     loop, net = make_loop(tmp_path, steps=3, nan_at=2)
     events = []
     batch, inner = loop.batch, loop.step_fn
@@ -267,9 +270,12 @@ def test_losses_returned_as_tensors_are_read_after_the_next_batch_is_drawn(tmp_p
         return {name: torch.tensor(value) for name, value in inner(step, noisy, clean).items()}
 
     loop.step_fn = step_fn
+    as_floats = loop_module._as_floats
+    monkeypatch.setattr(loop_module, "_as_floats", lambda losses: events.append(("read",)) or as_floats(losses))
     with pytest.raises(TrainingDiverged, match="step 2"):
         loop.run()
-    assert events == [("batch", 0), ("step", 0), ("batch", 1), ("step", 1), ("batch", 2), ("step", 2)]
+    assert events == [("batch", 0), ("step", 0), ("batch", 1), ("read",), ("step", 1), ("batch", 2), ("read",),
+                      ("step", 2), ("read",)]
     log = [json.loads(line) for line in (tmp_path / "stage1.log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log] == [0, 1]
     assert all(isinstance(record["largest"], float) and 0 < record["psnr"] < 100 for record in log)
