@@ -9,7 +9,7 @@ from _timing import CUDA, DEVICE, TIMER, describe
 
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimUNet, export_static, macs_per_pixel
 from dds_fast.runner import capture_cuda_graph, default_configs
-from dds_fast.training.sandwich import MaskedSandwich, sandwich_configs, sandwich_step
+from dds_fast.training.sandwich import MaskedSandwich, ends_fixed, sandwich_configs, sandwich_step
 
 pytestmark = pytest.mark.benchmark(timer=TIMER, warmup=True, warmup_iterations=3)
 
@@ -157,7 +157,7 @@ def test_stage1_training_step(benchmark, backend, mode):
 
     kwargs = {"autocast": autocast} if autocast else {}
     # the ends at their own widths, the random middle masked, as stage 1 trains with graphs
-    masked = MaskedSandwich(net, fixed=[ends["largest"], None, None, ends["smallest"]], **kwargs) \
+    masked = MaskedSandwich(net, fixed=ends_fixed(ends["largest"], ends["smallest"], 4), **kwargs) \
         if mode == "graphed" else None
 
     def step():

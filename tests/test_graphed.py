@@ -11,7 +11,7 @@ import dds_fast
 from dds_fast import DynamicGate, SlimDnCNN, SlimUNet, export_static
 from dds_fast.ddsnet import AttentionSupernet
 from dds_fast.training.graphed import GraphedStep
-from dds_fast.training.sandwich import MaskedSandwich, sandwich_configs, sandwich_step
+from dds_fast.training.sandwich import MaskedSandwich, ends_fixed, sandwich_configs, sandwich_step
 from dds_fast.training.stages import Run, TrainConfig
 
 CUDA = torch.cuda.is_available()
@@ -262,7 +262,7 @@ def test_gpu_graphed_sandwich_trains_as_the_eager_one(backend):
         net.last.backend = backend
         # plain SGD: Adam's first steps follow the sign of near-zero gradients, rounding included
         optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9)
-        ends = [net.space.largest(), None, None, net.space.smallest()]  # as stage 1 fixes them
+        ends = ends_fixed(net.space.largest(), net.space.smallest(), 4)  # as stage 1 fixes them
         masked = MaskedSandwich(net, warmup=2, fixed=ends) if graphed else None
         losses = []
         for step, (noisy, clean) in enumerate(batches(6, 3, size=16, n=2)):
@@ -296,8 +296,7 @@ def test_gpu_graphed_step_and_next_batch_queue_without_host_syncs():
     images = list(bundled_images(["astronaut", "coffee"], channels=3).values())
     data = NoisyPatches(images, make_noise("mix", models=[{"name": "camera"}, {"name": "awgn", "sigma": [5, 50]}]),
                         patch_size=32, length=64)
-    ends = [net.space.largest(), None, None, net.space.smallest()]
-    masked = MaskedSandwich(net, warmup=1, fixed=ends)
+    masked = MaskedSandwich(net, warmup=1, fixed=ends_fixed(net.space.largest(), net.space.smallest(), 4))
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
     for step in range(3):  # a warm-up, the capture, a replay
         noisy, clean = data.batch(4 * step, 4, "cuda")

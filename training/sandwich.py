@@ -56,6 +56,12 @@ def sandwich_configs(space: WidthSpace, n: int, generator: torch.Generator) -> l
     return [space.largest()] + [space.sample(generator) for _ in range(n - 2)] + [space.smallest()]
 
 
+def ends_fixed(largest: SubnetConfig, smallest: SubnetConfig, n: int) -> list[SubnetConfig | None]:
+    """``MaskedSandwich``'s ``fixed`` for a sandwich of ``n`` sub-networks whose ends are always
+    ``largest`` and ``smallest`` and whose middle varies."""
+    return [largest] + [None] * (n - 2) + [smallest]
+
+
 def routing_sandwich_configs(routing_space, n: int, generator: torch.Generator) -> list[SubnetConfig]:
     """The sandwich over a routing space (entries in ascending MACs): its dearest config,
     ``n - 2`` of the others drawn without replacement (all of them when fewer), its cheapest."""

@@ -35,17 +35,11 @@ from .gate_stage import gate_step, one_sided_labels
 from .graphed import GraphedStep
 from .loop import LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_generator
 from .noise import make_noise
-from .sandwich import (DISTILLATIONS, LOSSES, MaskedSandwich, reconstruction_loss, routing_sandwich_configs,
-                       sandwich_configs, sandwich_step, training_psnr)
+from .sandwich import (DISTILLATIONS, LOSSES, MaskedSandwich, ends_fixed, reconstruction_loss,
+                       routing_sandwich_configs, sandwich_configs, sandwich_step, training_psnr)
 from .slimming import SLIM_CRITERIA, progressive_slimming, thin_routing_space, validation_psnr
 
 LR_SCHEDULES = ("cosine", "constant")
-
-
-def ends_fixed(largest, smallest, count: int) -> list:
-    """A sandwich of ``count`` sub-networks whose ends are always ``largest`` and ``smallest``
-    and whose middle varies (``MaskedSandwich``'s ``fixed``)."""
-    return [largest] + [None] * (count - 2) + [smallest]
 # Options that every stage's training depends on (its data; with clean images, their noise
 # and which are held out too), and the trained network's shape; see Run.loop_options
 DATA_OPTIONS = ("channels", "epoch_patches", "seed")
@@ -112,8 +106,9 @@ class TrainConfig:
     device: str = "auto"
     backend: str = "auto"  # of every SlimConv2d: auto (Triton on CUDA), torch (cuDNN) or triton
     # Stage 1, refine and the I-Nets replay each step's forward and backward as one CUDA graph
-    # (training/graphed.py), the sandwich's sub-networks as masked widths: far fewer host
-    # launches, every sub-network at full width. Off CUDA the same masked steps run eagerly.
+    # (training/graphed.py): far fewer host launches; the sandwich's sub-networks whose config
+    # varies from step to step run as masked widths, at full width. Off CUDA the same masked
+    # steps run eagerly.
     graphs: bool = False
     progress: bool = True
 
