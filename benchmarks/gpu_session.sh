@@ -44,9 +44,11 @@ quiet_gpu() {
     sleep 2
   fi
 }
-# verify's steps: a time limit cut to what is left of the call's 575 s, or the step skipped
+# verify's steps: a time limit cut to what is left of the call's BUDGET seconds (575 unless
+# set: a second call on a warm machine may have less), or the step skipped
+BUDGET=${BUDGET:-575}
 capped() {
-  local limit=$1 left=$((575 - SECONDS)); shift
+  local limit=$1 left=$((BUDGET - SECONDS)); shift
   if [ "$left" -le 15 ]; then echo "skipped, no time left: $*"; return 0; fi
   [ "$left" -lt "$limit" ] && limit=$left
   timeout -k 10 -s INT "$limit" "$@"
