@@ -1,8 +1,10 @@
 """Train a model within a time budget (one device call), resuming where the last call stopped.
 
 The first call times a probe of stage-1 steps of ``--config`` and sizes the schedule to the budget:
-stage-1 steps S, refine S/2 steps, the I-Nets 1.5 S steps each (as many as the routes get
-from stage 1 and refine: a comparison of equally trained networks) and the gate's steps as
+stage-1 steps S, refine S steps (every route at every step: the middle routes, which stage 1
+samples rarely, trailed their I-Nets until refine ran long; the CPU model took 12,000 refine
+steps after 7,000 of stage 1), the I-Nets 2 S steps each (as many as the routes get from
+stage 1 and refine: a comparison of equally trained networks) and the gate's steps as
 configured. With ``graphs`` in the config, the probe times replayed steps (after their
 warm-up), and the eager steps' costs are counted in seconds. That plan is written to ``RUN_DIR/config.json``
 before any training, and a later call (a fresh machine, the run directory carried back)
@@ -38,6 +40,7 @@ GATE_STEP_COST = 2.6
 # their cost in stage-1 steps; the gate's steps stay eager, at the seconds measured above.
 GATE_STEP_SECONDS = 0.108
 FIXED_SECONDS = 60  # stage 2's validation passes (about 20 s there), starts, the last checkpoints
+REFINE_PER_STAGE1_STEP = 1.0
 
 
 def train(stage: str, run_dir: Path, config: Path, *extra: str) -> None:
@@ -63,10 +66,11 @@ def plan(options: dict, step_seconds: float, budget: float) -> dict:
     graphs = options.get("graphs", False)
     gate_steps = options.get("gate_steps", 1000)
     gate_seconds = gate_steps * (GATE_STEP_SECONDS if graphs else GATE_STEP_COST * step_seconds)
-    steps = int((budget - FIXED_SECONDS - gate_seconds) / step_seconds / (1.5 + 1.5 * INETS_STEP_COST))
+    rounds = 1 + REFINE_PER_STAGE1_STEP  # stage 1's steps and refine's, each costing a stage-1 step at most
+    steps = int((budget - FIXED_SECONDS - gate_seconds) / step_seconds / (rounds + rounds * INETS_STEP_COST))
     if steps < 1000:  # fewer would not make a model worth shipping
         raise SystemExit(f"a stage-1 step takes {step_seconds:.3f} s: {budget:.0f} s leave only {steps} steps")
-    refine_steps = steps // 2
+    refine_steps = int(steps * REFINE_PER_STAGE1_STEP)
     return {**options, "steps": steps, "inet_steps": steps + refine_steps, "refine_steps": refine_steps}
 
 
