@@ -63,18 +63,25 @@ source benchmarks/gpu_setup.sh
 } > "$R/device.txt" 2>&1
 cat "$R/device.txt"
 
-if [ "$MODE" = model ]; then
+# The graphed training steps' GPU tests; unless the torch backend's passed, the training that
+# follows runs with graphs off (GPU_CONFIG: training/gpu.json with "graphs": false).
+graphed_or_eager() {
   step "graph-captured training steps against eager ones (the training below replays them)"
-  timeout -k 10 -s INT 60 python3 -m pytest -q -p no:cacheprovider -rA tests/test_graphed.py > "$R/tests_graphed.txt" 2>&1
+  # -v: each result is printed as it comes, so a step stopped at its limit keeps those before
+  timeout -k 10 -s INT 90 python3 -m pytest -v -p no:cacheprovider tests/test_graphed.py -k gpu \
+    > "$R/tests_graphed.txt" 2>&1
   quiet_gpu
-  grep -E "PASSED|FAILED|passed|failed" "$R/tests_graphed.txt" | tail -4
-  if ! grep -q "PASSED.*test_gpu_graphed_sandwich_trains_as_the_eager_one\[torch\]" "$R/tests_graphed.txt"; then
-    # the graphed steps are not known to train as the eager ones here: train eagerly
+  grep -E "PASSED|FAILED|ERROR|passed|failed" "$R/tests_graphed.txt" | tail -6
+  if ! grep -q "test_gpu_graphed_sandwich_trains_as_the_eager_one\[torch\] PASSED" "$R/tests_graphed.txt"; then
     python3 -c "import json; c = json.load(open('training/gpu.json')); c['graphs'] = False; \
 json.dump(c, open('$R/gpu-eager.json', 'w'))"
     export GPU_CONFIG="$R/gpu-eager.json"
     echo "graphed steps not confirmed on this GPU: training with graphs off ($GPU_CONFIG)"
   fi
+}
+
+if [ "$MODE" = model ]; then
+  graphed_or_eager
   step "the GPU model's training for the rest of the call"
   DDS_SETUP_DONE=1 bash training/gpu_train.sh $((570 - SECONDS)) > "$R/train.txt" 2>&1
   tail -20 "$R/train.txt"
@@ -95,10 +102,7 @@ if [ "$MODE" = train ]; then
   timeout -k 15 -s INT 60 python3 benchmarks/network_layers.py --config smallest --config "uniform 0.75" --config largest \
     "$R/network_layers.json" > "$R/network_layers.txt" 2>&1
   grep "sum of layers" "$R/network_layers.txt"
-  step "graph-captured training steps against eager ones (the training below replays them)"
-  timeout -k 10 -s INT 60 python3 -m pytest -q -p no:cacheprovider -rA tests/test_graphed.py > "$R/tests_graphed.txt" 2>&1
-  quiet_gpu
-  grep -E "PASSED|FAILED|passed|failed" "$R/tests_graphed.txt" | tail -4
+  graphed_or_eager
   # the training times a probe of itself to size its schedule: nothing else may run beside it
   step "training, leaving 110 s for the kernel tests"
   DDS_SETUP_DONE=1 bash training/gpu_train.sh $((575 - 110 - SECONDS)) > "$R/train.txt" 2>&1
