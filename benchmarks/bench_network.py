@@ -9,6 +9,7 @@ from _timing import CUDA, DEVICE, TIMER, describe
 
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimUNet, export_static, macs_per_pixel
 from dds_fast.runner import capture_cuda_graph, default_configs
+from dds_fast.training.loop import as_floats
 from dds_fast.training.sandwich import MaskedSandwich, ends_fixed, sandwich_configs, sandwich_step
 
 pytestmark = pytest.mark.benchmark(timer=TIMER, warmup=True, warmup_iterations=3)
@@ -166,8 +167,7 @@ def test_stage1_training_step(benchmark, backend, mode):
         if masked is None:
             losses = sandwich_step(net, noisy, clean, configs, **kwargs)
         else:  # read as the training loop reads them: one transfer
-            losses = masked(noisy, clean, configs)
-            losses = dict(zip(losses, torch.stack(list(losses.values())).tolist()))
+            losses = as_floats(masked(noisy, clean, configs))
         optimizer.step()
         return losses
 

@@ -270,8 +270,8 @@ def test_losses_returned_as_tensors_are_read_after_the_next_batch_is_drawn(tmp_p
         return {name: torch.tensor(value) for name, value in inner(step, noisy, clean).items()}
 
     loop.step_fn = step_fn
-    as_floats = loop_module._as_floats
-    monkeypatch.setattr(loop_module, "_as_floats", lambda losses: events.append(("read",)) or as_floats(losses))
+    as_floats = loop_module.as_floats
+    monkeypatch.setattr(loop_module, "as_floats", lambda losses: events.append(("read",)) or as_floats(losses))
     with pytest.raises(TrainingDiverged, match="step 2"):
         loop.run()
     assert events == [("batch", 0), ("step", 0), ("batch", 1), ("read",), ("step", 1), ("batch", 2), ("read",),

@@ -254,7 +254,7 @@ class TrainLoop:
                 losses = self.step_fn(step, noisy, clean)
                 # drawn while the step's queued work runs (the batches do not depend on the weights)
                 following = self.batch(step + 1) if step + 1 < total else None
-                losses, largest_gradient = self._reduce(_as_floats(losses))
+                losses, largest_gradient = self._reduce(as_floats(losses))
                 bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
                 if not math.isfinite(largest_gradient):
                     bad["largest |gradient|"] = largest_gradient
@@ -305,8 +305,8 @@ class TrainLoop:
             return int(f.metadata()["step"])
 
 
-def _as_floats(losses: dict) -> dict[str, float]:
-    """A step's losses as floats: its tensors read in one transfer."""
+def as_floats(losses: dict) -> dict[str, float]:
+    """A step's losses as floats: its tensors read in one transfer (one host sync)."""
     tensors = [name for name, value in losses.items() if torch.is_tensor(value)]
     if not tensors:
         return losses

@@ -29,6 +29,7 @@ from dds_fast.config import SubnetConfig, WidthSpace
 
 from .data import to_device
 from .graphed import GraphedStep
+from .loop import as_floats
 
 DISTILLATIONS = ("synergy", "inplace", "none")
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
@@ -117,8 +118,7 @@ def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[S
     losses = sandwich_losses(net, noisy, clean, len(configs), lambda index: net.set_config(configs[index]),
                              distillation, loss_fn, autocast, distillation_loss_fn)
     net.set_config(configs[0])
-    # one host sync per step, after every sub-network's kernels are queued
-    return dict(zip(losses, torch.stack(list(losses.values())).tolist()))
+    return as_floats(losses)  # after every sub-network's kernels are queued
 
 
 class MaskedSandwich:
