@@ -8,6 +8,7 @@ import torch
 from _timing import CUDA, DEVICE, TIMER, describe
 
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimUNet, export_static, macs_per_pixel
+from dds_fast.ddsnet import conditional_graph_nodes
 from dds_fast.runner import capture_cuda_graph, default_configs
 from dds_fast.training.loop import as_floats
 from dds_fast.training.sandwich import MaskedSandwich, ends_fixed, sandwich_configs, sandwich_step
@@ -102,10 +103,11 @@ def test_ddsnet_dynamic_mixed_batch(benchmark, backend):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("mode", ["one graph", "a graph per config"])
+@pytest.mark.parametrize("mode", ["one graph", "one graph, a conditional node per route", "a graph per config"])
 def test_ddsnet_dynamic_cuda_graphs(benchmark, mode):
-    """One CUDA graph for the whole dynamic forward (per-image widths on the Triton kernels),
-    against what static sub-networks need: the gate's graph, a host sync to read its choices,
+    """One CUDA graph for the whole dynamic forward (per-image widths on the Triton kernels;
+    with a conditional node per route too, which a mixed batch skips: their cost), against
+    what static sub-networks need: the gate's graph, a host sync to read its choices,
     then one graph per config (cuDNN on contiguous narrow weights) that gathers its part of
     the batch, runs it and scatters the result back. In that baseline's favour: each config's
     rows are found once, at capture (a nonzero has a data-dependent size, so no graph can hold
@@ -114,8 +116,11 @@ def test_ddsnet_dynamic_cuda_graphs(benchmark, mode):
     forward's) leave out."""
     model, x, choice = dynamic_model("triton")
     with torch.no_grad():
-        if mode == "one graph":
+        if mode.startswith("one graph"):
+            if mode != "one graph" and not conditional_graph_nodes():
+                pytest.skip("this torch captures no conditional graph nodes")
             model.per_image = True
+            model.route_branches = mode != "one graph"
             run = capture_cuda_graph(lambda: model(x, choice=choice), DEVICE)
         else:
             out = torch.empty_like(x)
@@ -133,7 +138,7 @@ def test_ddsnet_dynamic_cuda_graphs(benchmark, mode):
                 for index in torch.unique(choice).tolist():  # the host needs the choices
                     graphs[index]()
     benchmark.group = f"DDSNet dynamic in CUDA graphs, batch {DYNAMIC_BATCH}"
-    describe_mix(benchmark, model, choice, mode=mode, backend="triton" if mode == "one graph" else "cudnn")
+    describe_mix(benchmark, model, choice, mode=mode, backend="triton" if mode.startswith("one graph") else "cudnn")
     benchmark(run)
 
 

@@ -58,8 +58,8 @@ step install
 source benchmarks/gpu_setup.sh
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,temperature.gpu,power.draw --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  # (a lead for routing without per-image kernels: torch.cond as CUDA-graph conditional nodes, NOTES v17)
-  python3 -c "import torch; print('CUDA-graph conditional nodes in torch:', hasattr(torch.cuda.CUDAGraph, 'begin_capture_to_if_node'))"
+  # DDSNet.route_branches needs these (NOTES v19)
+  python3 -c "from dds_fast.ddsnet import conditional_graph_nodes as c; print('CUDA-graph conditional nodes in torch:', c())"
 } > "$R/device.txt" 2>&1
 cat "$R/device.txt"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import RoutingEntry, SubnetConfig
-from .ddsnet import PER_IMAGE_TILES, DDSNet
+from .ddsnet import PER_IMAGE_TILES, DDSNet, conditional_graph_nodes
 from .export import StaticConv2d
 from .gate import DynamicGate
 from .nets import SlimNet, SlimUNet
@@ -202,7 +202,10 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
       the gate and the routing add, the full-width stem the gate reads included;
       ``routed_largest_ms`` the same for the gate's dearest route (``largest_ms``); each also
       ``*_narrow_tiles_ms``, with the per-image launches' tiles sized for each layer's
-      narrowest route (``DDSNet.per_image_tiles``) instead of its widest.
+      narrowest route (``DDSNet.per_image_tiles``) instead of its widest, and, when the runner
+      replays CUDA graphs and torch captures conditional nodes, ``*_branches_ms``: the graph
+      routing through a conditional node per route (``DDSNet.route_branches``), which runs
+      the chosen route's static launches alone.
     """
     net = getattr(runner.model, "supernet", runner.model)
     configured = sorted(network.configured(), key=lambda r: r.macs_per_pixel)
@@ -216,17 +219,21 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
     previous = net.get_config()
     stem = net.stem_conv
 
-    def routed_ms(index: int, tiles: str) -> float:
-        """The dynamic forward with every image sent to route ``index``."""
+    def routed_ms(index: int, policy: str) -> float:
+        """The dynamic forward with every image sent to route ``index``: per-image launches on
+        the tiles of ``policy``, or the graph's conditional ``branches``."""
         rig_gate(gate, index)
-        routed.per_image_tiles = tiles
+        routed.route_branches = policy == "branches"
+        routed.per_image_tiles = PER_IMAGE_TILES[0] if routed.route_branches else policy
         return runner.time_fn(lambda: routed(runner.inputs), runner.cuda_graph).median_ms
 
     try:
         # off CUDA the batch is grouped by route, with no per-image launches to size tiles for
         policies = PER_IMAGE_TILES if runner.device.type == "cuda" else PER_IMAGE_TILES[:1]
-        routed_times = {(index, tiles): routed_ms(index, tiles) for index in (0, len(routes) - 1)
-                        for tiles in policies}
+        if runner.cuda_graph and conditional_graph_nodes():
+            policies += ("branches",)
+        routed_times = {(index, policy): routed_ms(index, policy) for index in (0, len(routes) - 1)
+                        for policy in policies}
         net.set_config(net.space.largest())  # the gate reads the full-width stem
         stem.emit_channel_sums = True
         with torch.no_grad():
@@ -254,6 +261,8 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
                 routed_smallest_narrow_tiles_ms=routed_times.get((0, "narrowest")),
                 routed_largest_ms=routed_times[len(routes) - 1, "widest"],
                 routed_largest_narrow_tiles_ms=routed_times.get((len(routes) - 1, "narrowest")),
+                routed_smallest_branches_ms=routed_times.get((0, "branches")),
+                routed_largest_branches_ms=routed_times.get((len(routes) - 1, "branches")),
                 largest=routes[-1].label, largest_ms=routes[-1].timing.median_ms)
 
 
@@ -311,6 +320,10 @@ def target_rows(layers: list[dict], networks: list[Report], element_bytes: int, 
                                         gate["routed_smallest_narrow_tiles_ms"],
                                         f"routed to {gate['largest']}: {gate['routed_largest_narrow_tiles_ms']:.4f} ms, "
                                         f"{gate['routed_largest_ms']:.4f} with the widest route's tiles, "
+                                        f"{gate['largest_ms']:.4f} alone"))
+            if gate.get("routed_smallest_branches_ms") is not None:
+                rows.append(routing_row(", a conditional graph node per route", gate["routed_smallest_branches_ms"],
+                                        f"routed to {gate['largest']}: {gate['routed_largest_branches_ms']:.4f} ms, "
                                         f"{gate['largest_ms']:.4f} alone"))
             if gate["backend"] == "triton" and batch == 1 and gate.get("fused_in_graph_ms"):
                 rows.append(dict(target=f"gate head at batch 1, per call in a graph of {GATE_CALLS_PER_GRAPH}: fused "
@@ -389,6 +402,12 @@ def gate_markdown(gates: list[dict]) -> str:
                 f"{g['routed_largest_narrow_tiles_ms']:.4f} ms routed to {g['largest']} (widest route's tiles "
                 f"{g['routed_largest_ms']:.4f} ms, {g['largest_ms']:.4f} ms alone)")
 
+    def branches(g: dict) -> str:
+        if g.get("routed_smallest_branches_ms") is None:
+            return ""
+        return (f"; through a conditional graph node per route, {g['routed_smallest_branches_ms']:.4f} ms routed to "
+                f"{g['smallest']} and {g['routed_largest_branches_ms']:.4f} ms routed to {g['largest']}")
+
     def in_graph(g: dict) -> str:
         if g.get("fused_in_graph_ms") is None:
             return ""
@@ -400,7 +419,8 @@ def gate_markdown(gates: list[dict]) -> str:
         f"{'on' if g['attention'] else 'off'}): the head {g['fused_ms']:.4f} ms on {g['backend']}"
         f"{' (reading the stem epilogue' + chr(39) + 's channel sums)' if g['reads_stem_sums'] else ''}, "
         f"{g['eager_ms']:.4f} ms eager{in_graph(g)}; the dynamic forward routed to {g['smallest']} "
-        f"{g['routed_smallest_ms']:.4f} ms against {g['smallest_ms']:.4f} ms for it alone{narrow(g)}" for g in gates)
+        f"{g['routed_smallest_ms']:.4f} ms against {g['smallest_ms']:.4f} ms for it alone{narrow(g)}{branches(g)}"
+        for g in gates)
 
 
 def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, batches=None, channels: int = 64,

@@ -10,7 +10,10 @@ when it is on, since the body was trained on scaled features).
 Two paths give the same result. On CUDA with the Triton backend (and no gradient), every
 layer runs once for the whole batch, reading each image's widths from a device table indexed
 by the gate's choice: no host sync, so the forward can be captured in one CUDA graph. Else
-the batch is grouped by chosen config (one host sync per forward).
+the batch is grouped by chosen config (one host sync per forward). With ``route_branches`` on,
+a forward captured in a CUDA graph routes through conditional graph nodes instead: one branch
+per route, taken when every image chose that route (its static launches alone: no per-image
+tiles, no max-width buffers), and the per-image body for a batch that mixes routes.
 """
 from __future__ import annotations
 
@@ -28,6 +31,17 @@ from .slim_conv import PackedBuffers, SlimConv2d, _kernels_module
 
 
 PER_IMAGE_TILES = ("widest", "narrowest")
+
+
+def conditional_graph_nodes() -> bool:
+    """Whether this torch captures CUDA-graph conditional nodes (``CUDAGraph.begin_capture_to_if_node``,
+    built against CUDA 12.4 or later), which ``DDSNet.route_branches`` needs."""
+    graph = torch.cuda.CUDAGraph
+    if not all(hasattr(graph, name) for name in ("begin_capture_to_if_node", "end_capture_to_conditional_node",
+                                                 "get_currently_capturing_graph")):
+        return False
+    version = torch.version.cuda
+    return version is not None and tuple(int(v) for v in version.split(".")[:2]) >= (12, 4)
 
 
 def _padded_full_stem_input(supernet: SlimNet, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +180,10 @@ class DDSNet(nn.Module):
         # a narrow image moves the bytes of a narrow buffer, not the max-width one's) where the
         # network allows it (SlimNet.packs_per_image_buffers) and the call runs eagerly
         self.packed_buffers = True
+        # a forward captured in a CUDA graph routes through conditional nodes, one branch per
+        # route (module docstring); where torch lacks them (``conditional_graph_nodes``), the
+        # graph holds the per-image body alone. Off until a GPU run says it wins (NOTES v19).
+        self.route_branches = False
         self._stem_group = supernet.space.groups[0].name
         self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
         self.routing_space = routing_space
@@ -193,6 +211,7 @@ class DDSNet(nn.Module):
         self.dynamic_macs_per_pixel = [e.macs_per_pixel + stem_macs * (stem.out_channels - e.config[self._stem_group])
                                        for e in self._routing_space]
         self._tables: tuple[torch.device, list] | None = None
+        self._warmed_branches: set[tuple] = set()
         self._budget_index: int | None = None
 
     # -- checkpoints --------------------------------------------------------------------
@@ -331,6 +350,58 @@ class DDSNet(nn.Module):
                 conv.per_image_tile_widths = None
                 conv.per_image_packing = None
 
+    def _route_body(self, index: int, features: torch.Tensor, padded: torch.Tensor, rows=None) -> torch.Tensor:
+        """Route ``index``'s body, static widths, on the stem features' prefix (of the images ``rows``)."""
+        config = self.routing_space[index].config
+        self.supernet.set_config(config)
+        width = config[self._stem_group]
+        if rows is None:
+            return self.supernet.body(features[:, :width], padded)
+        return self.supernet.body(features[rows, :width], padded[rows])
+
+    def _takes_branches(self, padded: torch.Tensor, per_image: bool) -> bool:
+        """Whether a forward captured now would route through conditional graph nodes: a batch
+        that mixes routes needs the per-image body, which cannot sync, in its branch."""
+        return (self.route_branches and padded.is_cuda and not torch.is_grad_enabled()
+                and (per_image or len(padded) == 1) and conditional_graph_nodes())
+
+    def _warm_branches(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor) -> None:
+        """Every route's body, once per input signature, outside any capture: a capture must
+        find the branches' kernels compiled (and cuDNN's plans chosen)."""
+        key = (padded.device, padded.dtype, tuple(padded.shape), padded.stride(), features.stride())
+        if key in self._warmed_branches:
+            return
+        from .kernels.gate import route_flags
+        route_flags(choice, len(self.routing_space))
+        for index in range(len(self.routing_space)):
+            self._route_body(index, features, padded)
+        self._warmed_branches.add(key)
+
+    def _body_branches(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor,
+                       graph) -> torch.Tensor:
+        """The body as conditional nodes of ``graph`` (the CUDA graph being captured): the
+        per-image body when no route holds the whole batch, and a branch per route ``k``, its
+        static body, when every image chose it. Each writes the one output."""
+        from .kernels.gate import route_flags
+        routes = len(self.routing_space)
+        flags = route_flags(choice, routes)  # their values are read at replay, on the device
+        channels_last = padded.dim() == 4 and padded.is_contiguous(memory_format=torch.channels_last)
+        out = torch.empty((len(padded), self.supernet.out_channels, *padded.shape[2:]), dtype=padded.dtype,
+                          device=padded.device,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        # the per-image body first, while gate_forward's full widths (its buffers) still hold;
+        # one image always has one route
+        branches = [(flags[routes], lambda: self._body_per_image(features, padded, choice))] if len(padded) > 1 else []
+        branches += [(flags[index], lambda index=index: self._route_body(index, features, padded))
+                     for index in range(routes)]
+        for flag, body in branches:
+            graph.begin_capture_to_if_node(flag)
+            try:
+                out.copy_(body())
+            finally:
+                graph.end_capture_to_conditional_node()
+        return out
+
     def _check_choice(self, choice, batch: int) -> torch.Tensor:
         if not isinstance(choice, torch.Tensor) or choice.shape != (batch,) or choice.dtype not in (
                 torch.int32, torch.int64):
@@ -348,7 +419,8 @@ class DDSNet(nn.Module):
         overrides the gate's decisions (for ablations and for timing a given mix of
         sub-networks); the gate still runs, as its attention head may scale the features.
         Before capturing a CUDA graph, run one forward on the device outside the capture:
-        the first builds the device's width table."""
+        the first builds the device's width table and, with ``route_branches`` on, runs every
+        route's body once per input signature, so the capture finds their kernels ready."""
         if self._budget_index is not None:
             if choice is not None:
                 raise ValueError("DDSNet: choice applies to dynamic mode; call set_budget(None) first")
@@ -362,18 +434,23 @@ class DDSNet(nn.Module):
             padded, gate_out = self.gate_forward(x)
             choice = gate_out.choice if choice is None else self._check_choice(choice, len(x)).to(gate_out.choice)
         features = gate_out.features
-        if self._uses_per_image_widths(padded):
+        per_image = self._uses_per_image_widths(padded)
+        branches = self._takes_branches(padded, per_image)
+        capturing = branches and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            out = self._body_branches(features, padded, choice, torch.cuda.CUDAGraph.get_currently_capturing_graph())
+        elif per_image:
             out = self._body_per_image(features, padded, choice)
-            return out[..., : x.shape[-2], : x.shape[-1]]
-        out = None
-        for index in torch.unique(choice).tolist():
-            rows = (choice == index).nonzero().squeeze(1)
-            config = self.routing_space[index].config
-            self.supernet.set_config(config)
-            part = self.supernet.body(features[rows, : config[self._stem_group]], padded[rows])
-            if out is None:
-                out = part.new_empty((len(x), *part.shape[1:]))
-            out[rows] = part
+        else:
+            out = None
+            for index in torch.unique(choice).tolist():
+                rows = (choice == index).nonzero().squeeze(1)
+                part = self._route_body(index, features, padded, rows)
+                if out is None:
+                    out = part.new_empty((len(x), *part.shape[1:]))
+                out[rows] = part
+        if branches and not capturing:
+            self._warm_branches(features, padded, choice)
         return out[..., : x.shape[-2], : x.shape[-1]]
 
     def expected_macs(self, probs: torch.Tensor) -> torch.Tensor:

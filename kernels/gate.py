@@ -34,7 +34,7 @@ from ._rows import ROWS_PER_PROGRAM
 
 MAX_FOLDS = 128  # programs per image that fold the partials; the last one also runs the heads
 
-__all__ = ["BatchNormStats", "GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale"]
+__all__ = ["BatchNormStats", "GateHeadOutput", "squeeze_partials", "gate_head", "apply_scale", "route_flags"]
 
 
 class GateHeadOutput(NamedTuple):
@@ -168,6 +168,21 @@ def _scale_kernel(x_ptr, scale_ptr, out_ptr, C, HW, sx_n, sx_c, sx_p, so_n, so_c
     y = x.to(tl.float32) * s[None, :]
     tl.store(out_ptr + n.to(tl.int64) * so_n + p[:, None] * so_p + offs_c[None, :] * so_c,
              y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _route_flags_kernel(choice_ptr, flags_ptr, N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    # one program: whether every image chose the first image's route, then one flag per route
+    first = tl.load(choice_ptr)
+    differ = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for start in range(0, N, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        chosen = tl.load(choice_ptr + offs, mask=offs < N, other=0)
+        differ += ((chosen != first) & (offs < N)).to(tl.int32)
+    offs_e = tl.arange(0, BLOCK_E)
+    uniform = (offs_e == first) & (offs_e < E) & (tl.sum(differ, axis=0) == 0)
+    tl.store(flags_ptr + offs_e, uniform, mask=offs_e < E)
+    tl.store(flags_ptr + E, tl.sum(uniform.to(tl.int32), axis=0) == 0)
 
 
 def _check_runnable(t: torch.Tensor, what: str):
@@ -334,3 +349,21 @@ def apply_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
                                                   out.stride(1), so_p), BLOCK_HW=block_hw, BLOCK_C=block_c,
            num_warps=4)
     return out
+
+
+def route_flags(choice: torch.Tensor, num_routes: int) -> torch.Tensor:
+    """bool ``[num_routes + 1]`` on the device of ``choice`` (one route index per image):
+    ``flags[k]``, whether every image chose route ``k``; ``flags[num_routes]``, whether no
+    route holds the whole batch (it mixes routes, or its first index is out of range). One
+    launch, no host sync: the predicates of a CUDA graph's conditional nodes."""
+    if not isinstance(choice, torch.Tensor) or choice.dim() != 1 or len(choice) == 0 or choice.dtype not in (
+            torch.int32, torch.int64):
+        raise ValueError(f"route_flags: choice must be a non-empty 1-D int32 or int64 tensor, got {choice!r}")
+    if isinstance(num_routes, bool) or not isinstance(num_routes, int) or num_routes < 1:
+        raise ValueError(f"route_flags: num_routes must be an int >= 1, got {num_routes!r}")
+    _check_runnable(choice, "route_flags")
+    choice = choice.contiguous()
+    flags = torch.empty((num_routes + 1,), device=choice.device, dtype=torch.bool)
+    launch(_route_flags_kernel, (1,), (choice, flags), (len(choice), num_routes),
+           BLOCK_N=min(next_pow2(len(choice)), 1024), BLOCK_E=next_pow2(num_routes), num_warps=1)
+    return flags

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimDnCNN, macs_per_pixel
-from dds_fast.bench import layer_markdown, run_bench, target_rows, targets_markdown, time_gate
+from dds_fast.bench import gate_markdown, layer_markdown, run_bench, target_rows, targets_markdown, time_gate
 from dds_fast.runner import ConfigResult, DevicePeaks, LatencyRunner, Report, Timing
 from tests.test_runner import PEAKS, small_net
 
@@ -42,7 +42,8 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
 
     gates = [dict(batch=8, backend="triton", fused_ms=0.02, eager_ms=0.3, floor_ms=0.01, floor_bound="bytes",
                   routed_smallest_ms=2.2, smallest="smallest", smallest_ms=2.0, routed_smallest_narrow_tiles_ms=2.08,
-                  routed_largest_ms=41.0, routed_largest_narrow_tiles_ms=44.0, largest="largest", largest_ms=40.0),
+                  routed_largest_ms=41.0, routed_largest_narrow_tiles_ms=44.0, largest="largest", largest_ms=40.0,
+                  routed_smallest_branches_ms=2.06, routed_largest_branches_ms=40.5),
              dict(batch=1, backend="triton", fused_ms=0.02, eager_ms=0.06, floor_ms=0.005, floor_bound="bytes",
                   fused_in_graph_ms=0.004, eager_in_graph_ms=0.044, routed_smallest_ms=2.05, smallest="smallest",
                   smallest_ms=2.0)]
@@ -68,6 +69,13 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
     narrow = rows["network batch 8, per-image tiles for the narrowest route: gate and routing add at most 5% to "
                   "smallest's latency"]
     assert narrow["got"] == pytest.approx(0.04) and narrow["met"] and "44.0000 ms, 41.0000" in narrow["bound"]
+    branches = rows["network batch 8, a conditional graph node per route: gate and routing add at most 5% to "
+                    "smallest's latency"]
+    assert branches["got"] == pytest.approx(0.03) and branches["met"] and "40.5000 ms, 40.0000" in branches["bound"]
+    assert not any("conditional" in r["target"] for r in rows.values() if r["target"].startswith("network batch 1"))
+    text = gate_markdown([dict(g, channels=32, num_choices=4, attention=False, reads_stem_sums=True) for g in gates])
+    assert "conditional graph node per route, 2.0600 ms routed to smallest and 40.5000 ms routed to largest" in text
+    assert text.count("conditional") == 1  # the batch-1 gate was not timed that way
     speedup = [r for r in rows.values() if r["target"].startswith("gate head at batch 1: ")]  # batch 1 only
     assert len(speedup) == 1 and speedup[0]["got"] == pytest.approx(3.0) and not speedup[0]["met"]
     in_graph = rows["gate head at batch 1, per call in a graph of 20: fused at least 5x faster than eager"]

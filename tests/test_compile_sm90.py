@@ -158,6 +158,7 @@ build("gate head", G._gate_kernel, dict(part_ptr=f, folded_ptr=f, arrivals_ptr="
                                         logits_ptr=f, probs_ptr=f, choice_ptr="*i32"),
       dict(ATTENTION=True, BN_AFFINE=True, BLOCK_T=32, BLOCK_C=64, BLOCK_CR=16, BLOCK_H=16, BLOCK_E=16), 4)
 build("gate scale", G._scale_kernel, dict(x_ptr=p, scale_ptr=f, out_ptr=p), dict(BLOCK_HW=64, BLOCK_C=32), 4)
+build("route flags", G._route_flags_kernel, dict(choice_ptr="*i32", flags_ptr="*i1"), dict(BLOCK_N=8, BLOCK_E=4), 1)
 # the instructions an 8-channel layer issues per pixel, its taps in the reduction and not
 per_pixel = {}
 if has_cuobjdump():

@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dds_fast
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimDnCNN, SlimUNet, export_static, macs_per_pixel
+from dds_fast.ddsnet import conditional_graph_nodes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -481,9 +484,147 @@ def test_per_image_widths_need_the_triton_backend():
         model(images(n=2))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_one_cuda_graph_replays_inputs_that_choose_other_configs():
+def on_kernels(model):
+    for module in model.modules():
+        if isinstance(module, (dds_fast.SlimConv2d, DynamicGate)):
+            module.backend = "triton"
+    return model
+
+
+class RecordingGraph:
+    """Stands in for the CUDA graph being captured: records each conditional node's predicate
+    as it stands. On the CPU nothing skips a branch, so every branch runs."""
+
+    def __init__(self):
+        self.flags, self.open = [], 0
+
+    def begin_capture_to_if_node(self, flag):
+        assert self.open == 0 and flag.dim() == 0 and flag.dtype == torch.bool  # flat, scalar bool predicates
+        self.flags.append(bool(flag))
+        self.open += 1
+
+    def end_capture_to_conditional_node(self):
+        self.open -= 1
+
+
+@pytest.mark.parametrize("choice", [[1, 2, 0, 1], [2, 2], [0]])
+def test_route_branches_run_each_route_static_and_a_mixed_batch_per_image(monkeypatch, choice):
+    """The conditional nodes' bodies and predicates (CUDA's skipping of the untaken branches is
+    the GPU test's): the per-image body, taken when no route holds the whole batch, and one
+    static body per route, taken when every image chose it."""
+    pytest.importorskip("triton")
+    model = make_ddsnet(lambda: SlimUNet(in_channels=3, base_width=8, depth=2), seed=4).float().to(DEVICE)
+    model.routing_space = model.routing_space[::-1]  # the largest first: no branch leaves full widths behind
+    reference = copy.deepcopy(model)  # the batch grouped by route, on torch's convs
+    reference.per_image = False
+    on_kernels(model)
+    x = images(n=len(choice), size=(8, 8), seed=5).float().to(DEVICE).contiguous(memory_format=torch.channels_last)
+    choice = torch.tensor(choice, dtype=torch.int32, device=DEVICE)
+    ran = []
+    route_body, per_image_body = model._route_body, model._body_per_image
+    monkeypatch.setattr(model, "_route_body", lambda index, *a: ran.append((index, route_body(index, *a))) or ran[-1][1])
+    monkeypatch.setattr(model, "_body_per_image", lambda *a: ran.append(("per image", per_image_body(*a))) or ran[-1][1])
+    graph = RecordingGraph()
+    with torch.no_grad():
+        padded, gate_out = model.gate_forward(x)
+        out = model._body_branches(gate_out.features, padded, choice, graph)
+        expected = {k: reference(x, choice=torch.full_like(choice, k)) for k in range(3)}
+        expected["per image"] = reference(x, choice=choice)
+    uniform = [bool((choice == k).all()) for k in range(3)]
+    mixed = len(choice) > 1
+    assert graph.open == 0 and graph.flags == [not any(uniform)] * mixed + uniform
+    assert [name for name, _ in ran] == ["per image"] * mixed + [0, 1, 2]
+    for name, got in ran:
+        torch.testing.assert_close(got, expected[name], rtol=1e-4, atol=1e-5)
+    # every branch writes the one output (here the last one's stands), in the input's layout
+    torch.testing.assert_close(out, ran[-1][1], rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_route_branches_apply_to_captures_that_can_hold_them(monkeypatch):
+    class OnCuda:  # what _takes_branches reads of the padded input
+        is_cuda = True
+
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    monkeypatch.setattr(torch.version, "cuda", "12.3")
+    assert not conditional_graph_nodes()
+    monkeypatch.setattr(dds_fast.ddsnet, "conditional_graph_nodes", lambda: True)
+    model = make_ddsnet()
+    assert not model._takes_branches(OnCuda(1), per_image=True)  # off by default
+    model.route_branches = True
+    with torch.no_grad():
+        assert model._takes_branches(OnCuda(4), per_image=True)
+        assert not model._takes_branches(OnCuda(4), per_image=False)  # a mixed batch would need a host sync
+        assert model._takes_branches(OnCuda(1), per_image=False)  # one image: its route's static body
+        x = images(n=3)
+        torch.testing.assert_close(model(x), (lambda: (setattr(model, "route_branches", False), model(x))[1])())
+    assert not model._takes_branches(OnCuda(1), per_image=True)  # gradients: no capture
+    model.route_branches = True
+    with torch.no_grad():
+        assert not model._takes_branches(x, per_image=True)  # CPU tensors
+    assert not model._warmed_branches
+
+
+def test_route_branches_warm_every_route_once_per_input_signature(monkeypatch):
+    pytest.importorskip("triton")
+    model = make_ddsnet()
+    ran = []
+    route_body = model._route_body
+    monkeypatch.setattr(model, "_route_body", lambda index, *a: ran.append(index) or route_body(index, *a))
+    with torch.no_grad():
+        for size in ((8, 8), (8, 8), (12, 8)):
+            padded, gate_out = model.gate_forward(images(n=2, size=size))
+            model._warm_branches(gate_out.features, padded, gate_out.choice)
+    assert ran == [0, 1, 2] * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not conditional_graph_nodes(),
+                    reason="CUDA-graph conditional nodes need a GPU and torch built with CUDA 12.4+")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gpu_route_branches_replay_the_chosen_route(backend):
+    """One graph with a conditional node per route: each replay with other choices equals the
+    grouped reference. cuDNN convs (no per-image kernels) can be captured at batch 1."""
     model = make_ddsnet(num_choices=3, seed=0).float().cuda()
+    for module in model.supernet.modules():
+        if isinstance(module, dds_fast.SlimConv2d):
+            module.backend = backend
+    model.route_branches = True
+    batch = 4 if backend == "triton" else 1
+    choices = [[k] * batch for k in range(3)] + ([[1, 2, 0, 1]] if batch > 1 else [])
+    inputs = [images(n=batch, size=(16, 16), seed=seed).float().cuda() for seed in (5, 6)]
+    with torch.no_grad():
+        static_x, static_choice = inputs[0].clone(), torch.zeros(batch, dtype=torch.int32, device="cuda")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture stream: every route's kernels
+            for _ in range(2):
+                model(static_x, choice=static_choice)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_x, choice=static_choice)
+        for x in inputs:
+            for choice in choices:
+                static_x.copy_(x)
+                static_choice.copy_(torch.tensor(choice))
+                static_out.fill_(float("nan"))
+                graph.replay()
+                model.per_image = False
+                expected = model(x, choice=torch.tensor(choice, device="cuda"))
+                model.per_image = None
+                torch.testing.assert_close(static_out, expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("route_branches", [False, True])
+def test_one_cuda_graph_replays_inputs_that_choose_other_configs(route_branches):
+    model = make_ddsnet(num_choices=3, seed=0).float().cuda()
+    model.route_branches = route_branches
     with torch.no_grad():
         # one batch per distinct routing among the candidates: the brightness scale moves the
         # gate's choices, which the seed alone barely does

@@ -369,6 +369,31 @@ def test_kernel_argument_errors():
             kernels.squeeze_partials(torch.randn(1, 8, 3, 3, device=DEVICE), chunk=chunk)
 
 
+@pytest.mark.parametrize("n", [1, 5, 1500])  # 1500: more images than one block of the kernel's loop
+@pytest.mark.parametrize("routes", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_route_flags(n, routes, dtype):
+    g = torch.Generator().manual_seed(n * routes)
+    cases = [torch.full((n,), k) for k in range(routes)] + [torch.full((n,), routes), torch.full((n,), -1)]
+    if n > 1:
+        mixed = torch.randint(0, routes + 1, (n,), generator=g)
+        mixed[-1] = (mixed[0] + 1) % (routes + 1)  # the last image alone differs: the loop's tail
+        cases.append(mixed)
+    for choice in cases:
+        flags = kernels.route_flags(choice.to(dtype=dtype, device=DEVICE), routes)
+        want = [bool((choice == k).all()) for k in range(routes)]
+        assert flags.dtype == torch.bool and flags.tolist() == want + [not any(want)], choice.tolist()
+
+
+def test_route_flags_errors():
+    with pytest.raises(ValueError, match="non-empty 1-D int32 or int64"):
+        kernels.route_flags(torch.zeros(0, dtype=torch.int32, device=DEVICE), 2)
+    with pytest.raises(ValueError, match="non-empty 1-D int32 or int64"):
+        kernels.route_flags(torch.zeros(2, device=DEVICE), 2)
+    with pytest.raises(ValueError, match="num_routes must be an int >= 1, got 0"):
+        kernels.route_flags(torch.zeros(2, dtype=torch.int32, device=DEVICE), 0)
+
+
 @pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter runs the kernels on CPU tensors")
 def test_cpu_tensors_get_a_clear_error_from_kernels_compiled_for_a_gpu():
     gate = make_gate(8, 3, device="cpu", backend="triton")
