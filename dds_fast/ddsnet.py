@@ -17,6 +17,7 @@ tiles, no max-width buffers), and the per-image body for a batch that mixes rout
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -33,15 +34,25 @@ from .slim_conv import PackedBuffers, SlimConv2d, _kernels_module
 PER_IMAGE_TILES = ("widest", "narrowest")
 
 
+def conditional_nodes_supported(build_cuda: str | None, driver: int) -> bool:
+    """Whether torch built against CUDA ``build_cuda`` ("12.4") on a driver of version
+    ``driver`` (12040) can capture conditional graph nodes: both must be CUDA 12.4 or later."""
+    return build_cuda is not None and tuple(int(v) for v in build_cuda.split(".")[:2]) >= (12, 4) and driver >= 12040
+
+
+@functools.lru_cache(maxsize=None)
 def conditional_graph_nodes() -> bool:
-    """Whether this torch captures CUDA-graph conditional nodes (``CUDAGraph.begin_capture_to_if_node``,
-    built against CUDA 12.4 or later), which ``DDSNet.route_branches`` needs."""
+    """Whether this torch, CUDA build and driver capture CUDA-graph conditional nodes
+    (``CUDAGraph.begin_capture_to_if_node``), which ``DDSNet.route_branches`` needs."""
     graph = torch.cuda.CUDAGraph
     if not all(hasattr(graph, name) for name in ("begin_capture_to_if_node", "end_capture_to_conditional_node",
-                                                 "get_currently_capturing_graph")):
+                                                 "get_currently_capturing_graph")) or not torch.cuda.is_available():
         return False
-    version = torch.version.cuda
-    return version is not None and tuple(int(v) for v in version.split(".")[:2]) >= (12, 4)
+    try:
+        driver = torch._C._cuda_getDriverVersion()
+    except (AttributeError, RuntimeError):
+        return False
+    return conditional_nodes_supported(torch.version.cuda, driver)
 
 
 def _padded_full_stem_input(supernet: SlimNet, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +222,7 @@ class DDSNet(nn.Module):
         self.dynamic_macs_per_pixel = [e.macs_per_pixel + stem_macs * (stem.out_channels - e.config[self._stem_group])
                                        for e in self._routing_space]
         self._tables: tuple[torch.device, list] | None = None
-        self._warmed_branches: set[tuple] = set()
+        self._warmed_branches: dict[tuple, tuple[torch.dtype, torch.memory_format]] = {}
         self._budget_index: int | None = None
 
     # -- checkpoints --------------------------------------------------------------------
@@ -365,33 +376,54 @@ class DDSNet(nn.Module):
         return (self.route_branches and padded.is_cuda and not torch.is_grad_enabled()
                 and (per_image or len(padded) == 1) and conditional_graph_nodes())
 
+    def _branch_key(self, features: torch.Tensor, padded: torch.Tensor) -> tuple:
+        """What the kernels and plans a branch runs depend on: the inputs, the layers' backends
+        and dtypes, autocast."""
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        layers = tuple((m.backend, m.weight.dtype) for m in self.supernet.modules() if isinstance(m, SlimConv2d))
+        return padded.device, padded.dtype, tuple(padded.shape), padded.stride(), features.stride(), autocast, layers
+
     def _warm_branches(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor) -> None:
-        """Every route's body, once per input signature, outside any capture: a capture must
-        find the branches' kernels compiled (and cuDNN's plans chosen)."""
-        key = (padded.device, padded.dtype, tuple(padded.shape), padded.stride(), features.stride())
+        """Every route's body, once per ``_branch_key``, outside any capture: a capture must find
+        the branches' kernels compiled (and cuDNN's plans chosen). Records the bodies' output
+        dtype and layout, which the captured branches' shared output takes."""
+        key = self._branch_key(features, padded)
         if key in self._warmed_branches:
             return
         from .kernels.gate import route_flags
         route_flags(choice, len(self.routing_space))
         for index in range(len(self.routing_space)):
-            self._route_body(index, features, padded)
-        self._warmed_branches.add(key)
+            out = self._route_body(index, features, padded)
+        layout = torch.channels_last if out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) \
+            and not out.is_contiguous() else torch.contiguous_format
+        self._warmed_branches[key] = (out.dtype, layout)
 
-    def _body_branches(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor,
-                       graph) -> torch.Tensor:
-        """The body as conditional nodes of ``graph`` (the CUDA graph being captured): the
-        per-image body when no route holds the whole batch, and a branch per route ``k``, its
-        static body, when every image chose it. Each writes the one output."""
+    def _branch_output(self, features: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+        """The output every captured branch writes, in the dtype and layout its warm-up saw."""
+        warmed = self._warmed_branches.get(self._branch_key(features, padded))
+        if warmed is None:
+            raise ValueError("DDSNet.route_branches: this input (shape, dtype, layout), the layers' backends or "
+                             "autocast changed since the last forward outside the capture; run one forward with "
+                             "them outside the capture first, so the branches' kernels are ready")
+        dtype, layout = warmed
+        return torch.empty((len(padded), self.supernet.out_channels, *padded.shape[2:]), dtype=dtype,
+                           device=padded.device, memory_format=layout)
+
+    def _body_branches(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor, graph,
+                       out: torch.Tensor, checked: bool = True) -> torch.Tensor:
+        """The body as conditional nodes of ``graph`` (the CUDA graph being captured), each
+        writing ``out``: the per-image body when no route holds the whole batch, and a branch
+        per route ``k``, its static body, when every image chose it. One image always has one
+        route unless its index is out of range, which a ``choice`` not ``checked`` (given by
+        the caller and not readable during a capture) may be: it then gets NaN."""
         from .kernels.gate import route_flags
         routes = len(self.routing_space)
         flags = route_flags(choice, routes)  # their values are read at replay, on the device
-        channels_last = padded.dim() == 4 and padded.is_contiguous(memory_format=torch.channels_last)
-        out = torch.empty((len(padded), self.supernet.out_channels, *padded.shape[2:]), dtype=padded.dtype,
-                          device=padded.device,
-                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        # the per-image body first, while gate_forward's full widths (its buffers) still hold;
-        # one image always has one route
-        branches = [(flags[routes], lambda: self._body_per_image(features, padded, choice))] if len(padded) > 1 else []
+        # the per-image body first, while gate_forward's full widths (its buffers) still hold
+        if len(padded) > 1:
+            branches = [(flags[routes], lambda: self._body_per_image(features, padded, choice))]
+        else:
+            branches = [] if checked else [(flags[routes], lambda: torch.full_like(out, float("nan")))]
         branches += [(flags[index], lambda index=index: self._route_body(index, features, padded))
                      for index in range(routes)]
         for flag, body in branches:
@@ -429,16 +461,22 @@ class DDSNet(nn.Module):
                 return self.supernet(x)
             # the attention head scales the stem's features: the budget's config behind the gate
             padded, gate_out = self.gate_forward(x)
-            choice = torch.full_like(gate_out.choice, self._budget_index)
+            out = self._route_body(self._budget_index, gate_out.features, padded)
+            return out[..., : x.shape[-2], : x.shape[-1]]
+        padded, gate_out = self.gate_forward(x)
+        checked = True  # the gate's choices are in range; a caller's are checked unless a capture hides them
+        if choice is not None:
+            checked = not (self._check_choice(choice, len(x)).is_cuda and torch.cuda.is_current_stream_capturing())
+            choice = choice.to(gate_out.choice)
         else:
-            padded, gate_out = self.gate_forward(x)
-            choice = gate_out.choice if choice is None else self._check_choice(choice, len(x)).to(gate_out.choice)
+            choice = gate_out.choice
         features = gate_out.features
         per_image = self._uses_per_image_widths(padded)
         branches = self._takes_branches(padded, per_image)
         capturing = branches and torch.cuda.is_current_stream_capturing()
         if capturing:
-            out = self._body_branches(features, padded, choice, torch.cuda.CUDAGraph.get_currently_capturing_graph())
+            out = self._body_branches(features, padded, choice, torch.cuda.CUDAGraph.get_currently_capturing_graph(),
+                                      self._branch_output(features, padded), checked)
         elif per_image:
             out = self._body_per_image(features, padded, choice)
         else:

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dds_fast
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimDnCNN, SlimUNet, export_static, macs_per_pixel
-from dds_fast.ddsnet import conditional_graph_nodes
+from dds_fast.ddsnet import conditional_graph_nodes, conditional_nodes_supported
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -493,10 +493,11 @@ def on_kernels(model):
 
 class RecordingGraph:
     """Stands in for the CUDA graph being captured: records each conditional node's predicate
-    as it stands. On the CPU nothing skips a branch, so every branch runs."""
+    as it stands, and a copy of ``out`` as each branch closes. On the CPU nothing skips a
+    branch, so every branch runs."""
 
-    def __init__(self):
-        self.flags, self.open = [], 0
+    def __init__(self, out=None):
+        self.out, self.flags, self.closed, self.open = out, [], [], 0
 
     def begin_capture_to_if_node(self, flag):
         assert self.open == 0 and flag.dim() == 0 and flag.dtype == torch.bool  # flat, scalar bool predicates
@@ -505,40 +506,92 @@ class RecordingGraph:
 
     def end_capture_to_conditional_node(self):
         self.open -= 1
+        self.closed.append(None if self.out is None else self.out.clone())
+
+
+def branch_model(**kwargs):
+    """A DDSNet whose largest route comes first (no branch leaves full widths behind) and a
+    copy of it on torch's convs, grouping the batch by route: the reference."""
+    model = make_ddsnet(lambda: SlimUNet(in_channels=3, base_width=8, depth=2), seed=4, **kwargs).float().to(DEVICE)
+    model.routing_space = model.routing_space[::-1]
+    reference = copy.deepcopy(model)
+    reference.per_image = False
+    return on_kernels(model), reference
 
 
 @pytest.mark.parametrize("choice", [[1, 2, 0, 1], [2, 2], [0]])
-def test_route_branches_run_each_route_static_and_a_mixed_batch_per_image(monkeypatch, choice):
+def test_route_branches_run_each_route_static_and_a_mixed_batch_per_image(choice):
     """The conditional nodes' bodies and predicates (CUDA's skipping of the untaken branches is
     the GPU test's): the per-image body, taken when no route holds the whole batch, and one
-    static body per route, taken when every image chose it."""
+    static body per route, taken when every image chose it; each writes the one output."""
     pytest.importorskip("triton")
-    model = make_ddsnet(lambda: SlimUNet(in_channels=3, base_width=8, depth=2), seed=4).float().to(DEVICE)
-    model.routing_space = model.routing_space[::-1]  # the largest first: no branch leaves full widths behind
-    reference = copy.deepcopy(model)  # the batch grouped by route, on torch's convs
-    reference.per_image = False
-    on_kernels(model)
+    model, reference = branch_model()
     x = images(n=len(choice), size=(8, 8), seed=5).float().to(DEVICE).contiguous(memory_format=torch.channels_last)
     choice = torch.tensor(choice, dtype=torch.int32, device=DEVICE)
-    ran = []
-    route_body, per_image_body = model._route_body, model._body_per_image
-    monkeypatch.setattr(model, "_route_body", lambda index, *a: ran.append((index, route_body(index, *a))) or ran[-1][1])
-    monkeypatch.setattr(model, "_body_per_image", lambda *a: ran.append(("per image", per_image_body(*a))) or ran[-1][1])
-    graph = RecordingGraph()
     with torch.no_grad():
         padded, gate_out = model.gate_forward(x)
-        out = model._body_branches(gate_out.features, padded, choice, graph)
-        expected = {k: reference(x, choice=torch.full_like(choice, k)) for k in range(3)}
-        expected["per image"] = reference(x, choice=choice)
+        graph = RecordingGraph(torch.full_like(padded, float("nan")))
+        out = model._body_branches(gate_out.features, padded, choice, graph, graph.out)
+        expected = [reference(x, choice=choice)] * (len(choice) > 1) + [
+            reference(x, choice=torch.full_like(choice, k)) for k in range(3)]
     uniform = [bool((choice == k).all()) for k in range(3)]
-    mixed = len(choice) > 1
-    assert graph.open == 0 and graph.flags == [not any(uniform)] * mixed + uniform
-    assert [name for name, _ in ran] == ["per image"] * mixed + [0, 1, 2]
-    for name, got in ran:
-        torch.testing.assert_close(got, expected[name], rtol=1e-4, atol=1e-5)
-    # every branch writes the one output (here the last one's stands), in the input's layout
-    torch.testing.assert_close(out, ran[-1][1], rtol=0, atol=0)
-    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert out is graph.out and graph.open == 0
+    assert graph.flags == [not any(uniform)] * (len(choice) > 1) + uniform
+    assert len(graph.closed) == len(expected)
+    for written, want in zip(graph.closed, expected):
+        torch.testing.assert_close(written, want, rtol=1e-4, atol=1e-5)
+
+
+def test_route_branches_give_nan_to_an_image_whose_route_index_is_out_of_range():
+    """At batch 1 only a choice the caller gave during a capture, unchecked, can miss every route."""
+    pytest.importorskip("triton")
+    model, _ = branch_model()
+    x = images(n=1, size=(8, 8), seed=5).float().to(DEVICE)
+    with torch.no_grad():
+        padded, gate_out = model.gate_forward(x)
+        for checked in (True, False):
+            graph = RecordingGraph(torch.zeros_like(padded))
+            model._body_branches(gate_out.features, padded, torch.tensor([3], dtype=torch.int32, device=DEVICE),
+                                 graph, graph.out, checked=checked)
+            assert graph.flags == [True] * (not checked) + [False] * 3
+            assert graph.closed[0].isnan().all() != checked
+
+
+def test_a_captured_forward_takes_the_branches_after_a_warm_up(monkeypatch):
+    """forward's dispatch, with the capture faked: the warm-up outside it records the output's
+    dtype and layout; inside it, the branches write an output of that kind; a capture with
+    an input the warm-up did not see is refused."""
+    pytest.importorskip("triton")
+    model, reference = branch_model()
+    for module in model.supernet.modules():
+        module.backend = "torch"
+    model.route_branches = True
+    monkeypatch.setattr(model, "_takes_branches", lambda padded, per_image: True)
+    x = images(n=1, size=(8, 8), seed=5).float().to(DEVICE)
+    graph, capturing = RecordingGraph(), []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: bool(capturing))
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", lambda: graph, raising=False)
+    with torch.no_grad():
+        eager = model(x)
+        torch.testing.assert_close(eager, reference(x))
+        assert list(model._warmed_branches.values()) == [(torch.float32, torch.contiguous_format)]
+        capturing.append(True)
+        captured = model(x)
+        chosen = [e.config for e in reference.routing_space].index(reference.route(x)[0].config)
+        assert graph.flags == [k == chosen for k in range(3)]  # the gate's choice: no branch for a bad index
+        # every branch ran on the CPU, the last route's last
+        torch.testing.assert_close(captured, reference(x, choice=torch.tensor([2])), rtol=1e-5, atol=1e-6)
+        assert captured.dtype == eager.dtype and captured.is_contiguous()
+        with pytest.raises(ValueError, match="run one forward with them outside the capture first"):
+            model(images(n=1, size=(12, 8), seed=5).float().to(DEVICE))
+
+
+def test_conditional_nodes_need_cuda_12_4_in_the_build_and_the_driver():
+    assert conditional_nodes_supported("12.4", 12040) and conditional_nodes_supported("13.0", 13000)
+    assert not conditional_nodes_supported("12.3", 12080)  # the build
+    assert not conditional_nodes_supported("12.8", 12020)  # the driver
+    assert not conditional_nodes_supported(None, 13000)  # a CPU build
+    assert isinstance(conditional_graph_nodes(), bool)
 
 
 def test_route_branches_apply_to_captures_that_can_hold_them(monkeypatch):
@@ -551,8 +604,6 @@ def test_route_branches_apply_to_captures_that_can_hold_them(monkeypatch):
         def __len__(self):
             return self.n
 
-    monkeypatch.setattr(torch.version, "cuda", "12.3")
-    assert not conditional_graph_nodes()
     monkeypatch.setattr(dds_fast.ddsnet, "conditional_graph_nodes", lambda: True)
     model = make_ddsnet()
     assert not model._takes_branches(OnCuda(1), per_image=True)  # off by default
@@ -562,11 +613,12 @@ def test_route_branches_apply_to_captures_that_can_hold_them(monkeypatch):
         assert not model._takes_branches(OnCuda(4), per_image=False)  # a mixed batch would need a host sync
         assert model._takes_branches(OnCuda(1), per_image=False)  # one image: its route's static body
         x = images(n=3)
-        torch.testing.assert_close(model(x), (lambda: (setattr(model, "route_branches", False), model(x))[1])())
-    assert not model._takes_branches(OnCuda(1), per_image=True)  # gradients: no capture
-    model.route_branches = True
-    with torch.no_grad():
         assert not model._takes_branches(x, per_image=True)  # CPU tensors
+        branched = model(x)
+        model.route_branches = False
+        torch.testing.assert_close(branched, model(x), rtol=0, atol=0)
+    model.route_branches = True
+    assert not model._takes_branches(OnCuda(1), per_image=True)  # gradients: no capture
     assert not model._warmed_branches
 
 
@@ -577,10 +629,11 @@ def test_route_branches_warm_every_route_once_per_input_signature(monkeypatch):
     route_body = model._route_body
     monkeypatch.setattr(model, "_route_body", lambda index, *a: ran.append(index) or route_body(index, *a))
     with torch.no_grad():
-        for size in ((8, 8), (8, 8), (12, 8)):
+        for size, backend in (((8, 8), "auto"), ((8, 8), "auto"), ((12, 8), "auto"), ((12, 8), "torch")):
+            model.supernet.stem_conv.backend = backend
             padded, gate_out = model.gate_forward(images(n=2, size=size))
             model._warm_branches(gate_out.features, padded, gate_out.choice)
-    assert ran == [0, 1, 2] * 2
+    assert ran == [0, 1, 2] * 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not conditional_graph_nodes(),
