@@ -116,6 +116,20 @@ def test_models_reject_bad_tensors(bad):
         GaussianNoise(25)(bad, gen())
 
 
+def test_camera_needs_two_pixels_each_way_for_the_mosaic():
+    for size in ((1, 8), (8, 1)):
+        with pytest.raises(ValueError, match="at least 2 x 2 pixels for the Bayer mosaic"):
+            CameraNoise()(torch.rand(3, *size), gen())
+    assert CameraNoise()(torch.rand(1, 1, 8), gen()).isfinite().all()  # monochrome: no mosaic
+
+
+def test_camera_read_noise_survives_fp16_images():
+    """The read-noise variances (down to 3e-9) underflow fp16: the noise is computed in fp32."""
+    clean = torch.zeros(64, 3, 8, 8)  # black: read noise alone
+    noisy32, noisy16 = CameraNoise()(clean, gen(3)), CameraNoise()(clean.half(), gen(3)).float()
+    assert noisy32.std() > 0.01 and (noisy16 - noisy32).abs().max() < 2e-3  # 7.5e-3 with the noise in fp16
+
+
 def test_camera_needs_one_or_three_channels():
     with pytest.raises(ValueError, match="1 or 3 channels"):
         CameraNoise()(torch.rand(2, 8, 8), gen())

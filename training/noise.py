@@ -361,7 +361,11 @@ def unprocess(srgb: torch.Tensor, params: CameraParams) -> torch.Tensor:
 
 
 def process(raw: torch.Tensor, params: CameraParams) -> torch.Tensor:
-    """Linear raw [N, 1, H, W] -> sRGB [N, C, H, W] in [0, 1]: gains, demosaic, colour matrix, gamma, tone curve."""
+    """Linear raw [N, 1, H, W] -> sRGB [N, C, H, W] in [0, 1]: gains, demosaic, colour matrix, gamma, tone curve.
+
+    Unlike the paper's reference ``process`` (red and blue gains only, no tone curve), this
+    inverts :func:`unprocess` step for step, brightness gain and tone curve included: the
+    training pairs then keep the brightness and contrast of the sRGB photos they came from."""
     gains = params.gains()[:, :, None, None]
     if params.channels == 3:
         # White balance on the mosaic (each site gets its own colour's gain), as a camera ISP does.
@@ -399,12 +403,18 @@ class CameraNoise(NoiseModel):
 
     def _pair(self, clean, generator):
         n, c = clean.shape[:2]
+        if c == 3 and min(clean.shape[-2:]) < 2:  # a 1-pixel row or column has no blue sites to demosaic
+            raise ValueError(f"CameraNoise: RGB images need at least 2 x 2 pixels for the Bayer mosaic, got "
+                             f"{tuple(clean.shape[-2:])}")
         params = sample_camera_params(n, c, generator, like=clean)
         raw = unprocess(clean, params)
-        shot = _sample(n, self.shot_noise, generator, clean, log=True)
-        read = torch.exp(2.18 * torch.log(shot) + 1.2 + 0.26 * _randn((n,), generator, clean))
-        variance = shot.view(n, 1, 1, 1) * raw + read.view(n, 1, 1, 1)
-        noisy_raw = raw + torch.sqrt(variance) * _randn(raw.shape, generator, clean)
+        # drawn in the images' dtype, computed in at least fp32: fp16 flushes most read-noise
+        # variances (down to 3e-9) to zero
+        work = torch.promote_types(clean.dtype, torch.float32)
+        shot = _sample(n, self.shot_noise, generator, clean, log=True).to(work)
+        read = torch.exp(2.18 * torch.log(shot) + 1.2 + 0.26 * _randn((n,), generator, clean).to(work))
+        variance = shot.view(n, 1, 1, 1) * raw.to(work) + read.view(n, 1, 1, 1)
+        noisy_raw = (raw + torch.sqrt(variance) * _randn(raw.shape, generator, clean).to(work)).to(raw.dtype)
         return process(noisy_raw, params), process(raw, params)
 
     def __repr__(self):
