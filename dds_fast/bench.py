@@ -205,7 +205,9 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
       narrowest route (``DDSNet.per_image_tiles``) instead of its widest, and, when the runner
       replays CUDA graphs and torch captures conditional nodes, ``*_branches_ms``: the graph
       routing through a conditional node per route (``DDSNet.route_branches``), which runs
-      the chosen route's static launches alone.
+      the chosen route's static launches alone; ``routed_peak_memory_mib``, on CUDA, the
+      device memory's peak over each of those timings (per-image buffers or the branches'
+      graph pool: each branch is captured on a stream of its own).
     """
     net = getattr(runner.model, "supernet", runner.model)
     configured = sorted(network.configured(), key=lambda r: r.macs_per_pixel)
@@ -219,13 +221,21 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
     previous = net.get_config()
     stem = net.stem_conv
 
+    peaks_mib = {}
+
     def routed_ms(index: int, policy: str) -> float:
         """The dynamic forward with every image sent to route ``index``: per-image launches on
-        the tiles of ``policy``, or the graph's conditional ``branches``."""
+        the tiles of ``policy``, or the graph's conditional ``branches``. On CUDA, also the
+        device memory's peak while it ran (a graph's pool included)."""
         rig_gate(gate, index)
         routed.route_branches = policy == "branches"
         routed.per_image_tiles = PER_IMAGE_TILES[0] if routed.route_branches else policy
-        return runner.time_fn(lambda: routed(runner.inputs), runner.cuda_graph).median_ms
+        if runner.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(runner.device)
+        median = runner.time_fn(lambda: routed(runner.inputs), runner.cuda_graph).median_ms
+        if runner.device.type == "cuda":
+            peaks_mib[f"{routes[index].label}, {policy}"] = torch.cuda.max_memory_allocated(runner.device) / 2 ** 20
+        return median
 
     try:
         # off CUDA the batch is grouped by route, with no per-image launches to size tiles for
@@ -263,6 +273,7 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
                 routed_largest_narrow_tiles_ms=routed_times.get((len(routes) - 1, "narrowest")),
                 routed_smallest_branches_ms=routed_times.get((0, "branches")),
                 routed_largest_branches_ms=routed_times.get((len(routes) - 1, "branches")),
+                routed_peak_memory_mib=peaks_mib or None,
                 largest=routes[-1].label, largest_ms=routes[-1].timing.median_ms)
 
 

@@ -116,6 +116,7 @@ def test_bench_times_the_network_at_every_batch_on_cpu(tmp_path):
     assert [(g["batch"], g["backend"]) for g in result["gate"]] == [(1, "torch"), (8, "torch")]
     assert all(g["routed_smallest_ms"] > 0 and g["smallest_ms"] > 0 and g["eager_ms"] > 0 for g in result["gate"])
     assert all(g["routed_largest_ms"] > 0 and g["routed_smallest_narrow_tiles_ms"] is None for g in result["gate"])
+    assert all(g["routed_peak_memory_mib"] is None and g["routed_smallest_branches_ms"] is None for g in result["gate"])
     targets = [t["target"] for t in result["targets"]]
     # on the reference backend the fused-against-eager target does not apply
     assert sum("MAC ratio" in t for t in targets) == 1 and sum("gate and routing" in t for t in targets) == 2
