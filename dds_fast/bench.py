@@ -206,8 +206,9 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
       replays CUDA graphs and torch captures conditional nodes, ``*_branches_ms``: the graph
       routing through a conditional node per route (``DDSNet.route_branches``), which runs
       the chosen route's static launches alone; ``routed_peak_memory_mib``, on CUDA, the
-      device memory's peak over each of those timings (per-image buffers or the branches'
-      graph pool: each branch is captured on a stream of its own).
+      device memory reserved at the peak of each of those timings (per-image buffers, or the
+      branches' graph pool: each branch is captured on a stream of its own, whose freed blocks
+      the others do not reuse).
     """
     net = getattr(runner.model, "supernet", runner.model)
     configured = sorted(network.configured(), key=lambda r: r.macs_per_pixel)
@@ -230,11 +231,15 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
         rig_gate(gate, index)
         routed.route_branches = policy == "branches"
         routed.per_image_tiles = PER_IMAGE_TILES[0] if routed.route_branches else policy
-        if runner.device.type == "cuda":
+        cuda = runner.device.type == "cuda"
+        if cuda:  # reserved, not allocated: a graph's pool keeps blocks its capture freed
+            with torch.no_grad():
+                routed(runner.inputs)  # the one-time warm-ups (branches: every route) before the count
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(runner.device)
         median = runner.time_fn(lambda: routed(runner.inputs), runner.cuda_graph).median_ms
-        if runner.device.type == "cuda":
-            peaks_mib[f"{routes[index].label}, {policy}"] = torch.cuda.max_memory_allocated(runner.device) / 2 ** 20
+        if cuda:
+            peaks_mib[f"{routes[index].label}, {policy}"] = torch.cuda.max_memory_reserved(runner.device) / 2 ** 20
         return median
 
     try:

@@ -222,7 +222,7 @@ class DDSNet(nn.Module):
         self.dynamic_macs_per_pixel = [e.macs_per_pixel + stem_macs * (stem.out_channels - e.config[self._stem_group])
                                        for e in self._routing_space]
         self._tables: tuple[torch.device, list] | None = None
-        self._warmed_branches: dict[tuple, tuple[torch.dtype, torch.memory_format]] = {}
+        self._warmed_branches: dict[tuple, tuple[torch.dtype, torch.memory_format, tuple]] = {}
         self._budget_index: int | None = None
 
     # -- checkpoints --------------------------------------------------------------------
@@ -386,7 +386,7 @@ class DDSNet(nn.Module):
     def _warm_branches(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor) -> None:
         """Every route's body, once per ``_branch_key``, outside any capture: a capture must find
         the branches' kernels compiled (and cuDNN's plans chosen). Records the bodies' output
-        dtype and layout, which the captured branches' shared output takes."""
+        dtype, layout and shape, which the captured branches' shared output takes."""
         key = self._branch_key(features, padded)
         if key in self._warmed_branches:
             return
@@ -396,18 +396,17 @@ class DDSNet(nn.Module):
             out = self._route_body(index, features, padded)
         layout = torch.channels_last if out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) \
             and not out.is_contiguous() else torch.contiguous_format
-        self._warmed_branches[key] = (out.dtype, layout)
+        self._warmed_branches[key] = (out.dtype, layout, tuple(out.shape))
 
     def _branch_output(self, features: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
-        """The output every captured branch writes, in the dtype and layout its warm-up saw."""
+        """The output every captured branch writes, as its warm-up's bodies returned theirs."""
         warmed = self._warmed_branches.get(self._branch_key(features, padded))
         if warmed is None:
             raise ValueError("DDSNet.route_branches: this input (shape, dtype, layout), the layers' backends or "
                              "autocast changed since the last forward outside the capture; run one forward with "
                              "them outside the capture first, so the branches' kernels are ready")
-        dtype, layout = warmed
-        return torch.empty((len(padded), self.supernet.out_channels, *padded.shape[2:]), dtype=dtype,
-                           device=padded.device, memory_format=layout)
+        dtype, layout, shape = warmed
+        return torch.empty(shape, dtype=dtype, device=padded.device, memory_format=layout)
 
     def _body_branches(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor, graph,
                        out: torch.Tensor, checked: bool = True) -> torch.Tensor:

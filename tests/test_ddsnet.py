@@ -574,7 +574,7 @@ def test_a_captured_forward_takes_the_branches_after_a_warm_up(monkeypatch):
     with torch.no_grad():
         eager = model(x)
         torch.testing.assert_close(eager, reference(x))
-        assert list(model._warmed_branches.values()) == [(torch.float32, torch.contiguous_format)]
+        assert list(model._warmed_branches.values()) == [(torch.float32, torch.contiguous_format, (1, 3, 8, 8))]
         capturing.append(True)
         captured = model(x)
         chosen = [e.config for e in reference.routing_space].index(reference.route(x)[0].config)
