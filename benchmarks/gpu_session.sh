@@ -10,8 +10,7 @@
 # call. verify (289 s on an H100 before its v14
 # to v16 steps, which add at most 195) reruns a quick run's tests with more time, sweeps the
 # v14-v16 candidates, times two configs' layers with and without tensor descriptors, profiles
-# the routed dynamic forward (packed and max-width buffers), counts the forward's instructions
-# per pixel as this Triton builds it, times the layers and network again
+# the routed dynamic forward (packed and max-width buffers), times the layers and network again
 # (the run-to-run spread) and the shipped model's routes; with HOST_COST=1 (90 s more) also the
 # host time per call and a host-side profile of a launched training step. quick (its step limits add up to 9.7
 # minutes; it took 5.4 with HOST_COST=1 on an H100, where the tests alone need 96 s) runs
@@ -157,9 +156,6 @@ if [ "$MODE" = verify ]; then
   capped 50 python3 -m dds_fast bench --checkpoint dds_fast/weights/dds.safetensors --no-compile \
     --cuda-graph --dtype float16 --size 512 --batch 1 --batch 8 --out "$R/bench_shipped" > "$R/bench_shipped.txt" 2>&1
   tail -12 "$R/bench_shipped.txt" | cut -c1-200
-  step "instructions per pixel of the forward as this machine's Triton builds it for sm_90 (sm90.py)"
-  capped 40 python3 benchmarks/sm90.py "$R/sm90.json" > "$R/sm90.txt" 2>&1
-  grep -v -i warn "$R/sm90.txt" | cut -c1-200
   step pack
   tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
   exit 0
