@@ -8,7 +8,7 @@ import torch
 from _timing import CUDA, DEVICE, TIMER, describe
 
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimUNet, export_static, macs_per_pixel
-from dds_fast.ddsnet import conditional_graph_nodes
+from dds_fast.graph_if import conditional_graph_nodes
 from dds_fast.runner import capture_cuda_graph, default_configs
 from dds_fast.training.loop import as_floats
 from dds_fast.training.sandwich import MaskedSandwich, ends_fixed, sandwich_configs, sandwich_step

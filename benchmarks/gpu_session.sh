@@ -57,8 +57,8 @@ step install
 source benchmarks/gpu_setup.sh
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,temperature.gpu,power.draw --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  # DDSNet.route_branches needs these (NOTES v19)
-  python3 -c "from dds_fast.ddsnet import conditional_graph_nodes as c; print('CUDA-graph conditional nodes in torch:', c())"
+  # DDSNet.route_branches needs these (NOTES v19): torch's own (2.13), or the driver's through cuda-python
+  python3 -c "from dds_fast.graph_if import conditional_nodes_source as c; print('CUDA-graph conditional nodes from:', c())"
 } > "$R/device.txt" 2>&1
 cat "$R/device.txt"
 
@@ -123,8 +123,8 @@ if [ "$MODE" = verify ]; then
   quiet_gpu
   grep -E "PASSED|FAILED|passed|failed" "$R/tests_fast_layout.txt" | tail -4
   capped 150 python3 -m pytest -q -n 8 --timeout 120 -p no:cacheprovider -rfEs tests/test_kernels_conv2d.py \
-    tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_runner.py tests/test_bench.py \
-    tests/test_profile_network.py > "$R/tests.txt" 2>&1
+    tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py tests/test_graph_if.py tests/test_runner.py \
+    tests/test_bench.py tests/test_profile_network.py > "$R/tests.txt" 2>&1
   quiet_gpu
   tail -8 "$R/tests.txt"
   if [ "${HOST_COST:-0}" = 1 ]; then

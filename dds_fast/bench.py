@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from .config import RoutingEntry, SubnetConfig
-from .ddsnet import PER_IMAGE_TILES, DDSNet, conditional_graph_nodes
+from .ddsnet import PER_IMAGE_TILES, DDSNet
 from .export import StaticConv2d
 from .gate import DynamicGate
+from .graph_if import conditional_graph_nodes
 from .nets import SlimNet, SlimUNet
 from .runner import WIDTHS, DevicePeaks, LatencyRunner, Report, backend_of, describe_device, width_at
 from .slim_conv import SlimConv2d
@@ -203,12 +204,13 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
       ``routed_largest_ms`` the same for the gate's dearest route (``largest_ms``); each also
       ``*_narrow_tiles_ms``, with the per-image launches' tiles sized for each layer's
       narrowest route (``DDSNet.per_image_tiles``) instead of its widest, and, when the runner
-      replays CUDA graphs and torch captures conditional nodes, ``*_branches_ms``: the graph
-      routing through a conditional node per route (``DDSNet.route_branches``), which runs
-      the chosen route's static launches alone; ``routed_peak_memory_mib``, on CUDA, the
+      replays CUDA graphs and conditional nodes can be captured (``graph_if``),
+      ``*_branches_ms``: the graph routing through a conditional node per route
+      (``DDSNet.route_branches``), which runs the chosen route's static launches alone, or
+      ``routed_branches_error`` if that failed; ``routed_peak_memory_mib``, on CUDA, the
       device memory reserved at the peak of each of those timings (per-image buffers, or the
-      branches' graph pool: each branch is captured on a stream of its own, whose freed blocks
-      the others do not reuse).
+      branches' memory: torch captures each branch on a stream of its own, whose freed blocks
+      the others do not reuse; the driver's nodes, one stream for all of them).
     """
     net = getattr(runner.model, "supernet", runner.model)
     configured = sorted(network.configured(), key=lambda r: r.macs_per_pixel)
@@ -245,10 +247,14 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
     try:
         # off CUDA the batch is grouped by route, with no per-image launches to size tiles for
         policies = PER_IMAGE_TILES if runner.device.type == "cuda" else PER_IMAGE_TILES[:1]
+        ends = (0, len(routes) - 1)
+        routed_times = {(index, policy): routed_ms(index, policy) for index in ends for policy in policies}
+        branches_error = None
         if runner.cuda_graph and conditional_graph_nodes():
-            policies += ("branches",)
-        routed_times = {(index, policy): routed_ms(index, policy) for index in (0, len(routes) - 1)
-                        for policy in policies}
+            try:
+                routed_times.update({(index, "branches"): routed_ms(index, "branches") for index in ends})
+            except RuntimeError as error:  # the driver's nodes (torch 2.11) are new: a failure is a reading too
+                branches_error = f"{type(error).__name__}: {error}".splitlines()[0]
         net.set_config(net.space.largest())  # the gate reads the full-width stem
         stem.emit_channel_sums = True
         with torch.no_grad():
@@ -278,7 +284,7 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
                 routed_largest_narrow_tiles_ms=routed_times.get((len(routes) - 1, "narrowest")),
                 routed_smallest_branches_ms=routed_times.get((0, "branches")),
                 routed_largest_branches_ms=routed_times.get((len(routes) - 1, "branches")),
-                routed_peak_memory_mib=peaks_mib or None,
+                routed_branches_error=branches_error, routed_peak_memory_mib=peaks_mib or None,
                 largest=routes[-1].label, largest_ms=routes[-1].timing.median_ms)
 
 
@@ -419,6 +425,8 @@ def gate_markdown(gates: list[dict]) -> str:
                 f"{g['routed_largest_ms']:.4f} ms, {g['largest_ms']:.4f} ms alone)")
 
     def branches(g: dict) -> str:
+        if g.get("routed_branches_error"):
+            return f"; through a conditional graph node per route: failed ({g['routed_branches_error']})"
         if g.get("routed_smallest_branches_ms") is None:
             return ""
         return (f"; through a conditional graph node per route, {g['routed_smallest_branches_ms']:.4f} ms routed to "

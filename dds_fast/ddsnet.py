@@ -13,11 +13,12 @@ by the gate's choice: no host sync, so the forward can be captured in one CUDA g
 the batch is grouped by chosen config (one host sync per forward). With ``route_branches`` on,
 a forward captured in a CUDA graph routes through conditional graph nodes instead: one branch
 per route, taken when every image chose that route (its static launches alone: no per-image
-tiles, no max-width buffers), and the per-image body for a batch that mixes routes.
+tiles, no max-width buffers), and the per-image body for a batch that mixes routes
+(``graph_if``: torch's conditional nodes, or where torch has none, as in torch 2.11, the CUDA
+driver's through cuda-python).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -27,32 +28,12 @@ from torch import nn
 from .config import RoutingEntry
 from .cost import macs_per_pixel, trace_convs
 from .gate import DynamicGate, GateOutput
+from .graph_if import capturing_graph, conditional_graph_nodes, driver_if_nodes, torch_if_nodes
 from .nets import ARCHITECTURES, SlimNet, register_architecture
 from .slim_conv import PackedBuffers, SlimConv2d, _kernels_module
 
 
 PER_IMAGE_TILES = ("widest", "narrowest")
-
-
-def conditional_nodes_supported(build_cuda: str | None, driver: int) -> bool:
-    """Whether torch built against CUDA ``build_cuda`` ("12.4") on a driver of version
-    ``driver`` (12040) can capture conditional graph nodes: both must be CUDA 12.4 or later."""
-    return build_cuda is not None and tuple(int(v) for v in build_cuda.split(".")[:2]) >= (12, 4) and driver >= 12040
-
-
-@functools.lru_cache(maxsize=None)
-def conditional_graph_nodes() -> bool:
-    """Whether this torch, CUDA build and driver capture CUDA-graph conditional nodes
-    (``CUDAGraph.begin_capture_to_if_node``), which ``DDSNet.route_branches`` needs."""
-    graph = torch.cuda.CUDAGraph
-    if not all(hasattr(graph, name) for name in ("begin_capture_to_if_node", "end_capture_to_conditional_node",
-                                                 "get_currently_capturing_graph")) or not torch.cuda.is_available():
-        return False
-    try:
-        driver = torch._C._cuda_getDriverVersion()
-    except (AttributeError, RuntimeError):
-        return False
-    return conditional_nodes_supported(torch.version.cuda, driver)
 
 
 def _padded_full_stem_input(supernet: SlimNet, x: torch.Tensor) -> torch.Tensor:
@@ -192,8 +173,9 @@ class DDSNet(nn.Module):
         # network allows it (SlimNet.packs_per_image_buffers) and the call runs eagerly
         self.packed_buffers = True
         # a forward captured in a CUDA graph routes through conditional nodes, one branch per
-        # route (module docstring); where torch lacks them (``conditional_graph_nodes``), the
-        # graph holds the per-image body alone. Off until a GPU run says it wins (NOTES v19).
+        # route (module docstring; torch's own nodes, or the driver's where torch has none:
+        # graph_if); where neither can (``conditional_graph_nodes``), the graph holds the
+        # per-image body alone. Off until a GPU run says it wins (NOTES v19).
         self.route_branches = False
         self._stem_group = supernet.space.groups[0].name
         self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
@@ -392,6 +374,8 @@ class DDSNet(nn.Module):
             return
         from .kernels.gate import route_flags
         route_flags(choice, len(self.routing_space))
+        if padded.is_cuda and not torch_if_nodes():
+            driver_if_nodes(padded.device)  # loads its kernel, which a capture cannot
         for index in range(len(self.routing_space)):
             out = self._route_body(index, features, padded)
         layout = torch.channels_last if out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) \
@@ -474,7 +458,7 @@ class DDSNet(nn.Module):
         branches = self._takes_branches(padded, per_image)
         capturing = branches and torch.cuda.is_current_stream_capturing()
         if capturing:
-            out = self._body_branches(features, padded, choice, torch.cuda.CUDAGraph.get_currently_capturing_graph(),
+            out = self._body_branches(features, padded, choice, capturing_graph(padded.device),
                                       self._branch_output(features, padded), checked)
         elif per_image:
             out = self._body_per_image(features, padded, choice)

@@ -76,6 +76,9 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
     text = gate_markdown([dict(g, channels=32, num_choices=4, attention=False, reads_stem_sums=True) for g in gates])
     assert "conditional graph node per route, 2.0600 ms routed to smallest and 40.5000 ms routed to largest" in text
     assert text.count("conditional") == 1  # the batch-1 gate was not timed that way
+    failed = gate_markdown([dict(gates[1], channels=32, num_choices=4, attention=False, reads_stem_sums=True,
+                                 routed_branches_error="RuntimeError: CUDA driver call failed")])
+    assert "conditional graph node per route: failed (RuntimeError: CUDA driver call failed)" in failed
     speedup = [r for r in rows.values() if r["target"].startswith("gate head at batch 1: ")]  # batch 1 only
     assert len(speedup) == 1 and speedup[0]["got"] == pytest.approx(3.0) and not speedup[0]["met"]
     in_graph = rows["gate head at batch 1, per call in a graph of 20: fused at least 5x faster than eager"]
@@ -116,7 +119,8 @@ def test_bench_times_the_network_at_every_batch_on_cpu(tmp_path):
     assert [(g["batch"], g["backend"]) for g in result["gate"]] == [(1, "torch"), (8, "torch")]
     assert all(g["routed_smallest_ms"] > 0 and g["smallest_ms"] > 0 and g["eager_ms"] > 0 for g in result["gate"])
     assert all(g["routed_largest_ms"] > 0 and g["routed_smallest_narrow_tiles_ms"] is None for g in result["gate"])
-    assert all(g["routed_peak_memory_mib"] is None and g["routed_smallest_branches_ms"] is None for g in result["gate"])
+    assert all(g["routed_peak_memory_mib"] is None and g["routed_smallest_branches_ms"] is None
+               and g["routed_branches_error"] is None for g in result["gate"])
     targets = [t["target"] for t in result["targets"]]
     # on the reference backend the fused-against-eager target does not apply
     assert sum("MAC ratio" in t for t in targets) == 1 and sum("gate and routing" in t for t in targets) == 2

@@ -406,15 +406,18 @@ class CameraNoise(NoiseModel):
         if c == 3 and min(clean.shape[-2:]) < 2:  # a 1-pixel row or column has no blue sites to demosaic
             raise ValueError(f"CameraNoise: RGB images need at least 2 x 2 pixels for the Bayer mosaic, got "
                              f"{tuple(clean.shape[-2:])}")
+        work = torch.promote_types(clean.dtype, torch.float32)
+        if clean.dtype != work:
+            # fp16 flushes most read-noise variances (down to 3e-9) to zero: 16-bit images go
+            # through the pipeline in fp32, on the draws an fp32 image gets
+            noisy, target = self._pair(clean.to(work), generator)
+            return noisy.to(clean.dtype), target.to(clean.dtype)
         params = sample_camera_params(n, c, generator, like=clean)
         raw = unprocess(clean, params)
-        # drawn in the images' dtype, computed in at least fp32: fp16 flushes most read-noise
-        # variances (down to 3e-9) to zero
-        work = torch.promote_types(clean.dtype, torch.float32)
-        shot = _sample(n, self.shot_noise, generator, clean, log=True).to(work)
-        read = torch.exp(2.18 * torch.log(shot) + 1.2 + 0.26 * _randn((n,), generator, clean).to(work))
-        variance = shot.view(n, 1, 1, 1) * raw.to(work) + read.view(n, 1, 1, 1)
-        noisy_raw = (raw + torch.sqrt(variance) * _randn(raw.shape, generator, clean).to(work)).to(raw.dtype)
+        shot = _sample(n, self.shot_noise, generator, clean, log=True)
+        read = torch.exp(2.18 * torch.log(shot) + 1.2 + 0.26 * _randn((n,), generator, clean))
+        variance = shot.view(n, 1, 1, 1) * raw + read.view(n, 1, 1, 1)
+        noisy_raw = raw + torch.sqrt(variance) * _randn(raw.shape, generator, clean)
         return process(noisy_raw, params), process(raw, params)
 
     def __repr__(self):
