@@ -249,12 +249,6 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
         policies = PER_IMAGE_TILES if runner.device.type == "cuda" else PER_IMAGE_TILES[:1]
         ends = (0, len(routes) - 1)
         routed_times = {(index, policy): routed_ms(index, policy) for index in ends for policy in policies}
-        branches_error = None
-        if runner.cuda_graph and conditional_graph_nodes():
-            try:
-                routed_times.update({(index, "branches"): routed_ms(index, "branches") for index in ends})
-            except RuntimeError as error:  # the driver's nodes (torch 2.11) are new: a failure is a reading too
-                branches_error = f"{type(error).__name__}: {error}".splitlines()[0]
         net.set_config(net.space.largest())  # the gate reads the full-width stem
         stem.emit_channel_sums = True
         with torch.no_grad():
@@ -268,6 +262,16 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
     finally:
         stem.emit_channel_sums, stem.channel_sums = False, None
         net.set_config(previous)
+    # last, and a failure kept as a reading: the driver's conditional nodes (torch 2.11) are new
+    branches_error = None
+    if runner.cuda_graph and conditional_graph_nodes():
+        try:
+            for index in ends:
+                routed_times[index, "branches"] = routed_ms(index, "branches")
+        except Exception as error:
+            branches_error = f"{type(error).__name__}: {error}".splitlines()[0]
+        finally:
+            net.set_config(previous)
     # the head alone: one read of the channel sums or of the stem's output (and, with
     # attention, a scaled copy of it); its FLOPs are negligible
     read = features.numel() * features.element_size() if sums is None else sums.numel() * 4
@@ -476,24 +480,34 @@ def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, b
 
     layers = bench_layers(channels, sizes, batches, device, torch_dtype, warmup, repeats, compile_static)
     model = model if model is not None else SlimUNet(in_channels=3, base_width=32, depth=4)
-    networks, gates, peaks = [], [], None
-    for batch in batches:
-        runner = LatencyRunner(model, (batch, model.in_channels, sizes[0], sizes[0]), torch_dtype, device, warmup,
-                               repeats, cuda_graph=cuda_graph and on_gpu)
-        networks.append(runner.run(peaks=peaks))
-        peaks = networks[0].peaks  # measured once per run
-        gate = time_gate(runner, networks[-1])
-        if gate is not None:
-            gates.append(gate)
-    targets = target_rows(layers, networks, torch.finfo(torch_dtype).bits // 8, gates)
+    networks, gates, peaks, failure = [], [], None, None
+    try:
+        for batch in batches:
+            runner = LatencyRunner(model, (batch, model.in_channels, sizes[0], sizes[0]), torch_dtype, device,
+                                   warmup, repeats, cuda_graph=cuda_graph and on_gpu)
+            networks.append(runner.run(peaks=peaks))
+            peaks = networks[0].peaks  # measured once per run
+            gate = time_gate(runner, networks[-1])
+            if gate is not None:
+                gates.append(gate)
+    except Exception as error:  # what was measured before it is written, with what failed, then it is raised
+        failure = error
+    targets = target_rows(layers, networks, torch.finfo(torch_dtype).bits // 8, gates) if networks else []
     name, env = describe_device(device)
     result = {"device": name, "environment": env, "dtype": dtype, "layers": layers,
               "network": [network.to_dict() for network in networks], "gate": gates, "targets": targets}
+    stopped = ""
+    if failure is not None:
+        result["error"] = f"{type(failure).__name__}: {failure}".splitlines()[0]
+        stopped = f"**Stopped early** ({result['error']}): the rows below are what was measured before.\n\n"
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
     tables = "\n\n".join(network.to_markdown() for network in networks)
-    markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\n## One conv layer, {channels} channels max, "
-                f"3x3, LeakyReLU, channels_last\n\n{layer_markdown(layers)}\n\n## Whole network\n\n"
+    markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\n{stopped}## One conv layer, {channels} channels "
+                f"max, 3x3, LeakyReLU, channels_last\n\n{layer_markdown(layers)}\n\n## Whole network\n\n"
                 f"{tables}\n\n{gate_markdown(gates)}\n\n## Targets\n\n{targets_markdown(targets)}\n")
     (out_dir / "bench.md").write_text(markdown)
-    plot_network(networks, out_dir / "network.png")
+    if networks:
+        plot_network(networks, out_dir / "network.png")
+    if failure is not None:
+        raise failure
     return result

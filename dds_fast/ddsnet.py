@@ -189,7 +189,8 @@ class DDSNet(nn.Module):
     def routing_space(self, entries: Sequence[RoutingEntry]) -> None:
         """Checked against the gate and the super-network. What is derived from the entries
         (``dynamic_macs_per_pixel``, the per-image width tables) is rebuilt, and a budget,
-        an index into the old space, is dropped: the model returns to dynamic mode."""
+        an index into the old space, is dropped: the model returns to dynamic mode. CUDA
+        graphs captured before read the old tables: capture them again."""
         entries = list(entries)
         if not entries:
             raise ValueError("DDSNet: the routing space is empty")
@@ -203,7 +204,7 @@ class DDSNet(nn.Module):
         # the stem runs at full width in dynamic mode, whatever the config: count that
         self.dynamic_macs_per_pixel = [e.macs_per_pixel + stem_macs * (stem.out_channels - e.config[self._stem_group])
                                        for e in self._routing_space]
-        self._tables: tuple[torch.device, list] | None = None
+        self._tables: dict[torch.device, tuple[torch.Tensor, list]] = {}  # per device: a graph may hold each
         self._warmed_branches: dict[tuple, tuple[torch.dtype, torch.memory_format, tuple]] = {}
         self._budget_index: int | None = None
 
@@ -290,7 +291,7 @@ class DDSNet(nn.Module):
         range, the largest number every one of its widths is a multiple of (so the kernel
         knows they keep its vector loads) and its narrowest (out, in) widths over the routes
         (what ``per_image_tiles='narrowest'`` sizes its tiles for). Built once per device."""
-        if self._tables is None or self._tables[0] != device:
+        if device not in self._tables:
             rows: dict[SlimConv2d, list] = {}
             for entry in self.routing_space:
                 for call in trace_convs(self.supernet, entry.config)[0]:
@@ -305,8 +306,8 @@ class DDSNet(nn.Module):
             # row e: every conv's widths under config e, side by side
             table = torch.tensor([[w for per_entry in rows.values() for w in per_entry[e]]
                                   for e in range(len(self.routing_space))], dtype=torch.int32, device=device)
-            self._tables = (device, (table, layers))
-        return self._tables[1]
+            self._tables[device] = (table, layers)
+        return self._tables[device]
 
     def _uses_per_image_widths(self, x: torch.Tensor) -> bool:
         if self.per_image is not None:

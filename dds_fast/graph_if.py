@@ -140,8 +140,9 @@ class DriverIfNodes:
             self._context = _checked(cu.cuCtxGetCurrent())
             if int(self._context) == 0:
                 raise RuntimeError(f"DriverIfNodes: no CUDA context is current for {device}")
-            module = _checked(cu.cuModuleLoadData(_SET_CONDITIONAL_PTX))
+            module = _checked(cu.cuModuleLoadData(_SET_CONDITIONAL_PTX + b"\0"))  # PTX is read up to a NUL
             self._set_conditional = _checked(cu.cuModuleGetFunction(module, b"dds_set_conditional"))
+            _checked(cu.cuFuncLoad(self._set_conditional))  # loaded now, not lazily at its first launch in a capture
             self._module = module  # loaded for the process's life: captured graphs keep using the kernel
             # a stream of its own, not one of torch's pool, which may also serve the capture
             self._body_stream = torch.cuda.ExternalStream(
@@ -177,11 +178,16 @@ class DriverIfNodes:
         # what the current stream captures next runs after the node
         _checked(cu.cuStreamUpdateCaptureDependencies(
             stream, [node], None, 1, cu.CUstreamUpdateCaptureDependencies_flags.CU_STREAM_SET_CAPTURE_DEPENDENCIES))
-        _checked(cu.cuStreamBeginCaptureToGraph(
-            cu.CUstream(self._body_stream.cuda_stream), params.conditional.phGraph_out[0], None, None, 0,
-            cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
-        torch.cuda.set_stream(self._body_stream)
-        torch._C._cuda_beginAllocateCurrentStreamToPool(self.device.index, self._pool)
+        body = cu.CUstream(self._body_stream.cuda_stream)
+        _checked(cu.cuStreamBeginCaptureToGraph(body, params.conditional.phGraph_out[0], None, None, 0,
+                                                cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+        try:
+            torch.cuda.set_stream(self._body_stream)
+            torch._C._cuda_beginAllocateCurrentStreamToPool(self.device.index, self._pool)
+        except BaseException:  # no node is left open: the caller's stream back, the body's capture ended
+            torch.cuda.set_stream(parent)
+            cu.cuStreamEndCapture(body)
+            raise
         self._open.append(parent)
 
     def end_capture_to_conditional_node(self) -> None:

@@ -170,3 +170,43 @@ def test_bench_rejects_non_positive_sizes_batches_and_channels(tmp_path, kwargs,
                 compile_static=False)
     with pytest.raises(ValueError, match=f"bench: {name} must be positive"):
         run_bench(tmp_path, **{**args, **kwargs})
+
+
+def test_a_failed_branch_timing_is_recorded_and_the_gate_rows_kept(monkeypatch):
+    """The conditional nodes' timings come last, and their failure, of any kind, is a reading."""
+    import dds_fast.bench
+
+    def takes_branches(self, padded, per_image):
+        if self.route_branches:
+            raise TypeError("a driver call refused its arguments\nsecond line")
+        return False
+
+    monkeypatch.setattr(dds_fast.bench, "conditional_graph_nodes", lambda: True)
+    monkeypatch.setattr(DDSNet, "_takes_branches", takes_branches)
+    net = small_net()
+    runner = LatencyRunner(net, (1, 1, 8, 8), warmup=0, repeats=1)
+    report = runner.run(peaks=PEAKS)
+    runner.cuda_graph = True  # as on a GPU (the constructor takes it on CUDA only); the CPU times eagerly
+    timing = time_gate(runner, report)
+    assert timing["routed_branches_error"] == "TypeError: a driver call refused its arguments"
+    assert timing["routed_smallest_branches_ms"] is None and timing["routed_smallest_ms"] > 0
+    assert timing["eager_ms"] > 0 and net.get_config() == net.space.largest()
+
+
+def test_bench_writes_what_it_measured_before_a_failure(tmp_path, monkeypatch):
+    import dds_fast.bench
+
+    def gate_failing_at_batch_2(runner, network):
+        if runner.input_shape[0] == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return None
+
+    monkeypatch.setattr(dds_fast.bench, "time_gate", gate_failing_at_batch_2)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run_bench(tmp_path, sizes=[8], batches=[1, 2, 4], channels=4, model=SlimDnCNN(1, base_width=8, depth=3),
+                  device="cpu", warmup=0, repeats=1, compile_static=False)
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert [n["input_shape"][0] for n in written["network"]] == [1, 2]  # batch 2's network was timed
+    assert written["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert written["layers"] and written["targets"]
+    assert "**Stopped early** (RuntimeError: CUDA error" in (tmp_path / "bench.md").read_text()

@@ -2,7 +2,10 @@
 driver's through cuda-python where torch has none (torch 2.11, on our GPU machines)."""
 import os
 import re
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +85,102 @@ def test_driver_nodes_are_refused_inside_a_capture_before_they_are_made(monkeypa
     monkeypatch.setattr(graph_if, "_DRIVER_IF_NODES", {})
     with pytest.raises(RuntimeError, match="outside the capture first"):
         driver_if_nodes(torch.device("cuda", 0))
+
+
+# DriverIfNodes against the stand-in driver: torch's CUDA pieces replaced by loggers, since torch
+# has no GPU here either
+_DRIVE_STAND_IN = """
+import contextlib, sys, torch
+from dds_fast.graph_if import DriverIfNodes
+
+def log(text):
+    print("[torch] " + text, file=sys.stderr, flush=True)
+
+class Stream:
+    def __init__(self, handle, device=None):
+        self.cuda_stream = int(handle)
+
+caller = Stream(0xA00A)
+torch.cuda.device = lambda device: contextlib.nullcontext()
+torch.cuda.synchronize = lambda device=None: None
+torch.cuda.ExternalStream = Stream
+torch.cuda.graph_pool_handle = lambda: (0, 42)
+torch.cuda.current_stream = lambda device=None: caller
+torch.cuda.set_stream = lambda stream: log(f"set_stream {stream.cuda_stream:#x}")
+torch._C._cuda_beginAllocateCurrentStreamToPool = lambda device, pool: log(f"beginAllocate {device} {pool}")
+torch._C._cuda_endAllocateToPool = lambda device, pool: log(f"endAllocate {device} {pool}")
+
+class Flag:
+    device, dtype, shape = torch.device("cuda", 0), torch.bool, ()
+    def numel(self):
+        return 1
+    def data_ptr(self):
+        return 0x7F00DEAD0000
+
+nodes = DriverIfNodes(torch.device("cuda", 0))
+log("begin")
+nodes.begin_capture_to_if_node(Flag())
+log("end")
+nodes.end_capture_to_conditional_node()
+"""
+
+
+def _cuda_header():
+    """cuda.h of the NVIDIA wheels beside torch's CUDA builds, else Triton's."""
+    for root in map(Path, sys.path):
+        for candidate in (root / "nvidia" / "cu13" / "include" / "cuda.h",
+                          root / "triton" / "backends" / "nvidia" / "include" / "cuda.h"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def test_driver_nodes_make_the_driver_calls_torch_does_in_order(tmp_path):
+    """What DriverIfNodes hands the CUDA driver through cuda-python, seen by a stand-in driver
+    (tests/stand_in_libcuda.c): the kernel loaded up front; then the handle on the graph being
+    captured, set by the kernel on the caller's stream, the IF node after the stream's
+    dependencies and before what follows, and the body captured into the node's graph from
+    the body stream, torch's current stream and allocations routed to it meanwhile."""
+    if not graph_if.driver_if_nodes_available():
+        pytest.skip("needs cuda-python 13+ (installed with torch's CUDA 13 builds)")
+    header, compiler = _cuda_header(), shutil.which("gcc") or shutil.which("cc")
+    if header is None or compiler is None:
+        pytest.skip("needs a C compiler and cuda.h")
+    from cuda.bindings import driver as cu
+    library = tmp_path / "libcuda.so.1"
+    subprocess.run([compiler, "-shared", "-fPIC", f"-I{header.parent}", str(Path(__file__).with_name(
+        "stand_in_libcuda.c")), "-o", str(library), "-ldl"], check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-c", _DRIVE_STAND_IN], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LD_LIBRARY_PATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    calls = [line.split(" ", 1)[1] for line in run.stderr.splitlines() if line.startswith(("[driver]", "[torch]"))]
+    conditional = int(cu.CUgraphNodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL)
+    if_node = int(cu.CUgraphConditionalNodeType.CU_GRAPH_COND_TYPE_IF)
+    set_dependencies = int(cu.CUstreamUpdateCaptureDependencies_flags.CU_STREAM_SET_CAPTURE_DEPENDENCIES)
+    global_mode = int(cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)
+    assert calls == [
+        "cuCtxGetCurrent",
+        f"cuModuleLoadData length={len(_SET_CONDITIONAL_PTX)}",  # the whole PTX, NUL-terminated
+        "cuModuleGetFunction module=0x3003 name=dds_set_conditional",
+        "cuFuncLoad function=0xf00f",
+        f"cuStreamCreate flags={int(cu.CUstream_flags.CU_STREAM_NON_BLOCKING)}",
+        "begin",
+        "cuStreamGetCaptureInfo stream=0xa00a",
+        "cuGraphConditionalHandleCreate graph=0x6006 context=0xc7c7 default=0 flags=0",
+        "cuLaunchKernel function=0xf00f grid=1,1,1 block=1,1,1 shared=0 stream=0xa00a extra=(nil) "
+        "handle=0x123456789abc flag=0x7f00dead0000",
+        "cuStreamGetCaptureInfo stream=0xa00a",
+        f"cuGraphAddNode graph=0x6006 count=2 dependencies=0xd001,0xd002 type={conditional} handle=0x123456789abc "
+        f"condition={if_node} size=1 context=0xc7c7",
+        f"cuStreamUpdateCaptureDependencies stream=0xa00a count=1 dependency=0xc0de flags={set_dependencies}",
+        f"cuStreamBeginCaptureToGraph stream=0x5005 graph=0xb0d1 count=0 mode={global_mode}",
+        "set_stream 0x5005",
+        "beginAllocate 0 (0, 42)",
+        "end",
+        "endAllocate 0 (0, 42)",
+        "set_stream 0xa00a",
+        "cuStreamEndCapture stream=0x5005",
+    ]
 
 
 def _implementations():
