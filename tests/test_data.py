@@ -118,6 +118,22 @@ def test_load_planar_rgb_tiff(tmp_path):
     assert bits == 16 and torch.equal(image, torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 65535))
 
 
+def test_load_inverted_and_palette_tiffs_as_shown(tmp_path):
+    """tifffile returns stored samples: a MinIsWhite file stores white as 0, a palette file
+    stores indices into a 16-bit colour map."""
+    import tifffile
+
+    gray = rng().integers(0, 256, (5, 7), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "inverted.tif", 255 - gray, photometric="miniswhite")
+    assert torch.equal(load_image(tmp_path / "inverted.tif")[0], torch.from_numpy(gray.astype(np.float32) / 255))
+    colormap = rng(1).integers(0, 65536, (3, 256), dtype=np.uint16)
+    indices = rng(2).integers(0, 256, (5, 7), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "palette.tif", indices, photometric="palette", colormap=colormap)
+    image, bits = read_image(tmp_path / "palette.tif")
+    expected = torch.from_numpy(colormap[:, indices].astype(np.float32) / 65535)
+    assert image.shape == (3, 5, 7) and torch.equal(image, expected)
+
+
 @pytest.mark.parametrize("channels", [2, 3, 4])
 def test_load_16bit_png_with_colour_or_alpha_keeps_all_bits(tmp_path, channels):
     # Pillow truncates these to 8 bits
@@ -253,6 +269,10 @@ def test_noisy_patches_errors(photos):
         NoisyPatches([torch.rand(3, 20, 20), torch.rand(1, 20, 20)], GaussianNoise(25), patch_size=8)
     with pytest.raises(ValueError, match="no images"):
         NoisyPatches([], GaussianNoise(25))
+    with pytest.raises(ValueError, match=r"image 0: expected floating-point values in \[0, 1\], got torch.uint8"):
+        NoisyPatches([torch.full((3, 20, 20), 200, dtype=torch.uint8)], GaussianNoise(25), patch_size=8)
+    with pytest.raises(ValueError, match="expected floating-point values"):
+        make_validation_set([torch.full((3, 20, 20), 200, dtype=torch.uint8)], GaussianNoise(25))
     with pytest.raises(IndexError):
         NoisyPatches(photos, GaussianNoise(25), patch_size=8, length=4)[4]
 
@@ -327,6 +347,23 @@ def test_paired_patches_from_tensors():
     data = PairedPatches([(clean + 1, clean)], patch_size=8, patches_per_pair=4)
     noisy, crop = data[2]
     assert torch.allclose(noisy, crop + 1)
+
+
+def test_paired_patches_reject_mismatched_channels_and_integer_tensors(tmp_path):
+    colour, gray = rng().integers(0, 256, (16, 16, 3), dtype=np.uint8), rng(1).integers(0, 256, (16, 16), dtype=np.uint8)
+    iio.imwrite(tmp_path / "noisy.png", colour)
+    iio.imwrite(tmp_path / "clean.png", gray)
+    for channels in (None, 3):  # channels=3 would otherwise turn the gray target into colour silently
+        with pytest.raises(ValueError, match="colour channels differ for .*noisy.png and .*clean.png: 3 vs 1"):
+            PairedPatches([(tmp_path / "noisy.png", tmp_path / "clean.png")], 8, 2, channels=channels)[0]
+    with pytest.raises(ValueError, match="colour channels differ for pair 0: 3 vs 1"):
+        PairedPatches([(torch.rand(3, 16, 16), torch.rand(1, 16, 16))], 8, 2)[0]
+    with pytest.raises(ValueError, match="pair 0, clean image: expected floating-point values"):
+        PairedPatches([(torch.rand(3, 16, 16), torch.full((3, 16, 16), 9, dtype=torch.uint8))], 8, 2)[0]
+    rgba = np.dstack([colour, np.full((16, 16), 255, np.uint8)])  # alpha is not a colour channel
+    iio.imwrite(tmp_path / "clean.png", rgba)
+    noisy, clean = PairedPatches([(tmp_path / "noisy.png", tmp_path / "clean.png")], 8, 2, augment=False)[0]
+    assert noisy.shape == clean.shape == (3, 8, 8) and torch.equal(noisy, clean)
 
 
 def test_sidd_medium_errors_name_the_path(tmp_path):

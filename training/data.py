@@ -94,6 +94,11 @@ def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     return torch.einsum("c,chw->hw", _LUMA.to(image), image).unsqueeze(0)
 
 
+def _colour_planes(array: np.ndarray) -> int:
+    """1 (gray) or 3 (colour): the planes of an HW / HWC array other than an alpha plane."""
+    return 1 if array.ndim == 2 or array.shape[-1] <= 2 else 3
+
+
 def _to_tensor(array: np.ndarray, source: str, keep_alpha: bool = False) -> torch.Tensor:
     """HW / HWC integer or bool array -> float32 [C, H, W] in [0, 1], alpha dropped unless
     ``keep_alpha`` (then the last of 2 or 4 channels)."""
@@ -110,7 +115,7 @@ def _to_tensor(array: np.ndarray, source: str, keep_alpha: bool = False) -> torc
     if scaled.ndim != 3 or scaled.shape[-1] not in (1, 2, 3, 4):
         raise ValueError(f"{source}: expected a gray or colour image, got array shape {array.shape}")
     if not keep_alpha:  # 2 = gray + alpha, 4 = RGBA: keep the colour planes only
-        scaled = scaled[..., :1] if scaled.shape[-1] == 2 else scaled[..., :3]
+        scaled = scaled[..., : _colour_planes(scaled)]
     return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
 
 
@@ -161,13 +166,19 @@ def _read_png16_colour(path: Path) -> np.ndarray:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    """A TIFF as [H, W(, C)], through tifffile: Pillow cannot read 16-bit colour TIFFs. A
-    planar-configuration file (each colour a plane of its own) reads as [C, H, W]."""
+    """A TIFF as [H, W(, C)], through tifffile: Pillow cannot read 16-bit colour TIFFs.
+    tifffile returns the stored samples, so a planar-configuration file (each colour a plane
+    of its own, [C, H, W]), an inverted gray one (MinIsWhite) and a palette one (indices into
+    a 16-bit colour map) are turned into the pixels a viewer shows here."""
     with tifffile.TiffFile(path) as tiff:
         array = tiff.asarray()
         page = tiff.pages[0]
         if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1:
             array = np.moveaxis(array, -3, -1)
+        if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+            array = ~array if array.dtype == np.bool_ else np.iinfo(array.dtype).max - array
+        elif page.photometric == tifffile.PHOTOMETRIC.PALETTE:
+            array = np.ascontiguousarray(page.colormap.astype(np.uint16).T[array])
     return array
 
 
@@ -318,6 +329,15 @@ def _crop_box(height: int, width: int, size: int, generator: torch.Generator) ->
     return _randint(height - size + 1, generator), _randint(width - size + 1, generator)
 
 
+def _check_image_tensor(label: str, image) -> None:
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{label}: expected a tensor shaped [1 or 3, H, W], got {shape}")
+    if not image.is_floating_point():  # 0..255 read as intensities would make every noise level 255x too weak
+        raise ValueError(f"{label}: expected floating-point values in [0, 1], got {image.dtype} (scale integer "
+                         f"pixels by their maximum, e.g. / 255)")
+
+
 def _image_list(images, channels: int | None) -> tuple[list[str], list[torch.Tensor]]:
     """Labels (``image <key>`` of a mapping, ``image <position>`` of a sequence) and the images."""
     if isinstance(images, Mapping):
@@ -328,9 +348,7 @@ def _image_list(images, channels: int | None) -> tuple[list[str], list[torch.Ten
     if not values:
         raise ValueError("no images given")
     for label, image in zip(labels, values):
-        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
-            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ValueError(f"{label}: expected a tensor shaped [1 or 3, H, W], got {shape}")
+        _check_image_tensor(label, image)
     if channels is not None:
         return labels, [to_channels(v, channels) for v in values]
     if len({v.shape[0] for v in values}) > 1:
@@ -528,14 +546,21 @@ class PairedPatches(Dataset):
             return self._cache[k]
         noisy, clean = self.pairs[k]
         if isinstance(noisy, torch.Tensor):
+            for name, image in (("noisy", noisy), ("clean", clean)):
+                _check_image_tensor(f"pair {k}, {name} image", image)
             loaded = (noisy, clean)
             names = f"pair {k}"
+            size = [tuple(a.shape[-2:]) for a in loaded]
+            colours = [a.shape[0] for a in loaded]
         else:
             loaded = (_read_array(Path(noisy)), _read_array(Path(clean)))
             names = f"{noisy} and {clean}"
-        size = [tuple(a.shape[-2:]) if isinstance(a, torch.Tensor) else a.shape[:2] for a in loaded]
+            size = [a.shape[:2] for a in loaded]
+            colours = [_colour_planes(a) for a in loaded]
         if size[0] != size[1]:
             raise ValueError(f"noisy/clean sizes differ for {names}: {size[0]} vs {size[1]}")
+        if colours[0] != colours[1]:
+            raise ValueError(f"noisy/clean colour channels differ for {names}: {colours[0]} vs {colours[1]}")
         if min(size[0]) < self.patch_size:
             raise ValueError(f"{names}: size {size[0]} is smaller than patch_size {self.patch_size}")
         if self.cache_size > 0:
