@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_write
 from .config import RoutingEntry, SubnetConfig
 from .ddsnet import PER_IMAGE_TILES, DDSNet
 from .export import StaticConv2d
@@ -84,9 +85,9 @@ def backward_step(layer, x: torch.Tensor):
 
 
 def bench_layers(channels: int, sizes, batches, device, dtype, warmup: int, repeats: int,
-                 compile_static: bool = True) -> list[dict]:
+                 compile_static: bool = True):
+    """The layer rows, each yielded as it is timed (a run stopped midway keeps those before)."""
     backends = ["triton", "torch"] if device.type == "cuda" else ["torch"]
-    rows = []
     for size in sizes:
         for batch in batches:
             for ratio in WIDTHS:
@@ -103,16 +104,15 @@ def bench_layers(channels: int, sizes, batches, device, dtype, warmup: int, repe
                         try:
                             timing = runner.time_fn(fn)
                         except Exception as error:  # torch.compile can be unavailable (no compiler): report it
-                            rows.append(dict(row, error=f"{type(error).__name__}: {error}"[:300]))
+                            yield dict(row, error=f"{type(error).__name__}: {error}"[:300])
                             continue
                         if device.type == "cuda":
                             try:  # the GPU's own time, without the host's launch cost
                                 row["graph_median_ms"] = runner.time_fn(fn, cuda_graph=True).median_ms
                             except Exception as error:  # a capture that fails keeps the eager timing
                                 row["graph_error"] = f"{type(error).__name__}: {error}"[:300]
-                        rows.append(dict(row, macs=STEPS[step][0] * width * width * 9 * size * size * batch,
-                                         **asdict(timing)))
-    return rows
+                        yield dict(row, macs=STEPS[step][0] * width * width * 9 * size * size * batch,
+                                   **asdict(timing))
 
 
 def layer_markdown(rows: list[dict]) -> str:
@@ -221,7 +221,7 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
     gate = routed.gate
     routes = configured[:gate.num_choices]
     fused_backend = backend_of(gate, runner.device)
-    previous = net.get_config()
+    previous, backend = net.get_config(), gate.backend
     stem = net.stem_conv
 
     peaks_mib = {}
@@ -261,6 +261,7 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
         eager_in_graph = _per_call_in_graph(runner, lambda: gate(features))
     finally:
         stem.emit_channel_sums, stem.channel_sums = False, None
+        gate.backend = backend  # the branches are compared with routed rows timed on the fused head
         net.set_config(previous)
     # last, and a failure kept as a reading: the driver's conditional nodes (torch 2.11) are new
     branches_error = None
@@ -292,12 +293,13 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
                 largest=routes[-1].label, largest_ms=routes[-1].timing.median_ms)
 
 
-def target_rows(layers: list[dict], networks: list[Report], element_bytes: int, gates: list[dict] = ()) -> list[dict]:
+def target_rows(layers: list[dict], networks: list[Report], element_bytes: int, peaks: DevicePeaks,
+                gates: list[dict] = ()) -> list[dict]:
     """Each target of the benchmark issue that this run measured: what it needs, what was
-    measured, whether it is met, and the floor that bounds it (bytes or FLOPs). ``networks``
-    are the network's reports, one per batch; ``gates`` the gate timings of ``time_gate``."""
+    measured, whether it is met, and the floor that bounds it (bytes or FLOPs, at ``peaks``).
+    ``networks`` are the network's reports, one per batch; ``gates`` the gate timings of
+    ``time_gate``."""
     rows = []
-    peaks = networks[0].peaks
     timed = {(r["size"], r["batch"], r["ratio"], r["step"], r["variant"]): r for r in layers if "median_ms" in r}
     for (size, batch, ratio, step, variant), ours in timed.items():
         if variant != "triton fused":
@@ -414,7 +416,7 @@ def plot_network(reports: list[Report], path: Path) -> Path | None:
               title=f"{first.device}, {first.dtype}, {list(first.input_shape[1:])}")
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 
@@ -454,18 +456,22 @@ def gate_markdown(gates: list[dict]) -> str:
 def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, batches=None, channels: int = 64,
               model=None, device: str | None = None, warmup: int | None = None, repeats: int | None = None,
               cuda_graph: bool = False, compile_static: bool = True) -> dict:
-    """Run the layer and network benchmarks; write ``bench.json``, ``bench.md`` and ``network.png``.
-    The network is timed at ``sizes[0]`` and each of ``batches``."""
+    """Run the layer and network benchmarks; write ``bench.json``, ``bench.md`` and, when a
+    network row was timed and matplotlib is there, ``network.png``. The network is timed at
+    ``sizes[0]`` and each of ``batches``. Returns what ``bench.json`` holds, with ``written``:
+    the files written. A run stopped by any exception, an interrupt included, writes what it
+    measured before, with what stopped it, then raises it."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"bench: dtype must be float16, bfloat16 or float32, got {dtype!r}")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"bench: --cuda-graph needs a CUDA device, got {device}")
     if device.type == "cpu" and torch_dtype != torch.float32:
         torch_dtype, dtype = torch.float32, "float32"  # half-precision convs are not what a CPU runs
-    on_gpu = device.type == "cuda"
-    if on_gpu:
+    if device.type == "cuda":
         sizes = sizes or ([256] if quick else [256, 512])
-        batches = batches or ([1] if quick else [1, 16])
+        batches = batches or ([1] if quick else [1, 8, 16])  # 8: SPEEDUP_BATCH, the speedup-share target's
         warmup = 10 if warmup is None else warmup
         repeats = (50 if quick else 200) if repeats is None else repeats
     else:  # a CPU run shows the pipeline, not GPU speed: keep it short
@@ -477,37 +483,40 @@ def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, b
             raise ValueError(f"bench: {name} must be positive, got {values}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "network.png").unlink(missing_ok=True)  # an earlier run's plot must not pass for this one's
 
-    layers = bench_layers(channels, sizes, batches, device, torch_dtype, warmup, repeats, compile_static)
     model = model if model is not None else SlimUNet(in_channels=3, base_width=32, depth=4)
-    networks, gates, peaks, failure = [], [], None, None
+    layers, networks, gates, peaks, failure = [], [], [], None, None
     try:
+        # measured once per run, first: the layer targets' floors need them without a network row
+        peaks = LatencyRunner(model, (batches[0], model.in_channels, sizes[0], sizes[0]), torch_dtype, device,
+                              warmup, repeats).measure_peaks()
+        layers.extend(bench_layers(channels, sizes, batches, device, torch_dtype, warmup, repeats, compile_static))
         for batch in batches:
             runner = LatencyRunner(model, (batch, model.in_channels, sizes[0], sizes[0]), torch_dtype, device,
-                                   warmup, repeats, cuda_graph=cuda_graph and on_gpu)
+                                   warmup, repeats, cuda_graph=cuda_graph)
             networks.append(runner.run(peaks=peaks))
-            peaks = networks[0].peaks  # measured once per run
             gate = time_gate(runner, networks[-1])
             if gate is not None:
                 gates.append(gate)
-    except Exception as error:  # what was measured before it is written, with what failed, then it is raised
+    except BaseException as error:  # an interrupt too (gpu_session.sh stops a run with SIGINT): written, then raised
         failure = error
-    targets = target_rows(layers, networks, torch.finfo(torch_dtype).bits // 8, gates) if networks else []
+    targets = target_rows(layers, networks, torch.finfo(torch_dtype).bits // 8, peaks, gates) if peaks else []
     name, env = describe_device(device)
     result = {"device": name, "environment": env, "dtype": dtype, "layers": layers,
               "network": [network.to_dict() for network in networks], "gate": gates, "targets": targets}
     stopped = ""
     if failure is not None:
-        result["error"] = f"{type(failure).__name__}: {failure}".splitlines()[0]
+        result["error"] = type(failure).__name__ + "".join(f": {line}" for line in str(failure).splitlines()[:1])
         stopped = f"**Stopped early** ({result['error']}): the rows below are what was measured before.\n\n"
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    written = [atomic_write(out_dir / "bench.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))]
     tables = "\n\n".join(network.to_markdown() for network in networks)
     markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\n{stopped}## One conv layer, {channels} channels "
                 f"max, 3x3, LeakyReLU, channels_last\n\n{layer_markdown(layers)}\n\n## Whole network\n\n"
                 f"{tables}\n\n{gate_markdown(gates)}\n\n## Targets\n\n{targets_markdown(targets)}\n")
-    (out_dir / "bench.md").write_text(markdown)
+    written.append(atomic_write(out_dir / "bench.md", lambda tmp: tmp.write_text(markdown)))
     if networks:
-        plot_network(networks, out_dir / "network.png")
+        written.append(plot_network(networks, out_dir / "network.png"))
     if failure is not None:
         raise failure
-    return result
+    return dict(result, written=[str(path) for path in written if path is not None])

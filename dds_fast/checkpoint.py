@@ -167,7 +167,8 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     build = getattr(cls, "from_arch_args", cls)
     try:
         model = build(**meta["arch_args"])
-    except (TypeError, ValueError, KeyError) as error:
+    except (TypeError, ValueError, KeyError, RuntimeError, MemoryError, OverflowError) as error:
+        # RuntimeError, MemoryError: arguments so large that the parameters cannot be allocated
         raise CheckpointError(f"checkpoint {path}: cannot build {meta['arch']} from its arguments: {error}") from None
     try:
         if meta["config"] is not None and hasattr(model, "set_config"):
@@ -199,6 +200,11 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match {meta['arch']}: missing keys {missing}, "
                               f"unexpected keys {unexpected}")
+    # a NaN or infinite weight would not fail: it would route every image to one sub-network
+    # (a gate's) or end in a NaN image, far from its cause
+    broken = [key for key, t in sorted(tensors.items()) if t.is_floating_point() and not bool(t.isfinite().all())]
+    if broken:
+        raise CheckpointError(f"checkpoint {path}: NaN or infinite values in {', '.join(broken)}")
     try:
         model.load_state_dict(tensors, assign=True)  # assign: the saved dtypes, not the fresh model's fp32
     except RuntimeError as error:

@@ -41,6 +41,10 @@ def cmd_info(args) -> int:
     if meta["user"]:
         user = {k: v for k, v in meta["user"].items() if k not in ("train_config", "trajectory")}
         print(f"metadata:      {user}")
+    if getattr(net, "is_static", False):  # an export_static: one config, fixed
+        print(f"static export of config {meta['config'].to_dict()}")
+        print(f"multiply-adds per pixel (the paper's FLOPs/pixel): {macs_per_pixel(net):,.0f}")
+        return 0
     print("width groups (max width: allowed widths):")
     for group in space.groups:
         print(f"  {group.name:>10}  {group.max_width:4d}: {list(group.choices)}")
@@ -234,7 +238,7 @@ def cmd_bench(args) -> int:
                        channels=args.channels, model=model, device=device, cuda_graph=args.cuda_graph,
                        compile_static=not args.no_compile)
     print((Path(args.out) / "bench.md").read_text())
-    print(f"device: {result['device']}; written to {args.out}/bench.json, bench.md, network.png")
+    print(f"device: {result['device']}; written: {', '.join(result['written'])}")
     return 0
 
 
@@ -245,7 +249,8 @@ def _model_from(checkpoint: str | None):
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         raise FileNotFoundError("no trained model ships with this version yet; pass --checkpoint "
                                 "(a dds-fast train run writes dds.safetensors)")
-    return load(path).eval()
+    # the commands run on the CPU in fp32: a checkpoint saved in fp16 or bf16 is widened
+    return load(path).float().eval()
 
 
 def cmd_denoise(args) -> int:
@@ -264,13 +269,17 @@ def cmd_denoise(args) -> int:
             raise ValueError(f"--budget needs a DDSNet checkpoint; {args.checkpoint} holds a {type(model).__name__}")
         model.set_budget(args.budget)
         print(f"static mode: config at {model.static_macs_per_pixel(model.budget_index):,.0f} MACs/pixel")
-    output = denoise(model, to_channels(image, model.in_channels), tile=args.tile, overlap=args.overlap)
-    output = to_channels(output.float(), image.shape[0])
+    if model.in_channels == 1 and image.shape[0] == 3:  # a gray model denoises each colour plane alone
+        output = torch.cat([denoise(model, plane, tile=args.tile, overlap=args.overlap) for plane in image[:, None]])
+    else:
+        output = to_channels(denoise(model, to_channels(image, model.in_channels), tile=args.tile,
+                                     overlap=args.overlap).float(), image.shape[0])
     if alpha is not None:
         output = torch.cat([output, alpha])
     save_image(args.output, output, 16 if bits == 16 and Path(args.output).suffix.lower() == ".png" else 8)
     if isinstance(model, DDSNet) and args.budget is None and max(image.shape[-2:]) <= args.tile:
-        macs = model.routed_macs(to_channels(image, model.in_channels)[None])[0]
+        planes = image[:, None] if model.in_channels == 1 else to_channels(image, model.in_channels)[None]
+        macs = sum(model.routed_macs(planes)) / len(planes)
         print(f"dynamic mode: routed to {macs:,.0f} MACs/pixel")
     print(f"wrote {args.output}")
     return 0
@@ -333,14 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "receptive field radius, so tiles leave no seams)")
     den.set_defaults(func=cmd_denoise)
     bench = sub.add_parser("bench", help="time layers and every config of a network; JSON, markdown and plots")
-    bench.add_argument("--full", action="store_true", help="all sizes and batches (default: quick)")
+    bench.add_argument("--full", action="store_true",
+                       help="on a GPU, sizes 256 and 512 at batches 1, 8 and 16, 200 repeats (default: quick, 256 "
+                            "at batch 1, 50 repeats); a CPU run is always the short one")
     bench.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     bench.add_argument("--size", type=int, action="append", help="image side; repeat for several")
     bench.add_argument("--batch", type=int, action="append", help="batch size; repeat for several")
     bench.add_argument("--channels", type=int, default=64, help="the benchmarked layer's maximum width")
     bench.add_argument("--checkpoint", help="time this model's configs (default: an untrained SlimUNet)")
     bench.add_argument("--device", help="cuda or cpu (default: cuda when present)")
-    bench.add_argument("--cuda-graph", action="store_true", help="replay one CUDA graph per config")
+    bench.add_argument("--cuda-graph", action="store_true", help="replay one CUDA graph per config (CUDA only)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     bench.add_argument("--out", default="bench-results")
     bench.set_defaults(func=cmd_bench)

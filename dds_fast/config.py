@@ -30,10 +30,10 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
-def _integer(value):
+def exact_int(value):
     """``value`` as an int if it is an integer (numpy and tensor integers too); anything else
     as it is, for SubnetConfig to reject: ``int()`` would turn 12.7 into 12 and "8" into 8."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool:  # a bool tensor indexes as 0 or 1
         return value
     try:
         return operator.index(value)
@@ -57,6 +57,8 @@ class SubnetConfig:
         # pairs given as lists would leave the config unhashable and unequal to the same widths
         object.__setattr__(self, "widths", tuple((name, width) for name, width in self.widths))
         names = [name for name, _ in self.widths]
+        if not all(isinstance(name, str) for name in names):  # JSON keys are strings: to_json would not round-trip
+            raise ValueError(f"SubnetConfig: group names must be strings, got {names}")
         if len(set(names)) != len(names):
             raise ValueError(f"SubnetConfig: duplicate group names in {names}")
         for name, width in self.widths:
@@ -65,7 +67,7 @@ class SubnetConfig:
 
     @classmethod
     def from_dict(cls, widths: Mapping[str, int]) -> "SubnetConfig":
-        return cls(tuple((str(name), _integer(width)) for name, width in widths.items()))
+        return cls(tuple((str(name), exact_int(width)) for name, width in widths.items()))
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.widths)
@@ -171,13 +173,15 @@ class WidthSpace:
         unknown = [n for n in widths if n not in self._by_name]
         if missing or unknown:
             raise ValueError(f"config does not match the network's groups: missing {missing}, unknown {unknown}")
+        checked = []
         for g in self.groups:
-            width = widths[g.name]
-            if isinstance(width, bool) or not hasattr(width, "__index__"):
-                raise ValueError(f"config: group {g.name!r} width {width!r} is not an integer")
+            width = exact_int(widths[g.name])  # a float tensor has __index__ too, and int() would truncate it
+            if isinstance(width, bool) or not isinstance(width, int):
+                raise ValueError(f"config: group {g.name!r} width {widths[g.name]!r} is not an integer")
             if not 1 <= width <= g.max_width:
                 raise ValueError(f"config: group {g.name!r} width {width} outside [1, {g.max_width}]")
-        return SubnetConfig(tuple((g.name, int(widths[g.name])) for g in self.groups))
+            checked.append((g.name, width))
+        return SubnetConfig(tuple(checked))
 
     def to_dict(self) -> dict:
         return {g.name: {"max_width": g.max_width, "choices": list(g.choices)} for g in self.groups}

@@ -28,6 +28,7 @@ class ConvCall:
     in_widths: tuple[int, ...]  # active channels of each input tensor (more than one: concat)
     out_width: int
     out_size: tuple[int, int]
+    in_size: tuple[int, int]  # the input's own: not out_size times the stride unless padded to fit
 
     @property
     def macs(self) -> int:
@@ -68,15 +69,17 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
     names = {module: name for name, module in model.named_modules()}
     calls: list[ConvCall] = []
 
-    def record(module, args, output):
-        x = args[0]
-        widths = tuple(t.shape[1] for t in x) if isinstance(x, (list, tuple)) else (x.shape[1],)
+    def record(module, args, kwargs, output):
+        x = args[0] if args else kwargs["input"]  # nn.Conv2d's forward(input), called by keyword too
+        # channels at -3: a batch [N, C, H, W], or an unbatched image [C, H, W]
+        widths = tuple(t.shape[-3] for t in x) if isinstance(x, (list, tuple)) else (x.shape[-3],)
         r = getattr(module, "upscale_factor", 1)  # an upsampling SlimConv2d: count its filters' own output
-        calls.append(ConvCall(names.get(module, ""), module, widths, output.shape[1] * r * r,
-                              (output.shape[-2] // r, output.shape[-1] // r)))
+        calls.append(ConvCall(names.get(module, ""), module, widths, output.shape[-3] * r * r,
+                              (output.shape[-2] // r, output.shape[-1] // r),
+                              tuple((x[0] if isinstance(x, (list, tuple)) else x).shape[-2:])))
 
     reference = next(model.parameters(), torch.empty(0))  # a model without parameters runs in fp32 on the CPU
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks = [m.register_forward_hook(record, with_kwargs=True) for m in model.modules() if isinstance(m, nn.Conv2d)]
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()

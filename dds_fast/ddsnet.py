@@ -44,6 +44,28 @@ def _padded_full_stem_input(supernet: SlimNet, x: torch.Tensor) -> torch.Tensor:
     return supernet.pad(x)
 
 
+@torch.no_grad()
+def _tiled_stem_means(supernet: SlimNet, x: torch.Tensor, block: int) -> torch.Tensor:
+    """The fp32 ``[N, C]`` channel means of the full-width stem's output over the padded ``x``
+    (the gate's squeeze), the stem run on ``block`` x ``block`` pixels at a time with its
+    context, so that memory stays bounded for a large image."""
+    if block < 1:
+        raise ValueError(f"stem_means: block must be >= 1, got {block}")
+    config = supernet.get_config()
+    padded = _padded_full_stem_input(supernet, x)
+    radius = supernet.stem_conv.kernel_size[0] // 2
+    h, w = padded.shape[-2:]
+    total = torch.zeros(len(x), supernet.stem_channels, dtype=torch.float64, device=x.device)
+    for top in range(0, h, block):
+        for left in range(0, w, block):
+            y0, x0 = max(0, top - radius), max(0, left - radius)
+            out = supernet.stem(padded[..., y0:min(h, top + block + radius), x0:min(w, left + block + radius)])
+            total += out[..., top - y0:top - y0 + block, left - x0:left - x0 + block].sum(dim=(2, 3),
+                                                                                          dtype=torch.float64)
+    supernet.set_config(config)
+    return (total / (h * w)).float()
+
+
 def _supernet_and_gate_args(supernet: SlimNet, gate: DynamicGate) -> dict:
     """The checkpoint arguments of a super-network behind a gate (``_build_supernet`` and
     ``DynamicGate(**gate)`` read them back)."""
@@ -118,17 +140,22 @@ class AttentionSupernet(nn.Module):
     def from_arch_args(cls, supernet: dict, gate: dict) -> "AttentionSupernet":
         return cls(_build_supernet("AttentionSupernet", supernet), DynamicGate(**gate))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stem_means(self, x: torch.Tensor, block: int = 512) -> torch.Tensor:
+        """What the gate squeezes from ``x`` (``DDSNet.stem_means``), for ``forward(..., stem_means=)``."""
+        return _tiled_stem_means(self.supernet, x, block)
+
+    def forward(self, x: torch.Tensor, stem_means: torch.Tensor | None = None) -> torch.Tensor:
+        """``stem_means``: the gate's squeeze to use instead of ``x``'s own (``stem_means``)."""
         if self.supernet.masked:
-            return self._masked_forward(x)
+            return self._masked_forward(x, stem_means)
         config = self.supernet.get_config()
         padded = _padded_full_stem_input(self.supernet, x)
-        features, _ = self.gate.attend(self.supernet.stem(padded))
+        features, _ = self.gate.attend(self.supernet.stem(padded), stem_means)
         self.supernet.set_config(config)
         out = self.supernet.body(features[:, : config[self._stem_group]], padded)
         return out[..., : x.shape[-2], : x.shape[-1]]
 
-    def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _masked_forward(self, x: torch.Tensor, stem_means: torch.Tensor | None) -> torch.Tensor:
         """``forward`` under ``set_masked_widths``: the attention reads the whole stem, and the
         stem's mask then cuts the attended features to the config's width."""
         supernet = self.supernet
@@ -137,7 +164,7 @@ class AttentionSupernet(nn.Module):
         stem = supernet.stem_conv
         mask, stem.output_mask = stem.output_mask, None
         try:
-            features, _ = self.gate.attend(supernet.stem(padded))
+            features, _ = self.gate.attend(supernet.stem(padded), stem_means)
         finally:
             stem.output_mask = mask
         out = supernet.body(features * mask, padded)
@@ -253,11 +280,21 @@ class DDSNet(nn.Module):
         """The routing index every image runs in static mode (``set_budget``); None in dynamic mode."""
         return self._budget_index
 
-    def gate_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, GateOutput]:
+    def stem_means(self, x: torch.Tensor, block: int = 512) -> torch.Tensor:
+        """The fp32 ``[N, C]`` channel means of the full-width stem's output over ``x``, the
+        squeeze the gate reads, computed ``block`` pixels square at a time. A tile of a large
+        image given them (``forward(tile, stem_means=...)``) is routed and scaled as the whole
+        image is, so tiles leave no seams (``evaluate.denoise``)."""
+        return _tiled_stem_means(self.supernet, x, block)
+
+    def gate_forward(self, x: torch.Tensor, stem_means: torch.Tensor | None = None) -> tuple[torch.Tensor, GateOutput]:
         """The padded input's full-width stem through the gate: (padded input, gate output).
         On the kernels, the stem conv's epilogue also sums its output's channels, which the
-        fused gate reads instead of squeezing the stem output again."""
+        fused gate reads instead of squeezing the stem output again (unless ``stem_means``
+        are given)."""
         padded = _padded_full_stem_input(self.supernet, x)
+        if stem_means is not None:
+            return padded, self.gate(self.supernet.stem(padded), means=stem_means)
         stem = self.supernet.stem_conv
         stem.emit_channel_sums = True
         try:
@@ -430,10 +467,12 @@ class DDSNet(nn.Module):
                              f"{len(self.routing_space) - 1}")
         return choice
 
-    def forward(self, x: torch.Tensor, choice: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, choice: torch.Tensor | None = None,
+                stem_means: torch.Tensor | None = None) -> torch.Tensor:
         """Denoise ``x``. ``choice``, an optional tensor of one routing index per image,
         overrides the gate's decisions (for ablations and for timing a given mix of
         sub-networks); the gate still runs, as its attention head may scale the features.
+        ``stem_means``: the gate's squeeze to use instead of ``x``'s own (``stem_means``).
         Before capturing a CUDA graph, run one forward on the device outside the capture:
         the first builds the device's width table and, with ``route_branches`` on, runs every
         route's body once per input signature, so the capture finds their kernels ready."""
@@ -444,10 +483,10 @@ class DDSNet(nn.Module):
                 self.supernet.set_config(self.routing_space[self._budget_index].config)
                 return self.supernet(x)
             # the attention head scales the stem's features: the budget's config behind the gate
-            padded, gate_out = self.gate_forward(x)
+            padded, gate_out = self.gate_forward(x, stem_means)
             out = self._route_body(self._budget_index, gate_out.features, padded)
             return out[..., : x.shape[-2], : x.shape[-1]]
-        padded, gate_out = self.gate_forward(x)
+        padded, gate_out = self.gate_forward(x, stem_means)
         checked = True  # the gate's choices are in range; a caller's are checked unless a capture hides them
         if choice is not None:
             checked = not (self._check_choice(choice, len(x)).is_cuda and torch.cuda.is_current_stream_capturing())

@@ -45,7 +45,9 @@ def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int
 
     Tiles start on multiples of the model's ``size_multiple`` (its downsampling factor), so
     each sees the pixel grid the whole image would: the overlap is rounded up and the step
-    down to that multiple. A DDSNet routes each tile on its own."""
+    down to that multiple. A model with a gate (a DDSNet, an AttentionSupernet) gives every
+    tile the gate's squeeze of the whole image (``stem_means``, computed tile by tile), so
+    that each tile is routed and scaled as the whole image is."""
     if tile < 1 or (overlap is not None and overlap < 0):
         raise ValueError(f"denoise: need tile >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
     x = _as_batch(noisy)
@@ -64,13 +66,14 @@ def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int
         raise ValueError(f"denoise: a tile of {tile} pixels leaves no core after {overlap} pixels of overlap on "
                          f"each side (rounded up to the model's size multiple {multiple}); use a larger tile "
                          f"(--tile) or, at the cost of seams, a smaller overlap (--overlap)")
+    gate = {"stem_means": model.stem_means(x, tile)} if hasattr(model, "stem_means") else {}
     out = None
     for top in range(0, h, step):
         for left in range(0, w, step):
             # the tile with its context, clipped to the image; keep only its core
             y0, x0 = max(0, top - overlap), max(0, left - overlap)
             y1, x1 = min(h, top + step + overlap), min(w, left + step + overlap)
-            result = model(x[..., y0:y1, x0:x1])
+            result = model(x[..., y0:y1, x0:x1], **gate)
             if out is None:  # the model's output channels and dtype, not the input's
                 out = result.new_empty((1, result.shape[1], h, w))
             core_h, core_w = min(step, h - top), min(step, w - left)
@@ -93,7 +96,6 @@ def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]
         output = denoise(model, noisy, tile).float().cpu()
         scores.append((psnr(output, clean[0]), ssim(output, clean[0])))
         if isinstance(model, DDSNet):
-            # routed as a whole image here; tiles of a large image may route differently
             macs.append(model.routed_macs(noisy)[0])
         elif len(macs) == 0:
             # a model without in_channels (any module, a baseline) is counted on the first image

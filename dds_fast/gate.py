@@ -115,37 +115,54 @@ class DynamicGate(nn.Module):
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
-    def forward(self, x: torch.Tensor, channel_sums: torch.Tensor | None = None) -> GateOutput:
+    def forward(self, x: torch.Tensor, channel_sums: torch.Tensor | None = None,
+                means: torch.Tensor | None = None) -> GateOutput:
         """``channel_sums``: optional fp32 ``[N, T, C]`` sums of ``x`` over T blocks of its
         pixels (what ``SlimConv2d.emit_channel_sums`` leaves behind), which the fused path then
-        reads instead of squeezing ``x`` itself; the reference path ignores them."""
+        reads instead of squeezing ``x`` itself; the reference path ignores them. ``means``:
+        optional ``[N, C]`` channel means that both paths take as the squeeze ``U`` instead
+        of ``x``'s own (a tile of a large image given the whole image's, so that every tile
+        gets the whole image's choice and scale)."""
         self._check_input(x)
+        self._check_means(x, means)
         if not self._fused(x):
-            return self._forward_reference(x)
-        if channel_sums is not None and (channel_sums.dim() != 3 or channel_sums.shape[0] != x.shape[0]
-                                         or channel_sums.shape[2] != self.channels):
+            return self._forward_reference(x, means)
+        if means is not None:
+            channel_sums = means.float()[:, None, :]
+        elif channel_sums is not None and (channel_sums.dim() != 3 or channel_sums.shape[0] != x.shape[0]
+                                           or channel_sums.shape[2] != self.channels):
             raise ValueError(f"DynamicGate: channel_sums must be [{x.shape[0]}, T, {self.channels}], got "
                              f"{tuple(channel_sums.shape)}")
-        return self._forward_fused(x, channel_sums)
+        return self._forward_fused(x, channel_sums, 1 if means is not None else x.shape[2] * x.shape[3])
 
-    def _squeeze(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_means(self, x: torch.Tensor, means: torch.Tensor | None) -> None:
+        if means is not None and (not isinstance(means, torch.Tensor) or means.shape != (len(x), self.channels)
+                                  or not means.is_floating_point() or means.device != x.device):
+            got = f"{means.dtype} {tuple(means.shape)} on {means.device}" if isinstance(means, torch.Tensor) \
+                else type(means).__name__
+            raise ValueError(f"DynamicGate: means must be a floating-point [{len(x)}, {self.channels}] tensor on "
+                             f"{x.device}, got {got}")
+
+    def _squeeze(self, x: torch.Tensor, means: torch.Tensor | None = None) -> torch.Tensor:
         """``R = relu(W1 U + b1)``, the input of both heads."""
         # sum in at least fp32: a half-precision mean over a large image loses digits
-        u = x.mean(dim=(2, 3), dtype=torch.promote_types(x.dtype, torch.float32)).to(self.fc1.weight.dtype)
-        return F.relu(self.fc1(u))
+        u = x.mean(dim=(2, 3), dtype=torch.promote_types(x.dtype, torch.float32)) if means is None else means
+        return F.relu(self.fc1(u.to(self.fc1.weight.dtype)))
 
     def _excite(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = 1 + torch.tanh(self.fc2(r))
         return x * scale.to(x.dtype)[:, :, None, None], scale
 
-    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, x: torch.Tensor, means: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention head alone, through the reference ops with autograd: ``(X~, scale)``.
-        Stage 1 trains it with the super-network, before the prediction head has any use."""
+        Stage 1 trains it with the super-network, before the prediction head has any use.
+        ``means`` as in ``forward``."""
         self._check_input(x)
-        return self._excite(x, self._squeeze(x))
+        self._check_means(x, means)
+        return self._excite(x, self._squeeze(x, means))
 
-    def _forward_reference(self, x: torch.Tensor) -> GateOutput:
-        r = self._squeeze(x)
+    def _forward_reference(self, x: torch.Tensor, means: torch.Tensor | None) -> GateOutput:
+        r = self._squeeze(x, means)
         if self.attention:
             features, scale = self._excite(x, r)
         else:
@@ -154,11 +171,12 @@ class DynamicGate(nn.Module):
         logits = self.fc4(F.relu(self.bn(self.fc3(r))))
         return GateOutput(features, scale, logits, F.softmax(logits, dim=1), logits.argmax(dim=1).to(torch.int32))
 
-    def _forward_fused(self, x: torch.Tensor, channel_sums: torch.Tensor | None) -> GateOutput:
+    def _forward_fused(self, x: torch.Tensor, channel_sums: torch.Tensor | None, pixels: int) -> GateOutput:
+        """``pixels``: how many pixels ``channel_sums`` sum over (1 for means)."""
         from dds_fast.kernels import gate as kernels  # imports Triton only when it is used
 
         partials = kernels.squeeze_partials(x) if channel_sums is None else channel_sums
-        head = kernels.gate_head(partials, x.shape[2] * x.shape[3], self.fc1.weight, self.fc1.bias, self.fc2.weight,
+        head = kernels.gate_head(partials, pixels, self.fc1.weight, self.fc1.bias, self.fc2.weight,
                                  self.fc2.bias, self.fc3.weight, self.fc3.bias, kernels.BatchNormStats.of(self.bn),
                                  self.fc4.weight, self.fc4.bias, attention=self.attention)
         features = kernels.apply_scale(x, head.scale) if self.attention else x

@@ -254,7 +254,7 @@ class LatencyRunner:
         if isinstance(target, SlimConv2d):  # its shapes are known, and a list input cannot be traced
             widths = tuple(t.shape[1] for t in inputs) if isinstance(inputs, list) else (inputs.shape[1],)
             calls = [ConvCall("", target, widths, target.active_out_channels or target.out_channels,
-                              target.output_size(h, w))]
+                              target.output_size(h, w), (h, w))]
         else:
             calls, _ = trace_convs(target, None, (inputs.shape[1], h, w))
         return [(calls, n)], sum(call.macs for call in calls) / (h * w)
@@ -283,7 +283,7 @@ class LatencyRunner:
             for call in calls:
                 kh, kw = call.module.kernel_size
                 out_pixels = call.out_size[0] * call.out_size[1]
-                in_pixels = out_pixels * call.module.stride[0] * call.module.stride[1]
+                in_pixels = call.in_size[0] * call.in_size[1]
                 # a grouped conv's filters each hold in/groups channels, as ConvCall.macs counts
                 moved += element * (n * sum(call.in_widths) * in_pixels + n * call.out_width * out_pixels
                                     + call.out_width * (sum(call.in_widths) // call.module.groups) * kh * kw)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import exact_int
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
@@ -158,6 +160,7 @@ class SlimConv2d(nn.Conv2d):
     @active_out_channels.setter
     def active_out_channels(self, value: int | None):
         if value is not None:
+            value = exact_int(value)  # numpy and tensor integers, as configs take them
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.out_channels \
                     or value % self.upscale_factor ** 2:
                 multiple = f" and a multiple of {self.upscale_factor ** 2}" if self.upscale_factor > 1 else ""
@@ -187,7 +190,9 @@ class SlimConv2d(nn.Conv2d):
         for k, (t, limit) in enumerate(zip(inputs, self.in_segments)):
             where = f"input {k}" if len(inputs) > 1 else "input"
             if t.dim() != 4:
-                raise ValueError(f"{self._label()}: {where} must be 4-D [N, C, H, W], got shape {tuple(t.shape)}")
+                unbatched = " (or one unbatched 3-D image)" if len(inputs) == 1 else ""
+                raise ValueError(f"{self._label()}: {where} must be 4-D [N, C, H, W]{unbatched}, got shape "
+                                 f"{tuple(t.shape)}")
             if not 1 <= t.shape[1] <= limit:
                 raise ValueError(f"{self._label()}: {where} has {t.shape[1]} channels, must be in [1, {limit}]")
         first = inputs[0]
@@ -221,10 +226,14 @@ class SlimConv2d(nn.Conv2d):
                   for start, width in zip(self.segment_starts, in_widths)]
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
 
-    def forward(self, x, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``input``: a tensor [N, C, H, W] (or, as nn.Conv2d takes it, one unbatched image [C,
+        H, W]), or a list of them, one per ``in_segments`` block."""
+        if isinstance(input, torch.Tensor) and input.dim() == 3:
+            return self.forward(input[None], None if residual is None else residual[None])[0]
         if self.emit_channel_sums:  # (an nn.Module attribute write costs host time: only when asked)
             self.channel_sums = None
-        inputs = self._check_inputs(x)
+        inputs = self._check_inputs(input)
         out_width = self.out_channels if self._active_out is None else self._active_out
         if residual is not None:
             if self.upscale_factor > 1:
@@ -255,8 +264,9 @@ class SlimConv2d(nn.Conv2d):
             inputs = [t.to(dtype) for t in inputs]
             residual = None if residual is None else residual.to(dtype)
         sums_wanted = self.emit_channel_sums and self.per_image_widths is None
+        # (unsupported_reason let only padding k//2 through, 'same' and 'valid' included)
         y = kernels.slim_conv2d(inputs, weight, bias, segment_starts=self.segment_starts,
-                                out_channels=out_width, stride=self.stride[0], padding=self.padding[0],
+                                out_channels=out_width, stride=self.stride[0], padding=self.kernel_size[0] // 2,
                                 activation=self.activation, negative_slope=self.negative_slope, residual=residual,
                                 widths=self.per_image_widths, widths_multiple=self.per_image_widths_multiple,
                                 channel_sums=sums_wanted, tile_widths=self.per_image_tile_widths,

@@ -1164,6 +1164,10 @@ def _reason(specs, weight_spec, stride, padding, dilation, groups, padding_mode,
     if kh % 2 == 0:
         return f"kernel size {kh} is even (only odd sizes with padding k//2 are supported)"
     pad = kh // 2 if padding is None else padding
+    if pad == "same" and dilation in (1, (1, 1), [1, 1]):  # an odd kernel: k//2 on each side
+        pad = kh // 2
+    elif pad == "valid":
+        pad = 0
     if isinstance(pad, str) or (isinstance(pad, (tuple, list)) and tuple(pad) != (kh // 2, kh // 2)) \
             or (isinstance(pad, int) and pad != kh // 2):
         return f"padding {padding!r} is not kernel_size//2 = {kh // 2}"

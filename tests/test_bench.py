@@ -47,7 +47,7 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
              dict(batch=1, backend="triton", fused_ms=0.02, eager_ms=0.06, floor_ms=0.005, floor_bound="bytes",
                   fused_in_graph_ms=0.004, eager_in_graph_ms=0.044, routed_smallest_ms=2.05, smallest="smallest",
                   smallest_ms=2.0)]
-    rows = {r["target"]: r for r in target_rows(layers, [network(1), network(8)], 2, gates)}
+    rows = {r["target"]: r for r in target_rows(layers, [network(1), network(8)], 2, peaks, gates)}
     vs_b = rows["layer 512x512, batch 8, width 16: fused vs (b) static"]
     vs_a = rows["layer 512x512, batch 8, width 16: fused vs (a) sliced copy"]
     assert vs_b["met"] and vs_b["got"] == pytest.approx(1.25)
@@ -99,7 +99,8 @@ def test_layer_targets_also_compare_graph_replays_where_both_were_replayed():
         ConfigResult("largest", {"a": 64}, 40000.0, Timing(40.0, 39.0, 41.0, 10), 1.0, 1.0, 32.0, "FLOPs")])
     rows = {r["target"]: r for r in target_rows(
         [layer("triton fused", 0.9, 0.2), layer("(b) static", 0.4, 0.25),
-         layer("triton fused", 0.06, 0.02, "forward"), layer("(b) static", 0.05, None, "forward")], [network], 2)}
+         layer("triton fused", 0.06, 0.02, "forward"), layer("(b) static", 0.05, None, "forward")], [network], 2,
+        peaks)}
     name = "layer 512x512, batch 1, width 16: fused forward+backward vs (b) static"
     assert rows[name]["got"] == pytest.approx(0.4 / 0.9) and not rows[name]["met"]
     replayed = rows[name + ", both as CUDA-graph replays"]
@@ -210,3 +211,97 @@ def test_bench_writes_what_it_measured_before_a_failure(tmp_path, monkeypatch):
     assert written["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert written["layers"] and written["targets"]
     assert "**Stopped early** (RuntimeError: CUDA error" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_branch_timings_run_the_gate_head_the_routed_rows_ran(monkeypatch):
+    """The eager head's timing sets the gate to torch; the branches it is compared with must not inherit that."""
+    import dds_fast.bench
+
+    seen = []
+
+    def takes_branches(self, padded, per_image):
+        seen.append((self.route_branches, self.gate.backend))
+        return False
+
+    monkeypatch.setattr(dds_fast.bench, "conditional_graph_nodes", lambda: True)
+    monkeypatch.setattr(DDSNet, "_takes_branches", takes_branches)
+    runner = LatencyRunner(small_net(), (1, 1, 8, 8), warmup=0, repeats=1)
+    report = runner.run(peaks=PEAKS)
+    runner.cuda_graph = True  # as on a GPU; the CPU times eagerly
+    time_gate(runner, report)
+    per_image = {backend for branches, backend in seen if not branches}
+    assert per_image == {"auto"} and {backend for branches, backend in seen if branches} == per_image
+
+
+BENCH_ARGS = dict(sizes=[8], batches=[1], channels=4, device="cpu", warmup=0, repeats=1, compile_static=False)
+
+
+def test_an_interrupt_writes_what_was_measured_then_is_raised(tmp_path, monkeypatch):
+    """`timeout -s INT` (benchmarks/gpu_session.sh) stops a run with a KeyboardInterrupt."""
+    import dds_fast.bench
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dds_fast.bench, "time_gate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tmp_path, model=SlimDnCNN(1, base_width=8, depth=3), **BENCH_ARGS)
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["error"] == "KeyboardInterrupt" and written["layers"] and len(written["network"]) == 1
+    assert written["targets"] and "**Stopped early** (KeyboardInterrupt)" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "network.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", "network.png"]  # no temp file left
+
+    # in the layer phase: the rows timed before it are kept
+    calls = []
+
+    def time_fn(self, fn, cuda_graph=False):
+        calls.append(fn)
+        if len(calls) > 3:  # the peaks' matmul and copy, then a layer row
+            raise KeyboardInterrupt
+        return Timing(1.0, 1.0, 1.0, 1)
+
+    monkeypatch.setattr(LatencyRunner, "time_fn", time_fn)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tmp_path, model=SlimDnCNN(1, base_width=8, depth=3), **BENCH_ARGS)
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["error"] == "KeyboardInterrupt" and len(written["layers"]) == 1 and written["network"] == []
+    assert not (tmp_path / "network.png").exists()  # the earlier run's, removed: this run timed no network
+
+
+def test_layer_targets_are_kept_when_the_network_phase_fails_first(tmp_path, monkeypatch):
+    import dds_fast.bench
+
+    def layers(*args):  # a GPU's rows: the layer targets compare the fused variant
+        return [dict(size=8, batch=1, ratio=1.0, width=4, variant=variant, step="forward", macs=4 * 4 * 9 * 64,
+                     median_ms=ms) for variant, ms in (("triton fused", 0.1), ("(b) static", 0.2))]
+
+    def out_of_memory(self, configs=None, peaks=None):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(dds_fast.bench, "bench_layers", layers)
+    monkeypatch.setattr(LatencyRunner, "run", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_bench(tmp_path, model=SlimDnCNN(1, base_width=8, depth=3), **BENCH_ARGS)
+    targets = json.loads((tmp_path / "bench.json").read_text())["targets"]
+    assert [t["target"] for t in targets] == ["layer 8x8, batch 1, width 4: fused vs (b) static"]
+    assert targets[0]["got"] == pytest.approx(2.0)
+
+
+def test_bench_reports_the_files_it_wrote_and_leaves_no_earlier_plot(tmp_path, monkeypatch, capsys):
+    import dds_fast.bench
+    from dds_fast.cli import main
+
+    monkeypatch.setattr(dds_fast.bench, "plot_network", lambda reports, path: None)  # as without matplotlib
+    (tmp_path / "network.png").write_bytes(b"an earlier run's plot")
+    assert main(["bench", "--device", "cpu", "--size", "8", "--channels", "4", "--no-compile",
+                 "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "network.png").exists()
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed.endswith(f"written: {tmp_path / 'bench.json'}, {tmp_path / 'bench.md'}")
+
+
+def test_bench_refuses_cuda_graphs_off_cuda(tmp_path):
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
+        run_bench(tmp_path / "out", model=small_net(), cuda_graph=True, **BENCH_ARGS)
+    assert not (tmp_path / "out").exists()  # refused before any work

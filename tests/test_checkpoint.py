@@ -120,6 +120,24 @@ def test_wrong_shapes_for_the_arguments(net, tmp_path):
         load(path)
 
 
+def test_arguments_too_large_to_build_are_a_checkpoint_error(net, tmp_path):
+    path = save(net, tmp_path / "model.safetensors")
+    rewrite(path, net.state_dict(), arch_args=json.dumps({**net.arch_args, "base_width": 10 ** 6}))
+    with pytest.raises(CheckpointError, match=f"{path}: cannot build SlimUNet from its arguments"):
+        load(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_infinite_weights_are_named(net, tmp_path, bad):
+    path = save(net, tmp_path / "model.safetensors")
+    tensors = net.state_dict()
+    tensors["last.bias"] = tensors["last.bias"].clone()
+    tensors["last.bias"][1] = bad
+    rewrite(path, tensors)
+    with pytest.raises(CheckpointError, match=f"{path}: NaN or infinite values in last.bias$"):
+        load(path)
+
+
 def test_unknown_architecture_and_missing_file(net, tmp_path):
     path = tmp_path / "model.safetensors"
     save(net, path)

@@ -21,6 +21,17 @@ def test_info_prints_architecture_widths_and_macs(tmp_path, capsys):
     assert "enc0.mid" in out
 
 
+def test_info_on_a_static_export(tmp_path, capsys):
+    from dds_fast import export_static
+
+    net = SlimUNet(in_channels=3, base_width=8, depth=3)
+    net.set_config(net.space.smallest())
+    path = save(export_static(net), tmp_path / "static.safetensors")
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "static export of config" in out and f"{macs_per_pixel(net, net.space.smallest()):,.0f}" in out
+
+
 def test_info_on_a_bad_file_fails_clearly(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
@@ -131,7 +142,8 @@ def test_shipped_model_is_a_small_ddsnet_and_the_demo_runs_with_no_argument(tmp_
 
 
 TINY_TRAINING = {"arch": "SlimDnCNN", "channels": 1, "base_width": 8, "depth": 3, "patch_size": 16, "batch_size": 2,
-                 "epoch_patches": 4, "gate_batch_size": 4, "validation_patch": 16, "progress": False}
+                 "epoch_patches": 4, "gate_batch_size": 4, "validation_patch": 16, "gate_patch_size": 16,
+                 "num_choices": 2, "progress": False}
 
 
 def test_train_flags_for_noise_arguments_and_validation_images(tmp_path):

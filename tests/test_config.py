@@ -88,6 +88,13 @@ def test_validate_names_what_is_wrong():
         s.validate({"a": 8, "b": 56})
     with pytest.raises(ValueError, match=r"'a' width '8' is not an integer"):
         s.validate({"a": "8", "b": 16})
+    # tensors of any dtype have __index__-like conversions: only integer ones are widths
+    for bad in (torch.tensor(8.7), torch.tensor(True), np.bool_(True)):
+        with pytest.raises(ValueError, match="'a' width .* is not an integer"):
+            s.validate({"a": bad, "b": 16})
+    assert s.validate({"a": torch.tensor(8), "b": np.int64(16)}) == SubnetConfig.from_dict({"a": 8, "b": 16})
+    with pytest.raises(ValueError, match=r"group names must be strings, got \[1\]"):
+        SubnetConfig(((1, 8),))
 
 
 def test_groups_and_routing_entries():

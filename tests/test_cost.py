@@ -35,6 +35,22 @@ def test_macs_of_one_layer_by_hand():
     assert macs_per_pixel(conv, input_shape=(5, 8, 8)) == 8 * 5 * 9 / 4
 
 
+class ConvsCalledByKeywordAndUnbatched(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.second(self.first(input=x)[0])[None]  # the second conv sees one unbatched image
+
+
+@pytest.mark.parametrize("convert", [False, True])
+def test_macs_of_convs_called_by_keyword_or_unbatched(convert):
+    model = ConvsCalledByKeywordAndUnbatched()
+    model = convert_model(model) if convert else model
+    assert macs_per_pixel(model, input_shape=(3, 5, 6)) == 4 * 3 * 9 + 2 * 4
+
+
 def test_macs_of_a_dncnn_by_hand():
     net = SlimDnCNN(in_channels=1, base_width=8, depth=3)
     cfg = net.space.largest().replace(layer0=8, layer1=16)

@@ -134,6 +134,50 @@ def test_load_inverted_and_palette_tiffs_as_shown(tmp_path):
     assert image.shape == (3, 5, 7) and torch.equal(image, expected)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_load_cmyk_tiff_as_rgb_keeping_alpha(tmp_path, dtype):
+    import tifffile
+
+    top = np.iinfo(dtype).max
+    cmyka = rng().integers(0, top + 1, (5, 7, 5), dtype=dtype)
+    tifffile.imwrite(tmp_path / "cmyk.tif", cmyka[..., :4], photometric="separated")
+    tifffile.imwrite(tmp_path / "cmyka.tif", cmyka, photometric="separated", planarconfig="contig",
+                     extrasamples=["unassalpha"])
+    ink, black = cmyka[..., :3].astype(np.float64), cmyka[..., 3:4].astype(np.float64)
+    rgb = np.round((top - ink) * (top - black) / top)  # the light each ink and the black let through
+    image, bits = read_image(tmp_path / "cmyk.tif")
+    assert bits == (16 if dtype == np.uint16 else 8)
+    assert torch.equal(image, torch.from_numpy((rgb / top).astype(np.float32)).permute(2, 0, 1))
+    with_alpha, _ = read_image(tmp_path / "cmyka.tif", keep_alpha=True)
+    assert torch.equal(with_alpha[:3], image)
+    assert torch.equal(with_alpha[3], torch.from_numpy(cmyka[..., 4].astype(np.float32) / top))
+
+
+def test_tiff_alpha_stays_as_stored_after_the_colour(tmp_path):
+    """An extra (alpha) sample is not a colour: a MinIsWhite file's alpha is not inverted."""
+    import tifffile
+
+    stored = rng().integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "rgba.tif", stored, photometric="rgb", extrasamples=["unassalpha"])
+    tifffile.imwrite(tmp_path / "graya.tif", stored[..., 2:], photometric="miniswhite", extrasamples=["unassalpha"])
+    expected = torch.from_numpy(stored.astype(np.float32) / 255).permute(2, 0, 1)
+    assert torch.equal(read_image(tmp_path / "rgba.tif", keep_alpha=True)[0], expected)
+    gray, _ = read_image(tmp_path / "graya.tif", keep_alpha=True)
+    assert torch.equal(gray[0], torch.from_numpy((255 - stored[..., 2]).astype(np.float32) / 255))
+    assert torch.equal(gray[1], expected[3])
+
+
+@pytest.mark.parametrize("photometric", ["cielab", "ycbcr"])
+def test_tiff_in_an_unsupported_colour_space_is_refused_by_name(tmp_path, photometric):
+    """tifffile returns such samples as stored (YCbCr too, unless JPEG-compressed): read as
+    RGB they would be wrong colours."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "odd.tif", rng().integers(0, 256, (5, 7, 3), dtype=np.uint8), photometric=photometric)
+    with pytest.raises(ValueError, match=f"odd.tif.*photometric {photometric.upper()}"):
+        read_image(tmp_path / "odd.tif")
+
+
 @pytest.mark.parametrize("channels", [2, 3, 4])
 def test_load_16bit_png_with_colour_or_alpha_keeps_all_bits(tmp_path, channels):
     # Pillow truncates these to 8 bits
@@ -156,6 +200,62 @@ def test_load_16bit_png_with_fewer_significant_bits(tmp_path, greyscale):
     assert bits == 16
     expected = torch.from_numpy(twelve.astype(np.float32) / 4095).permute(2, 0, 1)
     torch.testing.assert_close(image, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bitdepth,greyscale", [(1, True), (2, True), (8, True), (16, True), (8, False), (16, False)])
+def test_png_colour_key_reads_as_an_alpha_plane(tmp_path, bitdepth, greyscale):
+    """A tRNS chunk names one gray level or colour as transparent: the alpha plane it
+    implies keeps the file's bit depth."""
+    top = 2 ** bitdepth - 1
+    samples = rng(bitdepth).integers(0, top + 1, (6, 5, 1 if greyscale else 3), dtype=np.uint16)
+    key = samples[0, 0]
+    samples[1, :] = key
+    if not greyscale:  # a pixel that matches the key in some channels only stays opaque
+        samples[2, 0] = key[0], key[1], (int(key[2]) + 1) % (top + 1)
+    with open(tmp_path / "keyed.png", "wb") as f:
+        png.Writer(5, 6, greyscale=greyscale, bitdepth=bitdepth, transparent=tuple(int(v) for v in key)
+                   ).write(f, samples.reshape(6, -1).tolist())
+    image, bits = read_image(tmp_path / "keyed.png", keep_alpha=True)
+    assert bits == (16 if bitdepth == 16 else 8)
+    alpha = (samples != key).any(axis=-1, keepdims=True)
+    expected = torch.from_numpy(np.dstack([samples / top, alpha]).astype(np.float32)).permute(2, 0, 1)
+    assert alpha.sum() < alpha.size and image.shape == expected.shape
+    torch.testing.assert_close(image, expected, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("alphas", [(255, 0, 255, 255), (10, 128, 255, 0)])
+def test_palette_png_transparency_reads_as_an_alpha_plane(tmp_path, alphas):
+    """One fully transparent entry (Pillow gives its index) or an alpha per entry."""
+    colours = rng().integers(0, 256, (4, 3))
+    palette = [(*c, a) for c, a in zip(colours.tolist(), alphas)]
+    indices = rng(1).integers(0, 4, (6, 5))
+    with open(tmp_path / "palette.png", "wb") as f:
+        png.Writer(5, 6, palette=palette, bitdepth=8).write(f, indices.tolist())
+    image, bits = read_image(tmp_path / "palette.png", keep_alpha=True)
+    expected = torch.from_numpy(np.array(palette, np.float32)[indices] / 255).permute(2, 0, 1)
+    assert bits == 8 and torch.equal(image, expected)
+
+
+def test_a_large_image_is_read_despite_pillows_decompression_bomb_limit(tmp_path, monkeypatch):
+    """Pillow refuses images over Image.MAX_IMAGE_PIXELS (warns over half of it); the limit
+    here is shrunk to 10 pixels so that a small file stands for a huge one."""
+    import warnings
+
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    rgb = rng().integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    iio.imwrite(tmp_path / "big.png", rgb)
+    write_png16(tmp_path / "big16.png", rgb.astype(np.uint16) * 257)  # read with pypng, its EXIF with Pillow
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    expected = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert torch.equal(load_image(tmp_path / "big.png"), expected)
+        assert torch.equal(load_image(tmp_path / "big16.png"), expected)
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image(tmp_path / "broken.png")
+    assert Image.MAX_IMAGE_PIXELS == 10  # lifted for these reads only
 
 
 def test_load_jpeg(tmp_path):
@@ -479,3 +579,25 @@ def test_a_jpeg_reads_the_way_its_exif_orientation_shows_it(tmp_path):
     plain, _ = read_image(save_image(tmp_path / "plain.png", torch.from_numpy(stored).permute(2, 0, 1) / 255))
     # turned clockwise: the stored first column, bottom up, is the shown first row
     torch.testing.assert_close(image, plain.rot90(-1, dims=(1, 2)), atol=8 / 255, rtol=0)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_16bit_png_reads_the_way_its_exif_orientation_shows_it(tmp_path, orientation):
+    """pypng, which reads 16-bit colour, skips the eXIf chunk; Pillow's exif_transpose of the
+    same picture in 8 bits shows how it should look."""
+    from PIL import Image, ImageOps
+
+    stored = rng().integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "eight.png", exif=exif)
+    with Image.open(tmp_path / "eight.png") as eight:
+        shown = np.asarray(ImageOps.exif_transpose(eight))
+    write_png16(tmp_path / "deep.png", stored.astype(np.uint16) * 257)  # 257 * v / 65535 = v / 255
+    with open(tmp_path / "deep.png", "rb") as f:
+        chunks = list(png.Reader(file=f).chunks())
+    chunks.insert(1, (b"eXIf", exif.tobytes()))  # after IHDR
+    with open(tmp_path / "deep.png", "wb") as f:
+        png.write_chunks(f, chunks)
+    image, bits = read_image(tmp_path / "deep.png")
+    assert bits == 16 and torch.equal(image, torch.from_numpy(shown.astype(np.float32) / 255).permute(2, 0, 1))

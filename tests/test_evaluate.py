@@ -67,6 +67,55 @@ def test_default_overlap_is_the_receptive_field_so_a_deep_unet_tiles_without_sea
     assert (denoise(model, x, tile=128, overlap=32) - whole).abs().max() > 1e-3
 
 
+def gated_unet(attention):
+    """A DDSNet over a U-Net whose gate has large random weights: its choice and attention
+    scale depend on the image's content, so tiles squeezing their own pixels would differ."""
+    supernet = far_reaching_unet(depth=2)
+    routes = [RoutingEntry(c, macs_per_pixel(supernet, c)) for c in (supernet.space.smallest(),
+                                                                      supernet.space.largest())]
+    torch.manual_seed(2)  # a gate that sends the image's bright and dark halves to different routes
+    gate = DynamicGate(supernet.stem_channels, 2)
+    gate.attention = attention
+    for name, parameter in gate.named_parameters():
+        if name.startswith("fc"):
+            torch.nn.init.normal_(parameter, std=2.0)
+    return DDSNet(supernet, gate, routes).eval()
+
+
+def half_dark_image():
+    x = torch.rand(3, 120, 110, generator=torch.Generator().manual_seed(1))
+    x[:, :, 55:] *= 0.2
+    return x
+
+
+@pytest.mark.parametrize("attention,budget", [(True, None), (True, 1e9), (False, None)])
+def test_tiles_of_a_gated_model_take_the_whole_image_gate(attention, budget):
+    model = gated_unet(attention)
+    model.set_budget(budget)
+    x = half_dark_image()
+    whole = denoise(model, x, tile=1024)
+    torch.testing.assert_close(denoise(model, x, tile=64), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.stem_means(x[None], 32), model.stem_means(x[None], 1024), rtol=1e-6, atol=1e-7)
+    # each tile squeezing its own pixels (what the tiler did before) leaves seams
+    step = 64 - 2 * 12  # the tile's core: the overlap is the receptive radius, rounded up to the size multiple
+    assert model.receptive_radius <= 12 and model.size_multiple == 2
+    left, right = x[None, :, :, : step + 12], x[None, :, :, step * 2 - 12: step * 3 + 12]
+    if budget is None:
+        assert model.route(left) != model.route(right)
+    else:
+        assert (model(left) - whole[:, :, : step + 12]).abs().max() > 1e-3
+
+
+def test_tiles_of_an_attention_supernet_take_the_whole_image_gate():
+    model = gated_unet(attention=True)
+    supernet = dds_fast.AttentionSupernet(model.supernet, model.gate).eval()
+    supernet.set_config(supernet.space.largest())
+    x = half_dark_image()
+    torch.testing.assert_close(denoise(supernet, x, tile=64), denoise(supernet, x, tile=1024), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"means must be a floating-point \[1, 16\] tensor on cpu, got torch.float32 \(1, 3\)"):
+        supernet(x[None], stem_means=torch.zeros(1, 3))
+
+
 def test_tiles_take_the_output_channels_of_the_model():
     model = far_reaching_unet(depth=3, out_channels=1)
     x = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(1))
@@ -146,6 +195,25 @@ def test_denoise_command(tmp_path, capsys):
     assert main(["denoise", str(bad), "-o", str(tmp_path / "x.png"), "--checkpoint", str(checkpoint)]) == 2
     assert "bad.png" in capsys.readouterr().err
     assert main(["denoise", str(gray), "-o", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "no")]) == 2
+
+
+def test_denoise_command_takes_half_precision_and_gray_checkpoints(tmp_path):
+    noisy = torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(3))
+    source = save_image(tmp_path / "in.png", noisy, 16)
+    noisy = read_image(source)[0]
+    dds = ddsnet()
+    for dtype in (torch.float16, torch.bfloat16):  # run widened to fp32 on the CPU
+        checkpoint = dds_fast.save(dds.to(dtype), tmp_path / "half.safetensors")
+        assert main(["denoise", str(source), "-o", str(tmp_path / "out.png"), "--checkpoint", str(checkpoint)]) == 0
+        expected = dds_fast.load(checkpoint).float().eval()(noisy[None])[0].clamp(0, 1)
+        assert (read_image(tmp_path / "out.png")[0] - expected).abs().max() <= 0.5 / 65535 + 1e-6
+    torch.manual_seed(0)
+    gray = SlimDnCNN(in_channels=1, base_width=8, depth=3).eval()
+    checkpoint = dds_fast.save(gray, tmp_path / "gray.safetensors")
+    assert main(["denoise", str(source), "-o", str(tmp_path / "out.png"), "--checkpoint", str(checkpoint)]) == 0
+    # a gray model denoises each colour plane alone: the colours stay
+    expected = gray(noisy[:, None])[:, 0].clamp(0, 1)
+    assert (read_image(tmp_path / "out.png")[0] - expected).abs().max() <= 0.5 / 65535 + 1e-6
 
 
 def test_denoise_command_tiles_with_the_overlap_asked_for(tmp_path, capsys):

@@ -31,12 +31,14 @@ def make_gate(channels, num_choices, device=DEVICE, **kwargs):
     return gate.to(device).eval()
 
 
-def reference(gate, x, bn_batch_stats=False):
+def reference(gate, x, bn_batch_stats=False, means=None):
     """Eq. 8-10 in fp64 from the gate's parameters, written independently of the module
-    (differentiable in the parameters of an fp64 gate), on the device of ``x``."""
+    (differentiable in the parameters of an fp64 gate), on the device of ``x``; ``means``
+    replace the squeeze of ``x``."""
     p = {k: v.double() for k, v in [*gate.named_parameters(), *gate.named_buffers()]}
     x = x.double()
-    r = F.relu(x.mean((2, 3)) @ p["fc1.weight"].T + p["fc1.bias"])
+    u = x.mean((2, 3)) if means is None else means.double()
+    r = F.relu(u @ p["fc1.weight"].T + p["fc1.bias"])
     scale = 1 + torch.tanh(r @ p["fc2.weight"].T + p["fc2.bias"]) if gate.attention else torch.ones_like(x[:, :, 0, 0])
     h = r @ p["fc3.weight"].T + p["fc3.bias"]
     if bn_batch_stats:
@@ -99,6 +101,27 @@ def test_fused_small_tiles(monkeypatch, kind):
     with torch.no_grad():
         out = gate(x)
     assert_matches(out, reference(gate, x), torch.float16)
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_given_means_replace_the_squeeze(attention):
+    """A tile given its whole image's channel means is routed and scaled as that image."""
+    gate = make_gate(20, 5, backend="triton")
+    gate.attention = attention
+    x = torch.randn(2, 20, 6, 7).to(DEVICE)
+    means = (torch.randn(2, 20, 9, 9) + 0.5).mean((2, 3)).to(DEVICE)
+    expected = reference(gate, x, means=means)
+    assert not torch.equal(expected.logits, reference(gate, x).logits)
+    with torch.no_grad():
+        assert_matches(gate(x, means=means), expected, torch.float32)
+        gate.backend = "torch"
+        assert_matches(gate(x, means=means), expected, torch.float32)
+        features, scale = gate.attend(x, means=means)
+    if attention:
+        assert rel_err(scale, expected.scale) < TOL[torch.float32]
+    for bad in (means[:1], means[:, :4], means.long(), means.tolist()):
+        with pytest.raises(ValueError, match=r"means must be a floating-point \[2, 20\] tensor"):
+            gate(x, means=bad)
 
 
 def test_fused_crop_view_and_reference_module():

@@ -186,6 +186,20 @@ def test_a_grouped_convs_floor_counts_the_weights_it_holds():
     assert report.results[0].floor_ms == pytest.approx(moved / 1e9 * 1e3)
 
 
+
+@pytest.mark.parametrize("conv,side,in_pixels,out_pixels", [
+    (lambda: SlimConv2d(8, 8, 3, padding=0), 16, 16 * 16, 14 * 14),  # unpadded: reads more than it writes
+    (lambda: nn.Conv2d(8, 8, 3, padding=0), 16, 16 * 16, 14 * 14),  # traced, as a network's convs are
+    (lambda: SlimConv2d(8, 8, 3, stride=2, padding=1), 15, 15 * 15, 8 * 8),  # the stride does not divide 15
+    (lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1), 15, 15 * 15, 8 * 8),
+])
+def test_a_convs_floor_reads_its_real_input(conv, side, in_pixels, out_pixels):
+    report = LatencyRunner(conv(), (1, 8, side, side), warmup=0, repeats=1).run(
+        [("as is", None)], peaks=DevicePeaks(flops_per_s=1e18, bytes_per_s=1e9))
+    # fp32: 8 channels in and out and the 8 x 8 x 9 weights (biases are not counted), at 1 GB/s
+    moved = (8 * in_pixels + 8 * out_pixels + 8 * 8 * 9) * 4
+    assert report.results[0].floor_ms == pytest.approx(moved / 1e9 * 1e3)
+
 def test_an_as_is_row_times_the_model_as_it_came_not_at_the_row_before():
     net = small_net()
     runner = LatencyRunner(net, (1, 1, 8, 8), warmup=0, repeats=1)

@@ -115,7 +115,8 @@ def test_gradients_reach_only_the_active_prefix():
 @pytest.mark.parametrize("make_error,match", [
     (lambda c: c(torch.randn(1, 7, 5, 5)), r"layer\(6->8\).*7 channels.*\[1, 6\]"),
     (lambda c: c(torch.randn(1, 0, 5, 5)), r"0 channels"),
-    (lambda c: c(torch.randn(6, 5, 5)), r"4-D"),
+    (lambda c: c(torch.randn(6, 5)), r"4-D \[N, C, H, W\] \(or one unbatched 3-D image\)"),
+    (lambda c: c(torch.randn(7, 5, 5)), r"7 channels"),  # unbatched
     (lambda c: c([torch.randn(1, 3, 5, 5), torch.randn(1, 3, 5, 5)]), r"expects 1 input"),
     (lambda c: c(torch.randn(1, 6, 5, 5), residual=torch.randn(1, 8, 4, 5)), r"residual has shape"),
     (lambda c: setattr(c, "active_out_channels", 0), r"active_out_channels.*\[1, 8\].*0"),
@@ -170,6 +171,18 @@ class TinyUNet(nn.Module):
         h = F.leaky_relu(self.depthwise(self.down(skip)), 0.2)
         h = F.pixel_shuffle(self.up(h), 2)
         return x + self.tail(self.fuse(torch.cat([h, skip], 1)))
+
+
+def test_takes_what_nn_conv2d_takes_unbatched_input_and_keyword_input():
+    torch.manual_seed(0)
+    plain = nn.Conv2d(6, 8, 3, padding=1)
+    slim = convert_model(plain)
+    x, r = torch.randn(6, 5, 7), torch.randn(8, 5, 7)
+    torch.testing.assert_close(slim(input=x), plain(input=x))
+    torch.testing.assert_close(slim(x, residual=r), plain(x) + r)
+    slim.active_out_channels = torch.tensor(3)  # integer types of numpy and torch, as configs take them
+    assert slim.active_out_channels == 3 and type(slim.active_out_channels) is int
+    torch.testing.assert_close(slim(x[:4]), F.conv2d(x[:4], plain.weight[:3, :4], plain.bias[:3], padding=1))
 
 
 def test_convert_model_shares_parameters_and_keeps_outputs():

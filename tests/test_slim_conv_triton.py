@@ -55,6 +55,17 @@ def test_concat_and_residual_match_the_reference():
     torch.testing.assert_close(y.cpu(), slow([a, b], residual=r), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel_size,padding", [(3, "same"), (1, "valid")])
+def test_same_and_valid_padding_run_on_the_kernels(kernel_size, padding):
+    """Both are k//2 for an odd kernel at stride 1: no reason to fall back."""
+    fast, slow = pair(in_channels=5, out_channels=6, kernel_size=kernel_size, padding=padding)
+    x = torch.randn(1, 5, 6, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = fast(x.to(DEVICE))
+    torch.testing.assert_close(y.cpu(), slow(x), rtol=1e-4, atol=1e-5)
+
+
 def test_unsupported_settings_fall_back_with_one_warning():
     fast, slow = pair(in_channels=4, out_channels=4, kernel_size=3, padding=1, padding_mode="reflect")
     slow.to(DEVICE)  # the fallback is the reference path on DEVICE: the same ops, so compared there

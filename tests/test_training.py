@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from dds_fast.training.loop import LoopSettings, TrainingDiverged, TrainLoop, co
 from dds_fast.config import RoutingEntry
 from dds_fast.training.sandwich import routing_sandwich_configs, sandwich_configs, sandwich_step, training_psnr
 from dds_fast.training.slimming import progressive_slimming, slimmer, thin_routing_space
-from dds_fast.training.stages import Run, TrainConfig
+from dds_fast.training.stages import Run, TrainConfig, slimming_length
 
 
 def tiny_net():
@@ -232,6 +233,18 @@ def test_a_run_killed_before_its_first_checkpoint_leaves_no_log_lines_behind(tmp
     loop.run()
     steps = [json.loads(line)["step"] for line in (tmp_path / "stage1.log.jsonl").read_text().splitlines()]
     assert steps == [0, 1]
+
+
+def test_resume_removes_a_checkpoint_write_cut_short_by_a_kill(tmp_path):
+    import tempfile
+
+    tmp_path.mkdir(exist_ok=True)
+    # atomic_write's temporary files, as a kill mid-write leaves them
+    leftovers = [tempfile.mkstemp(dir=tmp_path, prefix=f".{name}.", suffix=".tmp.safetensors")[1]
+                 for name in ("stage1.state.safetensors", "stage1.state.safetensors", "stage3.state.safetensors")]
+    loop, _ = make_loop(tmp_path, steps=2)
+    loop.run()
+    assert [Path(path).exists() for path in leftovers] == [False, False, True]  # another stage's is its own
 
 
 def test_cosine_schedule_decays_from_the_initial_rate_to_one_percent(tmp_path):
@@ -566,7 +579,7 @@ def image_folder(folder, names, size=(40, 36)):
 
 def test_a_folder_holds_out_its_last_two_images_by_default(tmp_path):
     folder = image_folder(tmp_path / "photos", ["d.png", "a.png", "c.png", "b.png"])
-    small = dict(validation_patch=32, device="cpu")
+    small = dict(validation_patch=32, gate_patch_size=32, device="cpu")
     run = Run(tmp_path / "run", TrainConfig(images=str(folder), **small))
     assert list(run.train_images) == [str(folder / "a.png"), str(folder / "b.png")]
     assert list(run.validation_images) == [str(folder / "c.png"), str(folder / "d.png")]
@@ -585,19 +598,37 @@ def test_a_folder_holds_out_its_last_two_images_by_default(tmp_path):
 
 def test_a_folder_image_smaller_than_the_patch_is_named(tmp_path):
     folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
-    run = Run(tmp_path / "run", TrainConfig(images=str(folder), patch_size=38, validation_patch=32, device="cpu"))
+    run = Run(tmp_path / "run", TrainConfig(images=str(folder), patch_size=38, validation_patch=32, gate_patch_size=32,
+                                            device="cpu"))
     with pytest.raises(ValueError, match=r"image .*a.png of size \(40, 36\) is smaller than patch_size 38"):
         run.dataset()
     # stage 2's crops of the held-out images are checked before stage 1 runs
     with pytest.raises(ValueError, match=r"validation_patch 37 is larger than the held-out image .*b.png of size "
                                          r"\(40, 36\)"):
         Run(tmp_path / "run", TrainConfig(images=str(folder), validation_patch=37, device="cpu"))
+    # and stage 3's crops of the training images, and the routing configs stage 2 can find
+    with pytest.raises(ValueError, match=r"gate_patch_size 37 is larger than the training image .*a.png of size "
+                                         r"\(40, 36\)"):
+        Run(tmp_path / "run", TrainConfig(images=str(folder), validation_patch=32, gate_patch_size=37, device="cpu"))
+    tiny = dict(images=str(folder), arch="SlimDnCNN", base_width=8, depth=3, validation_patch=32, gate_patch_size=32,
+                device="cpu")
+    Run(tmp_path / "run", TrainConfig(**tiny, slim_step=8, num_choices=3))  # widths (8, 16) of two groups
+    with pytest.raises(ValueError, match=r"num_choices 4 is more than the 3 configs that progressive slimming by "
+                                         r"slim_step 8 finds in this SlimDnCNN \(base_width 8, depth 3\)"):
+        Run(tmp_path / "run", TrainConfig(**tiny, slim_step=8, num_choices=4))
+
+
+@pytest.mark.parametrize("arch, base_width, step", [(SlimDnCNN, 8, 8), (SlimDnCNN, 16, 3), (SlimUNet, 8, 8),
+                                                     (SlimUNet, 8, 20)])
+def test_slimming_length_is_the_length_of_the_slimming_trajectory(arch, base_width, step):
+    net = arch(in_channels=1, base_width=base_width, depth=2)
+    assert slimming_length(net.space, step) == len(progressive_slimming(net, [batch(size=16)], step=step))
 
 
 def tiny_run_config(**options):
     return TrainConfig(**{"arch": "SlimDnCNN", "channels": 1, "base_width": 8, "depth": 3, "patch_size": 16,
                           "batch_size": 2, "epoch_patches": 4, "gate_batch_size": 4, "validation_crops": 1,
-                          "validation_patch": 16,
+                          "validation_patch": 16, "gate_patch_size": 16,
                           "slim_step": 8, "num_choices": 2, "checkpoint_every": 2, "progress": False, "device": "cpu",
                           **options})
 
@@ -615,6 +646,13 @@ def test_stage2_reruns_reuse_the_routing_space_of_the_same_stage1(tmp_path, monk
     slimming = stages.progressive_slimming
     monkeypatch.setattr(stages, "progressive_slimming", lambda *a, **k: slimmed.append(1) or slimming(*a, **k))
     assert run.stage2().routing_space == first.routing_space and not slimmed
+    # stage 1 run again with an option it does not depend on rewrites its file: other bytes
+    # (as safetensors' metadata in another process), the same weights
+    written = (tmp_path / "run" / "stage1.safetensors").read_bytes()
+    Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=2, lr_schedule="constant", gate_lr=1e-4)).stage1()
+    assert (tmp_path / "run" / "stage1.safetensors").read_bytes() != written
+    run.stage2()
+    assert not slimmed
     Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=2, lr_schedule="constant", slim_step=4)).stage2()
     assert len(slimmed) == 1  # another slimming step
     run.stage2()
@@ -660,6 +698,43 @@ def test_stage1_resumes_through_run_to_the_result_of_one_run(tmp_path, monkeypat
     assert_same(stage1(tmp_path / "killed", 4), straight)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "stage1.log.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3]
+
+
+def test_refine_and_stage3_refuse_a_state_file_trained_from_other_weights(tmp_path, monkeypatch):
+    """``train all`` again after a kill resumes each stage from its state file, but not once
+    a stage before it trained on: refine and stage 3 would go on to save weights trained from
+    the old ones."""
+    from dds_fast.training import stages
+    from dds_fast.training.gate_stage import gate_step
+
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+
+    def train_all(**options):
+        config = tiny_run_config(images=str(folder), lr_schedule="constant",
+                                 **{"steps": 2, "refine_steps": 2, "gate_steps": 4, **options})
+        run = Run(tmp_path / "run", config)
+        run.stage1()
+        run.stage2()
+        run.refine()
+        return run.stage3()
+
+    def killed_at_step_2(*args, **kwargs):
+        if (tmp_path / "run" / "stage3.state.safetensors").exists():
+            raise KeyboardInterrupt
+        return gate_step(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "gate_step", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_all()
+    monkeypatch.setattr(stages, "gate_step", gate_step)
+    train_all()  # refine saves the same weights again, and stage 3 goes on from them
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "stage3.log.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+    digests = r"start_weights '[0-9a-f]{64}' then, '[0-9a-f]{64}' now \(the weights the stage starts from changed"
+    with pytest.raises(ValueError, match=rf"stage3.state.safetensors was trained with other options: {digests}"):
+        train_all(refine_steps=3)  # refine went on
+    with pytest.raises(ValueError, match=rf"refine.state.safetensors was trained with other options: {digests}"):
+        train_all(refine_steps=3, steps=3)  # stage 1 went on
 
 
 def test_stage_resume_refuses_other_options_naming_them(tmp_path):
@@ -765,7 +840,7 @@ def test_three_stage_run_end_to_end(tmp_path, attention):
     2 and refine; stage 3 keeps that head as trained and the DDSNet runs behind it."""
     config = TrainConfig(arch="SlimDnCNN", channels=1, base_width=8, depth=3, patch_size=24, batch_size=4,
                          epoch_patches=8, steps=3, inet_steps=2, validation_crops=1, validation_patch=32,
-                         slim_step=8, num_choices=2, checkpoint_every=2, progress=False, gate_steps=2,
+                         slim_step=8, num_choices=2, checkpoint_every=2, progress=False, gate_steps=4,
                          gate_batch_size=4, gate_patch_size=24, refine_steps=2, beta=-1000.0, attention=attention)
     run = Run(tmp_path, config)
     net = run.stage1()
@@ -798,6 +873,8 @@ def test_three_stage_run_end_to_end(tmp_path, attention):
     log = [json.loads(line) for line in (tmp_path / "stage3.log.jsonl").read_text().splitlines()]
     assert len(log) == config.gate_steps and {"cross_entropy", "complexity", "expected_macs"} <= set(log[0])
     assert log[0]["loss"] == pytest.approx(log[0]["cross_entropy"] + log[0]["complexity"], rel=1e-5)
+    # each step's rate, decayed per epoch of 2 steps (not the next epoch's at an epoch's end)
+    assert [record["lr"] for record in log] == pytest.approx([5e-5, 5e-5, 4.5e-5, 4.5e-5])
     weighted = Run(tmp_path / "weighted", dataclasses.replace(config, gate_complexity_weight=10.0))
     weighted.stage3(refined)
     first = json.loads((tmp_path / "weighted" / "stage3.log.jsonl").read_text().splitlines()[0])

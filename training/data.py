@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -161,25 +162,83 @@ def _read_png16_colour(path: Path) -> np.ndarray:
     camera's 12 bits), which the caller's division by 65535 would read as 16x too dark."""
     import png  # only 16-bit files need pypng (the GPU machines' image lacks it)
 
-    width, height, rows, info = png.Reader(filename=str(path)).read()
-    return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
+    with open(path, "rb") as f:  # pypng leaves a file it opens itself open
+        width, height, rows, info = png.Reader(file=f).read()
+        array = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
+    return array if "transparent" not in info else _key_alpha(array, info["transparent"])
+
+
+def _key_alpha(array: np.ndarray, key) -> np.ndarray:
+    """``array`` (gray or RGB) with an alpha plane from a PNG's tRNS colour key: transparent
+    where a pixel is the key, opaque elsewhere, in the array's own bit depth."""
+    colour = array.reshape(*array.shape[:2], -1)
+    if array.dtype == np.bool_:  # Pillow gives a 1-bit file's key as 0 or 255
+        key, top = np.asarray(key, bool), True
+    else:  # not cast: a key out of the samples' range matches no pixel
+        key, top = np.asarray(key), np.iinfo(array.dtype).max
+    opaque = (colour != key).any(axis=-1)
+    return np.dstack([colour, np.where(opaque, top, 0).astype(array.dtype)])
+
+
+# The flips and turns of ImageOps.exif_transpose, by EXIF orientation, for [H, W(, C)] arrays.
+_EXIF_TRANSPOSE = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a),
+}
+
+# tifffile decodes JPEG-compressed YCbCr to RGB, and returns other YCbCr samples as stored.
+_TIFF_JPEG = {tifffile.COMPRESSION.OJPEG, tifffile.COMPRESSION.JPEG, tifffile.COMPRESSION.ALT_JPEG,
+              tifffile.COMPRESSION.JPEG_LOSSY}
 
 
 def _read_tiff(path: Path) -> np.ndarray:
     """A TIFF as [H, W(, C)], through tifffile: Pillow cannot read 16-bit colour TIFFs.
     tifffile returns the stored samples, so a planar-configuration file (each colour a plane
-    of its own, [C, H, W]), an inverted gray one (MinIsWhite) and a palette one (indices into
-    a 16-bit colour map) are turned into the pixels a viewer shows here."""
+    of its own, [C, H, W]), an inverted gray one (MinIsWhite), a palette one (indices into
+    a 16-bit colour map) and a CMYK one are turned into the pixels a viewer shows here, with
+    any extra (alpha) samples after the colour ones; other colour spaces are refused."""
+    kinds = tifffile.PHOTOMETRIC
     with tifffile.TiffFile(path) as tiff:
         array = tiff.asarray()
         page = tiff.pages[0]
+        photometric, colours = page.photometric, page.samplesperpixel - len(page.extrasamples)
         if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1:
             array = np.moveaxis(array, -3, -1)
-        if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
-            array = ~array if array.dtype == np.bool_ else np.iinfo(array.dtype).max - array
-        elif page.photometric == tifffile.PHOTOMETRIC.PALETTE:
-            array = np.ascontiguousarray(page.colormap.astype(np.uint16).T[array])
+        if photometric == kinds.PALETTE:
+            return np.ascontiguousarray(page.colormap.astype(np.uint16).T[array])
+        cmyk = photometric == kinds.SEPARATED and colours == 4 and page.tags.valueof("InkSet", 1) == 1
+        if not (photometric in (kinds.MINISBLACK, kinds.MINISWHITE, kinds.RGB) or cmyk
+                or (photometric == kinds.YCBCR and page.compression in _TIFF_JPEG)):
+            raise ValueError(f"unsupported TIFF colour space: photometric {getattr(photometric, 'name', photometric)} "
+                             f"with {colours} colour samples (readable: gray, RGB, palette, CMYK, JPEG-compressed "
+                             f"YCbCr)")
+    colour = array[..., :colours] if page.extrasamples else array  # a view, without the alpha
+    if photometric == kinds.MINISWHITE:  # white stored as 0
+        colour[...] = ~colour if array.dtype == np.bool_ else np.iinfo(array.dtype).max - colour
+    elif cmyk:
+        top = np.iinfo(array.dtype).max
+        white = top - colour.astype(np.uint32)  # 16-bit products need 32 bits
+        rgb = (white[..., :3] * white[..., 3:] + top // 2) // top  # rounded
+        array = np.concatenate([rgb.astype(array.dtype), array[..., colours:]], axis=-1)
     return array
+
+
+@contextmanager
+def _open_image(path: Path):
+    """``Image.open`` without Pillow's decompression-bomb limit, which refuses (or warns on)
+    large images: a file the user names is read whatever its size. The limit comes back
+    when the file is closed."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(path) as image:
+            yield image
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -187,13 +246,24 @@ def _decode(path: Path) -> np.ndarray:
         return _read_tiff(path)
     header = _png_header(path)
     if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
-        return _read_png16_colour(path)
-    with Image.open(path) as image:
+        with _open_image(path) as image:  # Pillow reads the EXIF (eXIf chunk) that pypng skips
+            turn = _EXIF_TRANSPOSE.get(image.getexif().get(0x0112))
+        array = _read_png16_colour(path)
+        return array if turn is None else turn(array)
+    with _open_image(path) as image:
         # pixels as a viewer shows them: a camera's JPEG often stores them turned, with an EXIF tag
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("P", "PA", "CMYK", "YCbCr"):  # palette / print colour spaces -> RGB
+        key = image.info.get("transparency") if image.mode in ("1", "L", "I;16", "RGB") else None
+        if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")  # palette entries that are (partly) transparent
+        elif image.mode in ("P", "CMYK", "YCbCr"):  # palette / print colour spaces -> RGB
             image = image.convert("RGB")
-        return np.asarray(image)
+        array = np.asarray(image)
+    if key is None:
+        return array
+    if image.mode == "L" and header is not None and header[0] < 8:  # Pillow scales 2- and 4-bit gray, not its key
+        key = key * 255 // (2 ** header[0] - 1)
+    return _key_alpha(array, key)
 
 
 def _read_array(path: Path) -> np.ndarray:

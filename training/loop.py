@@ -86,7 +86,8 @@ class TrainLoop:
     them with the batch size and the items per epoch, and :meth:`resume` refuses a checkpoint
     recorded with others. A finished stage may be asked for more steps and goes on from its
     checkpoint, unless ``options`` hold ``steps`` (as they should when the learning-rate
-    schedule spans the steps asked for)."""
+    schedule spans the steps asked for). ``start_weights`` in ``options`` (a fingerprint of
+    the weights a stage starts from) gets a refusal that says so."""
 
     def __init__(self, run_dir, stage: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  dataset, step_fn: Callable[[int, torch.Tensor, torch.Tensor], dict[str, float]],
@@ -154,6 +155,10 @@ class TrainLoop:
         """Load the stage's checkpoint if there is one; returns the step to continue from. A
         ValueError naming the file when it cannot be read, was recorded with other options or
         for another model, or has run more steps than asked for."""
+        if self.rank == 0:
+            # what atomic_write leaves of a checkpoint when a kill stops it mid-write
+            for leftover in self.run_dir.glob(f".{self.state_path.name}.*.tmp{self.state_path.suffix}"):
+                leftover.unlink(missing_ok=True)
         if not self.state_path.exists():
             return 0
         try:
@@ -204,8 +209,11 @@ class TrainLoop:
         listed = "; ".join(f"{name} {old!r} then, {new!r} now" for name, (old, new) in changed.items())
         steps = (" (the learning-rate schedule spans the steps asked for, so another count changes it: with "
                  "lr_schedule constant a finished stage can be asked for more)" if "steps" in changed else "")
-        raise ValueError(f"{self.state_path} was trained with other options: {listed}{steps}. Resume with the "
-                         f"options it was trained with, or train in another run directory")
+        weights = (f" (the weights the stage starts from changed: an earlier stage trained on; delete "
+                   f"{self.state_path}, and those of the stages after it, to train them again from the new weights)"
+                   if "start_weights" in changed else "")
+        raise ValueError(f"{self.state_path} was trained with other options: {listed}{steps}{weights}. Resume with "
+                         f"the options it was trained with, or train in another run directory")
 
     def _truncate_log(self, step: int) -> None:
         # lines written after the checkpoint (or before the first one) by a killed run are
@@ -262,13 +270,14 @@ class TrainLoop:
                     saved = f"step {int(self._saved_step())}" if self.state_path.exists() else "none yet"
                     raise TrainingDiverged(f"{self.stage}: {bad} at step {step}, not finite; stopped. The last good "
                                            f"checkpoint ({saved}) is kept at {self.state_path}")
+                lr = self.optimizer.param_groups[0]["lr"]  # this step's, before an epoch's end decays it
                 self.optimizer.step()
                 if self.scheduler is not None and (step + 1) % self.steps_per_epoch == 0:
                     self.scheduler.step()
                 if not lead:
                     continue
                 record = {"step": step, "time": round(time.perf_counter() - began, 4),
-                          "lr": self.optimizer.param_groups[0]["lr"], **losses}
+                          "lr": lr, **losses}
                 log.write(json.dumps(record) + "\n")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
                 bar.update(1)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 import dds_fast
 from dds_fast import AttentionSupernet, DDSNet, DynamicGate, SlimConv2d
@@ -37,7 +38,7 @@ from .loop import LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_g
 from .noise import make_noise
 from .sandwich import (DISTILLATIONS, LOSSES, MaskedSandwich, ends_fixed, reconstruction_loss,
                        routing_sandwich_configs, sandwich_configs, sandwich_step, training_psnr)
-from .slimming import SLIM_CRITERIA, progressive_slimming, thin_routing_space, validation_psnr
+from .slimming import SLIM_CRITERIA, progressive_slimming, slimmer, thin_routing_space, validation_psnr
 
 LR_SCHEDULES = ("cosine", "constant")
 # Options that every stage's training depends on (its data; with clean images, their noise
@@ -199,6 +200,28 @@ class TrainConfig:
         return device
 
 
+def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes and values): the same weights give the
+    same digest from a file or in memory, on any device or memory layout."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def slimming_length(space, step: int) -> int:
+    """How many configs progressive slimming of ``space`` by ``step`` channels yields: the
+    largest, then one per slimming of one group, until none can shrink; which group goes first
+    does not change the count."""
+    config, length = space.largest(), 1
+    for group in space.groups:
+        while (width := slimmer(config, group, step)) is not None:
+            config, length = config.replace(**{group.name: width}), length + 1
+    return length
+
+
 def _union_args(hint) -> tuple | None:
     """The members of ``X | Y`` (or ``Optional[X]``), None for any other type."""
     return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else None
@@ -267,6 +290,17 @@ class Run:
                 if min(image.shape[-2:]) < c.validation_patch:
                     raise ValueError(f"validation_patch {c.validation_patch} is larger than the held-out image "
                                      f"{name} of size {tuple(image.shape[-2:])}")
+        if self.pairs is None:  # stage 3 crops these, after the stages before it
+            for name, image in self.train_images.items():
+                if min(image.shape[-2:]) < c.gate_patch_size:
+                    raise ValueError(f"gate_patch_size {c.gate_patch_size} is larger than the training image "
+                                     f"{name} of size {tuple(image.shape[-2:])}")
+        # stage 2 thins the slimming trajectory to num_choices configs, after stage 1
+        configs = slimming_length(self.new_network().space, c.slim_step)
+        if c.num_choices > configs:
+            raise ValueError(f"num_choices {c.num_choices} is more than the {configs} configs that progressive "
+                             f"slimming by slim_step {c.slim_step} finds in this {c.arch} (base_width {c.base_width}, "
+                             f"depth {c.depth}): lower num_choices or slim_step")
 
     def _clean_images(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The training and the held-out clean images, keyed by name (a folder's by file path,
@@ -430,7 +464,9 @@ class Run:
             made_from = json.loads(json.dumps({
                 **validation, **{name: getattr(c, name) for name in ("channels", "batch_size", "validation_crops",
                                                                      "slim_step", "slim_criterion", "num_choices")},
-                "stage1": hashlib.sha256(stage1.read_bytes()).hexdigest() if stage1.exists() else None}))
+                # its tensors, not its bytes: stage 1 rewrites the file on every rerun, and
+                # safetensors orders the metadata differently in each process
+                "stage1": weights_fingerprint(load_file(stage1)) if stage1.exists() else None}))
             done = self.dir / "stage2.safetensors"
             if done.exists() and read_metadata(done)["user"].get("made_from") == made_from:
                 return self.load("stage2.safetensors")
@@ -468,6 +504,9 @@ class Run:
         routing_space = net.routing_space
         if not routing_space:
             raise ValueError("refining needs the routing space of stage 2")
+        # in its options: a state file trained from other weights (stage 2's of a stage 1 that
+        # trained on) is refused, not resumed, which would keep its older weights
+        start_weights = weights_fingerprint(net.state_dict())
         net.train()
         for p in net.parameters():
             p.requires_grad_(True)
@@ -488,7 +527,8 @@ class Run:
 
         options = self.loop_options("patch_size", "refine_lr", "sandwich", "loss", "distillation_loss",
                                     schedule_steps=c.refine_steps, distillation=c.refine_distillation or c.distillation,
-                                    random_configs=random_configs, routes=[e.config.to_dict() for e in routing_space])
+                                    random_configs=random_configs, routes=[e.config.to_dict() for e in routing_space],
+                                    start_weights=start_weights)
         TrainLoop(self.dir, "refine", net, optimizer, self.dataset(), step_fn, self.settings(c.refine_steps),
                   device=self.device, lr_factor=self.lr_factor(c.refine_steps), options=options).run()
         net.eval()
@@ -511,6 +551,7 @@ class Run:
             supernet = self.load(name)
         if not supernet.routing_space:
             raise ValueError("stage 3 needs the routing space of stage 2")
+        start_weights = weights_fingerprint(supernet.state_dict())  # in its options, as in refine's
         for p in supernet.parameters():
             p.requires_grad_(False)
         torch.manual_seed(c.seed)
@@ -536,7 +577,8 @@ class Run:
 
         # the gate's rate decays per epoch, not over the steps: a finished stage 3 can go on
         options = self.loop_options("gate_patch_size", "gate_lr", "gate_lr_decay", "beta", "gate_complexity_weight",
-                                    budget=budget, routes=[e.config.to_dict() for e in model.routing_space])
+                                    budget=budget, routes=[e.config.to_dict() for e in model.routing_space],
+                                    start_weights=start_weights)
         TrainLoop(self.dir, "stage3", model, optimizer, self.dataset(c.gate_patch_size), step_fn,
                   self.settings(c.gate_steps, c.gate_batch_size), scheduler=scheduler, device=self.device,
                   options=options).run()
