@@ -209,6 +209,8 @@ def cmd_train(args) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     run = Run(args.run_dir, config)
+    if args.stage in ("stage3", "all"):
+        run.check_gate_patches()
     try:
         if args.stage in ("stage1", "all"):
             run.stage1()

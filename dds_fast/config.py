@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+import numpy as np
 import torch
 
 
@@ -195,6 +197,20 @@ class RoutingEntry:
     config: SubnetConfig
     macs_per_pixel: float
     psnr: float | None = None
+
+    def __post_init__(self):
+        # plain floats (numpy's too), never NaN: a NaN sorts nowhere, and set_budget's choice
+        # would depend on the entries' order
+        def real(value) -> bool:
+            return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+        if not real(self.macs_per_pixel) or not 0 <= self.macs_per_pixel < math.inf:
+            raise ValueError(f"RoutingEntry: macs_per_pixel must be a finite number >= 0, got {self.macs_per_pixel!r}")
+        if self.psnr is not None and (not real(self.psnr) or math.isnan(self.psnr)):
+            raise ValueError(f"RoutingEntry: psnr must be a number (not NaN) or None, got {self.psnr!r}")
+        object.__setattr__(self, "macs_per_pixel", float(self.macs_per_pixel))
+        if self.psnr is not None:
+            object.__setattr__(self, "psnr", float(self.psnr))
 
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "macs_per_pixel": self.macs_per_pixel, "psnr": self.psnr}

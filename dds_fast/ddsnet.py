@@ -51,18 +51,35 @@ def _tiled_stem_means(supernet: SlimNet, x: torch.Tensor, block: int) -> torch.T
     context, so that memory stays bounded for a large image."""
     if block < 1:
         raise ValueError(f"stem_means: block must be >= 1, got {block}")
-    config = supernet.get_config()
-    padded = _padded_full_stem_input(supernet, x)
-    radius = supernet.stem_conv.kernel_size[0] // 2
-    h, w = padded.shape[-2:]
-    total = torch.zeros(len(x), supernet.stem_channels, dtype=torch.float64, device=x.device)
-    for top in range(0, h, block):
-        for left in range(0, w, block):
-            y0, x0 = max(0, top - radius), max(0, left - radius)
-            out = supernet.stem(padded[..., y0:min(h, top + block + radius), x0:min(w, left + block + radius)])
-            total += out[..., top - y0:top - y0 + block, left - x0:left - x0 + block].sum(dim=(2, 3),
-                                                                                          dtype=torch.float64)
-    supernet.set_config(config)
+    supernet.check_input(x)
+    # the full-width stem, and the network left as it was: under set_masked_widths (which
+    # set_config would end) the stem already runs at full width, behind its output mask
+    config, stem = supernet.get_config(), supernet.stem_conv
+    mask = stem.output_mask
+    try:
+        if supernet.masked:
+            stem.output_mask = None
+        else:
+            supernet.set_config(supernet.space.largest())
+        padded = supernet.pad(x)
+        radius = stem.kernel_size[0] // 2
+        h, w = padded.shape[-2:]
+        local = stem.stride == (1, 1) and stem.dilation == (1, 1) and stem.padding in ("same", (radius, radius)) \
+            and stem.kernel_size[0] == stem.kernel_size[1]
+        if not local:  # an output pixel is not its input pixel with `radius` of context: no tiles
+            block = max(h, w)
+        total = torch.zeros(len(x), supernet.stem_channels, dtype=torch.float64, device=x.device)
+        for top in range(0, h, block):
+            for left in range(0, w, block):
+                y0, x0 = max(0, top - radius), max(0, left - radius)
+                out = supernet.stem(padded[..., y0:min(h, top + block + radius), x0:min(w, left + block + radius)])
+                total += out[..., top - y0:top - y0 + block, left - x0:left - x0 + block].sum(
+                    dim=(2, 3), dtype=torch.float64)
+    finally:
+        if supernet.masked:
+            stem.output_mask = mask
+        else:
+            supernet.set_config(config)
     return (total / (h * w)).float()
 
 
@@ -149,9 +166,11 @@ class AttentionSupernet(nn.Module):
         if self.supernet.masked:
             return self._masked_forward(x, stem_means)
         config = self.supernet.get_config()
-        padded = _padded_full_stem_input(self.supernet, x)
-        features, _ = self.gate.attend(self.supernet.stem(padded), stem_means)
-        self.supernet.set_config(config)
+        try:
+            padded = _padded_full_stem_input(self.supernet, x)
+            features, _ = self.gate.attend(self.supernet.stem(padded), stem_means)
+        finally:  # a caught error must not leave the next training step at the largest config
+            self.supernet.set_config(config)
         out = self.supernet.body(features[:, : config[self._stem_group]], padded)
         return out[..., : x.shape[-2], : x.shape[-1]]
 
@@ -174,7 +193,12 @@ class AttentionSupernet(nn.Module):
 @register_architecture
 class DDSNet(nn.Module):
     """``supernet`` (a SlimNet), ``gate`` (a DynamicGate over the stem's full width with one
-    choice per routing entry) and ``routing_space`` (RoutingEntries, index = gate choice)."""
+    choice per routing entry) and ``routing_space`` (RoutingEntries, index = gate choice).
+
+    The DDSNet drives its super-network's config: a forward or ``route`` leaves it at
+    whichever config ran last (putting it back would cost each call another ``set_config``,
+    tens of microseconds of host time on a forward that is host-bound at batch 1). Set the
+    config of ``supernet`` before using it on its own (``export_static``, MACs)."""
 
     def __init__(self, supernet: SlimNet, gate: DynamicGate, routing_space: Sequence[RoutingEntry]):
         super().__init__()
@@ -271,8 +295,9 @@ class DDSNet(nn.Module):
             attention = " (with the full-width stem the gate's attention reads)" if self.gate.attention else ""
             raise ValueError(f"DDSNet.set_budget: no config fits {macs_per_pixel:,.0f} MACs/pixel; the cheapest "
                              f"costs {min(costs):,.0f}{attention}")
-        self._budget_index = max(within, key=lambda i: (self.routing_space[i].psnr or float("-inf"),
-                                                        self.routing_space[i].macs_per_pixel))
+        self._budget_index = max(within, key=lambda i: (
+            float("-inf") if self.routing_space[i].psnr is None else self.routing_space[i].psnr,
+            self.routing_space[i].macs_per_pixel))
         return self.routing_space[self._budget_index]
 
     @property
@@ -310,6 +335,7 @@ class DDSNet(nn.Module):
         entry's own MACs; ``routed_macs`` adds the full-width stem the gate reads). Call it in
         eval mode: in train mode the gate's BatchNorm uses, and updates, batch statistics."""
         if self._budget_index is not None:
+            self.supernet.check_input(x)
             return [self.routing_space[self._budget_index]] * len(x)
         _, gate_out = self.gate_forward(x)
         return [self.routing_space[i] for i in gate_out.choice.tolist()]
@@ -319,6 +345,7 @@ class DDSNet(nn.Module):
         where the gate runs (dynamic mode, or static mode with attention on), the full-width
         stem it reads."""
         if self._budget_index is not None:
+            self.supernet.check_input(x)
             return [self.static_macs_per_pixel(self._budget_index)] * len(x)
         return [self.dynamic_macs_per_pixel[self.routing_space.index(e)] for e in self.route(x)]
 

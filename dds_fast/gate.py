@@ -113,6 +113,9 @@ class DynamicGate(nn.Module):
             return False
         if (self.backend == "auto" and not x.is_cuda) or x.dtype not in _FUSED_DTYPES:
             return False
+        from dds_fast.kernels.gate import MAX_BATCH
+        if len(x) > MAX_BATCH:  # beyond the kernels' grid: the reference path, as the convs fall back
+            return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
     def forward(self, x: torch.Tensor, channel_sums: torch.Tensor | None = None,

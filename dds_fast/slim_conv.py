@@ -228,8 +228,12 @@ class SlimConv2d(nn.Conv2d):
 
     def forward(self, input, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``input``: a tensor [N, C, H, W] (or, as nn.Conv2d takes it, one unbatched image [C,
-        H, W]), or a list of them, one per ``in_segments`` block."""
+        H, W], with an unbatched ``residual``), or a list of [N, C, H, W] tensors, one per
+        ``in_segments`` block."""
         if isinstance(input, torch.Tensor) and input.dim() == 3:
+            if residual is not None and residual.dim() != 3:
+                raise ValueError(f"{self._label()}: an unbatched input takes an unbatched residual [C, H, W], got "
+                                 f"shape {tuple(residual.shape)}")
             return self.forward(input[None], None if residual is None else residual[None])[0]
         if self.emit_channel_sums:  # (an nn.Module attribute write costs host time: only when asked)
             self.channel_sums = None

@@ -1163,16 +1163,14 @@ def _reason(specs, weight_spec, stride, padding, dilation, groups, padding_mode,
         return f"kernel {kh}x{kw} is not square"
     if kh % 2 == 0:
         return f"kernel size {kh} is even (only odd sizes with padding k//2 are supported)"
+    if dilation not in (1, (1, 1), [1, 1]):
+        return f"dilation {dilation!r} is not 1"
     pad = kh // 2 if padding is None else padding
-    if pad == "same" and dilation in (1, (1, 1), [1, 1]):  # an odd kernel: k//2 on each side
-        pad = kh // 2
-    elif pad == "valid":
-        pad = 0
+    if isinstance(pad, str):  # an odd kernel at stride 1: 'same' is k//2 on each side
+        pad = {"same": kh // 2, "valid": 0}.get(pad, pad)
     if isinstance(pad, str) or (isinstance(pad, (tuple, list)) and tuple(pad) != (kh // 2, kh // 2)) \
             or (isinstance(pad, int) and pad != kh // 2):
         return f"padding {padding!r} is not kernel_size//2 = {kh // 2}"
-    if dilation not in (1, (1, 1), [1, 1]):
-        return f"dilation {dilation!r} is not 1"
     if groups != 1:
         return f"groups={groups} is not 1"
     if padding_mode != "zeros":

@@ -169,6 +169,19 @@ def test_train_flags_for_noise_arguments_and_validation_images(tmp_path):
     assert raised.value.code == 2
 
 
+def test_train_all_checks_stage_3_crops_before_stage_1(tmp_path, capsys):
+    from test_training import image_folder
+
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({**TINY_TRAINING, "gate_patch_size": 100}))
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+    run = ["--run-dir", str(tmp_path / "run"), "--config", str(config), "--steps", "1", "--images", str(folder)]
+    assert main(["train", "all", *run]) == 2
+    assert "gate_patch_size 100 is larger than the training image" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "stage1.log.jsonl").exists()
+    assert main(["train", "stage1", *run]) == 0  # stage 1 does not crop at that size
+
+
 def test_train_reports_bad_input_as_an_error_without_a_traceback(tmp_path, capsys):
     run = ["train", "stage1", "--run-dir", str(tmp_path / "run")]
     (tmp_path / "hostname").write_text("box\n")

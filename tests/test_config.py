@@ -106,6 +106,11 @@ def test_groups_and_routing_entries():
         WidthSpace([ChannelGroup("x", 8, (8,)), ChannelGroup("x", 8, (8,))])
     entry = RoutingEntry(SubnetConfig.from_dict({"a": 8}), 1234.5, 30.1)
     assert RoutingEntry.from_dict(json.loads(json.dumps(entry.to_dict()))) == entry
+    numpy_entry = RoutingEntry(entry.config, np.float32(1234.5), np.float64(30.1))
+    assert numpy_entry == entry and type(numpy_entry.macs_per_pixel) is float
+    for macs, psnr in ((True, None), (1.0, True), (float("inf"), None), (torch.tensor(1.0), None)):
+        with pytest.raises(ValueError, match="RoutingEntry"):
+            RoutingEntry(entry.config, macs, psnr)
 
 
 @pytest.mark.parametrize("width", [12.7, 8.0, "8", True, None])

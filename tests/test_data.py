@@ -118,6 +118,25 @@ def test_load_planar_rgb_tiff(tmp_path):
     assert bits == 16 and torch.equal(image, torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 65535))
 
 
+def write_4bit_gray_tiff(path, photometric, packed: bytes, width: int):
+    """One row of 4-bit samples, uncompressed: tifffile writes no 4-bit files of its own."""
+    import struct
+
+    entries = [(256, width), (257, 1), (258, 4), (259, 1), (262, photometric), (273, 0), (277, 1), (278, 1),
+               (279, len(packed))]
+    data_offset = 8 + 2 + 12 * len(entries) + 4
+    ifd = b"".join(struct.pack("<HHII", tag, 4, 1, data_offset if tag == 273 else value) for tag, value in entries)
+    path.write_bytes(b"II*\x00" + struct.pack("<IH", 8, len(entries)) + ifd + b"\x00" * 4 + packed)
+
+
+def test_4bit_tiff_samples_scale_to_the_full_range_as_shown(tmp_path):
+    pytest.importorskip("imagecodecs")  # tifffile unpacks samples under 8 bits through it
+    for photometric, expected in ((1, [0, 85, 255, 255]), (0, [255, 170, 0, 0])):  # MinIsBlack, MinIsWhite
+        write_4bit_gray_tiff(tmp_path / "g4.tif", photometric, bytes([0x05, 0xFF]), 4)
+        image, bits = read_image(tmp_path / "g4.tif")
+        assert bits == 8 and torch.equal(image, torch.tensor(expected, dtype=torch.float32).view(1, 1, 4) / 255)
+
+
 def test_load_inverted_and_palette_tiffs_as_shown(tmp_path):
     """tifffile returns stored samples: a MinIsWhite file stores white as 0, a palette file
     stores indices into a 16-bit colour map."""

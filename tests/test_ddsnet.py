@@ -150,6 +150,35 @@ def test_attention_supernet_runs_a_config_as_the_ddsnet_routes_an_image_to_it(tm
         dds_fast.AttentionSupernet(model.supernet, DynamicGate(5, 2))
 
 
+def test_attention_supernet_and_stem_means_leave_the_config_and_masks_as_they_were():
+    model = make_ddsnet()
+    supernet = dds_fast.AttentionSupernet(model.supernet, model.gate)
+    small = model.routing_space[0].config
+    supernet.set_config(small)
+    with pytest.raises(ValueError, match="means"):
+        supernet(images(), stem_means=torch.zeros(6, 5, dtype=torch.float64))
+    assert supernet.get_config() == small
+    supernet.stem_means(images())
+    assert supernet.get_config() == small
+    masked = dds_fast.AttentionSupernet(make_ddsnet().supernet, model.gate)
+    masked.set_masked_widths(torch.tensor(masked.binding_widths(small)))
+    with torch.no_grad():
+        expected = masked(images())
+        means = masked.stem_means(images(), block=4)
+        assert masked.masked  # set_config would have ended the masks
+        torch.testing.assert_close(masked(images(), stem_means=means), expected)
+
+
+@pytest.mark.parametrize("stem", [dict(dilation=2, padding=2), dict(stride=2, padding=1), dict(padding=0)])
+def test_stem_means_of_a_stem_that_is_not_local_take_the_whole_image(stem):
+    model = make_ddsnet(lambda: SlimDnCNN(in_channels=3, base_width=8, depth=3))
+    first = model.supernet.layers[0]
+    model.supernet.layers[0] = dds_fast.SlimConv2d(3, first.out_channels, 3, activation=first.activation,
+                                                   **stem).double()
+    x = images(n=2, size=(13, 11))
+    torch.testing.assert_close(model.stem_means(x, block=4), model.stem_means(x, block=64))
+
+
 def test_static_budget_mode():
     model = make_ddsnet()
     macs = [e.macs_per_pixel for e in model.routing_space]
@@ -162,6 +191,23 @@ def test_static_budget_mode():
     with pytest.raises(ValueError, match="no config fits"):
         model.set_budget(macs[0] - 1)
     assert model.set_budget(None) is None
+
+
+def test_static_mode_checks_the_input_and_ranks_a_psnr_of_zero_above_none():
+    model = make_ddsnet()
+    model.set_budget(float("inf"))
+    for bad in (torch.rand(3, 6, 6), torch.rand(1, 1, 6, 6)):
+        with pytest.raises(ValueError, match="input"):
+            model.route(bad)
+        with pytest.raises(ValueError, match="input"):
+            model.routed_macs(bad)
+    entries = model.routing_space
+    model.routing_space = [RoutingEntry(e.config, e.macs_per_pixel, psnr)
+                           for e, psnr in zip(entries, [None, 0.0, None])]
+    assert model.set_budget(float("inf")) is model.routing_space[1]
+    for macs, psnr in ((float("nan"), None), (-5.0, None), (1.0, float("nan"))):
+        with pytest.raises(ValueError, match="RoutingEntry"):
+            RoutingEntry(entries[0].config, macs, psnr)
 
 
 def test_static_budget_mode_with_attention_runs_the_config_behind_the_gate():

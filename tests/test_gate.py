@@ -124,6 +124,14 @@ def test_given_means_replace_the_squeeze(attention):
             gate(x, means=bad)
 
 
+def test_a_batch_beyond_the_kernels_grid_takes_the_reference_path(monkeypatch):
+    monkeypatch.setattr(kernels, "MAX_BATCH", 2)  # stands for 65535
+    gate = make_gate(8, 3, backend="triton")
+    x = torch.randn(3, 8, 4, 5).to(DEVICE)
+    with torch.no_grad():
+        assert_matches(gate(x), reference(gate, x), torch.float32)
+
+
 def test_fused_crop_view_and_reference_module():
     gate = make_gate(16, 3, reduction=2, hidden=12, backend="triton")
     x = layout(torch.randn(2, 16, 5, 4).to(DEVICE), "crop")

@@ -606,10 +606,14 @@ def test_a_folder_image_smaller_than_the_patch_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"validation_patch 37 is larger than the held-out image .*b.png of size "
                                          r"\(40, 36\)"):
         Run(tmp_path / "run", TrainConfig(images=str(folder), validation_patch=37, device="cpu"))
-    # and stage 3's crops of the training images, and the routing configs stage 2 can find
+    # and stage 3's crops of the training images (asked by `train all` before stage 1; a run of the
+    # stages before it alone does not crop at that size), and the routing configs stage 2 can find
+    run = Run(tmp_path / "run", TrainConfig(images=str(folder), validation_patch=32, gate_patch_size=37, device="cpu"))
     with pytest.raises(ValueError, match=r"gate_patch_size 37 is larger than the training image .*a.png of size "
                                          r"\(40, 36\)"):
-        Run(tmp_path / "run", TrainConfig(images=str(folder), validation_patch=32, gate_patch_size=37, device="cpu"))
+        run.check_gate_patches()
+    with pytest.raises(ValueError, match="gate_patch_size 37"):
+        run.stage3()
     tiny = dict(images=str(folder), arch="SlimDnCNN", base_width=8, depth=3, validation_patch=32, gate_patch_size=32,
                 device="cpu")
     Run(tmp_path / "run", TrainConfig(**tiny, slim_step=8, num_choices=3))  # widths (8, 16) of two groups
@@ -735,6 +739,14 @@ def test_refine_and_stage3_refuse_a_state_file_trained_from_other_weights(tmp_pa
         train_all(refine_steps=3)  # refine went on
     with pytest.raises(ValueError, match=rf"refine.state.safetensors was trained with other options: {digests}"):
         train_all(refine_steps=3, steps=3)  # stage 1 went on
+
+
+def test_a_state_file_recorded_before_weight_fingerprints_still_resumes():
+    loop = TrainLoop.__new__(TrainLoop)  # the option check alone
+    loop.state_path, loop.options = Path("refine.state.safetensors"), {"lr": 1.0, "start_weights": "ab" * 32}
+    loop._check_options({"lr": 1.0})
+    with pytest.raises(ValueError, match="lr 2.0 then, 1.0 now"):
+        loop._check_options({"lr": 2.0})
 
 
 def test_stage_resume_refuses_other_options_naming_them(tmp_path):

@@ -217,6 +217,10 @@ def _read_tiff(path: Path) -> np.ndarray:
             raise ValueError(f"unsupported TIFF colour space: photometric {getattr(photometric, 'name', photometric)} "
                              f"with {colours} colour samples (readable: gray, RGB, palette, CMYK, JPEG-compressed "
                              f"YCbCr)")
+    bits = page.bitspersample
+    if array.dtype in (np.uint8, np.uint16) and bits < 8 * array.itemsize:  # 2-, 4-, 12-bit samples, as stored
+        top = np.iinfo(array.dtype).max
+        array = ((array.astype(np.uint32) * top + (2 ** bits - 1) // 2) // (2 ** bits - 1)).astype(array.dtype)
     colour = array[..., :colours] if page.extrasamples else array  # a view, without the alpha
     if photometric == kinds.MINISWHITE:  # white stored as 0
         colour[...] = ~colour if array.dtype == np.bool_ else np.iinfo(array.dtype).max - colour

@@ -204,6 +204,8 @@ class TrainLoop:
     def _check_options(self, recorded: dict) -> None:
         changed = {name: (recorded.get(name), self.options.get(name)) for name in sorted(recorded.keys() | self.options)
                    if recorded.get(name) != self.options.get(name)}
+        if "start_weights" not in recorded:  # state files of earlier versions recorded no fingerprint
+            changed.pop("start_weights", None)
         if not changed:
             return
         listed = "; ".join(f"{name} {old!r} then, {new!r} now" for name, (old, new) in changed.items())

@@ -290,17 +290,22 @@ class Run:
                 if min(image.shape[-2:]) < c.validation_patch:
                     raise ValueError(f"validation_patch {c.validation_patch} is larger than the held-out image "
                                      f"{name} of size {tuple(image.shape[-2:])}")
-        if self.pairs is None:  # stage 3 crops these, after the stages before it
-            for name, image in self.train_images.items():
-                if min(image.shape[-2:]) < c.gate_patch_size:
-                    raise ValueError(f"gate_patch_size {c.gate_patch_size} is larger than the training image "
-                                     f"{name} of size {tuple(image.shape[-2:])}")
         # stage 2 thins the slimming trajectory to num_choices configs, after stage 1
         configs = slimming_length(self.new_network().space, c.slim_step)
         if c.num_choices > configs:
             raise ValueError(f"num_choices {c.num_choices} is more than the {configs} configs that progressive "
                              f"slimming by slim_step {c.slim_step} finds in this {c.arch} (base_width {c.base_width}, "
                              f"depth {c.depth}): lower num_choices or slim_step")
+
+    def check_gate_patches(self) -> None:
+        """Stage 3's crops of the training images fit them: ``train all`` asks before stage 1, so
+        a misfit is not found hours later (stages that do not crop at that size do not ask)."""
+        c = self.config
+        if self.pairs is None:
+            for name, image in self.train_images.items():
+                if min(image.shape[-2:]) < c.gate_patch_size:
+                    raise ValueError(f"gate_patch_size {c.gate_patch_size} is larger than the training image "
+                                     f"{name} of size {tuple(image.shape[-2:])}")
 
     def _clean_images(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The training and the held-out clean images, keyed by name (a folder's by file path,
@@ -542,6 +547,7 @@ class Run:
     def stage3(self, supernet=None) -> DDSNet:
         """Gate training on the frozen super-network: online easy/hard labels plus the MACs budget."""
         c = self.config
+        self.check_gate_patches()
         if supernet is None:
             stage = "refine" if c.refine_steps > 0 else "stage2"
             name = f"{stage}.safetensors"
