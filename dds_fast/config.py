@@ -35,7 +35,8 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
 def exact_int(value):
     """``value`` as an int if it is an integer (numpy and tensor integers too); anything else
     as it is, for SubnetConfig to reject: ``int()`` would turn 12.7 into 12 and "8" into 8."""
-    if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool:  # a bool tensor indexes as 0 or 1
+    # bool tensors (and numpy's bools, before numpy 2) index as 0 or 1
+    if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == torch.bool:
         return value
     try:
         return operator.index(value)

@@ -61,7 +61,7 @@ def test_same_and_valid_padding_run_on_the_kernels(kernel_size, padding):
     fast, slow = pair(in_channels=5, out_channels=6, kernel_size=kernel_size, padding=padding)
     x = torch.randn(1, 5, 6, 7)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)  # the fallback's (Triton 3.6's interpreter raises numpy's own)
         y = fast(x.to(DEVICE))
     torch.testing.assert_close(y.cpu(), slow(x), rtol=1e-4, atol=1e-5)
 
