@@ -1,6 +1,7 @@
 """The gate head, whole-network configs, DDSNet dynamic mode and one stage-1 training step
 (benchmark suite, items 3 to 5). On a GPU: fp16 at 512x512 (configs at batch 1 and 8, the
-dynamic mode at batch 16), the gate at batch 1; without a GPU, tiny fp32 shapes so CI
+dynamic mode at batch 16), the gate at batch 1; without a GPU, tiny fp32 shapes (the training
+step on one 8x8 image: under the interpreter each kernel program costs tens of ms) so CI
 exercises the code.
 """
 import pytest
@@ -149,14 +150,14 @@ def test_stage1_training_step(benchmark, backend, mode):
     as one CUDA graph of masked widths (training/graphed.py; eager off CUDA)."""
     net = unet(backend)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
-    clean = torch.rand(4, 3, 128 if CUDA else 8, 128 if CUDA else 8, device=DEVICE)
+    clean = torch.rand(4 if CUDA else 1, 3, 128 if CUDA else 8, 128 if CUDA else 8, device=DEVICE)
     noisy = clean + 0.1 * torch.randn_like(clean)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if CUDA else None
     generator = torch.Generator().manual_seed(0)
     benchmark.group = "stage-1 sandwich step (n = 4)"
     # the two random configs change every step: the ends of the sandwich bound its cost
     ends = {"largest": net.space.largest(), "smallest": net.space.smallest()}
-    describe(benchmark, backend=backend, mode=mode, batch=4, size=clean.shape[-1], sandwich=4,
+    describe(benchmark, backend=backend, mode=mode, batch=len(clean), size=clean.shape[-1], sandwich=4,
              dtype="float32 weights, bfloat16 autocast" if CUDA else "float32",
              widths={end: config.to_dict() for end, config in ends.items()},
              macs_per_pixel={end: macs_per_pixel(net, config) for end, config in ends.items()})
