@@ -69,18 +69,20 @@ def _tiled_stem_means(supernet: SlimNet, x: torch.Tensor, block: int) -> torch.T
         if not local:  # an output pixel is not its input pixel with `radius` of context: no tiles
             block = max(h, w)
         total = torch.zeros(len(x), supernet.stem_channels, dtype=torch.float64, device=x.device)
+        pixels = 0  # of the stem's output, which a strided stem makes fewer than the input's
         for top in range(0, h, block):
             for left in range(0, w, block):
                 y0, x0 = max(0, top - radius), max(0, left - radius)
                 out = supernet.stem(padded[..., y0:min(h, top + block + radius), x0:min(w, left + block + radius)])
-                total += out[..., top - y0:top - y0 + block, left - x0:left - x0 + block].sum(
-                    dim=(2, 3), dtype=torch.float64)
+                core = out[..., top - y0:top - y0 + block, left - x0:left - x0 + block]
+                total += core.sum(dim=(2, 3), dtype=torch.float64)
+                pixels += core.shape[-2] * core.shape[-1]
     finally:
         if supernet.masked:
             stem.output_mask = mask
         else:
             supernet.set_config(config)
-    return (total / (h * w)).float()
+    return (total / pixels).float()
 
 
 def _supernet_and_gate_args(supernet: SlimNet, gate: DynamicGate) -> dict:
