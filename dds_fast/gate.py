@@ -108,7 +108,7 @@ class DynamicGate(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"DynamicGate: input must be floating point, got {x.dtype}")
 
-    def _fused(self, x: torch.Tensor) -> bool:
+    def _fused(self, x: torch.Tensor, means: torch.Tensor | None = None) -> bool:
         if self.backend == "torch" or self.training or self.bn.training:
             return False
         if (self.backend == "auto" and not x.is_cuda) or x.dtype not in _FUSED_DTYPES:
@@ -116,7 +116,10 @@ class DynamicGate(nn.Module):
         from dds_fast.kernels.gate import MAX_BATCH
         if len(x) > MAX_BATCH:  # beyond the kernels' grid: the reference path, as the convs fall back
             return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+        # the kernels have no backward: anything that needs a gradient takes autograd's path
+        inputs = (x,) if means is None else (x, means)
+        return not (torch.is_grad_enabled() and (any(t.requires_grad for t in inputs)
+                                                 or any(p.requires_grad for p in self.parameters())))
 
     def forward(self, x: torch.Tensor, channel_sums: torch.Tensor | None = None,
                 means: torch.Tensor | None = None) -> GateOutput:
@@ -128,7 +131,7 @@ class DynamicGate(nn.Module):
         gets the whole image's choice and scale)."""
         self._check_input(x)
         self._check_means(x, means)
-        if not self._fused(x):
+        if not self._fused(x, means):
             return self._forward_reference(x, means)
         if means is not None:
             channel_sums = means.float()[:, None, :]

@@ -116,7 +116,8 @@ def _heads(u, n, offs_c, mask_c, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr,
     mask_rc = mask_r[:, None] & mask_c[None, :]
     w1 = tl.load(w1_ptr + offs_r[:, None] * C + offs_c[None, :], mask=mask_rc, other=0.0).to(tl.float32)
     r = tl.sum(w1 * u[None, :], axis=1) + tl.load(b1_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-    r = tl.maximum(r, 0.0)                                                       # [BLOCK_CR]
+    # NaN propagates (as torch.relu's does): a corrupt image must not get a confident route
+    r = tl.maximum(r, 0.0, propagate_nan=tl.PropagateNan.ALL)                    # [BLOCK_CR]
 
     if ATTENTION:
         w2t = tl.load(w2_ptr + offs_c[None, :] * CR + offs_r[:, None], mask=mask_rc, other=0.0).to(tl.float32)
@@ -138,7 +139,7 @@ def _heads(u, n, offs_c, mask_c, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr,
     if BN_AFFINE:
         hid = hid * tl.load(bn_weight_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32) \
             + tl.load(bn_bias_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-    hid = tl.maximum(hid, 0.0)                                                   # [BLOCK_H]
+    hid = tl.maximum(hid, 0.0, propagate_nan=tl.PropagateNan.ALL)                # [BLOCK_H]
 
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
@@ -150,7 +151,12 @@ def _heads(u, n, offs_c, mask_c, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr,
     probs = ex / tl.sum(ex, axis=0)
     tl.store(logits_ptr + n * E + offs_e, logits, mask=mask_e)
     tl.store(probs_ptr + n * E + offs_e, probs, mask=mask_e)
-    tl.store(choice_ptr + n, tl.argmax(logits, axis=0).to(tl.int32))
+    # torch.argmax takes the first NaN as the maximum; tl.argmax skips NaN (and could then pick
+    # the padding), so NaN is found first and hidden from it
+    is_nan = (logits != logits) & mask_e
+    first_nan = tl.min(tl.where(is_nan, offs_e, BLOCK_E), axis=0)
+    best = tl.argmax(tl.where(is_nan, float("-inf"), logits), axis=0)
+    tl.store(choice_ptr + n, tl.where(first_nan < BLOCK_E, first_nan, best).to(tl.int32))
 
 
 @triton.jit

@@ -103,6 +103,28 @@ def test_fused_small_tiles(monkeypatch, kind):
     assert_matches(out, reference(gate, x), torch.float16)
 
 
+@pytest.mark.parametrize("e", [4, 5])
+def test_non_finite_values_route_as_torch_does(e):
+    """A NaN or infinite pixel gives NaN logits and torch's choice, not a confident route; a
+    NaN logit wins the argmax, as in torch.argmax (E = 5 also pads the argmax)."""
+    gate = make_gate(20, e, backend="triton")
+    x = torch.randn(3, 20, 6, 7).to(DEVICE)
+    x[0, 3, 2, 2] = float("nan")
+    x[1, 5, 1, 1] = float("inf")
+    for nan_bias in (False, True):
+        if nan_bias:
+            with torch.no_grad():
+                gate.fc4.bias[e - 2] = float("nan")
+        with torch.no_grad():
+            out = gate(x)
+        ref = reference(gate, x)
+        assert ref.logits[:2].isnan().all() and not ref.logits[2].isnan().all()
+        torch.testing.assert_close(out.logits.double(), ref.logits, equal_nan=True, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.probs.double(), ref.probs, equal_nan=True, rtol=1e-4, atol=1e-5)
+        assert torch.equal(out.choice.long(), ref.choice)
+    assert out.choice[2].item() == e - 2
+
+
 @pytest.mark.parametrize("attention", [True, False])
 def test_given_means_replace_the_squeeze(attention):
     """A tile given its whole image's channel means is routed and scaled as that image."""
@@ -122,6 +144,18 @@ def test_given_means_replace_the_squeeze(attention):
     for bad in (means[:1], means[:, :4], means.long(), means.tolist()):
         with pytest.raises(ValueError, match=r"means must be a floating-point \[2, 20\] tensor"):
             gate(x, means=bad)
+
+
+def test_means_that_need_gradients_take_the_autograd_path():
+    """The kernels have no backward: a frozen gate given means that require grad must not cut
+    their graph (stage 3 could feed a differentiable squeeze)."""
+    gate = make_gate(20, 5, backend="triton").requires_grad_(False)
+    x = torch.randn(2, 20, 6, 7).to(DEVICE)
+    means = (x.mean((2, 3)) + 0.3).requires_grad_()
+    gate(x, means=means).logits.sum().backward()
+    means_ref = means.detach().double().requires_grad_()
+    reference(gate, x, means=means_ref).logits.sum().backward()
+    assert means.grad is not None and rel_err(means.grad, means_ref.grad) < 1e-5
 
 
 def test_a_batch_beyond_the_kernels_grid_takes_the_reference_path(monkeypatch):

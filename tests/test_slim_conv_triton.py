@@ -13,6 +13,24 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Records each call of the conv kernels (the input dtypes, the weight's dtype and the
+    padding), so that a test can tell the kernels ran and did not fall back to the reference,
+    which its outputs are compared with."""
+    from dds_fast.kernels import conv2d
+
+    calls = []
+    run = conv2d.slim_conv2d
+
+    def recording(inputs, weight, *args, **kwargs):
+        calls.append(dict(dtypes=[t.dtype for t in inputs], weight_dtype=weight.dtype, padding=kwargs["padding"]))
+        return run(inputs, weight, *args, **kwargs)
+
+    monkeypatch.setattr(conv2d, "slim_conv2d", recording)
+    return calls
+
+
 def pair(**kwargs):
     """The Triton module on DEVICE and its reference twin on the CPU, whose fp32 convs never
     use TF32 (cuDNN's may, by default)."""
@@ -30,12 +48,13 @@ def pair(**kwargs):
     (dict(in_channels=9, out_channels=6, kernel_size=1, bias=False), 3, 9, 1),
     (dict(in_channels=8, out_channels=16, kernel_size=1, upscale_factor=2), 8, 6, 1),  # an upsampling conv
 ])
-def test_forward_and_gradients_match_the_reference(kwargs, active, in_width, stride):
+def test_forward_and_gradients_match_the_reference(kwargs, active, in_width, stride, kernel_calls):
     fast, slow = pair(**kwargs)
     fast.active_out_channels = slow.active_out_channels = active
     x = torch.randn(2, in_width, 9, 7)
     xf, xs = x.to(DEVICE, copy=True).requires_grad_(), x.clone().requires_grad_()
     yf, ys = fast(xf), slow(xs)
+    assert len(kernel_calls) == 1
     torch.testing.assert_close(yf.cpu(), ys, rtol=1e-4, atol=1e-5)
     probe = torch.randn_like(ys)
     (yf * probe.to(DEVICE)).sum().backward()
@@ -46,23 +65,25 @@ def test_forward_and_gradients_match_the_reference(kwargs, active, in_width, str
         torch.testing.assert_close(fast.bias.grad.cpu(), slow.bias.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_concat_and_residual_match_the_reference():
+def test_concat_and_residual_match_the_reference(kernel_calls):
     fast, slow = pair(in_channels=14, out_channels=8, kernel_size=3, padding=1, in_segments=(8, 6),
                       activation="leaky_relu", negative_slope=0.2)
     fast.active_out_channels = slow.active_out_channels = 5
     a, b, r = torch.randn(1, 3, 7, 9), torch.randn(1, 4, 7, 9), torch.randn(1, 5, 7, 9)
     y = fast([a.to(DEVICE), b.to(DEVICE)], residual=r.to(DEVICE))
+    assert [call["dtypes"] for call in kernel_calls] == [[torch.float32, torch.float32]]
     torch.testing.assert_close(y.cpu(), slow([a, b], residual=r), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel_size,padding", [(3, "same"), (1, "valid")])
-def test_same_and_valid_padding_run_on_the_kernels(kernel_size, padding):
+def test_same_and_valid_padding_run_on_the_kernels(kernel_size, padding, kernel_calls):
     """Both are k//2 for an odd kernel at stride 1: no reason to fall back."""
     fast, slow = pair(in_channels=5, out_channels=6, kernel_size=kernel_size, padding=padding)
     x = torch.randn(1, 5, 6, 7)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the fallback's (Triton 3.6's interpreter raises numpy's own)
         y = fast(x.to(DEVICE))
+    assert [call["padding"] for call in kernel_calls] == [kernel_size // 2]
     torch.testing.assert_close(y.cpu(), slow(x), rtol=1e-4, atol=1e-5)
 
 
@@ -98,7 +119,7 @@ def test_auto_backend_uses_the_reference_on_cpu(monkeypatch):
     SlimConv2d(3, 3, 3, padding=1)(torch.randn(1, 3, 5, 5))
 
 
-def test_a_slim_unet_on_the_triton_backend_matches_the_reference():
+def test_a_slim_unet_on_the_triton_backend_matches_the_reference(kernel_calls):
     torch.manual_seed(1)
     net = SlimUNet(in_channels=1, base_width=8, depth=2)
     config = net.space.sample(torch.Generator().manual_seed(2))
@@ -110,6 +131,7 @@ def test_a_slim_unet_on_the_triton_backend_matches_the_reference():
         if isinstance(module, SlimConv2d):
             module.backend = "triton"
     torch.testing.assert_close(net(x.to(DEVICE)).cpu(), reference, rtol=1e-4, atol=1e-5)
+    assert len(kernel_calls) == sum(isinstance(m, SlimConv2d) for m in net.modules())
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
@@ -144,12 +166,14 @@ def test_half_activations_over_fp32_master_weights(dtype, tolerance):
     assert bias.grad[6:].abs().sum() == 0
 
 
-def test_autocast_runs_the_kernels_in_half_precision():
+def test_autocast_runs_the_kernels_in_half_precision(kernel_calls):
     fast, slow = pair(in_channels=8, out_channels=8, kernel_size=3, padding=1, activation="relu")
     x = torch.randn(1, 8, 6, 6)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = fast(x.to(DEVICE))
     assert y.dtype == torch.bfloat16
+    # the activations cast by the module, the fp32 master weight read as it is
+    assert [(c["dtypes"], c["weight_dtype"]) for c in kernel_calls] == [([torch.bfloat16], torch.float32)]
     torch.testing.assert_close(y.float().cpu(), slow(x), rtol=3e-2, atol=3e-2)
     y.float().sum().backward()
     assert fast.weight.grad.dtype == torch.float32
