@@ -19,6 +19,7 @@ driver's through cuda-python).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -44,6 +45,21 @@ def _padded_full_stem_input(supernet: SlimNet, x: torch.Tensor) -> torch.Tensor:
     return supernet.pad(x)
 
 
+@contextlib.contextmanager
+def _full_width_stem(supernet: SlimNet):
+    """``supernet`` at its largest config for the stem a gate reads, its config restored
+    after; an ``export_static`` copy's stem was exported at full width, and stays as it is."""
+    if supernet.is_static:
+        yield
+        return
+    config = supernet.get_config()
+    supernet.set_config(supernet.space.largest())
+    try:
+        yield
+    finally:  # a caught error must not leave the next training step at the largest config
+        supernet.set_config(config)
+
+
 @torch.no_grad()
 def _tiled_stem_means(supernet: SlimNet, x: torch.Tensor, block: int) -> torch.Tensor:
     """The fp32 ``[N, C]`` channel means of the full-width stem's output over the padded ``x``
@@ -54,34 +70,31 @@ def _tiled_stem_means(supernet: SlimNet, x: torch.Tensor, block: int) -> torch.T
     supernet.check_input(x)
     # the full-width stem, and the network left as it was: under set_masked_widths (which
     # set_config would end) the stem already runs at full width, behind its output mask
-    config, stem = supernet.get_config(), supernet.stem_conv
-    mask = stem.output_mask
+    stem = supernet.stem_conv
+    masked = supernet.masked
+    if masked:
+        mask, stem.output_mask = stem.output_mask, None
     try:
-        if supernet.masked:
-            stem.output_mask = None
-        else:
-            supernet.set_config(supernet.space.largest())
-        padded = supernet.pad(x)
-        radius = stem.kernel_size[0] // 2
-        h, w = padded.shape[-2:]
-        local = stem.stride == (1, 1) and stem.dilation == (1, 1) and stem.padding in ("same", (radius, radius)) \
-            and stem.kernel_size[0] == stem.kernel_size[1]
-        if not local:  # an output pixel is not its input pixel with `radius` of context: no tiles
-            block = max(h, w)
-        total = torch.zeros(len(x), supernet.stem_channels, dtype=torch.float64, device=x.device)
-        pixels = 0  # of the stem's output, which a strided stem makes fewer than the input's
-        for top in range(0, h, block):
-            for left in range(0, w, block):
-                y0, x0 = max(0, top - radius), max(0, left - radius)
-                out = supernet.stem(padded[..., y0:min(h, top + block + radius), x0:min(w, left + block + radius)])
-                core = out[..., top - y0:top - y0 + block, left - x0:left - x0 + block]
-                total += core.sum(dim=(2, 3), dtype=torch.float64)
-                pixels += core.shape[-2] * core.shape[-1]
+        with contextlib.nullcontext() if masked else _full_width_stem(supernet):
+            padded = supernet.pad(x)
+            radius = stem.kernel_size[0] // 2
+            h, w = padded.shape[-2:]
+            local = stem.stride == (1, 1) and stem.dilation == (1, 1) and stem.padding in ("same", (radius, radius)) \
+                and stem.kernel_size[0] == stem.kernel_size[1]
+            if not local:  # an output pixel is not its input pixel with `radius` of context: no tiles
+                block = max(h, w)
+            total = torch.zeros(len(x), supernet.stem_channels, dtype=torch.float64, device=x.device)
+            pixels = 0  # of the stem's output, which a strided stem makes fewer than the input's
+            for top in range(0, h, block):
+                for left in range(0, w, block):
+                    y0, x0 = max(0, top - radius), max(0, left - radius)
+                    out = supernet.stem(padded[..., y0:min(h, top + block + radius), x0:min(w, left + block + radius)])
+                    core = out[..., top - y0:top - y0 + block, left - x0:left - x0 + block]
+                    total += core.sum(dim=(2, 3), dtype=torch.float64)
+                    pixels += core.shape[-2] * core.shape[-1]
     finally:
-        if supernet.masked:
+        if masked:
             stem.output_mask = mask
-        else:
-            supernet.set_config(config)
     return (total / pixels).float()
 
 
@@ -168,11 +181,10 @@ class AttentionSupernet(nn.Module):
         if self.supernet.masked:
             return self._masked_forward(x, stem_means)
         config = self.supernet.get_config()
-        try:
-            padded = _padded_full_stem_input(self.supernet, x)
+        self.supernet.check_input(x)
+        padded = self.supernet.pad(x)
+        with _full_width_stem(self.supernet):
             features, _ = self.gate.attend(self.supernet.stem(padded), stem_means)
-        finally:  # a caught error must not leave the next training step at the largest config
-            self.supernet.set_config(config)
         out = self.supernet.body(features[:, : config[self._stem_group]], padded)
         return out[..., : x.shape[-2], : x.shape[-1]]
 

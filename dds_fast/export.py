@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from .config import SubnetConfig
-from .cost import trace_convs
+from .cost import _at_config, trace_convs
 from .ddsnet import DDSNet
+from .nets import SlimNet
 from .slim_conv import SlimConv2d, apply_epilogue, epilogue_repr
 
 
@@ -78,9 +79,14 @@ def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | N
             raise ValueError(f"export_static: layer {call.name!r} runs at two widths in one forward "
                              f"({shapes[call.module]} and {shape}); it has no single static shape")
 
+    # every super-network in the model, the model itself or one inside it (an
+    # AttentionSupernet's), is frozen at the config it ran in the traced forward
+    with _at_config(model, config):
+        net_configs = {net: net.get_config() for net in model.modules() if isinstance(net, SlimNet)}
     memo = {id(module): _static_from(module, *shape) for module, shape in shapes.items()}
     static = copy.deepcopy(model, memo)
-    if hasattr(static, "_bindings"):
-        static._bindings = []
-        static._config = model.get_config() if config is None else model.space.validate(config)
+    for net, net_config in net_configs.items():
+        frozen = memo[id(net)]
+        frozen._bindings = []
+        frozen._config = net_config
     return static

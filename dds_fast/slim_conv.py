@@ -289,8 +289,12 @@ class SlimConv2d(nn.Conv2d):
         if isinstance(kernels, str):
             reason = kernels
         else:
+            # (under autocast, on the dtype that forward will cast the activations to)
+            device = inputs[0].device.type
+            cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
             reason = kernels.unsupported_reason(inputs, weight, self.stride, self.padding, self.dilation,
-                                                self.groups, self.padding_mode, self.activation, self.negative_slope)
+                                                self.groups, self.padding_mode, self.activation, self.negative_slope,
+                                                input_dtype=cast)
             if reason is None:
                 return kernels
         if self.backend == "triton" and reason not in _WARNED:

@@ -1130,22 +1130,23 @@ def _as_int(value, name: str, pairs: bool = True) -> int:
 
 def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dilation=1, groups=1,
                        padding_mode: str = "zeros", activation: Optional[str] = None,
-                       negative_slope: float = 0.01) -> Optional[str]:
+                       negative_slope: float = 0.01, input_dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """Why the Triton kernels cannot run this convolution (None when they can).
 
     ``inputs`` is a tensor or a list of tensors; the other arguments are those of the layer.
+    ``input_dtype``: the dtype the inputs will be cast to before the call (autocast's), if any.
     """
     tensors = [inputs] if isinstance(inputs, torch.Tensor) else inputs
-    args = (tuple([_spec(t) for t in tensors]), _spec(weight), stride, padding, dilation, groups, padding_mode,
-            activation, negative_slope)
+    args = (tuple([_spec(t, input_dtype) for t in tensors]), _spec(weight), stride, padding, dilation, groups,
+            padding_mode, activation, negative_slope)
     try:
         return _reason(*args)
     except TypeError:  # an unhashable option (a list): not worth caching
         return _reason.__wrapped__(*args)
 
 
-def _spec(t: torch.Tensor) -> tuple:
-    return t.shape, t.dtype, t.device.type
+def _spec(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> tuple:
+    return t.shape, dtype or t.dtype, t.device.type
 
 
 @functools.lru_cache(maxsize=1024)

@@ -53,6 +53,33 @@ def test_export_static_has_the_narrow_shapes():
     assert net.get_config() == net.space.largest()  # exporting another config leaves the net as it was
 
 
+def test_export_static_freezes_a_super_network_inside_another_module():
+    """An AttentionSupernet (or any wrapper) exported at a config other than its active one:
+    its super-network's copy is frozen at that config, computes it, and refuses set_config."""
+    from torch import nn
+
+    from dds_fast import AttentionSupernet, DynamicGate
+
+    torch.manual_seed(4)
+    net = small_unet()
+    attended = AttentionSupernet(net, DynamicGate(net.stem_channels, 2).double()).eval()
+    small = net.space.smallest()
+    x = torch.rand(1, 3, 9, 7, dtype=torch.float64)
+    static = export_static(attended, small)
+    assert attended.get_config() == net.space.largest()
+    attended.set_config(small)
+    torch.testing.assert_close(static(x), attended(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(static.stem_means(x), attended.stem_means(x), rtol=1e-6, atol=0)
+    assert static.get_config() == small and static.supernet.is_static
+    with pytest.raises(ValueError, match="static"):
+        static.set_config(net.space.largest())
+
+    wrapped = export_static(nn.Sequential(net), input_shape=(3, 8, 8))
+    assert wrapped[0].get_config() == small
+    with pytest.raises(ValueError, match="static"):
+        wrapped[0].set_config(net.space.largest())
+
+
 def test_unet_slim_output_is_the_sliced_computation():
     """A hand-written narrow U-Net forward on the weights' prefixes equals the slim net."""
     torch.manual_seed(2)

@@ -177,3 +177,18 @@ def test_autocast_runs_the_kernels_in_half_precision(kernel_calls):
     torch.testing.assert_close(y.float().cpu(), slow(x), rtol=3e-2, atol=3e-2)
     y.float().sum().backward()
     assert fast.weight.grad.dtype == torch.float32
+
+
+def test_autocast_to_another_half_dtype_than_the_weights_falls_back(kernel_calls):
+    """An fp16 model under bf16 autocast: the kernels take bf16 activations only over an fp32
+    or bf16 weight, so the layer falls back (as autocast would run it) instead of failing in
+    the kernels' argument check."""
+    fast, slow = pair(in_channels=8, out_channels=8, kernel_size=3, padding=1)
+    fast, slow = fast.half(), slow.to(DEVICE).half()
+    x = torch.randn(1, 8, 5, 5).to(DEVICE, torch.float16)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        with pytest.warns(UserWarning, match="falls back to the PyTorch reference: .*bfloat16"):
+            y = fast(x)
+        expected = slow(x)
+    assert not kernel_calls and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
