@@ -255,7 +255,8 @@ class DDSNet(nn.Module):
         """Checked against the gate and the super-network. What is derived from the entries
         (``dynamic_macs_per_pixel``, the per-image width tables) is rebuilt, and a budget,
         an index into the old space, is dropped: the model returns to dynamic mode. CUDA
-        graphs captured before read the old tables: capture them again."""
+        graphs captured before keep reading the old tables (kept alive for them): capture
+        them again to route by the new space."""
         entries = list(entries)
         if not entries:
             raise ValueError("DDSNet: the routing space is empty")
@@ -269,7 +270,9 @@ class DDSNet(nn.Module):
         # the stem runs at full width in dynamic mode, whatever the config: count that
         self.dynamic_macs_per_pixel = [e.macs_per_pixel + stem_macs * (stem.out_channels - e.config[self._stem_group])
                                        for e in self._routing_space]
-        self._tables: dict[torch.device, tuple[torch.Tensor, list]] = {}  # per device: a graph may hold each
+        # per device; a graph captured before holds the old ones' addresses: never freed
+        self._retired_tables = [*getattr(self, "_retired_tables", []), *getattr(self, "_tables", {}).values()]
+        self._tables: dict[torch.device, tuple[torch.Tensor, list]] = {}
         self._warmed_branches: dict[tuple, tuple[torch.dtype, torch.memory_format, tuple]] = {}
         self._budget_index: int | None = None
 
@@ -472,37 +475,45 @@ class DDSNet(nn.Module):
         return torch.empty(shape, dtype=dtype, device=padded.device, memory_format=layout)
 
     def _body_branches(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor, graph,
-                       out: torch.Tensor, checked: bool = True) -> torch.Tensor:
+                       out: torch.Tensor) -> torch.Tensor:
         """The body as conditional nodes of ``graph`` (the CUDA graph being captured), each
         writing ``out``: the per-image body when no route holds the whole batch, and a branch
-        per route ``k``, its static body, when every image chose it. One image always has one
-        route unless its index is out of range, which a ``choice`` not ``checked`` (given by
-        the caller and not readable during a capture) may be: it then gets NaN."""
+        per route ``k``, its static body, when every image chose it (``choice`` in range:
+        ``forward`` clamps a caller's that a capture cannot check)."""
         from .kernels.gate import route_flags
         routes = len(self.routing_space)
         flags = route_flags(choice, routes)  # their values are read at replay, on the device
         # the per-image body first, while gate_forward's full widths (its buffers) still hold
-        if len(padded) > 1:
-            branches = [(flags[routes], lambda: self._body_per_image(features, padded, choice))]
-        else:
-            branches = [] if checked else [(flags[routes], lambda: torch.full_like(out, float("nan")))]
+        branches = [(flags[routes], lambda: self._body_per_image(features, padded, choice))] if len(padded) > 1 else []
         branches += [(flags[index], lambda index=index: self._route_body(index, features, padded))
                      for index in range(routes)]
-        for flag, body in branches:
-            graph.begin_capture_to_if_node(flag)
-            try:
-                out.copy_(body())
-            finally:
-                graph.end_capture_to_conditional_node()
+        # a weight cast that autocast caches in one branch would be read, unwritten, by another
+        # branch at a replay that skips the first: each branch casts its own
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+        try:
+            for flag, body in branches:
+                graph.begin_capture_to_if_node(flag)
+                try:
+                    out.copy_(body())
+                finally:
+                    graph.end_capture_to_conditional_node()
+        finally:
+            torch.set_autocast_cache_enabled(cache)
         return out
+
+    @staticmethod
+    def _choice_values_readable(choice: torch.Tensor) -> bool:
+        """Whether reading ``choice``'s values is allowed: it syncs with the device, which a
+        CUDA graph capture does not allow."""
+        return not (choice.is_cuda and torch.cuda.is_current_stream_capturing())
 
     def _check_choice(self, choice, batch: int) -> torch.Tensor:
         if not isinstance(choice, torch.Tensor) or choice.shape != (batch,) or choice.dtype not in (
                 torch.int32, torch.int64):
             raise ValueError(f"DDSNet: choice must be an int32 or int64 tensor of shape ({batch},), one routing "
                              f"index per image, got {choice!r}")
-        # a value check syncs with the device, which a CUDA graph capture does not allow
-        if not (choice.is_cuda and torch.cuda.is_current_stream_capturing()) and len(choice) and (
+        if self._choice_values_readable(choice) and len(choice) and (
                 int(choice.min()) < 0 or int(choice.max()) >= len(self.routing_space)):
             raise ValueError(f"DDSNet: choice holds {choice.tolist()}; routing indices run from 0 to "
                              f"{len(self.routing_space) - 1}")
@@ -528,10 +539,14 @@ class DDSNet(nn.Module):
             out = self._route_body(self._budget_index, gate_out.features, padded)
             return out[..., : x.shape[-2], : x.shape[-1]]
         padded, gate_out = self.gate_forward(x, stem_means)
-        checked = True  # the gate's choices are in range; a caller's are checked unless a capture hides them
+        in_range = None  # the gate's choices are in range; a caller's are checked unless a capture hides them
         if choice is not None:
-            checked = not (self._check_choice(choice, len(x)).is_cuda and torch.cuda.is_current_stream_capturing())
-            choice = choice.to(gate_out.choice)
+            choice = self._check_choice(choice, len(x)).to(gate_out.choice)
+            if not self._choice_values_readable(choice):
+                # out of range, an index would fault the device in the width table's gather:
+                # route 0 runs instead, and the image comes out NaN
+                in_range = (choice >= 0) & (choice < len(self.routing_space))
+                choice = torch.where(in_range, choice, 0)
         else:
             choice = gate_out.choice
         features = gate_out.features
@@ -540,7 +555,7 @@ class DDSNet(nn.Module):
         capturing = branches and torch.cuda.is_current_stream_capturing()
         if capturing:
             out = self._body_branches(features, padded, choice, capturing_graph(padded.device),
-                                      self._branch_output(features, padded), checked)
+                                      self._branch_output(features, padded))
         elif per_image:
             out = self._body_per_image(features, padded, choice)
         else:
@@ -553,6 +568,8 @@ class DDSNet(nn.Module):
                 out[rows] = part
         if branches and not capturing:
             self._warm_branches(features, padded, choice)
+        if in_range is not None:
+            out = torch.where(in_range[:, None, None, None], out, float("nan"))
         return out[..., : x.shape[-2], : x.shape[-1]]
 
     def expected_macs(self, probs: torch.Tensor) -> torch.Tensor:

@@ -239,10 +239,12 @@ def _conv_fwd_kernel(
     oh = offs_m // WO
     ow = offs_m % WO
     cols = tl.arange(0, BLOCK_N)
-    if UPSCALE > 1:
-        # pixel shuffle: filter co goes to channel co // r^2 of sub-pixel phase co % r^2. The tile's
-        # columns take its filters phase by phase, so that each run of PHASE_COLS columns stores
-        # consecutive channels of one phase: vector stores, as without the shuffle
+    # pixel shuffle: filter co goes to channel co // r^2 of sub-pixel phase co % r^2. Where r^2
+    # divides the tile (r a power of two), the tile's columns take its filters phase by phase,
+    # so that each run of PHASE_COLS columns stores consecutive channels of one phase: vector
+    # stores, as without the shuffle; otherwise (r = 3, or r^2 above the tile) filter by filter
+    PHASED: tl.constexpr = UPSCALE > 1 and BLOCK_N % (UPSCALE * UPSCALE) == 0
+    if PHASED:
         PHASE_COLS: tl.constexpr = BLOCK_N // (UPSCALE * UPSCALE)
         co = pid_co * BLOCK_N + (cols % PHASE_COLS) * (UPSCALE * UPSCALE) + cols // PHASE_COLS
     else:
@@ -262,8 +264,12 @@ def _conv_fwd_kernel(
     if UPSCALE > 1:
         # y is the shuffled [N, COUT / r^2, r * HO, r * WO]: phase p of pixel (oh, ow) is output
         # pixel (r * oh + p // r, r * ow + p % r)
-        channel = pid_co * PHASE_COLS + cols % PHASE_COLS
-        phase = cols // PHASE_COLS
+        if PHASED:
+            channel = pid_co * PHASE_COLS + cols % PHASE_COLS
+            phase = cols // PHASE_COLS
+        else:
+            channel = co // (UPSCALE * UPSCALE)
+            phase = co % (UPSCALE * UPSCALE)
         y_ptrs = y + n * syn + (oh * (UPSCALE * syh) + ow * (UPSCALE * syw))[:, None] + (
             channel * syc + (phase // UPSCALE) * syh + (phase % UPSCALE) * syw)[None, :]
         # the same filters as co_ok (whole channels: out widths are multiples of r^2), said in
@@ -691,6 +697,13 @@ def _meta(t: Optional[torch.Tensor]):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
+def _fast_tiles_store(upscale_factor: int) -> bool:
+    """Whether the fast layout's bigger tiles suit this output: a pixel shuffle whose r^2 may
+    not divide the tile (r = 3, r >= 8) stores filter by filter, whose scattered addresses
+    spill registers on sm_90 in those tiles (not in the others)."""
+    return upscale_factor ** 2 in (1, 4, 16)
+
+
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_channels, stride, padding,
                   activation, negative_slope, upscale_factor, channel_sums=False, aligned_pointers=False,
@@ -729,7 +742,7 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         W_ALIGN=_alignment(*_pixel_strides_of_weight(w_strides)),
     )
     fast = aligned_pointers and _fast_layout((x0_strides[1], x1_strides[1], r_strides[1], y_strides[1], w_strides[1]),
-                                             *aligns.values())
+                                             *aligns.values()) and _fast_tiles_store(r)
     if mwd is not None:
         cols, red = (w_shape[0], w_shape[1]) if tile_widths is None else tile_widths
         bm, bn, bk, warps = _tiles(dtype, ho * wo, cols, red, fast, m1 is not None)

@@ -67,7 +67,9 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
     # (the fast layout only, where the launcher takes it)
     (("forward bf16, two inputs, per-image widths, packed buffers, taps in the reduction at 8 channels", p, p,
       dict(TAP_C0=8, TAP_C1=8, TWO_INPUTS=True, PER_IMAGE=True, PACKED_X0=True, PACKED_X1=True, PACKED_Y=True)),
-     widths) for widths in ((16, 8), (32, 8), (64, 8), (128, 8))]:
+     widths) for widths in ((16, 8), (32, 8), (64, 8), (128, 8))] + [
+    # an upscale factor whose square divides no tile: the shuffle's store filter by filter
+    (("forward bf16, pixel shuffle by 3 in the store", p, p, dict(UPSCALE=3)), widths) for widths in ((9, 16), (36, 16))]:
     dtype = torch.float32 if act == f else torch.bfloat16
     blocks, warps = tiles(dtype, cols, red)
     name = f"{name}, {cols} output and {red} input columns"
@@ -77,8 +79,8 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
                     PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=False,
                     PACKED_X1=False, PACKED_Y=False, UPSCALE=1), **blocks,
                **extra), warps,
-          None if extra.get("TAP_C0") and not extra.get("PER_IMAGE") else tiles(dtype, cols, red, True,
-                                                                                 extra.get("TWO_INPUTS", False)),
+          None if extra.get("TAP_C0") and not extra.get("PER_IMAGE") or not K._fast_tiles_store(extra.get("UPSCALE", 1))
+          else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)),
           ("channels_last",) if extra.get("TAP_C0") and extra.get("PER_IMAGE") else ("strided", "channels_last"))
 blocks, warps = tiles(torch.float16)
 h = "*fp16"

@@ -1,4 +1,6 @@
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -333,7 +335,11 @@ def test_per_image_width_tables_follow_a_new_routing_space():
     choice = torch.tensor([0, 2], device=DEVICE)
     with torch.no_grad():
         model(x, choice=choice)  # builds the width table of the first routing space
+        old_table = weakref.ref(model._width_table(x.device)[0])
         model.routing_space = list(reversed(model.routing_space))
+        # a graph captured before reads the old table: it must not be freed for reuse
+        gc.collect()
+        assert old_table() is not None
         per_image = model(x, choice=choice)
         model.per_image = False
         grouped = model(x, choice=choice)
@@ -590,19 +596,71 @@ def test_route_branches_run_each_route_static_and_a_mixed_batch_per_image(choice
         torch.testing.assert_close(written, want, rtol=1e-4, atol=1e-5)
 
 
-def test_route_branches_give_nan_to_an_image_whose_route_index_is_out_of_range():
-    """At batch 1 only a choice the caller gave during a capture, unchecked, can miss every route."""
+@pytest.mark.parametrize("choice", [[3, 1], [3, 3], [-1]])
+def test_a_choice_that_cannot_be_checked_gives_nan_to_images_out_of_range(monkeypatch, choice):
+    """A caller's choice on the device during a capture cannot be read: an index out of range
+    must not reach the width table's gather (a device fault); its image comes out NaN."""
     pytest.importorskip("triton")
-    model, _ = branch_model()
-    x = images(n=1, size=(8, 8), seed=5).float().to(DEVICE)
+    model, reference = branch_model()
+    model.per_image = True
+    monkeypatch.setattr(model, "_choice_values_readable", lambda choice: False)
+    x = images(n=len(choice), size=(8, 8), seed=5).float().to(DEVICE)
     with torch.no_grad():
+        out = model(x, choice=torch.tensor(choice, device=DEVICE))
+    for row, index in enumerate(choice):
+        if 0 <= index < 3:
+            torch.testing.assert_close(out[row:row + 1], reference(x[row:row + 1], choice=torch.tensor([index])),
+                                       rtol=1e-4, atol=1e-5)
+        else:
+            assert out[row].isnan().all()
+
+
+def test_route_branches_under_autocast_cast_their_own_weights():
+    """Only the chosen branch runs at replay: a weight cast that autocast cached while one
+    branch was captured must not be read by another, whose replay would find it unwritten.
+    Each branch holds every cast its route makes when it runs alone."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, _ = branch_model()
+    for module in model.supernet.modules():
+        module.backend = "torch"  # cuDNN's convs, which autocast feeds cast weights
+    names = {id(p): name for name, p in model.supernet.named_parameters()}
+
+    class WeightCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and id(args[0]) in names:
+                self.names.add(names[id(args[0])])
+            return func(*args, **(kwargs or {}))
+
+    class CastsPerBranch(RecordingGraph):
+        def begin_capture_to_if_node(self, flag):
+            super().begin_capture_to_if_node(flag)
+            self.mode = WeightCasts().__enter__()
+
+        def end_capture_to_conditional_node(self):
+            self.mode.__exit__(None, None, None)
+            self.closed.append(self.mode.names)
+            self.open -= 1
+
+    x = images(n=1, size=(8, 8), seed=5).float().to(DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         padded, gate_out = model.gate_forward(x)
-        for checked in (True, False):
-            graph = RecordingGraph(torch.zeros_like(padded))
-            model._body_branches(gate_out.features, padded, torch.tensor([3], dtype=torch.int32, device=DEVICE),
-                                 graph, graph.out, checked=checked)
-            assert graph.flags == [True] * (not checked) + [False] * 3
-            assert graph.closed[0].isnan().all() != checked
+        graph = CastsPerBranch()
+        model._body_branches(gate_out.features, padded, torch.tensor([0], device=DEVICE), graph,
+                             torch.empty_like(padded, dtype=torch.bfloat16))
+    alone = []
+    for index in range(len(model.routing_space)):
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+            padded, gate_out = model.gate_forward(x)  # the stem's casts: in the parent graph, always run
+            with WeightCasts() as casts:
+                model._route_body(index, gate_out.features, padded)
+        alone.append(casts.names)
+    # (a later route reads full-width weights that the largest, first, cast too)
+    assert alone[1] & alone[0] and graph.closed == alone
 
 
 def test_a_captured_forward_takes_the_branches_after_a_warm_up(monkeypatch):

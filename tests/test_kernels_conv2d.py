@@ -517,20 +517,32 @@ def test_weight_is_never_sliced_or_copied(act_dtype):
 
 
 # ------------------------------------------------------------------- upsampling convs
-@pytest.mark.parametrize("dtype,k,stride,two,o", [(torch.float32, 1, 1, False, 12), (torch.float32, 3, 2, True, 12),
-                                                  (torch.float16, 3, 1, True, 12), (torch.bfloat16, 1, 2, False, 12),
-                                                  (torch.float16, 1, 1, False, 32)])  # 8 channels: aligned
-def test_upscale_shuffles_the_output_in_the_store(monkeypatch, dtype, k, stride, two, o):
-    """``upscale_factor=2`` equals F.pixel_shuffle of the plain conv, every element written
-    (the output starts as NaN), and trains: gradients through the shuffle match fp64."""
-    monkeypatch.setattr(K, "_empty_channels_last", lambda shape, like: torch.full(
-        shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
+@pytest.mark.parametrize("dtype,k,stride,two,o,r", [(torch.float32, 1, 1, False, 12, 2),
+                                                    (torch.float32, 3, 2, True, 12, 2),
+                                                    (torch.float16, 3, 1, True, 12, 2),
+                                                    (torch.bfloat16, 1, 2, False, 12, 2),
+                                                    (torch.float16, 1, 1, False, 32, 2),  # 8 channels: aligned
+                                                    (torch.float32, 3, 1, False, 18, 3),  # r^2 divides no tile
+                                                    (torch.float16, 1, 2, True, 9, 3)])
+def test_upscale_shuffles_the_output_in_the_store(monkeypatch, dtype, k, stride, two, o, r):
+    """``upscale_factor=r`` equals F.pixel_shuffle of the plain conv, every element written
+    (the output starts as NaN) and none beyond it (a NaN image after it stays NaN), and
+    trains: gradients through the shuffle match fp64."""
+    buffers = []
+
+    def poisoned_with_guard(shape, like):
+        buffer = torch.full((shape[0] + 1, *shape[1:]), float("nan"), dtype=like.dtype, device=like.device)
+        buffers.append(buffer.contiguous(memory_format=torch.channels_last))
+        return buffers[-1][:shape[0]]
+
+    monkeypatch.setattr(K, "_empty_channels_last", poisoned_with_guard)
     case = make_case(23, dtype=dtype, k=k, stride=stride, widths=(6, 5) if two else (7,),
-                     starts=(0, 9) if two else (0,), o=o, cout_max=40, upscale=2)
+                     starts=(0, 9) if two else (0,), o=o, cout_max=40, upscale=r)
     check_grads(case, "leaky_relu")
     y = run(case, None)
     ho, wo = (7 - 1) // stride + 1, (9 - 1) // stride + 1
-    assert y.shape == (2, o // 4, 2 * ho, 2 * wo) and y.is_contiguous(memory_format=torch.channels_last)
+    assert y.shape == (2, o // r ** 2, r * ho, r * wo) and y.is_contiguous(memory_format=torch.channels_last)
+    assert buffers and all(buffer[-1].isnan().all() for buffer in buffers)
 
 
 # (out width, in width): out widths are whole shuffled channels (multiples of 4); in widths need
