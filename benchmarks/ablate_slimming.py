@@ -34,7 +34,7 @@ def mean_psnr_over_macs(trajectory) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--criteria", nargs="+", default=list(SLIM_CRITERIA), choices=SLIM_CRITERIA)
     parser.add_argument("--out", help="write the result as JSON here")

@@ -25,7 +25,7 @@ from dds_fast.training.stages import Run, TrainConfig
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--sandwich", type=int, default=4)
     parser.add_argument("--distillation", default="synergy")

@@ -14,7 +14,7 @@ from dds_fast.bench import backward_step, layer_variants
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", nargs="?", default="profile-layer-step.txt")
     parser.add_argument("--width", type=int, default=16, help="active width of the 64-channel layer")
     parser.add_argument("--batch", type=int, default=8)

@@ -70,7 +70,7 @@ def matched_table(dynamic_rows: list[Evaluation], inet_rows: list[Evaluation]) -
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", help="a model; further DDSNets add a dynamic row each")
     parser.add_argument("--noise", nargs="+", choices=["awgn", "camera"], default=["awgn"])
     parser.add_argument("--sigma", nargs="+", type=float, default=[25.0], help="of the AWGN, in 0-255 units")

@@ -124,7 +124,7 @@ def oracle_points(route_psnr: np.ndarray, route_macs: np.ndarray, steps: int = 4
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", nargs="?", default=str(SHIPPED), help="a DDSNet (default: the shipped model)")
     parser.add_argument("--images", nargs="+", default=list(DEFAULT_VALIDATION_IMAGES))
     parser.add_argument("--sigma", nargs="*", type=float, default=[5, 10, 15, 25, 35, 50],

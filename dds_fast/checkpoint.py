@@ -8,6 +8,7 @@ RoutingEntry) with its MACs table when the model has one, and the caller's own m
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +26,7 @@ from .export import StaticConv2d, export_static
 from .nets import ARCHITECTURES, SlimNet
 
 FORMAT = "dds-fast"
+_DIGEST = "sha256"  # the metadata key of the tensors' fingerprint
 SHIPPED_MODEL = Path(__file__).parent / "weights" / "dds.safetensors"  # the model the package ships
 
 
@@ -68,8 +70,33 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """safetensors ``save_file`` through ``atomic_write``."""
+    """safetensors ``save_file`` through ``atomic_write``, the tensors' ``weights_fingerprint``
+    in the metadata: safetensors has no checksum of its own, and ``read_tensors`` checks it."""
+    metadata = {**metadata, _DIGEST: weights_fingerprint(tensors)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a safetensors file. A file written by ``atomic_save_file``
+    whose tensors no longer match their fingerprint (corrupt data) raises ValueError; the
+    readers' own errors (a truncated file, a corrupt header) pass through."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if _DIGEST in metadata and weights_fingerprint(tensors) != metadata[_DIGEST]:
+        raise ValueError("its tensors do not match the checksum saved with them (corrupt data)")
+    return metadata, tensors
+
+
+def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes and values): the same weights give the
+    same digest from a file or in memory, on any device or memory layout."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -191,8 +218,7 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
             raise CheckpointError(f"checkpoint {path}: its routing space does not fit {meta['arch']}: "
                                   f"{error}") from None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        _, tensors = read_tensors(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint {path}: cannot read its tensors (truncated or corrupt?): {error}") from None
     expected_keys = set(model.state_dict())

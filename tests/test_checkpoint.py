@@ -8,14 +8,16 @@ from safetensors.torch import save_file
 
 import dds_fast
 from dds_fast import CheckpointError, RoutingEntry, SlimDnCNN, SlimUNet, load, macs_per_pixel, read_metadata, save
+from dds_fast.checkpoint import atomic_save_file
 
 
 def rewrite(path, tensors, **header_changes):
-    """Write ``tensors`` to ``path`` with the checkpoint's header, some fields changed."""
+    """Write ``tensors`` to ``path`` with the checkpoint's header, some fields changed, as a
+    writer would have written them (their checksum too)."""
     with safe_open(str(path), "pt") as f:
         header = dict(f.metadata())
     header.update(header_changes)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=header)
+    atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, path, header)
 
 
 @pytest.fixture
@@ -80,6 +82,23 @@ def test_truncated_file(net, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=str(path)):
+        load(path)
+
+
+def flip_tensor_bytes(path):
+    """Corrupts bytes of a safetensors file's tensor data, leaving its header readable."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    for i in range(start + 5, len(data), 97):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_tensor_data(net, tmp_path):
+    """safetensors has no checksum: the one saved in the metadata finds what its reader cannot."""
+    path = save(net, tmp_path / "model.safetensors")
+    flip_tensor_bytes(path)
+    with pytest.raises(CheckpointError, match=f"{path}.*checksum"):
         load(path)
 
 

@@ -14,6 +14,7 @@ from dds_fast.config import RoutingEntry
 from dds_fast.training.sandwich import routing_sandwich_configs, sandwich_configs, sandwich_step, training_psnr
 from dds_fast.training.slimming import progressive_slimming, slimmer, thin_routing_space
 from dds_fast.training.stages import Run, TrainConfig, slimming_length
+from tests.test_checkpoint import flip_tensor_bytes
 
 
 def tiny_net():
@@ -326,8 +327,12 @@ def test_resume_names_a_corrupt_or_truncated_state_file(tmp_path):
     loop.run()
     state = tmp_path / "stage1.state.safetensors"
     data = state.read_bytes()
-    for broken in (data[: len(data) // 2], b"garbage"):
-        state.write_bytes(broken)
+    for broken in (data[: len(data) // 2], b"garbage", None):
+        if broken is None:  # readable, but its tensors changed: the saved checksum tells
+            state.write_bytes(data)
+            flip_tensor_bytes(state)
+        else:
+            state.write_bytes(broken)
         with pytest.raises(ValueError, match=f"cannot read the training state {state}"):
             make_loop(tmp_path, steps=4)[0].run()
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from tqdm import tqdm
 
-from dds_fast.checkpoint import atomic_save_file, atomic_write
+from dds_fast.checkpoint import atomic_save_file, atomic_write, read_tensors
 
 from .data import to_device
 
@@ -162,9 +162,7 @@ class TrainLoop:
         if not self.state_path.exists():
             return 0
         try:
-            with safe_open(str(self.state_path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            meta, tensors = read_tensors(self.state_path)
             step = int(meta["step"])
             scalars, param_groups, scheduler_state = (json.loads(meta[key]) for key in
                                                       ("optim_scalars", "param_groups", "scheduler"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 import dds_fast
 from dds_fast import AttentionSupernet, DDSNet, DynamicGate, SlimConv2d
 from dds_fast.slim_conv import BACKENDS
-from dds_fast.checkpoint import read_metadata
+from dds_fast.checkpoint import read_metadata, weights_fingerprint
 from dds_fast.config import RoutingEntry
 
 from .data import (NoisyPatches, PairedPatches, SIDDValidation, bundled_images, load_image_folder,
@@ -198,17 +197,6 @@ class TrainConfig:
         if device.type == "cuda" and device.index is None and torch.distributed.is_initialized():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
         return device
-
-
-def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 of named tensors (names, dtypes, shapes and values): the same weights give the
-    same digest from a file or in memory, on any device or memory layout."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def slimming_length(space, step: int) -> int:
