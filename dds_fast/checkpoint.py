@@ -64,6 +64,15 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
         header["config"] = model.get_config().to_json()
     routing = getattr(model, "routing_space", None)
     if routing is not None:
+        # a SlimNet's is a plain attribute: checked here, or load would refuse the file (a
+        # DDSNet checks its own as it is set)
+        if not all(isinstance(entry, RoutingEntry) for entry in routing):
+            raise ValueError(f"save: {arch}.routing_space must be a list of RoutingEntry")
+        for index, entry in enumerate(routing if hasattr(model, "space") else ()):
+            try:
+                model.space.validate(entry.config)
+            except ValueError as error:
+                raise ValueError(f"save: routing_space[{index}] does not fit this {arch}: {error}") from None
         header["routing_space"] = json.dumps([entry.to_dict() for entry in routing])
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     return atomic_save_file(tensors, path, header)
@@ -105,6 +114,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     killed mid-write) sees the old file or the new one, never half of one. The data and the
     rename are flushed to the disk, so a power loss after the call keeps the new file."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)

@@ -44,11 +44,28 @@ def exact_int(value):
         return value
 
 
+def checked_int(value, name: str, owner: str, low: int = 1) -> int:
+    """``value`` as an int of at least ``low`` (numpy and tensor integers too), else a
+    ValueError that names ``owner``'s argument: a bool, 2.0, 2.5 or "8" are not widths."""
+    number = exact_int(value)
+    if not isinstance(number, int) or isinstance(number, bool) or number < low:
+        raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
+    return number
+
+
+def checked_real(value, name: str, owner: str) -> float:
+    """``value`` as a finite float, else a ValueError that names ``owner``'s argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class SubnetConfig:
     """One width per tied channel group, in the network's group order.
 
-    Hashable and comparable; ``to_json``/``from_json`` round-trip it.
+    Hashable, and equal to another config with the same widths in the same group order;
+    ``to_json``/``from_json`` round-trip it.
     """
 
     widths: tuple[tuple[str, int], ...]
@@ -70,6 +87,8 @@ class SubnetConfig:
 
     @classmethod
     def from_dict(cls, widths: Mapping[str, int]) -> "SubnetConfig":
+        if not isinstance(widths, Mapping):
+            raise ValueError(f"SubnetConfig: widths must be a mapping of group names to ints, got {widths!r}")
         return cls(tuple((str(name), exact_int(width)) for name, width in widths.items()))
 
     def to_dict(self) -> dict[str, int]:
@@ -120,6 +139,9 @@ class ChannelGroup:
 def width_choices(base_width: int, width_mult: float = 1.5, min_ratio: float = 0.2, divisor: int = 8) -> tuple[int, ...]:
     """The paper's per-layer widths: ratios ``min_ratio`` to ``width_mult`` of ``base_width``
     in steps of ``divisor`` channels; the super-network has the largest."""
+    owner = "width_choices"
+    base_width, divisor = checked_int(base_width, "base_width", owner), checked_int(divisor, "divisor", owner)
+    width_mult, min_ratio = checked_real(width_mult, "width_mult", owner), checked_real(min_ratio, "min_ratio", owner)
     if not 0 < min_ratio <= width_mult:
         raise ValueError(f"width ratios need 0 < min_ratio <= width_mult, got {min_ratio} and {width_mult}")
     largest = make_divisible(base_width * width_mult, divisor)

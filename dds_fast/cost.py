@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .config import SubnetConfig
+from .config import SubnetConfig, checked_int
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,13 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
             raise ValueError(f"{type(model).__name__}: pass input_shape=(C, H, W) to count its cost")
         side = 2 * getattr(model, "size_multiple", 1)
         input_shape = (model.in_channels, side, side)
-    if len(input_shape) != 3 or min(input_shape) < 1:  # the batch of one is added here
+    try:
+        sizes = tuple(checked_int(size, "input_shape", "trace_convs") for size in input_shape)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:  # the batch of one is added here
         raise ValueError(f"trace_convs: input_shape must be (C, H, W) of positive sizes, got {tuple(input_shape)}")
+    input_shape = sizes
     names = {module: name for name, module in model.named_modules()}
     calls: list[ConvCall] = []
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .config import RoutingEntry
+from .config import RoutingEntry, checked_int
 from .cost import macs_per_pixel, trace_convs
 from .gate import DynamicGate, GateOutput
 from .graph_if import capturing_graph, conditional_graph_nodes, driver_if_nodes, torch_if_nodes
@@ -65,8 +66,7 @@ def _tiled_stem_means(supernet: SlimNet, x: torch.Tensor, block: int) -> torch.T
     """The fp32 ``[N, C]`` channel means of the full-width stem's output over the padded ``x``
     (the gate's squeeze), the stem run on ``block`` x ``block`` pixels at a time with its
     context, so that memory stays bounded for a large image."""
-    if block < 1:
-        raise ValueError(f"stem_means: block must be >= 1, got {block}")
+    block = checked_int(block, "block", "stem_means")
     supernet.check_input(x)
     # the full-width stem, and the network left as it was: under set_masked_widths (which
     # set_config would end) the stem already runs at full width, behind its output mask
@@ -98,6 +98,16 @@ def _tiled_stem_means(supernet: SlimNet, x: torch.Tensor, block: int) -> torch.T
     return (total / pixels).float()
 
 
+def _check_supernet_and_gate(owner: str, supernet, gate) -> None:
+    if not isinstance(supernet, SlimNet):
+        raise ValueError(f"{owner}: supernet must be a SlimNet, got {type(supernet).__name__}")
+    if not isinstance(gate, DynamicGate):
+        raise ValueError(f"{owner}: gate must be a DynamicGate, got {type(gate).__name__}")
+    if gate.channels != supernet.stem_channels:
+        raise ValueError(f"{owner}: the gate reads {gate.channels} channels but the network's stem has "
+                         f"{supernet.stem_channels}")
+
+
 def _supernet_and_gate_args(supernet: SlimNet, gate: DynamicGate) -> dict:
     """The checkpoint arguments of a super-network behind a gate (``_build_supernet`` and
     ``DynamicGate(**gate)`` read them back)."""
@@ -124,11 +134,7 @@ class AttentionSupernet(nn.Module):
 
     def __init__(self, supernet: SlimNet, gate: DynamicGate):
         super().__init__()
-        if not isinstance(supernet, SlimNet):
-            raise ValueError(f"AttentionSupernet: supernet must be a SlimNet, got {type(supernet).__name__}")
-        if gate.channels != supernet.stem_channels:
-            raise ValueError(f"AttentionSupernet: the gate reads {gate.channels} channels but the network's stem "
-                             f"has {supernet.stem_channels}")
+        _check_supernet_and_gate("AttentionSupernet", supernet, gate)
         self.supernet, self.gate = supernet, gate
         self.space, self.in_channels = supernet.space, supernet.in_channels
         self.size_multiple, self.stem_channels = supernet.size_multiple, supernet.stem_channels
@@ -216,11 +222,7 @@ class DDSNet(nn.Module):
 
     def __init__(self, supernet: SlimNet, gate: DynamicGate, routing_space: Sequence[RoutingEntry]):
         super().__init__()
-        if not isinstance(supernet, SlimNet):
-            raise ValueError(f"DDSNet: supernet must be a SlimNet, got {type(supernet).__name__}")
-        if gate.channels != supernet.stem_channels:
-            raise ValueError(f"DDSNet: the gate reads {gate.channels} channels but the network's stem has "
-                             f"{supernet.stem_channels}")
+        _check_supernet_and_gate("DDSNet", supernet, gate)
         self.supernet = supernet
         self.gate = gate
         self.in_channels = supernet.in_channels
@@ -257,7 +259,13 @@ class DDSNet(nn.Module):
         an index into the old space, is dropped: the model returns to dynamic mode. CUDA
         graphs captured before keep reading the old tables (kept alive for them): capture
         them again to route by the new space."""
-        entries = list(entries)
+        try:
+            entries = list(entries)
+        except TypeError:
+            entries = None
+        if entries is None or not all(isinstance(e, RoutingEntry) for e in entries):
+            raise ValueError("DDSNet: the routing space must be a sequence of RoutingEntry (a config with its "
+                             "MACs/pixel)")
         if not entries:
             raise ValueError("DDSNet: the routing space is empty")
         if self.gate.num_choices != len(entries):
@@ -297,6 +305,9 @@ class DDSNet(nn.Module):
     def static_macs_per_pixel(self, index: int) -> float:
         """MACs/pixel of static mode at routing index ``index``: the config alone, or, with
         the gate's attention on, the config behind the full-width stem the gate reads."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.routing_space):
+            raise ValueError(f"DDSNet.static_macs_per_pixel: index must be a routing index from 0 to "
+                             f"{len(self.routing_space) - 1}, got {index!r}")
         return self.dynamic_macs_per_pixel[index] if self.gate.attention else self.routing_space[index].macs_per_pixel
 
     def set_budget(self, macs_per_pixel: float | None) -> RoutingEntry | None:
@@ -306,6 +317,10 @@ class DDSNet(nn.Module):
         if macs_per_pixel is None:
             self._budget_index = None
             return None
+        if isinstance(macs_per_pixel, bool) or not isinstance(macs_per_pixel, numbers.Real) \
+                or math.isnan(macs_per_pixel):
+            raise ValueError(f"DDSNet.set_budget: the budget must be a number of MACs/pixel or None, got "
+                             f"{macs_per_pixel!r}")
         costs = [self.static_macs_per_pixel(i) for i in range(len(self.routing_space))]
         within = [i for i, cost in enumerate(costs) if cost <= macs_per_pixel]
         if not within:
@@ -575,6 +590,10 @@ class DDSNet(nn.Module):
     def expected_macs(self, probs: torch.Tensor) -> torch.Tensor:
         """Per-image expected MACs/pixel under the gate's softmax ``probs`` [N, E] (the
         complexity loss's Psi), counting the full-width stem of dynamic mode."""
+        if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or probs.shape[1] != len(self.routing_space):
+            got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+            raise ValueError(f"DDSNet.expected_macs: probs must be [N, {len(self.routing_space)}], one probability "
+                             f"per routing entry, got {got}")
         # at least fp32: a large network's MACs/pixel overflow fp16 (65504)
         dtype = torch.promote_types(probs.dtype, torch.float32)
         return probs.to(dtype) @ torch.tensor(self.dynamic_macs_per_pixel, device=probs.device, dtype=dtype)

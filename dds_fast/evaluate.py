@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .config import checked_int
 from .cost import macs_per_pixel
 from .ddsnet import DDSNet
 from .metrics import psnr, ssim
@@ -48,9 +49,11 @@ def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int
     down to that multiple. A model with a gate (a DDSNet, an AttentionSupernet) gives every
     tile the gate's squeeze of the whole image (``stem_means``, computed tile by tile), so
     that each tile is routed and scaled as the whole image is."""
-    if tile < 1 or (overlap is not None and overlap < 0):
-        raise ValueError(f"denoise: need tile >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
+    tile = checked_int(tile, "tile", "denoise")
+    overlap = None if overlap is None else checked_int(overlap, "overlap", "denoise", low=0)
     x = _as_batch(noisy)
+    if 0 in x.shape[-2:]:
+        raise ValueError(f"denoise: the image is empty, shape {tuple(noisy.shape)}")
     h, w = x.shape[-2:]
     if h <= tile and w <= tile:
         return model(x)[0]

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import checked_int
+
 __all__ = ["DynamicGate", "GateOutput"]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -65,10 +67,10 @@ class DynamicGate(nn.Module):
     def __init__(self, channels: int, num_choices: int, reduction: int = 4, hidden: int | None = None,
                  backend: str = "auto"):
         super().__init__()
-        for name, value, low in (("channels", channels, 1), ("num_choices", num_choices, 2),
-                                 ("reduction", reduction, 1), ("hidden", 1 if hidden is None else hidden, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"DynamicGate: {name} must be an int >= {low}, got {value!r}")
+        channels = checked_int(channels, "channels", "DynamicGate")
+        num_choices = checked_int(num_choices, "num_choices", "DynamicGate", low=2)
+        reduction = checked_int(reduction, "reduction", "DynamicGate")
+        hidden = None if hidden is None else checked_int(hidden, "hidden", "DynamicGate")
         if backend not in BACKENDS:
             raise ValueError(f"DynamicGate: backend must be one of {BACKENDS}, got {backend!r}")
         reduced = max(1, channels // reduction)
@@ -131,6 +133,9 @@ class DynamicGate(nn.Module):
         gets the whole image's choice and scale)."""
         self._check_input(x)
         self._check_means(x, means)
+        if self.bn.training and len(x) < 2:  # (torch's own message does not say what to do)
+            raise ValueError("DynamicGate: its BatchNorm in training mode needs 2 or more images, got 1; call "
+                             ".eval() on the model for inference")
         if not self._fused(x, means):
             return self._forward_reference(x, means)
         if means is not None:

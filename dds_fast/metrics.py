@@ -56,6 +56,8 @@ def _pair(output, target, batched: bool) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"expected a batch ([N, C, H, W] tensor or [N, H, W, C] array), got {tuple(output.shape)}")
     if not batched and out.ndim != 3:
         raise ValueError(f"expected a single image, got {tuple(output.shape)}; use batch_psnr / batch_ssim for batches")
+    if out.size == 0:  # numpy's mean of nothing is NaN, not a score
+        raise ValueError(f"empty image{'s' if batched else ''}: shape {tuple(output.shape)}")
     return out, ref
 
 

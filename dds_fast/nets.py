@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ChannelGroup, SubnetConfig, WidthSpace, width_choices
+from .config import ChannelGroup, SubnetConfig, WidthSpace, checked_int, checked_real, width_choices
 from .slim_conv import SlimConv2d, name_layers
 
 ARCHITECTURES: dict[str, type] = {}
@@ -49,9 +49,6 @@ class SlimNet(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, arch_args: dict):
         super().__init__()
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(f"{type(self).__name__}: in_channels and out_channels must be >= 1, "
-                             f"got {in_channels} and {out_channels}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.arch_args = dict(arch_args)
@@ -209,6 +206,16 @@ def _widen(lo: int, hi: int, scale: int, conv: nn.Conv2d) -> tuple[int, int, int
     return lo - reach, hi + reach, scale * conv.stride[0]
 
 
+def _checked_args(owner: str, in_channels, out_channels, base_width, depth, width_mult, min_ratio, divisor):
+    """A super-network's size arguments as ints and finite floats, or a ValueError naming the
+    one that is not (``out_channels`` None: ``in_channels``)."""
+    in_channels = checked_int(in_channels, "in_channels", owner)
+    out_channels = in_channels if out_channels is None else checked_int(out_channels, "out_channels", owner)
+    return (in_channels, out_channels, checked_int(base_width, "base_width", owner),
+            checked_int(depth, "depth", owner, low=2), checked_real(width_mult, "width_mult", owner),
+            checked_real(min_ratio, "min_ratio", owner), checked_int(divisor, "divisor", owner))
+
+
 def _conv(cin, cout, k=3, stride=1, activation="leaky_relu", slope=0.2, in_segments=None, upscale_factor=1):
     return SlimConv2d(cin, cout, k, stride=stride, padding=k // 2, activation=activation,
                       negative_slope=slope, in_segments=in_segments, upscale_factor=upscale_factor)
@@ -234,11 +241,9 @@ class SlimUNet(SlimNet):
     def __init__(self, in_channels: int = 3, out_channels: int | None = None, base_width: int = 32,
                  depth: int = 4, width_mult: float = 1.5, min_ratio: float = 0.2, divisor: int = 8,
                  negative_slope: float = 0.2):
-        out_channels = in_channels if out_channels is None else out_channels
-        if depth < 2:
-            raise ValueError(f"SlimUNet: depth must be >= 2, got {depth}")
-        if base_width < 1:
-            raise ValueError(f"SlimUNet: base_width must be >= 1, got {base_width}")
+        in_channels, out_channels, base_width, depth, width_mult, min_ratio, divisor = _checked_args(
+            "SlimUNet", in_channels, out_channels, base_width, depth, width_mult, min_ratio, divisor)
+        negative_slope = checked_real(negative_slope, "negative_slope", "SlimUNet")
         super().__init__(in_channels, out_channels, dict(
             in_channels=in_channels, out_channels=out_channels, base_width=base_width, depth=depth,
             width_mult=width_mult, min_ratio=min_ratio, divisor=divisor, negative_slope=negative_slope))
@@ -322,11 +327,8 @@ class SlimDnCNN(SlimNet):
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_width: int = 64,
                  depth: int = 17, width_mult: float = 1.5, min_ratio: float = 0.2, divisor: int = 8):
-        out_channels = in_channels if out_channels is None else out_channels
-        if depth < 2:
-            raise ValueError(f"SlimDnCNN: depth must be >= 2, got {depth}")
-        if base_width < 1:
-            raise ValueError(f"SlimDnCNN: base_width must be >= 1, got {base_width}")
+        in_channels, out_channels, base_width, depth, width_mult, min_ratio, divisor = _checked_args(
+            "SlimDnCNN", in_channels, out_channels, base_width, depth, width_mult, min_ratio, divisor)
         super().__init__(in_channels, out_channels, dict(
             in_channels=in_channels, out_channels=out_channels, base_width=base_width, depth=depth,
             width_mult=width_mult, min_ratio=min_ratio, divisor=divisor))

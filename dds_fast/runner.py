@@ -210,7 +210,18 @@ class LatencyRunner:
             raise ValueError(f"LatencyRunner: input_shape must be [N, C, H, W] of positive sizes, got {input_shape}")
         if warmup < 0 or repeats < 1:
             raise ValueError(f"LatencyRunner: need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"LatencyRunner: model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"LatencyRunner: dtype must be a floating-point torch.dtype, got {dtype!r}")
+        parameter = next(model.parameters(), None)
+        if device is None and parameter is None:
+            raise ValueError(f"LatencyRunner: {type(model).__name__} has no parameters to take the device from; "
+                             f"pass device=")
+        try:
+            self.device = torch.device(device) if device is not None else parameter.device
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"LatencyRunner: device {device!r} is not a torch device: {error}") from None
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("LatencyRunner: cuda_graph=True needs a CUDA device")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -357,6 +368,9 @@ class LatencyRunner:
                     restore()
                 target, inputs, record = self._select(configurable, config)
                 groups, macs = self._cost(target, inputs)
+                if macs <= 0:
+                    raise ValueError(f"LatencyRunner: {type(self.model).__name__} runs no convolution to count at "
+                                     f"{label!r} (0 MACs/pixel): its speedup has no MAC ratio to compare with")
                 floor, bound = peaks.floor_ms(*self._traffic(groups))
                 timing = self.time_fn(lambda: target(inputs), self.cuda_graph)
                 report.results.append(ConfigResult(label, record, macs, timing, floor_ms=floor, floor_bound=bound))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import exact_int
+from .config import checked_int, checked_real, exact_int
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ class SlimConv2d(nn.Conv2d):
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
                  backend: str = "auto", in_segments: Sequence[int] | None = None,
                  activation: str | None = None, negative_slope: float = 0.01, upscale_factor: int = 1):
+        in_channels = checked_int(in_channels, "in_channels", "SlimConv2d")
+        out_channels = checked_int(out_channels, "out_channels", "SlimConv2d")
         if groups != 1:
             raise ValueError(f"SlimConv2d({in_channels}->{out_channels}): groups={groups} cannot be slimmed "
                              "by channel prefix; keep it an nn.Conv2d")
@@ -119,14 +121,18 @@ class SlimConv2d(nn.Conv2d):
                 or out_channels % upscale_factor ** 2:
             raise ValueError(f"{self._label()}: upscale_factor must be an int >= 1 whose square divides "
                              f"out_channels, got {upscale_factor!r}")
-        segments = (in_channels,) if in_segments is None else tuple(int(s) for s in in_segments)
-        if any(s < 1 for s in segments) or sum(segments) != in_channels:
+        try:
+            segments = (in_channels,) if in_segments is None else tuple(in_segments)
+        except TypeError:
+            raise ValueError(f"{self._label()}: in_segments must be a sequence of ints, got {in_segments!r}") from None
+        segments = tuple(checked_int(s, "each of in_segments", self._label()) for s in segments)
+        if sum(segments) != in_channels:
             raise ValueError(f"{self._label()}: in_segments {list(segments)} must be positive and sum to "
                              f"in_channels={in_channels}")
         self.backend = backend
         self.in_segments = segments
         self.activation = activation
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = checked_real(negative_slope, "negative_slope", self._label())
         self.upscale_factor = upscale_factor
         self.layer_name: str | None = None
         self._active_out: int | None = None
@@ -369,6 +375,8 @@ def convert_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     convolution. A conv reachable by several names becomes one SlimConv2d. Returns ``model``
     (a new module when ``model`` itself is an ``nn.Conv2d``).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"convert_model: model must be an nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"convert_model: backend must be one of {BACKENDS}, got {backend!r}")
 

@@ -199,6 +199,20 @@ def test_a_static_export_round_trips(net, tmp_path):
     assert macs_per_pixel(loaded) == macs_per_pixel(net)
 
 
+def test_save_refuses_what_load_would_refuse(net, tmp_path):
+    """A SlimNet's routing_space is a plain attribute: checked when saved, not found wrong at load."""
+    other = SlimDnCNN(in_channels=3, base_width=8, depth=3)
+    net.routing_space = [RoutingEntry(other.space.largest(), 1.0)]
+    with pytest.raises(ValueError, match=r"save: routing_space\[0\] does not fit this SlimUNet: .*missing"):
+        save(net, tmp_path / "a.safetensors")
+    net.routing_space = [{"config": net.space.largest().to_dict(), "macs_per_pixel": 1.0}]
+    with pytest.raises(ValueError, match="routing_space must be a list of RoutingEntry"):
+        save(net, tmp_path / "a.safetensors")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(IsADirectoryError, match=f"cannot write {tmp_path}: it is a folder"):
+        save(SlimDnCNN(in_channels=1, base_width=8, depth=3), tmp_path)
+
+
 def test_save_rejects_static_layers_it_could_not_rebuild(net, tmp_path):
     attended = dds_fast.AttentionSupernet(net, dds_fast.DynamicGate(net.stem_channels, 2))
     with pytest.raises(ValueError, match="export_static of a SlimNet can be saved, not of a AttentionSupernet"):

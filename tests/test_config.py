@@ -121,6 +121,12 @@ def test_from_dict_and_json_reject_widths_that_are_not_integers(width):
         SubnetConfig.from_json('{"enc0": 12.7}')
 
 
+@pytest.mark.parametrize("text", ["null", "[1, 2]", '"abc"'])
+def test_from_json_rejects_what_is_not_an_object(text):
+    with pytest.raises(ValueError, match="widths must be a mapping of group names to ints"):
+        SubnetConfig.from_json(text)
+
+
 def test_from_dict_takes_integer_types():
     config = SubnetConfig.from_dict({"a": np.int64(8), "b": torch.tensor(16)})
     assert config == SubnetConfig((("a", 8), ("b", 16)))

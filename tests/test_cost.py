@@ -92,6 +92,7 @@ def test_errors():
     (SlimConv2d(4, 8, 3, padding=1), (4, 0, 8)),
     (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1)), (8, 8)),
     (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1)), (1, 1, 8, 8)),
+    (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1)), (1, 8.5, 8)),
 ])
 def test_counting_rejects_an_input_shape_that_is_not_c_h_w(model, shape):
     with pytest.raises(ValueError, match=r"input_shape must be \(C, H, W\) of positive sizes"):

@@ -359,6 +359,24 @@ def test_bad_construction():
         DDSNet(net, DynamicGate(16, 2), [RoutingEntry(other.space.largest(), 1.0)] * 2)
     with pytest.raises(ValueError, match="must be a SlimNet"):
         DDSNet(torch.nn.Conv2d(3, 3, 1), DynamicGate(16, 2), route)
+    with pytest.raises(ValueError, match="gate must be a DynamicGate, got NoneType"):
+        DDSNet(net, None, route)
+    with pytest.raises(ValueError, match="AttentionSupernet: gate must be a DynamicGate"):
+        dds_fast.AttentionSupernet(net, None)
+    for entries in ([e.config for e in route], None, [e.to_dict() for e in route]):
+        with pytest.raises(ValueError, match="routing space must be a sequence of RoutingEntry"):
+            DDSNet(net, DynamicGate(16, 2), entries)
+    model = DDSNet(net, DynamicGate(16, 2), route)
+    for budget in ("abc", [1e9], float("nan"), True):
+        with pytest.raises(ValueError, match="the budget must be a number of MACs/pixel or None"):
+            model.set_budget(budget)
+    for index in (2, -1, 1.0):
+        with pytest.raises(ValueError, match="index must be a routing index from 0 to 1"):
+            model.static_macs_per_pixel(index)
+    with pytest.raises(ValueError, match=r"probs must be \[N, 2\]"):
+        model.expected_macs(torch.rand(2, 3))
+    with pytest.raises(ValueError, match=r"call .eval\(\) on the model for inference"):
+        model.train()(torch.rand(1, 3, 8, 8))  # the gate's BatchNorm, training, on one image
 
 
 @pytest.mark.parametrize("make_net,attention", [(lambda: SlimUNet(in_channels=3, base_width=8, depth=2), False),

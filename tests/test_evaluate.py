@@ -32,6 +32,10 @@ def test_tiled_denoise_equals_whole_image_for_a_local_network(size):
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="overlap"):
         denoise(model, x, tile=16, overlap=8)
+    with pytest.raises(ValueError, match="denoise: overlap must be an int >= 0, got 2.5"):
+        denoise(model, x, tile=24, overlap=2.5)
+    with pytest.raises(ValueError, match=r"denoise: the image is empty, shape \(3, 30, 0\)"):
+        denoise(model, torch.rand(3, 30, 0), tile=24)  # larger than a tile: no tile would run
 
 
 @pytest.mark.parametrize("tile,overlap", [(61, 21), (45, 13)])

@@ -103,6 +103,12 @@ def test_tensor_chw_and_array_hwc_can_be_compared():
     assert psnr(image, image.permute(1, 2, 0).numpy()) == math.inf
 
 
+def test_empty_images_are_an_error_not_a_nan_score():
+    for score, shape in ((psnr, (3, 0, 0)), (psnr, (3, 4, 0)), (batch_psnr, (0, 3, 4, 4)), (batch_ssim, (0, 3, 16, 16))):
+        with pytest.raises(ValueError, match="empty image"):
+            score(torch.rand(shape), torch.rand(shape))
+
+
 def test_batch_helpers_reject_single_images():
     with pytest.raises(ValueError, match="expected a batch"):
         batch_psnr(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))

@@ -192,11 +192,19 @@ def test_receptive_radius_is_the_farthest_an_input_pixel_reaches(make, depth):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(depth=1), "depth"), (dict(base_width=0), "base_width"), (dict(in_channels=0), "in_channels"),
+    (dict(depth=1), "depth must be an int >= 2"), (dict(base_width=0), "base_width"),
+    (dict(in_channels=0), "in_channels"), (dict(depth=3.0), "depth must be an int"),
+    (dict(in_channels=True), "in_channels must be an int"), (dict(base_width=4.5), "base_width must be an int"),
+    (dict(base_width="8"), "base_width must be an int"), (dict(divisor=2.5), "divisor must be an int"),
+    (dict(out_channels=0), "out_channels"), (dict(width_mult=float("inf")), "width_mult must be a finite"),
+    (dict(min_ratio=float("nan")), "min_ratio must be a finite"),
 ])
-def test_bad_architecture_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        SlimUNet(**kwargs)
+@pytest.mark.parametrize("arch", [SlimUNet, SlimDnCNN])
+def test_bad_architecture_arguments(arch, kwargs, match):
+    with pytest.raises(ValueError, match=f"{arch.__name__}: {match}"):
+        arch(**kwargs)
+    with pytest.raises(ValueError, match="SlimUNet: negative_slope must be a finite number"):
+        SlimUNet(negative_slope=float("nan"))
 
 
 def test_layers_are_named_in_errors():

@@ -106,6 +106,20 @@ def test_bad_arguments(kwargs, match):
         LatencyRunner(small_net(), (1, 1, 8, 8)).run([], peaks=DevicePeaks(1, 1))
 
 
+def test_bad_models_devices_and_dtypes():
+    with pytest.raises(ValueError, match="Identity has no parameters to take the device from; pass device="):
+        LatencyRunner(torch.nn.Identity(), (1, 1, 8, 8))
+    with pytest.raises(ValueError, match="device 'garbage' is not a torch device"):
+        LatencyRunner(small_net(), (1, 1, 8, 8), device="garbage")
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        LatencyRunner(small_net(), (1, 1, 8, 8), dtype=torch.int32)
+    with pytest.raises(ValueError, match="model must be an nn.Module"):
+        LatencyRunner(None, (1, 1, 8, 8))
+    # no conv to count: no MAC ratio for its speedup (it divided by zero)
+    with pytest.raises(ValueError, match=r"Linear runs no convolution to count .*0 MACs/pixel"):
+        LatencyRunner(torch.nn.Linear(8, 8), (1, 1, 8, 8), warmup=0, repeats=1).run(peaks=DevicePeaks(1, 1))
+
+
 def test_runner_times_a_ddsnet_dynamic_and_per_route():
     from dds_fast import DDSNet, DynamicGate
 

@@ -137,6 +137,10 @@ def test_bad_input_raises_value_error_naming_layer_and_numbers(make_error, match
     (dict(activation="gelu"), "activation"),
     (dict(in_segments=(3, 2)), "in_segments"),
     (dict(in_segments=(6, 0)), "in_segments"),
+    (dict(in_segments=(3.7, 2.3)), "each of in_segments must be an int"),  # not truncated to (3, 2)
+    (dict(in_segments=(True, 5)), "each of in_segments must be an int"),
+    (dict(in_segments=6), "in_segments must be a sequence"),
+    (dict(negative_slope=float("nan")), "negative_slope must be a finite number"),
     (dict(upscale_factor=3), "upscale_factor"),  # 8 filters are no multiple of 9
     (dict(upscale_factor=0), "upscale_factor"),
     (dict(upscale_factor=2.0), "upscale_factor"),
@@ -144,6 +148,8 @@ def test_bad_input_raises_value_error_naming_layer_and_numbers(make_error, match
 def test_unsupported_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SlimConv2d(6, 8, 3, **kwargs)
+    with pytest.raises(ValueError, match="in_channels must be an int >= 1, got 2.5"):
+        SlimConv2d(2.5, 8, 3)
 
 
 def test_concat_input_errors():

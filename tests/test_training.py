@@ -502,6 +502,8 @@ def test_training_config_from_file(tmp_path):
         TrainConfig.from_dict({"lr_schedule": "step"})
     with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
         TrainConfig.from_dict({"backend": "cudnn"})
+    with pytest.raises(ValueError, match=r"seed must be < 2\*\*63"):
+        TrainConfig.from_dict({"seed": 10 ** 23})
     with pytest.raises(ValueError, match="unknown distillation_loss 'kl'"):
         TrainConfig.from_dict({"distillation_loss": "kl"})
     with pytest.raises(ValueError, match="unknown distillation 'soft'"):

@@ -120,6 +120,8 @@ class TrainConfig:
         for name, minimum in least.items():
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        if self.seed >= 2 ** 63:  # torch's generators take a 64-bit seed
+            raise ValueError(f"seed must be < 2**63, got {self.seed}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.inet_steps is not None and self.inet_steps < 1:
