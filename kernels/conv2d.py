@@ -166,7 +166,7 @@ def _epilogue(acc, b, sb, r_ptrs, out_ok, co, co_ok, slope,
     if HAS_RES:
         acc += tl.load(r_ptrs, mask=out_ok, other=0.0).to(tl.float32)
     if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
     elif ACT == 2:
         acc = tl.where(acc > 0, acc, acc * slope)
     return acc

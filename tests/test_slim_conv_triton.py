@@ -192,3 +192,16 @@ def test_autocast_to_another_half_dtype_than_the_weights_falls_back(kernel_calls
         expected = slow(x)
     assert not kernel_calls and y.dtype == torch.bfloat16
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", None])
+def test_nan_in_active_channels_propagates_as_in_torch(activation, kernel_calls):
+    """A NaN pixel reaches the same outputs as on the reference path: an activation that
+    dropped it would hide a corrupt image (and give it a confident route behind a gate)."""
+    fast, slow = pair(in_channels=3, out_channels=8, kernel_size=3, padding=1, activation=activation)
+    x = torch.rand(2, 3, 6, 7)
+    x[1, 2, 3, 3] = float("nan")
+    y, expected = fast(x.to(DEVICE)).cpu(), slow(x)
+    assert kernel_calls and expected.isnan().sum() == 9 * 8
+    assert torch.equal(y.isnan(), expected.isnan())
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5, equal_nan=True)
