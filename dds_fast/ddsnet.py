@@ -27,8 +27,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .config import RoutingEntry, checked_int
-from .cost import macs_per_pixel, trace_convs
+from .config import RoutingEntry, checked_int, exact_int
+from .cost import _at_config, macs_per_pixel, trace_convs
 from .gate import DynamicGate, GateOutput
 from .graph_if import capturing_graph, conditional_graph_nodes, driver_if_nodes, torch_if_nodes
 from .nets import ARCHITECTURES, SlimNet, register_architecture
@@ -46,19 +46,11 @@ def _padded_full_stem_input(supernet: SlimNet, x: torch.Tensor) -> torch.Tensor:
     return supernet.pad(x)
 
 
-@contextlib.contextmanager
 def _full_width_stem(supernet: SlimNet):
-    """``supernet`` at its largest config for the stem a gate reads, its config restored
-    after; an ``export_static`` copy's stem was exported at full width, and stays as it is."""
-    if supernet.is_static:
-        yield
-        return
-    config = supernet.get_config()
-    supernet.set_config(supernet.space.largest())
-    try:
-        yield
-    finally:  # a caught error must not leave the next training step at the largest config
-        supernet.set_config(config)
+    """``supernet`` at its largest config for the stem a gate reads, its config restored after
+    (an error caught must not leave the next training step at the largest config); an
+    ``export_static`` copy's stem was exported at full width, and stays as it is."""
+    return contextlib.nullcontext() if supernet.is_static else _at_config(supernet, supernet.space.largest())
 
 
 @torch.no_grad()
@@ -139,6 +131,11 @@ class AttentionSupernet(nn.Module):
         self.space, self.in_channels = supernet.space, supernet.in_channels
         self.size_multiple, self.stem_channels = supernet.size_multiple, supernet.stem_channels
         self._stem_group = supernet.space.groups[0].name
+
+    @property
+    def is_static(self) -> bool:
+        """Whether this is an ``export_static`` copy, whose widths are fixed."""
+        return self.supernet.is_static
 
     @property
     def routing_space(self):
@@ -305,9 +302,12 @@ class DDSNet(nn.Module):
     def static_macs_per_pixel(self, index: int) -> float:
         """MACs/pixel of static mode at routing index ``index``: the config alone, or, with
         the gate's attention on, the config behind the full-width stem the gate reads."""
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.routing_space):
-            raise ValueError(f"DDSNet.static_macs_per_pixel: index must be a routing index from 0 to "
-                             f"{len(self.routing_space) - 1}, got {index!r}")
+        routes = len(self.routing_space)
+        position = exact_int(index)  # numpy and tensor integers too; negative ones count from the end
+        if isinstance(position, bool) or not isinstance(position, int) or not -routes <= position < routes:
+            raise ValueError(f"DDSNet.static_macs_per_pixel: index must be a routing index from 0 to {routes - 1}, "
+                             f"got {index!r}")
+        index = position
         return self.dynamic_macs_per_pixel[index] if self.gate.attention else self.routing_space[index].macs_per_pixel
 
     def set_budget(self, macs_per_pixel: float | None) -> RoutingEntry | None:
@@ -317,6 +317,9 @@ class DDSNet(nn.Module):
         if macs_per_pixel is None:
             self._budget_index = None
             return None
+        if isinstance(macs_per_pixel, torch.Tensor) and macs_per_pixel.numel() == 1 \
+                and macs_per_pixel.is_floating_point():  # a budget computed on tensors (expected_macs)
+            macs_per_pixel = macs_per_pixel.item()
         if isinstance(macs_per_pixel, bool) or not isinstance(macs_per_pixel, numbers.Real) \
                 or math.isnan(macs_per_pixel):
             raise ValueError(f"DDSNet.set_budget: the budget must be a number of MACs/pixel or None, got "
@@ -411,7 +414,7 @@ class DDSNet(nn.Module):
         if not x.is_cuda or torch.is_grad_enabled():
             return False
         # every conv must run on the kernels (dtype, layer options); else group the batch
-        return all(m.backend != "torch" and m._triton_kernels([x], m.weight) is not None
+        return all(m.backend != "torch" and m._triton_kernels([x], m.weight)[0] is not None
                    for m in self.supernet.modules() if isinstance(m, SlimConv2d))
 
     def _body_per_image(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:

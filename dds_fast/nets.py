@@ -159,7 +159,7 @@ class SlimNet(nn.Module):
                              f"takes float images in [0, 1] (e.g. x.float() / 255 for uint8)")
         weight = self.stem_conv.weight
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type) and not (
-                isinstance(self.stem_conv, SlimConv2d) and self.stem_conv._triton_kernels([x], weight) is not None):
+                isinstance(self.stem_conv, SlimConv2d) and self.stem_conv._triton_kernels([x], weight)[0] is not None):
             # only the Triton kernels (or autocast) read fp16/bf16 inputs over fp32 weights
             raise ValueError(f"{type(self).__name__}: input dtype {x.dtype} differs from the network's "
                              f"{weight.dtype}; convert the input (x.to({weight.dtype})) or the network")

@@ -251,7 +251,7 @@ class SlimConv2d(nn.Conv2d):
             n, _, h, w = inputs[0].shape
             self._check_residual(residual, (n, out_width, *self.output_size(h, w)))
         weight, bias = self.weight, self.bias  # (each module attribute read costs host time)
-        kernels = self._triton_kernels(inputs, weight)
+        kernels, cast = self._triton_kernels(inputs, weight)
         mask = self.output_mask
         if mask is not None and self.per_image_widths is not None:
             raise ValueError(f"{self._label()}: an output mask and per-image widths cannot be combined")
@@ -266,13 +266,9 @@ class SlimConv2d(nn.Conv2d):
         if packing is not None and residual is not None and packing.holds(residual):
             raise ValueError(f"{self._label()}: a packed per-image buffer cannot be a residual (the kernels read "
                              "residuals as dense tensors)")
-        device = inputs[0].device.type
-        if torch.is_autocast_enabled(device):
-            # autocast does not see the custom op: cast the activations as it would for a conv;
-            # the fp32 weight is read as it is and cast in the kernel's registers
-            dtype = torch.get_autocast_dtype(device)
-            inputs = [t.to(dtype) for t in inputs]
-            residual = None if residual is None else residual.to(dtype)
+        if cast is not None:  # (the fp32 weight is read as it is and cast in the kernel's registers)
+            inputs = [t.to(cast) for t in inputs]
+            residual = None if residual is None else residual.to(cast)
         sums_wanted = self.emit_channel_sums and self.per_image_widths is None
         # (unsupported_reason let only padding k//2 through, 'same' and 'valid' included)
         y = kernels.slim_conv2d(inputs, weight, bias, segment_starts=self.segment_starts,
@@ -288,27 +284,29 @@ class SlimConv2d(nn.Conv2d):
         return y if mask is None else y * mask
 
     def _triton_kernels(self, inputs: list[torch.Tensor], weight: torch.Tensor):
-        """The kernel module when this call runs on Triton, else None (the reference path)."""
+        """``(kernel module, autocast's dtype or None)`` when this call runs on Triton, else
+        ``(None, None)`` (the reference path). Under autocast the kernels take the activations
+        cast as autocast would cast them for a conv (it does not see the custom op), and
+        whether they can run is decided on that dtype."""
         if self.backend == "torch" or (self.backend == "auto" and not inputs[0].is_cuda):
-            return None
+            return None, None
         kernels = _kernels_module()
         if isinstance(kernels, str):
             reason = kernels
         else:
-            # (under autocast, on the dtype that forward will cast the activations to)
             device = inputs[0].device.type
             cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
             reason = kernels.unsupported_reason(inputs, weight, self.stride, self.padding, self.dilation,
                                                 self.groups, self.padding_mode, self.activation, self.negative_slope,
                                                 input_dtype=cast)
             if reason is None:
-                return kernels
+                return kernels, cast
         if self.backend == "triton" and reason not in _WARNED:
             _WARNED.add(reason)
             warnings.warn(f"{self._label()}: backend='triton' falls back to the PyTorch reference: {reason}",
                           stacklevel=3)
         logger.debug("%s: reference path: %s", self._label(), reason)
-        return None
+        return None, None
 
     def _reference(self, inputs: list[torch.Tensor], out_width: int, residual: torch.Tensor | None) -> torch.Tensor:
         weight = self.active_weight([t.shape[1] for t in inputs], out_width)

@@ -2,6 +2,7 @@ import copy
 import gc
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -370,7 +371,7 @@ def test_bad_construction():
     for budget in ("abc", [1e9], float("nan"), True):
         with pytest.raises(ValueError, match="the budget must be a number of MACs/pixel or None"):
             model.set_budget(budget)
-    for index in (2, -1, 1.0):
+    for index in (2, -3, 1.0):
         with pytest.raises(ValueError, match="index must be a routing index from 0 to 1"):
             model.static_macs_per_pixel(index)
     with pytest.raises(ValueError, match=r"probs must be \[N, 2\]"):
@@ -827,3 +828,13 @@ def test_export_static_of_a_ddsnet_points_to_its_routes():
     model = make_ddsnet()
     with pytest.raises(ValueError, match=r"export_static\(model.supernet, model.routing_space\[index\].config\)"):
         export_static(model)
+
+
+def test_routing_indices_and_budgets_of_other_integer_and_tensor_types():
+    net = SlimUNet(in_channels=3, base_width=8, depth=3)
+    model = DDSNet(net, DynamicGate(16, 2), [RoutingEntry(net.space.smallest(), 1.0),
+                                             RoutingEntry(net.space.largest(), 2.0)])
+    model.gate.attention = False  # static costs: the configs' own
+    for index in (np.int64(1), torch.tensor(1), -1):
+        assert model.static_macs_per_pixel(index) == 2.0
+    assert model.set_budget(torch.tensor(1.5)).macs_per_pixel == 1.0  # a budget computed on tensors

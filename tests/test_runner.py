@@ -250,3 +250,13 @@ def test_a_static_export_is_timed_as_it_is_and_has_no_gate_to_time():
     assert [(r.label, r.macs_per_pixel) for r in report.results] == [
         ("as is", macs_per_pixel(net, net.space.smallest()))]
     assert time_gate(runner, report) is None
+
+
+def test_a_static_export_behind_the_attention_head_is_timed_as_it_is():
+    from dds_fast import AttentionSupernet, DynamicGate, SlimUNet
+
+    net = SlimUNet(in_channels=3, base_width=8, depth=2)
+    static = export_static(AttentionSupernet(net, DynamicGate(net.stem_channels, 2)), net.space.smallest())
+    assert static.is_static
+    report = LatencyRunner(static, (1, 3, 8, 8), warmup=0, repeats=1).run(peaks=DevicePeaks(1, 1))
+    assert [r.label for r in report.results] == ["as is"]

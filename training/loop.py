@@ -68,9 +68,12 @@ def cosine_factor(steps: int, final: float = 0.01) -> Callable[[int], float]:
     return factor
 
 
+STEP_SEED_STRIDE = 1_000_003  # more steps than a run takes: two seeds' runs never share a step's stream
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of one step's own randomness, so a resumed run draws the same."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(seed * STEP_SEED_STRIDE + step)
 
 
 class TrainLoop:

@@ -33,7 +33,7 @@ from .data import (NoisyPatches, PairedPatches, SIDDValidation, bundled_images, 
                    make_validation_set, sidd_medium_pairs, sidd_validation_files, to_channels)
 from .gate_stage import gate_step, one_sided_labels
 from .graphed import GraphedStep
-from .loop import LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_generator
+from .loop import STEP_SEED_STRIDE, LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_generator
 from .noise import make_noise
 from .sandwich import (DISTILLATIONS, LOSSES, MaskedSandwich, ends_fixed, reconstruction_loss,
                        routing_sandwich_configs, sandwich_configs, sandwich_step, training_psnr)
@@ -120,8 +120,9 @@ class TrainConfig:
         for name, minimum in least.items():
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
-        if self.seed >= 2 ** 63:  # torch's generators take a 64-bit seed
-            raise ValueError(f"seed must be < 2**63, got {self.seed}")
+        largest_seed = (2 ** 64 - STEP_SEED_STRIDE) // STEP_SEED_STRIDE  # every step's seed fits torch's 64 bits
+        if self.seed > largest_seed:
+            raise ValueError(f"seed must be at most {largest_seed}, got {self.seed}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.inet_steps is not None and self.inet_steps < 1:
