@@ -133,10 +133,10 @@ class DynamicGate(nn.Module):
         gets the whole image's choice and scale)."""
         self._check_input(x)
         self._check_means(x, means)
-        if self.bn.training and len(x) < 2:  # (torch's own message does not say what to do)
-            raise ValueError("DynamicGate: its BatchNorm in training mode needs 2 or more images, got 1; call "
-                             ".eval() on the model for inference")
-        if not self._fused(x, means):
+        if not self._fused(x, means):  # (the fused path needs an eval BatchNorm: no check costs it host time)
+            if self.bn.training and len(x) < 2:  # (torch's own message does not say what to do)
+                raise ValueError("DynamicGate: its BatchNorm in training mode needs 2 or more images, got 1; call "
+                                 ".eval() on the model for inference")
             return self._forward_reference(x, means)
         if means is not None:
             channel_sums = means.float()[:, None, :]
