@@ -1,4 +1,5 @@
 """Data layer: bundled photos, image files and folders, patch datasets, SIDD layouts."""
+import re
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -170,6 +171,24 @@ def test_load_cmyk_tiff_as_rgb_keeping_alpha(tmp_path, dtype):
     with_alpha, _ = read_image(tmp_path / "cmyka.tif", keep_alpha=True)
     assert torch.equal(with_alpha[:3], image)
     assert torch.equal(with_alpha[3], torch.from_numpy(cmyka[..., 4].astype(np.float32) / top))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_reads_the_way_its_orientation_tag_shows_it(tmp_path, orientation):
+    """Pillow's exif_transpose of the same picture as a PNG with that EXIF orientation shows
+    how it should look."""
+    import tifffile
+    from PIL import Image, ImageOps
+
+    stored = rng().integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "shown.png", exif=exif)
+    with Image.open(tmp_path / "shown.png") as png_image:
+        shown = np.asarray(ImageOps.exif_transpose(png_image))
+    tifffile.imwrite(tmp_path / "turned.tif", stored, photometric="rgb", extratags=[(274, "H", 1, orientation, True)])
+    image, _ = read_image(tmp_path / "turned.tif")
+    assert torch.equal(image, torch.from_numpy(shown.astype(np.float32) / 255).permute(2, 0, 1))
 
 
 def test_tiff_alpha_stays_as_stored_after_the_colour(tmp_path):
@@ -396,6 +415,40 @@ def test_noisy_patches_errors(photos):
         NoisyPatches(photos, GaussianNoise(25), patch_size=8, length=4)[4]
 
 
+@pytest.mark.parametrize("image,expected", [(torch.rand(3, 20, 20) * 255, r"values in \[0, 1\], got values .* to 2"),
+                                            (torch.full((3, 20, 20), -3.0), r"values in \[0, 1\], got values from -3"),
+                                            (torch.full((3, 20, 20), float("nan")), "finite values, got values from nan")])
+def test_clean_images_outside_the_unit_range_are_refused(image, expected):
+    """Floats in 0..255 would make every noise level 255x too weak, as integers would."""
+    image[:, 0, 0] = 0.5
+    for build in (lambda: NoisyPatches([image], GaussianNoise(25), patch_size=8),
+                  lambda: make_validation_set([image], GaussianNoise(25)),
+                  lambda: PairedPatches([(torch.rand(3, 20, 20), image)], 8, 2)[0]):
+        with pytest.raises(ValueError, match=expected):
+            build()
+    overshoot = torch.rand(3, 20, 20) * 1.2 - 0.1  # as resampling leaves it
+    assert len(NoisyPatches([overshoot], GaussianNoise(25), patch_size=8, length=2)) == 2
+    noisy = torch.randn(3, 20, 20) + 0.5  # unclipped noise leaves [0, 1]: only its finiteness is checked
+    assert PairedPatches([(noisy, torch.rand(3, 20, 20))], 8, 2)[0][0].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="pair 0, noisy image: expected finite values"):
+        PairedPatches([(torch.full((3, 20, 20), float("inf")), torch.rand(3, 20, 20))], 8, 2)[0]
+
+
+@pytest.mark.parametrize("build,name", [
+    (lambda images: NoisyPatches(images, GaussianNoise(25), patch_size=8.0), "patch_size"),
+    (lambda images: NoisyPatches(images, GaussianNoise(25), patch_size=8, length=2.5), "length"),
+    (lambda images: NoisyPatches(images, GaussianNoise(25), patch_size=8, seed=-1), "seed"),
+    (lambda images: make_validation_set(images, GaussianNoise(25), patch_size=8.5), "patch_size"),
+    (lambda images: make_validation_set(images, GaussianNoise(25), crops_per_image=0), "crops_per_image"),
+    (lambda images: PairedPatches([(images[0], images[0])], patch_size=8.0), "patch_size"),
+    (lambda images: PairedPatches([(images[0], images[0])], patch_size=8, interleave=True), "interleave"),
+    (lambda images: PairedPatches([(images[0], images[0])], patch_size=8, seed=-2), "seed"),
+])
+def test_dataset_arguments_are_checked_by_name(build, name):
+    with pytest.raises(ValueError, match=f"{name} must be an int"):
+        build([torch.rand(3, 20, 20)])
+
+
 def test_validation_set_is_fixed_by_seed(photos):
     a = make_validation_set(photos, GaussianNoise(25), seed=7, patch_size=40, crops_per_image=2)
     b = make_validation_set(photos, GaussianNoise(25), seed=7, patch_size=40, crops_per_image=2)
@@ -457,7 +510,7 @@ def test_paired_patches_interleave_pairs_in_a_seeded_order_each_epoch():
     assert first[:6] == first[:2] * 3 and first[12:] == first[12:13] * 3  # each file decoded once an epoch
     assert order(data, 1) != first and sorted(order(data, 1)) == sorted(first)
     assert order(PairedPatches(pairs, patch_size=4, patches_per_pair=3, seed=1, interleave=2), 0) == first
-    with pytest.raises(ValueError, match="interleave must be positive"):
+    with pytest.raises(ValueError, match="interleave must be an int >= 1, got 0"):
         PairedPatches(pairs, interleave=0)
 
 
@@ -479,6 +532,13 @@ def test_paired_patches_reject_mismatched_channels_and_integer_tensors(tmp_path)
         PairedPatches([(torch.rand(3, 16, 16), torch.rand(1, 16, 16))], 8, 2)[0]
     with pytest.raises(ValueError, match="pair 0, clean image: expected floating-point values"):
         PairedPatches([(torch.rand(3, 16, 16), torch.full((3, 16, 16), 9, dtype=torch.uint8))], 8, 2)[0]
+    mixed = PairedPatches([(torch.rand(3, 16, 16),) * 2, (torch.rand(1, 16, 16),) * 2], 8, 1, interleave=2)
+    mixed[0]
+    with pytest.raises(ValueError, match="pairs mix gray and colour: pair . has 1 colour channels, pair . 3"):
+        mixed[1]  # the batch would fail to stack, naming no pair
+    assert PairedPatches([(torch.rand(3, 16, 16),) * 2, (torch.rand(1, 16, 16),) * 2], 8, 1, channels=1)[1][0].shape[0] == 1
+    with pytest.raises(ValueError, match="pair 0 must be a \\(noisy, clean\\) pair"):
+        PairedPatches([(torch.rand(3, 16, 16),) * 3], 8, 2)
     rgba = np.dstack([colour, np.full((16, 16), 255, np.uint8)])  # alpha is not a colour channel
     iio.imwrite(tmp_path / "clean.png", rgba)
     noisy, clean = PairedPatches([(tmp_path / "noisy.png", tmp_path / "clean.png")], 8, 2, augment=False)[0]
@@ -534,6 +594,10 @@ def test_sidd_validation_errors_name_the_path(tmp_path):
     (tmp_path / "ValidationGtBlocksSrgb.mat").write_bytes(b"garbage" * 20)
     with pytest.raises(ValueError, match="cannot read MATLAB file .*ValidationGtBlocksSrgb.mat"):
         SIDDValidation(tmp_path)
+    for empty in ((0, 2, 8, 8, 3), (1, 2, 0, 8, 3)):  # loads as no pairs, or fails in numpy's reshape
+        write_sidd_validation(tmp_path, np.zeros(empty, np.uint8), np.zeros(empty, np.uint8))
+        with pytest.raises(ValueError, match="ValidationNoisyBlocksSrgb.mat: .* got uint8 " + re.escape(str(empty))):
+            SIDDValidation(tmp_path)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

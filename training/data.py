@@ -16,6 +16,7 @@ order items are asked for; call ``set_epoch`` to get fresh crops each epoch.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from dds_fast.checkpoint import atomic_write
+from dds_fast.config import checked_int
 
 from .noise import NoiseModel
 
@@ -196,8 +198,9 @@ _TIFF_JPEG = {tifffile.COMPRESSION.OJPEG, tifffile.COMPRESSION.JPEG, tifffile.CO
               tifffile.COMPRESSION.JPEG_LOSSY}
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    """A TIFF as [H, W(, C)], through tifffile: Pillow cannot read 16-bit colour TIFFs.
+def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
+    """A TIFF as [H, W(, C)] with its Orientation tag (1, as stored, when absent), through
+    tifffile: Pillow cannot read 16-bit colour TIFFs.
     tifffile returns the stored samples, so a planar-configuration file (each colour a plane
     of its own, [C, H, W]), an inverted gray one (MinIsWhite), a palette one (indices into
     a 16-bit colour map) and a CMYK one are turned into the pixels a viewer shows here, with
@@ -207,10 +210,11 @@ def _read_tiff(path: Path) -> np.ndarray:
         array = tiff.asarray()
         page = tiff.pages[0]
         photometric, colours = page.photometric, page.samplesperpixel - len(page.extrasamples)
+        orientation = page.tags.valueof("Orientation", 1)
         if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1:
             array = np.moveaxis(array, -3, -1)
         if photometric == kinds.PALETTE:
-            return np.ascontiguousarray(page.colormap.astype(np.uint16).T[array])
+            return np.ascontiguousarray(page.colormap.astype(np.uint16).T[array]), orientation
         cmyk = photometric == kinds.SEPARATED and colours == 4 and page.tags.valueof("InkSet", 1) == 1
         if not (photometric in (kinds.MINISBLACK, kinds.MINISWHITE, kinds.RGB) or cmyk
                 or (photometric == kinds.YCBCR and page.compression in _TIFF_JPEG)):
@@ -229,7 +233,7 @@ def _read_tiff(path: Path) -> np.ndarray:
         white = top - colour.astype(np.uint32)  # 16-bit products need 32 bits
         rgb = (white[..., :3] * white[..., 3:] + top // 2) // top  # rounded
         array = np.concatenate([rgb.astype(array.dtype), array[..., colours:]], axis=-1)
-    return array
+    return array, orientation
 
 
 @contextmanager
@@ -247,7 +251,9 @@ def _open_image(path: Path):
 
 def _decode(path: Path) -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
-        return _read_tiff(path)
+        array, orientation = _read_tiff(path)
+        turn = _EXIF_TRANSPOSE.get(orientation)
+        return array if turn is None else np.ascontiguousarray(turn(array))
     header = _png_header(path)
     if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
         with _open_image(path) as image:  # Pillow reads the EXIF (eXIf chunk) that pypng skips
@@ -403,12 +409,25 @@ def _crop_box(height: int, width: int, size: int, generator: torch.Generator) ->
     return _randint(height - size + 1, generator), _randint(width - size + 1, generator)
 
 
-def _check_image_tensor(label: str, image) -> None:
+_RANGE_MARGIN = 0.5
+
+
+def _check_image_tensor(label: str, image, unit_range: bool = True) -> None:
+    """A float [1 or 3, H, W] image; clean ones in [0, 1] (``unit_range``), noisy ones finite."""
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{label}: expected a tensor shaped [1 or 3, H, W], got {shape}")
     if not image.is_floating_point():  # 0..255 read as intensities would make every noise level 255x too weak
         raise ValueError(f"{label}: expected floating-point values in [0, 1], got {image.dtype} (scale integer "
+                         f"pixels by their maximum, e.g. / 255)")
+    if image.numel() == 0:
+        return
+    # Floats in 0..255 fail as integers do; the margin lets resampling overshoot pass.
+    low, high = float(image.min()), float(image.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{label}: expected finite values, got values from {low} to {high}")
+    if unit_range and (low < -_RANGE_MARGIN or high > 1 + _RANGE_MARGIN):
+        raise ValueError(f"{label}: expected values in [0, 1], got values from {low} to {high} (scale "
                          f"pixels by their maximum, e.g. / 255)")
 
 
@@ -431,8 +450,6 @@ def _image_list(images, channels: int | None) -> tuple[list[str], list[torch.Ten
 
 
 def _check_patch(labels: Sequence[str], images: Sequence[torch.Tensor], patch_size: int) -> None:
-    if patch_size < 1:
-        raise ValueError(f"patch_size must be positive, got {patch_size}")
     for label, image in zip(labels, images):
         if min(image.shape[-2:]) < patch_size:
             raise ValueError(f"{label} of size {tuple(image.shape[-2:])} is smaller than patch_size {patch_size}")
@@ -460,11 +477,12 @@ class NoisyPatches(Dataset):
         seed: int = 0,
         augment: bool = True,
     ):
+        patch_size = checked_int(patch_size, "patch_size", "NoisyPatches")
+        length = checked_int(length, "length", "NoisyPatches")
+        seed = checked_int(seed, "seed", "NoisyPatches", low=0)
         labels, values = _image_list(images, channels)
         self.images = [im.float() for im in values]
         _check_patch(labels, self.images, patch_size)
-        if length < 1:
-            raise ValueError(f"length must be positive, got {length}")
         self.noise, self.patch_size, self.length = noise, patch_size, length
         self.seed, self.augment, self.epoch = seed, augment, 0
 
@@ -521,12 +539,14 @@ def make_validation_set(
     channels: int | None = None,
 ) -> PairedImages:
     """Noisy/clean pairs fixed once from ``seed``: whole images (``patch_size=None``) or seeded crops."""
+    seed = checked_int(seed, "seed", "make_validation_set", low=0)
+    crops_per_image = checked_int(crops_per_image, "crops_per_image", "make_validation_set")
+    if patch_size is not None:
+        patch_size = checked_int(patch_size, "patch_size", "make_validation_set")
     labels, values = _image_list(images, channels)
     values = [im.float() for im in values]
     if patch_size is not None:
         _check_patch(labels, values, patch_size)
-    if crops_per_image < 1:
-        raise ValueError(f"crops_per_image must be positive, got {crops_per_image}")
     pairs = []
     for k, image in enumerate(values):
         for j in range(crops_per_image if patch_size is not None else 1):
@@ -587,15 +607,20 @@ class PairedPatches(Dataset):
     ):
         if not pairs:
             raise ValueError("no image pairs given")
-        if patch_size < 1 or patches_per_pair < 1 or interleave < 1:
-            raise ValueError(f"patch_size, patches_per_pair and interleave must be positive, got {patch_size}, "
-                             f"{patches_per_pair}, {interleave}")
+        patch_size = checked_int(patch_size, "patch_size", "PairedPatches")
+        patches_per_pair = checked_int(patches_per_pair, "patches_per_pair", "PairedPatches")
+        interleave = checked_int(interleave, "interleave", "PairedPatches")
+        seed = checked_int(seed, "seed", "PairedPatches", low=0)
         self.pairs = list(pairs)
+        for k, pair in enumerate(self.pairs):
+            if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
+                raise ValueError(f"PairedPatches: pair {k} must be a (noisy, clean) pair, got {pair!r:.200}")
         self.patch_size, self.patches_per_pair, self.channels = patch_size, patches_per_pair, channels
         self.seed, self.augment = seed, augment
         self.interleave = interleave
         self.cache_size = max(2, interleave) if cache_size is None else cache_size
         self._cache: OrderedDict[int, tuple] = OrderedDict()
+        self._first_colours: tuple[str, int] | None = None  # (pair, colour planes) of the first pair read
         self.epoch = None
         self.set_epoch(0)
 
@@ -621,7 +646,7 @@ class PairedPatches(Dataset):
         noisy, clean = self.pairs[k]
         if isinstance(noisy, torch.Tensor):
             for name, image in (("noisy", noisy), ("clean", clean)):
-                _check_image_tensor(f"pair {k}, {name} image", image)
+                _check_image_tensor(f"pair {k}, {name} image", image, unit_range=name == "clean")
             loaded = (noisy, clean)
             names = f"pair {k}"
             size = [tuple(a.shape[-2:]) for a in loaded]
@@ -635,6 +660,12 @@ class PairedPatches(Dataset):
             raise ValueError(f"noisy/clean sizes differ for {names}: {size[0]} vs {size[1]}")
         if colours[0] != colours[1]:
             raise ValueError(f"noisy/clean colour channels differ for {names}: {colours[0]} vs {colours[1]}")
+        if self.channels is None:  # items of one batch must stack
+            if self._first_colours is None:
+                self._first_colours = (names, colours[0])
+            elif self._first_colours[1] != colours[0]:
+                raise ValueError(f"pairs mix gray and colour: {names} has {colours[0]} colour channels, "
+                                 f"{self._first_colours[0]} {self._first_colours[1]}; pass channels=1 or channels=3")
         if min(size[0]) < self.patch_size:
             raise ValueError(f"{names}: size {size[0]} is smaller than patch_size {self.patch_size}")
         if self.cache_size > 0:
@@ -679,7 +710,7 @@ def _load_mat_blocks(path: Path, key: str) -> np.ndarray:
         found = [k for k in contents if not k.startswith("__")]
         raise ValueError(f"{path} has no variable {key!r} (found {found})")
     blocks = contents[key]
-    if blocks.dtype != np.uint8 or blocks.ndim != 5 or blocks.shape[-1] != 3:
+    if blocks.dtype != np.uint8 or blocks.ndim != 5 or blocks.shape[-1] != 3 or 0 in blocks.shape:
         raise ValueError(
             f"{path}: {key} should be uint8 [images, blocks, H, W, 3] (SIDD: [40, 32, 256, 256, 3]), "
             f"got {blocks.dtype} {blocks.shape}"
