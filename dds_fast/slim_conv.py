@@ -267,8 +267,8 @@ class SlimConv2d(nn.Conv2d):
             raise ValueError(f"{self._label()}: a packed per-image buffer cannot be a residual (the kernels read "
                              "residuals as dense tensors)")
         if cast is not None:  # (the fp32 weight is read as it is and cast in the kernel's registers)
-            inputs = [t.to(cast) for t in inputs]
-            residual = None if residual is None else residual.to(cast)
+            inputs = [t.to(kernels.autocast_dtype(t, cast)) for t in inputs]
+            residual = None if residual is None else residual.to(kernels.autocast_dtype(residual, cast))
         sums_wanted = self.emit_channel_sums and self.per_image_widths is None
         # (unsupported_reason let only padding k//2 through, 'same' and 'valid' included)
         y = kernels.slim_conv2d(inputs, weight, bias, segment_starts=self.segment_starts,

@@ -1158,8 +1158,14 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
         return _reason.__wrapped__(*args)
 
 
+def autocast_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype autocast to ``dtype`` gives ``t`` in a conv: it casts floating-point tensors
+    other than float64 and leaves the rest (float64, integers) as they are."""
+    return dtype if dtype is not None and t.is_floating_point() and t.dtype != torch.float64 else t.dtype
+
+
 def _spec(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> tuple:
-    return t.shape, dtype or t.dtype, t.device.type
+    return t.shape, autocast_dtype(t, dtype), t.device.type
 
 
 @functools.lru_cache(maxsize=1024)

@@ -1,6 +1,7 @@
 """SlimConv2d(backend='triton') against its own reference path (kernels under the interpreter
 on CPU, on CUDA tensors where a GPU is present). The kernels' own exhaustive tests are in
 test_kernels_conv2d.py."""
+import re
 import warnings
 
 import pytest
@@ -192,6 +193,33 @@ def test_autocast_to_another_half_dtype_than_the_weights_falls_back(kernel_calls
         expected = slow(x)
     assert not kernel_calls and y.dtype == torch.bfloat16
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.uint8, torch.bool])
+def test_autocast_leaves_inputs_it_does_not_cast_to_the_reference(dtype, kernel_calls):
+    """Autocast casts floating-point tensors other than float64: a float64 or integer input
+    fails as it does on the reference path, instead of running the kernels quietly rounded."""
+    fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
+    x = (torch.randn(1, 3, 4, 4, dtype=torch.float64) * 50).to(dtype)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning
+        with pytest.raises(RuntimeError) as on_reference:
+            slow.to(DEVICE)(x.to(DEVICE))
+        with pytest.raises(RuntimeError, match=re.escape(str(on_reference.value))):
+            fast(x.to(DEVICE))
+    assert not kernel_calls
+
+
+def test_autocast_leaves_a_float64_residual_uncast(kernel_calls):
+    """Outside the conv, autocast would add a float64 residual in float64: the kernels, which
+    add it in the output's dtype, refuse it by name rather than round it."""
+    fast, _ = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
+    x, residual = torch.randn(1, 3, 4, 4), torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="residual is torch.float64"):
+            fast(x.to(DEVICE), residual.to(DEVICE))
+        y = fast(x.to(DEVICE), residual.float().to(DEVICE))
+    assert y.dtype == torch.bfloat16 and [c["dtypes"] for c in kernel_calls] == [[torch.bfloat16]] * 2
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", None])
