@@ -104,15 +104,22 @@ def bench_layers(channels: int, sizes, batches, device, dtype, warmup: int, repe
                         try:
                             timing = runner.time_fn(fn)
                         except Exception as error:  # torch.compile can be unavailable (no compiler): report it
-                            yield dict(row, error=f"{type(error).__name__}: {error}"[:300])
+                            yield dict(row, error=error_summary(error))
                             continue
                         if device.type == "cuda":
                             try:  # the GPU's own time, without the host's launch cost
                                 row["graph_median_ms"] = runner.time_fn(fn, cuda_graph=True).median_ms
                             except Exception as error:  # a capture that fails keeps the eager timing
-                                row["graph_error"] = f"{type(error).__name__}: {error}"[:300]
+                                row["graph_error"] = error_summary(error)
                         yield dict(row, macs=STEPS[step][0] * width * width * 9 * size * size * batch,
                                    **asdict(timing))
+
+
+def error_summary(error: BaseException) -> str:
+    """An exception as one line of at most 300 characters, for a row of the JSON and a cell of
+    the markdown (torch.compile's errors run over many lines, and a blank one ends a table)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}"[:300] if lines else type(error).__name__
 
 
 def layer_markdown(rows: list[dict]) -> str:
@@ -127,7 +134,8 @@ def layer_markdown(rows: list[dict]) -> str:
     for r in rows:
         where = f"| {r['size']} | {r['batch']} | {r['ratio']} | {r['width']} | {r['step']} | {r['variant']} |"
         if "median_ms" not in r:
-            lines.append(f"{where} failed: {r['error']} | |" + (" | |" if graphs else ""))
+            cell = r["error"].replace("|", "\\|")  # a bare | would start another column
+            lines.append(f"{where} failed: {cell} | |" + (" | |" if graphs else ""))
             continue
         static = timed.get((r["size"], r["batch"], r["ratio"], r["step"]))
         if static is None:  # the baseline failed: no ratio
@@ -270,7 +278,7 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
             for index in ends:
                 routed_times[index, "branches"] = routed_ms(index, "branches")
         except Exception as error:
-            branches_error = f"{type(error).__name__}: {error}".splitlines()[0]
+            branches_error = error_summary(error)
         finally:
             net.set_config(previous)
     # the head alone: one read of the channel sums or of the stem's output (and, with
@@ -467,6 +475,7 @@ def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, b
         raise ValueError(f"bench: dtype must be float16, bfloat16 or float32, got {dtype!r}")
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"bench: --cuda-graph needs a CUDA device, got {device}")
+    requested = dtype
     if device.type == "cpu" and torch_dtype != torch.float32:
         torch_dtype, dtype = torch.float32, "float32"  # half-precision convs are not what a CPU runs
     if device.type == "cuda":
@@ -503,15 +512,16 @@ def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, b
         failure = error
     targets = target_rows(layers, networks, torch.finfo(torch_dtype).bits // 8, peaks, gates) if peaks else []
     name, env = describe_device(device)
-    result = {"device": name, "environment": env, "dtype": dtype, "layers": layers,
+    result = {"device": name, "environment": env, "dtype": dtype, "requested_dtype": requested, "layers": layers,
               "network": [network.to_dict() for network in networks], "gate": gates, "targets": targets}
     stopped = ""
     if failure is not None:
-        result["error"] = type(failure).__name__ + "".join(f": {line}" for line in str(failure).splitlines()[:1])
+        result["error"] = error_summary(failure)
         stopped = f"**Stopped early** ({result['error']}): the rows below are what was measured before.\n\n"
     written = [atomic_write(out_dir / "bench.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))]
     tables = "\n\n".join(network.to_markdown() for network in networks)
-    markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\n{stopped}## One conv layer, {channels} channels "
+    timed_in = dtype if dtype == requested else f"{dtype} ({requested} asked for: a CPU run times float32)"
+    markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\nDtype: {timed_in}\n\n{stopped}## One conv layer, {channels} channels "
                 f"max, 3x3, LeakyReLU, channels_last\n\n{layer_markdown(layers)}\n\n## Whole network\n\n"
                 f"{tables}\n\n{gate_markdown(gates)}\n\n## Targets\n\n{targets_markdown(targets)}\n")
     written.append(atomic_write(out_dir / "bench.md", lambda tmp: tmp.write_text(markdown)))

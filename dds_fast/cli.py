@@ -344,10 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "receptive field radius, so tiles leave no seams)")
     den.set_defaults(func=cmd_denoise)
     bench = sub.add_parser("bench", help="time layers and every config of a network; JSON, markdown and plots")
-    bench.add_argument("--full", action="store_true",
-                       help="on a GPU, sizes 256 and 512 at batches 1, 8 and 16, 200 repeats (default: quick, 256 "
-                            "at batch 1, 50 repeats); a CPU run is always the short one")
-    bench.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    length = bench.add_mutually_exclusive_group()
+    length.add_argument("--quick", action="store_false", dest="full",
+                        help="on a GPU, size 256 at batch 1, 50 repeats (the default)")
+    length.add_argument("--full", action="store_true",
+                        help="on a GPU, sizes 256 and 512 at batches 1, 8 and 16, 200 repeats; a CPU run is always "
+                             "the short one")
+    bench.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                       help="the GPU's dtype (default float16); a CPU run times float32")
     bench.add_argument("--size", type=int, action="append", help="image side; repeat for several")
     bench.add_argument("--batch", type=int, action="append", help="batch size; repeat for several")
     bench.add_argument("--channels", type=int, default=64, help="the benchmarked layer's maximum width")

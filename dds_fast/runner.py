@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .config import SubnetConfig
+from .config import SubnetConfig, checked_int
 from .cost import ConvCall, trace_convs
 from .ddsnet import DDSNet
 from .slim_conv import SlimConv2d, _kernels_module
@@ -206,10 +206,14 @@ class LatencyRunner:
     def __init__(self, model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
                  device: str | torch.device | None = None, warmup: int = 10, repeats: int = 100,
                  channels_last: bool = True, cuda_graph: bool = False, backend: str | None = None):
-        if len(input_shape) != 4 or min(input_shape) < 1:
-            raise ValueError(f"LatencyRunner: input_shape must be [N, C, H, W] of positive sizes, got {input_shape}")
-        if warmup < 0 or repeats < 1:
-            raise ValueError(f"LatencyRunner: need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+        try:
+            shape = tuple(checked_int(s, "input_shape", "LatencyRunner") for s in input_shape)
+        except (TypeError, ValueError):  # not a sequence, or a size that is no positive int (8.9 was cut to 8)
+            shape = ()
+        if len(shape) != 4:
+            raise ValueError(f"LatencyRunner: input_shape must be [N, C, H, W] of positive ints, got {input_shape!r}")
+        warmup = checked_int(warmup, "warmup", "LatencyRunner", low=0)
+        repeats = checked_int(repeats, "repeats", "LatencyRunner")
         if not isinstance(model, nn.Module):
             raise ValueError(f"LatencyRunner: model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -224,9 +228,11 @@ class LatencyRunner:
             raise ValueError(f"LatencyRunner: device {device!r} is not a torch device: {error}") from None
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("LatencyRunner: cuda_graph=True needs a CUDA device")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"LatencyRunner: device {self.device} asked for, but this torch sees no CUDA device")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, dtype, memory_format=self.memory_format).eval()
-        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_shape = shape
         self.dtype, self.warmup, self.repeats, self.cuda_graph = dtype, warmup, repeats, cuda_graph
         self.backend = backend_of(model, self.device) if backend is None else _resolved(backend, self.device)
         self.inputs = torch.rand(self.input_shape, device=self.device, dtype=dtype).to(memory_format=self.memory_format)
@@ -274,8 +280,10 @@ class LatencyRunner:
         """A DDSNet in dynamic mode runs each image's route behind the full-width stem its gate
         reads. Traced as it is, its per-image path (CUDA) runs every conv on full-width
         buffers and would count the largest config: so each route the gate picks for the
-        runner's inputs is traced over its images, and the MACs are the mean routed cost."""
-        _, c, h, w = self.input_shape
+        runner's inputs is traced over its images, and the MACs are the mean routed cost at
+        the runner's size (the routes' stored MACs are at the size they were traced at,
+        whose padding may differ)."""
+        n, c, h, w = self.input_shape
         chosen = Counter(model.routing_space.index(entry) for entry in model.route(self.inputs))
         stem = model.supernet.stem_conv
         groups = []
@@ -283,7 +291,7 @@ class LatencyRunner:
             calls, _ = trace_convs(model.supernet, model.routing_space[index].config, (c, h, w))
             groups.append(([replace(call, out_width=stem.out_channels) if call.module is stem else call
                             for call in calls], images))
-        return groups, statistics.fmean(model.routed_macs(self.inputs))
+        return groups, sum(images * sum(call.macs for call in calls) for calls, images in groups) / (n * h * w)
 
     def _traffic(self, groups: list[tuple[list[ConvCall], int]]) -> tuple[int, int]:
         """The fewest bytes and the FLOPs (2 per MAC) of the calls, each group over its images:

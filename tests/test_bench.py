@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimDnCNN, macs_per_pixel
-from dds_fast.bench import gate_markdown, layer_markdown, run_bench, target_rows, targets_markdown, time_gate
+from dds_fast.bench import (error_summary, gate_markdown, layer_markdown, run_bench, target_rows, targets_markdown,
+                            time_gate)
 from dds_fast.runner import ConfigResult, DevicePeaks, LatencyRunner, Report, Timing
 from tests.test_runner import PEAKS, small_net
 
@@ -24,6 +25,19 @@ def test_layer_table_shows_graph_replay_times_beside_eager_ones():
     failed = dict(size=512, batch=1, ratio=0.25, width=16, variant="(b) static", step="forward", error="boom")
     table = layer_markdown([row("triton fused", 0.1, 0.01), failed])
     assert "| triton fused | 0.1000 | | | |" in table and "failed: boom" in table
+
+
+def test_a_long_error_stays_in_its_cell():
+    """torch.compile's errors run over lines (a blank one ends a markdown table) and may hold |."""
+    summary = error_summary(RuntimeError("no compiler | found\n\nSet TORCHDYNAMO_VERBOSE=1 " + "x" * 400))
+    assert summary == "RuntimeError: no compiler | found" and error_summary(KeyboardInterrupt()) == "KeyboardInterrupt"
+    assert len(error_summary(ValueError("y" * 400))) == 300
+    failed = dict(size=8, batch=1, ratio=1, width=4, variant="(c) compiled static", step="forward", error=summary)
+    fine = dict(failed, variant="(b) static", median_ms=0.5)
+    del fine["error"]
+    lines = layer_markdown([failed, fine]).splitlines()
+    assert len(lines) == 4 and all(line.count(" | ") == lines[0].count(" | ") for line in lines[2:])
+    assert "failed: RuntimeError: no compiler \\| found |" in lines[2]
 
 
 def test_bench_targets_say_what_is_met_and_by_how_much():

@@ -228,9 +228,13 @@ def test_train_under_torchrun_binds_each_process_to_its_gpu_before_nccl(tmp_path
 
 def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "--device", "cpu", "--size", "16", "--channels", "8", "--no-compile", "--out", str(out)]) == 0
+    assert main(["bench", "--device", "cpu", "--size", "16", "--channels", "8", "--no-compile", "--quick",
+                 "--dtype", "bfloat16", "--out", str(out)]) == 0
     result = json.loads((out / "bench.json").read_text())
     assert result["device"].startswith("CPU")
+    # a CPU run times float32, and says which dtype was asked for
+    assert (result["dtype"], result["requested_dtype"]) == ("float32", "bfloat16")
+    assert "Dtype: float32 (bfloat16 asked for: a CPU run times float32)" in (out / "bench.md").read_text()
     variants = {row["variant"] for row in result["layers"]}
     assert variants == {"(a) sliced copy", "(b) static"}  # no Triton timing without a GPU
     assert len(result["network"][0]["results"]) == 5

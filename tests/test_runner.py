@@ -97,6 +97,10 @@ def test_measured_peaks_are_positive():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(input_shape=(1, 1, 8)), "input_shape"),
     (dict(input_shape=(1, 1, 8, 8), repeats=0), "repeats"),
+    (dict(input_shape=(1, 1, 8.9, 8)), r"input_shape must be \[N, C, H, W\] of positive ints, got \(1, 1, 8.9, 8\)"),
+    (dict(input_shape=(1, True, 8, 8)), "input_shape"),
+    (dict(input_shape=8), "input_shape"),
+    (dict(input_shape=(1, 1, 8, 8), warmup=1.5), "warmup must be an int >= 0"),
     (dict(input_shape=(1, 1, 8, 8), cuda_graph=True), "CUDA"),
 ])
 def test_bad_arguments(kwargs, match):
@@ -111,6 +115,9 @@ def test_bad_models_devices_and_dtypes():
         LatencyRunner(torch.nn.Identity(), (1, 1, 8, 8))
     with pytest.raises(ValueError, match="device 'garbage' is not a torch device"):
         LatencyRunner(small_net(), (1, 1, 8, 8), device="garbage")
+    if not torch.cuda.is_available():  # not torch's AssertionError from moving the model
+        with pytest.raises(ValueError, match="device cuda asked for, but this torch sees no CUDA device"):
+            LatencyRunner(small_net(), (1, 1, 8, 8), device="cuda")
     with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
         LatencyRunner(small_net(), (1, 1, 8, 8), dtype=torch.int32)
     with pytest.raises(ValueError, match="model must be an nn.Module"):
@@ -136,6 +143,31 @@ def test_runner_times_a_ddsnet_dynamic_and_per_route():
     assert report.results[0].macs_per_pixel == pytest.approx(sum(model.routed_macs(runner.inputs)) / 2)
     assert report.results[2].theoretical_speedup == 1 and report.results[2].real_speedup == 1
     assert net.get_config() == net.space.largest()
+
+
+def test_dynamic_row_counts_its_routes_at_the_timed_size():
+    """A U-Net pads an image to a multiple of its size; the routes' stored MACs are those of
+    the size they were traced at. The dynamic row counts the convs the timed input runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dds_fast import DDSNet, DynamicGate, SlimUNet
+    from dds_fast.bench import rig_gate
+
+    torch.manual_seed(0)
+    net = SlimUNet(in_channels=1, base_width=8, depth=3)
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    gate = DynamicGate(net.stem_channels, 2)
+    gate.attention = False
+    model = DDSNet(net, gate, routes).eval()
+    rig_gate(model.gate, 0)
+    shape = (2, 1, 15, 13)
+    report = LatencyRunner(model, shape, warmup=0, repeats=1).run(peaks=DevicePeaks(1e9, 1e9))
+    dynamic, smallest = report.results[:2]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.rand(shape))
+    conv_flops = counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
+    assert dynamic.macs_per_pixel == pytest.approx(conv_flops / 2 / (2 * 15 * 13))
+    assert dynamic.macs_per_pixel > smallest.macs_per_pixel  # its route behind the full-width stem
 
 
 def test_dynamic_row_counts_the_routes_chosen_on_the_per_image_path():
