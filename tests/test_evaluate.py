@@ -3,6 +3,7 @@ import torch
 
 import dds_fast
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimDnCNN, macs_per_pixel
+from dds_fast.bench import rig_gate
 from dds_fast.cli import main
 from dds_fast.evaluate import comparison_table, denoise, evaluate
 from dds_fast.metrics import psnr
@@ -201,6 +202,28 @@ def test_denoise_command(tmp_path, capsys):
     assert main(["denoise", str(gray), "-o", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "no")]) == 2
 
 
+def test_denoise_command_reports_the_route_of_a_tiled_image_as_of_the_whole(tmp_path, capsys):
+    """Tiles are routed from the whole image's squeeze; the report says where, without the
+    whole image's stem output (which tiling keeps out of memory)."""
+    dds = ddsnet()
+    rig_gate(dds.gate, 1)
+    checkpoint = dds_fast.save(dds, tmp_path / "dds.safetensors")
+    source = save_image(tmp_path / "in.png", torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(3)))
+    for tile in ("64", "24"):
+        assert main(["denoise", str(source), "-o", str(tmp_path / "out.png"), "--checkpoint", str(checkpoint),
+                     "--tile", tile, "--overlap", "4"]) == 0
+        assert f"dynamic mode: routed to {dds.dynamic_macs_per_pixel[1]:,.0f} MACs/pixel" in capsys.readouterr().out
+
+
+def test_denoise_command_warns_that_a_colour_model_keeps_a_gray_images_noise(tmp_path, capsys):
+    checkpoint = dds_fast.save(net(), tmp_path / "net.safetensors")
+    for channels, warned in ((1, True), (3, False)):
+        source = save_image(tmp_path / "in.png", torch.rand(channels, 20, 30, generator=torch.Generator().manual_seed(3)))
+        assert main(["denoise", str(source), "-o", str(tmp_path / "out.png"), "--checkpoint", str(checkpoint)]) == 0
+        assert ("is gray, and a colour model learns noise that differs between channels"
+                in capsys.readouterr().err) == warned
+
+
 def test_denoise_command_takes_half_precision_and_gray_checkpoints(tmp_path):
     noisy = torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(3))
     source = save_image(tmp_path / "in.png", noisy, 16)
@@ -241,9 +264,10 @@ def test_denoise_command_tiles_with_the_overlap_asked_for(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("output,message", [("out.tif", "unsupported format '.tif'"), ("out", "unsupported format ''"),
-                                            ("missing/out.png", "does not exist")])
+                                            ("missing/out.png", "does not exist"), ("folder.png", "is a folder")])
 def test_denoise_command_checks_the_output_path_before_denoising(tmp_path, capsys, monkeypatch, output, message):
     checkpoint = dds_fast.save(net(), tmp_path / "net.safetensors")
+    (tmp_path / "folder.png").mkdir()
     noisy = save_image(tmp_path / "in.png", torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(3)))
 
     def no_work(*args, **kwargs):

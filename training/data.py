@@ -311,6 +311,8 @@ def check_output_path(path, alpha: bool = False) -> Path:
         raise ValueError(f"output {path}: JPEG holds no alpha channel; write a .png")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a folder")
     return path
 
 
