@@ -26,10 +26,10 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if value <= 0:
         raise ValueError(f"make_divisible: value must be > 0, got {value}")
     min_value = divisor if min_value is None else min_value
-    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    rounded = int(value + divisor / 2) // divisor * divisor
     if rounded < 0.9 * value:
         rounded += divisor
-    return rounded
+    return max(min_value, rounded)  # after the 10% step, which would push a min_value off the multiples
 
 
 def exact_int(value):
@@ -193,6 +193,9 @@ class WidthSpace:
 
     def validate(self, config: SubnetConfig | Mapping[str, int]) -> SubnetConfig:
         """Return ``config`` as a SubnetConfig in group order, or raise ValueError naming what is wrong."""
+        if not isinstance(config, (SubnetConfig, Mapping)):
+            raise ValueError(f"config must be a SubnetConfig or a mapping of group names to widths, got "
+                             f"{type(config).__name__} {config!r:.100}")
         widths = config.to_dict() if isinstance(config, SubnetConfig) else dict(config)
         missing = [n for n in self.names() if n not in widths]
         unknown = [n for n in widths if n not in self._by_name]
@@ -214,8 +217,8 @@ class WidthSpace:
 
 @dataclass(frozen=True)
 class RoutingEntry:
-    """One candidate sub-network of a routing space: its config, its MACs/pixel and, when
-    known, its validation PSNR."""
+    """One candidate sub-network of a routing space: its config (a SubnetConfig, or a mapping
+    of group names to widths, converted), its MACs/pixel and, when known, its validation PSNR."""
 
     config: SubnetConfig
     macs_per_pixel: float
@@ -226,6 +229,12 @@ class RoutingEntry:
         # would depend on the entries' order
         def real(value) -> bool:
             return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+        if isinstance(self.config, Mapping):  # as set_config takes it; to_dict and save need a SubnetConfig
+            object.__setattr__(self, "config", SubnetConfig.from_dict(self.config))
+        if not isinstance(self.config, SubnetConfig):
+            raise ValueError(f"RoutingEntry: config must be a SubnetConfig or a mapping of group names to widths, "
+                             f"got {type(self.config).__name__}")
 
         if not real(self.macs_per_pixel) or not 0 <= self.macs_per_pixel < math.inf:
             raise ValueError(f"RoutingEntry: macs_per_pixel must be a finite number >= 0, got {self.macs_per_pixel!r}")

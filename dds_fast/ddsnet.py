@@ -247,15 +247,16 @@ class DDSNet(nn.Module):
 
     @property
     def routing_space(self) -> list[RoutingEntry]:
+        """The candidate sub-networks, in the order of the gate's choices. Setting it checks
+        the entries against the gate and the super-network; what is derived from them
+        (``dynamic_macs_per_pixel``, the per-image width tables) is rebuilt, and a budget, an
+        index into the old space, is dropped: the model returns to dynamic mode. CUDA graphs
+        captured before keep reading the old tables (kept alive for them): capture them again
+        to route by the new space."""
         return self._routing_space
 
     @routing_space.setter
     def routing_space(self, entries: Sequence[RoutingEntry]) -> None:
-        """Checked against the gate and the super-network. What is derived from the entries
-        (``dynamic_macs_per_pixel``, the per-image width tables) is rebuilt, and a budget,
-        an index into the old space, is dropped: the model returns to dynamic mode. CUDA
-        graphs captured before keep reading the old tables (kept alive for them): capture
-        them again to route by the new space."""
         try:
             entries = list(entries)
         except TypeError:
@@ -341,8 +342,8 @@ class DDSNet(nn.Module):
         return self._budget_index
 
     def stem_means(self, x: torch.Tensor, block: int = 512) -> torch.Tensor:
-        """The fp32 ``[N, C]`` channel means of the full-width stem's output over ``x``, the
-        squeeze the gate reads, computed ``block`` pixels square at a time. A tile of a large
+        """The fp32 ``[N, C]`` channel means of the full-width stem's output over ``x`` padded
+        to the network's ``size_multiple`` (as ``forward`` reads it), the squeeze the gate reads, computed ``block`` pixels square at a time. A tile of a large
         image given them (``forward(tile, stem_means=...)``) is routed and scaled as the whole
         image is, so tiles leave no seams (``evaluate.denoise``)."""
         return _tiled_stem_means(self.supernet, x, block)

@@ -189,7 +189,8 @@ class SlimNet(nn.Module):
     @property
     def receptive_radius(self) -> int:
         """How many input pixels away, at most, an input pixel can change an output pixel:
-        the context a tile needs on each side to match the whole image."""
+        the context a tile needs on each side to match the whole image, for a tile that
+        starts on a multiple of ``size_multiple`` (``evaluate.denoise`` aligns its tiles)."""
         raise NotImplementedError
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,7 +229,7 @@ class SlimUNet(SlimNet):
     Each level has two 3x3 convs with LeakyReLU; going down, the first conv of a level has
     stride 2; going up, a 1x1 conv to 4x the channels plus pixel shuffle (the 2x2 transposed
     conv written with Conv2d only), then the skip is concatenated; a global residual adds
-    the input to the last conv's output. Level ``l`` has base width ``base_width * 2**l``;
+    the input to the last conv's output (when ``out_channels == in_channels``). Level ``l`` has base width ``base_width * 2**l``;
     each group's widths range over ``min_ratio`` to ``width_mult`` of that in steps of
     ``divisor`` (the super-network is ``width_mult`` times the base).
 
@@ -321,7 +322,7 @@ class SlimUNet(SlimNet):
 @register_architecture
 class SlimDnCNN(SlimNet):
     """DnCNN without batch norm, slimmable per layer: ``depth`` 3x3 convs with ReLU between
-    them and a global residual. Groups ``layer0`` .. ``layer{depth-2}``; the stem is layer 0."""
+    them and a global residual (when ``out_channels == in_channels``). Groups ``layer0`` .. ``layer{depth-2}``; the stem is layer 0."""
 
     packs_per_image_buffers = True
 

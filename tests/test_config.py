@@ -14,6 +14,11 @@ def test_make_divisible(value, divisor, expected):
     assert make_divisible(value, divisor) == expected
 
 
+@pytest.mark.parametrize("value,divisor,min_value,expected", [(2, 8, 1, 8), (3, 8, 2, 8), (20, 8, 32, 32), (47, 8, 4, 48)])
+def test_make_divisible_keeps_to_the_multiples_above_a_small_min_value(value, divisor, min_value, expected):
+    assert make_divisible(value, divisor, min_value=min_value) == expected
+
+
 def test_make_divisible_never_drops_more_than_ten_percent():
     for value in range(8, 500):
         assert make_divisible(value) >= 0.9 * value
@@ -88,6 +93,9 @@ def test_validate_names_what_is_wrong():
         s.validate({"a": 8, "b": 56})
     with pytest.raises(ValueError, match=r"'a' width '8' is not an integer"):
         s.validate({"a": "8", "b": 16})
+    for bad in (None, 5, "a", [("a", 8), ("b", 16)]):  # dict() took the list; the rest failed in dict()
+        with pytest.raises(ValueError, match="config must be a SubnetConfig or a mapping of group names to widths"):
+            s.validate(bad)
     # tensors of any dtype have __index__-like conversions: only integer ones are widths
     for bad in (torch.tensor(8.7), torch.tensor(True), np.bool_(True)):
         with pytest.raises(ValueError, match="'a' width .* is not an integer"):
@@ -111,6 +119,10 @@ def test_groups_and_routing_entries():
     for macs, psnr in ((True, None), (1.0, True), (float("inf"), None), (torch.tensor(1.0), None)):
         with pytest.raises(ValueError, match="RoutingEntry"):
             RoutingEntry(entry.config, macs, psnr)
+    # a mapping, as set_config takes one, is converted: to_dict (and so save) needs a SubnetConfig
+    assert RoutingEntry({"a": 8}, 1234.5, 30.1) == entry and RoutingEntry({"a": 8}, 1234.5, 30.1).to_dict()
+    with pytest.raises(ValueError, match="RoutingEntry: config must be a SubnetConfig or a mapping"):
+        RoutingEntry([("a", 8)], 1234.5)
 
 
 @pytest.mark.parametrize("width", [12.7, 8.0, "8", True, None])
