@@ -8,6 +8,7 @@ RoutingEntry) with its MACs table when the model has one, and the caller's own m
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -82,7 +83,14 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     """safetensors ``save_file`` through ``atomic_write``, the tensors' ``weights_fingerprint``
     in the metadata: safetensors has no checksum of its own, and ``read_tensors`` checks it."""
     metadata = {**metadata, _DIGEST: weights_fingerprint(tensors)}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as error:  # (no OSError: a full disk would end in a traceback)
+            raise OSError(f"cannot write {path}: {error}") from error
+
+    return atomic_write(path, write)
 
 
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -106,6 +114,14 @@ def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def remove_leftovers(path: str | os.PathLike) -> None:
+    """Delete the temporary files that ``atomic_write`` calls for ``path`` left behind when a
+    kill stopped them mid-write; only for a writer that knows no other process writes ``path``."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
+        leftover.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:

@@ -64,6 +64,19 @@ def test_save_is_atomic_when_it_fails(net, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["model.safetensors"]
 
 
+def test_a_safetensors_write_error_is_an_os_error_naming_the_file(net, tmp_path, monkeypatch, capsys):
+    """safetensors' own error (a full disk, say) is no OSError: the CLI would end in a traceback."""
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(dds_fast.checkpoint, "save_file", full)
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'model.safetensors'}: .*No space left"):
+        save(net, tmp_path / "model.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
 def test_save_flushes_the_file_before_the_rename_and_the_rename_after(net, tmp_path, monkeypatch):
     """Without the first fsync a power loss can leave the renamed file empty; without the
     second, the old file back."""

@@ -241,11 +241,22 @@ def test_resume_removes_a_checkpoint_write_cut_short_by_a_kill(tmp_path):
 
     tmp_path.mkdir(exist_ok=True)
     # atomic_write's temporary files, as a kill mid-write leaves them
-    leftovers = [tempfile.mkstemp(dir=tmp_path, prefix=f".{name}.", suffix=".tmp.safetensors")[1]
-                 for name in ("stage1.state.safetensors", "stage1.state.safetensors", "stage3.state.safetensors")]
+    leftovers = [tempfile.mkstemp(dir=tmp_path, prefix=f".{name}.", suffix=f".tmp{Path(name).suffix}")[1]
+                 for name in ("stage1.state.safetensors", "stage1.state.safetensors", "stage1.log.jsonl",
+                              "stage3.state.safetensors")]
     loop, _ = make_loop(tmp_path, steps=2)
     loop.run()
-    assert [Path(path).exists() for path in leftovers] == [False, False, True]  # another stage's is its own
+    assert [Path(path).exists() for path in leftovers] == [False, False, False, True]  # another stage's is its own
+
+
+def test_a_result_write_cut_short_by_a_kill_is_removed_when_the_result_is_written(tmp_path):
+    import tempfile
+
+    leftovers = [tempfile.mkstemp(dir=tmp_path, prefix=f".{name}.", suffix=".tmp.safetensors")[1]
+                 for name in ("inet-0.safetensors", "inet-1.safetensors")]
+    Run(tmp_path, tiny_run_config()).save(tiny_net(), "inet-0.safetensors")
+    # another I-Net's may be a write in flight (I-Nets train in processes side by side)
+    assert [Path(path).exists() for path in leftovers] == [False, True]
 
 
 def test_cosine_schedule_decays_from_the_initial_rate_to_one_percent(tmp_path):
@@ -543,6 +554,7 @@ def test_training_config_checks_the_type_of_every_option(tmp_path):
     ({"inet_steps": 0}, r"inet_steps must be >= 1 \(or null: steps \+ refine_steps\), got 0"),
     ({"channels": 2}, "channels must be 1 or 3, got 2"),
     ({"lr": 0.0}, "lr must be a positive number, got 0.0"),
+    ({"refine_lr": 1e38}, r"refine_lr must be at most 1e\+30 \(Adam's steps overflow fp32 beyond\), got 1e\+38"),
     ({"budget": -5.0}, "budget must be a positive number, got -5.0"),
     ({"gate_lr_decay": 0.0}, r"gate_lr_decay must be in \(0, 1\], got 0.0"),
     ({"batch_size": 32, "epoch_patches": 16}, "batch_size 32 is larger than epoch_patches 16"),

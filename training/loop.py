@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from tqdm import tqdm
 
-from dds_fast.checkpoint import atomic_save_file, atomic_write, read_tensors
+from dds_fast.checkpoint import atomic_save_file, atomic_write, read_tensors, remove_leftovers
 
 from .data import to_device
 
@@ -158,10 +158,9 @@ class TrainLoop:
         """Load the stage's checkpoint if there is one; returns the step to continue from. A
         ValueError naming the file when it cannot be read, was recorded with other options or
         for another model, or has run more steps than asked for."""
-        if self.rank == 0:
-            # what atomic_write leaves of a checkpoint when a kill stops it mid-write
-            for leftover in self.run_dir.glob(f".{self.state_path.name}.*.tmp{self.state_path.suffix}"):
-                leftover.unlink(missing_ok=True)
+        if self.rank == 0:  # what atomic_write leaves of a checkpoint or the log when a kill stops it mid-write
+            remove_leftovers(self.state_path)
+            remove_leftovers(self.log_path)
         if not self.state_path.exists():
             return 0
         try:

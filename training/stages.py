@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 import dds_fast
 from dds_fast import AttentionSupernet, DDSNet, DynamicGate, SlimConv2d
 from dds_fast.slim_conv import BACKENDS
-from dds_fast.checkpoint import read_metadata, weights_fingerprint
+from dds_fast.checkpoint import read_metadata, remove_leftovers, weights_fingerprint
 from dds_fast.config import RoutingEntry
 
 from .data import (NoisyPatches, PairedPatches, SIDDValidation, bundled_images, load_image_folder,
@@ -40,6 +40,8 @@ from .sandwich import (DISTILLATIONS, LOSSES, MaskedSandwich, ends_fixed, recons
 from .slimming import SLIM_CRITERIA, progressive_slimming, slimmer, thin_routing_space, validation_psnr
 
 LR_SCHEDULES = ("cosine", "constant")
+MAX_LR = 1e30
+
 # Options that every stage's training depends on (its data; with clean images, their noise
 # and which are held out too), and the trained network's shape; see Run.loop_options
 DATA_OPTIONS = ("channels", "epoch_patches", "seed")
@@ -130,6 +132,11 @@ class TrainConfig:
         for name in ("lr", "refine_lr", "gate_lr") + (("budget",) if self.budget is not None else ()):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        for name in ("lr", "refine_lr", "gate_lr"):
+            # Adam's first step is about 10 x lr, which past fp32's range fails in the optimizer, not as a divergence
+            if getattr(self, name) > MAX_LR:
+                raise ValueError(f"{name} must be at most {MAX_LR:g} (Adam's steps overflow fp32 beyond), got "
+                                 f"{getattr(self, name)}")
         if not 0 < self.gate_lr_decay <= 1:
             raise ValueError(f"gate_lr_decay must be in (0, 1], got {self.gate_lr_decay}")
         if not (math.isfinite(self.gate_complexity_weight) and self.gate_complexity_weight >= 0):
@@ -413,6 +420,7 @@ class Run:
         rank, world = rank_and_world()
         path = self.dir / name
         if rank == 0:
+            remove_leftovers(path)  # of a write a kill stopped: a run is the only writer of its results
             dds_fast.save(model, path, train_config=dataclasses.asdict(self.config), **metadata)
         if world > 1:
             torch.distributed.barrier()
@@ -478,6 +486,7 @@ class Run:
                 trajectory = progressive_slimming(net, self.validation_batches(), step=c.slim_step, on_step=on_step,
                                                   criterion=c.slim_criterion)
             net.routing_space = thin_routing_space(trajectory, c.num_choices)
+            remove_leftovers(self.dir / "stage2.safetensors")
             dds_fast.save(net, self.dir / "stage2.safetensors", stage=2, train_config=dataclasses.asdict(c),
                           trajectory=[e.to_dict() for e in trajectory], made_from=made_from)
         if world > 1:
