@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -73,6 +74,14 @@ def _bundled_photo(name: str, size: int | None = None, channels: int = 3) -> tor
         photo = torch.nn.functional.interpolate(photo[None], size=(size, size), mode="bilinear", antialias=True,
                                                 align_corners=False)[0].clamp(0, 1)
     return photo
+
+
+def _noise_sigma(text: str) -> float:
+    """An argparse type for an AWGN sigma (0-255 units): NaN or a negative one would fail after the routing."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -305,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "without one, slim an untrained network and print MACs per width")
     demo.add_argument("--checkpoint", help="a DDSNet checkpoint instead of the shipped model")
     demo.add_argument("--image", default="chelsea", help="a bundled scikit-image photo (default: held out)")
-    demo.add_argument("--sigma", type=float, default=25.0)
+    demo.add_argument("--sigma", type=_noise_sigma, default=25.0, help="AWGN sigma, 0-255 units (default 25)")
     demo.add_argument("--out", default="dds-demo.png", help="the side-by-side PNG")
     demo.add_argument("--size", type=_positive_int, default=256, help="(untrained demo) photo side")
     demo.add_argument("--base-width", type=int, default=16, help="(untrained demo) network width")

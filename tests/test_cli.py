@@ -246,6 +246,14 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     assert len(targets) == 6 and all(t.startswith("network batch 1") for t in targets)
 
 
+@pytest.mark.parametrize("value", ["nan", "-5", "inf"])
+def test_demo_rejects_a_sigma_that_is_no_noise_level_by_name(value, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["demo", "--sigma", value])
+    assert raised.value.code == 2
+    assert f"argument --sigma: must be a finite number >= 0, got {value}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--size", "--repeats"])
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_demo_rejects_a_non_positive_size_or_repeat_count_by_name(flag, value, capsys, monkeypatch, tmp_path):
