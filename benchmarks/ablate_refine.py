@@ -1,17 +1,19 @@
 """Refinement ablation: does training on the routing configs close their gap to the I-Nets?
 
     python benchmarks/ablate_refine.py CHECKPOINT [--steps 400] [--lr 2e-4] [--random]
-        [--set KEY=JSON ...] [--out FILE.json]
+        [--set KEY=JSON ...] [--out FILE.json] [--save REFINED.safetensors]
 
 From a DDSNet (or stage-2) checkpoint, runs the ``refine`` stage for ``--steps`` with the
 training options the checkpoint stores: the sandwich over its routing configs, or with
 ``--random`` over stage 1's random configs (the control: is it just more training?). Reports
 each routing config's validation PSNR (8-bit, on the held-out photos' crops, the stage-2
 measure) before and after. ``--set`` overrides other stored options (``distillation``...).
+``--save`` writes the refined model (a DDSNet keeps its gate) for ``benchmarks/quality.py``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="any other TrainConfig option, e.g. --set distillation='\"none\"'")
     parser.add_argument("--out", help="write the result as JSON here")
+    parser.add_argument("--save", help="write the refined model here (safetensors)")
     args = parser.parse_args(argv)
     model = dds_fast.load(args.checkpoint)
     net = model.supernet if isinstance(model, dds_fast.DDSNet) else model
@@ -48,7 +51,12 @@ def main(argv=None) -> int:
         net.eval()
         batches = run.validation_batches()
         before = [validation_psnr(net, batches, e.config) for e in net.routing_space]
-        after = [e.psnr for e in run.refine(net, random_configs=args.random).routing_space]
+        refined = run.refine(net, random_configs=args.random)
+        after = [e.psnr for e in refined.routing_space]
+    if args.save:
+        saved = (dds_fast.DDSNet(refined, model.gate, refined.routing_space) if isinstance(model, dds_fast.DDSNet)
+                 else refined)
+        dds_fast.save(saved.eval(), args.save, train_config=dataclasses.asdict(config))
     report({"checkpoint": args.checkpoint, "configs": "random" if args.random else "routing", "steps": args.steps,
             "overrides": overrides,
             "lr": args.lr, "macs_per_pixel": [e.macs_per_pixel for e in model.routing_space],

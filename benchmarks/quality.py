@@ -1,11 +1,13 @@
 """Denoising quality of a checkpoint on held-out photos, against BM3D and the I-Nets.
 
     python benchmarks/quality.py CHECKPOINT [MORE_DDS ...] [--noise awgn camera] [--sigma 10 25 50]
-        [--images chelsea coins] [--inets INET.safetensors ...] [--out FILE.json]
+        [--images chelsea coins] [--gray] [--inets INET.safetensors ...] [--out FILE.json]
 
 Adds noise (fixed seed) to scikit-image's bundled photos that training held out: AWGN of
 each ``--sigma``, and/or the camera pipeline (then the clean reference is the photo through
-the same ISP); every image under every noise is one test pair. Reports PSNR/SSIM on 8-bit
+the same ISP); every image under every noise is one test pair. With ``--gray`` a colour
+model gets the photos as gray photos read as colour: made gray, the noise drawn on that one
+plane and so the same in every channel (``GrayNoise``; BM3D then denoises the one plane). Reports PSNR/SSIM on 8-bit
 outputs (``dds_fast.metrics``) with MACs/pixel for: the noisy input, the DDSNet in dynamic
 mode, each routing config run alone, and, when every pair is AWGN, BM3D (the ``bm3d``
 package, CBM3D for colour, told the true sigma) when it is installed. Further DDSNet
@@ -28,7 +30,7 @@ from dds_fast.checkpoint import read_metadata
 from dds_fast.evaluate import TABLE_HEADER, Evaluation, comparison_table, evaluate
 from dds_fast.metrics import psnr, ssim
 from dds_fast.training.data import bundled_images
-from dds_fast.training.noise import CameraNoise, GaussianNoise
+from dds_fast.training.noise import CameraNoise, GaussianNoise, GrayNoise
 from dds_fast.training.stages import DEFAULT_VALIDATION_IMAGES
 
 
@@ -45,12 +47,13 @@ def bm3d_row(pairs, sigmas: list[float]) -> Evaluation | None:
         return None
     scores = []
     for (noisy, clean), sigma in zip(pairs, sigmas):
-        image = noisy.permute(1, 2, 0).double().numpy()
+        gray = bool((noisy == noisy[:1]).all())  # a gray photo read as colour: one plane to denoise
+        image = (noisy[:1] if gray else noisy).permute(1, 2, 0).double().numpy()
         if image.shape[-1] == 3:
             out = bm3d.bm3d_rgb(image, sigma / 255)
         else:
             out = bm3d.bm3d(image[..., 0], sigma / 255)[..., None]
-        out = torch.from_numpy(out).permute(2, 0, 1).float()
+        out = torch.from_numpy(out).permute(2, 0, 1).float().expand_as(noisy)
         scores.append((psnr(out, clean), ssim(out, clean)))
     return Evaluation("BM3D (true sigma)", sum(s[0] for s in scores) / len(scores),
                       sum(s[1] for s in scores) / len(scores), float("nan"), len(scores))
@@ -75,6 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--noise", nargs="+", choices=["awgn", "camera"], default=["awgn"])
     parser.add_argument("--sigma", nargs="+", type=float, default=[25.0], help="of the AWGN, in 0-255 units")
     parser.add_argument("--images", nargs="+", default=list(DEFAULT_VALIDATION_IMAGES))
+    parser.add_argument("--gray", action="store_true", help="gray photos read as colour: the same noise in "
+                                                            "every channel")
     parser.add_argument("--inets", nargs="*", default=[])
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -90,6 +95,8 @@ def main(argv=None) -> int:
             noises += [(f"AWGN sigma {sigma:g}", GaussianNoise(sigma), sigma) for sigma in args.sigma]
         else:
             noises.append(("camera noise", CameraNoise(), None))
+    if args.gray:
+        noises = [(f"gray, {name}", GrayNoise(noise), sigma) for name, noise, sigma in noises]
     pairs = []
     for _, noise, sigma in noises:
         added = noisy_pairs(args.images, noise, model.in_channels)
@@ -127,6 +134,7 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         record = {"device": f"CPU: {platform.processor() or platform.machine()}", "checkpoints": args.checkpoints,
+                  "gray": args.gray,
                   "noise": noise, "images": args.images, "torch": torch.__version__,
                   "rows": [row.__dict__ for row in rows], "table": table}
         Path(args.out).write_text(json.dumps(record, indent=2))

@@ -284,7 +284,7 @@ def cmd_denoise(args) -> int:
         print(f"warning: {args.input} is gray, and a colour model learns noise that differs between channels; "
               f"a gray image's is the same in all three, and the model keeps much of it (the shipped model gains "
               f"about 1.4 dB at AWGN sigma 25 on gray photos, against 10 dB on colour ones). A model trained "
-              f"with --channels 1 denoises gray images.", file=sys.stderr)
+              f"with --channels 1, or with 'gray' noise mixed in, denoises gray images.", file=sys.stderr)
     if model.in_channels == 1 and image.shape[0] == 3:  # a gray model denoises each colour plane alone
         output = torch.cat([denoise(model, plane, tile=args.tile, overlap=args.overlap) for plane in image[:, None]])
     else:

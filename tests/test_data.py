@@ -178,14 +178,8 @@ def test_a_tiff_reads_the_way_its_orientation_tag_shows_it(tmp_path, orientation
     """Pillow's exif_transpose of the same picture as a PNG with that EXIF orientation shows
     how it should look."""
     import tifffile
-    from PIL import Image, ImageOps
 
-    stored = rng().integers(0, 256, (4, 6, 3), dtype=np.uint8)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    Image.fromarray(stored).save(tmp_path / "shown.png", exif=exif)
-    with Image.open(tmp_path / "shown.png") as png_image:
-        shown = np.asarray(ImageOps.exif_transpose(png_image))
+    stored, _, shown = turned_by_exif(tmp_path, orientation)
     tifffile.imwrite(tmp_path / "turned.tif", stored, photometric="rgb", extratags=[(274, "H", 1, orientation, True)])
     image, _ = read_image(tmp_path / "turned.tif")
     assert torch.equal(image, torch.from_numpy(shown.astype(np.float32) / 255).permute(2, 0, 1))
@@ -664,10 +658,9 @@ def test_a_jpeg_reads_the_way_its_exif_orientation_shows_it(tmp_path):
     torch.testing.assert_close(image, plain.rot90(-1, dims=(1, 2)), atol=8 / 255, rtol=0)
 
 
-@pytest.mark.parametrize("orientation", range(1, 9))
-def test_a_16bit_png_reads_the_way_its_exif_orientation_shows_it(tmp_path, orientation):
-    """pypng, which reads 16-bit colour, skips the eXIf chunk; Pillow's exif_transpose of the
-    same picture in 8 bits shows how it should look."""
+def turned_by_exif(tmp_path, orientation):
+    """A random 4x6 RGB picture as stored, an EXIF block with ``orientation``, and the picture
+    as Pillow's exif_transpose shows an 8-bit PNG of it with that block."""
     from PIL import Image, ImageOps
 
     stored = rng().integers(0, 256, (4, 6, 3), dtype=np.uint8)
@@ -675,7 +668,14 @@ def test_a_16bit_png_reads_the_way_its_exif_orientation_shows_it(tmp_path, orien
     exif[0x0112] = orientation
     Image.fromarray(stored).save(tmp_path / "eight.png", exif=exif)
     with Image.open(tmp_path / "eight.png") as eight:
-        shown = np.asarray(ImageOps.exif_transpose(eight))
+        return stored, exif, np.asarray(ImageOps.exif_transpose(eight))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_16bit_png_reads_the_way_its_exif_orientation_shows_it(tmp_path, orientation):
+    """pypng, which reads 16-bit colour, skips the eXIf chunk; Pillow's exif_transpose of the
+    same picture in 8 bits shows how it should look."""
+    stored, exif, shown = turned_by_exif(tmp_path, orientation)
     write_png16(tmp_path / "deep.png", stored.astype(np.uint16) * 257)  # 257 * v / 65535 = v / 255
     with open(tmp_path / "deep.png", "rb") as f:
         chunks = list(png.Reader(file=f).chunks())

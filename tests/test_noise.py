@@ -10,6 +10,7 @@ from dds_fast.training.data import bundled_images
 from dds_fast.training.noise import (
     CameraNoise,
     GaussianNoise,
+    GrayNoise,
     MixedNoise,
     PoissonGaussianNoise,
     demosaic,
@@ -19,9 +20,11 @@ from dds_fast.training.noise import (
     sample_camera_params,
     unprocess,
 )
+from dds_fast.training.noise import luma
 
 ALL_MODELS = [GaussianNoise(25), GaussianNoise((0, 55)), PoissonGaussianNoise(), CameraNoise(),
-              MixedNoise([CameraNoise(), {"name": "awgn", "sigma": [5, 50]}])]
+              MixedNoise([CameraNoise(), {"name": "awgn", "sigma": [5, 50]}]),
+              MixedNoise([GaussianNoise(25), GrayNoise({"name": "camera"})])]
 
 
 def gen(seed=0):
@@ -103,6 +106,8 @@ def test_factory_builds_each_model():
         ("mix", {"models": [{"name": "awgn"}, {"name": "camera"}], "weights": "12"}, "finite non-negative numbers"),
         ("mix", {"models": [{"name": "awgn"}, {"name": "camera"}], "weights": ["1", "2"]}, "finite non-negative"),
         ("mix", {"models": [{"name": "awgn", "sgima": 3}]}, "bad parameters for noise model 'awgn'"),
+        ("gray", {"model": {"sigma": 25}}, "a gray noise model's model must be a noise model or a dict with a 'name'"),
+        ("gray", {}, "bad parameters for noise model 'gray'"),
     ],
 )
 def test_factory_rejects_bad_input(name, kwargs, message):
@@ -297,6 +302,37 @@ def test_camera_output_in_unit_range_and_unbiased_on_flat_image():
 
 
 # ----------------------------------------------------------------------------- mixtures and targets
+
+
+@pytest.mark.parametrize("inner", [GaussianNoise(25), CameraNoise(),
+                                   MixedNoise([GaussianNoise(25), PoissonGaussianNoise()])], ids=repr)
+def test_gray_noise_is_the_inner_models_on_the_luma_in_every_channel(inner):
+    """A gray photo read as colour: one plane of noise, the same in each channel."""
+    clean = torch.rand(4, 3, 16, 16, generator=gen(3))
+    noisy, target = make_noise("gray", model=inner).pair(clean, gen(4))
+    plain_noisy, plain_target = inner.pair(luma(clean), gen(4))
+    assert noisy.shape == clean.shape and torch.equal(noisy, plain_noisy.expand_as(clean))
+    assert torch.equal(target, plain_target.expand_as(clean))
+    gray = torch.rand(4, 1, 16, 16, generator=gen(3))  # a gray model's images: the inner model's noise
+    assert torch.equal(GrayNoise(inner).pair(gray, gen(4))[0], inner.pair(gray, gen(4))[0])
+
+
+def test_gray_noise_mixed_in_makes_a_share_of_the_batch_gray():
+    clean = torch.rand(64, 3, 16, 16, generator=gen(3))
+    noisy, target = make_noise("mix", models=[{"name": "awgn", "sigma": 25},
+                                              {"name": "gray", "model": {"name": "awgn", "sigma": 25}}],
+                               weights=[3, 1]).pair(clean, gen(4))
+    same = (noisy == noisy[:, :1]).flatten(1).all(1)
+    assert torch.equal(same, (target == target[:, :1]).flatten(1).all(1))
+    assert 4 <= int(same.sum()) <= 28  # about a quarter of 64
+    assert torch.equal(target[~same], clean[~same])
+    assert ((noisy - target)[same].std() * 255 - 25).abs() < 1
+
+
+def test_luma_is_bt601():
+    image = torch.rand(2, 3, 4, 5, dtype=torch.float64)
+    expected = 0.299 * image[:, 0] + 0.587 * image[:, 1] + 0.114 * image[:, 2]
+    torch.testing.assert_close(luma(image), expected[:, None])
 
 
 def test_mixture_gives_each_image_one_of_its_models():

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from dds_fast.checkpoint import atomic_write
 from dds_fast.config import checked_int
 
-from .noise import NoiseModel
+from .noise import NoiseModel, luma
 
 __all__ = [
     "read_image",
@@ -78,7 +78,6 @@ TEST_NAMES = ("immunohistochemistry", "retina", "hubble_deep_field")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # ITU-R BT.601 luma, as MATLAB's rgb2gray: the weights used to make the usual gray test sets.
-_LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 # ----------------------------------------------------------------------------- images
@@ -94,7 +93,7 @@ def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
         return image
     if channels == 3:
         return image.expand(3, -1, -1).clone()
-    return torch.einsum("c,chw->hw", _LUMA.to(image), image).unsqueeze(0)
+    return luma(image)
 
 
 def _colour_planes(array: np.ndarray) -> int:

@@ -15,6 +15,9 @@ Models (``make_noise(name, **kw)`` builds them by name):
   "Unprocessing Images for Learned Raw Denoising" (CVPR 2019): sRGB is taken back to a
   Bayer raw image, shot + read noise is added there, and the image is processed back to
   sRGB, so the noise is signal-dependent and (through demosaicking) spatially correlated.
+* ``"mix"`` — :class:`MixedNoise`: one of several models per image.
+* ``"gray"`` — :class:`GrayNoise`: a colour image made gray before another model's noise, so
+  that the noise is the same in every channel, as in a gray photo read as colour.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ __all__ = [
     "GaussianNoise",
     "PoissonGaussianNoise",
     "MixedNoise",
+    "GrayNoise",
+    "luma",
     "CameraNoise",
     "CameraParams",
     "NOISE_MODELS",
@@ -473,6 +478,38 @@ class MixedNoise(NoiseModel):
         return f"MixedNoise({self.models}, weights={self.weights})"
 
 
+LUMA = (0.299, 0.587, 0.114)  # BT.601
+
+
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """Colour images [..., 3, H, W] as gray [..., 1, H, W], by BT.601 luma."""
+    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
+    return torch.einsum("c,...chw->...hw", weights, images).unsqueeze(-3)
+
+
+class GrayNoise(NoiseModel):
+    """A gray photo read as colour: each colour image is made gray (:func:`luma`) and
+    ``model``'s noise drawn on that one plane, so that noisy image and target are the same in
+    every channel. A colour model trained on noise drawn per channel keeps most of such
+    noise; mixed in (``MixedNoise``), it teaches the model gray images too. 1-channel images
+    go to ``model`` as they are. ``model``: a noise model or a ``{"name": ..., **params}`` dict.
+    """
+
+    name = "gray"
+
+    def __init__(self, model):
+        self.model = model if isinstance(model, NoiseModel) else _model_from_dict(model, inside="a gray noise model")
+
+    def _pair(self, clean, generator):
+        if clean.shape[1] == 1:
+            return self.model._pair(clean, generator)
+        noisy, target = self.model._pair(luma(clean), generator)
+        return noisy.expand_as(clean).contiguous(), target.expand_as(clean).contiguous()
+
+    def __repr__(self):
+        return f"GrayNoise({self.model})"
+
+
 def _host_seed(generator: torch.Generator) -> int:
     """A seed for host draws from a device generator's state (a CUDA generator's seed and
     Philox offset, kept on the host: reading them does not sync). Its current state, not its
@@ -482,11 +519,12 @@ def _host_seed(generator: torch.Generator) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _model_from_dict(spec) -> NoiseModel:
+def _model_from_dict(spec, inside: str = "a mixture") -> NoiseModel:
+    """The noise model a config's dict names, for one ``inside`` another."""
     if not isinstance(spec, dict) or "name" not in spec:
-        raise ValueError(f"a mixture's model must be a noise model or a dict with a 'name', got {spec!r}")
+        raise ValueError(f"{inside}'s model must be a noise model or a dict with a 'name', got {spec!r}")
     params = {k: v for k, v in spec.items() if k != "name"}
-    if spec["name"] == MixedNoise.name:
+    if spec["name"] == MixedNoise.name and inside == "a mixture":
         raise ValueError("a noise mixture cannot contain another mixture")
     return make_noise(spec["name"], **params)
 
@@ -494,7 +532,7 @@ def _model_from_dict(spec) -> NoiseModel:
 # ----------------------------------------------------------------------------- factory
 
 NOISE_MODELS: dict[str, type[NoiseModel]] = {
-    cls.name: cls for cls in (GaussianNoise, PoissonGaussianNoise, CameraNoise, MixedNoise)
+    cls.name: cls for cls in (GaussianNoise, PoissonGaussianNoise, CameraNoise, MixedNoise, GrayNoise)
 }
 
 
