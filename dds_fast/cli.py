@@ -267,7 +267,7 @@ def _model_from(checkpoint: str | None):
 def cmd_denoise(args) -> int:
     from .ddsnet import DDSNet
     from .evaluate import denoise
-    from .training.data import check_output_path, read_image, save_image, to_channels
+    from .training.data import check_output_path, read_icc_profile, read_image, save_image, to_channels
 
     image, bits = read_image(args.input, keep_alpha=True)
     alpha = None
@@ -292,7 +292,8 @@ def cmd_denoise(args) -> int:
                                      overlap=args.overlap).float(), image.shape[0])
     if alpha is not None:
         output = torch.cat([output, alpha])
-    save_image(args.output, output, 16 if bits == 16 and Path(args.output).suffix.lower() == ".png" else 8)
+    save_image(args.output, output, 16 if bits == 16 and Path(args.output).suffix.lower() == ".png" else 8,
+               icc_profile=read_icc_profile(args.input))  # the colours the pixels mean
     if isinstance(model, DDSNet) and args.budget is None:
         planes = image[:, None] if model.in_channels == 1 else to_channels(image, model.in_channels)[None]
         # the gate's choice from the whole image's squeeze, as denoise routes its tiles: no full-size stem output

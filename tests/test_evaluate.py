@@ -224,6 +224,39 @@ def test_denoise_command_warns_that_a_colour_model_keeps_a_gray_images_noise(tmp
                 in capsys.readouterr().err) == warned
 
 
+@pytest.mark.parametrize("source,output", [("in.png", "out.png"), ("in16.png", "out.png"), ("in.jpg", "out.jpg"),
+                                           ("in.tif", "out.png"), ("in.png", "out16.png")])
+def test_denoise_command_keeps_the_inputs_colour_profile(tmp_path, source, output):
+    """The pixels mean colours only with the input's ICC profile (a phone's Display P3 photo
+    read as sRGB looks dull): the denoised copy carries it, 16-bit PNGs (pypng) included."""
+    import tifffile
+    from PIL import Image, ImageCms
+
+    from dds_fast.training.data import read_icc_profile
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # any valid profile, not sRGB
+    pixels = (torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(3)) * 255).byte().permute(1, 2, 0).numpy()
+    path = tmp_path / source
+    if source.endswith(".tif"):
+        tifffile.imwrite(path, pixels, photometric="rgb", iccprofile=profile)
+    elif source == "in16.png":
+        save_image(path, torch.from_numpy(pixels).permute(2, 0, 1) / 255, 16, icc_profile=profile)
+    else:
+        Image.fromarray(pixels).save(path, icc_profile=profile)
+    assert read_icc_profile(path) == profile
+    if output == "out16.png":  # a 16-bit input writes a 16-bit PNG
+        path = save_image(tmp_path / "in16.png", read_image(path)[0], 16, icc_profile=profile)
+        output = "out.png"
+    checkpoint = dds_fast.save(net(), tmp_path / "net.safetensors")
+    assert main(["denoise", str(path), "-o", str(tmp_path / output), "--checkpoint", str(checkpoint)]) == 0
+    assert read_icc_profile(tmp_path / output) == profile
+    plain = tmp_path / "plain.png"
+    Image.fromarray(pixels).save(plain)
+    assert read_icc_profile(plain) is None
+    assert main(["denoise", str(plain), "-o", str(tmp_path / "out-plain.png"), "--checkpoint", str(checkpoint)]) == 0
+    assert read_icc_profile(tmp_path / "out-plain.png") is None
+
+
 def test_denoise_command_takes_half_precision_and_gray_checkpoints(tmp_path):
     noisy = torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(3))
     source = save_image(tmp_path / "in.png", noisy, 16)

@@ -17,6 +17,7 @@ order items are asked for; call ``set_epoch`` to get fresh crops each epoch.
 from __future__ import annotations
 
 import math
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from .noise import NoiseModel, luma
 
 __all__ = [
     "read_image",
+    "read_icc_profile",
     "save_image",
     "PHOTO_NAMES",
     "TEXTURE_NAMES",
@@ -293,6 +295,23 @@ def read_image(path, keep_alpha: bool = False) -> tuple[torch.Tensor, int]:
     return _to_tensor(array, str(path), keep_alpha), 16 if array.dtype == np.uint16 else 8
 
 
+def read_icc_profile(path) -> bytes | None:
+    """The ICC colour profile an image file carries (PNG iCCP, JPEG APP2, TIFF tag 34675), or
+    None: the pixels mean colours only with it (a phone's Display P3 photo read as sRGB looks
+    dull), so a denoised copy keeps it (``save_image(..., icc_profile=)``)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as tiff:
+                profile = tiff.pages[0].tags.valueof("InterColorProfile")
+        else:
+            with _open_image(path) as image:
+                profile = image.info.get("icc_profile")
+    except Exception as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    return bytes(profile) if profile else None
+
+
 def load_image(path, channels: int | None = None) -> torch.Tensor:
     """Read one image as float32 [C, H, W] in [0, 1]; ``channels`` (1 or 3) converts, None keeps the file's."""
     image, _ = read_image(path)
@@ -315,10 +334,11 @@ def check_output_path(path, alpha: bool = False) -> Path:
     return path
 
 
-def save_image(path, image: torch.Tensor, bits: int = 8) -> Path:
+def save_image(path, image: torch.Tensor, bits: int = 8, icc_profile: bytes | None = None) -> Path:
     """Write [C, H, W] in [0, 1] (C = 1 or 3, or 2 and 4 with alpha last, PNG only) as PNG
     (8 or 16 bits, through pypng, which keeps 16-bit colour) or JPEG (8 bits, quality 95),
-    atomically: a failed write leaves what was at ``path`` (perhaps the input) as it was."""
+    with ``icc_profile`` if given (``read_icc_profile`` of the input), atomically: a failed
+    write leaves what was at ``path`` (perhaps the input) as it was."""
     if image.dim() != 3 or image.shape[0] not in (1, 2, 3, 4):
         raise ValueError(f"save_image: expected [C, H, W] with C = 1 or 3 (2 or 4 with alpha), got "
                          f"{tuple(image.shape)}")
@@ -339,10 +359,17 @@ def save_image(path, image: torch.Tensor, bits: int = 8) -> Path:
                                 bitdepth=16)
             with open(tmp, "wb") as f:
                 writer.write(f, array.reshape(array.shape[0], -1))
+            if icc_profile:  # pypng writes no iCCP: name, NUL, method 0 (zlib), the profile; after IHDR
+                with open(tmp, "rb") as f:
+                    chunks = list(png.Reader(file=f).chunks())
+                chunks.insert(1, (b"iCCP", b"ICC profile\0\0" + zlib.compress(icc_profile)))
+                with open(tmp, "wb") as f:
+                    png.write_chunks(f, chunks)
         else:
             pixels = array.astype(np.uint8)
             mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
-            Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode).save(tmp, quality=95)
+            extra = {"icc_profile": icc_profile} if icc_profile else {}
+            Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode).save(tmp, quality=95, **extra)
 
     return atomic_write(path, write)
 
