@@ -429,7 +429,8 @@ def test_gpu_mixture_with_one_generator_picks_anew_each_call():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name,kwargs", [
     ("awgn", {"sigma": 25}), ("awgn", {"sigma": [5, 50]}), ("poisson_gaussian", {}), ("camera", {}),
-    ("mix", {"models": [{"name": "camera"}, {"name": "awgn", "sigma": [5, 50]}, {"name": "poisson_gaussian"}]})])
+    ("mix", {"models": [{"name": "camera"}, {"name": "awgn", "sigma": [5, 50]}, {"name": "poisson_gaussian"}]}),
+    ("gray", {"model": {"name": "camera"}})])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_gpu_batches_queue_without_host_syncs(name, kwargs, channels):
     """Every model's batch on a GPU (the camera pipeline included, which the graphed step's test
@@ -440,6 +441,7 @@ def test_gpu_batches_queue_without_host_syncs(name, kwargs, channels):
     images = list(bundled_images(["astronaut", "coffee"], channels=channels).values())
     data = NoisyPatches(images, make_noise(name, **kwargs), patch_size=32, length=64)
     CameraNoise()(torch.rand(2, channels, 8, 8, device="cuda"))  # the constants' one copy
+    luma(torch.rand(1, 3, 1, 1, device="cuda"))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -483,7 +483,7 @@ LUMA = (0.299, 0.587, 0.114)  # BT.601
 
 def luma(images: torch.Tensor) -> torch.Tensor:
     """Colour images [..., 3, H, W] as gray [..., 1, H, W], by BT.601 luma."""
-    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
+    weights = _constant("luma", torch.tensor(LUMA), images)  # (a copy per call would wait for the GPU)
     return torch.einsum("c,...chw->...hw", weights, images).unsqueeze(-3)
 
 
