@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 import tempfile
 import time
 
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the result as JSON here")
     parser.add_argument("--save", help="write the refined model here (safetensors)")
     args = parser.parse_args(argv)
+    if args.save and (Path(args.save).is_dir() or not Path(args.save).parent.is_dir()):
+        raise SystemExit(f"--save {args.save}: not a file in a folder that exists")  # before the steps, not after
     model = dds_fast.load(args.checkpoint)
     net = model.supernet if isinstance(model, dds_fast.DDSNet) else model
     net.routing_space = model.routing_space

@@ -267,7 +267,8 @@ def _model_from(checkpoint: str | None):
 def cmd_denoise(args) -> int:
     from .ddsnet import DDSNet
     from .evaluate import denoise
-    from .training.data import check_output_path, read_icc_profile, read_image, save_image, to_channels
+    from .training.data import (check_output_path, icc_profile_fits, read_icc_profile, read_image, save_image,
+                                to_channels)
 
     image, bits = read_image(args.input, keep_alpha=True)
     alpha = None
@@ -292,8 +293,14 @@ def cmd_denoise(args) -> int:
                                      overlap=args.overlap).float(), image.shape[0])
     if alpha is not None:
         output = torch.cat([output, alpha])
+    profile = read_icc_profile(args.input)  # the colours the pixels mean
+    if profile and not icc_profile_fits(profile, image.shape[0]):
+        print(f"warning: {args.input}'s ICC profile is for {profile[16:20].decode('latin-1').strip()} images, which "
+              f"were read as {'RGB' if image.shape[0] == 3 else 'gray'}: the output is written without it",
+              file=sys.stderr)
+        profile = None
     save_image(args.output, output, 16 if bits == 16 and Path(args.output).suffix.lower() == ".png" else 8,
-               icc_profile=read_icc_profile(args.input))  # the colours the pixels mean
+               icc_profile=profile)
     if isinstance(model, DDSNet) and args.budget is None:
         planes = image[:, None] if model.in_channels == 1 else to_channels(image, model.in_channels)[None]
         # the gate's choice from the whole image's squeeze, as denoise routes its tiles: no full-size stem output
@@ -368,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--full", action="store_true",
                         help="on a GPU, sizes 256 and 512 at batches 1, 8 and 16, 200 repeats; a CPU run is always "
                              "the short one")
+    bench.set_defaults(full=False)  # (the first of the pair, --quick, would otherwise set the default: True)
     bench.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                        help="the GPU's dtype (default float16); a CPU run times float32")
     bench.add_argument("--size", type=int, action="append", help="image side; repeat for several")

@@ -226,6 +226,11 @@ def test_train_under_torchrun_binds_each_process_to_its_gpu_before_nccl(tmp_path
     assert calls == expected
 
 
+def test_bench_is_quick_unless_asked_for_full():
+    parser = cli.build_parser()
+    assert [parser.parse_args(["bench", *flags]).full for flags in ([], ["--quick"], ["--full"])] == [False, False, True]
+
+
 def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--device", "cpu", "--size", "16", "--channels", "8", "--no-compile", "--quick",

@@ -234,7 +234,7 @@ def test_denoise_command_keeps_the_inputs_colour_profile(tmp_path, source, outpu
 
     from dds_fast.training.data import read_icc_profile
 
-    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # any valid profile, not sRGB
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     pixels = (torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(3)) * 255).byte().permute(1, 2, 0).numpy()
     path = tmp_path / source
     if source.endswith(".tif"):
@@ -255,6 +255,26 @@ def test_denoise_command_keeps_the_inputs_colour_profile(tmp_path, source, outpu
     assert read_icc_profile(plain) is None
     assert main(["denoise", str(plain), "-o", str(tmp_path / "out-plain.png"), "--checkpoint", str(checkpoint)]) == 0
     assert read_icc_profile(tmp_path / "out-plain.png") is None
+
+
+def test_a_profile_for_other_colours_than_the_output_is_left_out_with_a_warning(tmp_path, capsys):
+    """A CMYK JPEG is read as RGB: its CMYK profile would misdescribe the RGB output (PNG
+    readers drop such a chunk)."""
+    from PIL import Image, ImageCms
+
+    from dds_fast.training.data import read_icc_profile
+
+    cmyk = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    cmyk[16:20] = b"CMYK"  # the colour space field is all a reader checks first
+    pixels = (torch.rand(20, 30, 4, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy()
+    Image.fromarray(pixels, mode="CMYK").save(tmp_path / "in.jpg", icc_profile=bytes(cmyk))
+    checkpoint = dds_fast.save(net(), tmp_path / "net.safetensors")
+    assert main(["denoise", str(tmp_path / "in.jpg"), "-o", str(tmp_path / "out.png"), "--checkpoint",
+                 str(checkpoint)]) == 0
+    assert "ICC profile is for CMYK images, which were read as RGB" in capsys.readouterr().err
+    assert read_icc_profile(tmp_path / "out.png") is None
+    with pytest.raises(ValueError, match="ICC profile for .*out2.png is for b'CMYK' images, not 3-channel ones"):
+        save_image(tmp_path / "out2.png", torch.rand(3, 4, 4), icc_profile=bytes(cmyk))
 
 
 def test_denoise_command_takes_half_precision_and_gray_checkpoints(tmp_path):

@@ -101,6 +101,9 @@ def test_factory_builds_each_model():
         ("mix", {"models": []}, "at least one model"),
         ("mix", {"models": [{"sigma": 25}]}, "dict with a 'name'"),
         ("mix", {"models": [{"name": "mix", "models": [{"name": "camera"}]}]}, "cannot contain another mixture"),
+        # on a GPU the inner mixture would repeat the outer one's picks
+        ("mix", {"models": [{"name": "gray", "model": {"name": "mix", "models": [{"name": "camera"}]}}]},
+         "cannot contain another mixture"),
         ("mix", {"models": [{"name": "awgn"}], "weights": [1, 2]}, "1 finite non-negative"),
         ("mix", {"models": [{"name": "awgn"}, {"name": "camera"}], "weights": [0, 0]}, "positive sum"),
         ("mix", {"models": [{"name": "awgn"}, {"name": "camera"}], "weights": "12"}, "finite non-negative numbers"),

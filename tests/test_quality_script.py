@@ -80,6 +80,8 @@ def test_ablate_refine_saves_the_refined_ddsnet_with_its_gate(monkeypatch, tmp_p
     checkpoint = save(dds, tmp_path / "dds.safetensors", train_config=dataclasses.asdict(config))
     out = tmp_path / "refined.safetensors"
     assert ablate.main([str(checkpoint), "--steps", "2", "--save", str(out), "--out", str(tmp_path / "r.json")]) == 0
+    with pytest.raises(SystemExit, match="not a file in a folder that exists"):  # before the steps
+        ablate.main([str(checkpoint), "--steps", "2", "--save", str(tmp_path)])
     refined = load(out)
     after = json.loads((tmp_path / "r.json").read_text())["validation_psnr_after"]
     assert isinstance(refined, DDSNet) and [e.psnr for e in refined.routing_space] == pytest.approx(after)

@@ -39,6 +39,7 @@ from .noise import NoiseModel, luma
 __all__ = [
     "read_image",
     "read_icc_profile",
+    "icc_profile_fits",
     "save_image",
     "PHOTO_NAMES",
     "TEXTURE_NAMES",
@@ -78,9 +79,6 @@ TEXTURE_NAMES = ("brick", "grass", "gravel", "text", "page")
 # model can be tested on images that neither training nor validation touched.
 TEST_NAMES = ("immunohistochemistry", "retina", "hubble_deep_field")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-# ITU-R BT.601 luma, as MATLAB's rgb2gray: the weights used to make the usual gray test sets.
-
 
 # ----------------------------------------------------------------------------- images
 
@@ -312,6 +310,13 @@ def read_icc_profile(path) -> bytes | None:
     return bytes(profile) if profile else None
 
 
+def icc_profile_fits(profile: bytes, channels: int) -> bool:
+    """Whether an ICC ``profile`` describes images of ``channels`` colour planes: its colour
+    space (bytes 16-20) is RGB for 3 and gray for 1, as PNG and JPEG files require (a CMYK
+    file's profile does not fit the RGB it is read as)."""
+    return profile[16:20] == {3: b"RGB ", 1: b"GRAY"}.get(channels)
+
+
 def load_image(path, channels: int | None = None) -> torch.Tensor:
     """Read one image as float32 [C, H, W] in [0, 1]; ``channels`` (1 or 3) converts, None keeps the file's."""
     image, _ = read_image(path)
@@ -343,6 +348,10 @@ def save_image(path, image: torch.Tensor, bits: int = 8, icc_profile: bytes | No
         raise ValueError(f"save_image: expected [C, H, W] with C = 1 or 3 (2 or 4 with alpha), got "
                          f"{tuple(image.shape)}")
     path = check_output_path(path, alpha=image.shape[0] in (2, 4))
+    colours = image.shape[0] - (image.shape[0] in (2, 4))
+    if icc_profile and not icc_profile_fits(icc_profile, colours):
+        raise ValueError(f"save_image: the ICC profile for {path} is for {icc_profile[16:20]!r} images, not "
+                         f"{colours}-channel ones")
     if bits not in (8, 16) or (bits == 16 and path.suffix.lower() != ".png"):
         raise ValueError(f"save_image: {bits}-bit output is not supported for {path.name} (8-bit PNG/JPEG, 16-bit PNG)")
     if torch.isnan(image).any():  # NaN has no pixel value: the cast would write it as black

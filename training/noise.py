@@ -446,6 +446,10 @@ class MixedNoise(NoiseModel):
         if not models:
             raise ValueError("a noise mixture needs at least one model")
         self.models = [model if isinstance(model, NoiseModel) else _model_from_dict(model) for model in models]
+        # on a GPU a mixture's picks come from its generator's state, which a mixture reached
+        # first inside it would share: the same picks again
+        if any(_holds_mixture(model) for model in self.models):
+            raise ValueError("a noise mixture cannot contain another mixture")
         weights = [1.0] * len(models) if weights is None else weights
         if (not isinstance(weights, (list, tuple)) or len(weights) != len(models)
                 or not all(_is_number(w) and math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0):
@@ -524,9 +528,11 @@ def _model_from_dict(spec, inside: str = "a mixture") -> NoiseModel:
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError(f"{inside}'s model must be a noise model or a dict with a 'name', got {spec!r}")
     params = {k: v for k, v in spec.items() if k != "name"}
-    if spec["name"] == MixedNoise.name and inside == "a mixture":
-        raise ValueError("a noise mixture cannot contain another mixture")
     return make_noise(spec["name"], **params)
+
+
+def _holds_mixture(model: NoiseModel) -> bool:
+    return isinstance(model, MixedNoise) or (isinstance(model, GrayNoise) and _holds_mixture(model.model))
 
 
 # ----------------------------------------------------------------------------- factory
