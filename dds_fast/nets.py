@@ -166,14 +166,16 @@ class SlimNet(nn.Module):
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Pad bottom and right to a multiple of ``size_multiple`` (reflect where the image is
-        large enough, replicate otherwise)."""
+        large enough, replicate otherwise). On a GPU with the kernels, channels_last: their
+        fast layout, which every layer then keeps (a layer given NCHW returns NCHW, a copy)."""
         m = self.size_multiple
         h, w = x.shape[-2:]
         ph, pw = (-h) % m, (-w) % m
-        if ph == 0 and pw == 0:
-            return x
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        return F.pad(x, (0, pw, 0, ph), mode=mode)
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+        if x.is_cuda and x.dim() == 4 and getattr(self.stem_conv, "backend", "torch") != "torch":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -223,12 +223,15 @@ class SlimConv2d(nn.Conv2d):
         return (one(height, self.kernel_size[0], self.stride[0], padding[0], self.dilation[0]),
                 one(width, self.kernel_size[1], self.stride[1], padding[1], self.dilation[1]))
 
-    def active_weight(self, in_widths: Sequence[int], out_width: int) -> torch.Tensor:
+    def active_weight(self, in_widths: Sequence[int], out_width: int, weight: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """The weight of the active slice (a view for one input; the matching blocks joined
-        for a concatenated input)."""
+        for a concatenated input), of ``weight`` when given (``self.weight`` as read once: a
+        parametrization such as spectral_norm runs, and may update, on every read)."""
+        weight = self.weight if weight is None else weight
         if len(in_widths) == 1 and in_widths[0] == self.in_channels and out_width == self.out_channels:
-            return self.weight
-        blocks = [self.weight[:out_width, start:start + width]
+            return weight
+        blocks = [weight[:out_width, start:start + width]
                   for start, width in zip(self.segment_starts, in_widths)]
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
 
@@ -258,9 +261,11 @@ class SlimConv2d(nn.Conv2d):
         if kernels is None:
             if self.per_image_widths is not None:
                 raise ValueError(f"{self._label()}: per-image widths need the Triton backend on this input")
-            y = self._reference(inputs, out_width, residual)
+            y = self._reference(inputs, out_width, residual, weight, bias)
             return y if mask is None else y * mask
         packing = self.per_image_packing if self.per_image_widths is not None else None
+        # the kernels write channels_last, the fast layout; a SlimNet feeds its layers that on a GPU
+        nhwc = inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous()
         # (read before autocast's cast, which keeps the strides and so the packed layout)
         packed = {} if packing is None else dict(packed_inputs=[packing.holds(t) for t in inputs], packed_output=True)
         if packing is not None and residual is not None and packing.holds(residual):
@@ -281,6 +286,8 @@ class SlimConv2d(nn.Conv2d):
             y, self.channel_sums = y
         if packing is not None:
             packing.add(y)
+        elif not nhwc:  # as nn.Conv2d: an NCHW input gives an NCHW output (whose .view works)
+            y = y.contiguous()
         return y if mask is None else y * mask
 
     def _triton_kernels(self, inputs: list[torch.Tensor], weight: torch.Tensor):
@@ -291,11 +298,15 @@ class SlimConv2d(nn.Conv2d):
         if self.backend == "torch" or (self.backend == "auto" and not inputs[0].is_cuda):
             return None, None
         kernels = _kernels_module()
+        device_type = inputs[0].device.type
         if isinstance(kernels, str):
             reason = kernels
+        elif device_type not in ("cuda", "cpu"):
+            reason = f"tensors on {device_type} (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
+        elif any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (*inputs, weight)):
+            reason = "a torch.func transform (vmap, grad, jvp): the kernels read raw pointers"
         else:
-            device = inputs[0].device.type
-            cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
             reason = kernels.unsupported_reason(inputs, weight, self.stride, self.padding, self.dilation,
                                                 self.groups, self.padding_mode, self.activation, self.negative_slope,
                                                 input_dtype=cast)
@@ -308,9 +319,10 @@ class SlimConv2d(nn.Conv2d):
         logger.debug("%s: reference path: %s", self._label(), reason)
         return None, None
 
-    def _reference(self, inputs: list[torch.Tensor], out_width: int, residual: torch.Tensor | None) -> torch.Tensor:
-        weight = self.active_weight([t.shape[1] for t in inputs], out_width)
-        bias = None if self.bias is None else self.bias[:out_width]
+    def _reference(self, inputs: list[torch.Tensor], out_width: int, residual: torch.Tensor | None,
+                   weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        weight = self.active_weight([t.shape[1] for t in inputs], out_width, weight)
+        bias = None if bias is None else bias[:out_width]
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
         return apply_epilogue(self._conv_forward(x, weight, bias), residual, self.activation, self.negative_slope,
                               self.upscale_factor)
@@ -389,6 +401,13 @@ def convert_model(model: nn.Module, backend: str = "auto") -> nn.Module:
         if (module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
                 or module._backward_hooks):
             logger.debug("convert_model: leaving conv %s with hooks as nn.Conv2d", module)
+            return False
+        # anything else it holds (parameters, buffers, submodules, state_dict hooks, a weight
+        # that is no Parameter) the copy would drop
+        if (set(module._parameters) - {"weight", "bias"} or module._buffers or module._modules
+                or module._state_dict_hooks or module._state_dict_pre_hooks or module._load_state_dict_pre_hooks
+                or module._load_state_dict_post_hooks or not isinstance(module.weight, nn.Parameter)):
+            logger.debug("convert_model: leaving conv %s with state of its own as nn.Conv2d", module)
             return False
         return True
 

@@ -272,6 +272,37 @@ def test_convert_model_leaves_convs_with_hooks_as_they_are():
     assert len(calls) == 2  # the hook still runs
 
 
+def test_convert_model_leaves_convs_holding_state_of_their_own():
+    """A copy with only weight and bias would drop the rest (or fail on a weight that is no
+    Parameter)."""
+    torch.manual_seed(1)
+    extra_parameter, extra_buffer, plain_weight, saved_extra = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+    extra_parameter.alpha = nn.Parameter(torch.ones(1))
+    extra_buffer.register_buffer("scale", torch.ones(1))
+    weight = plain_weight.weight.detach().clone()
+    del plain_weight.weight
+    plain_weight.weight = weight
+    saved_extra._register_state_dict_hook(lambda module, state, prefix, local: state.update({prefix + "extra": 1}))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), extra_parameter, extra_buffer, plain_weight, saved_extra)
+    keys = list(model.state_dict())
+    convert_model(model)
+    assert isinstance(model[0], SlimConv2d) and not any(isinstance(m, SlimConv2d) for m in model[1:])
+    assert list(model.state_dict()) == keys
+
+
+def test_a_parametrized_weight_is_computed_once_a_forward():
+    """spectral_norm advances its power iteration on every read of the weight in training."""
+    torch.manual_seed(2)
+    slim = nn.utils.parametrizations.spectral_norm(SlimConv2d(3, 4, 3, padding=1, backend="torch"))
+    plain = nn.Conv2d(3, 4, 3, padding=1)
+    plain = nn.utils.parametrizations.spectral_norm(plain)
+    plain.load_state_dict(slim.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(3):
+        torch.testing.assert_close(slim(x), plain(x), rtol=1e-6, atol=1e-6)
+    assert torch.equal(slim.parametrizations.weight[0]._u, plain.parametrizations.weight[0]._u)
+
+
 def test_repr_shows_the_fused_activation_and_the_static_export_keeps_it():
     from dds_fast import SlimUNet, export_static
 

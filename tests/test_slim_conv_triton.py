@@ -222,6 +222,58 @@ def test_autocast_leaves_a_float64_residual_uncast(kernel_calls):
     assert y.dtype == torch.bfloat16 and [c["dtypes"] for c in kernel_calls] == [[torch.bfloat16]] * 2
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_the_output_takes_the_inputs_layout_as_nn_conv2d_does(layout, kernel_calls):
+    """The kernels write channels_last; an NCHW input gets an NCHW output back, whose .view a
+    model may take (a LeNet's flatten)."""
+    fast, slow = pair(in_channels=3, out_channels=6, kernel_size=3, padding=1)
+    x = torch.randn(2, 3, 5, 9)
+    x = {"nchw": x, "channels_last": x.to(memory_format=torch.channels_last), "sliced": x[..., 1:]}[layout]
+    y = fast(x.to(DEVICE))
+    assert kernel_calls
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    torch.testing.assert_close(y.cpu(), slow(x), rtol=1e-4, atol=1e-5)
+    if layout == "nchw":
+        y.view(2, -1)
+
+
+def test_torch_func_transforms_run_the_reference(kernel_calls):
+    """vmap and grad wrap their tensors, whose raw pointers the kernels cannot read."""
+    fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
+    x = torch.randn(5, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning
+        batched = torch.vmap(fast)(x.to(DEVICE)[:, None])
+        grads = torch.func.grad(lambda w: torch.func.functional_call(fast, {"weight": w}, x.to(DEVICE)).sum())(
+            fast.weight)
+    torch.testing.assert_close(batched[:, 0].cpu(), slow(x), rtol=1e-4, atol=1e-5)
+    slow(x).sum().backward()
+    torch.testing.assert_close(grads.cpu(), slow.weight.grad, rtol=1e-4, atol=1e-4)
+    assert not kernel_calls
+
+
+def test_meta_tensors_run_the_reference(kernel_calls):
+    fast, _ = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert fast.to("meta")(torch.randn(2, 3, 6, 6, device="meta")).shape == (2, 4, 6, 6)
+    assert not kernel_calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_slimnet_runs_its_layers_channels_last_on_a_gpu():
+    """An NCHW batch (a training batch) is padded into channels_last, so that no layer copies
+    its output back to NCHW."""
+    net = SlimUNet(base_width=8, depth=2).cuda()
+    for x in (torch.rand(2, 3, 16, 16, device="cuda"), torch.rand(2, 3, 13, 11, device="cuda")):
+        assert net.pad(x).is_contiguous(memory_format=torch.channels_last)
+        seen = []
+        hook = net.stem_conv.register_forward_hook(lambda m, args, out: seen.append(out))
+        net(x)
+        hook.remove()
+        assert seen[0].is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", None])
 def test_nan_in_active_channels_propagates_as_in_torch(activation, kernel_calls):
     """A NaN pixel reaches the same outputs as on the reference path: an activation that
