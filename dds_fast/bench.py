@@ -521,8 +521,8 @@ def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, b
     written = [atomic_write(out_dir / "bench.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))]
     tables = "\n\n".join(network.to_markdown() for network in networks)
     timed_in = dtype if dtype == requested else f"{dtype} ({requested} asked for: a CPU run times float32)"
-    markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\nDtype: {timed_in}\n\n{stopped}## One conv layer, {channels} channels "
-                f"max, 3x3, LeakyReLU, channels_last\n\n{layer_markdown(layers)}\n\n## Whole network\n\n"
+    markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\nDtype: {timed_in}\n\n{stopped}## One conv layer, "
+                f"{channels} channels max, 3x3, LeakyReLU, channels_last\n\n{layer_markdown(layers)}\n\n## Whole network\n\n"
                 f"{tables}\n\n{gate_markdown(gates)}\n\n## Targets\n\n{targets_markdown(targets)}\n")
     written.append(atomic_write(out_dir / "bench.md", lambda tmp: tmp.write_text(markdown)))
     if networks:

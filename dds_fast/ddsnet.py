@@ -343,9 +343,10 @@ class DDSNet(nn.Module):
 
     def stem_means(self, x: torch.Tensor, block: int = 512) -> torch.Tensor:
         """The fp32 ``[N, C]`` channel means of the full-width stem's output over ``x`` padded
-        to the network's ``size_multiple`` (as ``forward`` reads it), the squeeze the gate reads, computed ``block`` pixels square at a time. A tile of a large
-        image given them (``forward(tile, stem_means=...)``) is routed and scaled as the whole
-        image is, so tiles leave no seams (``evaluate.denoise``)."""
+        to the network's ``size_multiple`` (as ``forward`` reads it), the squeeze the gate
+        reads, computed ``block`` pixels square at a time. A tile of a large image given them
+        (``forward(tile, stem_means=...)``) is routed and scaled as the whole image is, so
+        tiles leave no seams (``evaluate.denoise``)."""
         return _tiled_stem_means(self.supernet, x, block)
 
     def gate_forward(self, x: torch.Tensor, stem_means: torch.Tensor | None = None) -> tuple[torch.Tensor, GateOutput]:

@@ -231,9 +231,10 @@ class SlimUNet(SlimNet):
     Each level has two 3x3 convs with LeakyReLU; going down, the first conv of a level has
     stride 2; going up, a 1x1 conv to 4x the channels plus pixel shuffle (the 2x2 transposed
     conv written with Conv2d only), then the skip is concatenated; a global residual adds
-    the input to the last conv's output (when ``out_channels == in_channels``). Level ``l`` has base width ``base_width * 2**l``;
-    each group's widths range over ``min_ratio`` to ``width_mult`` of that in steps of
-    ``divisor`` (the super-network is ``width_mult`` times the base).
+    the input to the last conv's output (when ``out_channels == in_channels``). Level ``l``
+    has base width ``base_width * 2**l``; each group's widths range over ``min_ratio`` to
+    ``width_mult`` of that in steps of ``divisor`` (the super-network is ``width_mult`` times
+    the base).
 
     Groups: ``enc{l}.mid``, ``enc{l}`` (block output and skip), ``up{l}``, ``dec{l}.mid``,
     ``dec{l}``. The stem is ``enc0``'s first conv (group ``enc0.mid``).
@@ -324,7 +325,8 @@ class SlimUNet(SlimNet):
 @register_architecture
 class SlimDnCNN(SlimNet):
     """DnCNN without batch norm, slimmable per layer: ``depth`` 3x3 convs with ReLU between
-    them and a global residual (when ``out_channels == in_channels``). Groups ``layer0`` .. ``layer{depth-2}``; the stem is layer 0."""
+    them and a global residual (when ``out_channels == in_channels``). Groups ``layer0`` ..
+    ``layer{depth-2}``; the stem is layer 0."""
 
     packs_per_image_buffers = True
 
