@@ -74,8 +74,9 @@ class SubnetConfig:
         if isinstance(self.widths, Mapping):
             raise ValueError("SubnetConfig: widths must be (group, width) pairs; use SubnetConfig.from_dict "
                              "for a mapping")
-        # pairs given as lists would leave the config unhashable and unequal to the same widths
-        object.__setattr__(self, "widths", tuple((name, width) for name, width in self.widths))
+        # pairs given as lists would leave the config unhashable and unequal to the same widths;
+        # numpy and tensor integers (a width searched with numpy) become ints, as from_dict makes them
+        object.__setattr__(self, "widths", tuple((name, exact_int(width)) for name, width in self.widths))
         names = [name for name, _ in self.widths]
         if not all(isinstance(name, str) for name in names):  # JSON keys are strings: to_json would not round-trip
             raise ValueError(f"SubnetConfig: group names must be strings, got {names}")
@@ -89,7 +90,7 @@ class SubnetConfig:
     def from_dict(cls, widths: Mapping[str, int]) -> "SubnetConfig":
         if not isinstance(widths, Mapping):
             raise ValueError(f"SubnetConfig: widths must be a mapping of group names to ints, got {widths!r}")
-        return cls(tuple((str(name), exact_int(width)) for name, width in widths.items()))
+        return cls(tuple((str(name), width) for name, width in widths.items()))
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.widths)

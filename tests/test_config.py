@@ -139,10 +139,14 @@ def test_from_json_rejects_what_is_not_an_object(text):
         SubnetConfig.from_json(text)
 
 
-def test_from_dict_takes_integer_types():
-    config = SubnetConfig.from_dict({"a": np.int64(8), "b": torch.tensor(16)})
-    assert config == SubnetConfig((("a", 8), ("b", 16)))
-    assert all(type(width) is int for _, width in config.widths)
+def test_from_dict_the_constructor_and_replace_take_integer_types():
+    plain = SubnetConfig((("a", 8), ("b", 16)))
+    for config in (SubnetConfig.from_dict({"a": np.int64(8), "b": torch.tensor(16)}),
+                   SubnetConfig((("a", np.int32(8)), ("b", torch.tensor(16)))), plain.replace(a=np.int64(8))):
+        assert config == plain and hash(config) == hash(plain)
+        assert all(type(width) is int for _, width in config.widths)
+    with pytest.raises(ValueError, match="width of group 'a' must be a positive int, got tensor"):
+        SubnetConfig((("a", torch.tensor(8.0)),))
 
 
 def test_config_from_lists_is_the_same_hashable_value():
