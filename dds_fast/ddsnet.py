@@ -374,8 +374,17 @@ class DDSNet(nn.Module):
         if self._budget_index is not None:
             self.supernet.check_input(x)
             return [self.routing_space[self._budget_index]] * len(x)
+        if self._empty_batch(x):
+            return []
         _, gate_out = self.gate_forward(x)
         return [self.routing_space[i] for i in gate_out.choice.tolist()]
+
+    def _empty_batch(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is a valid input that holds no image."""
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and len(x) == 0:
+            self.supernet.check_input(x)
+            return True
+        return False
 
     def routed_macs(self, x: torch.Tensor) -> list[float]:
         """MACs/pixel each image of ``x`` costs in the current mode: the routed config plus,
@@ -548,9 +557,13 @@ class DDSNet(nn.Module):
         Before capturing a CUDA graph, run one forward on the device outside the capture:
         the first builds the device's width table and, with ``route_branches`` on, runs every
         route's body once per input signature, so the capture finds their kernels ready."""
-        if self._budget_index is not None:
+        if self._budget_index is not None and choice is not None:
+            raise ValueError("DDSNet: choice applies to dynamic mode; call set_budget(None) first")
+        if self._empty_batch(x):  # no image for the gate to route (which refuses an empty input)
             if choice is not None:
-                raise ValueError("DDSNet: choice applies to dynamic mode; call set_budget(None) first")
+                self._check_choice(choice, 0)
+            return x.new_empty((0, self.supernet.out_channels, *x.shape[2:]))
+        if self._budget_index is not None:
             if not self.gate.attention:  # static mode: the narrow network alone, no gate
                 self.supernet.set_config(self.routing_space[self._budget_index].config)
                 return self.supernet(x)
@@ -561,12 +574,14 @@ class DDSNet(nn.Module):
         padded, gate_out = self.gate_forward(x, stem_means)
         in_range = None  # the gate's choices are in range; a caller's are checked unless a capture hides them
         if choice is not None:
-            choice = self._check_choice(choice, len(x)).to(gate_out.choice)
+            choice = self._check_choice(choice, len(x))
             if not self._choice_values_readable(choice):
                 # out of range, an index would fault the device in the width table's gather:
-                # route 0 runs instead, and the image comes out NaN
+                # route 0 runs instead, and the image comes out NaN (checked before the cast
+                # to int32, which would wrap an int64 index into range)
                 in_range = (choice >= 0) & (choice < len(self.routing_space))
                 choice = torch.where(in_range, choice, 0)
+            choice = choice.to(gate_out.choice)
         else:
             choice = gate_out.choice
         features = gate_out.features

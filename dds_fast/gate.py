@@ -26,6 +26,7 @@ CUDA tensors, ``'triton'`` also on the CPU (under ``TRITON_INTERPRET=1``), ``'to
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -45,8 +46,10 @@ class GateOutput(NamedTuple):
 
     - ``features``: ``X~`` (``x`` itself when attention is off), dtype and layout of ``x``;
     - ``scale``: ``[N, C]`` per-channel factor ``1 + tanh(W2 R + b2)`` (ones when attention is
-      off); fp32 on the fused path, the parameters' dtype on the reference path;
-    - ``logits``, ``probs``: ``[N, E]``, fp32 on the fused path;
+      off);
+    - ``logits``, ``probs``: ``[N, E]``;
+    ``scale``, ``logits`` and ``probs`` are fp32 on every path (fp64 for fp64 parameters on the
+    reference path): both paths do the heads' math in at least fp32;
     - ``choice``: ``[N]`` int32 (on every path), the argmax of the logits, on the device of ``x``.
     """
     features: torch.Tensor
@@ -154,15 +157,31 @@ class DynamicGate(nn.Module):
             raise ValueError(f"DynamicGate: means must be a floating-point [{len(x)}, {self.channels}] tensor on "
                              f"{x.device}, got {got}")
 
+    def _head_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.fc1.weight.dtype, torch.float32)
+
+    @staticmethod
+    def _linear(layer: nn.Linear, r: torch.Tensor) -> torch.Tensor:
+        return F.linear(r, layer.weight.to(r.dtype), layer.bias.to(r.dtype))
+
+    def _batch_norm(self, h: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        if bn.weight.dtype == h.dtype or bn.training:  # training updates its statistics in place
+            return bn(h.to(bn.weight.dtype)).to(h.dtype)
+        return F.batch_norm(h, bn.running_mean.to(h.dtype), bn.running_var.to(h.dtype), bn.weight.to(h.dtype),
+                            bn.bias.to(h.dtype), False, 0.0, bn.eps)
+
     def _squeeze(self, x: torch.Tensor, means: torch.Tensor | None = None) -> torch.Tensor:
-        """``R = relu(W1 U + b1)``, the input of both heads."""
-        # sum in at least fp32: a half-precision mean over a large image loses digits
-        u = x.mean(dim=(2, 3), dtype=torch.promote_types(x.dtype, torch.float32)) if means is None else means
-        return F.relu(self.fc1(u.to(self.fc1.weight.dtype)))
+        """``R = relu(W1 U + b1)``, the input of both heads, in at least fp32 as the fused
+        kernel computes it: in fp16 a BatchNorm of small running variance overflows in the
+        prediction head, and the route would depend on which path ran."""
+        dtype = self._head_dtype()
+        u = x.mean(dim=(2, 3), dtype=dtype) if means is None else means.to(dtype)
+        return F.relu(self._linear(self.fc1, u))
 
     def _excite(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = 1 + torch.tanh(self.fc2(r))
-        return x * scale.to(x.dtype)[:, :, None, None], scale
+        scale = 1 + torch.tanh(self._linear(self.fc2, r))
+        return (x * scale[:, :, None, None]).to(x.dtype), scale
 
     def attend(self, x: torch.Tensor, means: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention head alone, through the reference ops with autograd: ``(X~, scale)``.
@@ -170,16 +189,21 @@ class DynamicGate(nn.Module):
         ``means`` as in ``forward``."""
         self._check_input(x)
         self._check_means(x, means)
-        return self._excite(x, self._squeeze(x, means))
+        with _without_autocast(x.device):
+            return self._excite(x, self._squeeze(x, means))
 
     def _forward_reference(self, x: torch.Tensor, means: torch.Tensor | None) -> GateOutput:
+        with _without_autocast(x.device):
+            return self._heads_reference(x, means)
+
+    def _heads_reference(self, x: torch.Tensor, means: torch.Tensor | None) -> GateOutput:
         r = self._squeeze(x, means)
         if self.attention:
             features, scale = self._excite(x, r)
         else:
             scale = torch.ones(len(x), self.channels, dtype=r.dtype, device=r.device)
             features = x
-        logits = self.fc4(F.relu(self.bn(self.fc3(r))))
+        logits = self._linear(self.fc4, F.relu(self._batch_norm(self._linear(self.fc3, r))))
         return GateOutput(features, scale, logits, F.softmax(logits, dim=1), logits.argmax(dim=1).to(torch.int32))
 
     def _forward_fused(self, x: torch.Tensor, channel_sums: torch.Tensor | None, pixels: int) -> GateOutput:
@@ -192,3 +216,10 @@ class DynamicGate(nn.Module):
                                  self.fc4.weight, self.fc4.bias, attention=self.attention)
         features = kernels.apply_scale(x, head.scale) if self.attention else x
         return GateOutput(features, *head)
+
+
+def _without_autocast(device: torch.device):
+    """The heads' math stays in fp32 under autocast too, as the fused kernel does it."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -153,7 +153,7 @@ class SlimConv2d(nn.Conv2d):
         self.emit_channel_sums = False
         self.channel_sums: torch.Tensor | None = None
         # A bool [1, C, 1, 1] on the output's device (C: the output's channels, after any pixel
-        # shuffle): the output is multiplied by it, zeroing the channels it leaves out. A
+        # shuffle): the channels it leaves out come out zero (NaN and inf too). A
         # SlimNet's set_masked_widths runs a config this way at full width, so that no shape
         # depends on the config (one CUDA graph of a training step serves every config).
         self.output_mask: torch.Tensor | None = None
@@ -262,7 +262,7 @@ class SlimConv2d(nn.Conv2d):
             if self.per_image_widths is not None:
                 raise ValueError(f"{self._label()}: per-image widths need the Triton backend on this input")
             y = self._reference(inputs, out_width, residual, weight, bias)
-            return y if mask is None else y * mask
+            return y if mask is None else torch.where(mask, y, 0)
         packing = self.per_image_packing if self.per_image_widths is not None else None
         # the kernels write channels_last, the fast layout; a SlimNet feeds its layers that on a GPU
         nhwc = inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous()
@@ -288,7 +288,7 @@ class SlimConv2d(nn.Conv2d):
             packing.add(y)
         elif not nhwc:  # as nn.Conv2d: an NCHW input gives an NCHW output (whose .view works)
             y = y.contiguous()
-        return y if mask is None else y * mask
+        return y if mask is None else torch.where(mask, y, 0)
 
     def _triton_kernels(self, inputs: list[torch.Tensor], weight: torch.Tensor):
         """``(kernel module, autocast's dtype or None)`` when this call runs on Triton, else

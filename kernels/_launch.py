@@ -62,10 +62,23 @@ class CachedLaunch:
         self._runners = {}
 
     def __call__(self, *tensors) -> None:
-        if INTERPRET or not CACHE_LAUNCHES:
+        if INTERPRET:
             self.kernel[self.grid](*tensors, *self.scalars, **self.meta)
             return
-        key = self._key(tensors)
+        device = self._device(tensors[0])
+        if device == torch.cuda.current_device():
+            self._launch(tensors, device)
+            return
+        # Triton launches on the current device whatever the tensors' device: a model on
+        # cuda:1 would otherwise run its kernels on cuda:0 over cuda:1's memory
+        with torch.cuda.device(device):
+            self._launch(tensors, device)
+
+    def _launch(self, tensors, device: int) -> None:
+        if not CACHE_LAUNCHES:
+            self.kernel[self.grid](*tensors, *self.scalars, **self.meta)
+            return
+        key = self._key(device, tensors)
         runner = self._runners.get(key)
         if runner is not None:
             runner(*tensors, *self.scalars, *self.constexprs)
@@ -75,8 +88,12 @@ class CachedLaunch:
             self._runners[key] = compiled[self.grid]
 
     @staticmethod
-    def _key(tensors) -> tuple:
-        return (torch.cuda.current_device(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
+    def _device(tensor) -> int:
+        return tensor.get_device()
+
+    @staticmethod
+    def _key(device: int, tensors) -> tuple:
+        return (device, *[(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
 
 
 class CachedDescriptorLaunch(CachedLaunch):
@@ -88,9 +105,13 @@ class CachedDescriptorLaunch(CachedLaunch):
     __slots__ = ()
 
     @staticmethod
-    def _key(tensors) -> tuple:
-        return (torch.cuda.current_device(), *[(t.dtype, t.data_ptr() % 16 == 0) if isinstance(t, torch.Tensor)
-                                                else (t.base.dtype,) for t in tensors])
+    def _device(tensor) -> int:
+        return (tensor if isinstance(tensor, torch.Tensor) else tensor.base).get_device()
+
+    @staticmethod
+    def _key(device: int, tensors) -> tuple:
+        return (device, *[(t.dtype, t.data_ptr() % 16 == 0) if isinstance(t, torch.Tensor)
+                          else (t.base.dtype,) for t in tensors])
 
 
 @functools.lru_cache(maxsize=4096)

@@ -104,6 +104,22 @@ def test_bad_choice(choice, message):
         model(images(n=2), choice=torch.tensor([0, 1]))
 
 
+@pytest.mark.parametrize("attention", [False, True])
+def test_an_empty_batch_gives_an_empty_output_in_every_mode(attention):
+    """As the super-network (and nn.Conv2d) do; the gate, which refuses an empty input, never
+    sees it."""
+    model = make_ddsnet()
+    model.gate.attention = attention
+    x = images(n=1)[:0]
+    with torch.no_grad():
+        assert model(x).shape == (0, 3, *x.shape[2:]) and model.route(x) == [] and model.routed_macs(x) == []
+        assert model(x, choice=torch.zeros(0, dtype=torch.int64)).shape == (0, 3, *x.shape[2:])
+        with pytest.raises(ValueError, match="input has 1 channels"):
+            model(x[:, :1])
+        model.set_budget(float("inf"))
+        assert model(x).shape == (0, 3, *x.shape[2:]) and model.route(x) == []
+
+
 def test_attention_scales_the_stem_features_the_body_reads():
     model = make_ddsnet()
     model.gate.attention = True
@@ -615,10 +631,11 @@ def test_route_branches_run_each_route_static_and_a_mixed_batch_per_image(choice
         torch.testing.assert_close(written, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("choice", [[3, 1], [3, 3], [-1]])
+@pytest.mark.parametrize("choice", [[3, 1], [3, 3], [-1], [2 ** 32 + 1, 1], [-(2 ** 32) + 2, 0]])
 def test_a_choice_that_cannot_be_checked_gives_nan_to_images_out_of_range(monkeypatch, choice):
     """A caller's choice on the device during a capture cannot be read: an index out of range
-    must not reach the width table's gather (a device fault); its image comes out NaN."""
+    must not reach the width table's gather (a device fault); its image comes out NaN, an
+    int64 one too, which the cast to int32 would wrap into range."""
     pytest.importorskip("triton")
     model, reference = branch_model()
     model.per_image = True

@@ -103,6 +103,30 @@ def test_fused_small_tiles(monkeypatch, kind):
     assert_matches(out, reference(gate, x), torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_half_gates_do_the_heads_math_in_fp32_on_every_path(dtype, autocast):
+    """A BatchNorm of small running variance multiplies its input by hundreds: in fp16 the
+    prediction head overflowed to NaN on the reference path (taken whenever gradients are on)
+    and routed the image elsewhere than the fused path's fp32 head."""
+    gate = make_gate(20, 4, backend="triton")
+    with torch.no_grad():
+        gate.bn.running_var.fill_(1e-5)
+    gate = gate.to(dtype)
+    x = (torch.rand(2, 20, 6, 7) * 1000).to(DEVICE, dtype)
+    ref = reference(gate, x)
+    assert ref.logits.abs().max() > 7e4  # beyond fp16's range
+    with torch.autocast(torch.device(DEVICE).type, dtype=dtype, enabled=autocast):
+        with torch.no_grad():
+            fused = gate(x)
+        slow = gate(x)  # gradients on: the reference path
+    assert slow.logits.requires_grad and not fused.logits.requires_grad
+    for out in (fused, slow):
+        assert out.logits.dtype == out.probs.dtype == out.scale.dtype == torch.float32
+        assert out.features.dtype == dtype
+        assert_matches(out, ref, dtype)
+
+
 @pytest.mark.parametrize("e", [4, 5])
 def test_non_finite_values_route_as_torch_does(e):
     """A NaN or infinite pixel gives NaN logits and torch's choice, not a confident route; a

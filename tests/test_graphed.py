@@ -84,6 +84,26 @@ def test_masked_widths_compute_the_config_and_its_gradients(name):
     assert not net.masked and all(conv.output_mask is None for conv, _, _ in supernet._bindings)
 
 
+def test_masked_widths_keep_inactive_channels_that_overflowed_out_of_the_output():
+    """set_config never reads the channels a config leaves out; under masks they are computed
+    then zeroed, and an overflow there (inf, or NaN from inf - inf) must come out zero, not
+    NaN (inf * 0) for the next layer to read."""
+    net = nets()["SlimUNet"].double()
+    x = torch.rand(2, net.in_channels, 12, 10, dtype=torch.float64)
+    config = narrow_config(net)
+    widths = net.binding_widths(config)
+    with torch.no_grad():
+        for (conv, _, _), width in zip(net._bindings, widths):
+            if width * conv.upscale_factor ** 2 < conv.out_channels:
+                conv.weight[width * conv.upscale_factor ** 2:] = float("inf")
+    net.set_config(config)
+    expected = net(x)
+    net.set_masked_widths(torch.tensor(widths))
+    got = net(x)
+    assert expected.isfinite().all()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
 def test_binding_widths_count_an_upsampling_conv_after_its_shuffle():
     net = nets()["SlimUNet"]
     config = narrow_config(net)

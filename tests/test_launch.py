@@ -2,6 +2,8 @@
 runner over a stand-in for the compiled kernel and the driver, so that what the runner hands
 the launcher (grid, argument order, which compiled kernel) is checked in CI. The interpreter,
 which runs every other test, never takes this path."""
+import contextlib
+
 import pytest
 import torch
 
@@ -36,6 +38,7 @@ class _Compiled:
 
     def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
         self.kernel.calls.append(("runner", self.signature, (gx, gy, gz), args))
+        self.kernel.devices.append(torch.cuda.current_device())
 
 
 class _Kernel:
@@ -44,11 +47,13 @@ class _Kernel:
 
     def __init__(self):
         self.calls = []
+        self.devices = []  # the current device at each launch
 
     def __getitem__(self, grid):
         def jit(*args, **meta):
             signature = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
             self.calls.append(("jit", signature, grid, args, meta))
+            self.devices.append(torch.cuda.current_device())
             return _Compiled(self, signature)
         return jit
 
@@ -56,7 +61,8 @@ class _Kernel:
 @pytest.fixture
 def gpu_path(monkeypatch):
     monkeypatch.setattr(_launch, "INTERPRET", False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # the stand-in tensors live on the CPU (device index -1): make that the current device
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: -1)
     monkeypatch.setattr(driver, "_active", _Driver())  # what the driver had (None on CI) comes back
 
 
@@ -82,6 +88,33 @@ def test_runners_are_kept_apart_by_dtype_and_alignment(gpu_path):
     assert kinds == [("jit", ("torch.float16",) * 2), ("jit", ("torch.bfloat16",) * 2),
                      ("runner", ("torch.float16",) * 2), ("runner", ("torch.bfloat16",) * 2),
                      ("jit", ("torch.float16",) * 2), ("runner", ("torch.float16",) * 2)]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_launch_runs_on_its_tensors_device_then_gives_the_current_device_back(gpu_path, monkeypatch, cache):
+    """Triton launches on the current device, whatever the tensors' device: tensors on
+    another device (here the CPU's -1 against a current device 0) switch to theirs."""
+    current = [0]
+    switches = []
+
+    @contextlib.contextmanager
+    def device(index):
+        switches.append(index)
+        previous, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(_launch, "CACHE_LAUNCHES", cache)
+    kernel = _Kernel()
+    x = torch.randn(4)
+    for _ in range(2):
+        _launch.launch(kernel, (1, 1, 1), (x, x), (4, 2.0), BLOCK=16, FLAG=True)
+    assert [call[0] for call in kernel.calls] == (["jit", "runner"] if cache else ["jit", "jit"])
+    assert kernel.devices == [-1, -1] and switches == [-1, -1] and current == [0]
 
 
 def test_descriptor_launches_are_kept_apart_by_their_dtype_and_hand_the_descriptors_on(gpu_path):

@@ -274,6 +274,23 @@ def test_a_slimnet_runs_its_layers_channels_last_on_a_gpu():
         assert seen[0].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_layer_on_the_second_gpu_runs_there_whatever_the_current_device():
+    """Triton launches on the current device: a model moved to cuda:1 while cuda:0 is
+    current must still run its kernels on cuda:1, forward and backward."""
+    fast, slow = pair(in_channels=5, out_channels=6, kernel_size=3, padding=1, activation="relu")
+    fast = fast.to("cuda:1")
+    x = torch.randn(2, 5, 9, 10)
+    with torch.cuda.device(0):
+        y = fast(x.to("cuda:1"))
+        y.sum().backward()
+    expected = slow(x)
+    expected.sum().backward()
+    assert y.device == torch.device("cuda:1")
+    torch.testing.assert_close(y.cpu(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.weight.grad.cpu(), slow.weight.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", None])
 def test_nan_in_active_channels_propagates_as_in_torch(activation, kernel_calls):
     """A NaN pixel reaches the same outputs as on the reference path: an activation that
