@@ -7,7 +7,9 @@ three channels, averaged).
 
 Inputs: torch tensors [C, H, W] (single image) or [N, C, H, W] (batch), or numpy arrays
 [H, W] / [H, W, C] (single) or [N, H, W, C] (batch). Float values are taken to be in [0, 1]
-(NaN is an error: it has no 8-bit value); uint8 arrays or tensors are used as they are. C is 1 or 3.
+(NaN is an error: it has no 8-bit value; so are values far outside [0, 1], such as floats on
+the 0-255 scale, which the clip would score as a white image); uint8 arrays or tensors are
+used as they are. C is 1 or 3.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 __all__ = ["to_uint8", "psnr", "ssim", "batch_psnr", "batch_ssim"]
 
 _SSIM_WINDOW = 11  # the Gaussian window skimage uses for sigma=1.5 (truncate 3.5)
+# Float images outside this are on another scale: wide of [0, 1], which noisy inputs overrun
+_FLOAT_RANGE = (-2.0, 3.0)
 
 
 def to_uint8(image) -> np.ndarray:
@@ -42,6 +46,9 @@ def to_uint8(image) -> np.ndarray:
         raise ValueError(f"expected float images in [0, 1] or uint8, got dtype {array.dtype}")
     if np.isnan(array).any():  # NaN has no 8-bit value: the cast would score it as black
         raise ValueError(f"image holds NaN values (shape {array.shape}, channels last); it has no 8-bit value")
+    if array.size and (array.min() < _FLOAT_RANGE[0] or array.max() > _FLOAT_RANGE[1]):
+        raise ValueError(f"float images are scored in [0, 1], got values from {array.min():.4g} to {array.max():.4g}"
+                         f" (divide 8-bit values by 255)")
     # Quantise in the image's own precision (at least float32), as rounding a saved float32
     # output would: float64 can round differently at exact .5 ties.
     array = array.astype(np.promote_types(array.dtype, np.float32), copy=False)

@@ -64,6 +64,16 @@ def test_same_seed_same_noise_other_seed_other_noise(model):
     assert not torch.allclose(first, other)
 
 
+@pytest.mark.parametrize("model", ALL_MODELS, ids=repr)
+def test_a_seed_gives_an_fp64_image_the_noise_it_gives_an_fp32_one(model):
+    """The same noise, levels and camera settings up to rounding: an fp64 evaluation with the
+    project's seeds scores on the noise of its fp32 tables."""
+    clean = torch.rand(2, 3, 32, 32, generator=gen(9))
+    single, double = model(clean, gen(1)), model(clean.double(), gen(1))
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double.float(), single, rtol=0, atol=2e-4)
+
+
 def test_generator_none_uses_global_rng():
     clean = torch.rand(3, 8, 8)
     torch.manual_seed(5)

@@ -588,6 +588,14 @@ def test_noise_arguments_default_to_the_models_own(tmp_path):
         Run(tmp_path, TrainConfig(noise="camera", noise_args={"sigma": 25.0}, device="cpu"))
 
 
+def test_building_a_run_leaves_the_callers_random_state_alone(tmp_path):
+    torch.manual_seed(42)
+    expected = torch.rand(3)
+    torch.manual_seed(42)
+    Run(tmp_path, TrainConfig(device="cpu", seed=7))
+    assert torch.equal(torch.rand(3), expected)
+
+
 def image_folder(folder, names, size=(40, 36)):
     """Small random RGB PNGs."""
     from dds_fast.training.data import save_image

@@ -12,7 +12,9 @@
 
 Datasets yield ``(noisy, clean)`` float32 tensors [C, H, W]. Randomness of item ``i`` is a
 pure function of ``(seed, epoch, i)``, so results do not depend on DataLoader workers or the
-order items are asked for; call ``set_epoch`` to get fresh crops each epoch.
+order items are asked for; call ``set_epoch`` to get fresh crops each epoch (not with
+``persistent_workers=True``: such workers keep the copy of the dataset they started with, which
+``set_epoch`` in the main process never reaches).
 """
 from __future__ import annotations
 

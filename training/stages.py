@@ -289,7 +289,8 @@ class Run:
                     raise ValueError(f"validation_patch {c.validation_patch} is larger than the held-out image "
                                      f"{name} of size {tuple(image.shape[-2:])}")
         # stage 2 thins the slimming trajectory to num_choices configs, after stage 1
-        configs = slimming_length(self.new_network().space, c.slim_step)
+        with torch.random.fork_rng(devices=[]):  # new_network seeds the global generator
+            configs = slimming_length(self.new_network().space, c.slim_step)
         if c.num_choices > configs:
             raise ValueError(f"num_choices {c.num_choices} is more than the {configs} configs that progressive "
                              f"slimming by slim_step {c.slim_step} finds in this {c.arch} (base_width {c.base_width}, "
