@@ -21,12 +21,12 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
-        "einops",
         "safetensors",
         "scikit-image",
         "scipy",
         "pillow",
         "tifffile",
+        "imagecodecs",  # tifffile's codecs: LZW- and JPEG-compressed TIFFs
         "pypng",
         "tqdm",
     ],

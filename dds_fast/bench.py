@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -401,6 +402,8 @@ def plot_network(reports: list[Report], path: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        warnings.warn(f"matplotlib is not installed: {path} is not drawn (pip install 'dds-fast[bench]')",
+                      stacklevel=2)
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     top = 1.0

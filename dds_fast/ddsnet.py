@@ -437,8 +437,9 @@ class DDSNet(nn.Module):
         narrow_tiles = self.per_image_tiles == "narrowest"
         table, layers = self._width_table(padded.device)
         widths = table.index_select(0, choice)
+        kernels = _kernels_module()  # (an error message where Triton is missing: the convs then refuse)
         packing = PackedBuffers() if self.packed_buffers and self.supernet.packs_per_image_buffers \
-            and _kernels_module().packs_per_image_buffers() else None
+            and not isinstance(kernels, str) and kernels.packs_per_image_buffers() else None
         # gate_forward left every layer at full width: the buffers; the widths are per image
         try:
             for conv, columns, multiple, narrowest in layers:

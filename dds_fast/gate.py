@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import checked_int
+from .slim_conv import _kernels_module, note_fallback
 
 __all__ = ["DynamicGate", "GateOutput"]
 
@@ -117,6 +118,10 @@ class DynamicGate(nn.Module):
         if self.backend == "torch" or self.training or self.bn.training:
             return False
         if (self.backend == "auto" and not x.is_cuda) or x.dtype not in _FUSED_DTYPES:
+            return False
+        unavailable = _kernels_module()
+        if isinstance(unavailable, str):  # no Triton on this platform
+            note_fallback(self, "DynamicGate", unavailable)
             return False
         from dds_fast.kernels.gate import MAX_BATCH
         if len(x) > MAX_BATCH:  # beyond the kernels' grid: the reference path, as the convs fall back

@@ -22,7 +22,7 @@ from .config import checked_int, checked_real, exact_int
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
-_WARNED: set[str] = set()  # fallback reasons already warned about, so each warns once
+_WARNED: set[tuple[str, str]] = set()  # (module kind, fallback reason) already warned about
 ACTIVATIONS = (None, "relu", "leaky_relu")
 
 
@@ -312,11 +312,7 @@ class SlimConv2d(nn.Conv2d):
                                                 input_dtype=cast)
             if reason is None:
                 return kernels, cast
-        if self.backend == "triton" and reason not in _WARNED:
-            _WARNED.add(reason)
-            warnings.warn(f"{self._label()}: backend='triton' falls back to the PyTorch reference: {reason}",
-                          stacklevel=3)
-        logger.debug("%s: reference path: %s", self._label(), reason)
+        note_fallback(self, self._label(), reason)
         return None, None
 
     def _reference(self, inputs: list[torch.Tensor], out_width: int, residual: torch.Tensor | None,
@@ -343,6 +339,16 @@ class SlimConv2d(nn.Conv2d):
 def _starts(segments: tuple[int, ...]) -> tuple[int, ...]:
     """Where each input block starts among the weight's input channels."""
     return tuple(itertools.accumulate(segments[:-1], initial=0))
+
+
+def note_fallback(module: nn.Module, label: str, reason: str) -> None:
+    """``module``'s call takes the reference path for ``reason``: a warning, once per kind of
+    module and reason, where ``backend='triton'`` asked for the kernels; a debug log otherwise."""
+    key = (type(module).__name__, reason)
+    if module.backend == "triton" and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"{label}: backend='triton' falls back to the PyTorch reference: {reason}", stacklevel=4)
+    logger.debug("%s: reference path: %s", label, reason)
 
 
 @functools.lru_cache(maxsize=None)

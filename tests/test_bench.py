@@ -315,6 +315,16 @@ def test_bench_reports_the_files_it_wrote_and_leaves_no_earlier_plot(tmp_path, m
     assert printed.endswith(f"written: {tmp_path / 'bench.json'}, {tmp_path / 'bench.md'}")
 
 
+def test_a_plot_skipped_for_want_of_matplotlib_says_so(tmp_path, monkeypatch):
+    import sys
+
+    from dds_fast.bench import plot_network
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # its import now fails
+    with pytest.warns(UserWarning, match=r"matplotlib is not installed: .*network.png is not drawn"):
+        assert plot_network([], tmp_path / "network.png") is None
+
+
 def test_bench_refuses_cuda_graphs_off_cuda(tmp_path):
     with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
         run_bench(tmp_path / "out", model=small_net(), cuda_graph=True, **BENCH_ARGS)

@@ -296,6 +296,24 @@ def test_load_jpeg(tmp_path):
     assert torch.allclose(load_image(tmp_path / "flat.jpg"), torch.full((3, 16, 16), 128 / 255), atol=2 / 255)
 
 
+@pytest.mark.parametrize("compression, atol", [("tiff_lzw", 0), ("tiff_adobe_deflate", 0), ("jpeg", 3 / 255)])
+def test_compressed_tiffs_load(tmp_path, compression, atol):
+    """LZW and JPEG are the TIFF compressions scanners and cameras write; tifffile decodes them
+    through imagecodecs, a dependency for that reason. Pixels as Pillow decodes them (JPEG
+    decoders may differ by a level or two)."""
+    from PIL import Image
+
+    pixels = np.repeat(np.repeat(rng().integers(0, 256, (4, 5, 3), dtype=np.uint8), 4, 0), 4, 1)
+    Image.fromarray(pixels).save(tmp_path / "image.tif", compression=compression)
+    if compression != "tiff_adobe_deflate":
+        pytest.importorskip("imagecodecs")  # installed with the package; not on a --no-deps install
+    with Image.open(tmp_path / "image.tif") as image:
+        decoded = np.asarray(image.convert("RGB"))
+    assert compression == "jpeg" or np.array_equal(decoded, pixels)
+    expected = torch.from_numpy(decoded.astype(np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(load_image(tmp_path / "image.tif"), expected, rtol=0, atol=atol)
+
+
 def test_load_missing_and_corrupt_files_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.png"):
         load_image(tmp_path / "nope.png")

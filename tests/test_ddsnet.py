@@ -855,3 +855,37 @@ def test_routing_indices_and_budgets_of_other_integer_and_tensor_types():
     for index in (np.int64(1), torch.tensor(1), -1):
         assert model.static_macs_per_pixel(index) == 2.0
     assert model.set_budget(torch.tensor(1.5)).macs_per_pixel == 1.0  # a budget computed on tensors
+
+
+def test_without_triton_a_ddsnet_asked_for_the_kernels_falls_back_or_says_why(monkeypatch):
+    """setup.py installs Triton on Linux only: elsewhere the gate must fall back as the convs
+    do (it raised ModuleNotFoundError), and per-image widths must be refused by name (an
+    AttributeError on the error string before)."""
+    import sys
+
+    from dds_fast import slim_conv
+
+    model = make_ddsnet().float()
+    x = images(n=3).float()
+    with torch.no_grad():
+        expected = model(x)
+    import dds_fast.kernels
+
+    for name in ("conv2d", "gate"):  # their imports now fail
+        monkeypatch.setitem(sys.modules, f"dds_fast.kernels.{name}", None)
+        monkeypatch.delattr(dds_fast.kernels, name, raising=False)
+    monkeypatch.setattr(slim_conv, "_WARNED", set())
+    slim_conv._kernels_module.cache_clear()
+    try:
+        for module in model.modules():
+            if hasattr(module, "backend"):
+                module.backend = "triton"
+        with torch.no_grad(), pytest.warns(UserWarning, match="Triton is not available") as caught:
+            got = model(x)
+        assert any("DynamicGate" in str(w.message) for w in caught)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        model.per_image = True
+        with torch.no_grad(), pytest.raises(ValueError, match="per-image widths need the Triton backend"):
+            model(x)
+    finally:
+        slim_conv._kernels_module.cache_clear()
