@@ -215,7 +215,8 @@ class DDSNet(nn.Module):
     The DDSNet drives its super-network's config: a forward or ``route`` leaves it at
     whichever config ran last (putting it back would cost each call another ``set_config``,
     tens of microseconds of host time on a forward that is host-bound at batch 1). Set the
-    config of ``supernet`` before using it on its own (``export_static``, MACs)."""
+    config of ``supernet`` before using it on its own (``export_static``, MACs). For the same
+    reason two threads must not run one DDSNet at once: a lock, or a model each."""
 
     def __init__(self, supernet: SlimNet, gate: DynamicGate, routing_space: Sequence[RoutingEntry]):
         super().__init__()

@@ -631,7 +631,7 @@ def test_route_branches_run_each_route_static_and_a_mixed_batch_per_image(choice
         torch.testing.assert_close(written, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("choice", [[3, 1], [3, 3], [-1], [2 ** 32 + 1, 1], [-(2 ** 32) + 2, 0]])
+@pytest.mark.parametrize("choice", [[3, 1], [3, 3], [-1], [2 ** 32 + 1, -(2 ** 32) + 2]])
 def test_a_choice_that_cannot_be_checked_gives_nan_to_images_out_of_range(monkeypatch, choice):
     """A caller's choice on the device during a capture cannot be read: an index out of range
     must not reach the width table's gather (a device fault); its image comes out NaN, an
