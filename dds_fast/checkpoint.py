@@ -1,10 +1,12 @@
 """Checkpoints in safetensors (never pickle), written atomically.
 
-The file's metadata holds the format tag, the library version, the architecture with its
+The file's metadata holds the format tag and revision (a later revision is refused, not
+misread), the library version, the architecture with its
 constructor arguments, the active config, whether the model is a static export of that
 config (``export_static``), the routing space (``model.routing_space``, a list of
 RoutingEntry) with its MACs table when the model has one, and the caller's own metadata
-(JSON values). Tensors keep their dtypes, and load back in them.
+(JSON values). Tensors keep their dtypes, and load back in them, read into memory: a model
+never depends on its file after ``load``.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as serialize
 from torch import nn
 
 from ._version import __version__
@@ -27,6 +30,9 @@ from .export import StaticConv2d, export_static
 from .nets import ARCHITECTURES, SlimNet
 
 FORMAT = "dds-fast"
+# Revision of what the header fields mean: a file from a later revision is refused, not misread
+FORMAT_VERSION = 1
+_MAX_HEADER = 100_000_000  # bytes; safetensors' own bound
 _DIGEST = "sha256"  # the metadata key of the tensors' fingerprint
 SHIPPED_MODEL = Path(__file__).parent / "weights" / "dds.safetensors"  # the model the package ships
 
@@ -55,6 +61,7 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
         raise ValueError(f"save: metadata must be JSON-serialisable: {error}") from None
     header = {
         "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
         "version": __version__,
         "arch": arch,
         "arch_args": json.dumps(model.arch_args),
@@ -80,29 +87,60 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """safetensors ``save_file`` through ``atomic_write``, the tensors' ``weights_fingerprint``
-    in the metadata: safetensors has no checksum of its own, and ``read_tensors`` checks it."""
+    """safetensors bytes of ``tensors`` through ``atomic_write``, the tensors'
+    ``weights_fingerprint`` in the metadata: safetensors has no checksum of its own, and
+    ``read_tensors`` checks it. (Not safetensors' ``save_file``, whose own temporary file a
+    kill would leave where ``remove_leftovers`` does not look.)"""
     metadata = {**metadata, _DIGEST: weights_fingerprint(tensors)}
+    try:
+        data = serialize(tensors, metadata=metadata)
+    except SafetensorError as error:
+        raise ValueError(f"cannot write {path}: {error}") from error
 
     def write(tmp: Path) -> None:
         try:
-            save_file(tensors, tmp, metadata=metadata)
-        except SafetensorError as error:  # (no OSError: a full disk would end in a traceback)
-            raise OSError(f"cannot write {path}: {error}") from error
+            tmp.write_bytes(data)
+        except OSError as error:  # (named after the file asked for, not the temporary)
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror}", str(path)) from error
 
     return atomic_write(path, write)
 
 
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The metadata and tensors of a safetensors file. A file written by ``atomic_save_file``
-    whose tensors no longer match their fingerprint (corrupt data) raises ValueError; the
-    readers' own errors (a truncated file, a corrupt header) pass through."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    """The metadata and tensors of a safetensors file, read into memory in one read (a
+    memory map would let a later write to the file change the tensors). A file written by
+    ``atomic_save_file`` whose tensors no longer match their fingerprint (corrupt data)
+    raises ValueError; so does a truncated file or a corrupt header."""
+    return _tensors_of(Path(path).read_bytes())
+
+
+def _tensors_of(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    metadata = _metadata_of(data)
+    try:
+        tensors = load_tensors(data)
+    except SafetensorError as error:
+        raise ValueError(str(error)) from None
     if _DIGEST in metadata and weights_fingerprint(tensors) != metadata[_DIGEST]:
         raise ValueError("its tensors do not match the checksum saved with them (corrupt data)")
     return metadata, tensors
+
+
+def _metadata_of(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file from its first bytes (8 bytes of header
+    length, then the JSON header)."""
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes, too short for a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(len(data) - 8, _MAX_HEADER):
+        raise ValueError(f"its header claims {size} bytes; the file holds {len(data) - 8} after the length")
+    try:
+        header = json.loads(data[8:8 + size])
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"its header is not JSON: {error}") from None
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("its header's __metadata__ is not a map of strings")
+    return metadata
 
 
 def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -120,26 +158,37 @@ def remove_leftovers(path: str | os.PathLike) -> None:
     """Delete the temporary files that ``atomic_write`` calls for ``path`` left behind when a
     kill stopped them mid-write; only for a writer that knows no other process writes ``path``."""
     path = Path(path)
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
+    for leftover in path.parent.glob(f"{glob.escape(_temp_prefix(path))}*.tmp{glob.escape(path.suffix)}"):
         leftover.unlink(missing_ok=True)
+
+
+def _temp_prefix(path: Path) -> str:
+    # the name cut short: the temporary's own additions must not overrun the file system's limit
+    return f".{path.name[:100]}."
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` writes a temporary file beside ``path`` (with its suffix, which some
     writers read the format from), then a rename puts it in place, so a reader (or a run
     killed mid-write) sees the old file or the new one, never half of one. The data and the
-    rename are flushed to the disk, so a power loss after the call keeps the new file."""
+    rename are flushed to the disk, so a power loss after the call keeps the new file. A file
+    replaced keeps its permissions; a symbolic link keeps pointing at the file it names,
+    which is replaced."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=f".tmp{path.suffix}")
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror}", str(path)) from error
+    os.close(fd)
+    try:
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the result gets ordinary permissions
+        os.chmod(tmp, mode)  # mkstemp's file is private
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -148,6 +197,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     if hasattr(os, "O_DIRECTORY"):  # the rename itself (POSIX; Windows has no directory handles)
         _fsync(path.parent, os.O_DIRECTORY)
     return path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _fsync(path, flags: int = 0) -> None:
@@ -170,19 +225,39 @@ def _json_field(header: dict[str, str], name: str, kind: type, default: str | No
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The checkpoint's metadata, decoded; raises CheckpointError for a file that is not one."""
+    """The checkpoint's metadata, decoded; raises CheckpointError for a file that is not one
+    (and OSError, such as PermissionError, for one that cannot be opened)."""
+    path = _existing_file(path)
+    with open(path, "rb") as f:  # the header alone: a training state's tensors can be large
+        head = f.read(8)
+        head += f.read(min(int.from_bytes(head, "little"), _MAX_HEADER)) if len(head) == 8 else b""
+    return _decoded(path, _header_of(path, head))
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} is a folder, not a file" if path.is_dir()
                                 else f"checkpoint {path} does not exist")
+    return path
+
+
+def _header_of(path: Path, data: bytes) -> dict[str, str]:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
+        return _metadata_of(data)
+    except ValueError as error:
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file "
                               f"(truncated or corrupt?): {error}") from None
+
+
+def _decoded(path: Path, header: dict[str, str]) -> dict:
     if header.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} checkpoint (no '{FORMAT}' format tag)")
+    revision = header.get("format_version", "1")  # files from before the field are revision 1
+    if not revision.isdigit() or int(revision) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} was written by dds-fast {header.get('version')} in format revision "
+                              f"{revision}; dds-fast {__version__} reads revisions up to {FORMAT_VERSION}: upgrade "
+                              f"dds-fast to load it")
     try:
         meta = {
             "version": header["version"],
@@ -194,7 +269,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
             "routing_space": ([RoutingEntry.from_dict(e) for e in _json_field(header, "routing_space", list)]
                               if "routing_space" in header else None),
         }
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, ValueError) as error:
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as error:
         raise CheckpointError(f"checkpoint {path} has malformed metadata: {error}") from None
     if meta["static"] and meta["config"] is None:
         raise CheckpointError(f"checkpoint {path} holds a static export but no config to rebuild its shapes from")
@@ -209,8 +284,11 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
         device = torch.device(map_location)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"load: map_location {map_location!r} is not a torch device: {error}") from None
-    path = Path(path)
-    meta = read_metadata(path)
+    path = _existing_file(path)
+    # one read: the header and the tensors of one version of the file, in memory (a memory map
+    # would let a later write to the file change the model's weights under it)
+    data = path.read_bytes()
+    meta = _decoded(path, _header_of(path, data))
     expected = arch.__name__ if isinstance(arch, type) else arch
     if expected is not None and expected != meta["arch"]:
         raise CheckpointError(f"checkpoint {path} holds a {meta['arch']}, not a {expected}")
@@ -245,8 +323,8 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
             raise CheckpointError(f"checkpoint {path}: its routing space does not fit {meta['arch']}: "
                                   f"{error}") from None
     try:
-        _, tensors = read_tensors(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        _, tensors = _tensors_of(data)
+    except ValueError as error:
         raise CheckpointError(f"checkpoint {path}: cannot read its tensors (truncated or corrupt?): {error}") from None
     expected_keys = set(model.state_dict())
     missing, unexpected = sorted(expected_keys - set(tensors)), sorted(set(tensors) - expected_keys)

@@ -291,6 +291,8 @@ class DDSNet(nn.Module):
 
     @classmethod
     def from_arch_args(cls, supernet: dict, gate: dict, attention: bool, routing_space: list) -> "DDSNet":
+        if not isinstance(attention, bool):  # a truthy string such as "false" would turn it on
+            raise ValueError(f"DDSNet: attention must be true or false, got {attention!r}")
         dynamic_gate = DynamicGate(**gate)
         dynamic_gate.attention = attention
         return cls(_build_supernet("DDSNet", supernet), dynamic_gate,

@@ -1,10 +1,11 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import dds_fast
 from dds_fast import CheckpointError, RoutingEntry, SlimDnCNN, SlimUNet, load, macs_per_pixel, read_metadata, save
@@ -52,27 +53,26 @@ def test_save_is_atomic_when_it_fails(net, tmp_path, monkeypatch):
     path = save(net, tmp_path / "model.safetensors")
     original = path.read_bytes()
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
+    def full(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:100])
+        raise OSError(28, "No space left on device", str(self))
 
-    monkeypatch.setattr(dds_fast.checkpoint, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError, match=f"cannot write {path}: No space left on device"):
         save(net, path)
     assert path.read_bytes() == original
     assert os.listdir(tmp_path) == ["model.safetensors"]
 
 
-def test_a_safetensors_write_error_is_an_os_error_naming_the_file(net, tmp_path, monkeypatch, capsys):
-    """safetensors' own error (a full disk, say) is no OSError: the CLI would end in a traceback."""
+def test_a_safetensors_serialisation_error_is_a_value_error_naming_the_file(net, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    def full(tensors, filename, metadata=None):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    def refuse(tensors, metadata=None):
+        raise SafetensorError("Error while serializing: some tensors share memory")
 
-    monkeypatch.setattr(dds_fast.checkpoint, "save_file", full)
-    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'model.safetensors'}: .*No space left"):
+    monkeypatch.setattr(dds_fast.checkpoint, "serialize", refuse)
+    with pytest.raises(ValueError, match=f"cannot write {tmp_path / 'model.safetensors'}: .*share memory"):
         save(net, tmp_path / "model.safetensors")
     assert os.listdir(tmp_path) == []
 
@@ -284,3 +284,96 @@ def test_a_bad_map_location_is_reported_as_such(net, tmp_path):
             load(path, map_location="cuda")
         assert not isinstance(raised.value, CheckpointError)
     assert load(path, map_location=torch.device("cpu")).get_config() == net.get_config()
+
+
+def test_a_loaded_model_keeps_its_weights_when_the_file_is_overwritten_in_place(net, tmp_path):
+    """Tensors read through a memory map followed the file: a checkpoint deployed over the
+    old one with cp changed a running model's weights (or killed it with SIGBUS)."""
+    path = save(net, tmp_path / "model.safetensors")
+    model = load(path)
+    expected = {name: t.clone() for name, t in model.state_dict().items()}
+    data = path.read_bytes()
+    with open(path, "r+b") as f:  # in place, as cp does: the same inode
+        f.seek(8 + int.from_bytes(data[:8], "little"))
+        f.write(bytes(len(data) - f.tell()))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_kill_while_saving_leaves_only_what_remove_leftovers_deletes(tmp_path):
+    """safetensors' save_file writes a temporary file of its own, which a kill left behind
+    where remove_leftovers does not look."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dds_fast.checkpoint import remove_leftovers
+
+    path = tmp_path / "state.safetensors"
+    # (no checksum: the writes, where the temporary files live, take the loop's time)
+    script = (f"import torch; from dds_fast import checkpoint\n"
+              f"checkpoint.weights_fingerprint = lambda tensors: ''\n"
+              f"tensors = {{'w': torch.rand(16_000_000)}}\n"
+              f"while True:\n    checkpoint.atomic_save_file(tensors, {str(path)!r}, {{}}); print('saved', flush=True)\n")
+    for delay in (0.0, 0.03, 0.07):
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "saved\n"
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    remove_leftovers(path)
+    assert os.listdir(tmp_path) == [path.name]
+    assert load_file(path)["w"].shape == (16_000_000,)  # (its checksum is none: not read_tensors)
+
+
+def test_a_checkpoint_from_a_later_format_revision_is_refused(net, tmp_path):
+    path = save(net, tmp_path / "model.safetensors")
+    assert read_metadata(path)["arch"] == "SlimUNet"
+    rewrite(path, net.state_dict(), format_version="2", version="9.0")
+    with pytest.raises(CheckpointError, match=f"{path} was written by dds-fast 9.0 in format revision 2; .* "
+                                              f"reads revisions up to 1"):
+        load(path)
+
+
+def test_deeply_nested_metadata_is_a_checkpoint_error(net, tmp_path):
+    path = save(net, tmp_path / "model.safetensors")
+    rewrite(path, net.state_dict(), user='{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CheckpointError, match=f"{path} has malformed metadata"):
+        load(path)
+
+
+def test_a_ddsnet_attention_flag_must_be_a_boolean(tmp_path):
+    from dds_fast import DDSNet, DynamicGate
+
+    supernet = SlimUNet(in_channels=3, base_width=8, depth=2)
+    routes = [RoutingEntry(c, macs_per_pixel(supernet, c)) for c in (supernet.space.smallest(), supernet.space.largest())]
+    dds = DDSNet(supernet, DynamicGate(supernet.stem_channels, 2), routes)
+    dds.gate.attention = False
+    path = save(dds, tmp_path / "dds.safetensors")
+    with safe_open(str(path), "pt") as f:
+        args = json.loads(f.metadata()["arch_args"])
+    rewrite(path, dds.state_dict(), arch_args=json.dumps(dict(args, attention="false")))
+    with pytest.raises(CheckpointError, match="attention must be true or false, got 'false'"):
+        load(path)
+
+
+def test_saving_over_a_file_keeps_its_permissions_and_through_a_link_keeps_the_link(net, tmp_path):
+    path = save(net, tmp_path / "model.safetensors")
+    os.chmod(path, 0o600)
+    save(net, path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(path.name)
+    save(net, link)
+    assert link.is_symlink() and sorted(os.listdir(tmp_path)) == ["latest.safetensors", "model.safetensors"]
+    assert load(link).get_config() == net.get_config()
+
+
+def test_a_long_file_name_is_saved(net, tmp_path):
+    """The temporary file's name adds to the target's: it must stay within the file system's
+    255 bytes for a name that fits them."""
+    path = tmp_path / ("n" * 230 + ".safetensors")
+    save(net, path)
+    assert os.listdir(tmp_path) == [path.name] and load(path).get_config() == net.get_config()

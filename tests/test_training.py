@@ -697,6 +697,10 @@ def test_stage2_reruns_reuse_the_routing_space_of_the_same_stage1(tmp_path, monk
     Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=3, lr_schedule="constant")).stage1()
     run.stage2()  # stage 1 trained on: its weights changed
     assert len(slimmed) == 5
+    stage1 = tmp_path / "run" / "stage1.safetensors"
+    stage1.write_bytes(stage1.read_bytes()[:300])  # a raw safetensors error ended in a traceback
+    with pytest.raises(dds_fast.CheckpointError, match=f"checkpoint {stage1} .*truncated or corrupt"):
+        run.stage2()
 
 
 def test_stage1_resumes_through_run_to_the_result_of_one_run(tmp_path, monkeypatch):

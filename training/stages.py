@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 import dds_fast
 from dds_fast import AttentionSupernet, DDSNet, DynamicGate, SlimConv2d
@@ -341,6 +340,12 @@ class Run:
     def load(self, name: str):
         return self.prepare(dds_fast.load(self.dir / name, map_location=self.device))
 
+    @staticmethod
+    def _fingerprint(path: Path) -> str:
+        """``weights_fingerprint`` of a checkpoint's tensors, read through ``dds_fast.load``,
+        whose CheckpointError names a truncated or corrupt file."""
+        return weights_fingerprint(dds_fast.load(path).state_dict())
+
     def prepare(self, model):
         """The configured conv backend; on a GPU, channels_last weights (the kernels' aligned
         fast path, and cuDNN's preferred layout for channels_last activations)."""
@@ -471,7 +476,7 @@ class Run:
                                                                      "slim_step", "slim_criterion", "num_choices")},
                 # its tensors, not its bytes: stage 1 rewrites the file on every rerun, and
                 # safetensors orders the metadata differently in each process
-                "stage1": weights_fingerprint(load_file(stage1)) if stage1.exists() else None}))
+                "stage1": self._fingerprint(stage1) if stage1.exists() else None}))
             done = self.dir / "stage2.safetensors"
             if done.exists() and read_metadata(done)["user"].get("made_from") == made_from:
                 return self.load("stage2.safetensors")
