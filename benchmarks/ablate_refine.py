@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 import tempfile
 import time
 
-from ablate_stage1 import parse_overrides, report
+from ablate_stage1 import output_file, parse_overrides, report, stored_train_config
 
 import dds_fast
-from dds_fast.checkpoint import read_metadata
+from dds_fast.cli import _positive_int
 from dds_fast.training.slimming import validation_psnr
 from dds_fast.training.stages import Run, TrainConfig
 
@@ -29,22 +28,20 @@ from dds_fast.training.stages import Run, TrainConfig
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=_positive_int, default=400)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--random", action="store_true", help="sample stage 1's random configs instead")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="any other TrainConfig option, e.g. --set distillation='\"none\"'")
-    parser.add_argument("--out", help="write the result as JSON here")
-    parser.add_argument("--save", help="write the refined model here (safetensors)")
+    parser.add_argument("--out", type=output_file, help="write the result as JSON here")
+    parser.add_argument("--save", type=output_file, help="write the refined model here (safetensors)")
     args = parser.parse_args(argv)
-    if args.save and (Path(args.save).is_dir() or not Path(args.save).parent.is_dir()):
-        raise SystemExit(f"--save {args.save}: not a file in a folder that exists")  # before the steps, not after
     model = dds_fast.load(args.checkpoint)
     net = model.supernet if isinstance(model, dds_fast.DDSNet) else model
     net.routing_space = model.routing_space
     if not net.routing_space:
         raise SystemExit(f"{args.checkpoint} holds no routing space")
-    stored = read_metadata(args.checkpoint)["user"]["train_config"]
+    stored = stored_train_config(parser, args.checkpoint)
     overrides = parse_overrides(args.set)
     config = TrainConfig.from_dict({**stored, **overrides, "refine_steps": args.steps, "refine_lr": args.lr,
                                     "device": "cpu", "progress": False, "checkpoint_every": args.steps})

@@ -14,10 +14,9 @@ import argparse
 import tempfile
 import time
 
-from ablate_stage1 import report
+from ablate_stage1 import output_file, report, stored_train_config
 
 import dds_fast
-from dds_fast.checkpoint import read_metadata
 from dds_fast.training.slimming import SLIM_CRITERIA, progressive_slimming, thin_routing_space
 from dds_fast.training.stages import Run, TrainConfig
 
@@ -37,11 +36,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--criteria", nargs="+", default=list(SLIM_CRITERIA), choices=SLIM_CRITERIA)
-    parser.add_argument("--out", help="write the result as JSON here")
+    parser.add_argument("--out", type=output_file, help="write the result as JSON here")
     args = parser.parse_args(argv)
     model = dds_fast.load(args.checkpoint)
     net = (model.supernet if isinstance(model, dds_fast.DDSNet) else model).eval()
-    stored = read_metadata(args.checkpoint)["user"]["train_config"]
+    stored = stored_train_config(parser, args.checkpoint)
     config = TrainConfig.from_dict({**stored, "device": "cpu", "progress": False})
     results = {}
     with tempfile.TemporaryDirectory() as run_dir:

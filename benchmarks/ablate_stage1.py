@@ -16,9 +16,12 @@ import json
 import platform
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from dds_fast.checkpoint import read_metadata
+from dds_fast.cli import _positive_int
 from dds_fast.config import RoutingEntry
 from dds_fast.metrics import batch_psnr
 from dds_fast.training.stages import Run, TrainConfig
@@ -26,14 +29,14 @@ from dds_fast.training.stages import Run, TrainConfig
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=_positive_int, default=600)
     parser.add_argument("--sandwich", type=int, default=4)
     parser.add_argument("--distillation", default="synergy")
     parser.add_argument("--distillation-loss", default="mse")
     parser.add_argument("--alone", action="store_true", help="train the largest config alone (no sandwich)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="any other TrainConfig option, e.g. --set lr=5e-4")
-    parser.add_argument("--out", help="write the result as JSON here")
+    parser.add_argument("--out", type=output_file, help="write the result as JSON here")
     args = parser.parse_args(argv)
     options = dict(noise="awgn", noise_args={"sigma": 25.0}, batch_size=8, patch_size=64, epoch_patches=4096,
                    lr=1e-3, lr_schedule="constant", sandwich=args.sandwich, distillation=args.distillation,
@@ -73,6 +76,23 @@ def parse_overrides(items: list[str]) -> dict:
         except json.JSONDecodeError as error:
             raise SystemExit(f"--set {item}: the value is not JSON ({error})") from None
     return overrides
+
+
+def output_file(text: str) -> str:
+    """argparse type of a file the script writes: checked as the arguments are read, not after
+    the work that a bad path would throw away."""
+    if Path(text).is_dir() or not Path(text).parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a file in a folder that exists")
+    return text
+
+
+def stored_train_config(parser: argparse.ArgumentParser, checkpoint: str) -> dict:
+    """The training options that the training stages save in a checkpoint's metadata."""
+    stored = read_metadata(checkpoint)["user"].get("train_config")
+    if not isinstance(stored, dict):
+        parser.error(f"{checkpoint} holds no train_config metadata: give a checkpoint saved by the training "
+                     f"stages (dds-fast train), whose options this script reuses")
+    return stored
 
 
 def report(result: dict, out: str | None) -> None:

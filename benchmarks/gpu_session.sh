@@ -26,6 +26,10 @@
 # benchmarks/ncu_forward.py says how.)
 set -uo pipefail
 MODE=${1:-full}
+case $MODE in  # a mistyped mode would run the full session
+  full|quick|train|verify|model) ;;
+  *) echo "gpu_session.sh: unknown mode '$MODE': use full, quick, train, verify or model" >&2; exit 2 ;;
+esac
 OUT=${OUT:-$PWD/gpu-out}
 R=$OUT/results
 mkdir -p "$R"
@@ -34,9 +38,10 @@ step() { echo "== $(date +%T) $*"; }
 # A test step stopped at its limit can leave pytest-xdist workers running on the GPU, sharing
 # it with every timing after: the H100 run of v12 timed its host costs right after such a
 # step (NOTES v17). Each test step ends with this: whatever still runs tests is killed, and said.
+# Only this session's (-s 0): its steps' pytest runs and their workers, never another user's.
 quiet_gpu() {
   local pids
-  pids=$( { pgrep -f -- "-m pytest"; pgrep -f "exec(eval(sys.stdin"; } 2>/dev/null | sort -u | tr '\n' ' ')
+  pids=$(pgrep -s 0 -f -- '-m pytest|exec\(eval\(sys\.stdin' | tr '\n' ' ')
   if [ -n "${pids// /}" ]; then
     echo "test processes still running after the step, killed: $pids"
     kill -9 $pids 2>/dev/null

@@ -12,13 +12,13 @@ nothing about a GPU's). On a GPU it also writes OUT-step-profile.txt: torch.prof
 table of launched training steps (every op, launch and synchronisation by self CPU time), which
 says where a step's host time goes beyond our Python.
 """
+import argparse
 import cProfile
 import io
 import json
 import os
 import platform
 import pstats
-import sys
 import time
 
 import torch
@@ -186,7 +186,14 @@ def timed_breakdown(step, steps: int) -> dict[str, float]:
     return {name: seconds / steps * 1e6 for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
-def main(out_path: str) -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", default="host-cost.json",
+                        help="the JSON (on a GPU, OUT-step-profile.txt beside it too)")
+    run(parser.parse_args(argv).out)
+
+
+def run(out_path: str) -> None:
     device, dtype = ("cuda", torch.float16) if CUDA else ("cpu", torch.float32)
     if not CUDA:
         torch.set_num_threads(1)  # host work is one thread; two OpenMP threads made zeros_like 7 ms here
@@ -228,5 +235,6 @@ def main(out_path: str) -> None:
                 setattr(module, name, kernel)
             conv_kernels.clear_plans()
 
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "host-cost.json")
+    main()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from dds_fast.metrics import psnr, ssim
 from dds_fast.training.data import bundled_images
 from dds_fast.training.noise import CameraNoise, GaussianNoise, GrayNoise
 from dds_fast.training.stages import DEFAULT_VALIDATION_IMAGES
+from ablate_stage1 import output_file
 
 
 def noisy_pairs(names, noise, channels: int, seed: int = 0):
@@ -72,6 +74,11 @@ def matched_table(dynamic_rows: list[Evaluation], inet_rows: list[Evaluation]) -
     return "\n".join(lines)
 
 
+def json_row(row: Evaluation) -> dict:
+    """``row`` for JSON, which has no NaN: BM3D's MACs/pixel (unknown, NaN in the table) is null."""
+    return {**row.__dict__, "macs_per_pixel": None if math.isnan(row.macs_per_pixel) else row.macs_per_pixel}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", help="a model; further DDSNets add a dynamic row each")
@@ -81,7 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gray", action="store_true", help="gray photos read as colour: the same noise in "
                                                             "every channel")
     parser.add_argument("--inets", nargs="*", default=[])
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", type=output_file, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
     models = [dds_fast.load(path).eval() for path in args.checkpoints]
@@ -89,6 +96,13 @@ def main(argv=None) -> int:
     for path, extra in list(zip(args.checkpoints, models))[1:]:
         if not isinstance(extra, dds_fast.DDSNet) or not isinstance(model, dds_fast.DDSNet):
             raise SystemExit(f"{path}: further checkpoints add dynamic rows, so they and the first must be DDSNets")
+    if args.inets and not isinstance(model, dds_fast.DDSNet):
+        parser.error(f"--inets are set against a DDSNet's routes, but {args.checkpoints[0]} holds a "
+                     f"{type(model).__name__}")
+    try:  # now, not after the evaluation
+        inets = [dds_fast.load(path).eval() for path in args.inets]
+    except (OSError, ValueError) as error:
+        parser.error(f"--inets: {error}")
     noises, sigmas = [], []
     for name in dict.fromkeys(args.noise):
         if name == "awgn":
@@ -124,8 +138,7 @@ def main(argv=None) -> int:
     if baseline is not None:
         rows.append(baseline)
     table = "\n".join([TABLE_HEADER] + [row.row() for row in rows])
-    if args.inets and isinstance(model, dds_fast.DDSNet):
-        inets = [dds_fast.load(p).eval() for p in args.inets]
+    if inets:
         inet_rows = [evaluate(inet, pairs, f"I-Net {index}") for index, inet in enumerate(inets)]
         table += "\n\n" + comparison_table(model, inets, pairs, inet_rows)
         table += "\n\n" + matched_table(dynamic_rows, inet_rows)
@@ -136,8 +149,8 @@ def main(argv=None) -> int:
         record = {"device": f"CPU: {platform.processor() or platform.machine()}", "checkpoints": args.checkpoints,
                   "gray": args.gray,
                   "noise": noise, "images": args.images, "torch": torch.__version__,
-                  "rows": [row.__dict__ for row in rows], "table": table}
-        Path(args.out).write_text(json.dumps(record, indent=2))
+                  "rows": [json_row(row) for row in rows], "table": table}
+        Path(args.out).write_text(json.dumps(record, indent=2, allow_nan=False))
     return 0
 
 

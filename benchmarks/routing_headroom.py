@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,7 @@ from dds_fast.metrics import psnr
 from dds_fast.training.gate_stage import per_image_psnr
 from dds_fast.training.noise import CameraNoise, GaussianNoise
 from dds_fast.training.stages import DEFAULT_VALIDATION_IMAGES, Run, TrainConfig
+from ablate_stage1 import output_file
 from quality import noisy_pairs
 
 SHIPPED = Path(dds_fast.__file__).parent / "weights" / "dds.safetensors"
@@ -76,13 +79,15 @@ def gate_squeeze(model: dds_fast.DDSNet, x: torch.Tensor) -> np.ndarray:
     return seen[0].double().mean(dim=(2, 3)).numpy()
 
 
-def fit_gain(model: dds_fast.DDSNet, config_path: str, crops: int, batch: int = 64) -> tuple:
-    """A ridge fit of the largest route's PSNR gain over the smallest on the gate's squeeze,
-    over ``crops`` crops drawn as the training config's stage 3 draws them: (predict, R^2 on
-    the crops)."""
-    config = TrainConfig(**json.loads(Path(config_path).read_text()))
+def gate_crops(config: TrainConfig):
+    """The training crops as ``config``'s stage 3 draws them."""
     with tempfile.TemporaryDirectory() as run_dir:
-        data = Run(run_dir, config).dataset(config.gate_patch_size)
+        return Run(run_dir, config).dataset(config.gate_patch_size)
+
+
+def fit_gain(model: dds_fast.DDSNet, data, crops: int, batch: int = 64) -> tuple:
+    """A ridge fit of the largest route's PSNR gain over the smallest on the gate's squeeze,
+    over the first ``crops`` of ``data`` (``gate_crops``): (predict, R^2 on the crops)."""
     squeeze, gain = [], []
     for start in range(0, crops, batch):
         noisy, clean = (torch.stack(t) for t in zip(*[data[i][:2] for i in range(start, min(start + batch, crops))]))
@@ -133,7 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--inets", nargs="*", default=[], help="static baselines to compare with")
     parser.add_argument("--fit-config", help="a training config (JSON): fit the gain on its crops")
     parser.add_argument("--fit-crops", type=int, default=4096)
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", type=output_file, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.camera < 0:
         parser.error(f"--camera must be >= 0, got {args.camera}")
@@ -141,10 +146,22 @@ def main(argv=None) -> int:
         parser.error("no noise: give --sigma values or --camera draws")
     if args.fit_crops < 3:
         parser.error(f"--fit-crops must be >= 3, got {args.fit_crops}")
+    if args.fit_config:  # checked now: the fit runs after every route
+        try:
+            fit_data = gate_crops(TrainConfig.from_file(args.fit_config))
+        except (OSError, ValueError) as error:
+            parser.error(f"--fit-config: {error}")
+        if args.fit_crops > len(fit_data):
+            parser.error(f"--fit-crops {args.fit_crops} is more than the {len(fit_data)} crops an epoch of "
+                         f"{args.fit_config} holds (its epoch_patches)")
 
     model = dds_fast.load(args.checkpoint).eval()
     if not isinstance(model, dds_fast.DDSNet):
         parser.error(f"{args.checkpoint} holds a {type(model).__name__}, not a DDSNet")
+    try:  # now, not after every route ran
+        static_nets = [(Path(path).stem, dds_fast.load(path).eval()) for path in args.inets]
+    except (OSError, ValueError) as error:
+        parser.error(f"--inets: {error}")
     started = time.perf_counter()
     pairs, labels = [], []
     noises = [(f"AWGN {sigma:g}", GaussianNoise(sigma), 0) for sigma in args.sigma]
@@ -167,9 +184,8 @@ def main(argv=None) -> int:
         gate_choice = np.array([int(model.gate_forward(noisy[None])[1].choice) for noisy, _ in pairs])
     mean_psnr = route_psnr.mean(axis=0)
     inets = []  # (MACs/pixel, name, PSNR of each pair), ascending in MACs
-    for path in args.inets:
-        inet = dds_fast.load(path).eval()
-        inets.append((macs_per_pixel(inet), Path(path).stem, per_pair_psnr(inet, pairs)))
+    for name, inet in static_nets:
+        inets.append((macs_per_pixel(inet), name, per_pair_psnr(inet, pairs)))
     inets.sort(key=lambda i: i[0])
     inet_macs = np.array([i[0] for i in inets])
     inet_psnr = np.array([i[2].mean() for i in inets])
@@ -205,14 +221,19 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     fit = None
     if args.fit_config:
-        predict, r2 = fit_gain(model, args.fit_config, args.fit_crops)
+        predict, r2 = fit_gain(model, fit_data, args.fit_crops)
         predicted = predict(np.concatenate([gate_squeeze(model, noisy[None]) for noisy, _ in pairs]))
         actual = route_psnr[:, -1] - route_psnr[:, 0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # one pair or a constant gain: NaN, said below
+            correlation = float(np.corrcoef(predicted, actual)[0, 1])
+        correlation = None if math.isnan(correlation) else correlation  # JSON has no NaN
         fit = {"config": args.fit_config, "crops": args.fit_crops, "r2_on_crops": r2,
-               "correlation_on_pairs": float(np.corrcoef(predicted, actual)[0, 1])}
+               "correlation_on_pairs": correlation}
         table += (f"\n\nThe largest route's gain over the smallest, fitted on the gate's squeeze over {args.fit_crops} "
                   f"training crops: R^2 {r2:.3f} there; correlation with the real gain on these pairs "
-                  f"{fit['correlation_on_pairs']:+.3f}.")
+                  + ("undefined (one pair, or the same gain on every pair)." if correlation is None
+                     else f"{correlation:+.3f}."))
     print(f"{len(pairs)} pairs ({', '.join(args.images)}; {len(args.sigma)} AWGN sigmas, {args.camera} camera "
           f"draws) in {time.perf_counter() - started:.0f} s")
     print(table)
@@ -222,7 +243,7 @@ def main(argv=None) -> int:
                   "pairs": labels, "route_psnr": route_psnr.tolist(), "gate_choice": gate_choice.tolist(),
                   "static_macs_per_pixel": static_macs.tolist(), "dynamic_macs_per_pixel": dynamic_macs.tolist(),
                   "rows": rows, "gain_fit": fit, "table": table}
-        Path(args.out).write_text(json.dumps(record, indent=2))
+        Path(args.out).write_text(json.dumps(record, indent=2, allow_nan=False))
     return 0
 
 

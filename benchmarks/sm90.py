@@ -14,6 +14,7 @@ GHz issue 2.1M pixels x 36.5 (8 to 8 channels before v14) in 83 us. The code is 
 GPU machines run 3.6, whose code may differ). Needs TRITON_INTERPRET unset: the interpreter
 picks other tiles.
 """
+import argparse
 import json
 import os
 import re
@@ -150,7 +151,13 @@ def _device() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, no GPU)"
 
 
-def main(out_path: str) -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", default="sm90-forward.json")
+    run(parser.parse_args(argv).out)
+
+
+def run(out_path: str) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("sm90.py builds for a GPU: unset TRITON_INTERPRET")
     import dds_fast.kernels.conv2d as K
@@ -174,4 +181,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "sm90-forward.json")
+    main()

@@ -22,9 +22,9 @@ row's three taps per program against one tap per program.
 The swapped-in choices are restored at the end; rows are written to the JSON as they come,
 so a time limit keeps them. Earlier sweeps' candidates and results are in benchmarks/NOTES.md.
 """
+import argparse
 import json
 import os
-import sys
 from typing import Optional
 
 import torch
@@ -39,10 +39,13 @@ from dds_fast.kernels import conv2d as K  # noqa: E402
 
 DTYPE, BATCH = (torch.float16, 8) if CUDA else (torch.float32, 1)
 # (name, Cmax, size, widths)
-CASES = [("stem", 48, 512, (48,)), ("eight", 8, 512, (8,)), ("narrow", 64, 512, (48, 64)), ("mid", 96, 256, (96,)),
-         ("mid", 192, 128, (192,)), ("wide", 384, 64, (384,)), ("per-image", 64, 512, (16, 64))] if CUDA else [
+GPU_CASES = [("stem", 48, 512, (48,)), ("eight", 8, 512, (8,)), ("narrow", 64, 512, (48, 64)), ("mid", 96, 256, (96,)),
+             ("mid", 192, 128, (192,)), ("wide", 384, 64, (384,)), ("per-image", 64, 512, (16, 64))]
+CASES = GPU_CASES if CUDA else [
     ("stem", 48, 8, (48,)), ("eight", 8, 8, (8,)), ("narrow", 32, 8, (16, 32)), ("wide", 64, 4, (48,)),
     ("per-image", 32, 8, (16,))]
+# a GPU's case names are valid anywhere, so gpu_session.sh's command line runs on a CPU too
+CASE_NAMES = list(dict.fromkeys(name for name, *_ in GPU_CASES)) + ["grad-weight"]
 GRAD_WEIGHT_CASES = [(64, 512, 16), (64, 512, 64), (96, 256, 96)] if CUDA else [(32, 8, 16)]
 
 
@@ -86,7 +89,23 @@ def candidates(case: str, width: int) -> dict:
 GRAD_WEIGHT_CANDIDATES = {"launcher": None, "a tap per program": False}
 
 
-def main(out_path: str, only: Optional[set] = None) -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", default="sweep-forward-tiles.json")
+    # checked below, not by choices=, which refuses an empty list for a "*" positional
+    parser.add_argument("cases", nargs="*", metavar="CASE", help=f"only these, of {', '.join(CASE_NAMES)} "
+                                                                 f"(default: all)")
+    args = parser.parse_args(argv)
+    unknown = [case for case in args.cases if case not in CASE_NAMES]
+    if unknown:
+        parser.error(f"unknown cases {unknown}: choose from {', '.join(CASE_NAMES)}")
+    absent = set(args.cases) - {name for name, *_ in CASES} - {"grad-weight"}
+    if absent:
+        print(f"no CPU case for {', '.join(sorted(absent))}: skipped", flush=True)
+    run(args.out, set(args.cases) or None)
+
+
+def run(out_path: str, only: Optional[set] = None) -> None:
     """Every case, or those named in ``only`` (``grad-weight`` for the grad weight rows)."""
     device = "cuda" if CUDA else "cpu"
     launcher_tiles, launcher_taps, launcher_row_taps = K._tiles, K.TAPS_IN_K_CHANNELS, K.GRAD_WEIGHT_ROW_TAPS
@@ -204,4 +223,4 @@ def main(out_path: str, only: Optional[set] = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "sweep-forward-tiles.json", set(sys.argv[2:]) or None)
+    main()

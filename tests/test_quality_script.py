@@ -80,11 +80,87 @@ def test_ablate_refine_saves_the_refined_ddsnet_with_its_gate(monkeypatch, tmp_p
     checkpoint = save(dds, tmp_path / "dds.safetensors", train_config=dataclasses.asdict(config))
     out = tmp_path / "refined.safetensors"
     assert ablate.main([str(checkpoint), "--steps", "2", "--save", str(out), "--out", str(tmp_path / "r.json")]) == 0
-    with pytest.raises(SystemExit, match="not a file in a folder that exists"):  # before the steps
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # before the steps
         ablate.main([str(checkpoint), "--steps", "2", "--save", str(tmp_path)])
+    assert "not a file in a folder that exists" in capsys.readouterr().err
     refined = load(out)
     after = json.loads((tmp_path / "r.json").read_text())["validation_psnr_after"]
     assert isinstance(refined, DDSNet) and [e.psnr for e in refined.routing_space] == pytest.approx(after)
     for name, tensor in dds.gate.state_dict().items():
         assert torch.equal(refined.gate.state_dict()[name], tensor), name
     assert not torch.equal(refined.supernet.stem_conv.weight, dds.supernet.stem_conv.weight)  # it trained
+
+
+def _no_evaluation(*args, **kwargs):
+    raise AssertionError("the arguments should have been refused before any evaluation")
+
+
+@pytest.mark.parametrize("bad", ["out-folder", "out-parent", "inet-missing", "inet-corrupt", "inets-of-slimnet"])
+def test_quality_refuses_bad_paths_before_evaluating(quality, monkeypatch, tmp_path, capsys, bad):
+    """--out and --inets are used after the whole evaluation (BM3D included): checked first."""
+    monkeypatch.setattr(quality, "evaluate", _no_evaluation)
+    dds = small_ddsnet()
+    checkpoint = str(save(dds, tmp_path / "dds.safetensors"))
+    inet = str(save(dds.supernet, tmp_path / "inet.safetensors"))
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a checkpoint")
+    argv, message = {
+        "out-folder": ([checkpoint, "--out", str(tmp_path)], "not a file in a folder that exists"),
+        "out-parent": ([checkpoint, "--out", str(tmp_path / "no" / "q.json")], "not a file in a folder that exists"),
+        "inet-missing": ([checkpoint, "--inets", inet, str(tmp_path / "gone.safetensors")], "gone.safetensors"),
+        "inet-corrupt": ([checkpoint, "--inets", str(tmp_path / "corrupt.safetensors")], "corrupt.safetensors"),
+        "inets-of-slimnet": ([inet, "--inets", inet], "holds a SlimUNet"),
+    }[bad]
+    with pytest.raises(SystemExit) as exit_:
+        quality.main([*argv, "--images", "coins"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and ("--out" in err if bad.startswith("out") else "--inets" in err)
+
+
+def test_quality_writes_bm3d_s_unknown_macs_as_null(quality, monkeypatch, tmp_path):
+    """JSON has no NaN: the BM3D row's MACs/pixel is null, and any other NaN fails the write."""
+    baseline = quality.Evaluation("BM3D (true sigma)", 30.0, 0.9, float("nan"), 1)
+    monkeypatch.setattr(quality, "bm3d_row", lambda pairs, sigmas: baseline)
+    checkpoint = str(save(small_ddsnet().supernet, tmp_path / "net.safetensors"))
+    out = tmp_path / "quality.json"
+    assert quality.main([checkpoint, "--images", "coins", "--out", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in the JSON")
+
+    rows = json.loads(out.read_text(), parse_constant=refuse)["rows"]
+    assert rows[-1]["name"] == "BM3D (true sigma)" and rows[-1]["macs_per_pixel"] is None
+    baseline.psnr = float("nan")
+    with pytest.raises(ValueError, match="JSON compliant"):
+        quality.main([checkpoint, "--images", "coins", "--out", str(out)])
+
+
+@pytest.mark.parametrize("script", ["ablate_refine", "ablate_slimming"])
+def test_ablations_name_a_checkpoint_without_its_training_options(monkeypatch, tmp_path, capsys, script):
+    ablate = load_benchmark(monkeypatch, script)
+    monkeypatch.setattr(ablate, "Run", _no_evaluation)
+    checkpoint = str(save(small_ddsnet(), tmp_path / "dds.safetensors"))  # no train_config metadata
+    with pytest.raises(SystemExit) as exit_:
+        ablate.main([checkpoint])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert checkpoint in err and "train_config" in err
+
+
+@pytest.mark.parametrize("script", ["ablate_refine", "ablate_slimming"])
+def test_ablations_check_out_before_any_work(monkeypatch, tmp_path, capsys, script):
+    ablate = load_benchmark(monkeypatch, script)
+    monkeypatch.setattr(ablate.dds_fast, "load", _no_evaluation)
+    with pytest.raises(SystemExit) as exit_:
+        ablate.main([str(tmp_path / "any.safetensors"), "--out", str(tmp_path / "no" / "r.json")])
+    assert exit_.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_ablate_refine_refuses_zero_steps_by_name(monkeypatch, tmp_path, capsys):
+    ablate = load_benchmark(monkeypatch, "ablate_refine")
+    monkeypatch.setattr(ablate.dds_fast, "load", _no_evaluation)
+    with pytest.raises(SystemExit) as exit_:
+        ablate.main([str(tmp_path / "any.safetensors"), "--steps", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--steps" in err and "checkpoint_every" not in err

@@ -110,3 +110,54 @@ def test_script_fits_the_gain_on_training_crops(headroom, tmp_path):
     fit = json.loads(out.read_text())["gain_fit"]
     assert fit["crops"] == 40 and 0 <= fit["r2_on_crops"] <= 1
     assert -1 <= fit["correlation_on_pairs"] <= 1
+
+
+def _no_routes(*args, **kwargs):
+    raise AssertionError("the arguments should have been refused before the routes ran")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"epoch_patches": 0}, "epoch_patches must be >= 1"),  # TrainConfig's own checks
+    ({"no_such_option": 1}, "unknown training options"),
+    ({"epoch_patches": 16}, "--fit-crops 40 is more than the 16 crops"),
+    ("missing", "cannot read training config"),
+])
+def test_script_checks_the_fit_config_before_the_routes(headroom, monkeypatch, tmp_path, capsys, bad, message):
+    monkeypatch.setattr(headroom, "per_pair_psnr", _no_routes)
+    checkpoint = save(small_ddsnet(), tmp_path / "dds.safetensors")
+    config = tmp_path / "train.json"
+    if bad != "missing":
+        config.write_text(json.dumps({"arch": "SlimUNet", "channels": 3, "base_width": 8, "depth": 2,
+                                      "gate_patch_size": 16, "batch_size": 4, "gate_batch_size": 4, **bad}))
+    with pytest.raises(SystemExit) as exit_:
+        headroom.main([str(checkpoint), "--images", "coins", "--fit-config", str(config), "--fit-crops", "40"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and ("--fit-config" in err or "--fit-crops" in err)
+
+
+@pytest.mark.parametrize("bad", ["out", "inets"])
+def test_script_checks_its_paths_before_the_routes(headroom, monkeypatch, tmp_path, capsys, bad):
+    monkeypatch.setattr(headroom, "per_pair_psnr", _no_routes)
+    checkpoint = save(small_ddsnet(), tmp_path / "dds.safetensors")
+    argv = {"out": ["--out", str(tmp_path / "no" / "headroom.json")],
+            "inets": ["--inets", str(tmp_path / "gone.safetensors")]}[bad]
+    with pytest.raises(SystemExit) as exit_:
+        headroom.main([str(checkpoint), "--images", "coins", *argv])
+    assert exit_.value.code == 2 and f"--{bad}" in capsys.readouterr().err
+
+
+def test_script_writes_an_undefined_correlation_as_null(headroom, tmp_path, capsys):
+    """One pair has no correlation: null in the JSON (which has no NaN), "undefined" in the table."""
+    checkpoint = save(small_ddsnet(), tmp_path / "dds.safetensors")
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"arch": "SlimUNet", "channels": 3, "base_width": 8, "depth": 2,
+                                  "gate_patch_size": 16, "batch_size": 4, "gate_batch_size": 4, "epoch_patches": 8}))
+    out = tmp_path / "headroom.json"
+    assert headroom.main([str(checkpoint), "--images", "coins", "--sigma", "25", "--camera", "0",
+                          "--fit-config", str(config), "--fit-crops", "8", "--out", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in the JSON")
+
+    assert json.loads(out.read_text(), parse_constant=refuse)["gain_fit"]["correlation_on_pairs"] is None
+    assert "correlation with the real gain on these pairs undefined" in capsys.readouterr().out
