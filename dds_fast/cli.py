@@ -286,11 +286,15 @@ def cmd_denoise(args) -> int:
               f"a gray image's is the same in all three, and the model keeps much of it (the shipped model gains "
               f"about 1.4 dB at AWGN sigma 25 on gray photos, against 10 dB on colour ones). A model trained "
               f"with --channels 1, or with 'gray' noise mixed in, denoises gray images.", file=sys.stderr)
-    if model.in_channels == 1 and image.shape[0] == 3:  # a gray model denoises each colour plane alone
-        output = torch.cat([denoise(model, plane, tile=args.tile, overlap=args.overlap) for plane in image[:, None]])
-    else:
-        output = to_channels(denoise(model, to_channels(image, model.in_channels), tile=args.tile,
-                                     overlap=args.overlap).float(), image.shape[0])
+    # a gray model denoises each colour plane alone
+    planes = image[:, None] if model.in_channels == 1 else to_channels(image, model.in_channels)[None]
+    # the gate's squeeze of the whole image, tile by tile: once, for the tiles and the route report
+    means = model.stem_means(planes, args.tile) if getattr(model, "uses_stem_means", False) else None
+    progress = sys.stderr.isatty()
+    output = torch.cat([denoise(model, plane, tile=args.tile, overlap=args.overlap, progress=progress,
+                                stem_means=None if means is None else means[index:index + 1]).float()
+                        for index, plane in enumerate(planes)])
+    output = to_channels(output, image.shape[0])
     if alpha is not None:
         output = torch.cat([output, alpha])
     profile = read_icc_profile(args.input)  # the colours the pixels mean
@@ -302,12 +306,8 @@ def cmd_denoise(args) -> int:
     save_image(args.output, output, 16 if bits == 16 and Path(args.output).suffix.lower() == ".png" else 8,
                icc_profile=profile)
     if isinstance(model, DDSNet) and args.budget is None:
-        planes = image[:, None] if model.in_channels == 1 else to_channels(image, model.in_channels)[None]
-        # the gate's choice from the whole image's squeeze, as denoise routes its tiles: no full-size stem output
-        means = model.stem_means(planes, args.tile)
-        choice = model.gate(means[:, :, None, None], means=means).choice.tolist()
-        macs = sum(model.dynamic_macs_per_pixel[k] for k in choice) / len(choice)
-        print(f"dynamic mode: routed to {macs:,.0f} MACs/pixel")
+        macs = model.routed_macs(planes, stem_means=means)
+        print(f"dynamic mode: routed to {sum(macs) / len(macs):,.0f} MACs/pixel")
     print(f"wrote {args.output}")
     return 0
 
@@ -396,6 +396,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CheckpointError, OSError, ValueError) as error:  # bad input or missing files: no traceback
         print(f"dds-fast: error: {error}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as error:
+        # torch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (one too)
+        if not isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) and "can't allocate memory" not in str(error):
+            raise
+        first_line = (str(error) or type(error).__name__).splitlines()[0]
+        print(f"dds-fast: error: out of memory ({first_line}): a smaller --tile (denoise) or batch size needs less",
+              file=sys.stderr)
         return 2
 
 

@@ -82,7 +82,8 @@ def _tiled_stem_means(supernet: SlimNet, x: torch.Tensor, block: int) -> torch.T
                     y0, x0 = max(0, top - radius), max(0, left - radius)
                     out = supernet.stem(padded[..., y0:min(h, top + block + radius), x0:min(w, left + block + radius)])
                     core = out[..., top - y0:top - y0 + block, left - x0:left - x0 + block]
-                    total += core.sum(dim=(2, 3), dtype=torch.float64)
+                    # an fp32 sum per block (a float64 one ran 8x slower on a CPU), then added in float64
+                    total += core.sum(dim=(2, 3), dtype=torch.promote_types(core.dtype, torch.float32))
                     pixels += core.shape[-2] * core.shape[-1]
     finally:
         if masked:
@@ -178,6 +179,11 @@ class AttentionSupernet(nn.Module):
     def stem_means(self, x: torch.Tensor, block: int = 512) -> torch.Tensor:
         """What the gate squeezes from ``x`` (``DDSNet.stem_means``), for ``forward(..., stem_means=)``."""
         return _tiled_stem_means(self.supernet, x, block)
+
+    @property
+    def uses_stem_means(self) -> bool:
+        """Whether ``forward`` reads the gate's squeeze (``DDSNet.uses_stem_means``): always."""
+        return True
 
     def forward(self, x: torch.Tensor, stem_means: torch.Tensor | None = None) -> torch.Tensor:
         """``stem_means``: the gate's squeeze to use instead of ``x``'s own (``stem_means``)."""
@@ -352,6 +358,12 @@ class DDSNet(nn.Module):
         tiles leave no seams (``evaluate.denoise``)."""
         return _tiled_stem_means(self.supernet, x, block)
 
+    @property
+    def uses_stem_means(self) -> bool:
+        """Whether ``forward`` reads the gate's squeeze: in dynamic mode, and in budget mode
+        with the attention head on; not in budget mode without it (the config alone runs)."""
+        return self._budget_index is None or self.gate.attention
+
     def gate_forward(self, x: torch.Tensor, stem_means: torch.Tensor | None = None) -> tuple[torch.Tensor, GateOutput]:
         """The padded input's full-width stem through the gate: (padded input, gate output).
         On the kernels, the stem conv's epilogue also sums its output's channels, which the
@@ -370,17 +382,27 @@ class DDSNet(nn.Module):
         return padded, self.gate(features, channel_sums=sums)
 
     @torch.no_grad()
-    def route(self, x: torch.Tensor) -> list[RoutingEntry]:
+    def route(self, x: torch.Tensor, stem_means: torch.Tensor | None = None) -> list[RoutingEntry]:
         """The routing entry (config and MACs/pixel) each image of ``x`` would run (the
         entry's own MACs; ``routed_macs`` adds the full-width stem the gate reads). Call it in
-        eval mode: in train mode the gate's BatchNorm uses, and updates, batch statistics."""
+        eval mode: in train mode the gate's BatchNorm uses, and updates, batch statistics.
+        ``stem_means`` (``stem_means(x)``, for a large image) route without running the stem
+        over the whole of ``x`` at once."""
         if self._budget_index is not None:
             self.supernet.check_input(x)
             return [self.routing_space[self._budget_index]] * len(x)
         if self._empty_batch(x):
             return []
-        _, gate_out = self.gate_forward(x)
-        return [self.routing_space[i] for i in gate_out.choice.tolist()]
+        if stem_means is None:
+            choice = self.gate_forward(x)[1].choice
+        else:
+            self.supernet.check_input(x)
+            if not isinstance(stem_means, torch.Tensor) or stem_means.dim() != 2 or len(stem_means) != len(x):
+                got = tuple(stem_means.shape) if isinstance(stem_means, torch.Tensor) else type(stem_means).__name__
+                raise ValueError(f"DDSNet: stem_means must be [{len(x)}, {self.gate.channels}], one row per image, "
+                                 f"got {got}")
+            choice = self.gate(stem_means[:, :, None, None], means=stem_means).choice
+        return [self.routing_space[i] for i in choice.tolist()]
 
     def _empty_batch(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is a valid input that holds no image."""
@@ -389,14 +411,14 @@ class DDSNet(nn.Module):
             return True
         return False
 
-    def routed_macs(self, x: torch.Tensor) -> list[float]:
+    def routed_macs(self, x: torch.Tensor, stem_means: torch.Tensor | None = None) -> list[float]:
         """MACs/pixel each image of ``x`` costs in the current mode: the routed config plus,
         where the gate runs (dynamic mode, or static mode with attention on), the full-width
-        stem it reads."""
+        stem it reads. ``stem_means`` as in ``route``."""
         if self._budget_index is not None:
             self.supernet.check_input(x)
             return [self.static_macs_per_pixel(self._budget_index)] * len(x)
-        return [self.dynamic_macs_per_pixel[self.routing_space.index(e)] for e in self.route(x)]
+        return [self.dynamic_macs_per_pixel[self.routing_space.index(e)] for e in self.route(x, stem_means)]
 
     def _width_table(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[SlimConv2d, slice, int, tuple]]]:
         """An int32 [E, columns] table on ``device`` holding, for each conv of the body, its

@@ -7,6 +7,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .config import checked_int
 from .cost import macs_per_pixel
@@ -38,7 +39,8 @@ def _as_batch(image: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int | None = None) -> torch.Tensor:
+def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int | None = None,
+            stem_means: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
     """Denoise one image [C, H, W] (or [1, C, H, W]); images larger than ``tile`` are cut
     into tiles with ``overlap`` pixels of context on each side, so memory stays bounded.
     The default overlap is the model's ``receptive_radius``, with which the tiles give the
@@ -47,16 +49,18 @@ def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int
     Tiles start on multiples of the model's ``size_multiple`` (its downsampling factor), so
     each sees the pixel grid the whole image would: the overlap is rounded up and the step
     down to that multiple. A model with a gate (a DDSNet, an AttentionSupernet) gives every
-    tile the gate's squeeze of the whole image (``stem_means``, computed tile by tile), so
-    that each tile is routed and scaled as the whole image is."""
+    tile the gate's squeeze of the whole image (``stem_means``, computed tile by tile unless
+    the caller has them), so that each tile is routed and scaled as the whole image is.
+    ``progress``: a progress bar over the tiles on stderr."""
     tile = checked_int(tile, "tile", "denoise")
     overlap = None if overlap is None else checked_int(overlap, "overlap", "denoise", low=0)
     x = _as_batch(noisy)
     if 0 in x.shape[-2:]:
         raise ValueError(f"denoise: the image is empty, shape {tuple(noisy.shape)}")
     h, w = x.shape[-2:]
+    gate = {} if stem_means is None else {"stem_means": stem_means}
     if h <= tile and w <= tile:
-        return model(x)[0]
+        return model(x, **gate)[0]
     if overlap is None:
         if not hasattr(model, "receptive_radius"):
             raise ValueError(f"denoise: {type(model).__name__} has no receptive_radius to size the tiles' overlap "
@@ -69,19 +73,20 @@ def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int
         raise ValueError(f"denoise: a tile of {tile} pixels leaves no core after {overlap} pixels of overlap on "
                          f"each side (rounded up to the model's size multiple {multiple}); use a larger tile "
                          f"(--tile) or, at the cost of seams, a smaller overlap (--overlap)")
-    gate = {"stem_means": model.stem_means(x, tile)} if hasattr(model, "stem_means") else {}
+    if stem_means is None and getattr(model, "uses_stem_means", False):
+        gate = {"stem_means": model.stem_means(x, tile)}
     out = None
-    for top in range(0, h, step):
-        for left in range(0, w, step):
-            # the tile with its context, clipped to the image; keep only its core
-            y0, x0 = max(0, top - overlap), max(0, left - overlap)
-            y1, x1 = min(h, top + step + overlap), min(w, left + step + overlap)
-            result = model(x[..., y0:y1, x0:x1], **gate)
-            if out is None:  # the model's output channels and dtype, not the input's
-                out = result.new_empty((1, result.shape[1], h, w))
-            core_h, core_w = min(step, h - top), min(step, w - left)
-            out[..., top:top + core_h, left:left + core_w] = result[..., top - y0:top - y0 + core_h,
-                                                                     left - x0:left - x0 + core_w]
+    corners = [(top, left) for top in range(0, h, step) for left in range(0, w, step)]
+    for top, left in tqdm(corners, desc="tiles", unit="tile", disable=not progress, leave=False):
+        # the tile with its context, clipped to the image; keep only its core
+        y0, x0 = max(0, top - overlap), max(0, left - overlap)
+        y1, x1 = min(h, top + step + overlap), min(w, left + step + overlap)
+        result = model(x[..., y0:y1, x0:x1], **gate)
+        if out is None:  # the model's output channels and dtype, not the input's
+            out = result.new_empty((1, result.shape[1], h, w))
+        core_h, core_w = min(step, h - top), min(step, w - left)
+        out[..., top:top + core_h, left:left + core_w] = result[..., top - y0:top - y0 + core_h,
+                                                                 left - x0:left - x0 + core_w]
     return out[0]
 
 
@@ -96,10 +101,12 @@ def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]
     for noisy, clean in pairs:
         noisy = _as_batch(noisy).to(device)
         clean = _as_batch(clean)
-        output = denoise(model, noisy, tile).float().cpu()
+        # the gate's squeeze of the whole image, tile by tile, once for the output and the route
+        means = model.stem_means(noisy, tile) if getattr(model, "uses_stem_means", False) else None
+        output = denoise(model, noisy, tile, stem_means=means).float().cpu()
         scores.append((psnr(output, clean[0]), ssim(output, clean[0])))
         if isinstance(model, DDSNet):
-            macs.append(model.routed_macs(noisy)[0])
+            macs.append(model.routed_macs(noisy, stem_means=means)[0])
         elif len(macs) == 0:
             # a model without in_channels (any module, a baseline) is counted on the first image
             shape = None if hasattr(model, "in_channels") else tuple(noisy.shape[1:])

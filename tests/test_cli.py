@@ -288,3 +288,22 @@ def test_bench_rejects_a_device_this_machine_lacks_before_benchmarking(tmp_path,
         assert main(["bench", "--device", "cuda", "--out", str(out)]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "4800000000 bytes. Error code 12"),
+                                   torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   MemoryError()])
+def test_running_out_of_memory_is_an_error_without_a_traceback(error, monkeypatch, capsys, tmp_path):
+    import dds_fast.cli
+
+    def exhausted(args):
+        raise error
+
+    monkeypatch.setattr(dds_fast.cli, "cmd_info", exhausted)
+    assert main(["info", str(tmp_path / "any.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dds-fast: error: out of memory (") and "smaller --tile" in err
+    monkeypatch.setattr(dds_fast.cli, "cmd_info", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # other runtime errors keep their traceback
+        main(["info", "x"])

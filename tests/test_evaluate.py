@@ -215,6 +215,55 @@ def test_denoise_command_reports_the_route_of_a_tiled_image_as_of_the_whole(tmp_
         assert f"dynamic mode: routed to {dds.dynamic_macs_per_pixel[1]:,.0f} MACs/pixel" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("budget, squeezes", [(None, 1), (1e9, 0)])
+def test_denoise_command_squeezes_the_whole_image_once_and_only_when_routed(tmp_path, monkeypatch, budget, squeezes):
+    """The route report reused the tiles' squeeze (a second stem pass over the whole image
+    ran 6% of a 12 MP denoise), and budget mode without attention, which runs its config
+    alone, needs none (14% of a denoise)."""
+    dds = ddsnet()
+    checkpoint = dds_fast.save(dds, tmp_path / "dds.safetensors")
+    source = save_image(tmp_path / "in.png", torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(3)))
+    calls = []
+    squeeze = DDSNet.stem_means
+    monkeypatch.setattr(DDSNet, "stem_means", lambda self, *args: calls.append(1) or squeeze(self, *args))
+    argv = ["denoise", str(source), "-o", str(tmp_path / "out.png"), "--checkpoint", str(checkpoint), "--tile", "24",
+            "--overlap", "4"] + ([] if budget is None else ["--budget", str(budget)])
+    assert main(argv) == 0
+    assert len(calls) == squeezes
+
+
+def test_evaluate_routes_a_large_image_tile_by_tile():
+    """Its route came from the stem over the whole image at once (3.6 GB more at 4096x4096)."""
+    model = gated_unet(attention=False)
+    x = half_dark_image()
+    sides = []
+    gate_forward = model.gate_forward
+    model.gate_forward = lambda inputs, *args: sides.append(max(inputs.shape[-2:])) or gate_forward(inputs, *args)
+    result = evaluate(model, [(x, x)], tile=64)
+    assert sides and max(sides) <= 64
+    expected = model.dynamic_macs_per_pixel[model.routing_space.index(model.route(x[None])[0])]
+    assert result.macs_per_pixel == expected
+
+
+def test_route_from_given_means_is_the_route_of_the_image():
+    model = gated_unet(attention=False)
+    x = half_dark_image()[None]
+    means = model.stem_means(x, 32)
+    assert model.route(x, stem_means=means) == model.route(x)
+    assert model.routed_macs(x, stem_means=means) == model.routed_macs(x)
+    with pytest.raises(ValueError, match=r"stem_means must be \[1, 16\], one row per image, got \(2, 16\)"):
+        model.route(x, stem_means=means.expand(2, -1))
+
+
+def test_denoise_shows_its_progress_over_tiles_when_asked(capsys):
+    model = far_reaching_unet(depth=2)
+    x = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(1))
+    denoise(model, x, tile=32, overlap=4, progress=True)
+    assert "tiles" in capsys.readouterr().err
+    denoise(model, x, tile=32, overlap=4)
+    assert capsys.readouterr().err == ""
+
+
 def test_denoise_command_warns_that_a_colour_model_keeps_a_gray_images_noise(tmp_path, capsys):
     checkpoint = dds_fast.save(net(), tmp_path / "net.safetensors")
     for channels, warned in ((1, True), (3, False)):
