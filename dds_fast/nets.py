@@ -20,8 +20,13 @@ ARCHITECTURES: dict[str, type] = {}
 
 
 def register_architecture(cls):
-    """Make ``cls`` loadable from a checkpoint by its class name."""
-    ARCHITECTURES[cls.__name__] = cls
+    """Make ``cls`` loadable from a checkpoint by its class name, which no other class may
+    hold already: every checkpoint of that name would then build the newcomer."""
+    taken = ARCHITECTURES.get(cls.__name__)
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"register_architecture: the name {cls.__name__} is taken by {taken.__module__}."
+                         f"{taken.__qualname__}; give {cls.__module__}.{cls.__qualname__} another name")
+    ARCHITECTURES[cls.__name__] = cls  # (the same class again: a module reloaded)
     return cls
 
 

@@ -377,3 +377,17 @@ def test_a_long_file_name_is_saved(net, tmp_path):
     path = tmp_path / ("n" * 230 + ".safetensors")
     save(net, path)
     assert os.listdir(tmp_path) == [path.name] and load(path).get_config() == net.get_config()
+
+
+def test_an_architecture_name_cannot_be_taken_twice():
+    """A user's class registered as SlimUNet built every SlimUNet checkpoint, the shipped
+    model's super-network included."""
+    from dds_fast import ARCHITECTURES, register_architecture
+
+    class SlimUNet(dds_fast.SlimUNet):
+        pass
+
+    with pytest.raises(ValueError, match="the name SlimUNet is taken by dds_fast.nets.SlimUNet; give "):
+        register_architecture(SlimUNet)
+    assert ARCHITECTURES["SlimUNet"] is dds_fast.SlimUNet
+    assert register_architecture(dds_fast.SlimUNet) is dds_fast.SlimUNet
