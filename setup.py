@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         "bench": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "imageio"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "matplotlib", "imageio"],
     },
     entry_points={"console_scripts": ["dds-fast=dds_fast.cli:main"]},
 )

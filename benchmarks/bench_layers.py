@@ -6,7 +6,7 @@ shape plus bias and activation, (c) torch.compile of (b). On a GPU: fp16, bf16 a
 256x256 and 512x512, batch 1 and 16, Cmax 64. Without a GPU one tiny fp32 case runs (the
 Triton variant under the interpreter) so CI exercises the code, not the speed.
 
-Run on a GPU: pytest benchmarks/bench_layers.py --benchmark-enable --benchmark-json=OUT.json
+Run on a GPU: pytest benchmarks/bench_layers.py -n 0 --benchmark-enable --benchmark-json=OUT.json
 """
 import pytest
 import torch

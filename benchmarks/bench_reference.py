@@ -1,6 +1,6 @@
 """Overhead of SlimConv2d's reference path over a plain nn.Conv2d at full width (CPU).
 
-Run: pytest benchmarks/bench_reference.py --benchmark-enable
+Run: pytest benchmarks/bench_reference.py -n 0 --benchmark-enable
 The goal (Foundation issue) is under 5%: the reference path adds only Python checks, and
 at full width passes the Parameter itself to the convolution.
 

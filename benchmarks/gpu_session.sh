@@ -72,7 +72,7 @@ cat "$R/device.txt"
 graphed_or_eager() {
   step "graph-captured training steps against eager ones (the training below replays them)"
   # -v: each result is printed as it comes, so a step stopped at its limit keeps those before
-  timeout -k 10 -s INT 90 python3 -m pytest -v -p no:cacheprovider tests/test_graphed.py -k gpu \
+  timeout -k 10 -s INT 90 python3 -m pytest -v -n 0 -p no:cacheprovider tests/test_graphed.py -k gpu \
     > "$R/tests_graphed.txt" 2>&1
   quiet_gpu
   grep -E "PASSED|FAILED|ERROR|passed|failed" "$R/tests_graphed.txt" | tail -6
@@ -123,7 +123,7 @@ fi
 
 if [ "$MODE" = verify ]; then
   step "the fast layout's tile test alone, then the tests that touch a kernel (8 workers)"
-  capped 45 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels_conv2d.py \
+  capped 45 python3 -m pytest -q -n 0 -p no:cacheprovider -rA tests/test_kernels_conv2d.py \
     -k fast_layout_tiles > "$R/tests_fast_layout.txt" 2>&1
   quiet_gpu
   grep -E "PASSED|FAILED|passed|failed" "$R/tests_fast_layout.txt" | tail -4
@@ -218,7 +218,8 @@ timeout -k 15 -s INT 140 python3 -m dds_fast bench --full --no-compile --cuda-gr
   --batch 1 --batch 16 --out "$R/bench" > "$R/bench.txt" 2>&1
 tail -70 "$R/bench.txt"
 
-BENCH="--benchmark-enable --benchmark-max-time=0.1 --benchmark-min-rounds=20 --benchmark-columns=median,iqr,rounds --benchmark-group-by=group -p no:cacheprovider"
+# -n 0: one process (pytest.ini asks xdist for every core, under which pytest-benchmark times nothing)
+BENCH="-n 0 --benchmark-enable --benchmark-max-time=0.1 --benchmark-min-rounds=20 --benchmark-columns=median,iqr,rounds --benchmark-group-by=group -p no:cacheprovider"
 step "pytest-benchmark: gate, network configs at batch 1 and 8, dynamic mode, graphs, training step"
 timeout -k 15 -s INT 120 python3 -m pytest -q benchmarks/bench_network.py $BENCH \
   --benchmark-json="$R/bench_network.json" > "$R/bench_network.txt" 2>&1

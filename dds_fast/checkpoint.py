@@ -125,9 +125,11 @@ def _tensors_of(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return metadata, tensors
 
 
-def _metadata_of(data: bytes) -> dict[str, str]:
+def _metadata_of(data: bytes, file_size: int | None = None) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file from its first bytes (8 bytes of header
-    length, then the JSON header)."""
+    length, then the JSON header); ``file_size`` (default ``len(data)``) must hold the tensor
+    data the header places after it."""
+    file_size = len(data) if file_size is None else file_size
     if len(data) < 8:
         raise ValueError(f"{len(data)} bytes, too short for a safetensors header")
     size = int.from_bytes(data[:8], "little")
@@ -140,6 +142,13 @@ def _metadata_of(data: bytes) -> dict[str, str]:
     metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError("its header's __metadata__ is not a map of strings")
+    try:
+        end = max([entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"], default=0)
+    except (TypeError, KeyError, IndexError):
+        raise ValueError("its header holds a tensor entry without data offsets") from None
+    if not isinstance(end, int) or 8 + size + end > file_size:
+        raise ValueError(f"its tensors end at byte {8 + size + end if isinstance(end, int) else end}; the file "
+                         f"holds {file_size} (truncated?)")
     return metadata
 
 
@@ -163,8 +172,12 @@ def remove_leftovers(path: str | os.PathLike) -> None:
 
 
 def _temp_prefix(path: Path) -> str:
-    # the name cut short: the temporary's own additions must not overrun the file system's limit
-    return f".{path.name[:100]}."
+    # a long name cut to 100 bytes, so that the temporary's additions fit the file system's 255,
+    # with a digest of the whole name, so that no other file's temporaries match it
+    name = os.fsencode(path.name)
+    if len(name) <= 100:
+        return f".{path.name}."
+    return f".{name[:88].decode(errors='ignore')}-{hashlib.sha256(name).hexdigest()[:10]}."
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -229,9 +242,13 @@ def read_metadata(path: str | os.PathLike) -> dict:
     (and OSError, such as PermissionError, for one that cannot be opened)."""
     path = _existing_file(path)
     with open(path, "rb") as f:  # the header alone: a training state's tensors can be large
-        head = f.read(8)
-        head += f.read(min(int.from_bytes(head, "little"), _MAX_HEADER)) if len(head) == 8 else b""
-    return _decoded(path, _header_of(path, head))
+        return _decoded(path, _header_of(path, _read_head(f), os.fstat(f.fileno()).st_size))
+
+
+def _read_head(f) -> bytes:
+    """The 8-byte length and the JSON header at the start of an open safetensors file."""
+    head = f.read(8)
+    return head + (f.read(min(int.from_bytes(head, "little"), _MAX_HEADER)) if len(head) == 8 else b"")
 
 
 def _existing_file(path: str | os.PathLike) -> Path:
@@ -242,9 +259,9 @@ def _existing_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def _header_of(path: Path, data: bytes) -> dict[str, str]:
+def _header_of(path: Path, data: bytes, file_size: int) -> dict[str, str]:
     try:
-        return _metadata_of(data)
+        return _metadata_of(data, file_size)
     except ValueError as error:
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file "
                               f"(truncated or corrupt?): {error}") from None
@@ -285,10 +302,13 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"load: map_location {map_location!r} is not a torch device: {error}") from None
     path = _existing_file(path)
-    # one read: the header and the tensors of one version of the file, in memory (a memory map
-    # would let a later write to the file change the model's weights under it)
-    data = path.read_bytes()
-    meta = _decoded(path, _header_of(path, data))
+    # the header, then the whole file, from one open file (one version of it, whatever writes
+    # to the path meanwhile), read into memory (a memory map would let a later write to the file
+    # change the model's weights under it)
+    with open(path, "rb") as f:
+        meta = _decoded(path, _header_of(path, _read_head(f), os.fstat(f.fileno()).st_size))
+        f.seek(0)
+        data = f.read()
     expected = arch.__name__ if isinstance(arch, type) else arch
     if expected is not None and expected != meta["arch"]:
         raise CheckpointError(f"checkpoint {path} holds a {meta['arch']}, not a {expected}")

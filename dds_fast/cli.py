@@ -288,8 +288,9 @@ def cmd_denoise(args) -> int:
               f"with --channels 1, or with 'gray' noise mixed in, denoises gray images.", file=sys.stderr)
     # a gray model denoises each colour plane alone
     planes = image[:, None] if model.in_channels == 1 else to_channels(image, model.in_channels)[None]
-    # the gate's squeeze of the whole image, tile by tile: once, for the tiles and the route report
-    means = model.stem_means(planes, args.tile) if getattr(model, "uses_stem_means", False) else None
+    # dynamic mode: the gate's squeeze of the whole image, tile by tile, once, for the tiles and the
+    # route report (other models squeeze as they need: never in budget mode without attention)
+    means = model.stem_means(planes, args.tile) if isinstance(model, DDSNet) and args.budget is None else None
     progress = sys.stderr.isatty()
     output = torch.cat([denoise(model, plane, tile=args.tile, overlap=args.overlap, progress=progress,
                                 stem_means=None if means is None else means[index:index + 1]).float()

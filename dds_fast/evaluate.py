@@ -101,8 +101,10 @@ def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]
     for noisy, clean in pairs:
         noisy = _as_batch(noisy).to(device)
         clean = _as_batch(clean)
-        # the gate's squeeze of the whole image, tile by tile, once for the output and the route
-        means = model.stem_means(noisy, tile) if getattr(model, "uses_stem_means", False) else None
+        # a DDSNet's route: from the gate's squeeze of the whole image, tile by tile, shared with the
+        # tiles (an image within one tile is routed as a whole, by its own forward)
+        routed = isinstance(model, DDSNet) and model.budget_index is None and max(noisy.shape[-2:]) > tile
+        means = model.stem_means(noisy, tile) if routed else None
         output = denoise(model, noisy, tile, stem_means=means).float().cpu()
         scores.append((psnr(output, clean[0]), ssim(output, clean[0])))
         if isinstance(model, DDSNet):

@@ -167,11 +167,15 @@ class DynamicGate(nn.Module):
 
     @staticmethod
     def _linear(layer: nn.Linear, r: torch.Tensor) -> torch.Tensor:
+        if layer.weight.dtype == r.dtype:  # (a .to() that changes nothing still costs host time)
+            return layer(r)
         return F.linear(r, layer.weight.to(r.dtype), layer.bias.to(r.dtype))
 
     def _batch_norm(self, h: torch.Tensor) -> torch.Tensor:
         bn = self.bn
-        if bn.weight.dtype == h.dtype or bn.training:  # training updates its statistics in place
+        if bn.weight.dtype == h.dtype:
+            return bn(h)
+        if bn.training:  # (it updates its running statistics in place: in their own dtype)
             return bn(h.to(bn.weight.dtype)).to(h.dtype)
         return F.batch_norm(h, bn.running_mean.to(h.dtype), bn.running_var.to(h.dtype), bn.weight.to(h.dtype),
                             bn.bias.to(h.dtype), False, 0.0, bn.eps)
@@ -181,12 +185,13 @@ class DynamicGate(nn.Module):
         kernel computes it: in fp16 a BatchNorm of small running variance overflows in the
         prediction head, and the route would depend on which path ran."""
         dtype = self._head_dtype()
-        u = x.mean(dim=(2, 3), dtype=dtype) if means is None else means.to(dtype)
+        u = x.mean(dim=(2, 3), dtype=dtype) if means is None else means if means.dtype == dtype else means.to(dtype)
         return F.relu(self._linear(self.fc1, u))
 
     def _excite(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = 1 + torch.tanh(self._linear(self.fc2, r))
-        return (x * scale[:, :, None, None]).to(x.dtype), scale
+        features = x * scale[:, :, None, None]
+        return features if features.dtype == x.dtype else features.to(x.dtype), scale
 
     def attend(self, x: torch.Tensor, means: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention head alone, through the reference ops with autograd: ``(X~, scale)``.

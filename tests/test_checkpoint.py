@@ -371,12 +371,32 @@ def test_saving_over_a_file_keeps_its_permissions_and_through_a_link_keeps_the_l
     assert load(link).get_config() == net.get_config()
 
 
-def test_a_long_file_name_is_saved(net, tmp_path):
+def test_long_file_names_are_saved_and_their_leftovers_kept_apart(net, tmp_path):
     """The temporary file's name adds to the target's: it must stay within the file system's
-    255 bytes for a name that fits them."""
-    path = tmp_path / ("n" * 230 + ".safetensors")
-    save(net, path)
-    assert os.listdir(tmp_path) == [path.name] and load(path).get_config() == net.get_config()
+    255 bytes for a name that fits them (in bytes: 78 x 'あ' is 234), and names alike in their
+    first bytes must not share temporaries, which remove_leftovers of one would delete."""
+    from dds_fast.checkpoint import atomic_write, remove_leftovers
+
+    for name in ("n" * 230 + ".safetensors", "あ" * 78 + ".safetensors"):
+        path = tmp_path / name
+        save(net, path)
+        assert path.name in os.listdir(tmp_path) and load(path).get_config() == net.get_config()
+    first, second = tmp_path / ("r" * 120 + "-seed1.json"), tmp_path / ("r" * 120 + "-seed2.json")
+
+    def interrupted(tmp):  # a writer of `second` still at work while `first`'s cleans up
+        remove_leftovers(first)
+        assert tmp.exists()
+        tmp.write_text("{}")
+
+    atomic_write(second, interrupted)
+    assert second.read_text() == "{}"
+
+
+def test_read_metadata_notices_a_truncated_file(net, tmp_path):
+    path = save(net, tmp_path / "model.safetensors")
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=f"{path} is not a readable .*truncated"):
+        read_metadata(path)
 
 
 def test_an_architecture_name_cannot_be_taken_twice():

@@ -72,11 +72,13 @@ def _device(generator: torch.Generator | None, like: torch.Tensor) -> torch.devi
 # Draws are made in fp32 whatever the image's dtype, so that a seed gives the same noise to
 # an fp64 (or half) image as to an fp32 one: torch's fp64 stream is another.
 def _rand(shape, generator, like: torch.Tensor) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=_device(generator, like)).to(like.device, like.dtype)
+    return torch.rand(shape, generator=generator, device=_device(generator, like), dtype=torch.float32).to(
+        like.device, like.dtype)
 
 
 def _randn(shape, generator, like: torch.Tensor) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=_device(generator, like)).to(like.device, like.dtype)
+    return torch.randn(shape, generator=generator, device=_device(generator, like), dtype=torch.float32).to(
+        like.device, like.dtype)
 
 
 def _uniform(n: int, lo: float, hi: float, generator, like: torch.Tensor) -> torch.Tensor:
