@@ -72,6 +72,12 @@ def test_a_seed_gives_an_fp64_image_the_noise_it_gives_an_fp32_one(model):
     single, double = model(clean, gen(1)), model(clean.double(), gen(1))
     assert double.dtype == torch.float64
     torch.testing.assert_close(double.float(), single, rtol=0, atol=2e-4)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # nor does torch's default dtype change the draws
+    try:
+        assert torch.equal(model(clean, gen(1)), single)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def test_generator_none_uses_global_rng():
