@@ -16,7 +16,6 @@ import json
 import platform
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,6 +23,7 @@ from dds_fast.checkpoint import read_metadata
 from dds_fast.cli import _positive_int
 from dds_fast.config import RoutingEntry
 from dds_fast.metrics import batch_psnr
+from dds_fast.training.data import check_writable_file
 from dds_fast.training.stages import Run, TrainConfig
 
 
@@ -81,8 +81,10 @@ def parse_overrides(items: list[str]) -> dict:
 def output_file(text: str) -> str:
     """argparse type of a file the script writes: checked as the arguments are read, not after
     the work that a bad path would throw away."""
-    if Path(text).is_dir() or not Path(text).parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: not a file in a folder that exists")
+    try:
+        check_writable_file(text)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"{text}: not a file in a folder that exists ({error})") from None
     return text
 
 

@@ -242,13 +242,15 @@ def read_metadata(path: str | os.PathLike) -> dict:
     (and OSError, such as PermissionError, for one that cannot be opened)."""
     path = _existing_file(path)
     with open(path, "rb") as f:  # the header alone: a training state's tensors can be large
-        return _decoded(path, _header_of(path, _read_head(f), os.fstat(f.fileno()).st_size))
+        return _read_metadata(path, f)
 
 
-def _read_head(f) -> bytes:
-    """The 8-byte length and the JSON header at the start of an open safetensors file."""
+def _read_metadata(path: Path, f) -> dict:
+    """The decoded metadata of ``path`` opened as ``f``, read from its start (8 bytes of header
+    length, then the JSON header)."""
     head = f.read(8)
-    return head + (f.read(min(int.from_bytes(head, "little"), _MAX_HEADER)) if len(head) == 8 else b"")
+    head += f.read(min(int.from_bytes(head, "little"), _MAX_HEADER)) if len(head) == 8 else b""
+    return _decoded(path, _header_of(path, head, os.fstat(f.fileno()).st_size))
 
 
 def _existing_file(path: str | os.PathLike) -> Path:
@@ -306,7 +308,7 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     # to the path meanwhile), read into memory (a memory map would let a later write to the file
     # change the model's weights under it)
     with open(path, "rb") as f:
-        meta = _decoded(path, _header_of(path, _read_head(f), os.fstat(f.fileno()).st_size))
+        meta = _read_metadata(path, f)
         f.seek(0)
         data = f.read()
     expected = arch.__name__ if isinstance(arch, type) else arch

@@ -172,7 +172,7 @@ class SlimNet(nn.Module):
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Pad bottom and right to a multiple of ``size_multiple`` (reflect where the image is
         large enough, replicate otherwise). Channels_last on the CPU and on a GPU with the
-        kernels: their fast layout (torch's CPU convolutions ran a 512x512 inference 3.3x
+        kernels: their fast layout (torch's CPU convolutions ran a 512x512 inference 1.7x-3.3x
         faster in it), which every layer then keeps (a layer given NCHW returns NCHW, a copy)."""
         m = self.size_multiple
         h, w = x.shape[-2:]

@@ -334,6 +334,12 @@ def check_output_path(path, alpha: bool = False) -> Path:
         raise ValueError(f"output {path}: unsupported format {path.suffix!r}; use .png, .jpg or .jpeg")
     if alpha and path.suffix.lower() != ".png":
         raise ValueError(f"output {path}: JPEG holds no alpha channel; write a .png")
+    return check_writable_file(path)
+
+
+def check_writable_file(path) -> Path:
+    """``path`` if a file can be written there: in a folder that exists, not a folder itself."""
+    path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output {path}: folder {path.parent} does not exist")
     if path.is_dir():

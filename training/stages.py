@@ -340,12 +340,6 @@ class Run:
     def load(self, name: str):
         return self.prepare(dds_fast.load(self.dir / name, map_location=self.device))
 
-    @staticmethod
-    def _fingerprint(path: Path) -> str:
-        """``weights_fingerprint`` of a checkpoint's tensors, read through ``dds_fast.load``,
-        whose CheckpointError names a truncated or corrupt file."""
-        return weights_fingerprint(dds_fast.load(path).state_dict())
-
     def prepare(self, model):
         """The configured conv backend; on a GPU, channels_last weights (the kernels' aligned
         fast path, and cuDNN's preferred layout for channels_last activations)."""
@@ -467,6 +461,8 @@ class Run:
         made_from = None
         if net is None:
             stage1 = self.dir / "stage1.safetensors"
+            # (dds_fast.load: a truncated or corrupt file is a CheckpointError that names it)
+            net = self.load("stage1.safetensors") if stage1.exists() else None
             # what validation_batches reads: SIDD blocks, or noise added to held-out clean images
             validation = ({"sidd_validation": True} if c.sidd_validation else
                           {name: getattr(c, name) for name in ("noise", "noise_args", "validation_images",
@@ -476,7 +472,7 @@ class Run:
                                                                      "slim_step", "slim_criterion", "num_choices")},
                 # its tensors, not its bytes: stage 1 rewrites the file on every rerun, and
                 # safetensors orders the metadata differently in each process
-                "stage1": self._fingerprint(stage1) if stage1.exists() else None}))
+                "stage1": None if net is None else weights_fingerprint(net.state_dict())}))
             done = self.dir / "stage2.safetensors"
             if done.exists() and read_metadata(done)["user"].get("made_from") == made_from:
                 return self.load("stage2.safetensors")
