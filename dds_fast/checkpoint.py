@@ -3,7 +3,7 @@
 The file's metadata holds the format tag and revision (a later revision is refused, not
 misread), the library version, the architecture with its
 constructor arguments, the active config, whether the model is a static export of that
-config (``export_static``), the routing space (``model.routing_space``, a list of
+config (``export_static``), the routing space (``model.routing_space``, a tuple of
 RoutingEntry) with its MACs table when the model has one, and the caller's own metadata
 (JSON values). Tensors keep their dtypes, and load back in them, read into memory: a model
 never depends on its file after ``load``.
@@ -71,16 +71,7 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     if hasattr(model, "get_config") and model.get_config() is not None:
         header["config"] = model.get_config().to_json()
     routing = getattr(model, "routing_space", None)
-    if routing is not None:
-        # a SlimNet's is a plain attribute: checked here, or load would refuse the file (a
-        # DDSNet checks its own as it is set)
-        if not all(isinstance(entry, RoutingEntry) for entry in routing):
-            raise ValueError(f"save: {arch}.routing_space must be a list of RoutingEntry")
-        for index, entry in enumerate(routing if hasattr(model, "space") else ()):
-            try:
-                model.space.validate(entry.config)
-            except ValueError as error:
-                raise ValueError(f"save: routing_space[{index}] does not fit this {arch}: {error}") from None
+    if routing is not None:  # (checked as it was set)
         header["routing_space"] = json.dumps([entry.to_dict() for entry in routing])
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     return atomic_save_file(tensors, path, header)
@@ -334,13 +325,12 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     routing = meta["routing_space"]
     if routing is not None and getattr(model, "routing_space", None) is not None:
         # a DDSNet validated its routing space as it was built from arch_args: the header's copy must agree
-        if model.routing_space != routing:
+        if list(model.routing_space) != list(routing):
             raise CheckpointError(f"checkpoint {path}: its header's routing space differs from the one in its "
                                   f"arguments")
     elif routing is not None:
         try:
-            model.routing_space = [RoutingEntry(model.space.validate(e.config), e.macs_per_pixel, e.psnr)
-                                   for e in routing]
+            model.routing_space = routing  # (checked against the network as it is set)
         except ValueError as error:
             raise CheckpointError(f"checkpoint {path}: its routing space does not fit {meta['arch']}: "
                                   f"{error}") from None

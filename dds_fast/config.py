@@ -11,8 +11,9 @@ import json
 import math
 import numbers
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -60,11 +61,12 @@ def checked_real(value, name: str, owner: str) -> float:
     return float(value)
 
 
-@dataclass(frozen=True)
-class SubnetConfig:
+@dataclass(frozen=True, eq=False)
+class SubnetConfig(Mapping):
     """One width per tied channel group, in the network's group order.
 
-    Hashable, and equal to another config with the same widths in the same group order;
+    A read-only mapping of group names to widths (``dict(config)``, ``config.items()``),
+    hashable, and equal to another config with the same widths whatever their order;
     ``to_json``/``from_json`` round-trip it.
     """
 
@@ -113,6 +115,14 @@ class SubnetConfig:
 
     def __len__(self) -> int:
         return len(self.widths)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SubnetConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self.widths))
 
     def replace(self, **widths: int) -> "SubnetConfig":
         """A copy with some groups' widths changed."""
@@ -231,7 +241,7 @@ class RoutingEntry:
         def real(value) -> bool:
             return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
-        if isinstance(self.config, Mapping):  # as set_config takes it; to_dict and save need a SubnetConfig
+        if isinstance(self.config, Mapping) and not isinstance(self.config, SubnetConfig):  # as set_config takes it; to_dict and save need a SubnetConfig
             object.__setattr__(self, "config", SubnetConfig.from_dict(self.config))
         if not isinstance(self.config, SubnetConfig):
             raise ValueError(f"RoutingEntry: config must be a SubnetConfig or a mapping of group names to widths, "
@@ -251,3 +261,22 @@ class RoutingEntry:
     @classmethod
     def from_dict(cls, data: Mapping) -> "RoutingEntry":
         return cls(SubnetConfig.from_dict(data["config"]), float(data["macs_per_pixel"]), data.get("psnr"))
+
+
+def checked_routing_space(owner: str, space: WidthSpace, entries) -> tuple[RoutingEntry, ...]:
+    """``entries`` as a tuple of RoutingEntry whose configs fit ``space`` (in its group order),
+    else a ValueError that names ``owner``."""
+    try:
+        entries = tuple(entries)
+    except TypeError:
+        entries = None
+    if entries is None or not all(isinstance(e, RoutingEntry) for e in entries):
+        raise ValueError(f"{owner}: the routing space must be a sequence of RoutingEntry (a config with its "
+                         f"MACs/pixel)")
+    checked = []
+    for index, entry in enumerate(entries):
+        try:
+            checked.append(RoutingEntry(space.validate(entry.config), entry.macs_per_pixel, entry.psnr))
+        except ValueError as error:
+            raise ValueError(f"{owner}: routing_space[{index}] does not fit it: {error}") from None
+    return tuple(checked)

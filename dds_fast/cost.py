@@ -84,6 +84,7 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
                               tuple((x[0] if isinstance(x, (list, tuple)) else x).shape[-2:])))
 
     reference = next(model.parameters(), torch.empty(0))  # a model without parameters runs in fp32 on the CPU
+    user_hooks = _set_aside_forward_hooks(model)  # counting is not the caller's forward
     hooks = [m.register_forward_hook(record, with_kwargs=True) for m in model.modules() if isinstance(m, nn.Conv2d)]
     modes = {m: m.training for m in model.modules()}
     try:
@@ -100,9 +101,25 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
     finally:
         for hook in hooks:
             hook.remove()
+        for module, name, kept in user_hooks:
+            setattr(module, name, kept)
         for module, training in modes.items():
             module.training = training
     return calls, input_shape[1] * input_shape[2]
+
+
+# nn.Module's per-module forward hook tables (their handles remove a hook from the table itself)
+_FORWARD_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                        "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _set_aside_forward_hooks(model: nn.Module) -> list[tuple[nn.Module, str, dict]]:
+    """Empty the forward hook tables of ``model``'s modules; returns what to set back."""
+    kept = [(m, name, getattr(m, name)) for m in model.modules() for name in _FORWARD_HOOK_TABLES
+            if getattr(m, name, None)]
+    for module, name, table in kept:
+        setattr(module, name, type(table)())
+    return kept
 
 
 def macs_per_pixel(model: nn.Module, config: SubnetConfig | Mapping[str, int] | None = None,

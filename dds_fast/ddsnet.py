@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .config import RoutingEntry, checked_int, exact_int
+from .config import RoutingEntry, checked_int, checked_routing_space, exact_int
 from .cost import _at_config, macs_per_pixel, trace_convs
 from .gate import DynamicGate, GateOutput
 from .graph_if import capturing_graph, conditional_graph_nodes, driver_if_nodes, torch_if_nodes
@@ -99,6 +99,13 @@ def _check_supernet_and_gate(owner: str, supernet, gate) -> None:
     if gate.channels != supernet.stem_channels:
         raise ValueError(f"{owner}: the gate reads {gate.channels} channels but the network's stem has "
                          f"{supernet.stem_channels}")
+
+
+def _forward_hooks_in(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook would see an input or output inside ``module``."""
+    hooked = torch.nn.modules.module
+    return bool(hooked._global_forward_hooks or hooked._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def _supernet_and_gate_args(supernet: SlimNet, gate: DynamicGate) -> dict:
@@ -222,7 +229,13 @@ class DDSNet(nn.Module):
     whichever config ran last (putting it back would cost each call another ``set_config``,
     tens of microseconds of host time on a forward that is host-bound at batch 1). Set the
     config of ``supernet`` before using it on its own (``export_static``, MACs). For the same
-    reason two threads must not run one DDSNet at once: a lock, or a model each."""
+    reason two threads must not run one DDSNet at once: a lock, or a model each.
+
+    Forward hooks on the body's layers work on both paths; on the per-image path a layer's
+    output is one max-width buffer for the batch, in which each image's channels past its
+    route's width hold whatever was there (and the buffers are not packed while any hook is
+    set, which costs memory traffic). Assigning ``gate`` or ``supernet`` checks the new part
+    as the constructor does."""
 
     def __init__(self, supernet: SlimNet, gate: DynamicGate, routing_space: Sequence[RoutingEntry]):
         super().__init__()
@@ -252,8 +265,31 @@ class DDSNet(nn.Module):
         self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
         self.routing_space = routing_space
 
+    def __setattr__(self, name, value):
+        if name in ("supernet", "gate") and "_routing_space" in self.__dict__:
+            self._replace_part(name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _replace_part(self, name: str, part: nn.Module) -> None:
+        """A new super-network or gate, checked as the constructor checks them against the
+        other and the routing space; what is derived from the super-network is rebuilt."""
+        supernet, gate = (part, self.gate) if name == "supernet" else (self.supernet, part)
+        _check_supernet_and_gate("DDSNet", supernet, gate)
+        if gate.num_choices != len(self._routing_space):
+            raise ValueError(f"DDSNet: the gate chooses among {gate.num_choices} sub-networks but the routing "
+                             f"space has {len(self._routing_space)}")
+        checked_routing_space("DDSNet", supernet.space, self._routing_space)
+        nn.Module.__setattr__(self, name, part)
+        if name == "supernet":
+            budget = self._budget_index
+            self._stem_group = supernet.space.groups[0].name
+            self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
+            self.routing_space = self._routing_space  # the width tables name the old layers
+            self._budget_index = budget
+
     @property
-    def routing_space(self) -> list[RoutingEntry]:
+    def routing_space(self) -> tuple[RoutingEntry, ...]:
         """The candidate sub-networks, in the order of the gate's choices. Setting it checks
         the entries against the gate and the super-network; what is derived from them
         (``dynamic_macs_per_pixel``, the per-image width tables) is rebuilt, and a budget, an
@@ -264,20 +300,13 @@ class DDSNet(nn.Module):
 
     @routing_space.setter
     def routing_space(self, entries: Sequence[RoutingEntry]) -> None:
-        try:
-            entries = list(entries)
-        except TypeError:
-            entries = None
-        if entries is None or not all(isinstance(e, RoutingEntry) for e in entries):
-            raise ValueError("DDSNet: the routing space must be a sequence of RoutingEntry (a config with its "
-                             "MACs/pixel)")
+        entries = checked_routing_space("DDSNet", self.supernet.space, entries)
         if not entries:
             raise ValueError("DDSNet: the routing space is empty")
         if self.gate.num_choices != len(entries):
             raise ValueError(f"DDSNet: the gate chooses among {self.gate.num_choices} sub-networks but the routing "
                              f"space has {len(entries)}")
-        space = self.supernet.space
-        self._routing_space = [RoutingEntry(space.validate(e.config), e.macs_per_pixel, e.psnr) for e in entries]
+        self._routing_space = entries
         stem = self.supernet.stem_conv
         stem_macs = stem.kernel_size[0] * stem.kernel_size[1] * stem.in_channels  # per stem filter and pixel
         # the stem runs at full width in dynamic mode, whatever the config: count that
@@ -463,8 +492,10 @@ class DDSNet(nn.Module):
         table, layers = self._width_table(padded.device)
         widths = table.index_select(0, choice)
         kernels = _kernels_module()  # (an error message where Triton is missing: the convs then refuse)
+        # a forward hook would be handed a packed buffer, whose shape does not describe it
         packing = PackedBuffers() if self.packed_buffers and self.supernet.packs_per_image_buffers \
-            and not isinstance(kernels, str) and kernels.packs_per_image_buffers() else None
+            and not isinstance(kernels, str) and kernels.packs_per_image_buffers() \
+            and not _forward_hooks_in(self.supernet) else None
         # gate_forward left every layer at full width: the buffers; the widths are per image
         try:
             for conv, columns, multiple, narrowest in layers:

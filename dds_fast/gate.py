@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import checked_int
-from .slim_conv import _kernels_module, note_fallback
+from .slim_conv import FUNC_TRANSFORM, _kernels_module, func_transformed, note_fallback
 
 __all__ = ["DynamicGate", "GateOutput"]
 
@@ -123,11 +123,14 @@ class DynamicGate(nn.Module):
         if isinstance(unavailable, str):  # no Triton on this platform
             note_fallback(self, "DynamicGate", unavailable)
             return False
+        inputs = (x,) if means is None else (x, means)
+        if func_transformed(*inputs, self.fc1.weight):  # (a transform over the parameters wraps every one)
+            note_fallback(self, "DynamicGate", FUNC_TRANSFORM)
+            return False
         from dds_fast.kernels.gate import MAX_BATCH
         if len(x) > MAX_BATCH:  # beyond the kernels' grid: the reference path, as the convs fall back
             return False
         # the kernels have no backward: anything that needs a gradient takes autograd's path
-        inputs = (x,) if means is None else (x, means)
         return not (torch.is_grad_enabled() and (any(t.requires_grad for t in inputs)
                                                  or any(p.requires_grad for p in self.parameters())))
 

@@ -7,13 +7,15 @@ output channel j of a conv depends only on filter j.
 """
 from __future__ import annotations
 
+import copy
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ChannelGroup, SubnetConfig, WidthSpace, checked_int, checked_real, width_choices
+from .config import (ChannelGroup, RoutingEntry, SubnetConfig, WidthSpace, checked_int, checked_real,
+                     checked_routing_space, width_choices)
 from .slim_conv import SlimConv2d, name_layers
 
 ARCHITECTURES: dict[str, type] = {}
@@ -39,7 +41,6 @@ class SlimNet(nn.Module):
     """
 
     size_multiple = 1
-    routing_space = None  # list of RoutingEntry, set by progressive slimming or a checkpoint
     # Whether DDSNet's per-image forward may store the body's intermediate outputs packed
     # (slim_conv.PackedBuffers): true of a body that passes them to its SlimConv2d layers only,
     # never as a residual, and ends in a layer of fixed width (whose packed output is a dense
@@ -56,14 +57,14 @@ class SlimNet(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.arch_args = dict(arch_args)
+        self._arch_args = copy.deepcopy(dict(arch_args))
         self._groups: dict[str, ChannelGroup] = {}
         self._bindings: list[tuple[SlimConv2d, str, int]] = []
         self._config: SubnetConfig | None = None
         self._masked = False
 
     def _group(self, name: str, base_width: int) -> int:
-        a = self.arch_args
+        a = self._arch_args
         choices = width_choices(base_width, a["width_mult"], a["min_ratio"], a["divisor"])
         self._groups[name] = ChannelGroup(name, choices[-1], choices)
         return choices[-1]
@@ -98,6 +99,22 @@ class SlimNet(nn.Module):
         (after any pixel shuffle): a row of the widths that ``set_masked_widths`` takes."""
         config = self.space.validate(config)
         return [config[group] * multiplier // conv.upscale_factor ** 2 for conv, group, multiplier in self._bindings]
+
+    @property
+    def routing_space(self) -> tuple[RoutingEntry, ...] | None:
+        """The routing space progressive slimming found, or a checkpoint held; None if none.
+        Set it to a sequence of RoutingEntry whose configs fit the network (checked)."""
+        return self.__dict__.get("_routing_space")
+
+    @routing_space.setter
+    def routing_space(self, entries) -> None:
+        self._routing_space = None if entries is None else checked_routing_space(type(self).__name__, self.space,
+                                                                                  entries)
+
+    @property
+    def arch_args(self) -> dict:
+        """The constructor's arguments, as a checkpoint rebuilds the network from them (a copy)."""
+        return copy.deepcopy(self._arch_args)
 
     @property
     def masked(self) -> bool:

@@ -156,7 +156,8 @@ class SlimConv2d(nn.Conv2d):
         # shuffle): the channels it leaves out come out zero (NaN and inf too). A
         # SlimNet's set_masked_widths runs a config this way at full width, so that no shape
         # depends on the config (one CUDA graph of a training step serves every config).
-        self.output_mask: torch.Tensor | None = None
+        # (a buffer, so that .to() moves it; not persistent: a training-time state, not a weight)
+        self.register_buffer("output_mask", None, persistent=False)
 
     # -- widths -------------------------------------------------------------------------
     @property
@@ -303,8 +304,8 @@ class SlimConv2d(nn.Conv2d):
             reason = kernels
         elif device_type not in ("cuda", "cpu"):
             reason = f"tensors on {device_type} (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
-        elif any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (*inputs, weight)):
-            reason = "a torch.func transform (vmap, grad, jvp): the kernels read raw pointers"
+        elif func_transformed(*inputs, weight):
+            reason = FUNC_TRANSFORM
         else:
             cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
             reason = kernels.unsupported_reason(inputs, weight, self.stride, self.padding, self.dilation,
@@ -339,6 +340,15 @@ class SlimConv2d(nn.Conv2d):
 def _starts(segments: tuple[int, ...]) -> tuple[int, ...]:
     """Where each input block starts among the weight's input channels."""
     return tuple(itertools.accumulate(segments[:-1], initial=0))
+
+
+FUNC_TRANSFORM = "a torch.func transform (vmap, grad, jvp): the kernels read raw pointers"
+
+
+def func_transformed(*tensors: torch.Tensor) -> bool:
+    """Whether any of ``tensors`` is wrapped by a torch.func transform, whose storage the
+    kernels cannot read."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def note_fallback(module: nn.Module, label: str, reason: str) -> None:

@@ -55,6 +55,19 @@ def test_config_is_a_hashable_json_value():
         cfg.replace(c=3)
 
 
+def test_config_is_a_mapping_whose_equality_ignores_group_order():
+    cfg = SubnetConfig.from_dict({"a": 8, "b": 40})
+    reordered = SubnetConfig.from_dict({"b": 40, "a": 8})
+    assert dict(cfg) == {**cfg} == {"a": 8, "b": 40}
+    assert list(cfg.items()) == [("a", 8), ("b", 40)] and "a" in cfg and "c" not in cfg
+    assert cfg.get("c", 3) == 3
+    assert cfg == reordered and hash(cfg) == hash(reordered) and len({cfg, reordered}) == 1
+    assert cfg != SubnetConfig.from_dict({"a": 8, "b": 32}) and cfg != SubnetConfig.from_dict({"a": 8})
+    assert cfg != {"a": 8, "b": 40}  # a config, not any mapping of the same items
+    space = WidthSpace([ChannelGroup("a", 16, (8, 16)), ChannelGroup("b", 40, (24, 40))])
+    assert space.validate(reordered) == reordered
+
+
 @pytest.mark.parametrize("widths", [{"a": 0}, {"a": -8}, {"a": 2.5}, {"a": True}])
 def test_config_rejects_non_positive_int_widths(widths):
     with pytest.raises(ValueError, match="group 'a'"):

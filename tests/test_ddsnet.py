@@ -324,7 +324,7 @@ def test_a_new_routing_space_replaces_what_was_derived_from_the_old_one():
     model.set_budget(float("inf"))
     reordered = list(reversed(model.routing_space))
     model.routing_space = reordered
-    assert model.routing_space == reordered and model.budget_index is None  # back to dynamic mode
+    assert model.routing_space == tuple(reordered) and model.budget_index is None  # back to dynamic mode
     fresh = DDSNet(model.supernet, model.gate, reordered)
     assert model.dynamic_macs_per_pixel == fresh.dynamic_macs_per_pixel
     routes = model.route(x)
@@ -338,7 +338,7 @@ def test_a_new_routing_space_replaces_what_was_derived_from_the_old_one():
     other = SlimDnCNN(in_channels=3, base_width=8, depth=3)
     with pytest.raises(ValueError, match="missing"):
         model.routing_space = [RoutingEntry(other.space.largest(), 1.0)] * 3
-    assert model.routing_space == reordered
+    assert model.routing_space == tuple(reordered)
 
 
 def test_per_image_width_tables_follow_a_new_routing_space():
@@ -485,6 +485,75 @@ def test_packed_per_image_buffers_change_nothing_but_the_layout(monkeypatch, mak
         unpackable = model(x, choice=choice)
         assert not any(out or any(flags) for flags, out in packed_calls)
     assert torch.equal(packed, dense) and torch.equal(packed, counted) and torch.equal(packed, unpackable)
+
+
+def test_forward_hooks_on_the_body_see_its_real_outputs_and_no_hidden_forwards():
+    """A hook on a body layer gets the dense output, not a packed buffer whose shape does not
+    describe it: a hook that returns a copy changes nothing. The width table's tracing, on the
+    first per-image forward, does not reach the hook."""
+    pytest.importorskip("triton")
+    model = make_ddsnet(lambda: SlimDnCNN(in_channels=3, base_width=8, depth=4), num_choices=3, seed=6).float()
+    model = model.to(DEVICE)
+    for module in model.supernet.modules():
+        if isinstance(module, dds_fast.SlimConv2d):
+            module.backend = "triton"
+    x = images(n=3, size=(6, 6), seed=7).float().to(DEVICE)
+    choice = torch.tensor([0, 2, 1], device=DEVICE)
+    seen = []
+    handle = model.supernet.layers[1].register_forward_hook(lambda m, args, out: seen.append(out) or out * 1.0)
+    with torch.no_grad():
+        model.per_image = True
+        hooked = model(x, choice=choice)
+        assert len(seen) == 1, "the width table's tracing ran the user's hook"
+        model.per_image = False
+        seen.clear()
+        grouped = model(x, choice=choice)
+        handle.remove()
+        model.per_image = True
+        plain = model(x, choice=choice)
+    torch.testing.assert_close(hooked, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hooked, grouped, rtol=1e-4, atol=1e-5)
+
+
+def test_macs_counting_does_not_run_the_users_hooks():
+    net = SlimUNet(in_channels=3, base_width=8, depth=2)
+    calls = []
+    net.register_forward_hook(lambda *args: calls.append("net"))
+    net.stem_conv.register_forward_pre_hook(lambda *args: calls.append("stem"))
+    macs_per_pixel(net)
+    export_static(net)
+    assert calls == []
+    net(torch.rand(1, 3, 8, 8))
+    assert calls == ["stem", "net"]  # set back as they were
+
+
+def test_the_routing_space_is_read_only_but_for_its_setter():
+    model = make_ddsnet()
+    routes = model.routing_space
+    with pytest.raises(TypeError):
+        routes[0] = routes[2]
+    with pytest.raises(AttributeError):
+        routes.append(routes[0])
+    assert list(routes) == list(model.routing_space)
+
+
+def test_a_new_gate_or_supernet_is_checked_against_the_routing_space():
+    model = make_ddsnet()
+    with pytest.raises(ValueError, match="chooses among 5 sub-networks but the routing space has 3"):
+        model.gate = DynamicGate(model.supernet.stem_channels, 5)
+    with pytest.raises(ValueError, match="gate reads 7 channels"):
+        model.gate = DynamicGate(7, 3)
+    with pytest.raises(ValueError, match="missing"):
+        model.supernet = SlimDnCNN(in_channels=3, base_width=8, depth=3)
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+        model.gate = copy.deepcopy(model.gate)
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        twin = copy.deepcopy(model.supernet)
+        model.supernet = twin
+        assert model.supernet is twin
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
 def test_a_network_that_rewrites_the_body_must_declare_packing_again():

@@ -494,3 +494,13 @@ def test_cpu_tensors_get_a_clear_error_from_kernels_compiled_for_a_gpu():
         kernels.gate_head(torch.ones(2, 1, 8), 9, *head_args(gate))
     with pytest.raises(ValueError, match=f"apply_scale: {message}"):
         kernels.apply_scale(x, torch.ones(2, 8))
+
+
+def test_torch_func_transforms_take_the_reference_path():
+    """vmap wraps its tensors, whose raw pointers the kernels cannot read: the fused gate
+    steps aside, as the convs do, even where nothing needs a gradient."""
+    gate = make_gate(16, 3, backend="triton")
+    x = torch.rand(3, 16, 5, 5, device=DEVICE)
+    with torch.no_grad():
+        batched = torch.vmap(lambda image: gate(image[None]).logits[0])(x)
+        torch.testing.assert_close(batched, gate(x).logits, rtol=1e-4, atol=1e-5)

@@ -442,3 +442,17 @@ def test_masked_widths_on_the_triton_kernels_compute_the_config_and_its_gradient
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_masked_widths_move_with_the_network_and_stay_out_of_its_state():
+    net = nets()["SlimUNet"].eval()
+    config = narrow_config(net)
+    x = torch.rand(1, 3, 8, 8)
+    net.set_masked_widths(torch.tensor(net.binding_widths(config)))
+    with torch.no_grad():
+        expected = net(x)
+        net.double()
+        torch.testing.assert_close(net(x.double()), expected.double(), rtol=1e-5, atol=1e-6)
+        net.to("meta")  # a move: the masks follow as buffers do (to a GPU alike)
+        assert all(conv.output_mask.device.type == "meta" for conv, _, _ in net._bindings)
+    assert not any("output_mask" in key for key in net.state_dict())

@@ -143,6 +143,13 @@ def test_config_round_trip_and_errors():
     assert net.get_config() == cfg  # a rejected config changes nothing
 
 
+def test_arch_args_are_a_copy_the_caller_may_change():
+    net = small_unet()
+    args = net.arch_args
+    args["base_width"] = 16
+    assert net.arch_args["base_width"] == 8
+
+
 @pytest.mark.parametrize("bad,match", [
     (torch.rand(3, 8, 8), "4-D"),
     (torch.rand(1, 2, 8, 8), "2 channels, the network takes 3"),
