@@ -218,8 +218,7 @@ def cmd_train(args) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     run = Run(args.run_dir, config)
-    if args.stage in ("stage3", "all"):
-        run.check_gate_patches()
+    run.check_stages(("stage1", "refine", "stage3", "inets") if args.stage == "all" else (args.stage,))
     try:
         if args.stage in ("stage1", "all"):
             run.stage1()

@@ -202,6 +202,30 @@ def test_train_reports_bad_input_as_an_error_without_a_traceback(tmp_path, capsy
         assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"gate_batch_size": 3}, "gate_batch_size 3 does not split over 2 processes"),
+    ({"gate_batch_size": 2}, "gate_batch_size 2 over 2 processes leaves 1 image to each; the gate's BatchNorm "
+                             "needs 2 or more"),
+    ({"batch_size": 3}, "batch_size 3 does not split over 2 processes")])
+def test_train_all_checks_the_batches_split_over_the_processes_before_stage_1(tmp_path, capsys, monkeypatch,
+                                                                              options, message):
+    from dds_fast.training import stages
+
+    monkeypatch.setattr(stages, "rank_and_world", lambda: (0, 2))  # as under torchrun with two processes
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({**TINY_TRAINING, "gate_batch_size": 4, **options}))
+    assert main(["train", "all", "--run-dir", str(tmp_path / "run"), "--config", str(config), "--steps", "1"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "stage1.log.jsonl").exists()
+
+
+def test_a_gate_batch_of_one_image_is_refused():
+    from dds_fast.training.stages import TrainConfig
+
+    with pytest.raises(ValueError, match="gate_batch_size must be >= 2, got 1"):
+        TrainConfig(gate_batch_size=1)
+
+
 class Stop(Exception):
     pass
 

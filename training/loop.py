@@ -15,7 +15,8 @@ whose loss is not (stage 3's complexity loss squares a batch mean) all-reduces w
 needs itself (:func:`~dds_fast.training.gate_stage.gate_step`). One exception: a
 BatchNorm layer in train mode (the gate's, in stage 3) normalises with the statistics of
 its rank's share of the batch, as under DDP, so there several processes come close to one
-process but do not equal it.
+process but do not equal it; each rank keeps its own running statistics, and rank 0's are
+saved.
 """
 from __future__ import annotations
 

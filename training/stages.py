@@ -117,7 +117,7 @@ class TrainConfig:
         """Ranges, checked before any training rather than by the stage that first needs them."""
         least = {"patch_size": 1, "batch_size": 1, "epoch_patches": 1, "steps": 1, "sandwich": 2, "slim_step": 1,
                  "num_choices": 2, "validation_crops": 1, "validation_patch": 1, "refine_steps": 0, "gate_steps": 1,
-                 "gate_batch_size": 1, "gate_patch_size": 1, "checkpoint_every": 1, "seed": 0}
+                 "gate_batch_size": 2, "gate_patch_size": 1, "checkpoint_every": 1, "seed": 0}
         for name, minimum in least.items():
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
@@ -295,6 +295,25 @@ class Run:
                              f"slimming by slim_step {c.slim_step} finds in this {c.arch} (base_width {c.base_width}, "
                              f"depth {c.depth}): lower num_choices or slim_step")
 
+    def check_stages(self, stages: typing.Iterable[str]) -> None:
+        """What the named stages need that can be checked before any of them runs (``dds-fast
+        train`` asks first, so that ``train all`` does not stop at stage 3 hours in): each
+        batch splits over the processes, the gate's into shares of two images or more (its
+        BatchNorm normalises each process's share), and stage 3's crops fit the images."""
+        c = self.config
+        world = rank_and_world()[1]
+        stages = set(stages)
+        batches = [("batch_size", c.batch_size, 1)] if stages & {"stage1", "refine", "inets"} else []
+        if "stage3" in stages:
+            batches.append(("gate_batch_size", c.gate_batch_size, 2))
+            self.check_gate_patches()
+        for name, size, least in batches:
+            if size % world:
+                raise ValueError(f"{name} {size} does not split over {world} processes")
+            if size // world < least:
+                raise ValueError(f"{name} {size} over {world} processes leaves {size // world} image to each; "
+                                 f"the gate's BatchNorm needs {least} or more: raise {name}")
+
     def check_gate_patches(self) -> None:
         """Stage 3's crops of the training images fit them: ``train all`` asks before stage 1, so
         a misfit is not found hours later (stages that do not crop at that size do not ask)."""
@@ -431,6 +450,7 @@ class Run:
         """Once-for-all weights: sandwich rule with In-place Synergy (or the ablations), behind
         the gate's attention head when ``attention`` (an AttentionSupernet)."""
         c = self.config
+        self.check_stages({"stage1"})
         net = self.new_network()
         if c.attention:
             net = self.prepare(AttentionSupernet(net, DynamicGate(net.stem_channels, c.num_choices)).to(self.device))
@@ -507,6 +527,7 @@ class Run:
         c = self.config
         if c.refine_steps < 1:
             raise ValueError(f"refine_steps is {c.refine_steps}: set it (--refine-steps) to refine the routing configs")
+        self.check_stages({"refine"})
         net = self.load("stage2.safetensors") if net is None else net
         routing_space = net.routing_space
         if not routing_space:
@@ -549,7 +570,7 @@ class Run:
     def stage3(self, supernet=None) -> DDSNet:
         """Gate training on the frozen super-network: online easy/hard labels plus the MACs budget."""
         c = self.config
-        self.check_gate_patches()
+        self.check_stages({"stage3"})
         if supernet is None:
             stage = "refine" if c.refine_steps > 0 else "stage2"
             name = f"{stage}.safetensors"
@@ -605,6 +626,7 @@ class Run:
         """Static baselines: the same architecture trained alone at each routing config (or
         at the configs ``indices`` only, so that separate processes can share the work)."""
         c = self.config
+        self.check_stages({"inets"})
         if routing_space is None:
             routing_space = dds_fast.load(self.dir / "stage2.safetensors").routing_space
         indices = range(len(routing_space)) if indices is None else indices
