@@ -347,8 +347,10 @@ FUNC_TRANSFORM = "a torch.func transform (vmap, grad, jvp): the kernels read raw
 
 def func_transformed(*tensors: torch.Tensor) -> bool:
     """Whether any of ``tensors`` is wrapped by a torch.func transform, whose storage the
-    kernels cannot read."""
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    kernels cannot read (never while torch.compile traces: its tensors are fake, and it
+    cannot trace this check)."""
+    return not torch.compiler.is_compiling() and any(
+        torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def note_fallback(module: nn.Module, label: str, reason: str) -> None:

@@ -1395,8 +1395,12 @@ def _checked_signature(inputs, weight, bias, residual, widths, segment_starts, o
                        activation, negative_slope, widths_multiple, upscale_factor):
     """``_signature`` of arguments that ``_check_args`` passes (run once per signature; the
     values of CPU widths on every call)."""
-    signature = _signature(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride, padding,
-                           activation, negative_slope, widths_multiple, upscale_factor)
+    # while tracing, hashing the symbolic sizes into the key would pin them (a recompile per
+    # shape): check every time instead, which guards on inequalities only
+    tracing = torch.compiler.is_compiling()
+    signature = None if tracing else _signature(inputs, weight, bias, residual, widths, segment_starts, out_channels,
+                                                stride, padding, activation, negative_slope, widths_multiple,
+                                                upscale_factor)
     if signature is None or signature not in _CHECKED_SIGNATURES:
         _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual, widths,
                     widths_multiple, upscale_factor)
@@ -1404,8 +1408,7 @@ def _checked_signature(inputs, weight, bias, residual, widths, segment_starts, o
             raise ValueError(f"slim_conv2d: leaky_relu negative_slope={negative_slope} must be >= 0")
         _remember(_CHECKED_SIGNATURES, signature)
     # traced or fake widths have no values to read (the op checks them when it runs)
-    if widths is not None and widths.device.type == "cpu" and not torch.compiler.is_compiling() \
-            and not is_fake(widths):
+    if widths is not None and widths.device.type == "cpu" and not tracing and not is_fake(widths):
         _check_width_values(widths, inputs, out_channels, widths_multiple, upscale_factor)
     return signature
 

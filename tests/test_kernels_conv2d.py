@@ -916,6 +916,27 @@ def test_torch_compile_fullgraph(upscale):
     assert (case["weight"].grad[8:] == 0).all() and (case["weight"].grad[:, 6:] == 0).all()
 
 
+def test_torch_compile_with_dynamic_shapes_traces_one_graph_for_every_batch():
+    """The checks the op runs once per signature would pin the traced sizes if they keyed a
+    cache while tracing: one graph serves every batch size."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    case = make_case(21, n=2, h=4, w=4, widths=(6,), o=5)
+
+    @torch.compile(backend=counter, fullgraph=True, dynamic=True)
+    def f(x, weight, bias):
+        return slim_conv2d([x], weight, bias, out_channels=5, activation="relu")
+
+    for n in (2, 3, 4):
+        x = torch.randn(n, *case["inputs"][0].shape[1:], device=DEVICE)
+        expected = F.relu(F.conv2d(x.double(), case["weight"][:5, :6].double(), case["bias"][:5].double(),
+                                   padding=1))
+        assert rel_err(f(x, case["weight"], case["bias"]), expected) < TOL[torch.float32]
+    assert counter.frame_count == 1
+
+
 def test_per_image_widths_under_fake_tensors_and_torch_compile():
     """Traced and fake widths have no values to check (on the CPU the eager call checks them):
     the fake path gives the eager output's shape and layout, a compiled graph the eager result,

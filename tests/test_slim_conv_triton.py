@@ -302,3 +302,35 @@ def test_nan_in_active_channels_propagates_as_in_torch(activation, kernel_calls)
     assert kernel_calls and expected.isnan().sum() == 9 * 8
     assert torch.equal(y.isnan(), expected.isnan())
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_a_layer_and_a_network_on_the_kernels_compile_into_one_graph():
+    """torch.compile(fullgraph=True) traces a SlimConv2d and a SlimDnCNN on the Triton
+    backend (their dispatch checks included) and gives the eager results and gradients."""
+    from torch._dynamo.testing import CompileCounter
+
+    from dds_fast import SlimDnCNN
+
+    torch._dynamo.reset()
+    fast, slow = pair(in_channels=6, out_channels=8, kernel_size=3, padding=1, activation="relu")
+    fast.active_out_channels = slow.active_out_channels = 5
+    x = torch.randn(2, 4, 5, 5)
+    counter = CompileCounter()
+    xf = x.to(DEVICE, copy=True).requires_grad_()
+    y = torch.compile(fast, backend=counter, fullgraph=True)(xf)
+    y.sum().backward()
+    xs = x.clone().requires_grad_()
+    slow(xs).sum().backward()
+    torch.testing.assert_close(y.cpu(), slow(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xf.grad.cpu(), xs.grad, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)
+    net = SlimDnCNN(1, base_width=8, depth=3).to(DEVICE).eval()
+    for module in net.modules():
+        if isinstance(module, SlimConv2d):
+            module.backend = "triton"
+    net.set_config(net.space.smallest())
+    image = torch.rand(1, 1, 6, 6, device=DEVICE)
+    with torch.no_grad():
+        compiled = torch.compile(net, backend=counter, fullgraph=True)(image)
+        torch.testing.assert_close(compiled, net(image), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 2
