@@ -28,7 +28,7 @@ import torch
 
 import dds_fast
 from dds_fast.checkpoint import read_metadata
-from dds_fast.evaluate import TABLE_HEADER, Evaluation, comparison_table, evaluate
+from dds_fast.evaluate import TABLE_HEADER, Evaluation, comparison_table, evaluate, inet_name
 from dds_fast.metrics import psnr, ssim
 from dds_fast.training.data import bundled_images
 from dds_fast.training.noise import CameraNoise, GaussianNoise, GrayNoise
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         rows.append(baseline)
     table = "\n".join([TABLE_HEADER] + [row.row() for row in rows])
     if inets:
-        inet_rows = [evaluate(inet, pairs, f"I-Net {index}") for index, inet in enumerate(inets)]
+        inet_rows = [evaluate(inet, pairs, inet_name(model, inet, position)) for position, inet in enumerate(inets)]
         table += "\n\n" + comparison_table(model, inets, pairs, inet_rows)
         table += "\n\n" + matched_table(dynamic_rows, inet_rows)
     noise = ", ".join(name for name, _, _ in noises)

@@ -209,7 +209,7 @@ def cmd_train(args) -> int:
     options = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)
                if getattr(args, field.name, None) is not None}
     config = (TrainConfig.from_file(args.config, **options) if args.config
-              else TrainConfig.from_dict(options))
+              else TrainConfig.from_dict(options, flags=options))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         # under torchrun: one process per GPU (NCCL), or per CPU worker (Gloo). Each process
         # takes its own GPU first, or NCCL would put every rank's work on GPU 0.
@@ -217,6 +217,13 @@ def cmd_train(args) -> int:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if args.inet is not None and args.stage not in ("inets", "all"):
+        raise ValueError(f"--inet picks I-Nets to train: it applies to train inets or all, not {args.stage}")
+    if args.inet is not None and args.stage == "all":  # (train inets checks them against stage 2's routes)
+        unknown = sorted(set(args.inet) - set(range(config.num_choices)))
+        if unknown:
+            raise ValueError(f"--inet {unknown}: stage 2 keeps num_choices {config.num_choices} routing configs, "
+                             f"0 to {config.num_choices - 1}")
     run = Run(args.run_dir, config)
     run.check_stages(("stage1", "refine", "stage3", "inets") if args.stage == "all" else (args.stage,))
     try:

@@ -121,6 +121,16 @@ def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]
                       sum(macs) / len(macs), len(scores))
 
 
+def inet_name(dds: DDSNet, inet: nn.Module, position: int) -> str:
+    """An I-Net's row label: the index of the route whose config it runs, as the paper's
+    tables pair them, else its position among the I-Nets given."""
+    config = inet.get_config() if hasattr(inet, "get_config") else None
+    for index, entry in enumerate(dds.routing_space):
+        if entry.config == config:
+            return f"I-Net {index}"
+    return f"I-Net #{position} (no route's config)"
+
+
 def comparison_table(dds: DDSNet, inets: Sequence[nn.Module], pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
                      inet_rows: Sequence[Evaluation] | None = None) -> str:
     """The paper's Table I: for each I-Net, DDS at the best config within the I-Net's MACs
@@ -129,7 +139,7 @@ def comparison_table(dds: DDSNet, inets: Sequence[nn.Module], pairs: Sequence[tu
     when the caller has them already."""
     pairs = list(pairs)
     if inet_rows is None:
-        inet_rows = [evaluate(inet, pairs, f"I-Net {index}") for index, inet in enumerate(inets)]
+        inet_rows = [evaluate(inet, pairs, inet_name(dds, inet, position)) for position, inet in enumerate(inets)]
     rows = []
     for inet_eval in inet_rows:
         label = f"DDS at <= {inet_eval.macs_per_pixel:,.0f}"

@@ -202,6 +202,33 @@ def test_train_reports_bad_input_as_an_error_without_a_traceback(tmp_path, capsy
         assert "CUDA is not available" in capsys.readouterr().err
 
 
+def test_inet_indices_are_checked_before_stage_1(tmp_path, capsys):
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps(TINY_TRAINING))
+    run = ["--run-dir", str(tmp_path / "run"), "--config", str(config), "--steps", "1"]
+    assert main(["train", "all", *run, "--inet", "0", "--inet", "7"]) == 2
+    assert "--inet [7]: stage 2 keeps num_choices 2 routing configs, 0 to 1" in capsys.readouterr().err
+    assert main(["train", "stage1", *run, "--inet", "0"]) == 2
+    assert "--inet picks I-Nets to train: it applies to train inets or all, not stage1" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "stage1.log.jsonl").exists()
+
+
+def test_a_bad_training_option_is_blamed_on_where_it_came_from(tmp_path, capsys):
+    run = ["train", "stage1", "--run-dir", str(tmp_path / "run")]
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({**TINY_TRAINING, "steps": 2}))
+    for flags, message in [(["--steps", "-5"], "--steps: steps must be >= 1, got -5"),
+                           (["--distillation", "soft"], "--distillation: unknown distillation 'soft'"),
+                           (["--device", "meta"], "device 'meta': training runs on cpu or cuda")]:
+        assert main(run + ["--config", str(config), *flags]) == 2
+        assert message in capsys.readouterr().err
+    config.write_text(json.dumps({**TINY_TRAINING, "steps": 0}))
+    assert main(run + ["--config", str(config), "--lr", "0.001"]) == 2
+    assert f"{config}: steps must be >= 1, got 0" in capsys.readouterr().err
+    assert main(run + ["--steps", "0"]) == 2
+    assert "--steps: steps must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("options,message", [
     ({"gate_batch_size": 3}, "gate_batch_size 3 does not split over 2 processes"),
     ({"gate_batch_size": 2}, "gate_batch_size 2 over 2 processes leaves 1 image to each; the gate's BatchNorm "

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -160,7 +162,13 @@ def test_evaluate_reports_psnr_ssim_and_macs():
     assert routed.macs_per_pixel == pytest.approx(expected_macs)
     assert min(dds.dynamic_macs_per_pixel) <= routed.macs_per_pixel <= max(dds.dynamic_macs_per_pixel)
     table = comparison_table(dds, [model], data)
-    assert "I-Net 0" in table and "DDS dynamic" in table and table.count("\n") == 4
+    # named by the route whose config it runs (the largest here), not by its place in the list
+    assert "| I-Net 1 |" in table and "DDS dynamic" in table and table.count("\n") == 4
+    smallest = copy.deepcopy(dds.supernet)
+    smallest.set_config(dds.routing_space[0].config)
+    baseline = torch.nn.Conv2d(3, 3, 3, padding=1)
+    table = comparison_table(dds, [baseline, smallest], data)
+    assert "| I-Net #0 (no route's config) |" in table and "| I-Net 0 |" in table
 
 
 def test_comparison_rows_within_a_budget_cost_at_most_the_budget_with_attention_on():

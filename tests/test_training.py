@@ -859,6 +859,11 @@ def test_missing_or_malformed_sidd_data_is_named(tmp_path):
         synthetic.validation_batches()
 
 
+def test_held_out_images_and_sidd_validation_are_not_both_set():
+    with pytest.raises(ValueError, match="validation_images and sidd_validation both name what stage 2 validates on"):
+        TrainConfig(validation_images=("chelsea",), sidd_validation="val")
+
+
 def test_inets_reject_an_unknown_routing_index(tmp_path):
     from dds_fast import RoutingEntry
 

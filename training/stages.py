@@ -142,6 +142,9 @@ class TrainConfig:
             raise ValueError(f"gate_complexity_weight must be a non-negative number, got {self.gate_complexity_weight}")
         if not math.isfinite(self.beta):
             raise ValueError(f"beta must be a finite number, got {self.beta}")
+        if self.sidd_validation is not None and self.validation_images is not None:
+            raise ValueError("validation_images and sidd_validation both name what stage 2 validates on (held-out "
+                             "images, or the SIDD validation blocks): set one of them")
         for name in ("batch_size", "gate_batch_size"):  # stage 3 draws its batches from an epoch too
             if getattr(self, name) > self.epoch_patches:
                 raise ValueError(f"{name} {getattr(self, name)} is larger than epoch_patches {self.epoch_patches}: "
@@ -156,12 +159,17 @@ class TrainConfig:
             raise ValueError(f"cannot read training config {path}: {error}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a JSON object of training options, got {type(values).__name__}")
-        return cls.from_dict({**values, **overrides}, source=str(path))
+        return cls.from_dict({**values, **overrides}, source=str(path), flags=overrides)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "options") -> "TrainConfig":
+    def from_dict(cls, values: dict, source: str = "options", flags: typing.Collection[str] = ()) -> "TrainConfig":
         """A config from ``{option: value}`` (JSON types: a list for a tuple, an integer for a
-        float), each value checked against its field's type."""
+        float), each value checked against its field's type. An error names where its option
+        came from: its flag for the options in ``flags`` (given on the command line), else
+        ``source``."""
+        def where(option: str) -> str:
+            return f"--{option.replace('_', '-')}" if option in flags else source
+
         if not isinstance(values, dict):
             raise ValueError(f"{source}: expected a mapping of training options, got {type(values).__name__}")
         hints = typing.get_type_hints(cls)
@@ -170,24 +178,18 @@ class TrainConfig:
             raise ValueError(f"{source}: unknown training options {unknown}")
         for name, value in values.items():
             if not _accepts(hints[name], value):
-                raise ValueError(f"{source}: {name} must be {_describe(hints[name])}, got {value!r}")
+                raise ValueError(f"{where(name)}: {name} must be {_describe(hints[name])}, got {value!r}")
         try:
             config = cls(**{name: _converted(hints[name], value) for name, value in values.items()})
-        except ValueError as error:
-            raise ValueError(f"{source}: {error}") from None
-        if config.backend not in BACKENDS:
-            raise ValueError(f"{source}: unknown backend {config.backend!r}; choose one of {BACKENDS}")
-        if config.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"{source}: unknown lr_schedule {config.lr_schedule!r}; choose one of {LR_SCHEDULES}")
-        for option in ("distillation", "refine_distillation"):
-            value = getattr(config, option)
-            if value not in DISTILLATIONS and not (option == "refine_distillation" and value is None):
-                raise ValueError(f"{source}: unknown {option} {value!r}; choose one of {DISTILLATIONS}")
-        if config.slim_criterion not in SLIM_CRITERIA:
-            raise ValueError(f"{source}: unknown slim_criterion {config.slim_criterion!r}; choose one of {SLIM_CRITERIA}")
-        for option in ("loss", "distillation_loss"):
-            if getattr(config, option) not in LOSSES:
-                raise ValueError(f"{source}: unknown {option} {getattr(config, option)!r}; choose one of {sorted(LOSSES)}")
+        except ValueError as error:  # (each range check's message starts with its option's name)
+            raise ValueError(f"{where(str(error).split(' ', 1)[0])}: {error}") from None
+        choices = {"backend": BACKENDS, "lr_schedule": LR_SCHEDULES, "distillation": DISTILLATIONS,
+                   "refine_distillation": DISTILLATIONS + (None,), "slim_criterion": SLIM_CRITERIA,
+                   "loss": tuple(sorted(LOSSES)), "distillation_loss": tuple(sorted(LOSSES))}
+        for option, allowed in choices.items():
+            if getattr(config, option) not in allowed:
+                raise ValueError(f"{where(option)}: unknown {option} {getattr(config, option)!r}; choose one of "
+                                 f"{tuple(a for a in allowed if a is not None)}")
         return config
 
     def resolved_device(self) -> torch.device:
@@ -199,6 +201,8 @@ class TrainConfig:
                 device = torch.device(self.device)
             except RuntimeError as error:
                 raise ValueError(f"unknown device {self.device!r}: {error}") from None
+            if device.type not in ("cpu", "cuda"):
+                raise ValueError(f"device {self.device!r}: training runs on cpu or cuda")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: CUDA is not available on this machine (use cpu or auto)")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
