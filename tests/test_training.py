@@ -666,6 +666,43 @@ def tiny_run_config(**options):
                           **options})
 
 
+def test_a_run_resumes_on_its_images_moved_but_not_on_other_images(tmp_path):
+    import shutil
+
+    names = ["a.png", "b.png", "c.png"]
+    folder = image_folder(tmp_path / "photos", names)
+    Run(tmp_path / "run", tiny_run_config(images=str(folder), steps=2, lr_schedule="constant")).stage1()
+    moved = tmp_path / "moved"
+    shutil.move(folder, moved)
+    Run(tmp_path / "run", tiny_run_config(images=str(moved), steps=3, lr_schedule="constant")).stage1()
+    other = image_folder(tmp_path / "other", names, size=(40, 37))
+    with pytest.raises(ValueError, match=r"stage1.state.safetensors was trained with other options: data .* \(a "
+                                         r"digest of the images: they changed\)"):
+        Run(tmp_path / "run", tiny_run_config(images=str(other), steps=4, lr_schedule="constant")).stage1()
+
+
+def test_a_stage_run_alone_refuses_an_earlier_result_of_other_options(tmp_path):
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+    options = dict(images=str(folder), steps=2, lr_schedule="constant")
+    run = Run(tmp_path / "run", tiny_run_config(**options))
+    run.stage1()
+    run.stage2()
+    with pytest.raises(ValueError, match=r"stage1.safetensors was trained with base_width 8; this run's config has "
+                                         r"base_width 16"):
+        Run(tmp_path / "run", tiny_run_config(**options, base_width=16)).stage2()
+    with pytest.raises(ValueError, match=r"stage2.safetensors's routing space was slimmed with other num_choices"):
+        Run(tmp_path / "run", tiny_run_config(**options, num_choices=3)).stage3()
+    with pytest.raises(ValueError, match=r"slimmed with other slim_step than this run's config"):
+        Run(tmp_path / "run", tiny_run_config(**options, slim_step=4)).inets(indices=[0])
+    stage2 = tmp_path / "run" / "stage2.safetensors"
+    net = dds_fast.load(stage2)
+    dds_fast.save(net, stage2)  # a model copied in, with no record of the options it was made with
+    with pytest.raises(ValueError, match=r"holds 2 routing configs, num_choices is 3: run `dds-fast train stage2` "
+                                         r"again, or set num_choices 2"):
+        Run(tmp_path / "run", tiny_run_config(**options, num_choices=3)).stage3()
+    assert not list((tmp_path / "run").glob("stage3*")) and not list((tmp_path / "run").glob("inet*"))
+
+
 def test_stage2_reruns_reuse_the_routing_space_of_the_same_stage1(tmp_path, monkeypatch):
     """``train all`` resuming after a kill runs stage 2 again: it reuses its routing space
     while stage 1's weights and the slimming options are the same, and slims again otherwise."""

@@ -205,17 +205,19 @@ class TrainLoop:
     def _check_options(self, recorded: dict) -> None:
         changed = {name: (recorded.get(name), self.options.get(name)) for name in sorted(recorded.keys() | self.options)
                    if recorded.get(name) != self.options.get(name)}
-        if "start_weights" not in recorded:  # state files of earlier versions recorded no fingerprint
-            changed.pop("start_weights", None)
+        for fingerprint in ("start_weights", "data"):  # state files of earlier versions recorded none
+            if fingerprint not in recorded:
+                changed.pop(fingerprint, None)
         if not changed:
             return
         listed = "; ".join(f"{name} {old!r} then, {new!r} now" for name, (old, new) in changed.items())
         steps = (" (the learning-rate schedule spans the steps asked for, so another count changes it: with "
                  "lr_schedule constant a finished stage can be asked for more)" if "steps" in changed else "")
+        data = " (a digest of the images: they changed)" if "data" in changed else ""
         weights = (f" (the weights the stage starts from changed: an earlier stage trained on; delete "
                    f"{self.state_path}, and those of the stages after it, to train them again from the new weights)"
                    if "start_weights" in changed else "")
-        raise ValueError(f"{self.state_path} was trained with other options: {listed}{steps}{weights}. Resume with "
+        raise ValueError(f"{self.state_path} was trained with other options: {listed}{steps}{data}{weights}. Resume with "
                          f"the options it was trained with, or train in another run directory")
 
     def _truncate_log(self, step: int) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
@@ -350,6 +352,28 @@ class Run:
         return ({key(name): image for name, image in images.items() if name not in held_out},
                 {key(name): images[name] for name in held_out})
 
+    @functools.cached_property
+    def data_fingerprint(self) -> str:
+        """A digest of the data the run trains and validates on: the clean images' names
+        (relative to their folder) and pixels, the real pairs' and SIDD blocks' names and file
+        sizes. In the stages' options in place of the folders' paths: a folder moved is the
+        same data, another folder is not."""
+        c = self.config
+        digest = hashlib.sha256()
+        for images in (self.train_images, self.validation_images):
+            for key, image in sorted(images.items()):
+                digest.update(os.path.relpath(key, c.images).encode() if c.images else key.encode())
+                digest.update(image.numpy().tobytes())
+            digest.update(b"\0")
+        files = [path for pair in self.pairs or () for path in pair]
+        roots = [c.paired_root] * len(files)
+        if c.sidd_validation:
+            files += sidd_validation_files(c.sidd_validation)
+            roots += [c.sidd_validation] * 2
+        for path, root in zip(files, roots):
+            digest.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}".encode())
+        return digest.hexdigest()
+
     # -- pieces -------------------------------------------------------------------------
     def new_network(self):
         c = self.config
@@ -361,7 +385,46 @@ class Run:
         return self.prepare(cls(**kwargs).to(self.device))
 
     def load(self, name: str):
-        return self.prepare(dds_fast.load(self.dir / name, map_location=self.device))
+        """A result of an earlier stage of this run, checked against its config."""
+        model = dds_fast.load(self.dir / name, map_location=self.device)
+        self.check_earlier_result(name, model)
+        return self.prepare(model)
+
+    def check_earlier_result(self, name: str, model) -> None:
+        """``model``, read from ``name`` in the run folder, was trained for the network this
+        config builds, and a routing space in it has ``num_choices`` routes slimmed with this
+        config's options: a stage run alone must not build on a result of other options."""
+        c = self.config
+        path = self.dir / name
+        user = read_metadata(path)["user"]
+        trained = user.get("train_config") or {}  # (none: a model copied in, not trained by a run)
+        shape = NETWORK_OPTIONS + ("channels", "attention")
+        differ = [name for name in shape if name in trained and trained[name] != getattr(c, name)]
+        if differ:
+            raise ValueError(f"{path} was trained with " + ", ".join(f"{o} {trained[o]!r}" for o in differ)
+                             + "; this run's config has " + ", ".join(f"{o} {getattr(c, o)!r}" for o in differ)
+                             + ": run the earlier stages again with it, or use another --run-dir")
+        made_from = user.get("made_from")
+        stale = sorted(o for o, value in self.slimming_inputs().items()
+                       if isinstance(made_from, dict) and made_from.get(o) != value)
+        if stale:
+            raise ValueError(f"{path}'s routing space was slimmed with other {', '.join(stale)} than this run's "
+                             f"config: run `dds-fast train stage2` again")
+        routes = getattr(model, "routing_space", None)
+        if routes is not None and len(routes) != c.num_choices:
+            raise ValueError(f"{path} holds {len(routes)} routing configs, num_choices is {c.num_choices}: run "
+                             f"`dds-fast train stage2` again, or set num_choices {len(routes)}")
+
+    def slimming_inputs(self) -> dict:
+        """What stage 2's routing space depends on besides stage 1's weights, as JSON keeps it."""
+        c = self.config
+        # what validation_batches reads: SIDD blocks, or noise added to held-out clean images
+        validation = ({"sidd_validation": True} if c.sidd_validation else
+                      {name: getattr(c, name) for name in ("noise", "noise_args", "validation_images",
+                                                           "validation_patch", "seed")})
+        slimming = {name: getattr(c, name) for name in ("channels", "batch_size", "validation_crops", "slim_step",
+                                                         "slim_criterion", "num_choices")}
+        return json.loads(json.dumps({**validation, "data": self.data_fingerprint, **slimming}))
 
     def prepare(self, model):
         """The configured conv backend; on a GPU, channels_last weights (the kernels' aligned
@@ -428,10 +491,11 @@ class Run:
         """What a stage's training depends on, for its state file (TrainLoop refuses a resume
         with others): the options ``names`` of the config, the lr schedule of ``schedule_steps``
         steps (where it spans them, the steps), and ``values``. The data's locations are left
-        out: a folder moved is the same data."""
+        out, its ``data_fingerprint`` in: a folder moved is the same data."""
         c = self.config
         data = DATA_OPTIONS + (CLEAN_DATA_OPTIONS if self.pairs is None else ())
         options = {name: getattr(c, name) for name in data + names}
+        options["data"] = self.data_fingerprint
         if schedule_steps is not None:
             options["lr_schedule"] = c.lr_schedule
             if c.lr_schedule == "cosine":
@@ -487,16 +551,10 @@ class Run:
             stage1 = self.dir / "stage1.safetensors"
             # (dds_fast.load: a truncated or corrupt file is a CheckpointError that names it)
             net = self.load("stage1.safetensors") if stage1.exists() else None
-            # what validation_batches reads: SIDD blocks, or noise added to held-out clean images
-            validation = ({"sidd_validation": True} if c.sidd_validation else
-                          {name: getattr(c, name) for name in ("noise", "noise_args", "validation_images",
-                                                               "validation_patch", "seed")})
-            made_from = json.loads(json.dumps({
-                **validation, **{name: getattr(c, name) for name in ("channels", "batch_size", "validation_crops",
-                                                                     "slim_step", "slim_criterion", "num_choices")},
-                # its tensors, not its bytes: stage 1 rewrites the file on every rerun, and
-                # safetensors orders the metadata differently in each process
-                "stage1": None if net is None else weights_fingerprint(net.state_dict())}))
+            made_from = {**self.slimming_inputs(),
+                         # its tensors, not its bytes: stage 1 rewrites the file on every rerun, and
+                         # safetensors orders the metadata differently in each process
+                         "stage1": None if net is None else weights_fingerprint(net.state_dict())}
             done = self.dir / "stage2.safetensors"
             if done.exists() and read_metadata(done)["user"].get("made_from") == made_from:
                 return self.load("stage2.safetensors")
@@ -632,7 +690,9 @@ class Run:
         c = self.config
         self.check_stages({"inets"})
         if routing_space is None:
-            routing_space = dds_fast.load(self.dir / "stage2.safetensors").routing_space
+            stage2 = dds_fast.load(self.dir / "stage2.safetensors")
+            self.check_earlier_result("stage2.safetensors", stage2)
+            routing_space = stage2.routing_space
         indices = range(len(routing_space)) if indices is None else indices
         unknown = sorted(set(indices) - set(range(len(routing_space))))
         if unknown:
