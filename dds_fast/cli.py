@@ -176,19 +176,48 @@ def _demo_untrained(args) -> int:
     return 0
 
 
-TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
-    "--steps": ("steps", int), "--batch-size": ("batch_size", int), "--lr": ("lr", float),
-    "--arch": ("arch", str), "--base-width": ("base_width", int), "--depth": ("depth", int),
-    "--channels": ("channels", int), "--noise": ("noise", str), "--images": ("images", str),
-    "--patch-size": ("patch_size", int), "--sandwich": ("sandwich", int), "--distillation": ("distillation", str),
-    "--distillation-loss": ("distillation_loss", str),
-    "--num-choices": ("num_choices", int), "--checkpoint-every": ("checkpoint_every", int),
-    "--seed": ("seed", int), "--device": ("device", str), "--gate-steps": ("gate_steps", int),
-    "--budget": ("budget", float), "--beta": ("beta", float), "--backend": ("backend", str),
-    "--gate-complexity-weight": ("gate_complexity_weight", float),
-    "--refine-steps": ("refine_steps", int), "--refine-lr": ("refine_lr", float),
-    "--refine-distillation": ("refine_distillation", str), "--slim-criterion": ("slim_criterion", str),
-    "--inet-steps": ("inet_steps", int),
+TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help); each overrides the config file's value
+    "--arch": ("arch", str, "SlimUNet or SlimDnCNN"),
+    "--channels": ("channels", int, "1 (gray) or 3 (colour)"),
+    "--base-width": ("base_width", int, "the network's base width (its widths run 0.2x to 1.5x it)"),
+    "--depth": ("depth", int, "U-Net levels, or DnCNN layers"),
+    "--noise": ("noise", str, "awgn, poisson_gaussian, camera, gray or mix (--noise-args gives its arguments)"),
+    "--images": ("images", str, "a folder of clean images (default: the photos bundled with scikit-image)"),
+    "--patch-size": ("patch_size", int, "training crops' side, stage 1, refine and the I-Nets"),
+    "--batch-size": ("batch_size", int, "crops per step of stage 1, refine, the I-Nets and stage 2's validation"),
+    "--epoch-patches": ("epoch_patches", int, "crops per epoch (the data order's period; the gate's rate decays "
+                                              "per epoch)"),
+    "--steps": ("steps", int, "stage 1's optimizer steps"),
+    "--lr": ("lr", float, "stage 1's and the I-Nets' learning rate"),
+    "--lr-schedule": ("lr_schedule", str, "cosine (over the steps asked for) or constant (a finished stage can "
+                                          "be asked for more)"),
+    "--sandwich": ("sandwich", int, "sub-networks per sandwich step (largest, smallest and random ones)"),
+    "--distillation": ("distillation", str, "synergy (In-place Synergy), inplace or none"),
+    "--loss": ("loss", str, "l1 or mse, against the ground truth"),
+    "--distillation-loss": ("distillation_loss", str, "l1 or mse, against a teacher's output"),
+    "--slim-step": ("slim_step", int, "channels a progressive slimming step removes from one group"),
+    "--slim-criterion": ("slim_criterion", str, "psnr (the paper's: least PSNR lost) or psnr_per_mac"),
+    "--num-choices": ("num_choices", int, "routing configs kept from stage 2 for the gate"),
+    "--validation-crops": ("validation_crops", int, "crops of each held-out image (or SIDD blocks) stage 2 "
+                                                    "validates on"),
+    "--validation-patch": ("validation_patch", int, "the validation crops' side"),
+    "--refine-steps": ("refine_steps", int, "sandwich steps over the routing configs after stage 2 (0: none)"),
+    "--refine-lr": ("refine_lr", float, "the refine stage's learning rate"),
+    "--refine-distillation": ("refine_distillation", str, "the refine stage's distillation (default: stage 1's)"),
+    "--inet-steps": ("inet_steps", int, "each I-Net's steps (default: stage 1's plus refine's)"),
+    "--gate-steps": ("gate_steps", int, "stage 3's steps"),
+    "--gate-lr": ("gate_lr", float, "stage 3's learning rate"),
+    "--gate-lr-decay": ("gate_lr_decay", float, "stage 3's learning-rate factor per epoch"),
+    "--gate-batch-size": ("gate_batch_size", int, "crops per stage 3 step (2 or more per process)"),
+    "--gate-patch-size": ("gate_patch_size", int, "stage 3's crops' side"),
+    "--beta": ("beta", float, "dB of PSNR gain (largest over smallest config) that labels a crop hard"),
+    "--budget": ("budget", float, "stage 3's MACs/pixel budget (default: the middle of the routing space's range)"),
+    "--gate-complexity-weight": ("gate_complexity_weight", float, "weight of the MACs loss against the "
+                                                                  "cross-entropy"),
+    "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
+    "--seed": ("seed", int, "seeds the data, the noise and the initial weights"),
+    "--device": ("device", str, "auto, cpu or cuda[:N]"),
+    "--backend": ("backend", str, "every SlimConv2d's: auto (Triton on CUDA), torch or triton"),
 }
 
 
@@ -344,11 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="a JSON file of training options (flags override it)")
     train.add_argument("--inet", type=int, action="append",
                        help="train only the I-Net of this routing config (repeatable; default: all)")
-    for flag, (field, kind) in TRAIN_FLAGS.items():
-        train.add_argument(flag, dest=field, type=kind)
+    for flag, (field, kind, text) in TRAIN_FLAGS.items():
+        train.add_argument(flag, dest=field, type=kind, help=text)
     train.add_argument("--attention", dest="attention", action=argparse.BooleanOptionalAction, default=None,
                        help="train the gate's attention head with the super-network in stages 1, 2 and refine "
                             "(default: on, as the paper)")
+    train.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bars with the losses, PSNR and time left (default: on)")
     train.add_argument("--graphs", dest="graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="replay each training step of stage 1, refine and the I-Nets as one CUDA graph, the "
                             "sandwich's sub-networks as masked widths (full width, the same gradients; default: "
@@ -364,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "and ValidationGtBlocksSrgb.mat")
     train.add_argument("--validation-images", dest="validation_images", nargs="+", metavar="NAME",
                        help="clean images held out for validation (bundled photo names, or file names in "
-                            "--images; default: chelsea and coins, or the folder's last two by name)")
+                            "--images; default: chelsea and coins, or the folder's last two by name, its last of two)")
     train.set_defaults(func=cmd_train)
     den = sub.add_parser("denoise", help="denoise an image (PNG 8/16-bit or JPEG, gray or RGB, any size)")
     den.add_argument("input")

@@ -358,3 +358,17 @@ def test_running_out_of_memory_is_an_error_without_a_traceback(error, monkeypatc
     monkeypatch.setattr(dds_fast.cli, "cmd_info", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # other runtime errors keep their traceback
         main(["info", "x"])
+
+
+def test_every_training_option_has_a_flag_with_help():
+    import dataclasses
+
+    from dds_fast.training.stages import TrainConfig
+
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {action.dest: action for action in train._actions}
+    for field in dataclasses.fields(TrainConfig):
+        assert field.name in flags and flags[field.name].help, field.name
+    args = train.parse_args(["all", "--run-dir", "r", "--slim-step", "8", "--no-progress", "--lr-schedule",
+                             "constant"])
+    assert (args.slim_step, args.progress, args.lr_schedule) == (8, False, "constant")
