@@ -349,6 +349,12 @@ class DDSNet(nn.Module):
         index = position
         return self.dynamic_macs_per_pixel[index] if self.gate.attention else self.routing_space[index].macs_per_pixel
 
+    def extra_repr(self) -> str:
+        macs = [e.macs_per_pixel for e in self._routing_space]
+        mode = "dynamic" if self._budget_index is None else f"budget: route {self._budget_index}"
+        return (f"{len(macs)} routes of {min(macs):,.0f} to {max(macs):,.0f} MACs/pixel, {mode}, "
+                f"per_image={self.per_image}")
+
     def set_budget(self, macs_per_pixel: float | None) -> RoutingEntry | None:
         """Static mode: every image runs the best config whose cost in static mode
         (``static_macs_per_pixel``) is within ``macs_per_pixel`` (the one with the best

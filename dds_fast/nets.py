@@ -94,6 +94,12 @@ class SlimNet(nn.Module):
     def get_config(self) -> SubnetConfig:
         return self._config
 
+    def extra_repr(self) -> str:
+        if self._masked:
+            return "masked widths (set_masked_widths: each layer's masked_out_channels)"
+        widths = ", ".join(f"{group}={width}" for group, width in self._config.items())
+        return f"{'static' if self.is_static else 'config'}: {widths}"
+
     def binding_widths(self, config: SubnetConfig | Mapping[str, int]) -> list[int]:
         """Each slimmable layer's output channels under ``config``, as its output counts them
         (after any pixel shuffle): a row of the widths that ``set_masked_widths`` takes."""

@@ -333,6 +333,8 @@ class SlimConv2d(nn.Conv2d):
             parts.append(f"upscale_factor={self.upscale_factor}")
         if self._active_out is not None:
             parts.append(f"active_out_channels={self._active_out}")
+        if self.output_mask is not None:
+            parts.append(f"masked_out_channels={int(self.output_mask.sum())}")
         return ", ".join(parts)
 
 

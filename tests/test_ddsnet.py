@@ -527,6 +527,14 @@ def test_macs_counting_does_not_run_the_users_hooks():
     assert calls == ["stem", "net"]  # set back as they were
 
 
+def test_repr_shows_the_routes_and_the_mode():
+    model = make_ddsnet()
+    macs = [e.macs_per_pixel for e in model.routing_space]
+    assert f"3 routes of {macs[0]:,.0f} to {macs[-1]:,.0f} MACs/pixel, dynamic" in repr(model)
+    model.set_budget(float("inf"))
+    assert "budget: route 2" in repr(model)
+
+
 def test_the_routing_space_is_read_only_but_for_its_setter():
     model = make_ddsnet()
     routes = model.routing_space

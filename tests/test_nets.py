@@ -274,3 +274,14 @@ def test_a_net_on_the_cpu_runs_its_layers_channels_last(make):
     net.pad = lambda t: channels_last_pad(t).contiguous()  # the NCHW computation
     with torch.no_grad():
         torch.testing.assert_close(got, net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_repr_shows_the_active_config_a_static_export_and_masked_widths():
+    net = small_unet()
+    net.set_config(net.space.smallest())
+    widths = ", ".join(f"{group}={width}" for group, width in net.get_config().items())
+    assert f"config: {widths}" in repr(net)
+    assert f"static: {widths}" in repr(export_static(net))
+    net.set_masked_widths(torch.tensor(net.binding_widths(net.space.smallest())))
+    assert "masked widths" in repr(net)
+    assert "masked_out_channels=" in repr(net.stem_conv)
