@@ -967,6 +967,10 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
     need_x0, need_x1, need_w, need_b, need_res = needs
     act = _ACT_NAMES[activation]
     n, o, ho, wo = grad_y.shape
+    if _span_within_image(grad_y) >= 2 ** 31:
+        # autograd's gradient of a slice of a wider buffer (a cat): the kernels' int32 offsets within
+        # an image would wrap; the output's own layout is checked to fit them
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
 
     def empty():  # a fresh one each time: custom-op outputs may not alias each other
         return grad_y.new_empty(0)
@@ -1153,9 +1157,19 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
     args = (tuple([_spec(t, input_dtype) for t in tensors]), _spec(weight), stride, padding, dilation, groups,
             padding_mode, activation, negative_slope)
     try:
-        return _reason(*args)
+        reason = _reason(*args)
     except TypeError:  # an unhashable option (a list): not worth caching
-        return _reason.__wrapped__(*args)
+        reason = _reason.__wrapped__(*args)
+    if reason is None and any(t.dim() == 4 and _span_within_image(t) >= 2 ** 31 for t in tensors):
+        return "an input view spans 2**31 elements or more within an image (the kernels index in int32)"
+    return reason
+
+
+def _span_within_image(t: torch.Tensor) -> int:
+    """The largest element offset within one image of a 4-D ``t``, from its strides."""
+    _, c, h, w = t.shape
+    _, sc, sh, sw = t.stride()
+    return (c - 1) * abs(sc) + (h - 1) * abs(sh) + (w - 1) * abs(sw)
 
 
 def autocast_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -1269,11 +1283,14 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
     for name, t in [(f"input {i}", t) for i, t in enumerate(inputs)] + [("residual", residual)]:
         # offsets within an image are int32: a view into a much wider buffer can reach past them
         # (the output's own span is checked below, with its shape)
-        if isinstance(t, torch.Tensor) and t.dim() == 4 and sum((size - 1) * abs(step) for size, step in
-                                                  zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31:
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and _span_within_image(t) >= 2 ** 31:
             raise ValueError(f"slim_conv2d: {name} (shape {tuple(t.shape)}, strides {t.stride()}) spans 2**31 "
                              f"elements or more within an image, past the kernels' int32 offsets; pass a "
                              f"contiguous copy")
+        # its gradient is stored dense: an expanded (stride 0) view does not bound that
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] * t.shape[2] * t.shape[3] >= 2 ** 31:
+            raise ValueError(f"slim_conv2d: {name} of shape {tuple(t.shape)} has 2**31 elements or more in an "
+                             f"image, past the kernels' int32 offsets (split the image)")
     if len(inputs) == 2 and segment_starts[0] + inputs[0].shape[1] > segment_starts[1]:
         raise ValueError(f"slim_conv2d: segment_starts {list(segment_starts)} must ascend without overlap: input 0 "
                          f"takes weight channels {segment_starts[0]} to {segment_starts[0] + inputs[0].shape[1] - 1}")

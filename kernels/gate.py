@@ -58,9 +58,10 @@ def _squeeze_kernel(x_ptr, part_ptr, C, HW, chunk, num_chunks, stride_n, stride_
     for p0 in range(0, chunk, BLOCK_HW):
         p = start + p0 + tl.arange(0, BLOCK_HW)
         mask = (p < HW)[:, None] & mask_c[None, :]
-        v = tl.load(base + p[:, None] * stride_p + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+        # (int64 channel offsets: an NCHW image's channel stride times C can pass 2**31)
+        v = tl.load(base + p[:, None] * stride_p + offs_c[None, :].to(tl.int64) * stride_c, mask=mask, other=0.0)
         acc += v.to(tl.float32)
-    tl.store(part_ptr + (n * num_chunks + pid_t) * C + offs_c, tl.sum(acc, axis=0), mask=mask_c)
+    tl.store(part_ptr + (n.to(tl.int64) * num_chunks + pid_t) * C + offs_c, tl.sum(acc, axis=0), mask=mask_c)
 
 
 @triton.jit
@@ -169,10 +170,11 @@ def _scale_kernel(x_ptr, scale_ptr, out_ptr, C, HW, sx_n, sx_c, sx_p, so_n, so_c
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mask = (p < HW)[:, None] & mask_c[None, :]
-    x = tl.load(x_ptr + n.to(tl.int64) * sx_n + p[:, None] * sx_p + offs_c[None, :] * sx_c, mask=mask, other=0.0)
+    x = tl.load(x_ptr + n.to(tl.int64) * sx_n + p[:, None] * sx_p + offs_c[None, :].to(tl.int64) * sx_c, mask=mask,
+                other=0.0)
     s = tl.load(scale_ptr + n * C + offs_c, mask=mask_c, other=0.0)
     y = x.to(tl.float32) * s[None, :]
-    tl.store(out_ptr + n.to(tl.int64) * so_n + p[:, None] * so_p + offs_c[None, :] * so_c,
+    tl.store(out_ptr + n.to(tl.int64) * so_n + p[:, None] * so_p + offs_c[None, :].to(tl.int64) * so_c,
              y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -504,3 +504,18 @@ def test_torch_func_transforms_take_the_reference_path():
     with torch.no_grad():
         batched = torch.vmap(lambda image: gate(image[None]).logits[0])(x)
         torch.testing.assert_close(batched, gate(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_squeeze_and_scale_of_channels_whose_offsets_pass_int32():
+    """An NCHW image of 2**31 elements or more (or a channel-strided view): channel offsets in
+    int64. A storage that starts 2**31 elements before the view keeps a wrapped offset inside
+    the allocation (about 8 GiB, hardly touched)."""
+    start, channel_stride = 2 ** 31, 2 ** 30
+    storage = torch.empty(start + 2 * channel_stride + 16, dtype=torch.float16, device=DEVICE)
+    storage[:4096].fill_(100.0)
+    x = storage.as_strided((1, 3, 4, 4), (3 * channel_stride, channel_stride, 4, 1), start)
+    x.copy_(torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(2)).half())
+    torch.testing.assert_close(kernels.squeeze_partials(x).sum(1), x.float().sum((2, 3)), rtol=1e-3, atol=1e-3)
+    scale = torch.rand(1, 3, generator=torch.Generator().manual_seed(3)).to(DEVICE) + 0.5
+    torch.testing.assert_close(kernels.apply_scale(x, scale).float(), x.float() * scale[:, :, None, None],
+                               rtol=2e-3, atol=2e-3)

@@ -1246,3 +1246,49 @@ def test_gpu_cuda_graph_replay_with_new_widths():
         for i, (o, c) in enumerate(per_image):
             ref = F.relu(F.conv2d(x[i:i + 1, :c].double(), weight[:o, :c].double(), bias[:o].double(), padding=1))
             assert rel_err(y[i:i + 1, :o], ref) < TOL[torch.float32]
+
+
+def view_past_int32(shape, strides, dtype=torch.float16):
+    """A view whose offsets within an image pass 2**31 elements, into a storage that starts
+    2**31 elements before it (so an offset wrapped to a negative int32 still reads inside the
+    allocation, garbage, not past it). About 8 GiB, allocated but hardly touched."""
+    start = 2 ** 31
+    span = sum((size - 1) * step for size, step in zip(shape, strides)) + 1
+    storage = torch.empty(start + span, dtype=dtype, device=DEVICE)
+    storage[:4096].fill_(100.0)
+    view = storage.as_strided(shape, strides, start)
+    view.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(dtype))
+    return view
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_backward_takes_a_gradient_whose_offsets_pass_int32(activation):
+    """Autograd hands a layer whose output went into a wide concat a slice of that concat's
+    gradient: its pixel strides can put its offsets within an image past 2**31."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 8, 3, 4, generator=g).half().contiguous(memory_format=torch.channels_last).to(DEVICE)
+    weight = (torch.randn(8, 8, 3, 3, generator=g) * 0.2).half().to(DEVICE)
+    bias = torch.randn(8, generator=g).half().to(DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    grad_y = view_past_int32((1, 8, 3, 4), (3 * (2 ** 30 + 64), 1, 2 ** 30 + 64, 8))
+    slim_conv2d([leaves[0]], leaves[1], leaves[2], activation=activation).backward(grad_y)
+    ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    y = F.conv2d(ref[0], ref[1], ref[2], padding=1)
+    (F.relu(y) if activation else y).backward(grad_y.double())
+    for got, expected in zip(leaves, ref):
+        assert rel_err(got.grad, expected.grad) < TOL[torch.float16]
+
+
+def test_a_view_whose_offsets_pass_int32_is_not_for_the_kernels():
+    wide = view_past_int32((1, 3, 4, 4), (3 * 2 ** 30, 2 ** 30, 4, 1))
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float16, device=DEVICE)
+    assert "spans 2**31 elements or more within an image" in unsupported_reason([wide], weight)
+    assert unsupported_reason([wide.contiguous()], weight) is None
+
+
+def test_an_expanded_image_of_2_31_elements_is_refused_by_name():
+    """Its span is 0, but its gradient would be stored dense, past the int32 offsets."""
+    x = torch.ones(1, 1, 1, 1, dtype=torch.float16, device=DEVICE).expand(1, 2 ** 11, 2 ** 10, 2 ** 10)
+    weight = torch.randn(4, 2 ** 11, 1, 1, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"input 0 of shape \(1, 2048, 1024, 1024\) has 2\*\*31 elements or more"):
+        slim_conv2d([x], weight, out_channels=4)
