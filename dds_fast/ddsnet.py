@@ -101,11 +101,11 @@ def _check_supernet_and_gate(owner: str, supernet, gate) -> None:
                          f"{supernet.stem_channels}")
 
 
-def _forward_hooks_in(module: nn.Module) -> bool:
-    """Whether a forward hook or pre-hook would see an input or output inside ``module``."""
+def _forward_hooks_on(modules: Sequence[nn.Module]) -> bool:
+    """Whether a forward hook or pre-hook would see an input or output of ``modules``."""
     hooked = torch.nn.modules.module
     return bool(hooked._global_forward_hooks or hooked._global_forward_pre_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+        m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _supernet_and_gate_args(supernet: SlimNet, gate: DynamicGate) -> dict:
@@ -265,6 +265,12 @@ class DDSNet(nn.Module):
         self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
         self.routing_space = routing_space
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_body_modules" not in state:  # a whole-module pickle of an earlier version
+            self.routing_space, budget = self._routing_space, self._budget_index
+            self._budget_index = budget
+
     def __setattr__(self, name, value):
         if name in ("supernet", "gate") and "_routing_space" in self.__dict__:
             self._replace_part(name, value)
@@ -283,6 +289,7 @@ class DDSNet(nn.Module):
         nn.Module.__setattr__(self, name, part)
         if name == "supernet":
             budget = self._budget_index
+            self.in_channels, self.size_multiple = supernet.in_channels, supernet.size_multiple
             self._stem_group = supernet.space.groups[0].name
             self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
             self.routing_space = self._routing_space  # the width tables name the old layers
@@ -315,6 +322,8 @@ class DDSNet(nn.Module):
         # per device; a graph captured before holds the old ones' addresses: never freed
         self._retired_tables = [*getattr(self, "_retired_tables", []), *getattr(self, "_tables", {}).values()]
         self._tables: dict[torch.device, tuple[torch.Tensor, list]] = {}
+        # what a per-image forward asks for hooks (the packing body calls SlimConv2d layers alone)
+        self._body_modules = tuple(m for m in self.supernet.modules() if isinstance(m, SlimConv2d))
         self._warmed_branches: dict[tuple, tuple[torch.dtype, torch.memory_format, tuple]] = {}
         self._budget_index: int | None = None
 
@@ -501,7 +510,7 @@ class DDSNet(nn.Module):
         # a forward hook would be handed a packed buffer, whose shape does not describe it
         packing = PackedBuffers() if self.packed_buffers and self.supernet.packs_per_image_buffers \
             and not isinstance(kernels, str) and kernels.packs_per_image_buffers() \
-            and not _forward_hooks_in(self.supernet) else None
+            and not _forward_hooks_on(self._body_modules) else None
         # gate_forward left every layer at full width: the buffers; the widths are per image
         try:
             for conv, columns, multiple, narrowest in layers:

@@ -106,6 +106,14 @@ class SlimNet(nn.Module):
         config = self.space.validate(config)
         return [config[group] * multiplier // conv.upscale_factor ** 2 for conv, group, multiplier in self._bindings]
 
+    def __setstate__(self, state: dict) -> None:
+        # a whole-module pickle of an earlier version held these as plain attributes
+        for old in ("arch_args", "routing_space"):
+            if old in state:
+                value = state.pop(old)
+                state["_" + old] = tuple(value) if old == "routing_space" and value is not None else value
+        super().__setstate__(state)
+
     @property
     def routing_space(self) -> tuple[RoutingEntry, ...] | None:
         """The routing space progressive slimming found, or a checkpoint held; None if none.

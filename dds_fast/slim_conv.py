@@ -156,8 +156,9 @@ class SlimConv2d(nn.Conv2d):
         # shuffle): the channels it leaves out come out zero (NaN and inf too). A
         # SlimNet's set_masked_widths runs a config this way at full width, so that no shape
         # depends on the config (one CUDA graph of a training step serves every config).
-        # (a buffer, so that .to() moves it; not persistent: a training-time state, not a weight)
-        self.register_buffer("output_mask", None, persistent=False)
+        # (a plain attribute, which _apply moves as a buffer: a buffer's read costs each forward
+        # a microsecond of host time; not in the state: a training-time setting, not a weight)
+        self.output_mask: torch.Tensor | None = None
 
     # -- widths -------------------------------------------------------------------------
     @property
@@ -323,6 +324,12 @@ class SlimConv2d(nn.Conv2d):
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
         return apply_epilogue(self._conv_forward(x, weight, bias), residual, self.activation, self.negative_slope,
                               self.upscale_factor)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.output_mask is not None:  # moved and cast with the module, as a buffer would be
+            self.output_mask = fn(self.output_mask)
+        return self
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"backend={self.backend!r}"]

@@ -1157,19 +1157,18 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
     args = (tuple([_spec(t, input_dtype) for t in tensors]), _spec(weight), stride, padding, dilation, groups,
             padding_mode, activation, negative_slope)
     try:
-        reason = _reason(*args)
+        return _reason(*args)
     except TypeError:  # an unhashable option (a list): not worth caching
-        reason = _reason.__wrapped__(*args)
-    if reason is None and any(t.dim() == 4 and _span_within_image(t) >= 2 ** 31 for t in tensors):
-        return "an input view spans 2**31 elements or more within an image (the kernels index in int32)"
-    return reason
+        return _reason.__wrapped__(*args)
 
 
 def _span_within_image(t: torch.Tensor) -> int:
     """The largest element offset within one image of a 4-D ``t``, from its strides."""
-    _, c, h, w = t.shape
-    _, sc, sh, sw = t.stride()
-    return (c - 1) * abs(sc) + (h - 1) * abs(sh) + (w - 1) * abs(sw)
+    return _span(t.shape, t.stride())
+
+
+def _span(shape, strides) -> int:
+    return sum((size - 1) * abs(step) for size, step in zip(shape[1:], strides[1:]))
 
 
 def autocast_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -1179,7 +1178,7 @@ def autocast_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype
 
 
 def _spec(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> tuple:
-    return t.shape, autocast_dtype(t, dtype), t.device.type
+    return t.shape, autocast_dtype(t, dtype), t.device.type, t.stride()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1189,7 +1188,7 @@ def _reason(specs, weight_spec, stride, padding, dilation, groups, padding_mode,
     every call, so the answer is cached."""
     if not 1 <= len(specs) <= 2:
         return f"{len(specs)} inputs (the kernels fuse a concat of at most 2)"
-    w_shape, w_dtype, _ = weight_spec
+    w_shape, w_dtype, _, _ = weight_spec
     if len(w_shape) != 4:
         return f"weight must be 4-D, got {len(w_shape)}-D"
     kh, kw = w_shape[2], w_shape[3]
@@ -1215,7 +1214,7 @@ def _reason(specs, weight_spec, stride, padding, dilation, groups, padding_mode,
         return f"activation {activation!r} is not one of {list(ACTIVATIONS)}"
     if activation == "leaky_relu" and negative_slope < 0:
         return f"leaky_relu negative_slope {negative_slope} < 0 (backward reads the sign of the output)"
-    for _, dtype, device_type in specs + (weight_spec,):
+    for _, dtype, device_type, _ in specs + (weight_spec,):
         if dtype not in _DTYPES:
             return f"dtype {dtype} is not float32, float16 or bfloat16"
         if not _dtypes_match(dtype, w_dtype):
@@ -1226,10 +1225,12 @@ def _reason(specs, weight_spec, stride, padding, dilation, groups, padding_mode,
         return f"concatenated inputs of dtypes {specs[0][1]} and {specs[1][1]}"
     if len(specs[0][0]) == 4 and specs[0][0][0] > MAX_BATCH:
         return f"a batch of {specs[0][0][0]} images (the kernels' grid takes at most {MAX_BATCH})"
-    for shape, _, _ in specs:
+    for shape, _, _, strides in specs:
         if len(shape) == 4 and max(shape[1], w_shape[0]) * shape[2] * shape[3] >= 2 ** 31:
             return (f"an image of {shape[1]} channels, {shape[2]}x{shape[3]}, with {w_shape[0]} output "
                     f"channels has 2**31 elements or more (the kernels index within an image in int32)")
+        if len(shape) == 4 and _span(shape, strides) >= 2 ** 31:
+            return "an input view spans 2**31 elements or more within an image (the kernels index in int32)"
     return None
 
 

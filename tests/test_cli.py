@@ -227,6 +227,13 @@ def test_a_bad_training_option_is_blamed_on_where_it_came_from(tmp_path, capsys)
     assert f"{config}: steps must be >= 1, got 0" in capsys.readouterr().err
     assert main(run + ["--steps", "0"]) == 2
     assert "--steps: steps must be >= 1, got 0" in capsys.readouterr().err
+    config.write_text(json.dumps({"batch_size": 4}))
+    assert main(run + ["--config", str(config), "--epoch-patches", "3"]) == 2
+    assert (f"batch_size from {config}, epoch_patches from --epoch-patches: batch_size 4 is larger than "
+            f"epoch_patches 3") in capsys.readouterr().err
+    assert main(run + ["--epoch-patches", "32"]) == 2
+    assert ("gate_batch_size from the default, epoch_patches from --epoch-patches: gate_batch_size 64 is larger "
+            "than epoch_patches 32") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("options,message", [

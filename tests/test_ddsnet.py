@@ -562,6 +562,8 @@ def test_a_new_gate_or_supernet_is_checked_against_the_routing_space():
         model.supernet = twin
         assert model.supernet is twin
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        model.supernet = SlimUNet(in_channels=1, base_width=8, depth=3).double()  # the same groups, gray
+        assert model.in_channels == 1 and model(x[:, :1]).shape == x[:, :1].shape
 
 
 def test_a_network_that_rewrites_the_body_must_declare_packing_again():
@@ -967,3 +969,24 @@ def test_without_triton_a_ddsnet_asked_for_the_kernels_falls_back_or_says_why(mo
             model(x)
     finally:
         slim_conv._kernels_module.cache_clear()
+
+
+def test_whole_module_pickles_of_earlier_versions_load():
+    """Users torch.save whole modules: attributes that were plain then are read into place."""
+    import pickle
+
+    model = make_ddsnet()
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+    model.set_budget(float("inf"))
+    old = copy.deepcopy(model)  # in the layout of earlier versions
+    del old.__dict__["_body_modules"]
+    old.__dict__["_routing_space"] = list(old._routing_space)
+    old.supernet.__dict__["arch_args"] = old.supernet.__dict__.pop("_arch_args")
+    loaded = pickle.loads(pickle.dumps(old))
+    assert isinstance(loaded.routing_space, tuple) and loaded.budget_index == 2
+    assert loaded.supernet.arch_args == model.supernet.arch_args and loaded.supernet.routing_space is None
+    loaded.set_budget(None)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)

@@ -55,6 +55,14 @@ DEFAULT_VALIDATION_IMAGES = ("chelsea", "coins")
 FOLDER_VALIDATION_IMAGES = 2
 
 
+class OptionError(ValueError):
+    """A bad combination of training options, which it names."""
+
+    def __init__(self, message: str, *options: str):
+        super().__init__(message)
+        self.options = options
+
+
 @dataclass
 class TrainConfig:
     """Every option of a run; ``from_file`` reads a JSON file of these keys."""
@@ -145,12 +153,13 @@ class TrainConfig:
         if not math.isfinite(self.beta):
             raise ValueError(f"beta must be a finite number, got {self.beta}")
         if self.sidd_validation is not None and self.validation_images is not None:
-            raise ValueError("validation_images and sidd_validation both name what stage 2 validates on (held-out "
-                             "images, or the SIDD validation blocks): set one of them")
+            raise OptionError("validation_images and sidd_validation both name what stage 2 validates on (held-out "
+                              "images, or the SIDD validation blocks): set one of them",
+                              "validation_images", "sidd_validation")
         for name in ("batch_size", "gate_batch_size"):  # stage 3 draws its batches from an epoch too
             if getattr(self, name) > self.epoch_patches:
-                raise ValueError(f"{name} {getattr(self, name)} is larger than epoch_patches {self.epoch_patches}: "
-                                 f"an epoch holds no batch")
+                raise OptionError(f"{name} {getattr(self, name)} is larger than epoch_patches {self.epoch_patches}: "
+                                  f"an epoch holds no batch", name, "epoch_patches")
 
     @classmethod
     def from_file(cls, path, **overrides) -> "TrainConfig":
@@ -170,7 +179,9 @@ class TrainConfig:
         came from: its flag for the options in ``flags`` (given on the command line), else
         ``source``."""
         def where(option: str) -> str:
-            return f"--{option.replace('_', '-')}" if option in flags else source
+            if option in flags:
+                return f"--{option.replace('_', '-')}"
+            return source if option in values else "the default"
 
         if not isinstance(values, dict):
             raise ValueError(f"{source}: expected a mapping of training options, got {type(values).__name__}")
@@ -183,6 +194,8 @@ class TrainConfig:
                 raise ValueError(f"{where(name)}: {name} must be {_describe(hints[name])}, got {value!r}")
         try:
             config = cls(**{name: _converted(hints[name], value) for name, value in values.items()})
+        except OptionError as error:  # a check of two options: where each came from
+            raise ValueError(", ".join(f"{o} from {where(o)}" for o in error.options) + f": {error}") from None
         except ValueError as error:  # (each range check's message starts with its option's name)
             raise ValueError(f"{where(str(error).split(' ', 1)[0])}: {error}") from None
         choices = {"backend": BACKENDS, "lr_schedule": LR_SCHEDULES, "distillation": DISTILLATIONS,
@@ -212,6 +225,12 @@ class TrainConfig:
         if device.type == "cuda" and device.index is None and torch.distributed.is_initialized():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
         return device
+
+
+def _same_inputs(recorded, now: dict) -> bool:
+    """Whether stage 2's ``recorded`` inputs are ``now``'s; the files of earlier versions
+    recorded no digest of the data."""
+    return isinstance(recorded, dict) and recorded == {k: v for k, v in now.items() if k != "data" or k in recorded}
 
 
 def slimming_length(space, step: int) -> int:
@@ -363,7 +382,7 @@ class Run:
         for images in (self.train_images, self.validation_images):
             for key, image in sorted(images.items()):
                 digest.update(os.path.relpath(key, c.images).encode() if c.images else key.encode())
-                digest.update(image.numpy().tobytes())
+                digest.update(image.contiguous().numpy())  # (its buffer: no copy)
             digest.update(b"\0")
         files = [path for pair in self.pairs or () for path in pair]
         roots = [c.paired_root] * len(files)
@@ -404,12 +423,14 @@ class Run:
             raise ValueError(f"{path} was trained with " + ", ".join(f"{o} {trained[o]!r}" for o in differ)
                              + "; this run's config has " + ", ".join(f"{o} {getattr(c, o)!r}" for o in differ)
                              + ": run the earlier stages again with it, or use another --run-dir")
-        made_from = user.get("made_from")
-        stale = sorted(o for o, value in self.slimming_inputs().items()
-                       if isinstance(made_from, dict) and made_from.get(o) != value)
+        # (the options that shape the routing space, not the validation data it was picked on: a
+        # stage 3 or I-Net run with another seed or noise builds on it as it is)
+        made_from = user.get("made_from") or {}
+        stale = [o for o in ("slim_step", "slim_criterion") if o in made_from and made_from[o] != getattr(c, o)]
         if stale:
-            raise ValueError(f"{path}'s routing space was slimmed with other {', '.join(stale)} than this run's "
-                             f"config: run `dds-fast train stage2` again")
+            raise ValueError(f"{path}'s routing space was slimmed with " + ", ".join(
+                f"{o} {made_from[o]!r}" for o in stale) + ", this run's config has " + ", ".join(
+                f"{o} {getattr(c, o)!r}" for o in stale) + ": run `dds-fast train stage2` again")
         routes = getattr(model, "routing_space", None)
         if routes is not None and len(routes) != c.num_choices:
             raise ValueError(f"{path} holds {len(routes)} routing configs, num_choices is {c.num_choices}: run "
@@ -556,7 +577,7 @@ class Run:
                          # safetensors orders the metadata differently in each process
                          "stage1": None if net is None else weights_fingerprint(net.state_dict())}
             done = self.dir / "stage2.safetensors"
-            if done.exists() and read_metadata(done)["user"].get("made_from") == made_from:
+            if done.exists() and _same_inputs(read_metadata(done)["user"].get("made_from"), made_from):
                 return self.load("stage2.safetensors")
         net = self.load("stage1.safetensors") if net is None else net
         net.eval()
