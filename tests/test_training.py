@@ -558,7 +558,7 @@ def test_training_config_checks_the_type_of_every_option(tmp_path):
     ({"budget": -5.0}, "budget must be a positive number, got -5.0"),
     ({"gate_lr_decay": 0.0}, r"gate_lr_decay must be in \(0, 1\], got 0.0"),
     ({"batch_size": 32, "epoch_patches": 16}, "batch_size 32 is larger than epoch_patches 16"),
-    ({"batch_size": 8, "epoch_patches": 16}, "gate_batch_size 64 is larger than epoch_patches 16"),
+    ({"batch_size": 8, "gate_batch_size": 64, "epoch_patches": 16}, "gate_batch_size 64 is larger than epoch_patches 16"),
 ])
 def test_training_config_checks_ranges_before_any_stage_runs(values, message):
     with pytest.raises(ValueError, match=f"^options: {message}"):

@@ -195,7 +195,10 @@ class TrainConfig:
         try:
             config = cls(**{name: _converted(hints[name], value) for name, value in values.items()})
         except OptionError as error:  # a check of two options: where each came from
-            raise ValueError(", ".join(f"{o} from {where(o)}" for o in error.options) + f": {error}") from None
+            origins = [where(o) for o in error.options]
+            prefix = origins[0] if len(set(origins)) == 1 else ", ".join(
+                f"{o} from {origin}" for o, origin in zip(error.options, origins))
+            raise ValueError(f"{prefix}: {error}") from None
         except ValueError as error:  # (each range check's message starts with its option's name)
             raise ValueError(f"{where(str(error).split(' ', 1)[0])}: {error}") from None
         choices = {"backend": BACKENDS, "lr_schedule": LR_SCHEDULES, "distillation": DISTILLATIONS,
