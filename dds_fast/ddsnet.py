@@ -286,12 +286,14 @@ class DDSNet(nn.Module):
             raise ValueError(f"DDSNet: the gate chooses among {gate.num_choices} sub-networks but the routing "
                              f"space has {len(self._routing_space)}")
         checked_routing_space("DDSNet", supernet.space, self._routing_space)
+        # what can fail first (a forward): a refused part leaves the DDSNet as it was
+        largest_macs = macs_per_pixel(supernet, supernet.space.largest()) if name == "supernet" else None
         nn.Module.__setattr__(self, name, part)
         if name == "supernet":
             budget = self._budget_index
             self.in_channels, self.size_multiple = supernet.in_channels, supernet.size_multiple
             self._stem_group = supernet.space.groups[0].name
-            self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
+            self.supernet_macs_per_pixel = largest_macs
             self.routing_space = self._routing_space  # the width tables name the old layers
             self._budget_index = budget
 
@@ -319,8 +321,10 @@ class DDSNet(nn.Module):
         # the stem runs at full width in dynamic mode, whatever the config: count that
         self.dynamic_macs_per_pixel = [e.macs_per_pixel + stem_macs * (stem.out_channels - e.config[self._stem_group])
                                        for e in self._routing_space]
-        # per device; a graph captured before holds the old ones' addresses: never freed
-        self._retired_tables = [*getattr(self, "_retired_tables", []), *getattr(self, "_tables", {}).values()]
+        # per device; a CUDA graph captured before holds the old ones' addresses: never freed (the
+        # table tensors alone, not the layers they name, which may be an old super-network's)
+        self._retired_tables = [*getattr(self, "_retired_tables", []),
+                                *(table for table, _ in getattr(self, "_tables", {}).values() if table.is_cuda)]
         self._tables: dict[torch.device, tuple[torch.Tensor, list]] = {}
         # what a per-image forward asks for hooks (the packing body calls SlimConv2d layers alone)
         self._body_modules = tuple(m for m in self.supernet.modules() if isinstance(m, SlimConv2d))
@@ -367,7 +371,8 @@ class DDSNet(nn.Module):
     def set_budget(self, macs_per_pixel: float | None) -> RoutingEntry | None:
         """Static mode: every image runs the best config whose cost in static mode
         (``static_macs_per_pixel``) is within ``macs_per_pixel`` (the one with the best
-        validation PSNR, else the dearest). ``None`` returns to dynamic mode."""
+        validation PSNR, else the dearest). ``None`` returns to dynamic mode. The costs depend
+        on the gate's attention (its full-width stem): set the budget again after changing it."""
         if macs_per_pixel is None:
             self._budget_index = None
             return None
@@ -420,9 +425,12 @@ class DDSNet(nn.Module):
         stem.emit_channel_sums = True
         try:
             features = self.supernet.stem(padded)
-            sums, stem.channel_sums = stem.channel_sums, None
+            # the sums of what the gate reads, or none: a hook or a stem that does more than the
+            # conv hands on another tensor
+            sums = stem.channel_sums if stem.channel_sums_of is features else None
         finally:
             stem.emit_channel_sums = False
+            stem.channel_sums = stem.channel_sums_of = None
         return padded, self.gate(features, channel_sums=sums)
 
     @torch.no_grad()
@@ -643,10 +651,11 @@ class DDSNet(nn.Module):
             padded, gate_out = self.gate_forward(x, stem_means)
             out = self._route_body(self._budget_index, gate_out.features, padded)
             return out[..., : x.shape[-2], : x.shape[-1]]
+        if choice is not None:  # before the gate runs: a refused call leaves its BatchNorm as it was
+            choice = self._check_choice(choice, len(x))
         padded, gate_out = self.gate_forward(x, stem_means)
         in_range = None  # the gate's choices are in range; a caller's are checked unless a capture hides them
         if choice is not None:
-            choice = self._check_choice(choice, len(x))
             if not self._choice_values_readable(choice):
                 # out of range, an index would fault the device in the width table's gather:
                 # route 0 runs instead, and the image comes out NaN (checked before the cast

@@ -141,14 +141,18 @@ def comparison_table(dds: DDSNet, inets: Sequence[nn.Module], pairs: Sequence[tu
     if inet_rows is None:
         inet_rows = [evaluate(inet, pairs, inet_name(dds, inet, position)) for position, inet in enumerate(inets)]
     rows = []
-    for inet_eval in inet_rows:
-        label = f"DDS at <= {inet_eval.macs_per_pixel:,.0f}"
-        try:
-            dds.set_budget(inet_eval.macs_per_pixel)
-        except ValueError:  # with attention on, the full-width stem can put every config above the budget
-            rows += [f"| {label}: no config fits | | | | |", inet_eval.row()]
-            continue
-        rows += [evaluate(dds, pairs, label).row(), inet_eval.row()]
-    dds.set_budget(None)
-    rows.append(evaluate(dds, pairs, "DDS dynamic").row())
+    budget = dds.budget_index
+    try:
+        for inet_eval in inet_rows:
+            label = f"DDS at <= {inet_eval.macs_per_pixel:,.0f}"
+            try:
+                dds.set_budget(inet_eval.macs_per_pixel)
+            except ValueError:  # with attention on, the full-width stem can put every config above the budget
+                rows += [f"| {label}: no config fits | | | | |", inet_eval.row()]
+                continue
+            rows += [evaluate(dds, pairs, label).row(), inet_eval.row()]
+        dds.set_budget(None)
+        rows.append(evaluate(dds, pairs, "DDS dynamic").row())
+    finally:  # the caller's mode, dynamic or its budget, whatever happened
+        dds._budget_index = budget
     return "\n".join([TABLE_HEADER] + rows)

@@ -166,9 +166,9 @@ class SlimNet(nn.Module):
                                      f"not in [1, {limit}]")
         self.set_config(self.space.largest())
         keep = torch.arange(max(outputs), device=device) < widths[:, None]
+        self._masked = True  # first: set_config then clears the masks of an interrupted loop too
         for row, ((conv, _, _), channels) in enumerate(zip(self._bindings, outputs)):
             conv.output_mask = keep[row, :channels].view(1, channels, 1, 1)
-        self._masked = True
 
     @property
     def is_static(self) -> bool:

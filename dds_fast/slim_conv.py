@@ -152,6 +152,7 @@ class SlimConv2d(nn.Conv2d):
         # the squeeze of a gate behind this layer, with no second pass over the output.
         self.emit_channel_sums = False
         self.channel_sums: torch.Tensor | None = None
+        self.channel_sums_of: torch.Tensor | None = None  # the output they sum (a hook may replace it)
         # A bool [1, C, 1, 1] on the output's device (C: the output's channels, after any pixel
         # shuffle): the channels it leaves out come out zero (NaN and inf too). A
         # SlimNet's set_masked_widths runs a config this way at full width, so that no shape
@@ -247,7 +248,7 @@ class SlimConv2d(nn.Conv2d):
                                  f"shape {tuple(residual.shape)}")
             return self.forward(input[None], None if residual is None else residual[None])[0]
         if self.emit_channel_sums:  # (an nn.Module attribute write costs host time: only when asked)
-            self.channel_sums = None
+            self.channel_sums = self.channel_sums_of = None
         inputs = self._check_inputs(input)
         out_width = self.out_channels if self._active_out is None else self._active_out
         if residual is not None:
@@ -285,12 +286,15 @@ class SlimConv2d(nn.Conv2d):
                                 channel_sums=sums_wanted, tile_widths=self.per_image_tile_widths,
                                 upscale_factor=self.upscale_factor, **packed)
         if sums_wanted:
-            y, self.channel_sums = y
+            y, sums = y
         if packing is not None:
             packing.add(y)
         elif not nhwc:  # as nn.Conv2d: an NCHW input gives an NCHW output (whose .view works)
             y = y.contiguous()
-        return y if mask is None else torch.where(mask, y, 0)
+        out = y if mask is None else torch.where(mask, y, 0)
+        if sums_wanted:
+            self.channel_sums, self.channel_sums_of = sums, out
+        return out
 
     def _triton_kernels(self, inputs: list[torch.Tensor], weight: torch.Tensor):
         """``(kernel module, autocast's dtype or None)`` when this call runs on Triton, else

@@ -1401,6 +1401,8 @@ def _signature(inputs, weight, bias, residual, widths, *options):
     """A hashable key of everything ``_check_args`` reads (the values of CPU widths excepted),
     its first six entries the ``_meta`` keys of the plan; None when an argument is not even
     a tensor, for the checks to report."""
+    if not isinstance(inputs, (list, tuple)):  # (a batch tensor indexes too: its first image is no input)
+        return None
     try:
         x1 = inputs[1] if len(inputs) == 2 else None
         return (_meta(inputs[0]), _meta(x1), _meta(weight), _meta(bias), _meta(residual), _meta(widths),

@@ -332,11 +332,16 @@ def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
     num_folds = cdiv(num_chunks, rows_per_program)
     folded = torch.empty((n, num_folds, c), device=dev, dtype=torch.float32)
     block_t = min(next_pow2(rows_per_program), max(1, 8192 // block_c))
-    launch(_gate_kernel, (num_folds, n), (partials, folded, _arrivals(dev), w1, b1, w2, b2, w3, b3, w4, b4, mean,
-                                          var, bn_w, bn_b, *out),
-           (num_chunks, rows_per_program, 1.0 / hw, float(bn.eps), c, cr, hid, e), ATTENTION=bool(attention),
-           BN_AFFINE=affine, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=next_pow2(cr), BLOCK_H=next_pow2(hid),
-           BLOCK_E=next_pow2(e), num_warps=4)
+    arrivals = _arrivals(dev)
+    try:
+        launch(_gate_kernel, (num_folds, n), (partials, folded, arrivals, w1, b1, w2, b2, w3, b3, w4, b4, mean,
+                                              var, bn_w, bn_b, *out),
+               (num_chunks, rows_per_program, 1.0 / hw, float(bn.eps), c, cr, hid, e), ATTENTION=bool(attention),
+               BN_AFFINE=affine, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_CR=next_pow2(cr), BLOCK_H=next_pow2(hid),
+               BLOCK_E=next_pow2(e), num_warps=4)
+    except BaseException:  # a launch stopped part-way (an interrupt) leaves tickets counted: the next would misread
+        arrivals[:n].zero_()
+        raise
     return out
 
 

@@ -421,3 +421,14 @@ def test_a_model_without_parameters_is_evaluated_as_a_baseline():
     noisy = (clean + 0.1 * torch.randn(3, 16, 20, generator=generator)).clamp(0, 1)
     result = evaluate(torch.nn.Identity(), [(noisy, clean)])
     assert result.macs_per_pixel == 0 and result.psnr == pytest.approx(psnr(noisy, clean))
+
+
+def test_comparison_table_leaves_the_callers_mode_when_a_row_fails():
+    dds = ddsnet()
+    dds.set_budget(float("inf"))
+    with pytest.raises(Exception):
+        comparison_table(dds, [net()], [(torch.rand(2, 3, 16, 16), torch.rand(3, 16, 16))])  # a batch, not an image
+    assert dds.budget_index == 1
+    comparison_table(dds, [net()], pairs(n=1))
+    assert dds.budget_index == 1
+

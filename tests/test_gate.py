@@ -519,3 +519,24 @@ def test_squeeze_and_scale_of_channels_whose_offsets_pass_int32():
     scale = torch.rand(1, 3, generator=torch.Generator().manual_seed(3)).to(DEVICE) + 0.5
     torch.testing.assert_close(kernels.apply_scale(x, scale).float(), x.float() * scale[:, :, None, None],
                                rtol=2e-3, atol=2e-3)
+
+
+def test_a_gate_launch_stopped_part_way_leaves_the_next_right(monkeypatch):
+    """Its ticket counters, shared by every call on a device, are zeroed again."""
+    gate = make_gate(16, 3, backend="triton")
+    x = torch.rand(3, 16, 5, 5, device=DEVICE)
+    with torch.no_grad():
+        expected = gate(x).logits
+        launch = kernels.launch
+
+        def interrupted(kernel, grid, *args, **kwargs):
+            if kernel is kernels._gate_kernel:
+                kernels._arrivals(x.device)[:2] += 1  # some programs arrived, then Ctrl-C
+                raise KeyboardInterrupt
+            return launch(kernel, grid, *args, **kwargs)
+
+        monkeypatch.setattr(kernels, "launch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            gate(x)
+        monkeypatch.setattr(kernels, "launch", launch)
+        torch.testing.assert_close(gate(x).logits, expected, rtol=0, atol=0)

@@ -385,6 +385,9 @@ def test_a_failed_capture_gives_the_callers_stream_back(monkeypatch):
             if self.invalidated:
                 raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
 
+        def replay(self):
+            state["replays"] = state.get("replays", 0) + 1
+
     class graph(torch.cuda.graphs.graph):  # torch's own __exit__
         def __init__(self, cuda_graph, *args, **kwargs):
             self.cuda_graph, self.stream_ctx, self._enable_annotations = cuda_graph, StreamContext(Stream()), False
@@ -419,6 +422,21 @@ def test_a_failed_capture_gives_the_callers_stream_back(monkeypatch):
     assert step.failure is not None and not step.captured
     assert current[0] is caller, "the capture stream was left current"
     assert float(losses["loss"]) == 3 and torch.equal(weight.grad, torch.arange(3.0))
+
+    # a step whose input fails it eagerly too raises that error; graphs stay on for the next
+    def fn2(x, target):
+        loss = torch.nn.functional.mse_loss(x * weight, target)
+        loss.backward()
+        return {"loss": loss}
+
+    step = GraphedStep(fn2, [weight], warmup=1)
+    target = torch.zeros(3).as_subclass(_OnCuda)
+    step(x, target)
+    with pytest.raises(RuntimeError, match="size"):
+        step(x, torch.zeros(4).as_subclass(_OnCuda))
+    assert step.failure is None and current[0] is caller
+    step(x, target)
+    assert step.captured and state.get("replays", 0) >= 1
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the graphed sandwich test runs the kernels")
@@ -456,3 +474,26 @@ def test_masked_widths_move_with_the_network_and_stay_out_of_its_state():
         net.to("meta")  # a move: the masks follow as buffers do (to a GPU alike)
         assert all(conv.output_mask.device.type == "meta" for conv, _, _ in net._bindings)
     assert not any("output_mask" in key for key in net.state_dict())
+
+
+def test_masked_widths_interrupted_part_way_are_ended_by_set_config():
+    net = nets()["SlimUNet"].eval()
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = net(x)
+
+    class Interrupted(dds_fast.SlimConv2d):
+        def __setattr__(self, name, value):
+            if name == "output_mask" and value is not None:
+                raise KeyboardInterrupt
+            super().__setattr__(name, value)
+
+    conv = net._bindings[3][0]
+    conv.__class__ = Interrupted
+    with pytest.raises(KeyboardInterrupt):
+        net.set_masked_widths(torch.tensor(net.binding_widths(net.space.smallest())))
+    conv.__class__ = dds_fast.SlimConv2d
+    net.set_config(net.space.largest())
+    assert all(c.output_mask is None for c, _, _ in net._bindings)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=0)

@@ -1031,3 +1031,22 @@ def test_two_processes_train_like_one_on_the_whole_batch(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     logged = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "stage1.log.jsonl").read_text().splitlines()]
     assert logged == [0, 1, 2]  # rank 0 alone writes the log
+
+
+def test_slimming_and_a_sandwich_step_that_raise_leave_the_config_as_it_was():
+    torch.manual_seed(0)
+    net = SlimDnCNN(1, base_width=8, depth=3)
+    small = net.space.smallest()
+    net.set_config(small)
+    with pytest.raises(ValueError):
+        progressive_slimming(net, [])  # its first evaluation already fails
+    assert net.get_config() == small
+    x = torch.rand(2, 1, 8, 8)
+
+    def failing_loss(output, target):
+        raise RuntimeError("out of memory")
+
+    configs = [net.space.largest(), small]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sandwich_step(net, x, x, configs, loss_fn=failing_loss)
+    assert net.get_config() == net.space.largest()  # where a step that ran leaves it

@@ -68,12 +68,14 @@ class GraphedStep:
             # capture_end raises (an invalidated capture), its capture stream stays current
             torch.cuda.set_stream(stream)
             self._graph = None
+            for p in self.parameters:
+                p.grad = None
+            # a step that fails eagerly too raises here: its input's fault, not the capture's
+            losses = self._eager(inputs, side_stream=True)
             self.failure = f"{type(error).__name__}: {error}"
             warnings.warn(f"GraphedStep: the capture failed ({self.failure}); every step runs eagerly",
                           stacklevel=2)
-            for p in self.parameters:
-                p.grad = None
-            return self._eager(inputs, side_stream=True)
+            return losses
         return self._replay(inputs)
 
     def _fits(self, inputs) -> bool:

@@ -115,9 +115,11 @@ def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[S
     """:func:`sandwich_losses` over ``configs`` (largest first, smallest last), each set with
     ``set_config``; returns the losses as floats (the caller takes the optimizer step) and
     leaves the net at the largest config."""
-    losses = sandwich_losses(net, noisy, clean, len(configs), lambda index: net.set_config(configs[index]),
-                             distillation, loss_fn, autocast, distillation_loss_fn)
-    net.set_config(configs[0])
+    try:
+        losses = sandwich_losses(net, noisy, clean, len(configs), lambda index: net.set_config(configs[index]),
+                                 distillation, loss_fn, autocast, distillation_loss_fn)
+    finally:  # (a step that raised too)
+        net.set_config(configs[0])
     return as_floats(losses)  # after every sub-network's kernels are queued
 
 

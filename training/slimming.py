@@ -63,10 +63,10 @@ def progressive_slimming(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor
     previous = net.get_config()
     space = net.space
     config = space.largest()
-    trajectory = [RoutingEntry(config, macs_per_pixel(costed, config), validation_psnr(net, batches, config))]
-    if on_step:
-        on_step(trajectory[-1])
     try:
+        trajectory = [RoutingEntry(config, macs_per_pixel(costed, config), validation_psnr(net, batches, config))]
+        if on_step:
+            on_step(trajectory[-1])
         while True:
             candidates = []
             for group in space.groups:
