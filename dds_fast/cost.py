@@ -94,7 +94,8 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
         with _at_config(model, config), torch.no_grad():
             model(torch.rand(1, *input_shape, device=reference.device, dtype=reference.dtype, generator=generator))
     except RuntimeError as error:
-        if not defaulted:
+        # (out of memory is not a misfit: torch's CPU allocator and CUDA's both raise RuntimeErrors)
+        if not defaulted or isinstance(error, torch.cuda.OutOfMemoryError) or "allocate" in str(error):
             raise
         raise ValueError(f"{type(model).__name__}: the default input {tuple(input_shape)} does not fit it ({error}); "
                          f"pass input_shape=(C, H, W)") from error

@@ -113,3 +113,14 @@ def test_a_model_the_default_input_does_not_fit_asks_for_an_input_shape():
     with pytest.raises(ValueError, match=r"pass input_shape=\(C, H, W\)"):
         macs_per_pixel(conv)
     assert macs_per_pixel(conv, input_shape=(3, 6, 6)) == 4 * 3 * 9 * 16 / 36
+
+
+def test_running_out_of_memory_while_counting_is_not_called_a_misfit(monkeypatch):
+    net = SlimDnCNN(1, base_width=8, depth=3)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 bytes")
+
+    monkeypatch.setattr(net.layers[1], "forward", out_of_memory)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        macs_per_pixel(net)
