@@ -421,7 +421,7 @@ class Run:
         user = read_metadata(path)["user"]
         trained = user.get("train_config") or {}  # (none: a model copied in, not trained by a run)
         shape = NETWORK_OPTIONS + ("channels", "attention")
-        differ = [name for name in shape if name in trained and trained[name] != getattr(c, name)]
+        differ = [o for o in shape if o in trained and trained[o] != getattr(c, o)]
         if differ:
             raise ValueError(f"{path} was trained with " + ", ".join(f"{o} {trained[o]!r}" for o in differ)
                              + "; this run's config has " + ", ".join(f"{o} {getattr(c, o)!r}" for o in differ)
