@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import SHIPPED_MODEL, CheckpointError, load, read_metadata
-from .cost import macs_per_pixel
+from .cost import macs_per_pixel, out_of_memory
 from .export import export_static
 from .runner import wall_clock
 
@@ -436,8 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dds-fast: error: {error}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as error:
-        # torch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (one too)
-        if not isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) and "can't allocate memory" not in str(error):
+        if not out_of_memory(error):
             raise
         first_line = (str(error) or type(error).__name__).splitlines()[0]
         print(f"dds-fast: error: out of memory ({first_line}): a smaller --tile (denoise) or batch size needs less",

@@ -241,7 +241,8 @@ class RoutingEntry:
         def real(value) -> bool:
             return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
-        if isinstance(self.config, Mapping) and not isinstance(self.config, SubnetConfig):  # as set_config takes it; to_dict and save need a SubnetConfig
+        # a mapping, as set_config takes it: to_dict and save need a SubnetConfig
+        if isinstance(self.config, Mapping) and not isinstance(self.config, SubnetConfig):
             object.__setattr__(self, "config", SubnetConfig.from_dict(self.config))
         if not isinstance(self.config, SubnetConfig):
             raise ValueError(f"RoutingEntry: config must be a SubnetConfig or a mapping of group names to widths, "

@@ -94,8 +94,7 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
         with _at_config(model, config), torch.no_grad():
             model(torch.rand(1, *input_shape, device=reference.device, dtype=reference.dtype, generator=generator))
     except RuntimeError as error:
-        # (out of memory is not a misfit: torch's CPU allocator and CUDA's both raise RuntimeErrors)
-        if not defaulted or isinstance(error, torch.cuda.OutOfMemoryError) or "allocate" in str(error):
+        if not defaulted or out_of_memory(error):  # (running out of memory is not a misfit)
             raise
         raise ValueError(f"{type(model).__name__}: the default input {tuple(input_shape)} does not fit it ({error}); "
                          f"pass input_shape=(C, H, W)") from error
@@ -107,6 +106,12 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
         for module, training in modes.items():
             module.training = training
     return calls, input_shape[1] * input_shape[2]
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says memory ran out: torch's CPU allocator raises a RuntimeError,
+    CUDA's an OutOfMemoryError (one too)."""
+    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in str(error)
 
 
 # nn.Module's per-module forward hook tables (their handles remove a hook from the table itself)

@@ -967,7 +967,7 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
     need_x0, need_x1, need_w, need_b, need_res = needs
     act = _ACT_NAMES[activation]
     n, o, ho, wo = grad_y.shape
-    if _span_within_image(grad_y) >= 2 ** 31:
+    if _span(grad_y.shape, grad_y.stride()) >= 2 ** 31:
         # autograd's gradient of a slice of a wider buffer (a cat): the kernels' int32 offsets within
         # an image would wrap; the output's own layout is checked to fit them
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
@@ -1162,12 +1162,8 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
         return _reason.__wrapped__(*args)
 
 
-def _span_within_image(t: torch.Tensor) -> int:
-    """The largest element offset within one image of a 4-D ``t``, from its strides."""
-    return _span(t.shape, t.stride())
-
-
 def _span(shape, strides) -> int:
+    """The largest element offset within one image of a 4-D tensor of ``shape`` and ``strides``."""
     return sum((size - 1) * abs(step) for size, step in zip(shape[1:], strides[1:]))
 
 
@@ -1284,7 +1280,7 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
     for name, t in [(f"input {i}", t) for i, t in enumerate(inputs)] + [("residual", residual)]:
         # offsets within an image are int32: a view into a much wider buffer can reach past them
         # (the output's own span is checked below, with its shape)
-        if isinstance(t, torch.Tensor) and t.dim() == 4 and _span_within_image(t) >= 2 ** 31:
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and _span(t.shape, t.stride()) >= 2 ** 31:
             raise ValueError(f"slim_conv2d: {name} (shape {tuple(t.shape)}, strides {t.stride()}) spans 2**31 "
                              f"elements or more within an image, past the kernels' int32 offsets; pass a "
                              f"contiguous copy")
