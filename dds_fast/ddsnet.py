@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import RoutingEntry, checked_int, checked_routing_space, exact_int
-from .cost import _at_config, macs_per_pixel, trace_convs
+from .cost import _at_config, trace_convs
 from .gate import DynamicGate, GateOutput
 from .graph_if import capturing_graph, conditional_graph_nodes, driver_if_nodes, torch_if_nodes
 from .nets import ARCHITECTURES, SlimNet, register_architecture
@@ -36,6 +36,7 @@ from .slim_conv import PackedBuffers, SlimConv2d, _kernels_module
 
 
 PER_IMAGE_TILES = ("widest", "narrowest")
+WARMED_BRANCH_KEYS = 64  # input signatures whose route branches a DDSNet remembers warming, the latest
 
 
 def _padded_full_stem_input(supernet: SlimNet, x: torch.Tensor) -> torch.Tensor:
@@ -96,9 +97,28 @@ def _check_supernet_and_gate(owner: str, supernet, gate) -> None:
         raise ValueError(f"{owner}: supernet must be a SlimNet, got {type(supernet).__name__}")
     if not isinstance(gate, DynamicGate):
         raise ValueError(f"{owner}: gate must be a DynamicGate, got {type(gate).__name__}")
+    # the body of a config reads a prefix of the full-width stem's output, which is the narrow
+    # stem's output only when the stem is one conv whose filters its group's width takes
+    if type(supernet).stem is not SlimNet.stem:
+        raise ValueError(f"{owner}: {type(supernet).__name__} overrides stem; a gate reads the output of the stem "
+                         f"conv alone (stem_conv), whose prefix at a config's width is what the body runs on")
+    if getattr(supernet.stem_conv, "upscale_factor", 1) != 1:
+        raise ValueError(f"{owner}: the stem conv of {type(supernet).__name__} shuffles pixels (upscale_factor); "
+                         f"a gate reads a stem with one output channel per filter")
+    supernet.stem_group  # (raises where the stem's width is no group's)
     if gate.channels != supernet.stem_channels:
         raise ValueError(f"{owner}: the gate reads {gate.channels} channels but the network's stem has "
                          f"{supernet.stem_channels}")
+
+
+def _largest_and_stem_filter_macs(supernet: SlimNet) -> tuple[float, float]:
+    """MACs per input pixel of ``supernet``'s largest config, and of one filter of its stem (a
+    strided stem runs on fewer pixels than the input has)."""
+    calls, pixels = trace_convs(supernet, supernet.space.largest())
+    stem = next((call for call in calls if call.module is supernet.stem_conv), None)
+    if stem is None:
+        raise ValueError(f"{type(supernet).__name__}: its forward never ran the stem conv (stem_conv)")
+    return sum(call.macs for call in calls) / pixels, stem.macs / stem.out_width / pixels
 
 
 def _forward_hooks_on(modules: Sequence[nn.Module]) -> bool:
@@ -138,7 +158,7 @@ class AttentionSupernet(nn.Module):
         self.supernet, self.gate = supernet, gate
         self.space, self.in_channels = supernet.space, supernet.in_channels
         self.size_multiple, self.stem_channels = supernet.size_multiple, supernet.stem_channels
-        self._stem_group = supernet.space.groups[0].name
+        self._stem_group = supernet.stem_group
 
     @property
     def is_static(self) -> bool:
@@ -261,13 +281,15 @@ class DDSNet(nn.Module):
         # graph_if); where neither can (``conditional_graph_nodes``), the graph holds the
         # per-image body alone. Off until a GPU run says it wins (NOTES v19).
         self.route_branches = False
-        self._stem_group = supernet.space.groups[0].name
-        self.supernet_macs_per_pixel = macs_per_pixel(supernet, supernet.space.largest())
+        self._stem_group = supernet.stem_group
+        self.supernet_macs_per_pixel, self._stem_filter_macs = _largest_and_stem_filter_macs(supernet)
         self.routing_space = routing_space
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if "_body_modules" not in state:  # a whole-module pickle of an earlier version
+        if "_stem_filter_macs" not in state:  # a whole-module pickle of an earlier version
+            self._stem_filter_macs = _largest_and_stem_filter_macs(self.supernet)[1]
+        if "_body_modules" not in state:
             self.routing_space, budget = self._routing_space, self._budget_index
             self._budget_index = budget
 
@@ -287,13 +309,13 @@ class DDSNet(nn.Module):
                              f"space has {len(self._routing_space)}")
         checked_routing_space("DDSNet", supernet.space, self._routing_space)
         # what can fail first (a forward): a refused part leaves the DDSNet as it was
-        largest_macs = macs_per_pixel(supernet, supernet.space.largest()) if name == "supernet" else None
+        macs = _largest_and_stem_filter_macs(supernet) if name == "supernet" else None
         nn.Module.__setattr__(self, name, part)
         if name == "supernet":
             budget = self._budget_index
             self.in_channels, self.size_multiple = supernet.in_channels, supernet.size_multiple
-            self._stem_group = supernet.space.groups[0].name
-            self.supernet_macs_per_pixel = largest_macs
+            self._stem_group = supernet.stem_group
+            self.supernet_macs_per_pixel, self._stem_filter_macs = macs
             self.routing_space = self._routing_space  # the width tables name the old layers
             self._budget_index = budget
 
@@ -316,10 +338,9 @@ class DDSNet(nn.Module):
             raise ValueError(f"DDSNet: the gate chooses among {self.gate.num_choices} sub-networks but the routing "
                              f"space has {len(entries)}")
         self._routing_space = entries
-        stem = self.supernet.stem_conv
-        stem_macs = stem.kernel_size[0] * stem.kernel_size[1] * stem.in_channels  # per stem filter and pixel
         # the stem runs at full width in dynamic mode, whatever the config: count that
-        self.dynamic_macs_per_pixel = [e.macs_per_pixel + stem_macs * (stem.out_channels - e.config[self._stem_group])
+        full = self.supernet.stem_channels
+        self.dynamic_macs_per_pixel = [e.macs_per_pixel + self._stem_filter_macs * (full - e.config[self._stem_group])
                                        for e in self._routing_space]
         # per device; a CUDA graph captured before holds the old ones' addresses: never freed (the
         # table tensors alone, not the layers they name, which may be an old super-network's)
@@ -339,10 +360,8 @@ class DDSNet(nn.Module):
 
     @classmethod
     def from_arch_args(cls, supernet: dict, gate: dict, attention: bool, routing_space: list) -> "DDSNet":
-        if not isinstance(attention, bool):  # a truthy string such as "false" would turn it on
-            raise ValueError(f"DDSNet: attention must be true or false, got {attention!r}")
         dynamic_gate = DynamicGate(**gate)
-        dynamic_gate.attention = attention
+        dynamic_gate.attention = attention  # (checked there: a truthy string such as "false" would turn it on)
         return cls(_build_supernet("DDSNet", supernet), dynamic_gate,
                    [RoutingEntry.from_dict(e) for e in routing_space])
 
@@ -522,17 +541,11 @@ class DDSNet(nn.Module):
         # gate_forward left every layer at full width: the buffers; the widths are per image
         try:
             for conv, columns, multiple, narrowest in layers:
-                conv.per_image_widths = widths[:, columns]
-                conv.per_image_widths_multiple = multiple
-                conv.per_image_tile_widths = narrowest if narrow_tiles else None
-                conv.per_image_packing = packing
+                conv.set_per_image_widths(widths[:, columns], multiple, narrowest if narrow_tiles else None, packing)
             return self.supernet.body(features, padded)
         finally:
             for conv, _, _, _ in layers:
-                conv.per_image_widths = None
-                conv.per_image_widths_multiple = 1
-                conv.per_image_tile_widths = None
-                conv.per_image_packing = None
+                conv.set_per_image_widths(None)
 
     def _route_body(self, index: int, features: torch.Tensor, padded: torch.Tensor, rows=None) -> torch.Tensor:
         """Route ``index``'s body, static widths, on the stem features' prefix (of the images ``rows``)."""
@@ -562,6 +575,7 @@ class DDSNet(nn.Module):
         dtype, layout and shape, which the captured branches' shared output takes."""
         key = self._branch_key(features, padded)
         if key in self._warmed_branches:
+            self._warmed_branches[key] = self._warmed_branches.pop(key)  # the most recent last
             return
         from .kernels.gate import route_flags
         route_flags(choice, len(self.routing_space))
@@ -572,6 +586,8 @@ class DDSNet(nn.Module):
         layout = torch.channels_last if out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) \
             and not out.is_contiguous() else torch.contiguous_format
         self._warmed_branches[key] = (out.dtype, layout, tuple(out.shape))
+        while len(self._warmed_branches) > WARMED_BRANCH_KEYS:  # a server's input sizes vary without end
+            del self._warmed_branches[next(iter(self._warmed_branches))]
 
     def _branch_output(self, features: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
         """The output every captured branch writes, as its warm-up's bodies returned theirs."""

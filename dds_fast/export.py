@@ -61,11 +61,14 @@ def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | N
 
     The copy computes the same outputs, shares no Parameters with ``model`` and can no
     longer change width. ``input_shape`` is only needed for models without ``in_channels``.
-    A DDSNet is refused: export one of its routes from its ``supernet``.
+    A DDSNet is refused: export one of its routes from its ``supernet`` (with the gate's
+    attention on, from ``AttentionSupernet(model.supernet, model.gate)``, whose body runs on
+    the attended features as the DDSNet's does).
     """
     if isinstance(model, DDSNet):  # its layers run at each image's own route: no one static shape
-        raise ValueError("export_static: a DDSNet routes each image to a config of its own; export one route "
-                         "as export_static(model.supernet, model.routing_space[index].config)")
+        route = ("AttentionSupernet(model.supernet, model.gate)" if model.gate.attention else "model.supernet")
+        raise ValueError(f"export_static: a DDSNet routes each image to a config of its own; export one route as "
+                         f"export_static({route}, model.routing_space[index].config)")
     if getattr(model, "masked", False):  # its layers run at full width: set_config says which slice to export
         raise ValueError("export_static: the model runs masked widths (set_masked_widths); call set_config with "
                          "the config to export first")

@@ -75,8 +75,6 @@ class DynamicGate(nn.Module):
         num_choices = checked_int(num_choices, "num_choices", "DynamicGate", low=2)
         reduction = checked_int(reduction, "reduction", "DynamicGate")
         hidden = None if hidden is None else checked_int(hidden, "hidden", "DynamicGate")
-        if backend not in BACKENDS:
-            raise ValueError(f"DynamicGate: backend must be one of {BACKENDS}, got {backend!r}")
         reduced = max(1, channels // reduction)
         hidden = max(16, channels // reduction) if hidden is None else hidden
         self.channels, self.num_choices, self.reduced, self.hidden = channels, num_choices, reduced, hidden
@@ -92,6 +90,14 @@ class DynamicGate(nn.Module):
         # trained stem leaves the network's output unchanged until the attention learns.
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
+
+    def __setattr__(self, name, value):
+        # checked when assigned after construction too (a string attention was truthy)
+        if name == "backend" and value not in BACKENDS:
+            raise ValueError(f"DynamicGate: backend must be one of {BACKENDS}, got {value!r}")
+        if name == "attention" and not isinstance(value, bool):
+            raise ValueError(f"DynamicGate: attention must be true or false, got {value!r}")
+        super().__setattr__(name, value)
 
     @property
     def arch_args(self) -> dict:

@@ -65,11 +65,18 @@ class SlimNet(nn.Module):
 
     def _group(self, name: str, base_width: int) -> int:
         a = self._arch_args
+        missing = [key for key in ("width_mult", "min_ratio", "divisor") if key not in a]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: arch_args must hold width_mult, min_ratio and divisor (the "
+                             f"group widths' range), missing {missing}")
         choices = width_choices(base_width, a["width_mult"], a["min_ratio"], a["divisor"])
         self._groups[name] = ChannelGroup(name, choices[-1], choices)
         return choices[-1]
 
     def _bind(self, conv: SlimConv2d, group: str, multiplier: int = 1) -> SlimConv2d:
+        if group not in self._groups:
+            raise ValueError(f"{type(self).__name__}: _bind to group {group!r}, which no _group declared (declared: "
+                             f"{list(self._groups)})")
         self._bindings.append((conv, group, multiplier))
         return conv
 
@@ -178,7 +185,21 @@ class SlimNet(nn.Module):
     @property
     def stem_channels(self) -> int:
         """Channels of the stem's output at full width: what a gate behind the stem reads."""
-        return self.space.groups[0].max_width
+        return self.stem_conv.out_channels
+
+    @property
+    def stem_group(self) -> str:
+        """The tied group that sets the stem conv's width: the prefix of the full-width stem's
+        output that the body reads at a config (a DDSNet's dynamic mode)."""
+        if self.is_static:
+            raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
+        for conv, group, multiplier in self._bindings:
+            if conv is self.stem_conv:
+                if multiplier != 1:
+                    raise ValueError(f"{type(self).__name__}: the stem conv is bound to group {group!r} with "
+                                     f"multiplier {multiplier}; a gate reads its channels one per group width")
+                return group
+        raise ValueError(f"{type(self).__name__}: the stem conv is bound to no width group; _bind it to one")
 
     # -- forward ------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import re
 import warnings
 import weakref
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import nn
 
@@ -22,8 +24,9 @@ from .config import checked_int, checked_real, exact_int
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
-_WARNED: set[tuple[str, str]] = set()  # (module kind, fallback reason) already warned about
+_WARNED: set[tuple[str, str]] = set()  # (module kind, fallback reason without its numbers) already warned about
 ACTIVATIONS = (None, "relu", "leaky_relu")
+_SETTINGS = frozenset({"backend", "in_segments", "activation", "negative_slope", "upscale_factor"})
 
 
 def epilogue_repr(activation: str | None, negative_slope: float) -> list[str]:
@@ -113,26 +116,10 @@ class SlimConv2d(nn.Conv2d):
                              "by channel prefix; keep it an nn.Conv2d")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        if backend not in BACKENDS:
-            raise ValueError(f"{self._label()}: backend must be one of {BACKENDS}, got {backend!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{self._label()}: activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if isinstance(upscale_factor, bool) or not isinstance(upscale_factor, int) or upscale_factor < 1 \
-                or out_channels % upscale_factor ** 2:
-            raise ValueError(f"{self._label()}: upscale_factor must be an int >= 1 whose square divides "
-                             f"out_channels, got {upscale_factor!r}")
-        try:
-            segments = (in_channels,) if in_segments is None else tuple(in_segments)
-        except TypeError:
-            raise ValueError(f"{self._label()}: in_segments must be a sequence of ints, got {in_segments!r}") from None
-        segments = tuple(checked_int(s, "each of in_segments", self._label()) for s in segments)
-        if sum(segments) != in_channels:
-            raise ValueError(f"{self._label()}: in_segments {list(segments)} must be positive and sum to "
-                             f"in_channels={in_channels}")
         self.backend = backend
-        self.in_segments = segments
+        self.in_segments = (in_channels,) if in_segments is None else in_segments
         self.activation = activation
-        self.negative_slope = checked_real(negative_slope, "negative_slope", self._label())
+        self.negative_slope = negative_slope
         self.upscale_factor = upscale_factor
         self.layer_name: str | None = None
         self._active_out: int | None = None
@@ -161,6 +148,38 @@ class SlimConv2d(nn.Conv2d):
         # a microsecond of host time; not in the state: a training-time setting, not a weight)
         self.output_mask: torch.Tensor | None = None
 
+    def __setattr__(self, name, value):
+        # settings assigned after construction are checked as the constructor checks them
+        # (an unknown activation was ignored, silently; segments that did not sum to
+        # in_channels read the wrong weight blocks)
+        if name in _SETTINGS:
+            value = self._checked_setting(name, value)
+        super().__setattr__(name, value)
+
+    def _checked_setting(self, name: str, value):
+        if name == "backend" and value not in BACKENDS:
+            raise ValueError(f"{self._label()}: backend must be one of {BACKENDS}, got {value!r}")
+        if name == "activation" and value not in ACTIVATIONS:
+            raise ValueError(f"{self._label()}: activation must be one of {ACTIVATIONS}, got {value!r}")
+        if name == "negative_slope":
+            return checked_real(value, "negative_slope", self._label())
+        if name == "upscale_factor":
+            active = getattr(self, "_active_out", None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 \
+                    or self.out_channels % value ** 2 or (active or 0) % value ** 2:
+                raise ValueError(f"{self._label()}: upscale_factor must be an int >= 1 whose square divides "
+                                 f"out_channels (and active_out_channels), got {value!r}")
+        if name == "in_segments":
+            try:
+                segments = tuple(value)
+            except TypeError:
+                raise ValueError(f"{self._label()}: in_segments must be a sequence of ints, got {value!r}") from None
+            value = tuple(checked_int(s, "each of in_segments", self._label()) for s in segments)
+            if sum(value) != self.in_channels:
+                raise ValueError(f"{self._label()}: in_segments {list(value)} must be positive and sum to "
+                                 f"in_channels={self.in_channels}")
+        return value
+
     # -- widths -------------------------------------------------------------------------
     @property
     def active_out_channels(self) -> int | None:
@@ -176,6 +195,15 @@ class SlimConv2d(nn.Conv2d):
                 raise ValueError(f"{self._label()}: active_out_channels must be an int in [1, "
                                  f"{self.out_channels}]{multiple}, or None, got {value!r}")
         self._active_out = value
+
+    def set_per_image_widths(self, widths: torch.Tensor | None, multiple: int = 1,
+                             tile_widths: tuple[int, int] | None = None, packing: PackedBuffers | None = None):
+        """Set (or, with ``None``, clear) ``per_image_widths`` with the settings that go with it:
+        ``per_image_widths_multiple``, ``per_image_tile_widths`` and ``per_image_packing``."""
+        # one update of the instance dict (plain attributes all four): four nn.Module attribute
+        # writes cost a dynamic forward 8 us of host time per layer, twice
+        vars(self).update(per_image_widths=widths, per_image_widths_multiple=multiple,
+                          per_image_tile_widths=tile_widths, per_image_packing=packing)
 
     @property
     def segment_starts(self) -> tuple[int, ...]:
@@ -257,7 +285,7 @@ class SlimConv2d(nn.Conv2d):
             n, _, h, w = inputs[0].shape
             self._check_residual(residual, (n, out_width, *self.output_size(h, w)))
         weight, bias = self.weight, self.bias  # (each module attribute read costs host time)
-        kernels, cast = self._triton_kernels(inputs, weight)
+        kernels, cast = self._triton_kernels(inputs, weight, bias, residual)
         mask = self.output_mask
         if mask is not None and self.per_image_widths is not None:
             raise ValueError(f"{self._label()}: an output mask and per-image widths cannot be combined")
@@ -270,33 +298,41 @@ class SlimConv2d(nn.Conv2d):
         # the kernels write channels_last, the fast layout; a SlimNet feeds its layers that on a GPU
         nhwc = inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous()
         # (read before autocast's cast, which keeps the strides and so the packed layout)
-        packed = {} if packing is None else dict(packed_inputs=[packing.holds(t) for t in inputs], packed_output=True)
         if packing is not None and residual is not None and packing.holds(residual):
             raise ValueError(f"{self._label()}: a packed per-image buffer cannot be a residual (the kernels read "
                              "residuals as dense tensors)")
+        activation, eager_residual = self.activation, None
         if cast is not None:  # (the fp32 weight is read as it is and cast in the kernel's registers)
             inputs = [t.to(kernels.autocast_dtype(t, cast)) for t in inputs]
-            residual = None if residual is None else residual.to(kernels.autocast_dtype(residual, cast))
-        sums_wanted = self.emit_channel_sums and self.per_image_widths is None
+            if residual is not None and residual.dtype != cast:
+                # autocast casts a conv's inputs, not an add's: a bf16 conv plus an fp32 image
+                # is an fp32 sum, as the reference path adds it, so the epilogue runs after the kernel
+                eager_residual, residual, activation = residual, None, None
+        packed = {} if packing is None else dict(packed_inputs=[packing.holds(t) for t in inputs],
+                                                 packed_output=eager_residual is None)
+        sums_wanted = self.emit_channel_sums and self.per_image_widths is None and eager_residual is None
         # (unsupported_reason let only padding k//2 through, 'same' and 'valid' included)
         y = kernels.slim_conv2d(inputs, weight, bias, segment_starts=self.segment_starts,
                                 out_channels=out_width, stride=self.stride[0], padding=self.kernel_size[0] // 2,
-                                activation=self.activation, negative_slope=self.negative_slope, residual=residual,
+                                activation=activation, negative_slope=self.negative_slope, residual=residual,
                                 widths=self.per_image_widths, widths_multiple=self.per_image_widths_multiple,
                                 channel_sums=sums_wanted, tile_widths=self.per_image_tile_widths,
                                 upscale_factor=self.upscale_factor, **packed)
         if sums_wanted:
             y, sums = y
-        if packing is not None:
+        if eager_residual is not None:
+            y = apply_epilogue(y, eager_residual, self.activation, self.negative_slope)
+        elif packing is not None:
             packing.add(y)
         elif not nhwc:  # as nn.Conv2d: an NCHW input gives an NCHW output (whose .view works)
             y = y.contiguous()
         out = y if mask is None else torch.where(mask, y, 0)
-        if sums_wanted:
+        if sums_wanted and sums is not None:  # (with a gradient there are none: keep no reference to the graph)
             self.channel_sums, self.channel_sums_of = sums, out
         return out
 
-    def _triton_kernels(self, inputs: list[torch.Tensor], weight: torch.Tensor):
+    def _triton_kernels(self, inputs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        residual: torch.Tensor | None = None):
         """``(kernel module, autocast's dtype or None)`` when this call runs on Triton, else
         ``(None, None)`` (the reference path). Under autocast the kernels take the activations
         cast as autocast would cast them for a conv (it does not see the custom op), and
@@ -309,8 +345,14 @@ class SlimConv2d(nn.Conv2d):
             reason = kernels
         elif device_type not in ("cuda", "cpu"):
             reason = f"tensors on {device_type} (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
-        elif func_transformed(*inputs, weight):
+        elif func_transformed(*inputs, weight, bias, residual):
             reason = FUNC_TRANSFORM
+        elif _forward_ad._current_level >= 0 and any(  # (a dual level is open)
+                t is not None and _forward_ad.unpack_dual(t).tangent is not None
+                for t in (*inputs, weight, bias, residual)):
+            reason = FORWARD_AD
+        elif torch.jit.is_tracing():
+            reason = "torch.jit.trace (it would record the kernels' launch with the traced sizes as tensors)"
         else:
             cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
             reason = kernels.unsupported_reason(inputs, weight, self.stride, self.padding, self.dilation,
@@ -356,20 +398,22 @@ def _starts(segments: tuple[int, ...]) -> tuple[int, ...]:
 
 
 FUNC_TRANSFORM = "a torch.func transform (vmap, grad, jvp): the kernels read raw pointers"
+FORWARD_AD = "forward-mode AD (dual tensors): the kernels have no jvp"
 
 
-def func_transformed(*tensors: torch.Tensor) -> bool:
-    """Whether any of ``tensors`` is wrapped by a torch.func transform, whose storage the
-    kernels cannot read (never while torch.compile traces: its tensors are fake, and it
-    cannot trace this check)."""
+def func_transformed(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of ``tensors`` (None: absent) is wrapped by a torch.func transform, whose
+    storage the kernels cannot read (never while torch.compile traces: its tensors are fake,
+    and it cannot trace this check)."""
     return not torch.compiler.is_compiling() and any(
-        torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def note_fallback(module: nn.Module, label: str, reason: str) -> None:
     """``module``'s call takes the reference path for ``reason``: a warning, once per kind of
-    module and reason, where ``backend='triton'`` asked for the kernels; a debug log otherwise."""
-    key = (type(module).__name__, reason)
+    module and reason (its numbers aside: a shape's sizes), where ``backend='triton'`` asked
+    for the kernels; a debug log otherwise."""
+    key = (type(module).__name__, re.sub(r"\d+", "#", reason))
     if module.backend == "triton" and key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(f"{label}: backend='triton' falls back to the PyTorch reference: {reason}", stacklevel=4)

@@ -1100,6 +1100,11 @@ class _EagerSlimConv2d(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: its gradients would be silently constant
             raise RuntimeError("slim_conv2d: no double backward through the Triton kernels (create_graph=True); "
                                "use backend='torch' for higher-order gradients")
+        functorch = torch._C._functorch
+        if functorch.is_functorch_wrapped_tensor(grad_y) or functorch.is_legacy_batchedtensor(grad_y):
+            # (autograd's own vmap batches it) its storage is no buffer a kernel reads
+            raise RuntimeError("slim_conv2d: the Triton kernels' backward takes no batched gradient "
+                               "(is_grads_batched=True, jacobian(vectorize=True)); use backend='torch' for those")
         # a dispatch mode entered around the backward alone (FlopCounterMode) sees the op
         return _backward(ctx, grad_y, None if torch._C._len_torch_dispatch_stack() else _backward_impl)
 

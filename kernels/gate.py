@@ -260,7 +260,8 @@ def squeeze_partials(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
 def _arrivals(device: torch.device) -> torch.Tensor:
     """The gate kernel's ticket counters, one per image: zero between calls (the last program
     of each image resets its own), so one buffer serves every call on a device, graph replays
-    included. Calls on two streams at once would share them: the gate runs on one stream."""
+    included. Calls on two streams at once would share them: a device's gates run on one stream
+    at a time (the README's threads note)."""
     return torch.zeros(MAX_BATCH, device=device, dtype=torch.int32)
 
 

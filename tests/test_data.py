@@ -199,6 +199,21 @@ def test_tiff_alpha_stays_as_stored_after_the_colour(tmp_path):
     assert torch.equal(gray[1], expected[3])
 
 
+@pytest.mark.parametrize("photometric,colours", [("minisblack", 1), ("rgb", 3)])
+def test_tiff_extra_samples_that_are_no_alpha_are_dropped(tmp_path, photometric, colours):
+    """A gray file with an alpha and an unspecified extra sample read as three colour planes
+    (gray, alpha, the extra) before: the colours and the first alpha are the pixels."""
+    import tifffile
+
+    stored = rng().integers(0, 256, (5, 7, colours + 2), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "extras.tif", stored, photometric=photometric,
+                     extrasamples=["unspecified", "unassalpha"])
+    expected = torch.from_numpy(stored[..., list(range(colours)) + [colours + 1]].astype(np.float32) / 255)
+    image, _ = read_image(tmp_path / "extras.tif", keep_alpha=True)
+    assert torch.equal(image, expected.permute(2, 0, 1))
+    assert torch.equal(read_image(tmp_path / "extras.tif")[0], image[:colours])
+
+
 @pytest.mark.parametrize("photometric", ["cielab", "ycbcr"])
 def test_tiff_in_an_unsupported_colour_space_is_refused_by_name(tmp_path, photometric):
     """tifffile returns such samples as stored (YCbCr too, unless JPEG-compressed): read as
@@ -327,6 +342,9 @@ def test_folder_listing_and_loading(tmp_path):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         iio.imwrite(tmp_path / name, rng().integers(0, 256, (8, 8, 3), dtype=np.uint8))
     (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "._b.png").write_bytes(b"\0\5\26\7 macOS metadata")  # (AppleDouble: a copy to a FAT or SMB disk)
+    (tmp_path / ".cache").mkdir()
+    iio.imwrite(tmp_path / ".cache" / "thumb.png", rng().integers(0, 256, (8, 8, 3), dtype=np.uint8))
     assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
     images = load_image_folder(tmp_path, channels=1, recursive=True)
     assert sorted(images) == ["a.JPG", "b.png", "sub/c.png"]
@@ -588,28 +606,31 @@ def test_sidd_validation_blocks(tmp_path):
 
 
 def test_sidd_validation_errors_name_the_path(tmp_path):
+    """Each error comes from the dataset and, before training, from the files' tables of
+    variables (``sidd_validation_files(..., check_blocks=True)``), which load no blocks."""
+    from dds_fast.training.data import sidd_validation_files
+
+    def refused(error, match):
+        for read in (SIDDValidation, lambda root: sidd_validation_files(root, check_blocks=True)):
+            with pytest.raises(error, match=match):
+                read(tmp_path)
+
     with pytest.raises(FileNotFoundError, match="nowhere"):
         SIDDValidation(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="ValidationNoisyBlocksSrgb.mat"):
-        SIDDValidation(tmp_path)
+    refused(FileNotFoundError, "ValidationNoisyBlocksSrgb.mat")
     blocks = np.zeros((1, 2, 8, 8, 3), np.uint8)
     scipy.io.savemat(tmp_path / "ValidationNoisyBlocksSrgb.mat", {"wrong_key": blocks})
     scipy.io.savemat(tmp_path / "ValidationGtBlocksSrgb.mat", {"ValidationGtBlocksSrgb": blocks})
-    with pytest.raises(ValueError, match="ValidationNoisyBlocksSrgb.mat has no variable .*wrong_key"):
-        SIDDValidation(tmp_path)
+    refused(ValueError, "ValidationNoisyBlocksSrgb.mat has no variable .*wrong_key")
     write_sidd_validation(tmp_path, blocks.astype(np.float64), blocks)
-    with pytest.raises(ValueError, match="should be uint8"):
-        SIDDValidation(tmp_path)
+    refused(ValueError, "should be uint8")
     write_sidd_validation(tmp_path, blocks, np.zeros((1, 3, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match="differ in shape"):
-        SIDDValidation(tmp_path)
+    refused(ValueError, "differ in shape")
     (tmp_path / "ValidationGtBlocksSrgb.mat").write_bytes(b"garbage" * 20)
-    with pytest.raises(ValueError, match="cannot read MATLAB file .*ValidationGtBlocksSrgb.mat"):
-        SIDDValidation(tmp_path)
+    refused(ValueError, "cannot read MATLAB file .*ValidationGtBlocksSrgb.mat")
     for empty in ((0, 2, 8, 8, 3), (1, 2, 0, 8, 3)):  # loads as no pairs, or fails in numpy's reshape
         write_sidd_validation(tmp_path, np.zeros(empty, np.uint8), np.zeros(empty, np.uint8))
-        with pytest.raises(ValueError, match="ValidationNoisyBlocksSrgb.mat: .* got uint8 " + re.escape(str(empty))):
-            SIDDValidation(tmp_path)
+        refused(ValueError, "ValidationNoisyBlocksSrgb.mat: .* got uint8 " + re.escape(str(empty)))
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -1,5 +1,6 @@
 import copy
 import gc
+import re
 import weakref
 
 import numpy as np
@@ -849,6 +850,16 @@ def test_route_branches_warm_every_route_once_per_input_signature(monkeypatch):
             padded, gate_out = model.gate_forward(images(n=2, size=size))
             model._warm_branches(gate_out.features, padded, gate_out.choice)
     assert ran == [0, 1, 2] * 3
+    # the latest signatures are remembered, so that an input seen just before a capture is
+    monkeypatch.setattr(dds_fast.ddsnet, "WARMED_BRANCH_KEYS", 2)
+    model.supernet.stem_conv.backend = "auto"
+    ran.clear()
+    with torch.no_grad():
+        for size in ((8, 8), (16, 8), (8, 8), (20, 8), (8, 8), (16, 8)):
+            padded, gate_out = model.gate_forward(images(n=2, size=size))
+            model._warm_branches(gate_out.features, padded, gate_out.choice)
+    assert ran == [0, 1, 2] * 3  # (16, 8), (20, 8) and (16, 8) again: (8, 8) stayed among the latest two
+    assert len(model._warmed_branches) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not conditional_graph_nodes(),
@@ -922,10 +933,25 @@ def test_one_cuda_graph_replays_inputs_that_choose_other_configs(route_branches)
             torch.testing.assert_close(static_out, expected, rtol=1e-3, atol=1e-4)
 
 
-def test_export_static_of_a_ddsnet_points_to_its_routes():
+@pytest.mark.parametrize("attention", [False, True])
+def test_export_static_of_a_ddsnet_points_to_its_routes(attention):
+    """The export it suggests runs what the DDSNet runs for a route (behind the attention
+    scale when that is on: the super-network alone differed)."""
     model = make_ddsnet()
-    with pytest.raises(ValueError, match=r"export_static\(model.supernet, model.routing_space\[index\].config\)"):
+    model.gate.attention = attention
+    with torch.no_grad():
+        model.gate.fc2.weight.normal_(0, 0.5)  # a trained attention head scales the stem's features
+    source, exported = (("AttentionSupernet(model.supernet, model.gate)",
+                         dds_fast.AttentionSupernet(model.supernet, model.gate)) if attention
+                        else ("model.supernet", model.supernet))
+    with pytest.raises(ValueError, match=re.escape(f"export_static({source}, model.routing_space[index].config)")):
         export_static(model)
+    x = images(n=2)
+    model.set_budget(model.static_macs_per_pixel(1))
+    with torch.no_grad():
+        expected = model(x)
+        static = export_static(exported, model.routing_space[model.budget_index].config)
+        torch.testing.assert_close(static(x), expected)
 
 
 def test_routing_indices_and_budgets_of_other_integer_and_tensor_types():
@@ -1010,7 +1036,7 @@ def test_a_super_network_refused_part_way_leaves_the_ddsnet_as_it_was(monkeypatc
     def fails(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(ddsnet, "macs_per_pixel", fails)
+    monkeypatch.setattr(ddsnet, "trace_convs", fails)
     with pytest.raises(RuntimeError, match="out of memory"):
         model.supernet = copy.deepcopy(old)
     assert model.supernet is old and all(conv in set(old.modules()) for conv in model._body_modules)
@@ -1042,3 +1068,90 @@ def test_a_new_super_network_frees_the_old_one():
     model.supernet = copy.deepcopy(model.supernet)
     gc.collect()
     assert old() is None
+
+
+@dds_fast.register_architecture
+class BodyGroupFirstNet(dds_fast.SlimNet):
+    """A user's super-network: its stem's group declared after the body's, and a stem that
+    may be strided (an encoder's first conv)."""
+
+    size_multiple = 2
+
+    def __init__(self, stride=1, width_mult=1.0, min_ratio=0.25, divisor=4):
+        super().__init__(1, 1, dict(stride=stride, width_mult=width_mult, min_ratio=min_ratio, divisor=divisor))
+        self.stride = stride
+        mid, feat = self._group("mid", 16), self._group("feat", 16)
+        self.first = self._bind(dds_fast.SlimConv2d(1, feat, 3, stride=stride, padding=1, activation="relu"), "feat")
+        self.middle = self._bind(dds_fast.SlimConv2d(feat, mid, 3, padding=1, activation="relu"), "mid")
+        self.last = dds_fast.SlimConv2d(mid, stride ** 2, 1, upscale_factor=stride)
+        self._finish()
+
+    @property
+    def stem_conv(self):
+        return self.first
+
+    @property
+    def receptive_radius(self):
+        return 2 * self.stride  # (3x3 convs at the input's scale, then at the stem's stride)
+
+    def body(self, features, x):
+        return self.last(self.middle(features)) + x
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_custom_supernet_whose_stem_group_is_not_the_first(stride, tmp_path):
+    """The body reads the stem's output at the width of the stem's own group (it read the
+    first declared group's: a wrong output), and dynamic mode counts the full-width stem at
+    its stride (it counted it at every input pixel)."""
+    torch.manual_seed(0)
+    net = BodyGroupFirstNet(stride).double()
+    configs = [{"mid": 16, "feat": 4}, {"mid": 4, "feat": 16}]
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in configs]
+    model = DDSNet(net, DynamicGate(16, 2).double(), routes).eval()
+    model.gate.attention = False
+    x = images(n=2, size=(8, 10))[:, :1]
+    with torch.no_grad():
+        out = model(x, choice=torch.tensor([0, 1]))
+        for i, route in enumerate(routes):
+            torch.testing.assert_close(out[i:i + 1], export_static(net, route.config).eval()(x[i:i + 1]))
+    stem_filter_macs = 9 / stride ** 2  # 3x3 over one input channel, on every stride-th row and column
+    assert model.dynamic_macs_per_pixel == [routes[0].macs_per_pixel + stem_filter_macs * 12, routes[1].macs_per_pixel]
+    dds_fast.save(model, tmp_path / "custom.safetensors")
+    loaded = dds_fast.load(tmp_path / "custom.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, choice=torch.tensor([0, 1])), out)
+
+
+def test_a_custom_supernet_that_breaks_the_stem_contract_is_refused():
+    class BlockStem(BodyGroupFirstNet):
+        def stem(self, x):
+            return self.middle(self.first(x))
+
+    class UnboundStem(BodyGroupFirstNet):
+        def __init__(self):
+            super().__init__()
+            self._bindings = [b for b in self._bindings if b[0] is not self.first]
+
+    for net, match in [(BlockStem(), "BlockStem overrides stem"),
+                       (UnboundStem(), "the stem conv is bound to no width group")]:
+        with pytest.raises(ValueError, match=match):
+            DDSNet(net, DynamicGate(16, 2), [RoutingEntry(net.space.largest(), 1.0)] * 2)
+        with pytest.raises(ValueError, match=match):
+            dds_fast.AttentionSupernet(net, DynamicGate(16, 2))
+
+
+def test_a_custom_supernet_that_misdeclares_its_groups_gets_clear_errors():
+    class NoWidthArgs(dds_fast.SlimNet):
+        def __init__(self):
+            super().__init__(1, 1, {})
+            self._group("feat", 8)
+
+    class UndeclaredGroup(dds_fast.SlimNet):
+        def __init__(self):
+            super().__init__(1, 1, dict(width_mult=1.0, min_ratio=0.5, divisor=4))
+            self._bind(dds_fast.SlimConv2d(1, 8, 3), "feat")
+
+    with pytest.raises(ValueError, match=r"arch_args must hold width_mult, min_ratio and divisor"):
+        NoWidthArgs()
+    with pytest.raises(ValueError, match=r"_bind to group 'feat', which no _group declared"):
+        UndeclaredGroup()

@@ -417,6 +417,12 @@ def test_constructor_errors():
         DynamicGate(8, True)
     with pytest.raises(ValueError, match="backend must be one of"):
         DynamicGate(8, 3, backend="cuda")
+    gate = DynamicGate(8, 3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gate.backend = "cuda"
+    with pytest.raises(ValueError, match="attention must be true or false, got 'off'"):
+        gate.attention = "off"
+    assert (gate.backend, gate.attention) == ("auto", True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

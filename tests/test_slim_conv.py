@@ -148,8 +148,29 @@ def test_bad_input_raises_value_error_naming_layer_and_numbers(make_error, match
 def test_unsupported_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SlimConv2d(6, 8, 3, **kwargs)
+    (name, value), = kwargs.items()
+    if name != "groups":  # the settings are checked when assigned later too, and left as they were
+        conv = SlimConv2d(6, 8, 3)
+        before = getattr(conv, name)
+        with pytest.raises(ValueError, match=match):
+            setattr(conv, name, value)
+        assert getattr(conv, name) == before
     with pytest.raises(ValueError, match="in_channels must be an int >= 1, got 2.5"):
         SlimConv2d(2.5, 8, 3)
+
+
+def test_settings_assigned_later_take_effect():
+    conv = SlimConv2d(16, 8, 3, padding=1).double()
+    conv.in_segments = [10, 6]  # stored as a tuple
+    conv.activation, conv.negative_slope = "leaky_relu", 0.3
+    a, b = torch.randn(1, 7, 5, 5, dtype=torch.float64), torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    weight = torch.cat([conv.weight[:, :7], conv.weight[:, 10:14]], 1)
+    expected = F.leaky_relu(F.conv2d(torch.cat([a, b], 1), weight, conv.bias, padding=1), 0.3)
+    torch.testing.assert_close(conv([a, b]), expected)
+    assert conv.in_segments == (10, 6)
+    conv.active_out_channels = 6
+    with pytest.raises(ValueError, match="upscale_factor"):  # 6 is no multiple of 4
+        conv.upscale_factor = 2
 
 
 def test_concat_input_errors():

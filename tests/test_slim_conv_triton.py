@@ -88,7 +88,10 @@ def test_same_and_valid_padding_run_on_the_kernels(kernel_size, padding, kernel_
     torch.testing.assert_close(y.cpu(), slow(x), rtol=1e-4, atol=1e-5)
 
 
-def test_unsupported_settings_fall_back_with_one_warning():
+def test_unsupported_settings_fall_back_with_one_warning(monkeypatch):
+    from dds_fast import slim_conv
+
+    monkeypatch.setattr(slim_conv, "_WARNED", set())  # whatever other tests of this process warned
     fast, slow = pair(in_channels=4, out_channels=4, kernel_size=3, padding=1, padding_mode="reflect")
     slow.to(DEVICE)  # the fallback is the reference path on DEVICE: the same ops, so compared there
     x = torch.randn(1, 4, 6, 6).to(DEVICE)
@@ -98,6 +101,13 @@ def test_unsupported_settings_fall_back_with_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fast(x)  # the same reason warns once
+    wider, _ = pair(in_channels=4, out_channels=4, kernel_size=3, padding=2, dilation=2)
+    with pytest.warns(UserWarning, match=r"dilation \(2, 2\) is not 1"):
+        wider(x)
+    wider.dilation = wider.padding = (3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wider(x)  # a reason's numbers aside (each new shape warned again, and the warned set grew)
 
 
 def test_a_concat_of_two_dtypes_falls_back_as_torch_cat_would_promote():
@@ -210,16 +220,21 @@ def test_autocast_leaves_inputs_it_does_not_cast_to_the_reference(dtype, kernel_
     assert not kernel_calls
 
 
-def test_autocast_leaves_a_float64_residual_uncast(kernel_calls):
-    """Outside the conv, autocast would add a float64 residual in float64: the kernels, which
-    add it in the output's dtype, refuse it by name rather than round it."""
-    fast, _ = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
-    x, residual = torch.randn(1, 3, 4, 4), torch.randn(1, 4, 4, 4, dtype=torch.float64)
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.float64])
+def test_autocast_adds_a_wider_residual_in_its_own_dtype(residual_dtype, kernel_calls):
+    """Autocast casts a conv's inputs, not an add's: a bf16 conv plus an fp32 (or float64)
+    residual, such as a denoiser's input image, is a sum in that wider dtype on the reference
+    path, and so on the kernels (which added it rounded to bf16, with an output in bf16)."""
+    fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1, activation="relu")
+    slow.to(DEVICE)  # autocast's bf16 conv on the same device: the same rounding of its inputs
+    x = torch.randn(1, 3, 5, 5, device=DEVICE)
+    residual = 4 * torch.rand(1, 4, 5, 5, device=DEVICE, dtype=residual_dtype)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        with pytest.raises(ValueError, match="residual is torch.float64"):
-            fast(x.to(DEVICE), residual.to(DEVICE))
-        y = fast(x.to(DEVICE), residual.float().to(DEVICE))
-    assert y.dtype == torch.bfloat16 and [c["dtypes"] for c in kernel_calls] == [[torch.bfloat16]] * 2
+        y = fast(x, residual)
+        expected = slow(x, residual)
+    assert y.dtype == expected.dtype == residual_dtype
+    assert [c["dtypes"] for c in kernel_calls] == [[torch.bfloat16]]
+    torch.testing.assert_close(y, expected, rtol=1e-2, atol=1e-2)  # the convs' bf16 outputs' rounding
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
@@ -250,6 +265,60 @@ def test_torch_func_transforms_run_the_reference(kernel_calls):
     slow(x).sum().backward()
     torch.testing.assert_close(grads.cpu(), slow.weight.grad, rtol=1e-4, atol=1e-4)
     assert not kernel_calls
+
+
+def test_torch_func_over_the_bias_or_the_residual_runs_the_reference(kernel_calls):
+    """A transform that wraps the bias or the residual alone (the layer's input plain) also
+    takes the reference path (the kernels raised reading a wrapped tensor's storage)."""
+    fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
+    x, residuals = torch.randn(1, 3, 5, 5), torch.randn(3, 1, 4, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning
+        grad_bias = torch.func.grad(lambda b: torch.func.functional_call(fast, {"bias": b}, x.to(DEVICE)).sum())(
+            fast.bias)
+        batched = torch.vmap(lambda r: fast(x.to(DEVICE), r))(residuals.to(DEVICE))
+    assert not kernel_calls
+    torch.testing.assert_close(grad_bias.cpu(), torch.full((4,), 25.0))
+    torch.testing.assert_close(batched.cpu(), torch.stack([slow(x, r) for r in residuals]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights_require_grad", [False, True])
+def test_forward_mode_ad_runs_the_reference(weights_require_grad, kernel_calls):
+    """Dual tensors: the kernels have no jvp (the tangent came out None, silently, for a
+    frozen layer; torch's NotImplementedError otherwise)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1, activation="leaky_relu")
+    fast.requires_grad_(weights_require_grad)
+    x, tangent = torch.randn(1, 3, 5, 5), torch.randn(1, 3, 5, 5)
+    with warnings.catch_warnings(), forward_ad.dual_level():
+        warnings.simplefilter("ignore")  # the fallback's warning
+        y, y_tangent = forward_ad.unpack_dual(fast(forward_ad.make_dual(x.to(DEVICE), tangent.to(DEVICE))))
+    assert not kernel_calls
+    _, expected = torch.func.jvp(slow, (x,), (tangent,))
+    torch.testing.assert_close(y_tangent.cpu(), expected, rtol=1e-4, atol=1e-5)
+    assert fast(x.to(DEVICE)) is not None and kernel_calls  # outside the dual level: the kernels again
+
+
+def test_torch_jit_trace_records_the_reference(kernel_calls):
+    fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
+    x = torch.randn(1, 3, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's and the tracer's warnings
+        traced = torch.jit.trace(fast, x.to(DEVICE))  # (its check runs the layer untraced: the kernels)
+    kernel_calls.clear()
+    other = torch.randn(2, 3, 7, 6)
+    torch.testing.assert_close(traced(other.to(DEVICE)).cpu(), slow(other), rtol=1e-4, atol=1e-5)
+    assert not kernel_calls  # the trace recorded the reference's ops
+
+
+def test_batched_gradients_are_refused_by_name(kernel_calls):
+    fast, _ = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
+    x = torch.randn(1, 3, 5, 5, device=DEVICE, requires_grad=True)
+    y = fast(x)
+    assert kernel_calls
+    with pytest.raises(RuntimeError, match="takes no batched gradient.*use backend='torch'"):
+        torch.autograd.grad(y, x, torch.randn(2, *y.shape, device=DEVICE), is_grads_batched=True)
 
 
 def test_meta_tensors_run_the_reference(kernel_calls):
@@ -334,3 +403,22 @@ def test_a_layer_and_a_network_on_the_kernels_compile_into_one_graph():
         compiled = torch.compile(net, backend=counter, fullgraph=True)(image)
         torch.testing.assert_close(compiled, net(image), rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 2
+
+
+def test_channel_sums_hold_no_training_output():
+    """Asked for channel sums, a layer keeps them and the output they sum; a call that needs
+    gradients has none, and must keep no reference to its output (and the graph behind it)."""
+    import weakref
+
+    conv = SlimConv2d(3, 8, 3, padding=1, backend="triton").to(DEVICE)
+    conv.emit_channel_sums = True
+    x = torch.randn(1, 3, 6, 6, device=DEVICE)
+    with torch.no_grad():
+        out = conv(x)
+    assert conv.channel_sums_of is out
+    torch.testing.assert_close(conv.channel_sums.sum(1), out.sum((2, 3)).float())
+    out = conv(x.requires_grad_())
+    assert conv.channel_sums is None and conv.channel_sums_of is None
+    freed = weakref.ref(out)
+    del out
+    assert freed() is None

@@ -314,6 +314,35 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert fresh.resume() == 2
 
 
+def test_running_again_in_the_process_after_a_stop(tmp_path):
+    """Before the first checkpoint the model holds steps that no file records: run() again is
+    refused. After one, it reloads the checkpoint and goes on to the straight run's result."""
+    loop, _ = make_loop(tmp_path / "early", steps=6, checkpoint_every=5, nan_at=3)
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        loop.run()
+    with pytest.raises(RuntimeError, match="already took 3 optimizer steps in this process and saved no checkpoint"):
+        loop.run()
+
+    straight, net_a = make_loop(tmp_path / "a", steps=6)
+    straight.run()
+    loop, net_b = make_loop(tmp_path / "b", steps=6)
+    inner, failed = loop.step_fn, []
+
+    def fails_once_at_step_3(step, noisy, clean):
+        losses = inner(step, noisy, clean)
+        if step == 3 and not failed:
+            failed.append(step)
+            losses["largest"] = float("nan")
+        return losses
+
+    loop.step_fn = fails_once_at_step_3
+    with pytest.raises(TrainingDiverged, match=r"last good checkpoint \(step 2\)"):
+        loop.run()
+    assert loop.run() == 4
+    for (name, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def test_a_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
     """A finite loss with an infinite gradient (an overflowing backward): the step is refused,
     so no checkpoint holds its NaN weights."""
@@ -904,12 +933,44 @@ def test_missing_or_malformed_sidd_data_is_named(tmp_path):
         Run(tmp_path / "run", tiny_run_config(paired_root=str(tmp_path / "medium"), sidd_validation=str(tmp_path / "val")))
     for name in ("ValidationNoisyBlocksSrgb.mat", "ValidationGtBlocksSrgb.mat"):
         (tmp_path / "val" / name).write_bytes(b"garbage" * 20)
-    run = Run(tmp_path / "run", tiny_run_config(paired_root=str(tmp_path / "medium"), sidd_validation=str(tmp_path / "val")))
     with pytest.raises(ValueError, match="cannot read MATLAB file .*ValidationNoisyBlocksSrgb.mat"):
-        run.validation_batches()
+        Run(tmp_path / "run", tiny_run_config(paired_root=str(tmp_path / "medium"),
+                                              sidd_validation=str(tmp_path / "val")))
     synthetic = Run(tmp_path / "run", tiny_run_config(paired_root=str(tmp_path / "medium")))
     with pytest.warns(UserWarning, match="set sidd_validation to validate on real pairs too"):
         synthetic.validation_batches()
+
+
+def test_real_pairs_that_would_fail_a_later_stage_are_refused_before_stage_1(tmp_path):
+    """What a pair's PNG headers tell is checked when the run starts (it was found when the
+    pair was first decoded, anywhere in stage 1, or at stage 3)."""
+    import imageio.v3 as iio
+
+    from test_data import write_sidd_medium  # four pairs of 24x30
+
+    write_sidd_medium(tmp_path / "medium")
+    paired = dict(paired_root=str(tmp_path / "medium"), gate_batch_size=4, epoch_patches=4)
+    Run(tmp_path / "run", tiny_run_config(**paired)).check_stages({"stage1", "stage3"})
+    run = Run(tmp_path / "run", tiny_run_config(**paired, gate_patch_size=28))
+    run.check_stages({"stage1"})  # (stage 1 does not crop at that size)
+    with pytest.raises(ValueError, match=r"gate_patch_size 28 is larger than the training image .*NOISY.* of size "
+                                         r"\(24, 30\)"):
+        run.check_stages({"stage3"})
+    noisy = sorted((tmp_path / "medium" / "Data").glob("*/*_NOISY_SRGB_*.PNG"))[0]
+    clean = noisy.with_name(noisy.name.replace("NOISY", "GT"))
+    image = iio.imread(noisy)
+    for bad, match in ((image[:20], r"noisy/clean sizes differ for .*NOISY.*: \(20, 30\) vs \(24, 30\)"),
+                       (image[..., 0], "noisy/clean colour channels differ for .*NOISY.*: 1 vs 3")):
+        iio.imwrite(noisy, bad, extension=".png")
+        with pytest.raises(ValueError, match=match):
+            Run(tmp_path / "run", tiny_run_config(**paired))
+    for path in (noisy, clean):
+        iio.imwrite(path, image[:12, :12], extension=".png")
+    with pytest.raises(ValueError, match=r"size \(12, 12\) is smaller than patch_size 16"):
+        Run(tmp_path / "run", tiny_run_config(**paired))
+    noisy.unlink(), clean.unlink()  # three pairs: an epoch of 4 // 3 = 1 crop of each, not a gate batch
+    with pytest.raises(ValueError, match=r"gate_batch_size 4 is more than an epoch's 3 crops of 3 pairs"):
+        Run(tmp_path / "run", tiny_run_config(**paired)).check_stages({"stage3"})
 
 
 def test_held_out_images_and_sidd_validation_are_not_both_set():

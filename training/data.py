@@ -59,6 +59,7 @@ __all__ = [
     "make_validation_set",
     "PairedPatches",
     "sidd_medium_pairs",
+    "check_pair_headers",
     "sidd_validation_files",
     "SIDDValidation",
 ]
@@ -149,13 +150,13 @@ def bundled_images(names: Sequence[str] | None = None, channels: int = 3) -> dic
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _png_header(path: Path) -> tuple[int, int] | None:
-    """(bit depth, colour type) of a PNG file, or None if it is not a PNG."""
+def _png_header(path: Path) -> tuple[int, int, int, int] | None:
+    """(bit depth, colour type, height, width) of a PNG file, or None if it is not a PNG."""
     with open(path, "rb") as f:
         head = f.read(33)
     if len(head) < 33 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
         return None
-    return head[24], head[25]
+    return head[24], head[25], int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
 
 
 def _read_png16_colour(path: Path) -> np.ndarray:
@@ -205,7 +206,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
     tifffile returns the stored samples, so a planar-configuration file (each colour a plane
     of its own, [C, H, W]), an inverted gray one (MinIsWhite), a palette one (indices into
     a 16-bit colour map) and a CMYK one are turned into the pixels a viewer shows here, with
-    any extra (alpha) samples after the colour ones; other colour spaces are refused."""
+    the first alpha sample after the colour ones (other extra samples dropped); other colour
+    spaces are refused."""
     kinds = tifffile.PHOTOMETRIC
     with tifffile.TiffFile(path) as tiff:
         array = tiff.asarray()
@@ -234,6 +236,10 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
         white = top - colour.astype(np.uint32)  # 16-bit products need 32 bits
         rgb = (white[..., :3] * white[..., 3:] + top // 2) // top  # rounded
         array = np.concatenate([rgb.astype(array.dtype), array[..., colours:]], axis=-1)
+        colours = 3
+    if page.extrasamples:  # the colour samples and the first alpha one; unspecified extras are no pixels
+        alpha = [colours + k for k, kind in enumerate(page.extrasamples) if kind in (1, 2)][:1]
+        array = array[..., list(range(colours)) + alpha]
     return array, orientation
 
 
@@ -392,14 +398,16 @@ def save_image(path, image: torch.Tensor, bits: int = 8, icc_profile: bytes | No
 
 
 def list_images(folder, recursive: bool = False) -> list[Path]:
-    """Sorted image files (by :data:`IMAGE_EXTENSIONS`, any case) in ``folder``; errors if there are none."""
+    """Sorted image files (by :data:`IMAGE_EXTENSIONS`, any case) in ``folder``, hidden ones
+    aside (macOS leaves ``._name.png`` metadata files beside copied images); errors if there are none."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"image folder not found: {folder}")
     if not folder.is_dir():
         raise NotADirectoryError(f"not a folder: {folder}")
     candidates = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder}")
     return files
@@ -626,6 +634,31 @@ def sidd_medium_pairs(root) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def check_pair_headers(pairs: Sequence[tuple[Path, Path]], patch_size: int) -> list[tuple[int, int]]:
+    """Each (noisy, clean) pair's (height, width), read from PNG headers without decoding and
+    checked as :class:`PairedPatches` checks a pair it decodes: one size and as many colour
+    planes for both, and room for a crop of ``patch_size``. Cheap enough to run before
+    training, so that a bad pair is not found hours in; a file that is no PNG is left to
+    the decoder (its size then None)."""
+    sizes = []
+    for noisy, clean in pairs:
+        headers = [_png_header(Path(path)) for path in (noisy, clean)]
+        if None in headers:
+            sizes.append(None)
+            continue
+        size = [header[2:] for header in headers]
+        colours = [1 if header[1] in (0, 4) else 3 for header in headers]  # gray (+ alpha), else colour
+        names = f"{noisy} and {clean}"
+        if size[0] != size[1]:
+            raise ValueError(f"noisy/clean sizes differ for {names}: {size[0]} vs {size[1]}")
+        if colours[0] != colours[1]:
+            raise ValueError(f"noisy/clean colour channels differ for {names}: {colours[0]} vs {colours[1]}")
+        if min(size[0]) < patch_size:
+            raise ValueError(f"{names}: size {size[0]} is smaller than patch_size {patch_size}")
+        sizes.append(size[0])
+    return sizes
+
+
 class PairedPatches(Dataset):
     """Random aligned crops of real noisy/clean pairs, e.g. from :func:`sidd_medium_pairs`.
 
@@ -744,28 +777,39 @@ class PairedPatches(Dataset):
 _SIDD_VAL_FILES = {"noisy": "ValidationNoisyBlocksSrgb", "clean": "ValidationGtBlocksSrgb"}
 
 
-def _load_mat_blocks(path: Path, key: str) -> np.ndarray:
+def _mat_blocks_shape(path: Path, key: str, load: bool = False) -> tuple[tuple[int, ...], np.ndarray | None]:
+    """The shape of the blocks ``key`` in the MATLAB file ``path``, checked, and with ``load``
+    the blocks; without, only the file's table of variables is read (``scipy.io.whosmat``)."""
     try:
-        contents = scipy.io.loadmat(path)
+        if load:
+            contents = scipy.io.loadmat(path)
+            table = {k: (v.shape, str(v.dtype)) for k, v in contents.items() if not k.startswith("__")}
+        else:
+            table = {name: (shape, kind) for name, shape, kind in scipy.io.whosmat(path)}  # (MATLAB's class names)
     except NotImplementedError as err:  # MATLAB v7.3 files are HDF5, which loadmat cannot read
         raise ValueError(f"cannot read {path} with scipy.io.loadmat (MATLAB v7.3/HDF5?): {err}") from err
     except Exception as err:
         raise ValueError(f"cannot read MATLAB file {path}: {err}") from err
-    if key not in contents:
-        found = [k for k in contents if not k.startswith("__")]
-        raise ValueError(f"{path} has no variable {key!r} (found {found})")
-    blocks = contents[key]
-    if blocks.dtype != np.uint8 or blocks.ndim != 5 or blocks.shape[-1] != 3 or 0 in blocks.shape:
+    if key not in table:
+        raise ValueError(f"{path} has no variable {key!r} (found {list(table)})")
+    shape, dtype = table[key]
+    if dtype != "uint8" or len(shape) != 5 or shape[-1] != 3 or 0 in shape:
         raise ValueError(
             f"{path}: {key} should be uint8 [images, blocks, H, W, 3] (SIDD: [40, 32, 256, 256, 3]), "
-            f"got {blocks.dtype} {blocks.shape}"
+            f"got {dtype} {tuple(shape)}"
         )
-    return blocks
+    return tuple(shape), contents[key] if load else None
 
 
-def sidd_validation_files(root) -> tuple[Path, Path]:
+def _load_mat_blocks(path: Path, key: str) -> np.ndarray:
+    return _mat_blocks_shape(path, key, load=True)[1]
+
+
+def sidd_validation_files(root, check_blocks: bool = False) -> tuple[Path, Path]:
     """The noisy and the ground-truth .mat files of the SIDD validation blocks in ``root``;
-    errors name what is missing (a cheap check before a run that needs them)."""
+    errors name what is missing, and with ``check_blocks`` what is wrong with the blocks'
+    type and shape, read from the files' tables of variables (a cheap check before a run
+    that needs them)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"SIDD validation folder not found: {root}")
@@ -773,6 +817,11 @@ def sidd_validation_files(root) -> tuple[Path, Path]:
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"SIDD validation file not found: {path}")
+    if check_blocks:
+        shapes = [_mat_blocks_shape(path, _SIDD_VAL_FILES[kind])[0] for path, kind in zip(files, ("noisy", "clean"))]
+        if shapes[0] != shapes[1]:
+            raise ValueError(f"SIDD validation blocks in {root} differ in shape: noisy {shapes[0]} vs clean "
+                             f"{shapes[1]}")
     return files
 
 
@@ -785,11 +834,9 @@ class SIDDValidation(Dataset):
     """
 
     def __init__(self, root):
-        noisy_path, clean_path = sidd_validation_files(root)
+        noisy_path, clean_path = sidd_validation_files(root, check_blocks=True)
         noisy = _load_mat_blocks(noisy_path, _SIDD_VAL_FILES["noisy"])
         clean = _load_mat_blocks(clean_path, _SIDD_VAL_FILES["clean"])
-        if noisy.shape != clean.shape:
-            raise ValueError(f"SIDD validation blocks in {root} differ in shape: noisy {noisy.shape} vs clean {clean.shape}")
         self.blocks_per_image = noisy.shape[1]
         self.noisy = noisy.reshape(-1, *noisy.shape[2:])
         self.clean = clean.reshape(-1, *clean.shape[2:])

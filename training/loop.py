@@ -115,6 +115,7 @@ class TrainLoop:
                                               **(options or {})}))
         self.state_path = self.run_dir / f"{stage}.state.safetensors"
         self.log_path = self.run_dir / f"{stage}.log.jsonl"
+        self._steps_taken = 0  # optimizer steps this object took (the model holds them)
 
     # -- data ---------------------------------------------------------------------------
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +251,11 @@ class TrainLoop:
         if self.world > 1:
             dist.barrier()
         start = self.resume()
+        if start == 0 and self._steps_taken:
+            # no checkpoint to reload, and the weights are no longer those the run began with
+            raise RuntimeError(f"{self.stage}: this loop already took {self._steps_taken} optimizer steps in this "
+                               f"process and saved no checkpoint to go on from; start again with a fresh model and "
+                               f"optimizer (or set checkpoint_every below the steps a run gets through)")
         if lead:
             self._truncate_log(start)
         total = self.settings.steps
@@ -277,6 +283,7 @@ class TrainLoop:
                                            f"checkpoint ({saved}) is kept at {self.state_path}")
                 lr = self.optimizer.param_groups[0]["lr"]  # this step's, before an epoch's end decays it
                 self.optimizer.step()
+                self._steps_taken += 1
                 if self.scheduler is not None and (step + 1) % self.steps_per_epoch == 0:
                     self.scheduler.step()
                 if not lead:

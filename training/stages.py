@@ -30,7 +30,7 @@ from dds_fast.slim_conv import BACKENDS
 from dds_fast.checkpoint import read_metadata, remove_leftovers, weights_fingerprint
 from dds_fast.config import RoutingEntry
 
-from .data import (NoisyPatches, PairedPatches, SIDDValidation, bundled_images, load_image_folder,
+from .data import (NoisyPatches, PairedPatches, SIDDValidation, bundled_images, check_pair_headers, load_image_folder,
                    make_validation_set, sidd_medium_pairs, sidd_validation_files, to_channels)
 from .gate_stage import gate_step, one_sided_labels
 from .graphed import GraphedStep
@@ -305,10 +305,11 @@ class Run:
         self.noise = make_noise(config.noise, **config.noise_args)
         self.loss_fn = reconstruction_loss(config.loss)
         self.distillation_loss_fn = reconstruction_loss(config.distillation_loss)
-        # the paths of real data are checked now, not after hours of stage 1
+        # real data is checked now (paths, and what files' headers tell), not after hours of stage 1
         self.pairs = sidd_medium_pairs(c.paired_root) if c.paired_root else None
+        self.pair_sizes = check_pair_headers(self.pairs, c.patch_size) if self.pairs else None
         if c.sidd_validation:
-            sidd_validation_files(c.sidd_validation)
+            sidd_validation_files(c.sidd_validation, check_blocks=True)
         self.train_images, self.validation_images = ({}, {}) if self.pairs and c.sidd_validation else self._clean_images()
         if not c.sidd_validation:  # stage 2 crops these, after stage 1
             for name, image in self.validation_images.items():
@@ -336,6 +337,9 @@ class Run:
             batches.append(("gate_batch_size", c.gate_batch_size, 2))
             self.check_gate_patches()
         for name, size, least in batches:
+            if size > self.epoch_length:  # (fewer than epoch_patches where the pairs do not divide it)
+                raise ValueError(f"{name} {size} is more than an epoch's {self.epoch_length} crops of "
+                                 f"{len(self.pairs)} pairs (epoch_patches {c.epoch_patches}): raise epoch_patches")
             if size % world:
                 raise ValueError(f"{name} {size} does not split over {world} processes")
             if size // world < least:
@@ -346,11 +350,25 @@ class Run:
         """Stage 3's crops of the training images fit them: ``train all`` asks before stage 1, so
         a misfit is not found hours later (stages that do not crop at that size do not ask)."""
         c = self.config
-        if self.pairs is None:
-            for name, image in self.train_images.items():
-                if min(image.shape[-2:]) < c.gate_patch_size:
-                    raise ValueError(f"gate_patch_size {c.gate_patch_size} is larger than the training image "
-                                     f"{name} of size {tuple(image.shape[-2:])}")
+        sizes = (self.train_images.items() if self.pairs is None else
+                 ((f"{noisy} (and {clean})", size) for (noisy, clean), size in zip(self.pairs, self.pair_sizes)
+                  if size is not None))
+        for name, size in sizes:
+            size = tuple(size.shape[-2:]) if isinstance(size, torch.Tensor) else size
+            if min(size) < c.gate_patch_size:
+                raise ValueError(f"gate_patch_size {c.gate_patch_size} is larger than the training image "
+                                 f"{name} of size {size}")
+
+    @property
+    def epoch_length(self) -> int:
+        """The crops of an epoch: ``epoch_patches``, or with real pairs as many crops of each
+        as fit in it (at least one)."""
+        c = self.config
+        return c.epoch_patches if self.pairs is None else len(self.pairs) * self._patches_per_pair
+
+    @property
+    def _patches_per_pair(self) -> int:
+        return max(1, self.config.epoch_patches // len(self.pairs))
 
     def _clean_images(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The training and the held-out clean images, keyed by name (a folder's by file path,
@@ -467,7 +485,7 @@ class Run:
             # about epoch_patches crops an epoch; the loop reads the items in order, and a
             # batch takes its crops from batch_size pairs (their decoded images are cached:
             # about 100 MB a SIDD-Medium pair), so each image is decoded once an epoch
-            return PairedPatches(self.pairs, patch_size, patches_per_pair=max(1, c.epoch_patches // len(self.pairs)),
+            return PairedPatches(self.pairs, patch_size, patches_per_pair=self._patches_per_pair,
                                  channels=c.channels, seed=c.seed, interleave=min(c.batch_size, len(self.pairs)))
         return NoisyPatches(self.train_images, self.noise, patch_size=patch_size, length=c.epoch_patches, seed=c.seed)
 
