@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -55,6 +56,13 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
         # load rebuilds a static export from its SlimNet's arguments and config; nothing else
         raise ValueError(f"save: this {arch} holds exported static layers; export_static of a SlimNet can be "
                          f"saved, not of a {arch}")
+    arch_args = model.arch_args
+    build = getattr(type(model), "from_arch_args", type(model))
+    try:  # what load will call: a file it cannot rebuild is refused now, not when it is read
+        inspect.signature(build).bind(**arch_args)
+    except TypeError as error:
+        raise ValueError(f"save: {arch}'s arch_args {sorted(arch_args)} do not fit its constructor ({error}): "
+                         f"arch_args must be the keyword arguments that build it") from None
     try:
         user = json.dumps(metadata)
     except TypeError as error:
@@ -64,7 +72,7 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
         "format_version": str(FORMAT_VERSION),
         "version": __version__,
         "arch": arch,
-        "arch_args": json.dumps(model.arch_args),
+        "arch_args": json.dumps(arch_args),
         "user": user,
         "static": json.dumps(static),
     }
@@ -307,11 +315,14 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
         raise CheckpointError(f"checkpoint {path} holds a {meta['arch']}, not a {expected}")
     cls = ARCHITECTURES.get(meta["arch"])
     if cls is None:
-        raise CheckpointError(f"checkpoint {path}: unknown architecture {meta['arch']!r} "
-                              f"(known: {sorted(ARCHITECTURES)})")
+        raise CheckpointError(f"checkpoint {path}: unknown architecture {meta['arch']!r} (known: "
+                              f"{sorted(ARCHITECTURES)}; a class of your own: import the module that registers "
+                              f"it with dds_fast.register_architecture first, on the command line with "
+                              f"dds-fast --import MODULE)")
     build = getattr(cls, "from_arch_args", cls)
     try:
-        model = build(**meta["arch_args"])
+        with torch.random.fork_rng(devices=[]):  # its random weights, replaced below, leave the caller's stream
+            model = build(**meta["arch_args"])
     except (TypeError, ValueError, KeyError, RuntimeError, MemoryError, OverflowError) as error:
         # RuntimeError, MemoryError: arguments so large that the parameters cannot be allocated
         raise CheckpointError(f"checkpoint {path}: cannot build {meta['arch']} from its arguments: {error}") from None

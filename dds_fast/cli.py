@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -350,6 +351,9 @@ def cmd_denoise(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dds-fast", description="Dynamic slimmable denoising networks.")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (found from the current folder too), for checkpoints of "
+                             "super-networks it registers (dds_fast.register_architecture); repeatable")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="describe a checkpoint: architecture, widths, MACs/pixel")
     info.add_argument("checkpoint")
@@ -428,9 +432,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_modules(names: list[str]) -> None:
+    """Import the modules ``--import`` names, as ``python -m`` would find them from here."""
+    if names and "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            hint = f" (a module's name, without .py: --import {name[:-3]})" if name.endswith(".py") else ""
+            raise ValueError(f"--import {name}: {error}{hint}") from error
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _import_modules(args.imports)
         return args.func(args)
     except (CheckpointError, OSError, ValueError) as error:  # bad input or missing files: no traceback
         print(f"dds-fast: error: {error}", file=sys.stderr)

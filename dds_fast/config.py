@@ -229,7 +229,9 @@ class WidthSpace:
 @dataclass(frozen=True)
 class RoutingEntry:
     """One candidate sub-network of a routing space: its config (a SubnetConfig, or a mapping
-    of group names to widths, converted), its MACs/pixel and, when known, its validation PSNR."""
+    of group names to widths, converted), its MACs/pixel and, when known, its validation PSNR.
+    The MACs are taken as given (``macs_per_pixel(net, config)`` counts them; progressive
+    slimming fills them in): a DDSNet's budgets and reports read them."""
 
     config: SubnetConfig
     macs_per_pixel: float

@@ -43,9 +43,11 @@ class StaticConv2d(nn.Conv2d):
 
 def _static_from(slim: SlimConv2d, in_widths: tuple[int, ...], out_width: int) -> StaticConv2d:
     weight = slim.active_weight(in_widths, out_width)
+    # built on the meta device: no random initial weights (the copy's replace them), so the
+    # caller's random stream stays as it was
     static = StaticConv2d(sum(in_widths), out_width, slim.kernel_size, slim.stride, slim.padding, slim.dilation,
                           slim.bias is not None, slim.padding_mode, slim.activation, slim.negative_slope,
-                          slim.upscale_factor, device=weight.device, dtype=weight.dtype)
+                          slim.upscale_factor, device="meta", dtype=weight.dtype).to_empty(device=weight.device)
     with torch.no_grad():
         static.weight.copy_(weight)
         if slim.bias is not None:

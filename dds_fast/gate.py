@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import checked_int
-from .slim_conv import FUNC_TRANSFORM, _kernels_module, func_transformed, note_fallback
+from .slim_conv import FORWARD_AD, _kernels_module, dual_level_open, has_tangent, note_fallback, transform_reason
 
 __all__ = ["DynamicGate", "GateOutput"]
 
@@ -66,6 +66,12 @@ class DynamicGate(nn.Module):
     ``reduction``: the squeeze width is ``max(1, channels // reduction)``; ``hidden``: width of
     the prediction head's BatchNorm layer, default ``max(16, channels // reduction)``.
     Parameters: ``fc1`` (W1, b1), ``fc2`` (W2, b2), ``fc3`` (W3, b3), ``bn``, ``fc4`` (W4, b4).
+
+    ``attention`` (True or False; True when built) switches the attention head: on, the
+    features come out scaled by ``1 + tanh(W2 R + b2)``, which is 1 until W2 and b2 (zero
+    when built) have trained; off, they come out as they went in. A DDSNet whose gate has
+    attention on runs each route's body on the scaled features: export such a route with
+    ``export_static(AttentionSupernet(supernet, gate), config)``.
     """
 
     def __init__(self, channels: int, num_choices: int, reduction: int = 4, hidden: int | None = None,
@@ -130,8 +136,12 @@ class DynamicGate(nn.Module):
             note_fallback(self, "DynamicGate", unavailable)
             return False
         inputs = (x,) if means is None else (x, means)
-        if func_transformed(*inputs, self.fc1.weight):  # (a transform over the parameters wraps every one)
-            note_fallback(self, "DynamicGate", FUNC_TRANSFORM)
+        # (a torch.func transform over the parameters wraps every one; forward AD may give any a tangent)
+        reason = transform_reason(*inputs, self.fc1.weight)
+        if reason is None and dual_level_open() and has_tangent(*self.parameters()):
+            reason = FORWARD_AD
+        if reason is not None:
+            note_fallback(self, "DynamicGate", reason)
             return False
         from dds_fast.kernels.gate import MAX_BATCH
         if len(x) > MAX_BATCH:  # beyond the kernels' grid: the reference path, as the convs fall back

@@ -36,8 +36,12 @@ class SlimNet(nn.Module):
     """Base of the slimmable denoisers: width configs, input checks, padding to the size the
     network needs and the stem/body split.
 
-    Subclasses build their layers, bind each SlimConv2d to a tied group with ``_bind`` and
-    implement ``stem`` and ``body``.
+    A subclass (the README's "Your own super-network") calls ``super().__init__(in_channels,
+    out_channels, arch_args)``, declares its tied groups with ``_group``, ties each SlimConv2d
+    to one with ``_bind``, ends ``__init__`` with ``_finish()``, and defines ``stem_conv``
+    (its first conv, bound to a group), ``body`` and ``receptive_radius``, and
+    ``size_multiple`` where it downsamples. ``stem`` runs ``stem_conv``; a DDSNet refuses a
+    net that overrides it.
     """
 
     size_multiple = 1
@@ -64,23 +68,44 @@ class SlimNet(nn.Module):
         self._masked = False
 
     def _group(self, name: str, base_width: int) -> int:
+        """Declare the tied group ``name``: its widths are ``base_width`` times ``min_ratio`` to
+        ``width_mult`` (from ``arch_args``) in steps of ``divisor``. Returns its largest width,
+        the channels its layers are built with (``base_width * width_mult``, rounded to a
+        multiple of ``divisor``)."""
         a = self._arch_args
         missing = [key for key in ("width_mult", "min_ratio", "divisor") if key not in a]
         if missing:
             raise ValueError(f"{type(self).__name__}: arch_args must hold width_mult, min_ratio and divisor (the "
                              f"group widths' range), missing {missing}")
+        if name in self._groups:
+            raise ValueError(f"{type(self).__name__}: group {name!r} is declared twice")
         choices = width_choices(base_width, a["width_mult"], a["min_ratio"], a["divisor"])
         self._groups[name] = ChannelGroup(name, choices[-1], choices)
         return choices[-1]
 
     def _bind(self, conv: SlimConv2d, group: str, multiplier: int = 1) -> SlimConv2d:
+        """Tie ``conv``'s active filters to ``group``'s width times ``multiplier`` (4 for an
+        ``upscale_factor=2`` conv, whose filters are four per output channel); returns ``conv``.
+        Its filters must be the group's largest width times ``multiplier``."""
         if group not in self._groups:
             raise ValueError(f"{type(self).__name__}: _bind to group {group!r}, which no _group declared (declared: "
                              f"{list(self._groups)})")
+        full = self._groups[group].max_width * multiplier
+        if not isinstance(conv, SlimConv2d) or conv.out_channels != full:
+            raise ValueError(f"{type(self).__name__}: _bind of {conv!r:.80} to group {group!r} needs a SlimConv2d "
+                             f"of {full} filters (the group's largest width {self._groups[group].max_width} times "
+                             f"multiplier {multiplier})")
         self._bindings.append((conv, group, multiplier))
         return conv
 
+    def __getattr__(self, name: str):
+        if name == "space" and "_groups" in self.__dict__:  # (asked only when no attribute holds it)
+            raise AttributeError(f"{type(self).__name__} has no width space yet: end __init__ with self._finish()")
+        return super().__getattr__(name)
+
     def _finish(self):
+        """End of a subclass's ``__init__``: the width space of its groups, its layers named,
+        and the largest config set."""
         self.space = WidthSpace(self._groups.values())
         name_layers(self)
         self.set_config(self.space.largest())
@@ -245,20 +270,22 @@ class SlimNet(nn.Module):
     @property
     def stem_conv(self) -> SlimConv2d:
         """The first conv, whose output the gate reads."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define the stem_conv property (its first conv)")
 
     @property
     def receptive_radius(self) -> int:
         """How many input pixels away, at most, an input pixel can change an output pixel:
         the context a tile needs on each side to match the whole image, for a tile that
         starts on a multiple of ``size_multiple`` (``evaluate.denoise`` aligns its tiles)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define the receptive_radius property")
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """``stem_conv`` on the padded input (not to be overridden: see the class docstring)."""
         return self.stem_conv(x)
 
     def body(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The rest of the network: ``features`` from the stem, ``x`` the padded input."""
+        raise NotImplementedError(f"{type(self).__name__} must define body(features, x)")
 
 
 def _widen(lo: int, hi: int, scale: int, conv: nn.Conv2d) -> tuple[int, int, int]:

@@ -324,7 +324,7 @@ class SlimConv2d(nn.Conv2d):
             y = apply_epilogue(y, eager_residual, self.activation, self.negative_slope)
         elif packing is not None:
             packing.add(y)
-        elif not nhwc:  # as nn.Conv2d: an NCHW input gives an NCHW output (whose .view works)
+        if packing is None and not nhwc:  # as nn.Conv2d: an NCHW input gives an NCHW output (whose .view works)
             y = y.contiguous()
         out = y if mask is None else torch.where(mask, y, 0)
         if sums_wanted and sums is not None:  # (with a gradient there are none: keep no reference to the graph)
@@ -345,14 +345,8 @@ class SlimConv2d(nn.Conv2d):
             reason = kernels
         elif device_type not in ("cuda", "cpu"):
             reason = f"tensors on {device_type} (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
-        elif func_transformed(*inputs, weight, bias, residual):
-            reason = FUNC_TRANSFORM
-        elif _forward_ad._current_level >= 0 and any(  # (a dual level is open)
-                t is not None and _forward_ad.unpack_dual(t).tangent is not None
-                for t in (*inputs, weight, bias, residual)):
-            reason = FORWARD_AD
-        elif torch.jit.is_tracing():
-            reason = "torch.jit.trace (it would record the kernels' launch with the traced sizes as tensors)"
+        elif (reason := transform_reason(*inputs, weight, bias, residual)) is not None:
+            pass
         else:
             cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
             reason = kernels.unsupported_reason(inputs, weight, self.stride, self.padding, self.dilation,
@@ -399,6 +393,31 @@ def _starts(segments: tuple[int, ...]) -> tuple[int, ...]:
 
 FUNC_TRANSFORM = "a torch.func transform (vmap, grad, jvp): the kernels read raw pointers"
 FORWARD_AD = "forward-mode AD (dual tensors): the kernels have no jvp"
+JIT_TRACE = "torch.jit.trace (it would record the kernels' launch with the traced sizes as tensors)"
+
+
+def dual_level_open() -> bool:
+    """Whether forward-mode AD may have given tensors tangents (a dual level is open)."""
+    return _forward_ad._current_level >= 0
+
+
+def has_tangent(*tensors: torch.Tensor | None) -> bool:
+    """Whether forward-mode AD gives any of ``tensors`` (None: absent) a tangent."""
+    return dual_level_open() and any(t is not None and _forward_ad.unpack_dual(t).tangent is not None
+                                     for t in tensors)
+
+
+def transform_reason(*tensors: torch.Tensor | None) -> str | None:
+    """Why the kernels, which read raw pointers and have no jvp, cannot serve a call on
+    ``tensors`` (None: absent) here, or None: a torch.func transform, forward-mode AD, or
+    ``torch.jit.trace``, which would record the launch with the traced sizes as tensors."""
+    if func_transformed(*tensors):
+        return FUNC_TRANSFORM
+    if has_tangent(*tensors):
+        return FORWARD_AD
+    if torch.jit.is_tracing():
+        return JIT_TRACE
+    return None
 
 
 def func_transformed(*tensors: torch.Tensor | None) -> bool:

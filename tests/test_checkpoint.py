@@ -49,6 +49,18 @@ def test_round_trip_keeps_weights_config_routing_and_metadata(net, tmp_path):
     assert os.listdir(path.parent) == ["model.safetensors"]  # no temporary file left
 
 
+def test_loading_and_exporting_leave_the_callers_random_stream(net, tmp_path):
+    """Both build layers whose random initial weights are replaced: the draws moved the
+    caller's stream, so a script's later draws depended on whether it had loaded a model."""
+    path = save(net, tmp_path / "model.safetensors")
+    static = save(dds_fast.export_static(net), tmp_path / "static.safetensors")
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    load(path), load(static), dds_fast.export_static(net)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_save_is_atomic_when_it_fails(net, tmp_path, monkeypatch):
     path = save(net, tmp_path / "model.safetensors")
     original = path.read_bytes()

@@ -1140,7 +1140,7 @@ def test_a_custom_supernet_that_breaks_the_stem_contract_is_refused():
             dds_fast.AttentionSupernet(net, DynamicGate(16, 2))
 
 
-def test_a_custom_supernet_that_misdeclares_its_groups_gets_clear_errors():
+def test_a_custom_supernet_that_misdeclares_its_groups_gets_clear_errors(monkeypatch, tmp_path):
     class NoWidthArgs(dds_fast.SlimNet):
         def __init__(self):
             super().__init__(1, 1, {})
@@ -1151,7 +1151,40 @@ def test_a_custom_supernet_that_misdeclares_its_groups_gets_clear_errors():
             super().__init__(1, 1, dict(width_mult=1.0, min_ratio=0.5, divisor=4))
             self._bind(dds_fast.SlimConv2d(1, 8, 3), "feat")
 
+    class TwiceDeclared(dds_fast.SlimNet):
+        def __init__(self):
+            super().__init__(1, 1, dict(width_mult=1.0, min_ratio=0.5, divisor=4))
+            self._group("feat", 8), self._group("feat", 16)
+
+    class WrongWidth(dds_fast.SlimNet):  # an upsampling conv bound without its multiplier of 4
+        def __init__(self):
+            super().__init__(1, 1, dict(width_mult=1.0, min_ratio=0.5, divisor=4))
+            width = self._group("up", 8)
+            self._bind(dds_fast.SlimConv2d(1, 4 * width, 1, upscale_factor=2), "up")
+
+    class Unfinished(BodyGroupFirstNet):
+        def _finish(self):
+            pass  # (as a subclass that forgot to call it)
+
+    class ArgsNotTheConstructors(BodyGroupFirstNet):
+        @property
+        def arch_args(self):
+            return {**super().arch_args, "depth": 3}
+
     with pytest.raises(ValueError, match=r"arch_args must hold width_mult, min_ratio and divisor"):
         NoWidthArgs()
     with pytest.raises(ValueError, match=r"_bind to group 'feat', which no _group declared"):
         UndeclaredGroup()
+    with pytest.raises(ValueError, match=r"group 'feat' is declared twice"):
+        TwiceDeclared()
+    with pytest.raises(ValueError, match=r"needs a SlimConv2d of 8 filters \(the group's largest width 8 times "
+                                         r"multiplier 1\)"):
+        WrongWidth()
+    with pytest.raises(AttributeError, match=r"no width space yet: end __init__ with self._finish\(\)"):
+        Unfinished().set_config({"mid": 4, "feat": 4})
+    with pytest.raises(NotImplementedError, match="must define body"):
+        dds_fast.SlimNet.body(Unfinished(), None, None)
+    monkeypatch.setitem(dds_fast.ARCHITECTURES, "ArgsNotTheConstructors", ArgsNotTheConstructors)
+    with pytest.raises(ValueError, match=r"save: ArgsNotTheConstructors's arch_args .* do not fit its constructor"):
+        dds_fast.save(ArgsNotTheConstructors(), tmp_path / "unwritten.safetensors")
+    assert not (tmp_path / "unwritten.safetensors").exists()

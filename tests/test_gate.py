@@ -1,6 +1,7 @@
 """DynamicGate: fused Triton inference path (under the interpreter on CPU) against an
 independent fp64 reference of Eq. 8-10, reference-path gradients, dispatch and errors."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -510,6 +511,38 @@ def test_torch_func_transforms_take_the_reference_path():
     with torch.no_grad():
         batched = torch.vmap(lambda image: gate(image[None]).logits[0])(x)
         torch.testing.assert_close(batched, gate(x).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dual", ["input", "parameter"])
+def test_forward_mode_ad_and_jit_trace_take_the_reference_path(dual):
+    """The kernels have no jvp (the tangent came out None, silently) and a trace would record
+    their launch with its sizes as tensors (it failed in the kernel's arguments)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    gate = make_gate(16, 3, backend="triton").requires_grad_(False)
+    with torch.no_grad():
+        gate.fc2.weight.normal_(0, 0.5)  # a trained attention head
+    reference = copy.deepcopy(gate)
+    reference.backend = "torch"
+    x, tangent = torch.rand(2, 16, 5, 5, device=DEVICE), torch.randn(2, 16, 5, 5, device=DEVICE)
+    w2_tangent = torch.randn_like(gate.fc2.weight)
+    outputs = []
+    for model in (gate, reference):
+        with forward_ad.dual_level(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's warning
+            if dual == "input":
+                out = model(forward_ad.make_dual(x, tangent))
+            else:
+                w2 = forward_ad.make_dual(model.fc2.weight, w2_tangent)
+                out = torch.func.functional_call(model, {"fc2.weight": w2}, (x,))
+            outputs.append(forward_ad.unpack_dual(out.features).tangent)
+    assert outputs[0] is not None
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(lambda image: gate(image).features, (x,), check_trace=False)
+        other = torch.rand(3, 16, 4, 6, device=DEVICE)
+        torch.testing.assert_close(traced(other), reference(other).features, rtol=1e-4, atol=1e-5)
 
 
 def test_squeeze_and_scale_of_channels_whose_offsets_pass_int32():

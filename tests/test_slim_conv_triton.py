@@ -232,7 +232,7 @@ def test_autocast_adds_a_wider_residual_in_its_own_dtype(residual_dtype, kernel_
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = fast(x, residual)
         expected = slow(x, residual)
-    assert y.dtype == expected.dtype == residual_dtype
+    assert y.dtype == expected.dtype == residual_dtype and y.is_contiguous()  # NCHW in, NCHW out
     assert [c["dtypes"] for c in kernel_calls] == [[torch.bfloat16]]
     torch.testing.assert_close(y, expected, rtol=1e-2, atol=1e-2)  # the convs' bf16 outputs' rounding
 

@@ -617,12 +617,20 @@ def test_noise_arguments_default_to_the_models_own(tmp_path):
         Run(tmp_path, TrainConfig(noise="camera", noise_args={"sigma": 25.0}, device="cpu"))
 
 
-def test_building_a_run_leaves_the_callers_random_state_alone(tmp_path):
+def test_building_a_run_leaves_the_callers_random_state_alone(tmp_path, monkeypatch):
+    """The new networks' weights come from the config's seed alone, drawn without moving the
+    caller's stream, and no GPU's generator is seeded (torch.manual_seed seeds them all)."""
     torch.manual_seed(42)
     expected = torch.rand(3)
     torch.manual_seed(42)
-    Run(tmp_path, TrainConfig(device="cpu", seed=7))
-    assert torch.equal(torch.rand(3), expected)
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
+    run = Run(tmp_path, TrainConfig(device="cpu", seed=7))
+    net = run.new_network(attention_choices=2)
+    assert torch.equal(torch.rand(3), expected) and not cuda_seeds
+    torch.manual_seed(1)
+    again = Run(tmp_path, TrainConfig(device="cpu", seed=7)).new_network(attention_choices=2)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
 
 
 def image_folder(folder, names, size=(40, 36)):
@@ -968,6 +976,11 @@ def test_real_pairs_that_would_fail_a_later_stage_are_refused_before_stage_1(tmp
         iio.imwrite(path, image[:12, :12], extension=".png")
     with pytest.raises(ValueError, match=r"size \(12, 12\) is smaller than patch_size 16"):
         Run(tmp_path / "run", tiny_run_config(**paired))
+    noisy.with_name("._" + noisy.name).write_bytes(b"\0\5\26\7 macOS metadata")  # ignored, its ._ partner too
+    clean.with_name("._" + clean.name).write_bytes(b"\0\5\26\7 macOS metadata")
+    clean.write_bytes(b"\0\5\26\7 not a PNG")
+    with pytest.raises(ValueError, match="cannot read image .*GT.*: not a PNG file"):
+        Run(tmp_path / "run", tiny_run_config(**paired))
     noisy.unlink(), clean.unlink()  # three pairs: an epoch of 4 // 3 = 1 crop of each, not a gate batch
     with pytest.raises(ValueError, match=r"gate_batch_size 4 is more than an epoch's 3 crops of 3 pairs"):
         Run(tmp_path / "run", tiny_run_config(**paired)).check_stages({"stage3"})
@@ -1007,6 +1020,9 @@ def test_three_stage_run_end_to_end(tmp_path, attention):
                          slim_step=8, num_choices=2, checkpoint_every=2, progress=False, gate_steps=4,
                          gate_batch_size=4, gate_patch_size=24, refine_steps=2, beta=-1000.0, attention=attention)
     run = Run(tmp_path, config)
+    torch.manual_seed(5)
+    caller_draws = torch.rand(4)
+    torch.manual_seed(5)  # the stages leave the caller's random stream as it was
     net = run.stage1()
     assert isinstance(net, dds_fast.AttentionSupernet) is attention
     if attention:  # W2 starts at zero: stage 1 trained the attention head
@@ -1034,6 +1050,7 @@ def test_three_stage_run_end_to_end(tmp_path, attention):
     assert model.gate.attention is attention and len(model.routing_space) == 2
     loaded = dds_fast.load(tmp_path / "dds.safetensors")
     assert loaded.routing_space == refined.routing_space
+    assert torch.equal(torch.rand(4), caller_draws)
     log = [json.loads(line) for line in (tmp_path / "stage3.log.jsonl").read_text().splitlines()]
     assert len(log) == config.gate_steps and {"cross_entropy", "complexity", "expected_macs"} <= set(log[0])
     assert log[0]["loss"] == pytest.approx(log[0]["cross_entropy"] + log[0]["complexity"], rel=1e-5)

@@ -12,7 +12,9 @@
 
 Datasets yield ``(noisy, clean)`` float32 tensors [C, H, W]. Randomness of item ``i`` is a
 pure function of ``(seed, epoch, i)``, so results do not depend on DataLoader workers or the
-order items are asked for; call ``set_epoch`` to get fresh crops each epoch (not with
+order items are asked for (``NoisyPatches.batch``, the trainer's path, keeps the items' crops
+but draws the noise per batch, from ``(seed, epoch, start)``: another batch size gives a crop
+other noise); call ``set_epoch`` to get fresh crops each epoch (not with
 ``persistent_workers=True``: such workers keep the copy of the dataset they started with, which
 ``set_epoch`` in the main process never reaches).
 """
@@ -623,7 +625,7 @@ def sidd_medium_pairs(root) -> list[tuple[Path, Path]]:
         raise FileNotFoundError(f"SIDD-Medium folder {data} not found (expected {root}/Data/<scene>/*_NOISY_SRGB_*.PNG)")
     pairs = []
     for noisy in sorted(data.glob("*/*_NOISY_SRGB_*")):
-        if noisy.suffix.lower() != ".png":
+        if noisy.suffix.lower() != ".png" or noisy.name.startswith("."):  # (macOS's ._ metadata files)
             continue
         clean = noisy.with_name(noisy.name.replace("_NOISY_SRGB_", "_GT_SRGB_"))
         if not clean.is_file():
@@ -638,11 +640,14 @@ def check_pair_headers(pairs: Sequence[tuple[Path, Path]], patch_size: int) -> l
     """Each (noisy, clean) pair's (height, width), read from PNG headers without decoding and
     checked as :class:`PairedPatches` checks a pair it decodes: one size and as many colour
     planes for both, and room for a crop of ``patch_size``. Cheap enough to run before
-    training, so that a bad pair is not found hours in; a file that is no PNG is left to
-    the decoder (its size then None)."""
+    training, so that a bad pair is not found hours in; a file of another type is left to
+    the decoder (its size then None), a ``.png`` that is no PNG refused."""
     sizes = []
     for noisy, clean in pairs:
         headers = [_png_header(Path(path)) for path in (noisy, clean)]
+        for path, header in zip((noisy, clean), headers):
+            if header is None and Path(path).suffix.lower() == ".png":
+                raise ValueError(f"cannot read image {path}: not a PNG file")
         if None in headers:
             sizes.append(None)
             continue

@@ -51,7 +51,11 @@ def progressive_slimming(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor
                          on_step: Callable[[RoutingEntry], None] | None = None,
                          criterion: str = "psnr") -> list[RoutingEntry]:
     """The greedy trajectory from the largest to the smallest config, as RoutingEntries
-    (config, MACs/pixel, validation PSNR), largest first. Restores the net's config."""
+    (config, MACs/pixel, validation PSNR), largest first. Restores the net's config.
+
+    ``batches``: the validation set, ``(noisy, clean)`` pairs of image batches in [0, 1];
+    ``step``: the channels a group is slimmed by at a time; ``on_step``: called with each
+    entry as it is found; ``criterion``: what picks the next step (``SLIM_CRITERIA``)."""
     if step < 1:
         raise ValueError(f"slimming step must be >= 1 channel, got {step}")
     if criterion not in SLIM_CRITERIA:

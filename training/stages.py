@@ -230,6 +230,16 @@ class TrainConfig:
         return device
 
 
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Torch's global CPU generator seeded with ``seed`` inside (new layers draw their initial
+    weights from it, on the CPU), and the caller's random state as it was after: a stage's
+    weights depend on the config's seed alone, and the caller's stream on the caller."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 def _same_inputs(recorded, now: dict) -> bool:
     """Whether stage 2's ``recorded`` inputs are ``now``'s; the files of earlier versions
     recorded no digest of the data."""
@@ -317,8 +327,7 @@ class Run:
                     raise ValueError(f"validation_patch {c.validation_patch} is larger than the held-out image "
                                      f"{name} of size {tuple(image.shape[-2:])}")
         # stage 2 thins the slimming trajectory to num_choices configs, after stage 1
-        with torch.random.fork_rng(devices=[]):  # new_network seeds the global generator
-            configs = slimming_length(self.new_network().space, c.slim_step)
+        configs = slimming_length(self.new_network().space, c.slim_step)
         if c.num_choices > configs:
             raise ValueError(f"num_choices {c.num_choices} is more than the {configs} configs that progressive "
                              f"slimming by slim_step {c.slim_step} finds in this {c.arch} (base_width {c.base_width}, "
@@ -415,14 +424,19 @@ class Run:
         return digest.hexdigest()
 
     # -- pieces -------------------------------------------------------------------------
-    def new_network(self):
+    def new_network(self, attention_choices: int | None = None):
+        """A new super-network of the config, its weights drawn from the config's seed; with
+        ``attention_choices``, behind a new gate of that many choices (an AttentionSupernet)."""
         c = self.config
         cls = dds_fast.ARCHITECTURES.get(c.arch)
         if cls is None or not issubclass(cls, dds_fast.SlimNet):
             raise ValueError(f"unknown architecture {c.arch!r}; choose SlimUNet or SlimDnCNN")
         kwargs = dict(in_channels=c.channels, base_width=c.base_width, depth=c.depth)
-        torch.manual_seed(c.seed)
-        return self.prepare(cls(**kwargs).to(self.device))
+        with _seeded(c.seed):
+            net = cls(**kwargs)
+            if attention_choices is not None:
+                net = AttentionSupernet(net, DynamicGate(net.stem_channels, attention_choices))
+        return self.prepare(net.to(self.device))
 
     def load(self, name: str):
         """A result of an earlier stage of this run, checked against its config."""
@@ -561,9 +575,7 @@ class Run:
         the gate's attention head when ``attention`` (an AttentionSupernet)."""
         c = self.config
         self.check_stages({"stage1"})
-        net = self.new_network()
-        if c.attention:
-            net = self.prepare(AttentionSupernet(net, DynamicGate(net.stem_channels, c.num_choices)).to(self.device))
+        net = self.new_network(c.num_choices if c.attention else None)
         optimizer = torch.optim.Adam(net.parameters(), lr=c.lr)
 
         sandwich = self.sandwich(net, c.distillation, ends_fixed(net.space.largest(), net.space.smallest(), c.sandwich))
@@ -687,9 +699,10 @@ class Run:
         start_weights = weights_fingerprint(supernet.state_dict())  # in its options, as in refine's
         for p in supernet.parameters():
             p.requires_grad_(False)
-        torch.manual_seed(c.seed)
         attended = isinstance(supernet, AttentionSupernet)
-        gate = DynamicGate(supernet.stem_channels, len(supernet.routing_space)).to(self.device)
+        with _seeded(c.seed):
+            gate = DynamicGate(supernet.stem_channels, len(supernet.routing_space))
+        gate = gate.to(self.device)
         if attended:
             # the attention the body was trained behind stays as it was (frozen above): W1 is
             # shared, so the prediction head learns on the squeeze stage 1 trained
