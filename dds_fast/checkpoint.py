@@ -43,7 +43,10 @@ class CheckpointError(ValueError):
 
 
 def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
-    """Write ``model``'s tensors and architecture to ``path`` (temporary file, then rename)."""
+    """Write ``model``'s tensors and architecture to ``path`` (temporary file, then rename);
+    returns the path. ``metadata``: any JSON values, which ``read_metadata(path)["user"]``
+    gives back. A ValueError for a model ``load`` could not rebuild: a class not registered
+    (``register_architecture``), ``arch_args`` its constructor does not take, masked widths."""
     arch = type(model).__name__
     if ARCHITECTURES.get(arch) is not type(model) or not hasattr(model, "arch_args"):
         raise ValueError(f"save: {arch} is not a registered architecture ({sorted(ARCHITECTURES)}); "
@@ -237,8 +240,9 @@ def _json_field(header: dict[str, str], name: str, kind: type, default: str | No
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The checkpoint's metadata, decoded; raises CheckpointError for a file that is not one
-    (and OSError, such as PermissionError, for one that cannot be opened)."""
+    """The checkpoint's metadata, decoded (the header alone: the tensors' checksum is checked
+    by ``load``); raises CheckpointError for a file that is not one (and OSError, such as
+    PermissionError, for one that cannot be opened)."""
     path = _existing_file(path)
     with open(path, "rb") as f:  # the header alone: a training state's tensors can be large
         return _read_metadata(path, f)
@@ -297,7 +301,10 @@ def _decoded(path: Path, header: dict[str, str]) -> dict:
 def load(path: str | os.PathLike, arch: str | type | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model saved at ``path``, its tensors in the dtypes they were saved in, on
     the device ``map_location``. ``arch`` (a class or its name), when given, must match the
-    file's architecture."""
+    file's architecture. The model comes back in training mode, as a new module does: call
+    ``.eval()`` for inference (a DDSNet's gate normalises with batch statistics otherwise).
+    A missing file raises FileNotFoundError; an unreadable, foreign or corrupt one
+    CheckpointError (a ValueError)."""
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError) as error:

@@ -178,7 +178,8 @@ def _demo_untrained(args) -> int:
 
 
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help); each overrides the config file's value
-    "--arch": ("arch", str, "SlimUNet or SlimDnCNN"),
+    "--arch": ("arch", str, "SlimUNet, SlimDnCNN, or a super-network of your own that a module given to "
+                            "dds-fast --import registers"),
     "--channels": ("channels", int, "1 (gray) or 3 (colour)"),
     "--base-width": ("base_width", int, "the network's base width (its widths run 0.2x to 1.5x it)"),
     "--depth": ("depth", int, "U-Net levels, or DnCNN layers"),

@@ -90,14 +90,17 @@ class SubnetConfig(Mapping):
 
     @classmethod
     def from_dict(cls, widths: Mapping[str, int]) -> "SubnetConfig":
+        """The config of a mapping of group names to widths (in its order)."""
         if not isinstance(widths, Mapping):
             raise ValueError(f"SubnetConfig: widths must be a mapping of group names to ints, got {widths!r}")
         return cls(tuple((str(name), width) for name, width in widths.items()))
 
     def to_dict(self) -> dict[str, int]:
+        """Group names to widths, in the config's order."""
         return dict(self.widths)
 
     def to_json(self) -> str:
+        """``to_dict`` as JSON text (``from_json`` reads it back)."""
         return json.dumps(self.to_dict())
 
     @classmethod
@@ -175,12 +178,15 @@ class WidthSpace:
         return self._by_name[name]
 
     def names(self) -> list[str]:
+        """The groups' names, in order."""
         return [g.name for g in self.groups]
 
     def largest(self) -> SubnetConfig:
+        """Every group at its largest choice: the super-network."""
         return SubnetConfig(tuple((g.name, g.choices[-1]) for g in self.groups))
 
     def smallest(self) -> SubnetConfig:
+        """Every group at its smallest choice."""
         return SubnetConfig(tuple((g.name, g.choices[0]) for g in self.groups))
 
     def uniform(self, ratio: float) -> SubnetConfig:
@@ -203,7 +209,10 @@ class WidthSpace:
         return SubnetConfig(tuple(widths))
 
     def validate(self, config: SubnetConfig | Mapping[str, int]) -> SubnetConfig:
-        """Return ``config`` as a SubnetConfig in group order, or raise ValueError naming what is wrong."""
+        """Return ``config`` as a SubnetConfig in group order, or raise ValueError naming what is
+        wrong: a group missing or unknown, a width that is no int in [1, the group's largest].
+        A width need not be one of the group's ``choices``: a layer runs any width up to its
+        filters; the choices are what ``sample``, ``uniform`` and progressive slimming pick from."""
         if not isinstance(config, (SubnetConfig, Mapping)):
             raise ValueError(f"config must be a SubnetConfig or a mapping of group names to widths, got "
                              f"{type(config).__name__} {config!r:.100}")
@@ -259,6 +268,7 @@ class RoutingEntry:
             object.__setattr__(self, "psnr", float(self.psnr))
 
     def to_dict(self) -> dict:
+        """JSON values (``from_dict`` reads them back)."""
         return {"config": self.config.to_dict(), "macs_per_pixel": self.macs_per_pixel, "psnr": self.psnr}
 
     @classmethod

@@ -137,7 +137,9 @@ def _supernet_and_gate_args(supernet: SlimNet, gate: DynamicGate) -> dict:
 def _build_supernet(owner: str, spec: dict) -> SlimNet:
     net_cls = ARCHITECTURES.get(spec["arch"])
     if net_cls is None or not issubclass(net_cls, SlimNet):
-        raise ValueError(f"{owner}: unknown super-network architecture {spec['arch']!r}")
+        raise ValueError(f"{owner}: unknown super-network architecture {spec['arch']!r} (a class of your own: import "
+                         f"the module that registers it with dds_fast.register_architecture first, on the command "
+                         f"line with dds-fast --import MODULE)")
     return net_cls(**spec["args"])
 
 

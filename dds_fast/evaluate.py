@@ -41,7 +41,8 @@ def _as_batch(image: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int | None = None,
             stem_means: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-    """Denoise one image [C, H, W] (or [1, C, H, W]); images larger than ``tile`` are cut
+    """Denoise one image [C, H, W] (or [1, C, H, W]; either way the result is [C, H, W]) with
+    ``model`` as it is (its mode and config); images larger than ``tile`` are cut
     into tiles with ``overlap`` pixels of context on each side, so memory stays bounded.
     The default overlap is the model's ``receptive_radius``, with which the tiles give the
     whole image's output (up to rounding).
@@ -94,7 +95,9 @@ def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int
 def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], name: str = "model",
              tile: int = 512) -> Evaluation:
     """Mean PSNR and SSIM over ``(noisy, clean)`` pairs of single images, and the mean
-    MACs/pixel: a DDSNet's routed configs (with its full-width stem), else the model's."""
+    MACs/pixel: a DDSNet's routed configs (with its full-width stem), else the model's.
+    Puts ``model`` in eval mode, and leaves it so; images larger than ``tile`` are denoised
+    (and a DDSNet's gate squeezes them) tile by tile (``denoise``)."""
     model.eval()
     scores, macs = [], []
     device = next(model.parameters(), torch.empty(0)).device  # no parameters (a baseline): the CPU

@@ -112,6 +112,8 @@ class SlimNet(nn.Module):
 
     # -- configs ------------------------------------------------------------------------
     def set_config(self, config: SubnetConfig | Mapping[str, int]) -> None:
+        """Run at ``config`` (checked by ``space.validate``): each bound layer's active filters
+        become its group's width times its multiplier; ends ``set_masked_widths``."""
         if self.is_static:
             raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
         config = self.space.validate(config)
@@ -124,6 +126,7 @@ class SlimNet(nn.Module):
         self._config = config
 
     def get_config(self) -> SubnetConfig:
+        """The config the network runs (the largest after ``_finish``; an export's own)."""
         return self._config
 
     def extra_repr(self) -> str:

@@ -199,8 +199,10 @@ class LatencyRunner:
     to that prefix), ``None`` to time the model as it is (a DDSNet: its dynamic mode). On
     CUDA, timing uses CUDA events and, with ``cuda_graph=True``, replays one captured graph
     per config; on CPU it uses the wall clock. The model is moved to the runner's device and
-    dtype and put in eval mode. The reported ``backend`` is what its layers run on that
-    device ('auto' resolved).
+    dtype (and with ``channels_last``, the default, to that layout: the caller's model, in
+    place) and put in eval mode. ``warmup`` calls precede ``repeats`` timed ones. The reported
+    ``backend`` is what its layers run on that device ('auto' resolved); ``backend=`` names
+    it for the report only, and changes no layer's backend.
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
@@ -356,6 +358,9 @@ class LatencyRunner:
 
     def run(self, configs: Sequence[tuple[str, SubnetConfig | float | None]] | None = None,
             peaks: DevicePeaks | None = None) -> Report:
+        """Time each ``(label, config)`` (default: ``default_configs``) and return the Report,
+        with ``peaks`` (measured once here when not given) for the roofline; the model's
+        widths are restored after."""
         if configs is None:
             configs = default_configs(self.model)
         if not configs:
@@ -430,6 +435,7 @@ def _resolved(backend: str, device: torch.device) -> str:
 
 def backend_of(model: nn.Module, device: torch.device) -> str:
     """The backends ``model``'s layers run on ``device``, 'auto' resolved (settings the kernels
-    do not cover fall back to the reference with a warning, which this does not see)."""
+    do not cover fall back to the reference, with a warning under 'triton' and a debug log
+    under 'auto', which this does not see)."""
     backends = {_resolved(m.backend, device) for m in model.modules() if isinstance(getattr(m, "backend", None), str)}
     return ",".join(sorted(backends)) or "torch"

@@ -88,7 +88,8 @@ class SlimConv2d(nn.Conv2d):
     runs at a narrower width.
 
     - Active input channels are ``x.shape[1]`` (at most ``in_channels``).
-    - Active output channels are ``active_out_channels`` (an int, or ``None`` for all).
+    - Active filters are ``active_out_channels`` (an int, or ``None`` for all): the output's
+      channels, or with ``upscale_factor`` r that many over r^2.
     - ``in_segments``: the weight's input channels are blocks of these maximum sizes, and
       the input is a list with one tensor per block, each the active prefix of its block
       (a U-Net decoder conv over ``cat([up, skip])`` with both slimmed independently).

@@ -34,27 +34,9 @@ def test_info_on_a_static_export(tmp_path, capsys):
 
 CUSTOM_NET_MODULE = """
 import dds_fast
+from test_ddsnet import BodyGroupFirstNet  # a user's super-network
 
-
-@dds_fast.register_architecture
-class CliTinyNet(dds_fast.SlimNet):
-    def __init__(self, width_mult=1.0, min_ratio=0.5, divisor=4):
-        super().__init__(1, 1, dict(width_mult=width_mult, min_ratio=min_ratio, divisor=divisor))
-        width = self._group("feat", 8)
-        self.first = self._bind(dds_fast.SlimConv2d(1, width, 3, padding=1, activation="relu"), "feat")
-        self.last = dds_fast.SlimConv2d(width, 1, 3, padding=1)
-        self._finish()
-
-    @property
-    def stem_conv(self):
-        return self.first
-
-    @property
-    def receptive_radius(self):
-        return 2
-
-    def body(self, features, x):
-        return self.last(features, residual=x)
+dds_fast.register_architecture(BodyGroupFirstNet)
 """
 
 
@@ -67,14 +49,14 @@ def test_the_cli_reads_a_super_network_of_the_users_own_after_importing_its_modu
     (tmp_path / "cli_tiny_net.py").write_text(CUSTOM_NET_MODULE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
-    path = save(importlib.import_module("cli_tiny_net").CliTinyNet(), tmp_path / "mine.safetensors")
+    path = save(importlib.import_module("cli_tiny_net").BodyGroupFirstNet(), tmp_path / "mine.safetensors")
     monkeypatch.setattr(sys, "path", sys.path[1:])
     monkeypatch.delitem(sys.modules, "cli_tiny_net")
-    monkeypatch.delitem(ARCHITECTURES, "CliTinyNet")  # a fresh process: nothing registered it
+    monkeypatch.delitem(ARCHITECTURES, "BodyGroupFirstNet")  # a fresh process: nothing registered it
     assert main(["info", str(path)]) == 2
-    assert "unknown architecture 'CliTinyNet'" in capsys.readouterr().err
+    assert "unknown architecture 'BodyGroupFirstNet'" in capsys.readouterr().err
     assert main(["--import", "cli_tiny_net", "info", str(path)]) == 0  # found from the current folder
-    assert "CliTinyNet" in capsys.readouterr().out
+    assert "BodyGroupFirstNet" in capsys.readouterr().out
     assert main(["--import", "no_such_module_here", "info", str(path)]) == 2
     assert "--import no_such_module_here: No module named 'no_such_module_here'" in capsys.readouterr().err
     assert main(["--import", "cli_tiny_net.py", "info", str(path)]) == 2

@@ -986,6 +986,31 @@ def test_real_pairs_that_would_fail_a_later_stage_are_refused_before_stage_1(tmp
         Run(tmp_path / "run", tiny_run_config(**paired)).check_stages({"stage3"})
 
 
+def test_a_run_builds_and_takes_networks_of_its_arch_only(tmp_path, monkeypatch):
+    """A registered super-network of one's own trains when its constructor takes what the
+    run builds it with; a network given to a stage, or read from the run folder, must be of
+    the config's arch (a stage recorded the config's, and a later stage failed on the groups)."""
+    from test_ddsnet import BodyGroupFirstNet  # registered; its constructor takes none of them
+
+    with pytest.raises(ValueError, match=r"unknown architecture 'NoSuchNet'; choose one of \[.*'SlimDnCNN'.*\] "
+                                         r"\(a super-network of your own: .*dds-fast --import MODULE"):
+        Run(tmp_path / "run", tiny_run_config(arch="NoSuchNet"))
+    with pytest.raises(ValueError, match=r"arch BodyGroupFirstNet: training builds it as BodyGroupFirstNet\("
+                                         r"in_channels=..., base_width=..., depth=...\)"):
+        Run(tmp_path / "run", tiny_run_config(arch="BodyGroupFirstNet"))
+    run = Run(tmp_path / "fresh", tiny_run_config(refine_steps=1))  # (SlimDnCNN)
+    other = SlimUNet(in_channels=1, base_width=8, depth=2)
+    for stage in (run.stage2, run.refine, run.stage3):
+        with pytest.raises(ValueError, match=r"the network given to .* is a SlimUNet, and this run's config has "
+                                             r"arch 'SlimDnCNN': set arch SlimUNet"):
+            stage(other)
+    dds_fast.save(other, tmp_path / "stage2.safetensors")
+    with pytest.raises(ValueError, match=r"stage2.safetensors is a SlimUNet, and this run's config has arch"):
+        Run(tmp_path, tiny_run_config(refine_steps=1)).refine()
+    slimmed = run.stage2(run.new_network())  # a run folder that does not exist yet
+    assert slimmed.routing_space and (tmp_path / "fresh" / "stage2.safetensors").exists()
+
+
 def test_held_out_images_and_sidd_validation_are_not_both_set():
     with pytest.raises(ValueError, match="validation_images and sidd_validation both name what stage 2 validates on"):
         TrainConfig(validation_images=("chelsea",), sidd_validation="val")

@@ -23,7 +23,8 @@ from dds_fast.metrics import batch_psnr
 
 @torch.no_grad()
 def validation_psnr(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], config: SubnetConfig) -> float:
-    """Mean per-image PSNR (8-bit quantised, as reported) of ``config`` over ``batches``."""
+    """Mean per-image PSNR (8-bit quantised, as reported) of ``config`` over ``batches``
+    (``(noisy, clean)`` pairs); leaves ``net`` at ``config``."""
     net.set_config(config)
     total, count = 0.0, 0
     for noisy, clean in batches:

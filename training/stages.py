@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -430,8 +431,16 @@ class Run:
         c = self.config
         cls = dds_fast.ARCHITECTURES.get(c.arch)
         if cls is None or not issubclass(cls, dds_fast.SlimNet):
-            raise ValueError(f"unknown architecture {c.arch!r}; choose SlimUNet or SlimDnCNN")
+            known = sorted(name for name, kind in dds_fast.ARCHITECTURES.items() if issubclass(kind, dds_fast.SlimNet))
+            raise ValueError(f"unknown architecture {c.arch!r}; choose one of {known} (a super-network of your own: "
+                             f"import the module that registers it first, dds-fast --import MODULE train ...)")
         kwargs = dict(in_channels=c.channels, base_width=c.base_width, depth=c.depth)
+        try:
+            inspect.signature(cls).bind(**kwargs)
+        except TypeError as error:
+            raise ValueError(f"arch {c.arch}: training builds it as {c.arch}(in_channels=..., base_width=..., "
+                             f"depth=...) from the options channels, base_width and depth, which its constructor "
+                             f"does not take ({error})") from None
         with _seeded(c.seed):
             net = cls(**kwargs)
             if attention_choices is not None:
@@ -450,6 +459,7 @@ class Run:
         config's options: a stage run alone must not build on a result of other options."""
         c = self.config
         path = self.dir / name
+        self.check_network(model, str(path))
         user = read_metadata(path)["user"]
         trained = user.get("train_config") or {}  # (none: a model copied in, not trained by a run)
         shape = NETWORK_OPTIONS + ("channels", "attention")
@@ -470,6 +480,14 @@ class Run:
         if routes is not None and len(routes) != c.num_choices:
             raise ValueError(f"{path} holds {len(routes)} routing configs, num_choices is {c.num_choices}: run "
                              f"`dds-fast train stage2` again, or set num_choices {len(routes)}")
+
+    def check_network(self, model, where: str) -> None:
+        """``model`` (its super-network, behind a gate or in a DDSNet), given to a stage or
+        read from ``where``, is of the config's architecture, which the run records with it."""
+        net = model.supernet if isinstance(model, (AttentionSupernet, DDSNet)) else model
+        if type(net).__name__ != self.config.arch:
+            raise ValueError(f"{where} is a {type(net).__name__}, and this run's config has arch {self.config.arch!r}: "
+                             f"set arch {type(net).__name__} (--arch)")
 
     def slimming_inputs(self) -> dict:
         """What stage 2's routing space depends on besides stage 1's weights, as JSON keeps it."""
@@ -595,8 +613,11 @@ class Run:
 
     def stage2(self, net=None):
         """Progressive slimming on the validation crops: the routing space. Runs on rank 0;
-        the other ranks wait and load its result."""
+        the other ranks wait and load its result. ``net``: the super-network to slim (of the
+        config's arch), else stage 1's."""
         c = self.config
+        if net is not None:
+            self.check_network(net, "the network given to stage 2")
         # what the routing space depends on: a rerun (``train all`` resuming after a kill)
         # reuses it, as slimming on a GPU need not pick the same configs twice and the later
         # stages' state files hold them
@@ -616,6 +637,7 @@ class Run:
         net.eval()
         rank, world = rank_and_world()
         if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
             with (self.dir / "stage2.log.jsonl").open("w") as log:
                 def on_step(entry: RoutingEntry):
                     log.write(json.dumps(entry.to_dict()) + "\n")
@@ -639,11 +661,14 @@ class Run:
         the largest and the smallest are trained far less than either, and they trail I-Nets
         at their MACs. The routing entries' validation PSNR is measured again after.
         ``random_configs`` draws stage 1's random configs instead: the control of
-        ``benchmarks/ablate_refine.py``."""
+        ``benchmarks/ablate_refine.py``. ``net``: a super-network with its routing space (of the
+        config's arch), else stage 2's."""
         c = self.config
         if c.refine_steps < 1:
             raise ValueError(f"refine_steps is {c.refine_steps}: set it (--refine-steps) to refine the routing configs")
         self.check_stages({"refine"})
+        if net is not None:
+            self.check_network(net, "the network given to refine")
         net = self.load("stage2.safetensors") if net is None else net
         routing_space = net.routing_space
         if not routing_space:
@@ -684,9 +709,13 @@ class Run:
         return net
 
     def stage3(self, supernet=None) -> DDSNet:
-        """Gate training on the frozen super-network: online easy/hard labels plus the MACs budget."""
+        """Gate training on the frozen super-network: online easy/hard labels plus the MACs
+        budget. ``supernet``: a super-network with its routing space (of the config's arch),
+        else refine's result or stage 2's."""
         c = self.config
         self.check_stages({"stage3"})
+        if supernet is not None:
+            self.check_network(supernet, "the network given to stage 3")
         if supernet is None:
             stage = "refine" if c.refine_steps > 0 else "stage2"
             name = f"{stage}.safetensors"
