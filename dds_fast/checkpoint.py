@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import inspect
 import json
 import os
 import tempfile
@@ -28,7 +27,7 @@ from torch import nn
 from ._version import __version__
 from .config import RoutingEntry, SubnetConfig
 from .export import StaticConv2d, export_static
-from .nets import ARCHITECTURES, SlimNet
+from .nets import ARCHITECTURES, SlimNet, constructor_misfit
 
 FORMAT = "dds-fast"
 # Revision of what the header fields mean: a file from a later revision is refused, not misread
@@ -60,12 +59,13 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
         raise ValueError(f"save: this {arch} holds exported static layers; export_static of a SlimNet can be "
                          f"saved, not of a {arch}")
     arch_args = model.arch_args
-    build = getattr(type(model), "from_arch_args", type(model))
-    try:  # what load will call: a file it cannot rebuild is refused now, not when it is read
-        inspect.signature(build).bind(**arch_args)
-    except TypeError as error:
-        raise ValueError(f"save: {arch}'s arch_args {sorted(arch_args)} do not fit its constructor ({error}): "
-                         f"arch_args must be the keyword arguments that build it") from None
+    # what load will call (for a gated network, its super-network's constructor too): a file
+    # it cannot rebuild is refused now, not when it is read
+    for part in (model, getattr(model, "supernet", None)):
+        misfit = None if part is None else constructor_misfit(type(part), part.arch_args)
+        if misfit is not None:
+            raise ValueError(f"save: {type(part).__name__}'s arch_args {sorted(part.arch_args)} do not fit its "
+                             f"constructor ({misfit}): arch_args must be the keyword arguments that build it")
     try:
         user = json.dumps(metadata)
     except TypeError as error:
@@ -303,8 +303,8 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     the device ``map_location``. ``arch`` (a class or its name), when given, must match the
     file's architecture. The model comes back in training mode, as a new module does: call
     ``.eval()`` for inference (a DDSNet's gate normalises with batch statistics otherwise).
-    A missing file raises FileNotFoundError; an unreadable, foreign or corrupt one
-    CheckpointError (a ValueError)."""
+    A missing file raises FileNotFoundError, one that cannot be opened another OSError (such as
+    PermissionError); a foreign, truncated or corrupt one CheckpointError (a ValueError)."""
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError) as error:

@@ -8,6 +8,7 @@ output channel j of a conv depends only on filter j.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Mapping
 
 import torch
@@ -19,6 +20,16 @@ from .config import (ChannelGroup, RoutingEntry, SubnetConfig, WidthSpace, check
 from .slim_conv import SlimConv2d, name_layers
 
 ARCHITECTURES: dict[str, type] = {}
+
+
+def constructor_misfit(cls, args: dict) -> str | None:
+    """Why ``cls`` would not be built from the keyword arguments ``args`` (through its
+    ``from_arch_args`` where it has one, as ``load`` builds it), or None where it would."""
+    try:
+        inspect.signature(getattr(cls, "from_arch_args", cls)).bind(**args)
+    except TypeError as error:
+        return str(error)
+    return None
 
 
 def register_architecture(cls):

@@ -1185,6 +1185,9 @@ def test_a_custom_supernet_that_misdeclares_its_groups_gets_clear_errors(monkeyp
     with pytest.raises(NotImplementedError, match="must define body"):
         dds_fast.SlimNet.body(Unfinished(), None, None)
     monkeypatch.setitem(dds_fast.ARCHITECTURES, "ArgsNotTheConstructors", ArgsNotTheConstructors)
-    with pytest.raises(ValueError, match=r"save: ArgsNotTheConstructors's arch_args .* do not fit its constructor"):
-        dds_fast.save(ArgsNotTheConstructors(), tmp_path / "unwritten.safetensors")
+    net = ArgsNotTheConstructors()
+    for model in (net, dds_fast.AttentionSupernet(net, DynamicGate(16, 2))):  # (load builds the inner net too)
+        with pytest.raises(ValueError, match=r"save: ArgsNotTheConstructors's arch_args .* do not fit its "
+                                             r"constructor"):
+            dds_fast.save(model, tmp_path / "unwritten.safetensors")
     assert not (tmp_path / "unwritten.safetensors").exists()

@@ -978,9 +978,11 @@ def test_real_pairs_that_would_fail_a_later_stage_are_refused_before_stage_1(tmp
         Run(tmp_path / "run", tiny_run_config(**paired))
     noisy.with_name("._" + noisy.name).write_bytes(b"\0\5\26\7 macOS metadata")  # ignored, its ._ partner too
     clean.with_name("._" + clean.name).write_bytes(b"\0\5\26\7 macOS metadata")
-    clean.write_bytes(b"\0\5\26\7 not a PNG")
-    with pytest.raises(ValueError, match="cannot read image .*GT.*: not a PNG file"):
+    clean.write_bytes(b"\0\5\26\7 not an image")
+    with pytest.raises(ValueError, match="cannot read image .*GT.*cannot identify image file"):
         Run(tmp_path / "run", tiny_run_config(**paired))
+    iio.imwrite(clean, image[:12, :12], extension=".jpg")  # a JPEG named .PNG: the decoder reads it
+    Run(tmp_path / "run", tiny_run_config(**paired))
     noisy.unlink(), clean.unlink()  # three pairs: an epoch of 4 // 3 = 1 crop of each, not a gate batch
     with pytest.raises(ValueError, match=r"gate_batch_size 4 is more than an epoch's 3 crops of 3 pairs"):
         Run(tmp_path / "run", tiny_run_config(**paired)).check_stages({"stage3"})

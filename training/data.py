@@ -640,14 +640,18 @@ def check_pair_headers(pairs: Sequence[tuple[Path, Path]], patch_size: int) -> l
     """Each (noisy, clean) pair's (height, width), read from PNG headers without decoding and
     checked as :class:`PairedPatches` checks a pair it decodes: one size and as many colour
     planes for both, and room for a crop of ``patch_size``. Cheap enough to run before
-    training, so that a bad pair is not found hours in; a file of another type is left to
-    the decoder (its size then None), a ``.png`` that is no PNG refused."""
+    training, so that a bad pair is not found hours in; a pair with a file of another type
+    is left to the decoder (its size then None), unless Pillow cannot tell the type: refused."""
     sizes = []
     for noisy, clean in pairs:
         headers = [_png_header(Path(path)) for path in (noisy, clean)]
         for path, header in zip((noisy, clean), headers):
-            if header is None and Path(path).suffix.lower() == ".png":
-                raise ValueError(f"cannot read image {path}: not a PNG file")
+            if header is None:
+                try:
+                    with _open_image(Path(path)):  # (its header alone)
+                        pass
+                except Exception as err:  # Pillow's UnidentifiedImageError, or an unreadable file
+                    raise ValueError(f"cannot read image {path}: {err}") from err
         if None in headers:
             sizes.append(None)
             continue

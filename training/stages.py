@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from dds_fast import AttentionSupernet, DDSNet, DynamicGate, SlimConv2d
 from dds_fast.slim_conv import BACKENDS
 from dds_fast.checkpoint import read_metadata, remove_leftovers, weights_fingerprint
 from dds_fast.config import RoutingEntry
+from dds_fast.nets import constructor_misfit
 
 from .data import (NoisyPatches, PairedPatches, SIDDValidation, bundled_images, check_pair_headers, load_image_folder,
                    make_validation_set, sidd_medium_pairs, sidd_validation_files, to_channels)
@@ -435,12 +435,11 @@ class Run:
             raise ValueError(f"unknown architecture {c.arch!r}; choose one of {known} (a super-network of your own: "
                              f"import the module that registers it first, dds-fast --import MODULE train ...)")
         kwargs = dict(in_channels=c.channels, base_width=c.base_width, depth=c.depth)
-        try:
-            inspect.signature(cls).bind(**kwargs)
-        except TypeError as error:
+        misfit = constructor_misfit(cls, kwargs)
+        if misfit is not None:
             raise ValueError(f"arch {c.arch}: training builds it as {c.arch}(in_channels=..., base_width=..., "
                              f"depth=...) from the options channels, base_width and depth, which its constructor "
-                             f"does not take ({error})") from None
+                             f"does not take ({misfit})")
         with _seeded(c.seed):
             net = cls(**kwargs)
             if attention_choices is not None:
