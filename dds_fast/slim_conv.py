@@ -299,6 +299,7 @@ class SlimConv2d(nn.Conv2d):
         # the kernels write channels_last, the fast layout; a SlimNet feeds its layers that on a GPU
         nhwc = inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous()
         # (read before autocast's cast, which keeps the strides and so the packed layout)
+        packed_inputs = None if packing is None else [packing.holds(t) for t in inputs]
         if packing is not None and residual is not None and packing.holds(residual):
             raise ValueError(f"{self._label()}: a packed per-image buffer cannot be a residual (the kernels read "
                              "residuals as dense tensors)")
@@ -309,8 +310,7 @@ class SlimConv2d(nn.Conv2d):
                 # autocast casts a conv's inputs, not an add's: a bf16 conv plus an fp32 image
                 # is an fp32 sum, as the reference path adds it, so the epilogue runs after the kernel
                 eager_residual, residual, activation = residual, None, None
-        packed = {} if packing is None else dict(packed_inputs=[packing.holds(t) for t in inputs],
-                                                 packed_output=eager_residual is None)
+        packed = {} if packing is None else dict(packed_inputs=packed_inputs, packed_output=eager_residual is None)
         sums_wanted = self.emit_channel_sums and self.per_image_widths is None and eager_residual is None
         # (unsupported_reason let only padding k//2 through, 'same' and 'valid' included)
         y = kernels.slim_conv2d(inputs, weight, bias, segment_starts=self.segment_starts,
@@ -346,15 +346,15 @@ class SlimConv2d(nn.Conv2d):
             reason = kernels
         elif device_type not in ("cuda", "cpu"):
             reason = f"tensors on {device_type} (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
-        elif (reason := transform_reason(*inputs, weight, bias, residual)) is not None:
-            pass
         else:
-            cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-            reason = kernels.unsupported_reason(inputs, weight, self.stride, self.padding, self.dilation,
-                                                self.groups, self.padding_mode, self.activation, self.negative_slope,
-                                                input_dtype=cast)
+            reason = transform_reason(*inputs, weight, bias, residual)
             if reason is None:
-                return kernels, cast
+                cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+                reason = kernels.unsupported_reason(inputs, weight, self.stride, self.padding, self.dilation,
+                                                    self.groups, self.padding_mode, self.activation,
+                                                    self.negative_slope, input_dtype=cast)
+                if reason is None:
+                    return kernels, cast
         note_fallback(self, self._label(), reason)
         return None, None
 
