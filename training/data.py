@@ -657,15 +657,19 @@ def check_pair_headers(pairs: Sequence[tuple[Path, Path]], patch_size: int) -> l
             continue
         size = [header[2:] for header in headers]
         colours = [1 if header[1] in (0, 4) else 3 for header in headers]  # gray (+ alpha), else colour
-        names = f"{noisy} and {clean}"
-        if size[0] != size[1]:
-            raise ValueError(f"noisy/clean sizes differ for {names}: {size[0]} vs {size[1]}")
-        if colours[0] != colours[1]:
-            raise ValueError(f"noisy/clean colour channels differ for {names}: {colours[0]} vs {colours[1]}")
-        if min(size[0]) < patch_size:
-            raise ValueError(f"{names}: size {size[0]} is smaller than patch_size {patch_size}")
+        _check_pair(f"{noisy} and {clean}", size, colours, patch_size)
         sizes.append(size[0])
     return sizes
+
+
+def _check_pair(names: str, size: list, colours: list[int], patch_size: int) -> None:
+    """A noisy/clean pair of one size and as many colour planes, with room for a crop."""
+    if size[0] != size[1]:
+        raise ValueError(f"noisy/clean sizes differ for {names}: {size[0]} vs {size[1]}")
+    if colours[0] != colours[1]:
+        raise ValueError(f"noisy/clean colour channels differ for {names}: {colours[0]} vs {colours[1]}")
+    if min(size[0]) < patch_size:
+        raise ValueError(f"{names}: size {size[0]} is smaller than patch_size {patch_size}")
 
 
 class PairedPatches(Dataset):
@@ -743,18 +747,13 @@ class PairedPatches(Dataset):
             names = f"{noisy} and {clean}"
             size = [a.shape[:2] for a in loaded]
             colours = [_colour_planes(a) for a in loaded]
-        if size[0] != size[1]:
-            raise ValueError(f"noisy/clean sizes differ for {names}: {size[0]} vs {size[1]}")
-        if colours[0] != colours[1]:
-            raise ValueError(f"noisy/clean colour channels differ for {names}: {colours[0]} vs {colours[1]}")
+        _check_pair(names, size, colours, self.patch_size)
         if self.channels is None:  # items of one batch must stack
             if self._first_colours is None:
                 self._first_colours = (names, colours[0])
             elif self._first_colours[1] != colours[0]:
                 raise ValueError(f"pairs mix gray and colour: {names} has {colours[0]} colour channels, "
                                  f"{self._first_colours[0]} {self._first_colours[1]}; pass channels=1 or channels=3")
-        if min(size[0]) < self.patch_size:
-            raise ValueError(f"{names}: size {size[0]} is smaller than patch_size {self.patch_size}")
         if self.cache_size > 0:
             self._cache[k] = loaded
             while len(self._cache) > self.cache_size:

@@ -360,11 +360,10 @@ class Run:
         """Stage 3's crops of the training images fit them: ``train all`` asks before stage 1, so
         a misfit is not found hours later (stages that do not crop at that size do not ask)."""
         c = self.config
-        sizes = (self.train_images.items() if self.pairs is None else
-                 ((f"{noisy} (and {clean})", size) for (noisy, clean), size in zip(self.pairs, self.pair_sizes)
-                  if size is not None))
+        sizes = ([(name, tuple(image.shape[-2:])) for name, image in self.train_images.items()] if self.pairs is None
+                 else [(f"{noisy} (and {clean})", size) for (noisy, clean), size in zip(self.pairs, self.pair_sizes)
+                       if size is not None])
         for name, size in sizes:
-            size = tuple(size.shape[-2:]) if isinstance(size, torch.Tensor) else size
             if min(size) < c.gate_patch_size:
                 raise ValueError(f"gate_patch_size {c.gate_patch_size} is larger than the training image "
                                  f"{name} of size {size}")
