@@ -22,13 +22,14 @@
 # three network configs, on a quiet GPU; the graph-captured training step's test
 # (tests/test_graphed.py); then the GPU model's training (training/gpu_train.sh, its steps
 # replayed as CUDA graphs) for the rest of the call but the last 110 s, which run the kernel
-# tests. (Nsight Compute:
-# benchmarks/ncu_forward.py says how.)
+# tests. tests (one whole call): the whole suite on CUDA, each result printed as it comes (on
+# an H200 the tests that touch a kernel took 119 s on 8 workers, the other 870 more than 190 s).
+# (Nsight Compute: benchmarks/ncu_forward.py says how.)
 set -uo pipefail
 MODE=${1:-full}
 case $MODE in  # a mistyped mode would run the full session
-  full|quick|train|verify|model) ;;
-  *) echo "gpu_session.sh: unknown mode '$MODE': use full, quick, train, verify or model" >&2; exit 2 ;;
+  full|quick|train|verify|model|tests) ;;
+  *) echo "gpu_session.sh: unknown mode '$MODE': use full, quick, train, verify, model or tests" >&2; exit 2 ;;
 esac
 OUT=${OUT:-$PWD/gpu-out}
 R=$OUT/results
@@ -83,6 +84,19 @@ json.dump(c, open('$R/gpu-eager.json', 'w'))"
     echo "graphed steps not confirmed on this GPU: training with graphs off ($GPU_CONFIG)"
   fi
 }
+
+if [ "$MODE" = tests ]; then
+  step "the whole test suite on CUDA (12 workers)"
+  # -v: each result as it comes, so a run stopped at its limit keeps the names of its failures
+  timeout -k 10 -s INT $((570 - SECONDS)) python3 -m pytest -v -n 12 --timeout 300 -p no:cacheprovider -rfEs tests \
+    > "$R/tests.txt" 2>&1
+  quiet_gpu
+  grep -E "FAILED|ERROR" "$R/tests.txt" | sort -u | head -40
+  tail -3 "$R/tests.txt"
+  step pack
+  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
+  exit 0
+fi
 
 if [ "$MODE" = model ]; then
   graphed_or_eager

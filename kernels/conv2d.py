@@ -644,10 +644,21 @@ def _taps_step(lanes: Sequence[int], out_channels: int) -> int:
     """The reduction step (16 or 32 lanes) of inputs whose taps join the reduction, ``lanes``
     (taps x channels) each: the one that pads the fewest lanes, the wider on a tie (fewer
     steps): 3 channels x 9 taps take one step of 32, 8 x 9 five of 16 (90% live, against 75%
-    in three of 32). Beyond 32 output columns 32-wide steps spilled on sm_90."""
-    if out_channels > 32:
+    in three of 32). Beyond 64 output columns 32-wide steps spilled on sm_90 (v9; up to 64
+    they no longer do since the channel count is compiled in)."""
+    if out_channels > 64:
         return 16
     return min((32, 16), key=lambda step: sum(cdiv(n, step) * step - n for n in lanes))
+
+
+def _taps_tiles(dtype: torch.dtype, npix: int, lanes: Sequence[int], out_channels: int,
+                two_inputs: bool = False) -> tuple[int, int, int, int]:
+    """``_tiles`` of a static launch whose inputs' taps join the reduction (``_taps_step``).
+    32-lane steps over 33 to 64 output columns take 4 warps: an RGB stem to 48 channels with
+    the gate's channel sums ran in 0.128 ms so on an H200 (8x512x512), against 0.217 ms on
+    16-lane steps with 8 warps and 0.156 ms on 256-row tiles (NOTES v24)."""
+    bm, bn, bk, warps = _tiles(dtype, npix, out_channels, _taps_step(lanes, out_channels), two_inputs=two_inputs)
+    return bm, bn, bk, (4 if out_channels > 32 and bk == 32 else warps)
 
 
 def _fast_layout(channel_strides: Sequence[int], *alignments: int) -> bool:
@@ -669,8 +680,9 @@ TAPS_IN_K_CHANNELS = (1, 2, 3, 4, 8)
 FOLD_LIMIT = 128  # rows of partial sums that a reduction's single pass may take; more are folded first
 # Static stride-1 forwards in the fast layout read their inputs and weight through tensor
 # descriptors (_conv_fwd_tma_kernel): on sm_90 fewer instructions per pixel (benchmarks/NOTES.md,
-# v16), not yet timed on a GPU, so off until a sweep says it is faster. Launch plans keep the
-# choice they were made with: clear_plans() after changing it.
+# v16). Off: on an H200 (v24) faster at 64 and 96 channels, slower at 48 and on small images,
+# and the tiles fixed since (128 filters) untimed. Launch plans keep the choice they were made
+# with: clear_plans() after changing it.
 TMA_FORWARD = False
 
 
@@ -752,8 +764,8 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         tap_c0 = red if fast and tile_widths and k > 1 and red in TAPS_IN_K_CHANNELS else 0
         tap_c1 = tap_c0 if m1 is not None else 0
     elif tap_c0 or tap_c1:
-        step = _taps_step([c * k * k for c in (tap_c0, tap_c1) if c], out_channels)
-        bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, step, two_inputs=m1 is not None)
+        bm, bn, bk, warps = _taps_tiles(dtype, ho * wo, [c * k * k for c in (tap_c0, tap_c1) if c], out_channels,
+                                        m1 is not None)
     else:
         bm, bn, bk, warps = _tiles(dtype, ho * wo, out_channels, max(c0, c1), fast, m1 is not None)
     scalars = (h, w, ho, wo, c0, c1, out_channels, start0, start1, *x0_strides, *x1_strides, *w_strides,
@@ -776,10 +788,13 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
             and min(n, h, w, ho, wo) > 0:
         # the gather's tiles, its rows as a block of pixels (as wide as the image, up to 64), and
         # 64-wide reduction steps where they divide it: a step's cost no longer grows with its
-        # width (no gathered addresses), so fewer, wider steps
+        # width (no gathered addresses), so fewer, wider steps. Not beside 128 filters: those
+        # steps summed wrongly on an H200 under Triton 3.6 (relative error 1e-2 at 64 to 384
+        # channels; 32-wide steps right), NOTES v16
         bw = min(bm, 64, next_pow2(wo))
         bh = bm // bw
-        bk = 64 if max(c0, c1) >= 64 and c0 % 64 == 0 and c1 % 64 == 0 else bk
+        wide_steps = max(c0, c1) >= 64 and c0 % 64 == 0 and c1 % 64 == 0
+        bk = 64 if wide_steps and bn <= 64 else min(bk, 32)
         tma = _TmaLaunch(CachedDescriptorLaunch(
             _conv_fwd_tma_kernel, (cdiv(ho, bh) * cdiv(wo, bw), cdiv(out_channels, bn), n),
             (ho, wo, c0, c1, out_channels, w_strides[0] if mb is None else mb[1][0], *r_strides, *y_strides,

@@ -47,6 +47,15 @@ def tiles(dtype, cols=64, red=64, fast=False, two_inputs=False):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps
 
 p, f = "*bf16", "*fp32"
+
+def forward_ptrs(act, wt):
+    return dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", sums=f, slope="fp32")
+
+def forward_constexprs(**given):
+    return dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2, PER_IMAGE=False,
+                     CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=False, PACKED_X1=False,
+                     PACKED_Y=False, UPSCALE=1), **given)
+
 for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
     ("forward bf16, two inputs, residual, per-image widths, packed buffers", p, p,
      dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True, STRIDE=2, PACKED_X0=True, PACKED_X1=True, PACKED_Y=True)),
@@ -73,15 +82,16 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
     dtype = torch.float32 if act == f else torch.bfloat16
     blocks, warps = tiles(dtype, cols, red)
     name = f"{name}, {cols} output and {red} input columns"
-    build(name, K._conv_fwd_kernel, dict(x0=act, x1=act, w=wt, b=wt, res=act, y=act, widths="*i32", sums=f,
-                                         slope="fp32"),
-          dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
-                    PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=False,
-                    PACKED_X1=False, PACKED_Y=False, UPSCALE=1), **blocks,
-               **extra), warps,
+    build(name, K._conv_fwd_kernel, forward_ptrs(act, wt), forward_constexprs(**blocks, **extra), warps,
           None if extra.get("TAP_C0") and not extra.get("PER_IMAGE") or not K._fast_tiles_store(extra.get("UPSCALE", 1))
           else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)),
           ("channels_last",) if extra.get("TAP_C0") and extra.get("PER_IMAGE") else ("strided", "channels_last"))
+# an RGB stem to 33-64 channels with the gate's channel sums, as _taps_tiles tiles it
+for cols in (48, 64):
+    bm, bn, bk, warps = K._taps_tiles(torch.bfloat16, 512 * 512, [27], cols)
+    build(f"forward bf16, taps in the reduction (3 input channels), channel sums, {cols} output columns, "
+          f"{bm} x {bn} x {bk}, {warps} warps", K._conv_fwd_kernel, forward_ptrs(p, p),
+          forward_constexprs(TAP_C0=3, CHANNEL_SUMS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps)
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}

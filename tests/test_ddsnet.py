@@ -797,8 +797,9 @@ def test_a_captured_forward_takes_the_branches_after_a_warm_up(monkeypatch):
     with torch.no_grad():
         eager = model(x)
         torch.testing.assert_close(eager, reference(x))
-        # (channels_last: the layout a SlimNet pads into on a CPU, and on a GPU with the kernels)
-        assert list(model._warmed_branches.values()) == [(torch.float32, torch.channels_last, (1, 3, 8, 8))]
+        # the layout a SlimNet pads into: channels_last on a CPU; on a GPU with torch's convs, NCHW
+        layout = torch.channels_last if DEVICE == "cpu" else torch.contiguous_format
+        assert list(model._warmed_branches.values()) == [(torch.float32, layout, (1, 3, 8, 8))]
         capturing.append(True)
         captured = model(x)
         chosen = [e.config for e in reference.routing_space].index(reference.route(x)[0].config)
@@ -840,14 +841,15 @@ def test_route_branches_apply_to_captures_that_can_hold_them(monkeypatch):
 
 def test_route_branches_warm_every_route_once_per_input_signature(monkeypatch):
     pytest.importorskip("triton")
-    model = make_ddsnet()
+    # on the device a capture runs on: a GPU's, or the CPU's under the interpreter
+    model = make_ddsnet().float().to(DEVICE)
     ran = []
     route_body = model._route_body
     monkeypatch.setattr(model, "_route_body", lambda index, *a: ran.append(index) or route_body(index, *a))
     with torch.no_grad():
         for size, backend in (((8, 8), "auto"), ((8, 8), "auto"), ((12, 8), "auto"), ((12, 8), "torch")):
             model.supernet.stem_conv.backend = backend
-            padded, gate_out = model.gate_forward(images(n=2, size=size))
+            padded, gate_out = model.gate_forward(images(n=2, size=size).float().to(DEVICE))
             model._warm_branches(gate_out.features, padded, gate_out.choice)
     assert ran == [0, 1, 2] * 3
     # the latest signatures are remembered, so that an input seen just before a capture is
@@ -856,7 +858,7 @@ def test_route_branches_warm_every_route_once_per_input_signature(monkeypatch):
     ran.clear()
     with torch.no_grad():
         for size in ((8, 8), (16, 8), (8, 8), (20, 8), (8, 8), (16, 8)):
-            padded, gate_out = model.gate_forward(images(n=2, size=size))
+            padded, gate_out = model.gate_forward(images(n=2, size=size).float().to(DEVICE))
             model._warm_branches(gate_out.features, padded, gate_out.choice)
     assert ran == [0, 1, 2] * 3  # (16, 8), (20, 8) and (16, 8) again: (8, 8) stayed among the latest two
     assert len(model._warmed_branches) == 2

@@ -288,10 +288,36 @@ def test_forward_through_tensor_descriptors(monkeypatch, dtype, k, widths, start
     K.clear_plans()
 
 
+@pytest.mark.parametrize("channels,tiles,block_k", [(128, (128, 128, 64, 8), 32), (384, (128, 128, 64, 8), 32),
+                                                    (64, (256, 64, 32, 8), 64), (96, (128, 128, 32, 8), 32)])
+def test_tensor_descriptor_steps_beside_128_filters_are_32_wide(monkeypatch, channels, tiles, block_k):
+    """The GPU's tiles (the interpreter's never have 128 filters): 64-wide steps beside 128
+    filters summed wrongly on an H200 under Triton 3.6 (NOTES v16); beside 64, they were right."""
+    monkeypatch.setattr(K, "TMA_FORWARD", True)
+    monkeypatch.setattr(K, "_tiles", lambda *args, **kwargs: tiles)
+    K.clear_plans()
+    x, weight = (torch.empty(shape, dtype=torch.float16, device="meta").to(memory_format=torch.channels_last)
+                 for shape in [(8, channels, 128, 128), (channels, channels, 3, 3)])
+    plan = K._forward_plan(K._meta(x), None, K._meta(weight), None, None, None, 1, 0, 0, channels, 1, 1, "none",
+                           0.01, 1, aligned_pointers=True)
+    K.clear_plans()
+    assert plan.tma.launch.meta["BLOCK_N"] == tiles[1]
+    assert plan.tma.launch.meta["BLOCK_K"] == block_k
+
+
 @pytest.mark.parametrize("lanes,out_channels,step", [([27], 8, 32), ([9], 8, 16), ([18], 16, 32), ([36], 8, 16),
-                                                     ([72], 8, 16), ([72, 72], 8, 16), ([27], 64, 16)])
+                                                     ([72], 8, 16), ([72, 72], 8, 16), ([27], 48, 32), ([27], 64, 32),
+                                                     ([27], 96, 16), ([72], 48, 16)])
 def test_taps_step_pads_fewest_lanes(lanes, out_channels, step):
     assert K._taps_step(lanes, out_channels) == step
+
+
+@pytest.mark.parametrize("out_channels,tiles", [(48, (128, 64, 32, 4)), (8, (256, 16, 32, 8)), (96, (128, 64, 16, 8))])
+def test_a_stems_tiles_on_the_gpu(monkeypatch, out_channels, tiles):
+    """An RGB stem's taps on the GPU's tiles (the interpreter's are its own): 32-lane steps and
+    4 warps up to 64 filters (NOTES v24), 16-lane steps beyond."""
+    monkeypatch.setattr(K, "INTERPRET", False)
+    assert K._taps_tiles(torch.float16, 512 * 512, [27], out_channels) == tiles
 
 
 def test_forward_any_strides():
