@@ -640,13 +640,13 @@ def _tiles(dtype: torch.dtype, npix: int, cols: int, red: int, fast: bool = Fals
     return (256 if bn == 32 or (fast and not two_inputs) else 128), bn, bk, 8
 
 
-def _taps_step(lanes: Sequence[int], out_channels: int) -> int:
+def _taps_step(lanes: Sequence[int], out_channels: int, two_inputs: bool = False) -> int:
     """The reduction step (16 or 32 lanes) of inputs whose taps join the reduction, ``lanes``
     (taps x channels) each: the one that pads the fewest lanes, the wider on a tie (fewer
     steps): 3 channels x 9 taps take one step of 32, 8 x 9 five of 16 (90% live, against 75%
     in three of 32). Beyond 64 output columns 32-wide steps spilled on sm_90 (v9; up to 64
-    they no longer do since the channel count is compiled in)."""
-    if out_channels > 64:
+    they no longer do since the channel count is compiled in, but a concat's still do beyond 32)."""
+    if out_channels > (32 if two_inputs else 64):
         return 16
     return min((32, 16), key=lambda step: sum(cdiv(n, step) * step - n for n in lanes))
 
@@ -654,10 +654,11 @@ def _taps_step(lanes: Sequence[int], out_channels: int) -> int:
 def _taps_tiles(dtype: torch.dtype, npix: int, lanes: Sequence[int], out_channels: int,
                 two_inputs: bool = False) -> tuple[int, int, int, int]:
     """``_tiles`` of a static launch whose inputs' taps join the reduction (``_taps_step``).
-    32-lane steps over 33 to 64 output columns take 4 warps: an RGB stem to 48 channels with
-    the gate's channel sums ran in 0.128 ms so on an H200 (8x512x512), against 0.217 ms on
-    16-lane steps with 8 warps and 0.156 ms on 256-row tiles (NOTES v24)."""
-    bm, bn, bk, warps = _tiles(dtype, npix, out_channels, _taps_step(lanes, out_channels), two_inputs=two_inputs)
+    32-lane steps over 33 to 64 output columns (one input) take 4 warps: an RGB stem to 48
+    channels with the gate's channel sums ran in 0.128 ms so on an H200 (8x512x512), against
+    0.217 ms on 16-lane steps with 8 warps and 0.156 ms on 256-row tiles (NOTES v24)."""
+    step = _taps_step(lanes, out_channels, two_inputs)
+    bm, bn, bk, warps = _tiles(dtype, npix, out_channels, step, two_inputs=two_inputs)
     return bm, bn, bk, (4 if out_channels > 32 and bk == 32 else warps)
 
 

@@ -86,12 +86,14 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
           None if extra.get("TAP_C0") and not extra.get("PER_IMAGE") or not K._fast_tiles_store(extra.get("UPSCALE", 1))
           else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)),
           ("channels_last",) if extra.get("TAP_C0") and extra.get("PER_IMAGE") else ("strided", "channels_last"))
-# an RGB stem to 33-64 channels with the gate's channel sums, as _taps_tiles tiles it
-for cols in (48, 64):
-    bm, bn, bk, warps = K._taps_tiles(torch.bfloat16, 512 * 512, [27], cols)
-    build(f"forward bf16, taps in the reduction (3 input channels), channel sums, {cols} output columns, "
-          f"{bm} x {bn} x {bk}, {warps} warps", K._conv_fwd_kernel, forward_ptrs(p, p),
-          forward_constexprs(TAP_C0=3, CHANNEL_SUMS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps)
+# an RGB stem to 33-64 channels with the gate's channel sums, as _taps_tiles tiles it (and a
+# concat of two such inputs)
+for cols, two in ((48, False), (64, False), (64, True)):
+    bm, bn, bk, warps = K._taps_tiles(torch.bfloat16, 512 * 512, [27] * (1 + two), cols, two)
+    build(f"forward bf16, taps in the reduction ({'two inputs of ' if two else ''}3 input channels), channel sums, "
+          f"{cols} output columns, {bm} x {bn} x {bk}, {warps} warps", K._conv_fwd_kernel, forward_ptrs(p, p),
+          forward_constexprs(TAP_C0=3, TAP_C1=3 if two else 0, TWO_INPUTS=two, CHANNEL_SUMS=True, BLOCK_M=bm,
+                             BLOCK_N=bn, BLOCK_K=bk), warps)
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}

@@ -307,17 +307,19 @@ def test_tensor_descriptor_steps_beside_128_filters_are_32_wide(monkeypatch, cha
 
 @pytest.mark.parametrize("lanes,out_channels,step", [([27], 8, 32), ([9], 8, 16), ([18], 16, 32), ([36], 8, 16),
                                                      ([72], 8, 16), ([72, 72], 8, 16), ([27], 48, 32), ([27], 64, 32),
-                                                     ([27], 96, 16), ([72], 48, 16)])
+                                                     ([27], 96, 16), ([72], 48, 16), ([27, 27], 32, 32),
+                                                     ([27, 27], 48, 16)])
 def test_taps_step_pads_fewest_lanes(lanes, out_channels, step):
-    assert K._taps_step(lanes, out_channels) == step
+    assert K._taps_step(lanes, out_channels, two_inputs=len(lanes) == 2) == step
 
 
-@pytest.mark.parametrize("out_channels,tiles", [(48, (128, 64, 32, 4)), (8, (256, 16, 32, 8)), (96, (128, 64, 16, 8))])
-def test_a_stems_tiles_on_the_gpu(monkeypatch, out_channels, tiles):
+@pytest.mark.parametrize("lanes,out_channels,tiles", [([27], 48, (128, 64, 32, 4)), ([27], 8, (256, 16, 32, 8)),
+                                                      ([27], 96, (128, 64, 16, 8)), ([27, 27], 48, (128, 64, 16, 8))])
+def test_a_stems_tiles_on_the_gpu(monkeypatch, lanes, out_channels, tiles):
     """An RGB stem's taps on the GPU's tiles (the interpreter's are its own): 32-lane steps and
-    4 warps up to 64 filters (NOTES v24), 16-lane steps beyond."""
+    4 warps up to 64 filters (NOTES v24), 16-lane steps beyond, and beyond 32 for a concat."""
     monkeypatch.setattr(K, "INTERPRET", False)
-    assert K._taps_tiles(torch.float16, 512 * 512, [27], out_channels) == tiles
+    assert K._taps_tiles(torch.float16, 512 * 512, lanes, out_channels, len(lanes) == 2) == tiles
 
 
 def test_forward_any_strides():

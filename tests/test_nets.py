@@ -170,10 +170,14 @@ def test_input_dtypes_the_layers_take_are_accepted():
     net = small_unet().float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net.check_input(torch.rand(1, 3, 8, 8, dtype=torch.bfloat16))
+    # the kernels read fp16 over fp32 weights: a GPU's tensors there (a GPU build of them
+    # refuses CPU tensors), the CPU's where they run under the interpreter
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net.to(device)
     for module in net.modules():
         if isinstance(module, SlimConv2d):
-            module.backend = "triton"  # the kernels (here under the interpreter) read fp16 over fp32 weights
-    net.check_input(torch.rand(1, 3, 8, 8, dtype=torch.float16))
+            module.backend = "triton"
+    net.check_input(torch.rand(1, 3, 8, 8, dtype=torch.float16, device=device))
 
 
 @pytest.mark.parametrize("make,depth", [(lambda d: SlimUNet(in_channels=1, base_width=8, depth=d), 2),
