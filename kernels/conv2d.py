@@ -757,7 +757,9 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     fast = aligned_pointers and _fast_layout((x0_strides[1], x1_strides[1], r_strides[1], y_strides[1], w_strides[1]),
                                              *aligns.values()) and _fast_tiles_store(r)
     if mwd is not None:
-        cols, red = (w_shape[0], w_shape[1]) if tile_widths is None else tile_widths
+        # each input of a concat runs its own reduction loop: the wider one's channels, as a
+        # static launch takes them, not the weight's sum of both
+        cols, red = (w_shape[0], max(c0, c1)) if tile_widths is None else tile_widths
         bm, bn, bk, warps = _tiles(dtype, ho * wo, cols, red, fast, m1 is not None)
         # With per-image widths, the images whose input width is the one the tiles are sized
         # for fold their taps too when it is such a count (a branch per program on its image's
@@ -842,7 +844,7 @@ def _forward_impl(x0, x1, weight, bias, residual, widths, widths_multiple, start
                          widths_multiple, start0, start1, out_channels, stride, padding, activation, negative_slope,
                          upscale_factor,
                          # the keywords slim_conv2d passes, in its order: one cache entry for both
-                         channel_sums=False, aligned_pointers=_aligned_pointers(x0, x1, weight, bias, residual, widths),
+                         channel_sums=False, aligned_pointers=_aligned_pointers(x0, x1, weight, bias, residual),
                          tile_widths=None, packed=_NOT_PACKED)
     return _launch_forward(plan, x0, x1, weight, bias, residual, widths)
 
@@ -1561,8 +1563,10 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     path = _eager_path(*inputs, weight, bias, residual)
     packed = _packed_flags(inputs, widths, packed_inputs, packed_output, path)
     if path == "inference":
+        # not the widths': read one scalar at a time, their address says nothing about the
+        # vector loads that the fast layout's tiles need (DDSNet's are its table's column views)
         plan = _forward_plan(*signature[:6], *options, channel_sums=bool(channel_sums),
-                             aligned_pointers=_aligned_pointers(*inputs, weight, bias, residual, widths),
+                             aligned_pointers=_aligned_pointers(*inputs, weight, bias, residual),
                              tile_widths=tile_widths, packed=packed)
         _remember(_INFERENCE_PLANS, key, _KnownCall(plan, options))
         return _launch_forward(plan, inputs[0], x1, weight, bias, residual, widths)

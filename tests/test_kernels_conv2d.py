@@ -1165,6 +1165,47 @@ def test_big_tiles_only_in_the_fast_layout(monkeypatch):
     K.clear_plans()
 
 
+def test_per_image_widths_at_any_address_keep_the_fast_tiles(monkeypatch):
+    """Widths are read one scalar at a time: a column view of a table (a DDSNet's), 4 bytes off
+    16, must not cost the activations the fast layout's tiles (it did: half of a DDSNet's
+    per-image layers ran the small ones, NOTES v24)."""
+    asked = []
+    tiles = K._tiles
+    monkeypatch.setattr(K, "_tiles", lambda *args: asked.append(args[4] if len(args) > 4 else False) or tiles(*args))
+    K.clear_plans()
+    case = make_case(37, n=2, h=5, w=6, widths=(16,), cin_max=16, cout_max=16, o=16, weight_ohwi=True)
+    table = torch.tensor([[0, 16, 16], [0, 8, 16]], dtype=torch.int32, device=DEVICE)
+    widths = table[:, 1:]
+    assert widths.data_ptr() % 16 == 4
+    y = run(case, "relu", widths=widths, widths_multiple=8)
+    assert asked[-1]
+    for i, o in enumerate((16, 8)):
+        ref = reference(dict(case, inputs=[case["inputs"][0][i:i + 1]], o=o), "relu")
+        assert rel_err(y[i:i + 1, :o], ref) < TOL[torch.float32]
+    K.clear_plans()
+
+
+def test_a_per_image_concat_sizes_its_tiles_by_the_wider_input(monkeypatch):
+    """Each input of a concat runs its own reduction loop: a per-image launch's tiles take the
+    wider input's channels, as a static launch's do, not their sum (96 + 96 took 64-wide steps
+    that leave a quarter of each 96-channel loop empty, NOTES v24)."""
+    asked = []
+    tiles = K._tiles
+    monkeypatch.setattr(K, "_tiles", lambda *args: asked.append(args[2:4]) or tiles(*args))
+    K.clear_plans()
+    case = make_case(43, n=2, h=5, w=6, widths=(16, 24), starts=(0, 16), cin_max=40, cout_max=32, o=32)
+    x0, x1 = case["inputs"]
+    per_image = [(32, 16, 24), (16, 8, 24)]
+    x0[1, 8:] = float("nan")
+    widths = torch.tensor(per_image, dtype=torch.int32, device=DEVICE)
+    y = run(case, "relu", widths=widths, widths_multiple=8)
+    assert asked[-1] == (32, 24)
+    for i, (o, c0, c1) in enumerate(per_image):
+        sub = dict(case, inputs=[x0[i:i + 1, :c0], x1[i:i + 1, :c1]], o=o)
+        assert rel_err(y[i:i + 1, :o], reference(sub, "relu")) < TOL[torch.float32]
+    K.clear_plans()
+
+
 def test_cached_launch_checks_its_arguments_against_the_kernel():
     from dds_fast.kernels._launch import CachedLaunch
 
