@@ -5,7 +5,7 @@
 # step costs its slot, not the lease; results are packed into $OUT/results.tgz at the end.
 # Usage on the device machine, from the repository root (wheels in .whl/ are installed
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
-# benchmarks/gpu_session.sh [full|quick|train|verify|model]. model (one whole call): the
+# benchmarks/gpu_session.sh [full|quick|train|verify|model|tests]. model (one whole call): the
 # graph-captured training steps' tests, then the GPU model's training for the rest of the
 # call. verify (289 s on an H100 before its v14
 # to v16 steps, which add at most 195) reruns a quick run's tests with more time, sweeps the

@@ -111,6 +111,7 @@ def run(out_path: str, only: Optional[set] = None) -> None:
     """Every case, or those named in ``only`` (``grad-weight`` for the grad weight rows)."""
     device = "cuda" if CUDA else "cpu"
     launcher_tiles, launcher_taps, launcher_row_taps = K._tiles, K.TAPS_IN_K_CHANNELS, K.GRAD_WEIGHT_ROW_TAPS
+    launcher_taps_tiles = K._taps_tiles
     launcher_tma = K.TMA_FORWARD
     device_name = torch.cuda.get_device_name() if CUDA else "CPU (interpreter: checks the script, not the speed)"
     report = dict(device=device_name, torch=torch.__version__, dtype=str(DTYPE), batch=BATCH, rows=[])
@@ -166,6 +167,9 @@ def run(out_path: str, only: Optional[set] = None) -> None:
                     K.TMA_FORWARD = tiles == TMA  # else the launcher's choice, off
                     K._tiles = launcher_tiles if tiles in (None, TMA) else tiles if callable(tiles) else (
                         lambda *args, t=tiles, **kwargs: t)
+                    # a stem's launch takes _taps_tiles, which sets its own warps over _tiles' (v24)
+                    K._taps_tiles = launcher_taps_tiles if tiles is None or callable(tiles) or tiles == TMA else (
+                        lambda *args, t=tiles, **kwargs: t)
                     K.TAPS_IN_K_CHANNELS = launcher_taps if taps is None else taps
                     K.clear_plans()  # launch plans hold the tiles they were built with
 
@@ -180,7 +184,8 @@ def run(out_path: str, only: Optional[set] = None) -> None:
                         error, ms = timed(run, error_of)
                     # the tiles the launcher picks: the active widths for a static launch
                     widths_seen = (cmax, cmax) if per_image else (width, width)
-                    chosen = K._tiles(DTYPE, size * size, *widths_seen, True)
+                    chosen = K._taps_tiles(DTYPE, size * size, [cin * 9], width) if stem else K._tiles(
+                        DTYPE, size * size, *widths_seen, True)
                     if tiles == TMA:  # its own tiles (pixels as BH x BW), if the plan took it at all
                         launches = [p.launch for p in K._INFERENCE_PLANS.values() if p.launch is not None]
                         tma = [launch.tma for launch in launches if launch.tma is not None]
@@ -190,6 +195,7 @@ def run(out_path: str, only: Optional[set] = None) -> None:
                     record(case=case, cmax=cmax, size=size, width=width, candidate=name, tiles=chosen,
                            rel_error=error, median_ms=ms)
         K._tiles, K.TAPS_IN_K_CHANNELS, K.TMA_FORWARD = launcher_tiles, launcher_taps, launcher_tma
+        K._taps_tiles = launcher_taps_tiles
         K.clear_plans()
         for cmax, size, width in GRAD_WEIGHT_CASES if not only or "grad-weight" in only else ():
             weight, x = layer(cmax, width, size)
@@ -220,7 +226,7 @@ def run(out_path: str, only: Optional[set] = None) -> None:
                        tiles=K._grad_weight_tiles(DTYPE, width, width), rel_error=error, median_ms=ms)
     finally:
         K._tiles, K.TAPS_IN_K_CHANNELS, K.GRAD_WEIGHT_ROW_TAPS = launcher_tiles, launcher_taps, launcher_row_taps
-        K.TMA_FORWARD = launcher_tma
+        K.TMA_FORWARD, K._taps_tiles = launcher_tma, launcher_taps_tiles
         K.clear_plans()
 
 

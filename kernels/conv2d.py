@@ -644,8 +644,9 @@ def _taps_step(lanes: Sequence[int], out_channels: int, two_inputs: bool = False
     """The reduction step (16 or 32 lanes) of inputs whose taps join the reduction, ``lanes``
     (taps x channels) each: the one that pads the fewest lanes, the wider on a tie (fewer
     steps): 3 channels x 9 taps take one step of 32, 8 x 9 five of 16 (90% live, against 75%
-    in three of 32). Beyond 64 output columns 32-wide steps spilled on sm_90 (v9; up to 64
-    they no longer do since the channel count is compiled in, but a concat's still do beyond 32)."""
+    in three of 32). 32-wide steps spilled on sm_90 beyond 32 output columns in v9; with the
+    channel count compiled in they no longer do up to 64 (beyond, not built), except a
+    concat's, which still spill beyond 32."""
     if out_channels > (32 if two_inputs else 64):
         return 16
     return min((32, 16), key=lambda step: sum(cdiv(n, step) * step - n for n in lanes))
