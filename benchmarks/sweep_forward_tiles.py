@@ -38,7 +38,7 @@ from _timing import median_ms  # noqa: E402
 from dds_fast.kernels import conv2d as K  # noqa: E402
 
 DTYPE, BATCH = (torch.float16, 8) if CUDA else (torch.float32, 1)
-# fp16 operands, fp32 sums: 2e-4 here; v16's wrong sums were 8e-3 to 2e-2 (NOTES v16)
+# fp16 operands, fp32 sums: 2e-4 here; v16's wrong sums were 8e-3 to 2e-2 (NOTES v24)
 TOLERANCE = 1e-3
 # (name, Cmax, size, widths)
 GPU_CASES = [("stem", 48, 512, (48,)), ("eight", 8, 512, (8,)), ("narrow", 64, 512, (48, 64)), ("mid", 96, 256, (96,)),

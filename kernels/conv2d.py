@@ -794,7 +794,7 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         # 64-wide reduction steps where they divide it: a step's cost no longer grows with its
         # width (no gathered addresses), so fewer, wider steps. Not beside 128 filters: those
         # steps summed wrongly on an H200 under Triton 3.6 (relative error 1e-2 at 64 to 384
-        # channels; 32-wide steps right), NOTES v16
+        # channels; 32-wide steps right), NOTES v24
         bw = min(bm, 64, next_pow2(wo))
         bh = bm // bw
         wide_steps = max(c0, c1) >= 64 and c0 % 64 == 0 and c1 % 64 == 0

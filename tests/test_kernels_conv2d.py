@@ -292,7 +292,7 @@ def test_forward_through_tensor_descriptors(monkeypatch, dtype, k, widths, start
                                                     (64, (256, 64, 32, 8), 64), (96, (128, 128, 32, 8), 32)])
 def test_tensor_descriptor_steps_beside_128_filters_are_32_wide(monkeypatch, channels, tiles, block_k):
     """The GPU's tiles (the interpreter's never have 128 filters): 64-wide steps beside 128
-    filters summed wrongly on an H200 under Triton 3.6 (NOTES v16); beside 64, they were right."""
+    filters summed wrongly on an H200 under Triton 3.6 (NOTES v24); beside 64, they were right."""
     monkeypatch.setattr(K, "TMA_FORWARD", True)
     monkeypatch.setattr(K, "_tiles", lambda *args, **kwargs: tiles)
     K.clear_plans()
