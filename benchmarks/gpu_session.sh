@@ -10,7 +10,8 @@
 # call. verify (289 s on an H100 before its v14
 # to v16 steps, which add at most 195) reruns a quick run's tests with more time, sweeps the
 # v14-v16 candidates, times two configs' layers with and without tensor descriptors, profiles
-# the routed dynamic forward (packed and max-width buffers), times the layers and network again
+# the routed dynamic forward (packed and max-width buffers; at batch 1 as graph replays, through
+# conditional nodes too), times the layers and network again
 # (the run-to-run spread) and the shipped model's routes; with HOST_COST=1 (90 s more) also the
 # host time per call and a host-side profile of a launched training step. quick (its step limits add up to 9.7
 # minutes; it took 5.4 with HOST_COST=1 on an H100, where the tests alone need 96 s) runs
@@ -168,6 +169,10 @@ if [ "$MODE" = verify ]; then
   capped 90 python3 benchmarks/profile_network.py --routed smallest --routed largest \
     --buffers packed --buffers max-width "$R/profile_network_routed.txt" > /dev/null 2>&1
   grep "CUDA time per forward" "$R/profile_network_routed.txt" | cut -c1-220
+  # v24: routing through conditional graph nodes took 1.83x the smallest route alone at batch 1
+  capped 60 python3 benchmarks/profile_network.py --graphs --batch 1 --routed smallest --tiles narrowest \
+    --tiles branches "$R/profile_network_graphs.txt" > /dev/null 2>&1
+  grep "CUDA time per forward" "$R/profile_network_graphs.txt" | cut -c1-220
   step "dds-fast bench again (the run-to-run spread): layers fp16 512, batch 8/1, network with CUDA graphs"
   capped 110 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
     --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1

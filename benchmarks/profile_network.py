@@ -3,14 +3,17 @@ time per kernel name, largest first. The network table gives each config's total
 roofline floor; this says which kernels make up the gap.
 
     python benchmarks/profile_network.py [--config smallest ...] [--routed smallest|largest ...]
-        [--tiles widest|narrowest ...] [--buffers packed|max-width ...] [--batch 8] [--size 512] [OUT.txt]
+        [--tiles widest|narrowest|branches ...] [--buffers packed|max-width ...] [--graphs]
+        [--batch 8] [--size 512] [OUT.txt]
 
 --routed also profiles DDSNet's dynamic forward with the gate rigged to send every image to
 the cheapest (or dearest) of the routes ``dds-fast bench`` times the gate over (the net's
 default configs, a fresh DynamicGate, attention off), once per --tiles policy
-(``DDSNet.per_image_tiles``; default both) and --buffers layout (``DDSNet.packed_buffers``:
-packed, the default, or max-width): against the route's config alone (the default --config),
-what the gate and the per-image routing add.
+(``DDSNet.per_image_tiles``; default widest and narrowest) and --buffers layout
+(``DDSNet.packed_buffers``: packed, the default, or max-width): against the route's config
+alone (the default --config), what the gate and the per-image routing add. --graphs profiles
+replays of one CUDA graph per case instead of eager forwards, as the bench times them; the
+``branches`` policy (``DDSNet.route_branches``: a conditional graph node per route) needs it.
 """
 import argparse
 import re
@@ -24,20 +27,24 @@ from dds_fast.bench import ddsnet_over, rig_gate
 from dds_fast.config import RoutingEntry
 from dds_fast.cost import macs_per_pixel
 from dds_fast.ddsnet import PER_IMAGE_TILES
-from dds_fast.runner import default_configs
+from dds_fast.runner import capture_cuda_graph, default_configs
 
 RUNS = 5  # kernel_table's forwards per profile
 UNITS_MS = {"s": 1e3, "ms": 1.0, "us": 1e-3}
 BUFFERS = ("packed", "max-width")  # DDSNet.packed_buffers True / False
+BRANCHES = "branches"  # DDSNet.route_branches, with the first of PER_IMAGE_TILES for a mixed batch
 
 
 def arguments() -> argparse.Namespace:
     """network_arguments' command line plus --routed and --tiles."""
     def routing(parser):
         parser.add_argument("--routed", action="append", choices=("smallest", "largest"), default=[])
-        parser.add_argument("--tiles", action="append", choices=PER_IMAGE_TILES)
+        parser.add_argument("--tiles", action="append", choices=(*PER_IMAGE_TILES, BRANCHES))
         parser.add_argument("--buffers", action="append", choices=BUFFERS)
+        parser.add_argument("--graphs", action="store_true")
     args = network_arguments(__doc__, "profile-network.txt", [], routing)
+    if BRANCHES in (args.tiles or ()) and not args.graphs:
+        sys.exit(f"profile_network.py: --tiles {BRANCHES} routes inside a captured graph: add --graphs")
     # by default, each routed route's config alone (SlimUNet's default configs share the labels)
     args.config = args.config or args.routed or ["smallest"]
     args.tiles = args.tiles or list(PER_IMAGE_TILES)
@@ -71,9 +78,10 @@ def main() -> None:
 
     def profile(what: str, fn) -> None:
         with torch.no_grad():
-            table = kernel_table(fn, runs=RUNS)
+            table = kernel_table(capture_cuda_graph(fn, x.device) if args.graphs else fn, runs=RUNS)
+        forwards = "graph replays" if args.graphs else "forwards"
         reports.append(f"{torch.cuda.get_device_name()}, SlimUNet base 32 depth 4, {what}, input {list(x.shape)} "
-                       f"fp16 channels_last, {RUNS} forwards: {cuda_ms_per_forward(table):.3f} ms CUDA time "
+                       f"fp16 channels_last, {RUNS} {forwards}: {cuda_ms_per_forward(table):.3f} ms CUDA time "
                        f"per forward\n{table}")
 
     for label, config in chosen_configs(args.config, net).items():
@@ -86,10 +94,12 @@ def main() -> None:
             rig_gate(routed.gate, index)
             for tiles in args.tiles:
                 for buffers in args.buffers:
-                    routed.per_image_tiles = tiles
+                    routed.route_branches = tiles == BRANCHES
+                    routed.per_image_tiles = PER_IMAGE_TILES[0] if routed.route_branches else tiles
                     routed.packed_buffers = buffers == "packed"
+                    how = "a conditional graph node per route" if routed.route_branches else f"per_image_tiles {tiles}"
                     profile(f"DDSNet dynamic forward over {len(labels)} routes, every image routed to "
-                            f"{labels[index]}, per_image_tiles {tiles}, {buffers} buffers", lambda: routed(x))
+                            f"{labels[index]}, {how}, {buffers} buffers", lambda: routed(x))
     write_reports(args.out, reports)
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ def test_routed_options_default_to_both_tile_policies_beside_the_routes_alone(sc
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs CUDA"):
             script.main()
+    # the conditional nodes route inside a capture: graph replays only
+    monkeypatch.setattr(sys, "argv", ["profile_network.py", "--routed", "smallest", "--tiles", "branches"])
+    with pytest.raises(SystemExit, match="add --graphs"):
+        script.arguments()
+    monkeypatch.setattr(sys, "argv", ["profile_network.py", "--routed", "smallest", "--tiles", "branches", "--graphs"])
+    args = script.arguments()
+    assert (args.tiles, args.graphs) == (["branches"], True)
 
 
 def test_the_rigged_gate_sends_every_image_to_the_benchs_route(script):
