@@ -103,34 +103,22 @@ for align in (1, 8):
         # per-image launches read and write packed buffers (DDSNet's): pitches from the widths
         packed = dict(PACKED_X0=per_image, PACKED_X1=per_image, PACKED_Y=per_image)
         vectors[f"forward{' per-image' if per_image else ''} fp16, alignment {align}"] = vector_loads(
-            K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
-            dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=True, HAS_BIAS=True, HAS_RES=True, ACT=2,
-                 PER_IMAGE=per_image, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, **packed, UPSCALE=1,
-                 CO_ALIGN=align,
-                 Y_ALIGN=align, **flags,
-                 **blocks), warps)
+            K._conv_fwd_kernel, forward_ptrs(h, h),
+            forward_constexprs(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=per_image, **packed, CO_ALIGN=align,
+                               Y_ALIGN=align, **flags, **blocks), warps)
     # a 3-channel output (a net's last layer): the inputs keep their vector loads
     vectors[f"forward fp16, input alignment {align}, output alignment 1"] = vector_loads(
-        K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
-        dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=True, ACT=0,
-             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=False, PACKED_X1=False,
-             PACKED_Y=False, UPSCALE=1, CO_ALIGN=1, Y_ALIGN=1,
-             **flags,
-             **blocks), warps)
+        K._conv_fwd_kernel, forward_ptrs(h, h),
+        forward_constexprs(HAS_RES=True, ACT=0, CO_ALIGN=1, Y_ALIGN=1, **flags, **blocks), warps)
     # a narrow layer's 8 channels with the taps in the reduction: each tap's channels are one vector
     vectors[f"taps in the reduction fp16, alignment {align}"] = vector_loads(
-        K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
-        dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2,
-             PER_IMAGE=False, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=8, TAP_C1=0, PACKED_X0=False, PACKED_X1=False,
-             PACKED_Y=False, UPSCALE=1, CO_ALIGN=align,
-             Y_ALIGN=align, **flags, BLOCK_M=256, BLOCK_N=16, BLOCK_K=16), 4)
+        K._conv_fwd_kernel, forward_ptrs(h, h),
+        forward_constexprs(TAP_C0=8, CO_ALIGN=align, Y_ALIGN=align, **flags, BLOCK_M=256, BLOCK_N=16, BLOCK_K=16), 4)
     # an upsampling conv's shuffled store: vectors along each sub-pixel phase's channels
     vectors[f"upsampling forward's stores fp16, alignment {align}"] = vector_loads(
-        K._conv_fwd_kernel, dict(x0=h, x1=h, w=h, b=h, res=h, y=h, widths="*i32", sums=f, slope="fp32"),
-        dict(KSIZE=1, STRIDE=1, PAD=0, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=0,
-             PER_IMAGE=True, CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=True, PACKED_X1=False,
-             PACKED_Y=True, UPSCALE=2, CO_ALIGN=align,
-             Y_ALIGN=align, **flags, **blocks), warps, stores=True)
+        K._conv_fwd_kernel, forward_ptrs(h, h),
+        forward_constexprs(KSIZE=1, PAD=0, ACT=0, PER_IMAGE=True, PACKED_X0=True, PACKED_Y=True, UPSCALE=2,
+                           CO_ALIGN=align, Y_ALIGN=align, **flags, **blocks), warps, stores=True)
     vectors[f"grad input fp16, alignment {align}"] = vector_loads(
         K._bwd_input_kernel, dict(dz=h, w=h, dx=h),
         dict(KSIZE=3, STRIDE=1, PAD=1, IH0=0, IW0=0, DOT_F32=False, **flags, **blocks), warps)
