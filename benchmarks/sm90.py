@@ -112,7 +112,7 @@ def forward_row(K, name: str, ins: tuple, out: int, stride: int, batch: int = 8,
     residual = meta(out, size, size) if out == 3 else None
     plan = K._forward_plan(meta(ins[0], size, size), meta(ins[1], size, size) if len(ins) == 2 else None,
                            (weight.shape, weight.stride(), torch.float16, torch.device("cuda")),
-                           ((out,), (1,), torch.float16, torch.device("cuda")), residual, None, 1, 0, ins[0], out,
+                           ((out,), (1,), torch.float16, torch.device("cuda")), residual, None, (1, 1), 0, ins[0], out,
                            stride, 1, "leaky_relu" if out != 3 else "none", 0.2, 1, aligned_pointers=True)
     if plan.tma is not None:  # K.TMA_FORWARD: the descriptors' kernel
         meta = plan.tma.launch.meta

@@ -496,9 +496,11 @@ class DDSNet(nn.Module):
     def _width_table(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[SlimConv2d, slice, int, tuple]]]:
         """An int32 [E, columns] table on ``device`` holding, for each conv of the body, its
         (out width, in widths) under each routing config in a column range; and, per conv, that
-        range, the largest number every one of its widths is a multiple of (so the kernel
-        knows they keep its vector loads) and its narrowest (out, in) widths over the routes
-        (what ``per_image_tiles='narrowest'`` sizes its tiles for). Built once per device."""
+        range, the largest numbers its out widths and its in widths are multiples of (so the
+        kernel knows which side keeps its vector loads: a 3-channel output, or an upsampling
+        conv's out widths of 4 filters per channel, must not cost its inputs theirs) and its
+        narrowest (out, in) widths over the routes (what ``per_image_tiles='narrowest'`` sizes
+        its tiles for). Built once per device."""
         if device not in self._tables:
             rows: dict[SlimConv2d, list] = {}
             for entry in self.routing_space:
@@ -508,8 +510,9 @@ class DDSNet(nn.Module):
             layers, start = [], 0
             for conv, per_entry in rows.items():
                 narrowest = (min(row[0] for row in per_entry), min(max(row[1:]) for row in per_entry))
-                layers.append((conv, slice(start, start + len(per_entry[0])),
-                               math.gcd(*(w for row in per_entry for w in row)), narrowest))
+                multiples = (math.gcd(*(row[0] for row in per_entry)),
+                             math.gcd(*(w for row in per_entry for w in row[1:])))
+                layers.append((conv, slice(start, start + len(per_entry[0])), multiples, narrowest))
                 start += len(per_entry[0])
             # row e: every conv's widths under config e, side by side
             table = torch.tensor([[w for per_entry in rows.values() for w in per_entry[e]]

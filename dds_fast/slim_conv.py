@@ -127,7 +127,8 @@ class SlimConv2d(nn.Conv2d):
         # int32 [N, 1 + inputs] on the device: each image's (out width, in widths), read by the
         # kernel; inputs are then max-width buffers and channels past an image's width unwritten
         self.per_image_widths: torch.Tensor | None = None
-        # what the setter of per_image_widths promises every entry is a multiple of (see slim_conv2d)
+        # what the setter of per_image_widths promises the entries are multiples of: an int, or
+        # a pair (out, in) (see slim_conv2d's widths_multiple)
         self.per_image_widths_multiple = 1
         # optional (out, in) widths to size the per-image launch's tiles for (see slim_conv2d's
         # tile_widths); None: the layer's maximum widths
@@ -197,7 +198,7 @@ class SlimConv2d(nn.Conv2d):
                                  f"{self.out_channels}]{multiple}, or None, got {value!r}")
         self._active_out = value
 
-    def set_per_image_widths(self, widths: torch.Tensor | None, multiple: int = 1,
+    def set_per_image_widths(self, widths: torch.Tensor | None, multiple: int | tuple[int, int] = 1,
                              tile_widths: tuple[int, int] | None = None, packing: PackedBuffers | None = None):
         """Set (or, with ``None``, clear) ``per_image_widths`` with the settings that go with it:
         ``per_image_widths_multiple``, ``per_image_tile_widths`` and ``per_image_packing``."""

@@ -745,12 +745,12 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
     if mwd is None:
         tap_c0 = c0 if k > 1 and c0 in TAPS_IN_K_CHANNELS else 0
         tap_c1 = c1 if k > 1 and m1 is not None and c1 in TAPS_IN_K_CHANNELS else 0
-    per_image_multiple = [] if mwd is None else [widths_multiple]
+    out_multiple, in_multiple = ([], []) if mwd is None else ([widths_multiple[0]], [widths_multiple[1]])
     aligns = dict(
-        C_ALIGN=_alignment(c0, c1, start0, start1, *per_image_multiple),
+        C_ALIGN=_alignment(c0, c1, start0, start1, *in_multiple),
         # with an upscale, of the shuffled channels (r^2 filters each; a multiple of widths that is
         # not one of r^2 promises nothing about them)
-        CO_ALIGN=_alignment(*[v // (r * r) if v % (r * r) == 0 else 1 for v in [out_channels, *per_image_multiple]]),
+        CO_ALIGN=_alignment(*[v // (r * r) if v % (r * r) == 0 else 1 for v in [out_channels, *out_multiple]]),
         X_ALIGN=_alignment(*_batch_and_pixel_strides(x0_strides, x1_strides)),
         Y_ALIGN=_alignment(*_batch_and_pixel_strides(r_strides, y_strides)),
         W_ALIGN=_alignment(*_pixel_strides_of_weight(w_strides)),
@@ -1028,11 +1028,12 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
 @torch.library.custom_op("dds_fast::slim_conv2d", mutates_args=())
 def _slim_conv2d_op(x0: torch.Tensor, x1: Optional[torch.Tensor], weight: torch.Tensor,
                     bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                    widths: Optional[torch.Tensor], widths_multiple: int, start0: int, start1: int,
+                    widths: Optional[torch.Tensor], widths_multiple: List[int], start0: int, start1: int,
                     out_channels: int, stride: int, padding: int, activation: str,
                     negative_slope: float, upscale_factor: int = 1) -> torch.Tensor:
     # a direct call of the op, or a traced graph run on other shapes, has not been through slim_conv2d's checks
     two = x1 is not None
+    widths_multiple = tuple(widths_multiple)  # (out, in), hashable for the plan's cache
     _checked_signature([x0, x1] if two else [x0], weight, bias, residual, widths, (start0, start1) if two else (start0,),
                        out_channels, stride, padding, None if activation == "none" else activation, negative_slope,
                        widths_multiple, upscale_factor)
@@ -1270,8 +1271,10 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
             raise ValueError(f"slim_conv2d: {name} must be a tensor{'' if name == 'weight' else ' or None'}, "
                              f"got {type(t).__name__}")
     # here, not in slim_conv2d alone: a direct call of the op with 0 would align the kernel to 8
-    if widths_multiple < 1:
-        raise ValueError(f"slim_conv2d: widths_multiple={widths_multiple} must be >= 1")
+    if len(widths_multiple) != 2 or min(widths_multiple) < 1:
+        shown = widths_multiple[0] if len(widths_multiple) == 2 and len(set(widths_multiple)) == 1 \
+            else tuple(widths_multiple)
+        raise ValueError(f"slim_conv2d: widths_multiple={shown} must be >= 1 (an int, or a pair (out, in) of them)")
     if len(segment_starts) != len(inputs):
         raise ValueError(f"slim_conv2d: {len(inputs)} input(s) but {len(segment_starts)} segment_starts "
                          f"{list(segment_starts)}")
@@ -1363,11 +1366,13 @@ def _check_width_values(widths, inputs, out_channels, widths_multiple, upscale_f
     if len(bad):
         i, j = bad[0].tolist()
         raise ValueError(f"slim_conv2d: widths[{i}, {j}] = {int(widths[i, j])} not in [0, {int(limits[j])}]")
-    bad = (widths % widths_multiple).nonzero()
+    multiples = torch.tensor([widths_multiple[0]] + [widths_multiple[1]] * len(inputs), dtype=torch.int32)
+    bad = (widths % multiples).nonzero()
     if len(bad):
         i, j = bad[0].tolist()
-        raise ValueError(f"slim_conv2d: widths[{i}, {j}] = {int(widths[i, j])} is not a multiple of "
-                         f"widths_multiple={widths_multiple}")
+        promised = (f"widths_multiple={widths_multiple[0]}" if widths_multiple[0] == widths_multiple[1] else
+                    f"{int(multiples[j])} (widths_multiple={widths_multiple})")
+        raise ValueError(f"slim_conv2d: widths[{i}, {j}] = {int(widths[i, j])} is not a multiple of {promised}")
     bad = (widths[:, 0] % upscale_factor ** 2).nonzero() if upscale_factor > 1 else []  # whole shuffled channels
     if len(bad):
         i = int(bad[0])
@@ -1376,6 +1381,17 @@ def _check_width_values(widths, inputs, out_channels, widths_multiple, upscale_f
 
 
 _CHECKED_SIGNATURES: dict = {}  # signatures whose arguments passed _check_args
+
+
+def _widths_multiples(value) -> tuple[int, int]:
+    """``slim_conv2d``'s ``widths_multiple`` as the pair (out, in): an int promises it of both."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"slim_conv2d: widths_multiple must be an int or a pair (out, in), got {value!r}")
+        return tuple(_as_int(v, "widths_multiple", pairs=False) for v in value)
+    value = _as_int(value, "widths_multiple", pairs=False)
+    return value, value
+
 
 
 def _remember(seen: dict, key, value=None, limit: int = 1024):
@@ -1457,7 +1473,7 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
                 segment_starts: Sequence[int] = (0,), out_channels: Optional[int] = None, stride=1,
                 padding=None, activation: Optional[str] = None, negative_slope: float = 0.01,
                 residual: Optional[torch.Tensor] = None, widths: Optional[torch.Tensor] = None,
-                widths_multiple: int = 1, channel_sums: bool = False,
+                widths_multiple: int | tuple[int, int] = 1, channel_sums: bool = False,
                 tile_widths: Optional[tuple[int, int]] = None, upscale_factor: int = 1,
                 packed_inputs: Sequence[bool] = (), packed_output: bool = False):
     """``act(conv(cat(inputs, 1), weight[:o, active input channels]) + bias[:o] + residual)``.
@@ -1474,8 +1490,11 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
       up to each image's widths, and output channels at or beyond an image's out width are left
       UNWRITTEN (uninitialised memory). Forward only.
     - ``widths_multiple``: the caller's promise that every entry of ``widths`` is a multiple of
-      it (checked on CPU only, where that costs no device sync). A multiple of 8 lets the
-      kernel keep vector loads; on a GPU a broken promise rounds widths down to that multiple.
+      it, or a pair ``(out, in)``: the out widths' multiple and the in widths' (a layer of 3
+      outputs, or an upsampling conv's out widths of r^2 filters per channel, then keeps its
+      inputs' promise). Checked on CPU only, where that costs no device sync. A multiple of 8
+      (of 8 r^2 for an upsampling conv's out widths) lets the kernel keep vector loads on that
+      side; on a GPU a broken promise rounds widths down to that multiple.
     - ``channel_sums``: also return the output's channel sums, ``(y, sums)`` with ``sums`` fp32
       ``[N, T, o]`` over T consecutive blocks of output pixels (the squeeze partials that
       ``kernels.gate.gate_head`` reads), computed in the epilogue. ``sums`` is None when the
@@ -1536,7 +1555,7 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     stride = _as_int(stride, "stride")
     padding = k // 2 if padding is None else _as_int(padding, "padding")
     segment_starts = tuple(_as_int(s, f"segment_starts[{i}]", pairs=False) for i, s in enumerate(segment_starts))
-    widths_multiple = _as_int(widths_multiple, "widths_multiple")
+    widths_multiple = _widths_multiples(widths_multiple)
     upscale_factor = _as_int(upscale_factor, "upscale_factor", pairs=False)
     # a tensor in a plan's key could change in place (float first: an ABC check costs host time)
     if type(negative_slope) is not float and not isinstance(negative_slope, numbers.Real):

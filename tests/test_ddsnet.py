@@ -430,8 +430,12 @@ def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net, attenti
     convs = [m for m in model.modules() if isinstance(m, dds_fast.SlimConv2d)]
     assert all(m.per_image_widths is None and m.per_image_tile_widths is None for m in convs)
     layers = model._width_table(x.device)[1]
-    # widths in steps of 8 are promised to the kernels (vector loads); the 3-channel output is not
-    assert {multiple for _, _, multiple, _ in layers} == {1, 8}
+    # widths in steps of 8 are promised to the kernels (vector loads), each side apart: the
+    # 3-channel output's inputs keep theirs, and an upsampling conv's out widths (4 filters a
+    # channel) promise 32
+    assert {m_in for _, _, (_, m_in), _ in layers} == {8}
+    upsampling = any(conv.upscale_factor > 1 for conv, _, _, _ in layers)
+    assert {m_out for _, _, (m_out, _), _ in layers} == ({3, 8, 32} if upsampling else {3, 8})
     smallest = model.routing_space[0].config
     model.supernet.set_config(smallest)
     for conv, _, _, (out, red) in layers:  # the smallest route is every layer's narrowest here

@@ -298,7 +298,7 @@ def test_tensor_descriptor_steps_beside_128_filters_are_32_wide(monkeypatch, cha
     K.clear_plans()
     x, weight = (torch.empty(shape, dtype=torch.float16, device="meta").to(memory_format=torch.channels_last)
                  for shape in [(8, channels, 128, 128), (channels, channels, 3, 3)])
-    plan = K._forward_plan(K._meta(x), None, K._meta(weight), None, None, None, 1, 0, 0, channels, 1, 1, "none",
+    plan = K._forward_plan(K._meta(x), None, K._meta(weight), None, None, None, (1, 1), 0, 0, channels, 1, 1, "none",
                            0.01, 1, aligned_pointers=True)
     K.clear_plans()
     assert plan.tma.launch.meta["BLOCK_N"] == tiles[1]
@@ -533,7 +533,7 @@ def test_weight_is_never_sliced_or_copied(act_dtype):
     detached = weight.detach()
     with _RecordWeightUse(weight) as inner:
         y2 = K._forward_impl(*[t.detach() for t in case["inputs"]], detached, case["bias"].detach(),
-                             case["residual"].detach(), None, 1, 0, 12, o, 1, 1, "relu", 0.01, 1)
+                             case["residual"].detach(), None, (1, 1), 0, 12, o, 1, 1, "relu", 0.01, 1)
         K._backward_impl(torch.ones_like(y2), y2, *[t.detach() for t in case["inputs"]], detached,
                          0, 12, 1, 1, "relu", 0.01, True, [True] * 5)
     assert mode.uses == [] and inner.uses == []
@@ -727,7 +727,7 @@ def test_the_kernel_clamps_per_image_widths_the_host_cannot_check(monkeypatch):
     x = case["inputs"][0]
     widths = torch.tensor([[100, 100], [-5, 3], [4, -1]], dtype=torch.int32, device=DEVICE)
     with torch.no_grad():
-        y = K._forward_impl(x, None, case["weight"], case["bias"], None, widths, 1, 0, 0, 8, 1, 1, "none", 0.0, 1)
+        y = K._forward_impl(x, None, case["weight"], case["bias"], None, widths, (1, 1), 0, 0, 8, 1, 1, "none", 0.0, 1)
     whole = dict(case, inputs=[x[:1]])  # (100, 100) clamped to (8 outputs, 6 inputs)
     assert rel_err(y[:1], reference(whole, None)) < TOL[torch.float32]
     assert torch.isnan(y[1]).all()  # out width -5: nothing written
@@ -1103,19 +1103,19 @@ def test_the_registered_op_checks_its_arguments():
     x, w, b = case["inputs"][0], case["weight"], case["bias"]
     op = torch.ops.dds_fast.slim_conv2d
     with pytest.raises(ValueError, match=r"out_channels=6 not in \[1, 2\]"):
-        op(x, None, w, b, None, None, 1, 0, 0, 6, 1, 1, "none", 0.01)
+        op(x, None, w, b, None, None, [1, 1], 0, 0, 6, 1, 1, "none", 0.01)
     with pytest.raises(ValueError, match="4 channels from weight channel 3, beyond the weight's 4"):
-        op(x, None, w, b, None, None, 1, 3, 0, 2, 1, 1, "relu", 0.01)
+        op(x, None, w, b, None, None, [1, 1], 3, 0, 2, 1, 1, "relu", 0.01)
     if DEVICE == "cpu":  # device widths are read in the kernel, which clamps them (tested on its own)
         with pytest.raises(ValueError, match=r"widths\[0, 0\] = 5 not in \[0, 2\]"):
-            op(x, None, w, b, None, torch.tensor([[5, 4], [2, 4]], dtype=torch.int32), 1, 0, 0, 2, 1, 1, "none",
-               0.01)
-    y = op(x, None, w, b, None, None, 1, 0, 0, 2, 1, 1, "leaky_relu", 0.2)
+            op(x, None, w, b, None, torch.tensor([[5, 4], [2, 4]], dtype=torch.int32), [1, 1], 0, 0, 2, 1, 1,
+               "none", 0.01)
+    y = op(x, None, w, b, None, None, [1, 1], 0, 0, 2, 1, 1, "leaky_relu", 0.2)
     assert rel_err(y, reference(dict(case, o=2), "leaky_relu", 0.2)) < TOL[torch.float32]
     # 0 (or -8) is "a multiple" of 8: on a GPU the kernel took every width for one and rounded it down
     widths = torch.tensor([[1, 3], [2, 4]], dtype=torch.int32, device=DEVICE)
-    for multiple in (0, -8):
-        with pytest.raises(ValueError, match=f"widths_multiple={multiple} must be >= 1"):
+    for multiple, shown in (([0, 0], "0"), ([-8, -8], "-8"), ([8, 0], r"\(8, 0\)"), ([8], r"\(8,\)")):
+        with pytest.raises(ValueError, match=f"widths_multiple={shown} must be >= 1"):
             op(x, None, w, b, None, widths, multiple, 0, 0, 2, 1, 1, "none", 0.01)
 
 
@@ -1185,6 +1185,44 @@ def test_per_image_widths_at_any_address_keep_the_fast_tiles(monkeypatch):
     K.clear_plans()
 
 
+@pytest.mark.parametrize("upscale,per_image", [(2, [(32, 8), (64, 16)]),  # out widths of 4 filters a channel
+                                               (1, [(3, 8), (3, 16)])])  # a net's last conv: 3 outputs
+def test_per_image_out_and_in_widths_keep_their_own_promise(monkeypatch, upscale, per_image):
+    """Out and in widths promise their own multiples: one for both took the gcd, 1 with a
+    3-channel output and 8 filters (2 shuffled channels) for an upsampling conv, which cost
+    their inputs the vector loads, and the upsampling conv the fast tiles, that a static launch
+    of the same layer has (NOTES v25)."""
+    chosen = spy_on_alignment(monkeypatch)
+    asked = []
+    tiles = K._tiles
+    monkeypatch.setattr(K, "_tiles", lambda *args: asked.append(args[4]) or tiles(*args))
+    o = max(out for out, _ in per_image)
+    case = make_case(47, n=2, h=5, w=6, widths=(16,), cin_max=16, cout_max=o, o=o, upscale=upscale,
+                     weight_ohwi=True)
+    x = case["inputs"][0]
+    x[0, per_image[0][1]:] = float("nan")
+    widths = torch.tensor(per_image, dtype=torch.int32, device=DEVICE)
+    promise = (math.gcd(*(out for out, _ in per_image)), 8)
+    y = run(case, "relu", widths=widths, widths_multiple=promise)
+    c_align, co_align = chosen[:2]
+    assert c_align == 8 and co_align == (8 if upscale > 1 else 1)
+    assert asked[-1] == (upscale > 1)  # fast tiles: every side's alignment 8
+    for i, (out, c) in enumerate(per_image):
+        sub = dict(case, inputs=[x[i:i + 1, :c]], o=out)
+        assert rel_err(y[i:i + 1, :out // upscale ** 2], reference(sub, "relu")) < TOL[torch.float32]
+    chosen.clear()
+    run(case, "relu", widths=widths, widths_multiple=math.gcd(*promise))  # one promise for both sides
+    assert chosen[:2] == [8 if upscale > 1 else 1, 1]
+    if DEVICE == "cpu":  # per-image values are checked where reading them costs no device sync
+        with pytest.raises(ValueError, match=rf"widths\[0, 0\] = {per_image[0][0]} is not a multiple of "
+                                             rf"{2 * per_image[0][0]} \(widths_multiple=\({2 * per_image[0][0]}, 8\)\)"):
+            run(case, "relu", widths=widths, widths_multiple=(2 * per_image[0][0], 8))
+    for bad in ((8,), (8, 8, 8), (0, 8), (8, 2.0)):
+        with pytest.raises(ValueError, match="widths_multiple"):
+            run(case, "relu", widths=widths, widths_multiple=bad)
+    K.clear_plans()
+
+
 def test_a_per_image_concat_sizes_its_tiles_by_the_wider_input(monkeypatch):
     """Each input of a concat runs its own reduction loop: a per-image launch's tiles take the
     wider input's channels, as a static launch's do, not their sum (96 + 96 took 64-wide steps
@@ -1210,7 +1248,7 @@ def test_cached_launch_checks_its_arguments_against_the_kernel():
     from dds_fast.kernels._launch import CachedLaunch
 
     x, weight = torch.randn(1, 4, 5, 5, device=DEVICE), torch.randn(8, 4, 3, 3, device=DEVICE)
-    launch = K._forward_plan(K._meta(x), None, K._meta(weight), None, None, None, 1, 0, 0, 8, 1, 1, "relu",
+    launch = K._forward_plan(K._meta(x), None, K._meta(weight), None, None, None, (1, 1), 0, 0, 8, 1, 1, "relu",
                              0.01, 1).launch
     with pytest.raises(ValueError, match="do not match"):  # one tensor too few: a scalar's name shows
         CachedLaunch(K._conv_fwd_kernel, launch.grid, launch.scalars, launch.meta, num_tensors=7)
