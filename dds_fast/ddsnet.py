@@ -493,7 +493,8 @@ class DDSNet(nn.Module):
             return [self.static_macs_per_pixel(self._budget_index)] * len(x)
         return [self.dynamic_macs_per_pixel[self.routing_space.index(e)] for e in self.route(x, stem_means)]
 
-    def _width_table(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[SlimConv2d, slice, int, tuple]]]:
+    def _width_table(self, device: torch.device) -> tuple[torch.Tensor,
+                                                          list[tuple[SlimConv2d, slice, tuple[int, int], tuple]]]:
         """An int32 [E, columns] table on ``device`` holding, for each conv of the body, its
         (out width, in widths) under each routing config in a column range; and, per conv, that
         range, the largest numbers its out widths and its in widths are multiples of (so the

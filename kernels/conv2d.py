@@ -1025,7 +1025,11 @@ def _backward_impl(grad_y, y, x0, x1, weight, start0, start1, stride, padding, a
 # ----------------------------------------------------------------------------------------
 # torch.library registration
 # ----------------------------------------------------------------------------------------
-@torch.library.custom_op("dds_fast::slim_conv2d", mutates_args=())
+# widths_multiple is (out, in); int[2] lets a direct call pass one int for both, as before pairs
+@torch.library.custom_op("dds_fast::slim_conv2d", mutates_args=(), schema=(
+    "(Tensor x0, Tensor? x1, Tensor weight, Tensor? bias, Tensor? residual, Tensor? widths, int[2] widths_multiple, "
+    "int start0, int start1, int out_channels, int stride, int padding, str activation, float negative_slope, "
+    "int upscale_factor=1) -> Tensor"))
 def _slim_conv2d_op(x0: torch.Tensor, x1: Optional[torch.Tensor], weight: torch.Tensor,
                     bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                     widths: Optional[torch.Tensor], widths_multiple: List[int], start0: int, start1: int,
@@ -1271,10 +1275,11 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
             raise ValueError(f"slim_conv2d: {name} must be a tensor{'' if name == 'weight' else ' or None'}, "
                              f"got {type(t).__name__}")
     # here, not in slim_conv2d alone: a direct call of the op with 0 would align the kernel to 8
-    if len(widths_multiple) != 2 or min(widths_multiple) < 1:
-        shown = widths_multiple[0] if len(widths_multiple) == 2 and len(set(widths_multiple)) == 1 \
-            else tuple(widths_multiple)
-        raise ValueError(f"slim_conv2d: widths_multiple={shown} must be >= 1 (an int, or a pair (out, in) of them)")
+    if len(widths_multiple) != 2:
+        raise ValueError(f"slim_conv2d: widths_multiple must be an int or a pair (out, in), got {list(widths_multiple)}")
+    if min(widths_multiple) < 1:
+        shown = widths_multiple[0] if len(set(widths_multiple)) == 1 else tuple(widths_multiple)
+        raise ValueError(f"slim_conv2d: widths_multiple={shown} must be >= 1")
     if len(segment_starts) != len(inputs):
         raise ValueError(f"slim_conv2d: {len(inputs)} input(s) but {len(segment_starts)} segment_starts "
                          f"{list(segment_starts)}")
@@ -1385,13 +1390,10 @@ _CHECKED_SIGNATURES: dict = {}  # signatures whose arguments passed _check_args
 
 def _widths_multiples(value) -> tuple[int, int]:
     """``slim_conv2d``'s ``widths_multiple`` as the pair (out, in): an int promises it of both."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"slim_conv2d: widths_multiple must be an int or a pair (out, in), got {value!r}")
-        return tuple(_as_int(v, "widths_multiple", pairs=False) for v in value)
-    value = _as_int(value, "widths_multiple", pairs=False)
-    return value, value
-
+    pair = value if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+        raise ValueError(f"slim_conv2d: widths_multiple must be an int or a pair (out, in) of ints, got {value!r}")
+    return tuple(pair)
 
 
 def _remember(seen: dict, key, value=None, limit: int = 1024):

@@ -106,10 +106,13 @@ for align in (1, 8):
             K._conv_fwd_kernel, forward_ptrs(h, h),
             forward_constexprs(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=per_image, **packed, CO_ALIGN=align,
                                Y_ALIGN=align, **flags, **blocks), warps)
-    # a 3-channel output (a net's last layer): the inputs keep their vector loads
-    vectors[f"forward fp16, input alignment {align}, output alignment 1"] = vector_loads(
-        K._conv_fwd_kernel, forward_ptrs(h, h),
-        forward_constexprs(HAS_RES=True, ACT=0, CO_ALIGN=1, Y_ALIGN=1, **flags, **blocks), warps)
+    # a 3-channel output (a net's last layer): the inputs keep their vector loads, per image
+    # too (out and in widths promise their own multiples)
+    for per_image in (False, True):
+        vectors[f"forward{' per-image' if per_image else ''} fp16, input alignment {align}, output alignment 1"] = \
+            vector_loads(K._conv_fwd_kernel, forward_ptrs(h, h),
+                         forward_constexprs(HAS_RES=not per_image, ACT=0, PER_IMAGE=per_image, PACKED_X0=per_image,
+                                            CO_ALIGN=1, Y_ALIGN=1, **flags, **blocks), warps)
     # a narrow layer's 8 channels with the taps in the reduction: each tap's channels are one vector
     vectors[f"taps in the reduction fp16, alignment {align}"] = vector_loads(
         K._conv_fwd_kernel, forward_ptrs(h, h),
@@ -197,8 +200,9 @@ def test_kernels_compile_for_h100_without_spills():
     for kernel in ("forward", "forward per-image", "taps in the reduction", "upsampling forward's stores", "grad input",
                    "grad weight"):
         assert vectors[f"{kernel} fp16, alignment 1"] == 0 < vectors[f"{kernel} fp16, alignment 8"], vectors
-    assert vectors["forward fp16, input alignment 1, output alignment 1"] == 0 < vectors[
-        "forward fp16, input alignment 8, output alignment 1"], vectors
+    for kernel in ("forward", "forward per-image"):
+        assert vectors[f"{kernel} fp16, input alignment 1, output alignment 1"] == 0 < vectors[
+            f"{kernel} fp16, input alignment 8, output alignment 1"], vectors
     if not stacks:
         pytest.skip("kernels compile for sm_90; this Triton has no cuobjdump to read their register use")
     # v14's premise (benchmarks/NOTES.md): 8 channels' taps in the reduction issue far fewer

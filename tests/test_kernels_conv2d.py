@@ -1110,12 +1110,15 @@ def test_the_registered_op_checks_its_arguments():
         with pytest.raises(ValueError, match=r"widths\[0, 0\] = 5 not in \[0, 2\]"):
             op(x, None, w, b, None, torch.tensor([[5, 4], [2, 4]], dtype=torch.int32), [1, 1], 0, 0, 2, 1, 1,
                "none", 0.01)
-    y = op(x, None, w, b, None, None, [1, 1], 0, 0, 2, 1, 1, "leaky_relu", 0.2)
+    y = op(x, None, w, b, None, None, 1, 0, 0, 2, 1, 1, "leaky_relu", 0.2)  # one int: both sides
     assert rel_err(y, reference(dict(case, o=2), "leaky_relu", 0.2)) < TOL[torch.float32]
     # 0 (or -8) is "a multiple" of 8: on a GPU the kernel took every width for one and rounded it down
     widths = torch.tensor([[1, 3], [2, 4]], dtype=torch.int32, device=DEVICE)
-    for multiple, shown in (([0, 0], "0"), ([-8, -8], "-8"), ([8, 0], r"\(8, 0\)"), ([8], r"\(8,\)")):
+    for multiple, shown in ((0, "0"), ([-8, -8], "-8"), ([8, 0], r"\(8, 0\)")):
         with pytest.raises(ValueError, match=f"widths_multiple={shown} must be >= 1"):
+            op(x, None, w, b, None, widths, multiple, 0, 0, 2, 1, 1, "none", 0.01)
+    for multiple in ([8], [8, 8, 8]):  # (int[2] in the schema takes one int for both, and checks no length)
+        with pytest.raises(ValueError, match=r"widths_multiple must be an int or a pair \(out, in\)"):
             op(x, None, w, b, None, widths, multiple, 0, 0, 2, 1, 1, "none", 0.01)
 
 
@@ -1217,9 +1220,11 @@ def test_per_image_out_and_in_widths_keep_their_own_promise(monkeypatch, upscale
         with pytest.raises(ValueError, match=rf"widths\[0, 0\] = {per_image[0][0]} is not a multiple of "
                                              rf"{2 * per_image[0][0]} \(widths_multiple=\({2 * per_image[0][0]}, 8\)\)"):
             run(case, "relu", widths=widths, widths_multiple=(2 * per_image[0][0], 8))
-    for bad in ((8,), (8, 8, 8), (0, 8), (8, 2.0)):
-        with pytest.raises(ValueError, match="widths_multiple"):
+    for bad in ((8,), (8, 8, 8), (8, 2.0), (True, 8), 8.0):
+        with pytest.raises(ValueError, match=r"widths_multiple must be an int or a pair \(out, in\) of ints"):
             run(case, "relu", widths=widths, widths_multiple=bad)
+    with pytest.raises(ValueError, match=r"widths_multiple=\(0, 8\) must be >= 1"):
+        run(case, "relu", widths=widths, widths_multiple=(0, 8))
     K.clear_plans()
 
 
