@@ -16,7 +16,9 @@ from dds_fast.training.data import (
     NoisyPatches,
     PairedPatches,
     SIDDValidation,
+    as_float,
     bundled_images,
+    eight_bit,
     item_generator,
     list_images,
     load_image,
@@ -351,6 +353,48 @@ def test_folder_listing_and_loading(tmp_path):
     assert all(im.shape == (1, 8, 8) for im in images.values())
 
 
+def test_a_folders_8_bit_images_can_stay_uint8(tmp_path):
+    """A quarter of the memory for a folder of photos (a trainer holds them all), the same
+    pixels: 8-bit files as their levels, as_float giving back what load_image reads bit for
+    bit; 16-bit files and converted pixels (gray from colour) stay floats."""
+    iio.imwrite(tmp_path / "a.png", rng().integers(0, 256, (9, 7, 3), dtype=np.uint8))
+    iio.imwrite(tmp_path / "b.jpg", rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8))
+    png.from_array(rng(2).integers(0, 65536, (9, 7), dtype=np.uint16), "L;16").save(tmp_path / "c.png")
+    floats = load_image_folder(tmp_path)
+    kept = load_image_folder(tmp_path, keep_8_bit=True)
+    assert {name: image.dtype for name, image in kept.items()} == {
+        "a.png": torch.uint8, "b.jpg": torch.uint8, "c.png": torch.float32}
+    for name, image in kept.items():
+        assert torch.equal(as_float(image), floats[name]), name
+    gray = load_image_folder(tmp_path, channels=1, keep_8_bit=True)
+    assert gray["a.png"].dtype == torch.float32  # luma of colour: no 8-bit levels
+    assert torch.equal(gray["a.png"], load_image(tmp_path / "a.png", channels=1))
+    for image in (floats["a.png"] * 0.5, torch.rand(3, 4, 4), floats["a.png"].double(), torch.empty(3, 0, 4)):
+        assert eight_bit(image) is image
+
+
+def test_uint8_levels_make_the_same_patches_and_validation_set_as_their_floats():
+    images = [torch.randint(0, 256, (3, 24, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+              for k in range(2)]
+    floats = [as_float(image) for image in images]
+    for channels in (None, 1):
+        patches = [NoisyPatches(x, GaussianNoise(25), patch_size=8, length=6, channels=channels, seed=5)
+                   for x in (images, floats)]
+        assert patches[0].images[0].dtype == (torch.uint8 if channels is None else torch.float32)
+        for k in range(6):
+            assert all(torch.equal(a, b) for a, b in zip(patches[0][k], patches[1][k]))
+        assert all(torch.equal(a, b) for a, b in zip(patches[0].batch(1, 4), patches[1].batch(1, 4)))
+        for size in (None, 8):
+            sets = [make_validation_set(x, GaussianNoise(25), seed=2, patch_size=size, crops_per_image=2,
+                                        channels=channels) for x in (images, floats)]
+            assert len(sets[0]) == len(sets[1]) > 0
+            for k in range(len(sets[0])):
+                assert all(torch.equal(a, b) for a, b in zip(sets[0][k], sets[1][k]))
+    # real pairs take floats only: their clean image is read as it is
+    with pytest.raises(ValueError, match="pair 0, clean image: expected floating-point values in \\[0, 1\\], got"):
+        PairedPatches([(floats[0], images[0])], 8, 2)[0]
+
+
 def test_folder_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing_dir"):
         list_images(tmp_path / "missing_dir")
@@ -437,10 +481,12 @@ def test_noisy_patches_errors(photos):
         NoisyPatches([torch.rand(3, 20, 20), torch.rand(1, 20, 20)], GaussianNoise(25), patch_size=8)
     with pytest.raises(ValueError, match="no images"):
         NoisyPatches([], GaussianNoise(25))
-    with pytest.raises(ValueError, match=r"image 0: expected floating-point values in \[0, 1\], got torch.uint8"):
-        NoisyPatches([torch.full((3, 20, 20), 200, dtype=torch.uint8)], GaussianNoise(25), patch_size=8)
+    # other integers than uint8 levels: 0..255 read as intensities would make the noise 255x too weak
+    with pytest.raises(ValueError, match=r"image 0: expected floating-point values in \[0, 1\] or uint8 levels, "
+                                         r"got torch.int16"):
+        NoisyPatches([torch.full((3, 20, 20), 200, dtype=torch.int16)], GaussianNoise(25), patch_size=8)
     with pytest.raises(ValueError, match="expected floating-point values"):
-        make_validation_set([torch.full((3, 20, 20), 200, dtype=torch.uint8)], GaussianNoise(25))
+        make_validation_set([torch.full((3, 20, 20), 200, dtype=torch.int32)], GaussianNoise(25))
     with pytest.raises(IndexError):
         NoisyPatches(photos, GaussianNoise(25), patch_size=8, length=4)[4]
 

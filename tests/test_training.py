@@ -662,6 +662,26 @@ def test_a_folder_holds_out_its_last_two_images_by_default(tmp_path):
         Run(tmp_path / "run", TrainConfig(images=str(image_folder(tmp_path / "one", ["x.png"])), **small))
 
 
+def test_a_runs_8_bit_folder_images_stay_uint8_with_the_data_digest_of_their_floats(tmp_path, monkeypatch):
+    """A run holds every training image: 8-bit ones as uint8 (a quarter of the memory), and its
+    data digest, which a resume compares with the one it recorded, still hashes their float
+    pixels, as runs did before."""
+    from dds_fast.training import stages
+    from dds_fast.training.data import load_image_folder
+
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+    config = TrainConfig(images=str(folder), patch_size=32, validation_patch=32, gate_patch_size=32, device="cpu")
+    run = Run(tmp_path / "run", config)
+    assert {image.dtype for image in [*run.train_images.values(), *run.validation_images.values()]} == {torch.uint8}
+    monkeypatch.setattr(stages, "load_image_folder", lambda folder, channels, keep_8_bit: load_image_folder(
+        folder, channels))
+    floats = Run(tmp_path / "run", config)
+    assert {image.dtype for image in floats.train_images.values()} == {torch.float32}
+    assert run.data_fingerprint == floats.data_fingerprint
+    assert all(torch.equal(a, b) for a, b in zip(run.dataset().batch(0, 3), floats.dataset().batch(0, 3)))
+    assert all(torch.equal(a, b) for a, b in zip(run.validation_batches()[0], floats.validation_batches()[0]))
+
+
 def test_a_folder_image_smaller_than_the_patch_is_named(tmp_path):
     folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
     run = Run(tmp_path / "run", TrainConfig(images=str(folder), patch_size=38, validation_patch=32, gate_patch_size=32,
@@ -992,7 +1012,7 @@ def test_a_run_builds_and_takes_networks_of_its_arch_only(tmp_path, monkeypatch)
     """A registered super-network of one's own trains when its constructor takes what the
     run builds it with; a network given to a stage, or read from the run folder, must be of
     the config's arch (a stage recorded the config's, and a later stage failed on the groups)."""
-    from test_ddsnet import BodyGroupFirstNet  # registered; its constructor takes none of them
+    from test_ddsnet import BodyGroupFirstNet  # noqa: F401 (registered; its constructor takes none of them)
 
     with pytest.raises(ValueError, match=r"unknown architecture 'NoSuchNet'; choose one of \[.*'SlimDnCNN'.*\] "
                                          r"\(a super-network of your own: .*dds-fast --import MODULE"):

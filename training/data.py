@@ -3,7 +3,9 @@
 * :func:`bundled_images` — the scikit-image photos and textures that ship with the package
   (no download), for tests, demos and small offline training runs.
 * :func:`load_image`, :func:`list_images`, :func:`load_image_folder` — PNG/JPEG/BMP/TIFF
-  files of any size, gray or colour, 8 or 16 bits, as float tensors [C, H, W] in [0, 1].
+  files of any size, gray or colour, 8 or 16 bits, as float tensors [C, H, W] in [0, 1]
+  (a folder's 8-bit images optionally kept as uint8, :func:`eight_bit`: a quarter of the
+  memory; the datasets take such images too, as their levels / 255).
 * :class:`NoisyPatches` — synthetic training pairs: random crops + flips/rotations of
   clean images, with noise from a :mod:`~dds_fast.training.noise` model.
 * :func:`make_validation_set` — fixed (seeded) crops and noise, built once.
@@ -54,6 +56,8 @@ __all__ = [
     "load_image",
     "list_images",
     "load_image_folder",
+    "eight_bit",
+    "as_float",
     "item_generator",
     "random_flip_rotate",
     "NoisyPatches",
@@ -415,10 +419,32 @@ def list_images(folder, recursive: bool = False) -> list[Path]:
     return files
 
 
-def load_image_folder(folder, channels: int | None = None, recursive: bool = False) -> dict[str, torch.Tensor]:
-    """All images of a folder, keyed by path relative to it, as float32 [C, H, W] tensors."""
+def load_image_folder(folder, channels: int | None = None, recursive: bool = False,
+                      keep_8_bit: bool = False) -> dict[str, torch.Tensor]:
+    """All images of a folder, keyed by path relative to it, as float32 [C, H, W] tensors;
+    with ``keep_8_bit``, those whose pixels are 8-bit levels as uint8 (``eight_bit``), one at
+    a time as they load: a folder of photos then takes a quarter of the memory."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): load_image(p, channels) for p in list_images(folder, recursive)}
+    kept = eight_bit if keep_8_bit else (lambda image: image)
+    return {str(p.relative_to(folder)): kept(load_image(p, channels)) for p in list_images(folder, recursive)}
+
+
+def as_float(image: torch.Tensor) -> torch.Tensor:
+    """An image's pixels as floats in [0, 1]: uint8 levels / 255 (as a file's 8-bit levels
+    read), floats as float32."""
+    return image.float().div_(255) if image.dtype == torch.uint8 else image.float()
+
+
+def eight_bit(image: torch.Tensor) -> torch.Tensor:
+    """``image`` as its uint8 levels where ``as_float`` gives it back bit for bit (an 8-bit
+    file's pixels, not converted since), else ``image`` itself."""
+    if image.dtype != torch.float32 or image.numel() == 0:
+        return image
+    levels = torch.round(image * 255)
+    if float(levels.min()) < 0 or float(levels.max()) > 255:
+        return image
+    levels = levels.to(torch.uint8)
+    return levels if torch.equal(as_float(levels), image) else image
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -467,14 +493,17 @@ def _crop_box(height: int, width: int, size: int, generator: torch.Generator) ->
 _RANGE_MARGIN = 0.5
 
 
-def _check_image_tensor(label: str, image, unit_range: bool = True) -> None:
-    """A float [1 or 3, H, W] image; clean ones in [0, 1] (``unit_range``), noisy ones finite."""
+def _check_image_tensor(label: str, image, unit_range: bool = True, levels: bool = False) -> None:
+    """A float [1 or 3, H, W] image, or uint8 levels where the caller reads them through
+    ``as_float`` (``levels``); clean float ones in [0, 1] (``unit_range``), noisy ones finite."""
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{label}: expected a tensor shaped [1 or 3, H, W], got {shape}")
+    if levels and image.dtype == torch.uint8:
+        return
     if not image.is_floating_point():  # 0..255 read as intensities would make every noise level 255x too weak
-        raise ValueError(f"{label}: expected floating-point values in [0, 1], got {image.dtype} (scale integer "
-                         f"pixels by their maximum, e.g. / 255)")
+        raise ValueError(f"{label}: expected floating-point values in [0, 1]{' or uint8 levels' if levels else ''}, "
+                         f"got {image.dtype} (scale integer pixels by their maximum, e.g. / 255)")
     if image.numel() == 0:
         return
     # Floats in 0..255 fail as integers do; the margin lets resampling overshoot pass.
@@ -487,7 +516,8 @@ def _check_image_tensor(label: str, image, unit_range: bool = True) -> None:
 
 
 def _image_list(images, channels: int | None) -> tuple[list[str], list[torch.Tensor]]:
-    """Labels (``image <key>`` of a mapping, ``image <position>`` of a sequence) and the images."""
+    """Labels (``image <key>`` of a mapping, ``image <position>`` of a sequence) and the clean
+    images, float or uint8 levels (the caller reads them through ``as_float``)."""
     if isinstance(images, Mapping):
         labels, values = [f"image {key}" for key in images], list(images.values())
     else:
@@ -496,9 +526,9 @@ def _image_list(images, channels: int | None) -> tuple[list[str], list[torch.Ten
     if not values:
         raise ValueError("no images given")
     for label, image in zip(labels, values):
-        _check_image_tensor(label, image)
-    if channels is not None:
-        return labels, [to_channels(v, channels) for v in values]
+        _check_image_tensor(label, image, levels=True)
+    if channels is not None:  # (gray from colour is a weighted sum: floats)
+        return labels, [v if v.shape[0] == channels else to_channels(as_float(v), channels) for v in values]
     if len({v.shape[0] for v in values}) > 1:
         raise ValueError("images mix gray and colour: pass channels=1 or channels=3")
     return labels, values
@@ -518,8 +548,9 @@ class NoisyPatches(Dataset):
     by ``(seed, epoch, i)``. ``length`` is the number of patches per epoch. The noisy patch is
     not clipped unless the noise model clips; the clean one is the noise model's target
     (:meth:`NoiseModel.pair`). The training loop takes whole batches (:meth:`batch`), with
-    the noise drawn on the training device. ``images`` is a list of [C, H, W] tensors, or a
-    dict of them whose keys (file paths, say) name them in errors.
+    the noise drawn on the training device. ``images`` is a list of [C, H, W] tensors (floats
+    in [0, 1], or uint8 levels read as levels / 255, as ``load_image_folder`` keeps 8-bit
+    files), or a dict of them whose keys (file paths, say) name them in errors.
     """
 
     def __init__(
@@ -536,7 +567,7 @@ class NoisyPatches(Dataset):
         length = checked_int(length, "length", "NoisyPatches")
         seed = checked_int(seed, "seed", "NoisyPatches", low=0)
         labels, values = _image_list(images, channels)
-        self.images = [im.float() for im in values]
+        self.images = [im if im.dtype == torch.uint8 else im.float() for im in values]  # (uint8: as_float per crop)
         _check_patch(labels, self.images, patch_size)
         self.noise, self.patch_size, self.length = noise, patch_size, length
         self.seed, self.augment, self.epoch = seed, augment, 0
@@ -553,7 +584,7 @@ class NoisyPatches(Dataset):
         g = item_generator(self.seed, _TRAIN_STREAM, self.epoch, index)
         image = self.images[_randint(len(self.images), g)]
         top, left = _crop_box(image.shape[-2], image.shape[-1], self.patch_size, g)
-        clean = image[:, top : top + self.patch_size, left : left + self.patch_size]
+        clean = as_float(image[:, top : top + self.patch_size, left : left + self.patch_size])
         if self.augment:
             (clean,) = random_flip_rotate(g, clean)
         return clean.contiguous(), g
@@ -593,23 +624,23 @@ def make_validation_set(
     crops_per_image: int = 1,
     channels: int | None = None,
 ) -> PairedImages:
-    """Noisy/clean pairs fixed once from ``seed``: whole images (``patch_size=None``) or seeded crops."""
+    """Noisy/clean pairs fixed once from ``seed``: whole images (``patch_size=None``) or seeded
+    crops; ``images`` as ``NoisyPatches`` takes them."""
     seed = checked_int(seed, "seed", "make_validation_set", low=0)
     crops_per_image = checked_int(crops_per_image, "crops_per_image", "make_validation_set")
     if patch_size is not None:
         patch_size = checked_int(patch_size, "patch_size", "make_validation_set")
     labels, values = _image_list(images, channels)
-    values = [im.float() for im in values]
     if patch_size is not None:
         _check_patch(labels, values, patch_size)
     pairs = []
     for k, image in enumerate(values):
         for j in range(crops_per_image if patch_size is not None else 1):
             g = item_generator(seed, _VALIDATION_STREAM, k, j)
-            clean = image
+            clean = as_float(image)
             if patch_size is not None:
                 top, left = _crop_box(image.shape[-2], image.shape[-1], patch_size, g)
-                clean = image[:, top : top + patch_size, left : left + patch_size].contiguous()
+                clean = as_float(image[:, top : top + patch_size, left : left + patch_size]).contiguous()
             pairs.append(noise.pair(clean, g))
     return PairedImages(pairs)
 

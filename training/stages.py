@@ -31,8 +31,8 @@ from dds_fast.checkpoint import read_metadata, remove_leftovers, weights_fingerp
 from dds_fast.config import RoutingEntry
 from dds_fast.nets import constructor_misfit
 
-from .data import (NoisyPatches, PairedPatches, SIDDValidation, bundled_images, check_pair_headers, load_image_folder,
-                   make_validation_set, sidd_medium_pairs, sidd_validation_files, to_channels)
+from .data import (NoisyPatches, PairedPatches, SIDDValidation, as_float, bundled_images, check_pair_headers,
+                   load_image_folder, make_validation_set, sidd_medium_pairs, sidd_validation_files, to_channels)
 from .gate_stage import gate_step, one_sided_labels
 from .graphed import GraphedStep
 from .loop import STEP_SEED_STRIDE, LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_generator
@@ -386,7 +386,7 @@ class Run:
         if c.images is None:
             images, default = bundled_images(channels=c.channels), DEFAULT_VALIDATION_IMAGES
         else:
-            images = load_image_folder(c.images, channels=c.channels)  # sorted by name
+            images = load_image_folder(c.images, channels=c.channels, keep_8_bit=True)  # sorted by name
             default = tuple(images)[max(1, len(images) - FOLDER_VALIDATION_IMAGES):]
         held_out = () if c.sidd_validation else default if c.validation_images is None else c.validation_images
         missing = [name for name in held_out if name not in images]
@@ -412,7 +412,9 @@ class Run:
         for images in (self.train_images, self.validation_images):
             for key, image in sorted(images.items()):
                 digest.update(os.path.relpath(key, c.images).encode() if c.images else key.encode())
-                digest.update(image.contiguous().numpy())  # (its buffer: no copy)
+                # the float pixels, as runs hashed them before 8-bit images stayed uint8 (a
+                # float32 image's buffer: no copy)
+                digest.update(as_float(image).contiguous().numpy())
             digest.update(b"\0")
         files = [path for pair in self.pairs or () for path in pair]
         roots = [c.paired_root] * len(files)
