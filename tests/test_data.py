@@ -369,7 +369,10 @@ def test_a_folders_8_bit_images_can_stay_uint8(tmp_path):
     gray = load_image_folder(tmp_path, channels=1, keep_8_bit=True)
     assert gray["a.png"].dtype == torch.float32  # luma of colour: no 8-bit levels
     assert torch.equal(gray["a.png"], load_image(tmp_path / "a.png", channels=1))
-    for image in (floats["a.png"] * 0.5, torch.rand(3, 4, 4), floats["a.png"].double(), torch.empty(3, 0, 4)):
+    negative_zero = floats["a.png"].clone()
+    negative_zero[0, 0, 0] = -0.0  # equal to 0.0, but as_float of its level gives +0.0
+    for image in (floats["a.png"] * 0.5, torch.rand(3, 4, 4), floats["a.png"].double(), torch.empty(3, 0, 4),
+                  negative_zero, torch.full((3, 2, 2), float("nan"))):
         assert eight_bit(image) is image
 
 
@@ -390,6 +393,10 @@ def test_uint8_levels_make_the_same_patches_and_validation_set_as_their_floats()
             assert len(sets[0]) == len(sets[1]) > 0
             for k in range(len(sets[0])):
                 assert all(torch.equal(a, b) for a, b in zip(sets[0][k], sets[1][k]))
+    # a float image is made gray in its own precision, as before uint8 levels were taken
+    double = torch.rand(3, 24, 20, dtype=torch.float64)
+    gray = NoisyPatches([double], GaussianNoise(25), patch_size=8, channels=1).images[0]
+    assert torch.equal(gray, to_channels(double, 1).float())
     # real pairs take floats only: their clean image is read as it is
     with pytest.raises(ValueError, match="pair 0, clean image: expected floating-point values in \\[0, 1\\], got"):
         PairedPatches([(floats[0], images[0])], 8, 2)[0]

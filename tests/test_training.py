@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -667,7 +668,7 @@ def test_a_runs_8_bit_folder_images_stay_uint8_with_the_data_digest_of_their_flo
     data digest, which a resume compares with the one it recorded, still hashes their float
     pixels, as runs did before."""
     from dds_fast.training import stages
-    from dds_fast.training.data import load_image_folder
+    from dds_fast.training.data import load_image, load_image_folder
 
     folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
     config = TrainConfig(images=str(folder), patch_size=32, validation_patch=32, gate_patch_size=32, device="cpu")
@@ -678,6 +679,14 @@ def test_a_runs_8_bit_folder_images_stay_uint8_with_the_data_digest_of_their_flo
     floats = Run(tmp_path / "run", config)
     assert {image.dtype for image in floats.train_images.values()} == {torch.float32}
     assert run.data_fingerprint == floats.data_fingerprint
+    # as earlier versions hashed it (what a resume of their runs compares with)
+    digest = hashlib.sha256()
+    for names in (["a.png"], ["b.png", "c.png"]):  # trained on, then held out (the last two)
+        for name in names:
+            digest.update(name.encode())
+            digest.update(load_image(folder / name, 3).numpy())
+        digest.update(b"\0")
+    assert run.data_fingerprint == digest.hexdigest()
     assert all(torch.equal(a, b) for a, b in zip(run.dataset().batch(0, 3), floats.dataset().batch(0, 3)))
     assert all(torch.equal(a, b) for a, b in zip(run.validation_batches()[0], floats.validation_batches()[0]))
 

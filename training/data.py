@@ -422,8 +422,9 @@ def list_images(folder, recursive: bool = False) -> list[Path]:
 def load_image_folder(folder, channels: int | None = None, recursive: bool = False,
                       keep_8_bit: bool = False) -> dict[str, torch.Tensor]:
     """All images of a folder, keyed by path relative to it, as float32 [C, H, W] tensors;
-    with ``keep_8_bit``, those whose pixels are 8-bit levels as uint8 (``eight_bit``), one at
-    a time as they load: a folder of photos then takes a quarter of the memory."""
+    with ``keep_8_bit``, those whose pixels are 8-bit levels after the ``channels`` conversion
+    as uint8 (``eight_bit``), one at a time as they load: a quarter of the memory for 8-bit
+    files (not for colour files made gray, whose luma is no 8-bit level)."""
     folder = Path(folder)
     kept = eight_bit if keep_8_bit else (lambda image: image)
     return {str(p.relative_to(folder)): kept(load_image(p, channels)) for p in list_images(folder, recursive)}
@@ -440,11 +441,14 @@ def eight_bit(image: torch.Tensor) -> torch.Tensor:
     file's pixels, not converted since), else ``image`` itself."""
     if image.dtype != torch.float32 or image.numel() == 0:
         return image
-    levels = torch.round(image * 255)
-    if float(levels.min()) < 0 or float(levels.max()) > 255:
+    levels = image.mul(255).round_()
+    low, high = torch.aminmax(levels)
+    if not 0 <= float(low) <= float(high) <= 255:  # (NaN fails too)
         return image
     levels = levels.to(torch.uint8)
-    return levels if torch.equal(as_float(levels), image) else image
+    # bit patterns, not values: -0.0 would come back as 0.0
+    same = torch.equal(as_float(levels).view(torch.int32), image.contiguous().view(torch.int32))
+    return levels if same else image
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -528,7 +532,8 @@ def _image_list(images, channels: int | None) -> tuple[list[str], list[torch.Ten
     for label, image in zip(labels, values):
         _check_image_tensor(label, image, levels=True)
     if channels is not None:  # (gray from colour is a weighted sum: floats)
-        return labels, [v if v.shape[0] == channels else to_channels(as_float(v), channels) for v in values]
+        return labels, [v if v.shape[0] == channels else to_channels(as_float(v) if v.dtype == torch.uint8 else v,
+                                                                     channels) for v in values]
     if len({v.shape[0] for v in values}) > 1:
         raise ValueError("images mix gray and colour: pass channels=1 or channels=3")
     return labels, values
@@ -637,8 +642,9 @@ def make_validation_set(
     for k, image in enumerate(values):
         for j in range(crops_per_image if patch_size is not None else 1):
             g = item_generator(seed, _VALIDATION_STREAM, k, j)
-            clean = as_float(image)
-            if patch_size is not None:
+            if patch_size is None:
+                clean = as_float(image)
+            else:
                 top, left = _crop_box(image.shape[-2], image.shape[-1], patch_size, g)
                 clean = as_float(image[:, top : top + patch_size, left : left + patch_size]).contiguous()
             pairs.append(noise.pair(clean, g))
