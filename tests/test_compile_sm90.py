@@ -94,6 +94,13 @@ for cols, two in ((48, False), (64, False), (64, True)):
           f"{cols} output columns, {bm} x {bn} x {bk}, {warps} warps", K._conv_fwd_kernel, forward_ptrs(p, p),
           forward_constexprs(TAP_C0=3, TAP_C1=3 if two else 0, TWO_INPUTS=two, CHANNEL_SUMS=True, BLOCK_M=bm,
                              BLOCK_N=bn, BLOCK_K=bk), warps)
+# a net's last conv per image (3 outputs): its inputs aligned, its outputs not (v25), on the
+# tiles of a launch outside the fast layout
+for red in (16, 48):
+    blocks, warps = tiles(torch.bfloat16, 3, red)
+    build(f"forward bf16, per-image widths, packed input, 3 outputs of {red} input columns", K._conv_fwd_kernel,
+          forward_ptrs(p, p), forward_constexprs(PER_IMAGE=True, PACKED_X0=True, ACT=0, CO_ALIGN=1, Y_ALIGN=1,
+                                                 **blocks), warps, layouts=("channels_last",))
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}
