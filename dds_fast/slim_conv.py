@@ -262,6 +262,9 @@ class SlimConv2d(nn.Conv2d):
         for a concatenated input), of ``weight`` when given (``self.weight`` as read once: a
         parametrization such as spectral_norm runs, and may update, on every read)."""
         weight = self.weight if weight is None else weight
+        if len(in_widths) != len(self.in_segments):
+            raise ValueError(f"{self._label()}: active_weight takes one input width per input block "
+                             f"({len(self.in_segments)}), got {list(in_widths)}")
         if len(in_widths) == 1 and in_widths[0] == self.in_channels and out_width == self.out_channels:
             return weight
         blocks = [weight[:out_width, start:start + width]
@@ -369,8 +372,8 @@ class SlimConv2d(nn.Conv2d):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.output_mask is not None:  # moved and cast with the module, as a buffer would be
-            self.output_mask = fn(self.output_mask)
+        if self.output_mask is not None:  # moved with the module, as a buffer would be; bool whatever .type() asks
+            self.output_mask = fn(self.output_mask).bool()
         return self
 
     def extra_repr(self) -> str:
@@ -434,6 +437,8 @@ def note_fallback(module: nn.Module, label: str, reason: str) -> None:
     """``module``'s call takes the reference path for ``reason``: a warning, once per kind of
     module and reason (its numbers aside: a shape's sizes), where ``backend='triton'`` asked
     for the kernels; a debug log otherwise."""
+    if torch.compiler.is_compiling():  # warnings and logging would break a fullgraph trace; eager calls report
+        return
     key = (type(module).__name__, re.sub(r"\d+", "#", reason))
     if module.backend == "triton" and key not in _WARNED:
         _WARNED.add(key)
@@ -450,6 +455,11 @@ def _kernels_module():
     except ImportError as error:  # no Triton on this platform
         return f"Triton is not available ({error})"
     return conv2d
+
+
+# Imported with the package, not at the first kernel call: FlopCounterMode copies the flop
+# formulas' registry when it is created, so formulas registered inside one would go uncounted.
+_kernels_module()
 
 
 def name_layers(model: nn.Module) -> nn.Module:

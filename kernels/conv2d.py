@@ -1289,7 +1289,7 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
     first = inputs[0]
     if first.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"slim_conv2d: the inputs are on {first.device}, but the kernels were compiled for a GPU; "
-                         "set TRITON_INTERPRET=1 before importing dds_fast.kernels to run them on the CPU")
+                         "set TRITON_INTERPRET=1 before importing dds_fast to run them on the CPU")
     for i, (t, start) in enumerate(zip(inputs, segment_starts)):
         if t.dim() != 4 or t.shape[1] == 0:
             raise ValueError(f"slim_conv2d: input {i} must be 4-D [N, C, H, W] with C >= 1, got {tuple(t.shape)}")
@@ -1462,8 +1462,8 @@ def _checked_signature(inputs, weight, bias, residual, widths, segment_starts, o
     if signature is None or signature not in _CHECKED_SIGNATURES:
         _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padding, activation, residual, widths,
                     widths_multiple, upscale_factor)
-        if activation == "leaky_relu" and negative_slope < 0:
-            raise ValueError(f"slim_conv2d: leaky_relu negative_slope={negative_slope} must be >= 0")
+        if activation == "leaky_relu" and not 0 <= negative_slope < math.inf:  # NaN fails too
+            raise ValueError(f"slim_conv2d: leaky_relu negative_slope={negative_slope} must be finite and >= 0")
         _remember(_CHECKED_SIGNATURES, signature)
     # traced or fake widths have no values to read (the op checks them when it runs)
     if widths is not None and widths.device.type == "cpu" and not tracing and not is_fake(widths):

@@ -196,7 +196,7 @@ def _route_flags_kernel(choice_ptr, flags_ptr, N, E, BLOCK_N: tl.constexpr, BLOC
 def _check_runnable(t: torch.Tensor, what: str):
     if t.device.type == "cpu" and not INTERPRET:
         raise ValueError(f"{what}: tensors are on the CPU but the Triton kernels were compiled for a GPU; "
-                           "set TRITON_INTERPRET=1 before importing dds_fast.kernels.gate to run them on the CPU")
+                           "set TRITON_INTERPRET=1 before importing dds_fast to run them on the CPU")
 
 
 def _tile(c: int, hw: int) -> tuple[int, int]:

@@ -80,8 +80,9 @@ def test_space_largest_smallest_uniform():
     assert s.smallest() == SubnetConfig.from_dict({"a": 8, "b": 8})
     assert s.uniform(0.5) == SubnetConfig.from_dict({"a": 16, "b": 24})
     assert s.uniform(1.0) == s.largest()
-    with pytest.raises(ValueError):
-        s.uniform(0)
+    for bad in (0, 1.5, float("nan"), True, "0.5", torch.tensor(0.5)):
+        with pytest.raises(ValueError, match="ratio must be a number in"):
+            s.uniform(bad)
 
 
 def test_sample_is_reproducible_non_uniform_and_allowed():

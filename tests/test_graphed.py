@@ -84,6 +84,20 @@ def test_masked_widths_compute_the_config_and_its_gradients(name):
     assert not net.masked and all(conv.output_mask is None for conv, _, _ in supernet._bindings)
 
 
+def test_masks_stay_bool_when_the_net_is_cast_with_type():
+    """Module.type() casts every tensor, bools included (.double() casts floats only); the
+    masks move with the net but stay bool, which torch.where needs."""
+    net = nets()["SlimDnCNN"]
+    x = torch.rand(2, 1, 8, 7, dtype=torch.float64)
+    config = narrow_config(net)
+    net.set_masked_widths(torch.tensor(net.binding_widths(config)))
+    net.type(torch.float64)
+    assert all(conv.output_mask.dtype == torch.bool for conv, _, _ in net._bindings)
+    got = net(x)
+    net.set_config(config)
+    torch.testing.assert_close(got, net(x), rtol=0, atol=1e-12)
+
+
 def test_masked_widths_keep_inactive_channels_that_overflowed_out_of_the_output():
     """set_config never reads the channels a config leaves out; under masks they are computed
     then zeroed, and an overflow there (inf, or NaN from inf - inf) must come out zero, not

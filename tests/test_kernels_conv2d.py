@@ -1065,6 +1065,9 @@ def test_arguments_of_the_wrong_type_get_value_errors():
         slim_conv2d([x, x], w, segment_starts=(0, torch.tensor(13)))
     with pytest.raises(ValueError, match="negative_slope must be a number, got Tensor"):
         slim_conv2d([x], w, activation="leaky_relu", negative_slope=torch.tensor(0.1))
+    for bad in (-0.1, float("nan"), float("inf")):  # the module refuses them too
+        with pytest.raises(ValueError, match=f"negative_slope={bad} must be finite and >= 0"):
+            slim_conv2d([x], w, activation="leaky_relu", negative_slope=bad)
     with pytest.raises(ValueError, match="weight must be a tensor, got NoneType"):
         slim_conv2d([x], None)
     with pytest.raises(ValueError, match="bias must be a tensor or None, got float"):

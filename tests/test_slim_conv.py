@@ -43,6 +43,8 @@ def test_full_width_equals_nn_conv2d(k, stride, padding):
 def test_full_width_uses_parameter_without_slicing():
     slim = SlimConv2d(4, 5, 3, padding=1)
     assert slim.active_weight([4], 5) is slim.weight
+    with pytest.raises(ValueError, match=r"one input width per input block \(1\), got \[3, 2\]"):
+        slim.active_weight([3, 2], 4)
 
 
 def test_padding_modes_match_nn_conv2d():

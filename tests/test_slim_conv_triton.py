@@ -2,6 +2,9 @@
 on CPU, on CUDA tensors where a GPU is present). The kernels' own exhaustive tests are in
 test_kernels_conv2d.py."""
 import re
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -403,6 +406,44 @@ def test_a_layer_and_a_network_on_the_kernels_compile_into_one_graph():
         compiled = torch.compile(net, backend=counter, fullgraph=True)(image)
         torch.testing.assert_close(compiled, net(image), rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 2
+
+
+def test_a_layer_on_the_reference_path_compiles_into_one_graph(monkeypatch):
+    """A layer whose settings fall back (reflect padding) traces under torch.compile(fullgraph=True)
+    before and after its one-time warning: the warning and the debug log stay out of the trace."""
+    from torch._dynamo.testing import CompileCounter
+
+    from dds_fast import slim_conv
+
+    monkeypatch.setattr(slim_conv, "_WARNED", set())
+    fast, slow = pair(in_channels=4, out_channels=4, kernel_size=3, padding=1, padding_mode="reflect")
+    slow.to(DEVICE)
+    x = torch.randn(1, 4, 6, 6, device=DEVICE)
+    for warned in (False, True):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        torch.testing.assert_close(torch.compile(fast, backend=counter, fullgraph=True)(x), slow(x))
+        assert counter.frame_count == 1
+        if not warned:
+            with pytest.warns(UserWarning, match="falls back"):
+                fast(x)
+
+
+def test_flop_counter_counts_the_first_kernel_call_of_a_process():
+    """FlopCounterMode copies the flop formulas' registry when it is created: the kernels'
+    formulas are registered with the package, so a first call inside a counter is counted."""
+    script = textwrap.dedent(f"""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+        import dds_fast
+        conv = dds_fast.SlimConv2d(8, 6, 3, padding=1, backend="triton").to("{DEVICE}")
+        with FlopCounterMode(display=False) as counter:
+            conv(torch.randn(1, 8, 6, 5, device="{DEVICE}"))
+        print(counter.get_total_flops())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) == 2 * 6 * 8 * 9 * 6 * 5
 
 
 def test_channel_sums_hold_no_training_output():
