@@ -93,6 +93,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """An argparse type for a seed: torch's generators take 0 to 2**64 - 1."""
+    value = int(text)
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1, got {value}")
+    return value
+
+
 def _median_ms(fn, repeats: int) -> float:
     return wall_clock(fn, 1, repeats).median_ms
 
@@ -127,24 +135,25 @@ def _demo_trained(args) -> int:
         batch = noisy[None]
         route = model.route(batch)[0]
         index = model.routing_space.index(route)
-        output = model(batch)[0].float()
+        # scored as saved: clamped to [0, 1] (the same 8-bit values; a large sigma overruns the metrics' range)
+        shown, output = noisy.clamp(0, 1), model(batch)[0].float().clamp(0, 1)
         latency = _median_ms(lambda: model(batch), args.repeats)
         print(f"gate chose sub-network {index} of {len(model.routing_space)}: {route.config.to_dict()}")
         print(f"MACs/pixel: {model.routed_macs(batch)[0]:,.0f} (largest sub-network "
               f"{model.routing_space[-1].macs_per_pixel:,.0f}); CPU latency {latency:.0f} ms")
-        print(f"PSNR {psnr(noisy, clean):.2f} -> {psnr(output, clean):.2f} dB; "
-              f"SSIM {ssim(noisy, clean):.3f} -> {ssim(output, clean):.3f}")
+        print(f"PSNR {psnr(shown, clean):.2f} -> {psnr(output, clean):.2f} dB; "
+              f"SSIM {ssim(shown, clean):.3f} -> {ssim(output, clean):.3f}")
         rows = []
         for k in range(len(model.routing_space)):
             # through the model as it routes (the gate's attention scale included), the choice forced to k
             choice = torch.full((1,), k)
-            forced = model(batch, choice=choice)[0].float()
+            forced = model(batch, choice=choice)[0].float().clamp(0, 1)
             latency = _median_ms(lambda: model(batch, choice=choice), args.repeats)
             rows.append([f"route {k}" + (" (chosen)" if k == index else ""), f"{model.dynamic_macs_per_pixel[k]:,.0f}",
                          f"{psnr(forced, clean):.2f}", f"{latency:.0f}"])
     print("every sub-network of the routing space on this image (the gate's choice overridden):")
     _print_table(rows, ["config", "MACs/pixel", "PSNR dB", "CPU ms"])
-    save_image(args.out, torch.cat([noisy.clamp(0, 1), output.clamp(0, 1), clean], dim=2))
+    save_image(args.out, torch.cat([shown, output, clean], dim=2))
     print(f"wrote {args.out} (noisy | denoised | clean)")
     return 0
 
@@ -315,13 +324,14 @@ def cmd_denoise(args) -> int:
     model = _model_from(args.checkpoint)
     if args.budget is not None:
         if not isinstance(model, DDSNet):
-            raise ValueError(f"--budget needs a DDSNet checkpoint; {args.checkpoint} holds a {type(model).__name__}")
+            raise ValueError(f"--budget needs a DDSNet checkpoint; {args.checkpoint} holds {type(model).__name__}")
         model.set_budget(args.budget)
         print(f"static mode: config at {model.static_macs_per_pixel(model.budget_index):,.0f} MACs/pixel")
     if model.in_channels == 3 and image.shape[0] == 1:
+        shipped = ("" if args.checkpoint else " (the shipped model gains about 1.4 dB at AWGN sigma 25 on gray "
+                                              "photos, against 10 dB on colour ones)")
         print(f"warning: {args.input} is gray, and a colour model learns noise that differs between channels; "
-              f"a gray image's is the same in all three, and the model keeps much of it (the shipped model gains "
-              f"about 1.4 dB at AWGN sigma 25 on gray photos, against 10 dB on colour ones). A model trained "
+              f"a gray image's is the same in all three, and the model keeps much of it{shipped}. A model trained "
               f"with --channels 1, or with 'gray' noise mixed in, denoises gray images.", file=sys.stderr)
     # a gray model denoises each colour plane alone
     planes = image[:, None] if model.in_channels == 1 else to_channels(image, model.in_channels)[None]
@@ -362,13 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="denoise a bundled photo with the shipped model (dynamic routing), or, "
                                        "without one, slim an untrained network and print MACs per width")
     demo.add_argument("--checkpoint", help="a DDSNet checkpoint instead of the shipped model")
-    demo.add_argument("--image", default="chelsea", help="a bundled scikit-image photo (default: held out)")
+    demo.add_argument("--image", default="chelsea", help="(trained demo) a bundled scikit-image photo (default: "
+                                                         "held out)")
     demo.add_argument("--sigma", type=_noise_sigma, default=25.0, help="AWGN sigma, 0-255 units (default 25)")
-    demo.add_argument("--out", default="dds-demo.png", help="the side-by-side PNG")
+    demo.add_argument("--out", default="dds-demo.png", help="(trained demo) the side-by-side PNG")
     demo.add_argument("--size", type=_positive_int, default=256, help="(untrained demo) photo side")
-    demo.add_argument("--base-width", type=int, default=16, help="(untrained demo) network width")
+    demo.add_argument("--base-width", type=_positive_int, default=16, help="(untrained demo) network width")
     demo.add_argument("--repeats", type=_positive_int, default=5)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0, help="seeds the noise (default 0)")
     demo.set_defaults(func=cmd_demo)
     train = sub.add_parser("train", help="train: stage1 (once-for-all), stage2 (progressive slimming), refine "
                                          "(the routing configs; with --refine-steps), stage3 (gate), inets (static "
@@ -407,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("-o", "--output", required=True, help=".png or .jpg; a 16-bit PNG input gives a 16-bit PNG")
     den.add_argument("--checkpoint", help="a DDSNet or slimmable network checkpoint (default: the shipped model)")
     den.add_argument("--budget", type=float, help="MACs/pixel: run the best config within it (static mode)")
-    den.add_argument("--tile", type=int, default=512, help="tile side for large images (memory stays bounded)")
+    den.add_argument("--tile", type=_positive_int, default=512, help="tile side for large images (memory stays "
+                                                                      "bounded; default 512)")
     den.add_argument("--overlap", type=int, help="pixels of context around each tile (default: the model's "
                                                  "receptive field radius, so tiles leave no seams)")
     den.set_defaults(func=cmd_denoise)

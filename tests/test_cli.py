@@ -127,6 +127,21 @@ def test_trained_demo_runs_each_route_behind_the_gates_attention(capsys, tmp_pat
     assert chosen[4] == denoised
 
 
+def test_trained_demo_scores_a_large_sigma_as_it_saves_it(capsys, tmp_path):
+    """A noisy image far outside [0, 1] (sigma 200) is scored clamped, as the PNG shows it."""
+    from dds_fast.metrics import psnr
+    from dds_fast.training.data import read_image
+
+    checkpoint = save(small_ddsnet(), tmp_path / "dds.safetensors")
+    picture = tmp_path / "demo.png"
+    assert main(["demo", "--checkpoint", str(checkpoint), "--image", "coins", "--sigma", "200", "--repeats", "1",
+                 "--out", str(picture)]) == 0
+    noisy_db = float(capsys.readouterr().out.split("PSNR ")[1].split(" -> ")[0])
+    image, _ = read_image(picture)
+    noisy, _, clean = image.chunk(3, dim=2)
+    assert noisy_db == round(psnr(noisy, clean), 2)
+
+
 def test_trained_demo_on_a_gray_model_reads_the_photo_in_gray(capsys, tmp_path):
     from dds_fast.training.data import read_image
 
@@ -346,6 +361,17 @@ def test_demo_rejects_a_sigma_that_is_no_noise_level_by_name(value, capsys):
         main(["demo", "--sigma", value])
     assert raised.value.code == 2
     assert f"argument --sigma: must be a finite number >= 0, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--seed", str(2 ** 64)], "argument --seed: must be an integer from 0 to 2**64 - 1"),
+    (["demo", "--base-width", "0"], "argument --base-width: must be a positive integer"),
+    (["denoise", "in.png", "-o", "out.png", "--tile", "0"], "argument --tile: must be a positive integer"),
+])
+def test_commands_name_the_flag_of_a_number_out_of_range(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--size", "--repeats"])

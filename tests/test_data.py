@@ -201,6 +201,29 @@ def test_tiff_alpha_stays_as_stored_after_the_colour(tmp_path):
     assert torch.equal(gray[1], expected[3])
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_tiff_colours_premultiplied_by_their_alpha_read_straight(tmp_path, dtype):
+    """An associated alpha's colours are stored multiplied by it; PNG's alpha, which denoise
+    writes, is straight: the straight colours read, multiplied back and rounded, are the
+    stored ones; 100 at alpha 128 (8-bit) reads 199, as Pillow reads it; alpha 0 reads black."""
+    import tifffile
+
+    top = np.iinfo(dtype).max
+    alpha = rng().integers(0, top + 1, (5, 7, 1), dtype=np.int64)
+    straight = rng().integers(0, top + 1, (5, 7, 3), dtype=np.int64)
+    alpha[0, 0], straight[0, 0] = 0, top
+    stored = np.concatenate([(straight * alpha + top // 2) // top, alpha], axis=-1).astype(dtype)
+    stored[1, 1] = [100, 100, 100, 128]
+    tifffile.imwrite(tmp_path / "assoc.tif", stored, photometric="rgb", extrasamples=["assocalpha"])
+    image, _ = read_image(tmp_path / "assoc.tif", keep_alpha=True)
+    got = np.rint(image.permute(1, 2, 0).double().numpy() * top).astype(np.int64)
+    assert np.array_equal(got[..., 3], stored[..., 3])
+    assert np.array_equal((got[..., :3] * got[..., 3:] + top // 2) // top, stored[..., :3])
+    if dtype == np.uint8:
+        assert got[1, 1, :3].tolist() == [199] * 3
+    assert got[0, 0, :3].tolist() == [0, 0, 0]
+
+
 @pytest.mark.parametrize("photometric,colours", [("minisblack", 1), ("rgb", 3)])
 def test_tiff_extra_samples_that_are_no_alpha_are_dropped(tmp_path, photometric, colours):
     """A gray file with an alpha and an unspecified extra sample read as three colour planes
@@ -715,6 +738,17 @@ def test_save_image_errors(tmp_path):
     image[1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         save_image(tmp_path / "a.png", image)
+    with pytest.raises(ValueError, match="float image in .0, 1. or uint8 levels, got torch.int32"):
+        save_image(tmp_path / "a.png", torch.full((3, 4, 4), 200, dtype=torch.int32))
+    with pytest.raises(IsADirectoryError, match="is a folder, not an image file"):
+        read_image(tmp_path)
+
+
+def test_save_image_takes_uint8_levels_as_the_metrics_do(tmp_path):
+    levels = torch.randint(0, 256, (3, 5, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    for bits in (8, 16):
+        loaded, _ = read_image(save_image(tmp_path / "levels.png", levels, bits))
+        assert torch.equal((loaded * 255).round().to(torch.uint8), levels)
 
 
 def test_a_failed_save_leaves_the_file_it_would_replace(tmp_path, monkeypatch):

@@ -212,8 +212,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
     tifffile returns the stored samples, so a planar-configuration file (each colour a plane
     of its own, [C, H, W]), an inverted gray one (MinIsWhite), a palette one (indices into
     a 16-bit colour map) and a CMYK one are turned into the pixels a viewer shows here, with
-    the first alpha sample after the colour ones (other extra samples dropped); other colour
-    spaces are refused."""
+    the first alpha sample after the colour ones (other extra samples dropped; colours
+    premultiplied by it made straight); other colour spaces are refused."""
     kinds = tifffile.PHOTOMETRIC
     with tifffile.TiffFile(path) as tiff:
         array = tiff.asarray()
@@ -244,9 +244,23 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
         array = np.concatenate([rgb.astype(array.dtype), array[..., colours:]], axis=-1)
         colours = 3
     if page.extrasamples:  # the colour samples and the first alpha one; unspecified extras are no pixels
-        alpha = [colours + k for k, kind in enumerate(page.extrasamples) if kind in (1, 2)][:1]
-        array = array[..., list(range(colours)) + alpha]
+        alphas = [(colours + k, kind) for k, kind in enumerate(page.extrasamples) if kind in (1, 2)][:1]
+        if alphas and alphas[0][1] == 1 and array.dtype in (np.uint8, np.uint16):
+            array = _straight_alpha(array, colours, alphas[0][0])
+        array = array[..., list(range(colours)) + [index for index, _ in alphas]]
     return array, orientation
+
+
+def _straight_alpha(array: np.ndarray, colours: int, alpha_index: int) -> np.ndarray:
+    """``array`` with its colour samples divided by the associated (premultiplied) alpha, rounded:
+    the straight alpha that PNG keeps and the network denoises (transparent pixels are black)."""
+    top = np.iinfo(array.dtype).max
+    alpha = array[..., alpha_index:alpha_index + 1].astype(np.uint64)
+    colour = array[..., :colours].astype(np.uint64)
+    straight = np.where(alpha > 0, np.minimum((colour * top + alpha // 2) // np.maximum(alpha, 1), top), 0)
+    out = array.copy()
+    out[..., :colours] = straight.astype(array.dtype)
+    return out
 
 
 @contextmanager
@@ -291,6 +305,8 @@ def _decode(path: Path) -> np.ndarray:
 
 def _read_array(path: Path) -> np.ndarray:
     """Decode an image file to its stored integer array, with errors that name the file."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
@@ -360,7 +376,7 @@ def check_writable_file(path) -> Path:
 
 
 def save_image(path, image: torch.Tensor, bits: int = 8, icc_profile: bytes | None = None) -> Path:
-    """Write [C, H, W] in [0, 1] (C = 1 or 3, or 2 and 4 with alpha last, PNG only) as PNG
+    """Write [C, H, W] in [0, 1] (or uint8 levels; C = 1 or 3, or 2 and 4 with alpha last, PNG only) as PNG
     (8 or 16 bits, through pypng, which keeps 16-bit colour) or JPEG (8 bits, quality 95),
     with ``icc_profile`` if given (``read_icc_profile`` of the input), atomically: a failed
     write leaves what was at ``path`` (perhaps the input) as it was."""
@@ -374,6 +390,10 @@ def save_image(path, image: torch.Tensor, bits: int = 8, icc_profile: bytes | No
                          f"{colours}-channel ones")
     if bits not in (8, 16) or (bits == 16 and path.suffix.lower() != ".png"):
         raise ValueError(f"save_image: {bits}-bit output is not supported for {path.name} (8-bit PNG/JPEG, 16-bit PNG)")
+    if image.dtype == torch.uint8:  # 8-bit levels, as the metrics take them
+        image = image.float() / 255
+    elif not image.is_floating_point():  # levels of an unknown scale would all clamp to white
+        raise ValueError(f"save_image: expected a float image in [0, 1] or uint8 levels, got {image.dtype}")
     if torch.isnan(image).any():  # NaN has no pixel value: the cast would write it as black
         raise ValueError(f"save_image: the image for {path} holds NaN values")
     top = 2 ** bits - 1
