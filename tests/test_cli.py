@@ -246,6 +246,16 @@ def test_train_reports_bad_input_as_an_error_without_a_traceback(tmp_path, capsy
     if not torch.cuda.is_available():
         assert main(run + ["--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+    tiny = ["--run-dir", str(tmp_path / "empty"), "--arch", "SlimDnCNN", "--channels", "1", "--base-width", "8",
+            "--depth", "3", "--slim-step", "8", "--num-choices", "2", "--device", "cpu"]
+    for stage, needs in [("stage2", "stage1"), ("refine", "stage2"), ("stage3", "stage2"), ("inets", "stage2")]:
+        extra = ["--refine-steps", "1"] if stage == "refine" else []
+        assert main(["train", stage, *tiny, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{needs}.safetensors does not exist: run `dds-fast train {needs}` first" in err, err
+    (tmp_path / "afile").write_text("")
+    assert main(["train", "stage2", *tiny[:1], str(tmp_path / "afile"), *tiny[2:]]) == 2
+    assert "afile is a file, not a folder" in capsys.readouterr().err
 
 
 def test_inet_indices_are_checked_before_stage_1(tmp_path, capsys):

@@ -319,7 +319,7 @@ def test_running_again_in_the_process_after_a_stop(tmp_path):
     """Before the first checkpoint the model holds steps that no file records: run() again is
     refused. After one, it reloads the checkpoint and goes on to the straight run's result."""
     loop, _ = make_loop(tmp_path / "early", steps=6, checkpoint_every=5, nan_at=3)
-    with pytest.raises(TrainingDiverged, match="step 3"):
+    with pytest.raises(TrainingDiverged, match="step 3, not finite; stopped. No checkpoint was saved before it"):
         loop.run()
     with pytest.raises(RuntimeError, match="already took 3 optimizer steps in this process and saved no checkpoint"):
         loop.run()
@@ -534,6 +534,11 @@ def test_training_config_from_file(tmp_path):
     path.write_text(json.dumps({"steps": 5, "noise": "camera", "noise_args": {}}))
     config = TrainConfig.from_file(path, batch_size=4)
     assert config.steps == 5 and config.batch_size == 4 and config.noise == "camera"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"steps": 7}).encode())  # a BOM, as some editors write
+    assert TrainConfig.from_file(path).steps == 7
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match="cannot read training config"):
+        TrainConfig.from_file(path)
     path.write_text(json.dumps({"stepz": 5}))
     with pytest.raises(ValueError, match=r"unknown training options \['stepz'\]"):
         TrainConfig.from_file(path)
@@ -925,7 +930,7 @@ def test_stage_resume_refuses_other_options_naming_them(tmp_path):
         stage1(tmp_path / "cosine", steps=3)
 
 
-def test_all_stages_train_and_validate_on_sidd_pairs(tmp_path):
+def test_all_stages_train_and_validate_on_sidd_pairs(tmp_path, monkeypatch):
     import numpy as np
 
     from test_data import write_sidd_medium, write_sidd_validation  # the layouts test_data checks
@@ -937,9 +942,12 @@ def test_all_stages_train_and_validate_on_sidd_pairs(tmp_path):
     clean = np.random.default_rng(0).integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8)
     write_sidd_validation(tmp_path / "val", 255 - clean, clean)
     config = tiny_run_config(paired_root=str(tmp_path / "medium"), sidd_validation=str(tmp_path / "val"),
-                             images=str(tmp_path / "nowhere"), steps=2, refine_steps=1, inet_steps=1, gate_steps=1,
+                             steps=2, refine_steps=1, inet_steps=1, gate_steps=1,
                              gate_batch_size=2, gate_patch_size=16, validation_crops=2)
-    run = Run(tmp_path / "run", config)  # no clean images needed: the folder is never read
+    from dds_fast.training import stages
+
+    monkeypatch.setattr(stages, "bundled_images", lambda *a, **k: pytest.fail("clean images read"))
+    run = Run(tmp_path / "run", config)  # no clean images needed: none is read
     data = run.dataset()
     assert isinstance(data, PairedPatches) and len(data) == 4
     assert data.pair_of(0) != data.pair_of(1)  # a batch takes its crops from different pairs
@@ -1045,6 +1053,28 @@ def test_a_run_builds_and_takes_networks_of_its_arch_only(tmp_path, monkeypatch)
 def test_held_out_images_and_sidd_validation_are_not_both_set():
     with pytest.raises(ValueError, match="validation_images and sidd_validation both name what stage 2 validates on"):
         TrainConfig(validation_images=("chelsea",), sidd_validation="val")
+    with pytest.raises(ValueError, match="images would go unused: paired_root gives the training pairs"):
+        TrainConfig(images="photos", paired_root="sidd", sidd_validation="val")
+    with pytest.raises(ValueError, match=r"validation_images names \['a.png'\] more than once"):
+        TrainConfig(validation_images=("a.png", "b.png", "a.png"))
+
+
+def test_a_run_dir_that_is_a_file_is_refused_by_name(tmp_path):
+    (tmp_path / "run").write_text("")
+    with pytest.raises(ValueError, match="run dir .*run is a file, not a folder"):
+        Run(tmp_path / "run", tiny_run_config())
+
+
+def test_stage2_stops_as_a_divergence_on_weights_whose_outputs_overflow(tmp_path):
+    """Finite weights can still overflow (stage 1's last step taken with a huge rate): stage 2
+    stops as a divergence, not on a metric's NaN error."""
+    run = Run(tmp_path, tiny_run_config())
+    net = run.new_network()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(1e29)
+    with pytest.raises(TrainingDiverged, match="validation: the network's output at config .* is not finite"):
+        run.stage2(net)
 
 
 def test_inets_reject_an_unknown_routing_index(tmp_path):
@@ -1088,7 +1118,7 @@ def test_three_stage_run_end_to_end(tmp_path, attention):
     assert len(routed.routing_space) == 2
     reloaded = dds_fast.load(tmp_path / "stage2.safetensors")
     assert reloaded.routing_space == routed.routing_space
-    with pytest.raises(ValueError, match="train refine"):
+    with pytest.raises(FileNotFoundError, match="refine.safetensors does not exist: run `dds-fast train refine` first"):
         run.stage3()
     refined = run.refine()
     log = [json.loads(line) for line in (tmp_path / "refine.log.jsonl").read_text().splitlines()]

@@ -39,7 +39,8 @@ from .data import to_device
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss or a gradient became NaN or infinite; the last good checkpoint is kept."""
+    """A loss or a gradient became NaN or infinite (the last good checkpoint is kept), or a
+    trained network's validation output did."""
 
 
 @dataclass
@@ -278,9 +279,9 @@ class TrainLoop:
                 if not math.isfinite(largest_gradient):
                     bad["largest |gradient|"] = largest_gradient
                 if bad:  # before the optimizer step, so that no checkpoint holds its result
-                    saved = f"step {int(self._saved_step())}" if self.state_path.exists() else "none yet"
-                    raise TrainingDiverged(f"{self.stage}: {bad} at step {step}, not finite; stopped. The last good "
-                                           f"checkpoint ({saved}) is kept at {self.state_path}")
+                    kept = (f"The last good checkpoint (step {int(self._saved_step())}) is kept at {self.state_path}"
+                            if self.state_path.exists() else "No checkpoint was saved before it")
+                    raise TrainingDiverged(f"{self.stage}: {bad} at step {step}, not finite; stopped. {kept}")
                 lr = self.optimizer.param_groups[0]["lr"]  # this step's, before an epoch's end decays it
                 self.optimizer.step()
                 self._steps_taken += 1

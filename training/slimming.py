@@ -20,6 +20,8 @@ from dds_fast.cost import macs_per_pixel
 from dds_fast.ddsnet import AttentionSupernet
 from dds_fast.metrics import batch_psnr
 
+from .loop import TrainingDiverged
+
 
 @torch.no_grad()
 def validation_psnr(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], config: SubnetConfig) -> float:
@@ -28,7 +30,11 @@ def validation_psnr(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], c
     net.set_config(config)
     total, count = 0.0, 0
     for noisy, clean in batches:
-        total += batch_psnr(net(noisy), clean) * len(noisy)
+        output = net(noisy)
+        if not torch.isfinite(output).all():  # finite weights can still overflow (stage 1's last step diverging)
+            raise TrainingDiverged(f"validation: the network's output at config {config.to_dict()} is not finite: "
+                                   f"its weights diverged in training (a learning rate too high?)")
+        total += batch_psnr(output, clean) * len(noisy)
         count += len(noisy)
     if count == 0:
         raise ValueError("validation set is empty")

@@ -157,6 +157,12 @@ class TrainConfig:
             raise OptionError("validation_images and sidd_validation both name what stage 2 validates on (held-out "
                               "images, or the SIDD validation blocks): set one of them",
                               "validation_images", "sidd_validation")
+        if self.images is not None and self.paired_root is not None and self.sidd_validation is not None:
+            raise OptionError("images would go unused: paired_root gives the training pairs and sidd_validation the "
+                              "validation blocks; drop one of the three", "images", "paired_root", "sidd_validation")
+        if self.validation_images is not None and len(set(self.validation_images)) < len(self.validation_images):
+            repeated = sorted({name for name in self.validation_images if self.validation_images.count(name) > 1})
+            raise ValueError(f"validation_images names {repeated} more than once")
         for name in ("batch_size", "gate_batch_size"):  # stage 3 draws its batches from an epoch too
             if getattr(self, name) > self.epoch_patches:
                 raise OptionError(f"{name} {getattr(self, name)} is larger than epoch_patches {self.epoch_patches}: "
@@ -166,8 +172,8 @@ class TrainConfig:
     def from_file(cls, path, **overrides) -> "TrainConfig":
         path = Path(path)
         try:
-            values = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+            values = json.loads(path.read_text(encoding="utf-8-sig"))  # (Windows editors may start with a BOM)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read training config {path}: {error}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a JSON object of training options, got {type(values).__name__}")
@@ -308,6 +314,8 @@ class Run:
 
     def __init__(self, run_dir, config: TrainConfig):
         self.dir = Path(run_dir)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ValueError(f"run dir {self.dir} is a file, not a folder")
         self.config = c = config
         self.device = config.resolved_device()
         if config.graphs and self.device.type != "cuda":
@@ -395,7 +403,7 @@ class Run:
         if not held_out and not c.sidd_validation:
             raise ValueError(f"no clean image is held out for validation among {list(images)}: "
                              f"add images or set sidd_validation")
-        if not c.paired_root and len(held_out) == len(images):
+        if not c.paired_root and set(held_out) == set(images):
             raise ValueError(f"every clean image ({list(images)}) is held out for validation; none is left to train on")
         key = (lambda name: str(Path(c.images) / name)) if c.images else str
         return ({key(name): image for name, image in images.items() if name not in held_out},
@@ -448,7 +456,9 @@ class Run:
         return self.prepare(net.to(self.device))
 
     def load(self, name: str):
-        """A result of an earlier stage of this run, checked against its config."""
+        """A result of an earlier stage of this run (``<stage>.safetensors``), checked against its config."""
+        if not (self.dir / name).exists():
+            raise FileNotFoundError(f"{self.dir / name} does not exist: run `dds-fast train {Path(name).stem}` first")
         model = dds_fast.load(self.dir / name, map_location=self.device)
         self.check_earlier_result(name, model)
         return self.prepare(model)
@@ -718,11 +728,7 @@ class Run:
             self.check_network(supernet, "the network given to stage 3")
         if supernet is None:
             stage = "refine" if c.refine_steps > 0 else "stage2"
-            name = f"{stage}.safetensors"
-            if not (self.dir / name).exists():
-                raise ValueError(f"stage 3 starts from {self.dir / name}, which does not exist: "
-                                 f"run `dds-fast train {stage}` first")
-            supernet = self.load(name)
+            supernet = self.load(f"{stage}.safetensors")
         if not supernet.routing_space:
             raise ValueError("stage 3 needs the routing space of stage 2")
         start_weights = weights_fingerprint(supernet.state_dict())  # in its options, as in refine's
@@ -774,9 +780,7 @@ class Run:
         c = self.config
         self.check_stages({"inets"})
         if routing_space is None:
-            stage2 = dds_fast.load(self.dir / "stage2.safetensors")
-            self.check_earlier_result("stage2.safetensors", stage2)
-            routing_space = stage2.routing_space
+            routing_space = self.load("stage2.safetensors").routing_space
         indices = range(len(routing_space)) if indices is None else indices
         unknown = sorted(set(indices) - set(range(len(routing_space))))
         if unknown:
