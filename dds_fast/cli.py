@@ -322,6 +322,10 @@ def cmd_denoise(args) -> int:
         image, alpha = image[:-1], image[-1:]
     check_output_path(args.output, alpha=alpha is not None)
     model = _model_from(args.checkpoint)
+    out_channels = getattr(getattr(model, "supernet", model), "out_channels", model.in_channels)
+    if out_channels != model.in_channels:  # its output would be no denoised copy of its input
+        raise ValueError(f"denoise needs a model whose output has its input's channels; {args.checkpoint} maps "
+                         f"{model.in_channels} to {out_channels}")
     if args.budget is not None:
         if not isinstance(model, DDSNet):
             raise ValueError(f"--budget needs a DDSNet checkpoint; {args.checkpoint} holds {type(model).__name__}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dds_fast
-from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimDnCNN, macs_per_pixel
+from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimDnCNN, SlimUNet, macs_per_pixel
 from dds_fast.bench import rig_gate
 from dds_fast.cli import main
 from dds_fast.evaluate import comparison_table, denoise, evaluate
@@ -406,6 +406,13 @@ def test_denoise_command_passes_the_alpha_plane_through(tmp_path, bits, channels
     torch.testing.assert_close(result[-1:], read_image(source, keep_alpha=True)[0][-1:], rtol=0, atol=0)
     torch.testing.assert_close(result[:-1], read_image(tmp_path / "out-colour.png")[0], rtol=0, atol=0)
     assert read_image(tmp_path / "out.png")[0].shape[0] == channels - 1  # alpha dropped unless asked for
+
+
+def test_denoise_command_refuses_a_model_that_changes_the_channels(tmp_path, capsys):
+    checkpoint = dds_fast.save(SlimUNet(in_channels=3, out_channels=1, base_width=8, depth=2), tmp_path / "n.safetensors")
+    source = save_image(tmp_path / "in.png", torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(6)))
+    assert main(["denoise", str(source), "-o", str(tmp_path / "out.png"), "--checkpoint", str(checkpoint)]) == 2
+    assert "maps 3 to 1" in capsys.readouterr().err and not (tmp_path / "out.png").exists()
 
 
 def test_denoise_command_refuses_to_drop_an_alpha_plane_into_a_jpeg(tmp_path, capsys):
