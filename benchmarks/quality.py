@@ -75,8 +75,10 @@ def matched_table(dynamic_rows: list[Evaluation], inet_rows: list[Evaluation]) -
 
 
 def json_row(row: Evaluation) -> dict:
-    """``row`` for JSON, which has no NaN: BM3D's MACs/pixel (unknown, NaN in the table) is null."""
-    return {**row.__dict__, "macs_per_pixel": None if math.isnan(row.macs_per_pixel) else row.macs_per_pixel}
+    """``row`` for JSON, which has no NaN or infinity: BM3D's MACs/pixel (unknown, NaN in the
+    table) is null, and so is the PSNR of an output equal to its target (inf: sigma 0)."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in row.__dict__.items()}
 
 
 def main(argv=None) -> int:
@@ -116,8 +118,9 @@ def main(argv=None) -> int:
         added = noisy_pairs(args.images, noise, model.in_channels)
         pairs += added
         sigmas += [sigma] * len(added)
-    noisy = Evaluation("noisy input", sum(psnr(n, c) for n, c in pairs) / len(pairs),
-                       sum(ssim(n, c) for n, c in pairs) / len(pairs), 0.0, len(pairs))
+    # scored as saved, clamped to [0, 1]: a large sigma's noisy images overrun the metrics' range
+    noisy = Evaluation("noisy input", sum(psnr(n.clamp(0, 1), c) for n, c in pairs) / len(pairs),
+                       sum(ssim(n.clamp(0, 1), c) for n, c in pairs) / len(pairs), 0.0, len(pairs))
     rows = [noisy]
     started = time.perf_counter()
     dynamic_rows = []

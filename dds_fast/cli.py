@@ -94,10 +94,10 @@ def _positive_int(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    """An argparse type for a seed: torch's generators take 0 to 2**64 - 1."""
+    """An argparse type for a seed: torch's generators take -2**63 to 2**64 - 1."""
     value = int(text)
-    if not 0 <= value < 2 ** 64:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1, got {value}")
+    if not -2 ** 63 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be an integer from -2**63 to 2**64 - 1, got {value}")
     return value
 
 

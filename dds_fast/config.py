@@ -191,8 +191,8 @@ class WidthSpace:
 
     def uniform(self, ratio: float) -> SubnetConfig:
         """Every group at about ``ratio`` of its maximum (rounded up to an allowed width)."""
-        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
-            raise ValueError(f"uniform: ratio must be a number in (0, 1], got {ratio!r}")
+        if not 0 < checked_real(ratio, "ratio", "uniform") <= 1:
+            raise ValueError(f"uniform: ratio must be in (0, 1], got {ratio!r}")
         widths = []
         for g in self.groups:
             # rounded first: in floats 0.28 * 200 is 56.00000000000001, whose ceil skips 56

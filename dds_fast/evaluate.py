@@ -93,11 +93,12 @@ def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int
 
 @torch.no_grad()
 def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], name: str = "model",
-             tile: int = 512) -> Evaluation:
+             tile: int = 512, overlap: int | None = None) -> Evaluation:
     """Mean PSNR and SSIM over ``(noisy, clean)`` pairs of single images, and the mean
     MACs/pixel: a DDSNet's routed configs (with its full-width stem), else the model's.
     Puts ``model`` in eval mode, and leaves it so; images larger than ``tile`` are denoised
-    (and a DDSNet's gate squeezes them) tile by tile (``denoise``)."""
+    (and a DDSNet's gate squeezes them) tile by tile, with ``overlap`` pixels of context
+    (``denoise``; default: the model's receptive radius)."""
     model.eval()
     scores, macs = [], []
     device = next(model.parameters(), torch.empty(0)).device  # no parameters (a baseline): the CPU
@@ -108,7 +109,8 @@ def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]
         # tiles (an image within one tile is routed as a whole, by its own forward)
         routed = isinstance(model, DDSNet) and model.budget_index is None and max(noisy.shape[-2:]) > tile
         means = model.stem_means(noisy, tile) if routed else None
-        output = denoise(model, noisy, tile, stem_means=means).float().cpu()
+        # clamped as a saved image is (the 8-bit scores clip anyway; a poor model's output may be far outside)
+        output = denoise(model, noisy, tile, overlap, stem_means=means).float().cpu().clamp(0, 1)
         scores.append((psnr(output, clean[0]), ssim(output, clean[0])))
         if isinstance(model, DDSNet):
             macs.append(model.routed_macs(noisy, stem_means=means)[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import platform
 import statistics
 import time
@@ -26,6 +27,7 @@ from ._version import __version__
 from .config import SubnetConfig, checked_int
 from .cost import ConvCall, trace_convs
 from .ddsnet import DDSNet
+from .gate import DynamicGate
 from .slim_conv import SlimConv2d, _kernels_module
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)  # the width ratios a bare layer is timed at
@@ -328,10 +330,13 @@ class LatencyRunner:
     def _select(self, configurable: nn.Module, config) -> tuple[nn.Module, object, dict | None]:
         """Set ``config``; return what to time, its input and the config as recorded."""
         if config is None:
+            if isinstance(self.model, SlimConv2d) and len(self.model.in_segments) > 1:  # one tensor per block
+                return self.model, [self.inputs[:, start:start + size].contiguous(memory_format=self.memory_format)
+                                    for start, size in zip(self.model.segment_starts, self.model.in_segments)], None
             return self.model, self.inputs, None
         if isinstance(configurable, SlimConv2d):
             return self._conv_at(configurable, config)
-        if isinstance(config, (int, float)) or not hasattr(configurable, "set_config"):
+        if isinstance(config, numbers.Real) or not hasattr(configurable, "set_config"):
             raise ValueError(f"LatencyRunner: {type(configurable).__name__} takes SubnetConfigs (or None, to time it "
                              f"as it is), got {config!r}; width ratios apply to a bare SlimConv2d")
         configurable.set_config(config)
@@ -341,7 +346,7 @@ class LatencyRunner:
         """A bare SlimConv2d at ``ratio`` of its output and of each input block. Its input is
         the prefix of each block, copied out before timing as the narrow layer before it
         would have written it."""
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
             raise ValueError(f"LatencyRunner: a SlimConv2d's configs are width ratios in (0, 1] (or None), "
                              f"got {ratio!r}")
         if self.input_shape[1] != conv.in_channels:
@@ -372,8 +377,9 @@ class LatencyRunner:
         name, env = describe_device(self.device)
         report = Report(name, env, str(self.dtype).replace("torch.", ""), self.input_shape, self.backend, peaks,
                         cuda_graph=self.cuda_graph)
-        # a DDSNet's configs are its super-network's; config None times the model as it is
-        configurable = getattr(self.model, "supernet", self.model)
+        # a DDSNet's configs are its super-network's; config None times the model as it is. (An
+        # AttentionSupernet runs its configs itself, behind its full-width stem and attention.)
+        configurable = self.model.supernet if isinstance(self.model, DDSNet) else self.model
         restore = _widths_restorer(configurable)
         try:
             for label, config in configs:
@@ -402,7 +408,8 @@ def default_configs(model: nn.Module) -> list[tuple[str, SubnetConfig | float | 
     space when it has one, else smallest, uniform 0.25/0.5/0.75, largest. A SlimConv2d: width
     ratios 0.25 to 1. A static export, or any other module: as it is."""
     if isinstance(model, DDSNet):
-        return [("dynamic", None)] + [(f"route {i}", e.config) for i, e in enumerate(model.routing_space)]
+        mode = "dynamic" if model.budget_index is None else f"budget (route {model.budget_index})"
+        return [(mode, None)] + [(f"route {i}", e.config) for i, e in enumerate(model.routing_space)]
     if isinstance(model, SlimConv2d):
         return [(f"width {ratio:g}", ratio) for ratio in WIDTHS]
     if not hasattr(model, "space") or getattr(model, "is_static", False):  # an export_static copy: widths fixed
@@ -427,15 +434,21 @@ def _widths_restorer(module: nn.Module) -> Callable[[], None]:
 
 
 def _resolved(backend: str, device: torch.device) -> str:
-    # 'auto' layers (convs and the gate) take the Triton kernels on CUDA tensors, else the reference
-    if backend != "auto":
-        return backend
-    return "triton" if device.type == "cuda" else "torch"
+    # 'auto' layers (convs and the gate) take the Triton kernels on CUDA tensors, else the
+    # reference; 'triton' ones fall back to it where the kernels cannot run on the device
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"LatencyRunner: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda":
+        kernels = _kernels_module()
+        return "triton" if device.type == "cpu" and not isinstance(kernels, str) and kernels.INTERPRET else "torch"
+    return backend
 
 
 def backend_of(model: nn.Module, device: torch.device) -> str:
     """The backends ``model``'s layers run on ``device``, 'auto' resolved (settings the kernels
     do not cover fall back to the reference, with a warning under 'triton' and a debug log
     under 'auto', which this does not see)."""
-    backends = {_resolved(m.backend, device) for m in model.modules() if isinstance(getattr(m, "backend", None), str)}
+    backends = {_resolved(m.backend, device) for m in model.modules() if isinstance(m, (SlimConv2d, DynamicGate))}
     return ",".join(sorted(backends)) or "torch"

@@ -349,7 +349,8 @@ class SlimConv2d(nn.Conv2d):
         if isinstance(kernels, str):
             reason = kernels
         elif device_type not in ("cuda", "cpu"):
-            reason = f"tensors on {device_type} (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
+            reason = (f"tensors on {device_type} (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1 set "
+                      f"before importing dds_fast)")
         else:
             reason = transform_reason(*inputs, weight, bias, residual)
             if reason is None:
@@ -452,8 +453,8 @@ def _kernels_module():
     on every call)."""
     try:
         from .kernels import conv2d
-    except ImportError as error:  # no Triton on this platform
-        return f"Triton is not available ({error})"
+    except Exception as error:  # no Triton on this platform, or one that fails to start: the reference serves
+        return f"Triton is not available ({type(error).__name__}: {error})"
     return conv2d
 
 

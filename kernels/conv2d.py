@@ -1245,7 +1245,7 @@ def _reason(specs, weight_spec, stride, padding, dilation, groups, padding_mode,
         if not _dtypes_match(dtype, w_dtype):
             return f"input dtype {dtype} with weight dtype {w_dtype} (the weight's, or fp32 master weights)"
         if device_type != "cuda" and not INTERPRET:
-            return f"tensor on {device_type} (the kernels need CUDA, or TRITON_INTERPRET=1)"
+            return f"tensor on {device_type} (the kernels need CUDA, or TRITON_INTERPRET=1 set before importing dds_fast)"
     if len(specs) == 2 and specs[0][1] != specs[1][1]:  # torch.cat would promote; the fused concat cannot
         return f"concatenated inputs of dtypes {specs[0][1]} and {specs[1][1]}"
     if len(specs[0][0]) == 4 and specs[0][0][0] > MAX_BATCH:

@@ -374,7 +374,7 @@ def test_demo_rejects_a_sigma_that_is_no_noise_level_by_name(value, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["demo", "--seed", str(2 ** 64)], "argument --seed: must be an integer from 0 to 2**64 - 1"),
+    (["demo", "--seed", str(2 ** 64)], "argument --seed: must be an integer from -2**63 to 2**64 - 1"),
     (["demo", "--base-width", "0"], "argument --base-width: must be a positive integer"),
     (["denoise", "in.png", "-o", "out.png", "--tile", "0"], "argument --tile: must be a positive integer"),
 ])

@@ -214,14 +214,32 @@ def test_tiff_colours_premultiplied_by_their_alpha_read_straight(tmp_path, dtype
     alpha[0, 0], straight[0, 0] = 0, top
     stored = np.concatenate([(straight * alpha + top // 2) // top, alpha], axis=-1).astype(dtype)
     stored[1, 1] = [100, 100, 100, 128]
+    stored[2, 2] = [1, 1, 1, 2]  # 127.5: rounded, not truncated
     tifffile.imwrite(tmp_path / "assoc.tif", stored, photometric="rgb", extrasamples=["assocalpha"])
     image, _ = read_image(tmp_path / "assoc.tif", keep_alpha=True)
     got = np.rint(image.permute(1, 2, 0).double().numpy() * top).astype(np.int64)
     assert np.array_equal(got[..., 3], stored[..., 3])
     assert np.array_equal((got[..., :3] * got[..., 3:] + top // 2) // top, stored[..., :3])
     if dtype == np.uint8:
-        assert got[1, 1, :3].tolist() == [199] * 3
+        assert got[1, 1, :3].tolist() == [199] * 3 and got[2, 2, :3].tolist() == [128] * 3
     assert got[0, 0, :3].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("photometric,samples", [("minisblack", 1), ("miniswhite", 1), ("separated", 4)])
+def test_tiff_premultiplied_samples_are_made_straight_before_their_colour_conversion(tmp_path, photometric, samples):
+    """A MinIsWhite or CMYK file's samples are premultiplied as stored: made straight before
+    they are inverted or turned into RGB (after, a half-transparent black read near white).
+    Alphas of 0, 85 and 255 divide exactly: the file reads as its straight twin does."""
+    import tifffile
+
+    alpha = rng().choice([0, 85, 255], size=(5, 7, 1))
+    stored = (rng().integers(0, 256, (5, 7, samples)) * alpha // 255).astype(np.uint8)
+    straight = np.where(alpha > 0, stored.astype(np.int64) * 255 // np.maximum(alpha, 1), 0).astype(np.uint8)
+    for name, colours, kind in (("assoc.tif", stored, "assocalpha"), ("straight.tif", straight, "unassalpha")):
+        tifffile.imwrite(tmp_path / name, np.concatenate([colours, alpha.astype(np.uint8)], axis=-1),
+                         photometric=photometric, extrasamples=[kind])
+    image, _ = read_image(tmp_path / "assoc.tif", keep_alpha=True)
+    assert torch.equal(image, read_image(tmp_path / "straight.tif", keep_alpha=True)[0])
 
 
 @pytest.mark.parametrize("photometric,colours", [("minisblack", 1), ("rgb", 3)])

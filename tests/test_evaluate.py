@@ -422,6 +422,17 @@ def test_denoise_command_refuses_to_drop_an_alpha_plane_into_a_jpeg(tmp_path, ca
     assert "alpha channel" in capsys.readouterr().err and not (tmp_path / "out.jpg").exists()
 
 
+def test_a_baseline_without_a_receptive_radius_is_evaluated_tile_by_tile_with_an_overlap():
+    torch.manual_seed(0)
+    baseline = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1))
+    clean = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(8))
+    noisy = (clean + 0.05).clamp(0, 1)
+    with pytest.raises(ValueError, match="no receptive_radius"):
+        evaluate(baseline, [(noisy, clean)], tile=32)
+    whole = evaluate(baseline, [(noisy, clean)])
+    assert evaluate(baseline, [(noisy, clean)], tile=32, overlap=4).psnr == pytest.approx(whole.psnr, abs=1e-9)
+
+
 def test_a_model_without_parameters_is_evaluated_as_a_baseline():
     """The identity (the noisy input itself) costs nothing and scores as the noisy input."""
     generator = torch.Generator().manual_seed(7)

@@ -56,6 +56,20 @@ def test_gray_pairs_are_gray_photos_read_as_colour(quality, tmp_path):
     assert record["rows"][0]["psnr"] == pytest.approx(psnr(noisy, clean))
 
 
+def test_a_large_sigma_is_scored_as_its_images_are_saved(quality, tmp_path):
+    """Sigma 200 puts noisy pixels far outside [0, 1], where the metrics refuse to guess the
+    scale: the noisy row and the model's rows score them clamped, as a saved image is."""
+    checkpoint = save(small_ddsnet(), tmp_path / "dds.safetensors")
+    out = tmp_path / "quality.json"
+    assert quality.main([str(checkpoint), "--images", "coins", "--sigma", "200", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    (noisy, clean), = quality.noisy_pairs(["coins"], quality.GaussianNoise(200), 3)
+    assert noisy.min() < -2 and rows[0]["psnr"] == pytest.approx(psnr(noisy.clamp(0, 1), clean))
+    assert all(row["psnr"] > 0 for row in rows)
+    assert quality.main([str(checkpoint), "--images", "coins", "--sigma", "0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["psnr"] is None  # the noisy input is the clean one: inf dB
+
+
 def test_bm3d_denoises_a_gray_pair_on_its_one_plane(monkeypatch):
     module = load_benchmark(monkeypatch, "quality")
     calls = []

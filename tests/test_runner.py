@@ -274,6 +274,52 @@ def test_a_stage1_attention_supernet_without_routes_gets_the_slimmable_defaults(
         "smallest", "uniform 0.25", "uniform 0.5", "uniform 0.75", "largest"]
 
 
+def test_an_attention_supernet_is_timed_and_counted_with_its_stem_and_attention():
+    """Its configs run behind the full-width stem and the gate's scale: the rows time and count
+    the model, not the bare super-network inside it."""
+    net = small_net()
+    model = AttentionSupernet(net, DynamicGate(net.stem_channels, 2))
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    smallest = net.space.smallest()
+    report = LatencyRunner(model, (1, 1, 8, 8), warmup=0, repeats=2).run([("smallest", smallest)], peaks=PEAKS)
+    assert report.results[0].macs_per_pixel == macs_per_pixel(model, smallest, (1, 8, 8))
+    assert macs_per_pixel(model, smallest, (1, 8, 8)) > macs_per_pixel(net, smallest, (1, 8, 8))
+    assert len(calls) >= 2  # the timed calls (and any of the trace)
+
+
+def test_a_multi_input_conv_is_timed_as_it_is_on_one_tensor_per_block():
+    conv = SlimConv2d(8, 4, 3, padding=1, in_segments=(5, 3))
+    report = LatencyRunner(conv, (1, 8, 6, 6), warmup=0, repeats=1).run([("as is", None), ("half", 0.5)], peaks=PEAKS)
+    assert report.results[0].macs_per_pixel == 4 * 8 * 9
+    assert report.results[1].macs_per_pixel == 2 * (3 + 2) * 9
+
+
+def test_a_ddsnet_in_budget_mode_is_labelled_so_and_numpy_ratios_are_numbers():
+    import numpy as np
+
+    from dds_fast import DDSNet
+
+    net = small_net()
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    model = DDSNet(net, DynamicGate(net.stem_channels, 2), routes)
+    model.set_budget(model.static_macs_per_pixel(0))
+    assert default_configs(model)[0] == ("budget (route 0)", None)
+    conv = SlimConv2d(4, 4, 3, padding=1)
+    report = LatencyRunner(conv, (1, 4, 6, 6), warmup=0, repeats=1).run([("half", np.float32(0.5))], peaks=PEAKS)
+    assert report.results[0].config["out_width"] == 2
+
+
+def test_the_reported_backend_is_what_the_layers_run_here():
+    conv = SlimConv2d(4, 4, 3, padding=1, backend="triton")
+    from dds_fast.slim_conv import _kernels_module
+
+    interpreted = not isinstance(_kernels_module(), str) and _kernels_module().INTERPRET
+    assert LatencyRunner(conv, (1, 4, 6, 6), device="cpu").backend == ("triton" if interpreted else "torch")
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'triton', got 'cudnn'"):
+        LatencyRunner(conv, (1, 4, 6, 6), device="cpu", backend="cudnn")
+
+
 def test_a_static_export_is_timed_as_it_is_and_has_no_gate_to_time():
     net = small_net()
     static = export_static(net, net.space.smallest())

@@ -337,3 +337,31 @@ def test_repr_shows_the_fused_activation_and_the_static_export_keeps_it():
     static = export_static(net, net.space.smallest())
     assert f"activation='leaky_relu', negative_slope={net.stem_conv.negative_slope:g}" in repr(static.stem_conv)
     assert "upscale_factor=2" in repr(static.ups[0])
+
+
+def test_a_triton_that_fails_to_start_leaves_the_reference_path(monkeypatch):
+    """The kernels are imported with the package: a Triton that raises anything on import
+    (a driver it cannot use, not only a missing module) must leave dds_fast importable and
+    its layers on the reference path, with the reason."""
+    import builtins
+
+    from dds_fast import slim_conv
+
+    real_import = builtins.__import__
+
+    def failing(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 1 and name == "kernels" and "conv2d" in (fromlist or ()):
+            raise RuntimeError("driver too old")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", failing)
+    slim_conv._kernels_module.cache_clear()
+    try:
+        assert slim_conv._kernels_module() == "Triton is not available (RuntimeError: driver too old)"
+        conv = SlimConv2d(3, 4, 3, padding=1, backend="triton")
+        x = torch.randn(1, 3, 5, 5)
+        with pytest.warns(UserWarning, match="Triton is not available"):
+            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    finally:
+        monkeypatch.undo()
+        slim_conv._kernels_module.cache_clear()

@@ -1053,10 +1053,13 @@ def test_a_run_builds_and_takes_networks_of_its_arch_only(tmp_path, monkeypatch)
 def test_held_out_images_and_sidd_validation_are_not_both_set():
     with pytest.raises(ValueError, match="validation_images and sidd_validation both name what stage 2 validates on"):
         TrainConfig(validation_images=("chelsea",), sidd_validation="val")
-    with pytest.raises(ValueError, match="images would go unused: paired_root gives the training pairs"):
-        TrainConfig(images="photos", paired_root="sidd", sidd_validation="val")
+    # refused by a run, not by the config: configs stored by earlier versions still load
+    unused = dataclasses.asdict(TrainConfig(images="photos", paired_root="sidd", sidd_validation="val"))
+    with pytest.raises(ValueError, match="images would go unused: .* drop images"):
+        Run("run", TrainConfig.from_dict(unused))
+    repeated = dataclasses.asdict(TrainConfig(validation_images=("a.png", "b.png", "a.png")))
     with pytest.raises(ValueError, match=r"validation_images names \['a.png'\] more than once"):
-        TrainConfig(validation_images=("a.png", "b.png", "a.png"))
+        Run("run", TrainConfig.from_dict(repeated))
 
 
 def test_a_run_dir_that_is_a_file_is_refused_by_name(tmp_path):
@@ -1067,7 +1070,7 @@ def test_a_run_dir_that_is_a_file_is_refused_by_name(tmp_path):
 
 def test_stage2_stops_as_a_divergence_on_weights_whose_outputs_overflow(tmp_path):
     """Finite weights can still overflow (stage 1's last step taken with a huge rate): stage 2
-    stops as a divergence, not on a metric's NaN error."""
+    stops as a divergence, not on a metric's NaN error; outputs out of range but finite score."""
     run = Run(tmp_path, tiny_run_config())
     net = run.new_network()
     with torch.no_grad():
@@ -1075,6 +1078,10 @@ def test_stage2_stops_as_a_divergence_on_weights_whose_outputs_overflow(tmp_path
             p.fill_(1e29)
     with pytest.raises(TrainingDiverged, match="validation: the network's output at config .* is not finite"):
         run.stage2(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.5)
+    assert run.stage2(net).routing_space  # outputs far outside [0, 1] but finite: scored (poorly), not refused
 
 
 def test_inets_reject_an_unknown_routing_index(tmp_path):

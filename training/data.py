@@ -234,6 +234,10 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
     if array.dtype in (np.uint8, np.uint16) and bits < 8 * array.itemsize:  # 2-, 4-, 12-bit samples, as stored
         top = np.iinfo(array.dtype).max
         array = ((array.astype(np.uint32) * top + (2 ** bits - 1) // 2) // (2 ** bits - 1)).astype(array.dtype)
+    # the first extra sample that is an alpha (1 associated, 2 unassociated); others are no pixels
+    alpha = next((k for k, kind in enumerate(page.extrasamples) if kind in (1, 2)), None)
+    if alpha is not None and page.extrasamples[alpha] == 1 and array.dtype in (np.uint8, np.uint16):
+        array = _straight_alpha(array, colours, colours + alpha)  # on the samples as stored (inks too)
     colour = array[..., :colours] if page.extrasamples else array  # a view, without the alpha
     if photometric == kinds.MINISWHITE:  # white stored as 0
         colour[...] = ~colour if array.dtype == np.bool_ else np.iinfo(array.dtype).max - colour
@@ -243,17 +247,14 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
         rgb = (white[..., :3] * white[..., 3:] + top // 2) // top  # rounded
         array = np.concatenate([rgb.astype(array.dtype), array[..., colours:]], axis=-1)
         colours = 3
-    if page.extrasamples:  # the colour samples and the first alpha one; unspecified extras are no pixels
-        alphas = [(colours + k, kind) for k, kind in enumerate(page.extrasamples) if kind in (1, 2)][:1]
-        if alphas and alphas[0][1] == 1 and array.dtype in (np.uint8, np.uint16):
-            array = _straight_alpha(array, colours, alphas[0][0])
-        array = array[..., list(range(colours)) + [index for index, _ in alphas]]
+    if page.extrasamples:  # the colour samples and the first alpha one
+        array = array[..., list(range(colours)) + ([] if alpha is None else [colours + alpha])]
     return array, orientation
 
 
 def _straight_alpha(array: np.ndarray, colours: int, alpha_index: int) -> np.ndarray:
     """``array`` with its colour samples divided by the associated (premultiplied) alpha, rounded:
-    the straight alpha that PNG keeps and the network denoises (transparent pixels are black)."""
+    the straight alpha that PNG keeps and the network denoises (a transparent pixel's samples 0)."""
     top = np.iinfo(array.dtype).max
     alpha = array[..., alpha_index:alpha_index + 1].astype(np.uint64)
     colour = array[..., :colours].astype(np.uint64)
@@ -392,6 +393,8 @@ def save_image(path, image: torch.Tensor, bits: int = 8, icc_profile: bytes | No
         raise ValueError(f"save_image: {bits}-bit output is not supported for {path.name} (8-bit PNG/JPEG, 16-bit PNG)")
     if image.dtype == torch.uint8:  # 8-bit levels, as the metrics take them
         image = image.float() / 255
+    elif image.dtype == torch.bool:
+        image = image.float()
     elif not image.is_floating_point():  # levels of an unknown scale would all clamp to white
         raise ValueError(f"save_image: expected a float image in [0, 1] or uint8 levels, got {image.dtype}")
     if torch.isnan(image).any():  # NaN has no pixel value: the cast would write it as black

@@ -84,7 +84,7 @@ def main() -> None:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     planned = args.run_dir / "config.json"
     if not planned.exists():
-        options = json.loads(args.config.read_text())
+        options = json.loads(args.config.read_text(encoding="utf-8-sig"))  # as TrainConfig.from_file reads it
         step_seconds = seconds_per_step(args.config)
         options = plan(options, step_seconds, args.budget - (time.monotonic() - began))
         planned.write_text(json.dumps(options, indent=1) + "\n")

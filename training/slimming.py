@@ -33,8 +33,9 @@ def validation_psnr(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], c
         output = net(noisy)
         if not torch.isfinite(output).all():  # finite weights can still overflow (stage 1's last step diverging)
             raise TrainingDiverged(f"validation: the network's output at config {config.to_dict()} is not finite: "
-                                   f"its weights diverged in training (a learning rate too high?)")
-        total += batch_psnr(output, clean) * len(noisy)
+                                   f"its weights diverged in training; train them again with a lower learning rate")
+        # clamped as a saved image is: a poor network's output far outside [0, 1] scores, not fails
+        total += batch_psnr(output.clamp(0, 1), clean) * len(noisy)
         count += len(noisy)
     if count == 0:
         raise ValueError("validation set is empty")

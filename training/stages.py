@@ -157,12 +157,6 @@ class TrainConfig:
             raise OptionError("validation_images and sidd_validation both name what stage 2 validates on (held-out "
                               "images, or the SIDD validation blocks): set one of them",
                               "validation_images", "sidd_validation")
-        if self.images is not None and self.paired_root is not None and self.sidd_validation is not None:
-            raise OptionError("images would go unused: paired_root gives the training pairs and sidd_validation the "
-                              "validation blocks; drop one of the three", "images", "paired_root", "sidd_validation")
-        if self.validation_images is not None and len(set(self.validation_images)) < len(self.validation_images):
-            repeated = sorted({name for name in self.validation_images if self.validation_images.count(name) > 1})
-            raise ValueError(f"validation_images names {repeated} more than once")
         for name in ("batch_size", "gate_batch_size"):  # stage 3 draws its batches from an epoch too
             if getattr(self, name) > self.epoch_patches:
                 raise OptionError(f"{name} {getattr(self, name)} is larger than epoch_patches {self.epoch_patches}: "
@@ -321,6 +315,13 @@ class Run:
         if config.graphs and self.device.type != "cuda":
             warnings.warn(f"graphs: there are no CUDA graphs on {self.device.type}; the sandwich's varying "
                           f"sub-networks run as masked widths, eagerly, which costs more than without graphs")
+        # (checked here, not in TrainConfig: configs stored by earlier versions must still load)
+        if c.images is not None and c.paired_root is not None and c.sidd_validation is not None:
+            raise OptionError("images would go unused: paired_root gives the training pairs and sidd_validation the "
+                              "validation blocks; drop images", "images")
+        if c.validation_images is not None and len(set(c.validation_images)) < len(c.validation_images):
+            repeated = sorted({name for name in c.validation_images if c.validation_images.count(name) > 1})
+            raise OptionError(f"validation_images names {repeated} more than once", "validation_images")
         self.noise = make_noise(config.noise, **config.noise_args)
         self.loss_fn = reconstruction_loss(config.loss)
         self.distillation_loss_fn = reconstruction_loss(config.distillation_loss)
@@ -458,7 +459,9 @@ class Run:
     def load(self, name: str):
         """A result of an earlier stage of this run (``<stage>.safetensors``), checked against its config."""
         if not (self.dir / name).exists():
-            raise FileNotFoundError(f"{self.dir / name} does not exist: run `dds-fast train {Path(name).stem}` first")
+            stage = Path(name).stem
+            hint = f": run `dds-fast train {stage}` first" if stage in ("stage1", "stage2", "refine") else ""
+            raise FileNotFoundError(f"{self.dir / name} does not exist{hint}")
         model = dds_fast.load(self.dir / name, map_location=self.device)
         self.check_earlier_result(name, model)
         return self.prepare(model)
