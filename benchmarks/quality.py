@@ -76,9 +76,10 @@ def matched_table(dynamic_rows: list[Evaluation], inet_rows: list[Evaluation]) -
 
 def json_row(row: Evaluation) -> dict:
     """``row`` for JSON, which has no NaN or infinity: BM3D's MACs/pixel (unknown, NaN in the
-    table) is null, and so is the PSNR of an output equal to its target (inf: sigma 0)."""
-    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
-            for key, value in row.__dict__.items()}
+    table) is null, and so is an infinite score (an output equal to its target: sigma 0); any
+    other NaN fails the write."""
+    record = {**row.__dict__, "macs_per_pixel": None if math.isnan(row.macs_per_pixel) else row.macs_per_pixel}
+    return {key: None if isinstance(value, float) and math.isinf(value) else value for key, value in record.items()}
 
 
 def main(argv=None) -> int:

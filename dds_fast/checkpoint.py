@@ -27,6 +27,7 @@ from torch import nn
 from ._version import __version__
 from .config import RoutingEntry, SubnetConfig
 from .export import StaticConv2d, export_static
+from .gate import DynamicGate
 from .nets import ARCHITECTURES, SlimNet, constructor_misfit
 
 FORMAT = "dds-fast"
@@ -59,23 +60,28 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
         raise ValueError(f"save: this {arch} holds exported static layers; export_static of a SlimNet can be "
                          f"saved, not of a {arch}")
     arch_args = model.arch_args
+    # load rebuilds a gated network's parts by their registered names and a plain DynamicGate:
+    # a subclass of either would come back as another model
+    supernet, gate = getattr(model, "supernet", None), getattr(model, "gate", None)
+    if supernet is not None and ARCHITECTURES.get(type(supernet).__name__) is not type(supernet):
+        raise ValueError(f"save: this {arch}'s super-network {type(supernet).__name__} is not a registered "
+                         f"architecture ({sorted(ARCHITECTURES)}): register_architecture it first")
+    if gate is not None and type(gate) is not DynamicGate:
+        raise ValueError(f"save: this {arch}'s gate is a {type(gate).__name__}; load rebuilds a DynamicGate")
     # what load will call (for a gated network, its super-network's constructor too): a file
     # it cannot rebuild is refused now, not when it is read
-    for part in (model, getattr(model, "supernet", None)):
+    for part in (model, supernet):
         misfit = None if part is None else constructor_misfit(type(part), part.arch_args)
         if misfit is not None:
             raise ValueError(f"save: {type(part).__name__}'s arch_args {sorted(part.arch_args)} do not fit its "
                              f"constructor ({misfit}): arch_args must be the keyword arguments that build it")
-    try:
-        user = json.dumps(metadata)
-    except TypeError as error:
-        raise ValueError(f"save: metadata must be JSON-serialisable: {error}") from None
+    user = _json_text(metadata, "metadata")
     header = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "version": __version__,
         "arch": arch,
-        "arch_args": json.dumps(arch_args),
+        "arch_args": _json_text(arch_args, "arch_args"),
         "user": user,
         "static": json.dumps(static),
     }
@@ -88,6 +94,13 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     return atomic_save_file(tensors, path, header)
 
 
+def _json_text(value, name: str) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"save: {name} must be JSON-serialisable: {error}") from None
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """safetensors bytes of ``tensors`` through ``atomic_write``, the tensors'
     ``weights_fingerprint`` in the metadata: safetensors has no checksum of its own, and
@@ -96,7 +109,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     metadata = {**metadata, _DIGEST: weights_fingerprint(tensors)}
     try:
         data = serialize(tensors, metadata=metadata)
-    except SafetensorError as error:
+    except (SafetensorError, RuntimeError) as error:  # RuntimeError: tensors sharing memory (tied weights)
         raise ValueError(f"cannot write {path}: {error}") from error
 
     def write(tmp: Path) -> None:
@@ -291,11 +304,29 @@ def _decoded(path: Path, header: dict[str, str]) -> dict:
             "routing_space": ([RoutingEntry.from_dict(e) for e in _json_field(header, "routing_space", list)]
                               if "routing_space" in header else None),
         }
-    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as error:
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError, OverflowError) as error:
         raise CheckpointError(f"checkpoint {path} has malformed metadata: {error}") from None
     if meta["static"] and meta["config"] is None:
         raise CheckpointError(f"checkpoint {path} holds a static export but no config to rebuild its shapes from")
     return meta
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_dtypes(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The saved tensors' dtypes fit ``model``'s: floats where it holds floats, of a dtype the
+    layers run and one for all (a module cast as a whole, as save wrote it), and exactly its
+    dtype elsewhere (BatchNorm's batch count). A misfit would fail in the first forward, deep in torch."""
+    fresh = model.state_dict()
+    floats = {t.dtype for key, t in tensors.items() if fresh[key].is_floating_point()}
+    odd = sorted(key for key, t in tensors.items() if (t.dtype not in _FLOATS if fresh[key].is_floating_point()
+                                                       else t.dtype != fresh[key].dtype))
+    if odd or len(floats) > 1:
+        found = ", ".join(f"{key} {tensors[key].dtype}" for key in odd) or f"floats of {sorted(map(str, floats))}"
+        raise CheckpointError(f"checkpoint {path}: tensors of dtypes its model cannot hold: {found} (one of "
+                              f"float16, bfloat16, float32 or float64 for all its floats, and its own dtype for "
+                              f"the rest)")
 
 
 def load(path: str | os.PathLike, arch: str | type | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -361,6 +392,7 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match {meta['arch']}: missing keys {missing}, "
                               f"unexpected keys {unexpected}")
+    _check_dtypes(path, model, tensors)
     # a NaN or infinite weight would not fail: it would route every image to one sub-network
     # (a gate's) or end in a NaN image, far from its cause
     broken = [key for key, t in sorted(tensors.items()) if t.is_floating_point() and not bool(t.isfinite().all())]

@@ -56,9 +56,18 @@ def checked_int(value, name: str, owner: str, low: int = 1) -> int:
 
 def checked_real(value, name: str, owner: str) -> float:
     """``value`` as a finite float, else a ValueError that names ``owner``'s argument."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _fits_float(value) or not math.isfinite(value):
         raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _fits_float(value: numbers.Real) -> bool:
+    """Whether ``value`` converts to a float (an int past 1.8e308 overflows)."""
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, eq=False)
@@ -250,7 +259,7 @@ class RoutingEntry:
         # plain floats (numpy's too), never NaN: a NaN sorts nowhere, and set_budget's choice
         # would depend on the entries' order
         def real(value) -> bool:
-            return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and _fits_float(value)
 
         # a mapping, as set_config takes it: to_dict and save need a SubnetConfig
         if isinstance(self.config, Mapping) and not isinstance(self.config, SubnetConfig):
@@ -273,7 +282,7 @@ class RoutingEntry:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "RoutingEntry":
-        return cls(SubnetConfig.from_dict(data["config"]), float(data["macs_per_pixel"]), data.get("psnr"))
+        return cls(SubnetConfig.from_dict(data["config"]), data["macs_per_pixel"], data.get("psnr"))
 
 
 def checked_routing_space(owner: str, space: WidthSpace, entries) -> tuple[RoutingEntry, ...]:

@@ -670,8 +670,14 @@ class DDSNet(nn.Module):
                 self.supernet.set_config(self.routing_space[self._budget_index].config)
                 return self.supernet(x)
             # the attention head scales the stem's features: the budget's config behind the gate
-            padded, gate_out = self.gate_forward(x, stem_means)
-            out = self._route_body(self._budget_index, gate_out.features, padded)
+            if self.training:  # the attention head alone, as stage 1 trains it: the prediction head's
+                # BatchNorm would count these batches (and refuse one image)
+                padded = _padded_full_stem_input(self.supernet, x)
+                features, _ = self.gate.attend(self.supernet.stem(padded), stem_means)
+            else:
+                padded, gate_out = self.gate_forward(x, stem_means)
+                features = gate_out.features
+            out = self._route_body(self._budget_index, features, padded)
             return out[..., : x.shape[-2], : x.shape[-1]]
         if choice is not None:  # before the gate runs: a refused call leaves its BatchNorm as it was
             choice = self._check_choice(choice, len(x))

@@ -201,6 +201,55 @@ def test_save_rejects_unregistered_models_and_bad_metadata(net, tmp_path):
         save(net, tmp_path / "a.safetensors", bad=object())
 
 
+def test_save_refuses_a_gated_network_whose_parts_load_would_rebuild_as_others(tmp_path):
+    """load rebuilds a DDSNet's super-network by its registered name and its gate as a plain
+    DynamicGate: a subclass of either would come back as another model."""
+    from dds_fast import DDSNet, DynamicGate
+
+    class SlimUNet(dds_fast.SlimUNet):  # the registered name, another class
+        pass
+
+    class NoisyGate(DynamicGate):
+        pass
+
+    for supernet, gate_class, message in [(SlimUNet(3, base_width=8, depth=2), DynamicGate, "super-network SlimUNet "
+                                           "is not a registered architecture"),
+                                          (dds_fast.SlimUNet(3, base_width=8, depth=2), NoisyGate,
+                                           "gate is a NoisyGate; load rebuilds a DynamicGate")]:
+        routes = [RoutingEntry(c, macs_per_pixel(supernet, c)) for c in (supernet.space.smallest(),
+                                                                         supernet.space.largest())]
+        dds = DDSNet(supernet, gate_class(supernet.stem_channels, 2), routes)
+        with pytest.raises(ValueError, match=message):
+            save(dds, tmp_path / "dds.safetensors")
+    assert not (tmp_path / "dds.safetensors").exists()
+
+
+def test_save_names_tied_weights_and_arguments_json_cannot_hold(net, tmp_path, monkeypatch):
+    tied = SlimDnCNN(in_channels=1, base_width=8, depth=4)
+    assert tied.layers[1].weight.shape == tied.layers[2].weight.shape
+    tied.layers[2].weight = tied.layers[1].weight
+    with pytest.raises(ValueError, match="cannot write .*tied.safetensors"):
+        save(tied, tmp_path / "tied.safetensors")
+    arch_args = net.arch_args
+    monkeypatch.setattr(SlimUNet, "arch_args", property(lambda self: {**arch_args, "base_width": {8}}))
+    with pytest.raises(ValueError, match="arch_args must be JSON-serialisable"):
+        save(net, tmp_path / "odd.safetensors")
+
+
+@pytest.mark.parametrize("key,dtype,message", [
+    ("last.bias", torch.float64, r"floats of \['torch.float32', 'torch.float64'\]"),
+    ("last.bias", torch.int64, "last.bias torch.int64"),
+    ("last.bias", torch.float8_e4m3fn, "last.bias torch.float8_e4m3fn"),
+])
+def test_tensors_of_dtypes_the_model_cannot_hold_are_named(net, tmp_path, key, dtype, message):
+    path = save(net, tmp_path / "model.safetensors")
+    tensors = net.state_dict()
+    tensors[key] = tensors[key].to(dtype)
+    rewrite(path, tensors)
+    with pytest.raises(CheckpointError, match=f"{path}: tensors of dtypes its model cannot hold: {message}"):
+        load(path)
+
+
 def test_saved_file_has_ordinary_permissions(net, tmp_path):
     umask = os.umask(0o022)
     try:
@@ -261,6 +310,8 @@ def test_tensors_load_back_in_the_dtype_they_were_saved_in(net, tmp_path, dtype)
     ("arch_args", '"SlimUNet"', "'arch_args' must be a JSON object"),
     ("routing_space", '{"config": {}}', "'routing_space' must be a JSON array"),
     ("routing_space", '[{"config": [8], "macs_per_pixel": 1}]', "malformed metadata"),
+    ("routing_space", '[{"config": {"enc0.mid": 8}, "macs_per_pixel": 1e999}]', "malformed metadata"),
+    ("routing_space", '[{"config": {"enc0.mid": 8}, "macs_per_pixel": 1' + '0' * 400 + '}]', "malformed metadata"),
     ("static", '"yes"', "'static' must be a JSON true or false"),
     # well formed, but not for this network
     ("config", "{}", "its config does not fit SlimUNet: config does not match the network's groups"),

@@ -248,6 +248,27 @@ def test_static_budget_mode_with_attention_runs_the_config_behind_the_gate():
         assert not torch.allclose(static, export_static(model.supernet, entry.config)(x))
 
 
+def test_budget_mode_in_training_runs_the_attention_head_alone():
+    """Fine-tuning a route behind the attention head must leave the prediction head's
+    BatchNorm statistics alone (and take one image, which a BatchNorm in training refuses)."""
+    model = make_ddsnet()
+    model.gate.attention = True
+    torch.nn.init.normal_(model.gate.fc2.weight, std=1.0)
+    model.set_budget(model.dynamic_macs_per_pixel[1])
+    x = images()[:1]
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    model.train()
+    statistics = {k: v.clone() for k, v in model.gate.state_dict().items() if "bn." in k}
+    got = model(x)
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    assert model.gate.fc2.weight.grad is not None
+    for key, value in statistics.items():
+        assert torch.equal(model.gate.state_dict()[key], value), key
+
+
 def test_static_budget_with_attention_counts_the_full_width_stem_the_gate_reads():
     """With attention on, static mode runs the full-width stem and the gate: the budget
     bounds that cost, as routed_macs reports it, not the config's own MACs."""
