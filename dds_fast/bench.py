@@ -209,7 +209,9 @@ def time_gate(runner: LatencyRunner, network: Report) -> dict | None:
       the fused head's few microseconds, drops out;
     - ``routed_smallest_ms``: the dynamic forward with the gate sending every image to the
       smallest config, against that config alone (``smallest_ms``, the network's row): what
-      the gate and the routing add, the full-width stem the gate reads included;
+      the gate and the routing add, the full-width stem the gate reads included (an
+      AttentionSupernet's rows run that stem and the attention themselves: there, the
+      prediction head and the routing);
       ``routed_largest_ms`` the same for the gate's dearest route (``largest_ms``); each also
       ``*_narrow_tiles_ms``, with the per-image launches' tiles sized for each layer's
       narrowest route (``DDSNet.per_image_tiles``) instead of its widest, and, when the runner

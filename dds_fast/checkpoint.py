@@ -26,6 +26,7 @@ from torch import nn
 
 from ._version import __version__
 from .config import RoutingEntry, SubnetConfig
+from .ddsnet import AttentionSupernet, DDSNet
 from .export import StaticConv2d, export_static
 from .gate import DynamicGate
 from .nets import ARCHITECTURES, SlimNet, constructor_misfit
@@ -62,15 +63,16 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     arch_args = model.arch_args
     # load rebuilds a gated network's parts by their registered names and a plain DynamicGate:
     # a subclass of either would come back as another model
-    supernet, gate = getattr(model, "supernet", None), getattr(model, "gate", None)
-    if supernet is not None and ARCHITECTURES.get(type(supernet).__name__) is not type(supernet):
+    gated = isinstance(model, (DDSNet, AttentionSupernet))
+    supernet, gate = (model.supernet, model.gate) if gated else (None, None)
+    if gated and ARCHITECTURES.get(type(supernet).__name__) is not type(supernet):
         raise ValueError(f"save: this {arch}'s super-network {type(supernet).__name__} is not a registered "
                          f"architecture ({sorted(ARCHITECTURES)}): register_architecture it first")
-    if gate is not None and type(gate) is not DynamicGate:
+    if gated and type(gate) is not DynamicGate:
         raise ValueError(f"save: this {arch}'s gate is a {type(gate).__name__}; load rebuilds a DynamicGate")
     # what load will call (for a gated network, its super-network's constructor too): a file
     # it cannot rebuild is refused now, not when it is read
-    for part in (model, supernet):
+    for part in (model, getattr(model, "supernet", None)):
         misfit = None if part is None else constructor_misfit(type(part), part.arch_args)
         if misfit is not None:
             raise ValueError(f"save: {type(part).__name__}'s arch_args {sorted(part.arch_args)} do not fit its "
@@ -316,17 +318,26 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _check_dtypes(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """The saved tensors' dtypes fit ``model``'s: floats where it holds floats, of a dtype the
-    layers run and one for all (a module cast as a whole, as save wrote it), and exactly its
-    dtype elsewhere (BatchNorm's batch count). A misfit would fail in the first forward, deep in torch."""
+    layers run and one for each layer's (a layer cast as a whole; a gate may stay fp32 beside a
+    bf16 network), and exactly its dtype elsewhere (BatchNorm's batch count). A misfit would
+    fail in the first forward, deep in torch."""
     fresh = model.state_dict()
-    floats = {t.dtype for key, t in tensors.items() if fresh[key].is_floating_point()}
-    odd = sorted(key for key, t in tensors.items() if (t.dtype not in _FLOATS if fresh[key].is_floating_point()
-                                                       else t.dtype != fresh[key].dtype))
-    if odd or len(floats) > 1:
-        found = ", ".join(f"{key} {tensors[key].dtype}" for key in odd) or f"floats of {sorted(map(str, floats))}"
-        raise CheckpointError(f"checkpoint {path}: tensors of dtypes its model cannot hold: {found} (one of "
-                              f"float16, bfloat16, float32 or float64 for all its floats, and its own dtype for "
-                              f"the rest)")
+    layers: dict[str, set[torch.dtype]] = {}
+    odd = []
+    for key, tensor in sorted(tensors.items()):
+        if not fresh[key].is_floating_point():
+            if tensor.dtype != fresh[key].dtype:
+                odd.append(f"{key} {tensor.dtype}")
+        elif tensor.dtype not in _FLOATS:
+            odd.append(f"{key} {tensor.dtype}")
+        else:
+            layers.setdefault(key.rpartition(".")[0], set()).add(tensor.dtype)
+    odd += [f"{layer or 'the model'}'s tensors of {sorted(map(str, dtypes))}"
+            for layer, dtypes in layers.items() if len(dtypes) > 1]
+    if odd:
+        raise CheckpointError(f"checkpoint {path}: tensors of dtypes its model cannot hold: {', '.join(odd)} "
+                              f"(float16, bfloat16, float32 or float64, one for each layer's floats; the model's "
+                              f"own dtype for the rest)")
 
 
 def load(path: str | os.PathLike, arch: str | type | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -335,7 +346,8 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     file's architecture. The model comes back in training mode, as a new module does: call
     ``.eval()`` for inference (a DDSNet's gate normalises with batch statistics otherwise).
     A missing file raises FileNotFoundError, one that cannot be opened another OSError (such as
-    PermissionError); a foreign, truncated or corrupt one CheckpointError (a ValueError)."""
+    PermissionError); a foreign, truncated or corrupt one CheckpointError (a ValueError), as does
+    one whose tensors the model cannot hold (NaN or infinite values, dtypes its layers do not run)."""
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError) as error:

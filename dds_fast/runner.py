@@ -438,12 +438,12 @@ def _resolved(backend: str, device: torch.device) -> str:
     # reference; 'triton' ones fall back to it where the kernels cannot run on the device
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"LatencyRunner: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda":
-        kernels = _kernels_module()
-        return "triton" if device.type == "cpu" and not isinstance(kernels, str) and kernels.INTERPRET else "torch"
-    return backend
+    kernels = _kernels_module()
+    if backend == "torch" or isinstance(kernels, str):  # (a string: why Triton cannot be imported)
+        return "torch"
+    if device.type == "cuda":
+        return "triton"
+    return "triton" if backend == "triton" and device.type == "cpu" and kernels.INTERPRET else "torch"
 
 
 def backend_of(model: nn.Module, device: torch.device) -> str:

@@ -452,8 +452,12 @@ def _kernels_module():
     """``dds_fast.kernels.conv2d``, or why it cannot be imported (looked up once: a layer asks
     on every call)."""
     try:
-        from .kernels import conv2d
+        import triton  # noqa: F401 (first: its failures, not our kernels', leave the reference path)
     except Exception as error:  # no Triton on this platform, or one that fails to start: the reference serves
+        return f"Triton is not available ({type(error).__name__}: {error})"
+    try:
+        from .kernels import conv2d  # (its own errors, other than a Triton too old for it, are bugs: raised)
+    except ImportError as error:
         return f"Triton is not available ({type(error).__name__}: {error})"
     return conv2d
 

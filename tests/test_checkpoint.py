@@ -224,6 +224,22 @@ def test_save_refuses_a_gated_network_whose_parts_load_would_rebuild_as_others(t
     assert not (tmp_path / "dds.safetensors").exists()
 
 
+def test_a_bf16_network_behind_an_fp32_gate_round_trips(tmp_path):
+    """Each layer is cast as a whole; layers may differ (the gate runs in its input's dtype)."""
+    from dds_fast import DDSNet, DynamicGate
+
+    supernet = SlimUNet(in_channels=3, base_width=8, depth=2)
+    routes = [RoutingEntry(c, macs_per_pixel(supernet, c)) for c in (supernet.space.smallest(),
+                                                                     supernet.space.largest())]
+    dds = DDSNet(supernet, DynamicGate(supernet.stem_channels, 2), routes).eval()
+    dds.supernet.to(torch.bfloat16)
+    loaded = load(save(dds, tmp_path / "mixed.safetensors")).eval()
+    assert loaded.supernet.last.weight.dtype == torch.bfloat16 and loaded.gate.fc1.weight.dtype == torch.float32
+    x = torch.rand(1, 3, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), dds(x))
+
+
 def test_save_names_tied_weights_and_arguments_json_cannot_hold(net, tmp_path, monkeypatch):
     tied = SlimDnCNN(in_channels=1, base_width=8, depth=4)
     assert tied.layers[1].weight.shape == tied.layers[2].weight.shape
@@ -237,7 +253,7 @@ def test_save_names_tied_weights_and_arguments_json_cannot_hold(net, tmp_path, m
 
 
 @pytest.mark.parametrize("key,dtype,message", [
-    ("last.bias", torch.float64, r"floats of \['torch.float32', 'torch.float64'\]"),
+    ("last.bias", torch.float64, r"last's tensors of \['torch.float32', 'torch.float64'\]"),
     ("last.bias", torch.int64, "last.bias torch.int64"),
     ("last.bias", torch.float8_e4m3fn, "last.bias torch.float8_e4m3fn"),
 ])
@@ -477,3 +493,20 @@ def test_an_architecture_name_cannot_be_taken_twice():
         register_architecture(SlimUNet)
     assert ARCHITECTURES["SlimUNet"] is dds_fast.SlimUNet
     assert register_architecture(dds_fast.SlimUNet) is dds_fast.SlimUNet
+
+
+class OwnGateDnCNN(SlimDnCNN):
+    """A user's network with an attribute of its own named gate, no DynamicGate."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = torch.nn.Parameter(torch.ones(1))
+
+
+def test_a_network_with_its_own_gate_attribute_is_no_gated_network_to_save(tmp_path, monkeypatch):
+    # registered for this test alone (another test module imports this one under a second name)
+    monkeypatch.setitem(dds_fast.ARCHITECTURES, "OwnGateDnCNN", OwnGateDnCNN)
+    torch.manual_seed(0)
+    model = OwnGateDnCNN(in_channels=1, base_width=8, depth=3)
+    loaded = load(save(model, tmp_path / "own.safetensors"))
+    assert isinstance(loaded, OwnGateDnCNN) and torch.equal(loaded.gate, model.gate)

@@ -310,12 +310,16 @@ def test_a_ddsnet_in_budget_mode_is_labelled_so_and_numpy_ratios_are_numbers():
     assert report.results[0].config["out_width"] == 2
 
 
-def test_the_reported_backend_is_what_the_layers_run_here():
+def test_the_reported_backend_is_what_the_layers_run_here(monkeypatch):
     conv = SlimConv2d(4, 4, 3, padding=1, backend="triton")
     from dds_fast.slim_conv import _kernels_module
 
     interpreted = not isinstance(_kernels_module(), str) and _kernels_module().INTERPRET
     assert LatencyRunner(conv, (1, 4, 6, 6), device="cpu").backend == ("triton" if interpreted else "torch")
+    from dds_fast.kernels import conv2d
+
+    monkeypatch.setattr(conv2d, "INTERPRET", False)  # CPU tensors then fall back to the reference
+    assert LatencyRunner(conv, (1, 4, 6, 6), device="cpu").backend == "torch"
     with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'triton', got 'cudnn'"):
         LatencyRunner(conv, (1, 4, 6, 6), device="cpu", backend="cudnn")
 
