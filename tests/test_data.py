@@ -187,6 +187,20 @@ def test_a_tiff_reads_the_way_its_orientation_tag_shows_it(tmp_path, orientation
     assert torch.equal(image, torch.from_numpy(shown.astype(np.float32) / 255).permute(2, 0, 1))
 
 
+def test_a_tiff_is_read_as_one_whatever_its_name_and_a_png_named_tif_as_a_png(tmp_path):
+    """By the file's first bytes: a 16-bit colour TIFF named .png went through Pillow (8-bit),
+    and a PNG named .tif was refused by the TIFF reader."""
+    import tifffile
+
+    stored = rng().integers(0, 65536, (5, 7, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "deep.png", stored, photometric="rgb", bigtiff=True)
+    image, bits = read_image(tmp_path / "deep.png")
+    assert bits == 16 and torch.equal(image, torch.from_numpy(stored.astype(np.float32) / 65535).permute(2, 0, 1))
+    png = save_image(tmp_path / "plain.png", image)
+    (tmp_path / "plain.tif").write_bytes(png.read_bytes())
+    assert torch.equal(read_image(tmp_path / "plain.tif")[0], read_image(png)[0])
+
+
 def test_tiff_alpha_stays_as_stored_after_the_colour(tmp_path):
     """An extra (alpha) sample is not a colour: a MinIsWhite file's alpha is not inverted."""
     import tifffile

@@ -277,8 +277,15 @@ def _open_image(path: Path):
         Image.MAX_IMAGE_PIXELS = limit
 
 
+def _is_tiff(path: Path) -> bool:
+    """Whether ``path`` starts as a TIFF (classic or BigTIFF, either byte order) does: by its
+    bytes, not its name (through Pillow a 16-bit TIFF named .png would come out 8-bit)."""
+    with open(path, "rb") as f:
+        return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
 def _decode(path: Path) -> np.ndarray:
-    if path.suffix.lower() in (".tif", ".tiff"):
+    if _is_tiff(path):
         array, orientation = _read_tiff(path)
         turn = _EXIF_TRANSPOSE.get(orientation)
         return array if turn is None else np.ascontiguousarray(turn(array))
@@ -330,7 +337,7 @@ def read_icc_profile(path) -> bytes | None:
     dull), so a denoised copy keeps it (``save_image(..., icc_profile=)``)."""
     path = Path(path)
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+        if _is_tiff(path):
             with tifffile.TiffFile(path) as tiff:
                 profile = tiff.pages[0].tags.valueof("InterColorProfile")
         else:
