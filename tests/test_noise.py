@@ -235,6 +235,36 @@ def test_camera_noise_levels_span_paper_range():
     assert stds.min() < 6 and stds.max() > 25
 
 
+@pytest.fixture
+def raw_domain_camera(monkeypatch):
+    """CameraNoise with its ISP made the identity: the output is the noisy raw image, so the
+    noise drawn there can be measured per image."""
+    import dds_fast.training.noise as noise
+    monkeypatch.setattr(noise, "unprocess", lambda image, params: image)
+    monkeypatch.setattr(noise, "process", lambda raw, params: raw)
+
+
+def test_camera_read_noise_follows_the_papers_fit(raw_domain_camera):
+    # On black, the raw noise variance is the read variance alone: log(read) - 2.18 log(shot)
+    # - 1.2 is the fit's residual, N(0, 0.26) (Brooks et al. 2019).
+    shot = 1e-3
+    noisy = CameraNoise(shot_noise=shot)(torch.zeros(2000, 1, 64, 64, dtype=torch.float64), gen(3))
+    residual = noisy.flatten(1).var(1).log() - 2.18 * math.log(shot) - 1.2
+    assert abs(residual.mean()) < 0.03, residual.mean()
+    assert 0.24 < residual.std() < 0.29, residual.std()
+
+
+def test_camera_shot_noise_is_drawn_log_uniformly(raw_domain_camera):
+    # On white (raw 1) the variance is shot + read, read at most 2% of shot in the paper's range:
+    # the quartiles of log(variance) are those of a log-uniform shot over [1e-4, 0.012].
+    noisy = CameraNoise()(torch.ones(4000, 1, 32, 32, dtype=torch.float64), gen(4))
+    log_variance = (noisy - 1).flatten(1).var(1).log()
+    lo, hi = math.log(1e-4), math.log(0.012)
+    expected = torch.tensor([lo + q * (hi - lo) for q in (0.25, 0.5, 0.75)], dtype=torch.float64)
+    measured = torch.quantile(log_variance, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    assert torch.allclose(measured, expected, atol=0.12), (measured, expected)
+
+
 def test_camera_noise_is_spatially_correlated_awgn_is_not():
     flat = torch.full((3, 128, 128), 0.4)
 

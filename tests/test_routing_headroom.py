@@ -161,3 +161,27 @@ def test_script_writes_an_undefined_correlation_as_null(headroom, tmp_path, caps
 
     assert json.loads(out.read_text(), parse_constant=refuse)["gain_fit"]["correlation_on_pairs"] is None
     assert "correlation with the real gain on these pairs undefined" in capsys.readouterr().out
+
+
+def test_frontier_and_oracle_take_the_routes_in_any_order(headroom):
+    # a DDSNet keeps its routes in the order it was given them, not always ascending MACs
+    route_psnr = np.array([[30.0, 30.0, 31.0], [25.0, 27.0, 28.0]])
+    macs = np.array([1000.0, 3000.0, 5000.0])
+    order = [2, 0, 1]
+    assert headroom.frontier_psnr(macs[order], route_psnr.mean(axis=0)[order], 2000.0) == pytest.approx(28.0)
+
+    def points(psnr, cost):
+        return [(p["macs_per_pixel"], p["psnr"]) for p in headroom.oracle_points(psnr, cost)]
+    assert points(route_psnr[:, order], macs[order]) == points(route_psnr, macs)
+
+
+def test_pairs_are_scored_on_outputs_clamped_to_the_image_range(headroom):
+    import torch
+
+    dds = small_ddsnet().eval()
+    with torch.no_grad():  # outputs far outside [0, 1]: scored as 8-bit images are, not refused
+        for p in dds.supernet.parameters():
+            p.mul_(50)
+    clean = torch.rand(3, 16, 16)
+    scores = headroom.per_pair_psnr(dds, [(clean, clean)])
+    assert np.isfinite(scores).all() and scores[0] < 20

@@ -1103,6 +1103,27 @@ def test_run_puts_every_conv_on_the_configured_backend(tmp_path):
         assert {m.backend for m in model.modules() if isinstance(m, SlimConv2d)} == {"torch"}
 
 
+def test_stage3_labels_an_attended_body_behind_its_attention_scale(tmp_path):
+    """The labels' PSNR gains are those of the network the DDSNet deploys: a body trained
+    behind the attention scale runs behind it, so its gains depend on that scale (they did
+    not when stage 3 scored the bare body)."""
+    from dds_fast import RoutingEntry, macs_per_pixel
+
+    config = TrainConfig(arch="SlimDnCNN", channels=1, base_width=8, depth=3, batch_size=4, epoch_patches=8,
+                         slim_step=8, num_choices=2, progress=False, gate_steps=1, gate_batch_size=4, gate_patch_size=24, attention=True)
+    gains = {}
+    for bias in (0.0, 2.0):  # scales 1 and 1 + tanh(2)
+        run = Run(tmp_path / str(bias), config)
+        net = run.new_network(attention_choices=2)
+        body = net.supernet
+        net.routing_space = [RoutingEntry(c, macs_per_pixel(body, c)) for c in (body.space.smallest(), body.space.largest())]
+        with torch.no_grad():
+            net.gate.fc2.bias.fill_(bias)
+        run.stage3(net)
+        gains[bias] = json.loads((tmp_path / str(bias) / "stage3.log.jsonl").read_text().splitlines()[0])["psnr_gain"]
+    assert abs(gains[2.0] - gains[0.0]) > 1e-3, gains
+
+
 @pytest.mark.parametrize("attention", [True, False])
 def test_three_stage_run_end_to_end(tmp_path, attention):
     """On the configured device (CUDA where present); checkpoints load on the CPU. With

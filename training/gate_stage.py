@@ -13,8 +13,10 @@ and when the smallest route trails the largest by more than ``beta`` on every im
 label is *hard* and the gate learns the budget but not which images are easy (stage 3 warns
 when over 99% of the labels agree).
 
-The super-network stays frozen and the gate's attention head is off (the body reads the
-plain stem features), as in the paper.
+The super-network stays frozen and the gate's attention head is off (the prediction head
+reads the plain stem features), as in the paper. A body that stage 1 trained behind the
+attention scale is scored behind it, as the trained DDSNet will run it: its labels are
+the gains of the network that is deployed.
 """
 from __future__ import annotations
 
@@ -51,18 +53,22 @@ def gate_labels(psnr_largest: torch.Tensor, psnr_smallest: torch.Tensor, num_cho
 
 
 def gate_step(model: DDSNet, noisy: torch.Tensor, clean: torch.Tensor, budget: float, beta: float = 0.2,
-              complexity_weight: float = 1.0) -> dict[str, float]:
+              complexity_weight: float = 1.0, scorer: torch.nn.Module | None = None) -> dict[str, float]:
     """One gate-training step's forward and backward (the caller steps the optimizer).
-    The routing space must be in ascending MACs (index 0 the smallest). Under
-    ``torch.distributed``, Psi is the mean over every rank's images."""
+    The routing space must be in ascending MACs (index 0 the smallest). ``scorer`` runs the
+    smallest and largest routes for the labels: the body as it is deployed (an
+    ``AttentionSupernet`` holding ``model.supernet`` when the body was trained behind the
+    attention scale); by default ``model.supernet``. Under ``torch.distributed``, Psi is the
+    mean over every rank's images."""
     supernet, routes = model.supernet, model.routing_space
+    scorer = supernet if scorer is None else scorer
     if [e.macs_per_pixel for e in routes] != sorted(e.macs_per_pixel for e in routes):
         raise ValueError("gate training needs the routing space in ascending MACs/pixel")
     with torch.no_grad():
         quality = []
         for entry in (routes[0], routes[-1]):
-            supernet.set_config(entry.config)
-            quality.append(per_image_psnr(supernet(noisy).float(), clean))
+            scorer.set_config(entry.config)
+            quality.append(per_image_psnr(scorer(noisy).float(), clean))
         labels = gate_labels(quality[1], quality[0], len(routes), beta)
         padded = supernet.pad(noisy)
         supernet.set_config(supernet.space.largest())

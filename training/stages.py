@@ -738,6 +738,7 @@ class Run:
         for p in supernet.parameters():
             p.requires_grad_(False)
         attended = isinstance(supernet, AttentionSupernet)
+        scorer = supernet  # the labels score the body as it will run: behind the attention scale if trained so
         with _seeded(c.seed):
             gate = DynamicGate(supernet.stem_channels, len(supernet.routing_space))
         gate = gate.to(self.device)
@@ -757,12 +758,14 @@ class Run:
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, c.gate_lr_decay)
 
         def step_fn(step, noisy, clean):
-            return gate_step(model, noisy, clean, budget, c.beta, c.gate_complexity_weight)
+            return gate_step(model, noisy, clean, budget, c.beta, c.gate_complexity_weight, scorer)
 
         # the gate's rate decays per epoch, not over the steps: a finished stage 3 can go on
         options = self.loop_options("gate_patch_size", "gate_lr", "gate_lr_decay", "beta", "gate_complexity_weight",
                                     budget=budget, routes=[e.config.to_dict() for e in model.routing_space],
-                                    start_weights=start_weights)
+                                    start_weights=start_weights,
+                                    # earlier versions labelled an attended body without its scale
+                                    **({"labels_behind_attention": True} if attended else {}))
         TrainLoop(self.dir, "stage3", model, optimizer, self.dataset(c.gate_patch_size), step_fn,
                   self.settings(c.gate_steps, c.gate_batch_size), scheduler=scheduler, device=self.device,
                   options=options).run()
