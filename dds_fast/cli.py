@@ -151,7 +151,8 @@ def _demo_trained(args) -> int:
             latency = _median_ms(lambda: model(batch, choice=choice), args.repeats)
             rows.append([f"route {k}" + (" (chosen)" if k == index else ""), f"{model.dynamic_macs_per_pixel[k]:,.0f}",
                          f"{psnr(forced, clean):.2f}", f"{latency:.0f}"])
-    print("every sub-network of the routing space on this image (the gate's choice overridden):")
+    print("every sub-network of the routing space on this image (the gate's choice overridden; MACs/pixel as routed, "
+          "the full-width stem that the gate reads included):")
     _print_table(rows, ["config", "MACs/pixel", "PSNR dB", "CPU ms"])
     save_image(args.out, torch.cat([shown, output, clean], dim=2))
     print(f"wrote {args.out} (noisy | denoised | clean)")

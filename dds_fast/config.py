@@ -85,9 +85,15 @@ class SubnetConfig(Mapping):
         if isinstance(self.widths, Mapping):
             raise ValueError("SubnetConfig: widths must be (group, width) pairs; use SubnetConfig.from_dict "
                              "for a mapping")
+        try:
+            pairs = [tuple(pair) for pair in self.widths]
+        except TypeError:
+            pairs = None
+        if pairs is None or any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"SubnetConfig: widths must be (group, width) pairs, got {self.widths!r}")
         # pairs given as lists would leave the config unhashable and unequal to the same widths;
         # numpy and tensor integers (a width searched with numpy) become ints, as from_dict makes them
-        object.__setattr__(self, "widths", tuple((name, exact_int(width)) for name, width in self.widths))
+        object.__setattr__(self, "widths", tuple((name, exact_int(width)) for name, width in pairs))
         names = [name for name, _ in self.widths]
         if not all(isinstance(name, str) for name in names):  # JSON keys are strings: to_json would not round-trip
             raise ValueError(f"SubnetConfig: group names must be strings, got {names}")
@@ -153,6 +159,11 @@ class ChannelGroup:
     choices: tuple[int, ...]
 
     def __post_init__(self):
+        checked_int(self.max_width, "max_width", f"group {self.name!r}")
+        if not isinstance(self.choices, (tuple, list)):
+            raise ValueError(f"group {self.name!r}: choices must be a tuple of ints, got {self.choices!r}")
+        for choice in self.choices:
+            checked_int(choice, "each choice", f"group {self.name!r}")
         if not self.choices or list(self.choices) != sorted(set(self.choices)):
             raise ValueError(f"group {self.name!r}: choices must be ascending and unique, got {self.choices}")
         if self.choices[0] < 1 or self.choices[-1] != self.max_width:
@@ -282,6 +293,9 @@ class RoutingEntry:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "RoutingEntry":
+        if not isinstance(data, Mapping) or not {"config", "macs_per_pixel"} <= set(data):
+            raise ValueError(f"RoutingEntry: needs a mapping with 'config' and 'macs_per_pixel' (and 'psnr'), "
+                             f"got {data!r}")
         return cls(SubnetConfig.from_dict(data["config"]), data["macs_per_pixel"], data.get("psnr"))
 
 

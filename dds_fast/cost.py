@@ -66,10 +66,10 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
         input_shape = (model.in_channels, side, side)
     try:
         sizes = tuple(checked_int(size, "input_shape", "trace_convs") for size in input_shape)
-    except ValueError:
+    except (ValueError, TypeError):  # TypeError: not a sequence
         sizes = ()
     if len(sizes) != 3:  # the batch of one is added here
-        raise ValueError(f"trace_convs: input_shape must be (C, H, W) of positive sizes, got {tuple(input_shape)}")
+        raise ValueError(f"trace_convs: input_shape must be (C, H, W) of positive sizes, got {input_shape!r}")
     input_shape = sizes
     names = {module: name for name, module in model.named_modules()}
     calls: list[ConvCall] = []

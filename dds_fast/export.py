@@ -52,8 +52,18 @@ def _static_from(slim: SlimConv2d, in_widths: tuple[int, ...], out_width: int) -
         static.weight.copy_(weight)
         if slim.bias is not None:
             static.bias.copy_(slim.bias[:out_width])
+    static.weight.requires_grad_(slim.weight.requires_grad)
+    if slim.bias is not None:
+        static.bias.requires_grad_(slim.bias.requires_grad)
+    # the layer's hooks run on its static copy, as deepcopy keeps every other module's
+    for table in _HOOK_TABLES:
+        setattr(static, table, copy.copy(getattr(slim, table)))
     static.train(slim.training)
     return static
+
+
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
 
 def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | None = None,
@@ -67,13 +77,21 @@ def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | N
     attention on, from ``AttentionSupernet(model.supernet, model.gate)``, whose body runs on
     the attended features as the DDSNet's does).
     """
-    if isinstance(model, DDSNet):  # its layers run at each image's own route: no one static shape
-        route = ("AttentionSupernet(model.supernet, model.gate)" if model.gate.attention else "model.supernet")
-        raise ValueError(f"export_static: a DDSNet routes each image to a config of its own; export one route as "
-                         f"export_static({route}, model.routing_space[index].config)")
-    if getattr(model, "masked", False):  # its layers run at full width: set_config says which slice to export
-        raise ValueError("export_static: the model runs masked widths (set_masked_widths); call set_config with "
-                         "the config to export first")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"export_static: model must be an nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        where = f" ({name!r} of the model)" if name else ""
+        if isinstance(module, DDSNet):  # its layers run at each image's own route: no one static shape
+            route = ("AttentionSupernet(model.supernet, model.gate)" if module.gate.attention else "model.supernet")
+            raise ValueError(f"export_static: a DDSNet{where} routes each image to a config of its own; export one "
+                             f"route as export_static({route}, model.routing_space[index].config)")
+        # masked layers run at full width: set_config says which slice to export
+        if isinstance(module, SlimNet) and module.masked:
+            raise ValueError(f"export_static: the network{where} runs masked widths (set_masked_widths); call "
+                             f"set_config with the config to export first")
+        if isinstance(module, SlimConv2d) and module.output_mask is not None:
+            raise ValueError(f"export_static: layer{where} has an output_mask, which a static layer cannot hold; "
+                             f"clear it (or set_config on its network) first")
     calls, _ = trace_convs(model, config, input_shape)
     shapes: dict[SlimConv2d, tuple[tuple[int, ...], int]] = {}
     for call in calls:

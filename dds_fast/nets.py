@@ -149,6 +149,8 @@ class SlimNet(nn.Module):
     def binding_widths(self, config: SubnetConfig | Mapping[str, int]) -> list[int]:
         """Each slimmable layer's output channels under ``config``, as its output counts them
         (after any pixel shuffle): a row of the widths that ``set_masked_widths`` takes."""
+        if self.is_static:
+            raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
         config = self.space.validate(config)
         return [config[group] * multiplier // conv.upscale_factor ** 2 for conv, group, multiplier in self._bindings]
 

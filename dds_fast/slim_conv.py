@@ -504,6 +504,9 @@ def convert_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     def convertible(module: nn.Module) -> bool:
         if type(module) is not nn.Conv2d:
             return False
+        if {"forward", "_conv_forward"} & set(vars(module)):  # replaced on the instance: it may do more
+            logger.debug("convert_model: leaving conv %s with a forward of its own as nn.Conv2d", module)
+            return False
         if module.groups != 1:
             logger.debug("convert_model: leaving grouped conv %s as nn.Conv2d", module)
             return False

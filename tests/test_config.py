@@ -74,6 +74,25 @@ def test_config_rejects_non_positive_int_widths(widths):
         SubnetConfig(tuple(widths.items()))
 
 
+@pytest.mark.parametrize("widths", [5, None, ("a", 8), [("a", 8, 1)]])
+def test_config_rejects_what_are_not_pairs(widths):
+    with pytest.raises(ValueError, match="SubnetConfig: widths must be \\(group, width\\) pairs"):
+        SubnetConfig(widths)
+
+
+@pytest.mark.parametrize("data", [{}, {"config": {"a": 8}}, [("config", {"a": 8})], None])
+def test_routing_entry_from_dict_names_what_it_needs(data):
+    with pytest.raises(ValueError, match="RoutingEntry: needs a mapping with 'config' and 'macs_per_pixel'"):
+        RoutingEntry.from_dict(data)
+
+
+@pytest.mark.parametrize("max_width, choices, what", [(8.0, (4, 8), "max_width"), (True, (1,), "max_width"),
+                                                      (8, (4.0, 8), "each choice"), (8, 8, "choices must be")])
+def test_channel_group_takes_int_widths_only(max_width, choices, what):
+    with pytest.raises(ValueError, match=f"group 'a'.*{what}"):
+        ChannelGroup("a", max_width, choices)
+
+
 def test_space_largest_smallest_uniform():
     s = space()
     assert s.largest() == SubnetConfig.from_dict({"a": 24, "b": 48})

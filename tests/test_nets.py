@@ -289,3 +289,46 @@ def test_repr_shows_the_active_config_a_static_export_and_masked_widths():
     net.set_masked_widths(torch.tensor(net.binding_widths(net.space.smallest())))
     assert "masked widths" in repr(net)
     assert "masked_out_channels=" in repr(net.stem_conv)
+
+
+def test_export_static_refuses_what_no_static_copy_computes():
+    """A masked network or layer, and a DDSNet, nested in a wrapper as at the top."""
+    from torch import nn
+
+    from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
+
+    net = small_unet()
+    net.set_masked_widths(torch.tensor(net.binding_widths(net.space.smallest())))
+    with pytest.raises(ValueError, match=r"network \('0' of the model\) runs masked widths"):
+        export_static(nn.Sequential(net), input_shape=(3, 8, 8))
+    net.set_config(net.space.largest())
+    conv = net.stem_conv
+    conv.output_mask = torch.ones(conv.out_channels, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"layer \('0\..*' of the model\) has an output_mask"):
+        export_static(nn.Sequential(net), input_shape=(3, 8, 8))
+    conv.output_mask = None
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    dds = DDSNet(net, DynamicGate(net.stem_channels, 2), routes)
+    with pytest.raises(ValueError, match=r"a DDSNet \('0' of the model\) routes each image"):
+        export_static(nn.Sequential(dds), input_shape=(3, 8, 8))
+    with pytest.raises(ValueError, match="model must be an nn.Module, got str"):
+        export_static("net")
+    with pytest.raises(ValueError, match="input_shape must be"):
+        export_static(net, input_shape=5)
+
+
+def test_export_static_keeps_hooks_and_frozen_parameters():
+    torch.manual_seed(6)
+    net = small_dncnn()
+    conv = net.stem_conv
+    conv.register_forward_hook(lambda module, args, output: output * 0.5)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    small = net.space.smallest()
+    static = export_static(net, small)
+    net.set_config(small)
+    x = torch.rand(1, 1, 9, 7, dtype=torch.float64)
+    torch.testing.assert_close(static(x), net(x), rtol=1e-12, atol=1e-12)
+    assert not any(p.requires_grad for p in static.parameters())
+    with pytest.raises(ValueError, match="exported as a static network"):
+        static.binding_widths(small)

@@ -365,3 +365,15 @@ def test_a_triton_that_fails_to_start_leaves_the_reference_path(monkeypatch):
     finally:
         monkeypatch.undo()
         slim_conv._kernels_module.cache_clear()
+
+
+def test_convert_model_leaves_a_conv_whose_forward_was_replaced():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    plain = conv.forward
+    conv.forward = lambda x: 2 * plain(x)
+    model = nn.Sequential(conv)
+    x = torch.randn(1, 3, 5, 5)
+    before = model(x)
+    convert_model(model)
+    assert model[0] is conv
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
