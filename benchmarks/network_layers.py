@@ -65,7 +65,10 @@ def main() -> None:
                 ours = median_ms(lambda: conv(*a, **kw))
                 cudnn = median_ms(lambda: F.conv2d(cat, narrow, None, conv.stride, conv.padding))
             macs = y.numel() * sum(in_widths) * conv.kernel_size[0] * conv.kernel_size[1]
-            nbytes = (cat.numel() + y.numel() + narrow.numel()) * cat.element_size()
+            residual = a[1] if len(a) > 1 else kw.get("residual")
+            # what ours reads and writes: bias and residual too (cuDNN's row runs neither)
+            nbytes = (cat.numel() + y.numel() + narrow.numel() + out_width * (conv.bias is not None)
+                      + (0 if residual is None else residual.numel())) * cat.element_size()
             floor, bound = peaks.floor_ms(nbytes, 2 * macs)
             rows.append(dict(layer=name, inputs=[list(t.shape) for t in inputs], out=list(y.shape), ms=ours,
                              cudnn_ms=cudnn, floor_ms=floor, bound=bound))

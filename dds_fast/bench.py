@@ -386,12 +386,14 @@ def targets_markdown(rows: list[dict]) -> str:
     for r in rows:
         if r["met"]:
             verdict = "yes"
-        elif r.get("lower_is_better"):
-            verdict = f"no: {r['got'] / r['need']:.1f}x over"
+        elif r.get("lower_is_better"):  # a near miss is no "1.0x over"
+            over = r["got"] / r["need"]
+            verdict = f"no: {over:.1f}x over" if over >= 1.1 else f"no: {over - 1:.1%} over"
         else:
-            verdict = f"no: {1 - r['got'] / r['need']:.0%} short"
+            short = 1 - r["got"] / r["need"]
+            verdict = f"no: {short:.0%} short" if short >= 0.1 else f"no: {short:.1%} short"
         relation = "at most" if r.get("lower_is_better") else "at least"
-        lines.append(f"| {r['target']} | {relation} {r['need']:g}{r['unit']} | {r['got']:.2f} | {verdict} | {r['bound']} |")
+        lines.append(f"| {r['target']} | {relation} {r['need']:g}{r['unit']} | {r['got']:.3g} | {verdict} | {r['bound']} |")
     return "\n".join(lines)
 
 

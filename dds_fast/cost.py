@@ -29,6 +29,7 @@ class ConvCall:
     out_width: int
     out_size: tuple[int, int]
     in_size: tuple[int, int]  # the input's own: not out_size times the stride unless padded to fit
+    residual: bool = False  # a residual added in the conv's epilogue (a SlimConv2d's or StaticConv2d's)
 
     @property
     def macs(self) -> int:
@@ -79,9 +80,10 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
         # channels at -3: a batch [N, C, H, W], or an unbatched image [C, H, W]
         widths = tuple(t.shape[-3] for t in x) if isinstance(x, (list, tuple)) else (x.shape[-3],)
         r = getattr(module, "upscale_factor", 1)  # an upsampling SlimConv2d: count its filters' own output
+        residual = args[1] if len(args) > 1 else kwargs.get("residual")
         calls.append(ConvCall(names.get(module, ""), module, widths, output.shape[-3] * r * r,
                               (output.shape[-2] // r, output.shape[-1] // r),
-                              tuple((x[0] if isinstance(x, (list, tuple)) else x).shape[-2:])))
+                              tuple((x[0] if isinstance(x, (list, tuple)) else x).shape[-2:]), residual is not None))
 
     reference = next(model.parameters(), torch.empty(0))  # a model without parameters runs in fp32 on the CPU
     user_hooks = _set_aside_forward_hooks(model)  # counting is not the caller's forward

@@ -5,7 +5,11 @@ p20 and p80; CUDA events on a GPU, optionally CUDA-graph replay; the wall clock 
 labelled as such) and reports MACs/pixel, the theoretical speedup over the largest config
 (the MAC ratio), the real speedup, their ratio, and the roofline floor: the larger of
 FLOPs over the device's peak rate and the fewest bytes over its bandwidth, both measured
-once per run on the same device. A bare SlimConv2d is timed at width ratios of its output and
+once per run on the same device. A network's FLOPs and bytes are the sums over its convs
+(each reads its inputs, active weights, bias and residual once and writes its output once),
+set against the peaks as one: a lower floor than the sum of each layer's own, which
+``benchmarks/network_layers.py`` reports (up to 29% higher where bytes-bound and FLOP-bound
+layers mix). A bare SlimConv2d is timed at width ratios of its output and
 input; a DDSNet in dynamic mode at the routes its gate picks.
 """
 from __future__ import annotations
@@ -299,7 +303,8 @@ class LatencyRunner:
 
     def _traffic(self, groups: list[tuple[list[ConvCall], int]]) -> tuple[int, int]:
         """The fewest bytes and the FLOPs (2 per MAC) of the calls, each group over its images:
-        each conv reads its input and active weights once and writes its output once."""
+        each conv reads its input, active weights, bias and residual once and writes its output
+        once."""
         element = torch.empty((), dtype=self.dtype).element_size()
         moved = flops = 0
         for calls, n in groups:
@@ -308,8 +313,10 @@ class LatencyRunner:
                 out_pixels = call.out_size[0] * call.out_size[1]
                 in_pixels = call.in_size[0] * call.in_size[1]
                 # a grouped conv's filters each hold in/groups channels, as ConvCall.macs counts
-                moved += element * (n * sum(call.in_widths) * in_pixels + n * call.out_width * out_pixels
-                                    + call.out_width * (sum(call.in_widths) // call.module.groups) * kh * kw)
+                outputs = n * call.out_width * out_pixels
+                moved += element * (n * sum(call.in_widths) * in_pixels + outputs * (1 + call.residual)
+                                    + call.out_width * (sum(call.in_widths) // call.module.groups) * kh * kw
+                                    + call.out_width * (call.module.bias is not None))
                 flops += 2 * n * call.macs
         return moved, flops
 

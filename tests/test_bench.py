@@ -100,6 +100,9 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
     table = targets_markdown(list(rows.values()))
     assert "| no: 20% short |" in table and "| no: 1.3x over |" in table and "| no: 38% short |" in table
     assert "| no: 2.0x over |" in table
+    near = targets_markdown([dict(target="t", need=1.5, got=1.54, unit="x", bound="", lower_is_better=True, met=False),
+                             dict(target="u", need=0.8, got=0.797, unit="", bound="", met=False)])
+    assert "| at most 1.5x | 1.54 | no: 2.7% over |" in near and "| 0.797 | no: 0.4% short |" in near
 
 
 def test_layer_targets_also_compare_graph_replays_where_both_were_replayed():

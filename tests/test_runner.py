@@ -6,6 +6,7 @@ from torch import nn
 
 from dds_fast import DynamicGate, RoutingEntry, SlimConv2d, SlimDnCNN, export_static, macs_per_pixel
 from dds_fast.bench import time_gate
+from dds_fast.cost import trace_convs
 from dds_fast.ddsnet import AttentionSupernet
 from dds_fast.runner import DevicePeaks, LatencyRunner, Timing, capture_cuda_graph, default_configs
 
@@ -226,8 +227,8 @@ def test_a_grouped_convs_floor_counts_the_weights_it_holds():
     conv = nn.Conv2d(64, 64, 3, padding=1, groups=64)
     report = LatencyRunner(conv, (1, 64, 2, 2), warmup=0, repeats=1).run(
         peaks=DevicePeaks(flops_per_s=1e18, bytes_per_s=1e9))
-    # fp32: the input and the output (64 channels x 4 pixels each) and the weights, at 1 GB/s
-    moved = (2 * 64 * 4 + 64 * 9) * 4
+    # fp32: the input and the output (64 channels x 4 pixels each), the weights and the bias, at 1 GB/s
+    moved = (2 * 64 * 4 + 64 * 9 + 64) * 4
     assert report.results[0].floor_bound == "bytes"
     assert report.results[0].floor_ms == pytest.approx(moved / 1e9 * 1e3)
 
@@ -242,9 +243,23 @@ def test_a_grouped_convs_floor_counts_the_weights_it_holds():
 def test_a_convs_floor_reads_its_real_input(conv, side, in_pixels, out_pixels):
     report = LatencyRunner(conv(), (1, 8, side, side), warmup=0, repeats=1).run(
         [("as is", None)], peaks=DevicePeaks(flops_per_s=1e18, bytes_per_s=1e9))
-    # fp32: 8 channels in and out and the 8 x 8 x 9 weights (biases are not counted), at 1 GB/s
-    moved = (8 * in_pixels + 8 * out_pixels + 8 * 8 * 9) * 4
+    # fp32: 8 channels in and out, the 8 x 8 x 9 weights and the 8 biases, at 1 GB/s
+    moved = (8 * in_pixels + 8 * out_pixels + 8 * 8 * 9 + 8) * 4
     assert report.results[0].floor_ms == pytest.approx(moved / 1e9 * 1e3)
+
+
+def test_a_networks_floor_reads_each_residual_and_bias():
+    """A DnCNN's last conv adds the input back in its epilogue: one more output-sized read."""
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=3)
+    report = LatencyRunner(net, (2, 1, 8, 8), warmup=0, repeats=1).run(
+        [("as is", None)], peaks=DevicePeaks(flops_per_s=1e18, bytes_per_s=1e9))
+    calls, _ = trace_convs(net, None, (1, 8, 8))
+    assert sum(call.residual for call in calls) == 1 and calls[-1].residual
+    moved = 0
+    for call in calls:
+        weights = call.out_width * sum(call.in_widths) * 9 + call.out_width * (call.module.bias is not None)
+        moved += 2 * (sum(call.in_widths) + call.out_width * (1 + call.residual)) * 64 + weights
+    assert report.results[0].floor_ms == pytest.approx(moved * 4 / 1e9 * 1e3)
 
 def test_an_as_is_row_times_the_model_as_it_came_not_at_the_row_before():
     net = small_net()
