@@ -47,7 +47,7 @@ def test_gpu_session_refuses_an_unknown_mode_before_installing(stubbed_session, 
     assert not log.exists() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("mode", [(), ("full",), ("quick",), ("train",), ("verify",), ("model",), ("tests",)])
+@pytest.mark.parametrize("mode", [(), ("full",), ("quick",), ("train",), ("verify",), ("model",), ("tests",), ("next",)])
 def test_gpu_session_runs_each_known_mode(stubbed_session, mode):
     run, log = stubbed_session
     done = run(*mode)
