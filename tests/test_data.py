@@ -644,12 +644,27 @@ def test_paired_patches_interleave_pairs_in_a_seeded_order_each_epoch():
     data = PairedPatches(pairs, patch_size=4, patches_per_pair=3, seed=1, interleave=2)
     first = order(data, 0)
     assert sorted(first) == sorted(list(range(5)) * 3)
-    assert all(first[i] != first[i + 1] for i in range(0, 12, 2))  # batches of 2 over groups of 2 pairs
-    assert first[:6] == first[:2] * 3 and first[12:] == first[12:13] * 3  # each file decoded once an epoch
+    # groups of 3 and 2 pairs (not 2, 2 and a last pair alone, whose 3 crops would fill a batch)
+    assert all(first[i] != first[i + 1] for i in range(14))
+    assert first[:9] == first[:3] * 3 and first[9:] == first[9:11] * 3  # each file decoded once an epoch
+    assert data.cache_size == 3
     assert order(data, 1) != first and sorted(order(data, 1)) == sorted(first)
     assert order(PairedPatches(pairs, patch_size=4, patches_per_pair=3, seed=1, interleave=2), 0) == first
     with pytest.raises(ValueError, match="interleave must be an int >= 1, got 0"):
         PairedPatches(pairs, interleave=0)
+
+
+@pytest.mark.parametrize("pairs, interleave, per_pair", [(17, 16, 32), (17, 16, 4), (40, 16, 5), (32, 16, 2)])
+def test_paired_patches_batches_never_repeat_a_pair_and_an_epoch_reads_each(pairs, interleave, per_pair):
+    """Whole batches of ``interleave`` consecutive items hold distinct pairs, the items the
+    loop reads (len // batch batches) cover every pair, and each pair gives per_pair crops."""
+    data = PairedPatches([(torch.zeros(1, 4, 4),) * 2] * pairs, patch_size=4, patches_per_pair=per_pair,
+                         interleave=interleave)
+    read = [data.pair_of(i) for i in range(len(data))]
+    assert sorted(read) == sorted(list(range(pairs)) * per_pair)
+    used = read[:len(read) // interleave * interleave]
+    assert all(len(set(used[b:b + interleave])) == interleave for b in range(0, len(used), interleave))
+    assert set(used) == set(range(pairs))
 
 
 def test_paired_patches_from_tensors():

@@ -22,6 +22,7 @@ other noise); call ``set_epoch`` to get fresh crops each epoch (not with
 """
 from __future__ import annotations
 
+import bisect
 import math
 import zlib
 from collections import OrderedDict
@@ -743,13 +744,15 @@ class PairedPatches(Dataset):
     """Random aligned crops of real noisy/clean pairs, e.g. from :func:`sidd_medium_pairs`.
 
     ``pairs`` holds (noisy, clean) file paths, read lazily, or [C, H, W] tensors. Each epoch
-    takes the pairs in an order drawn from ``(seed, epoch)``, ``interleave`` of them at a
-    time: their ``interleave * patches_per_pair`` items take one crop of each in turn, so
-    that consecutive items (a batch) come from different pairs, and reading items in order
-    decodes each file once an epoch. The last ``cache_size`` (by default
-    ``max(2, interleave)``) decoded pairs are kept (per DataLoader worker) as their stored
-    integer arrays, since full SIDD images are large. Crop position and the flip/rotation
-    (shared by both images) come from ``(seed, epoch, i)``.
+    takes the pairs in an order drawn from ``(seed, epoch)``, in groups of ``interleave``
+    pairs or a few more (a remainder is spread over the groups: a last group of fewer pairs
+    would fill whole batches with crops of one image): a group's items take one crop of each
+    of its pairs in turn, so that consecutive items (a batch of at most ``interleave``) come
+    from different pairs, and reading items in order decodes each file once an epoch. The
+    last ``cache_size`` (by default ``max(2, the largest group)``) decoded pairs are kept
+    (per DataLoader worker) as their stored integer arrays, since full SIDD images are
+    large. Crop position and the flip/rotation (shared by both images) come from
+    ``(seed, epoch, i)``.
     """
 
     def __init__(
@@ -776,7 +779,11 @@ class PairedPatches(Dataset):
         self.patch_size, self.patches_per_pair, self.channels = patch_size, patches_per_pair, channels
         self.seed, self.augment = seed, augment
         self.interleave = interleave
-        self.cache_size = max(2, interleave) if cache_size is None else cache_size
+        groups = max(1, len(self.pairs) // interleave)
+        size, extra = divmod(len(self.pairs), groups)
+        # the first pair of each group in an epoch's order, and one past the last
+        self._group_starts = [g * size + min(g, extra) for g in range(groups + 1)]
+        self.cache_size = max(2, size + (extra > 0)) if cache_size is None else cache_size
         self._cache: OrderedDict[int, tuple] = OrderedDict()
         self._first_colours: tuple[str, int] | None = None  # (pair, colour planes) of the first pair read
         self.epoch = None
@@ -789,10 +796,10 @@ class PairedPatches(Dataset):
 
     def pair_of(self, index: int) -> int:
         """The pair that item ``index`` crops this epoch."""
-        group_items = self.interleave * self.patches_per_pair
-        group, position = divmod(index, group_items)
-        first = group * self.interleave
-        return int(self._order[first + position % min(self.interleave, len(self.pairs) - first)])
+        starts = self._group_starts
+        group = bisect.bisect_right(starts, index // self.patches_per_pair) - 1
+        position = index - starts[group] * self.patches_per_pair
+        return int(self._order[starts[group] + position % (starts[group + 1] - starts[group])])
 
     def __len__(self) -> int:
         return len(self.pairs) * self.patches_per_pair
