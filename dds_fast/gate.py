@@ -52,6 +52,9 @@ class GateOutput(NamedTuple):
     ``scale``, ``logits`` and ``probs`` are fp32 on every path (fp64 for fp64 parameters on the
     reference path): both paths do the heads' math in at least fp32;
     - ``choice``: ``[N]`` int32 (on every path), the argmax of the logits, on the device of ``x``.
+    An image holding a NaN gets NaN logits, probs and scale and choice 0 (torch's argmax
+    takes the first NaN), so a DDSNet's output for it is NaN: a corrupt image gets no
+    confident route. Both paths agree on it, and on infinite values.
     """
     features: torch.Tensor
     scale: torch.Tensor
@@ -127,7 +130,8 @@ class DynamicGate(nn.Module):
             raise ValueError(f"DynamicGate: input must be floating point, got {x.dtype}")
 
     def _fused(self, x: torch.Tensor, means: torch.Tensor | None = None) -> bool:
-        if self.backend == "torch" or self.training or self.bn.training:
+        # (without running statistics the BatchNorm normalises by the batch's, in eval mode too)
+        if self.backend == "torch" or self.training or self.bn.training or self.bn.running_mean is None:
             return False
         if (self.backend == "auto" and not x.is_cuda) or x.dtype not in _FUSED_DTYPES:
             return False
@@ -192,12 +196,19 @@ class DynamicGate(nn.Module):
 
     def _batch_norm(self, h: torch.Tensor) -> torch.Tensor:
         bn = self.bn
-        if bn.weight.dtype == h.dtype:
+        tensors = {**dict(bn.named_parameters()), **dict(bn.named_buffers())}  # (none without affine or statistics)
+        if all(t.dtype == h.dtype for t in tensors.values() if t.is_floating_point()):
             return bn(h)
-        if bn.training:  # (it updates its running statistics in place: in their own dtype)
-            return bn(h.to(bn.weight.dtype)).to(h.dtype)
-        return F.batch_norm(h, bn.running_mean.to(h.dtype), bn.running_var.to(h.dtype), bn.weight.to(h.dtype),
-                            bn.bias.to(h.dtype), False, 0.0, bn.eps)
+        # in h's dtype (at least fp32: an fp16 BatchNorm overflows), on copies of the running
+        # statistics, which a training step's update is then written back from
+        cast = {name: t.to(h.dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+        out = torch.func.functional_call(bn, cast, (h,))
+        if bn.training and bn.track_running_stats:
+            with torch.no_grad():
+                for name, buffer in bn.named_buffers():
+                    if buffer.is_floating_point():
+                        buffer.copy_(cast[name])
+        return out
 
     def _squeeze(self, x: torch.Tensor, means: torch.Tensor | None = None) -> torch.Tensor:
         """``R = relu(W1 U + b1)``, the input of both heads, in at least fp32 as the fused

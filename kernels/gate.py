@@ -119,6 +119,9 @@ def _heads(u, n, offs_c, mask_c, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr,
     r = tl.sum(w1 * u[None, :], axis=1) + tl.load(b1_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     # NaN propagates (as torch.relu's does): a corrupt image must not get a confident route
     r = tl.maximum(r, 0.0, propagate_nan=tl.PropagateNan.ALL)                    # [BLOCK_CR]
+    # padding lanes: their zero weights times an infinite squeeze are NaN, which the next
+    # product's zero padding would carry into the real lanes
+    r = tl.where(mask_r, r, 0.0)
 
     if ATTENTION:
         w2t = tl.load(w2_ptr + offs_c[None, :] * CR + offs_r[:, None], mask=mask_rc, other=0.0).to(tl.float32)
@@ -141,6 +144,7 @@ def _heads(u, n, offs_c, mask_c, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr,
         hid = hid * tl.load(bn_weight_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32) \
             + tl.load(bn_bias_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
     hid = tl.maximum(hid, 0.0, propagate_nan=tl.PropagateNan.ALL)                # [BLOCK_H]
+    hid = tl.where(mask_h, hid, 0.0)
 
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E

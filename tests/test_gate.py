@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dds_fast.gate import DynamicGate, GateOutput
 from dds_fast.kernels import gate as kernels
@@ -46,7 +47,7 @@ def reference(gate, x, bn_batch_stats=False, means=None):
         mean, var = h.mean(0), h.var(0, unbiased=False)
     else:
         mean, var = p["bn.running_mean"], p["bn.running_var"]
-    h = F.relu((h - mean) / torch.sqrt(var + gate.bn.eps) * p["bn.weight"] + p["bn.bias"])
+    h = F.relu((h - mean) / torch.sqrt(var + gate.bn.eps) * p.get("bn.weight", 1) + p.get("bn.bias", 0))
     logits = h @ p["fc4.weight"].T + p["fc4.bias"]
     return GateOutput(x * scale[:, :, None, None], scale, logits, logits.softmax(1), logits.argmax(1))
 
@@ -148,6 +149,59 @@ def test_non_finite_values_route_as_torch_does(e):
         torch.testing.assert_close(out.probs.double(), ref.probs, equal_nan=True, rtol=1e-4, atol=1e-5)
         assert torch.equal(out.choice.long(), ref.choice)
     assert out.choice[2].item() == e - 2
+
+
+@pytest.mark.parametrize("channels, hidden", [(6, 16), (8, 5)])  # 3 reduced lanes, or 5 hidden: padded
+def test_an_infinite_pixel_that_torch_routes_is_routed_alike(channels, hidden):
+    """Positive weights carry an infinite squeeze to +inf and -inf logits (not NaN) in torch;
+    the fused head's padding lanes (zero weights times infinity) must not turn them NaN."""
+    gate = make_gate(channels, 3, reduction=2, hidden=hidden, backend="triton")
+    with torch.no_grad():
+        for layer in (gate.fc1, gate.fc2, gate.fc3):
+            layer.weight.abs_()
+        gate.bn.weight.abs_()
+        gate.fc4.weight.copy_(-gate.fc4.weight.abs())
+        gate.fc4.weight[2].abs_()
+    x = torch.randn(1, channels, 4, 4).to(DEVICE)
+    x[0, 0, 0, 0] = float("inf")
+    with torch.no_grad():
+        out = gate(x)
+    ref = reference(gate, x)
+    assert ref.choice.tolist() == [2] and not ref.logits.isnan().any()
+    assert torch.equal(out.logits.double(), ref.logits) and out.choice.tolist() == [2]
+    torch.testing.assert_close(out.scale.double(), ref.scale, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bn", [dict(affine=False), dict(track_running_stats=False)])
+@pytest.mark.parametrize("backend, training", [("torch", False), ("triton", False), ("torch", True)])
+def test_batch_norms_without_affine_or_statistics(bn, backend, training):
+    gate = make_gate(20, 4, backend=backend)
+    gate.bn = nn.BatchNorm1d(gate.hidden, **bn).to(DEVICE)
+    gate.train(training)
+    x = torch.randn(3, 20, 5, 6).to(DEVICE)
+    with torch.set_grad_enabled(training):  # (the fused head serves inference only)
+        out = gate(x)
+    # a BatchNorm without statistics normalises by the batch's in eval mode too
+    ref = reference(gate, x, bn_batch_stats=training or not gate.bn.track_running_stats)
+    torch.testing.assert_close(out.logits.double(), ref.logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out.choice.long(), ref.choice)
+
+
+def test_a_half_precision_gate_trains_its_batch_norm_in_fp32():
+    """A pre-BN value past fp16's 65504 overflows an fp16 BatchNorm; the update lands in the
+    fp16 buffers."""
+    gate = make_gate(20, 3, backend="torch").half().train()
+    with torch.no_grad():  # h around 6e4, spread by about 1e4 over the batch
+        gate.fc3.bias.fill_(6e4)
+        gate.fc3.weight.mul_(1e4)
+    x = torch.randn(4, 20, 5, 6).to(DEVICE).half()
+    before = gate.bn.running_mean.clone()
+    out = gate(x)
+    ref = reference(gate, x, bn_batch_stats=True)
+    assert out.logits.isfinite().all()
+    torch.testing.assert_close(out.logits.double(), ref.logits, rtol=2e-2, atol=2e-2)
+    assert gate.bn.running_mean.dtype == torch.float16 and not torch.equal(gate.bn.running_mean, before)
+    assert int(gate.bn.num_batches_tracked) == 1
 
 
 @pytest.mark.parametrize("attention", [True, False])
