@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from typing import Sequence
 
 import torch
@@ -30,12 +31,14 @@ from torch import nn
 from .config import RoutingEntry, checked_int, checked_routing_space, exact_int
 from .cost import _at_config, trace_convs
 from .gate import DynamicGate, GateOutput
-from .graph_if import capturing_graph, conditional_graph_nodes, driver_if_nodes, torch_if_nodes
+from .graph_if import (capturing_graph, conditional_graph_nodes, conditional_nodes_unavailable_reason, driver_if_nodes,
+                       torch_if_nodes)
 from .nets import ARCHITECTURES, SlimNet, register_architecture
 from .slim_conv import PackedBuffers, SlimConv2d, _kernels_module
 
 
 PER_IMAGE_TILES = ("widest", "narrowest")
+_BRANCHES_WARNED: set[str] = set()  # why route_branches could not hold: said once each
 WARMED_BRANCH_KEYS = 64  # input signatures whose route branches a DDSNet remembers warming, the latest
 
 
@@ -238,7 +241,7 @@ class AttentionSupernet(nn.Module):
             features, _ = self.gate.attend(supernet.stem(padded), stem_means)
         finally:
             stem.output_mask = mask
-        out = supernet.body(features * mask, padded)
+        out = supernet.body(torch.where(mask, features, 0), padded)  # (inf or NaN past the width: zero too)
         return out[..., : x.shape[-2], : x.shape[-1]]
 
 
@@ -565,8 +568,17 @@ class DDSNet(nn.Module):
     def _takes_branches(self, padded: torch.Tensor, per_image: bool) -> bool:
         """Whether a forward captured now would route through conditional graph nodes: a batch
         that mixes routes needs the per-image body, which cannot sync, in its branch."""
-        return (self.route_branches and padded.is_cuda and not torch.is_grad_enabled()
-                and (per_image or len(padded) == 1) and conditional_graph_nodes())
+        if not (self.route_branches and padded.is_cuda and not torch.is_grad_enabled()
+                and (per_image or len(padded) == 1)):
+            return False
+        if conditional_graph_nodes():
+            return True
+        reason = conditional_nodes_unavailable_reason()
+        if reason not in _BRANCHES_WARNED and not torch.compiler.is_compiling():
+            _BRANCHES_WARNED.add(reason)
+            warnings.warn(f"DDSNet.route_branches: CUDA graphs here cannot hold conditional nodes ({reason}); a "
+                          f"captured forward routes through the per-image body instead", stacklevel=3)
+        return False
 
     def _branch_key(self, features: torch.Tensor, padded: torch.Tensor) -> tuple:
         """What the kernels and plans a branch runs depend on: the inputs, the layers' backends

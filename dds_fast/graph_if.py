@@ -75,8 +75,10 @@ def _driver_bindings():
 
 
 def driver_if_nodes_available() -> bool:
-    """Whether ``DriverIfNodes`` can work here: cuda-python 13+ and torch's allocator hook."""
-    return _driver_bindings() is not None and hasattr(torch._C, "_cuda_beginAllocateCurrentStreamToPool")
+    """Whether ``DriverIfNodes`` can work here: cuda-python 13+ and torch's allocator hooks
+    (the end hook has this name and signature from torch 2.8 on)."""
+    return _driver_bindings() is not None and all(
+        hasattr(torch._C, name) for name in ("_cuda_beginAllocateCurrentStreamToPool", "_cuda_endAllocateToPool"))
 
 
 def cuda_driver_version() -> int | None:
@@ -93,16 +95,33 @@ def cuda_driver_version() -> int | None:
 
 
 @functools.lru_cache(maxsize=None)
+def _source_or_reason() -> tuple[str | None, str]:
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    driver = cuda_driver_version()
+    if driver is None:
+        return None, "the CUDA driver library could not be asked its version"
+    if not conditional_nodes_supported(torch.version.cuda, driver):
+        return None, (f"they need CUDA 12.4 or later, and torch was built for CUDA {torch.version.cuda} on a "
+                      f"driver of CUDA {driver // 1000}.{driver % 1000 // 10}")
+    if torch_if_nodes():
+        return "torch", ""
+    if driver_if_nodes_available():
+        return "driver", ""
+    return None, (f"torch {torch.__version__} cannot open them itself, and the way around it needs cuda-python 13 "
+                  f"or later (cuda.bindings) and torch 2.8 or later")
+
+
 def conditional_nodes_source() -> str | None:
     """Who opens conditional nodes in a CUDA graph captured here: ``"torch"``, ``"driver"``
     (``DriverIfNodes``, where torch cannot), or None; either needs a CUDA build and a driver of
     12.4 or later."""
-    if not torch.cuda.is_available():
-        return None
-    driver = cuda_driver_version()
-    if driver is None or not conditional_nodes_supported(torch.version.cuda, driver):
-        return None
-    return "torch" if torch_if_nodes() else "driver" if driver_if_nodes_available() else None
+    return _source_or_reason()[0]
+
+
+def conditional_nodes_unavailable_reason() -> str:
+    """Why a CUDA graph captured here cannot hold conditional nodes ("" where it can)."""
+    return _source_or_reason()[1]
 
 
 def conditional_graph_nodes() -> bool:
@@ -194,9 +213,11 @@ class DriverIfNodes:
         if not self._open:
             raise RuntimeError("DriverIfNodes: no conditional node is open")
         parent = self._open.pop()
-        torch._C._cuda_endAllocateToPool(self.device.index, self._pool)
-        torch.cuda.set_stream(parent)
-        _checked(self._cu.cuStreamEndCapture(self._cu.CUstream(self._body_stream.cuda_stream)))
+        try:
+            torch._C._cuda_endAllocateToPool(self.device.index, self._pool)
+        finally:  # the caller's stream back and the body's capture ended, whatever failed
+            torch.cuda.set_stream(parent)
+            _checked(self._cu.cuStreamEndCapture(self._cu.CUstream(self._body_stream.cuda_stream)))
 
 
 _DRIVER_IF_NODES: dict[torch.device, DriverIfNodes] = {}

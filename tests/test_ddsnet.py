@@ -1,6 +1,7 @@
 import copy
 import gc
 import re
+import warnings
 import weakref
 
 import numpy as np
@@ -1218,3 +1219,23 @@ def test_a_custom_supernet_that_misdeclares_its_groups_gets_clear_errors(monkeyp
                                              r"constructor"):
             dds_fast.save(model, tmp_path / "unwritten.safetensors")
     assert not (tmp_path / "unwritten.safetensors").exists()
+
+
+def test_route_branches_says_once_why_this_machine_cannot_take_them(monkeypatch):
+    """Where CUDA graphs cannot hold conditional nodes, a captured forward runs the per-image
+    body; the switch the user turned on says why, once, instead of nothing."""
+    model = make_ddsnet()
+    model.route_branches = True
+    monkeypatch.setattr(dds_fast.ddsnet, "conditional_graph_nodes", lambda: False)
+    monkeypatch.setattr(dds_fast.ddsnet, "conditional_nodes_unavailable_reason", lambda: "a reason of this test")
+
+    class OnCuda:  # all that the decision reads of the padded input
+        is_cuda = True
+
+        def __len__(self):
+            return 1
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"route_branches: .*\(a reason of this test\)"):
+        assert not model._takes_branches(OnCuda(), per_image=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not model._takes_branches(OnCuda(), per_image=True)

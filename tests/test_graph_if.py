@@ -25,22 +25,34 @@ def test_conditional_nodes_need_cuda_12_4_in_the_build_and_the_driver():
         assert conditional_nodes_source() is None
 
 
-@pytest.mark.parametrize("cuda, build, driver, torch_api, bindings, source", [
-    (True, "13.0", 13000, True, True, "torch"),
-    (True, "13.0", 13000, False, True, "driver"),  # torch 2.11 on our GPU machines
-    (True, "13.0", 13000, False, False, None),
-    (True, "12.8", 12020, True, True, None),  # an old driver
-    (True, "13.0", None, True, True, None),  # no driver library
-    (False, "13.0", 13000, True, True, None),
+@pytest.mark.parametrize("cuda, build, driver, torch_api, bindings, source, reason", [
+    (True, "13.0", 13000, True, True, "torch", ""),
+    (True, "13.0", 13000, False, True, "driver", ""),  # torch 2.11 on our GPU machines
+    (True, "13.0", 13000, False, False, None, "needs cuda-python 13 or later (cuda.bindings) and torch 2.8"),
+    (True, "12.8", 12020, True, True, None, "built for CUDA 12.8 on a driver of CUDA 12.2"),  # an old driver
+    (True, "13.0", None, True, True, None, "driver library could not be asked"),  # no driver library
+    (False, "13.0", 13000, True, True, None, "no CUDA device"),
 ])
 def test_conditional_nodes_come_from_torch_else_the_driver(monkeypatch, cuda, build, driver, torch_api, bindings,
-                                                           source):
+                                                           source, reason):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.version, "cuda", build)
     monkeypatch.setattr(graph_if, "cuda_driver_version", lambda: driver)
     monkeypatch.setattr(graph_if, "torch_if_nodes", lambda: torch_api)
     monkeypatch.setattr(graph_if, "driver_if_nodes_available", lambda: bindings)
-    assert conditional_nodes_source.__wrapped__() == source
+    found, why = graph_if._source_or_reason.__wrapped__()
+    assert found == source and reason in why and (why == "") == (source is not None)
+
+
+def test_the_driver_way_needs_torchs_pool_hooks_of_2_8(monkeypatch):
+    """torch 2.4 to 2.7 have the begin hook but name the end hook otherwise: reported
+    unavailable, not failing in the middle of a capture."""
+    monkeypatch.setattr(graph_if, "_driver_bindings", lambda: object())
+    monkeypatch.setattr(torch._C, "_cuda_beginAllocateCurrentStreamToPool", lambda *a: None, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda *a: None, raising=False)
+    assert graph_if.driver_if_nodes_available()
+    monkeypatch.delattr(torch._C, "_cuda_endAllocateToPool")
+    assert not graph_if.driver_if_nodes_available()
 
 
 def test_the_driver_version_is_read_from_the_driver_library():

@@ -118,6 +118,30 @@ def test_masked_widths_keep_inactive_channels_that_overflowed_out_of_the_output(
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
+def test_an_attended_stems_overflowed_inactive_channels_come_out_zero():
+    """The attention scale can carry an inactive stem channel past fp's range: masked, it must
+    read as zero (as the sliced forward, which never reads it), not inf * 0."""
+    from dds_fast import DynamicGate, SlimUNet
+    from dds_fast.ddsnet import AttentionSupernet
+
+    torch.manual_seed(0)
+    net = AttentionSupernet(SlimUNet(3, base_width=8, depth=3), DynamicGate(16, 3))
+    config = net.space.smallest()
+    width = config[net.supernet.stem_group]
+    with torch.no_grad():  # 2e38, doubled by the scale: inf in fp32
+        net.supernet.stem_conv.weight[width:] = 0
+        net.supernet.stem_conv.bias[width:] = 2e38
+        net.gate.fc2.weight[width:] = 0
+        net.gate.fc2.bias[width:] = 10
+    x, means = torch.rand(2, 3, 16, 16), torch.zeros(2, 16)
+    net.set_config(config)
+    expected = net(x, stem_means=means)
+    net.set_masked_widths(torch.tensor(net.binding_widths(config)))
+    got = net(x, stem_means=means)
+    assert expected.isfinite().all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_binding_widths_count_an_upsampling_conv_after_its_shuffle():
     net = nets()["SlimUNet"]
     config = narrow_config(net)
@@ -239,6 +263,16 @@ def test_refine_with_graphs_runs_every_route_at_its_own_widths(tmp_path, monkeyp
 def test_graphed_step_checks_its_warmup():
     with pytest.raises(ValueError, match="warmup must be >= 1"):
         GraphedStep(lambda: {}, [], warmup=0)
+
+
+def test_a_graphed_step_without_inputs_runs_eagerly_off_cuda():
+    weight = torch.nn.Parameter(torch.ones(3))
+
+    def step():
+        loss = (2 * weight).sum()
+        loss.backward()
+        return {"loss": loss}
+    assert GraphedStep(step, [weight])()["loss"].item() == 6.0 and weight.grad.tolist() == [2.0] * 3
 
 
 def test_training_with_graphs_matches_training_without_on_cpu(tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ class GraphedStep:
 
     def __call__(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         self.calls += 1
-        on_cuda = all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
+        on_cuda = bool(inputs) and all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
         if self._graph is not None and self._fits(inputs):
             return self._replay(inputs)
         if not on_cuda or self.failure is not None or self._graph is not None or self.calls <= self.warmup:
