@@ -57,11 +57,13 @@ def cmd_info(args) -> int:
     if meta["config"] is not None:
         active = macs_per_pixel(net, meta["config"])
         rows.append(["saved config", f"{active:,.0f}", f"{largest / active:.2f}"])
+    budget_index = model.budget_index if isinstance(model, DDSNet) else None
     for index, entry in enumerate(model.routing_space or []):
         macs = macs_per_pixel(net, entry.config)
         psnr = "" if entry.psnr is None else f"{entry.psnr:.2f}"
         dynamic = f"{model.dynamic_macs_per_pixel[index]:,.0f}" if isinstance(model, DDSNet) else ""
-        rows.append([f"route {index}", f"{macs:,.0f}", f"{largest / macs:.2f}", psnr, dynamic])
+        label = f"route {index}" + (" (static mode)" if index == budget_index else "")
+        rows.append([label, f"{macs:,.0f}", f"{largest / macs:.2f}", psnr, dynamic])
     print("multiply-adds per pixel (the paper's FLOPs/pixel):")
     _print_table(rows, ["config", "MACs/pixel", "MAC ratio", "val PSNR", "dynamic (full stem)"])
     return 0
@@ -122,6 +124,7 @@ def _demo_trained(args) -> int:
     if not isinstance(model, DDSNet):
         raise ValueError(f"demo needs a DDSNet checkpoint (a dds-fast train run's dds.safetensors), "
                          f"got a {type(model).__name__}")
+    model.set_budget(None)  # the demo shows dynamic routing, in whatever mode the checkpoint was saved
     clean = _bundled_photo(args.image, channels=model.in_channels)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.sigma / 255
     noisy = clean + noise
@@ -331,6 +334,8 @@ def cmd_denoise(args) -> int:
         if not isinstance(model, DDSNet):
             raise ValueError(f"--budget needs a DDSNet checkpoint; {args.checkpoint} holds {type(model).__name__}")
         model.set_budget(args.budget)
+    dynamic = isinstance(model, DDSNet) and model.budget_index is None  # (a checkpoint may be saved in static mode)
+    if isinstance(model, DDSNet) and not dynamic:
         print(f"static mode: config at {model.static_macs_per_pixel(model.budget_index):,.0f} MACs/pixel")
     if model.in_channels == 3 and image.shape[0] == 1:
         shipped = ("" if args.checkpoint else " (the shipped model gains about 1.4 dB at AWGN sigma 25 on gray "
@@ -342,7 +347,7 @@ def cmd_denoise(args) -> int:
     planes = image[:, None] if model.in_channels == 1 else to_channels(image, model.in_channels)[None]
     # dynamic mode: the gate's squeeze of the whole image, tile by tile, once, for the tiles and the
     # route report (other models squeeze as they need: never in budget mode without attention)
-    means = model.stem_means(planes, args.tile) if isinstance(model, DDSNet) and args.budget is None else None
+    means = model.stem_means(planes, args.tile) if dynamic else None
     progress = sys.stderr.isatty()
     output = torch.cat([denoise(model, plane, tile=args.tile, overlap=args.overlap, progress=progress,
                                 stem_means=None if means is None else means[index:index + 1]).float()
@@ -358,7 +363,7 @@ def cmd_denoise(args) -> int:
         profile = None
     save_image(args.output, output, 16 if bits == 16 and Path(args.output).suffix.lower() == ".png" else 8,
                icc_profile=profile)
-    if isinstance(model, DDSNet) and args.budget is None:
+    if dynamic:
         macs = model.routed_macs(planes, stem_means=means)
         print(f"dynamic mode: routed to {sum(macs) / len(macs):,.0f} MACs/pixel")
     print(f"wrote {args.output}")

@@ -360,15 +360,24 @@ class DDSNet(nn.Module):
     # -- checkpoints --------------------------------------------------------------------
     @property
     def arch_args(self) -> dict:
+        # static mode is how the model runs, so a checkpoint keeps it (and only then names it:
+        # a dynamic model's file stays readable by versions before it)
+        budget = {} if self._budget_index is None else {"budget_index": self._budget_index}
         return {**_supernet_and_gate_args(self.supernet, self.gate), "attention": self.gate.attention,
-                "routing_space": [entry.to_dict() for entry in self.routing_space]}
+                "routing_space": [entry.to_dict() for entry in self.routing_space], **budget}
 
     @classmethod
-    def from_arch_args(cls, supernet: dict, gate: dict, attention: bool, routing_space: list) -> "DDSNet":
+    def from_arch_args(cls, supernet: dict, gate: dict, attention: bool, routing_space: list,
+                       budget_index: int | None = None) -> "DDSNet":
         dynamic_gate = DynamicGate(**gate)
         dynamic_gate.attention = attention  # (checked there: a truthy string such as "false" would turn it on)
-        return cls(_build_supernet("DDSNet", supernet), dynamic_gate,
-                   [RoutingEntry.from_dict(e) for e in routing_space])
+        model = cls(_build_supernet("DDSNet", supernet), dynamic_gate, [RoutingEntry.from_dict(e) for e in routing_space])
+        if budget_index is not None:
+            index = checked_int(budget_index, "budget_index", "DDSNet", low=0)
+            if index >= len(model.routing_space):
+                raise ValueError(f"DDSNet: budget_index {index} is past the {len(model.routing_space)} routes")
+            model._budget_index = index
+        return model
 
     @property
     def receptive_radius(self) -> int:

@@ -510,3 +510,31 @@ def test_a_network_with_its_own_gate_attribute_is_no_gated_network_to_save(tmp_p
     model = OwnGateDnCNN(in_channels=1, base_width=8, depth=3)
     loaded = load(save(model, tmp_path / "own.safetensors"))
     assert isinstance(loaded, OwnGateDnCNN) and torch.equal(loaded.gate, model.gate)
+
+
+def test_a_ddsnet_in_static_mode_loads_in_it(tmp_path):
+    """set_budget is how the model runs: a checkpoint keeps it (a dynamic one names no budget,
+    as files of earlier versions, which load in dynamic mode)."""
+    from dds_fast import DDSNet, DynamicGate
+
+    torch.manual_seed(2)
+    supernet = SlimUNet(in_channels=3, base_width=8, depth=2)
+    routes = [RoutingEntry(c, macs_per_pixel(supernet, c), psnr)
+              for c, psnr in ((supernet.space.smallest(), 28.0), (supernet.space.largest(), 30.0))]
+    dds = DDSNet(supernet, DynamicGate(supernet.stem_channels, 2), routes).eval()
+    dynamic = save(dds, tmp_path / "dynamic.safetensors")
+    with safe_open(str(dynamic), "pt") as f:
+        assert "budget_index" not in json.loads(f.metadata()["arch_args"])
+    assert load(dynamic).budget_index is None
+    dds.set_budget(dds.static_macs_per_pixel(0))
+    static = save(dds, tmp_path / "static.safetensors")
+    loaded = load(static).eval()
+    assert loaded.budget_index == 0
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), dds(x), rtol=0, atol=0)
+    with safe_open(str(static), "pt") as f:
+        args = json.loads(f.metadata()["arch_args"])
+    rewrite(static, dds.state_dict(), arch_args=json.dumps(dict(args, budget_index=2)))
+    with pytest.raises(CheckpointError, match="budget_index 2 is past the 2 routes"):
+        load(static)

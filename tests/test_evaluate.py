@@ -210,6 +210,18 @@ def test_denoise_command(tmp_path, capsys):
     assert main(["denoise", str(gray), "-o", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "no")]) == 2
 
 
+def test_a_checkpoint_saved_in_static_mode_denoises_and_describes_itself_so(tmp_path, capsys):
+    dds = ddsnet()
+    dds.set_budget(dds.static_macs_per_pixel(0))
+    checkpoint = dds_fast.save(dds, tmp_path / "dds.safetensors")
+    source = save_image(tmp_path / "in.png", torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(3)))
+    assert main(["denoise", str(source), "-o", str(tmp_path / "out.png"), "--checkpoint", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert f"static mode: config at {dds.static_macs_per_pixel(0):,.0f} MACs/pixel" in out and "dynamic" not in out
+    assert main(["info", str(checkpoint)]) == 0
+    assert "route 0 (static mode)" in capsys.readouterr().out
+
+
 def test_denoise_command_reports_the_route_of_a_tiled_image_as_of_the_whole(tmp_path, capsys):
     """Tiles are routed from the whole image's squeeze; the report says where, without the
     whole image's stem output (which tiling keeps out of memory)."""
