@@ -197,6 +197,10 @@ class AttentionSupernet(nn.Module):
         return self.supernet.masked
 
     @property
+    def masked_widths(self) -> torch.Tensor | None:
+        return self.supernet.masked_widths
+
+    @property
     def receptive_radius(self) -> int:
         return self.supernet.receptive_radius
 

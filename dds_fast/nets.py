@@ -185,6 +185,11 @@ class SlimNet(nn.Module):
         ``export_static`` refuse a masked net, and counting at a config ends the masks."""
         return self._masked
 
+    @property
+    def masked_widths(self) -> torch.Tensor | None:
+        """The widths ``set_masked_widths`` was given, while it holds them; else None."""
+        return getattr(self, "_masked_widths", None) if self._masked else None  # (pickles before it: None)
+
     def set_masked_widths(self, widths: torch.Tensor) -> None:
         """Run the config whose ``binding_widths`` are ``widths`` (an integer tensor on the
         parameters' device, one entry per slimmable layer) at full width: every layer computes
@@ -215,6 +220,7 @@ class SlimNet(nn.Module):
         self.set_config(self.space.largest())
         keep = torch.arange(max(outputs), device=device) < widths[:, None]
         self._masked = True  # first: set_config then clears the masks of an interrupted loop too
+        self._masked_widths = widths
         for row, ((conv, _, _), channels) in enumerate(zip(self._bindings, outputs)):
             conv.output_mask = keep[row, :channels].view(1, channels, 1, 1)
 

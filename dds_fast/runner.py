@@ -434,6 +434,9 @@ def _widths_restorer(module: nn.Module) -> Callable[[], None]:
     if isinstance(module, SlimConv2d):
         previous = module.active_out_channels
         return lambda: setattr(module, "active_out_channels", previous)
+    masked = getattr(module, "masked_widths", None)
+    if masked is not None:  # (set_config would end the masks)
+        return lambda: module.set_masked_widths(masked)
     if hasattr(module, "get_config") and not getattr(module, "is_static", False):  # static: set_config raises
         config = module.get_config()
         return lambda: module.set_config(config)

@@ -271,6 +271,16 @@ def test_an_as_is_row_times_the_model_as_it_came_not_at_the_row_before():
     assert net.get_config() == net.space.largest()
 
 
+def test_a_masked_network_is_left_masked_at_its_widths():
+    net = small_net()
+    widths = torch.tensor(net.binding_widths(net.space.smallest()))
+    net.set_masked_widths(widths)
+    LatencyRunner(net, (1, 1, 8, 8), warmup=0, repeats=1).run([("largest", net.space.largest())], peaks=PEAKS)
+    assert net.masked and torch.equal(net.masked_widths, widths)
+    net.set_config(net.space.largest())
+    assert net.masked_widths is None
+
+
 def test_configs_must_be_label_and_config_pairs():
     net = small_net()
     # a bare SubnetConfig iterates over its group names: once taken as a label and a config
