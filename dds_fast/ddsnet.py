@@ -161,9 +161,34 @@ class AttentionSupernet(nn.Module):
         super().__init__()
         _check_supernet_and_gate("AttentionSupernet", supernet, gate)
         self.supernet, self.gate = supernet, gate
-        self.space, self.in_channels = supernet.space, supernet.in_channels
-        self.size_multiple, self.stem_channels = supernet.size_multiple, supernet.stem_channels
-        self._stem_group = supernet.stem_group
+        self._stem_group = supernet.stem_group  # kept: a static export's super-network no longer says
+
+    def __setattr__(self, name, value):
+        # a new part is checked against the other, as the constructor checks them (what is
+        # derived from the super-network is read from it, so nothing goes stale)
+        if name in ("supernet", "gate") and {"supernet", "gate"} <= self._modules.keys():
+            supernet, gate = (value, self.gate) if name == "supernet" else (self.supernet, value)
+            _check_supernet_and_gate("AttentionSupernet", supernet, gate)
+            super().__setattr__(name, value)
+            self._stem_group = supernet.stem_group
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def space(self):
+        return self.supernet.space
+
+    @property
+    def in_channels(self) -> int:
+        return self.supernet.in_channels
+
+    @property
+    def size_multiple(self) -> int:
+        return self.supernet.size_multiple
+
+    @property
+    def stem_channels(self) -> int:
+        return self.supernet.stem_channels
 
     @property
     def is_static(self) -> bool:

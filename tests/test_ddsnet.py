@@ -1239,3 +1239,20 @@ def test_route_branches_says_once_why_this_machine_cannot_take_them(monkeypatch)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not model._takes_branches(OnCuda(), per_image=True)
+
+
+def test_an_attention_supernets_parts_are_checked_when_replaced_and_read_fresh():
+    """As a DDSNet's: a new super-network is checked against the gate, and what the wrapper
+    reports of it (space, channels) is the new one's."""
+    torch.manual_seed(0)
+    net = SlimUNet(in_channels=3, base_width=8, depth=3)
+    attended = dds_fast.AttentionSupernet(net, DynamicGate(net.stem_channels, 3))
+    with pytest.raises(ValueError, match="AttentionSupernet: .*channels"):
+        attended.supernet = SlimUNet(in_channels=3, base_width=16, depth=3)
+    with pytest.raises(ValueError, match="AttentionSupernet: gate must be a DynamicGate"):
+        attended.gate = torch.nn.Identity()
+    assert attended.supernet is net
+    gray = SlimUNet(in_channels=1, base_width=8, depth=2)
+    attended.supernet = gray
+    assert attended.in_channels == 1 and attended.space is gray.space and attended.get_config() == gray.space.largest()
+    assert attended(torch.rand(1, 1, 8, 8)).shape == (1, 1, 8, 8)
