@@ -340,6 +340,32 @@ def test_palette_png_transparency_reads_as_an_alpha_plane(tmp_path, alphas):
     assert bits == 8 and torch.equal(image, expected)
 
 
+def test_a_palette_of_grays_reads_as_a_gray_image(tmp_path):
+    """As a gray photo saved with a palette: one plane (a colour model then warns), with its
+    alpha where entries are transparent; a palette with one colour in use stays RGB."""
+    import tifffile
+
+    levels = rng().integers(0, 256, 4)
+    indices = rng(1).integers(0, 4, (6, 5))
+    expected = torch.from_numpy(levels[indices].astype(np.float32) / 255)[None]
+    grays = [(int(v),) * 3 for v in levels]
+    with open(tmp_path / "gray.png", "wb") as f:
+        png.Writer(5, 6, palette=grays, bitdepth=8).write(f, indices.tolist())
+    assert torch.equal(read_image(tmp_path / "gray.png")[0], expected)
+    with open(tmp_path / "gray-alpha.png", "wb") as f:
+        png.Writer(5, 6, palette=[(*g, 255 if k else 0) for k, g in enumerate(grays)], bitdepth=8).write(
+            f, indices.tolist())
+    image = read_image(tmp_path / "gray-alpha.png", keep_alpha=True)[0]
+    assert torch.equal(image[:1], expected) and torch.equal(image[1], torch.from_numpy(indices > 0).float())
+    with open(tmp_path / "colour.png", "wb") as f:
+        png.Writer(5, 6, palette=grays[:3] + [(1, 2, 3)], bitdepth=8).write(f, indices.tolist())
+    assert read_image(tmp_path / "colour.png")[0].shape == (3, 6, 5)
+    colormap = np.repeat(rng(2).integers(0, 65536, (1, 256), dtype=np.uint16), 3, axis=0)
+    tifffile.imwrite(tmp_path / "gray.tif", indices.astype(np.uint8), photometric="palette", colormap=colormap)
+    image, bits = read_image(tmp_path / "gray.tif")
+    assert bits == 16 and torch.equal(image, torch.from_numpy(colormap[0, indices].astype(np.float32) / 65535)[None])
+
+
 def test_a_large_image_is_read_despite_pillows_decompression_bomb_limit(tmp_path, monkeypatch):
     """Pillow refuses images over Image.MAX_IMAGE_PIXELS (warns over half of it); the limit
     here is shrunk to 10 pixels so that a small file stands for a huge one."""

@@ -224,7 +224,10 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
         if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1:
             array = np.moveaxis(array, -3, -1)
         if photometric == kinds.PALETTE:
-            return np.ascontiguousarray(page.colormap.astype(np.uint16).T[array]), orientation
+            pixels = page.colormap.astype(np.uint16).T[array]
+            if (pixels == pixels[..., :1]).all():  # a map of grays is a gray image
+                pixels = pixels[..., 0]
+            return np.ascontiguousarray(pixels), orientation
         cmyk = photometric == kinds.SEPARATED and colours == 4 and page.tags.valueof("InkSet", 1) == 1
         if not (photometric in (kinds.MINISBLACK, kinds.MINISWHITE, kinds.RGB) or cmyk
                 or (photometric == kinds.YCBCR and page.compression in _TIFF_JPEG)):
@@ -301,8 +304,11 @@ def _decode(path: Path) -> np.ndarray:
         image = ImageOps.exif_transpose(image)
         key = image.info.get("transparency") if image.mode in ("1", "L", "I;16", "RGB") else None
         if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")  # palette entries that are (partly) transparent
-        elif image.mode in ("P", "CMYK", "YCbCr"):  # palette / print colour spaces -> RGB
+            # palette entries that are (partly) transparent
+            image = image.convert("LA" if _gray_palette(image) else "RGBA")
+        elif image.mode == "P":  # a palette of grays is a gray image: a colour model would be told so
+            image = image.convert("L" if _gray_palette(image) else "RGB")
+        elif image.mode in ("CMYK", "YCbCr"):  # print colour spaces -> RGB
             image = image.convert("RGB")
         array = np.asarray(image)
     if key is None:
@@ -310,6 +316,14 @@ def _decode(path: Path) -> np.ndarray:
     if image.mode == "L" and header is not None and header[0] < 8:  # Pillow scales 2- and 4-bit gray, not its key
         key = key * 255 // (2 ** header[0] - 1)
     return _key_alpha(array, key)
+
+
+def _gray_palette(image: Image.Image) -> bool:
+    """Whether every palette entry a palette image uses is a gray (red = green = blue)."""
+    palette = np.asarray(image.getpalette() or [], dtype=np.uint8).reshape(-1, 3)
+    indices = np.unique(np.asarray(image.convert("P") if image.mode == "PA" else image))
+    used = palette[indices[indices < len(palette)]]
+    return len(used) > 0 and bool((used == used[:, :1]).all())
 
 
 def _read_array(path: Path) -> np.ndarray:
