@@ -110,6 +110,34 @@ def test_truncated_file(net, tmp_path):
         load(path)
 
 
+def test_a_file_one_byte_short_is_truncated(net, tmp_path):
+    path = save(net, tmp_path / "model.safetensors")
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_metadata(path)
+
+
+def test_the_fingerprint_tells_shapes_apart():
+    from dds_fast.checkpoint import weights_fingerprint
+
+    flat = torch.arange(6.0)
+    assert weights_fingerprint({"w": flat}) != weights_fingerprint({"w": flat.view(2, 3)})
+    strided = flat.view(3, 2).t()  # the same weights in another memory layout
+    assert weights_fingerprint({"w": strided}) == weights_fingerprint({"w": strided.contiguous()})
+
+
+def test_a_static_export_without_its_config_is_refused_by_name(net, tmp_path):
+    from dds_fast import export_static
+
+    static = export_static(net, net.space.smallest())
+    path = save(static, tmp_path / "static.safetensors")
+    with safe_open(str(path), "pt") as f:
+        header = {k: v for k, v in f.metadata().items() if k != "config"}
+    atomic_save_file(static.state_dict(), path, header)
+    with pytest.raises(CheckpointError, match="holds a static export but no config"):
+        load(path)
+
+
 def flip_tensor_bytes(path):
     """Corrupts bytes of a safetensors file's tensor data, leaving its header readable."""
     data = bytearray(path.read_bytes())
@@ -263,6 +291,21 @@ def test_tensors_of_dtypes_the_model_cannot_hold_are_named(net, tmp_path, key, d
     tensors[key] = tensors[key].to(dtype)
     rewrite(path, tensors)
     with pytest.raises(CheckpointError, match=f"{path}: tensors of dtypes its model cannot hold: {message}"):
+        load(path)
+
+
+def test_an_integer_buffer_of_another_integer_dtype_is_named(tmp_path):
+    """BatchNorm's batch count is int64: an int32 one is no float to cast, but a misfit."""
+    from dds_fast import DDSNet, DynamicGate
+
+    supernet = SlimUNet(in_channels=3, base_width=8, depth=2)
+    routes = [RoutingEntry(c, macs_per_pixel(supernet, c)) for c in (supernet.space.smallest(), supernet.space.largest())]
+    dds = DDSNet(supernet, DynamicGate(supernet.stem_channels, 2), routes)
+    path = save(dds, tmp_path / "dds.safetensors")
+    tensors = dds.state_dict()
+    tensors["gate.bn.num_batches_tracked"] = tensors["gate.bn.num_batches_tracked"].to(torch.int32)
+    rewrite(path, tensors)
+    with pytest.raises(CheckpointError, match="cannot hold: gate.bn.num_batches_tracked torch.int32"):
         load(path)
 
 

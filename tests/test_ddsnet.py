@@ -989,6 +989,7 @@ def test_routing_indices_and_budgets_of_other_integer_and_tensor_types():
     model.gate.attention = False  # static costs: the configs' own
     for index in (np.int64(1), torch.tensor(1), -1):
         assert model.static_macs_per_pixel(index) == 2.0
+    assert model.static_macs_per_pixel(-2) == 1.0  # as a sequence counts from its end: -len is the first
     assert model.set_budget(torch.tensor(1.5)).macs_per_pixel == 1.0  # a budget computed on tensors
 
 

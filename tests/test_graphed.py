@@ -8,7 +8,7 @@ import torch
 
 import dds_fast
 
-from dds_fast import DynamicGate, SlimDnCNN, SlimUNet, export_static
+from dds_fast import DynamicGate, SlimConv2d, SlimDnCNN, SlimUNet, export_static
 from dds_fast.ddsnet import AttentionSupernet
 from dds_fast.training.graphed import GraphedStep
 from dds_fast.training.sandwich import MaskedSandwich, ends_fixed, sandwich_configs, sandwich_step
@@ -98,12 +98,17 @@ def test_masks_stay_bool_when_the_net_is_cast_with_type():
     torch.testing.assert_close(got, net(x), rtol=0, atol=1e-12)
 
 
-def test_masked_widths_keep_inactive_channels_that_overflowed_out_of_the_output():
+# the kernels' mask too (GPU graphed training's), in a dtype they take
+@pytest.mark.parametrize("backend, dtype, atol", [("torch", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)])
+def test_masked_widths_keep_inactive_channels_that_overflowed_out_of_the_output(backend, dtype, atol):
     """set_config never reads the channels a config leaves out; under masks they are computed
     then zeroed, and an overflow there (inf, or NaN from inf - inf) must come out zero, not
     NaN (inf * 0) for the next layer to read."""
-    net = nets()["SlimUNet"].double()
-    x = torch.rand(2, net.in_channels, 12, 10, dtype=torch.float64)
+    net = nets()["SlimUNet"].to(dtype)
+    for conv in net.modules():
+        if isinstance(conv, SlimConv2d):
+            conv.backend = backend
+    x = torch.rand(2, net.in_channels, 12, 10, dtype=dtype)
     config = narrow_config(net)
     widths = net.binding_widths(config)
     with torch.no_grad():
@@ -115,7 +120,7 @@ def test_masked_widths_keep_inactive_channels_that_overflowed_out_of_the_output(
     net.set_masked_widths(torch.tensor(widths))
     got = net(x)
     assert expected.isfinite().all()
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
 
 
 def test_an_attended_stems_overflowed_inactive_channels_come_out_zero():

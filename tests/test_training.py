@@ -97,6 +97,23 @@ def test_sandwich_targets(distillation):
     assert losses["psnr"] == pytest.approx((-10 * torch.log10(mse)).mean().item(), rel=1e-5)
 
 
+def test_students_learn_from_their_teachers_by_mse_by_default():
+    """L1 students pulled every width towards the noisy input (README, stage 1's ablation):
+    the default is MSE, in the config and in the step, and the ground truth's loss L1."""
+    assert TrainConfig().distillation_loss == "mse" and TrainConfig().loss == "l1"
+    net = tiny_net()
+    noisy, clean = batch()
+    configs = [net.space.largest(), net.space.smallest()]
+    losses = sandwich_step(net, noisy, clean, configs, "inplace")
+    with torch.no_grad():
+        outputs = []
+        for config in configs:
+            net.set_config(config)
+            outputs.append(net(noisy))
+    assert losses["largest"] == pytest.approx(F.l1_loss(outputs[0], clean).item(), rel=1e-5)
+    assert losses["smallest"] == pytest.approx(F.mse_loss(outputs[1], outputs[0]).item(), rel=1e-5)
+
+
 def test_training_psnr_is_the_mean_per_image_psnr_of_the_clipped_output():
     clean = torch.full((2, 1, 4, 4), 0.5)
     output = clean + torch.tensor([0.1, 0.01]).view(2, 1, 1, 1)
@@ -471,6 +488,13 @@ def test_gate_labels_and_step():
             net.set_config(entry.config)
             quality.append(per_image_psnr(net(noisy), clean))
     assert record["psnr_gain"] == pytest.approx((quality[1] - quality[0]).mean().item(), abs=1e-4)
+    # the labels the step trains on, and its cross-entropy over the gate's logits
+    labels = ((quality[1] - quality[0]) >= 0.2).long()
+    assert record["hard_fraction"] == pytest.approx(labels.float().mean().item())
+    net.set_config(net.space.largest())
+    with torch.no_grad():
+        logits = gate(net.stem(net.pad(noisy))).logits
+    assert record["cross_entropy"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
     with pytest.raises(ValueError, match="ascending"):
         gate_step(DDSNet(net, DynamicGate(net.stem_channels, 2), routes[::-1]), noisy, clean, 1.0)
 
