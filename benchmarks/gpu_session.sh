@@ -107,7 +107,9 @@ fi
 
 if [ "$MODE" = next ]; then
   step "the whole test suite on CUDA (14 workers), each result as it comes"
-  capped 330 python3 -m pytest -v -n 14 --timeout 300 -p no:cacheprovider -rfEs tests > "$R/tests.txt" 2>&1
+  # (the sm_90 build test compiles on the CPU for minutes on a cold cache: CI's second stage runs it)
+  capped 330 python3 -m pytest -v -n 14 --timeout 300 -p no:cacheprovider -rfEs tests \
+    --ignore tests/test_compile_sm90.py > "$R/tests.txt" 2>&1
   quiet_gpu
   grep -E "FAILED|ERROR" "$R/tests.txt" | sort -u | head -40
   tail -3 "$R/tests.txt"

@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     dynamic_rows = []
     if isinstance(model, dds_fast.DDSNet):
         for path, dds in zip(args.checkpoints, models):
+            dds.set_budget(None)  # (a file saved in static mode loads in it)
             budget = read_metadata(path)["user"].get("budget")
             dynamic_rows.append(evaluate(dds, pairs, "DDS dynamic" + (f", gate budget {budget:,.0f}" if budget else "")))
         rows += dynamic_rows

@@ -159,11 +159,11 @@ class ChannelGroup:
     choices: tuple[int, ...]
 
     def __post_init__(self):
-        checked_int(self.max_width, "max_width", f"group {self.name!r}")
+        owner = f"group {self.name!r}"
+        object.__setattr__(self, "max_width", checked_int(self.max_width, "max_width", owner))
         if not isinstance(self.choices, (tuple, list)):
-            raise ValueError(f"group {self.name!r}: choices must be a tuple of ints, got {self.choices!r}")
-        for choice in self.choices:
-            checked_int(choice, "each choice", f"group {self.name!r}")
+            raise ValueError(f"{owner}: choices must be a tuple of ints, got {self.choices!r}")
+        object.__setattr__(self, "choices", tuple(checked_int(c, "each choice", owner) for c in self.choices))
         if not self.choices or list(self.choices) != sorted(set(self.choices)):
             raise ValueError(f"group {self.name!r}: choices must be ascending and unique, got {self.choices}")
         if self.choices[0] < 1 or self.choices[-1] != self.max_width:

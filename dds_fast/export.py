@@ -41,6 +41,11 @@ class StaticConv2d(nn.Conv2d):
         return apply_epilogue(super().forward(x), residual, self.activation, self.negative_slope, self.upscale_factor)
 
 
+# a module's hooks, and the flag without which torch runs none of its backward hooks
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
 def _static_from(slim: SlimConv2d, in_widths: tuple[int, ...], out_width: int) -> StaticConv2d:
     weight = slim.active_weight(in_widths, out_width)
     # built on the meta device: no random initial weights (the copy's replace them), so the
@@ -61,9 +66,6 @@ def _static_from(slim: SlimConv2d, in_widths: tuple[int, ...], out_width: int) -
     static.train(slim.training)
     return static
 
-
-_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
 
 def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | None = None,

@@ -52,7 +52,7 @@ class GateOutput(NamedTuple):
     ``scale``, ``logits`` and ``probs`` are fp32 on every path (fp64 for fp64 parameters on the
     reference path): both paths do the heads' math in at least fp32;
     - ``choice``: ``[N]`` int32 (on every path), the argmax of the logits, on the device of ``x``.
-    An image holding a NaN gets NaN logits, probs and scale and choice 0 (torch's argmax
+    An image holding a NaN gets NaN logits and probs (and scale, with attention on) and choice 0 (torch's argmax
     takes the first NaN), so a DDSNet's output for it is NaN: a corrupt image gets no
     confident route. Both paths agree on it, and on infinite values.
     """
@@ -196,14 +196,20 @@ class DynamicGate(nn.Module):
 
     def _batch_norm(self, h: torch.Tensor) -> torch.Tensor:
         bn = self.bn
-        tensors = {**dict(bn.named_parameters()), **dict(bn.named_buffers())}  # (none without affine or statistics)
-        if all(t.dtype == h.dtype for t in tensors.values() if t.is_floating_point()):
+        held = bn.weight if bn.weight is not None else bn.running_mean  # (neither without affine or statistics)
+        if held is None or held.dtype == h.dtype:
             return bn(h)
-        # in h's dtype (at least fp32: an fp16 BatchNorm overflows), on copies of the running
-        # statistics, which a training step's update is then written back from
+        # in h's dtype (at least fp32: an fp16 BatchNorm overflows)
+        if not bn.training:  # (without running statistics, eval mode normalises by the batch's too)
+            def cast(t):
+                return None if t is None else t.to(h.dtype)
+            return F.batch_norm(h, cast(bn.running_mean), cast(bn.running_var), cast(bn.weight), cast(bn.bias),
+                                bn.running_mean is None, 0.0, bn.eps)
+        # on copies of the running statistics, which the step's update is then written back from
+        tensors = {**dict(bn.named_parameters()), **dict(bn.named_buffers())}
         cast = {name: t.to(h.dtype) if t.is_floating_point() else t for name, t in tensors.items()}
         out = torch.func.functional_call(bn, cast, (h,))
-        if bn.training and bn.track_running_stats:
+        if bn.track_running_stats:
             with torch.no_grad():
                 for name, buffer in bn.named_buffers():
                     if buffer.is_floating_point():

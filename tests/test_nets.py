@@ -322,6 +322,8 @@ def test_export_static_keeps_hooks_and_frozen_parameters():
     net = small_dncnn()
     conv = net.stem_conv
     conv.register_forward_hook(lambda module, args, output: output * 0.5)
+    backward_calls = []
+    conv.register_full_backward_hook(lambda module, grad_in, grad_out: backward_calls.append(module))
     for p in net.parameters():
         p.requires_grad_(False)
     small = net.space.smallest()
@@ -330,5 +332,7 @@ def test_export_static_keeps_hooks_and_frozen_parameters():
     x = torch.rand(1, 1, 9, 7, dtype=torch.float64)
     torch.testing.assert_close(static(x), net(x), rtol=1e-12, atol=1e-12)
     assert not any(p.requires_grad for p in static.parameters())
+    static(x.requires_grad_()).sum().backward()
+    assert len(backward_calls) == 1  # on the static copy of the hooked layer
     with pytest.raises(ValueError, match="exported as a static network"):
         static.binding_widths(small)

@@ -261,6 +261,7 @@ def test_a_networks_floor_reads_each_residual_and_bias():
         moved += 2 * (sum(call.in_widths) + call.out_width * (1 + call.residual)) * 64 + weights
     assert report.results[0].floor_ms == pytest.approx(moved * 4 / 1e9 * 1e3)
 
+
 def test_an_as_is_row_times_the_model_as_it_came_not_at_the_row_before():
     net = small_net()
     runner = LatencyRunner(net, (1, 1, 8, 8), warmup=0, repeats=1)

@@ -1148,6 +1148,31 @@ def test_stage3_labels_an_attended_body_behind_its_attention_scale(tmp_path):
     assert abs(gains[2.0] - gains[0.0]) > 1e-3, gains
 
 
+def test_an_attended_stage3_state_of_an_earlier_version_says_to_delete_it(tmp_path):
+    """Its labels came from the body without its attention scale: no option resumes it."""
+    from safetensors import safe_open
+
+    from dds_fast import RoutingEntry, macs_per_pixel
+    from dds_fast.checkpoint import atomic_save_file
+
+    config = TrainConfig(arch="SlimDnCNN", channels=1, base_width=8, depth=3, batch_size=4, epoch_patches=8,
+                         slim_step=8, num_choices=2, progress=False, gate_steps=1, gate_batch_size=4,
+                         gate_patch_size=24, checkpoint_every=1, attention=True)
+    run = Run(tmp_path, config)
+    net = run.new_network(attention_choices=2)
+    body = net.supernet
+    net.routing_space = [RoutingEntry(c, macs_per_pixel(body, c)) for c in (body.space.smallest(), body.space.largest())]
+    run.stage3(net)
+    state = tmp_path / "stage3.state.safetensors"
+    with safe_open(str(state), "pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    options = json.loads(metadata["options"])
+    del options["labels_behind_attention"]
+    atomic_save_file(tensors, state, {**metadata, "options": json.dumps(options)})
+    with pytest.raises(ValueError, match=r"without its attention scale; delete .*stage3.state.safetensors"):
+        Run(tmp_path, dataclasses.replace(config, gate_steps=2)).stage3(net)
+
+
 @pytest.mark.parametrize("attention", [True, False])
 def test_three_stage_run_end_to_end(tmp_path, attention):
     """On the configured device (CUDA where present); checkpoints load on the CPU. With

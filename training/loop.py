@@ -216,10 +216,12 @@ class TrainLoop:
         steps = (" (the learning-rate schedule spans the steps asked for, so another count changes it: with "
                  "lr_schedule constant a finished stage can be asked for more)" if "steps" in changed else "")
         data = " (a digest of the images: they changed)" if "data" in changed else ""
+        labels = (f" (an earlier version labelled stage 3's images by the body without its attention scale; delete "
+                  f"{self.state_path} to train the gate again)" if "labels_behind_attention" in changed else "")
         weights = (f" (the weights the stage starts from changed: an earlier stage trained on; delete "
                    f"{self.state_path}, and those of the stages after it, to train them again from the new weights)"
                    if "start_weights" in changed else "")
-        raise ValueError(f"{self.state_path} was trained with other options: {listed}{steps}{data}{weights}. "
+        raise ValueError(f"{self.state_path} was trained with other options: {listed}{steps}{data}{labels}{weights}. "
                          f"Resume with the options it was trained with, or train in another run directory")
 
     def _truncate_log(self, step: int) -> None:
