@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 import dds_fast
 from dds_fast import CheckpointError, RoutingEntry, SlimDnCNN, SlimUNet, load, macs_per_pixel, read_metadata, save
 from dds_fast.checkpoint import atomic_save_file
+from tests.test_cli import small_ddsnet
 
 
 def rewrite(path, tensors, **header_changes):
@@ -296,11 +297,7 @@ def test_tensors_of_dtypes_the_model_cannot_hold_are_named(net, tmp_path, key, d
 
 def test_an_integer_buffer_of_another_integer_dtype_is_named(tmp_path):
     """BatchNorm's batch count is int64: an int32 one is no float to cast, but a misfit."""
-    from dds_fast import DDSNet, DynamicGate
-
-    supernet = SlimUNet(in_channels=3, base_width=8, depth=2)
-    routes = [RoutingEntry(c, macs_per_pixel(supernet, c)) for c in (supernet.space.smallest(), supernet.space.largest())]
-    dds = DDSNet(supernet, DynamicGate(supernet.stem_channels, 2), routes)
+    dds = small_ddsnet()
     path = save(dds, tmp_path / "dds.safetensors")
     tensors = dds.state_dict()
     tensors["gate.bn.num_batches_tracked"] = tensors["gate.bn.num_batches_tracked"].to(torch.int32)
@@ -385,12 +382,8 @@ def test_malformed_or_unfitting_header_fields(net, tmp_path, field, value, messa
 
 
 def test_a_ddsnet_header_routing_space_must_agree_with_its_arguments(tmp_path):
-    from dds_fast import DDSNet, DynamicGate
-
-    supernet = SlimUNet(in_channels=3, base_width=8, depth=2)
-    routes = [RoutingEntry(c, macs_per_pixel(supernet, c))
-              for c in (supernet.space.smallest(), supernet.space.largest())]
-    dds = DDSNet(supernet, DynamicGate(supernet.stem_channels, 2), routes)
+    dds = small_ddsnet()
+    routes = list(dds.routing_space)
     path = save(dds, tmp_path / "dds.safetensors")
     assert load(path).routing_space == tuple(routes)
     swapped = json.dumps([entry.to_dict() for entry in reversed(routes)])
@@ -470,12 +463,7 @@ def test_deeply_nested_metadata_is_a_checkpoint_error(net, tmp_path):
 
 
 def test_a_ddsnet_attention_flag_must_be_a_boolean(tmp_path):
-    from dds_fast import DDSNet, DynamicGate
-
-    supernet = SlimUNet(in_channels=3, base_width=8, depth=2)
-    routes = [RoutingEntry(c, macs_per_pixel(supernet, c)) for c in (supernet.space.smallest(), supernet.space.largest())]
-    dds = DDSNet(supernet, DynamicGate(supernet.stem_channels, 2), routes)
-    dds.gate.attention = False
+    dds = small_ddsnet(attention=False)
     path = save(dds, tmp_path / "dds.safetensors")
     with safe_open(str(path), "pt") as f:
         args = json.loads(f.metadata()["arch_args"])
