@@ -52,9 +52,9 @@ class GateOutput(NamedTuple):
     ``scale``, ``logits`` and ``probs`` are fp32 on every path (fp64 for fp64 parameters on the
     reference path): both paths do the heads' math in at least fp32;
     - ``choice``: ``[N]`` int32 (on every path), the argmax of the logits, on the device of ``x``.
-    An image holding a NaN gets NaN logits and probs (and scale, with attention on) and choice 0 (torch's argmax
-    takes the first NaN), so a DDSNet's output for it is NaN: a corrupt image gets no
-    confident route. Both paths agree on it, and on infinite values.
+    An image holding a NaN gets NaN logits and probs (and scale, with attention on) and
+    choice 0 (torch's argmax takes the first NaN), so a DDSNet's output for it is NaN: a
+    corrupt image gets no confident route. Both paths agree on it, and on infinite values.
     """
     features: torch.Tensor
     scale: torch.Tensor
