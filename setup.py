@@ -31,7 +31,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "bench": ["matplotlib"],
+        "bench": ["matplotlib", "bm3d"],  # bm3d: benchmarks/quality.py's classical baseline
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "matplotlib", "imageio"],
     },
     entry_points={"console_scripts": ["dds-fast=dds_fast.cli:main"]},

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def bm3d_row(pairs, sigmas: list[float]) -> Evaluation | None:
     try:
         import bm3d
     except ImportError:
+        print("no BM3D row: the bm3d package is not installed (pip install -e '.[bench]')", file=sys.stderr)
         return None
     scores = []
     for (noisy, clean), sigma in zip(pairs, sigmas):

@@ -468,21 +468,23 @@ def gate_markdown(gates: list[dict]) -> str:
         for g in gates)
 
 
-def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, batches=None, channels: int = 64,
+def run_bench(out_dir, quick: bool = True, dtype: str | None = None, sizes=None, batches=None, channels: int = 64,
               model=None, device: str | None = None, warmup: int | None = None, repeats: int | None = None,
               cuda_graph: bool = False, compile_static: bool = True) -> dict:
     """Run the layer and network benchmarks; write ``bench.json``, ``bench.md`` and, when a
     network row was timed and matplotlib is there, ``network.png``. The network is timed at
     ``sizes[0]`` and each of ``batches``. Returns what ``bench.json`` holds, with ``written``:
     the files written. A run stopped by any exception, an interrupt included, writes what it
-    measured before, with what stopped it, then raises it."""
+    measured before, with what stopped it, then raises it. ``dtype``: float16 on a GPU unless
+    given; a CPU run times float32 whatever is given."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    requested = dtype
+    dtype = dtype or ("float16" if device.type == "cuda" else "float32")
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"bench: dtype must be float16, bfloat16 or float32, got {dtype!r}")
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"bench: --cuda-graph needs a CUDA device, got {device}")
-    requested = dtype
     if device.type == "cpu" and torch_dtype != torch.float32:
         torch_dtype, dtype = torch.float32, "float32"  # half-precision convs are not what a CPU runs
     if device.type == "cuda":
@@ -527,7 +529,7 @@ def run_bench(out_dir, quick: bool = True, dtype: str = "float16", sizes=None, b
         stopped = f"**Stopped early** ({result['error']}): the rows below are what was measured before.\n\n"
     written = [atomic_write(out_dir / "bench.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))]
     tables = "\n\n".join(network.to_markdown() for network in networks)
-    timed_in = dtype if dtype == requested else f"{dtype} ({requested} asked for: a CPU run times float32)"
+    timed_in = dtype if requested in (None, dtype) else f"{dtype} ({requested} asked for: a CPU run times float32)"
     markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\nDtype: {timed_in}\n\n{stopped}## One conv layer, "
                 f"{channels} channels max, 3x3, LeakyReLU, channels_last\n\n{layer_markdown(layers)}\n\n## Whole network\n\n"
                 f"{tables}\n\n{gate_markdown(gates)}\n\n## Targets\n\n{targets_markdown(targets)}\n")

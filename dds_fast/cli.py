@@ -5,6 +5,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -109,6 +110,11 @@ def _median_ms(fn, repeats: int) -> float:
 
 def cmd_demo(args) -> int:
     if args.checkpoint or SHIPPED_MODEL.exists():
+        untrained_only = [flag for flag, value in (("--size", args.size), ("--base-width", args.base_width))
+                          if value is not None]
+        if untrained_only:
+            raise ValueError(f"{' and '.join(untrained_only)}: only for the untrained demo, which runs when no "
+                             f"model is installed")
         return _demo_trained(args)
     return _demo_untrained(args)
 
@@ -166,13 +172,14 @@ def _demo_untrained(args) -> int:
     from .nets import SlimUNet
 
     torch.manual_seed(args.seed)
-    clean = _bundled_photo("astronaut", args.size)[None]
+    size, base_width = args.size or 256, args.base_width or 16
+    clean = _bundled_photo("astronaut", size)[None]
     noisy = (clean + torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.sigma / 255)
-    model = SlimUNet(in_channels=3, base_width=args.base_width).eval()
+    model = SlimUNet(in_channels=3, base_width=base_width).eval()
     space = model.space
     largest = macs_per_pixel(model, space.largest())
-    print(f"SlimUNet(base_width={args.base_width}) super-network, untrained weights (no trained model found); "
-          f"astronaut photo {args.size}x{args.size} with AWGN sigma {args.sigma}.")
+    print(f"SlimUNet(base_width={base_width}) super-network, untrained weights (no trained model found); "
+          f"astronaut photo {size}x{size} with AWGN sigma {args.sigma}.")
     print("Each width runs the shared weights' channel prefixes; 'static diff' compares the slim output with "
           "an exported network of plain narrow convs.")
     rows = []
@@ -339,7 +346,7 @@ def cmd_denoise(args) -> int:
         print(f"static mode: config at {model.static_macs_per_pixel(model.budget_index):,.0f} MACs/pixel")
     if model.in_channels == 3 and image.shape[0] == 1:
         shipped = ("" if args.checkpoint else " (the shipped model gains about 1.4 dB at AWGN sigma 25 on gray "
-                                              "photos, against 10 dB on colour ones)")
+                                              "photos, against 11 dB on colour ones)")
         print(f"warning: {args.input} is gray, and a colour model learns noise that differs between channels; "
               f"a gray image's is the same in all three, and the model keeps much of it{shipped}. A model trained "
               f"with --channels 1, or with 'gray' noise mixed in, denoises gray images.", file=sys.stderr)
@@ -386,9 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "held out)")
     demo.add_argument("--sigma", type=_noise_sigma, default=25.0, help="AWGN sigma, 0-255 units (default 25)")
     demo.add_argument("--out", default="dds-demo.png", help="(trained demo) the side-by-side PNG")
-    demo.add_argument("--size", type=_positive_int, default=256, help="(untrained demo) photo side")
-    demo.add_argument("--base-width", type=_positive_int, default=16, help="(untrained demo) network width")
-    demo.add_argument("--repeats", type=_positive_int, default=5)
+    demo.add_argument("--size", type=_positive_int, help="(untrained demo, when no model is installed) photo side "
+                                                          "(default 256)")
+    demo.add_argument("--base-width", type=_positive_int, help="(untrained demo, when no model is installed) network "
+                                                                "width (default 16)")
+    demo.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per latency, their median "
+                                                                       "printed (default 5)")
     demo.add_argument("--seed", type=_seed, default=0, help="seeds the noise (default 0)")
     demo.set_defaults(func=cmd_demo)
     train = sub.add_parser("train", help="train: stage1 (once-for-all), stage2 (progressive slimming), refine "
@@ -423,9 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="clean images held out for validation (bundled photo names, or file names in "
                             "--images; default: chelsea and coins, or the folder's last two by name, its last of two)")
     train.set_defaults(func=cmd_train)
-    den = sub.add_parser("denoise", help="denoise an image (PNG 8/16-bit or JPEG, gray or RGB, any size)")
+    den = sub.add_parser("denoise", help="denoise an image (PNG 8/16-bit, JPEG or TIFF, gray or RGB, any size)")
     den.add_argument("input")
-    den.add_argument("-o", "--output", required=True, help=".png or .jpg; a 16-bit PNG input gives a 16-bit PNG")
+    den.add_argument("-o", "--output", required=True, help=".png or .jpg; a 16-bit PNG or TIFF input gives a 16-bit PNG")
     den.add_argument("--checkpoint", help="a DDSNet or slimmable network checkpoint (default: the shipped model)")
     den.add_argument("--budget", type=float, help="MACs/pixel: run the best config within it (static mode)")
     den.add_argument("--tile", type=_positive_int, default=512, help="tile side for large images (memory stays "
@@ -441,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on a GPU, sizes 256 and 512 at batches 1, 8 and 16, 200 repeats; a CPU run is always "
                              "the short one")
     bench.set_defaults(full=False)  # (the first of the pair, --quick, would otherwise set the default: True)
-    bench.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+    bench.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                        help="the GPU's dtype (default float16); a CPU run times float32")
     bench.add_argument("--size", type=int, action="append", help="image side; repeat for several")
     bench.add_argument("--batch", type=int, action="append", help="batch size; repeat for several")
@@ -450,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     bench.add_argument("--cuda-graph", action="store_true", help="replay one CUDA graph per config (CUDA only)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    bench.add_argument("--out", default="bench-results")
+    bench.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the plots "
+                                                              "(default bench-results)")
     bench.set_defaults(func=cmd_bench)
     return parser
 
@@ -472,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _import_modules(args.imports)
         return args.func(args)
+    except BrokenPipeError:  # the reader of our output left (| head): nothing is wrong, nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (else the exit's flush raises again)
+        return 1
     except (CheckpointError, OSError, ValueError) as error:  # bad input or missing files: no traceback
         print(f"dds-fast: error: {error}", file=sys.stderr)
         return 2

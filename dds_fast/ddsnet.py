@@ -439,8 +439,8 @@ class DDSNet(nn.Module):
             self._budget_index = None
             return None
         if isinstance(macs_per_pixel, torch.Tensor) and macs_per_pixel.numel() == 1 \
-                and macs_per_pixel.is_floating_point():  # a budget computed on tensors (expected_macs)
-            macs_per_pixel = macs_per_pixel.item()
+                and macs_per_pixel.dtype != torch.bool and not macs_per_pixel.is_complex():
+            macs_per_pixel = macs_per_pixel.item()  # a budget computed on tensors (expected_macs)
         if isinstance(macs_per_pixel, bool) or not isinstance(macs_per_pixel, numbers.Real) \
                 or math.isnan(macs_per_pixel):
             raise ValueError(f"DDSNet.set_budget: the budget must be a number of MACs/pixel or None, got "
@@ -511,7 +511,7 @@ class DDSNet(nn.Module):
             choice = self.gate_forward(x)[1].choice
         else:
             self.supernet.check_input(x)
-            if not isinstance(stem_means, torch.Tensor) or stem_means.dim() != 2 or len(stem_means) != len(x):
+            if not isinstance(stem_means, torch.Tensor) or stem_means.shape != (len(x), self.gate.channels):
                 got = tuple(stem_means.shape) if isinstance(stem_means, torch.Tensor) else type(stem_means).__name__
                 raise ValueError(f"DDSNet: stem_means must be [{len(x)}, {self.gate.channels}], one row per image, "
                                  f"got {got}")

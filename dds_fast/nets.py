@@ -198,7 +198,8 @@ class SlimNet(nn.Module):
         the active slices) are those of ``set_config`` of that config, up to rounding; but no
         shape depends on the widths, which are read on the device, so one CUDA graph of a
         training step serves every config (at the largest config's cost). The widths are
-        checked on CPU only (elsewhere that would cost a device sync). ``set_config`` ends it."""
+        checked, range and tied groups, on CPU only (elsewhere that would cost a device sync).
+        ``set_config`` ends it."""
         if self.is_static:
             raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
         count = len(self._bindings)
@@ -213,10 +214,22 @@ class SlimNet(nn.Module):
                              f"on {device}")
         outputs = [conv.out_channels // conv.upscale_factor ** 2 for conv, _, _ in self._bindings]
         if widths.device.type == "cpu":
-            for (conv, _, _), width, limit in zip(self._bindings, widths.tolist(), outputs):
+            group_widths: dict[str, tuple[int, str]] = {}
+            for (conv, group, multiplier), width, limit in zip(self._bindings, widths.tolist(), outputs):
                 if not 1 <= width <= limit:
                     raise ValueError(f"{type(self).__name__}.set_masked_widths: {conv.layer_name} has width {width}, "
                                      f"not in [1, {limit}]")
+                # layers tied in a group run one width: other rows are no config's
+                filters = width * conv.upscale_factor ** 2
+                if filters % multiplier:
+                    raise ValueError(f"{type(self).__name__}.set_masked_widths: {conv.layer_name} has width {width}, "
+                                     f"which is no width of group {group!r} (its filters are {multiplier} per channel "
+                                     f"of the group)")
+                first_width, first = group_widths.setdefault(group, (filters // multiplier, conv.layer_name))
+                if filters // multiplier != first_width:
+                    raise ValueError(f"{type(self).__name__}.set_masked_widths: {conv.layer_name} and {first} are "
+                                     f"tied in group {group!r}, but their widths set it to {filters // multiplier} and "
+                                     f"{first_width}: no config's widths (binding_widths gives a config's)")
         self.set_config(self.space.largest())
         keep = torch.arange(max(outputs), device=device) < widths[:, None]
         self._masked = True  # first: set_config then clears the masks of an interrupted loop too

@@ -1567,9 +1567,10 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     if tile_widths is not None:
         if widths is None:
             raise ValueError("slim_conv2d: tile_widths applies to per-image widths only")
-        tile_widths = tuple(_as_int(t, "tile_widths") for t in tile_widths)
-        if len(tile_widths) != 2 or min(tile_widths) < 1:
-            raise ValueError(f"slim_conv2d: tile_widths must be two positive widths (out, in), got {tile_widths}")
+        if not isinstance(tile_widths, (tuple, list)) or len(tile_widths) != 2 or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tile_widths):
+            raise ValueError(f"slim_conv2d: tile_widths must be two positive widths (out, in), got {tile_widths!r}")
+        tile_widths = tuple(tile_widths)
     if channel_sums and upscale_factor > 1:
         raise ValueError("slim_conv2d: channel_sums with upscale_factor > 1 is not supported")
     if channel_sums and widths is not None:

@@ -144,7 +144,10 @@ def test_bench_times_the_network_at_every_batch_on_cpu(tmp_path):
     assert sum("MAC ratio" in t for t in targets) == 1 and sum("gate and routing" in t for t in targets) == 2
     assert not any(t.startswith("gate head") for t in targets)
     assert json.loads((tmp_path / "bench.json").read_text())["targets"] == result["targets"]
-    assert "Gate at batch 8" in (tmp_path / "bench.md").read_text()
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "Gate at batch 8" in markdown
+    # no dtype asked for: a CPU run's float32 is its default, not a replacement
+    assert (result["dtype"], result["requested_dtype"]) == ("float32", None) and "Dtype: float32\n" in markdown
 
 
 def test_time_gate_times_the_head_on_the_stems_channel_sums_and_the_routed_forward():

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -392,6 +394,20 @@ def test_demo_rejects_a_non_positive_size_or_repeat_count_by_name(flag, value, c
         main(["demo", flag, value])
     assert raised.value.code == 2
     assert f"argument {flag}: must be a positive integer, got {value}" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_is_no_error():
+    """``dds-fast info MODEL | head -1``: the pipe closes under the output."""
+    reader = subprocess.Popen([sys.executable, "-m", "dds_fast", "info", str(cli.SHIPPED_MODEL)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()
+    assert reader.wait(timeout=120) == 1
+    assert reader.stderr.read() == b""
+
+
+def test_trained_demo_refuses_the_untrained_demos_flags(capsys):
+    assert main(["demo", "--size", "32", "--base-width", "8"]) == 2
+    assert "--size and --base-width: only for the untrained demo" in capsys.readouterr().err
 
 
 def test_trained_demo_checks_its_output_path_before_the_work(capsys, tmp_path):

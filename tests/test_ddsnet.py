@@ -408,9 +408,12 @@ def test_bad_construction():
         with pytest.raises(ValueError, match="routing space must be a sequence of RoutingEntry"):
             DDSNet(net, DynamicGate(16, 2), entries)
     model = DDSNet(net, DynamicGate(16, 2), route)
-    for budget in ("abc", [1e9], float("nan"), True):
+    for budget in ("abc", [1e9], float("nan"), True, torch.tensor(True), torch.tensor(1e9 + 0j)):
         with pytest.raises(ValueError, match="the budget must be a number of MACs/pixel or None"):
             model.set_budget(budget)
+    for budget in (torch.tensor(10 ** 12), torch.tensor([1e12])):  # a budget computed on tensors, any real dtype
+        assert model.set_budget(budget) == model.set_budget(1e12)
+    model.set_budget(None)
     for index in (2, -3, 1.0):
         with pytest.raises(ValueError, match="index must be a routing index from 0 to 1"):
             model.static_macs_per_pixel(index)

@@ -273,6 +273,8 @@ def test_route_from_given_means_is_the_route_of_the_image():
     assert model.routed_macs(x, stem_means=means) == model.routed_macs(x)
     with pytest.raises(ValueError, match=r"stem_means must be \[1, 16\], one row per image, got \(2, 16\)"):
         model.route(x, stem_means=means.expand(2, -1))
+    with pytest.raises(ValueError, match=r"stem_means must be \[1, 16\], one row per image, got \(1, 15\)"):
+        model.route(x, stem_means=means[:, :15])
 
 
 def test_denoise_shows_its_progress_over_tiles_when_asked(capsys):

@@ -156,6 +156,40 @@ def test_binding_widths_count_an_upsampling_conv_after_its_shuffle():
     assert any(conv.upscale_factor == 2 for conv, _, _ in net._bindings)
 
 
+class ResidualTiedNet(dds_fast.SlimNet):
+    """Two convs tied in one group (a residual adds their outputs): one width for both."""
+
+    def __init__(self):
+        super().__init__(1, 1, dict(width_mult=1.0, min_ratio=0.25, divisor=4))
+        feat = self._group("feat", 8)
+        self.first = self._bind(SlimConv2d(1, feat, 3, padding=1, activation="relu"), "feat")
+        self.second = self._bind(SlimConv2d(feat, feat, 3, padding=1), "feat")
+        self.last = SlimConv2d(feat, 1, 1)
+        self._finish()
+
+    @property
+    def stem_conv(self):
+        return self.first
+
+    @property
+    def receptive_radius(self):
+        return 2
+
+    def body(self, features, x):
+        return self.last(features + self.second(features))
+
+
+def test_masked_widths_that_untie_a_group_are_refused():
+    """In range, but the two layers of group feat at different widths: no config's output."""
+    net = ResidualTiedNet()
+    good = torch.tensor(net.binding_widths({"feat": 6}))
+    net.set_masked_widths(good)
+    with pytest.raises(ValueError, match="second and first are tied in group 'feat', but their widths set it to 5 "
+                                         "and 6"):
+        net.set_masked_widths(good - torch.tensor([0, 1]))
+    assert net.masked and torch.equal(net.masked_widths, good)
+
+
 def test_bad_masked_widths_are_named(tmp_path):
     net = nets()["SlimUNet"]
     count = len(net._bindings)

@@ -783,8 +783,9 @@ def test_per_image_tiles_sized_for_given_widths_give_the_same_result(monkeypatch
         assert rel_err(narrow[i:i + 1, :o], wide[i:i + 1, :o]) < TOL[torch.float32]  # other reduction blocks
     with pytest.raises(ValueError, match="tile_widths applies to per-image widths only"):
         run(case, "relu", tile_widths=(16, 8))
-    with pytest.raises(ValueError, match="tile_widths must be two positive widths"):
-        run(case, "relu", widths=widths, tile_widths=(16, 0))
+    for bad in ((16, 0), 16, ((16, 16), (8, 8)), (16, 8.0), (16, 8, 8)):
+        with pytest.raises(ValueError, match="tile_widths must be two positive widths"):
+            run(case, "relu", widths=widths, tile_widths=bad)
     K.clear_plans()
 
 
