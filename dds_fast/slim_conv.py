@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import checked_int, checked_real, exact_int
+from .kernels._launch import cached_call
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class SlimConv2d(nn.Conv2d):
 
     @property
     def segment_starts(self) -> tuple[int, ...]:
-        return _starts(self.in_segments)
+        return cached_call(_starts, self.in_segments)
 
     def _label(self) -> str:
         name = getattr(self, "layer_name", None) or "SlimConv2d"
@@ -344,7 +345,7 @@ class SlimConv2d(nn.Conv2d):
         whether they can run is decided on that dtype."""
         if self.backend == "torch" or (self.backend == "auto" and not inputs[0].is_cuda):
             return None, None
-        kernels = _kernels_module()
+        kernels = cached_call(_kernels_module)
         device_type = inputs[0].device.type
         if isinstance(kernels, str):
             reason = kernels

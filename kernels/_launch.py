@@ -21,6 +21,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def cached_call(fn, *args):
+    """``fn(*args)`` through ``fn``'s lru_cache; while torch.compile traces, ``fn`` itself:
+    Dynamo traces through the cache anyway, and warns on every compile that it does."""
+    return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(index: int) -> int:
     """GPU ``index``'s multiprocessor count (a driver query per call otherwise)."""

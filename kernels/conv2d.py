@@ -36,7 +36,7 @@ except ImportError:  # a Triton without host-side tensor descriptors: no TMA_FOR
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils.flop_counter import register_flop_formula
 
-from ._launch import (INTERPRET, MAX_BATCH, CachedDescriptorLaunch, CachedLaunch, cdiv, next_pow2,
+from ._launch import (INTERPRET, MAX_BATCH, CachedDescriptorLaunch, CachedLaunch, cached_call, cdiv, next_pow2,
                       num_sms)
 from ._rows import fold_plan, fold_rows
 
@@ -1186,7 +1186,7 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
     args = (tuple([_spec(t, input_dtype) for t in tensors]), _spec(weight), stride, padding, dilation, groups,
             padding_mode, activation, negative_slope)
     try:
-        return _reason(*args)
+        return cached_call(_reason, *args)
     except TypeError:  # an unhashable option (a list): not worth caching
         return _reason.__wrapped__(*args)
 
