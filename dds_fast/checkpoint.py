@@ -92,8 +92,23 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     routing = getattr(model, "routing_space", None)
     if routing is not None:  # (checked as it was set)
         header["routing_space"] = json.dumps([entry.to_dict() for entry in routing])
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    state = model.state_dict()
+    _refuse_tied(state, path)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     return atomic_save_file(tensors, path, header)
+
+
+def _refuse_tied(state: dict[str, torch.Tensor], path) -> None:
+    """Tied weights would load as two tensors (load rebuilds the network from its arguments):
+    refused here, where they are one tensor still; a copy to the CPU or to a contiguous layout
+    would hide the tie (safetensors refuses only what it sees shared)."""
+    names: dict[tuple[torch.device, int], str] = {}
+    for name, t in state.items():
+        if t.numel():
+            tied = names.setdefault((t.device, t.data_ptr()), name)
+            if tied != name:
+                raise ValueError(f"cannot write {path}: {name} is {tied} (tied weights), which load would rebuild "
+                                 f"as two tensors")
 
 
 def _json_text(value, name: str) -> str:

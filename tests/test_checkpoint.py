@@ -273,8 +273,13 @@ def test_save_names_tied_weights_and_arguments_json_cannot_hold(net, tmp_path, m
     tied = SlimDnCNN(in_channels=1, base_width=8, depth=4)
     assert tied.layers[1].weight.shape == tied.layers[2].weight.shape
     tied.layers[2].weight = tied.layers[1].weight
-    with pytest.raises(ValueError, match="cannot write .*tied.safetensors"):
+    with pytest.raises(ValueError, match=r"cannot write .*tied.safetensors: layers.2.weight is layers.1.weight "
+                                         r"\(tied weights\)"):
         save(tied, tmp_path / "tied.safetensors")
+    # channels_last: the copies to a contiguous layout would hide the tie (as the copies to the CPU of a CUDA model)
+    with pytest.raises(ValueError, match="tied weights"):
+        save(tied.to(memory_format=torch.channels_last), tmp_path / "tied.safetensors")
+    assert not (tmp_path / "tied.safetensors").exists()
     arch_args = net.arch_args
     monkeypatch.setattr(SlimUNet, "arch_args", property(lambda self: {**arch_args, "base_width": {8}}))
     with pytest.raises(ValueError, match="arch_args must be JSON-serialisable"):
