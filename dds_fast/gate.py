@@ -165,16 +165,21 @@ class DynamicGate(nn.Module):
         self._check_input(x)
         self._check_means(x, means)
         if not self._fused(x, means):  # (the fused path needs an eval BatchNorm: no check costs it host time)
-            if self.bn.training and len(x) < 2:  # (torch's own message does not say what to do)
-                raise ValueError("DynamicGate: its BatchNorm in training mode needs 2 or more images, got 1; call "
-                                 ".eval() on the model for inference")
+            if len(x) < 2 and (self.bn.training or self.bn.running_mean is None):  # (torch's message says less)
+                if self.bn.training:
+                    raise ValueError("DynamicGate: its BatchNorm in training mode needs 2 or more images, got 1; "
+                                     "call .eval() on the model for inference")
+                raise ValueError("DynamicGate: its BatchNorm keeps no running statistics "
+                                 "(track_running_stats=False), so it normalises over the batch, in eval mode too: "
+                                 "it needs 2 or more images, got 1")
             return self._forward_reference(x, means)
         if means is not None:
             channel_sums = means.float()[:, None, :]
-        elif channel_sums is not None and (channel_sums.dim() != 3 or channel_sums.shape[0] != x.shape[0]
+        elif channel_sums is not None and (not isinstance(channel_sums, torch.Tensor) or channel_sums.dim() != 3
+                                           or channel_sums.shape[0] != x.shape[0]
                                            or channel_sums.shape[2] != self.channels):
-            raise ValueError(f"DynamicGate: channel_sums must be [{x.shape[0]}, T, {self.channels}], got "
-                             f"{tuple(channel_sums.shape)}")
+            got = tuple(channel_sums.shape) if isinstance(channel_sums, torch.Tensor) else type(channel_sums).__name__
+            raise ValueError(f"DynamicGate: channel_sums must be [{x.shape[0]}, T, {self.channels}], got {got}")
         return self._forward_fused(x, channel_sums, 1 if means is not None else x.shape[2] * x.shape[3])
 
     def _check_means(self, x: torch.Tensor, means: torch.Tensor | None) -> None:
@@ -225,7 +230,8 @@ class DynamicGate(nn.Module):
         return F.relu(self._linear(self.fc1, u))
 
     def _excite(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = 1 + torch.tanh(self._linear(self.fc2, r))
+        # 1 + tanh(z) as the kernel computes it: it keeps a tiny scale tiny, where 1 + tanh rounds to 0
+        scale = 2 * torch.sigmoid(2 * self._linear(self.fc2, r))
         features = x * scale[:, :, None, None]
         return features if features.dtype == x.dtype else features.to(x.dtype), scale
 

@@ -359,8 +359,11 @@ def apply_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"apply_scale: scale must be fp32 [{n}, {c}] on {x.device}, got {scale.dtype} "
                          f"{tuple(scale.shape)} on {scale.device}")
     scale = scale.contiguous()
-    out = torch.empty_like(x)
-    _, so_p = _pixels(out, "apply_scale")
+    # a dense layout, whose pixels flatten: empty_like would copy the strides of a view whose
+    # channels fall between its rows and columns (an unfold's), which do not
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+    so_p = out.stride(2) if w == 1 else out.stride(3)
     block_hw, block_c = _tile(c, h * w)
     grid = (cdiv(h * w, block_hw), cdiv(c, block_c), n)
     launch(_scale_kernel, grid, (x, scale, out), (c, h * w, x.stride(0), x.stride(1), sx_p, out.stride(0),

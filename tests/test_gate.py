@@ -185,6 +185,9 @@ def test_batch_norms_without_affine_or_statistics(bn, backend, training):
     ref = reference(gate, x, bn_batch_stats=training or not gate.bn.track_running_stats)
     torch.testing.assert_close(out.logits.double(), ref.logits, rtol=1e-4, atol=1e-5)
     assert torch.equal(out.choice.long(), ref.choice)
+    if not gate.bn.track_running_stats or training:  # batch statistics of one image: refused by name
+        with torch.no_grad(), pytest.raises(ValueError, match="DynamicGate: its BatchNorm .* needs 2 or more images"):
+            gate(x[:1])
 
 
 def test_a_half_precision_gate_trains_its_batch_norm_in_fp32():
@@ -514,6 +517,12 @@ def test_kernel_argument_errors():
         kernels.squeeze_partials(torch.randn(65536, 2, 1, 1, device=DEVICE))
     with pytest.raises(ValueError, match=r"scale must be fp32 \[2, 8\]"):
         kernels.apply_scale(torch.randn(2, 8, 3, 3, device=DEVICE), torch.ones(2, 7, device=DEVICE))
+    fused = make_gate(8, 3, backend="triton").eval()
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+    for sums, got in ((torch.zeros(2, 1, 7, device=DEVICE), r"\(2, 1, 7\)"), ([[0.0] * 8] * 2, "list")):
+        with torch.no_grad(), pytest.raises(ValueError, match=rf"DynamicGate: channel_sums must be \[2, T, 8\], "
+                                                              rf"got {got}"):
+            fused(x, channel_sums=sums)
     for chunk in (0, 2.5):  # 2.5 got as far as torch.empty, with a float size
         with pytest.raises(ValueError, match=f"chunk must be an int >= 1, got {chunk}"):
             kernels.squeeze_partials(torch.randn(1, 8, 3, 3, device=DEVICE), chunk=chunk)
@@ -612,6 +621,46 @@ def test_squeeze_and_scale_of_channels_whose_offsets_pass_int32():
     scale = torch.rand(1, 3, generator=torch.Generator().manual_seed(3)).to(DEVICE) + 0.5
     torch.testing.assert_close(kernels.apply_scale(x, scale).float(), x.float() * scale[:, :, None, None],
                                rtol=2e-3, atol=2e-3)
+
+
+def test_a_scale_near_zero_stays_positive_on_both_paths():
+    """1 + tanh(z) rounds to 0 in fp32 for z below about -9 (and loses digits well before):
+    an infinite pixel of such a channel came out NaN on the reference path, inf on the fused."""
+    gate = make_gate(4, 3, backend="torch").eval()
+    with torch.no_grad():
+        gate.fc2.bias.copy_(torch.tensor([-20.0, -7.0, 0.0, 3.0]))
+    x = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    x[0, :, 1, 1] = float("inf")
+    means = torch.zeros(1, 4, device=DEVICE)  # the squeeze of x without its infinite pixels
+    with torch.no_grad():
+        reference_out = gate(x, means=means)
+        gate.backend = "triton"
+        fused = gate(x, means=means)
+    fc1, fc2 = (copy.deepcopy(fc).double() for fc in (gate.fc1, gate.fc2))
+    with torch.no_grad():
+        z = fc2(fc1(means.double()).relu())
+    expected = 2 * torch.sigmoid(2 * z)  # 1 + tanh(z), with the digits fp64's 1 + tanh would lose too
+    assert expected[0, 0] < 1e-16 and expected[0, 3] > 1
+    for out in (reference_out, fused):
+        assert (out.scale > 0).all()
+        torch.testing.assert_close(out.scale[0].double(), expected[0], rtol=1e-5, atol=0)
+        assert out.features[0, :, 1, 1].isposinf().all()
+
+
+def test_scale_of_views_whose_channels_fall_between_rows_and_columns():
+    """Overlapping windows (an unfold's) and interleaved channels: the pixels of the view
+    flatten, but a tensor laid out as its strides sort does not; the output is dense."""
+    generator = torch.Generator().manual_seed(4)
+    windows = torch.randn(2, 40, generator=generator).to(DEVICE).unfold(1, 16, 3).view(2, 9, 4, 4)
+    interleaved = torch.randn(64, generator=generator).to(DEVICE).as_strided((1, 2, 2, 4), (64, 3, 8, 2))
+    for x in (windows, interleaved):
+        scale = torch.rand(x.shape[:2], generator=generator).to(DEVICE) + 0.5
+        torch.testing.assert_close(kernels.apply_scale(x, scale), x * scale[:, :, None, None], rtol=1e-6, atol=1e-6)
+    gate = make_gate(9, 3, backend="triton").eval()
+    with torch.no_grad():
+        fused = gate(windows).features
+        gate.backend = "torch"
+        torch.testing.assert_close(fused, gate(windows).features, rtol=1e-5, atol=1e-6)
 
 
 def test_a_gate_launch_stopped_part_way_leaves_the_next_right(monkeypatch):
