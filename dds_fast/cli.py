@@ -483,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _import_modules(args.imports)
         return args.func(args)
+    except KeyboardInterrupt:  # (training checkpoints as it goes: the same command resumes)
+        print(f"dds-fast: interrupted{'; the same command resumes the run' if args.func is cmd_train else ''}",
+              file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader of our output left (| head): nothing is wrong, nothing more to print
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (else the exit's flush raises again)
         return 1

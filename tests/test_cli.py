@@ -396,6 +396,15 @@ def test_demo_rejects_a_non_positive_size_or_repeat_count_by_name(flag, value, c
     assert f"argument {flag}: must be a positive integer, got {value}" in capsys.readouterr().err
 
 
+def test_an_interrupt_is_one_line_that_says_how_to_resume(monkeypatch, capsys, tmp_path):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted)
+    assert main(["train", "stage1", "--run-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "dds-fast: interrupted; the same command resumes the run\n"
+
+
 def test_a_reader_that_leaves_early_is_no_error():
     """``dds-fast info MODEL | head -1``: the pipe closes under the output."""
     reader = subprocess.Popen([sys.executable, "-m", "dds_fast", "info", str(cli.SHIPPED_MODEL)],
