@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     den = sub.add_parser("denoise", help="denoise an image (PNG 8/16-bit, JPEG or TIFF, gray or RGB, any size)")
     den.add_argument("input")
-    den.add_argument("-o", "--output", required=True, help=".png or .jpg; a 16-bit PNG or TIFF input gives a 16-bit PNG")
+    den.add_argument("-o", "--output", required=True,
+                     help=".png or .jpg; a 16-bit PNG or TIFF input gives a 16-bit PNG")
     den.add_argument("--checkpoint", help="a DDSNet or slimmable network checkpoint (default: the shipped model)")
     den.add_argument("--budget", type=float, help="MACs/pixel: run the best config within it (static mode)")
     den.add_argument("--tile", type=_positive_int, default=512, help="tile side for large images (memory stays "
