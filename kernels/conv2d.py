@@ -1244,8 +1244,9 @@ def _reason(specs, weight_spec, stride, padding, dilation, groups, padding_mode,
             return f"dtype {dtype} is not float32, float16 or bfloat16"
         if not _dtypes_match(dtype, w_dtype):
             return f"input dtype {dtype} with weight dtype {w_dtype} (the weight's, or fp32 master weights)"
-        if device_type != "cuda" and not INTERPRET:
-            return f"tensor on {device_type} (the kernels need CUDA, or TRITON_INTERPRET=1 set before importing dds_fast)"
+        if device_type != "cuda" and not (INTERPRET and device_type == "cpu"):
+            return (f"tensor on {device_type} (the kernels need CUDA, or CPU tensors with TRITON_INTERPRET=1 set "
+                    f"before importing dds_fast)")
     if len(specs) == 2 and specs[0][1] != specs[1][1]:  # torch.cat would promote; the fused concat cannot
         return f"concatenated inputs of dtypes {specs[0][1]} and {specs[1][1]}"
     if len(specs[0][0]) == 4 and specs[0][0][0] > MAX_BATCH:
@@ -1361,6 +1362,10 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
                              f"each image's out width must be multiples of {groups}")
         if residual is not None:
             raise ValueError("slim_conv2d: a residual with upscale_factor > 1 is not supported")
+    # last: every check above reads shapes only, and runs on meta tensors too
+    if first.device.type not in ("cuda", "cpu"):  # (the interpreter reads CPU memory, and CUDA's through copies)
+        raise ValueError(f"slim_conv2d: the inputs are on {first.device}; the kernels take CUDA tensors, or CPU "
+                         f"tensors under TRITON_INTERPRET=1")
 
 
 def _check_width_values(widths, inputs, out_channels, widths_multiple, upscale_factor):

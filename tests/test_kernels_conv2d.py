@@ -1342,6 +1342,14 @@ def test_cpu_tensors_get_a_clear_error_from_kernels_compiled_for_a_gpu():
         slim_conv2d([torch.randn(1, 4, 5, 5)], torch.randn(8, 4, 3, 3))
 
 
+def test_meta_tensors_are_refused_by_name():
+    """Shapes without data (a meta model's FLOP count): the interpreter cannot read them either."""
+    x, w = torch.empty(1, 4, 5, 5, device="meta"), torch.empty(8, 4, 3, 3, device="meta")
+    assert "tensor on meta" in unsupported_reason([x], w)
+    with pytest.raises(ValueError, match="the inputs are on meta"):
+        slim_conv2d([x], w)
+
+
 @gpu_only
 def test_gpu_cuda_graph_replay_with_new_widths():
     torch.manual_seed(16)
