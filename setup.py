@@ -18,8 +18,10 @@ setup(
     package_dir={"dds_fast": "dds_fast", "dds_fast.kernels": "kernels", "dds_fast.training": "training"},
     package_data={"dds_fast": ["weights/*.safetensors"]},
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        # tested: torch 2.13 with Triton 3.9 and 2.11 with 3.6 in CI, 2.8 with 3.4 once (README);
+        # torch 2.4 with Triton 3.0 failed 90 kernel and model tests
+        "torch>=2.8",
+        "triton>=3.4; platform_system == 'Linux'",
         "numpy",
         "safetensors",
         "scikit-image",

@@ -221,7 +221,8 @@ class WidthSpace:
         return SubnetConfig(tuple(widths))
 
     def sample(self, generator: torch.Generator | None = None) -> SubnetConfig:
-        """A non-uniform config: each group's width drawn independently from its choices."""
+        """A random config: each group's width drawn independently from its choices (so in
+        general non-uniform; in a small space it may be an end, or uniform)."""
         widths = []
         for g in self.groups:
             index = int(torch.randint(len(g.choices), (1,), generator=generator))

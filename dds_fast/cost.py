@@ -15,8 +15,10 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .config import SubnetConfig, checked_int
+from .modes import evaluating
 
 
 @dataclass(frozen=True)
@@ -80,20 +82,23 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
         # channels at -3: a batch [N, C, H, W], or an unbatched image [C, H, W]
         widths = tuple(t.shape[-3] for t in x) if isinstance(x, (list, tuple)) else (x.shape[-3],)
         r = getattr(module, "upscale_factor", 1)  # an upsampling SlimConv2d: count its filters' own output
+        out_width = output.shape[-3] * r * r
+        per_image = getattr(module, "per_image_widths", None)
+        if per_image is not None:  # max-width buffers (a DDSNet's per-image forward): the image's row has its widths
+            out_width, *widths = per_image[0].tolist()
         residual = args[1] if len(args) > 1 else kwargs.get("residual")
-        calls.append(ConvCall(names.get(module, ""), module, widths, output.shape[-3] * r * r,
+        calls.append(ConvCall(names.get(module, ""), module, tuple(widths), out_width,
                               (output.shape[-2] // r, output.shape[-1] // r),
                               tuple((x[0] if isinstance(x, (list, tuple)) else x).shape[-2:]), residual is not None))
 
     reference = next(model.parameters(), torch.empty(0))  # a model without parameters runs in fp32 on the CPU
     user_hooks = _set_aside_forward_hooks(model)  # counting is not the caller's forward
     hooks = [m.register_forward_hook(record, with_kwargs=True) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
         # a generator of its own: counting must not move the caller's random stream
         generator = torch.Generator(device=reference.device).manual_seed(0)
-        with _at_config(model, config), torch.no_grad():
+        # outside any dispatch mode (FlopCounterMode): a count is not the caller's forward
+        with _at_config(model, config), torch.no_grad(), evaluating(model), _disable_current_modes():
             model(torch.rand(1, *input_shape, device=reference.device, dtype=reference.dtype, generator=generator))
     except RuntimeError as error:
         if not defaulted or out_of_memory(error):  # (running out of memory is not a misfit)
@@ -105,8 +110,6 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
             hook.remove()
         for module, name, kept in user_hooks:
             setattr(module, name, kept)
-        for module, training in modes.items():
-            module.training = training
     return calls, input_shape[1] * input_shape[2]
 
 

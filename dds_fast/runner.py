@@ -234,6 +234,8 @@ class LatencyRunner:
             self.device = torch.device(device) if device is not None else parameter.device
         except (RuntimeError, TypeError) as error:
             raise ValueError(f"LatencyRunner: device {device!r} is not a torch device: {error}") from None
+        if self.device.type not in ("cpu", "cuda"):  # the wall clock would time another device's launches only
+            raise ValueError(f"LatencyRunner: times on CUDA devices and the CPU, got device {self.device}")
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("LatencyRunner: cuda_graph=True needs a CUDA device")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -366,7 +368,7 @@ class LatencyRunner:
         inputs = [self.inputs[:, start:start + width].contiguous(memory_format=self.memory_format)
                   for start, width in zip(conv.segment_starts, in_widths)]
         return (conv, inputs[0] if len(inputs) == 1 else inputs,
-                dict(ratio=ratio, in_widths=in_widths, out_width=conv.active_out_channels))
+                dict(ratio=float(ratio), in_widths=in_widths, out_width=conv.active_out_channels))
 
     def run(self, configs: Sequence[tuple[str, SubnetConfig | float | None]] | None = None,
             peaks: DevicePeaks | None = None) -> Report:
@@ -403,7 +405,8 @@ class LatencyRunner:
         finally:
             restore()
         # a DDSNet's dynamic row mixes configs: the speedups are over the largest config alone
-        largest = max(report.configured(), key=lambda r: r.macs_per_pixel)
+        # (of rows as costly, the last: the default configs end with "largest", which a uniform one may tie)
+        largest = max(reversed(report.configured()), key=lambda r: r.macs_per_pixel)
         for result in report.results:
             result.theoretical_speedup = largest.macs_per_pixel / result.macs_per_pixel
             result.real_speedup = largest.timing.median_ms / result.timing.median_ms

@@ -197,6 +197,11 @@ print(json.dumps({"stacks": stacks, "vectors": vectors, "per_pixel": per_pixel})
 
 def test_kernels_compile_for_h100_without_spills():
     pytest.importorskip("triton.backends.nvidia")
+    import triton
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 6):
+        pytest.skip("sm90.py counts the reduction loops in the code of Triton 3.6 and later; Triton 3.4 lays them "
+                    "out otherwise")
     env = dict(os.environ, TRITON_INTERPRET="0")
     done = subprocess.run([sys.executable, "-c", f"BENCHMARKS = {str(BENCHMARKS)!r}" + _COMPILE_FOR_SM90], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -18,6 +18,7 @@ from dds_fast.training.data import (
     SIDDValidation,
     as_float,
     bundled_images,
+    check_pair_headers,
     eight_bit,
     item_generator,
     list_images,
@@ -691,6 +692,25 @@ def test_paired_patches_batches_never_repeat_a_pair_and_an_epoch_reads_each(pair
     used = read[:len(read) // interleave * interleave]
     assert all(len(set(used[b:b + interleave])) == interleave for b in range(0, len(used), interleave))
     assert set(used) == set(range(pairs))
+
+
+def test_pair_headers_leave_a_palette_s_planes_to_the_decoder(tmp_path):
+    """A palette of grays decodes as one plane: the header check no longer refuses it beside
+    a gray PNG (it counted every palette as colour), and the pair reads as the decoder does."""
+    from PIL import Image
+
+    indices = rng().integers(0, 4, (20, 20), dtype=np.uint8)
+    palette = Image.fromarray(indices, mode="P")
+    palette.putpalette([v for g in (0, 60, 120, 255) for v in (g, g, g)])
+    palette.save(tmp_path / "clean.png")
+    iio.imwrite(tmp_path / "noisy.png", np.array([0, 60, 120, 255], np.uint8)[indices])
+    pair = [(tmp_path / "noisy.png", tmp_path / "clean.png")]
+    assert check_pair_headers(pair, 16) == [(20, 20)]
+    noisy, clean = PairedPatches(pair, 16, 1)[0]
+    assert noisy.shape == clean.shape == (1, 16, 16)
+    iio.imwrite(tmp_path / "noisy.png", rng().integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="colour channels differ for .*noisy.png and .*clean.png: 3 vs 1"):
+        PairedPatches(pair, 16, 1)[0]
 
 
 def test_paired_patches_from_tensors():

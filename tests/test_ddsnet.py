@@ -558,6 +558,28 @@ def test_macs_counting_does_not_run_the_users_hooks():
     assert calls == ["stem", "net"]  # set back as they were
 
 
+def test_macs_and_flops_of_a_per_image_forward_count_each_image_s_route():
+    """A per-image forward's layers read max-width buffers: counting by their shapes gave
+    the largest route's MACs; the count reads each image's widths. A FlopCounterMode around
+    the first per-image forward did not count its width table's traces either."""
+    pytest.importorskip("triton")
+    model = make_ddsnet().float()
+    for module in model.supernet.modules():
+        if isinstance(module, dds_fast.SlimConv2d):
+            module.backend = "triton"
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # the count's input
+    with torch.no_grad():
+        assert model.route(x)[0] != model.routing_space[-1]
+        routed = model.routed_macs(x)[0]
+        for per_image in (False, True):
+            model.per_image = per_image
+            assert macs_per_pixel(model, input_shape=(3, 8, 8)) == routed
+    fresh = make_ddsnet().float()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        macs_per_pixel(fresh)  # a count is not a forward of the caller's
+    assert counter.get_total_flops() == 0
+
+
 def test_repr_shows_the_routes_and_the_mode():
     model = make_ddsnet()
     macs = [e.macs_per_pixel for e in model.routing_space]

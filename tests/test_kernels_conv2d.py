@@ -9,6 +9,7 @@ import traceback
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -257,6 +258,8 @@ def test_few_input_channels_fold_the_taps_into_the_reduction(monkeypatch, dtype,
     (torch.float16, 1, (24,), (0,), 8, None, True, True),
     (torch.float16, 5, (16,), (0,), 16, "relu", True, False),
     (torch.bfloat16, 3, (16,), (0,), 3, None, True, True)])  # a last layer: 3 outputs, stored through pointers
+@pytest.mark.skipif(K.INTERPRET and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 6),
+                    reason="Triton 3.4's interpreter checks a descriptor's strides in elements, not bytes")
 def test_forward_through_tensor_descriptors(monkeypatch, dtype, k, widths, starts, o, activation, bias, residual):
     """TMA_FORWARD: a static stride-1 forward in the fast layout reads its inputs and weight
     blocks through tensor descriptors; each input a prefix view of a wider buffer with NaN

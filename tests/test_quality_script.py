@@ -86,7 +86,7 @@ def test_bm3d_denoises_a_gray_pair_on_its_one_plane(monkeypatch):
 
 
 def test_ablate_refine_saves_the_refined_ddsnet_with_its_gate(monkeypatch, tmp_path, capsys):
-    from tests.test_training import tiny_run_config
+    from test_training import tiny_run_config
 
     ablate = load_benchmark(monkeypatch, "ablate_refine")
     dds = small_ddsnet()

@@ -32,7 +32,7 @@ def test_runner_reports_every_config_on_cpu():
     labels = [r.label for r in report.results]
     assert labels == ["smallest", "uniform 0.25", "uniform 0.5", "uniform 0.75", "largest"]
     assert report.device.startswith("CPU")
-    largest = max(report.results, key=lambda r: r.macs_per_pixel)  # the first of equals
+    largest = report.results[-1]  # "largest" (uniform 0.75 ties it here)
     for result in report.results:
         config = net.space.validate(result.config)
         assert result.macs_per_pixel == macs_per_pixel(net, config)
@@ -51,6 +51,16 @@ def test_runner_reports_every_config_on_cpu():
     assert record["environment"]["kernel_options"] == {"tma_forward": False, "taps_in_k_channels": [1, 2, 3, 4, 8]}
     assert "speedup_efficiency" in record["results"][0]
     assert "| smallest |" in report.to_markdown()
+
+
+def test_speedups_are_over_the_largest_row_when_another_ties_it():
+    """SlimDnCNN(base_width=16)'s uniform 0.75 is its largest config: the row labelled
+    largest is the speedups' reference (the first of the tied rows was)."""
+    net = SlimDnCNN(in_channels=1, base_width=16, depth=4)
+    report = LatencyRunner(net, (1, 1, 8, 8), warmup=0, repeats=2).run(peaks=PEAKS)
+    tied = [r for r in report.results if r.macs_per_pixel == report.results[-1].macs_per_pixel]
+    assert [r.label for r in tied] == ["uniform 0.75", "largest"]
+    assert report.results[-1].real_speedup == 1
 
 
 def test_runner_uses_the_routing_space_and_plain_modules():
@@ -119,6 +129,8 @@ def test_bad_models_devices_and_dtypes():
     if not torch.cuda.is_available():  # not torch's AssertionError from moving the model
         with pytest.raises(ValueError, match="device cuda asked for, but this torch sees no CUDA device"):
             LatencyRunner(small_net(), (1, 1, 8, 8), device="cuda")
+    with pytest.raises(ValueError, match="times on CUDA devices and the CPU, got device meta"):
+        LatencyRunner(small_net(), (1, 1, 8, 8), device="meta")  # (a wall clock times another device's launches)
     with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
         LatencyRunner(small_net(), (1, 1, 8, 8), dtype=torch.int32)
     with pytest.raises(ValueError, match="model must be an nn.Module"):
@@ -322,6 +334,8 @@ def test_a_multi_input_conv_is_timed_as_it_is_on_one_tensor_per_block():
 
 
 def test_a_ddsnet_in_budget_mode_is_labelled_so_and_numpy_ratios_are_numbers():
+    from fractions import Fraction
+
     import numpy as np
 
     from dds_fast import DDSNet
@@ -332,8 +346,10 @@ def test_a_ddsnet_in_budget_mode_is_labelled_so_and_numpy_ratios_are_numbers():
     model.set_budget(model.static_macs_per_pixel(0))
     assert default_configs(model)[0] == ("budget (route 0)", None)
     conv = SlimConv2d(4, 4, 3, padding=1)
-    report = LatencyRunner(conv, (1, 4, 6, 6), warmup=0, repeats=1).run([("half", np.float32(0.5))], peaks=PEAKS)
+    report = LatencyRunner(conv, (1, 4, 6, 6), warmup=0, repeats=1).run(
+        [("half", np.float32(0.5)), ("whole", Fraction(1))], peaks=PEAKS)
     assert report.results[0].config["out_width"] == 2
+    assert [r["config"]["ratio"] for r in json.loads(report.to_json())["results"]] == [0.5, 1.0]  # (it raised)
 
 
 def test_the_reported_backend_is_what_the_layers_run_here(monkeypatch):

@@ -33,6 +33,11 @@ def test_sandwich_configs_are_largest_random_smallest():
     space = tiny_net().space
     configs = sandwich_configs(space, 4, torch.Generator().manual_seed(0))
     assert configs[0] == space.largest() and configs[-1] == space.smallest() and len(configs) == 4
+    # the middle ones are never an end (385 of 1,000 steps drew one in this space of 9 configs):
+    # an end's loss twice, and synergy's smallest distilled partly against itself
+    small = SlimDnCNN(in_channels=1, base_width=16, depth=3).space
+    ends = (small.largest(), small.smallest())
+    assert not any(c in ends for step in range(300) for c in sandwich_configs(small, 4, step_generator(0, step))[1:-1])
     with pytest.raises(ValueError, match="n >= 2"):
         sandwich_configs(space, 1, torch.Generator())
 
@@ -182,6 +187,23 @@ def test_slimming_criteria_choose_by_loss_or_by_loss_per_mac(monkeypatch, criter
         progressive_slimming(net, [], criterion="flops")
     with pytest.raises(ValueError, match="unknown slim_criterion 'flops'"):
         TrainConfig.from_dict({"slim_criterion": "flops"})
+
+
+def test_slimming_per_mac_ranks_a_gain_by_its_saving(monkeypatch):
+    """A step that gains PSNR beats every step that loses it, and among equal gains the one
+    that saves more MACs wins (a gain divided by the saving favoured the step saving least)."""
+    from dds_fast.training import slimming
+
+    net = SlimUNet(in_channels=1, base_width=8, depth=2).eval()
+    largest = net.space.largest()
+
+    def fake_psnr(net, batches, config):  # every first step gains 0.1 dB, but enc1's loses
+        return 30.0 + sum(-0.5 if g == "enc1" else 0.1 for g in config if config[g] != largest[g])
+
+    monkeypatch.setattr(slimming, "validation_psnr", fake_psnr)
+    trajectory = progressive_slimming(net, [], step=8, criterion="psnr_per_mac")
+    candidates = [largest.replace(**{g: slimmer(largest, net.space[g], 8)}) for g in largest if g != "enc1"]
+    assert trajectory[1].config == min(candidates, key=lambda c: dds_fast.macs_per_pixel(net, c))
 
 
 def test_slimmer_steps_and_floors():
@@ -1146,6 +1168,43 @@ def test_stage3_labels_an_attended_body_behind_its_attention_scale(tmp_path):
         run.stage3(net)
         gains[bias] = json.loads((tmp_path / str(bias) / "stage3.log.jsonl").read_text().splitlines()[0])["psnr_gain"]
     assert abs(gains[2.0] - gains[0.0]) > 1e-3, gains
+
+
+@dds_fast.register_architecture
+class BatchNormDnCNN(SlimDnCNN):
+    """A user's super-network with a BatchNorm (on its fixed-width output): the built-in
+    nets have none, so the stages' eval modes show only on one like it."""
+
+    def __init__(self, in_channels=1, base_width=8, depth=3, **options):
+        super().__init__(in_channels=in_channels, base_width=base_width, depth=depth, **options)
+        self.post = torch.nn.BatchNorm2d(in_channels)
+
+    def body(self, features, x):
+        return self.post(super().body(features, x))
+
+
+def test_stage3_and_validation_leave_a_frozen_body_s_batch_norm_alone(tmp_path):
+    """Stage 3 scores the frozen body as deployed, in eval mode: its BatchNorm's running
+    statistics stayed put (the loop's model.train() had them updated by every label), and
+    validation runs in eval mode too, giving each module's mode back."""
+    from dds_fast import RoutingEntry, macs_per_pixel
+    from dds_fast.training.slimming import validation_psnr
+
+    run = Run(tmp_path, tiny_run_config(arch="BatchNormDnCNN", gate_steps=2, gate_patch_size=24))
+    net = run.new_network()
+    net.routing_space = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    with torch.no_grad():  # statistics a batch would move
+        net.post.running_mean.fill_(0.3)
+        net.post.running_var.fill_(2.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    model = run.stage3(net)
+    after = model.supernet.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    net.train()
+    net.post.eval()  # a mixed mode, given back as it was
+    validation_psnr(net, [batch(0)], net.space.largest())
+    assert net.training and not net.post.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 def test_an_attended_stage3_state_of_an_earlier_version_says_to_delete_it(tmp_path):

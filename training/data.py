@@ -723,7 +723,8 @@ def check_pair_headers(pairs: Sequence[tuple[Path, Path]], patch_size: int) -> l
     checked as :class:`PairedPatches` checks a pair it decodes: one size and as many colour
     planes for both, and room for a crop of ``patch_size``. Cheap enough to run before
     training, so that a bad pair is not found hours in; a pair with a file of another type
-    is left to the decoder (its size then None), unless Pillow cannot tell the type: refused."""
+    is left to the decoder (its size then None), unless Pillow cannot tell the type: refused;
+    so are the colour planes of a palette PNG (gray when every colour it uses is)."""
     sizes = []
     for noisy, clean in pairs:
         headers = [_png_header(Path(path)) for path in (noisy, clean)]
@@ -738,7 +739,8 @@ def check_pair_headers(pairs: Sequence[tuple[Path, Path]], patch_size: int) -> l
             sizes.append(None)
             continue
         size = [header[2:] for header in headers]
-        colours = [1 if header[1] in (0, 4) else 3 for header in headers]  # gray (+ alpha), else colour
+        # gray (+ alpha), colour (+ alpha); a palette's planes are the decoder's to tell (an all-gray one is gray)
+        colours = [{0: 1, 4: 1, 2: 3, 6: 3}.get(header[1]) for header in headers]
         _check_pair(f"{noisy} and {clean}", size, colours, patch_size)
         sizes.append(size[0])
     return sizes
@@ -748,7 +750,7 @@ def _check_pair(names: str, size: list, colours: list[int], patch_size: int) -> 
     """A noisy/clean pair of one size and as many colour planes, with room for a crop."""
     if size[0] != size[1]:
         raise ValueError(f"noisy/clean sizes differ for {names}: {size[0]} vs {size[1]}")
-    if colours[0] != colours[1]:
+    if None not in colours and colours[0] != colours[1]:  # (None: not known before decoding)
         raise ValueError(f"noisy/clean colour channels differ for {names}: {colours[0]} vs {colours[1]}")
     if min(size[0]) < patch_size:
         raise ValueError(f"{names}: size {size[0]} is smaller than patch_size {patch_size}")

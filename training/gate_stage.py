@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dds_fast.ddsnet import DDSNet
+from dds_fast.modes import evaluating
 
 from .loop import rank_and_world
 
@@ -64,7 +65,8 @@ def gate_step(model: DDSNet, noisy: torch.Tensor, clean: torch.Tensor, budget: f
     scorer = supernet if scorer is None else scorer
     if [e.macs_per_pixel for e in routes] != sorted(e.macs_per_pixel for e in routes):
         raise ValueError("gate training needs the routing space in ascending MACs/pixel")
-    with torch.no_grad():
+    # the frozen body runs as deployed: no BatchNorm statistics updated, no dropout drawn
+    with torch.no_grad(), evaluating(scorer, supernet):
         quality = []
         for entry in (routes[0], routes[-1]):
             scorer.set_config(entry.config)

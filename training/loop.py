@@ -218,10 +218,12 @@ class TrainLoop:
         data = " (a digest of the images: they changed)" if "data" in changed else ""
         labels = (f" (an earlier version labelled stage 3's images by the body without its attention scale; delete "
                   f"{self.state_path} to train the gate again)" if "labels_behind_attention" in changed else "")
+        middle = (f" (an earlier version could draw a random sub-network equal to the largest or the smallest; "
+                  f"delete {self.state_path} to train the stage again)" if "middle_draws" in changed else "")
         weights = (f" (the weights the stage starts from changed: an earlier stage trained on; delete "
                    f"{self.state_path}, and those of the stages after it, to train them again from the new weights)"
                    if "start_weights" in changed else "")
-        raise ValueError(f"{self.state_path} was trained with other options: {listed}{steps}{data}{labels}{weights}. "
+        raise ValueError(f"{self.state_path} was trained with other options: {listed}{steps}{data}{labels}{middle}{weights}. "
                          f"Resume with the options it was trained with, or train in another run directory")
 
     def _truncate_log(self, step: int) -> None:

@@ -50,11 +50,26 @@ def training_psnr(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (-10 * torch.log10(mse.clamp_min(1e-10))).mean()
 
 
+MIDDLE_DRAWS = 16  # how often a random middle config equal to an end is drawn again, at most
+DISTINCT_MIDDLE = "distinct from the ends"  # recorded in a stage's options: earlier versions drew ends too
+
+
 def sandwich_configs(space: WidthSpace, n: int, generator: torch.Generator) -> list[SubnetConfig]:
-    """Largest, ``n - 2`` random non-uniform configs, smallest."""
+    """Largest, ``n - 2`` random configs (each group's width drawn on its own), smallest. A
+    random config equal to an end is drawn again, up to ``MIDDLE_DRAWS`` times (in a small
+    space it was often one): it repeats that end's loss, and under In-place Synergy the
+    smallest is distilled partly against itself. A space of no other config keeps the end."""
     if n < 2:
         raise ValueError(f"the sandwich rule needs n >= 2 sub-networks per step, got {n}")
-    return [space.largest()] + [space.sample(generator) for _ in range(n - 2)] + [space.smallest()]
+    ends = (space.largest(), space.smallest())
+    middle = []
+    for _ in range(n - 2):
+        for _ in range(MIDDLE_DRAWS):
+            config = space.sample(generator)
+            if config not in ends:
+                break
+        middle.append(config)
+    return [ends[0], *middle, ends[1]]
 
 
 def ends_fixed(largest: SubnetConfig, smallest: SubnetConfig, n: int) -> list[SubnetConfig | None]:

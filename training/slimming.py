@@ -19,6 +19,7 @@ from dds_fast.config import RoutingEntry, SubnetConfig
 from dds_fast.cost import macs_per_pixel
 from dds_fast.ddsnet import AttentionSupernet
 from dds_fast.metrics import batch_psnr
+from dds_fast.modes import evaluating
 
 from .loop import TrainingDiverged
 
@@ -26,17 +27,19 @@ from .loop import TrainingDiverged
 @torch.no_grad()
 def validation_psnr(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], config: SubnetConfig) -> float:
     """Mean per-image PSNR (8-bit quantised, as reported) of ``config`` over ``batches``
-    (``(noisy, clean)`` pairs); leaves ``net`` at ``config``."""
+    (``(noisy, clean)`` pairs), in eval mode (its modes given back); leaves ``net`` at ``config``."""
     net.set_config(config)
     total, count = 0.0, 0
-    for noisy, clean in batches:
-        output = net(noisy)
-        if not torch.isfinite(output).all():  # finite weights can still overflow (stage 1's last step diverging)
-            raise TrainingDiverged(f"validation: the network's output at config {config.to_dict()} is not finite: "
-                                   f"its weights diverged in training; train them again with a lower learning rate")
-        # clamped as a saved image is: a poor network's output far outside [0, 1] scores, not fails
-        total += batch_psnr(output.clamp(0, 1), clean) * len(noisy)
-        count += len(noisy)
+    with evaluating(net):
+        for noisy, clean in batches:
+            output = net(noisy)
+            if not torch.isfinite(output).all():  # finite weights can still overflow (stage 1's last step diverging)
+                raise TrainingDiverged(f"validation: the network's output at config {config.to_dict()} is not "
+                                       f"finite: its weights diverged in training; train them again with a lower "
+                                       f"learning rate")
+            # clamped as a saved image is: a poor network's output far outside [0, 1] scores, not fails
+            total += batch_psnr(output.clamp(0, 1), clean) * len(noisy)
+            count += len(noisy)
     if count == 0:
         raise ValueError("validation set is empty")
     return total / count
@@ -91,9 +94,8 @@ def progressive_slimming(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor
             here = trajectory[-1]
             if criterion == "psnr":  # least PSNR lost; among equals, the cheaper one
                 best = max(scored, key=lambda e: (e.psnr, -e.macs_per_pixel))
-            else:  # least PSNR lost per MAC saved (a gain counts as a negative loss)
-                best = min(scored, key=lambda e: ((here.psnr - e.psnr) / max(here.macs_per_pixel - e.macs_per_pixel,
-                                                                             1e-9), e.macs_per_pixel))
+            else:  # least PSNR lost per MAC saved; any gain first, the larger gain times saving the better
+                best = min(scored, key=lambda e: (_loss_per_mac(here, e), e.macs_per_pixel))
             config = best.config
             trajectory.append(best)
             if on_step:
@@ -101,6 +103,15 @@ def progressive_slimming(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor
     finally:
         net.set_config(previous)
     return trajectory
+
+
+def _loss_per_mac(here: RoutingEntry, slimmer_entry: RoutingEntry) -> float:
+    """``psnr_per_mac``'s rank of a step from ``here`` (lower is better). A loss is divided by
+    the MACs saved; a gain is multiplied by them, so that it ranks below every loss and a larger
+    gain or saving ranks lower (divided, a gain would favour the step that saves least)."""
+    loss = here.psnr - slimmer_entry.psnr
+    saved = max(here.macs_per_pixel - slimmer_entry.macs_per_pixel, 1e-9)
+    return loss / saved if loss > 0 else loss * saved
 
 
 def thin_routing_space(trajectory: Iterable[RoutingEntry], num_choices: int) -> list[RoutingEntry]:

@@ -37,7 +37,7 @@ from .gate_stage import gate_step, one_sided_labels
 from .graphed import GraphedStep
 from .loop import STEP_SEED_STRIDE, LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_generator
 from .noise import make_noise
-from .sandwich import (DISTILLATIONS, LOSSES, MaskedSandwich, ends_fixed, reconstruction_loss,
+from .sandwich import (DISTILLATIONS, DISTINCT_MIDDLE, LOSSES, MaskedSandwich, ends_fixed, reconstruction_loss,
                        routing_sandwich_configs, sandwich_configs, sandwich_step, training_psnr)
 from .slimming import SLIM_CRITERIA, progressive_slimming, slimmer, thin_routing_space, validation_psnr
 
@@ -617,7 +617,8 @@ class Run:
         # the gate the body trains behind has num_choices outputs
         gate_shape = ("num_choices",) if c.attention else ()
         options = self.loop_options(*NETWORK_OPTIONS, "attention", *gate_shape, "patch_size", "lr", "sandwich",
-                                    "distillation", "loss", "distillation_loss", schedule_steps=c.steps)
+                                    "distillation", "loss", "distillation_loss", schedule_steps=c.steps,
+                                    middle_draws=DISTINCT_MIDDLE)
         TrainLoop(self.dir, "stage1", net, optimizer, self.dataset(), step_fn, self.settings(c.steps),
                   device=self.device, lr_factor=self.lr_factor(c.steps), options=options).run()
         net.set_config(net.space.largest())
@@ -710,7 +711,8 @@ class Run:
         options = self.loop_options("patch_size", "refine_lr", "sandwich", "loss", "distillation_loss",
                                     schedule_steps=c.refine_steps, distillation=c.refine_distillation or c.distillation,
                                     random_configs=random_configs, routes=[e.config.to_dict() for e in routing_space],
-                                    start_weights=start_weights)
+                                    start_weights=start_weights, **({"middle_draws": DISTINCT_MIDDLE}
+                                                                     if random_configs else {}))
         TrainLoop(self.dir, "refine", net, optimizer, self.dataset(), step_fn, self.settings(c.refine_steps),
                   device=self.device, lr_factor=self.lr_factor(c.refine_steps), options=options).run()
         net.eval()
