@@ -290,6 +290,7 @@ def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} is a folder, not a file" if path.is_dir()
+                                else f"checkpoint {path} is not a regular file" if path.exists()
                                 else f"checkpoint {path} does not exist")
     return path
 
@@ -390,7 +391,8 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
             model = build(**meta["arch_args"])
     except (TypeError, ValueError, KeyError, RuntimeError, MemoryError, OverflowError) as error:
         # RuntimeError, MemoryError: arguments so large that the parameters cannot be allocated
-        raise CheckpointError(f"checkpoint {path}: cannot build {meta['arch']} from its arguments: {error}") from None
+        raise CheckpointError(f"checkpoint {path}: cannot build {meta['arch']} from its arguments: "
+                              f"{error or type(error).__name__}") from None
     try:
         if meta["config"] is not None and hasattr(model, "set_config"):
             model.set_config(meta["config"])

@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output left (| head): nothing is wrong, nothing more to print
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (else the exit's flush raises again)
         return 1
-    except (CheckpointError, OSError, ValueError) as error:  # bad input or missing files: no traceback
+    except (CheckpointError, OSError, ValueError, OverflowError) as error:  # bad input or missing files: no traceback
         print(f"dds-fast: error: {error}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as error:

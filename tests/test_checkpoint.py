@@ -221,6 +221,9 @@ def test_unknown_architecture_and_missing_file(net, tmp_path):
         load(tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError, match="is a folder, not a file"):
         load(tmp_path)
+    if Path(os.devnull).exists():  # it was said not to exist
+        with pytest.raises(FileNotFoundError, match=f"checkpoint {os.devnull} is not a regular file"):
+            load(os.devnull)
 
 
 def test_save_rejects_unregistered_models_and_bad_metadata(net, tmp_path):

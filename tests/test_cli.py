@@ -277,9 +277,17 @@ def test_a_bad_training_option_is_blamed_on_where_it_came_from(tmp_path, capsys)
     config.write_text(json.dumps({**TINY_TRAINING, "steps": 2}))
     for flags, message in [(["--steps", "-5"], "--steps: steps must be >= 1, got -5"),
                            (["--distillation", "soft"], "--distillation: unknown distillation 'soft'"),
-                           (["--device", "meta"], "device 'meta': training runs on cpu or cuda")]:
+                           (["--device", "meta"], "device 'meta': training runs on cpu or cuda"),
+                           # (an OverflowError deep in the loop, or a hang building the layers)
+                           (["--epoch-patches", str(10 ** 20)], "--epoch-patches: epoch_patches must be at most "
+                                                                "2147483647, got 100000000000000000000"),
+                           (["--depth", str(10 ** 20)], "--depth: depth must be at most 2147483647")]:
         assert main(run + ["--config", str(config), *flags]) == 2
         assert message in capsys.readouterr().err
+    config.write_text(json.dumps({**TINY_TRAINING, "lr": 10 ** 400}))  # (float() of it overflowed)
+    assert main(run + ["--config", str(config)]) == 2
+    assert f"{config}: lr must be a number within a float's range, got an integer of 401 digits" in \
+        capsys.readouterr().err
     config.write_text(json.dumps({**TINY_TRAINING, "steps": 0}))
     assert main(run + ["--config", str(config), "--lr", "0.001"]) == 2
     assert f"{config}: steps must be >= 1, got 0" in capsys.readouterr().err

@@ -1207,6 +1207,30 @@ def test_stage3_and_validation_leave_a_frozen_body_s_batch_norm_alone(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
+def test_a_ddsnet_copied_in_as_an_earlier_result_serves_as_its_super_network(tmp_path):
+    """A shipped DDSNet copied into a run folder as stage 1's or stage 2's result (the README
+    copies one in for the I-Nets) is its super-network with its routing space; stages 2, 3
+    and refine failed on it with AttributeErrors. A result without a routing space is refused
+    by name for the I-Nets too (a TypeError)."""
+    from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
+
+    run = Run(tmp_path, tiny_run_config(gate_steps=1, steps=1, inet_steps=1))
+    net = run.new_network()
+    net.routing_space = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    gate = DynamicGate(net.stem_channels, 2)
+    gate.attention = False  # (as stage 3 leaves a body trained without it)
+    dds_fast.save(DDSNet(net, gate, net.routing_space), tmp_path / "stage2.safetensors")
+    loaded = run.load("stage2.safetensors")
+    assert type(loaded) is SlimDnCNN and loaded.routing_space == net.routing_space
+    assert isinstance(run.stage3(), dds_fast.DDSNet)
+    Run(tmp_path, tiny_run_config(refine_steps=1)).refine()
+    (tmp_path / "stage2.safetensors").rename(tmp_path / "stage1.safetensors")
+    assert len(run.stage2(dds_fast.load(tmp_path / "stage1.safetensors")).routing_space) == 2
+    dds_fast.save(net.__class__(**net.arch_args), tmp_path / "stage2.safetensors")
+    with pytest.raises(ValueError, match="stage2.safetensors holds no routing space: the I-Nets train at its configs"):
+        run.inets()
+
+
 def test_an_attended_stage3_state_of_an_earlier_version_says_to_delete_it(tmp_path):
     """Its labels came from the body without its attention scale: no option resumes it."""
     from safetensors import safe_open

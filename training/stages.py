@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import types
 import typing
 import warnings
@@ -43,6 +44,7 @@ from .slimming import SLIM_CRITERIA, progressive_slimming, slimmer, thin_routing
 
 LR_SCHEDULES = ("cosine", "constant")
 MAX_LR = 1e30
+LARGEST_OPTION = 2 ** 31 - 1  # an integer option's bound: counts index tensors and loops
 
 # Options that every stage's training depends on (its data; with clean images, their noise
 # and which are held out too), and the trained network's shape; see Run.loop_options
@@ -132,6 +134,10 @@ class TrainConfig:
         for name, minimum in least.items():
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if type(value) is int and field.name != "seed" and abs(value) > LARGEST_OPTION:
+                raise ValueError(f"{field.name} must be at most {LARGEST_OPTION}, got {value}")
         largest_seed = (2 ** 64 - STEP_SEED_STRIDE) // STEP_SEED_STRIDE  # every step's seed fits torch's 64 bits
         if self.seed > largest_seed:
             raise ValueError(f"seed must be at most {largest_seed}, got {self.seed}")
@@ -193,6 +199,9 @@ class TrainConfig:
         for name, value in values.items():
             if not _accepts(hints[name], value):
                 raise ValueError(f"{where(name)}: {name} must be {_describe(hints[name])}, got {value!r}")
+            if _takes_float(hints[name], value) and abs(value) > sys.float_info.max:  # (float() would overflow)
+                raise ValueError(f"{where(name)}: {name} must be a number within a float's range, got an integer of "
+                                 f"{len(str(abs(value)))} digits")
         try:
             config = cls(**{name: _converted(hints[name], value) for name, value in values.items()})
         except OptionError as error:  # a check of two options: where each came from
@@ -291,9 +300,25 @@ def _converted(hint, value):
     """``value`` as the field stores it: a tuple for a list, a float for an integer."""
     if isinstance(value, list):
         return tuple(value)
-    if isinstance(value, int) and not isinstance(value, bool) and float in (_union_args(hint) or (hint,)):
+    if _takes_float(hint, value):
         return float(value)
     return value
+
+
+def _takes_float(hint, value) -> bool:
+    """Whether ``value`` is an integer that a float option stores as a float."""
+    return isinstance(value, int) and not isinstance(value, bool) and float in (_union_args(hint) or (hint,))
+
+
+def super_network_of(model):
+    """What a stage builds on: ``model``, or a DDSNet's super-network with its routing space
+    (behind the gate's attention head where that is on, as stage 1 trained it): a shipped model
+    copied into a run folder as an earlier stage's result."""
+    if not isinstance(model, DDSNet):
+        return model
+    body = AttentionSupernet(model.supernet, model.gate) if model.gate.attention else model.supernet
+    body.routing_space = model.routing_space
+    return body
 
 
 class Run:
@@ -462,7 +487,7 @@ class Run:
             stage = Path(name).stem
             hint = f": run `dds-fast train {stage}` first" if stage in ("stage1", "stage2", "refine") else ""
             raise FileNotFoundError(f"{self.dir / name} does not exist{hint}")
-        model = dds_fast.load(self.dir / name, map_location=self.device)
+        model = super_network_of(dds_fast.load(self.dir / name, map_location=self.device))
         self.check_earlier_result(name, model)
         return self.prepare(model)
 
@@ -632,6 +657,7 @@ class Run:
         c = self.config
         if net is not None:
             self.check_network(net, "the network given to stage 2")
+            net = super_network_of(net)
         # what the routing space depends on: a rerun (``train all`` resuming after a kill)
         # reuses it, as slimming on a GPU need not pick the same configs twice and the later
         # stages' state files hold them
@@ -683,6 +709,7 @@ class Run:
         self.check_stages({"refine"})
         if net is not None:
             self.check_network(net, "the network given to refine")
+            net = super_network_of(net)
         net = self.load("stage2.safetensors") if net is None else net
         routing_space = net.routing_space
         if not routing_space:
@@ -731,6 +758,7 @@ class Run:
         self.check_stages({"stage3"})
         if supernet is not None:
             self.check_network(supernet, "the network given to stage 3")
+            supernet = super_network_of(supernet)
         if supernet is None:
             stage = "refine" if c.refine_steps > 0 else "stage2"
             supernet = self.load(f"{stage}.safetensors")
@@ -789,6 +817,9 @@ class Run:
         self.check_stages({"inets"})
         if routing_space is None:
             routing_space = self.load("stage2.safetensors").routing_space
+            if not routing_space:
+                raise ValueError(f"{self.dir / 'stage2.safetensors'} holds no routing space: the I-Nets train at its "
+                                 f"configs (run `dds-fast train stage2`)")
         indices = range(len(routing_space)) if indices is None else indices
         unknown = sorted(set(indices) - set(range(len(routing_space))))
         if unknown:
