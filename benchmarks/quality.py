@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         record = {"device": f"CPU: {platform.processor() or platform.machine()}", "checkpoints": args.checkpoints,
-                  "gray": args.gray,
+                  "inets": args.inets, "gray": args.gray,
                   "noise": noise, "images": args.images, "torch": torch.__version__,
                   "rows": [json_row(row) for row in rows], "table": table}
         Path(args.out).write_text(json.dumps(record, indent=2, allow_nan=False))
