@@ -1256,6 +1256,25 @@ def test_an_attended_stage3_state_of_an_earlier_version_says_to_delete_it(tmp_pa
         Run(tmp_path, dataclasses.replace(config, gate_steps=2)).stage3(net)
 
 
+def test_a_stage1_state_of_an_earlier_version_that_drew_ends_says_to_delete_it(tmp_path):
+    """Its random sub-networks could be the largest or the smallest: resumed, the run would
+    go on drawing others from the same seeds."""
+    from safetensors import safe_open
+
+    from dds_fast.checkpoint import atomic_save_file
+
+    config = tiny_run_config(steps=2, lr_schedule="constant", checkpoint_every=1)
+    Run(tmp_path, config).stage1()
+    state = tmp_path / "stage1.state.safetensors"
+    with safe_open(str(state), "pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    options = json.loads(metadata["options"])
+    assert options.pop("middle_draws") == "distinct from the ends"
+    atomic_save_file(tensors, state, {**metadata, "options": json.dumps(options)})
+    with pytest.raises(ValueError, match=r"equal to the largest or the smallest; delete .*stage1.state.safetensors"):
+        Run(tmp_path, dataclasses.replace(config, steps=3)).stage1()
+
+
 @pytest.mark.parametrize("attention", [True, False])
 def test_three_stage_run_end_to_end(tmp_path, attention):
     """On the configured device (CUDA where present); checkpoints load on the CPU. With

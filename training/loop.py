@@ -223,8 +223,8 @@ class TrainLoop:
         weights = (f" (the weights the stage starts from changed: an earlier stage trained on; delete "
                    f"{self.state_path}, and those of the stages after it, to train them again from the new weights)"
                    if "start_weights" in changed else "")
-        raise ValueError(f"{self.state_path} was trained with other options: {listed}{steps}{data}{labels}{middle}{weights}. "
-                         f"Resume with the options it was trained with, or train in another run directory")
+        raise ValueError(f"{self.state_path} was trained with other options: {listed}{steps}{data}{labels}{middle}"
+                         f"{weights}. Resume with the options it was trained with, or train in another run directory")
 
     def _truncate_log(self, step: int) -> None:
         # lines written after the checkpoint (or before the first one) by a killed run are
