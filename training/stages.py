@@ -134,10 +134,10 @@ class TrainConfig:
         for name, minimum in least.items():
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if type(value) is int and field.name != "seed" and abs(value) > LARGEST_OPTION:
-                raise ValueError(f"{field.name} must be at most {LARGEST_OPTION}, got {value}")
+        for name in (option.name for option in dataclasses.fields(self) if option.name != "seed"):
+            value = getattr(self, name)
+            if type(value) is int and abs(value) > LARGEST_OPTION:
+                raise ValueError(f"{name} must be at most {LARGEST_OPTION}, got {value}")
         largest_seed = (2 ** 64 - STEP_SEED_STRIDE) // STEP_SEED_STRIDE  # every step's seed fits torch's 64 bits
         if self.seed > largest_seed:
             raise ValueError(f"seed must be at most {largest_seed}, got {self.seed}")
