@@ -75,8 +75,9 @@ def _tiled_stem_means(supernet: SlimNet, x: torch.Tensor, block: int) -> torch.T
             padded = supernet.pad(x)
             radius = stem.kernel_size[0] // 2
             h, w = padded.shape[-2:]
+            # (circular padding wraps to the image's far side, which a tile does not hold)
             local = stem.stride == (1, 1) and stem.dilation == (1, 1) and stem.padding in ("same", (radius, radius)) \
-                and stem.kernel_size[0] == stem.kernel_size[1]
+                and stem.kernel_size[0] == stem.kernel_size[1] and stem.padding_mode != "circular"
             if not local:  # an output pixel is not its input pixel with `radius` of context: no tiles
                 block = max(h, w)
             total = torch.zeros(len(x), supernet.stem_channels, dtype=torch.float64, device=x.device)
@@ -252,6 +253,8 @@ class AttentionSupernet(nn.Module):
             return self._masked_forward(x, stem_means)
         config = self.supernet.get_config()
         self.supernet.check_input(x)
+        if x.shape[0] == 0:  # no image for the gate's attention (which refuses an empty input)
+            return x.new_empty((0, self.supernet.out_channels, *x.shape[2:]))
         padded = self.supernet.pad(x)
         with _full_width_stem(self.supernet):
             features, _ = self.gate.attend(self.supernet.stem(padded), stem_means)
@@ -263,6 +266,8 @@ class AttentionSupernet(nn.Module):
         stem's mask then cuts the attended features to the config's width."""
         supernet = self.supernet
         supernet.check_input(x)
+        if x.shape[0] == 0:
+            return x.new_empty((0, supernet.out_channels, *x.shape[2:]))
         padded = supernet.pad(x)
         stem = supernet.stem_conv
         mask, stem.output_mask = stem.output_mask, None
@@ -383,6 +388,7 @@ class DDSNet(nn.Module):
         self._retired_tables = [*getattr(self, "_retired_tables", []),
                                 *(table for table, _ in getattr(self, "_tables", {}).values() if table.is_cuda)]
         self._tables: dict[torch.device, tuple[torch.Tensor, list]] = {}
+        self._per_image_trace = None  # (_per_image_rows)
         # what a per-image forward asks for hooks (the packing body calls SlimConv2d layers alone)
         self._body_modules = tuple(m for m in self.supernet.modules() if isinstance(m, SlimConv2d))
         self._warmed_branches: dict[tuple, tuple[torch.dtype, torch.memory_format, tuple]] = {}
@@ -549,11 +555,9 @@ class DDSNet(nn.Module):
         narrowest (out, in) widths over the routes (what ``per_image_tiles='narrowest'`` sizes
         its tiles for). Built once per device."""
         if device not in self._tables:
-            rows: dict[SlimConv2d, list] = {}
-            for entry in self.routing_space:
-                for call in trace_convs(self.supernet, entry.config)[0]:
-                    if call.module is not self.supernet.stem_conv:
-                        rows.setdefault(call.module, []).append((call.out_width, *call.in_widths))
+            rows, reason = self._per_image_rows()
+            if reason is not None:
+                raise ValueError(f"DDSNet: the per-image path cannot run this super-network: {reason}")
             layers, start = [], 0
             for conv, per_entry in rows.items():
                 narrowest = (min(row[0] for row in per_entry), min(max(row[1:]) for row in per_entry))
@@ -567,15 +571,54 @@ class DDSNet(nn.Module):
             self._tables[device] = (table, layers)
         return self._tables[device]
 
+    def _per_image_rows(self) -> tuple[dict[SlimConv2d, list[tuple[int, ...]]], str | None]:
+        """Each body conv's (out width, in widths) under each route, in routing order, and why
+        the per-image path cannot run this body (None where it can): it runs the body once for
+        every route, on max-width buffers, with one row of widths per layer and image, so each
+        route must run the same SlimConv2d layers in the same order, each at one set of widths
+        (a layer run twice at the same widths is fine). Traced once per routing space."""
+        if self.__dict__.get("_per_image_trace") is None:
+            rows: dict[SlimConv2d, list[tuple[int, ...]]] = {}
+            names: dict[nn.Module, str] = {}
+            first_order, reason = None, None
+            for index, entry in enumerate(self.routing_space):
+                calls = [call for call in trace_convs(self.supernet, entry.config)[0]
+                         if call.module is not self.supernet.stem_conv]
+                in_route: dict[nn.Module, tuple[int, ...]] = {}
+                for call in calls:
+                    widths = (call.out_width, *call.in_widths)
+                    name = names.setdefault(call.module, call.name or type(call.module).__name__)
+                    if not isinstance(call.module, SlimConv2d):
+                        reason = reason or f"its layer {name} is a {type(call.module).__name__}, not a SlimConv2d"
+                    elif in_route.setdefault(call.module, widths) != widths:
+                        reason = reason or (f"its layer {name} runs more than once in a forward, at widths "
+                                            f"{in_route[call.module]} and {widths} (out, in) in one route")
+                order = [call.module for call in calls]
+                if first_order is None:
+                    first_order = order
+                elif order != first_order:
+                    reason = reason or (f"its body runs other layers, or as many times, in route {index} as in "
+                                        f"route 0 ({len(order)} convs against {len(first_order)}, in order: "
+                                        f"{[names[m] for m in order]} against {[names[m] for m in first_order]})")
+                for module, widths in in_route.items():
+                    rows.setdefault(module, []).append(widths)
+            self._per_image_trace = (rows, reason)
+        return self._per_image_trace
+
     def _uses_per_image_widths(self, x: torch.Tensor) -> bool:
         if self.per_image is not None:
+            if self.per_image and self._per_image_rows()[1] is not None:
+                raise ValueError(f"DDSNet: per_image=True, but the per-image path cannot run this super-network: "
+                                 f"{self._per_image_rows()[1]}; set per_image to None or False to group the batch "
+                                 f"by route")
             return self.per_image
         # a dispatch mode (FlopCounterMode) sees shapes, which per-image buffers give at full width
         if not x.is_cuda or torch.is_grad_enabled() or torch._C._len_torch_dispatch_stack():
             return False
-        # every conv must run on the kernels (dtype, layer options); else group the batch
-        return all(m.backend != "torch" and m._triton_kernels([x], m.weight)[0] is not None
-                   for m in self.supernet.modules() if isinstance(m, SlimConv2d))
+        # every conv must run on the kernels (dtype, layer options), one row of widths each; else group the batch
+        return self._per_image_rows()[1] is None and all(
+            m.backend != "torch" and m._triton_kernels([x], m.weight)[0] is not None
+            for m in self.supernet.modules() if isinstance(m, SlimConv2d))
 
     def _body_per_image(self, features: torch.Tensor, padded: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """Every image through its own config in one launch per layer: each conv reads its

@@ -298,6 +298,12 @@ class SlimConv2d(nn.Conv2d):
         if kernels is None:
             if self.per_image_widths is not None:
                 raise ValueError(f"{self._label()}: per-image widths need the Triton backend on this input")
+            dtype = functools.reduce(torch.promote_types, [t.dtype for t in inputs])  # (as torch.cat's)
+            if dtype in (torch.float16, torch.bfloat16) and weight.dtype == torch.float32 \
+                    and self._kernels_asked(inputs[0]) and not torch.is_autocast_enabled(inputs[0].device.type):
+                # a fallback from the kernels reads fp16/bf16 activations over fp32 weights as they
+                # do (the weight cast to the activations' dtype), where torch's conv would refuse
+                weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
             y = self._reference(inputs, out_width, residual, weight, bias)
             return y if mask is None else torch.where(mask, y, 0)
         packing = self.per_image_packing if self.per_image_widths is not None else None
@@ -343,7 +349,7 @@ class SlimConv2d(nn.Conv2d):
         ``(None, None)`` (the reference path). Under autocast the kernels take the activations
         cast as autocast would cast them for a conv (it does not see the custom op), and
         whether they can run is decided on that dtype."""
-        if self.backend == "torch" or (self.backend == "auto" and not inputs[0].is_cuda):
+        if not self._kernels_asked(inputs[0]):
             return None, None
         kernels = cached_call(_kernels_module)
         device_type = inputs[0].device.type
@@ -363,6 +369,10 @@ class SlimConv2d(nn.Conv2d):
                     return kernels, cast
         note_fallback(self, self._label(), reason)
         return None, None
+
+    def _kernels_asked(self, x: torch.Tensor) -> bool:
+        """Whether the backend asks for the kernels on ``x`` (they may still not serve the call)."""
+        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
 
     def _reference(self, inputs: list[torch.Tensor], out_width: int, residual: torch.Tensor | None,
                    weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

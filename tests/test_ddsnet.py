@@ -120,6 +120,10 @@ def test_an_empty_batch_gives_an_empty_output_in_every_mode(attention):
             model(x[:, :1])
         model.set_budget(float("inf"))
         assert model(x).shape == (0, 3, *x.shape[2:]) and model.route(x) == []
+        attended = dds_fast.AttentionSupernet(model.supernet, model.gate)  # (as stage 1 trains the two)
+        assert attended(x).shape == (0, 3, *x.shape[2:])
+        attended.set_masked_widths(torch.tensor(attended.binding_widths(model.routing_space[0].config)))
+        assert attended(x).shape == (0, 3, *x.shape[2:])
 
 
 def test_attention_scales_the_stem_features_the_body_reads():
@@ -190,7 +194,8 @@ def test_attention_supernet_and_stem_means_leave_the_config_and_masks_as_they_we
         torch.testing.assert_close(masked(images(), stem_means=means), expected)
 
 
-@pytest.mark.parametrize("stem", [dict(dilation=2, padding=2), dict(stride=2, padding=1), dict(padding=0)])
+@pytest.mark.parametrize("stem", [dict(dilation=2, padding=2), dict(stride=2, padding=1), dict(padding=0),
+                                  dict(padding=1, padding_mode="circular")])  # (wraps to the far side)
 def test_stem_means_of_a_stem_that_is_not_local_take_the_whole_image(stem):
     model = make_ddsnet(lambda: SlimDnCNN(in_channels=3, base_width=8, depth=3))
     first = model.supernet.layers[0]
@@ -468,6 +473,87 @@ def test_per_image_widths_on_the_kernels_equal_grouped_routing(make_net, attenti
     model.per_image_tiles = "smallest"
     with pytest.raises(ValueError, match="per_image_tiles must be one of"), torch.no_grad():
         model(x)
+
+
+@dds_fast.register_architecture
+class BodyKindNet(dds_fast.SlimNet):
+    """A user's super-network whose body the per-image path gives one row of widths per layer:
+    ``kind`` 'twice' runs a conv twice at the same widths (it can), 'twice_narrower' twice at
+    other widths, 'plain' holds an nn.Conv2d, 'some_routes' runs a layer a second time but in
+    the narrowest route (on max-width buffers it would run it in every route; they cannot)."""
+
+    def __init__(self, kind="twice", width_mult=1.0, min_ratio=0.25, divisor=4):
+        super().__init__(3, 3, dict(kind=kind, width_mult=width_mult, min_ratio=min_ratio, divisor=divisor))
+        self.kind = kind
+        feat = self._group("feat", 16)
+        self.first = self._bind(dds_fast.SlimConv2d(3, feat, 3, padding=1, activation="relu"), "feat")
+        self.mid = self._bind(dds_fast.SlimConv2d(feat, feat, 3, padding=1, activation="relu"), "feat")
+        self.last = dds_fast.SlimConv2d(feat, 3, 3, padding=1)
+        self.plain = torch.nn.Conv2d(3, 3, 1)
+        self._finish()
+
+    @property
+    def stem_conv(self):
+        return self.first
+
+    @property
+    def receptive_radius(self):
+        return 4
+
+    def body(self, features, x):
+        h = self.mid(features)
+        if self.kind == "twice":
+            h = self.mid(h)
+        elif self.kind == "twice_narrower":
+            h = self.mid(h[:, :4])
+        elif self.kind == "some_routes" and h.shape[1] > 4:
+            h = self.mid(h)
+        residual = self.plain(x) if self.kind == "plain" else x
+        return self.last(h, residual=residual)
+
+
+@pytest.mark.parametrize("kind,refusal", [
+    ("twice", None),
+    ("twice_narrower", r"its layer mid runs more than once in a forward, at widths \(8, 8\) and \(8, 4\)"),
+    ("plain", "its layer plain is a Conv2d, not a SlimConv2d"),
+    ("some_routes", r"its body runs other layers, or as many times, in route 1 as in route 0 \(3 convs against 2"),
+])
+def test_per_image_widths_of_a_body_that_runs_a_layer_twice_or_holds_a_plain_conv(kind, refusal):
+    """The per-image path gives each layer one row of widths per image: a layer run twice in a
+    forward took route 0's second call's row for route 1 (uninitialised channels, silently), a
+    plain conv failed with an AttributeError, and a body whose layers depend on the width ran
+    the widest route's layers for every image. It runs a layer twice at one set of widths, and
+    refuses by name what it cannot run (grouping the batch when it chooses for itself)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    net = BodyKindNet(kind)
+    configs = [net.space.smallest(), net.space.uniform(0.5), net.space.largest()]
+    model = DDSNet(net, DynamicGate(net.stem_channels, 3), [RoutingEntry(c, macs_per_pixel(net, c))
+                                                            for c in configs]).eval().to(DEVICE)
+    on_kernels(model)
+    x = images(n=3, size=(8, 8)).float().to(DEVICE)
+    choice = torch.tensor([0, 1, 2], device=DEVICE)
+    with torch.no_grad():
+        model.per_image = False
+        grouped = model(x, choice=choice)
+        model.per_image = True
+        if refusal is None:
+            torch.testing.assert_close(model(x, choice=choice), grouped, rtol=1e-4, atol=1e-5)
+        else:
+            with pytest.raises(ValueError, match=f"per_image=True, but .*{refusal}"):
+                model(x, choice=choice)
+            model.per_image = None  # its own choice: the batch grouped by route
+            torch.testing.assert_close(model(x, choice=choice), grouped)
+        reference = copy.deepcopy(model.supernet).cpu().double()
+        for module in reference.modules():
+            if isinstance(module, dds_fast.SlimConv2d):
+                module.backend = "torch"
+        expected = []
+        for i, k in enumerate(choice.tolist()):
+            reference.set_config(configs[k])
+            expected.append(reference(x[i:i + 1].cpu().double()))
+        expected = torch.cat(expected)
+    torch.testing.assert_close(grouped.cpu().double(), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("make_net", [lambda: SlimUNet(in_channels=3, base_width=8, depth=2),

@@ -123,6 +123,25 @@ def test_a_concat_of_two_dtypes_falls_back_as_torch_cat_would_promote():
     torch.testing.assert_close(y, slow([a, b]))
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_a_fallback_reads_half_activations_over_fp32_weights_as_the_kernels_do(dtype, tolerance):
+    """A layer the kernels do not cover (dilation 2) in a network whose other layers read
+    fp16/bf16 activations over fp32 weights on the kernels: it casts its weight as they do,
+    where torch's conv refused the mix deep inside the network."""
+    fast, _ = pair(in_channels=4, out_channels=5, kernel_size=3, padding=2, dilation=2, activation="relu")
+    fast.active_out_channels = 3
+    x = torch.randn(2, 4, 6, 7).to(DEVICE, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fallback's one-time warning: another test's subject)
+        y = fast(x)
+    weight, bias = fast.weight[:3].to(dtype).double(), fast.bias[:3].to(dtype).double()
+    expected = torch.nn.functional.conv2d(x.double(), weight, bias, padding=2, dilation=2).relu()
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), expected, rtol=tolerance, atol=tolerance)
+    y.float().sum().backward()
+    assert fast.weight.grad.dtype == torch.float32 and fast.weight.grad[:3].abs().sum() > 0
+
+
 def test_auto_backend_uses_the_reference_on_cpu(monkeypatch):
     from dds_fast.kernels import conv2d
 
