@@ -96,6 +96,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    """``_positive_int`` where 0 is allowed (a margin)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def _seed(text: str) -> int:
     """An argparse type for a seed: torch's generators take -2**63 to 2**64 - 1."""
     value = int(text)
@@ -331,7 +339,7 @@ def cmd_denoise(args) -> int:
     alpha = None
     if image.shape[0] in (2, 4):  # the alpha plane is no noisy signal: it passes through as it was
         image, alpha = image[:-1], image[-1:]
-    check_output_path(args.output, alpha=alpha is not None)
+    check_output_path(args.output, alpha=alpha is not None, size=image.shape[-2:])
     model = _model_from(args.checkpoint)
     out_channels = getattr(getattr(model, "supernet", model), "out_channels", model.in_channels)
     if out_channels != model.in_channels:  # its output would be no denoised copy of its input
@@ -441,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--budget", type=float, help="MACs/pixel: run the best config within it (static mode)")
     den.add_argument("--tile", type=_positive_int, default=512, help="tile side for large images (memory stays "
                                                                       "bounded; default 512)")
-    den.add_argument("--overlap", type=int, help="pixels of context around each tile (default: the model's "
+    den.add_argument("--overlap", type=_nonnegative_int, help="pixels of context around each tile (default: the model's "
                                                  "receptive field radius, so tiles leave no seams)")
     den.set_defaults(func=cmd_denoise)
     bench = sub.add_parser("bench", help="time layers and every config of a network; JSON, markdown and plots")
@@ -480,6 +488,9 @@ def _import_modules(names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name that is no valid UTF-8 prints escaped, not as a failure
+        if callable(getattr(stream, "reconfigure", None)):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         _import_modules(args.imports)

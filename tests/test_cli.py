@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -387,6 +388,7 @@ def test_demo_rejects_a_sigma_that_is_no_noise_level_by_name(value, capsys):
     (["demo", "--seed", str(2 ** 64)], "argument --seed: must be an integer from -2**63 to 2**64 - 1"),
     (["demo", "--base-width", "0"], "argument --base-width: must be a positive integer"),
     (["denoise", "in.png", "-o", "out.png", "--tile", "0"], "argument --tile: must be a positive integer"),
+    (["denoise", "in.png", "-o", "out.png", "--overlap=-1"], "argument --overlap: must be an integer >= 0, got -1"),
 ])
 def test_commands_name_the_flag_of_a_number_out_of_range(argv, message, capsys):
     with pytest.raises(SystemExit) as raised:
@@ -420,6 +422,17 @@ def test_a_reader_that_leaves_early_is_no_error():
     reader.stdout.close()
     assert reader.wait(timeout=120) == 1
     assert reader.stderr.read() == b""
+
+
+def test_a_file_name_that_is_no_utf8_prints_escaped(tmp_path):
+    """A name of other bytes (os.fsdecode gives it surrogates) failed to print after the work
+    was done, and the command said "error" with the output written."""
+    net = SlimUNet(in_channels=1, base_width=8, depth=2)
+    path = save(net, tmp_path / "n\udcff.safetensors")  # on disk: the byte 0xff
+    done = subprocess.run([sys.executable, "-m", "dds_fast", "info", str(path)], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"}, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"checkpoint:    " + str(tmp_path).encode() + b"/n\\udcff.safetensors\n" in done.stdout
 
 
 def test_trained_demo_refuses_the_untrained_demos_flags(capsys):

@@ -1,4 +1,5 @@
 """Data layer: bundled photos, image files and folders, patch datasets, SIDD layouts."""
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from dds_fast.training.data import (
     PairedPatches,
     SIDDValidation,
     as_float,
+    check_output_path,
     bundled_images,
     check_pair_headers,
     eight_bit,
@@ -387,6 +389,29 @@ def test_a_large_image_is_read_despite_pillows_decompression_bomb_limit(tmp_path
     with pytest.raises(ValueError, match="broken.png"):
         load_image(tmp_path / "broken.png")
     assert Image.MAX_IMAGE_PIXELS == 10  # lifted for these reads only
+
+
+def test_a_pipe_is_refused_as_no_regular_file_without_opening_it(tmp_path):
+    """(it was "not found"; opening a FIFO with no writer would block)"""
+    fifo = tmp_path / "in.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=f"image {re.escape(str(fifo))} is not a regular file"):
+        read_image(fifo)
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        read_image(tmp_path / "none.png")
+
+
+def test_a_jpeg_past_its_side_limit_is_refused_before_the_work_and_the_encoder(tmp_path):
+    """libjpeg writes at most 65,500 pixels a side: a denoise learnt that from a 'broken data
+    stream' after the whole image (a PNG takes any size)."""
+    with pytest.raises(ValueError, match=r"out.jpg: JPEG holds at most 65,500 pixels a side, the image is 2 x 65501; "
+                                         r"write a .png"):
+        check_output_path(tmp_path / "out.jpg", size=(2, 65501))
+    assert check_output_path(tmp_path / "out.jpg", size=(65500, 3)) == tmp_path / "out.jpg"
+    assert check_output_path(tmp_path / "out.png", size=(2, 65501)) == tmp_path / "out.png"
+    with pytest.raises(ValueError, match="JPEG holds at most 65,500 pixels a side"):
+        save_image(tmp_path / "wide.jpeg", torch.rand(1, 1, 65501))
+    assert not (tmp_path / "wide.jpeg").exists()
 
 
 def test_load_jpeg(tmp_path):

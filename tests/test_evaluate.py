@@ -404,6 +404,21 @@ def test_denoise_command_checks_the_output_path_before_denoising(tmp_path, capsy
     assert message in err and str(tmp_path / output) in err
 
 
+def test_denoise_command_checks_a_jpegs_side_limit_before_denoising(tmp_path, capsys, monkeypatch):
+    from dds_fast.training import data
+
+    checkpoint = dds_fast.save(net(), tmp_path / "net.safetensors")
+    noisy = save_image(tmp_path / "in.png", torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(3)))
+    monkeypatch.setattr(data, "JPEG_MAX_SIDE", 25)  # (libjpeg's 65,500: an image that wide takes long)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("denoised an image whose output cannot be written")
+
+    monkeypatch.setattr(dds_fast.evaluate, "denoise", no_work)
+    assert main(["denoise", str(noisy), "-o", str(tmp_path / "out.jpg"), "--checkpoint", str(checkpoint)]) == 2
+    assert "JPEG holds at most 25 pixels a side, the image is 20 x 30" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bits, channels", [(8, 4), (16, 4), (8, 2), (16, 2)])
 def test_denoise_command_passes_the_alpha_plane_through(tmp_path, bits, channels):
     """An RGBA (or gray + alpha) PNG comes back with its alpha as it was and its colour

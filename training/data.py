@@ -331,6 +331,8 @@ def _read_array(path: Path) -> np.ndarray:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not an image file")
     if not path.is_file():
+        if path.exists():  # a pipe or a device: the decoders seek
+            raise ValueError(f"image {path} is not a regular file")
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         return _decode(path)
@@ -376,15 +378,23 @@ def load_image(path, channels: int | None = None) -> torch.Tensor:
     return image if channels is None else to_channels(image, channels)
 
 
-def check_output_path(path, alpha: bool = False) -> Path:
+JPEG_MAX_SIDE = 65500  # libjpeg's limit
+
+
+def check_output_path(path, alpha: bool = False, size: Sequence[int] | None = None) -> Path:
     """``path`` if ``save_image`` can write there: a .png, .jpg or .jpeg file (a .png for an
-    image with an ``alpha`` plane) in a folder that exists; checked before long work, which a
-    bad path would otherwise throw away."""
+    image with an ``alpha`` plane, or one of ``size`` (H, W) past JPEG's 65,500 pixels a side)
+    in a folder that exists; checked before long work, which a bad path would otherwise throw
+    away."""
     path = Path(path)
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise ValueError(f"output {path}: unsupported format {path.suffix!r}; use .png, .jpg or .jpeg")
-    if alpha and path.suffix.lower() != ".png":
-        raise ValueError(f"output {path}: JPEG holds no alpha channel; write a .png")
+    if path.suffix.lower() != ".png":
+        if alpha:
+            raise ValueError(f"output {path}: JPEG holds no alpha channel; write a .png")
+        if size is not None and max(size) > JPEG_MAX_SIDE:
+            raise ValueError(f"output {path}: JPEG holds at most {JPEG_MAX_SIDE:,} pixels a side, the image is "
+                             f"{size[0]} x {size[1]}; write a .png")
     return check_writable_file(path)
 
 
@@ -406,7 +416,7 @@ def save_image(path, image: torch.Tensor, bits: int = 8, icc_profile: bytes | No
     if image.dim() != 3 or image.shape[0] not in (1, 2, 3, 4):
         raise ValueError(f"save_image: expected [C, H, W] with C = 1 or 3 (2 or 4 with alpha), got "
                          f"{tuple(image.shape)}")
-    path = check_output_path(path, alpha=image.shape[0] in (2, 4))
+    path = check_output_path(path, alpha=image.shape[0] in (2, 4), size=image.shape[-2:])
     colours = image.shape[0] - (image.shape[0] in (2, 4))
     if icc_profile and not icc_profile_fits(icc_profile, colours):
         raise ValueError(f"save_image: the ICC profile for {path} is for {icc_profile[16:20]!r} images, not "
