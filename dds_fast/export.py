@@ -6,6 +6,8 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .config import SubnetConfig
 from .cost import _at_config, trace_convs
@@ -44,6 +46,9 @@ class StaticConv2d(nn.Conv2d):
 # a module's hooks, and the flag without which torch runs none of its backward hooks
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                 "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
+_WEIGHT_HOOKS = (WeightNorm, SpectralNorm)
 
 
 def _static_from(slim: SlimConv2d, in_widths: tuple[int, ...], out_width: int) -> StaticConv2d:
@@ -94,6 +99,12 @@ def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | N
         if isinstance(module, SlimConv2d) and module.output_mask is not None:
             raise ValueError(f"export_static: layer{where} has an output_mask, which a static layer cannot hold; "
                              f"clear it (or set_config on its network) first")
+        # (their hooks recompute the weight from parameters the static copy does not have)
+        if isinstance(module, SlimConv2d) and any(isinstance(hook, _WEIGHT_HOOKS)
+                                                  for hook in module._forward_pre_hooks.values()):
+            raise ValueError(f"export_static: layer{where} has torch.nn.utils.weight_norm's or spectral_norm's "
+                             f"hook; use torch.nn.utils.parametrizations.weight_norm or spectral_norm, which export, "
+                             f"or remove_weight_norm / remove_spectral_norm first")
     calls, _ = trace_convs(model, config, input_shape)
     shapes: dict[SlimConv2d, tuple[tuple[int, ...], int]] = {}
     for call in calls:

@@ -291,10 +291,13 @@ class SlimNet(nn.Module):
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
-        if x.dim() == 4 and (x.device.type == "cpu" or (
-                x.is_cuda and getattr(self.stem_conv, "backend", "torch") != "torch")):
+        if self._runs_channels_last(x):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def _runs_channels_last(self, x: torch.Tensor) -> bool:
+        return x.dim() == 4 and (x.device.type == "cpu" or (
+            x.is_cuda and getattr(self.stem_conv, "backend", "torch") != "torch"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -316,7 +319,12 @@ class SlimNet(nn.Module):
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """``stem_conv`` on the padded input (not to be overridden: see the class docstring)."""
-        return self.stem_conv(x)
+        out = self.stem_conv(x)
+        if x.shape[1] == 1 and self._runs_channels_last(x) and out.dim() == 4:
+            # a 1-channel image is NCHW and channels_last at once, and a conv answers it in NCHW
+            # (as nn.Conv2d does): the body runs in the layout pad gives a wider image
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
 
     def body(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The rest of the network: ``features`` from the stem, ``x`` the padded input."""

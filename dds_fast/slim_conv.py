@@ -307,8 +307,11 @@ class SlimConv2d(nn.Conv2d):
             y = self._reference(inputs, out_width, residual, weight, bias)
             return y if mask is None else torch.where(mask, y, 0)
         packing = self.per_image_packing if self.per_image_widths is not None else None
-        # the kernels write channels_last, the fast layout; a SlimNet feeds its layers that on a GPU
-        nhwc = inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous()
+        # the kernels write channels_last, the fast layout; a SlimNet feeds its layers that on a GPU.
+        # Channels innermost is channels_last, as nn.Conv2d reads it, dense or not: a channel
+        # prefix of a channels_last tensor (a DDSNet route's body reads one) is no dense tensor
+        x0 = inputs[0]
+        nhwc = not x0.is_contiguous() and x0.stride(1) < x0.stride(3)
         # (read before autocast's cast, which keeps the strides and so the packed layout)
         packed_inputs = None if packing is None else [packing.holds(t) for t in inputs]
         if packing is not None and residual is not None and packing.holds(residual):
@@ -317,12 +320,15 @@ class SlimConv2d(nn.Conv2d):
         activation, eager_residual = self.activation, None
         if cast is not None:  # (the fp32 weight is read as it is and cast in the kernel's registers)
             inputs = [t.to(kernels.autocast_dtype(t, cast)) for t in inputs]
-            if residual is not None and residual.dtype != cast:
-                # autocast casts a conv's inputs, not an add's: a bf16 conv plus an fp32 image
-                # is an fp32 sum, as the reference path adds it, so the epilogue runs after the kernel
-                eager_residual, residual, activation = residual, None, None
+        if residual is not None and residual.dtype != inputs[0].dtype:
+            # the kernels add a residual of the output's dtype; another is torch's promoting add, as
+            # the reference path adds it (autocast casts a conv's inputs, not an add's: a bf16 conv
+            # plus an fp32 image is an fp32 sum), so the epilogue runs after the kernel
+            eager_residual, residual, activation = residual, None, None
         packed = {} if packing is None else dict(packed_inputs=packed_inputs, packed_output=eager_residual is None)
-        sums_wanted = self.emit_channel_sums and self.per_image_widths is None and eager_residual is None
+        # (the kernels sum what they store: not a pixel shuffle's, nor an epilogue's added after them)
+        sums_wanted = self.emit_channel_sums and self.per_image_widths is None and eager_residual is None \
+            and self.upscale_factor == 1
         # (unsupported_reason let only padding k//2 through, 'same' and 'valid' included)
         y = kernels.slim_conv2d(inputs, weight, bias, segment_starts=self.segment_starts,
                                 out_channels=out_width, stride=self.stride[0], padding=self.kernel_size[0] // 2,
@@ -340,6 +346,8 @@ class SlimConv2d(nn.Conv2d):
             y = y.contiguous()
         out = y if mask is None else torch.where(mask, y, 0)
         if sums_wanted and sums is not None:  # (with a gradient there are none: keep no reference to the graph)
+            if mask is not None:  # the sums of the output returned, masked channels zero
+                sums = torch.where(mask.reshape(1, 1, -1), sums, 0)
             self.channel_sums, self.channel_sums_of = sums, out
         return out
 

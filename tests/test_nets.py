@@ -261,16 +261,19 @@ def test_pixel_shuffle_keeps_channels_last_in_at_most_one_copy(shape):
 
 
 @pytest.mark.parametrize("make", [lambda: SlimUNet(in_channels=3, base_width=8, depth=2),
-                                  lambda: SlimDnCNN(in_channels=3, base_width=8, depth=3)])
+                                  lambda: SlimDnCNN(in_channels=3, base_width=8, depth=3),
+                                  lambda: SlimDnCNN(in_channels=1, base_width=8, depth=3)])
 def test_a_net_on_the_cpu_runs_its_layers_channels_last(make):
     """torch's CPU convolutions ran the shipped model's 512x512 inference 3.3x faster in
-    channels_last (training steps 1.3x): an NCHW input is padded into it."""
+    channels_last (training steps 1.3x): an NCHW input is padded into it. A 1-channel image is
+    NCHW and channels_last at once, which a conv answers in NCHW: the stem's output is turned
+    (every layer after it ran NCHW)."""
     net = make().eval()
     seen = []
     for conv in net.modules():
-        if isinstance(conv, SlimConv2d):
+        if isinstance(conv, SlimConv2d) and conv is not net.stem_conv:
             conv.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    x = torch.rand(2, 3, 13, 11)
+    x = torch.rand(2, net.in_channels, 13, 11)
     with torch.no_grad():
         got = net(x)
     assert seen and all(t.is_contiguous(memory_format=torch.channels_last) for t in seen if not isinstance(t, list))
@@ -291,6 +294,7 @@ def test_repr_shows_the_active_config_a_static_export_and_masked_widths():
     assert "masked_out_channels=" in repr(net.stem_conv)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # (the hooks' own deprecation)
 def test_export_static_refuses_what_no_static_copy_computes():
     """A masked network or layer, and a DDSNet, nested in a wrapper as at the top."""
     from torch import nn
@@ -313,6 +317,14 @@ def test_export_static_refuses_what_no_static_copy_computes():
         export_static(nn.Sequential(dds), input_shape=(3, 8, 8))
     with pytest.raises(ValueError, match="model must be an nn.Module, got str"):
         export_static("net")
+    # the hooks recompute the weight from parameters a static copy has not: its forward failed
+    for norm, remove in [(nn.utils.weight_norm, nn.utils.remove_weight_norm),
+                         (nn.utils.spectral_norm, nn.utils.remove_spectral_norm)]:
+        norm(conv)
+        with pytest.raises(ValueError, match=r"layer \('0\..*' of the model\) has torch.nn.utils.weight_norm's or "
+                                             r"spectral_norm's hook; use torch.nn.utils.parametrizations"):
+            export_static(nn.Sequential(net), input_shape=(3, 8, 8))
+        remove(conv)
     with pytest.raises(ValueError, match="input_shape must be"):
         export_static(net, input_shape=5)
 

@@ -142,6 +142,49 @@ def test_a_fallback_reads_half_activations_over_fp32_weights_as_the_kernels_do(d
     assert fast.weight.grad.dtype == torch.float32 and fast.weight.grad[:3].abs().sum() > 0
 
 
+def test_a_channel_prefix_of_a_channels_last_tensor_gives_a_channels_last_output(kernel_calls):
+    """As nn.Conv2d keeps it: a DDSNet route's body reads such a prefix of the stem's output,
+    and the kernels' output was copied to NCHW there, then every layer after it."""
+    fast, slow = pair(in_channels=4, out_channels=6, kernel_size=3, padding=1)
+    full = torch.randn(1, 8, 6, 5).contiguous(memory_format=torch.channels_last)
+    y = fast(full[:, :4].to(DEVICE))
+    assert kernel_calls and y.is_contiguous(memory_format=torch.channels_last)
+    assert slow(full[:, :4]).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.cpu(), slow(full[:, :4]), rtol=1e-4, atol=1e-5)
+    nchw = fast(torch.randn(1, 8, 6, 5)[:, :4].to(DEVICE))  # an NCHW prefix stays NCHW
+    assert nchw.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int64])
+def test_a_residual_of_another_dtype_is_added_as_torch_promotes_it(dtype, kernel_calls):
+    """The reference path adds it with torch's type promotion; the kernels raised a ValueError,
+    so code that ran on a CPU failed on CUDA under backend='auto'."""
+    fast, slow = pair(in_channels=4, out_channels=6, kernel_size=3, padding=1, activation="relu")
+    x = torch.randn(1, 4, 5, 5)
+    residual = (torch.randn(1, 6, 5, 5) * 3).to(dtype)
+    y = fast(x.to(DEVICE), residual=residual.to(DEVICE))
+    expected = slow(x, residual=residual)
+    assert kernel_calls and y.dtype == expected.dtype == torch.promote_types(torch.float32, dtype)
+    torch.testing.assert_close(y.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_channel_sums_of_a_masked_or_upsampling_layer():
+    """The sums are the returned output's, masked channels zero (they summed the unmasked
+    output); an upsampling conv leaves none (it raised: the kernels sum no shuffled output)."""
+    conv = SlimConv2d(4, 6, 3, padding=1, backend="triton").to(DEVICE)
+    conv.emit_channel_sums = True
+    conv.output_mask = (torch.arange(6) < 3).view(1, 6, 1, 1).to(DEVICE)
+    with torch.no_grad():
+        out = conv(torch.randn(1, 4, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last))
+    assert conv.channel_sums_of is out and out[:, 3:].abs().sum() == 0
+    torch.testing.assert_close(conv.channel_sums.sum(1), out.sum((2, 3)).float())
+    upsampling = SlimConv2d(4, 8, 3, padding=1, upscale_factor=2, backend="triton").to(DEVICE)
+    upsampling.emit_channel_sums = True
+    with torch.no_grad():
+        assert upsampling(torch.randn(1, 4, 5, 5, device=DEVICE)).shape == (1, 2, 10, 10)
+    assert upsampling.channel_sums is None
+
+
 def test_auto_backend_uses_the_reference_on_cpu(monkeypatch):
     from dds_fast.kernels import conv2d
 
