@@ -195,6 +195,45 @@ TINY_TRAINING = {"arch": "SlimDnCNN", "channels": 1, "base_width": 8, "depth": 3
                  "num_choices": 2, "progress": False}
 
 
+def test_a_stage_another_process_trains_in_the_run_directory_is_refused(tmp_path, capsys):
+    """Two processes trained one stage side by side, each resuming the other's checkpoints:
+    the folder ended with one's weights beside the other's log. (An advisory lock, held here
+    as another process would hold it; the I-Nets take one each, so they still share a folder.)"""
+    from dds_fast.training.loop import sole_writer
+
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps(TINY_TRAINING))
+    run_dir = tmp_path / "run"
+    train = ["--run-dir", str(run_dir), "--config", str(config), "--steps", "1"]
+    with sole_writer(run_dir, "stage1"):
+        assert main(["train", "stage1", *train]) == 2
+        assert f"another process is training stage1 in {run_dir}" in capsys.readouterr().err
+        assert not (run_dir / "stage1.safetensors").exists()
+    assert main(["train", "stage1", *train]) == 0
+    with sole_writer(run_dir, "stage2"):
+        assert main(["train", "stage2", *train]) == 2
+        assert f"another process is training stage2 in {run_dir}" in capsys.readouterr().err
+    with sole_writer(run_dir, "inet-0"):
+        assert main(["train", "stage2", *train]) == 0
+        assert main(["train", "inets", "--inet", "1", *train]) == 0
+
+
+def test_stage_2_reused_puts_back_the_log_of_its_search(tmp_path):
+    """A search with other options, killed, had left its own cut records beside the result
+    that a rerun then reused."""
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps(TINY_TRAINING))
+    run_dir = tmp_path / "run"
+    train = ["--run-dir", str(run_dir), "--config", str(config), "--steps", "1"]
+    assert main(["train", "stage1", *train]) == 0 and main(["train", "stage2", *train]) == 0
+    log = run_dir / "stage2.log.jsonl"
+    searched = log.read_text()
+    assert len(searched.splitlines()) == len(read_metadata(run_dir / "stage2.safetensors")["user"]["trajectory"]) > 1
+    log.write_text(searched.splitlines()[0][:20])  # what a killed search of other options leaves
+    assert main(["train", "stage2", *train]) == 0
+    assert log.read_text() == searched
+
+
 def test_train_flags_for_noise_arguments_and_validation_images(tmp_path):
     from test_training import image_folder
 

@@ -20,6 +20,7 @@ saved.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -34,6 +35,11 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dds_fast.checkpoint import atomic_save_file, atomic_write, read_tensors, remove_leftovers
+
+try:
+    import fcntl
+except ImportError:  # (Windows: no advisory locks, so no guard against a second process)
+    fcntl = None
 
 from .data import to_device
 
@@ -76,6 +82,28 @@ STEP_SEED_STRIDE = 1_000_003  # more steps than a run takes: two seeds' runs nev
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of one step's own randomness, so a resumed run draws the same."""
     return torch.Generator().manual_seed(seed * STEP_SEED_STRIDE + step)
+
+
+@contextlib.contextmanager
+def sole_writer(run_dir: Path, stage: str):
+    """Refuses (a ValueError) a second process training ``stage`` in ``run_dir`` while this
+    one does: two ran side by side, each resuming the other's checkpoints, and the folder
+    ended with one's weights beside the other's log. An advisory lock on a hidden file, which
+    the system drops when the process ends, however it ends (none where the platform or the
+    file system has no such locks)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / f".{stage}.lock"
+    with open(path, "a") as held:
+        try:
+            if fcntl is not None:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another process is training {stage} in {run_dir} (it holds {path}): wait for it to "
+                             f"end, or train in another run directory") from None
+        except OSError:  # a file system without locks (ENOLCK): trained unguarded, as before
+            pass
+        yield
 
 
 class TrainLoop:
@@ -250,6 +278,10 @@ class TrainLoop:
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> int:
         """Train to ``settings.steps`` (resuming if a checkpoint exists); returns the steps run now."""
+        with sole_writer(self.run_dir, self.stage) if self.rank == 0 else nullcontext():
+            return self._run()
+
+    def _run(self) -> int:
         lead = self.rank == 0
         if lead:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,9 @@ def validation_psnr(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], c
             if not torch.isfinite(output).all():  # finite weights can still overflow (stage 1's last step diverging)
                 raise TrainingDiverged(f"validation: the network's output at config {config.to_dict()} is not "
                                        f"finite: its weights diverged in training; train them again with a lower "
-                                       f"learning rate")
+                                       f"learning rate, in a new run directory or after deleting the stage's "
+                                       f"STAGE.state.safetensors and result from this one (a state file resumes "
+                                       f"only with the options it was trained with)")
             # clamped as a saved image is: a poor network's output far outside [0, 1] scores, not fails
             total += batch_psnr(output.clamp(0, 1), clean) * len(noisy)
             count += len(noisy)

@@ -28,7 +28,7 @@ import torch
 import dds_fast
 from dds_fast import AttentionSupernet, DDSNet, DynamicGate, SlimConv2d
 from dds_fast.slim_conv import BACKENDS
-from dds_fast.checkpoint import read_metadata, remove_leftovers, weights_fingerprint
+from dds_fast.checkpoint import atomic_write, read_metadata, remove_leftovers, weights_fingerprint
 from dds_fast.config import RoutingEntry
 from dds_fast.nets import constructor_misfit
 
@@ -36,7 +36,7 @@ from .data import (NoisyPatches, PairedPatches, SIDDValidation, as_float, bundle
                    load_image_folder, make_validation_set, sidd_medium_pairs, sidd_validation_files, to_channels)
 from .gate_stage import gate_step, one_sided_labels
 from .graphed import GraphedStep
-from .loop import STEP_SEED_STRIDE, LoopSettings, TrainLoop, cosine_factor, rank_and_world, step_generator
+from .loop import STEP_SEED_STRIDE, LoopSettings, TrainLoop, cosine_factor, rank_and_world, sole_writer, step_generator
 from .noise import make_noise
 from .sandwich import (DISTILLATIONS, DISTINCT_MIDDLE, LOSSES, MaskedSandwich, ends_fixed, reconstruction_loss,
                        routing_sandwich_configs, sandwich_configs, sandwich_step, training_psnr)
@@ -671,28 +671,41 @@ class Run:
                          # safetensors orders the metadata differently in each process
                          "stage1": None if net is None else weights_fingerprint(net.state_dict())}
             done = self.dir / "stage2.safetensors"
-            if done.exists() and _same_inputs(read_metadata(done)["user"].get("made_from"), made_from):
-                return self.load("stage2.safetensors")
+            if done.exists():
+                user = read_metadata(done)["user"]
+                if _same_inputs(user.get("made_from"), made_from):
+                    if rank_and_world()[0] == 0:
+                        self._log_trajectory(user.get("trajectory"))
+                    return self.load("stage2.safetensors")
         net = self.load("stage1.safetensors") if net is None else net
         net.eval()
         rank, world = rank_and_world()
         if rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            with (self.dir / "stage2.log.jsonl").open("w") as log:
+            with sole_writer(self.dir, "stage2"), (self.dir / "stage2.log.jsonl").open("w") as log:
                 def on_step(entry: RoutingEntry):
                     log.write(json.dumps(entry.to_dict()) + "\n")
                     log.flush()
 
                 trajectory = progressive_slimming(net, self.validation_batches(), step=c.slim_step, on_step=on_step,
                                                   criterion=c.slim_criterion)
-            net.routing_space = thin_routing_space(trajectory, c.num_choices)
-            remove_leftovers(self.dir / "stage2.safetensors")
-            dds_fast.save(net, self.dir / "stage2.safetensors", stage=2, train_config=dataclasses.asdict(c),
-                          trajectory=[e.to_dict() for e in trajectory], made_from=made_from)
+                net.routing_space = thin_routing_space(trajectory, c.num_choices)
+                remove_leftovers(self.dir / "stage2.safetensors")
+                dds_fast.save(net, self.dir / "stage2.safetensors", stage=2, train_config=dataclasses.asdict(c),
+                              trajectory=[e.to_dict() for e in trajectory], made_from=made_from)
         if world > 1:
             torch.distributed.barrier()
             net = self.load("stage2.safetensors")
         return net
+
+    def _log_trajectory(self, trajectory) -> None:
+        """Stage 2's log as its reused result's search wrote it: a search killed since (another
+        one's, with other options) left its own records there."""
+        if trajectory is None:  # (results of earlier versions recorded none)
+            return
+        text = "".join(json.dumps(entry) + "\n" for entry in trajectory)
+        log = self.dir / "stage2.log.jsonl"
+        if not log.exists() or log.read_text() != text:
+            atomic_write(log, lambda tmp: tmp.write_text(text))
 
     def refine(self, net=None, random_configs: bool = False):
         """Our addition to Algorithm 1, run when ``refine_steps`` > 0: more sandwich steps
