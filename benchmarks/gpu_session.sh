@@ -13,8 +13,8 @@
 # the routed dynamic forward (packed and max-width buffers; at batch 1 as graph replays, through
 # conditional nodes too), times the layers and network again
 # (the run-to-run spread) and the shipped model's routes; with HOST_COST=1 (90 s more) also the
-# host time per call and a host-side profile of a launched training step. quick (its step limits add up to 9.7
-# minutes; it took 5.4 with HOST_COST=1 on an H100, where the tests alone need 96 s) runs
+# host time per call and a host-side profile of a launched training step. quick (its step limits add up to 9.5
+# minutes, 11.0 with HOST_COST=1; it took 5.4 with HOST_COST=1 on an H100, where the tests alone need 96 s) runs
 # the tests that touch a kernel, the host time per call only with HOST_COST=1 (90 s more), the
 # layer table, the network at batch 8, a forward tile sweep, a profile of a layer's training
 # step, each layer of three network configs alone, the per-kernel breakdown and the gate
