@@ -167,6 +167,7 @@ class SlimConv2d(nn.Conv2d):
         if name == "negative_slope":
             return checked_real(value, "negative_slope", self._label())
         if name == "upscale_factor":
+            value = exact_int(value)  # numpy and tensor integers, as the widths take them
             active = getattr(self, "_active_out", None)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 \
                     or self.out_channels % value ** 2 or (active or 0) % value ** 2:

@@ -401,6 +401,17 @@ def test_a_pipe_is_refused_as_no_regular_file_without_opening_it(tmp_path):
         read_image(tmp_path / "none.png")
 
 
+def test_an_output_in_a_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch):
+    """(found at the save, after the whole denoise; a root user may write anywhere, so the
+    system's answer is stood in for)"""
+    refused = tmp_path / "locked"
+    refused.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != refused)
+    with pytest.raises(PermissionError, match=f"folder {re.escape(str(refused))} is not writable"):
+        check_output_path(refused / "out.png")
+    assert check_output_path(tmp_path / "out.png") == tmp_path / "out.png"
+
+
 def test_a_jpeg_past_its_side_limit_is_refused_before_the_work_and_the_encoder(tmp_path):
     """libjpeg writes at most 65,500 pixels a side: a denoise learnt that from a 'broken data
     stream' after the whole image (a PNG takes any size)."""

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,10 @@ def test_upsampling_conv_is_the_pixel_shuffle_of_the_slice():
         conv.active_out_channels = 6
     with pytest.raises(ValueError, match="residual with upscale_factor"):
         conv(x, residual=expected)
+    # numpy and tensor integers, as the widths take them (numpy's were refused)
+    for factor in (np.int64(2), torch.tensor(2)):
+        taken = SlimConv2d(6, 16, 1, upscale_factor=factor)
+        assert type(taken.upscale_factor) is int and taken.upscale_factor == 2
 
 
 def test_concat_segments_use_each_blocks_prefix():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -405,6 +406,8 @@ def check_writable_file(path) -> Path:
         raise FileNotFoundError(f"output {path}: folder {path.parent} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"output {path} is a folder")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # (the file is written beside it, then renamed)
+        raise PermissionError(f"output {path}: folder {path.parent} is not writable")
     return path
 
 
