@@ -607,10 +607,10 @@ class DDSNet(nn.Module):
 
     def _uses_per_image_widths(self, x: torch.Tensor) -> bool:
         if self.per_image is not None:
-            if self.per_image and self._per_image_rows()[1] is not None:
+            reason = self._per_image_rows()[1] if self.per_image else None
+            if reason is not None:
                 raise ValueError(f"DDSNet: per_image=True, but the per-image path cannot run this super-network: "
-                                 f"{self._per_image_rows()[1]}; set per_image to None or False to group the batch "
-                                 f"by route")
+                                 f"{reason}; set per_image to None or False to group the batch by route")
             return self.per_image
         # a dispatch mode (FlopCounterMode) sees shapes, which per-image buffers give at full width
         if not x.is_cuda or torch.is_grad_enabled() or torch._C._len_torch_dispatch_stack():

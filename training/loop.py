@@ -20,11 +20,10 @@ saved.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -84,7 +83,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * STEP_SEED_STRIDE + step)
 
 
-@contextlib.contextmanager
+@contextmanager
 def sole_writer(run_dir: Path, stage: str):
     """Refuses (a ValueError) a second process training ``stage`` in ``run_dir`` while this
     one does: two ran side by side, each resuming the other's checkpoints, and the folder
