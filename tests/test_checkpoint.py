@@ -577,3 +577,40 @@ def test_a_ddsnet_in_static_mode_loads_in_it(tmp_path):
     rewrite(static, dds.state_dict(), arch_args=json.dumps(dict(args, budget_index=2)))
     with pytest.raises(CheckpointError, match="budget_index 2 is past the 2 routes"):
         load(static)
+
+
+def test_the_weights_fingerprint_covers_names_dtypes_and_values():
+    """A corrupt header that swapped two same-shape tensors' names, or a dtype field, left the
+    bytes as they were: the digest must still change."""
+    from dds_fast.checkpoint import weights_fingerprint
+
+    a, b = torch.arange(6.0).view(2, 3), torch.arange(6.0).view(2, 3) + 1
+    assert weights_fingerprint({"a": a, "b": b}) != weights_fingerprint({"a": b, "b": a})
+    assert weights_fingerprint({"a": a}) != weights_fingerprint({"a": a.view(torch.int32)})
+    assert weights_fingerprint({"a": a}) == weights_fingerprint({"a": a.t().contiguous().t()})
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(tmp_path):
+    """Ctrl-C inside a write (a KeyboardInterrupt, no Exception) left a stray temporary."""
+    from dds_fast.checkpoint import atomic_write
+
+    def interrupted(tmp):
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "x.safetensors", interrupted)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_buffers_are_not_tied_weights(tmp_path):
+    """Every empty tensor has address 0: two were refused as one tensor saved twice."""
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=3)
+    net.register_buffer("first_empty", torch.empty(0))
+    net.register_buffer("second_empty", torch.zeros(0, 3))
+    from dds_fast.checkpoint import _refuse_tied
+
+    _refuse_tied(net.state_dict(), tmp_path / "n.safetensors")  # no error
+    shared = torch.ones(3)
+    with pytest.raises(ValueError, match="tied weights"):
+        _refuse_tied({"a": shared, "b": shared}, tmp_path / "n.safetensors")

@@ -1,10 +1,11 @@
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from dds_fast import ChannelGroup, RoutingEntry, SubnetConfig, WidthSpace, make_divisible, width_choices
+from dds_fast import ChannelGroup, RoutingEntry, SlimDnCNN, SubnetConfig, WidthSpace, make_divisible, width_choices
 
 
 @pytest.mark.parametrize("value,divisor,expected", [
@@ -197,3 +198,13 @@ def test_uniform_picks_the_width_at_exactly_the_ratio():
     assert 0.28 * 200 > 56  # the float product lands just above the choice
     assert space.uniform(0.28)["g"] == 56
     assert space.uniform(0.281)["g"] == 64
+
+
+def test_a_route_of_zero_macs_is_allowed():
+    """(a route that computes nothing, as an identity baseline; negative and infinite are refused)"""
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=3)
+    for zero in (0, 0.0, np.float32(0)):
+        assert RoutingEntry(net.space.smallest(), zero).macs_per_pixel == 0
+    for bad in (-1.0, math.inf):
+        with pytest.raises(ValueError):
+            RoutingEntry(net.space.smallest(), bad)

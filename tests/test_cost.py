@@ -124,3 +124,12 @@ def test_running_out_of_memory_while_counting_is_not_called_a_misfit(monkeypatch
     monkeypatch.setattr(net.layers[1], "forward", out_of_memory)
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         macs_per_pixel(net)
+
+
+def test_macs_of_a_grouped_conv_count_each_filter_s_own_inputs():
+    """A depthwise conv's filter reads one channel: counted as reading all, it cost 16x."""
+    depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    grouped = nn.Conv2d(16, 8, 3, padding=1, groups=4)
+    assert macs_per_pixel(depthwise, input_shape=(16, 8, 8)) == 16 * 9
+    assert macs_per_pixel(grouped, input_shape=(16, 8, 8)) == 8 * 4 * 9
+    assert macs_per_pixel(grouped, input_shape=(16, 8, 8)) == counted_macs_per_pixel(grouped, 8, 8)

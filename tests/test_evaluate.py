@@ -480,3 +480,47 @@ def test_comparison_table_leaves_the_callers_mode_when_a_row_fails():
     comparison_table(dds, [net()], pairs(n=1))
     assert dds.budget_index == 1
 
+
+
+def test_evaluate_reports_the_mean_of_the_routes_macs_in_eval_mode():
+    """The mean over images (it reported the first's route), from a model put in eval mode and
+    left there (a gate's BatchNorm in train mode scores by batch statistics)."""
+    from tests.test_ddsnet import images, make_ddsnet
+
+    dds = make_ddsnet()  # its gate routes images() by brightness, the darkest to route 0
+    x = images()
+    pairs = [(x[0], x[0].clamp(0, 1)), (x[-1], x[-1].clamp(0, 1))]
+    routed = [dds.routed_macs(noisy[None])[0] for noisy, _ in pairs]
+    assert routed[0] != routed[1]
+    dds.train()
+    result = evaluate(dds, pairs)
+    assert not dds.training and result.macs_per_pixel == pytest.approx(sum(routed) / 2)
+
+
+def test_an_image_exactly_one_tile_wide_runs_whole():
+    """(it was tiled, and a large overlap then left no core to a tile: an error)"""
+    model = net()
+    x = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(denoise(model, x, tile=24, overlap=24), model(x[None])[0])
+
+
+def test_a_tiled_model_with_other_output_channels_fills_its_own_buffer():
+    model = SlimDnCNN(in_channels=3, out_channels=1, base_width=8, depth=4).eval()
+    x = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        tiled = denoise(model, x, tile=24, overlap=8)
+        assert tiled.shape == (1, 40, 50)
+        torch.testing.assert_close(tiled, model(x[None])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_scores_an_output_far_outside_0_1_as_clipped():
+    """A poor model's output scores as the saved image would (clipped), not fails."""
+    class Loud(torch.nn.Module):
+        def forward(self, x):
+            return x * 10 - 4
+
+    clean = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(6))
+    result = evaluate(Loud(), [(clean, clean)])
+    expected = psnr((clean * 10 - 4).clamp(0, 1), clean)
+    assert result.psnr == pytest.approx(expected)

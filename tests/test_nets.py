@@ -348,3 +348,13 @@ def test_export_static_keeps_hooks_and_frozen_parameters():
     assert len(backward_calls) == 1  # on the static copy of the hooked layer
     with pytest.raises(ValueError, match="exported as a static network"):
         static.binding_widths(small)
+
+
+def test_pad_reflects_where_the_image_allows_and_replicates_where_it_is_too_small():
+    net = SlimUNet(in_channels=3, base_width=8, depth=2)
+    m = net.size_multiple
+    x = torch.rand(1, 3, 2 * m + 1, 3 * m - 2)
+    ph, pw = (-x.shape[2]) % m, (-x.shape[3]) % m
+    torch.testing.assert_close(net.pad(x), F.pad(x, (0, pw, 0, ph), mode="reflect"))
+    tiny = torch.rand(1, 3, 1, 2)  # too small to reflect m - 1 rows
+    torch.testing.assert_close(net.pad(tiny), F.pad(tiny, (0, m - 2, 0, m - 1), mode="replicate"))

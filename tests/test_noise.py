@@ -518,3 +518,45 @@ def test_camera_noise_in_half_precision_is_finite(dtype):
     assert noisy.dtype == target.dtype == dtype
     assert torch.isfinite(noisy).all() and torch.isfinite(target).all()
     assert (noisy.float() - target.float()).abs().mean() > 1e-3  # noise was added
+
+
+def test_awgn_is_unclipped_by_default():
+    """(the benchmarks' synthetic noise is not clipped; clipping biases dark and bright pixels)"""
+    assert GaussianNoise(25).clip is False and PoissonGaussianNoise().clip is False
+    noisy = GaussianNoise(50)(torch.zeros(1, 1, 64, 64), gen(1))
+    assert noisy.min() < 0
+
+
+def test_poisson_gaussian_draws_its_gains_log_uniformly():
+    """Half the draws of a in (1e-4, 1e-2) fall under 1e-3, the range's geometric middle
+    (a uniform draw puts 9% there: low noise would almost never appear)."""
+    draws = []
+    model = PoissonGaussianNoise(a=(1e-4, 1e-2), b=1e-6)
+    flat = torch.ones(400, 1, 8, 8)
+    noise = model(flat, gen(2)) - flat
+    variance = noise.flatten(1).var(1)  # a + b at x = 1
+    draws = variance - 1e-6
+    below = (draws < 1e-3).float().mean()
+    assert 0.35 < below < 0.65
+
+
+def test_camera_gains_scale_red_and_blue_sites_by_their_own_gains():
+    """The round trip is the identity whatever the gains, so it cannot see them swapped or
+    inverted: the gains and the darkening are pinned on their own."""
+    like = torch.zeros(1)
+    params = sample_camera_params(2000, 3, gen(3), like=like)
+    gains = params.gains()
+    torch.testing.assert_close(gains[:, 0], params.red_gain * params.rgb_gain)
+    torch.testing.assert_close(gains[:, 2], params.blue_gain * params.rgb_gain)
+    torch.testing.assert_close(gains[:, 1], params.rgb_gain)
+    # brightness 1 / N(0.8, 0.1): unprocessing darkens by about 0.8
+    assert 1.2 < params.rgb_gain.mean() < 1.32 and (params.red_gain > params.blue_gain).float().mean() > 0.5
+    # a mid-grey flat patch (below the highlight blend): each raw site divided by its own gain
+    grey = torch.full((1, 3, 4, 4), 0.5)
+    one = sample_camera_params(1, 3, gen(4), like=like)
+    raw = unprocess(grey, one)
+    from dds_fast.training.noise import _GAMMA, _apply_ccm, _inverse_smoothstep
+
+    cam = _apply_ccm(_inverse_smoothstep(grey) ** _GAMMA, one.rgb2cam)
+    expected = mosaic(cam / one.gains()[:, :, None, None])
+    torch.testing.assert_close(raw, expected)

@@ -206,6 +206,43 @@ def test_slimming_per_mac_ranks_a_gain_by_its_saving(monkeypatch):
     assert trajectory[1].config == min(candidates, key=lambda c: dds_fast.macs_per_pixel(net, c))
 
 
+@pytest.mark.parametrize("criterion", ["psnr", "psnr_per_mac"])
+def test_slimming_takes_the_cheaper_of_equal_steps(monkeypatch, criterion):
+    """Among candidates of equal PSNR (or equal loss per MAC: none), the cheaper config."""
+    from dds_fast.training import slimming
+
+    net = SlimUNet(in_channels=1, base_width=8, depth=2).eval()
+    largest = net.space.largest()
+    monkeypatch.setattr(slimming, "validation_psnr", lambda net, batches, config: 30.0)
+    trajectory = progressive_slimming(net, [], step=8, criterion=criterion)
+    candidates = [largest.replace(**{g: slimmer(largest, net.space[g], 8)}) for g in largest
+                  if slimmer(largest, net.space[g], 8) is not None]
+    assert trajectory[1].macs_per_pixel == min(dds_fast.macs_per_pixel(net, c) for c in candidates)
+
+
+def test_validation_psnr_is_the_mean_over_images_not_over_batches():
+    from dds_fast.metrics import batch_psnr
+    from dds_fast.training.slimming import validation_psnr
+
+    net = tiny_net().eval()
+    noisy, clean = batch(0, n=4)
+    config = net.space.largest()
+    unequal = [(noisy[:1], clean[:1]), (noisy[1:], clean[1:])]
+    with torch.no_grad():
+        expected = batch_psnr(net(noisy).clamp(0, 1), clean)
+    assert validation_psnr(net, unequal, config) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_thinned_routing_space_takes_no_entry_twice():
+    """(a trajectory dense at one end had the same entry chosen for two targets)"""
+    net = tiny_net()
+    configs = [net.space.largest(), net.space.smallest(), net.space.uniform(0.5), net.space.uniform(0.75)]
+    trajectory = [RoutingEntry(c, macs) for c, macs in zip(configs, (100.0, 0.0, 1.0, 2.0))]
+    thinned = thin_routing_space(trajectory, 3)
+    assert len({entry.macs_per_pixel for entry in thinned}) == 3
+    assert [e.macs_per_pixel for e in thinned][0::2] == [0.0, 100.0]
+
+
 def test_slimmer_steps_and_floors():
     space = SlimUNet(base_width=16, depth=2).space
     group = space["enc0"]  # choices 8, 16, 24
@@ -422,6 +459,31 @@ def test_resume_refuses_fewer_steps_than_the_checkpoint_has_run(tmp_path):
     with pytest.raises(ValueError, match=r"stage1.state.safetensors has run 6 steps, more than the 2 asked for"):
         make_loop(tmp_path, steps=2)[0].run()
     assert len((tmp_path / "stage1.log.jsonl").read_text().splitlines()) == 6
+    make_loop(tmp_path / "one", steps=3, checkpoint_every=1)[0].run()  # one step past: refused too
+    with pytest.raises(ValueError, match=r"has run 3 steps, more than the 2 asked for"):
+        make_loop(tmp_path / "one", steps=2)[0].run()
+
+
+def test_the_loop_trains_a_model_handed_to_it_in_eval_mode(tmp_path):
+    """(after a validation, say: its BatchNorm and dropout would train frozen)"""
+    loop, net = make_loop(tmp_path, steps=2)
+    seen = []
+    step_fn = loop.step_fn
+
+    def recording(step, noisy, clean):
+        seen.append(net.training)
+        return step_fn(step, noisy, clean)
+
+    loop.step_fn = recording
+    net.eval()
+    loop.run()
+    assert seen == [True, True]
+
+
+def test_two_seeds_share_no_step_s_stream():
+    """(seed + step gave seed 1's step 0 the stream of seed 0's step 1: the same sandwich configs)"""
+    seeds = {step_generator(seed, step).initial_seed() for seed in range(3) for step in range(3)}
+    assert len(seeds) == 9
 
 
 def test_resume_names_a_state_file_of_another_architecture(tmp_path):
@@ -490,6 +552,9 @@ def test_gate_labels_and_step():
     from dds_fast.training.gate_stage import gate_labels, gate_step, per_image_psnr
 
     labels = gate_labels(torch.tensor([30.0, 30.5, 31.0]), torch.tensor([29.9, 30.0, 30.0]), 4, beta=0.2)
+    # a gain of exactly beta is hard ("less than beta is easy")
+    assert gate_labels(torch.tensor([30.25, 30.0]), torch.tensor([30.0, 30.0]), 4, beta=0.25).tolist() == [3, 0]
+    assert gate_labels(torch.tensor([30.0]), torch.tensor([30.0]), 4, beta=0.0).tolist() == [3]
     assert labels.tolist() == [0, 3, 3]
     net = tiny_net()
     routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
