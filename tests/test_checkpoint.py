@@ -586,6 +586,7 @@ def test_the_weights_fingerprint_covers_names_dtypes_and_values():
 
     a, b = torch.arange(6.0).view(2, 3), torch.arange(6.0).view(2, 3) + 1
     assert weights_fingerprint({"a": a, "b": b}) != weights_fingerprint({"a": b, "b": a})
+    assert weights_fingerprint({"a": a}) != weights_fingerprint({"b": a})
     assert weights_fingerprint({"a": a}) != weights_fingerprint({"a": a.view(torch.int32)})
     assert weights_fingerprint({"a": a}) == weights_fingerprint({"a": a.t().contiguous().t()})
 

@@ -560,3 +560,12 @@ def test_camera_gains_scale_red_and_blue_sites_by_their_own_gains():
     cam = _apply_ccm(_inverse_smoothstep(grey) ** _GAMMA, one.rgb2cam)
     expected = mosaic(cam / one.gains()[:, :, None, None])
     torch.testing.assert_close(raw, expected)
+    # gray: linear levels up to 0.9 take the plain inverse gain, the highlight blend only above
+    ramp = torch.linspace(0.80, 0.999, 200).view(1, 1, 10, 20)
+    linear = _inverse_smoothstep(ramp) ** _GAMMA
+    gray = sample_camera_params(1, 1, gen(5), like=like)
+    raw = unprocess(ramp, gray)
+    below = linear <= 0.9
+    assert below.any() and (~below).any()
+    torch.testing.assert_close(raw[below], (linear / gray.rgb_gain)[below])
+    assert (raw[~below] > (linear / gray.rgb_gain)[~below]).all()

@@ -238,9 +238,9 @@ def test_a_thinned_routing_space_takes_no_entry_twice():
     net = tiny_net()
     configs = [net.space.largest(), net.space.smallest(), net.space.uniform(0.5), net.space.uniform(0.75)]
     trajectory = [RoutingEntry(c, macs) for c, macs in zip(configs, (100.0, 0.0, 1.0, 2.0))]
-    thinned = thin_routing_space(trajectory, 3)
-    assert len({entry.macs_per_pixel for entry in thinned}) == 3
-    assert [e.macs_per_pixel for e in thinned][0::2] == [0.0, 100.0]
+    assert [e.macs_per_pixel for e in thin_routing_space(trajectory, 3)] == [0.0, 2.0, 100.0]
+    # targets 0, 33, 67 and 100: the last, 100, taken already for 67, leaves 1
+    assert [e.macs_per_pixel for e in thin_routing_space(trajectory, 4)] == [0.0, 1.0, 2.0, 100.0]
 
 
 def test_slimmer_steps_and_floors():
