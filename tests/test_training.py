@@ -638,6 +638,9 @@ def test_one_sided_gate_labels_get_a_warning_naming_the_median_gain():
     assert one_sided_labels([{**log[0], "hard_fraction": 0.5}] + log, 0.2) is None
     assert one_sided_labels([], 0.2) is None
     assert "labelled hard with beta = 0.2 dB, so" in one_sided_labels([{"hard_fraction": 1.0}], 0.2)
+    # exactly 1% or 99% of one side is within the tolerance, no warning
+    assert one_sided_labels([{"hard_fraction": 0.5}], 0.2, tolerance=0.5) is None
+    assert one_sided_labels([{"hard_fraction": 0.25}, {"hard_fraction": 0.75}], 0.2, tolerance=0.5) is None
 
 
 def test_training_config_from_file(tmp_path):
@@ -1270,6 +1273,10 @@ def test_stage3_and_validation_leave_a_frozen_body_s_batch_norm_alone(tmp_path):
     validation_psnr(net, [batch(0)], net.space.largest())
     assert net.training and not net.post.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    net.train()  # the BatchNorm in training mode too: validation runs it in eval mode all the same
+    validation_psnr(net, [batch(0)], net.space.largest())
+    assert net.post.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items()
+                                     if not k.endswith("num_batches_tracked"))
 
 
 def test_a_ddsnet_copied_in_as_an_earlier_result_serves_as_its_super_network(tmp_path):
