@@ -485,7 +485,7 @@ def test_comparison_table_leaves_the_callers_mode_when_a_row_fails():
 def test_evaluate_reports_the_mean_of_the_routes_macs_in_eval_mode():
     """The mean over images (it reported the first's route), from a model put in eval mode and
     left there (a gate's BatchNorm in train mode scores by batch statistics)."""
-    from tests.test_ddsnet import images, make_ddsnet
+    from test_ddsnet import images, make_ddsnet
 
     dds = make_ddsnet()  # its gate routes images() by brightness, the darkest to route 0
     x = images()
