@@ -158,6 +158,8 @@ class SlimConv2d(nn.Conv2d):
         if name in _SETTINGS:
             value = self._checked_setting(name, value)
         super().__setattr__(name, value)
+        if name == "in_segments":  # where each input block starts among the weight's input channels
+            super().__setattr__("segment_starts", tuple(itertools.accumulate(value[:-1], initial=0)))
 
     def _checked_setting(self, name: str, value):
         if name == "backend" and value not in BACKENDS:
@@ -208,10 +210,6 @@ class SlimConv2d(nn.Conv2d):
         # writes cost a dynamic forward 8 us of host time per layer, twice
         vars(self).update(per_image_widths=widths, per_image_widths_multiple=multiple,
                           per_image_tile_widths=tile_widths, per_image_packing=packing)
-
-    @property
-    def segment_starts(self) -> tuple[int, ...]:
-        return cached_call(_starts, self.in_segments)
 
     def _label(self) -> str:
         name = getattr(self, "layer_name", None) or "SlimConv2d"
@@ -277,6 +275,14 @@ class SlimConv2d(nn.Conv2d):
         """``input``: a tensor [N, C, H, W] (or, as nn.Conv2d takes it, one unbatched image [C,
         H, W], with an unbatched ``residual``), or a list of [N, C, H, W] tensors, one per
         ``in_segments`` block."""
+        weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
+        repeat_key = self._repeat_key(input, weight, bias, residual)
+        stays_nhwc = None if repeat_key is None else _CHECKED_CALLS.get(repeat_key)
+        if stays_nhwc is not None:  # this call's checks passed before: the kernels' launch again
+            y = repeat_key[0].repeat_call(repeat_key[1], [input] if type(input) is torch.Tensor else input,
+                                          weight, bias, residual)
+            if y is not None:
+                return y if stays_nhwc else y.contiguous()
         if isinstance(input, torch.Tensor) and input.dim() == 3:
             if residual is not None and residual.dim() != 3:
                 raise ValueError(f"{self._label()}: an unbatched input takes an unbatched residual [C, H, W], got "
@@ -291,7 +297,6 @@ class SlimConv2d(nn.Conv2d):
                 raise ValueError(f"{self._label()}: a residual with upscale_factor > 1 is not supported")
             n, _, h, w = inputs[0].shape
             self._check_residual(residual, (n, out_width, *self.output_size(h, w)))
-        weight, bias = self.weight, self.bias  # (each module attribute read costs host time)
         kernels, cast = self._triton_kernels(inputs, weight, bias, residual)
         mask = self.output_mask
         if mask is not None and self.per_image_widths is not None:
@@ -339,6 +344,9 @@ class SlimConv2d(nn.Conv2d):
                                 upscale_factor=self.upscale_factor, **packed)
         if sums_wanted:
             y, sums = y
+        elif repeat_key is not None and cast is None and packing is None and mask is None \
+                and eager_residual is None and not self.emit_channel_sums:
+            _remember_checked(repeat_key, nhwc)
         if eager_residual is not None:
             y = apply_epilogue(y, eager_residual, self.activation, self.negative_slope)
         elif packing is not None:
@@ -351,6 +359,38 @@ class SlimConv2d(nn.Conv2d):
                 sums = torch.where(mask.reshape(1, 1, -1), sums, 0)
             self.channel_sums, self.channel_sums_of = sums, out
         return out
+
+    def _repeat_key(self, input, weight: torch.Tensor, bias: torch.Tensor | None,
+                    residual: torch.Tensor | None) -> tuple | None:
+        """What the checks and the launch read of this call, as a key of ``_CHECKED_CALLS``, when
+        it may repeat one that ran the kernels: eager, with no per-image widths, output mask,
+        channel sums, autocast or transform. None otherwise, and where the kernels are not asked
+        for. A repeated call then skips the checks it passed, most of a small layer's host time."""
+        if self.backend == "torch" or self.per_image_widths is not None or self.output_mask is not None \
+                or self.emit_channel_sums or not _plain_eager_state():
+            return None
+        x0 = input if type(input) is torch.Tensor else input[0] if type(input) in (list, tuple) and input else None
+        if type(x0) is not torch.Tensor or (self.backend == "auto" and not x0.is_cuda):
+            return None
+        kernels = _kernels_module()
+        if isinstance(kernels, str):
+            return None
+        out_width = self.out_channels if self._active_out is None else self._active_out
+        launch_key = kernels.inference_key([input] if x0 is input else input, weight, bias, residual,
+                                           self.segment_starts, out_width, self.stride[0], self.kernel_size[0] // 2,
+                                           self.activation, self.negative_slope, 1, self.upscale_factor)
+        if launch_key is None:
+            return None
+        # then the layer's settings that the kernels' key leaves out: a layer that falls back,
+        # or whose settings changed, must not find another's checks. (Unhashable settings, a
+        # list, make a key that _CHECKED_CALLS never holds.)
+        key = (kernels, launch_key, self.stride, self.padding, self.dilation, self.groups, self.padding_mode,
+               self.backend)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
 
     def _triton_kernels(self, inputs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
                         residual: torch.Tensor | None = None):
@@ -411,10 +451,31 @@ class SlimConv2d(nn.Conv2d):
         return ", ".join(parts)
 
 
-@functools.lru_cache(maxsize=None)
-def _starts(segments: tuple[int, ...]) -> tuple[int, ...]:
-    """Where each input block starts among the weight's input channels."""
-    return tuple(itertools.accumulate(segments[:-1], initial=0))
+def _parameter(module: nn.Module, name: str):
+    """``getattr(module, name)``, a registered Parameter read straight from ``_parameters``
+    (nn.Module's ``__getattr__`` costs each read a microsecond of host time); a parametrized or
+    hooked weight, no longer registered under its name, is read as the attribute it became."""
+    value = module._parameters.get(name)
+    return getattr(module, name) if value is None else value
+
+
+# repeat keys of calls that ran the kernels -> whether their output stays channels_last
+_CHECKED_CALLS: dict[tuple, bool] = {}
+
+
+def _remember_checked(key: tuple, nhwc: bool, limit: int = 1024) -> None:
+    if len(_CHECKED_CALLS) >= limit:
+        _CHECKED_CALLS.clear()
+    _CHECKED_CALLS[key] = nhwc
+
+
+def _plain_eager_state() -> bool:
+    """No torch.compile trace, torch.func transform, forward-mode AD, jit trace or autocast
+    (of any device) now: the state in which a repeated call may skip its checks (tensors
+    wrapped by a transform exist only inside one; a dispatch mode sends the kernels' repeat to
+    the full call)."""
+    return not (torch.compiler.is_compiling() or dual_level_open() or torch._C._is_tracing()
+                or torch._C._functorch.peek_interpreter_stack() is not None or torch._C._is_any_autocast_enabled())
 
 
 FUNC_TRANSFORM = "a torch.func transform (vmap, grad, jvp): the kernels read raw pointers"

@@ -1416,7 +1416,7 @@ class _KnownCall(NamedTuple):
     options: tuple
 
 
-_INFERENCE_PLANS: dict = {}  # _inference_key -> the _KnownCall of a checked eager call
+_INFERENCE_PLANS: dict = {}  # inference_key -> the _KnownCall of a checked eager call
 
 
 def clear_plans() -> None:
@@ -1426,11 +1426,12 @@ def clear_plans() -> None:
     _INFERENCE_PLANS.clear()
 
 
-def _inference_key(inputs, weight, bias, residual, *options):
-    """``slim_conv2d``'s arguments (no per-image widths) as one hashable key: on a repeated call
-    it finds the plan without normalising, checking or planning again, which is most of a
-    small layer's host time. None when an argument is not a tensor (the full path then reports
-    it); unhashable when an option is."""
+def inference_key(inputs, weight, bias, residual, *options):
+    """``slim_conv2d``'s arguments (no per-image widths; ``options``: its keyword arguments from
+    ``segment_starts`` to ``upscale_factor``, as the call passes them) as one hashable key: on a
+    repeated call it finds the plan without normalising, checking or planning again, which is
+    most of a small layer's host time. None when an argument is not a tensor (the full path
+    then reports it); unhashable when an option is."""
     if type(inputs) not in (list, tuple):
         return None
     try:
@@ -1438,6 +1439,27 @@ def _inference_key(inputs, weight, bias, residual, *options):
                 _aligned_pointers(*inputs, weight, bias, residual))
     except AttributeError:
         return None
+
+
+def repeat_call(key, inputs, weight, bias, residual=None):
+    """The output of ``slim_conv2d`` on these tensors when an earlier eager call whose
+    arguments gave ``inference_key`` ``key`` ran (and so was checked and planned): its launch
+    again, or its normalised options through autograd. None when none ran, or this one cannot
+    take that path (a dispatch mode, torch.compile, an inference call after only training
+    ones): the full call then runs."""
+    try:
+        known = _INFERENCE_PLANS.get(key)
+    except TypeError:  # an unhashable option (a list of segment starts): never remembered
+        return None
+    if known is None:
+        return None
+    path = _eager_path(*inputs, weight, bias, residual)
+    x1 = inputs[1] if len(inputs) == 2 else None
+    if path == "inference" and known.launch is not None:
+        return _launch_forward(known.launch, inputs[0], x1, weight, bias, residual, None)
+    if path == "training":  # the arguments were checked and normalised once already
+        return _EagerSlimConv2d.apply(inputs[0], x1, weight, bias, residual, None, *known.options)
+    return None
 
 
 def _signature(inputs, weight, bias, residual, widths, *options):
@@ -1541,19 +1563,15 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
             and (padding is None or type(padding) is int) and type(widths_multiple) is int \
             and type(upscale_factor) is int and (out_channels is None or type(out_channels) is int) \
             and not torch.compiler.is_compiling():
-        key = _inference_key(inputs, weight, bias, residual, segment_starts, out_channels, stride, padding,
-                             activation, negative_slope, widths_multiple, upscale_factor)
+        key = inference_key(inputs, weight, bias, residual, segment_starts, out_channels, stride, padding,
+                            activation, negative_slope, widths_multiple, upscale_factor)
+        y = repeat_call(key, inputs, weight, bias, residual)
+        if y is not None:
+            return y
         try:
-            plan = _INFERENCE_PLANS.get(key)
-        except TypeError:  # an unhashable option (a list of segment starts)
-            key = plan = None
-        if plan is not None:
-            path = _eager_path(*inputs, weight, bias, residual)
-            x1 = inputs[1] if len(inputs) == 2 else None
-            if path == "inference" and plan.launch is not None:
-                return _launch_forward(plan.launch, inputs[0], x1, weight, bias, residual, None)
-            if path == "training":  # the arguments were checked and normalised once already
-                return _EagerSlimConv2d.apply(inputs[0], x1, weight, bias, residual, None, *plan.options)
+            hash(key)
+        except TypeError:  # an unhashable option (a list of segment starts): not remembered
+            key = None
     four_d = isinstance(weight, torch.Tensor) and weight.dim() == 4  # else the checks below report the weight
     k = weight.shape[-1] if four_d else 0
     if out_channels is None:

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from dds_fast import SlimConv2d, SlimUNet
+from dds_fast import SlimConv2d, SlimUNet, slim_conv
 
 pytest.importorskip("triton")
 
@@ -20,18 +20,31 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Records each call of the conv kernels (the input dtypes, the weight's dtype and the
-    padding), so that a test can tell the kernels ran and did not fall back to the reference,
-    which its outputs are compared with."""
+    padding; None for a layer's repeat of a checked call), so that a test can tell the kernels
+    ran and did not fall back to the reference, which its outputs are compared with. Each test
+    starts with no checked calls to repeat."""
     from dds_fast.kernels import conv2d
 
-    calls = []
-    run = conv2d.slim_conv2d
+    calls, inside = [], []
+    run, repeat = conv2d.slim_conv2d, conv2d.repeat_call
 
     def recording(inputs, weight, *args, **kwargs):
         calls.append(dict(dtypes=[t.dtype for t in inputs], weight_dtype=weight.dtype, padding=kwargs["padding"]))
-        return run(inputs, weight, *args, **kwargs)
+        inside.append(True)
+        try:
+            return run(inputs, weight, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    def recording_repeat(key, inputs, weight, *args):
+        y = repeat(key, inputs, weight, *args)
+        if y is not None and not inside:  # (slim_conv2d's own repeats are its calls, recorded)
+            calls.append(dict(dtypes=[t.dtype for t in inputs], weight_dtype=weight.dtype, padding=None))
+        return y
 
     monkeypatch.setattr(conv2d, "slim_conv2d", recording)
+    monkeypatch.setattr(conv2d, "repeat_call", recording_repeat)
+    monkeypatch.setattr(slim_conv, "_CHECKED_CALLS", {})
     return calls
 
 
@@ -245,11 +258,12 @@ def test_half_activations_over_fp32_master_weights(dtype, tolerance):
 def test_autocast_runs_the_kernels_in_half_precision(kernel_calls):
     fast, slow = pair(in_channels=8, out_channels=8, kernel_size=3, padding=1, activation="relu")
     x = torch.randn(1, 8, 6, 6)
+    fast(x.to(DEVICE))  # a checked fp32 call of these tensors first: the autocast one must not repeat it
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = fast(x.to(DEVICE))
     assert y.dtype == torch.bfloat16
     # the activations cast by the module, the fp32 master weight read as it is
-    assert [(c["dtypes"], c["weight_dtype"]) for c in kernel_calls] == [([torch.bfloat16], torch.float32)]
+    assert [(c["dtypes"], c["weight_dtype"]) for c in kernel_calls[1:]] == [([torch.bfloat16], torch.float32)]
     torch.testing.assert_close(y.float().cpu(), slow(x), rtol=3e-2, atol=3e-2)
     y.float().sum().backward()
     assert fast.weight.grad.dtype == torch.float32
@@ -318,9 +332,12 @@ def test_the_output_takes_the_inputs_layout_as_nn_conv2d_does(layout, kernel_cal
 
 
 def test_torch_func_transforms_run_the_reference(kernel_calls):
-    """vmap and grad wrap their tensors, whose raw pointers the kernels cannot read."""
+    """vmap and grad wrap their tensors, whose raw pointers the kernels cannot read (also where
+    the same shapes ran the kernels before, a call a layer repeats unchecked)."""
     fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
     x = torch.randn(5, 3, 6, 6)
+    fast(x.to(DEVICE)), fast(x[:1].to(DEVICE))
+    kernel_calls.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's warning
         batched = torch.vmap(fast)(x.to(DEVICE)[:, None])
@@ -337,6 +354,8 @@ def test_torch_func_over_the_bias_or_the_residual_runs_the_reference(kernel_call
     takes the reference path (the kernels raised reading a wrapped tensor's storage)."""
     fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
     x, residuals = torch.randn(1, 3, 5, 5), torch.randn(3, 1, 4, 5, 5)
+    fast(x.to(DEVICE)), fast(x.to(DEVICE), residuals[0].to(DEVICE))  # checked calls of these shapes
+    kernel_calls.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's warning
         grad_bias = torch.func.grad(lambda b: torch.func.functional_call(fast, {"bias": b}, x.to(DEVICE)).sum())(
@@ -356,6 +375,8 @@ def test_forward_mode_ad_runs_the_reference(weights_require_grad, kernel_calls):
     fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1, activation="leaky_relu")
     fast.requires_grad_(weights_require_grad)
     x, tangent = torch.randn(1, 3, 5, 5), torch.randn(1, 3, 5, 5)
+    fast(x.to(DEVICE))  # a checked call of these shapes
+    kernel_calls.clear()
     with warnings.catch_warnings(), forward_ad.dual_level():
         warnings.simplefilter("ignore")  # the fallback's warning
         y, y_tangent = forward_ad.unpack_dual(fast(forward_ad.make_dual(x.to(DEVICE), tangent.to(DEVICE))))
@@ -367,14 +388,80 @@ def test_forward_mode_ad_runs_the_reference(weights_require_grad, kernel_calls):
 
 def test_torch_jit_trace_records_the_reference(kernel_calls):
     fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
-    x = torch.randn(1, 3, 5, 5)
+    x, other = torch.randn(1, 3, 5, 5), torch.randn(2, 3, 7, 6)
+    fast(x.to(DEVICE))  # a checked call of the shape traced
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's and the tracer's warnings
         traced = torch.jit.trace(fast, x.to(DEVICE))  # (its check runs the layer untraced: the kernels)
     kernel_calls.clear()
-    other = torch.randn(2, 3, 7, 6)
     torch.testing.assert_close(traced(other.to(DEVICE)).cpu(), slow(other), rtol=1e-4, atol=1e-5)
     assert not kernel_calls  # the trace recorded the reference's ops
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_a_repeated_call_skips_the_checks_it_passed(layout, grad, kernel_calls, monkeypatch):
+    """A call like a checked one (the same tensors' shapes, strides, dtypes and alignment, the
+    same widths and settings) launches again without the layer's checks, most of a small
+    layer's host time, with the same result, layout and gradients."""
+    fast, slow = pair(in_channels=6, out_channels=8, kernel_size=3, padding=1, activation="leaky_relu")
+    fast.active_out_channels = slow.active_out_channels = 5
+    x = torch.randn(2, 4, 5, 7)
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+    fast(x.to(DEVICE))
+    other = torch.randn_like(x)
+    xf, xs = other.to(DEVICE, copy=True).requires_grad_(grad), other.clone().requires_grad_(grad)
+    ys = slow(xs)
+
+    def checked_again(*args):
+        raise AssertionError("a repeated call ran the checks")
+
+    monkeypatch.setattr(SlimConv2d, "_check_inputs", checked_again)
+    monkeypatch.setattr(SlimConv2d, "_triton_kernels", checked_again)
+    yf = fast(xf)
+    assert [c["padding"] for c in kernel_calls] == [1, None]
+    assert yf.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    torch.testing.assert_close(yf.cpu(), ys, rtol=1e-4, atol=1e-5)
+    if grad:
+        probe = torch.randn_like(ys)
+        yf.backward(probe.to(DEVICE)), ys.backward(probe)
+        torch.testing.assert_close(xf.grad.cpu(), xs.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.weight.grad.cpu(), slow.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,value", [("padding_mode", "circular"), ("padding", (0, 0)), ("stride", (1, 2)),
+                                        ("dilation", (2, 2)), ("backend", "torch")])
+def test_a_repeated_call_follows_settings_changed_since(name, value, kernel_calls):
+    """A call like a checked one, after a setting that the kernels' key leaves out changed: the
+    layer checks it again and falls back (it ran the kernels with the old settings)."""
+    fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
+    x = torch.randn(1, 3, 6, 6)
+    fast(x.to(DEVICE))
+    setattr(fast, name, value), setattr(slow, name, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning
+        y = fast(x.to(DEVICE))
+    assert len(kernel_calls) == 1
+    torch.testing.assert_close(y.cpu(), slow(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("asked", ["output mask", "channel sums"])
+def test_a_repeated_call_follows_an_output_mask_or_channel_sums_asked_for_since(asked, kernel_calls):
+    fast, slow = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
+    x = torch.randn(1, 3, 6, 6)
+    mask = torch.tensor([True, False, True, False]).reshape(1, 4, 1, 1)
+    with torch.no_grad():  # (the sums come on the inference path)
+        fast(x.to(DEVICE))
+        if asked == "output mask":
+            fast.output_mask = mask.to(DEVICE)
+        else:
+            fast.emit_channel_sums = True
+        y = fast(x.to(DEVICE))
+    expected = slow(x) * mask if asked == "output mask" else slow(x)
+    torch.testing.assert_close(y.cpu(), expected, rtol=1e-4, atol=1e-5)
+    if asked == "channel sums":
+        torch.testing.assert_close(fast.channel_sums.sum(1).cpu(), expected.sum((2, 3)), rtol=1e-4, atol=1e-4)
+    assert [c["padding"] for c in kernel_calls] == [1, 1]
 
 
 def test_batched_gradients_are_refused_by_name(kernel_calls):
