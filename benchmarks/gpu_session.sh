@@ -30,7 +30,8 @@
 # run since v24, most needed first: the whole suite on CUDA with each result printed (v24's
 # two test fixes, the six unnamed failures outside the kernel files, the graphed training
 # steps), then v25's per-image tiles in the shipped model's dynamic forward, v24's stem
-# tiles in the network table, and the routed forward kernel by kernel.
+# tiles and v26's host time (the layer table's batch-1 eager rows) in dds-fast bench, and the
+# routed forward kernel by kernel.
 # (Nsight Compute: benchmarks/ncu_forward.py says how.)
 set -uo pipefail
 MODE=${1:-full}
@@ -117,7 +118,7 @@ if [ "$MODE" = next ]; then
   capped 50 python3 -m dds_fast bench --checkpoint dds_fast/weights/dds.safetensors --no-compile \
     --cuda-graph --dtype float16 --size 512 --batch 1 --batch 8 --out "$R/bench_shipped" > "$R/bench_shipped.txt" 2>&1
   tail -12 "$R/bench_shipped.txt" | cut -c1-200
-  step "dds-fast bench: layers fp16 512, batch 8/1, network with CUDA graphs (v24: the stem's tiles)"
+  step "dds-fast bench: layers fp16 512, batch 8/1, network with CUDA graphs (v24: the stem's tiles; v26: batch-1 eager layers)"
   capped 110 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
     --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
   grep -E "^\| network|^\| gate" "$R/bench.txt" | cut -c1-200
