@@ -161,6 +161,11 @@ class SlimConv2d(nn.Conv2d):
         if name == "in_segments":  # where each input block starts among the weight's input channels
             super().__setattr__("segment_starts", tuple(itertools.accumulate(value[:-1], initial=0)))
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "segment_starts" not in state:  # a whole-module pickle of an earlier version
+            self.in_segments = self.in_segments
+
     def _checked_setting(self, name: str, value):
         if name == "backend" and value not in BACKENDS:
             raise ValueError(f"{self._label()}: backend must be one of {BACKENDS}, got {value!r}")
@@ -277,12 +282,15 @@ class SlimConv2d(nn.Conv2d):
         ``in_segments`` block."""
         weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
         repeat_key = self._repeat_key(input, weight, bias, residual)
-        stays_nhwc = None if repeat_key is None else _CHECKED_CALLS.get(repeat_key)
-        if stays_nhwc is not None:  # this call's checks passed before: the kernels' launch again
+        keeps_layout = None if repeat_key is None else _CHECKED_CALLS.get(repeat_key)
+        if keeps_layout is not None:  # this call's checks passed before: the kernels' launch again
+            widths = self.per_image_widths
             y = repeat_key[0].repeat_call(repeat_key[1], [input] if type(input) is torch.Tensor else input,
-                                          weight, bias, residual)
+                                          weight, bias, residual, widths)
             if y is not None:
-                return y if stays_nhwc else y.contiguous()
+                if widths is not None and self.per_image_packing is not None:
+                    self.per_image_packing.add(y)
+                return y if keeps_layout else y.contiguous()
         if isinstance(input, torch.Tensor) and input.dim() == 3:
             if residual is not None and residual.dim() != 3:
                 raise ValueError(f"{self._label()}: an unbatched input takes an unbatched residual [C, H, W], got "
@@ -344,9 +352,9 @@ class SlimConv2d(nn.Conv2d):
                                 upscale_factor=self.upscale_factor, **packed)
         if sums_wanted:
             y, sums = y
-        elif repeat_key is not None and cast is None and packing is None and mask is None \
-                and eager_residual is None and not self.emit_channel_sums:
-            _remember_checked(repeat_key, nhwc)
+        elif repeat_key is not None and cast is None and mask is None and eager_residual is None \
+                and not self.emit_channel_sums:
+            _remember_checked(repeat_key, nhwc or packing is not None)
         if eager_residual is not None:
             y = apply_epilogue(y, eager_residual, self.activation, self.negative_slope)
         elif packing is not None:
@@ -363,11 +371,13 @@ class SlimConv2d(nn.Conv2d):
     def _repeat_key(self, input, weight: torch.Tensor, bias: torch.Tensor | None,
                     residual: torch.Tensor | None) -> tuple | None:
         """What the checks and the launch read of this call, as a key of ``_CHECKED_CALLS``, when
-        it may repeat one that ran the kernels: eager, with no per-image widths, output mask,
-        channel sums, autocast or transform. None otherwise, and where the kernels are not asked
-        for. A repeated call then skips the checks it passed, most of a small layer's host time."""
-        if self.backend == "torch" or self.per_image_widths is not None or self.output_mask is not None \
-                or self.emit_channel_sums or not _plain_eager_state():
+        it may repeat one that ran the kernels: eager, with no output mask, channel sums,
+        autocast or transform (per-image widths count by their shape, strides, dtype and device,
+        and their store's packing of these tensors). None otherwise, and where the kernels are
+        not asked for. A repeated call then skips the checks it passed, most of a small layer's
+        host time."""
+        if self.backend == "torch" or self.output_mask is not None or self.emit_channel_sums \
+                or not _plain_eager_state():
             return None
         x0 = input if type(input) is torch.Tensor else input[0] if type(input) in (list, tuple) and input else None
         if type(x0) is not torch.Tensor or (self.backend == "auto" and not x0.is_cuda):
@@ -375,11 +385,22 @@ class SlimConv2d(nn.Conv2d):
         kernels = _kernels_module()
         if isinstance(kernels, str):
             return None
+        inputs = [input] if x0 is input else input
+        widths = self.per_image_widths
+        packing = None if widths is None else self.per_image_packing
+        packed = {}
+        if packing is not None:
+            if residual is not None and packing.holds(residual):
+                return None  # (the full call refuses it)
+            packed = dict(packed_inputs=[packing.holds(t) for t in inputs], packed_output=True)
         out_width = self.out_channels if self._active_out is None else self._active_out
-        launch_key = kernels.inference_key([input] if x0 is input else input, weight, bias, residual,
-                                           self.segment_starts, out_width, self.stride[0], self.kernel_size[0] // 2,
-                                           self.activation, self.negative_slope, 1, self.upscale_factor)
-        if launch_key is None:
+        launch_key = kernels.inference_key(inputs, weight, bias, residual, widths, self.segment_starts, out_width,
+                                           self.stride[0], self.kernel_size[0] // 2, self.activation,
+                                           self.negative_slope, self.per_image_widths_multiple, self.upscale_factor,
+                                           self.per_image_tile_widths, **packed)
+        # (a float or bool stride, dilation or padding hashes as an int does: the full call refuses it)
+        if launch_key is None or not (kernels.exact_ints(self.stride) and kernels.exact_ints(self.dilation)
+                                      and (type(self.padding) is str or kernels.exact_ints(self.padding))):
             return None
         # then the layer's settings that the kernels' key leaves out: a layer that falls back,
         # or whose settings changed, must not find another's checks. (Unhashable settings, a

@@ -1426,27 +1426,28 @@ def clear_plans() -> None:
     _INFERENCE_PLANS.clear()
 
 
-def inference_key(inputs, weight, bias, residual, *options):
-    """``slim_conv2d``'s arguments (no per-image widths; ``options``: its keyword arguments from
-    ``segment_starts`` to ``upscale_factor``, as the call passes them) as one hashable key: on a
+def inference_key(inputs, weight, bias, residual, widths, *options, packed_inputs=(), packed_output=False):
+    """``slim_conv2d``'s arguments but the channel sums (``options``: its keyword arguments from
+    ``segment_starts`` to ``tile_widths``, as the call passes them) as one hashable key: on a
     repeated call it finds the plan without normalising, checking or planning again, which is
-    most of a small layer's host time. None when an argument is not a tensor (the full path
-    then reports it); unhashable when an option is."""
+    most of a small layer's host time. Per-image widths count by their shape, strides, dtype
+    and device (their values are each call's). None when an argument is not a tensor (the full
+    path then reports it); unhashable when an option is."""
     if type(inputs) not in (list, tuple):
         return None
     try:
-        return (*[_meta(t) for t in inputs], _meta(weight), _meta(bias), _meta(residual), *options,
-                _aligned_pointers(*inputs, weight, bias, residual))
-    except AttributeError:
+        return (*[_meta(t) for t in inputs], _meta(weight), _meta(bias), _meta(residual), _meta(widths), *options,
+                tuple(packed_inputs), packed_output, _aligned_pointers(*inputs, weight, bias, residual))
+    except (AttributeError, TypeError):  # (TypeError: packed_inputs not a sequence)
         return None
 
 
-def repeat_call(key, inputs, weight, bias, residual=None):
+def repeat_call(key, inputs, weight, bias, residual=None, widths=None):
     """The output of ``slim_conv2d`` on these tensors when an earlier eager call whose
     arguments gave ``inference_key`` ``key`` ran (and so was checked and planned): its launch
     again, or its normalised options through autograd. None when none ran, or this one cannot
     take that path (a dispatch mode, torch.compile, an inference call after only training
-    ones): the full call then runs."""
+    ones, per-image widths with gradients): the full call then runs (and reports what it must)."""
     try:
         known = _INFERENCE_PLANS.get(key)
     except TypeError:  # an unhashable option (a list of segment starts): never remembered
@@ -1456,10 +1457,19 @@ def repeat_call(key, inputs, weight, bias, residual=None):
     path = _eager_path(*inputs, weight, bias, residual)
     x1 = inputs[1] if len(inputs) == 2 else None
     if path == "inference" and known.launch is not None:
-        return _launch_forward(known.launch, inputs[0], x1, weight, bias, residual, None)
-    if path == "training":  # the arguments were checked and normalised once already
+        if widths is not None and widths.device.type == "cpu":  # each call's values, as the full call checks them
+            multiple, out_channels, upscale_factor = known.options[0], known.options[3], known.options[8]
+            _check_width_values(widths, inputs, out_channels, multiple, upscale_factor)
+        return _launch_forward(known.launch, inputs[0], x1, weight, bias, residual, widths)
+    if path == "training" and widths is None:  # the arguments were checked and normalised once already
         return _EagerSlimConv2d.apply(inputs[0], x1, weight, bias, residual, None, *known.options)
     return None
+
+
+def exact_ints(value) -> bool:
+    """An int, or a tuple of ints (not bools, floats or tensors, which may hash as an int does
+    and must still be refused by the full call)."""
+    return type(value) is int or (type(value) is tuple and all(type(v) is int for v in value))
 
 
 def _signature(inputs, weight, bias, residual, widths, *options):
@@ -1558,14 +1568,14 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     # eager calls only (tracing has no pointers), with plain int options (1.0 and True hash as
     # 1 does, and must still be rejected; segment starts are not looked at, to save the time:
     # a start of 0.0 may find the plan of 0, the same launch)
-    if widths is None and not channel_sums and tile_widths is None and not packed_output and not packed_inputs \
-            and type(stride) is int \
-            and (padding is None or type(padding) is int) and type(widths_multiple) is int \
+    if not channel_sums and type(stride) is int \
+            and (padding is None or type(padding) is int) and exact_ints(widths_multiple) \
             and type(upscale_factor) is int and (out_channels is None or type(out_channels) is int) \
-            and not torch.compiler.is_compiling():
-        key = inference_key(inputs, weight, bias, residual, segment_starts, out_channels, stride, padding,
-                            activation, negative_slope, widths_multiple, upscale_factor)
-        y = repeat_call(key, inputs, weight, bias, residual)
+            and (tile_widths is None or exact_ints(tile_widths)) and not torch.compiler.is_compiling():
+        key = inference_key(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride, padding,
+                            activation, negative_slope, widths_multiple, upscale_factor, tile_widths,
+                            packed_inputs=packed_inputs, packed_output=packed_output)
+        y = repeat_call(key, inputs, weight, bias, residual, widths)
         if y is not None:
             return y
         try:

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dds_fast
-from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimDnCNN, SlimUNet, export_static, macs_per_pixel
+from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimDnCNN, SlimUNet, export_static, macs_per_pixel, slim_conv
 from dds_fast.graph_if import conditional_graph_nodes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -581,6 +581,7 @@ def test_packed_per_image_buffers_change_nothing_but_the_layout(monkeypatch, mak
     with torch.no_grad():
         model(x, choice=choice)  # builds the width table (which traces every route) first
     monkeypatch.setattr(K, "slim_conv2d", spy)
+    monkeypatch.setattr(slim_conv, "_CHECKED_CALLS", {})  # no layer repeats a checked call unseen
     with torch.no_grad():
         packed = model(x, choice=choice)
         body_convs = len(model._width_table(x.device)[1])
@@ -588,6 +589,18 @@ def test_packed_per_image_buffers_change_nothing_but_the_layout(monkeypatch, mak
         # read packed (the first reads the stem's dense output)
         assert sum(out for _, out in packed_calls) == body_convs == len(packed_calls) - 1
         assert sum(any(flags) for flags, _ in packed_calls) == body_convs - 1
+        packed_calls.clear()
+        other = images(n=3, size=(8, 8), seed=8).float().to(DEVICE)
+        # every body layer repeats its checked call, packing as it did (the stem, which leaves the
+        # gate its channel sums, makes its full call)
+        repeated = model(other, choice=choice)
+        assert packed_calls == [((), False)]
+        model.packed_buffers = False
+        monkeypatch.setattr(slim_conv, "_CHECKED_CALLS", {})
+        assert torch.equal(repeated, model(other, choice=choice))
+        model.packed_buffers = True
+        monkeypatch.setattr(slim_conv, "_CHECKED_CALLS", {})
+        packed_calls.clear()
         model.packed_buffers = False
         packed_calls.clear()
         dense = model(x, choice=choice)

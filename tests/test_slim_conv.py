@@ -382,3 +382,18 @@ def test_convert_model_leaves_a_conv_whose_forward_was_replaced():
     convert_model(model)
     assert model[0] is conv
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_a_whole_module_pickle_of_an_earlier_version_runs():
+    """Layers pickled before segment_starts was kept as an attribute (it was a property) get it
+    back on loading: their narrow calls read the weight's blocks from it."""
+    import pickle
+
+    torch.manual_seed(0)
+    layer = SlimConv2d(6, 4, 3, padding=1, in_segments=[4, 2])
+    layer.__dict__.pop("segment_starts")  # as such a pickle holds it
+    loaded = pickle.loads(pickle.dumps(layer))
+    a, b = torch.randn(1, 3, 5, 5), torch.randn(1, 1, 5, 5)
+    expected = F.conv2d(torch.cat([a, b], 1), torch.cat([layer.weight[:, :3], layer.weight[:, 4:5]], 1), layer.bias,
+                        padding=1)
+    torch.testing.assert_close(loaded([a, b]), expected)

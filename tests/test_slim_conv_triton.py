@@ -464,6 +464,39 @@ def test_a_repeated_call_follows_an_output_mask_or_channel_sums_asked_for_since(
     assert [c["padding"] for c in kernel_calls] == [1, 1]
 
 
+def test_a_repeated_call_refuses_a_float_or_bool_stride_as_the_full_call_does(kernel_calls):
+    """(1.0, 1.0) and (True, True) hash and compare as (1, 1) do: after a layer of int stride ran
+    the same shapes, such a layer must still be refused, not repeat that layer's call."""
+    x = torch.randn(1, 4, 5, 7, device=DEVICE)
+    pair(in_channels=4, out_channels=6, kernel_size=3, padding=1)[0](x)
+    for stride in [(1.0, 1.0), (True, True)]:
+        odd, _ = pair(in_channels=4, out_channels=6, kernel_size=3, padding=1)
+        odd.stride = stride
+        with pytest.raises(ValueError, match="stride must be an int"):
+            odd(x)
+
+
+def test_a_repeated_per_image_call_reads_and_checks_its_own_widths(kernel_calls):
+    """Per-image widths count in a repeat by their shape, strides, dtype and device: each call
+    reads its own values (checked on the CPU, as the full call checks them)."""
+    fast, slow = pair(in_channels=6, out_channels=8, kernel_size=3, padding=1, activation="relu")
+    x = torch.randn(2, 6, 5, 5)
+    with torch.no_grad():
+        for widths in ([[8, 6], [4, 2]], [[3, 5], [8, 6]]):
+            fast.set_per_image_widths(torch.tensor(widths, dtype=torch.int32, device=DEVICE))
+            y = fast(x.to(DEVICE))
+            for image, (out_width, in_width) in enumerate(widths):
+                expected = torch.relu(torch.nn.functional.conv2d(
+                    x[image:image + 1, :in_width], slow.weight[:out_width, :in_width], slow.bias[:out_width],
+                    padding=1))
+                torch.testing.assert_close(y[image:image + 1, :out_width].cpu(), expected, rtol=1e-4, atol=1e-5)
+        assert [c["padding"] for c in kernel_calls] == [1, None]
+        if DEVICE == "cpu":  # (a GPU's widths are not read on the host: the kernel clamps them)
+            fast.set_per_image_widths(torch.tensor([[9, 6], [4, 2]], dtype=torch.int32))
+            with pytest.raises(ValueError, match=r"widths\[0, 0\] = 9 not in \[0, 8\]"):
+                fast(x)
+
+
 def test_batched_gradients_are_refused_by_name(kernel_calls):
     fast, _ = pair(in_channels=3, out_channels=4, kernel_size=3, padding=1)
     x = torch.randn(1, 3, 5, 5, device=DEVICE, requires_grad=True)
