@@ -365,7 +365,8 @@ def cmd_denoise(args) -> int:
     means = model.stem_means(planes, args.tile) if dynamic else None
     progress = sys.stderr.isatty()
     output = torch.cat([denoise(model, plane, tile=args.tile, overlap=args.overlap, progress=progress,
-                                stem_means=None if means is None else means[index:index + 1]).float()
+                                stem_means=None if means is None else means[index:index + 1],
+                                tiles_per_batch=args.tiles_per_batch).float()
                         for index, plane in enumerate(planes)])
     output = to_channels(output, image.shape[0])
     if alpha is not None:
@@ -451,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "bounded; default 512)")
     den.add_argument("--overlap", type=_nonnegative_int, help="pixels of context around each tile (default: the model's "
                                                  "receptive field radius, so tiles leave no seams)")
+    den.add_argument("--tiles-per-batch", type=_positive_int, default=1,
+                     help="tiles of one size run together, up to this many per forward (on a GPU, where a tile's "
+                          "forward is mostly host time, fewer forwards; memory grows with it; default 1)")
     den.set_defaults(func=cmd_denoise)
     bench = sub.add_parser("bench", help="time layers and every config of a network; JSON, markdown and plots")
     length = bench.add_mutually_exclusive_group()

@@ -40,7 +40,7 @@ def _as_batch(image: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int | None = None,
-            stem_means: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+            stem_means: torch.Tensor | None = None, progress: bool = False, tiles_per_batch: int = 1) -> torch.Tensor:
     """Denoise one image [C, H, W] (or [1, C, H, W]; either way the result is [C, H, W]) with
     ``model`` as it is (its mode and config); images larger than ``tile`` are cut
     into tiles with ``overlap`` pixels of context on each side, so memory stays bounded.
@@ -52,8 +52,11 @@ def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int
     down to that multiple. A model with a gate (a DDSNet, an AttentionSupernet) gives every
     tile the gate's squeeze of the whole image (``stem_means``, computed tile by tile unless
     the caller has them), so that each tile is routed and scaled as the whole image is.
-    ``progress``: a progress bar over the tiles on stderr."""
+    ``progress``: a progress bar over the tiles on stderr. ``tiles_per_batch``: up to this many
+    tiles of one size go through the model as one batch (on a GPU, where a tile's forward is
+    mostly host time, fewer forwards; memory grows with it)."""
     tile = checked_int(tile, "tile", "denoise")
+    tiles_per_batch = checked_int(tiles_per_batch, "tiles_per_batch", "denoise")
     overlap = None if overlap is None else checked_int(overlap, "overlap", "denoise", low=0)
     x = _as_batch(noisy)
     if 0 in x.shape[-2:]:
@@ -76,18 +79,29 @@ def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int
                          f"(--tile) or, at the cost of seams, a smaller overlap (--overlap)")
     if stem_means is None and getattr(model, "uses_stem_means", False):
         gate = {"stem_means": model.stem_means(x, tile)}
+    # each tile with its context, clipped to the image (its core is kept); tiles of one size batch
+    by_size: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+    for top in range(0, h, step):
+        for left in range(0, w, step):
+            y0, x0 = max(0, top - overlap), max(0, left - overlap)
+            y1, x1 = min(h, top + step + overlap), min(w, left + step + overlap)
+            by_size.setdefault((y1 - y0, x1 - x0), []).append((top, left, y0, x0))
     out = None
-    corners = [(top, left) for top in range(0, h, step) for left in range(0, w, step)]
-    for top, left in tqdm(corners, desc="tiles", unit="tile", disable=not progress, leave=False):
-        # the tile with its context, clipped to the image; keep only its core
-        y0, x0 = max(0, top - overlap), max(0, left - overlap)
-        y1, x1 = min(h, top + step + overlap), min(w, left + step + overlap)
-        result = model(x[..., y0:y1, x0:x1], **gate)
-        if out is None:  # the model's output channels and dtype, not the input's
-            out = result.new_empty((1, result.shape[1], h, w))
-        core_h, core_w = min(step, h - top), min(step, w - left)
-        out[..., top:top + core_h, left:left + core_w] = result[..., top - y0:top - y0 + core_h,
-                                                                 left - x0:left - x0 + core_w]
+    with tqdm(total=sum(map(len, by_size.values())), desc="tiles", unit="tile", disable=not progress,
+              leave=False) as bar:
+        for (tile_h, tile_w), tiles in by_size.items():
+            for first in range(0, len(tiles), tiles_per_batch):
+                batch = tiles[first:first + tiles_per_batch]
+                crops = torch.cat([x[..., y0:y0 + tile_h, x0:x0 + tile_w] for _, _, y0, x0 in batch])
+                shared = {name: means.expand(len(batch), -1) for name, means in gate.items()}
+                results = model(crops, **shared)
+                if out is None:  # the model's output channels and dtype, not the input's
+                    out = results.new_empty((1, results.shape[1], h, w))
+                for result, (top, left, y0, x0) in zip(results, batch):
+                    core_h, core_w = min(step, h - top), min(step, w - left)
+                    out[0, :, top:top + core_h, left:left + core_w] = result[:, top - y0:top - y0 + core_h,
+                                                                             left - x0:left - x0 + core_w]
+                bar.update(len(batch))
     return out[0]
 
 

@@ -428,6 +428,8 @@ def test_demo_rejects_a_sigma_that_is_no_noise_level_by_name(value, capsys):
     (["demo", "--base-width", "0"], "argument --base-width: must be a positive integer"),
     (["denoise", "in.png", "-o", "out.png", "--tile", "0"], "argument --tile: must be a positive integer"),
     (["denoise", "in.png", "-o", "out.png", "--overlap=-1"], "argument --overlap: must be an integer >= 0, got -1"),
+    (["denoise", "in.png", "-o", "out.png", "--tiles-per-batch", "0"],
+     "argument --tiles-per-batch: must be a positive integer"),
 ])
 def test_commands_name_the_flag_of_a_number_out_of_range(argv, message, capsys):
     with pytest.raises(SystemExit) as raised:

@@ -95,13 +95,15 @@ def half_dark_image():
     return x
 
 
+@pytest.mark.parametrize("tiles_per_batch", [1, 3])
 @pytest.mark.parametrize("attention,budget", [(True, None), (True, 1e9), (False, None)])
-def test_tiles_of_a_gated_model_take_the_whole_image_gate(attention, budget):
+def test_tiles_of_a_gated_model_take_the_whole_image_gate(attention, budget, tiles_per_batch):
     model = gated_unet(attention)
     model.set_budget(budget)
     x = half_dark_image()
     whole = denoise(model, x, tile=1024)
-    torch.testing.assert_close(denoise(model, x, tile=64), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(denoise(model, x, tile=64, tiles_per_batch=tiles_per_batch), whole, rtol=1e-5,
+                               atol=1e-5)
     torch.testing.assert_close(model.stem_means(x[None], 32), model.stem_means(x[None], 1024), rtol=1e-6, atol=1e-7)
     # each tile squeezing its own pixels (what the tiler did before) leaves seams
     step = 64 - 2 * 12  # the tile's core: the overlap is the receptive radius, rounded up to the size multiple
@@ -118,9 +120,30 @@ def test_tiles_of_an_attention_supernet_take_the_whole_image_gate():
     supernet = dds_fast.AttentionSupernet(model.supernet, model.gate).eval()
     supernet.set_config(supernet.space.largest())
     x = half_dark_image()
-    torch.testing.assert_close(denoise(supernet, x, tile=64), denoise(supernet, x, tile=1024), rtol=1e-5, atol=1e-5)
+    whole = denoise(supernet, x, tile=1024)
+    torch.testing.assert_close(denoise(supernet, x, tile=64), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(denoise(supernet, x, tile=64, tiles_per_batch=4), whole, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"means must be a floating-point \[1, 16\] tensor on cpu, got torch.float32 \(1, 3\)"):
         supernet(x[None], stem_means=torch.zeros(1, 3))
+
+
+def test_tiles_of_one_size_run_as_batches():
+    """Up to tiles_per_batch tiles of one size go through the model together (edge tiles, of
+    other sizes, apart), with the result of one tile at a time."""
+    model = net()
+    x = torch.rand(3, 70, 33, generator=torch.Generator().manual_seed(1))
+    batches = []
+    model.register_forward_pre_hook(lambda module, args: batches.append(tuple(args[0].shape)))
+    one_at_a_time = denoise(model, x, tile=24, overlap=8)
+    assert all(shape[0] == 1 for shape in batches)
+    tiles = len(batches)
+    batches.clear()
+    batched = denoise(model, x, tile=24, overlap=8, tiles_per_batch=2)
+    torch.testing.assert_close(batched, one_at_a_time, rtol=1e-5, atol=1e-5)
+    assert sum(shape[0] for shape in batches) == tiles and max(shape[0] for shape in batches) == 2
+    assert len(batches) < tiles and len({shape[2:] for shape in batches}) > 1  # sizes apart
+    with pytest.raises(ValueError, match="denoise: tiles_per_batch must be an int >= 1, got 0"):
+        denoise(model, x, tile=24, overlap=8, tiles_per_batch=0)
 
 
 def test_tiles_take_the_output_channels_of_the_model():
@@ -229,10 +252,13 @@ def test_denoise_command_reports_the_route_of_a_tiled_image_as_of_the_whole(tmp_
     rig_gate(dds.gate, 1)
     checkpoint = dds_fast.save(dds, tmp_path / "dds.safetensors")
     source = save_image(tmp_path / "in.png", torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(3)))
-    for tile in ("64", "24"):
-        assert main(["denoise", str(source), "-o", str(tmp_path / "out.png"), "--checkpoint", str(checkpoint),
-                     "--tile", tile, "--overlap", "4"]) == 0
+    for tile, batch in (("64", "1"), ("24", "1"), ("24", "3")):
+        out = tmp_path / f"out-{tile}-{batch}.png"
+        assert main(["denoise", str(source), "-o", str(out), "--checkpoint", str(checkpoint), "--tile", tile,
+                     "--overlap", "4", "--tiles-per-batch", batch]) == 0
         assert f"dynamic mode: routed to {dds.dynamic_macs_per_pixel[1]:,.0f} MACs/pixel" in capsys.readouterr().out
+    # tiles batched by three give the 8-bit output of one at a time
+    assert torch.equal(read_image(tmp_path / "out-24-3.png")[0], read_image(tmp_path / "out-24-1.png")[0])
 
 
 @pytest.mark.parametrize("budget, squeezes", [(None, 1), (1e9, 0)])
