@@ -480,14 +480,15 @@ def _parameter(module: nn.Module, name: str):
     return getattr(module, name) if value is None else value
 
 
-# repeat keys of calls that ran the kernels -> whether their output stays channels_last
+# repeat keys of calls that ran the kernels -> whether their output keeps the kernels' layout
+# (channels_last, or a packed per-image buffer) or is copied to NCHW, as its input was
 _CHECKED_CALLS: dict[tuple, bool] = {}
 
 
-def _remember_checked(key: tuple, nhwc: bool, limit: int = 1024) -> None:
+def _remember_checked(key: tuple, keeps_layout: bool, limit: int = 1024) -> None:
     if len(_CHECKED_CALLS) >= limit:
         _CHECKED_CALLS.clear()
-    _CHECKED_CALLS[key] = nhwc
+    _CHECKED_CALLS[key] = keeps_layout
 
 
 def _plain_eager_state() -> bool:
