@@ -61,6 +61,10 @@ def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int
     x = _as_batch(noisy)
     if 0 in x.shape[-2:]:
         raise ValueError(f"denoise: the image is empty, shape {tuple(noisy.shape)}")
+    if stem_means is not None and not (isinstance(stem_means, torch.Tensor) and stem_means.dim() == 2
+                                       and len(stem_means) == 1):  # (batched tiles share the row)
+        got = tuple(stem_means.shape) if isinstance(stem_means, torch.Tensor) else type(stem_means).__name__
+        raise ValueError(f"denoise: stem_means must be the image's one row [1, C], got {got}")
     h, w = x.shape[-2:]
     gate = {} if stem_means is None else {"stem_means": stem_means}
     if h <= tile and w <= tile:

@@ -398,9 +398,12 @@ class SlimConv2d(nn.Conv2d):
                                            self.stride[0], self.kernel_size[0] // 2, self.activation,
                                            self.negative_slope, self.per_image_widths_multiple, self.upscale_factor,
                                            self.per_image_tile_widths, **packed)
-        # (a float or bool stride, dilation or padding hashes as an int does: the full call refuses it)
+        # (a float or bool setting hashes as an int does: the full call refuses it)
         if launch_key is None or not (kernels.exact_ints(self.stride) and kernels.exact_ints(self.dilation)
-                                      and (type(self.padding) is str or kernels.exact_ints(self.padding))):
+                                      and (type(self.padding) is str or kernels.exact_ints(self.padding))
+                                      and kernels.exact_ints(self.per_image_widths_multiple)
+                                      and (self.per_image_tile_widths is None
+                                           or kernels.exact_ints(self.per_image_tile_widths))):
             return None
         # then the layer's settings that the kernels' key leaves out: a layer that falls back,
         # or whose settings changed, must not find another's checks. (Unhashable settings, a

@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -144,6 +145,16 @@ def test_tiles_of_one_size_run_as_batches():
     assert len(batches) < tiles and len({shape[2:] for shape in batches}) > 1  # sizes apart
     with pytest.raises(ValueError, match="denoise: tiles_per_batch must be an int >= 1, got 0"):
         denoise(model, x, tile=24, overlap=8, tiles_per_batch=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (16,)])
+def test_denoise_refuses_stem_means_that_are_not_the_image_s_one_row(shape):
+    """Batched tiles share the image's row of means: any other shape is refused, not broadcast."""
+    model = gated_unet(attention=True)
+    for tile in (1024, 64):
+        with pytest.raises(ValueError, match=rf"denoise: stem_means must be the image's one row \[1, C\], got "
+                                             rf"{re.escape(str(shape))}"):
+            denoise(model, half_dark_image(), tile=tile, stem_means=torch.rand(*shape), tiles_per_batch=2)
 
 
 def test_tiles_take_the_output_channels_of_the_model():

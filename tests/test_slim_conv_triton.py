@@ -476,6 +476,18 @@ def test_a_repeated_call_refuses_a_float_or_bool_stride_as_the_full_call_does(ke
             odd(x)
 
 
+@pytest.mark.parametrize("setting", [dict(multiple=1.0), dict(multiple=True), dict(tile_widths=(8.0, 6))])
+def test_a_repeated_per_image_call_refuses_float_or_bool_settings_as_the_full_call_does(setting, kernel_calls):
+    fast, _ = pair(in_channels=6, out_channels=8, kernel_size=3, padding=1)
+    x, widths = torch.randn(2, 6, 5, 5, device=DEVICE), torch.tensor([[8, 6], [4, 2]], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        fast.set_per_image_widths(widths, tile_widths=(8, 6) if "tile_widths" in setting else None)
+        fast(x)  # the int settings' call, checked
+        fast.set_per_image_widths(widths, **setting)
+        with pytest.raises(ValueError, match="widths_multiple must be an int|tile_widths must be two positive"):
+            fast(x)
+
+
 def test_a_repeated_per_image_call_reads_and_checks_its_own_widths(kernel_calls):
     """Per-image widths count in a repeat by their shape, strides, dtype and device: each call
     reads its own values (checked on the CPU, as the full call checks them)."""
