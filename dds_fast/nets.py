@@ -129,7 +129,9 @@ class SlimNet(nn.Module):
             raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
         config = self.space.validate(config)
         for conv, group, multiplier in self._bindings:
-            conv.active_out_channels = config[group] * multiplier
+            width = config[group] * multiplier
+            if conv._active_out != width:  # (a module attribute write costs host time; a DDSNet sets one per forward)
+                conv.active_out_channels = width
         if self._masked:  # (each module attribute write costs host time in the eager sandwich)
             for conv, _, _ in self._bindings:
                 conv.output_mask = None

@@ -205,7 +205,7 @@ class SlimConv2d(nn.Conv2d):
                 multiple = f" and a multiple of {self.upscale_factor ** 2}" if self.upscale_factor > 1 else ""
                 raise ValueError(f"{self._label()}: active_out_channels must be an int in [1, "
                                  f"{self.out_channels}]{multiple}, or None, got {value!r}")
-        self._active_out = value
+        vars(self)["_active_out"] = value  # (a plain attribute: nn.Module's __setattr__ costs host time)
 
     def set_per_image_widths(self, widths: torch.Tensor | None, multiple: int | tuple[int, int] = 1,
                              tile_widths: tuple[int, int] | None = None, packing: PackedBuffers | None = None):

@@ -358,3 +358,17 @@ def test_pad_reflects_where_the_image_allows_and_replicates_where_it_is_too_smal
     torch.testing.assert_close(net.pad(x), F.pad(x, (0, pw, 0, ph), mode="reflect"))
     tiny = torch.rand(1, 3, 1, 2)  # too small to reflect m - 1 rows
     torch.testing.assert_close(net.pad(tiny), F.pad(tiny, (0, m - 2, 0, m - 1), mode="replicate"))
+
+
+def test_set_config_sets_every_layer_that_differs_from_the_config_even_at_the_config_it_holds():
+    """set_config writes only the layers whose width changes (a DDSNet sets a config on every
+    forward); a layer changed directly since is still set back."""
+    net = SlimUNet(in_channels=3, base_width=8, depth=2)
+    config = net.space.smallest()
+    net.set_config(config)
+    widths = [conv.active_out_channels for conv, _, _ in net._bindings]
+    changed = net._bindings[1][0]
+    changed.active_out_channels = changed.out_channels
+    net.set_config(config)
+    assert [conv.active_out_channels for conv, _, _ in net._bindings] == widths
+    assert changed.active_out_channels != changed.out_channels
