@@ -96,7 +96,8 @@ def denoise(model: nn.Module, noisy: torch.Tensor, tile: int = 512, overlap: int
         for (tile_h, tile_w), tiles in by_size.items():
             for first in range(0, len(tiles), tiles_per_batch):
                 batch = tiles[first:first + tiles_per_batch]
-                crops = torch.cat([x[..., y0:y0 + tile_h, x0:x0 + tile_w] for _, _, y0, x0 in batch])
+                crops = [x[..., y0:y0 + tile_h, x0:x0 + tile_w] for _, _, y0, x0 in batch]
+                crops = crops[0] if len(crops) == 1 else torch.cat(crops)  # (one tile: a view, no copy)
                 shared = {name: means.expand(len(batch), -1) for name, means in gate.items()}
                 results = model(crops, **shared)
                 if out is None:  # the model's output channels and dtype, not the input's
