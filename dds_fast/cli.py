@@ -240,7 +240,10 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help); each overrides the c
     "--gate-lr-decay": ("gate_lr_decay", float, "stage 3's learning-rate factor per epoch"),
     "--gate-batch-size": ("gate_batch_size", int, "crops per stage 3 step (2 or more per process)"),
     "--gate-patch-size": ("gate_patch_size", int, "stage 3's crops' side"),
-    "--beta": ("beta", float, "dB of PSNR gain (largest over smallest config) that labels a crop hard"),
+    "--beta": ("beta", float, "dB of PSNR gain (largest over smallest config) that labels a crop hard; with "
+                                "--gate-labels within, how far under the largest a close route may be"),
+    "--gate-labels": ("gate_labels", str, "stage 3's labels: ends (the paper's: the smallest or the largest "
+                                          "config) or within (the smallest within --beta of the largest)"),
     "--budget": ("budget", float, "stage 3's MACs/pixel budget (default: the middle of the routing space's range)"),
     "--gate-complexity-weight": ("gate_complexity_weight", float, "weight of the MACs loss against the "
                                                                   "cross-entropy"),

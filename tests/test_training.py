@@ -551,11 +551,14 @@ def test_gate_labels_and_step():
     from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
     from dds_fast.training.gate_stage import gate_labels, gate_step, per_image_psnr
 
-    labels = gate_labels(torch.tensor([30.0, 30.5, 31.0]), torch.tensor([29.9, 30.0, 30.0]), 4, beta=0.2)
+    # the paper's rule: rows are the smallest's and the largest's PSNRs
+    labels = gate_labels(torch.tensor([[29.9, 30.0, 30.0], [30.0, 30.5, 31.0]]), [0, 3], beta=0.2)
     # a gain of exactly beta is hard ("less than beta is easy")
-    assert gate_labels(torch.tensor([30.25, 30.0]), torch.tensor([30.0, 30.0]), 4, beta=0.25).tolist() == [3, 0]
-    assert gate_labels(torch.tensor([30.0]), torch.tensor([30.0]), 4, beta=0.0).tolist() == [3]
+    assert gate_labels(torch.tensor([[30.0, 30.0], [30.25, 30.0]]), [0, 3], beta=0.25).tolist() == [3, 0]
+    assert gate_labels(torch.tensor([[30.0], [30.0]]), [0, 3], beta=0.0).tolist() == [3]
     assert labels.tolist() == [0, 3, 3]
+    with pytest.raises(ValueError, match="3 routes' PSNRs, routes names 2"):
+        gate_labels(torch.zeros(3, 2), [0, 3], beta=0.2)
     net = tiny_net()
     routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
     gate = DynamicGate(net.stem_channels, 2)
@@ -584,6 +587,52 @@ def test_gate_labels_and_step():
     assert record["cross_entropy"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
     with pytest.raises(ValueError, match="ascending"):
         gate_step(DDSNet(net, DynamicGate(net.stem_channels, 2), routes[::-1]), noisy, clean, 1.0)
+
+
+def test_within_labels_take_the_smallest_route_close_to_the_largest():
+    from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
+    from dds_fast.training.gate_stage import gate_labels, gate_step, scored_routes
+
+    assert scored_routes(4, "ends") == [0, 3] and scored_routes(4, "within") == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="unknown gate labels 'middle'"):
+        scored_routes(4, "middle")
+    quality = torch.tensor([[29.0, 30.95, 29.0, 29.0],
+                            [30.85, 30.0, 29.0, 31.5],  # the last image: a middle route beats the largest
+                            [30.95, 31.0, 30.0, 31.2],
+                            [31.0, 31.0, 31.0, 31.0]])
+    assert gate_labels(quality, [0, 1, 2, 3], beta=0.2).tolist() == [1, 0, 3, 1]
+    assert gate_labels(quality, [0, 1, 2, 3], beta=0.1).tolist() == [2, 0, 3, 1]
+
+    net = tiny_net()
+    configs = sorted({net.space.smallest(), net.space.largest(), net.space.uniform(0.5)},
+                     key=lambda c: macs_per_pixel(net, c))
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in configs]
+    gate = DynamicGate(net.stem_channels, 3)
+    gate.attention = False
+    model = DDSNet(net, gate, routes)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    noisy, clean = batch(n=6, size=16)
+
+    class Scorer(torch.nn.Module):
+        """Each route's output off the clean image by a set number of 8-bit levels per image."""
+        levels = {configs[0]: [8, 2, 8, 2, 8, 2], configs[1]: [2, 8, 8, 8, 8, 8], configs[2]: [2] * 6}
+
+        def set_config(self, config):
+            self.config = config
+
+        def forward(self, x):
+            return clean + torch.tensor(self.levels[self.config]).view(-1, 1, 1, 1) / 255
+
+    record = gate_step(model, noisy, clean, budget=routes[0].macs_per_pixel, labels="within", scorer=Scorer())
+    expected = torch.tensor([1, 0, 2, 0, 2, 0])  # the smallest route within 0.2 dB of the largest
+    with torch.no_grad():
+        net.set_config(net.space.largest())
+        logits = gate(net.stem(net.pad(noisy))).logits
+    shares = [record[f"label_share_{r}"] for r in range(3)]
+    assert shares == pytest.approx([(expected == r).float().mean().item() for r in range(3)])
+    assert record["hard_fraction"] == pytest.approx((expected > 0).float().mean().item())
+    assert record["cross_entropy"] == pytest.approx(F.cross_entropy(logits, expected).item(), rel=1e-5)
 
 
 def test_gate_step_on_two_ranks_averages_to_one_process_on_the_whole_batch(monkeypatch):
@@ -641,6 +690,14 @@ def test_one_sided_gate_labels_get_a_warning_naming_the_median_gain():
     # exactly 1% or 99% of one side is within the tolerance, no warning
     assert one_sided_labels([{"hard_fraction": 0.5}], 0.2, tolerance=0.5) is None
     assert one_sided_labels([{"hard_fraction": 0.25}, {"hard_fraction": 0.75}], 0.2, tolerance=0.5) is None
+    # "within" labels: one route's share, whichever it is
+    spread = [{"hard_fraction": 1.0, "label_share_0": 0.0, "label_share_1": 0.5, "label_share_2": 0.5}]
+    assert one_sided_labels(spread, 0.2, labels="within") is None
+    middle = [{"hard_fraction": 1.0, "label_share_0": 0.0, "label_share_1": 1.0, "label_share_2": 0.0}]
+    warning = one_sided_labels(middle, 0.2, labels="within")
+    assert "100.0% of the training images were labelled route 1" in warning and warning.endswith("lower beta")
+    largest = [{"hard_fraction": 1.0, "label_share_0": 0.0, "label_share_1": 0.0, "label_share_2": 1.0}]
+    assert one_sided_labels(largest, 0.2, labels="within").endswith("raise beta")
 
 
 def test_training_config_from_file(tmp_path):
@@ -1236,6 +1293,26 @@ def test_stage3_labels_an_attended_body_behind_its_attention_scale(tmp_path):
         run.stage3(net)
         gains[bias] = json.loads((tmp_path / str(bias) / "stage3.log.jsonl").read_text().splitlines()[0])["psnr_gain"]
     assert abs(gains[2.0] - gains[0.0]) > 1e-3, gains
+
+
+def test_stage3_with_within_labels_logs_each_route_s_share_and_resumes_only_with_them(tmp_path):
+    from dds_fast import RoutingEntry, macs_per_pixel
+
+    config = tiny_run_config(gate_steps=2, gate_labels="within", num_choices=3, attention=False)
+    run = Run(tmp_path / "run", config)
+    net = run.new_network()
+    configs = [net.space.smallest(), net.space.uniform(0.5), net.space.largest()]
+    net.routing_space = [RoutingEntry(c, macs_per_pixel(net, c)) for c in configs]
+    run.stage3(net)
+    records = [json.loads(line) for line in (tmp_path / "run" / "stage3.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1]
+    for record in records:
+        assert sum(record[f"label_share_{r}"] for r in range(3)) == pytest.approx(1.0)
+    other = Run(tmp_path / "run", tiny_run_config(gate_steps=3, num_choices=3, attention=False))
+    with pytest.raises(ValueError, match=r"stage3.state.safetensors was trained with other options: gate_labels"):
+        other.stage3(net)
+    with pytest.raises(ValueError, match="unknown gate_labels 'all'"):
+        TrainConfig.from_dict({"gate_labels": "all"})
 
 
 @dds_fast.register_architecture

@@ -34,7 +34,7 @@ from dds_fast.nets import constructor_misfit
 
 from .data import (NoisyPatches, PairedPatches, SIDDValidation, as_float, bundled_images, check_pair_headers,
                    load_image_folder, make_validation_set, sidd_medium_pairs, sidd_validation_files, to_channels)
-from .gate_stage import gate_step, one_sided_labels
+from .gate_stage import GATE_LABELS, gate_step, one_sided_labels
 from .graphed import GraphedStep
 from .loop import STEP_SEED_STRIDE, LoopSettings, TrainLoop, cosine_factor, rank_and_world, sole_writer, step_generator
 from .noise import make_noise
@@ -108,6 +108,9 @@ class TrainConfig:
     gate_batch_size: int = 64
     gate_patch_size: int = 128
     beta: float = 0.2  # dB of PSNR gain that makes an image hard
+    # stage 3's labels: "ends" (the paper's: the smallest or the largest route, by the
+    # largest's gain over the smallest) or "within" (ours: the smallest route within beta of the largest)
+    gate_labels: str = "ends"
     budget: float | None = None  # MACs/pixel; default: the middle of the routing space's range
     # the gate's attention head trained with the super-network (stages 1, 2 and refine run it
     # behind the head, as the paper); stage 3 trains the prediction head with it off
@@ -213,7 +216,8 @@ class TrainConfig:
             raise ValueError(f"{where(str(error).split(' ', 1)[0])}: {error}") from None
         choices = {"backend": BACKENDS, "lr_schedule": LR_SCHEDULES, "distillation": DISTILLATIONS,
                    "refine_distillation": DISTILLATIONS + (None,), "slim_criterion": SLIM_CRITERIA,
-                   "loss": tuple(sorted(LOSSES)), "distillation_loss": tuple(sorted(LOSSES))}
+                   "loss": tuple(sorted(LOSSES)), "distillation_loss": tuple(sorted(LOSSES)),
+                   "gate_labels": GATE_LABELS}
         for option, allowed in choices.items():
             if getattr(config, option) not in allowed:
                 raise ValueError(f"{where(option)}: unknown {option} {getattr(config, option)!r}; choose one of "
@@ -801,12 +805,14 @@ class Run:
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, c.gate_lr_decay)
 
         def step_fn(step, noisy, clean):
-            return gate_step(model, noisy, clean, budget, c.beta, c.gate_complexity_weight, scorer)
+            return gate_step(model, noisy, clean, budget, c.beta, c.gate_complexity_weight, scorer, c.gate_labels)
 
         # the gate's rate decays per epoch, not over the steps: a finished stage 3 can go on
         options = self.loop_options("gate_patch_size", "gate_lr", "gate_lr_decay", "beta", "gate_complexity_weight",
                                     budget=budget, routes=[e.config.to_dict() for e in model.routing_space],
                                     start_weights=start_weights,
+                                    # (the paper's rule is left out: a run of an earlier version resumes)
+                                    **({"gate_labels": c.gate_labels} if c.gate_labels != "ends" else {}),
                                     # earlier versions labelled an attended body without its scale
                                     **({"labels_behind_attention": True} if attended else {}))
         TrainLoop(self.dir, "stage3", model, optimizer, self.dataset(c.gate_patch_size), step_fn,
@@ -814,7 +820,7 @@ class Run:
                   options=options).run()
         if rank_and_world()[0] == 0:
             records = [json.loads(line) for line in (self.dir / "stage3.log.jsonl").read_text().splitlines()]
-            warning = one_sided_labels(records, c.beta)
+            warning = one_sided_labels(records, c.beta, labels=c.gate_labels)
             if warning:
                 warnings.warn(warning)
         model.eval()
