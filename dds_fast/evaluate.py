@@ -12,7 +12,7 @@ from tqdm import tqdm
 from .config import checked_int
 from .cost import macs_per_pixel
 from .ddsnet import DDSNet
-from .metrics import psnr, ssim
+from .metrics import check_float_scale, psnr, ssim
 
 
 @dataclass
@@ -121,8 +121,10 @@ def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]
     model.eval()
     scores, macs = [], []
     device = next(model.parameters(), torch.empty(0)).device  # no parameters (a baseline): the CPU
-    for noisy, clean in pairs:
+    for number, (noisy, clean) in enumerate(pairs):
         noisy = _as_batch(noisy).to(device)
+        if noisy.is_floating_point() and noisy.numel():  # (the output's clamp would hide a noisy 0..255)
+            check_float_scale(f"evaluate: pair {number}'s noisy image", float(noisy.min()), float(noisy.max()))
         clean = _as_batch(clean)
         # a DDSNet's route: from the gate's squeeze of the whole image, tile by tile, shared with the
         # tiles (an image within one tile is routed as a whole, by its own forward)
@@ -160,10 +162,15 @@ def comparison_table(dds: DDSNet, inets: Sequence[nn.Module], pairs: Sequence[tu
     """The paper's Table I: for each I-Net, DDS at the best config within the I-Net's MACs
     (static budget mode, the full-width stem counted when the gate's attention is on) against
     the I-Net; then DDS in dynamic mode. ``inet_rows``: the I-Nets' evaluations on ``pairs``
-    when the caller has them already."""
+    when the caller has them already (one per I-Net of ``inets``, or with ``inets`` empty alone)."""
     pairs = list(pairs)
     if inet_rows is None:
         inet_rows = [evaluate(inet, pairs, inet_name(dds, inet, position)) for position, inet in enumerate(inets)]
+    elif inets and len(inet_rows) != len(inets):  # (rows alone: I-Nets the caller scored elsewhere)
+        raise ValueError(f"comparison_table: {len(inet_rows)} inet_rows for {len(inets)} I-Nets: one row each")
+    unmatched = [row.name for row in inet_rows if row.images != len(pairs)]
+    if unmatched:  # the DDS rows are scored on pairs: rows of other images would not compare
+        raise ValueError(f"comparison_table: inet_rows {unmatched} were scored on other than the {len(pairs)} pairs")
     rows = []
     budget = dds.budget_index
     try:

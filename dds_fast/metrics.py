@@ -21,7 +21,15 @@ __all__ = ["to_uint8", "psnr", "ssim", "batch_psnr", "batch_ssim"]
 
 _SSIM_WINDOW = 11  # the Gaussian window skimage uses for sigma=1.5 (truncate 3.5)
 # Float images outside this are on another scale: wide of [0, 1], which noisy inputs overrun
-_FLOAT_RANGE = (-2.0, 3.0)
+FLOAT_RANGE = (-2.0, 3.0)
+
+
+def check_float_scale(label: str, low: float, high: float) -> None:
+    """A ValueError naming ``label`` when a float image's values (``low`` to ``high``) are on
+    another scale than [0, 1], give or take what noise overruns it by."""
+    if low < FLOAT_RANGE[0] or high > FLOAT_RANGE[1]:
+        raise ValueError(f"{label}: expected float values in [0, 1] (noise may overrun it a little), got values "
+                         f"from {low:.4g} to {high:.4g} (divide 8-bit values by 255)")
 
 
 def to_uint8(image) -> np.ndarray:
@@ -46,9 +54,8 @@ def to_uint8(image) -> np.ndarray:
         raise ValueError(f"expected float images in [0, 1] or uint8, got dtype {array.dtype}")
     if np.isnan(array).any():  # NaN has no 8-bit value: the cast would score it as black
         raise ValueError(f"image holds NaN values (shape {array.shape}, channels last); it has no 8-bit value")
-    if array.size and (array.min() < _FLOAT_RANGE[0] or array.max() > _FLOAT_RANGE[1]):
-        raise ValueError(f"float images are scored in [0, 1], got values from {array.min():.4g} to {array.max():.4g}"
-                         f" (divide 8-bit values by 255)")
+    if array.size:
+        check_float_scale("to_uint8", float(array.min()), float(array.max()))
     # Quantise in the image's own precision (at least float32), as rounding a saved float32
     # output would: float64 can round differently at exact .5 ties.
     array = array.astype(np.promote_types(array.dtype, np.float32), copy=False)

@@ -629,8 +629,13 @@ def test_clean_images_outside_the_unit_range_are_refused(image, expected):
             build()
     overshoot = torch.rand(3, 20, 20) * 1.2 - 0.1  # as resampling leaves it
     assert len(NoisyPatches([overshoot], GaussianNoise(25), patch_size=8, length=2)) == 2
-    noisy = torch.randn(3, 20, 20) + 0.5  # unclipped noise leaves [0, 1]: only its finiteness is checked
+    # unclipped noise leaves [0, 1] (here sigma 100 of 255), but not for another scale
+    noisy = torch.rand(3, 20, 20) + 0.39 * torch.randn(3, 20, 20, generator=torch.Generator().manual_seed(0))
+    assert noisy.min() < -0.5 and noisy.max() > 1.5
     assert PairedPatches([(noisy, torch.rand(3, 20, 20))], 8, 2)[0][0].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match=r"pair 0, noisy image: expected float values in \[0, 1\] \(noise may "
+                                         r"overrun it a little\), got values from 0 to 255"):
+        PairedPatches([((torch.rand(3, 20, 20) * 255).round(), torch.rand(3, 20, 20))], 8, 2)[0]
     with pytest.raises(ValueError, match="pair 0, noisy image: expected finite values"):
         PairedPatches([(torch.full((3, 20, 20), float("inf")), torch.rand(3, 20, 20))], 8, 2)[0]
 
@@ -792,6 +797,46 @@ def test_sidd_medium_errors_name_the_path(tmp_path):
     iio.imwrite(tmp_path / "Data" / "scene" / "0001_GT_SRGB_010.PNG", np.zeros((8, 9, 3), np.uint8), extension=".png")
     with pytest.raises(ValueError, match="sizes differ .*0001_NOISY_SRGB_010.PNG"):
         PairedPatches(sidd_medium_pairs(tmp_path), patch_size=4)[0]
+
+
+def test_sidd_medium_refuses_a_ground_truth_without_its_noisy_image_and_skips_hidden_folders(tmp_path):
+    write_sidd_medium(tmp_path)
+    hidden = tmp_path / "Data" / ".Trash"
+    hidden.mkdir()
+    iio.imwrite(hidden / "0009_NOISY_SRGB_010.PNG", np.zeros((24, 30, 3), np.uint8), extension=".png")
+    assert len(sidd_medium_pairs(tmp_path)) == 4  # (its noisy image has no ground truth either)
+    (tmp_path / "Data" / "0001_001_S6_00100_00060_3200_L" / "0001_NOISY_SRGB_011.PNG").unlink()
+    with pytest.raises(FileNotFoundError, match=r"SIDD noisy image .*0001_NOISY_SRGB_011.PNG missing for ground "
+                                                r"truth .*0001_GT_SRGB_011.PNG"):
+        sidd_medium_pairs(tmp_path)
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_a_pair_turned_differently_by_its_exif_tags_is_refused_before_and_on_decoding(tmp_path, orientation):
+    """Decoding turns a file as its EXIF orientation says: a noisy file tagged and its ground
+    truth not would be decoded out of line (90 degrees: of other sizes; 180: the same size)."""
+    from PIL import Image
+
+    write_sidd_medium(tmp_path)
+    noisy, clean = sidd_medium_pairs(tmp_path)[0]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    with Image.open(noisy) as image:
+        image.load()
+    image.save(noisy, format="PNG", exif=exif)
+    message = rf"EXIF orientations differ for .*{noisy.name} and .*{clean.name}: {orientation} vs 1"
+    with pytest.raises(ValueError, match=message):
+        check_pair_headers([(noisy, clean)], 16)
+    with pytest.raises(ValueError, match=message):
+        PairedPatches([(noisy, clean)], patch_size=16)[0]
+    with Image.open(clean) as image:  # both tagged alike: they line up, at the turned size
+        image.load()
+    image.save(clean, format="PNG", exif=exif)
+    turned = (30, 24) if orientation == 6 else (24, 30)
+    assert check_pair_headers([(noisy, clean)], 16) == [turned]
+    noisy_crop, clean_crop = PairedPatches([(noisy, clean)], patch_size=16)[0]
+    assert torch.allclose(noisy_crop, 1 - clean_crop, atol=1e-6)
+    assert read_image(noisy)[0].shape[-2:] == turned
 
 
 def write_sidd_validation(root, noisy, clean):

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -215,6 +216,13 @@ def test_comparison_rows_within_a_budget_cost_at_most_the_budget_with_attention_
         inet_rows.append(evaluate(dds.supernet, data, f"I-Net {index}"))
     table = comparison_table(dds, [], data, inet_rows)
     rows = [line.split("|")[1:-1] for line in table.splitlines() if "DDS at <=" in line]
+    # rows that do not match the I-Nets, or were scored on other images, would not compare
+    with pytest.raises(ValueError, match=f"comparison_table: {len(inet_rows) - 1} inet_rows for {len(inet_rows)} "
+                                         f"I-Nets: one row each"):
+        comparison_table(dds, [dds.supernet] * len(inet_rows), data, inet_rows[:-1])
+    with pytest.raises(ValueError, match=r"comparison_table: inet_rows \['I-Net 1'\] were scored on other than "
+                                         r"the 1 pairs"):
+        comparison_table(dds, [], data, [inet_rows[0], dataclasses.replace(inet_rows[1], images=3)])
     # the smallest config costs more than its own MACs behind the full-width stem: nothing fits
     assert rows[0][0].strip() == f"DDS at <= {dds.routing_space[0].macs_per_pixel:,.0f}: no config fits"
     for label, macs, *_ in rows[1:]:
@@ -561,3 +569,7 @@ def test_evaluate_scores_an_output_far_outside_0_1_as_clipped():
     result = evaluate(Loud(), [(clean, clean)])
     expected = psnr((clean * 10 - 4).clamp(0, 1), clean)
     assert result.psnr == pytest.approx(expected)
+    # but a noisy input on the 0..255 scale is the caller's slip, which the clamp would hide
+    noisy = (clean * 255).round()
+    with pytest.raises(ValueError, match=r"evaluate: pair 1's noisy image: expected float values in \[0, 1\]"):
+        evaluate(Loud(), [(clean, clean), (noisy, clean)])

@@ -1157,6 +1157,22 @@ def test_missing_or_malformed_sidd_data_is_named(tmp_path):
         synthetic.validation_batches()
 
 
+def test_beside_real_pairs_a_folder_s_images_all_validate(tmp_path):
+    """With paired_root a folder's images are read for validation only: by default every one
+    (the last two were, and the others read, fingerprinted and left unused)."""
+    from test_data import write_sidd_medium
+
+    write_sidd_medium(tmp_path / "medium")
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+    paired = dict(paired_root=str(tmp_path / "medium"), images=str(folder), validation_patch=32)
+    run = Run(tmp_path / "run", tiny_run_config(**paired))
+    assert run.train_images == {}
+    assert sorted(Path(name).name for name in run.validation_images) == ["a.png", "b.png", "c.png"]
+    with pytest.raises(ValueError, match=r"images \['a.png'\] in .*photos would go unused: beside paired_root's "
+                                         r"training pairs the folder's images validate only"):
+        Run(tmp_path / "run", tiny_run_config(**paired, validation_images=["b.png", "c.png"]))
+
+
 def test_real_pairs_that_would_fail_a_later_stage_are_refused_before_stage_1(tmp_path):
     """What a pair's PNG headers tell is checked when the run starts (it was found when the
     pair was first decoded, anywhere in stage 1, or at stage 3)."""

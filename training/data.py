@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from dds_fast.checkpoint import atomic_write
 from dds_fast.config import checked_int
+from dds_fast.metrics import check_float_scale
 
 from .noise import NoiseModel, luma
 
@@ -269,6 +270,13 @@ def _straight_alpha(array: np.ndarray, colours: int, alpha_index: int) -> np.nda
     return out
 
 
+def _exif_orientation(path: Path) -> int:
+    """The EXIF orientation that decoding ``path`` applies, as Pillow reads it (1: as stored)."""
+    with _open_image(path) as image:
+        orientation = image.getexif().get(0x0112)
+    return orientation if orientation in _EXIF_TRANSPOSE else 1
+
+
 @contextmanager
 def _open_image(path: Path):
     """``Image.open`` without Pillow's decompression-bomb limit, which refuses (or warns on)
@@ -296,8 +304,7 @@ def _decode(path: Path) -> np.ndarray:
         return array if turn is None else np.ascontiguousarray(turn(array))
     header = _png_header(path)
     if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
-        with _open_image(path) as image:  # Pillow reads the EXIF (eXIf chunk) that pypng skips
-            turn = _EXIF_TRANSPOSE.get(image.getexif().get(0x0112))
+        turn = _EXIF_TRANSPOSE.get(_exif_orientation(path))  # (the eXIf chunk that pypng skips)
         array = _read_png16_colour(path)
         return array if turn is None else turn(array)
     with _open_image(path) as image:
@@ -557,7 +564,8 @@ _RANGE_MARGIN = 0.5
 
 def _check_image_tensor(label: str, image, unit_range: bool = True, levels: bool = False) -> None:
     """A float [1 or 3, H, W] image, or uint8 levels where the caller reads them through
-    ``as_float`` (``levels``); clean float ones in [0, 1] (``unit_range``), noisy ones finite."""
+    ``as_float`` (``levels``); clean float ones in [0, 1] (``unit_range``), noisy ones finite and
+    on that scale (within ``dds_fast.metrics.FLOAT_RANGE``)."""
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{label}: expected a tensor shaped [1 or 3, H, W], got {shape}")
@@ -575,6 +583,7 @@ def _check_image_tensor(label: str, image, unit_range: bool = True, levels: bool
     if unit_range and (low < -_RANGE_MARGIN or high > 1 + _RANGE_MARGIN):
         raise ValueError(f"{label}: expected values in [0, 1], got values from {low} to {high} (scale "
                          f"pixels by their maximum, e.g. / 255)")
+    check_float_scale(label, low, high)  # a noisy image overruns [0, 1], but not by a scale
 
 
 def _image_list(images, channels: int | None) -> tuple[list[str], list[torch.Tensor]]:
@@ -718,14 +727,22 @@ def sidd_medium_pairs(root) -> list[tuple[Path, Path]]:
     data = root / "Data"
     if not data.is_dir():
         raise FileNotFoundError(f"SIDD-Medium folder {data} not found (expected {root}/Data/<scene>/*_NOISY_SRGB_*.PNG)")
+    def listed(kind: str) -> list[Path]:
+        # (hidden: macOS's ._ metadata files, a .Trash folder)
+        return [path for path in sorted(data.glob(f"*/*_{kind}_SRGB_*")) if path.suffix.lower() == ".png"
+                and not path.name.startswith(".") and not path.parent.name.startswith(".")]
+
     pairs = []
-    for noisy in sorted(data.glob("*/*_NOISY_SRGB_*")):
-        if noisy.suffix.lower() != ".png" or noisy.name.startswith("."):  # (macOS's ._ metadata files)
-            continue
+    for noisy in listed("NOISY"):
         clean = noisy.with_name(noisy.name.replace("_NOISY_SRGB_", "_GT_SRGB_"))
         if not clean.is_file():
             raise FileNotFoundError(f"SIDD ground truth {clean} missing for noisy image {noisy}")
         pairs.append((noisy, clean))
+    paired = {clean for _, clean in pairs}
+    for clean in listed("GT"):
+        if clean not in paired:
+            noisy = clean.with_name(clean.name.replace("_GT_SRGB_", "_NOISY_SRGB_"))
+            raise FileNotFoundError(f"SIDD noisy image {noisy} missing for ground truth {clean}")
     if not pairs:
         raise ValueError(f"no *_NOISY_SRGB_*.PNG images in {data}/<scene>/")
     return pairs
@@ -751,12 +768,24 @@ def check_pair_headers(pairs: Sequence[tuple[Path, Path]], patch_size: int) -> l
         if None in headers:
             sizes.append(None)
             continue
-        size = [header[2:] for header in headers]
+        # (orientations 5 to 8 swap height and width)
+        size = [header[2:] if _check_orientations(noisy, clean) < 5 else header[2:][::-1] for header in headers]
         # gray (+ alpha), colour (+ alpha); a palette's planes are the decoder's to tell (an all-gray one is gray)
         colours = [{0: 1, 4: 1, 2: 3, 6: 3}.get(header[1]) for header in headers]
         _check_pair(f"{noisy} and {clean}", size, colours, patch_size)
         sizes.append(size[0])
     return sizes
+
+
+def _check_orientations(noisy, clean) -> int:
+    """The EXIF orientation that decoding turns both files of a pair by: the same, or their
+    pixels would not line up (a TIFF's own tag is tifffile's to read, and not compared)."""
+    orientations = [None if _is_tiff(Path(path)) else _exif_orientation(Path(path)) for path in (noisy, clean)]
+    if None not in orientations and orientations[0] != orientations[1]:
+        raise ValueError(f"noisy/clean EXIF orientations differ for {noisy} and {clean}: {orientations[0]} vs "
+                         f"{orientations[1]} (1: as stored); decoding turns each as its tag says, so the pair "
+                         f"would not line up")
+    return orientations[0] or 1
 
 
 def _check_pair(names: str, size: list, colours: list[int], patch_size: int) -> None:
@@ -847,6 +876,7 @@ class PairedPatches(Dataset):
             colours = [a.shape[0] for a in loaded]
         else:
             loaded = (_read_array(Path(noisy)), _read_array(Path(clean)))
+            _check_orientations(noisy, clean)
             names = f"{noisy} and {clean}"
             size = [a.shape[:2] for a in loaded]
             colours = [_colour_planes(a) for a in loaded]

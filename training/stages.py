@@ -333,7 +333,7 @@ class Run:
     of ``sidd_validation`` when set, else the noise model on clean images held out of
     training: ``validation_images`` (names; a folder's file names relative to it), by default
     chelsea and coins of the bundled photos, or the last two files by name of a folder (the
-    last one of a folder of two)."""
+    last one of a folder of two; beside real pairs, every one)."""
 
     def __init__(self, run_dir, config: TrainConfig):
         self.dir = Path(run_dir)
@@ -425,7 +425,8 @@ class Run:
             images, default = bundled_images(channels=c.channels), DEFAULT_VALIDATION_IMAGES
         else:
             images = load_image_folder(c.images, channels=c.channels, keep_8_bit=True)  # sorted by name
-            default = tuple(images)[max(1, len(images) - FOLDER_VALIDATION_IMAGES):]
+            # (beside real pairs the folder's images validate only)
+            default = tuple(images)[0 if c.paired_root else max(1, len(images) - FOLDER_VALIDATION_IMAGES):]
         held_out = () if c.sidd_validation else default if c.validation_images is None else c.validation_images
         missing = [name for name in held_out if name not in images]
         if missing:
@@ -435,6 +436,12 @@ class Run:
                              f"add images or set sidd_validation")
         if not c.paired_root and set(held_out) == set(images):
             raise ValueError(f"every clean image ({list(images)}) is held out for validation; none is left to train on")
+        unused = [name for name in images if name not in held_out]
+        if c.paired_root and c.images is not None and unused:
+            raise OptionError(f"images {unused} in {c.images} would go unused: beside paired_root's training pairs "
+                              f"the folder's images validate only, and validation_images names {list(held_out)}; "
+                              f"leave validation_images unset to validate on every one, or move the others out",
+                              "images", "validation_images")
         key = (lambda name: str(Path(c.images) / name)) if c.images else str
         return ({key(name): image for name, image in images.items() if name not in held_out},
                 {key(name): images[name] for name in held_out})
