@@ -10,6 +10,7 @@ never depends on its file after ``load``.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -95,6 +96,12 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     state = model.state_dict()
     _refuse_tied(state, path)
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
+    # what load will rebuild and check: a file it would refuse is refused now (a parametrization
+    # or a buffer added after construction, a NaN weight)
+    try:
+        _check_tensors(path, _rebuilt(path, ARCHITECTURES[arch], _decoded(Path(path), header)), arch, tensors)
+    except CheckpointError as error:
+        raise ValueError(f"save: load could not rebuild this {arch} from {path}: {error}") from None
     return atomic_save_file(tensors, path, header)
 
 
@@ -114,7 +121,7 @@ def _refuse_tied(state: dict[str, torch.Tensor], path) -> None:
 def _json_text(value, name: str) -> str:
     try:
         return json.dumps(value)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:  # (RecursionError: nested too deep)
         raise ValueError(f"save: {name} must be JSON-serialisable: {error}") from None
 
 
@@ -152,6 +159,8 @@ def _tensors_of(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         tensors = load_tensors(data)
     except SafetensorError as error:
         raise ValueError(str(error)) from None
+    except KeyError as error:  # a dtype safetensors parses and its torch table lacks (F8_E8M0)
+        raise ValueError(f"it holds tensors of dtype {error}, which safetensors cannot give torch") from None
     if _DIGEST in metadata and weights_fingerprint(tensors) != metadata[_DIGEST]:
         raise ValueError("its tensors do not match the checksum saved with them (corrupt data)")
     return metadata, tensors
@@ -165,8 +174,10 @@ def _metadata_of(data: bytes, file_size: int | None = None) -> dict[str, str]:
     if len(data) < 8:
         raise ValueError(f"{len(data)} bytes, too short for a safetensors header")
     size = int.from_bytes(data[:8], "little")
-    if size > min(len(data) - 8, _MAX_HEADER):
-        raise ValueError(f"its header claims {size} bytes; the file holds {len(data) - 8} after the length")
+    if size > _MAX_HEADER:
+        raise ValueError(f"its header claims {size} bytes, more than the {_MAX_HEADER} a header may hold")
+    if size > len(data) - 8:
+        raise ValueError(f"its header claims {size} bytes; the file holds {file_size - 8} after the length")
     try:
         header = json.loads(data[8:8 + size])
     except (ValueError, RecursionError) as error:
@@ -199,7 +210,7 @@ def remove_leftovers(path: str | os.PathLike) -> None:
     """Delete the temporary files that ``atomic_write`` calls for ``path`` left behind when a
     kill stopped them mid-write; only for a writer that knows no other process writes ``path``."""
     path = Path(path)
-    for leftover in path.parent.glob(f"{glob.escape(_temp_prefix(path))}*.tmp{glob.escape(path.suffix)}"):
+    for leftover in path.parent.glob(f"{glob.escape(_temp_prefix(path))}*{glob.escape(_temp_suffix(path))}"):
         leftover.unlink(missing_ok=True)
 
 
@@ -212,6 +223,11 @@ def _temp_prefix(path: Path) -> str:
     return f".{name[:88].decode(errors='ignore')}-{hashlib.sha256(name).hexdigest()[:10]}."
 
 
+def _temp_suffix(path: Path) -> str:
+    # the name's suffix kept (a writer may read the format from it), unless too long to be one
+    return f".tmp{path.suffix}" if len(os.fsencode(path.suffix)) <= 32 else ".tmp"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` writes a temporary file beside ``path`` (with its suffix, which some
     writers read the format from), then a rename puts it in place, so a reader (or a run
@@ -221,12 +237,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     which is replaced."""
     path = Path(path)
     if path.is_symlink():
-        path = path.resolve()
+        try:
+            path = path.resolve()
+        except RuntimeError as error:  # a loop of links (an OSError from Python 3.13 on)
+            raise OSError(errno.ELOOP, f"cannot write {path}: {error}", str(path)) from None
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=f".tmp{path.suffix}")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=_temp_suffix(path))
     except OSError as error:
         raise OSError(error.errno, f"cannot write {path}: {error.strerror}", str(path)) from error
     os.close(fd)
@@ -307,7 +326,10 @@ def _decoded(path: Path, header: dict[str, str]) -> dict:
     if header.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} checkpoint (no '{FORMAT}' format tag)")
     revision = header.get("format_version", "1")  # files from before the field are revision 1
-    if not revision.isdigit() or int(revision) > FORMAT_VERSION:
+    if not (revision.isascii() and revision.isdigit()):  # ("²" is a digit, not a number int() reads)
+        raise CheckpointError(f"checkpoint {path} has malformed metadata: format_version {revision!r} is not a "
+                              f"whole number")
+    if int(revision) > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} was written by dds-fast {header.get('version')} in format revision "
                               f"{revision}; dds-fast {__version__} reads revisions up to {FORMAT_VERSION}: upgrade "
                               f"dds-fast to load it")
@@ -356,6 +378,54 @@ def _check_dtypes(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]
                               f"own dtype for the rest)")
 
 
+def _rebuilt(path: Path, cls: type, meta: dict) -> nn.Module:
+    """The model ``load`` builds from a file's metadata (``meta``, as ``_decoded`` reads it),
+    with its fresh weights: its arguments, config, static export and routing space."""
+    build = getattr(cls, "from_arch_args", cls)
+    try:
+        with torch.random.fork_rng(devices=[]):  # its random weights, replaced below, leave the caller's stream
+            model = build(**meta["arch_args"])
+    except (TypeError, ValueError, KeyError, RuntimeError, MemoryError, OverflowError) as error:
+        # RuntimeError, MemoryError: arguments so large that the parameters cannot be allocated
+        raise CheckpointError(f"checkpoint {path}: cannot build {meta['arch']} from its arguments: "
+                              f"{error or type(error).__name__}") from None
+    try:
+        if meta["config"] is not None and hasattr(model, "set_config"):
+            model.set_config(meta["config"])
+        if meta["static"]:
+            model = export_static(model)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path}: its config does not fit {meta['arch']}: {error}") from None
+    routing = meta["routing_space"]
+    if routing is not None and getattr(model, "routing_space", None) is not None:
+        # a DDSNet validated its routing space as it was built from arch_args: the header's copy must agree
+        if list(model.routing_space) != list(routing):
+            raise CheckpointError(f"checkpoint {path}: its header's routing space differs from the one in its "
+                                  f"arguments")
+    elif routing is not None:
+        try:
+            model.routing_space = routing  # (checked against the network as it is set)
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint {path}: its routing space does not fit {meta['arch']}: "
+                                  f"{error}") from None
+    return model
+
+
+def _check_tensors(path: Path, model: nn.Module, arch: str, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` fit ``model`` as ``_rebuilt`` built it: its keys, dtypes it runs, finite values."""
+    expected_keys = set(model.state_dict())
+    missing, unexpected = sorted(expected_keys - set(tensors)), sorted(set(tensors) - expected_keys)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match {arch}: missing keys {missing}, "
+                              f"unexpected keys {unexpected}")
+    _check_dtypes(path, model, tensors)
+    # a NaN or infinite weight would not fail: it would route every image to one sub-network
+    # (a gate's) or end in a NaN image, far from its cause
+    broken = [key for key, t in sorted(tensors.items()) if t.is_floating_point() and not bool(t.isfinite().all())]
+    if broken:
+        raise CheckpointError(f"checkpoint {path}: NaN or infinite values in {', '.join(broken)}")
+
+
 def load(path: str | os.PathLike, arch: str | type | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model saved at ``path``, its tensors in the dtypes they were saved in, on
     the device ``map_location``. ``arch`` (a class or its name), when given, must match the
@@ -385,48 +455,12 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
                               f"{sorted(ARCHITECTURES)}; a class of your own: import the module that registers "
                               f"it with dds_fast.register_architecture first, on the command line with "
                               f"dds-fast --import MODULE)")
-    build = getattr(cls, "from_arch_args", cls)
-    try:
-        with torch.random.fork_rng(devices=[]):  # its random weights, replaced below, leave the caller's stream
-            model = build(**meta["arch_args"])
-    except (TypeError, ValueError, KeyError, RuntimeError, MemoryError, OverflowError) as error:
-        # RuntimeError, MemoryError: arguments so large that the parameters cannot be allocated
-        raise CheckpointError(f"checkpoint {path}: cannot build {meta['arch']} from its arguments: "
-                              f"{error or type(error).__name__}") from None
-    try:
-        if meta["config"] is not None and hasattr(model, "set_config"):
-            model.set_config(meta["config"])
-        if meta["static"]:
-            model = export_static(model)
-    except ValueError as error:
-        raise CheckpointError(f"checkpoint {path}: its config does not fit {meta['arch']}: {error}") from None
-    routing = meta["routing_space"]
-    if routing is not None and getattr(model, "routing_space", None) is not None:
-        # a DDSNet validated its routing space as it was built from arch_args: the header's copy must agree
-        if list(model.routing_space) != list(routing):
-            raise CheckpointError(f"checkpoint {path}: its header's routing space differs from the one in its "
-                                  f"arguments")
-    elif routing is not None:
-        try:
-            model.routing_space = routing  # (checked against the network as it is set)
-        except ValueError as error:
-            raise CheckpointError(f"checkpoint {path}: its routing space does not fit {meta['arch']}: "
-                                  f"{error}") from None
+    model = _rebuilt(path, cls, meta)
     try:
         _, tensors = _tensors_of(data)
     except ValueError as error:
         raise CheckpointError(f"checkpoint {path}: cannot read its tensors (truncated or corrupt?): {error}") from None
-    expected_keys = set(model.state_dict())
-    missing, unexpected = sorted(expected_keys - set(tensors)), sorted(set(tensors) - expected_keys)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match {meta['arch']}: missing keys {missing}, "
-                              f"unexpected keys {unexpected}")
-    _check_dtypes(path, model, tensors)
-    # a NaN or infinite weight would not fail: it would route every image to one sub-network
-    # (a gate's) or end in a NaN image, far from its cause
-    broken = [key for key, t in sorted(tensors.items()) if t.is_floating_point() and not bool(t.isfinite().all())]
-    if broken:
-        raise CheckpointError(f"checkpoint {path}: NaN or infinite values in {', '.join(broken)}")
+    _check_tensors(path, model, meta["arch"], tensors)
     try:
         model.load_state_dict(tensors, assign=True)  # assign: the saved dtypes, not the fresh model's fp32
     except RuntimeError as error:

@@ -22,11 +22,11 @@ import torch
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
     """Round ``value`` to the nearest multiple of ``divisor``, never below ``min_value``
     (default ``divisor``) and never more than 10% below ``value``."""
-    if divisor < 1:
-        raise ValueError(f"make_divisible: divisor must be >= 1, got {divisor}")
+    divisor = checked_int(divisor, "divisor", "make_divisible")
+    value = checked_real(value, "value", "make_divisible")
     if value <= 0:
         raise ValueError(f"make_divisible: value must be > 0, got {value}")
-    min_value = divisor if min_value is None else min_value
+    min_value = divisor if min_value is None else checked_int(min_value, "min_value", "make_divisible")
     rounded = int(value + divisor / 2) // divisor * divisor
     if rounded < 0.9 * value:
         rounded += divisor
@@ -41,7 +41,7 @@ def exact_int(value):
         return value
     try:
         return operator.index(value)
-    except TypeError:
+    except (TypeError, RuntimeError):  # RuntimeError: a tensor without values (meta)
         return value
 
 
@@ -108,7 +108,7 @@ class SubnetConfig(Mapping):
         """The config of a mapping of group names to widths (in its order)."""
         if not isinstance(widths, Mapping):
             raise ValueError(f"SubnetConfig: widths must be a mapping of group names to ints, got {widths!r}")
-        return cls(tuple((str(name), width) for name, width in widths.items()))
+        return cls(tuple(widths.items()))  # (the constructor refuses names that are not strings)
 
     def to_dict(self) -> dict[str, int]:
         """Group names to widths, in the config's order."""
@@ -188,7 +188,12 @@ class WidthSpace:
     """The ordered tied groups of a network and the configs they allow."""
 
     def __init__(self, groups: Iterable[ChannelGroup]):
-        self.groups = tuple(groups)
+        try:
+            self.groups = tuple(groups)
+        except TypeError:
+            self.groups = None
+        if self.groups is None or not all(isinstance(g, ChannelGroup) for g in self.groups):
+            raise ValueError(f"WidthSpace: groups must be ChannelGroups, got {groups!r:.200}")
         names = [g.name for g in self.groups]
         if len(set(names)) != len(names):
             raise ValueError(f"WidthSpace: duplicate group names {names}")

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from .config import checked_int
 from .cost import macs_per_pixel
 from .ddsnet import DDSNet
-from .metrics import check_float_scale, psnr, ssim
+from .metrics import NOISY_RANGE, check_float_scale, psnr, ssim
 
 
 @dataclass
@@ -124,7 +124,8 @@ def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]
     for number, (noisy, clean) in enumerate(pairs):
         noisy = _as_batch(noisy).to(device)
         if noisy.is_floating_point() and noisy.numel():  # (the output's clamp would hide a noisy 0..255)
-            check_float_scale(f"evaluate: pair {number}'s noisy image", float(noisy.min()), float(noisy.max()))
+            check_float_scale(f"evaluate: pair {number}'s noisy image", float(noisy.min()), float(noisy.max()),
+                              NOISY_RANGE)
         clean = _as_batch(clean)
         # a DDSNet's route: from the gate's squeeze of the whole image, tile by tile, shared with the
         # tiles (an image within one tile is routed as a whole, by its own forward)

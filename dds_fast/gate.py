@@ -135,6 +135,9 @@ class DynamicGate(nn.Module):
             return False
         if (self.backend == "auto" and not x.is_cuda) or x.dtype not in _FUSED_DTYPES:
             return False
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+            # the kernels are no registered op: a trace, fake tensors or FlopCounterMode get the reference ops
+            return False
         unavailable = _kernels_module()
         if isinstance(unavailable, str):  # no Triton on this platform
             note_fallback(self, "DynamicGate", unavailable)

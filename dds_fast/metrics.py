@@ -22,13 +22,15 @@ __all__ = ["to_uint8", "psnr", "ssim", "batch_psnr", "batch_ssim"]
 _SSIM_WINDOW = 11  # the Gaussian window skimage uses for sigma=1.5 (truncate 3.5)
 # Float images outside this are on another scale: wide of [0, 1], which noisy inputs overrun
 FLOAT_RANGE = (-2.0, 3.0)
+# Noisy inputs to a denoiser: unclipped noise of sigma up to about 400 (0-255 units) stays within
+NOISY_RANGE = (-10.0, 11.0)
 
 
-def check_float_scale(label: str, low: float, high: float) -> None:
+def check_float_scale(label: str, low: float, high: float, bounds: tuple[float, float] = FLOAT_RANGE) -> None:
     """A ValueError naming ``label`` when a float image's values (``low`` to ``high``) are on
-    another scale than [0, 1], give or take what noise overruns it by."""
-    if low < FLOAT_RANGE[0] or high > FLOAT_RANGE[1]:
-        raise ValueError(f"{label}: expected float values in [0, 1] (noise may overrun it a little), got values "
+    another scale than [0, 1]: outside ``bounds``, which allow for what noise overruns it by."""
+    if low < bounds[0] or high > bounds[1]:
+        raise ValueError(f"{label}: expected float values in [0, 1] (noise may overrun it), got values "
                          f"from {low:.4g} to {high:.4g} (divide 8-bit values by 255)")
 
 

@@ -1565,13 +1565,14 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     active slice) and residual.
     """
     key = None
-    # eager calls only (tracing has no pointers), with plain int options (1.0 and True hash as
-    # 1 does, and must still be rejected; segment starts are not looked at, to save the time:
-    # a start of 0.0 may find the plan of 0, the same launch)
+    # eager calls only (a trace, and a dispatch mode's fake tensors, have no pointers), with plain
+    # int options (1.0 and True hash as 1 does, and must still be rejected; segment starts are not
+    # looked at, to save the time: a start of 0.0 may find the plan of 0, the same launch)
     if not channel_sums and type(stride) is int \
             and (padding is None or type(padding) is int) and exact_ints(widths_multiple) \
             and type(upscale_factor) is int and (out_channels is None or type(out_channels) is int) \
-            and (tile_widths is None or exact_ints(tile_widths)) and not torch.compiler.is_compiling():
+            and (tile_widths is None or exact_ints(tile_widths)) and not torch.compiler.is_compiling() \
+            and not torch._C._len_torch_dispatch_stack():
         key = inference_key(inputs, weight, bias, residual, widths, segment_starts, out_channels, stride, padding,
                             activation, negative_slope, widths_multiple, upscale_factor, tile_widths,
                             packed_inputs=packed_inputs, packed_output=packed_output)

@@ -463,6 +463,62 @@ def test_a_checkpoint_from_a_later_format_revision_is_refused(net, tmp_path):
         load(path)
 
 
+@pytest.mark.parametrize("revision", ["\u00b2", ""])
+def test_a_format_revision_that_is_no_number_is_malformed(net, tmp_path, revision):
+    path = save(net, tmp_path / "model.safetensors")
+    rewrite(path, net.state_dict(), format_version=revision)  # ("²".isdigit(), and int() refuses it)
+    with pytest.raises(CheckpointError, match=f"{path} has malformed metadata: format_version '{revision}' is not a "
+                                              f"whole number"):
+        load(path)
+
+
+def test_a_header_claimed_past_the_limit_says_so(tmp_path):
+    from dds_fast import checkpoint
+
+    path = tmp_path / "big.safetensors"
+    path.write_bytes((checkpoint._MAX_HEADER + 1).to_bytes(8, "little") + b"{}" + bytes(64))
+    with pytest.raises(CheckpointError, match=f"its header claims {checkpoint._MAX_HEADER + 1} bytes, more than the "
+                                              f"{checkpoint._MAX_HEADER} a header may hold"):
+        read_metadata(path)
+
+
+def test_save_refuses_what_load_would_refuse(net, tmp_path):
+    """A file save wrote, load must read: a buffer or a parametrization added after the net was
+    built (load rebuilds it from its arguments), a NaN weight."""
+    extra = SlimDnCNN(in_channels=1, base_width=8, depth=3)
+    extra.register_buffer("step", torch.zeros(()))
+    with pytest.raises(ValueError, match=r"save: load could not rebuild this SlimDnCNN from .*: .*missing keys \[\], "
+                                         r"unexpected keys \['step'\]"):
+        save(extra, tmp_path / "extra.safetensors")
+    normed = SlimDnCNN(in_channels=1, base_width=8, depth=3)
+    torch.nn.utils.parametrizations.weight_norm(normed.last)
+    with pytest.raises(ValueError, match=r"unexpected keys \['last.parametrizations.weight.original0'"):
+        save(normed, tmp_path / "normed.safetensors")
+    with torch.no_grad():
+        net.last.bias[0] = float("nan")
+    with pytest.raises(ValueError, match="save: load could not rebuild this SlimUNet .*NaN or infinite values in "
+                                         "last.bias"):
+        save(net, tmp_path / "nan.safetensors")
+    assert sorted(os.listdir(tmp_path)) == []  # nothing written, no temporary left
+
+
+def test_deeply_nested_user_metadata_is_refused_by_save(net, tmp_path):
+    nested = []
+    for _ in range(100_000):
+        nested = [nested]
+    with pytest.raises(ValueError, match="save: metadata must be JSON-serialisable: maximum recursion depth"):
+        save(net, tmp_path / "model.safetensors", deep=nested)
+
+
+def test_save_takes_a_name_with_a_long_suffix_and_a_loop_of_links_is_an_os_error(net, tmp_path):
+    path = save(net, tmp_path / ("m." + "a" * 150))
+    assert load(path).state_dict().keys() == net.state_dict().keys()
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop.name)
+    with pytest.raises(OSError, match=f"cannot write {loop}"):
+        save(net, loop)
+
+
 def test_deeply_nested_metadata_is_a_checkpoint_error(net, tmp_path):
     path = save(net, tmp_path / "model.safetensors")
     rewrite(path, net.state_dict(), user='{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")

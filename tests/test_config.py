@@ -25,10 +25,23 @@ def test_make_divisible_never_drops_more_than_ten_percent():
         assert make_divisible(value) >= 0.9 * value
 
 
-@pytest.mark.parametrize("value,divisor", [(0, 8), (-3, 8), (10, 0)])
+@pytest.mark.parametrize("value,divisor", [(0, 8), (-3, 8), (10, 0), (float("inf"), 8), (float("nan"), 8),
+                                           (10, 2.5), (10, True), ("10", 8)])
 def test_make_divisible_rejects_bad_arguments(value, divisor):
     with pytest.raises(ValueError, match="make_divisible"):
         make_divisible(value, divisor)
+    with pytest.raises(ValueError, match="make_divisible: min_value must be an int >= 1, got 9.5"):
+        make_divisible(12, 8, 9.5)
+
+
+def test_configs_and_spaces_refuse_what_is_not_a_group_name_or_a_group():
+    with pytest.raises(ValueError, match=r"SubnetConfig: group names must be strings, got \[1\]"):
+        SubnetConfig.from_dict({1: 8})  # (it became the group '1')
+    with pytest.raises(ValueError, match="SubnetConfig: width of group 'a' must be a positive int"):
+        SubnetConfig((("a", torch.tensor(8, device="meta")),))
+    for groups in ([1, 2], None):
+        with pytest.raises(ValueError, match="WidthSpace: groups must be ChannelGroups"):
+            WidthSpace(groups)
 
 
 def test_width_choices_follow_the_paper():

@@ -464,6 +464,32 @@ def test_dispatch(monkeypatch):
     assert len(calls) == 2
 
 
+def test_a_fused_gate_compiles_and_is_counted_through_the_reference_ops():
+    """The gate's kernels are no registered op: under torch.compile, fake tensors or
+    FlopCounterMode the gate takes the reference ops (it failed in Dynamo's trace of its
+    launch, and counted no FLOPs)."""
+    from torch._dynamo.testing import CompileCounter
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch._dynamo.reset()
+    gate = make_gate(8, 3, backend="triton")
+    reference = copy.deepcopy(gate)
+    reference.backend = "torch"
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    counter = CompileCounter()
+    with torch.no_grad():
+        compiled = torch.compile(gate, backend=counter, fullgraph=True)(x)
+        expected = reference(x)
+        torch.testing.assert_close(compiled.probs, expected.probs, rtol=1e-5, atol=1e-6)
+        assert torch.equal(compiled.choice, expected.choice)
+        with FlopCounterMode(display=False) as counted:
+            gate(x)
+        with FlopCounterMode(display=False) as counted_reference:
+            reference(x)
+    assert counter.frame_count == 1
+    assert counted.get_total_flops() == counted_reference.get_total_flops() > 0
+
+
 def test_constructor_errors():
     with pytest.raises(ValueError, match="channels must be an int >= 1, got 0"):
         DynamicGate(0, 3)

@@ -661,3 +661,22 @@ def test_channel_sums_hold_no_training_output():
     freed = weakref.ref(out)
     del out
     assert freed() is None
+
+
+def test_a_layer_under_fake_tensors_reads_no_pointers_and_repeats_nothing(kernel_calls):
+    """Under a dispatch mode (fake tensors) a layer neither keys its call by the tensors'
+    pointers (which torch deprecates reading from fake tensors) nor repeats a checked call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fast, _ = pair(in_channels=6, out_channels=8, kernel_size=3, padding=1, activation="relu")
+    fast.active_out_channels = 5
+    x = torch.randn(1, 6, 5, 5, device=DEVICE)
+    with torch.no_grad():
+        fast(x)  # (a checked call a repeat could find)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                fake = fast(mode.from_tensor(x))
+    assert not [str(w.message) for w in caught if "data pointer" in str(w.message)]
+    assert fake.shape == (1, 5, 5, 5)
+    assert [call["padding"] is None for call in kernel_calls] == [False, False]  # two full calls, no repeat

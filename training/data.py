@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from dds_fast.checkpoint import atomic_write
 from dds_fast.config import checked_int
-from dds_fast.metrics import check_float_scale
+from dds_fast.metrics import FLOAT_RANGE, NOISY_RANGE, check_float_scale
 
 from .noise import NoiseModel, luma
 
@@ -565,7 +565,7 @@ _RANGE_MARGIN = 0.5
 def _check_image_tensor(label: str, image, unit_range: bool = True, levels: bool = False) -> None:
     """A float [1 or 3, H, W] image, or uint8 levels where the caller reads them through
     ``as_float`` (``levels``); clean float ones in [0, 1] (``unit_range``), noisy ones finite and
-    on that scale (within ``dds_fast.metrics.FLOAT_RANGE``)."""
+    on that scale (within ``dds_fast.metrics.NOISY_RANGE``)."""
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{label}: expected a tensor shaped [1 or 3, H, W], got {shape}")
@@ -583,7 +583,7 @@ def _check_image_tensor(label: str, image, unit_range: bool = True, levels: bool
     if unit_range and (low < -_RANGE_MARGIN or high > 1 + _RANGE_MARGIN):
         raise ValueError(f"{label}: expected values in [0, 1], got values from {low} to {high} (scale "
                          f"pixels by their maximum, e.g. / 255)")
-    check_float_scale(label, low, high)  # a noisy image overruns [0, 1], but not by a scale
+    check_float_scale(label, low, high, FLOAT_RANGE if unit_range else NOISY_RANGE)
 
 
 def _image_list(images, channels: int | None) -> tuple[list[str], list[torch.Tensor]]:
