@@ -48,7 +48,9 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     """Write ``model``'s tensors and architecture to ``path`` (temporary file, then rename);
     returns the path. ``metadata``: any JSON values, which ``read_metadata(path)["user"]``
     gives back. A ValueError for a model ``load`` could not rebuild: a class not registered
-    (``register_architecture``), ``arch_args`` its constructor does not take, masked widths."""
+    (``register_architecture``), ``arch_args`` its constructor does not take, masked widths,
+    tensors its constructor does not build (a buffer or a parametrization added later), NaN
+    or infinite values."""
     arch = type(model).__name__
     if ARCHITECTURES.get(arch) is not type(model) or not hasattr(model, "arch_args"):
         raise ValueError(f"save: {arch} is not a registered architecture ({sorted(ARCHITECTURES)}); "
