@@ -52,7 +52,12 @@ _WEIGHT_HOOKS = (WeightNorm, SpectralNorm)
 
 
 def _static_from(slim: SlimConv2d, in_widths: tuple[int, ...], out_width: int) -> StaticConv2d:
+    # read once: in train mode each read of a parametrized weight (spectral_norm) steps its
+    # power iteration, so a second read would leave the layer one step past its copy
     weight = slim.active_weight(in_widths, out_width)
+    # (from the parameters it is computed from: a view's flag is off under no_grad)
+    weight_requires_grad = any(p.requires_grad for name, p in slim.named_parameters()
+                               if name == "weight" or name.startswith("parametrizations.weight."))
     # built on the meta device: no random initial weights (the copy's replace them), so the
     # caller's random stream stays as it was
     static = StaticConv2d(sum(in_widths), out_width, slim.kernel_size, slim.stride, slim.padding, slim.dilation,
@@ -62,7 +67,7 @@ def _static_from(slim: SlimConv2d, in_widths: tuple[int, ...], out_width: int) -
         static.weight.copy_(weight)
         if slim.bias is not None:
             static.bias.copy_(slim.bias[:out_width])
-    static.weight.requires_grad_(slim.weight.requires_grad)
+    static.weight.requires_grad_(weight_requires_grad)
     if slim.bias is not None:
         static.bias.requires_grad_(slim.bias.requires_grad)
     # the layer's hooks run on its static copy, as deepcopy keeps every other module's

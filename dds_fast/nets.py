@@ -101,6 +101,10 @@ class SlimNet(nn.Module):
         if group not in self._groups:
             raise ValueError(f"{type(self).__name__}: _bind to group {group!r}, which no _group declared (declared: "
                              f"{list(self._groups)})")
+        bound = [name for layer, name, _ in self._bindings if layer is conv]
+        if bound:  # (its filters would follow one group's width, the other's ignored)
+            raise ValueError(f"{type(self).__name__}: _bind of {conv!r:.80} to group {group!r}: it is bound to group "
+                             f"{bound[0]!r} already")
         full = self._groups[group].max_width * multiplier
         if not isinstance(conv, SlimConv2d) or conv.out_channels != full:
             raise ValueError(f"{type(self).__name__}: _bind of {conv!r:.80} to group {group!r} needs a SlimConv2d "
@@ -277,7 +281,9 @@ class SlimNet(nn.Module):
             raise ValueError(f"{type(self).__name__}: input dtype {x.dtype} is not floating point; the network "
                              f"takes float images in [0, 1] (e.g. x.float() / 255 for uint8)")
         weight = self.stem_conv.weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type) and not (
+        # autocast casts fp32, fp16 and bf16 to one dtype, never fp64
+        autocast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype)
+        if x.dtype != weight.dtype and not autocast and not (
                 isinstance(self.stem_conv, SlimConv2d) and self.stem_conv._triton_kernels([x], weight)[0] is not None):
             # only the Triton kernels (or autocast) read fp16/bf16 inputs over fp32 weights
             raise ValueError(f"{type(self).__name__}: input dtype {x.dtype} differs from the network's "

@@ -372,3 +372,45 @@ def test_set_config_sets_every_layer_that_differs_from_the_config_even_at_the_co
     net.set_config(config)
     assert [conv.active_out_channels for conv, _, _ in net._bindings] == widths
     assert changed.active_out_channels != changed.out_channels
+
+
+def test_export_in_train_mode_copies_a_spectral_normed_weight_as_the_layer_then_holds():
+    """Each read of a spectral-normed weight in train mode steps its power iteration: the copy
+    read it once, then read it again for its gradient flag, leaving the layer a step past it."""
+    torch.manual_seed(0)
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=3).double()
+    torch.nn.utils.parametrizations.spectral_norm(net.last)
+    net.set_config(net.space.smallest())
+    with torch.no_grad():  # (the flag comes from the parameters, not from a view read under no_grad)
+        static = export_static(net.train())
+    assert all(p.requires_grad for p in static.parameters())
+    x = torch.rand(1, 1, 8, 8, dtype=torch.float64)
+    assert torch.equal(net.eval()(x), static.eval()(x))
+
+
+def test_autocast_does_not_excuse_a_float64_mismatch():
+    """Autocast casts fp32, fp16 and bf16, never fp64: such a mismatch is the network's clear
+    error, not torch's inside a conv."""
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="input dtype torch.float64 differs from the network's torch.float32"):
+            net(torch.rand(1, 1, 8, 8, dtype=torch.float64))
+        with pytest.raises(ValueError, match="input dtype torch.float32 differs from the network's torch.float64"):
+            SlimDnCNN(in_channels=1, base_width=8, depth=3).double()(torch.rand(1, 1, 8, 8))
+
+
+def test_a_conv_bound_to_two_groups_is_refused():
+    """Its filters would follow the last group's width and ignore the first's."""
+    import dds_fast
+
+    class Twice(dds_fast.SlimNet):
+        def __init__(self, in_channels=1, base_width=8):
+            super().__init__(in_channels, in_channels, dict(in_channels=in_channels, base_width=base_width,
+                                                            width_mult=1.0, min_ratio=0.5, divisor=4))
+            a, _ = self._group("a", base_width), self._group("b", base_width)
+            self.first = self._bind(SlimConv2d(in_channels, a, 3, padding=1), "a")
+            self._bind(self.first, "b")
+
+    with pytest.raises(ValueError, match=r"Twice: _bind of SlimConv2d\(.* to group 'b': it is bound to group 'a' "
+                                         r"already"):
+        Twice()
