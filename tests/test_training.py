@@ -547,8 +547,24 @@ def test_gate_psnr_scores_each_image_as_the_8_bit_metric_does():
     assert per_image_psnr(nan, clean).isnan().tolist() == [False, False, True, False, False]
 
 
-def test_gate_labels_and_step():
+def frozen_gated_net(pick=lambda space: (space.smallest(), space.largest())):
+    """A tiny frozen super-network and a new gate (attention off, as stage 3 trains it) over
+    routes at the configs ``pick`` gives of its space, in ascending MACs: (net, gate, DDSNet)."""
     from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
+
+    net = tiny_net()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    configs = sorted(pick(net.space), key=lambda c: macs_per_pixel(net, c))
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in configs]
+    torch.manual_seed(0)
+    gate = DynamicGate(net.stem_channels, len(routes))
+    gate.attention = False
+    return net, gate, DDSNet(net, gate, routes)
+
+
+def test_gate_labels_and_step():
+    from dds_fast import DDSNet, DynamicGate
     from dds_fast.training.gate_stage import gate_labels, gate_step, per_image_psnr
 
     # the paper's rule: rows are the smallest's and the largest's PSNRs
@@ -559,13 +575,8 @@ def test_gate_labels_and_step():
     assert labels.tolist() == [0, 3, 3]
     with pytest.raises(ValueError, match="3 routes' PSNRs, routes names 2"):
         gate_labels(torch.zeros(3, 2), [0, 3], beta=0.2)
-    net = tiny_net()
-    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
-    gate = DynamicGate(net.stem_channels, 2)
-    gate.attention = False
-    model = DDSNet(net, gate, routes)
-    for p in net.parameters():
-        p.requires_grad_(False)
+    net, gate, model = frozen_gated_net()
+    routes = model.routing_space
     noisy, clean = batch(n=4, size=16)
     record = gate_step(model, noisy, clean, budget=routes[0].macs_per_pixel)
     assert all(p.grad is not None for p in gate.parameters() if p is not gate.fc2.weight and p is not gate.fc2.bias)
@@ -590,7 +601,6 @@ def test_gate_labels_and_step():
 
 
 def test_within_labels_take_the_smallest_route_close_to_the_largest():
-    from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
     from dds_fast.training.gate_stage import gate_labels, gate_step, scored_routes
 
     assert scored_routes(4, "ends") == [0, 3] and scored_routes(4, "within") == [0, 1, 2, 3]
@@ -603,15 +613,9 @@ def test_within_labels_take_the_smallest_route_close_to_the_largest():
     assert gate_labels(quality, [0, 1, 2, 3], beta=0.2).tolist() == [1, 0, 3, 1]
     assert gate_labels(quality, [0, 1, 2, 3], beta=0.1).tolist() == [2, 0, 3, 1]
 
-    net = tiny_net()
-    configs = sorted({net.space.smallest(), net.space.largest(), net.space.uniform(0.5)},
-                     key=lambda c: macs_per_pixel(net, c))
-    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in configs]
-    gate = DynamicGate(net.stem_channels, 3)
-    gate.attention = False
-    model = DDSNet(net, gate, routes)
-    for p in net.parameters():
-        p.requires_grad_(False)
+    net, gate, model = frozen_gated_net(lambda space: {space.smallest(), space.largest(), space.uniform(0.5)})
+    routes = model.routing_space
+    configs = [entry.config for entry in routes]
     noisy, clean = batch(n=6, size=16)
 
     class Scorer(torch.nn.Module):
@@ -640,17 +644,10 @@ def test_gate_step_on_two_ranks_averages_to_one_process_on_the_whole_batch(monke
     others' Psi: two ranks on half a batch each, their gradients averaged as the loop does,
     give the gradient of one process on the whole batch. (The gate's BatchNorm in eval mode:
     in train mode each rank normalises its own share, as under DDP.)"""
-    from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
     from dds_fast.training import gate_stage
 
-    net = tiny_net()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
-    torch.manual_seed(0)
-    gate = DynamicGate(net.stem_channels, 2)
-    gate.attention = False
-    model = DDSNet(net, gate, routes)
+    net, gate, model = frozen_gated_net()
+    routes = model.routing_space
     gate.eval()
     with torch.no_grad():
         for p in gate.parameters():
