@@ -470,13 +470,14 @@ def gate_markdown(gates: list[dict]) -> str:
 
 def run_bench(out_dir, quick: bool = True, dtype: str | None = None, sizes=None, batches=None, channels: int = 64,
               model=None, device: str | None = None, warmup: int | None = None, repeats: int | None = None,
-              cuda_graph: bool = False, compile_static: bool = True) -> dict:
+              cuda_graph: bool = False, compile_static: bool = True, model_name: str | None = None) -> dict:
     """Run the layer and network benchmarks; write ``bench.json``, ``bench.md`` and, when a
     network row was timed and matplotlib is there, ``network.png``. The network is timed at
     ``sizes[0]`` and each of ``batches``. Returns what ``bench.json`` holds, with ``written``:
     the files written. A run stopped by any exception, an interrupt included, writes what it
     measured before, with what stopped it, then raises it. ``dtype``: float16 on a GPU unless
-    given; a CPU run times float32 whatever is given."""
+    given; a CPU run times float32 whatever is given. ``model_name`` says which model the
+    results are of (a checkpoint's path; default: the model's class and arguments)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     requested = dtype
     dtype = dtype or ("float16" if device.type == "cuda" else "float32")
@@ -500,10 +501,15 @@ def run_bench(out_dir, quick: bool = True, dtype: str | None = None, sizes=None,
         if min(values) < 1:  # else torch fails deep inside, on a negative dimension
             raise ValueError(f"bench: {name} must be positive, got {values}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"bench: the output folder {out_dir} is a file")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "network.png").unlink(missing_ok=True)  # an earlier run's plot must not pass for this one's
 
-    model = model if model is not None else SlimUNet(in_channels=3, base_width=32, depth=4)
+    if model is None:
+        model = SlimUNet(in_channels=3, base_width=32, depth=4)
+        model_name = model_name or f"an untrained {type(model).__name__}({model.arch_args})"
+    model_name = model_name or f"{type(model).__name__}({getattr(model, 'arch_args', '')})"
     layers, networks, gates, peaks, failure = [], [], [], None, None
     try:
         # measured once per run, first: the layer targets' floors need them without a network row
@@ -521,7 +527,8 @@ def run_bench(out_dir, quick: bool = True, dtype: str | None = None, sizes=None,
         failure = error
     targets = target_rows(layers, networks, torch.finfo(torch_dtype).bits // 8, peaks, gates) if peaks else []
     name, env = describe_device(device)
-    result = {"device": name, "environment": env, "dtype": dtype, "requested_dtype": requested, "layers": layers,
+    result = {"device": name, "environment": env, "model": model_name, "dtype": dtype, "requested_dtype": requested,
+              "layers": layers,
               "network": [network.to_dict() for network in networks], "gate": gates, "targets": targets}
     stopped = ""
     if failure is not None:
@@ -530,7 +537,8 @@ def run_bench(out_dir, quick: bool = True, dtype: str | None = None, sizes=None,
     written = [atomic_write(out_dir / "bench.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))]
     tables = "\n\n".join(network.to_markdown() for network in networks)
     timed_in = dtype if requested in (None, dtype) else f"{dtype} ({requested} asked for: a CPU run times float32)"
-    markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\nDtype: {timed_in}\n\n{stopped}## One conv layer, "
+    markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\nModel: {model_name}\n\nDtype: {timed_in}\n\n{stopped}"
+                f"## One conv layer, "
                 f"{channels} channels max, 3x3, LeakyReLU, channels_last\n\n{layer_markdown(layers)}\n\n## Whole network\n\n"
                 f"{tables}\n\n{gate_markdown(gates)}\n\n## Targets\n\n{targets_markdown(targets)}\n")
     written.append(atomic_write(out_dir / "bench.md", lambda tmp: tmp.write_text(markdown)))

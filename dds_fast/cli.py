@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ._version import __version__
 from .checkpoint import SHIPPED_MODEL, CheckpointError, load, read_metadata
 from .cost import macs_per_pixel, out_of_memory
 from .export import export_static
@@ -256,9 +257,12 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help); each overrides the c
 
 def _json_value(text: str):
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"not JSON ({error}): {text}") from None
+    if value is None:  # (an unset flag is None: a null would be dropped unseen)
+        raise argparse.ArgumentTypeError("null is no value here: leave the flag out for the default")
+    return value
 
 
 def cmd_train(args) -> int:
@@ -270,7 +274,7 @@ def cmd_train(args) -> int:
 
     options = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)
                if getattr(args, field.name, None) is not None}
-    config = (TrainConfig.from_file(args.config, **options) if args.config
+    config = (TrainConfig.from_file(args.config, **options) if args.config is not None
               else TrainConfig.from_dict(options, flags=options))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         # under torchrun: one process per GPU (NCCL), or per CPU worker (Gloo). Each process
@@ -312,10 +316,10 @@ def cmd_bench(args) -> int:
 
     # the training device check: an unknown device or missing CUDA is an error naming it, not a traceback
     device = str(TrainConfig(device=args.device or "auto").resolved_device())
-    model = load(args.checkpoint) if args.checkpoint else None
+    model = load(args.checkpoint) if args.checkpoint is not None else None
     result = run_bench(args.out, quick=not args.full, dtype=args.dtype, sizes=args.size, batches=args.batch,
                        channels=args.channels, model=model, device=device, cuda_graph=args.cuda_graph,
-                       compile_static=not args.no_compile)
+                       compile_static=not args.no_compile, model_name=args.checkpoint)
     print((Path(args.out) / "bench.md").read_text())
     print(f"device: {result['device']}; written: {', '.join(result['written'])}")
     return 0
@@ -391,6 +395,7 @@ def cmd_denoise(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dds-fast", description="Dynamic slimmable denoising networks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (found from the current folder too), for checkpoints of "
                              "super-networks it registers (dds_fast.register_architecture); repeatable")
@@ -469,9 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(full=False)  # (the first of the pair, --quick, would otherwise set the default: True)
     bench.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                        help="the GPU's dtype (default float16); a CPU run times float32")
-    bench.add_argument("--size", type=int, action="append", help="image side; repeat for several")
-    bench.add_argument("--batch", type=int, action="append", help="batch size; repeat for several")
-    bench.add_argument("--channels", type=int, default=64, help="the benchmarked layer's maximum width")
+    bench.add_argument("--size", type=_positive_int, action="append",
+                       help="image side; repeat for several (the layer table times each, the network table the "
+                            "first)")
+    bench.add_argument("--batch", type=_positive_int, action="append", help="batch size; repeat for several")
+    bench.add_argument("--channels", type=_positive_int, default=64, help="the benchmarked layer's maximum width")
     bench.add_argument("--checkpoint", help="time this model's configs (default: an untrained SlimUNet)")
     bench.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     bench.add_argument("--cuda-graph", action="store_true", help="replay one CUDA graph per config (CUDA only)")
@@ -489,8 +496,9 @@ def _import_modules(names: list[str]) -> None:
     for name in names:
         try:
             importlib.import_module(name)
-        except ImportError as error:
-            hint = f" (a module's name, without .py: --import {name[:-3]})" if name.endswith(".py") else ""
+        except (ImportError, TypeError, ValueError) as error:  # (TypeError: a relative name; ValueError: empty)
+            stem = Path(name).name[:-3] if name.endswith(".py") else None
+            hint = f" (a module's name, without .py: --import {stem})" if stem else ""
             raise ValueError(f"--import {name}: {error}{hint}") from error
 
 

@@ -317,7 +317,7 @@ def test_a_bad_training_option_is_blamed_on_where_it_came_from(tmp_path, capsys)
     config.write_text(json.dumps({**TINY_TRAINING, "steps": 2}))
     for flags, message in [(["--steps", "-5"], "--steps: steps must be >= 1, got -5"),
                            (["--distillation", "soft"], "--distillation: unknown distillation 'soft'"),
-                           (["--device", "meta"], "device 'meta': training runs on cpu or cuda"),
+                           (["--device", "meta"], "device 'meta': dds-fast runs on cpu or cuda"),
                            # (an OverflowError deep in the loop, or a hang building the layers)
                            (["--epoch-patches", str(10 ** 20)], "--epoch-patches: epoch_patches must be at most "
                                                                 "2147483647, got 100000000000000000000"),
@@ -413,6 +413,9 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     # on CPU only the network targets apply (the layer targets need the Triton variant)
     targets = [t["target"] for t in result["targets"]]
     assert len(targets) == 6 and all(t.startswith("network batch 1") for t in targets)
+    # which model the rows are of
+    assert result["model"].startswith("an untrained SlimUNet({")
+    assert f"Model: {result['model']}" in (out / "bench.md").read_text()
 
 
 @pytest.mark.parametrize("value", ["nan", "-5", "inf"])
@@ -490,6 +493,58 @@ def test_trained_demo_checks_its_output_path_before_the_work(capsys, tmp_path):
         captured = capsys.readouterr()
         assert message in captured.err and str(out) in captured.err
         assert "gate chose" not in captured.out  # stopped before denoising, not after
+
+
+def test_empty_paths_and_null_flags_are_refused_by_name(tmp_path, capsys):
+    """An empty path meant the defaults (--config), or the current folder (--images), and a
+    null flag value was dropped as if the flag were not given."""
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({**TINY_TRAINING, "steps": 1}))
+    run = ["train", "stage1", "--run-dir", str(tmp_path / "run")]
+    assert main(run + ["--config", ""]) == 2
+    assert "cannot read training config" in capsys.readouterr().err
+    for flag in ("--images", "--paired-root", "--sidd-validation"):
+        assert main(run + ["--config", str(config), flag, ""]) == 2
+        assert f"{flag}: {flag[2:].replace('-', '_')} must name a folder, got an empty path" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as raised:
+        main(run + ["--config", str(config), "--noise-args", "null"])
+    assert raised.value.code == 2
+    assert "argument --noise-args: null is no value here" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", "", "--device", "cpu", "--out", str(tmp_path / "bench")]) == 2
+    assert "checkpoint . is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_noise_model_is_blamed_on_where_it_came_from(tmp_path, capsys):
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({**TINY_TRAINING, "steps": 1, "noise": "awgn", "noise_args": {"sigma": -5}}))
+    run = ["train", "stage1", "--run-dir", str(tmp_path / "run"), "--config", str(config)]
+    assert main(run) == 2
+    assert f"{config}: sigma must be non-negative" in capsys.readouterr().err
+    assert main(run + ["--noise", "foo"]) == 2
+    assert f"noise from --noise, noise_args from {config}: unknown noise model 'foo'" in capsys.readouterr().err
+
+
+def test_import_of_a_path_or_an_empty_name_is_an_error_naming_the_flag(capsys):
+    assert main(["--import", "./mine.py", "info", "x.safetensors"]) == 2
+    assert "--import ./mine.py: " in capsys.readouterr().err
+    assert main(["--import", "", "info", "x.safetensors"]) == 2
+    assert "--import : Empty module name" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as raised:
+        main(["--version"])
+    assert raised.value.code == 0 and capsys.readouterr().out.strip() == f"dds-fast {cli.__version__}"
+
+
+def test_bench_refuses_a_file_for_its_folder_and_sizes_below_one_by_flag(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["bench", "--device", "cpu", "--out", str(afile)]) == 2
+    assert f"bench: the output folder {afile} is a file" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", "--size", "0"])
+    assert raised.value.code == 2
+    assert "argument --size: must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_bench_rejects_a_device_this_machine_lacks_before_benchmarking(tmp_path, capsys):

@@ -1066,6 +1066,25 @@ def test_refine_and_stage3_refuse_a_state_file_trained_from_other_weights(tmp_pa
         train_all(refine_steps=3, steps=3)  # stage 1 went on
 
 
+def test_stage3_on_refine_s_routes_refuses_other_slimming_options_and_a_budget_past_the_routes(tmp_path):
+    """Refine's result carries how stage 2 slimmed its routes, as stage 2's does (stage 3 built
+    on it with any slim_step or slim_criterion); a budget outside the routes' MACs would pull
+    the gate past every route."""
+    folder = image_folder(tmp_path / "photos", ["a.png", "b.png", "c.png"])
+    options = dict(images=str(folder), lr_schedule="constant", steps=1, refine_steps=1, gate_steps=1)
+    run = Run(tmp_path / "run", tiny_run_config(**options))
+    run.stage1()
+    run.stage2()
+    run.refine()
+    with pytest.raises(ValueError, match=r"refine.safetensors's routing space was slimmed with slim_criterion 'psnr', "
+                                         r"this run's config has slim_criterion 'psnr_per_mac'"):
+        Run(tmp_path / "run", tiny_run_config(**options, slim_criterion="psnr_per_mac")).stage3()
+    with pytest.raises(ValueError, match=r"budget 1 MACs/pixel is outside the routes' range, [0-9,]+ to [0-9,]+ "
+                                         r"\(as routed"):
+        Run(tmp_path / "run", tiny_run_config(**options, budget=1.0)).stage3()
+    assert isinstance(run.stage3(), dds_fast.DDSNet)
+
+
 def test_a_state_file_recorded_before_weight_fingerprints_still_resumes():
     loop = TrainLoop.__new__(TrainLoop)  # the option check alone
     loop.state_path, loop.options = Path("refine.state.safetensors"), {"lr": 1.0, "start_weights": "ab" * 32}

@@ -146,6 +146,13 @@ class TrainConfig:
             raise ValueError(f"seed must be at most {largest_seed}, got {self.seed}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        for name in ("images", "paired_root", "sidd_validation"):
+            if getattr(self, name) == "":  # (Path("") is the current folder)
+                raise ValueError(f"{name} must name a folder, got an empty path (leave it unset for the default)")
+        try:  # built now, so that a bad model or argument is blamed on where it came from
+            make_noise(self.noise, **self.noise_args)
+        except (ValueError, TypeError) as error:
+            raise OptionError(str(error), "noise", "noise_args") from None
         if self.inet_steps is not None and self.inet_steps < 1:
             raise ValueError(f"inet_steps must be >= 1 (or null: steps + refine_steps), got {self.inet_steps}")
         for name in ("lr", "refine_lr", "gate_lr") + (("budget",) if self.budget is not None else ()):
@@ -234,7 +241,7 @@ class TrainConfig:
             except RuntimeError as error:
                 raise ValueError(f"unknown device {self.device!r}: {error}") from None
             if device.type not in ("cpu", "cuda"):
-                raise ValueError(f"device {self.device!r}: training runs on cpu or cuda")
+                raise ValueError(f"device {self.device!r}: dds-fast runs on cpu or cuda")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: CUDA is not available on this machine (use cpu or auto)")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -734,6 +741,8 @@ class Run:
         if net is not None:
             self.check_network(net, "the network given to refine")
             net = super_network_of(net)
+        # what stage 2 slimmed with goes on with the routes, for the stages that build on refine's
+        made_from = None if net is not None else read_metadata(self.dir / "stage2.safetensors")["user"].get("made_from")
         net = self.load("stage2.safetensors") if net is None else net
         routing_space = net.routing_space
         if not routing_space:
@@ -771,7 +780,7 @@ class Run:
         net.routing_space = [RoutingEntry(e.config, e.macs_per_pixel, validation_psnr(net, batches, e.config))
                              for e in routing_space]
         net.set_config(net.space.largest())
-        self.save(net, "refine.safetensors", stage="refine")
+        self.save(net, "refine.safetensors", stage="refine", **({"made_from": made_from} if made_from else {}))
         return net
 
     def stage3(self, supernet=None) -> DDSNet:
@@ -808,6 +817,9 @@ class Run:
         model = DDSNet(supernet, gate, supernet.routing_space)
         macs = model.dynamic_macs_per_pixel
         budget = c.budget if c.budget is not None else (min(macs) + max(macs)) / 2
+        if not min(macs) <= budget <= max(macs):  # (the complexity loss would pull past every route)
+            raise ValueError(f"budget {budget:,.0f} MACs/pixel is outside the routes' range, {min(macs):,.0f} to "
+                             f"{max(macs):,.0f} (as routed: with the full-width stem the gate reads)")
         optimizer = torch.optim.Adam([p for p in gate.parameters() if p.requires_grad], lr=c.gate_lr)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, c.gate_lr_decay)
 
