@@ -741,9 +741,10 @@ class Run:
         if net is not None:
             self.check_network(net, "the network given to refine")
             net = super_network_of(net)
-        # what stage 2 slimmed with goes on with the routes, for the stages that build on refine's
-        made_from = None if net is not None else read_metadata(self.dir / "stage2.safetensors")["user"].get("made_from")
+        given = net is not None
         net = self.load("stage2.safetensors") if net is None else net
+        # what stage 2 slimmed with goes on with the routes, for the stages that build on refine's
+        made_from = None if given else read_metadata(self.dir / "stage2.safetensors")["user"].get("made_from")
         routing_space = net.routing_space
         if not routing_space:
             raise ValueError("refining needs the routing space of stage 2")
