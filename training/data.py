@@ -768,8 +768,8 @@ def check_pair_headers(pairs: Sequence[tuple[Path, Path]], patch_size: int) -> l
         if None in headers:
             sizes.append(None)
             continue
-        # (orientations 5 to 8 swap height and width)
-        size = [header[2:] if _check_orientations(noisy, clean) < 5 else header[2:][::-1] for header in headers]
+        turned = _check_orientations(noisy, clean) >= 5  # (orientations 5 to 8 swap height and width)
+        size = [header[3:1:-1] if turned else header[2:] for header in headers]
         # gray (+ alpha), colour (+ alpha); a palette's planes are the decoder's to tell (an all-gray one is gray)
         colours = [{0: 1, 4: 1, 2: 3, 6: 3}.get(header[1]) for header in headers]
         _check_pair(f"{noisy} and {clean}", size, colours, patch_size)

@@ -15,7 +15,7 @@ when over 99% of the labels agree). ``labels="within"`` (our addition) scores ev
 labels an image with the smallest route within ``beta`` dB of the largest: a small network's
 smallest route may trail its largest by more than ``beta`` on every image while a middle
 route matches it on most (the shipped model's routes 0 and 2 trail its route 3 by a median of
-1.3 to 2.5 dB and 0.01 to 0.22 dB over its noise).
+1.1 to 2.5 dB and 0.01 to 0.22 dB over its noise).
 
 The super-network stays frozen and the gate's attention head is off (the prediction head
 reads the plain stem features), as in the paper. A body that stage 1 trained behind the
