@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from dds_fast.checkpoint import atomic_write
 from dds_fast.config import checked_int
-from dds_fast.metrics import FLOAT_RANGE, NOISY_RANGE, check_float_scale
+from dds_fast.metrics import NOISY_RANGE, check_float_scale
 
 from .noise import NoiseModel, luma
 
@@ -583,7 +583,8 @@ def _check_image_tensor(label: str, image, unit_range: bool = True, levels: bool
     if unit_range and (low < -_RANGE_MARGIN or high > 1 + _RANGE_MARGIN):
         raise ValueError(f"{label}: expected values in [0, 1], got values from {low} to {high} (scale "
                          f"pixels by their maximum, e.g. / 255)")
-    check_float_scale(label, low, high, FLOAT_RANGE if unit_range else NOISY_RANGE)
+    if not unit_range:  # (a clean image's tighter bound is checked above)
+        check_float_scale(label, low, high, NOISY_RANGE)
 
 
 def _image_list(images, channels: int | None) -> tuple[list[str], list[torch.Tensor]]:
