@@ -122,6 +122,8 @@ class DynamicGate(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"DynamicGate: input must be a 4-D tensor [N, {self.channels}, H, W], got {shape}")
+        if x.layout != torch.strided:
+            raise ValueError(f"DynamicGate: input is a {x.layout} tensor; the gate takes dense tensors")
         if x.shape[1] != self.channels:
             raise ValueError(f"DynamicGate: input has {x.shape[1]} channels, the gate was built for {self.channels}")
         if x.numel() == 0:

@@ -272,6 +272,8 @@ class SlimNet(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__}: input must be a 4-D tensor [N, C, H, W], got {shape}")
+        if x.layout != torch.strided:
+            raise ValueError(f"{type(self).__name__}: input is a {x.layout} tensor; the network takes dense tensors")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[1]} channels, the network takes "
                              f"{self.in_channels}")

@@ -233,6 +233,8 @@ class SlimConv2d(nn.Conv2d):
                              f"{list(self.in_segments)}), got {len(inputs)}")
         for k, (t, limit) in enumerate(zip(inputs, self.in_segments)):
             where = f"input {k}" if len(inputs) > 1 else "input"
+            if t.layout != torch.strided:  # (as nn.Conv2d, which fails on them deep in ATen)
+                raise ValueError(f"{self._label()}: {where} is a {t.layout} tensor; convolutions take dense tensors")
             if t.dim() != 4:
                 unbatched = " (or one unbatched 3-D image)" if len(inputs) == 1 else ""
                 raise ValueError(f"{self._label()}: {where} must be 4-D [N, C, H, W]{unbatched}, got shape "
@@ -247,6 +249,8 @@ class SlimConv2d(nn.Conv2d):
         return inputs
 
     def _check_residual(self, residual: torch.Tensor, expected: tuple[int, ...]):
+        if residual.layout != torch.strided:
+            raise ValueError(f"{self._label()}: residual is a {residual.layout} tensor; convolutions take dense tensors")
         if tuple(residual.shape) != expected:
             raise ValueError(f"{self._label()}: residual has shape {tuple(residual.shape)}, "
                              f"the output has {expected}")
@@ -291,7 +295,7 @@ class SlimConv2d(nn.Conv2d):
                 if widths is not None and self.per_image_packing is not None:
                     self.per_image_packing.add(y)
                 return y if keeps_layout else y.contiguous()
-        if isinstance(input, torch.Tensor) and input.dim() == 3:
+        if isinstance(input, torch.Tensor) and input.dim() == 3 and input.layout == torch.strided:
             if residual is not None and residual.dim() != 3:
                 raise ValueError(f"{self._label()}: an unbatched input takes an unbatched residual [C, H, W], got "
                                  f"shape {tuple(residual.shape)}")

@@ -1275,6 +1275,10 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
         if not isinstance(t, torch.Tensor) and (t is not None or name == "weight"):
             raise ValueError(f"slim_conv2d: {name} must be a tensor{'' if name == 'weight' else ' or None'}, "
                              f"got {type(t).__name__}")
+    for name, t in (*((f"input {i}", t) for i, t in enumerate(inputs)), ("weight", weight), ("bias", bias),
+                    ("residual", residual), ("widths", widths)):
+        if t is not None and t.layout != torch.strided:
+            raise ValueError(f"slim_conv2d: {name} is a {t.layout} tensor; the kernels read dense (strided) tensors")
     # here, not in slim_conv2d alone: a direct call of the op with 0 would align the kernel to 8
     if len(widths_multiple) != 2:
         raise ValueError(f"slim_conv2d: widths_multiple must be an int or a pair (out, in), got {list(widths_multiple)}")
@@ -1438,8 +1442,8 @@ def inference_key(inputs, weight, bias, residual, widths, *options, packed_input
     try:
         return (*[_meta(t) for t in inputs], _meta(weight), _meta(bias), _meta(residual), _meta(widths), *options,
                 tuple(packed_inputs), packed_output, _aligned_pointers(*inputs, weight, bias, residual))
-    except (AttributeError, TypeError):  # (TypeError: packed_inputs not a sequence)
-        return None
+    except (AttributeError, TypeError, RuntimeError):  # (TypeError: packed_inputs not a sequence;
+        return None                                    # RuntimeError: a sparse tensor has no strides)
 
 
 def repeat_call(key, inputs, weight, bias, residual=None, widths=None):

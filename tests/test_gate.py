@@ -520,6 +520,8 @@ def test_input_errors(backend):
         gate(torch.randn(1, 8, 0, 4))
     with pytest.raises(ValueError, match="floating point"):
         gate(torch.ones(1, 8, 2, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="input is a torch.sparse_coo tensor"):
+        gate(torch.randn(1, 8, 4, 4).to_sparse())
 
 
 def head_args(gate):

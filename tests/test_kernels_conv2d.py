@@ -1053,6 +1053,10 @@ def test_bad_arguments_raise_value_error():
         slim_conv2d([x, x[:1]], w, segment_starts=(0, 13))
     with pytest.raises(ValueError, match="input 0 is torch.float32 .* the weight torch.float16"):
         slim_conv2d([x], w.half())
+    with pytest.raises(ValueError, match="input 0 is a torch.sparse_coo tensor; the kernels read dense"):
+        slim_conv2d([x.to_sparse()], w)
+    with pytest.raises(ValueError, match="weight is a torch.sparse_coo tensor"):
+        slim_conv2d([x], w.to_sparse())
 
 
 def test_arguments_of_the_wrong_type_get_value_errors():

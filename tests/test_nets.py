@@ -158,6 +158,7 @@ def test_arch_args_are_a_copy_the_caller_may_change():
     (torch.rand(1, 3, 8, 8, dtype=torch.float64), "input dtype torch.float64 differs from the network's torch.float32"),
     # the reference path on the CPU: only the Triton kernels read half inputs over fp32 weights
     (torch.rand(1, 3, 8, 8, dtype=torch.float16), "input dtype torch.float16 differs"),
+    (torch.rand(1, 3, 8, 8).to_sparse(), "input is a torch.sparse_coo tensor"),
 ])
 def test_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -130,9 +130,16 @@ def test_gradients_reach_only_the_active_prefix():
     (lambda c: setattr(c, "active_out_channels", 9), r"active_out_channels.*\[1, 8\].*9"),
     (lambda c: setattr(c, "active_out_channels", 2.5), r"active_out_channels"),
     (lambda c: c("not a tensor"), r"tensor or a list"),
+    # sparse tensors: named, on every backend (nn.Conv2d and the kernels failed deep inside on them)
+    (lambda c: c(torch.randn(1, 6, 5, 5).to_sparse()), r"input is a torch.sparse_coo tensor"),
+    (lambda c: c(torch.randn(6, 5, 5).to_sparse()), r"input is a torch.sparse_coo tensor"),
+    (lambda c: c(torch.randn(6, 5, 5).to_sparse_csr()), r"input is a torch.sparse_csr tensor"),
+    (lambda c: c(torch.randn(1, 6, 5, 5), residual=torch.randn(1, 8, 5, 5).to_sparse()),
+     r"residual is a torch.sparse_coo tensor"),
 ])
-def test_bad_input_raises_value_error_naming_layer_and_numbers(make_error, match):
-    conv = SlimConv2d(6, 8, 3, padding=1)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_input_raises_value_error_naming_layer_and_numbers(make_error, match, backend):
+    conv = SlimConv2d(6, 8, 3, padding=1, backend=backend)
     conv.layer_name = "layer"
     with pytest.raises(ValueError, match=match):
         make_error(conv)
