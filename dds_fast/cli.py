@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import os
 import sys
@@ -13,6 +12,7 @@ import torch
 
 from ._version import __version__
 from .checkpoint import SHIPPED_MODEL, CheckpointError, load, read_metadata
+from .config import json_loads
 from .cost import macs_per_pixel, out_of_memory
 from .export import export_static
 from .runner import wall_clock
@@ -257,9 +257,9 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help); each overrides the c
 
 def _json_value(text: str):
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text}") from None
+        value = json_loads(text)
+    except ValueError as error:  # (JSON's errors, and a repeated key)
+        raise argparse.ArgumentTypeError(f"not a JSON value ({error}): {text}") from None
     if value is None:  # (an unset flag is None: a null would be dropped unseen)
         raise argparse.ArgumentTypeError("null is no value here: leave the flag out for the default")
     return value

@@ -19,6 +19,18 @@ import numpy as np
 import torch
 
 
+def json_loads(text: str | bytes):
+    """``json.loads``, refusing an object that repeats a key (json keeps the last one silently:
+    an option written twice in a config file would lose one of its values unseen)."""
+    def unique(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"an object repeats the key(s) {repeated}")
+        return dict(pairs)
+    return json.loads(text, object_pairs_hook=unique)
+
+
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
     """Round ``value`` to the nearest multiple of ``divisor``, never below ``min_value``
     (default ``divisor``) and never more than 10% below ``value``."""
@@ -120,7 +132,7 @@ class SubnetConfig(Mapping):
 
     @classmethod
     def from_json(cls, text: str) -> "SubnetConfig":
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(json_loads(text))
 
     def __getitem__(self, name: str) -> int:
         for group, width in self.widths:

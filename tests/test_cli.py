@@ -510,6 +510,10 @@ def test_empty_paths_and_null_flags_are_refused_by_name(tmp_path, capsys):
         main(run + ["--config", str(config), "--noise-args", "null"])
     assert raised.value.code == 2
     assert "argument --noise-args: null is no value here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as raised:
+        main(run + ["--config", str(config), "--noise-args", '{"sigma": 10, "sigma": 25}'])
+    assert raised.value.code == 2
+    assert "argument --noise-args: not a JSON value (an object repeats the key(s) ['sigma'])" in capsys.readouterr().err
     assert main(["bench", "--checkpoint", "", "--device", "cpu", "--out", str(tmp_path / "bench")]) == 2
     assert "checkpoint . is a folder" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

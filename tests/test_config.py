@@ -186,6 +186,11 @@ def test_from_json_rejects_what_is_not_an_object(text):
         SubnetConfig.from_json(text)
 
 
+def test_from_json_refuses_a_repeated_group():
+    with pytest.raises(ValueError, match=r"repeats the key\(s\) \['enc0'\]"):
+        SubnetConfig.from_json('{"enc0": 8, "enc1": 16, "enc0": 24}')
+
+
 def test_from_dict_the_constructor_and_replace_take_integer_types():
     plain = SubnetConfig((("a", 8), ("b", 16)))
     for config in (SubnetConfig.from_dict({"a": np.int64(8), "b": torch.tensor(16)}),

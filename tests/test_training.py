@@ -710,6 +710,9 @@ def test_training_config_from_file(tmp_path):
     path.write_text(json.dumps({"stepz": 5}))
     with pytest.raises(ValueError, match=r"unknown training options \['stepz'\]"):
         TrainConfig.from_file(path)
+    path.write_text('{"steps": 5, "noise_args": {"sigma": 10, "sigma": 25}, "steps": 50}')  # json keeps the last
+    with pytest.raises(ValueError, match=r"cannot read training config .*repeats the key\(s\) \['sigma'\]"):
+        TrainConfig.from_file(path)
     with pytest.raises(ValueError, match="cannot read"):
         TrainConfig.from_file(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):

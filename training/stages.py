@@ -29,7 +29,7 @@ import dds_fast
 from dds_fast import AttentionSupernet, DDSNet, DynamicGate, SlimConv2d
 from dds_fast.slim_conv import BACKENDS
 from dds_fast.checkpoint import atomic_write, read_metadata, remove_leftovers, weights_fingerprint
-from dds_fast.config import RoutingEntry
+from dds_fast.config import RoutingEntry, json_loads
 from dds_fast.nets import constructor_misfit
 
 from .data import (NoisyPatches, PairedPatches, SIDDValidation, as_float, bundled_images, check_pair_headers,
@@ -182,8 +182,8 @@ class TrainConfig:
     def from_file(cls, path, **overrides) -> "TrainConfig":
         path = Path(path)
         try:
-            values = json.loads(path.read_text(encoding="utf-8-sig"))  # (Windows editors may start with a BOM)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            values = json_loads(path.read_text(encoding="utf-8-sig"))  # (Windows editors may start with a BOM)
+        except (OSError, ValueError) as error:  # (ValueError: decoding errors, JSON's and a repeated key)
             raise ValueError(f"cannot read training config {path}: {error}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a JSON object of training options, got {type(values).__name__}")
