@@ -40,8 +40,8 @@ def cmd_info(args) -> int:
         print(f"gate:          over {gate.channels} stem channels, {gate.num_choices} choices, attention "
               f"{'on' if gate.attention else 'off'}")
     if isinstance(model, AttentionSupernet):
-        print(f"gate:          attention head over {model.gate.channels} stem channels (stage 1; the prediction "
-              f"head is untrained)")
+        print(f"gate:          attention head over {model.gate.channels} stem channels (trained with the "
+              f"super-network: stage 1, and refine if run; the prediction head is untrained)")
     if meta["user"]:
         user = {k: v for k, v in meta["user"].items() if k not in ("train_config", "trajectory")}
         print(f"metadata:      {user}")
