@@ -57,6 +57,18 @@ def test_shape_and_dtype_preserved(model, shape):
 
 
 @pytest.mark.parametrize("model", ALL_MODELS, ids=repr)
+def test_an_empty_batch_gives_an_empty_pair(model):
+    clean = torch.rand(0, 3, 8, 8)
+    noisy, target = model.pair(clean, gen())
+    assert noisy.shape == target.shape == clean.shape
+
+
+def test_gray_noise_needs_one_or_three_channels():
+    with pytest.raises(ValueError, match="gray noise needs 1 or 3 channels.*got 4"):
+        GrayNoise(GaussianNoise(25))(torch.rand(1, 4, 8, 8), gen())
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=repr)
 def test_same_seed_same_noise_other_seed_other_noise(model):
     clean = torch.rand(2, 3, 32, 32, generator=gen(9))
     first, again, other = model(clean, gen(1)), model(clean, gen(1)), model(clean, gen(2))
@@ -252,6 +264,19 @@ def test_camera_read_noise_follows_the_papers_fit(raw_domain_camera):
     residual = noisy.flatten(1).var(1).log() - 2.18 * math.log(shot) - 1.2
     assert abs(residual.mean()) < 0.03, residual.mean()
     assert 0.24 < residual.std() < 0.29, residual.std()
+
+
+def test_camera_read_noise_follows_each_images_own_shot_noise(raw_domain_camera):
+    # Shot levels drawn over the range, the same draws on black (variance: read) and on raw 0.5
+    # (0.5 shot + read): each image's read level must fit its own shot level, not another's.
+    black, grey = (CameraNoise()(torch.full((1000, 1, 64, 64), level, dtype=torch.float64), gen(5))
+                   for level in (0.0, 0.5))
+    read = black.flatten(1).var(1)
+    shot = 2 * ((grey - 0.5).flatten(1).var(1) - read)
+    assert shot.log().max() - shot.log().min() > 4  # the range, log(0.012 / 1e-4) = 4.8
+    residual = read.log() - 2.18 * shot.log() - 1.2
+    assert abs(residual.mean()) < 0.05, residual.mean()
+    assert 0.23 < residual.std() < 0.31, residual.std()
 
 
 def test_camera_shot_noise_is_drawn_log_uniformly(raw_domain_camera):

@@ -462,6 +462,8 @@ class MixedNoise(NoiseModel):
         self.weights = [float(w) for w in weights]
 
     def _pair(self, clean, generator):
+        if clean.shape[0] == 0:  # (multinomial draws no sample of none)
+            return clean.clone(), clean.clone()
         probs = torch.tensor(self.weights, dtype=torch.float64)
         if _device(generator, clean).type == "cpu":
             picks = torch.multinomial(probs, clean.shape[0], replacement=True, generator=generator).tolist()
@@ -511,6 +513,8 @@ class GrayNoise(NoiseModel):
     def _pair(self, clean, generator):
         if clean.shape[1] == 1:
             return self.model._pair(clean, generator)
+        if clean.shape[1] != 3:
+            raise ValueError(f"gray noise needs 1 or 3 channels (gray or colour), got {clean.shape[1]}")
         noisy, target = self.model._pair(luma(clean), generator)
         return noisy.expand_as(clean).contiguous(), target.expand_as(clean).contiguous()
 
