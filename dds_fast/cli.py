@@ -347,6 +347,9 @@ def cmd_denoise(args) -> int:
     if image.shape[0] in (2, 4):  # the alpha plane is no noisy signal: it passes through as it was
         image, alpha = image[:-1], image[-1:]
     check_output_path(args.output, alpha=alpha is not None, size=image.shape[-2:])
+    if os.path.exists(args.output) and os.path.samefile(args.input, args.output):  # (a link to it too)
+        raise ValueError(f"output {args.output} is the input image, whose noisy original the denoised copy would "
+                         f"replace; write it to another file")
     model = _model_from(args.checkpoint)
     out_channels = getattr(getattr(model, "supernet", model), "out_channels", model.in_channels)
     if out_channels != model.in_channels:  # its output would be no denoised copy of its input

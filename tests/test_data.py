@@ -455,6 +455,10 @@ def test_load_missing_and_corrupt_files_name_the_path(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     with pytest.raises(ValueError, match="cannot read image .*broken.png"):
         load_image(tmp_path / "broken.png")
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "empty.tif", np.zeros((0, 5), np.uint8))  # (which the network would refuse, late)
+    with pytest.raises(ValueError, match=r"empty.tif: the image is empty \(0 x 5 pixels\)"):
+        load_image(tmp_path / "empty.tif")
 
 
 def test_folder_listing_and_loading(tmp_path):

@@ -250,6 +250,13 @@ def test_denoise_command(tmp_path, capsys):
     assert main(["denoise", str(bad), "-o", str(tmp_path / "x.png"), "--checkpoint", str(checkpoint)]) == 2
     assert "bad.png" in capsys.readouterr().err
     assert main(["denoise", str(gray), "-o", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "no")]) == 2
+    capsys.readouterr()
+    original = gray.read_bytes()
+    (tmp_path / "link.png").symlink_to(gray)
+    for out in (gray, tmp_path / "link.png"):  # the noisy original is never replaced
+        assert main(["denoise", str(gray), "-o", str(out), "--checkpoint", str(checkpoint)]) == 2
+        assert "is the input image" in capsys.readouterr().err
+    assert gray.read_bytes() == original
 
 
 def test_a_checkpoint_saved_in_static_mode_denoises_and_describes_itself_so(tmp_path, capsys):

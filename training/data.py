@@ -128,6 +128,8 @@ def _to_tensor(array: np.ndarray, source: str, keep_alpha: bool = False) -> torc
         scaled = scaled[..., None]
     if scaled.ndim != 3 or scaled.shape[-1] not in (1, 2, 3, 4):
         raise ValueError(f"{source}: expected a gray or colour image, got array shape {array.shape}")
+    if 0 in scaled.shape[:2]:
+        raise ValueError(f"{source}: the image is empty ({scaled.shape[0]} x {scaled.shape[1]} pixels)")
     if not keep_alpha:  # 2 = gray + alpha, 4 = RGBA: keep the colour planes only
         scaled = scaled[..., : _colour_planes(scaled)]
     return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
