@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .checkpoint import atomic_write
 from .config import RoutingEntry, SubnetConfig
@@ -26,7 +27,8 @@ from .export import StaticConv2d
 from .gate import DynamicGate
 from .graph_if import conditional_graph_nodes
 from .nets import SlimNet, SlimUNet
-from .runner import WIDTHS, DevicePeaks, LatencyRunner, Report, backend_of, describe_device, width_at
+from .runner import (WIDTHS, DevicePeaks, LatencyRunner, Report, backend_of, describe_device, timing_device,
+                     width_at)
 from .slim_conv import SlimConv2d
 
 # The benchmark issue's targets: how many times faster than each baseline the fused layer
@@ -50,8 +52,14 @@ BACKWARD_VARIANTS = ("triton fused", "(b) static")
 
 
 def layer_variants(channels: int, ratio: float, device, dtype, backends: list[str], compile_static: bool = True):
-    """The layer's variants at one width ratio, each a callable taking the narrow input."""
-    torch.manual_seed(0)
+    """The layer's variants at one width ratio, each a callable taking the narrow input (their
+    weights drawn from seed 0, leaving the caller's random streams as they were)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return _layer_variants(channels, ratio, device, dtype, backends, compile_static)
+
+
+def _layer_variants(channels: int, ratio: float, device, dtype, backends: list[str], compile_static: bool):
     width = width_at(ratio, channels)
     variants = {}
     for backend in backends:
@@ -478,7 +486,10 @@ def run_bench(out_dir, quick: bool = True, dtype: str | None = None, sizes=None,
     measured before, with what stopped it, then raises it. ``dtype``: float16 on a GPU unless
     given; a CPU run times float32 whatever is given. ``model_name`` says which model the
     results are of (a checkpoint's path; default: the model's class and arguments)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = timing_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "bench")
+    if model is not None and not (isinstance(model, nn.Module) and type(getattr(model, "in_channels", None)) is int):
+        raise ValueError(f"bench: the model must be an nn.Module with an int in_channels (its input's channels), "
+                         f"got {type(model).__name__}")
     requested = dtype
     dtype = dtype or ("float16" if device.type == "cuda" else "float32")
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)

@@ -145,6 +145,20 @@ def wall_clock(fn: Callable[[], object], warmup: int, repeats: int) -> Timing:
     return Timing.from_samples(samples)
 
 
+def timing_device(device, who: str) -> torch.device:
+    """``device`` as a torch.device that ``who`` can time on: the CPU, or a CUDA device this
+    torch sees."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{who}: device {device!r} is not a torch device: {error}") from None
+    if device.type not in ("cpu", "cuda"):  # the wall clock would time another device's launches only
+        raise ValueError(f"{who}: times on CUDA devices and the CPU, got device {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{who}: device {device} asked for, but this torch sees no CUDA device")
+    return device
+
+
 def describe_device(device: torch.device) -> tuple[str, dict]:
     env = {"torch": torch.__version__, "dds_fast": __version__, "python": platform.python_version()}
     try:
@@ -230,16 +244,9 @@ class LatencyRunner:
         if device is None and parameter is None:
             raise ValueError(f"LatencyRunner: {type(model).__name__} has no parameters to take the device from; "
                              f"pass device=")
-        try:
-            self.device = torch.device(device) if device is not None else parameter.device
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"LatencyRunner: device {device!r} is not a torch device: {error}") from None
-        if self.device.type not in ("cpu", "cuda"):  # the wall clock would time another device's launches only
-            raise ValueError(f"LatencyRunner: times on CUDA devices and the CPU, got device {self.device}")
+        self.device = timing_device(parameter.device if device is None else device, "LatencyRunner")
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("LatencyRunner: cuda_graph=True needs a CUDA device")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"LatencyRunner: device {self.device} asked for, but this torch sees no CUDA device")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, dtype, memory_format=self.memory_format).eval()
         self.input_shape = shape
@@ -375,8 +382,7 @@ class LatencyRunner:
         """Time each ``(label, config)`` (default: ``default_configs``) and return the Report,
         with ``peaks`` (measured once here when not given) for the roofline; the model's
         widths are restored after."""
-        if configs is None:
-            configs = default_configs(self.model)
+        configs = default_configs(self.model) if configs is None else list(configs)  # (an iterator: read once)
         if not configs:
             raise ValueError("LatencyRunner.run: no configs to time")
         for item in configs:  # a bare config would unpack into a label and a config, or fail obscurely

@@ -3,10 +3,11 @@ import json
 import pytest
 
 import torch
+from torch import nn
 
 from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimConv2d, SlimDnCNN, macs_per_pixel
-from dds_fast.bench import (error_summary, gate_markdown, layer_markdown, run_bench, target_rows, targets_markdown,
-                            time_gate)
+from dds_fast.bench import (error_summary, gate_markdown, layer_markdown, layer_variants, run_bench, target_rows,
+                            targets_markdown, time_gate)
 from dds_fast.runner import ConfigResult, DevicePeaks, LatencyRunner, Report, Timing
 from tests.test_runner import PEAKS, small_net
 
@@ -329,6 +330,32 @@ def test_a_plot_skipped_for_want_of_matplotlib_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # its import now fails
     with pytest.warns(UserWarning, match=r"matplotlib is not installed: .*network.png is not drawn"):
         assert plot_network([], tmp_path / "network.png") is None
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(device="meta"), "bench: times on CUDA devices and the CPU, got device meta"),
+    (dict(model=nn.Sequential(nn.Conv2d(3, 3, 3))), "bench: the model must be an nn.Module with an int in_channels"),
+    pytest.param(dict(device="cuda"), "bench: device cuda asked for, but this torch sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")),
+])
+def test_bench_refuses_a_device_or_model_it_cannot_time_before_any_work(tmp_path, change, match):
+    # (a device torch could not name was reported by that failure's AttributeError or AssertionError)
+    with pytest.raises(ValueError, match=match):
+        run_bench(tmp_path / "out", **{**BENCH_ARGS, "model": small_net(), **change})
+    assert not (tmp_path / "out").exists()
+
+
+def test_layer_variants_leave_the_callers_random_stream():
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        layer_variants(8, 0.5, torch.device("cpu"), torch.float32, ["torch"], compile_static=False)
+        draws.append(torch.rand(3))
+        torch.manual_seed(seed)
+        assert torch.equal(draws[-1], torch.rand(3))
+    weights = [layer_variants(8, 0.5, torch.device("cpu"), torch.float32, ["torch"], False)[1]["(b) static"].weight
+               for _ in range(2)]
+    assert torch.equal(*weights)  # the layers' own weights: seed 0's, each time
 
 
 def test_bench_refuses_cuda_graphs_off_cuda(tmp_path):

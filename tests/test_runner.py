@@ -303,6 +303,13 @@ def test_configs_must_be_label_and_config_pairs():
         LatencyRunner(SlimConv2d(4, 4, 3, padding=1), (1, 4, 8, 8), warmup=0, repeats=1).run([0.5], peaks=PEAKS)
 
 
+def test_configs_may_come_from_an_iterator():
+    net = small_net()  # (checking the pairs used to exhaust it: nothing was timed)
+    pairs = ((label, config) for label, config in [("smallest", net.space.smallest()), ("largest", net.space.largest())])
+    report = LatencyRunner(net, (1, 1, 8, 8), warmup=0, repeats=1).run(pairs, peaks=PEAKS)
+    assert [r.label for r in report.results] == ["smallest", "largest"]
+
+
 def test_a_stage1_attention_supernet_without_routes_gets_the_slimmable_defaults():
     """Stage 1 saves an AttentionSupernet: a supernet behind the gate, no routing space yet
     and no dynamic mode."""
