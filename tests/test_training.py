@@ -486,6 +486,15 @@ def test_two_seeds_share_no_step_s_stream():
     assert len(seeds) == 9
 
 
+def test_a_setting_no_checkpoint_can_store_is_refused_before_training(tmp_path):
+    """(a tensor learning rate trained up to the first checkpoint, then failed in json.dumps)"""
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=3)
+    optimizer = torch.optim.Adam(net.parameters(), lr=torch.tensor(1e-2), foreach=False)
+    with pytest.raises(ValueError, match=r"stage1: the optimizer's param group 0's lr is tensor\(0.0100\), which a "
+                                         r"checkpoint cannot store"):
+        TrainLoop(tmp_path, "stage1", net, optimizer, Pairs(), lambda *a: {}, LoopSettings(steps=2, batch_size=2))
+
+
 def test_resume_names_a_state_file_of_another_architecture(tmp_path):
     make_loop(tmp_path, steps=2)[0].run()
     wider = SlimDnCNN(in_channels=1, base_width=24, depth=3)

@@ -133,6 +133,7 @@ class TrainLoop:
         self.run_dir = Path(run_dir)
         self.stage = stage
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        _check_storable(stage, optimizer, scheduler)
         self.lr_factor = lr_factor
         self.initial_lrs = [group["lr"] for group in optimizer.param_groups]
         self.dataset, self.step_fn, self.settings = dataset, step_fn, settings
@@ -360,6 +361,21 @@ class TrainLoop:
     def _saved_step(self) -> int:
         with safe_open(str(self.state_path), framework="pt") as f:
             return int(f.metadata()["step"])
+
+
+def _check_storable(stage: str, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """The optimizer's settings and the scheduler's state go into a checkpoint's metadata as
+    JSON: one it cannot hold (a tensor learning rate) is refused before a step is lost to it."""
+    parts = [(f"param group {index}'s {key}", value) for index, group in
+             enumerate(optimizer.state_dict()["param_groups"]) for key, value in group.items()]
+    if scheduler is not None:
+        parts.append(("scheduler state", scheduler.state_dict()))
+    for name, value in parts:
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{stage}: the optimizer's {name} is {value!r}, which a checkpoint cannot store (it "
+                             f"keeps such settings as JSON numbers, strings and lists); give plain numbers") from None
 
 
 def as_floats(losses: dict) -> dict[str, float]:
