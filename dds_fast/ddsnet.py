@@ -519,10 +519,12 @@ class DDSNet(nn.Module):
             choice = self.gate_forward(x)[1].choice
         else:
             self.supernet.check_input(x)
-            if not isinstance(stem_means, torch.Tensor) or stem_means.shape != (len(x), self.gate.channels):
-                got = tuple(stem_means.shape) if isinstance(stem_means, torch.Tensor) else type(stem_means).__name__
-                raise ValueError(f"DDSNet: stem_means must be [{len(x)}, {self.gate.channels}], one row per image, "
-                                 f"got {got}")
+            if not isinstance(stem_means, torch.Tensor) or stem_means.shape != (len(x), self.gate.channels) \
+                    or not stem_means.is_floating_point():
+                got = (f"{stem_means.dtype} {tuple(stem_means.shape)}" if isinstance(stem_means, torch.Tensor)
+                       else type(stem_means).__name__)
+                raise ValueError(f"DDSNet: stem_means must be floating-point [{len(x)}, {self.gate.channels}], one row "
+                                 f"per image, got {got}")
             choice = self.gate(stem_means[:, :, None, None], means=stem_means).choice
         return [self.routing_space[i] for i in choice.tolist()]
 

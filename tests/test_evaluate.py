@@ -323,10 +323,13 @@ def test_route_from_given_means_is_the_route_of_the_image():
     means = model.stem_means(x, 32)
     assert model.route(x, stem_means=means) == model.route(x)
     assert model.routed_macs(x, stem_means=means) == model.routed_macs(x)
-    with pytest.raises(ValueError, match=r"stem_means must be \[1, 16\], one row per image, got \(2, 16\)"):
+    with pytest.raises(ValueError, match=r"stem_means must be floating-point \[1, 16\], one row per image, got "
+                                         r"torch.float32 \(2, 16\)"):
         model.route(x, stem_means=means.expand(2, -1))
-    with pytest.raises(ValueError, match=r"stem_means must be \[1, 16\], one row per image, got \(1, 15\)"):
+    with pytest.raises(ValueError, match=r"stem_means must be .* got torch.float32 \(1, 15\)"):
         model.route(x, stem_means=means[:, :15])
+    with pytest.raises(ValueError, match=r"stem_means must be .* got torch.int32 \(1, 16\)"):  # (it blamed the input)
+        model.route(x, stem_means=means.int())
 
 
 def test_denoise_shows_its_progress_over_tiles_when_asked(capsys):
