@@ -45,6 +45,14 @@ class ConvsCalledByKeywordAndUnbatched(nn.Module):
 
 
 @pytest.mark.parametrize("convert", [False, True])
+def test_macs_of_non_square_kernels_count_both_sides(convert):
+    model = nn.Sequential(nn.Conv2d(3, 4, (1, 5), padding=(0, 2)), nn.Conv2d(4, 4, (3, 1), padding=(1, 0)))
+    model = convert_model(model) if convert else model
+    model.in_channels = 3  # (for counted_macs_per_pixel)
+    assert macs_per_pixel(model, input_shape=(3, 6, 7)) == 4 * 3 * 5 + 4 * 4 * 3 == counted_macs_per_pixel(model, 6, 7)
+
+
+@pytest.mark.parametrize("convert", [False, True])
 def test_macs_of_convs_called_by_keyword_or_unbatched(convert):
     model = ConvsCalledByKeywordAndUnbatched()
     model = convert_model(model) if convert else model

@@ -633,9 +633,9 @@ def test_clean_images_outside_the_unit_range_are_refused(image, expected):
             build()
     overshoot = torch.rand(3, 20, 20) * 1.2 - 0.1  # as resampling leaves it
     assert len(NoisyPatches([overshoot], GaussianNoise(25), patch_size=8, length=2)) == 2
-    # unclipped noise leaves [0, 1] (here sigma 100 of 255), but not for another scale
-    noisy = torch.rand(3, 20, 20) + 0.39 * torch.randn(3, 20, 20, generator=torch.Generator().manual_seed(0))
-    assert noisy.min() < -0.5 and noisy.max() > 1.5
+    # unclipped noise leaves [0, 1] (here sigma 400 of 255), but not for another scale
+    noisy = torch.rand(3, 20, 20) + 400 / 255 * torch.randn(3, 20, 20, generator=torch.Generator().manual_seed(0))
+    assert noisy.min() < -3.5 and noisy.max() > 5
     assert PairedPatches([(noisy, torch.rand(3, 20, 20))], 8, 2)[0][0].shape == (3, 8, 8)
     with pytest.raises(ValueError, match=r"pair 0, noisy image: expected float values in \[0, 1\] \(noise may "
                                          r"overrun it\), got values from 0 to 255"):

@@ -204,6 +204,12 @@ def test_evaluate_reports_psnr_ssim_and_macs():
     baseline = torch.nn.Conv2d(3, 3, 3, padding=1)
     table = comparison_table(dds, [baseline, smallest], data)
     assert "| I-Net #0 (no route's config) |" in table and "| I-Net 0 |" in table
+    with torch.no_grad():  # every image to the largest route: not what the last budget row runs
+        dds.gate.fc4.weight.zero_()
+        dds.gate.fc4.bias.copy_(torch.tensor([0.0, 1.0]))
+    dynamic = evaluate(dds, data, "DDS dynamic")
+    assert dynamic.macs_per_pixel == dds.dynamic_macs_per_pixel[1]
+    assert dynamic.row() in comparison_table(dds, [smallest], data)  # (not scored in the budget mode before it)
 
 
 def test_comparison_rows_within_a_budget_cost_at_most_the_budget_with_attention_on():
@@ -583,3 +589,7 @@ def test_evaluate_scores_an_output_far_outside_0_1_as_clipped():
     noisy = (clean * 255).round()
     with pytest.raises(ValueError, match=r"evaluate: pair 1's noisy image: expected float values in \[0, 1\]"):
         evaluate(Loud(), [(clean, clean), (noisy, clean)])
+    # while unclipped noise, however strong, is a noisy image on the unit scale (sigma 400 here)
+    loud_noise = clean + 400 / 255 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(7))
+    assert loud_noise.min() < -4 and loud_noise.max() > 5
+    assert evaluate(Loud(), [(loud_noise, clean)]).images == 1

@@ -329,6 +329,16 @@ def test_export_static_refuses_what_no_static_copy_computes():
     with pytest.raises(ValueError, match="input_shape must be"):
         export_static(net, input_shape=5)
 
+    class TwoWidths(nn.Module):  # one layer run at 8 input channels, then at 4
+        def __init__(self):
+            super().__init__()
+            self.conv = SlimConv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.conv(x)[:, :4])
+    with pytest.raises(ValueError, match=r"layer 'conv' runs at two widths in one forward"):
+        export_static(TwoWidths(), input_shape=(8, 8, 8))
+
 
 def test_export_static_keeps_hooks_and_frozen_parameters():
     torch.manual_seed(6)
@@ -385,6 +395,7 @@ def test_export_in_train_mode_copies_a_spectral_normed_weight_as_the_layer_then_
     with torch.no_grad():  # (the flag comes from the parameters, not from a view read under no_grad)
         static = export_static(net.train())
     assert all(p.requires_grad for p in static.parameters())
+    assert all(module.training for module in static.modules())  # its static convs too, as the rest of the copy
     x = torch.rand(1, 1, 8, 8, dtype=torch.float64)
     assert torch.equal(net.eval()(x), static.eval()(x))
 

@@ -165,6 +165,17 @@ def test_progressive_slimming_walks_from_largest_to_smallest():
         thin_routing_space(trajectory, len(trajectory) + 1)
 
 
+def test_slimming_behind_an_attention_head_costs_each_config_alone():
+    """A routing entry's MACs are its config's own; DDSNet adds the full-width stem its gate reads."""
+    supernet = tiny_net().eval()
+    net = dds_fast.AttentionSupernet(supernet, dds_fast.DynamicGate(supernet.stem_channels, 2)).eval()
+    trajectory = progressive_slimming(net, [batch()], step=8)
+    assert len(trajectory) > 1
+    for entry in trajectory:
+        assert entry.macs_per_pixel == dds_fast.macs_per_pixel(supernet, entry.config)
+    assert trajectory[-1].macs_per_pixel < dds_fast.macs_per_pixel(net, trajectory[-1].config)
+
+
 @pytest.mark.parametrize("criterion,first_slimmed", [("psnr", "enc1"), ("psnr_per_mac", "dec0.mid")])
 def test_slimming_criteria_choose_by_loss_or_by_loss_per_mac(monkeypatch, criterion, first_slimmed):
     """enc1 loses the least PSNR per step but saves 560 MACs/pixel; dec0.mid loses 1.5x as
@@ -607,6 +618,27 @@ def test_gate_labels_and_step():
     assert record["cross_entropy"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
     with pytest.raises(ValueError, match="ascending"):
         gate_step(DDSNet(net, DynamicGate(net.stem_channels, 2), routes[::-1]), noisy, clean, 1.0)
+
+
+def test_the_gate_reads_the_full_width_stem_whatever_the_largest_route():
+    """The gate squeezes the whole stem, as a DDSNet runs it; a routing space whose largest
+    route is narrower must not leave the stem at that route's width."""
+    from dds_fast.training.gate_stage import gate_step, per_image_psnr
+
+    net, gate, model = frozen_gated_net(lambda space: (space.smallest(), space.uniform(0.5)))
+    routes = model.routing_space
+    assert routes[-1].config != net.space.largest()
+    noisy, clean = batch(n=4, size=16)
+    record = gate_step(model, noisy, clean, budget=routes[0].macs_per_pixel)
+    with torch.no_grad():
+        quality = []
+        for entry in routes:
+            net.set_config(entry.config)
+            quality.append(per_image_psnr(net(noisy), clean))
+        net.set_config(net.space.largest())
+        logits = gate(net.stem(net.pad(noisy))).logits
+    labels = ((quality[1] - quality[0]) >= 0.2).long()
+    assert record["cross_entropy"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
 def test_within_labels_take_the_smallest_route_close_to_the_largest():
