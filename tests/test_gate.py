@@ -190,6 +190,21 @@ def test_batch_norms_without_affine_or_statistics(bn, backend, training):
             gate(x[:1])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_batch_norm_put_in_train_mode_alone_normalises_by_the_batch_and_updates(backend):
+    """(gate.eval(); gate.bn.train(), to re-estimate its statistics: the fused head would use
+    the stored ones and update none)"""
+    gate = make_gate(20, 4, backend=backend).eval()
+    gate.bn.train()
+    x = torch.randn(3, 20, 5, 6).to(DEVICE)
+    before = gate.bn.running_mean.clone()
+    with torch.no_grad():
+        out = gate(x)
+    ref = reference(gate, x, bn_batch_stats=True)
+    torch.testing.assert_close(out.logits.double(), ref.logits, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(gate.bn.running_mean, before)
+
+
 def test_a_half_precision_gate_trains_its_batch_norm_in_fp32():
     """A pre-BN value past fp16's 65504 overflows an fp16 BatchNorm; the update lands in the
     fp16 buffers."""

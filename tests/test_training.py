@@ -276,7 +276,8 @@ class Pairs(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def make_loop(run_dir, steps, checkpoint_every=2, nan_at=None, optimizer="adam", schedule="epoch", progress=False):
+def make_loop(run_dir, steps, checkpoint_every=2, nan_at=None, optimizer="adam", schedule="epoch", progress=False,
+              bad_loss=float("nan")):
     net = tiny_net()
     if optimizer == "adam":
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
@@ -289,7 +290,7 @@ def make_loop(run_dir, steps, checkpoint_every=2, nan_at=None, optimizer="adam",
         configs = sandwich_configs(net.space, 3, step_generator(0, step))
         losses = sandwich_step(net, noisy, clean, configs)
         if step == nan_at:
-            losses["largest"] = float("nan")
+            losses["largest"] = bad_loss
         return losses
 
     settings = LoopSettings(steps=steps, batch_size=2, checkpoint_every=checkpoint_every, progress=progress)
@@ -394,8 +395,9 @@ def test_losses_returned_as_tensors_are_read_after_the_next_batch_is_drawn(tmp_p
     assert all(isinstance(record["largest"], float) and 0 < record["psnr"] < 100 for record in log)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    loop, _ = make_loop(tmp_path, steps=6, nan_at=3)
+@pytest.mark.parametrize("bad_loss", [float("nan"), float("inf"), -float("inf")])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad_loss):
+    loop, _ = make_loop(tmp_path, steps=6, nan_at=3, bad_loss=bad_loss)
     with pytest.raises(TrainingDiverged, match=r"step 3.*last good checkpoint \(step 2\)"):
         loop.run()
     fresh, _ = make_loop(tmp_path, steps=6)
@@ -448,6 +450,21 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
         loop.run()
     fresh, fresh_net = make_loop(tmp_path, steps=6)
     assert fresh.resume() == 1 and all(torch.isfinite(p).all() for p in fresh_net.parameters())
+
+
+def test_a_huge_finite_gradient_is_no_divergence(tmp_path):
+    """The check takes each gradient's largest |entry|: no sum of squares that could overflow."""
+    loop, net = make_loop(tmp_path, steps=3, optimizer="sgd")
+    inner = loop.step_fn
+
+    def step_fn(step, noisy, clean):
+        losses = inner(step, noisy, clean)
+        if step == 2:  # (the last: no forward runs on the weights it leaves)
+            next(net.parameters()).grad.view(-1)[:2] = 1e20  # (its 2-norm is inf in fp32)
+        return losses
+
+    loop.step_fn = step_fn
+    assert loop.run() == 3
 
 
 def test_resume_names_a_corrupt_or_truncated_state_file(tmp_path):
