@@ -366,15 +366,15 @@ class TrainLoop:
 def _check_storable(stage: str, optimizer: torch.optim.Optimizer, scheduler) -> None:
     """The optimizer's settings and the scheduler's state go into a checkpoint's metadata as
     JSON: one it cannot hold (a tensor learning rate) is refused before a step is lost to it."""
-    parts = [(f"param group {index}'s {key}", value) for index, group in
+    parts = [(f"the optimizer's param group {index}'s {key}", value) for index, group in
              enumerate(optimizer.state_dict()["param_groups"]) for key, value in group.items()]
     if scheduler is not None:
-        parts.append(("scheduler state", scheduler.state_dict()))
+        parts.append(("the scheduler's state", scheduler.state_dict()))
     for name, value in parts:
         try:
             json.dumps(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{stage}: the optimizer's {name} is {value!r}, which a checkpoint cannot store (it "
+            raise ValueError(f"{stage}: {name} is {value!r}, which a checkpoint cannot store (it "
                              f"keeps such settings as JSON numbers, strings and lists); give plain numbers") from None
 
 
