@@ -314,6 +314,9 @@ def test_resume_after_a_kill_reaches_the_same_result(tmp_path, schedule):
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "stage1.log.jsonl").read_text().splitlines()]
     assert steps == list(range(6))
     assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"] < 1e-2
+    if schedule == "epoch":  # the scheduler's own count too, which a step- or cosine-shaped schedule reads
+        assert resumed.scheduler.state_dict() == straight.scheduler.state_dict()
+        assert straight.scheduler.last_epoch > 0
 
 
 def test_a_run_killed_before_its_first_checkpoint_leaves_no_log_lines_behind(tmp_path):
