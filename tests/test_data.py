@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dds_fast.training.data import (
+    _TRAIN_STREAM,
     PHOTO_NAMES,
     TEST_NAMES,
     TEXTURE_NAMES,
@@ -579,17 +580,39 @@ def test_noisy_patches_batch_has_the_items_crops_and_its_own_noise(photos):
     again, _ = data.batch(4, 8)
     assert torch.equal(noisy, again)
     assert not torch.equal(data.batch(0, 8)[0][4:], noisy[:4])  # noise of another batch
+    # ... and of its own stream, not a fresh copy of the stream its first item's crop came from
+    first_items_stream = item_generator(2, _TRAIN_STREAM, 0, 4)
+    assert not torch.allclose(noisy - clean, 25 / 255 * torch.randn(clean.shape, generator=first_items_stream),
+                              atol=1e-6)
     data.set_epoch(1)
     assert not torch.equal(data.batch(4, 8)[1], clean)
 
 
 def test_noisy_patches_crops_come_from_the_images():
     image = torch.arange(3 * 10 * 12, dtype=torch.float32).view(3, 10, 12) / 360
-    data = NoisyPatches([image], GaussianNoise(0), patch_size=4, length=20, augment=False)
+    data = NoisyPatches([image], GaussianNoise(0), patch_size=4, length=200, augment=False)
+    corners = set()
     for i in range(len(data)):
         _, clean = data[i]
         top, left = [int(v) for v in torch.nonzero(image[0] == clean[0, 0, 0])[0]]
         assert torch.equal(clean, image[:, top : top + 4, left : left + 4])
+        corners.add((top, left))
+    # every offset, the last row and column included
+    assert {top for top, _ in corners} == set(range(7)) and {left for _, left in corners} == set(range(9))
+
+
+def test_validation_crops_are_drawn_apart_from_training_crops():
+    """Same seed: validation crop j must not follow training item j (a shared stream would
+    make the one's left offset the other's top)."""
+    side = 40
+    rows = torch.arange(float(side)).view(1, side, 1).expand(1, side, side) / 64
+    image = torch.cat([rows, rows.transpose(1, 2), rows])  # channel 0 holds the row, 1 the column
+    validation = make_validation_set([image], GaussianNoise(0), seed=0, patch_size=8, crops_per_image=32)
+    training = NoisyPatches([image], GaussianNoise(0), patch_size=8, length=32, seed=0, augment=False)
+    corner = lambda crop: (round(float(crop[0, 0, 0]) * 64), round(float(crop[1, 0, 0]) * 64))  # noqa: E731
+    pairs = [(corner(clean), corner(training[j][1])) for j, (_, clean) in enumerate(validation)]
+    # independent draws over 33 offsets agree about once in 32 pairs
+    assert sum(v[1] == t[0] for v, t in pairs) <= 6 and sum(v == t for v, t in pairs) <= 2
 
 
 def test_random_flip_rotate_covers_the_eight_symmetries():
@@ -687,8 +710,9 @@ def write_sidd_medium(root, scenes=("0001_001_S6_00100_00060_3200_L", "0002_001_
 
 def test_sidd_medium_pairs_and_aligned_patches(tmp_path):
     write_sidd_medium(tmp_path)
+    (tmp_path / "Data" / "0001_001_S6_00100_00060_3200_L" / "0001_NOISY_SRGB_010.txt").write_text("notes")
     pairs = sidd_medium_pairs(tmp_path)
-    assert len(pairs) == 4
+    assert len(pairs) == 4  # the stray notes are no frame
     assert all("_NOISY_SRGB_" in n.name and n.name.replace("NOISY", "GT") == c.name for n, c in pairs)
     data = PairedPatches(pairs, patch_size=16, patches_per_pair=3, seed=1)
     assert len(data) == 12
@@ -852,7 +876,7 @@ def test_sidd_validation_blocks(tmp_path):
     clean = rng().integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8)
     write_sidd_validation(tmp_path, 255 - clean, clean)
     data = SIDDValidation(tmp_path)
-    assert len(data) == 6
+    assert len(data) == 6 and data.blocks_per_image == 3
     noisy, gt = data[4]  # image 1, block 1
     assert noisy.shape == gt.shape == (3, 16, 16) and gt.dtype == torch.float32
     assert torch.equal(gt, torch.from_numpy(clean[1, 1]).permute(2, 0, 1).float() / 255)
@@ -878,6 +902,8 @@ def test_sidd_validation_errors_name_the_path(tmp_path):
     refused(ValueError, "ValidationNoisyBlocksSrgb.mat has no variable .*wrong_key")
     write_sidd_validation(tmp_path, blocks.astype(np.float64), blocks)
     refused(ValueError, "should be uint8")
+    write_sidd_validation(tmp_path, *[np.zeros((1, 2, 8, 8, 4), np.uint8)] * 2)  # not read as RGBA
+    refused(ValueError, re.escape("should be uint8 [images, blocks, H, W, 3]"))
     write_sidd_validation(tmp_path, blocks, np.zeros((1, 3, 8, 8, 3), np.uint8))
     refused(ValueError, "differ in shape")
     (tmp_path / "ValidationGtBlocksSrgb.mat").write_bytes(b"garbage" * 20)

@@ -27,6 +27,25 @@ def ddsnet():
     return DDSNet(supernet, gate, routes).eval()
 
 
+class ShapeRecorder(torch.nn.Module):
+    """The identity, recording the shape of each input."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return x.clone()
+
+
+def test_an_image_larger_than_the_tile_one_way_only_is_tiled():
+    """Memory stays bounded: a tall image narrower than the tile is still cut along its height."""
+    model, image = ShapeRecorder(), torch.rand(1, 80, 16)
+    assert torch.equal(denoise(model, image, tile=32, overlap=4), image) and len(model.shapes) > 1
+    assert all(shape[-2] <= 32 and shape[-1] <= 32 for shape in model.shapes)
+
+
 @pytest.mark.parametrize("size", [(40, 50), (70, 33)])
 def test_tiled_denoise_equals_whole_image_for_a_local_network(size):
     # DnCNN-4's receptive field is 9x9: 8 pixels of overlap give every core pixel its full context

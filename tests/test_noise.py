@@ -9,6 +9,7 @@ from scipy.ndimage import gaussian_filter
 from dds_fast.training.data import bundled_images
 from dds_fast.training.noise import (
     CameraNoise,
+    CameraParams,
     GaussianNoise,
     GrayNoise,
     MixedNoise,
@@ -303,6 +304,46 @@ def test_camera_noise_is_spatially_correlated_awgn_is_not():
     # 49k pairs: the correlation of independent noise has s.e. ~0.005.
     assert abs(neighbour_correlation(GaussianNoise(25))) < 0.03
     assert abs(neighbour_correlation(PoissonGaussianNoise())) < 0.03
+
+
+def neutral_gray_camera(rgb_gain=1.0):
+    """One channel, no colour matrix, no white balance; the given brightness gain."""
+    eye, one = torch.ones(1, 1, 1), torch.ones(1)
+    return CameraParams(eye, eye.clone(), torch.tensor([rgb_gain]), one, one.clone())
+
+
+def test_awgn_is_sigma_over_255_times_the_generators_normal_draws():
+    # exact, where the std test's tolerance cannot tell 255 from 256
+    clean = torch.full((1, 3, 8, 8), 0.5)
+    noise = GaussianNoise(25)(clean, gen(7)) - clean
+    torch.testing.assert_close(noise, 25 / 255 * torch.randn(clean.shape, generator=gen(7)), rtol=1e-5, atol=1e-7)
+
+
+def test_unprocess_inverts_the_tone_curve_then_gamma_2_2():
+    # Brooks et al.: the inverse smoothstep, then x ** 2.2 (sRGB 0.5 is smoothstep's fixed point)
+    srgb = torch.tensor([0.5, 3 * 0.3 ** 2 - 2 * 0.3 ** 3]).view(1, 1, 1, 2)
+    raw = unprocess(srgb, neutral_gray_camera())
+    torch.testing.assert_close(raw.flatten(), torch.tensor([0.5 ** 2.2, 0.3 ** 2.2]), rtol=1e-5, atol=1e-7)
+
+
+def test_unprocess_clips_the_raw_image_at_saturation():
+    # a brightness gain under 1 (about 2% of draws of 1 / N(0.8, 0.1)) would lift bright pixels past 1
+    raw = unprocess(torch.tensor([0.995, 1.0]).view(1, 1, 1, 2), neutral_gray_camera(rgb_gain=0.8))
+    assert torch.equal(raw, torch.ones_like(raw))
+
+
+def test_mosaic_is_rggb():
+    image = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    assert torch.equal(mosaic(image)[0, 0], torch.tensor([[1.0, 2.0], [2.0, 3.0]]).repeat(2, 2))
+
+
+def test_process_clips_the_noisy_raw_before_demosaicking():
+    # a sample that read noise drove below 0 demosaics as a 0, not darkening its neighbours
+    params = sample_camera_params(1, 3, gen(1), like=torch.zeros(1))
+    raw = torch.full((1, 1, 8, 8), 0.3)
+    negative, zero = raw.clone(), raw.clone()
+    negative[..., 4, 4], zero[..., 4, 4] = -0.5, 0.0
+    torch.testing.assert_close(process(negative, params), process(zero, params))
 
 
 def test_mosaic_then_demosaic_is_exact_on_affine_images():

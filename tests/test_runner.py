@@ -8,12 +8,58 @@ from dds_fast import DynamicGate, RoutingEntry, SlimConv2d, SlimDnCNN, export_st
 from dds_fast.bench import time_gate
 from dds_fast.cost import trace_convs
 from dds_fast.ddsnet import AttentionSupernet
-from dds_fast.runner import DevicePeaks, LatencyRunner, Timing, capture_cuda_graph, default_configs
+from dds_fast.runner import (ConfigResult, DevicePeaks, LatencyRunner, Timing, capture_cuda_graph,
+                             default_configs)
 
 
 def test_timing_percentiles():
     timing = Timing.from_samples([5, 1, 4, 2, 3, 6, 7, 8, 9, 10, 11])
     assert (timing.median_ms, timing.p20_ms, timing.p80_ms, timing.repeats) == (6, 3, 9, 11)
+    # one slow outlier, which a mean would follow; p20 of 4 samples is rank 0.6, rounded to 1
+    skewed = Timing.from_samples([10, 1, 3, 2])
+    assert (skewed.median_ms, skewed.p20_ms, skewed.p80_ms, skewed.repeats) == (2.5, 2, 3, 4)
+
+
+def tiny_runner(**kwargs):
+    torch.manual_seed(0)
+    return LatencyRunner(nn.Conv2d(1, 2, 3, padding=1), (1, 1, 8, 8), device="cpu", **kwargs)
+
+
+def test_time_fn_warms_up_then_times_its_repeats():
+    runner = tiny_runner(warmup=3, repeats=5)
+    calls = []
+    timing = runner.time_fn(lambda: calls.append(1))
+    assert len(calls) == 8 and timing.repeats == 5
+
+
+def test_wall_clock_samples_are_milliseconds(monkeypatch):
+    import dds_fast.runner as runner_module
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(runner_module.time, "perf_counter", lambda: 0.002 * next(ticks))  # 2 ms a call
+    assert runner_module.wall_clock(lambda: None, warmup=0, repeats=3).median_ms == pytest.approx(2.0)
+
+
+def test_measured_peaks_count_two_flops_per_mac_and_a_copys_read_and_write(monkeypatch):
+    runner = tiny_runner(warmup=0, repeats=1)
+    monkeypatch.setattr(runner, "time_fn", lambda fn, cuda_graph=False: Timing(1.0, 1.0, 1.0, 1))  # 1 ms each
+    peaks = runner.measure_peaks()
+    assert peaks.flops_per_s == 2 * 1024 ** 3 / 1e-3  # the CPU's 1024 x 1024 product
+    assert peaks.bytes_per_s == 2 * 32 * 2 ** 20 * 4 / 1e-3  # 32 Mi fp32 values read and written
+
+
+def test_a_half_precision_floor_moves_half_the_bytes():
+    moved = {}
+    for dtype in (torch.float32, torch.float16):
+        runner = tiny_runner(dtype=dtype, warmup=0, repeats=1)
+        groups, _ = runner._cost(runner.model, runner.inputs)
+        moved[dtype], _ = runner._traffic(groups)
+    assert moved[torch.float16] * 2 == moved[torch.float32]
+
+
+def test_floor_fraction_is_the_floor_over_the_measured_time():
+    result = ConfigResult("x", None, 1.0, Timing(4.0, 3.0, 5.0, 3), floor_ms=1.0, floor_bound="bytes")
+    assert result.floor_fraction == 0.25  # a run 4x slower than its floor
 
 
 PEAKS = DevicePeaks(flops_per_s=1e9, bytes_per_s=1e9)  # no peak to measure: the tests time nothing real
