@@ -1381,3 +1381,108 @@ def test_an_attention_supernets_parts_are_checked_when_replaced_and_read_fresh()
     attended.supernet = gray
     assert attended.in_channels == 1 and attended.space is gray.space and attended.get_config() == gray.space.largest()
     assert attended(torch.rand(1, 1, 8, 8)).shape == (1, 1, 8, 8)
+
+
+class _DoubledStemNet(dds_fast.SlimNet):
+    """A super-network whose stem conv has two filters per width of its group (multiplier 2):
+    no gate can read it as one channel per group width."""
+
+    def __init__(self):
+        super().__init__(1, 1, dict(width_mult=1.0, min_ratio=0.5, divisor=4))
+        feat = self._group("feat", 8)
+        self.first = self._bind(dds_fast.SlimConv2d(1, 2 * feat, 3, padding=1, activation="relu"), "feat", multiplier=2)
+        self.last = dds_fast.SlimConv2d(2 * feat, 1, 3, padding=1)
+        self._finish()
+
+    @property
+    def stem_conv(self):
+        return self.first
+
+    @property
+    def receptive_radius(self):
+        return 2
+
+    def body(self, features, x):
+        return self.last(features) + x
+
+
+def test_a_stem_bound_with_a_multiplier_is_refused_by_the_gated_networks():
+    net = _DoubledStemNet()
+    message = "the stem conv is bound to group 'feat' with multiplier 2"
+    with pytest.raises(ValueError, match=message):
+        net.stem_group
+    with pytest.raises(ValueError, match=message):
+        DDSNet(net, DynamicGate(16, 2), [RoutingEntry(net.space.largest(), 1.0)] * 2)
+    with pytest.raises(ValueError, match=message):
+        dds_fast.AttentionSupernet(net, DynamicGate(16, 2))
+
+
+def test_stem_means_of_a_masked_attention_supernet_read_the_whole_stem():
+    """Under set_masked_widths the stem's output mask is lifted while stem_means runs: the
+    means are those of the full-width stem (the gate's attention reads every channel), and
+    feeding them back gives the masked forward's own output."""
+    torch.manual_seed(0)
+    net = SlimUNet(in_channels=3, base_width=8, depth=2).double()
+    gate = DynamicGate(net.stem_channels, 2).double()
+    gate.attention = True
+    torch.nn.init.normal_(gate.fc2.weight, std=1.0)
+    attended = dds_fast.AttentionSupernet(net, gate).eval()
+    x = torch.rand(2, 3, 9, 7, dtype=torch.float64)
+    with torch.no_grad():
+        full = attended.stem_means(x, block=4)
+        attended.set_masked_widths(torch.tensor(attended.binding_widths(net.space.smallest())))
+        means = attended.stem_means(x, block=4)
+        assert attended.masked
+        torch.testing.assert_close(means, full)
+        torch.testing.assert_close(attended(x, stem_means=means), attended(x))
+
+
+class _ShuffledStemNet(dds_fast.SlimNet):
+    """A super-network whose stem conv shuffles pixels (upscale_factor 2) while bound one filter
+    per group width: its output has a quarter of the channels a gate would read."""
+
+    def __init__(self):
+        super().__init__(1, 1, dict(width_mult=1.0, min_ratio=0.5, divisor=4))
+        feat = self._group("feat", 8)
+        self.first = self._bind(dds_fast.SlimConv2d(1, feat, 3, padding=1, upscale_factor=2), "feat")
+        self.last = dds_fast.SlimConv2d(feat // 4, 1, 3, stride=2, padding=1)
+        self._finish()
+
+    @property
+    def stem_conv(self):
+        return self.first
+
+    @property
+    def receptive_radius(self):
+        return 3
+
+    def body(self, features, x):
+        return self.last(features) + x
+
+
+def test_a_stem_that_shuffles_pixels_is_refused_by_the_gated_networks():
+    net = _ShuffledStemNet()
+    message = "the stem conv of _ShuffledStemNet shuffles pixels"
+    with pytest.raises(ValueError, match=message):
+        DDSNet(net, DynamicGate(8, 2), [RoutingEntry(net.space.largest(), 1.0)] * 2)
+    with pytest.raises(ValueError, match=message):
+        dds_fast.AttentionSupernet(net, DynamicGate(8, 2))
+
+
+def test_route_branches_warm_again_for_another_batch_size():
+    """The warmed branches' key holds the input's shape: its strides do not say its batch size,
+    and a capture at a new batch size must not find the old batch's output shape."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    net = SlimDnCNN(in_channels=3, base_width=8, depth=3)
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    model = DDSNet(net, DynamicGate(net.stem_channels, 2), routes).eval()
+    ran = []
+    route_body = model._route_body
+    model._route_body = lambda index, *args: ran.append(index) or route_body(index, *args)
+    with torch.no_grad():
+        for batch in (2, 3):
+            padded, gate_out = model.gate_forward(torch.rand(batch, 3, 8, 8))
+            model._warm_branches(gate_out.features, padded, gate_out.choice)
+            assert model._branch_output(gate_out.features, padded).shape == (batch, 3, 8, 8)
+    assert ran == [0, 1] * 2

@@ -109,6 +109,27 @@ def test_unet_slim_output_is_the_sliced_computation():
     torch.testing.assert_close(net(x), expected)
 
 
+def test_dncnn_output_is_the_sliced_computation_with_its_global_residual():
+    """A hand-written narrow DnCNN forward (every layer's weight prefix, ReLU between, the input
+    added to the last conv) equals the slim net, at a config whose layers' widths differ."""
+    torch.manual_seed(0)
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=4).double()
+    config = net.space.smallest().replace(layer1=net.space.largest()["layer1"])
+    net.set_config(config)
+    x = torch.rand(2, 1, 7, 6, dtype=torch.float64)
+    h = x
+    for layer, group in zip(net.layers, ["layer0", "layer1", "layer2"]):
+        width = config[group]
+        h = F.relu(F.conv2d(h, layer.weight[:width, : h.shape[1]], layer.bias[:width], padding=1))
+    expected = x + F.conv2d(h, net.last.weight[:, : h.shape[1]], net.last.bias, padding=1)
+    torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
+    # with other output channels than input channels there is no residual
+    plain = SlimDnCNN(in_channels=1, out_channels=2, base_width=8, depth=2).double()
+    stem = F.relu(F.conv2d(x, plain.layers[0].weight, plain.layers[0].bias, padding=1))
+    torch.testing.assert_close(plain(x), F.conv2d(stem, plain.last.weight, plain.last.bias, padding=1),
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("make", [small_unet, small_dncnn])
 def test_full_width_stem_prefix_equals_narrow_stem(make):
     """The gate reads the stem at full width; the body reading its prefix is the narrow net."""
@@ -154,6 +175,7 @@ def test_arch_args_are_a_copy_the_caller_may_change():
     (torch.rand(3, 8, 8), "4-D"),
     (torch.rand(1, 2, 8, 8), "2 channels, the network takes 3"),
     (torch.rand(1, 3, 0, 8), "empty"),
+    (torch.rand(1, 3, 8, 0), r"SlimUNet: empty image of size \(8, 0\)"),
     ((torch.rand(1, 3, 8, 8) * 255).to(torch.uint8), "input dtype torch.uint8 is not floating point"),
     (torch.rand(1, 3, 8, 8, dtype=torch.float64), "input dtype torch.float64 differs from the network's torch.float32"),
     # the reference path on the CPU: only the Triton kernels read half inputs over fp32 weights

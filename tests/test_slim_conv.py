@@ -260,6 +260,17 @@ def test_convert_model_on_a_single_conv_returns_slim_copy():
         convert_model(conv, backend="tpu")
 
 
+def test_convert_model_keeps_each_convs_train_or_eval_mode():
+    """A model converted in eval mode stays in eval mode layer by layer (and one in train mode
+    in train mode): the SlimConv2d copy takes its conv's ``training`` flag."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)).eval()
+    convert_model(model)
+    assert isinstance(model[0], SlimConv2d) and not model[0].training and not model[1].training
+    single = convert_model(nn.Conv2d(3, 4, 3).eval())
+    assert isinstance(single, SlimConv2d) and not single.training
+    assert convert_model(nn.Conv2d(3, 4, 3).train()).training
+
+
 class SharedConv(nn.Module):
     """One conv held under two names and applied twice."""
 
