@@ -424,6 +424,8 @@ def test_fold_rows_sums_blocks_of_rows_in_order():
     assert rel_err(folded[:, 0], part.double().sum(1)) < 1e-6
     assert torch.equal(fold_rows(part, limit=1, rows_per_program=2), folded)  # the same bits again
     assert torch.equal(fold_rows(part, limit=7), part)  # few enough already
+    wide = torch.randn(1, 3, 300, dtype=torch.float64).float().to(DEVICE)  # channels in blocks of 256: two
+    assert rel_err(fold_rows(wide, limit=1, rows_per_program=4)[:, 0], wide.double().sum(1)) < 1e-6
     with pytest.raises(ValueError, match="fp32"):
         fold_rows(part.double())
     with pytest.raises(ValueError, match="rows_per_program"):
@@ -821,6 +823,8 @@ def test_per_image_widths_errors():
     if DEVICE == "cpu":  # values are checked only where that costs no device sync
         with pytest.raises(ValueError, match=r"widths\[1, 1\] = 14 not in \[0, 13\]"):
             run(case, None, widths=torch.tensor([[3, 4], [5, 14]], dtype=torch.int32))
+        with pytest.raises(ValueError, match=r"widths\[0, 0\] = -1 not in \[0, 11\]"):
+            run(case, None, widths=torch.tensor([[-1, 4], [5, 6]], dtype=torch.int32))
         with pytest.raises(ValueError, match=r"widths\[0, 0\] = 3 is not a multiple of widths_multiple=8"):
             run(case, None, widths=torch.tensor([[3, 8], [8, 8]], dtype=torch.int32), widths_multiple=8)
     with pytest.raises(ValueError, match="widths_multiple=0 must be >= 1"):
@@ -859,6 +863,25 @@ def test_checks_and_launch_plan_are_cached_per_signature():
     case["weight"].requires_grad_(True)  # a call autograd records skips the inference plans
     trained = run(case, "relu")
     assert trained.grad_fn is not None and torch.equal(trained.detach(), first)
+
+
+def test_a_repeated_call_is_checked_again_where_it_differs_from_the_cached_one():
+    """The cached key holds the inputs' dtype and device, and a call that needs gradients never
+    takes an inference call's plan for per-image widths (those are forward only)."""
+    case = make_case(12, n=1, h=3, w=3, widths=(4,), cin_max=4, cout_max=8, o=8, bias=False)
+    x, w = case["inputs"][0], case["weight"]
+    K.clear_plans()
+    slim_conv2d([x], w)
+    with pytest.raises(ValueError, match="input 0 is torch.float64"):
+        slim_conv2d([x.double()], w)
+    if K.INTERPRET:  # kernels compiled for a GPU take no meta tensors anyway
+        with pytest.raises(ValueError, match="the inputs are on meta"):
+            slim_conv2d([x.to("meta")], w.to("meta"))
+    widths = torch.tensor([[4, 2]], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        slim_conv2d([x], w, widths=widths)
+    with pytest.raises(ValueError, match="forward only"):
+        slim_conv2d([x], w.requires_grad_(), widths=widths)
 
 
 def test_repeated_training_calls_are_normalised_once_and_train_alike(monkeypatch):
@@ -1024,6 +1047,11 @@ def test_unsupported_reason():
     assert "2**31 elements" in unsupported_reason([huge], w3)
     assert "2**31 elements" in unsupported_reason([huge[:, :, :, : 2 ** 13]], torch.zeros(8, 4, 3, 3, device=DEVICE))
     assert unsupported_reason([huge[:, :, :, : 2 ** 13]], w3[:4]) is None
+    # answers are cached by shape and strides: a view of a dense tensor's shape can span 2**31
+    w16 = torch.zeros(4, 2, 3, 3, dtype=torch.float16, device=DEVICE)
+    assert unsupported_reason([torch.zeros(1, 2, 2, 2, dtype=torch.float16, device=DEVICE)], w16) is None
+    buffer = torch.empty(2 ** 31 + 8, dtype=torch.float16, device=DEVICE)  # 4 GiB never written: no pages on a CPU
+    assert "2**31" in unsupported_reason([buffer.as_strided((1, 2, 2, 2), (8, 2 ** 31, 2, 1))], w16)
 
 
 def test_bad_arguments_raise_value_error():
@@ -1039,6 +1067,12 @@ def test_bad_arguments_raise_value_error():
         slim_conv2d([x], w, out_channels=21)
     with pytest.raises(ValueError, match=r"segment_starts \[0, 5\] must ascend without overlap"):
         slim_conv2d([x, x], w, segment_starts=(0, 5))
+    with pytest.raises(ValueError, match=r"segment_starts \[0, 3\] must ascend without overlap"):  # by one channel
+        slim_conv2d([x[:, :4], x[:, :4]], w, segment_starts=(0, 3))
+    with pytest.raises(ValueError, match="from weight channel -1"):  # would read before the weight's first channel
+        slim_conv2d([x], w, segment_starts=(-1,))
+    with pytest.raises(ValueError, match=r"out_channels=0 not in \[1, 20\]"):  # an empty launch, an empty output
+        slim_conv2d([x], w, out_channels=0)
     with pytest.raises(ValueError, match="residual is"):
         slim_conv2d([x], w, out_channels=5, residual=torch.zeros(2, 6, 7, 9, device=DEVICE))
     with pytest.raises(ValueError, match="input 0 is torch.float64; the kernels take float32"):
@@ -1049,6 +1083,10 @@ def test_bad_arguments_raise_value_error():
         slim_conv2d([x], w, padding="same")
     with pytest.raises(ValueError, match=r"bias is torch.float16 \(20,\)"):
         slim_conv2d([x], w, case["bias"].half())
+    with pytest.raises(ValueError, match=r"bias is torch.float32 \(20,\) on meta"):
+        slim_conv2d([x], w, torch.empty(20, device="meta"))
+    with pytest.raises(ValueError, match="residual is torch.float16"):  # (SlimConv2d promotes it beforehand)
+        slim_conv2d([x], w, residual=torch.zeros(2, 20, 7, 9, dtype=torch.float16, device=DEVICE))
     with pytest.raises(ValueError, match="inputs disagree in batch or size"):
         slim_conv2d([x, x[:1]], w, segment_starts=(0, 13))
     with pytest.raises(ValueError, match="input 0 is torch.float32 .* the weight torch.float16"):
@@ -1078,6 +1116,8 @@ def test_arguments_of_the_wrong_type_get_value_errors():
         slim_conv2d([x, x], w, segment_starts=(0, torch.tensor(13)))
     with pytest.raises(ValueError, match="negative_slope must be a number, got Tensor"):
         slim_conv2d([x], w, activation="leaky_relu", negative_slope=torch.tensor(0.1))
+    zero_slope = slim_conv2d([x], w, b, activation="leaky_relu", negative_slope=0.0)  # a ReLU by another name
+    assert rel_err(zero_slope, reference(dict(case, o=20), "relu")) < TOL[torch.float32]
     for bad in (-0.1, float("nan"), float("inf")):  # the module refuses them too
         with pytest.raises(ValueError, match=f"negative_slope={bad} must be finite and >= 0"):
             slim_conv2d([x], w, activation="leaky_relu", negative_slope=bad)
@@ -1098,14 +1138,22 @@ def test_limits_of_the_kernels_indexing_get_clear_errors():
     weight = torch.randn(4, 2, 3, 3, device=DEVICE)
     many = torch.randn(K.MAX_BATCH + 1, 2, 1, 1, device=DEVICE)
     assert "batch of 65536 images" in unsupported_reason([many], weight)
+    assert unsupported_reason([many[:-1]], weight) is None  # 65535 fit
     with pytest.raises(ValueError, match="at most 65535"):
         slim_conv2d([many], weight)
     if not K.INTERPRET:
         return  # kernels compiled for a GPU take no meta tensors
     # a view into a buffer 2**31 elements wide (meta tensors: nothing is allocated)
-    wide = torch.empty(2 ** 31 + 8, dtype=torch.float16, device="meta").as_strided((1, 2, 2, 2), (8, 2 ** 31, 2, 1))
+    buffer = torch.empty(2 ** 31 + 8, dtype=torch.float16, device="meta")
+    meta_weight = torch.empty(4, 2, 3, 3, dtype=torch.float16, device="meta")
+    wide = buffer.as_strided((1, 2, 2, 2), (8, 2 ** 31, 2, 1))
     with pytest.raises(ValueError, match="int32 offsets"):
-        slim_conv2d([wide], torch.empty(4, 2, 3, 3, dtype=torch.float16, device="meta"))
+        slim_conv2d([wide], meta_weight)
+    with pytest.raises(ValueError, match="the inputs are on meta"):  # 65535 images pass (meta: refused last)
+        slim_conv2d([torch.empty(K.MAX_BATCH, 2, 1, 1, dtype=torch.float16, device="meta")], meta_weight)
+    for span, error in ((2 ** 31, "spans 2\\*\\*31"), (2 ** 31 - 1, "the inputs are on meta")):
+        with pytest.raises(ValueError, match=error):  # a largest offset of 2**31 is one past int32's
+            slim_conv2d([buffer.as_strided((1, 2, 2, 2), (8, span - 3, 2, 1))], meta_weight)
     # a 3-channel 8192x8192 image fits; its 64-channel output spans 2**32 elements
     big = torch.empty(1, 3, 8192, 8192, dtype=torch.float16, device="meta")
     with pytest.raises(ValueError, match="output image of 64 channels .* int32 offsets"):
@@ -1153,6 +1201,17 @@ def test_gpu_larger_shapes(dtype):
     check_grads(case, "leaky_relu")
     case = make_case(15, dtype=dtype, n=2, h=33, w=31, stride=2, widths=(48,), cin_max=64, cout_max=96, o=72)
     check_grads(case, "relu")
+
+
+@pytest.mark.parametrize("out_channels,channels,two_inputs,tiles", [
+    (128, 128, False, (128, 128, 64, 8)), (128, 96, False, (128, 128, 32, 8)),  # 64-wide steps only over 64s
+    (64, 64, False, (256, 64, 32, 8)), (64, 64, True, (128, 64, 32, 8)),  # a concat keeps 128 rows
+])
+def test_fast_layout_tiles_on_the_gpu(monkeypatch, out_channels, channels, two_inputs, tiles):
+    """As NOTES v10 chose them: 96 channels in 64-wide steps waste a quarter; each input of a
+    concat is a pipeline of its own."""
+    monkeypatch.setattr(K, "INTERPRET", False)
+    assert K._tiles(torch.float16, 4096, out_channels, channels, fast=True, two_inputs=two_inputs) == tiles
 
 
 def test_big_tiles_only_in_the_fast_layout(monkeypatch):
