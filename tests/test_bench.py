@@ -362,3 +362,14 @@ def test_bench_refuses_cuda_graphs_off_cuda(tmp_path):
     with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
         run_bench(tmp_path / "out", model=small_net(), cuda_graph=True, **BENCH_ARGS)
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_layer_rows_count_a_training_steps_macs_as_three_forwards():
+    # b1: forward+backward is the forward's MACs plus the input's and the weights' gradients
+    from dds_fast.bench import bench_layers
+
+    rows = list(bench_layers(8, [8], [1], torch.device("cpu"), torch.float32, 0, 1, compile_static=False))
+    for row in rows:
+        per_forward = row["width"] ** 2 * 9 * 8 * 8
+        assert row["macs"] == (3 if row["step"] == "forward+backward" else 1) * per_forward
+    assert {r["step"] for r in rows} == {"forward", "forward+backward"}

@@ -592,3 +592,157 @@ def test_every_training_option_has_a_flag_with_help():
     args = train.parse_args(["all", "--run-dir", "r", "--slim-step", "8", "--no-progress", "--lr-schedule",
                              "constant"])
     assert (args.slim_step, args.progress, args.lr_schedule) == (8, False, "constant")
+
+
+def test_trained_demo_adds_the_sigma_it_names_and_claims_no_held_out_photo_of_a_users_model(capsys, tmp_path):
+    # AWGN sigma 25 (0-255 units) on a photo: about 20.2 dB before clamping; of a user's checkpoint
+    # the demo cannot tell which photos it trained on
+    checkpoint = save(small_ddsnet(), tmp_path / "dds.safetensors")
+    assert main(["demo", "--checkpoint", str(checkpoint), "--image", "coins", "--repeats", "1",
+                 "--out", str(tmp_path / "demo.png")]) == 0
+    out = capsys.readouterr().out
+    assert 19.5 < float(out.split("PSNR ")[1].split(" -> ")[0]) < 21.5
+    assert "held out" not in out
+
+
+def test_demo_takes_sigma_zero_and_denoise_takes_overlap_zero():
+    # c1 / c3: 0 is the bound each type documents as allowed (">= 0")
+    parser = cli.build_parser()
+    assert parser.parse_args(["demo", "--sigma", "0"]).sigma == 0.0
+    assert parser.parse_args(["denoise", "in.png", "-o", "out.png", "--overlap", "0"]).overlap == 0
+
+
+def test_seed_takes_both_ends_of_torchs_range():
+    # c4: the message promises -2**63 to 2**64 - 1
+    parser = cli.build_parser()
+    assert parser.parse_args(["demo", "--seed", str(2 ** 64 - 1)]).seed == 2 ** 64 - 1
+    assert parser.parse_args(["demo", "--seed", str(-2 ** 63)]).seed == -2 ** 63
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--seed", str(-2 ** 63 - 1)])
+
+
+def test_an_interrupt_of_another_command_has_no_resume_hint(monkeypatch, capsys):
+    # c17: only train resumes
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert main(["info", "x.safetensors"]) == 130
+    assert capsys.readouterr().err == "dds-fast: interrupted\n"
+
+
+def test_demo_routes_dynamically_a_checkpoint_saved_in_static_mode(capsys, tmp_path):
+    # c9: the demo shows the gate's choice, whatever mode the checkpoint was saved in
+    from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimUNet, macs_per_pixel, save
+
+    torch.manual_seed(0)
+    net = SlimUNet(in_channels=3, base_width=8, depth=2)
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    gate = DynamicGate(net.stem_channels, 2)
+    gate.attention = False
+    with torch.no_grad():  # the gate always picks route 1
+        gate.fc4.weight.zero_()
+        gate.fc4.bias.copy_(torch.tensor([0.0, 1.0]))
+    model = DDSNet(net, gate, routes).eval()
+    model.set_budget(model.static_macs_per_pixel(0))  # static mode: route 0
+    assert model.budget_index == 0
+    checkpoint = save(model, tmp_path / "dds.safetensors")
+    assert main(["demo", "--checkpoint", str(checkpoint), "--image", "coins", "--repeats", "1",
+                 "--out", str(tmp_path / "demo.png")]) == 0
+    assert "gate chose sub-network 1 of 2" in capsys.readouterr().out
+
+
+def test_train_all_refuses_an_inet_index_one_past_the_routes(tmp_path, capsys, monkeypatch):
+    # c11: num_choices 2 keeps routes 0 and 1
+    from dds_fast.training import stages
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the run was built: --inet 2 was not refused")
+
+    monkeypatch.setattr(stages, "Run", no_run)
+    assert main(["train", "all", "--run-dir", str(tmp_path / "run"), "--num-choices", "2", "--inet", "2"]) == 2
+    assert "--inet [2]: stage 2 keeps num_choices 2 routing configs, 0 to 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+class _FakeRun:
+    calls = []
+
+    def __init__(self, run_dir, config):
+        self.dir, self.config = run_dir, config
+
+    def check_stages(self, stages):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *a, **k: _FakeRun.calls.append(name)
+
+
+def test_train_all_skips_refine_without_refine_steps(tmp_path, monkeypatch):
+    # c13: refine runs in train all only with refine_steps > 0
+    from dds_fast.training import stages
+
+    monkeypatch.setattr(stages, "Run", _FakeRun)
+    _FakeRun.calls = []
+    assert main(["train", "all", "--run-dir", str(tmp_path)]) == 0
+    assert _FakeRun.calls == ["stage1", "stage2", "stage3", "inets"]
+    _FakeRun.calls = []
+    assert main(["train", "all", "--run-dir", str(tmp_path), "--refine-steps", "1"]) == 0
+    assert _FakeRun.calls == ["stage1", "stage2", "refine", "stage3", "inets"]
+
+
+def test_a_diverged_training_exits_3(tmp_path, monkeypatch, capsys):
+    # c14: a divergence is exit status 3, apart from bad input's 2
+    from dds_fast.training import stages
+    from dds_fast.training.loop import TrainingDiverged
+
+    class Diverging(_FakeRun):
+        def stage1(self):
+            raise TrainingDiverged("loss is nan at step 3")
+
+    monkeypatch.setattr(stages, "Run", Diverging)
+    assert main(["train", "stage1", "--run-dir", str(tmp_path)]) == 3
+    assert "dds-fast: error: loss is nan at step 3" in capsys.readouterr().err
+
+
+def test_bench_command_is_quick_unless_full(tmp_path, monkeypatch):
+    # c18: --full reaches run_bench as quick=False, the default as quick=True
+    from dds_fast import bench
+
+    seen = []
+
+    def fake(out, quick, **kwargs):
+        seen.append(quick)
+        (tmp_path / "bench.md").write_text("")
+        return dict(device="cpu", written=[])
+
+    monkeypatch.setattr(bench, "run_bench", fake)
+    assert main(["bench", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert main(["bench", "--out", str(tmp_path), "--device", "cpu", "--full"]) == 0
+    assert seen == [True, False]
+
+
+def test_denoise_budget_on_a_plain_super_network_is_an_error(tmp_path, capsys):
+    # c22: --budget needs a DDSNet; a slimmable network is refused by name, no traceback
+    from dds_fast import SlimUNet, save
+    from dds_fast.training.data import save_image
+
+    checkpoint = save(SlimUNet(in_channels=3, base_width=4, depth=2).eval(), tmp_path / "net.safetensors")
+    save_image(tmp_path / "in.png", torch.rand(3, 16, 16))
+    assert main(["denoise", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--checkpoint",
+                 str(checkpoint), "--budget", "1000"]) == 2
+    assert "--budget needs a DDSNet checkpoint" in capsys.readouterr().err
+
+
+def test_info_marks_the_static_route_a_checkpoint_was_saved_at(tmp_path, capsys):
+    # c29: the "(static mode)" label sits on the saved budget's route, not route 0
+    from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimUNet, macs_per_pixel, save
+
+    net = SlimUNet(in_channels=3, base_width=8, depth=2)
+    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
+    model = DDSNet(net, DynamicGate(net.stem_channels, 2), routes).eval()
+    model.set_budget(model.static_macs_per_pixel(1))
+    assert model.budget_index == 1
+    assert main(["info", str(save(model, tmp_path / "dds.safetensors"))]) == 0
+    out = capsys.readouterr().out
+    assert "route 1 (static mode)" in out and "route 0 (static mode)" not in out
