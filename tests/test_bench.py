@@ -163,12 +163,15 @@ def test_time_gate_times_the_head_on_the_stems_channel_sums_and_the_routed_forwa
                                                                                   net.space.largest())])
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine the kernels need CUDA tensors
     runner = LatencyRunner(model, (1, 1, 8, 8), torch.float32, device, warmup=0, repeats=1)
+    before = {name: value.clone() for name, value in model.gate.state_dict().items()}
     report = runner.run(peaks=DevicePeaks(flops_per_s=1e12, bytes_per_s=1e11))
     timing = time_gate(runner, report)
+    for name, value in model.gate.state_dict().items():  # timed on a rigged copy
+        assert torch.equal(value, before[name].to(value.device)), name
     assert timing["backend"] == "triton" and timing["reads_stem_sums"] and timing["attention"] is True
     assert timing["smallest"] == "route 0" and timing["routed_smallest_ms"] > 0
     assert (timing["fused_in_graph_ms"] is None) == (device == "cpu")  # graphs need CUDA
-    assert model.gate.fc4.bias.abs().sum() > 0 and model.gate.backend == "triton"  # timed on a rigged copy
+    assert model.gate.backend == "triton"
     assert not net.stem_conv.emit_channel_sums and net.stem_conv.channel_sums is None
 
 
