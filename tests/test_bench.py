@@ -376,3 +376,14 @@ def test_layer_rows_count_a_training_steps_macs_as_three_forwards():
         per_forward = row["width"] ** 2 * 9 * 8 * 8
         assert row["macs"] == (3 if row["step"] == "forward+backward" else 1) * per_forward
     assert {r["step"] for r in rows} == {"forward", "forward+backward"}
+
+
+def test_a_layer_steps_floor_counts_its_activations_and_its_weights_by_hand():
+    from dds_fast.bench import layer_floor_ms
+
+    row = dict(step="forward", batch=2, size=8, width=8, macs=2 * 64 * 8 * 8 * 9)
+    # input and output (2 x 2 x 64 pixels x 8 channels) and the 8x8x3x3 weight with its bias, fp32
+    moved = (2 * 2 * 64 * 8 + 8 * 8 * 9 + 8) * 4
+    assert layer_floor_ms(row, 4, DevicePeaks(flops_per_s=1e15, bytes_per_s=1e9)) == (moved / 1e9 * 1e3, "bytes")
+    backward = dict(row, step="forward+backward", macs=3 * row["macs"])  # three times each
+    assert layer_floor_ms(backward, 4, DevicePeaks(flops_per_s=1e15, bytes_per_s=1e9))[0] == pytest.approx(3 * moved / 1e6)
