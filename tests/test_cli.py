@@ -746,3 +746,20 @@ def test_info_marks_the_static_route_a_checkpoint_was_saved_at(tmp_path, capsys)
     assert main(["info", str(save(model, tmp_path / "dds.safetensors"))]) == 0
     out = capsys.readouterr().out
     assert "route 1 (static mode)" in out and "route 0 (static mode)" not in out
+
+
+def test_a_gray_model_denoises_each_colour_plane_with_its_own_gate_means(tmp_path):
+    from dds_fast.training.data import read_image, save_image
+
+    model = small_ddsnet(in_channels=1, attention=True)
+    torch.nn.init.normal_(model.gate.fc2.weight, std=1.0)  # the attention's scale follows the means
+    levels = torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1)
+    image = (levels + 0.05 * torch.randn(3, 24, 24, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    save_image(tmp_path / "in.png", image)
+    image, _ = read_image(tmp_path / "in.png")
+    checkpoint = save(model, tmp_path / "gray.safetensors")
+    assert main(["denoise", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--checkpoint",
+                 str(checkpoint)]) == 0
+    with torch.no_grad():
+        expected = torch.cat([model(plane[None, None])[0] for plane in image]).clamp(0, 1)
+    torch.testing.assert_close(read_image(tmp_path / "out.png")[0], expected, rtol=0, atol=0.5 / 255 + 1e-6)
