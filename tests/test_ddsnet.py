@@ -1383,15 +1383,17 @@ def test_an_attention_supernets_parts_are_checked_when_replaced_and_read_fresh()
     assert attended(torch.rand(1, 1, 8, 8)).shape == (1, 1, 8, 8)
 
 
-class _DoubledStemNet(dds_fast.SlimNet):
-    """A super-network whose stem conv has two filters per width of its group (multiplier 2):
-    no gate can read it as one channel per group width."""
+class _UngatableStemNet(dds_fast.SlimNet):
+    """A super-network whose stem no gate can read as one channel per width of its group: two
+    filters per width (multiplier 2), or a pixel shuffle (a quarter of the channels)."""
 
-    def __init__(self):
+    def __init__(self, multiplier=1, upscale_factor=1):
         super().__init__(1, 1, dict(width_mult=1.0, min_ratio=0.5, divisor=4))
         feat = self._group("feat", 8)
-        self.first = self._bind(dds_fast.SlimConv2d(1, 2 * feat, 3, padding=1, activation="relu"), "feat", multiplier=2)
-        self.last = dds_fast.SlimConv2d(2 * feat, 1, 3, padding=1)
+        self.first = self._bind(dds_fast.SlimConv2d(1, multiplier * feat, 3, padding=1, upscale_factor=upscale_factor),
+                                "feat", multiplier=multiplier)
+        self.last = dds_fast.SlimConv2d(multiplier * feat // upscale_factor ** 2, 1, 3, stride=upscale_factor,
+                                        padding=1)
         self._finish()
 
     @property
@@ -1400,21 +1402,25 @@ class _DoubledStemNet(dds_fast.SlimNet):
 
     @property
     def receptive_radius(self):
-        return 2
+        return 3
 
     def body(self, features, x):
         return self.last(features) + x
 
 
-def test_a_stem_bound_with_a_multiplier_is_refused_by_the_gated_networks():
-    net = _DoubledStemNet()
-    message = "the stem conv is bound to group 'feat' with multiplier 2"
+@pytest.mark.parametrize("shape,gate_channels,message", [
+    (dict(multiplier=2), 16, "the stem conv is bound to group 'feat' with multiplier 2"),
+    (dict(upscale_factor=2), 8, "the stem conv of _UngatableStemNet shuffles pixels"),
+])
+def test_a_stem_no_gate_can_read_is_refused_by_the_gated_networks(shape, gate_channels, message):
+    net = _UngatableStemNet(**shape)
+    if "multiplier" in shape:
+        with pytest.raises(ValueError, match=message):
+            net.stem_group
     with pytest.raises(ValueError, match=message):
-        net.stem_group
+        DDSNet(net, DynamicGate(gate_channels, 2), [RoutingEntry(net.space.largest(), 1.0)] * 2)
     with pytest.raises(ValueError, match=message):
-        DDSNet(net, DynamicGate(16, 2), [RoutingEntry(net.space.largest(), 1.0)] * 2)
-    with pytest.raises(ValueError, match=message):
-        dds_fast.AttentionSupernet(net, DynamicGate(16, 2))
+        dds_fast.AttentionSupernet(net, DynamicGate(gate_channels, 2))
 
 
 def test_stem_means_of_a_masked_attention_supernet_read_the_whole_stem():
@@ -1435,38 +1441,6 @@ def test_stem_means_of_a_masked_attention_supernet_read_the_whole_stem():
         assert attended.masked
         torch.testing.assert_close(means, full)
         torch.testing.assert_close(attended(x, stem_means=means), attended(x))
-
-
-class _ShuffledStemNet(dds_fast.SlimNet):
-    """A super-network whose stem conv shuffles pixels (upscale_factor 2) while bound one filter
-    per group width: its output has a quarter of the channels a gate would read."""
-
-    def __init__(self):
-        super().__init__(1, 1, dict(width_mult=1.0, min_ratio=0.5, divisor=4))
-        feat = self._group("feat", 8)
-        self.first = self._bind(dds_fast.SlimConv2d(1, feat, 3, padding=1, upscale_factor=2), "feat")
-        self.last = dds_fast.SlimConv2d(feat // 4, 1, 3, stride=2, padding=1)
-        self._finish()
-
-    @property
-    def stem_conv(self):
-        return self.first
-
-    @property
-    def receptive_radius(self):
-        return 3
-
-    def body(self, features, x):
-        return self.last(features) + x
-
-
-def test_a_stem_that_shuffles_pixels_is_refused_by_the_gated_networks():
-    net = _ShuffledStemNet()
-    message = "the stem conv of _ShuffledStemNet shuffles pixels"
-    with pytest.raises(ValueError, match=message):
-        DDSNet(net, DynamicGate(8, 2), [RoutingEntry(net.space.largest(), 1.0)] * 2)
-    with pytest.raises(ValueError, match=message):
-        dds_fast.AttentionSupernet(net, DynamicGate(8, 2))
 
 
 def test_route_branches_warm_again_for_another_batch_size():

@@ -91,41 +91,11 @@ def test_runners_are_kept_apart_by_dtype_and_alignment(gpu_path):
                      ("jit", ("torch.float16",) * 2), ("runner", ("torch.float16",) * 2)]
 
 
-def test_runners_are_kept_apart_by_device(gpu_path, monkeypatch):
-    """A kernel compiled on one GPU is not another's: each device gets its own compile and runner."""
-    current = [0]
-
-    @contextlib.contextmanager
-    def device(index):
-        previous, current[0] = current[0], index
-        try:
-            yield
-        finally:
-            current[0] = previous
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
-    monkeypatch.setattr(torch.cuda, "device", device)
-    a, b = torch.randn(4), torch.randn(4)
-    where = {id(a): 0, id(b): 1}
-    monkeypatch.setattr(_launch.CachedLaunch, "_device", staticmethod(lambda t: where[id(t)]))
-    kernel = _Kernel()
-    launch = _launch.CachedLaunch(kernel, (1,), (4, 2.0), dict(BLOCK=16, FLAG=True), num_tensors=2)
-    for t in (a, b, a, b):
-        launch(t, t)
-    assert [call[0] for call in kernel.calls] == ["jit", "jit", "runner", "runner"]
-    assert kernel.devices == [0, 1, 0, 1]
-
-
-def test_next_pow2_is_the_smallest_power_of_two_at_least_n():
-    assert [_launch.next_pow2(n) for n in (0, 1, 2, 3, 16, 17, 64)] == [1, 1, 2, 4, 16, 32, 64]
-
-
-@pytest.mark.parametrize("cache", [True, False])
-def test_a_launch_runs_on_its_tensors_device_then_gives_the_current_device_back(gpu_path, monkeypatch, cache):
-    """Triton launches on the current device, whatever the tensors' device: tensors on
-    another device (here the CPU's -1 against a current device 0) switch to theirs."""
-    current = [0]
-    switches = []
+@pytest.fixture
+def fake_devices(monkeypatch):
+    """torch.cuda's current device and its ``device`` context as stand-ins (device 0 current):
+    the current device (a one-item list) and the devices switched to."""
+    current, switches = [0], []
 
     @contextlib.contextmanager
     def device(index):
@@ -138,6 +108,32 @@ def test_a_launch_runs_on_its_tensors_device_then_gives_the_current_device_back(
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", device)
+    return current, switches
+
+
+def test_runners_are_kept_apart_by_device(gpu_path, fake_devices, monkeypatch):
+    """A kernel compiled on one GPU is not another's: each device gets its own compile and runner."""
+    a, b = torch.randn(4), torch.randn(4)
+    where = {id(a): 0, id(b): 1}
+    monkeypatch.setattr(_launch.CachedLaunch, "_device", staticmethod(lambda t: where[id(t)]))
+    kernel = _Kernel()
+    launch = _launch.CachedLaunch(kernel, (1,), (4, 2.0), dict(BLOCK=16, FLAG=True), num_tensors=2)
+    for t in (a, b, a, b):
+        launch(t, t)
+    assert [call[0] for call in kernel.calls] == ["jit", "jit", "runner", "runner"]
+    assert kernel.devices == [0, 1, 0, 1] and fake_devices[0] == [0]
+
+
+def test_next_pow2_is_the_smallest_power_of_two_at_least_n():
+    assert [_launch.next_pow2(n) for n in (0, 1, 2, 3, 16, 17, 64)] == [1, 1, 2, 4, 16, 32, 64]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_launch_runs_on_its_tensors_device_then_gives_the_current_device_back(gpu_path, fake_devices, monkeypatch,
+                                                                                 cache):
+    """Triton launches on the current device, whatever the tensors' device: tensors on
+    another device (here the CPU's -1 against a current device 0) switch to theirs."""
+    current, switches = fake_devices
     monkeypatch.setattr(_launch, "CACHE_LAUNCHES", cache)
     kernel = _Kernel()
     x = torch.randn(4)
