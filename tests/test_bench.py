@@ -368,7 +368,7 @@ def test_bench_refuses_cuda_graphs_off_cuda(tmp_path):
 
 
 def test_layer_rows_count_a_training_steps_macs_as_three_forwards():
-    # b1: forward+backward is the forward's MACs plus the input's and the weights' gradients
+    # forward+backward is the forward's MACs plus the input's and the weights' gradients
     from dds_fast.bench import bench_layers
 
     rows = list(bench_layers(8, [8], [1], torch.device("cpu"), torch.float32, 0, 1, compile_static=False))

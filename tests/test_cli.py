@@ -606,14 +606,14 @@ def test_trained_demo_adds_the_sigma_it_names_and_claims_no_held_out_photo_of_a_
 
 
 def test_demo_takes_sigma_zero_and_denoise_takes_overlap_zero():
-    # c1 / c3: 0 is the bound each type documents as allowed (">= 0")
+    # 0 is the bound each type documents as allowed (">= 0")
     parser = cli.build_parser()
     assert parser.parse_args(["demo", "--sigma", "0"]).sigma == 0.0
     assert parser.parse_args(["denoise", "in.png", "-o", "out.png", "--overlap", "0"]).overlap == 0
 
 
 def test_seed_takes_both_ends_of_torchs_range():
-    # c4: the message promises -2**63 to 2**64 - 1
+    # the message promises -2**63 to 2**64 - 1
     parser = cli.build_parser()
     assert parser.parse_args(["demo", "--seed", str(2 ** 64 - 1)]).seed == 2 ** 64 - 1
     assert parser.parse_args(["demo", "--seed", str(-2 ** 63)]).seed == -2 ** 63
@@ -622,7 +622,7 @@ def test_seed_takes_both_ends_of_torchs_range():
 
 
 def test_an_interrupt_of_another_command_has_no_resume_hint(monkeypatch, capsys):
-    # c17: only train resumes
+    # only train resumes
     def interrupted(args):
         raise KeyboardInterrupt
 
@@ -632,18 +632,11 @@ def test_an_interrupt_of_another_command_has_no_resume_hint(monkeypatch, capsys)
 
 
 def test_demo_routes_dynamically_a_checkpoint_saved_in_static_mode(capsys, tmp_path):
-    # c9: the demo shows the gate's choice, whatever mode the checkpoint was saved in
-    from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimUNet, macs_per_pixel, save
+    # the demo shows the gate's choice, whatever mode the checkpoint was saved in
+    from dds_fast.bench import rig_gate
 
-    torch.manual_seed(0)
-    net = SlimUNet(in_channels=3, base_width=8, depth=2)
-    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
-    gate = DynamicGate(net.stem_channels, 2)
-    gate.attention = False
-    with torch.no_grad():  # the gate always picks route 1
-        gate.fc4.weight.zero_()
-        gate.fc4.bias.copy_(torch.tensor([0.0, 1.0]))
-    model = DDSNet(net, gate, routes).eval()
+    model = small_ddsnet()
+    rig_gate(model.gate, 1)
     model.set_budget(model.static_macs_per_pixel(0))  # static mode: route 0
     assert model.budget_index == 0
     checkpoint = save(model, tmp_path / "dds.safetensors")
@@ -653,7 +646,7 @@ def test_demo_routes_dynamically_a_checkpoint_saved_in_static_mode(capsys, tmp_p
 
 
 def test_train_all_refuses_an_inet_index_one_past_the_routes(tmp_path, capsys, monkeypatch):
-    # c11: num_choices 2 keeps routes 0 and 1
+    # num_choices 2 keeps routes 0 and 1
     from dds_fast.training import stages
 
     def no_run(*args, **kwargs):
@@ -666,6 +659,8 @@ def test_train_all_refuses_an_inet_index_one_past_the_routes(tmp_path, capsys, m
 
 
 class _FakeRun:
+    """A training run that records which stages ran."""
+
     calls = []
 
     def __init__(self, run_dir, config):
@@ -679,7 +674,7 @@ class _FakeRun:
 
 
 def test_train_all_skips_refine_without_refine_steps(tmp_path, monkeypatch):
-    # c13: refine runs in train all only with refine_steps > 0
+    # refine runs in train all only with refine_steps > 0
     from dds_fast.training import stages
 
     monkeypatch.setattr(stages, "Run", _FakeRun)
@@ -692,7 +687,7 @@ def test_train_all_skips_refine_without_refine_steps(tmp_path, monkeypatch):
 
 
 def test_a_diverged_training_exits_3(tmp_path, monkeypatch, capsys):
-    # c14: a divergence is exit status 3, apart from bad input's 2
+    # a divergence is exit status 3, apart from bad input's 2
     from dds_fast.training import stages
     from dds_fast.training.loop import TrainingDiverged
 
@@ -706,7 +701,7 @@ def test_a_diverged_training_exits_3(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_command_is_quick_unless_full(tmp_path, monkeypatch):
-    # c18: --full reaches run_bench as quick=False, the default as quick=True
+    # --full reaches run_bench as quick=False, the default as quick=True
     from dds_fast import bench
 
     seen = []
@@ -723,8 +718,7 @@ def test_bench_command_is_quick_unless_full(tmp_path, monkeypatch):
 
 
 def test_denoise_budget_on_a_plain_super_network_is_an_error(tmp_path, capsys):
-    # c22: --budget needs a DDSNet; a slimmable network is refused by name, no traceback
-    from dds_fast import SlimUNet, save
+    # --budget needs a DDSNet; a slimmable network is refused by name, no traceback
     from dds_fast.training.data import save_image
 
     checkpoint = save(SlimUNet(in_channels=3, base_width=4, depth=2).eval(), tmp_path / "net.safetensors")
@@ -735,12 +729,8 @@ def test_denoise_budget_on_a_plain_super_network_is_an_error(tmp_path, capsys):
 
 
 def test_info_marks_the_static_route_a_checkpoint_was_saved_at(tmp_path, capsys):
-    # c29: the "(static mode)" label sits on the saved budget's route, not route 0
-    from dds_fast import DDSNet, DynamicGate, RoutingEntry, SlimUNet, macs_per_pixel, save
-
-    net = SlimUNet(in_channels=3, base_width=8, depth=2)
-    routes = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
-    model = DDSNet(net, DynamicGate(net.stem_channels, 2), routes).eval()
+    # the "(static mode)" label sits on the saved budget's route, not route 0
+    model = small_ddsnet()
     model.set_budget(model.static_macs_per_pixel(1))
     assert model.budget_index == 1
     assert main(["info", str(save(model, tmp_path / "dds.safetensors"))]) == 0

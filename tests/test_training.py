@@ -1640,72 +1640,15 @@ def test_slimming_and_a_sandwich_step_that_raise_leave_the_config_as_it_was():
     assert net.get_config() == net.space.largest()  # where a step that ran leaves it
 
 
-def test_a_runs_initial_weights_follow_its_seed(tmp_path):
-    # s1: TrainConfig.seed "seeds the data, the noise and the initial weights"
-    from dds_fast.training.stages import Run, TrainConfig
-
-    def weights(seed):
-        run = Run(tmp_path / str(seed), TrainConfig(seed=seed, device="cpu", base_width=4, depth=2, num_choices=2,
-                                                     progress=False))
-        return torch.cat([p.detach().flatten() for p in run.new_network().parameters()])
-
-    assert torch.equal(weights(0), weights(0))
-    assert not torch.equal(weights(0), weights(1))
+STUB_CONFIG = dict(device="cpu", base_width=4, depth=2, num_choices=2, progress=False, validation_crops=1,
+                   validation_patch=16)
 
 
-def test_stage3_gates_initial_weights_follow_the_seed(tmp_path, monkeypatch):
-    # s2: the gate's prediction head is drawn from the config's seed, not a fixed one
+def _stub_run(run_dir, monkeypatch, **options):
+    """A Run whose TrainLoop records its arguments instead of training, and a network with a
+    routing space of its smallest and largest configs (validation PSNR 1.0 each)."""
     import types
 
-    from dds_fast import RoutingEntry, macs_per_pixel
-    from dds_fast.training import stages
-
-    monkeypatch.setattr(stages, "TrainLoop", lambda *a, **k: types.SimpleNamespace(run=lambda: None))
-
-    def gate(seed):
-        run = stages.Run(tmp_path / str(seed), stages.TrainConfig(seed=seed, device="cpu", base_width=4, depth=2,
-                                                                   num_choices=2, attention=False, progress=False))
-        run.dir.mkdir(exist_ok=True)
-        (run.dir / "stage3.log.jsonl").write_text("")
-        net = run.new_network()
-        net.routing_space = [RoutingEntry(c, macs_per_pixel(net, c))
-                             for c in (net.space.smallest(), net.space.largest())]
-        return run.stage3(net).gate.fc4.weight.detach().clone()
-
-    assert torch.equal(gate(0), gate(0))
-    assert not torch.equal(gate(0), gate(1))
-
-
-def test_stage3_default_budget_is_the_middle_of_the_routes(tmp_path, monkeypatch):
-    # s4: budget unset: the middle of the routes' dynamic MACs range, recorded with the result
-    import types
-
-    from dds_fast import RoutingEntry, macs_per_pixel, read_metadata
-    from dds_fast.training import stages
-
-    seen = {}
-
-    def loop(*args, options, **kwargs):
-        seen.update(options)
-        return types.SimpleNamespace(run=lambda: None)
-
-    monkeypatch.setattr(stages, "TrainLoop", loop)
-    run = stages.Run(tmp_path, stages.TrainConfig(device="cpu", base_width=4, depth=2, num_choices=2, attention=False,
-                                                  progress=False))
-    (tmp_path / "stage3.log.jsonl").write_text("")
-    net = run.new_network()
-    net.routing_space = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
-    model = run.stage3(net)
-    macs = model.dynamic_macs_per_pixel
-    assert seen["budget"] == pytest.approx((min(macs) + max(macs)) / 2)
-    assert read_metadata(tmp_path / "dds.safetensors")["user"]["budget"] == pytest.approx((min(macs) + max(macs)) / 2)
-
-
-def _stub_run(tmp_path, monkeypatch, **options):
-    """A Run whose TrainLoop records its arguments instead of training."""
-    import types
-
-    from dds_fast import RoutingEntry, macs_per_pixel
     from dds_fast.training import stages
 
     calls = []
@@ -1715,19 +1658,43 @@ def _stub_run(tmp_path, monkeypatch, **options):
         return types.SimpleNamespace(run=lambda: None)
 
     monkeypatch.setattr(stages, "TrainLoop", loop)
-    config = dict(device="cpu", base_width=4, depth=2, num_choices=2, progress=False, validation_crops=1,
-                  validation_patch=16)
-    run = stages.Run(tmp_path, stages.TrainConfig(**{**config, **options}))
-    tmp_path.mkdir(exist_ok=True)
-    (tmp_path / "stage3.log.jsonl").write_text("")
+    run = Run(run_dir, TrainConfig(**{**STUB_CONFIG, **options}))
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "stage3.log.jsonl").write_text("")
     net = run.new_network(2 if run.config.attention else None)
-    net.routing_space = [RoutingEntry(c, macs_per_pixel(net, c), 1.0)
+    net.routing_space = [RoutingEntry(c, dds_fast.macs_per_pixel(net, c), 1.0)
                          for c in (net.space.smallest(), net.space.largest())]
     return run, net, calls
 
 
+def test_a_runs_initial_weights_follow_its_seed(tmp_path):
+    # TrainConfig.seed "seeds the data, the noise and the initial weights"
+    def weights(seed):
+        run = Run(tmp_path / str(seed), TrainConfig(**{**STUB_CONFIG, "seed": seed}))
+        return torch.cat([p.detach().flatten() for p in run.new_network().parameters()])
+
+    assert torch.equal(weights(0), weights(0))
+    assert not torch.equal(weights(0), weights(1))
+
+
+def test_stage3_gates_initial_weights_follow_the_seed(tmp_path, monkeypatch):
+    def gate(seed):
+        run, net, _ = _stub_run(tmp_path / str(seed), monkeypatch, seed=seed, attention=False)
+        return run.stage3(net).gate.fc4.weight.detach().clone()
+
+    assert torch.equal(gate(0), gate(0))
+    assert not torch.equal(gate(0), gate(1))
+
+
+def test_stage3_default_budget_is_the_middle_of_the_routes(tmp_path, monkeypatch):
+    run, net, calls = _stub_run(tmp_path, monkeypatch, attention=False)
+    macs = run.stage3(net).dynamic_macs_per_pixel
+    middle = (min(macs) + max(macs)) / 2
+    assert calls[0][1]["options"]["budget"] == pytest.approx(middle)
+    assert dds_fast.read_metadata(tmp_path / "dds.safetensors")["user"]["budget"] == pytest.approx(middle)
+
+
 def test_stage3_keeps_the_attention_head_the_body_trained_behind(tmp_path, monkeypatch):
-    # s8: the gate's shared W1/W2 are those stage 1 trained
     run, net, _ = _stub_run(tmp_path, monkeypatch, attention=True)
     model = run.stage3(net)
     assert model.gate.attention
@@ -1736,14 +1703,12 @@ def test_stage3_keeps_the_attention_head_the_body_trained_behind(tmp_path, monke
 
 
 def test_refine_measures_the_routes_psnr_again(tmp_path, monkeypatch):
-    # s9: the routes' validation PSNR after refine is measured, not stage 2's carried over (1.0 here)
+    # not stage 2's figures carried over (1.0 here)
     run, net, _ = _stub_run(tmp_path, monkeypatch, attention=False, refine_steps=1)
-    refined = run.refine(net)
-    assert all(e.psnr != 1.0 and e.psnr > 5 for e in refined.routing_space)
+    assert all(e.psnr != 1.0 and e.psnr > 5 for e in run.refine(net).routing_space)
 
 
 def test_refine_steps_use_the_refine_distillation(tmp_path, monkeypatch):
-    # s10: refine_distillation, not stage 1's distillation, drives refine's sandwich steps
     from dds_fast.training import stages
 
     seen = []
@@ -1758,39 +1723,28 @@ def test_refine_steps_use_the_refine_distillation(tmp_path, monkeypatch):
 
 
 def test_stage3_trains_on_gate_sized_batches_of_gate_sized_crops(tmp_path, monkeypatch):
-    # s21 / s22: stage 3 takes gate_batch_size crops of gate_patch_size
     run, net, calls = _stub_run(tmp_path, monkeypatch, attention=False, batch_size=4, gate_batch_size=6,
                                 patch_size=32, gate_patch_size=48)
     run.stage3(net)
-    args = calls[0][0]
-    assert args[4].patch_size == 48 and args[6].batch_size == 6
+    data, settings = calls[0][0][4], calls[0][0][6]
+    assert data.patch_size == 48 and settings.batch_size == 6
 
 
 def test_stage1_state_records_the_gate_shape_it_trains_behind(tmp_path, monkeypatch):
-    # s13: a stage 1 state of another num_choices (another gate shape) must not resume
+    # a stage 1 state of another num_choices (another gate) must not resume
     run, net, calls = _stub_run(tmp_path, monkeypatch, attention=True)
     run.stage1()
     assert calls[0][1]["options"]["num_choices"] == 2
 
 
 def test_a_stage1_result_of_the_other_attention_setting_is_refused(tmp_path, monkeypatch):
-    # s16: attention is part of the network's shape the earlier result must match
-    from dds_fast.training import stages
-
     run, net, _ = _stub_run(tmp_path, monkeypatch, attention=True)
     run.save(net, "stage1.safetensors", stage=1)
-    other = stages.Run(tmp_path, stages.TrainConfig(**{**dict(device="cpu", base_width=4, depth=2, num_choices=2,
-                                                               progress=False, validation_crops=1, validation_patch=16),
-                                                        "attention": False}))
     with pytest.raises(ValueError, match="attention True"):
-        other.load("stage1.safetensors")
+        Run(tmp_path, TrainConfig(**{**STUB_CONFIG, "attention": False})).load("stage1.safetensors")
 
 
 def test_num_choices_may_keep_every_config_slimming_finds(tmp_path):
-    # s20: num_choices equal to the slimming trajectory's length is allowed
-    from dds_fast import SlimUNet
-    from dds_fast.training.stages import Run, TrainConfig, slimming_length
-
     n = slimming_length(SlimUNet(in_channels=3, base_width=4, depth=2).space, 16)
     Run(tmp_path, TrainConfig(device="cpu", base_width=4, depth=2, num_choices=n, progress=False))
     with pytest.raises(ValueError, match="num_choices"):
@@ -1798,9 +1752,8 @@ def test_num_choices_may_keep_every_config_slimming_finds(tmp_path):
 
 
 def test_a_seed_past_the_step_seeds_range_is_refused():
-    # s28: the largest seed whose every step seed fits 64 bits is the bound
+    # the largest seed whose every step seed fits 64 bits is the bound
     from dds_fast.training.loop import STEP_SEED_STRIDE
-    from dds_fast.training.stages import TrainConfig
 
     largest = (2 ** 64 - STEP_SEED_STRIDE) // STEP_SEED_STRIDE
     TrainConfig(seed=largest, device="cpu")
