@@ -816,6 +816,9 @@ def test_per_image_images_at_the_tiles_input_width_fold_their_taps(monkeypatch, 
         assert rel_err(y[i:i + 1, :o], reference(sub, "leaky_relu")) < TOL[dtype]
     run(case, "leaky_relu", widths=widths, widths_multiple=8)  # tiles for the widest: no taps
     assert plans[-1].launch.meta["TAP_C0"] == plans[-1].launch.meta["TAP_C1"] == 0
+    nchw = dict(case, inputs=[x.contiguous() for x in case["inputs"]])  # outside the fast layout both loops spill
+    run(nchw, "leaky_relu", widths=widths, widths_multiple=8, tile_widths=(8, 8))
+    assert plans[-1].launch.meta["TAP_C0"] == plans[-1].launch.meta["TAP_C1"] == 0
 
 
 def test_per_image_widths_errors():
