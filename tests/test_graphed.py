@@ -438,11 +438,13 @@ class _OnCuda(torch.Tensor):
         return True
 
 
-def test_a_failed_capture_gives_the_callers_stream_back(monkeypatch):
-    """torch.cuda.graph's __exit__ ends the capture before it leaves its capture stream, so when
-    the capture was invalidated (a host sync inside the step, say) capture_end raises and the
-    capture stream stays the current one. The eager fallback, and all the work after it, must
-    run on the caller's stream again. CUDA is faked around torch's own __exit__."""
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    """torch.cuda's streams and graphs faked on the CPU, around torch's own graph.__exit__:
+    GraphedStep's control flow without a GPU. ``state["capturing"]`` is the graph a capture
+    is recording; a step may leave in ``state["body"]``, while captured, what a replay
+    recomputes (its kernels rerun on the captured tensors). Returns (state, current), the
+    current stream at ``current[0]``, the caller's at first."""
     current, state = [], {"capturing": None}
 
     class Stream:
@@ -475,6 +477,7 @@ def test_a_failed_capture_gives_the_callers_stream_back(monkeypatch):
 
         def replay(self):
             state["replays"] = state.get("replays", 0) + 1
+            state.get("body", lambda: None)()
 
     class graph(torch.cuda.graphs.graph):  # torch's own __exit__
         def __init__(self, cuda_graph, *args, **kwargs):
@@ -484,21 +487,74 @@ def test_a_failed_capture_gives_the_callers_stream_back(monkeypatch):
             self.stream_ctx.__enter__()
             self.cuda_graph.capture_begin()
 
-    caller = Stream()
-    current.append(caller)
+    current.append(Stream())
     for name, value in dict(Stream=Stream, stream=StreamContext, CUDAGraph=CUDAGraph, graph=graph,
                             current_stream=lambda device=None: current[0],
                             set_stream=lambda stream: current.__setitem__(0, stream)).items():
         monkeypatch.setattr(torch.cuda, name, value, raising=False)
+    return state, current
 
+
+def test_a_graphed_step_replays_only_calls_like_the_captured_one(fake_cuda_graphs):
+    """Warm-ups run eagerly, the next call captures, later calls of the captured shapes and
+    dtypes replay with their own values, each call's gradients in ``.grad``; other calls run
+    eagerly and leave the graph to the next call that fits it."""
+    state, _ = fake_cuda_graphs
+    weight = torch.nn.Parameter(torch.ones(3))
+    eager_inputs = []
+
+    def fn(x):
+        accumulates = weight.grad is not None  # as autograd does, into a gradient already there
+        loss = (x * weight).sum()
+        loss.backward()
+        if state["capturing"] is None:
+            eager_inputs.append(x.clone())
+        else:
+            grad = weight.grad
+
+            def body():  # d loss / d weight is x: the graph's gradient kernel, on the captured input
+                if accumulates:
+                    grad.add_(x)
+                else:
+                    grad.copy_(x)
+            state["body"] = body
+        return {"loss": loss}
+
+    step = GraphedStep(fn, [weight], warmup=2)
+    xs = [torch.randn(3).as_subclass(_OnCuda) for _ in range(5)]
+    losses = step(xs[0])
+    assert not losses["loss"].requires_grad  # the losses leave the step detached
+    step(xs[1])  # the last warm-up's gradients left in .grad: the capture's are its own
+    step(xs[2])
+    assert step.captured and step.replays == 1 and len(eager_inputs) == 2  # a capture replays once itself
+    assert torch.equal(weight.grad, xs[2])
+    weight.grad = None
+    step(xs[3])
+    assert step.replays == 2 and len(eager_inputs) == 2 and torch.equal(weight.grad, xs[3])
+    weight.grad = None
+    for other in (torch.randn(2, 3).as_subclass(_OnCuda), torch.randn(3, dtype=torch.float64).as_subclass(_OnCuda)):
+        step(other)
+        weight.grad = None
+    assert step.replays == 2 and len(eager_inputs) == 4
+    step(xs[4])
+    assert step.replays == 3 and torch.equal(weight.grad, xs[4])
+
+
+def test_a_failed_capture_gives_the_callers_stream_back(fake_cuda_graphs):
+    """torch.cuda.graph's __exit__ ends the capture before it leaves its capture stream, so when
+    the capture was invalidated (a host sync inside the step, say) capture_end raises and the
+    capture stream stays the current one. The eager fallback, and all the work after it, must
+    run on the caller's stream again."""
+    state, current = fake_cuda_graphs
+    caller = current[0]
     weight = torch.nn.Parameter(torch.ones(3))
 
     def fn(x):
-        if state["capturing"] is not None:
-            state["capturing"].invalidated = True
-            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
         loss = (x * weight).sum()
         loss.backward()
+        if state["capturing"] is not None:  # found invalid after its backward: the eager one starts afresh
+            state["capturing"].invalidated = True
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
         return {"loss": loss}
 
     step = GraphedStep(fn, [weight], warmup=1)
@@ -510,6 +566,10 @@ def test_a_failed_capture_gives_the_callers_stream_back(monkeypatch):
     assert step.failure is not None and not step.captured
     assert current[0] is caller, "the capture stream was left current"
     assert float(losses["loss"]) == 3 and torch.equal(weight.grad, torch.arange(3.0))
+    weight.grad = None
+    with warnings.catch_warnings():  # every later step runs eagerly, with no second capture
+        warnings.simplefilter("error")
+        assert float(step(x)["loss"]) == 3 and not step.captured
 
     # a step whose input fails it eagerly too raises that error; graphs stay on for the next
     def fn2(x, target):

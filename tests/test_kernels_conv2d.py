@@ -255,7 +255,8 @@ def test_few_input_channels_fold_the_taps_into_the_reduction(monkeypatch, dtype,
 
 @pytest.mark.parametrize("dtype,k,widths,starts,o,activation,bias,residual", [
     (torch.float16, 3, (16,), (0,), 24, "leaky_relu", True, False),
-    (torch.bfloat16, 3, (16, 24), (8, 24), 16, "relu", False, True),  # a concat, blocks not at 0
+    # a concat, blocks not at 0, its second input wider by a reduction step (each input its own loop count)
+    (torch.bfloat16, 3, (16, 40), (8, 24), 16, "relu", False, True),
     (torch.float16, 1, (24,), (0,), 8, None, True, True),
     (torch.float16, 5, (16,), (0,), 16, "relu", True, False),
     (torch.bfloat16, 3, (16,), (0,), 3, None, True, True)])  # a last layer: 3 outputs, stored through pointers
@@ -270,7 +271,7 @@ def test_forward_through_tensor_descriptors(monkeypatch, dtype, k, widths, start
         shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
     plans = spy_on_plans(monkeypatch)
     K.clear_plans()
-    case = make_case(41, dtype=dtype, k=k, n=2, h=7, w=9, widths=widths, starts=starts, cin_max=48, cout_max=32, o=o,
+    case = make_case(41, dtype=dtype, k=k, n=2, h=7, w=9, widths=widths, starts=starts, cin_max=64, cout_max=32, o=o,
                      bias=bias, residual=residual, weight_ohwi=True)
     if residual:  # channels_last too: the fast layout
         case["residual"] = case["residual"].contiguous(memory_format=torch.channels_last)
@@ -424,6 +425,9 @@ def test_fold_rows_sums_blocks_of_rows_in_order():
     assert rel_err(folded[:, 0], part.double().sum(1)) < 1e-6
     assert torch.equal(fold_rows(part, limit=1, rows_per_program=2), folded)  # the same bits again
     assert torch.equal(fold_rows(part, limit=7), part)  # few enough already
+    # blocks of 3 rows, read in loads of 4: the fourth row of each load is the next block's
+    thirds = fold_rows(part, limit=3, rows_per_program=3)
+    assert rel_err(thirds, torch.stack([part[:, 0:3].sum(1), part[:, 3:6].sum(1), part[:, 6]], 1).double()) < 1e-6
     wide = torch.randn(1, 3, 300, dtype=torch.float64).float().to(DEVICE)  # channels in blocks of 256: two
     assert rel_err(fold_rows(wide, limit=1, rows_per_program=4)[:, 0], wide.double().sum(1)) < 1e-6
     with pytest.raises(ValueError, match="fp32"):
