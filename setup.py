@@ -34,7 +34,9 @@ setup(
     ],
     extras_require={
         "bench": ["matplotlib", "bm3d"],  # bm3d: benchmarks/quality.py's classical baseline
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "matplotlib", "imageio"],
+        # cuda-bindings: the CUDA-driver way to conditional graph nodes (torch 2.11's) against a stand-in driver
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "matplotlib", "imageio",
+                 "cuda-bindings>=13"],
     },
     entry_points={"console_scripts": ["dds-fast=dds_fast.cli:main"]},
 )

@@ -123,16 +123,34 @@ torch._C._cuda_beginAllocateCurrentStreamToPool = lambda device, pool: log(f"beg
 torch._C._cuda_endAllocateToPool = lambda device, pool: log(f"endAllocate {device} {pool}")
 
 class Flag:
-    device, dtype, shape = torch.device("cuda", 0), torch.bool, ()
+    device, shape = torch.device("cuda", 0), ()
+    def __init__(self, dtype=torch.bool, numel=1):
+        self.dtype, self.count = dtype, numel
     def numel(self):
-        return 1
+        return self.count
     def data_ptr(self):
         return 0x7F00DEAD0000
+
+def refused(call, reason):
+    try:
+        call()
+    except (ValueError, RuntimeError) as error:
+        assert reason in str(error), error
+        log("refused: " + reason)
+    else:
+        raise AssertionError("not refused: " + reason)
 
 nodes = DriverIfNodes(torch.device("cuda", 0))
 log("begin")
 nodes.begin_capture_to_if_node(Flag())
 log("end")
+nodes.end_capture_to_conditional_node()
+# refused before any driver call: predicates other than one bool, an end with no node open
+refused(lambda: nodes.begin_capture_to_if_node(Flag(dtype=torch.uint8)), "the predicate must be one bool")
+refused(lambda: nodes.begin_capture_to_if_node(Flag(numel=2)), "the predicate must be one bool")
+refused(nodes.end_capture_to_conditional_node, "no conditional node is open")
+nodes.begin_capture_to_if_node(Flag())
+refused(lambda: nodes.begin_capture_to_if_node(Flag()), "already open")
 nodes.end_capture_to_conditional_node()
 """
 
@@ -153,8 +171,8 @@ def test_driver_nodes_make_the_driver_calls_torch_does_in_order(tmp_path):
     captured, set by the kernel on the caller's stream, the IF node after the stream's
     dependencies and before what follows, and the body captured into the node's graph from
     the body stream, torch's current stream and allocations routed to it meanwhile."""
-    if not graph_if.driver_if_nodes_available():
-        pytest.skip("needs cuda-python 13+ (installed with torch's CUDA 13 builds)")
+    if graph_if._driver_bindings() is None:  # torch's pool hooks are stand-ins too: a CPU build lacks one
+        pytest.skip("needs cuda-python 13+ (installed with torch's CUDA 13 builds, and by the test extras)")
     header, compiler = _cuda_header(), shutil.which("gcc") or shutil.which("cc")
     if header is None or compiler is None:
         pytest.skip("needs a C compiler and cuda.h")
@@ -170,13 +188,13 @@ def test_driver_nodes_make_the_driver_calls_torch_does_in_order(tmp_path):
     if_node = int(cu.CUgraphConditionalNodeType.CU_GRAPH_COND_TYPE_IF)
     set_dependencies = int(cu.CUstreamUpdateCaptureDependencies_flags.CU_STREAM_SET_CAPTURE_DEPENDENCIES)
     global_mode = int(cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)
-    assert calls == [
+    loaded = [
         "cuCtxGetCurrent",
         f"cuModuleLoadData length={len(_SET_CONDITIONAL_PTX)}",  # the whole PTX, NUL-terminated
         "cuModuleGetFunction module=0x3003 name=dds_set_conditional",
         "cuFuncLoad function=0xf00f",
-        f"cuStreamCreate flags={int(cu.CUstream_flags.CU_STREAM_NON_BLOCKING)}",
-        "begin",
+        f"cuStreamCreate flags={int(cu.CUstream_flags.CU_STREAM_NON_BLOCKING)}"]
+    begin = [
         "cuStreamGetCaptureInfo stream=0xa00a",
         "cuGraphConditionalHandleCreate graph=0x6006 context=0xc7c7 default=0 flags=0",
         "cuLaunchKernel function=0xf00f grid=1,1,1 block=1,1,1 shared=0 stream=0xa00a extra=(nil) "
@@ -187,12 +205,11 @@ def test_driver_nodes_make_the_driver_calls_torch_does_in_order(tmp_path):
         f"cuStreamUpdateCaptureDependencies stream=0xa00a count=1 dependency=0xc0de flags={set_dependencies}",
         f"cuStreamBeginCaptureToGraph stream=0x5005 graph=0xb0d1 count=0 mode={global_mode}",
         "set_stream 0x5005",
-        "beginAllocate 0 (0, 42)",
-        "end",
-        "endAllocate 0 (0, 42)",
-        "set_stream 0xa00a",
-        "cuStreamEndCapture stream=0x5005",
-    ]
+        "beginAllocate 0 (0, 42)"]
+    end = ["endAllocate 0 (0, 42)", "set_stream 0xa00a", "cuStreamEndCapture stream=0x5005"]
+    assert calls == [*loaded, "begin", *begin, "end", *end,
+                     *["refused: the predicate must be one bool"] * 2, "refused: no conditional node is open",
+                     *begin, "refused: already open", *end]
 
 
 def _implementations():
