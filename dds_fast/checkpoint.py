@@ -433,6 +433,9 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     the device ``map_location``. ``arch`` (a class or its name), when given, must match the
     file's architecture. The model comes back in training mode, as a new module does: call
     ``.eval()`` for inference (a DDSNet's gate normalises with batch statistics otherwise).
+    How the model runs is not in the file, only what it computes: layer and gate ``backend``,
+    a DDSNet's ``per_image_tiles``, ``packed_buffers`` and ``route_branches``, and the weights'
+    memory format come back as a new model has them; set them again after loading.
     A missing file raises FileNotFoundError, one that cannot be opened another OSError (such as
     PermissionError); a foreign, truncated or corrupt one CheckpointError (a ValueError), as does
     one whose tensors the model cannot hold (NaN or infinite values, dtypes its layers do not run)."""

@@ -115,6 +115,14 @@ def _check_supernet_and_gate(owner: str, supernet, gate) -> None:
                          f"{supernet.stem_channels}")
 
 
+def _check_attention_on(gate: DynamicGate) -> None:
+    # a body behind an attention head that is off would be the super-network alone, not the
+    # DDSNet's route this class stands for (which export_static then points to)
+    if not gate.attention:
+        raise ValueError("AttentionSupernet: its gate's attention head is off (gate.attention=False); with it off "
+                         "a config runs on the super-network alone: use the supernet itself")
+
+
 def _largest_and_stem_filter_macs(supernet: SlimNet) -> tuple[float, float]:
     """MACs per input pixel of ``supernet``'s largest config, and of one filter of its stem (a
     strided stem runs on fewer pixels than the input has)."""
@@ -156,11 +164,13 @@ class AttentionSupernet(nn.Module):
     a DDSNet with attention on runs an image routed to that config. It takes configs, keeps a
     routing space and saves like a SlimNet, so the sandwich rule, progressive slimming and
     the refine stage train and evaluate either; the gate's prediction head stays untrained
-    (stage 3's)."""
+    (stage 3's). The gate's attention must stay on: with it off, a config is the super-network
+    alone, and a forward refuses it."""
 
     def __init__(self, supernet: SlimNet, gate: DynamicGate):
         super().__init__()
         _check_supernet_and_gate("AttentionSupernet", supernet, gate)
+        _check_attention_on(gate)
         self.supernet, self.gate = supernet, gate
         self._stem_group = supernet.stem_group  # kept: a static export's super-network no longer says
 
@@ -170,6 +180,7 @@ class AttentionSupernet(nn.Module):
         if name in ("supernet", "gate") and {"supernet", "gate"} <= self._modules.keys():
             supernet, gate = (value, self.gate) if name == "supernet" else (self.supernet, value)
             _check_supernet_and_gate("AttentionSupernet", supernet, gate)
+            _check_attention_on(gate)
             super().__setattr__(name, value)
             self._stem_group = supernet.stem_group
             return
@@ -249,6 +260,7 @@ class AttentionSupernet(nn.Module):
 
     def forward(self, x: torch.Tensor, stem_means: torch.Tensor | None = None) -> torch.Tensor:
         """``stem_means``: the gate's squeeze to use instead of ``x``'s own (``stem_means``)."""
+        _check_attention_on(self.gate)  # (switched off since it was built)
         if self.supernet.masked:
             return self._masked_forward(x, stem_means)
         config = self.supernet.get_config()

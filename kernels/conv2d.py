@@ -1569,10 +1569,15 @@ def slim_conv2d(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Opti
     active slice) and residual.
     """
     key = None
+    if type(packed_inputs) is not tuple:  # (the key would use up a generator before its flags are read)
+        try:
+            packed_inputs = tuple(packed_inputs)
+        except TypeError:
+            raise ValueError(f"slim_conv2d: packed_inputs must be a sequence of flags, one per input, "
+                             f"got {packed_inputs!r}") from None
     # eager calls only (a trace, and a dispatch mode's fake tensors, have no pointers), with plain
-    # int options (1.0 and True hash as 1 does, and must still be rejected; segment starts are not
-    # looked at, to save the time: a start of 0.0 may find the plan of 0, the same launch)
-    if not channel_sums and type(stride) is int \
+    # int options (1.0 and True hash as 1 does, and must still be rejected)
+    if not channel_sums and type(stride) is int and exact_ints(segment_starts) \
             and (padding is None or type(padding) is int) and exact_ints(widths_multiple) \
             and type(upscale_factor) is int and (out_channels is None or type(out_channels) is int) \
             and (tile_widths is None or exact_ints(tile_widths)) and not torch.compiler.is_compiling() \

@@ -120,6 +120,8 @@ def test_an_empty_batch_gives_an_empty_output_in_every_mode(attention):
             model(x[:, :1])
         model.set_budget(float("inf"))
         assert model(x).shape == (0, 3, *x.shape[2:]) and model.route(x) == []
+        if not attention:
+            return  # (no AttentionSupernet over a gate whose attention is off)
         attended = dds_fast.AttentionSupernet(model.supernet, model.gate)  # (as stage 1 trains the two)
         assert attended(x).shape == (0, 3, *x.shape[2:])
         attended.set_masked_widths(torch.tensor(attended.binding_widths(model.routing_space[0].config)))
@@ -175,8 +177,31 @@ def test_attention_supernet_runs_a_config_as_the_ddsnet_routes_an_image_to_it(tm
         dds_fast.AttentionSupernet(model.supernet, DynamicGate(5, 2))
 
 
+def test_attention_supernet_refuses_a_gate_whose_attention_is_off():
+    """Its body runs behind the attention head; with the head off a config is the super-network
+    alone, so a gate switched off (when built, assigned, or since) is refused, not scaled anyway."""
+    model = make_ddsnet()  # (its gate's attention is off)
+    off = "AttentionSupernet: its gate's attention head is off"
+    with pytest.raises(ValueError, match=off):
+        dds_fast.AttentionSupernet(model.supernet, model.gate)
+    model.gate.attention = True
+    attended = dds_fast.AttentionSupernet(model.supernet, model.gate)
+    other = DynamicGate(model.gate.channels, 2).double()
+    other.attention = False
+    with pytest.raises(ValueError, match=off):
+        attended.gate = other
+    assert attended.gate is model.gate
+    model.gate.attention = False
+    with pytest.raises(ValueError, match=off):
+        attended(images(n=1))
+    attended.set_masked_widths(torch.tensor(attended.binding_widths(model.routing_space[0].config)))
+    with pytest.raises(ValueError, match=off):
+        attended(images(n=1))
+
+
 def test_attention_supernet_and_stem_means_leave_the_config_and_masks_as_they_were():
     model = make_ddsnet()
+    model.gate.attention = True
     supernet = dds_fast.AttentionSupernet(model.supernet, model.gate)
     small = model.routing_space[0].config
     supernet.set_config(small)
@@ -329,6 +354,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_ddsnet_and_attention_supernet_record_the_gate_and_supernet_alike(tmp_path):
     model = make_ddsnet().float()
     gate = model.gate
+    gate.attention = True
     assert DynamicGate(**gate.arch_args).arch_args == gate.arch_args == {
         "channels": gate.channels, "num_choices": gate.num_choices, "reduction": gate.reduction, "hidden": gate.hidden}
     attended = dds_fast.AttentionSupernet(model.supernet, gate)

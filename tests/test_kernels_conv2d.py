@@ -681,6 +681,12 @@ def test_packed_per_image_buffers(monkeypatch, dtype, upscale, two):
     for i, row in enumerate(per_image):
         assert not torch.isnan(got[i, :row[0]]).any()
         assert torch.equal(got[i, :row[0]], expected[i, :row[0]])
+    # flags from a generator, on a call that plans its launch: read once, all of them
+    K.clear_plans()
+    again = slim_conv2d(inputs[True], w2, widths=widths2, segment_starts=starts, out_channels=6,
+                        packed_inputs=(True for _ in inputs[True]))
+    for i, row in enumerate(per_image):
+        assert torch.equal(again[i, :row[0]], expected[i, :row[0]])
 
 
 def test_packed_buffer_errors():
@@ -693,6 +699,8 @@ def test_packed_buffer_errors():
         slim_conv2d([x], w, packed_inputs=[True])
     # flags that pack nothing ask for nothing
     torch.testing.assert_close(slim_conv2d([x], w, packed_inputs=[False]), slim_conv2d([x], w))
+    with pytest.raises(ValueError, match="packed_inputs must be a sequence of flags, one per input, got True"):
+        slim_conv2d([x], w, widths=widths, packed_inputs=True)
     with pytest.raises(ValueError, match=r"one flag per input \(1\), got 2"):
         slim_conv2d([x], w, widths=widths, packed_inputs=[True, False])
     with pytest.raises(ValueError, match="packed input 0 must be a channels_last contiguous buffer"):
@@ -862,6 +870,9 @@ def test_checks_and_launch_plan_are_cached_per_signature():
         run(dict(case, stride=3), "relu")
     with pytest.raises(ValueError, match="stride must be an int"):  # equal to 1, but not an int
         run(dict(case, stride=1.0), "relu")
+    for start in (0.0, False):  # hashed as 0 is, so only a look at its type refuses it
+        with pytest.raises(ValueError, match=r"segment_starts\[0\] must be an int"):
+            run(dict(case, starts=(start,)), "relu")
     assert torch.equal(run(dict(case, starts=[0]), "relu"), first)  # a list: no key, the full path
     if DEVICE == "cpu":
         run(case, "relu", widths=torch.tensor([[8, 8], [16, 16]], dtype=torch.int32), widths_multiple=8)
