@@ -164,10 +164,12 @@ def comparison_table(dds: DDSNet, inets: Sequence[nn.Module], pairs: Sequence[tu
     (static budget mode, the full-width stem counted when the gate's attention is on) against
     the I-Net; then DDS in dynamic mode. ``inet_rows``: the I-Nets' evaluations on ``pairs``
     when the caller has them already (one per I-Net of ``inets``, or with ``inets`` empty alone)."""
-    pairs = list(pairs)
+    pairs, inets = list(pairs), list(inets)  # (each is read more than once)
     if inet_rows is None:
         inet_rows = [evaluate(inet, pairs, inet_name(dds, inet, position)) for position, inet in enumerate(inets)]
-    elif inets and len(inet_rows) != len(inets):  # (rows alone: I-Nets the caller scored elsewhere)
+    else:
+        inet_rows = list(inet_rows)
+    if inets and len(inet_rows) != len(inets):  # (rows alone: I-Nets the caller scored elsewhere)
         raise ValueError(f"comparison_table: {len(inet_rows)} inet_rows for {len(inets)} I-Nets: one row each")
     unmatched = [row.name for row in inet_rows if row.images != len(pairs)]
     if unmatched:  # the DDS rows are scored on pairs: rows of other images would not compare

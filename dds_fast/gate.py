@@ -140,6 +140,8 @@ class DynamicGate(nn.Module):
         if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
             # the kernels are no registered op: a trace, fake tensors or FlopCounterMode get the reference ops
             return False
+        if x.is_neg():  # a lazily negated view: torch reads its values, the kernels its memory
+            return False
         unavailable = _kernels_module()
         if isinstance(unavailable, str):  # no Triton on this platform
             note_fallback(self, "DynamicGate", unavailable)
@@ -182,9 +184,11 @@ class DynamicGate(nn.Module):
             channel_sums = means.float()[:, None, :]
         elif channel_sums is not None and (not isinstance(channel_sums, torch.Tensor) or channel_sums.dim() != 3
                                            or channel_sums.shape[0] != x.shape[0]
-                                           or channel_sums.shape[2] != self.channels):
-            got = tuple(channel_sums.shape) if isinstance(channel_sums, torch.Tensor) else type(channel_sums).__name__
-            raise ValueError(f"DynamicGate: channel_sums must be [{x.shape[0]}, T, {self.channels}], got {got}")
+                                           or channel_sums.shape[2] != self.channels
+                                           or channel_sums.dtype != torch.float32):
+            got = f"{channel_sums.dtype} {tuple(channel_sums.shape)}" if isinstance(channel_sums, torch.Tensor) \
+                else type(channel_sums).__name__
+            raise ValueError(f"DynamicGate: channel_sums must be fp32 [{x.shape[0]}, T, {self.channels}], got {got}")
         return self._forward_fused(x, channel_sums, 1 if means is not None else x.shape[2] * x.shape[3])
 
     def _check_means(self, x: torch.Tensor, means: torch.Tensor | None) -> None:

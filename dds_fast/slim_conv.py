@@ -28,6 +28,7 @@ BACKENDS = ("auto", "torch", "triton")
 _WARNED: set[tuple[str, str]] = set()  # (module kind, fallback reason without its numbers) already warned about
 ACTIVATIONS = (None, "relu", "leaky_relu")
 _SETTINGS = frozenset({"backend", "in_segments", "activation", "negative_slope", "upscale_factor"})
+_GEOMETRY = frozenset({"kernel_size", "stride", "padding", "dilation"})
 
 
 def epilogue_repr(activation: str | None, negative_slope: float) -> list[str]:
@@ -157,6 +158,10 @@ class SlimConv2d(nn.Conv2d):
         # in_channels read the wrong weight blocks)
         if name in _SETTINGS:
             value = self._checked_setting(name, value)
+        elif name in _GEOMETRY and type(value) is tuple:
+            # numpy or tensor integers as plain ints: nn.Conv2d keeps them as given, and the
+            # kernels (and their launch keys) take plain ints only
+            value = tuple(exact_int(v) for v in value)
         super().__setattr__(name, value)
         if name == "in_segments":  # where each input block starts among the weight's input channels
             super().__setattr__("segment_starts", tuple(itertools.accumulate(value[:-1], initial=0)))

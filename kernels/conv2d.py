@@ -674,6 +674,28 @@ def _aligned_pointers(*tensors: Optional[torch.Tensor]) -> bool:
     return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def _negated(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a tensor's negation bit is set: a lazily negated view, whose memory (what the
+    kernels read) holds its values' negation. Never asked while torch.compile traces: Dynamo
+    cannot trace the question, and a compiled graph drops the bit anyway (torch 2.13 computes
+    even ``x * 2`` from the memory of such an input)."""
+    return any(t is not None and t.is_neg() for t in tensors)
+
+
+def _pointers_key(*tensors: Optional[torch.Tensor]) -> int:
+    """``inference_key``'s view of the memory: 0 every address 16-byte aligned, 1 not, 2 a
+    tensor whose negation bit is set (a lazily negated view, which the full call refuses, so
+    no plan is ever kept under 2)."""
+    key = 0
+    for t in tensors:
+        if t is not None:
+            if t.is_neg():
+                return 2
+            if t.data_ptr() % 16:
+                key = 1
+    return key
+
+
 GRAD_WEIGHT_WARPS = 8  # 4 spill on sm_90 beyond 16 x 16 tiles
 GRAD_WEIGHT_ROW_TAPS = True  # 3x3 grad weight: a kernel row's three taps per program
 # Inputs of these channel counts fold the taps into the reduction: an image's few, where the
@@ -1183,6 +1205,8 @@ def unsupported_reason(inputs, weight: torch.Tensor, stride=1, padding=None, dil
     ``input_dtype``: the dtype the inputs will be cast to before the call (autocast's), if any.
     """
     tensors = [inputs] if isinstance(inputs, torch.Tensor) else inputs
+    if not torch.compiler.is_compiling() and _negated(*tensors, weight):
+        return "a lazily negated view (is_neg()), whose memory holds the values' negation"
     args = (tuple([_spec(t, input_dtype) for t in tensors]), _spec(weight), stride, padding, dilation, groups,
             padding_mode, activation, negative_slope)
     try:
@@ -1279,6 +1303,8 @@ def _check_args(inputs, weight, bias, segment_starts, out_channels, stride, padd
                     ("residual", residual), ("widths", widths)):
         if t is not None and t.layout != torch.strided:
             raise ValueError(f"slim_conv2d: {name} is a {t.layout} tensor; the kernels read dense (strided) tensors")
+        if t is not None and not torch.compiler.is_compiling() and _negated(t):
+            raise ValueError(f"slim_conv2d: {name} is a lazily negated view (is_neg()); pass t.resolve_neg()")
     # here, not in slim_conv2d alone: a direct call of the op with 0 would align the kernel to 8
     if len(widths_multiple) != 2:
         raise ValueError(f"slim_conv2d: widths_multiple must be an int or a pair (out, in), got {list(widths_multiple)}")
@@ -1441,7 +1467,7 @@ def inference_key(inputs, weight, bias, residual, widths, *options, packed_input
         return None
     try:
         return (*[_meta(t) for t in inputs], _meta(weight), _meta(bias), _meta(residual), _meta(widths), *options,
-                tuple(packed_inputs), packed_output, _aligned_pointers(*inputs, weight, bias, residual))
+                tuple(packed_inputs), packed_output, _pointers_key(*inputs, weight, bias, residual))
     except (AttributeError, TypeError, RuntimeError):  # (TypeError: packed_inputs not a sequence;
         return None                                    # RuntimeError: a sparse tensor has no strides)
 
@@ -1485,7 +1511,7 @@ def _signature(inputs, weight, bias, residual, widths, *options):
     try:
         x1 = inputs[1] if len(inputs) == 2 else None
         return (_meta(inputs[0]), _meta(x1), _meta(weight), _meta(bias), _meta(residual), _meta(widths),
-                len(inputs), *options)
+                len(inputs), *options, _negated(*inputs, weight, bias, residual))
     except (AttributeError, TypeError, IndexError):
         return None
 

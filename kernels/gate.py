@@ -219,6 +219,8 @@ def _pixels(x: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
         raise ValueError(f"{what}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"{what}: x is empty, shape {tuple(x.shape)}")
+    if x.is_neg():  # the kernels would read its memory, not its values
+        raise ValueError(f"{what}: x is a lazily negated view (is_neg()); pass x.resolve_neg()")
     if x.shape[0] > MAX_BATCH:
         raise ValueError(f"{what}: a batch of {x.shape[0]} images; the kernels' grid takes at most {MAX_BATCH}")
     h, w = x.shape[2], x.shape[3]
@@ -304,8 +306,8 @@ def gate_head(partials: torch.Tensor, hw: int, w1: torch.Tensor, b1: torch.Tenso
     """
     if partials.dim() != 3 or partials.dtype != torch.float32:
         raise ValueError(f"gate_head: partials must be fp32 [N, T, C], got {partials.dtype} {tuple(partials.shape)}")
-    if hw < 1:
-        raise ValueError(f"gate_head: hw must be >= 1, got {hw}")
+    if isinstance(hw, bool) or not isinstance(hw, int) or hw < 1:  # (the kernel divides by it as given)
+        raise ValueError(f"gate_head: hw must be an int >= 1 (the pixels the partials sum over), got {hw!r}")
     if partials.shape[1] < 1 or partials.shape[2] < 1:  # no program would write the outputs
         raise ValueError(f"gate_head: partials [N, T, C] need T >= 1 rows of sums and C >= 1 channels, got "
                          f"{tuple(partials.shape)}")

@@ -240,6 +240,8 @@ def test_comparison_rows_within_a_budget_cost_at_most_the_budget_with_attention_
         dds.supernet.set_config(entry.config)
         inet_rows.append(evaluate(dds.supernet, data, f"I-Net {index}"))
     table = comparison_table(dds, [], data, inet_rows)
+    assert comparison_table(dds, iter([]), iter(data), iter(inet_rows)) == table  # each read more than once
+    assert comparison_table(dds, iter([dds.supernet] * len(inet_rows)), data, iter(inet_rows)) == table
     rows = [line.split("|")[1:-1] for line in table.splitlines() if "DDS at <=" in line]
     # rows that do not match the I-Nets, or were scored on other images, would not compare
     with pytest.raises(ValueError, match=f"comparison_table: {len(inet_rows) - 1} inet_rows for {len(inet_rows)} "

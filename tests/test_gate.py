@@ -1,6 +1,7 @@
 """DynamicGate: fused Triton inference path (under the interpreter on CPU) against an
 independent fp64 reference of Eq. 8-10, reference-path gradients, dispatch and errors."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -562,10 +563,15 @@ def test_kernel_argument_errors():
         kernels.apply_scale(torch.randn(2, 8, 3, 3, device=DEVICE), torch.ones(2, 7, device=DEVICE))
     fused = make_gate(8, 3, backend="triton").eval()
     x = torch.randn(2, 8, 3, 3, device=DEVICE)
-    for sums, got in ((torch.zeros(2, 1, 7, device=DEVICE), r"\(2, 1, 7\)"), ([[0.0] * 8] * 2, "list")):
-        with torch.no_grad(), pytest.raises(ValueError, match=rf"DynamicGate: channel_sums must be \[2, T, 8\], "
+    for sums, got in ((torch.zeros(2, 1, 7, device=DEVICE), r"torch.float32 \(2, 1, 7\)"), ([[0.0] * 8] * 2, "list"),
+                      (torch.zeros(2, 1, 8, dtype=torch.float64, device=DEVICE), r"torch.float64 \(2, 1, 8\)")):
+        with torch.no_grad(), pytest.raises(ValueError, match=rf"DynamicGate: channel_sums must be fp32 \[2, T, 8\], "
                                                               rf"got {got}"):
             fused(x, channel_sums=sums)
+    for hw in (True, 15.5, torch.tensor(16)):  # ran (True, 15.5: wrong logits), or failed deep in the kernel
+        with pytest.raises(ValueError, match=re.escape(f"gate_head: hw must be an int >= 1 (the pixels the "
+                                                       f"partials sum over), got {hw!r}")):
+            kernels.gate_head(torch.randn(1, 1, 8, device=DEVICE), hw, *args)
     for chunk in (0, 2.5):  # 2.5 got as far as torch.empty, with a float size
         with pytest.raises(ValueError, match=f"chunk must be an int >= 1, got {chunk}"):
             kernels.squeeze_partials(torch.randn(1, 8, 3, 3, device=DEVICE), chunk=chunk)
@@ -607,6 +613,23 @@ def test_cpu_tensors_get_a_clear_error_from_kernels_compiled_for_a_gpu():
         kernels.gate_head(torch.ones(2, 1, 8), 9, *head_args(gate))
     with pytest.raises(ValueError, match=f"apply_scale: {message}"):
         kernels.apply_scale(x, torch.ones(2, 8))
+
+
+def test_a_lazily_negated_input_is_read_by_its_values():
+    """A view whose negation bit is set holds the negation of its values in memory: the
+    kernels, which read memory, refuse it, and the fused gate steps aside for the reference."""
+    values = torch.rand(2, 16, 5, 5, device=DEVICE)
+    negated = torch.complex(torch.zeros_like(values), -values).conj().imag
+    assert negated.is_neg() and torch.equal(negated, values)
+    for kernel in (kernels.squeeze_partials, lambda x: kernels.apply_scale(x, torch.ones(2, 16, device=DEVICE))):
+        with pytest.raises(ValueError, match=r"x is a lazily negated view \(is_neg\(\)\); pass x.resolve_neg\(\)"):
+            kernel(negated)
+    gate = make_gate(16, 3, backend="triton").eval()
+    torch.nn.init.normal_(gate.fc2.weight)
+    with torch.no_grad():
+        got, expected = gate(negated), gate(values)
+    for name in ("features", "scale", "logits", "choice"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-4, atol=1e-5)
 
 
 def test_torch_func_transforms_take_the_reference_path():

@@ -883,6 +883,35 @@ def test_checks_and_launch_plan_are_cached_per_signature():
     assert trained.grad_fn is not None and torch.equal(trained.detach(), first)
 
 
+def test_lazily_negated_views_are_refused_not_read_as_their_memory():
+    """A view whose negation bit is set holds its values' negation in memory, which is what the
+    kernels read: refused, also after a call of the same shapes and strides planned a launch."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {"input 0": torch.randn(1, 8, 5, 5, generator=g), "weight": torch.randn(8, 8, 3, 3, generator=g),
+               "bias": torch.randn(8, generator=g), "residual": torch.randn(1, 8, 5, 5, generator=g)}
+
+    def through_complex(values, negated):  # the same strides either way: only the bit differs
+        zeros = torch.zeros_like(values)
+        view = (torch.complex(zeros, -values).conj() if negated else torch.complex(zeros, values)).imag
+        assert view.is_neg() == negated and torch.equal(view, values)
+        return view.to(DEVICE)
+
+    plain = {name: through_complex(t, False) for name, t in tensors.items()}
+
+    def call(args):
+        return slim_conv2d([args["input 0"]], args["weight"], args["bias"], residual=args["residual"])
+
+    K.clear_plans()
+    expected = call(plain)  # plans the launch of these shapes and strides
+    torch.testing.assert_close(expected, F.conv2d(plain["input 0"], plain["weight"], plain["bias"], padding=1)
+                               + plain["residual"], rtol=1e-5, atol=1e-5)
+    for name, values in tensors.items():
+        with pytest.raises(ValueError, match=rf"slim_conv2d: {name} is a lazily negated view"):
+            call(dict(plain, **{name: through_complex(values, True)}))
+    assert K.unsupported_reason([through_complex(tensors["input 0"], True)], plain["weight"]).startswith(
+        "a lazily negated view")
+
+
 def test_a_repeated_call_is_checked_again_where_it_differs_from_the_cached_one():
     """The cached key holds the inputs' dtype and device, and a call that needs gradients never
     takes an inference call's plan for per-image widths (those are forward only)."""

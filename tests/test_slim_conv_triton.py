@@ -7,6 +7,7 @@ import sys
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +125,37 @@ def test_unsupported_settings_fall_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         wider(x)  # a reason's numbers aside (each new shape warned again, and the warned set grew)
+
+
+def test_a_lazily_negated_input_falls_back_to_its_values(monkeypatch):
+    """A view whose negation bit is set holds its values' negation in memory, which the kernels
+    would read: the layer takes the reference path, which reads the values."""
+    monkeypatch.setattr(slim_conv, "_WARNED", set())
+    fast, slow = pair(in_channels=4, out_channels=4, kernel_size=3, padding=1)
+    slow.to(DEVICE)
+    x = torch.randn(1, 4, 6, 6).to(DEVICE)
+    fast(torch.complex(torch.zeros_like(x), x).imag)  # a launch planned for the same strides, without the bit
+    negated = torch.complex(torch.zeros_like(x), -x).conj().imag
+    assert negated.is_neg() and torch.equal(negated, x)
+    with pytest.warns(UserWarning, match="falls back.*lazily negated view"):
+        y = fast(negated)
+    torch.testing.assert_close(y, slow(x))
+
+
+@pytest.mark.parametrize("geometry", [dict(kernel_size=np.int64(3), padding=1),
+                                      dict(kernel_size=3, stride=np.int64(2), padding=np.int64(1)),
+                                      dict(kernel_size=(np.int32(3), 3), stride=(2, np.int16(2)), padding=1)])
+def test_numpy_integers_as_geometry_run_the_kernels_as_plain_ints(geometry, kernel_calls):
+    """nn.Conv2d keeps numpy integers as given; the kernels took them for floats' kin and
+    refused the call with a message about arguments the caller never passed them."""
+    fast, slow = pair(in_channels=4, out_channels=6, **geometry)
+    assert all(type(v) is int for name in ("kernel_size", "stride", "padding") for v in getattr(fast, name))
+    x = torch.randn(1, 4, 7, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback
+        y = fast(x.to(DEVICE))
+    assert len(kernel_calls) == 1
+    torch.testing.assert_close(y.cpu(), slow(x), rtol=1e-4, atol=1e-5)
 
 
 def test_a_concat_of_two_dtypes_falls_back_as_torch_cat_would_promote():
