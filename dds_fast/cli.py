@@ -434,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--attention", dest="attention", action=argparse.BooleanOptionalAction, default=None,
                        help="train the gate's attention head with the super-network in stages 1, 2 and refine "
                             "(default: on, as the paper)")
+    train.add_argument("--permute-channels", dest="permute_channels", action=argparse.BooleanOptionalAction,
+                       default=None, help="put each synthetic colour crop's channels in a random one of their 6 "
+                                          "orders (default: on; the bundled photos hold almost no green)")
     train.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bars with the losses, PSNR and time left (default: on)")
     train.add_argument("--graphs", dest="graphs", action=argparse.BooleanOptionalAction, default=None,

@@ -133,6 +133,12 @@ def _largest_and_stem_filter_macs(supernet: SlimNet) -> tuple[float, float]:
     return sum(call.macs for call in calls) / pixels, stem.macs / stem.out_width / pixels
 
 
+def _module_tree(net: nn.Module) -> tuple[tuple[nn.Module, tuple[nn.Module, ...]], ...]:
+    """Each module of ``net`` with its children: a DDSNet compares them on each dynamic forward
+    (2 us for the shipped model), since its per-image tables name the layers they were built for."""
+    return tuple((m, tuple(m._modules.values())) for m in net.modules())
+
+
 def _forward_hooks_on(modules: Sequence[nn.Module]) -> bool:
     """Whether a forward hook or pre-hook would see an input or output of ``modules``."""
     hooked = torch.nn.modules.module
@@ -342,7 +348,7 @@ class DDSNet(nn.Module):
         super().__setstate__(state)
         if "_stem_filter_macs" not in state:  # a whole-module pickle of an earlier version
             self._stem_filter_macs = _largest_and_stem_filter_macs(self.supernet)[1]
-        if "_body_modules" not in state:
+        if "_body_modules" not in state or "_supernet_tree" not in state:
             self.routing_space, budget = self._routing_space, self._budget_index
             self._budget_index = budget
 
@@ -403,6 +409,7 @@ class DDSNet(nn.Module):
         self._per_image_trace = None  # (_per_image_rows)
         # what a per-image forward asks for hooks (the packing body calls SlimConv2d layers alone)
         self._body_modules = tuple(m for m in self.supernet.modules() if isinstance(m, SlimConv2d))
+        self._supernet_tree = _module_tree(self.supernet)
         self._warmed_branches: dict[tuple, tuple[torch.dtype, torch.memory_format, tuple]] = {}
         self._budget_index: int | None = None
 
@@ -508,8 +515,10 @@ class DDSNet(nn.Module):
         try:
             features = self.supernet.stem(padded)
             # the sums of what the gate reads, or none: a hook or a stem that does more than the
-            # conv hands on another tensor
-            sums = stem.channel_sums if stem.channel_sums_of is features else None
+            # conv hands on another tensor, and a hook on the stem may change its output in place,
+            # or one on the gate hand the gate another tensor
+            sums = stem.channel_sums if stem.channel_sums_of is features \
+                and not _forward_hooks_on((stem, self.gate)) else None
         finally:
             stem.emit_channel_sums = False
             stem.channel_sums = stem.channel_sums_of = None
@@ -620,6 +629,9 @@ class DDSNet(nn.Module):
         return self._per_image_trace
 
     def _uses_per_image_widths(self, x: torch.Tensor) -> bool:
+        if any(tuple(m._modules.values()) != children for m, children in self._supernet_tree):
+            # a layer replaced or added since: the width tables and hooks' list name the old ones
+            self._replace_part("supernet", self.supernet)
         if self.per_image is not None:
             reason = self._per_image_rows()[1] if self.per_image else None
             if reason is not None:

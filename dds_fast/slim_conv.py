@@ -158,10 +158,12 @@ class SlimConv2d(nn.Conv2d):
         # in_channels read the wrong weight blocks)
         if name in _SETTINGS:
             value = self._checked_setting(name, value)
-        elif name in _GEOMETRY and type(value) is tuple:
-            # numpy or tensor integers as plain ints: nn.Conv2d keeps them as given, and the
-            # kernels (and their launch keys) take plain ints only
-            value = tuple(exact_int(v) for v in value)
+        elif name in _GEOMETRY and not isinstance(value, str):
+            # pairs of plain ints: nn.Conv2d keeps numpy or tensor integers as given, and an int
+            # assigned after construction as it is, where the kernels (and their launch keys)
+            # take plain ints and this layer reads pairs
+            value = tuple(exact_int(v) for v in value) if isinstance(value, (tuple, list)) \
+                else (exact_int(value),) * 2
         super().__setattr__(name, value)
         if name == "in_segments":  # where each input block starts among the weight's input channels
             super().__setattr__("segment_starts", tuple(itertools.accumulate(value[:-1], initial=0)))

@@ -588,6 +588,25 @@ def test_noisy_patches_batch_has_the_items_crops_and_its_own_noise(photos):
     assert not torch.equal(data.batch(4, 8)[1], clean)
 
 
+def test_noisy_patches_put_a_colour_crops_channels_in_each_order_and_leave_a_gray_one():
+    """The same crop and flip as without ``permute_channels``, its channels in one of their 6
+    orders (the bundled photos hold almost no green)."""
+    g = torch.Generator().manual_seed(0)
+    image, gray = torch.rand(3, 10, 12, generator=g), torch.rand(1, 10, 12, generator=g)
+    plain = NoisyPatches([image], GaussianNoise(0), patch_size=4, length=60, seed=1)
+    permuted = NoisyPatches([image], GaussianNoise(0), patch_size=4, length=60, seed=1, permute_channels=True)
+    orders = set()
+    for i in range(len(plain)):
+        crop, shuffled = plain._clean(i)[0], permuted._clean(i)[0]
+        order = tuple(k for c in range(3) for k in range(3) if torch.equal(shuffled[c], crop[k]))
+        assert sorted(order) == [0, 1, 2]
+        orders.add(order)
+    assert len(orders) == 6
+    alone = NoisyPatches([gray], GaussianNoise(0), patch_size=4, length=4, seed=1)
+    assert torch.equal(NoisyPatches([gray], GaussianNoise(0), patch_size=4, length=4, seed=1,
+                                    permute_channels=True)._clean(3)[0], alone._clean(3)[0])
+
+
 def test_noisy_patches_crops_come_from_the_images():
     image = torch.arange(3 * 10 * 12, dtype=torch.float32).view(3, 10, 12) / 360
     data = NoisyPatches([image], GaussianNoise(0), patch_size=4, length=200, augment=False)

@@ -820,6 +820,55 @@ def test_the_fused_gate_reads_the_channel_sums_of_the_stems_epilogue(monkeypatch
     assert model.supernet.stem_conv.channel_sums is None and not model.supernet.stem_conv.emit_channel_sums
 
 
+@pytest.mark.parametrize("hook", ["stem output changed in place", "gate handed another tensor"])
+def test_the_fused_gate_squeezes_what_it_reads_behind_hooks(hook):
+    """The stem epilogue's channel sums describe the conv's output as it stored it: a hook that
+    changes it in place, or hands the gate another tensor, leaves them stale, so the fused
+    gate squeezes what it reads, as the reference gate does."""
+    pytest.importorskip("triton")
+    model = make_ddsnet(lambda: SlimUNet(in_channels=3, base_width=8, depth=2), seed=4).float().to(DEVICE)
+    for module in model.supernet.modules():
+        if isinstance(module, dds_fast.SlimConv2d):
+            module.backend = "triton"
+    model.gate.attention = True
+    torch.nn.init.normal_(model.gate.fc2.weight, std=1.0)
+    torch.nn.init.normal_(model.gate.fc1.weight, std=1.0)
+    model.per_image = False
+    if hook == "stem output changed in place":
+        model.supernet.stem_conv.register_forward_hook(lambda module, args, out: out.mul_(-2).add_(1))
+    else:
+        model.gate.register_forward_pre_hook(lambda module, args: (args[0] * -2 + 1,))
+    x = images(n=4, size=(8, 8), seed=5).float().to(DEVICE)
+    with torch.no_grad():
+        model.gate.backend = "torch"
+        expected, expected_logits = model(x), model.gate_forward(x)[1].logits
+        model.gate.backend = "triton"
+        got, logits = model(x), model.gate_forward(x)[1].logits
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_layer_replaced_in_the_super_network_is_the_one_the_per_image_path_runs():
+    """The per-image width tables name the layers they were built for: after a layer of the
+    super-network is replaced (or one added), the next dynamic forward builds them again."""
+    pytest.importorskip("triton")
+    model = on_kernels(make_ddsnet(lambda: SlimUNet(in_channels=3, base_width=8, depth=2), seed=4)).float()
+    model.to(DEVICE).per_image = True
+    x, choice = images(n=3, size=(8, 8), seed=5).float().to(DEVICE), torch.tensor([0, 2, 1], device=DEVICE)
+    with torch.no_grad():
+        model(x, choice=choice)  # tables built for the layers as they are
+        old = model.supernet.last
+        new = dds_fast.SlimConv2d(old.in_channels, old.out_channels, 3, padding=1, backend="triton").to(DEVICE)
+        new.load_state_dict({name: t * 1.5 for name, t in old.state_dict().items()})
+        model.supernet.last = new
+        got = model(x, choice=choice)
+        model.per_image = False
+        expected = model(x, choice=choice)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert any(conv is new for conv, _, _, _ in model._width_table(x.device)[1])
+    assert new in model._body_modules and old not in model._body_modules
+
+
 def test_per_image_widths_need_the_triton_backend():
     model = make_ddsnet()
     model.per_image = True
@@ -1177,8 +1226,10 @@ def test_without_triton_a_ddsnet_asked_for_the_kernels_falls_back_or_says_why(mo
         slim_conv._kernels_module.cache_clear()
 
 
-def test_whole_module_pickles_of_earlier_versions_load():
-    """Users torch.save whole modules: attributes that were plain then are read into place."""
+@pytest.mark.parametrize("missing", [("_body_modules", "_supernet_tree"), ("_supernet_tree",)])
+def test_whole_module_pickles_of_earlier_versions_load(missing):
+    """Users torch.save whole modules: attributes that were plain then are read into place,
+    and what later versions derive is derived on loading."""
     import pickle
 
     model = make_ddsnet()
@@ -1187,12 +1238,14 @@ def test_whole_module_pickles_of_earlier_versions_load():
         expected = model(x)
     model.set_budget(float("inf"))
     old = copy.deepcopy(model)  # in the layout of earlier versions
-    del old.__dict__["_body_modules"]
+    for name in missing:
+        del old.__dict__[name]
     old.__dict__["_routing_space"] = list(old._routing_space)
     old.supernet.__dict__["arch_args"] = old.supernet.__dict__.pop("_arch_args")
     loaded = pickle.loads(pickle.dumps(old))
     assert isinstance(loaded.routing_space, tuple) and loaded.budget_index == 2
     assert loaded.supernet.arch_args == model.supernet.arch_args and loaded.supernet.routing_space is None
+    assert [m for m, _ in loaded._supernet_tree] == list(loaded.supernet.modules())
     loaded.set_budget(None)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)

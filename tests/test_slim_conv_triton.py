@@ -158,6 +158,22 @@ def test_numpy_integers_as_geometry_run_the_kernels_as_plain_ints(geometry, kern
     torch.testing.assert_close(y.cpu(), slow(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,value", [("stride", 2), ("padding", 1), ("kernel_size", 3), ("dilation", 1),
+                                        ("padding", [1, 1]), ("stride", np.int64(2))])
+def test_geometry_assigned_after_construction_is_kept_as_pairs_of_ints(name, value, kernel_calls):
+    """nn.Conv2d takes an int (or a list) assigned to its geometry as it is; this layer reads
+    pairs of plain ints, so it keeps them so."""
+    fast, slow = pair(in_channels=4, out_channels=4, kernel_size=3, padding=1)
+    for layer in (fast, slow):
+        setattr(layer, name, value)
+    assert getattr(fast, name) == (int(np.asarray(value).flat[0]),) * 2 and type(getattr(fast, name)[0]) is int
+    x, residual_of = torch.randn(1, 4, 6, 6), {1: torch.randn(1, 4, 6, 6), 2: torch.randn(1, 4, 3, 3)}
+    residual = residual_of[fast.stride[0]]
+    y = fast(x.to(DEVICE), residual=residual.to(DEVICE))
+    assert len(kernel_calls) == 1
+    torch.testing.assert_close(y.cpu(), slow(x, residual=residual), rtol=1e-4, atol=1e-5)
+
+
 def test_a_concat_of_two_dtypes_falls_back_as_torch_cat_would_promote():
     fast, slow = pair(in_channels=4, out_channels=3, kernel_size=3, padding=1, in_segments=[2, 2])
     slow.to(DEVICE)

@@ -1175,6 +1175,8 @@ def test_stage_resume_refuses_other_options_naming_them(tmp_path):
         stage1(tmp_path / "run", lr_schedule="constant", base_width=16)
     with pytest.raises(ValueError, match=r"attention True then, False now"):
         stage1(tmp_path / "run", lr_schedule="constant", attention=False)
+    with pytest.raises(ValueError, match=r"permute_channels True then, None now"):  # (the default: on)
+        stage1(tmp_path / "run", lr_schedule="constant", permute_channels=False)
     stage1(tmp_path / "run", lr_schedule="constant", steps=3)  # more steps: goes on
     stage1(tmp_path / "cosine")
     with pytest.raises(ValueError, match=r"steps 2 then, 3 now \(the learning-rate schedule spans the steps"):

@@ -557,6 +557,15 @@ def random_flip_rotate(generator: torch.Generator, *images: torch.Tensor) -> tup
     return tuple(out)
 
 
+def random_channel_order(generator: torch.Generator, image: torch.Tensor) -> torch.Tensor:
+    """``image`` [3, H, W] with its channels in one of their 6 orders, drawn from ``generator``
+    (other channel counts as they are). Colour augmentation: the bundled photos hold almost no
+    green, and a model trained on them alone turned greens olive (benchmarks/NOTES.md)."""
+    if image.shape[-3] != 3:
+        return image
+    return image[..., torch.randperm(3, generator=generator), :, :]
+
+
 def _crop_box(height: int, width: int, size: int, generator: torch.Generator) -> tuple[int, int]:
     return _randint(height - size + 1, generator), _randint(width - size + 1, generator)
 
@@ -619,7 +628,8 @@ class NoisyPatches(Dataset):
     """Synthetic training pairs: item ``i`` is ``(noisy, clean)``, float32 [C, P, P].
 
     Each item picks an image uniformly, a uniform random crop of ``patch_size``, optionally
-    one of the 8 flips/rotations, and draws noise from ``noise``, all from a generator seeded
+    one of the 8 flips/rotations (``augment``) and one of the 6 orders of a colour crop's
+    channels (``permute_channels``), and draws noise from ``noise``, all from a generator seeded
     by ``(seed, epoch, i)``. ``length`` is the number of patches per epoch. The noisy patch is
     not clipped unless the noise model clips; the clean one is the noise model's target
     (:meth:`NoiseModel.pair`). The training loop takes whole batches (:meth:`batch`), with
@@ -637,6 +647,7 @@ class NoisyPatches(Dataset):
         channels: int | None = None,
         seed: int = 0,
         augment: bool = True,
+        permute_channels: bool = False,
     ):
         patch_size = checked_int(patch_size, "patch_size", "NoisyPatches")
         length = checked_int(length, "length", "NoisyPatches")
@@ -645,7 +656,7 @@ class NoisyPatches(Dataset):
         self.images = [im if im.dtype == torch.uint8 else im.float() for im in values]  # (uint8: as_float per crop)
         _check_patch(labels, self.images, patch_size)
         self.noise, self.patch_size, self.length = noise, patch_size, length
-        self.seed, self.augment, self.epoch = seed, augment, 0
+        self.seed, self.augment, self.permute_channels, self.epoch = seed, augment, permute_channels, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -662,6 +673,8 @@ class NoisyPatches(Dataset):
         clean = as_float(image[:, top : top + self.patch_size, left : left + self.patch_size])
         if self.augment:
             (clean,) = random_flip_rotate(g, clean)
+        if self.permute_channels:
+            clean = random_channel_order(g, clean)
         return clean.contiguous(), g
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,6 +81,9 @@ class TrainConfig:
     paired_root: str | None = None  # a SIDD-Medium sRGB folder: train on its real noisy/clean pairs
     sidd_validation: str | None = None  # a folder of the SIDD validation blocks (.mat): validate on them
     patch_size: int = 64
+    # each synthetic colour crop's channels in one of their 6 orders (ours: the bundled photos
+    # hold almost no green, and a model trained without it turns greens olive)
+    permute_channels: bool = True
     batch_size: int = 16
     # crops per epoch: the data order's period, and the gate's learning-rate decay step
     # (16384 / gate_batch_size steps: 1024 made the defaults decay 62 times over stage 3)
@@ -575,7 +578,8 @@ class Run:
             # about 100 MB a SIDD-Medium pair), so each image is decoded once an epoch
             return PairedPatches(self.pairs, patch_size, patches_per_pair=self._patches_per_pair,
                                  channels=c.channels, seed=c.seed, interleave=min(c.batch_size, len(self.pairs)))
-        return NoisyPatches(self.train_images, self.noise, patch_size=patch_size, length=c.epoch_patches, seed=c.seed)
+        return NoisyPatches(self.train_images, self.noise, patch_size=patch_size, length=c.epoch_patches, seed=c.seed,
+                            permute_channels=c.permute_channels)
 
     def validation_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.config
@@ -625,6 +629,8 @@ class Run:
         c = self.config
         data = DATA_OPTIONS + (CLEAN_DATA_OPTIONS if self.pairs is None else ())
         options = {name: getattr(c, name) for name in data + names}
+        if self.pairs is None and c.permute_channels:  # (named only when on: a run of an earlier version resumes)
+            options["permute_channels"] = True
         options["data"] = self.data_fingerprint
         if schedule_steps is not None:
             options["lr_schedule"] = c.lr_schedule
