@@ -1,13 +1,14 @@
 """Denoising quality of a checkpoint on held-out photos, against BM3D and the I-Nets.
 
     python benchmarks/quality.py CHECKPOINT [MORE_DDS ...] [--noise awgn camera] [--sigma 10 25 50]
-        [--images chelsea coins] [--gray] [--inets INET.safetensors ...] [--out FILE.json]
+        [--images chelsea coins] [--gray] [--channel-orders] [--inets INET.safetensors ...] [--out FILE.json]
 
 Adds noise (fixed seed) to scikit-image's bundled photos that training held out: AWGN of
 each ``--sigma``, and/or the camera pipeline (then the clean reference is the photo through
 the same ISP); every image under every noise is one test pair. With ``--gray`` a colour
 model gets the photos as gray photos read as colour: made gray, the noise drawn on that one
-plane and so the same in every channel (``GrayNoise``; BM3D then denoises the one plane). Reports PSNR/SSIM on 8-bit
+plane and so the same in every channel (``GrayNoise``; BM3D then denoises the one plane). With
+``--channel-orders`` each colour photo comes in all 6 orders of its channels. Reports PSNR/SSIM on 8-bit
 outputs (``dds_fast.metrics``) with MACs/pixel for: the noisy input, the DDSNet in dynamic
 mode, each routing config run alone, and, when every pair is AWGN, BM3D (the ``bm3d``
 package, CBM3D for colour, told the true sigma) when it is installed. Further DDSNet
@@ -18,6 +19,7 @@ I-Net that costs at least its mean MACs/pixel.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -37,9 +39,14 @@ from dds_fast.training.stages import DEFAULT_VALIDATION_IMAGES
 from ablate_stage1 import output_file
 
 
-def noisy_pairs(names, noise, channels: int, seed: int = 0):
-    images = bundled_images(names, channels=channels)
-    return [noise.pair(clean, torch.Generator().manual_seed(seed + i)) for i, clean in enumerate(images.values())]
+def noisy_pairs(names, noise, channels: int, seed: int = 0, channel_orders: bool = False):
+    """A pair per photo; with ``channel_orders``, per order of a colour photo's channels (as
+    given first, with the noise it gets without them)."""
+    orders = list(itertools.permutations(range(3))) if channel_orders and channels == 3 else [(0, 1, 2)]
+    images = list(bundled_images(names, channels=channels).values())
+    return [noise.pair(clean[list(order)] if channels == 3 else clean,
+                       torch.Generator().manual_seed(seed + i + 1000 * k))
+            for k, order in enumerate(orders) for i, clean in enumerate(images)]
 
 
 def bm3d_row(pairs, sigmas: list[float]) -> Evaluation | None:
@@ -92,6 +99,9 @@ def main(argv=None) -> int:
     parser.add_argument("--images", nargs="+", default=list(DEFAULT_VALIDATION_IMAGES))
     parser.add_argument("--gray", action="store_true", help="gray photos read as colour: the same noise in "
                                                             "every channel")
+    parser.add_argument("--channel-orders", action="store_true",
+                        help="each colour photo in all 6 orders of its channels (a green cat: the bundled photos "
+                             "hold almost no green)")
     parser.add_argument("--inets", nargs="*", default=[])
     parser.add_argument("--out", type=output_file, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -118,7 +128,7 @@ def main(argv=None) -> int:
         noises = [(f"gray, {name}", GrayNoise(noise), sigma) for name, noise, sigma in noises]
     pairs = []
     for _, noise, sigma in noises:
-        added = noisy_pairs(args.images, noise, model.in_channels)
+        added = noisy_pairs(args.images, noise, model.in_channels, channel_orders=args.channel_orders)
         pairs += added
         sigmas += [sigma] * len(added)
     # scored as saved, clamped to [0, 1]: a large sigma's noisy images overrun the metrics' range
@@ -154,7 +164,7 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         record = {"device": f"CPU: {platform.processor() or platform.machine()}", "checkpoints": args.checkpoints,
-                  "inets": args.inets, "gray": args.gray,
+                  "inets": args.inets, "gray": args.gray, "channel_orders": args.channel_orders,
                   "noise": noise, "images": args.images, "torch": torch.__version__,
                   "rows": [json_row(row) for row in rows], "table": table}
         Path(args.out).write_text(json.dumps(record, indent=2, allow_nan=False))

@@ -101,10 +101,34 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     # what load will rebuild and check: a file it would refuse is refused now (a parametrization
     # or a buffer added after construction, a NaN weight)
     try:
-        _check_tensors(path, _rebuilt(path, ARCHITECTURES[arch], _decoded(Path(path), header)), arch, tensors)
+        rebuilt = _rebuilt(path, ARCHITECTURES[arch], _decoded(Path(path), header))
+        _check_tensors(path, rebuilt, arch, tensors)
     except CheckpointError as error:
         raise ValueError(f"save: load could not rebuild this {arch} from {path}: {error}") from None
+    _check_settings(model, rebuilt, arch)
     return atomic_save_file(tensors, path, header)
+
+
+# What a module computes with beside its tensors, which load rebuilds from the constructor's
+# arguments: a value set after construction would be lost (runtime choices, such as backends,
+# are not in the file by design: load's docstring)
+_SETTINGS = ((nn.Conv2d, ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "activation",
+                          "negative_slope", "in_segments", "upscale_factor")),
+             (nn.modules.batchnorm._NormBase, ("eps", "affine", "track_running_stats")),
+             (nn.LeakyReLU, ("negative_slope",)),
+             (DynamicGate, ("attention",)))
+
+
+def _check_settings(model: nn.Module, rebuilt: nn.Module, arch: str) -> None:
+    """Refuse a model whose settings ``load`` would not give back."""
+    for (name, module), (_, fresh) in zip(model.named_modules(), rebuilt.named_modules()):
+        kinds = [names for kind, names in _SETTINGS if isinstance(module, kind)]
+        for setting in (kinds[0] if kinds else ()):
+            value, loaded = getattr(module, setting, None), getattr(fresh, setting, None)
+            if value != loaded:
+                raise ValueError(f"save: this {arch}'s {name or 'model'}.{setting} is {value!r}, but load would "
+                                 f"rebuild it as {loaded!r}: a checkpoint keeps the constructor's arguments, not "
+                                 f"settings changed after construction")
 
 
 def _refuse_tied(state: dict[str, torch.Tensor], path) -> None:

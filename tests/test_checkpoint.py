@@ -103,6 +103,27 @@ def test_save_flushes_the_file_before_the_rename_and_the_rename_after(net, tmp_p
     assert ".tmp" in events[0][1] and events[1][1] == str(path) and events[2][1] == str(tmp_path)
 
 
+@pytest.mark.parametrize("change,message", [
+    (lambda m: setattr(m.supernet.encoders[0][0], "negative_slope", 0.01),
+     r"supernet.encoders.0.0.negative_slope is 0.01, but load would rebuild it as 0.2"),
+    (lambda m: setattr(m.supernet.last, "activation", "relu"), r"supernet.last.activation is 'relu'.* as None"),
+    (lambda m: setattr(m.gate.bn, "eps", 0.5), r"gate.bn.eps is 0.5, but load would rebuild it as 1e-05"),
+    (lambda m: setattr(m.supernet.last, "stride", 2), r"supernet.last.stride is \(2, 2\).* as \(1, 1\)"),
+])
+def test_settings_changed_after_construction_are_refused_not_lost(change, message, tmp_path):
+    """A checkpoint rebuilds the model from its constructor's arguments: a setting changed
+    since would come back as built, computing something else, so save refuses it by name."""
+    model = small_ddsnet()
+    save(model, tmp_path / "as-built.safetensors")
+    change(model)
+    with pytest.raises(ValueError, match=rf"save: this DDSNet's {message}: a checkpoint keeps the constructor's"):
+        save(model, tmp_path / "changed.safetensors")
+    assert not (tmp_path / "changed.safetensors").exists()
+    runs_otherwise = small_ddsnet()  # how it runs is not in the file (load's docstring): saved
+    runs_otherwise.gate.backend = runs_otherwise.supernet.encoders[0][0].backend = "torch"
+    save(runs_otherwise, tmp_path / "runs-otherwise.safetensors")
+
+
 def test_truncated_file(net, tmp_path):
     path = save(net, tmp_path / "model.safetensors")
     data = path.read_bytes()

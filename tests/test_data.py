@@ -125,6 +125,19 @@ def test_load_planar_rgb_tiff(tmp_path):
     assert bits == 16 and torch.equal(image, torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 65535))
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 4), (3, 40, 60), (2, 5, 7, 3)])
+def test_a_multi_page_tiff_reads_as_its_first_page(tmp_path, shape):
+    """tifffile reads a stack of pages as one array, whose first axis then looked like rows
+    (two 4x4 pages: one 2x4 image of 4 channels)."""
+    import tifffile
+
+    pages = rng().integers(0, 256, shape, dtype=np.uint8)  # one series of pages
+    tifffile.imwrite(tmp_path / "pages.tif", pages, photometric="rgb" if pages.ndim == 4 else "minisblack")
+    image, bits = read_image(tmp_path / "pages.tif")
+    first = torch.from_numpy(pages[0].astype(np.float32) / 255)
+    assert bits == 8 and torch.equal(image, first.permute(2, 0, 1) if first.dim() == 3 else first[None])
+
+
 def write_4bit_gray_tiff(path, photometric, packed: bytes, width: int):
     """One row of 4-bit samples, uncompressed: tifffile writes no 4-bit files of its own."""
     import struct

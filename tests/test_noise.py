@@ -115,6 +115,10 @@ def test_factory_builds_each_model():
         ("speckle", {}, "unknown noise model 'speckle'"),
         ("awgn", {"sigma": -1}, "non-negative"),
         ("awgn", {"sigma": (30, 10)}, "lo <= hi"),
+        # drawn as float32, where torch's fill raised a RuntimeError deep in the first step
+        ("awgn", {"sigma": 1e39}, r"sigma must be at most 3.403e\+38 \(float32\), got \(1e\+39, 1e\+39\)"),
+        ("poisson_gaussian", {"a": [1e-3, 1e39]}, r"a must be at most 3.403e\+38"),
+        ("camera", {"shot_noise": 1e39}, r"shot_noise must be at most 3.403e\+38"),
         ("awgn", {"sigma": "loud"}, "number or a"),
         # a string is no range: float() would read "25" character by character as (2, 5)
         ("awgn", {"sigma": "25"}, r"sigma must be a number or a \(lo, hi\) pair of numbers, got '25'"),

@@ -58,6 +58,23 @@ def test_gray_pairs_are_gray_photos_read_as_colour(quality, tmp_path):
     assert record["rows"][0]["psnr"] == pytest.approx(psnr(noisy, clean))
 
 
+def test_channel_orders_give_each_colour_photo_in_all_six(quality, tmp_path):
+    """The identity order first, with the noise a run without orders draws; then the other
+    five, each a permutation of the photo's channels with noise of its own."""
+    plain = quality.noisy_pairs(["chelsea"], quality.GaussianNoise(25), 3)
+    pairs = quality.noisy_pairs(["chelsea"], quality.GaussianNoise(25), 3, channel_orders=True)
+    assert len(pairs) == 6 and all(torch.equal(a, b) for a, b in zip(pairs[0], plain[0]))
+    clean = plain[0][1]
+    orders = {tuple(k for c in range(3) for k in range(3) if torch.equal(pair[1][c], clean[k])) for pair in pairs}
+    assert len(orders) == 6
+    assert len({round(float((noisy - c).std()), 6) for noisy, c in pairs}) == 6  # (each its own noise)
+    checkpoint = save(small_ddsnet(), tmp_path / "dds.safetensors")
+    out = tmp_path / "quality.json"
+    assert quality.main([str(checkpoint), "--images", "coins", "--channel-orders", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["channel_orders"] and record["rows"][0]["images"] == 6
+
+
 def test_a_large_sigma_is_scored_as_its_images_are_saved(quality, tmp_path):
     """Sigma 200 puts noisy pixels far outside [0, 1], where the metrics refuse to guess the
     scale: the noisy row and the model's rows score them clamped, as a saved image is."""

@@ -212,8 +212,8 @@ _TIFF_JPEG = {tifffile.COMPRESSION.OJPEG, tifffile.COMPRESSION.JPEG, tifffile.CO
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
-    """A TIFF as [H, W(, C)] with its Orientation tag (1, as stored, when absent), through
-    tifffile: Pillow cannot read 16-bit colour TIFFs.
+    """A TIFF's first page as [H, W(, C)] with its Orientation tag (1, as stored, when absent),
+    through tifffile: Pillow cannot read 16-bit colour TIFFs.
     tifffile returns the stored samples, so a planar-configuration file (each colour a plane
     of its own, [C, H, W]), an inverted gray one (MinIsWhite), a palette one (indices into
     a 16-bit colour map) and a CMYK one are turned into the pixels a viewer shows here, with
@@ -221,8 +221,9 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
     premultiplied by it made straight); other colour spaces are refused."""
     kinds = tifffile.PHOTOMETRIC
     with tifffile.TiffFile(path) as tiff:
-        array = tiff.asarray()
-        page = tiff.pages[0]
+        page = tiff.pages[0]  # the first image of a multi-page file (a stack of pages reads as one array)
+        # (an empty page's own shape is (0, 0): the file's, for the error that names its size)
+        array = page.asarray() if 0 not in page.shape else tiff.asarray()
         photometric, colours = page.photometric, page.samplesperpixel - len(page.extrasamples)
         orientation = page.tags.valueof("Orientation", 1)
         if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1:

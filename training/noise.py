@@ -95,6 +95,9 @@ def _sample(n: int, bounds: tuple[float, float], generator, like: torch.Tensor, 
     return _uniform(n, lo, hi, generator, like)
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _is_number(value) -> bool:
     # JSON true is no number, and float() would read a string such as "25"
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -116,6 +119,8 @@ def _range(value, name: str, *, allow_zero: bool = True) -> tuple[float, float]:
         raise ValueError(f"{name} must be a number or a (lo, hi) pair of numbers, got {value!r}")
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise ValueError(f"{name} must satisfy lo <= hi with finite values, got ({lo}, {hi})")
+    if max(abs(lo), abs(hi)) > _FLOAT32_MAX:  # (drawn as float32: torch refuses such a fill with a RuntimeError)
+        raise ValueError(f"{name} must be at most {_FLOAT32_MAX:.4g} (float32), got ({lo}, {hi})")
     if lo < 0 or (not allow_zero and lo == 0):
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got ({lo}, {hi})")
     return lo, hi
