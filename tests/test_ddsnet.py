@@ -793,16 +793,23 @@ def test_per_image_widths_of_a_unet_in_steps_of_6():
     torch.testing.assert_close(per_image, grouped, rtol=1e-4, atol=1e-5)
 
 
-def test_the_fused_gate_reads_the_channel_sums_of_the_stems_epilogue(monkeypatch):
-    pytest.importorskip("triton")
-    from dds_fast.kernels import gate as gate_kernels
-
+def attended_body_on_kernels() -> DDSNet:
+    """A small DDSNet whose body runs on the kernels behind a trained-looking attention scale
+    (its gate's backend is left to the test)."""
     model = make_ddsnet(lambda: SlimUNet(in_channels=3, base_width=8, depth=2), seed=4).float().to(DEVICE)
     for module in model.supernet.modules():
         if isinstance(module, dds_fast.SlimConv2d):
             module.backend = "triton"
     model.gate.attention = True
     torch.nn.init.normal_(model.gate.fc2.weight, std=1.0)
+    return model
+
+
+def test_the_fused_gate_reads_the_channel_sums_of_the_stems_epilogue(monkeypatch):
+    pytest.importorskip("triton")
+    from dds_fast.kernels import gate as gate_kernels
+
+    model = attended_body_on_kernels()
     model.per_image = False
     x = images(n=4, size=(8, 8), seed=5).float().to(DEVICE)
     with torch.no_grad():
@@ -826,12 +833,7 @@ def test_the_fused_gate_squeezes_what_it_reads_behind_hooks(hook):
     changes it in place, or hands the gate another tensor, leaves them stale, so the fused
     gate squeezes what it reads, as the reference gate does."""
     pytest.importorskip("triton")
-    model = make_ddsnet(lambda: SlimUNet(in_channels=3, base_width=8, depth=2), seed=4).float().to(DEVICE)
-    for module in model.supernet.modules():
-        if isinstance(module, dds_fast.SlimConv2d):
-            module.backend = "triton"
-    model.gate.attention = True
-    torch.nn.init.normal_(model.gate.fc2.weight, std=1.0)
+    model = attended_body_on_kernels()
     torch.nn.init.normal_(model.gate.fc1.weight, std=1.0)
     model.per_image = False
     if hook == "stem output changed in place":
