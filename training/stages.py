@@ -629,7 +629,8 @@ class Run:
         c = self.config
         data = DATA_OPTIONS + (CLEAN_DATA_OPTIONS if self.pairs is None else ())
         options = {name: getattr(c, name) for name in data + names}
-        if self.pairs is None and c.permute_channels:  # (named only when on: a run of an earlier version resumes)
+        # (named only when on: a run of an earlier version, which never permuted, resumes with it off)
+        if self.pairs is None and c.permute_channels:
             options["permute_channels"] = True
         options["data"] = self.data_fingerprint
         if schedule_steps is not None:
