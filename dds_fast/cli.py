@@ -89,6 +89,14 @@ def _noise_sigma(text: str) -> float:
     return value
 
 
+def _finite_output(output: torch.Tensor, args, what: str) -> torch.Tensor:
+    """A noisy photo so loud that it overflows float32 inside the network gives no image to score or save."""
+    if not bool(output.isfinite().all()):
+        raise ValueError(f"--sigma {args.sigma:g}: {what} is not finite (noise this large overflows float32 "
+                         f"inside the network); use a smaller --sigma")
+    return output
+
+
 def _positive_int(text: str) -> int:
     """An argparse type for counts and sizes: 0 or less would fail deep in the run, not name the flag."""
     value = int(text)
@@ -154,7 +162,8 @@ def _demo_trained(args) -> int:
         route = model.route(batch)[0]
         index = model.routing_space.index(route)
         # scored as saved: clamped to [0, 1] (the same 8-bit values; a large sigma overruns the metrics' range)
-        shown, output = noisy.clamp(0, 1), model(batch)[0].float().clamp(0, 1)
+        shown = noisy.clamp(0, 1)
+        output = _finite_output(model(batch)[0].float(), args, "the model's output").clamp(0, 1)
         latency = _median_ms(lambda: model(batch), args.repeats)
         print(f"gate chose sub-network {index} of {len(model.routing_space)}: {route.config.to_dict()}")
         print(f"MACs/pixel: {model.routed_macs(batch)[0]:,.0f} (largest sub-network "
@@ -165,7 +174,7 @@ def _demo_trained(args) -> int:
         for k in range(len(model.routing_space)):
             # through the model as it routes (the gate's attention scale included), the choice forced to k
             choice = torch.full((1,), k)
-            forced = model(batch, choice=choice)[0].float().clamp(0, 1)
+            forced = _finite_output(model(batch, choice=choice)[0].float(), args, f"route {k}'s output").clamp(0, 1)
             latency = _median_ms(lambda: model(batch, choice=choice), args.repeats)
             rows.append([f"route {k}" + (" (chosen)" if k == index else ""), f"{model.dynamic_macs_per_pixel[k]:,.0f}",
                          f"{psnr(forced, clean):.2f}", f"{latency:.0f}"])
@@ -196,7 +205,7 @@ def _demo_untrained(args) -> int:
     with torch.no_grad():
         for label, config in configs:
             model.set_config(config)
-            out = model(noisy)
+            out = _finite_output(model(noisy), args, f"the {label} config's output")
             static_diff = (export_static(model)(noisy) - out).abs().max().item()
             latency = _median_ms(lambda: model(noisy), args.repeats)
             macs = macs_per_pixel(model)

@@ -753,3 +753,16 @@ def test_a_gray_model_denoises_each_colour_plane_with_its_own_gate_means(tmp_pat
     with torch.no_grad():
         expected = torch.cat([model(plane[None, None])[0] for plane in image]).clamp(0, 1)
     torch.testing.assert_close(read_image(tmp_path / "out.png")[0], expected, rtol=0, atol=0.5 / 255 + 1e-6)
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_demo_names_a_sigma_whose_noise_overflows_inside_the_network(trained, capsys, monkeypatch, tmp_path):
+    # finite noise that overflows float32 in the first convs: no NaN metrics, no NaN table rows, no picture
+    if trained:
+        model = ["--checkpoint", str(save(small_ddsnet(), tmp_path / "dds.safetensors")), "--image", "coins"]
+    else:
+        monkeypatch.setattr(cli, "SHIPPED_MODEL", tmp_path / "none.safetensors")
+        model = ["--size", "32", "--base-width", "4"]
+    assert main(["demo", *model, "--sigma", "1e38", "--repeats", "1", "--out", str(tmp_path / "demo.png")]) == 2
+    assert "--sigma 1e+38: " in capsys.readouterr().err
+    assert not (tmp_path / "demo.png").exists()
