@@ -63,6 +63,9 @@ def test_routing_sandwich_draws_the_middle_configs_without_replacement():
         routing_sandwich_configs(routing, 1, generator)
     with pytest.raises(ValueError, match="at least 2 configs"):
         routing_sandwich_configs(routing[:1], 4, generator)
+    # a generator of entries draws as its list does
+    assert (routing_sandwich_configs(iter(routing), 4, torch.Generator().manual_seed(3))
+            == routing_sandwich_configs(routing, 4, torch.Generator().manual_seed(3)))
 
 
 @pytest.mark.parametrize("distillation", ["synergy", "inplace", "none"])
@@ -143,6 +146,13 @@ def test_sandwich_accumulates_gradients_of_every_subnetwork():
     F.l1_loss(net(noisy), clean).backward()
     smallest = net.layers[0].weight.grad.clone()
     torch.testing.assert_close(both, largest + smallest)
+    # configs from a generator: the same step; none at all: named
+    for p in net.parameters():
+        p.grad = None
+    sandwich_step(net, noisy, clean, (c for c in configs), "none")
+    torch.testing.assert_close(net.layers[0].weight.grad, both)
+    with pytest.raises(ValueError, match="at least one config"):
+        sandwich_step(net, noisy, clean, [], "none")
 
 
 def test_progressive_slimming_walks_from_largest_to_smallest():

@@ -83,6 +83,7 @@ def routing_sandwich_configs(routing_space, n: int, generator: torch.Generator) 
     ``n - 2`` of the others drawn without replacement (all of them when fewer), its cheapest."""
     if n < 2:
         raise ValueError(f"the sandwich rule needs n >= 2 sub-networks per step, got {n}")
+    routing_space = list(routing_space)  # any iterable of entries, a generator included
     if len(routing_space) < 2:
         raise ValueError(f"a routing space needs at least 2 configs, got {len(routing_space)}")
     middle = routing_space[1:-1]
@@ -130,6 +131,9 @@ def sandwich_step(net, noisy: torch.Tensor, clean: torch.Tensor, configs: list[S
     """:func:`sandwich_losses` over ``configs`` (largest first, smallest last), each set with
     ``set_config``; returns the losses as floats (the caller takes the optimizer step) and
     leaves the net at the largest config."""
+    configs = list(configs)  # any iterable, a generator included: read once
+    if not configs:
+        raise ValueError("sandwich_step needs at least one config (the largest first)")
     try:
         losses = sandwich_losses(net, noisy, clean, len(configs), lambda index: net.set_config(configs[index]),
                                  distillation, loss_fn, autocast, distillation_loss_fn)
