@@ -33,7 +33,7 @@ from .cost import _at_config, trace_convs
 from .gate import DynamicGate, GateOutput
 from .graph_if import (capturing_graph, conditional_graph_nodes, conditional_nodes_unavailable_reason, driver_if_nodes,
                        torch_if_nodes)
-from .nets import ARCHITECTURES, SlimNet, register_architecture
+from .nets import ARCHITECTURES, SlimNet, module_tree, register_architecture, tree_changed
 from .slim_conv import PackedBuffers, SlimConv2d, _kernels_module
 
 
@@ -131,12 +131,6 @@ def _largest_and_stem_filter_macs(supernet: SlimNet) -> tuple[float, float]:
     if stem is None:
         raise ValueError(f"{type(supernet).__name__}: its forward never ran the stem conv (stem_conv)")
     return sum(call.macs for call in calls) / pixels, stem.macs / stem.out_width / pixels
-
-
-def _module_tree(net: nn.Module) -> tuple[tuple[nn.Module, tuple[nn.Module, ...]], ...]:
-    """Each module of ``net`` with its children: a DDSNet compares them on each dynamic forward
-    (2 us for the shipped model), since its per-image tables name the layers they were built for."""
-    return tuple((m, tuple(m._modules.values())) for m in net.modules())
 
 
 def _forward_hooks_on(modules: Sequence[nn.Module]) -> bool:
@@ -348,7 +342,8 @@ class DDSNet(nn.Module):
         super().__setstate__(state)
         if "_stem_filter_macs" not in state:  # a whole-module pickle of an earlier version
             self._stem_filter_macs = _largest_and_stem_filter_macs(self.supernet)[1]
-        if "_body_modules" not in state or "_supernet_tree" not in state:
+        # (earlier trees held no names)
+        if "_body_modules" not in state or len(state.get("_supernet_tree", ((),))[0]) != 3:
             self.routing_space, budget = self._routing_space, self._budget_index
             self._budget_index = budget
 
@@ -409,7 +404,7 @@ class DDSNet(nn.Module):
         self._per_image_trace = None  # (_per_image_rows)
         # what a per-image forward asks for hooks (the packing body calls SlimConv2d layers alone)
         self._body_modules = tuple(m for m in self.supernet.modules() if isinstance(m, SlimConv2d))
-        self._supernet_tree = _module_tree(self.supernet)
+        self._supernet_tree = module_tree(self.supernet)
         self._warmed_branches: dict[tuple, tuple[torch.dtype, torch.memory_format, tuple]] = {}
         self._budget_index: int | None = None
 
@@ -629,7 +624,7 @@ class DDSNet(nn.Module):
         return self._per_image_trace
 
     def _uses_per_image_widths(self, x: torch.Tensor) -> bool:
-        if any(tuple(m._modules.values()) != children for m, children in self._supernet_tree):
+        if tree_changed(self._supernet_tree):
             # a layer replaced or added since: the width tables and hooks' list name the old ones
             self._replace_part("supernet", self.supernet)
         if self.per_image is not None:

@@ -43,6 +43,16 @@ def register_architecture(cls):
     return cls
 
 
+def module_tree(net: nn.Module) -> tuple[tuple[str, nn.Module, tuple[nn.Module, ...]], ...]:
+    """Each module of ``net`` with its name and children, to tell by ``tree_changed`` (2 us for
+    the shipped model) whether a layer was replaced or added since."""
+    return tuple((name, m, tuple(m._modules.values())) for name, m in net.named_modules())
+
+
+def tree_changed(tree: tuple[tuple[str, nn.Module, tuple[nn.Module, ...]], ...]) -> bool:
+    return any(tuple(m._modules.values()) != children for _, m, children in tree)
+
+
 class SlimNet(nn.Module):
     """Base of the slimmable denoisers: width configs, input checks, padding to the size the
     network needs and the stem/body split.
@@ -105,13 +115,50 @@ class SlimNet(nn.Module):
         if bound:  # (its filters would follow one group's width, the other's ignored)
             raise ValueError(f"{type(self).__name__}: _bind of {conv!r:.80} to group {group!r}: it is bound to group "
                              f"{bound[0]!r} already")
-        full = self._groups[group].max_width * multiplier
-        if not isinstance(conv, SlimConv2d) or conv.out_channels != full:
-            raise ValueError(f"{type(self).__name__}: _bind of {conv!r:.80} to group {group!r} needs a SlimConv2d "
-                             f"of {full} filters (the group's largest width {self._groups[group].max_width} times "
-                             f"multiplier {multiplier})")
+        self._check_bindable(conv, group, multiplier, f"_bind of {conv!r:.80} to group {group!r}")
         self._bindings.append((conv, group, multiplier))
         return conv
+
+    def _check_bindable(self, conv, group: str, multiplier: int, what: str) -> None:
+        full = self._groups[group].max_width * multiplier
+        if not isinstance(conv, SlimConv2d) or conv.out_channels != full:
+            raise ValueError(f"{type(self).__name__}: {what} needs a SlimConv2d of {full} filters (the group's "
+                             f"largest width {self._groups[group].max_width} times multiplier {multiplier})")
+
+    def _bound(self) -> list[tuple[SlimConv2d, str, int]]:
+        """The bound layers, each ``(conv, group, multiplier)``. A layer replaced since (``net.layers[1]
+        = SlimConv2d(...)``) is bound in its place, by its name, and set to the width it should run."""
+        tree = self.__dict__.get("_bound_tree")
+        if not self._bindings or (tree is not None and not tree_changed(tree)):
+            return self._bindings
+        if tree is not None:
+            names = {id(m): name for name, m, _ in tree}
+            rebound = []
+            for conv, group, multiplier in self._bindings:
+                name = names[id(conv)]
+                try:
+                    new = self.get_submodule(name)
+                except AttributeError:
+                    raise ValueError(f"{type(self).__name__}: layer {name!r}, bound to width group {group!r}, was "
+                                     f"removed; put a SlimConv2d in its place") from None
+                if new is not conv:
+                    self._check_bindable(new, group, multiplier, f"layer {name!r}, bound to width group {group!r}, "
+                                                                 f"was replaced by {new!r:.80}; its replacement")
+                rebound.append((new, group, multiplier))
+            twice = {name for conv, _, _ in rebound if sum(c is conv for c, _, _ in rebound) > 1
+                     for name, m in self.named_modules(remove_duplicate=False) if m is conv}
+            if twice:  # (it would run one group's width, the other's ignored)
+                raise ValueError(f"{type(self).__name__}: one SlimConv2d now stands at {sorted(twice)}, each bound to "
+                                 f"a width group; give each place its own layer")
+            self._bindings = rebound
+            name_layers(self)
+        self._bound_tree = module_tree(self)
+        if tree is not None and self._config is not None:  # the new layers run the widths the net runs
+            if self._masked:
+                self.set_masked_widths(self._masked_widths)
+            else:
+                self.set_config(self._config)
+        return self._bindings
 
     def __getattr__(self, name: str):
         if name == "space" and "_groups" in self.__dict__:  # (asked only when no attribute holds it)
@@ -123,6 +170,7 @@ class SlimNet(nn.Module):
         and the largest config set."""
         self.space = WidthSpace(self._groups.values())
         name_layers(self)
+        self._bound_tree = module_tree(self)
         self.set_config(self.space.largest())
 
     # -- configs ------------------------------------------------------------------------
@@ -132,12 +180,13 @@ class SlimNet(nn.Module):
         if self.is_static:
             raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
         config = self.space.validate(config)
-        for conv, group, multiplier in self._bindings:
+        bindings = self._bound()
+        for conv, group, multiplier in bindings:
             width = config[group] * multiplier
             if conv._active_out != width:  # (a module attribute write costs host time; a DDSNet sets one per forward)
                 conv.active_out_channels = width
         if self._masked:  # (each module attribute write costs host time in the eager sandwich)
-            for conv, _, _ in self._bindings:
+            for conv, _, _ in bindings:
                 conv.output_mask = None
             self._masked = False
         self._config = config
@@ -158,7 +207,7 @@ class SlimNet(nn.Module):
         if self.is_static:
             raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
         config = self.space.validate(config)
-        return [config[group] * multiplier // conv.upscale_factor ** 2 for conv, group, multiplier in self._bindings]
+        return [config[group] * multiplier // conv.upscale_factor ** 2 for conv, group, multiplier in self._bound()]
 
     def __setstate__(self, state: dict) -> None:
         # a whole-module pickle of an earlier version held these as plain attributes
@@ -208,7 +257,8 @@ class SlimNet(nn.Module):
         ``set_config`` ends it."""
         if self.is_static:
             raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
-        count = len(self._bindings)
+        bindings = self._bound()
+        count = len(bindings)
         if not isinstance(widths, torch.Tensor) or widths.shape != (count,) or widths.is_floating_point() \
                 or widths.is_complex() or widths.dtype == torch.bool:
             shape = f"{widths.dtype} {tuple(widths.shape)}" if isinstance(widths, torch.Tensor) else type(widths).__name__
@@ -218,10 +268,10 @@ class SlimNet(nn.Module):
         if widths.device != device:
             raise ValueError(f"{type(self).__name__}.set_masked_widths: widths are on {widths.device}, the network "
                              f"on {device}")
-        outputs = [conv.out_channels // conv.upscale_factor ** 2 for conv, _, _ in self._bindings]
+        outputs = [conv.out_channels // conv.upscale_factor ** 2 for conv, _, _ in bindings]
         if widths.device.type == "cpu":
             group_widths: dict[str, tuple[int, str]] = {}
-            for (conv, group, multiplier), width, limit in zip(self._bindings, widths.tolist(), outputs):
+            for (conv, group, multiplier), width, limit in zip(bindings, widths.tolist(), outputs):
                 if not 1 <= width <= limit:
                     raise ValueError(f"{type(self).__name__}.set_masked_widths: {conv.layer_name} has width {width}, "
                                      f"not in [1, {limit}]")
@@ -240,7 +290,7 @@ class SlimNet(nn.Module):
         keep = torch.arange(max(outputs), device=device) < widths[:, None]
         self._masked = True  # first: set_config then clears the masks of an interrupted loop too
         self._masked_widths = widths
-        for row, ((conv, _, _), channels) in enumerate(zip(self._bindings, outputs)):
+        for row, ((conv, _, _), channels) in enumerate(zip(bindings, outputs)):
             conv.output_mask = keep[row, :channels].view(1, channels, 1, 1)
 
     @property
@@ -259,7 +309,7 @@ class SlimNet(nn.Module):
         output that the body reads at a config (a DDSNet's dynamic mode)."""
         if self.is_static:
             raise ValueError(f"{type(self).__name__} was exported as a static network; its widths are fixed")
-        for conv, group, multiplier in self._bindings:
+        for conv, group, multiplier in self._bound():
             if conv is self.stem_conv:
                 if multiplier != 1:
                     raise ValueError(f"{type(self).__name__}: the stem conv is bound to group {group!r} with "
@@ -311,6 +361,7 @@ class SlimNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        self._bound()
         padded = self.pad(x)
         out = self.body(self.stem(padded), padded)
         return out[..., : x.shape[-2], : x.shape[-1]]

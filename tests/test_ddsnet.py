@@ -871,6 +871,19 @@ def test_a_layer_replaced_in_the_super_network_is_the_one_the_per_image_path_run
     assert new in model._body_modules and old not in model._body_modules
 
 
+def test_a_layer_replaced_in_the_super_network_runs_each_routes_width():
+    model = make_ddsnet(lambda: SlimDnCNN(in_channels=3, base_width=8, depth=4), seed=2)
+    x, choice = images(n=3, seed=3), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        expected = model(x, choice=choice)
+        old = model.supernet.layers[1]
+        new = dds_fast.SlimConv2d(old.in_channels, old.out_channels, 3, padding=1, activation=old.activation,
+                                  negative_slope=old.negative_slope).double()
+        new.load_state_dict(old.state_dict())
+        model.supernet.layers[1] = new
+        torch.testing.assert_close(model(x, choice=choice), expected, rtol=0, atol=0)
+
+
 def test_per_image_widths_need_the_triton_backend():
     model = make_ddsnet()
     model.per_image = True
@@ -1228,7 +1241,7 @@ def test_without_triton_a_ddsnet_asked_for_the_kernels_falls_back_or_says_why(mo
         slim_conv._kernels_module.cache_clear()
 
 
-@pytest.mark.parametrize("missing", [("_body_modules", "_supernet_tree"), ("_supernet_tree",)])
+@pytest.mark.parametrize("missing", [("_body_modules", "_supernet_tree"), ("_supernet_tree",), "unnamed tree"])
 def test_whole_module_pickles_of_earlier_versions_load(missing):
     """Users torch.save whole modules: attributes that were plain then are read into place,
     and what later versions derive is derived on loading."""
@@ -1240,14 +1253,18 @@ def test_whole_module_pickles_of_earlier_versions_load(missing):
         expected = model(x)
     model.set_budget(float("inf"))
     old = copy.deepcopy(model)  # in the layout of earlier versions
-    for name in missing:
-        del old.__dict__[name]
+    if missing == "unnamed tree":
+        old._supernet_tree = tuple((m, children) for _, m, children in old._supernet_tree)
+    else:
+        for name in missing:
+            del old.__dict__[name]
+    del old.supernet.__dict__["_bound_tree"]
     old.__dict__["_routing_space"] = list(old._routing_space)
     old.supernet.__dict__["arch_args"] = old.supernet.__dict__.pop("_arch_args")
     loaded = pickle.loads(pickle.dumps(old))
     assert isinstance(loaded.routing_space, tuple) and loaded.budget_index == 2
     assert loaded.supernet.arch_args == model.supernet.arch_args and loaded.supernet.routing_space is None
-    assert [m for m, _ in loaded._supernet_tree] == list(loaded.supernet.modules())
+    assert [m for _, m, _ in loaded._supernet_tree] == list(loaded.supernet.modules())
     loaded.set_budget(None)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)

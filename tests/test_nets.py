@@ -448,3 +448,53 @@ def test_a_conv_bound_to_two_groups_is_refused():
     with pytest.raises(ValueError, match=r"Twice: _bind of SlimConv2d\(.* to group 'b': it is bound to group 'a' "
                                          r"already"):
         Twice()
+
+
+def _replacement(conv):
+    twin = SlimConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                      activation=conv.activation, negative_slope=conv.negative_slope)
+    twin.load_state_dict(conv.state_dict())
+    return twin
+
+
+def test_a_replaced_layer_runs_the_width_its_group_sets(tmp_path):
+    import copy
+
+    import dds_fast
+
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=4)
+    twin = copy.deepcopy(net)
+    small = net.space.smallest()
+    x = torch.rand(2, 1, 8, 8)
+    net.layers[1] = _replacement(net.layers[1])  # before a config is set
+    net.set_config(small)
+    twin.set_config(small)
+    assert net.layers[1].active_out_channels == twin.layers[1].active_out_channels < 16
+    net.layers[2] = _replacement(net.layers[2])  # after: the next forward binds it
+    torch.testing.assert_close(net(x), twin(x), rtol=0, atol=0)
+    assert dds_fast.macs_per_pixel(net, small) == dds_fast.macs_per_pixel(twin, small)
+    assert net.layers[2].layer_name == "layers.2"
+    dds_fast.save(net, tmp_path / "net.safetensors")
+    torch.testing.assert_close(dds_fast.load(tmp_path / "net.safetensors")(x), twin(x), rtol=0, atol=0)
+    # masked widths carry over to a layer replaced while they hold
+    widths = torch.tensor(net.binding_widths(small))
+    net.set_masked_widths(widths)
+    net.layers[1] = _replacement(net.layers[1])
+    torch.testing.assert_close(net(x), twin(x))
+    assert net.layers[1].output_mask is not None
+
+
+def test_a_bound_layer_replaced_by_no_fitting_layer_is_named():
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=4)
+    x = torch.rand(1, 1, 8, 8)
+    net.layers[1] = torch.nn.Conv2d(16, 16, 3, padding=1)
+    with pytest.raises(ValueError, match=r"layer 'layers.1', bound to width group 'layer1', was replaced by Conv2d"):
+        net(x)
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=4)
+    net.layers[1] = net.layers[2]
+    with pytest.raises(ValueError, match=r"one SlimConv2d now stands at \['layers.1', 'layers.2'\]"):
+        net.set_config(net.space.smallest())
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=4)
+    del net.layers[1]
+    with pytest.raises(ValueError, match=r"layer 'layers.[12]', bound to width group .* was (removed|replaced)"):
+        net(x)
