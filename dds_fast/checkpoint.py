@@ -49,7 +49,7 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     returns the path. ``metadata``: any JSON values, which ``read_metadata(path)["user"]``
     gives back. A ValueError for a model ``load`` could not rebuild: a class not registered
     (``register_architecture``), ``arch_args`` its constructor does not take, masked widths,
-    tensors its constructor does not build (a buffer or a parametrization added later), NaN
+    a layer's width set apart from its config, tensors its constructor does not build (a buffer or a parametrization added later), NaN
     or infinite values."""
     arch = type(model).__name__
     if ARCHITECTURES.get(arch) is not type(model) or not hasattr(model, "arch_args"):
@@ -58,6 +58,9 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     if getattr(model, "masked", False):  # its config says largest, its layers compute another one
         raise ValueError(f"save: this {arch} runs masked widths (set_masked_widths); call set_config with the "
                          f"config to keep first")
+    for net in model.modules():
+        if isinstance(net, SlimNet):
+            net.check_widths("save")
     static = isinstance(model, SlimNet) and model.is_static
     if not static and any(isinstance(m, StaticConv2d) for m in model.modules()):
         # load rebuilds a static export from its SlimNet's arguments and config; nothing else
@@ -124,6 +127,8 @@ def _check_settings(model: nn.Module, rebuilt: nn.Module, arch: str) -> None:
     for (name, module), (_, fresh) in zip(model.named_modules(), rebuilt.named_modules()):
         kinds = [names for kind, names in _SETTINGS if isinstance(module, kind)]
         for setting in (kinds[0] if kinds else ()):
+            if setting == "negative_slope" and getattr(module, "activation", "leaky_relu") != "leaky_relu":
+                continue  # (no other activation reads it)
             value, loaded = getattr(module, setting, None), getattr(fresh, setting, None)
             if value != loaded:
                 raise ValueError(f"save: this {arch}'s {name or 'model'}.{setting} is {value!r}, but load would "
@@ -444,6 +449,12 @@ def _check_tensors(path: Path, model: nn.Module, arch: str, tensors: dict[str, t
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match {arch}: missing keys {missing}, "
                               f"unexpected keys {unexpected}")
+    expected_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    misshapen = [f"{name} {tuple(t.shape)} (expected {expected_shapes[name]})" for name, t in sorted(tensors.items())
+                 if tuple(t.shape) != expected_shapes[name]]
+    if misshapen:
+        more = f" and {len(misshapen) - 3} more" if len(misshapen) > 3 else ""
+        raise CheckpointError(f"checkpoint {path} does not match {arch}: tensor shapes {', '.join(misshapen[:3])}{more}")
     _check_dtypes(path, model, tensors)
     # a NaN or infinite weight would not fail: it would route every image to one sub-network
     # (a gate's) or end in a NaN image, far from its cause

@@ -110,6 +110,11 @@ def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | N
             raise ValueError(f"export_static: layer{where} has torch.nn.utils.weight_norm's or spectral_norm's "
                              f"hook; use torch.nn.utils.parametrizations.weight_norm or spectral_norm, which export, "
                              f"or remove_weight_norm / remove_spectral_norm first")
+        # (torch.nn.utils.prune's weight_orig and weight_mask, say: the static copy holds a weight and a bias)
+        extra = sorted(set(module._parameters) - {"weight", "bias"} | set(module._buffers))
+        if isinstance(module, SlimConv2d) and extra:
+            raise ValueError(f"export_static: layer{where} holds {extra} beside its weight and bias, which its static "
+                             f"copy would not have (a pruned layer: torch.nn.utils.prune.remove it first)")
     calls, _ = trace_convs(model, config, input_shape)
     shapes: dict[SlimConv2d, tuple[tuple[int, ...], int]] = {}
     for call in calls:
@@ -123,7 +128,10 @@ def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | N
     # every super-network in the model, the model itself or one inside it (an
     # AttentionSupernet's), is frozen at the config it ran in the traced forward
     with _at_config(model, config):
-        net_configs = {net: net.get_config() for net in model.modules() if isinstance(net, SlimNet)}
+        nets = [net for net in model.modules() if isinstance(net, SlimNet)]
+        for net in nets:
+            net.check_widths("export_static")
+        net_configs = {net: net.get_config() for net in nets}
     memo = {id(module): _static_from(module, *shape) for module, shape in shapes.items()}
     static = copy.deepcopy(model, memo)
     for net, net_config in net_configs.items():

@@ -191,6 +191,19 @@ class SlimNet(nn.Module):
             self._masked = False
         self._config = config
 
+    def check_widths(self, caller: str) -> None:
+        """Refuse, naming the layer, a bound layer whose filters differ from those the config
+        sets (``active_out_channels`` set on it directly): the network then runs no config,
+        and a checkpoint or an export of it would record one."""
+        if self.is_static or self._masked:  # (masked: save and export refuse it by name)
+            return
+        for conv, group, multiplier in self._bound():
+            filters = self._config[group] * multiplier
+            if conv.active_out_channels != filters:
+                raise ValueError(f"{caller}: {type(self).__name__}'s {conv.layer_name} runs "
+                                 f"{conv.active_out_channels} filters, but its config sets group {group!r} to "
+                                 f"{self._config[group]} ({filters} filters); set widths through set_config")
+
     def get_config(self) -> SubnetConfig:
         """The config the network runs (the largest after ``_finish``; an export's own)."""
         return self._config

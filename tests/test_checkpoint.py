@@ -121,7 +121,32 @@ def test_settings_changed_after_construction_are_refused_not_lost(change, messag
     assert not (tmp_path / "changed.safetensors").exists()
     runs_otherwise = small_ddsnet()  # how it runs is not in the file (load's docstring): saved
     runs_otherwise.gate.backend = runs_otherwise.supernet.encoders[0][0].backend = "torch"
+    runs_otherwise.supernet.last.negative_slope = 0.01  # read by no activation but LeakyReLU
     save(runs_otherwise, tmp_path / "runs-otherwise.safetensors")
+
+
+def test_a_layer_width_set_apart_from_the_config_is_refused_by_save_and_export(net, tmp_path):
+    from dds_fast import export_static
+
+    layer = net.encoders[1][0]
+    layer.active_out_channels = layer.active_out_channels + 8
+    message = rf"SlimUNet's encoders.1.0 runs {layer.active_out_channels} filters, but its config sets group 'enc1.mid'"
+    with pytest.raises(ValueError, match="save: " + message):
+        save(net, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="export_static: " + message):
+        export_static(net)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_tensor_shapes_that_do_not_fit_the_header_are_named(net, tmp_path):
+    from dds_fast import export_static
+
+    static = export_static(net, net.space.smallest())
+    path = save(static, tmp_path / "static.safetensors")
+    rewrite(path, static.state_dict(), config=net.space.largest().to_json())
+    with pytest.raises(CheckpointError, match=r"does not match SlimUNet: tensor shapes decoders.0.0.bias \(8,\) "
+                                              r"\(expected \(24,\)\), .* and \d+ more$"):
+        load(path)
 
 
 def test_truncated_file(net, tmp_path):

@@ -348,6 +348,13 @@ def test_export_static_refuses_what_no_static_copy_computes():
                                              r"spectral_norm's hook; use torch.nn.utils.parametrizations"):
             export_static(nn.Sequential(net), input_shape=(3, 8, 8))
         remove(conv)
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(conv, "weight", amount=0.5)  # its mask and original a static copy lacks
+    with pytest.raises(ValueError, match=r"holds \['weight_mask', 'weight_orig'\] beside its weight and bias.*"
+                                         r"prune.remove it first"):
+        export_static(nn.Sequential(net), input_shape=(3, 8, 8))
+    prune.remove(conv, "weight")
     with pytest.raises(ValueError, match="input_shape must be"):
         export_static(net, input_shape=5)
 
