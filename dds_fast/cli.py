@@ -195,7 +195,7 @@ def _demo_untrained(args) -> int:
     noisy = (clean + torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.sigma / 255)
     model = SlimUNet(in_channels=3, base_width=base_width).eval()
     space = model.space
-    largest = macs_per_pixel(model, space.largest())
+    largest = macs_per_pixel(model, space.largest(), input_shape=tuple(noisy.shape[1:]))  # padded as it runs
     print(f"SlimUNet(base_width={base_width}) super-network, untrained weights (no trained model found); "
           f"astronaut photo {size}x{size} with AWGN sigma {args.sigma}.")
     print("Each width runs the shared weights' channel prefixes; 'static diff' compares the slim output with "
@@ -208,7 +208,7 @@ def _demo_untrained(args) -> int:
             out = _finite_output(model(noisy), args, f"the {label} config's output")
             static_diff = (export_static(model)(noisy) - out).abs().max().item()
             latency = _median_ms(lambda: model(noisy), args.repeats)
-            macs = macs_per_pixel(model)
+            macs = macs_per_pixel(model, input_shape=tuple(noisy.shape[1:]))
             rows.append([label, f"{macs:,.0f}", f"{largest / macs:.2f}", f"{latency:.1f}",
                          f"{out.mean():.4f}", f"{out.std():.4f}", f"{static_diff:.1e}"])
     _print_table(rows, ["config", "MACs/pixel", "MAC ratio", "CPU ms", "out mean", "out std", "static diff"])

@@ -196,6 +196,12 @@ def width_choices(base_width: int, width_mult: float = 1.5, min_ratio: float = 0
     return tuple(range(smallest, largest + 1, divisor))
 
 
+def width_at(ratio: float, channels: int) -> int:
+    """The channels a layer of ``channels`` keeps at width ``ratio``: the first ceil(ratio * n),
+    at least one. Rounded first: in floats 0.28 * 25 is 7.000000000000001, whose ceil is 8."""
+    return max(1, math.ceil(round(ratio * channels, 9)))
+
+
 class WidthSpace:
     """The ordered tied groups of a network and the configs they allow."""
 
@@ -232,8 +238,7 @@ class WidthSpace:
             raise ValueError(f"uniform: ratio must be in (0, 1], got {ratio!r}")
         widths = []
         for g in self.groups:
-            # rounded first: in floats 0.28 * 200 is 56.00000000000001, whose ceil skips 56
-            target = math.ceil(round(ratio * g.max_width, 9))
+            target = width_at(ratio, g.max_width)
             widths.append((g.name, next((c for c in g.choices if c >= target), g.choices[-1])))
         return SubnetConfig(tuple(widths))
 

@@ -127,6 +127,12 @@ def evaluate(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]
             check_float_scale(f"evaluate: pair {number}'s noisy image", float(noisy.min()), float(noisy.max()),
                               NOISY_RANGE)
         clean = _as_batch(clean)
+        # checked before the denoise, which may take long, and named by the pair
+        if clean.is_floating_point() and clean.numel():
+            check_float_scale(f"evaluate: pair {number}'s clean image", float(clean.min()), float(clean.max()))
+        if clean.shape[-2:] != noisy.shape[-2:]:  # (channels may differ: a model's output is compared)
+            raise ValueError(f"evaluate: pair {number}'s clean image is {tuple(clean.shape[-2:])} pixels, its noisy "
+                             f"image {tuple(noisy.shape[-2:])}")
         # a DDSNet's route: from the gate's squeeze of the whole image, tile by tile, shared with the
         # tiles (an image within one tile is routed as a whole, by its own forward)
         routed = isinstance(model, DDSNet) and model.budget_index is None and max(noisy.shape[-2:]) > tile

@@ -15,7 +15,6 @@ input; a DDSNet in dynamic mode at the routes its gate picks.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import platform
 import statistics
@@ -28,18 +27,13 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .config import SubnetConfig, checked_int
+from .config import SubnetConfig, checked_int, width_at
 from .cost import ConvCall, trace_convs
 from .ddsnet import DDSNet
 from .gate import DynamicGate
 from .slim_conv import SlimConv2d, _kernels_module
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)  # the width ratios a bare layer is timed at
-
-
-def width_at(ratio: float, channels: int) -> int:
-    """The channels a layer of ``channels`` keeps at width ``ratio``: the first ceil(ratio * n)."""
-    return max(1, math.ceil(ratio * channels))
 
 
 @dataclass

@@ -76,12 +76,16 @@ def test_info_on_a_bad_file_fails_clearly(tmp_path, capsys):
 
 def test_untrained_demo_slims_a_network_on_a_bundled_photo(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "SHIPPED_MODEL", tmp_path / "none.safetensors")
-    assert main(["demo", "--size", "32", "--base-width", "8", "--repeats", "1"]) == 0
+    assert main(["demo", "--size", "33", "--base-width", "8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "untrained" in out and "smallest" in out and "uniform 1" in out
     # every width's output equals the exported static network's
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("smallest", "uniform"))]
     assert all(float(row[-1]) == 0.0 for row in rows)
+    # MACs as the photo runs, padded from 33 to 40 pixels a side
+    space = SlimUNet(in_channels=3, base_width=8).space
+    assert [rows[0][1], rows[-1][2]] == [f"{macs_per_pixel(SlimUNet(in_channels=3, base_width=8), c, (3, 33, 33)):,.0f}"
+                                         for c in (space.smallest(), space.largest())]
 
 
 def test_trained_demo_routes_a_held_out_photo(capsys, tmp_path):

@@ -231,6 +231,23 @@ def test_evaluate_reports_psnr_ssim_and_macs():
     assert dynamic.row() in comparison_table(dds, [smallest], data)  # (not scored in the budget mode before it)
 
 
+@pytest.mark.parametrize("change,message", [
+    (lambda clean: clean * 255, r"pair 1's clean image: expected float values in \[0, 1\]"),
+    (lambda clean: clean[:, :-1], r"pair 1's clean image is \(\d+, \d+\) pixels, its noisy image"),
+])
+def test_evaluate_names_a_clean_image_that_cannot_be_scored_before_denoising_it(change, message, monkeypatch):
+    import dds_fast.evaluate as evaluate_module
+
+    data = pairs()
+    data[1] = (data[1][0], change(data[1][1]))
+    denoised = []
+    real_denoise = evaluate_module.denoise
+    monkeypatch.setattr(evaluate_module, "denoise", lambda *a, **k: denoised.append(1) or real_denoise(*a, **k))
+    with pytest.raises(ValueError, match="evaluate: " + message):
+        evaluate(net(), data)
+    assert len(denoised) == 1  # the first pair's only
+
+
 def test_comparison_rows_within_a_budget_cost_at_most_the_budget_with_attention_on():
     dds = ddsnet()
     dds.gate.attention = True  # static mode then runs the full-width stem too

@@ -129,6 +129,9 @@ def test_runner_times_a_slim_conv_at_width_ratios():
     assert [r.macs_per_pixel for r in report.results] == [w * 2 * w * 9 for w in (1, 2, 3, 4)]
     assert [r.theoretical_speedup for r in report.results] == pytest.approx([16, 4, 16 / 9, 1])
     assert report.results[-1].real_speedup == 1 and conv.active_out_channels is None
+    # ceil(0.28 * 25) is 7, though in floats the product is 7.000000000000001
+    odd = LatencyRunner(SlimConv2d(25, 25, 3, padding=1), (1, 25, 4, 4), warmup=0, repeats=1)
+    assert odd.run([("width 0.28", 0.28)], peaks=PEAKS).results[0].config["out_width"] == 7
     with pytest.raises(ValueError, match=r"width ratios in \(0, 1\]"):
         runner.run([("too wide", 1.5)], peaks=DevicePeaks(1e9, 1e9))
     with pytest.raises(ValueError, match="input_shape has 4"):
