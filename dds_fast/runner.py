@@ -168,6 +168,8 @@ def describe_device(device: torch.device) -> tuple[str, dict]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
+        # in float32 a cuDNN baseline with TF32 on computes in 10-bit mantissas, the kernels in fp32
+        env["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
         env["driver"] = _cuda_driver()
         return name, env
     return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)", env

@@ -440,3 +440,14 @@ def test_a_static_export_behind_the_attention_head_is_timed_as_it_is():
     assert static.is_static
     report = LatencyRunner(static, (1, 3, 8, 8), warmup=0, repeats=1).run(peaks=DevicePeaks(1, 1))
     assert [r.label for r in report.results] == ["as is"]
+
+
+def test_a_cuda_report_records_whether_tf32_was_on(monkeypatch):
+    """A float32 cuDNN baseline with TF32 computes in 10-bit mantissas, the kernels in fp32."""
+    from dds_fast import runner
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a GPU")
+    monkeypatch.setattr(runner, "_cuda_driver", lambda: "1.0")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    name, env = runner.describe_device(torch.device("cuda"))
+    assert name == "a GPU" and env["tf32"] == {"cudnn": False, "matmul": torch.backends.cuda.matmul.allow_tf32}
