@@ -1771,3 +1771,20 @@ def test_a_seed_past_the_step_seeds_range_is_refused():
     TrainConfig(seed=largest, device="cpu")
     with pytest.raises(ValueError, match="seed must be at most"):
         TrainConfig(seed=largest + 1, device="cpu")
+
+
+@pytest.mark.parametrize("criterion", ["psnr", "psnr_per_mac"])
+def test_an_exactly_reproduced_validation_crop_leaves_slimming_its_choices(criterion):
+    """A crop every config reproduces (a blown-out highlight) scores finite: +inf would tie
+    every config (psnr) or turn every drop into NaN (psnr_per_mac)."""
+    torch.manual_seed(0)
+    net = SlimUNet(in_channels=3, base_width=8, depth=2)
+    with torch.no_grad():
+        net.last.bias.fill_(0.9)  # the white crop's output clips to white at every config
+    white = torch.ones(1, 3, 16, 16)
+    dark = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.2
+    ordinary = [(dark + 0.05 * torch.randn(dark.shape, generator=torch.Generator().manual_seed(2)), dark)]
+    with_white = progressive_slimming(net, [(white, white)] + ordinary, step=8, criterion=criterion)
+    alone = progressive_slimming(net, ordinary, step=8, criterion=criterion)
+    assert all(math.isfinite(e.psnr) for e in with_white)
+    assert [e.config for e in with_white] == [e.config for e in alone]

@@ -18,9 +18,9 @@ import torch
 from dds_fast.config import RoutingEntry, SubnetConfig
 from dds_fast.cost import macs_per_pixel
 from dds_fast.ddsnet import AttentionSupernet
-from dds_fast.metrics import batch_psnr
 from dds_fast.modes import evaluating
 
+from .gate_stage import per_image_psnr
 from .loop import TrainingDiverged
 
 
@@ -39,8 +39,9 @@ def validation_psnr(net, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], c
                                        f"learning rate, in a new run directory or after deleting the stage's "
                                        f"STAGE.state.safetensors and result from this one (a state file resumes "
                                        f"only with the options it was trained with)")
-            # clamped as a saved image is: a poor network's output far outside [0, 1] scores, not fails
-            total += batch_psnr(output.clamp(0, 1), clean) * len(noisy)
+            # clamped as a saved image is (a poor network's output far outside [0, 1] scores, not
+            # fails); an exact crop scores finite, not +inf, which would tie every config
+            total += float(per_image_psnr(output, clean).sum())
             count += len(noisy)
     if count == 0:
         raise ValueError("validation set is empty")
