@@ -1153,8 +1153,7 @@ def test_stage3_on_refine_s_routes_refuses_other_slimming_options_and_a_budget_p
     with pytest.raises(ValueError, match=r"refine.safetensors's routing space was slimmed with slim_criterion 'psnr', "
                                          r"this run's config has slim_criterion 'psnr_per_mac'"):
         Run(tmp_path / "run", tiny_run_config(**options, slim_criterion="psnr_per_mac")).stage3()
-    with pytest.raises(ValueError, match=r"budget 1 MACs/pixel is outside the routes' range, [0-9,]+ to [0-9,]+ "
-                                         r"\(as routed"):
+    with pytest.raises(ValueError, match=r"budget 1 MACs/pixel is outside what any routes of this SlimDnCNN cost"):
         Run(tmp_path / "run", tiny_run_config(**options, budget=1.0)).stage3()
     assert isinstance(run.stage3(), dds_fast.DDSNet)
 
@@ -1788,3 +1787,29 @@ def test_an_exactly_reproduced_validation_crop_leaves_slimming_its_choices(crite
     alone = progressive_slimming(net, ordinary, step=8, criterion=criterion)
     assert all(math.isfinite(e.psnr) for e in with_white)
     assert [e.config for e in with_white] == [e.config for e in alone]
+
+
+def test_crop_sizes_the_noise_cannot_run_on_and_an_unreachable_budget_are_named_before_any_stage(tmp_path):
+    """Camera noise needs 2 x 2 crops for its Bayer mosaic, and a budget past both ends of the
+    width space fits no routes: found before stage 1, not in the stage that meets them."""
+    camera = {"channels": 3, "noise": "camera"}
+    with pytest.raises(ValueError, match=r"validation_patch 1: the 'camera' noise does not run on crops of that "
+                                         r"size \(CameraNoise: RGB images need at least 2 x 2 pixels"):
+        Run(tmp_path / "a", tiny_run_config(**camera, validation_patch=1))
+    run = Run(tmp_path / "b", tiny_run_config(**camera, gate_patch_size=1))
+    run.check_stages({"stage1", "inets"})  # (they crop at patch_size)
+    with pytest.raises(ValueError, match=r"gate_patch_size 1: the 'camera' noise does not run"):
+        run.check_stages({"stage1", "refine", "stage3", "inets"})
+    with pytest.raises(ValueError, match=r"patch_size 1: the 'camera' noise"):
+        Run(tmp_path / "c", tiny_run_config(**camera, patch_size=1)).check_stages({"refine"})
+    run = Run(tmp_path / "d", tiny_run_config())
+    net = run.new_network()
+    smallest, largest = (dds_fast.macs_per_pixel(net, c) for c in (net.space.smallest(), net.space.largest()))
+    for budget in (smallest - 1, largest + 1):  # (the smallest's own count is below what it routes at)
+        with pytest.raises(ValueError, match=rf"budget {budget:,.0f} MACs/pixel is outside what any routes of this "
+                                             rf"SlimDnCNN cost, [\d,]+ to {largest:,.0f}"):
+            Run(tmp_path / "e", tiny_run_config(budget=budget)).check_stages({"stage1", "stage3"})
+    Run(tmp_path / "f", tiny_run_config(budget=largest)).check_stages({"stage3"})
+    before = torch.random.get_rng_state()
+    Run(tmp_path / "g", tiny_run_config(budget=largest)).check_stages({"stage3"})
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -375,6 +375,7 @@ class Run:
                 if min(image.shape[-2:]) < c.validation_patch:
                     raise ValueError(f"validation_patch {c.validation_patch} is larger than the held-out image "
                                      f"{name} of size {tuple(image.shape[-2:])}")
+            self.check_noise_on_crops("validation_patch")
         # stage 2 thins the slimming trajectory to num_choices configs, after stage 1
         configs = slimming_length(self.new_network().space, c.slim_step)
         if c.num_choices > configs:
@@ -394,6 +395,12 @@ class Run:
         if "stage3" in stages:
             batches.append(("gate_batch_size", c.gate_batch_size, 2))
             self.check_gate_patches()
+            self.check_budget()
+        if self.pairs is None:  # (real pairs carry their own noise)
+            if stages & {"stage1", "refine", "inets"}:
+                self.check_noise_on_crops("patch_size")
+            if "stage3" in stages:
+                self.check_noise_on_crops("gate_patch_size")
         for name, size, least in batches:
             if size > self.epoch_length:  # (fewer than epoch_patches where the pairs do not divide it)
                 raise ValueError(f"{name} {size} is more than an epoch's {self.epoch_length} crops of "
@@ -403,6 +410,33 @@ class Run:
             if size // world < least:
                 raise ValueError(f"{name} {size} over {world} processes leaves {size // world} image to each; "
                                  f"the gate's BatchNorm needs {least} or more: raise {name}")
+
+    def check_noise_on_crops(self, option: str) -> None:
+        """The noise model runs on crops of ``option``'s size (camera noise's Bayer mosaic needs
+        2 x 2 pixels): found before the stages, not at the first batch of the stage that crops so."""
+        c = self.config
+        size = getattr(c, option)
+        try:
+            self.noise.pair(torch.full((1, c.channels, size, size), 0.5), torch.Generator().manual_seed(0))
+        except ValueError as error:
+            raise ValueError(f"{option} {size}: the {c.noise!r} noise does not run on crops of that size "
+                             f"({error})") from None
+
+    def check_budget(self) -> None:
+        """Stage 3's budget lies within the MACs/pixel of the width space's ends as a DDSNet runs
+        them (the full-width stem counted): no routing space stage 2 finds could take it else."""
+        c = self.config
+        if c.budget is None:  # (the middle of the routes' range)
+            return
+        with _seeded(c.seed):  # (the throwaway gate's weights: the caller's stream stays as it was)
+            net = self.new_network()
+            ends = [RoutingEntry(config, dds_fast.macs_per_pixel(net, config))
+                    for config in (net.space.smallest(), net.space.largest())]
+            low, high = DDSNet(net, DynamicGate(net.stem_channels, 2), ends).dynamic_macs_per_pixel
+        if not low <= c.budget <= high:
+            raise ValueError(f"budget {c.budget:,.0f} MACs/pixel is outside what any routes of this {c.arch} cost, "
+                             f"{low:,.0f} to {high:,.0f} (its smallest and largest configs, the full-width stem the "
+                             f"gate reads counted)")
 
     def check_gate_patches(self) -> None:
         """Stage 3's crops of the training images fit them: ``train all`` asks before stage 1, so
