@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dds_fast.checkpoint import atomic_write
+
 # Random sandwich configs meet new conv shapes for many steps, each slow the first time (an
 # H200 run of training/gpu.json: 82 ms per step over steps 20-40, 41 ms over the whole run;
 # a 40-step probe planned for 91 ms and the run used 373 of its 520 s), so the probe is long
@@ -87,7 +89,8 @@ def main() -> None:
         options = json.loads(args.config.read_text(encoding="utf-8-sig"))  # as TrainConfig.from_file reads it
         step_seconds = seconds_per_step(args.config)
         options = plan(options, step_seconds, args.budget - (time.monotonic() - began))
-        planned.write_text(json.dumps(options, indent=1) + "\n")
+        # (a kill mid-write would leave half a plan, which every later call would reuse)
+        atomic_write(planned, lambda tmp: tmp.write_text(json.dumps(options, indent=1) + "\n"))
         print(f"stage-1 step {step_seconds * 1000:.1f} ms: {options['steps']} steps, refine {options['refine_steps']}",
               flush=True)
     train("all", args.run_dir, planned)
