@@ -1813,3 +1813,23 @@ def test_crop_sizes_the_noise_cannot_run_on_and_an_unreachable_budget_are_named_
     before = torch.random.get_rng_state()
     Run(tmp_path / "g", tiny_run_config(budget=largest)).check_stages({"stage3"})
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"steps": 2.5}, "steps must be an integer, got 2.5"),
+    ({"channels": "3"}, "channels must be an integer, got '3'"),
+    ({"noise_args": None}, "noise_args must be a JSON object, got None"),
+    ({"progress": 1}, "progress must be true or false, got 1"),
+    ({"steps": 1_000_003}, "steps must be below 1,000,003, got 1,000,003"),
+    ({"steps": 600_000, "refine_steps": 600_000},
+     r"inet_steps \(steps \+ refine_steps, its default\) must be below 1,000,003, got 1,200,000"),
+    ({"gate_steps": 2_000_000}, "gate_steps must be below 1,000,003"),
+])
+def test_a_train_config_built_directly_checks_types_and_step_counts_as_from_dict_does(options, message):
+    """A step's random stream is seed * 1,000,003 + step: a step count past that would draw
+    another seed's streams, and past 2**64 fail after millions of steps."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**options)
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(options)
+    TrainConfig(steps=1_000_002, lr=1, validation_images=["camera"])  # an int for a float, a list for a tuple

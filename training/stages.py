@@ -133,7 +133,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        """Ranges, checked before any training rather than by the stage that first needs them."""
+        """Types and ranges, checked before any training rather than by the stage that first needs them."""
+        hints = typing.get_type_hints(type(self))
+        for option in dataclasses.fields(self):  # (from_dict checked them already; a caller of the class not)
+            value = getattr(self, option.name)
+            if not _accepts(hints[option.name], value):
+                raise ValueError(f"{option.name} must be {_describe(hints[option.name])}, got {value!r}")
         least = {"patch_size": 1, "batch_size": 1, "epoch_patches": 1, "steps": 1, "sandwich": 2, "slim_step": 1,
                  "num_choices": 2, "validation_crops": 1, "validation_patch": 1, "refine_steps": 0, "gate_steps": 1,
                  "gate_batch_size": 2, "gate_patch_size": 1, "checkpoint_every": 1, "seed": 0}
@@ -147,6 +152,13 @@ class TrainConfig:
         largest_seed = (2 ** 64 - STEP_SEED_STRIDE) // STEP_SEED_STRIDE  # every step's seed fits torch's 64 bits
         if self.seed > largest_seed:
             raise ValueError(f"seed must be at most {largest_seed}, got {self.seed}")
+        # a step's stream is seed * STEP_SEED_STRIDE + step: a later step would be another seed's
+        inet_steps = self.steps + self.refine_steps if self.inet_steps is None else self.inet_steps
+        for name, steps in (("steps", self.steps), ("refine_steps", self.refine_steps),
+                            ("gate_steps", self.gate_steps), ("inet_steps", inet_steps)):
+            if steps >= STEP_SEED_STRIDE:
+                default = " (steps + refine_steps, its default)" if name == "inet_steps" and self.inet_steps is None else ""
+                raise ValueError(f"{name}{default} must be below {STEP_SEED_STRIDE:,}, got {steps:,}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         for name in ("images", "paired_root", "sidd_validation"):
