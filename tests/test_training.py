@@ -1833,3 +1833,14 @@ def test_a_train_config_built_directly_checks_types_and_step_counts_as_from_dict
     with pytest.raises(ValueError, match=message):
         TrainConfig.from_dict(options)
     TrainConfig(steps=1_000_002, lr=1, validation_images=["camera"])  # an int for a float, a list for a tuple
+
+
+def test_crops_the_network_pads_are_warned_of_with_their_cost(tmp_path):
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"gate_patch_size 18 is not a multiple of 8, which this SlimUNet of depth 4 "
+                                         r"pads its input to: each crop runs at 24 x 24 pixels, 1.78 times its own"):
+        Run(tmp_path / "a", tiny_run_config(arch="SlimUNet", depth=4, gate_patch_size=18))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Run(tmp_path / "b", tiny_run_config(arch="SlimUNet", depth=4))

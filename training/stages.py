@@ -389,7 +389,15 @@ class Run:
                                      f"{name} of size {tuple(image.shape[-2:])}")
             self.check_noise_on_crops("validation_patch")
         # stage 2 thins the slimming trajectory to num_choices configs, after stage 1
-        configs = slimming_length(self.new_network().space, c.slim_step)
+        net = self.new_network()
+        configs = slimming_length(net.space, c.slim_step)
+        for option in ("patch_size", "validation_patch", "gate_patch_size"):
+            size, multiple = getattr(c, option), net.size_multiple
+            if size % multiple:  # (a depth-10 U-Net pads 16-pixel crops to 512: 1,024 times the pixels)
+                padded = -(-size // multiple) * multiple
+                warnings.warn(f"{option} {size} is not a multiple of {multiple}, which this {c.arch} of depth "
+                              f"{c.depth} pads its input to: each crop runs at {padded} x {padded} pixels, "
+                              f"{padded ** 2 / size ** 2:.3g} times its own")
         if c.num_choices > configs:
             raise ValueError(f"num_choices {c.num_choices} is more than the {configs} configs that progressive "
                              f"slimming by slim_step {c.slim_step} finds in this {c.arch} (base_width {c.base_width}, "
