@@ -1844,3 +1844,29 @@ def test_crops_the_network_pads_are_warned_of_with_their_cost(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Run(tmp_path / "b", tiny_run_config(arch="SlimUNet", depth=4))
+
+
+def _waiting_worker(rank, world, init_file, wait_seconds):
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from dds_fast.training.loop import lead_done
+
+    # a default group whose collectives time out sooner than rank 0 works alone
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=wait_seconds / 3))
+    try:
+        if rank == 0:
+            time.sleep(wait_seconds)  # stage 2's slimming, say
+        lead_done()  # (dist.barrier() here times out on rank 1)
+        lead_done()  # (the group is made once)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_wait_for_rank_0_working_alone_longer_than_the_default_groups_timeout(tmp_path):
+    """NCCL's watchdog stops a collective after 10 minutes by default: the ranks waiting for
+    rank 0's stage 2 wait through a Gloo group of its own timeout."""
+    torch.multiprocessing.spawn(_waiting_worker, args=(2, str(tmp_path / "init"), 3.0), nprocs=2)

@@ -20,6 +20,7 @@ saved.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import time
@@ -65,6 +66,24 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+LEAD_WAIT = datetime.timedelta(days=7)
+_lead_wait_groups: dict[object, object] = {}  # the default process group -> its Gloo group for lead_done
+
+
+def lead_done() -> None:
+    """Every rank waits here for rank 0, which worked alone before it (stage 2's slimming, a
+    result's write): through a Gloo group of timeout ``LEAD_WAIT``, since NCCL's watchdog
+    (10 minutes by default) would stop the waiting ranks of a long slimming. A no-op in one
+    process. Every rank must call it at the same points (the group is made collectively)."""
+    if rank_and_world()[1] == 1:
+        return
+    world_group = dist.group.WORLD
+    group = _lead_wait_groups.get(world_group)
+    if group is None:
+        group = _lead_wait_groups[world_group] = dist.new_group(backend="gloo", timeout=LEAD_WAIT)
+    dist.barrier(group=group)
 
 
 def cosine_factor(steps: int, final: float = 0.01) -> Callable[[int], float]:
@@ -285,8 +304,7 @@ class TrainLoop:
         lead = self.rank == 0
         if lead:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.world > 1:
-            dist.barrier()
+        lead_done()
         start = self.resume()
         if start == 0 and self._steps_taken:
             # no checkpoint to reload, and the weights are no longer those the run began with
@@ -333,8 +351,7 @@ class TrainLoop:
                 if (step + 1) % self.settings.checkpoint_every == 0 or step + 1 == total:
                     log.flush()
                     self.save_state(step + 1)
-        if self.world > 1:
-            dist.barrier()  # the last checkpoint is written before any rank moves on
+        lead_done()  # the last checkpoint is written before any rank moves on
         return total - start
 
     def _reduce(self, losses: dict[str, float]) -> tuple[dict[str, float], float]:

@@ -36,7 +36,8 @@ from .data import (NoisyPatches, PairedPatches, SIDDValidation, as_float, bundle
                    load_image_folder, make_validation_set, sidd_medium_pairs, sidd_validation_files, to_channels)
 from .gate_stage import GATE_LABELS, gate_step, one_sided_labels
 from .graphed import GraphedStep
-from .loop import STEP_SEED_STRIDE, LoopSettings, TrainLoop, cosine_factor, rank_and_world, sole_writer, step_generator
+from .loop import (STEP_SEED_STRIDE, LoopSettings, TrainLoop, cosine_factor, lead_done, rank_and_world, sole_writer,
+                   step_generator)
 from .noise import make_noise
 from .sandwich import (DISTILLATIONS, DISTINCT_MIDDLE, LOSSES, MaskedSandwich, ends_fixed, reconstruction_loss,
                        routing_sandwich_configs, sandwich_configs, sandwich_step, training_psnr)
@@ -695,13 +696,11 @@ class Run:
 
     def save(self, model, name: str, **metadata) -> Path:
         """Write a result on rank 0; every rank waits for it (a no-op in one process)."""
-        rank, world = rank_and_world()
         path = self.dir / name
-        if rank == 0:
+        if rank_and_world()[0] == 0:
             remove_leftovers(path)  # of a write a kill stopped: a run is the only writer of its results
             dds_fast.save(model, path, train_config=dataclasses.asdict(self.config), **metadata)
-        if world > 1:
-            torch.distributed.barrier()
+        lead_done()
         return path
 
     # -- stages -------------------------------------------------------------------------
@@ -772,7 +771,7 @@ class Run:
                 dds_fast.save(net, self.dir / "stage2.safetensors", stage=2, train_config=dataclasses.asdict(c),
                               trajectory=[e.to_dict() for e in trajectory], made_from=made_from)
         if world > 1:
-            torch.distributed.barrier()
+            lead_done()
             net = self.load("stage2.safetensors")
         return net
 
