@@ -60,6 +60,7 @@ def test_bundled_images_channel_conversion():
     gray = bundled_images(["astronaut", "camera"], channels=1)
     assert gray["astronaut"].shape == (1, 512, 512) and gray["camera"].shape == (1, 512, 512)
     colour_camera = bundled_images(["camera"])["camera"]
+    assert torch.equal(bundled_images("camera")["camera"], colour_camera)  # a bare name, not its letters
     assert torch.equal(colour_camera[0], colour_camera[1]) and torch.equal(colour_camera[0], gray["camera"][0])
 
 
@@ -138,21 +139,25 @@ def test_a_multi_page_tiff_reads_as_its_first_page(tmp_path, shape):
     assert bits == 8 and torch.equal(image, first.permute(2, 0, 1) if first.dim() == 3 else first[None])
 
 
-def write_4bit_gray_tiff(path, photometric, packed: bytes, width: int):
-    """One row of 4-bit samples, uncompressed: tifffile writes no 4-bit files of its own."""
+def write_packed_tiff(path, photometric, packed: bytes, width: int, bits: int = 4, colormap=()):
+    """One row of samples under 8 bits, uncompressed (tifffile writes no such files of its own);
+    a palette file's ``colormap``: its 3 * 2**bits 16-bit entries, reds then greens then blues."""
     import struct
 
-    entries = [(256, width), (257, 1), (258, 4), (259, 1), (262, photometric), (273, 0), (277, 1), (278, 1),
-               (279, len(packed))]
-    data_offset = 8 + 2 + 12 * len(entries) + 4
-    ifd = b"".join(struct.pack("<HHII", tag, 4, 1, data_offset if tag == 273 else value) for tag, value in entries)
-    path.write_bytes(b"II*\x00" + struct.pack("<IH", 8, len(entries)) + ifd + b"\x00" * 4 + packed)
+    data_offset = 8 + 2 + 12 * (10 if colormap else 9) + 4
+    entries = [(256, 4, 1, width), (257, 4, 1, 1), (258, 4, 1, bits), (259, 4, 1, 1), (262, 4, 1, photometric),
+               (273, 4, 1, data_offset), (277, 4, 1, 1), (278, 4, 1, 1), (279, 4, 1, len(packed))]
+    if colormap:
+        entries.append((320, 3, len(colormap), data_offset + len(packed)))
+    ifd = b"".join(struct.pack("<HHII", *entry) for entry in entries)
+    path.write_bytes(b"II*\x00" + struct.pack("<IH", 8, len(entries)) + ifd + b"\x00" * 4 + packed
+                     + struct.pack(f"<{len(colormap)}H", *colormap))
 
 
 def test_4bit_tiff_samples_scale_to_the_full_range_as_shown(tmp_path):
     pytest.importorskip("imagecodecs")  # tifffile unpacks samples under 8 bits through it
     for photometric, expected in ((1, [0, 85, 255, 255]), (0, [255, 170, 0, 0])):  # MinIsBlack, MinIsWhite
-        write_4bit_gray_tiff(tmp_path / "g4.tif", photometric, bytes([0x05, 0xFF]), 4)
+        write_packed_tiff(tmp_path / "g4.tif", photometric, bytes([0x05, 0xFF]), 4)
         image, bits = read_image(tmp_path / "g4.tif")
         assert bits == 8 and torch.equal(image, torch.tensor(expected, dtype=torch.float32).view(1, 1, 4) / 255)
 
@@ -171,6 +176,15 @@ def test_load_inverted_and_palette_tiffs_as_shown(tmp_path):
     image, bits = read_image(tmp_path / "palette.tif")
     expected = torch.from_numpy(colormap[:, indices].astype(np.float32) / 65535)
     assert image.shape == (3, 5, 7) and torch.equal(image, expected)
+
+
+def test_a_1bit_palette_tiff_reads_its_two_colours(tmp_path):
+    pytest.importorskip("imagecodecs")  # tifffile unpacks samples under 8 bits through it
+    # indices 1 0 1 1 into (red, blue) give blue, red, blue, blue: tifffile gives them as booleans, which would mask, not index
+    write_packed_tiff(tmp_path / "p1.tif", 3, bytes([0b10110000]), 4, bits=1, colormap=(65535, 0, 0, 0, 0, 65535))
+    image, _ = read_image(tmp_path / "p1.tif")
+    red, blue = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])
+    assert torch.equal(image[:, 0], torch.stack([blue, red, blue, blue], dim=1))
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
@@ -1046,3 +1060,56 @@ def test_a_16bit_png_reads_the_way_its_exif_orientation_shows_it(tmp_path, orien
         png.write_chunks(f, chunks)
     image, bits = read_image(tmp_path / "deep.png")
     assert bits == 16 and torch.equal(image, torch.from_numpy(shown.astype(np.float32) / 255).permute(2, 0, 1))
+
+
+def _png_chunks(path):
+    """A PNG's chunks as (type, data) pairs."""
+    data, chunks, at = Path(path).read_bytes(), [], 8
+    while at < len(data):
+        length = int.from_bytes(data[at:at + 4], "big")
+        chunks.append((data[at + 4:at + 8], data[at + 8:at + 8 + length]))
+        at += 12 + length
+    return chunks
+
+
+def _write_png_chunks(path, chunks):
+    import zlib
+
+    out = bytearray(b"\x89PNG\r\n\x1a\n")
+    for kind, data in chunks:
+        out += len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    Path(path).write_bytes(bytes(out))
+
+
+def test_a_pngs_exif_orientation_is_read_without_decoding_its_pixels_where_pillow_would(tmp_path, monkeypatch):
+    """Pillow's PNG getexif decodes the whole image to reach chunks after the pixels: a pair
+    check of SIDD's 12-megapixel PNGs took seconds a pair, before training and at each load."""
+    from PIL import Image, ImageFile
+
+    from dds_fast.training.data import _exif_orientation
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    before = tmp_path / "before.png"
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(before, exif=exif)
+    chunks = _png_chunks(before)
+    kinds = [kind for kind, _ in chunks]
+    assert kinds.index(b"eXIf") < kinds.index(b"IDAT")
+    after = tmp_path / "after.png"  # the eXIf chunk moved behind the pixels, where PNG allows it too
+    moved = [c for c in chunks if c[0] != b"eXIf"]
+    _write_png_chunks(after, moved[:-1] + [c for c in chunks if c[0] == b"eXIf"] + moved[-1:])
+    xmp = tmp_path / "xmp.png"  # orientation from an XMP packet alone, as Pillow reads it too
+    packet = b'<x:xmpmeta><rdf:Description tiff:Orientation="8"/></x:xmpmeta>'
+    _write_png_chunks(xmp, moved[:1] + [(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + packet)] + moved[1:])
+    loads = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: loads.append(image.size) or load(image))
+    assert [_exif_orientation(before), _exif_orientation(xmp)] == [6, 8] and loads == []
+    assert _exif_orientation(after) == 6 and loads  # (read as Pillow reads it: decoded)
+    with Image.open(xmp) as image:
+        assert image.getexif().get(0x0112) == 8
+    cut = tmp_path / "cut.png"  # without eXIf, cut inside the pixel data: Pillow decodes to look behind them
+    _write_png_chunks(cut, moved)
+    cut.write_bytes(cut.read_bytes()[:8 + 25 + 8 + 4])  # signature, IHDR, IDAT's head and 4 bytes of its data
+    with pytest.raises(ValueError, match=f"cannot read image {cut}"):
+        _exif_orientation(cut)

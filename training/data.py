@@ -142,6 +142,8 @@ def bundled_images(names: Sequence[str] | None = None, channels: int = 3) -> dic
     :data:`TEST_NAMES`); ``stereo_motorcycle_left`` / ``_right`` are the two frames of the
     stereo pair.
     """
+    if isinstance(names, str):  # (a bare name would split into letters)
+        names = (names,)
     names = tuple(PHOTO_NAMES + TEXTURE_NAMES) if names is None else tuple(names)
     known = PHOTO_NAMES + TEXTURE_NAMES + TEST_NAMES
     unknown = [n for n in names if n not in known]
@@ -229,7 +231,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, int]:
         if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1:
             array = np.moveaxis(array, -3, -1)
         if photometric == kinds.PALETTE:
-            pixels = page.colormap.astype(np.uint16).T[array]
+            pixels = page.colormap.astype(np.uint16).T[array.astype(np.intp)]  # (1-bit: bool, which would mask)
             if (pixels == pixels[..., :1]).all():  # a map of grays is a gray image
                 pixels = pixels[..., 0]
             return np.ascontiguousarray(pixels), orientation
@@ -275,9 +277,38 @@ def _straight_alpha(array: np.ndarray, colours: int, alpha_index: int) -> np.nda
 
 def _exif_orientation(path: Path) -> int:
     """The EXIF orientation that decoding ``path`` applies, as Pillow reads it (1: as stored)."""
-    with _open_image(path) as image:
-        orientation = image.getexif().get(0x0112)
+    try:
+        with _open_image(path) as image:
+            if image.format == "PNG" and not _png_chunks_after_pixels(path):
+                # Pillow's PNG getexif decodes every pixel to reach chunks after them: there are
+                # none, so the chunks read at open hold all it would see
+                exif = Image.Image.getexif(image)
+            else:
+                exif = image.getexif()
+            orientation = exif.get(0x0112)
+    except Exception as err:  # a file cut short, say: Pillow's message names no file
+        raise ValueError(f"cannot read image {path}: {err}") from err
     return orientation if orientation in _EXIF_TRANSPOSE else 1
+
+
+def _png_chunks_after_pixels(path: Path) -> bool:
+    """Whether a PNG holds chunks other than IEND after its pixel data (IDAT), walked by their
+    lengths without decoding; a file cut short counts as holding some (the decoder tells)."""
+    with open(path, "rb") as f:
+        f.seek(len(_PNG_SIGNATURE))
+        seen_pixels = False
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return True
+            kind = head[4:]
+            if kind == b"IEND":
+                return False
+            if kind == b"IDAT":
+                seen_pixels = True
+            elif seen_pixels:
+                return True
+            f.seek(int.from_bytes(head[:4], "big") + 4, os.SEEK_CUR)  # the data and its CRC
 
 
 @contextmanager
