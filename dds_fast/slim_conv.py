@@ -164,6 +164,12 @@ class SlimConv2d(nn.Conv2d):
             # take plain ints and this layer reads pairs
             value = tuple(exact_int(v) for v in value) if isinstance(value, (tuple, list)) \
                 else (exact_int(value),) * 2
+        if name in ("stride", "padding"):  # as nn.Conv2d's constructor refuses it (the kernels would run it)
+            stride = value if name == "stride" else self.__dict__.get("stride", (1, 1))
+            padding = value if name == "padding" else self.__dict__.get("padding", 0)
+            if padding == "same" and tuple(stride) != (1, 1):
+                raise ValueError(f"{self._label()}: padding='same' is not supported for strided convolutions "
+                                 f"(stride {tuple(stride)})")
         super().__setattr__(name, value)
         if name == "in_segments":  # where each input block starts among the weight's input channels
             super().__setattr__("segment_starts", tuple(itertools.accumulate(value[:-1], initial=0)))

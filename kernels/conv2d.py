@@ -379,8 +379,8 @@ def _bwd_dz_kernel(
         # Compared in fp32: the interpreter's bf16 comparison feeding tl.where is wrong.
         yv = tl.load(y + n * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :], mask=ok,
                      other=0.0).to(tl.float32)
-        if ACT == 1:
-            g = tl.where(yv > 0, g, 0.0)
+        if ACT == 1:  # zero where y <= 0 only: a NaN output passes its gradient, as torch's ReLU does
+            g = tl.where(yv <= 0, 0.0, g)
         else:
             g = tl.where(yv > 0, g, g * slope)
     if STORE_DZ:

@@ -219,6 +219,8 @@ def _pixels(x: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
         raise ValueError(f"{what}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"{what}: x is empty, shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{what}: x is {x.dtype}; the kernels take float32, float16 and bfloat16 features")
     if x.is_neg():  # the kernels would read its memory, not its values
         raise ValueError(f"{what}: x is a lazily negated view (is_neg()); pass x.resolve_neg()")
     if x.shape[0] > MAX_BATCH:

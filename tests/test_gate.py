@@ -615,6 +615,15 @@ def test_cpu_tensors_get_a_clear_error_from_kernels_compiled_for_a_gpu():
         kernels.apply_scale(x, torch.ones(2, 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, torch.bool, torch.float64])
+def test_the_kernels_name_features_of_a_dtype_they_do_not_take(dtype):
+    x = torch.ones(2, 16, 5, 5, device=DEVICE, dtype=dtype)
+    for what, kernel in (("squeeze_partials", kernels.squeeze_partials),
+                         ("apply_scale", lambda x: kernels.apply_scale(x, torch.ones(2, 16, device=DEVICE)))):
+        with pytest.raises(ValueError, match=rf"{what}: x is {dtype}; the kernels take float32, float16 and bfloat16"):
+            kernel(x)
+
+
 def test_a_lazily_negated_input_is_read_by_its_values():
     """A view whose negation bit is set holds the negation of its values in memory: the
     kernels, which read memory, refuse it, and the fused gate steps aside for the reference."""

@@ -174,6 +174,22 @@ def test_geometry_assigned_after_construction_is_kept_as_pairs_of_ints(name, val
     torch.testing.assert_close(y.cpu(), slow(x, residual=residual), rtol=1e-4, atol=1e-5)
 
 
+def test_same_padding_and_a_stride_set_after_construction_are_refused_as_the_constructor_refuses_them():
+    """torch refuses the strided conv in its forward, the kernels would have run it."""
+    from dds_fast import SlimConv2d
+
+    same = SlimConv2d(4, 4, 3, padding="same")
+    with pytest.raises(ValueError, match=r"SlimConv2d\(4->4\): padding='same' is not supported for strided "
+                                         r"convolutions \(stride \(2, 2\)\)"):
+        same.stride = 2
+    strided = SlimConv2d(4, 4, 3, stride=2, padding=1)
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided convolutions"):
+        strided.padding = "same"
+    assert same.stride == (1, 1) and strided.padding == (1, 1)
+    same.padding = "valid"
+    same.stride = 2
+
+
 def test_a_concat_of_two_dtypes_falls_back_as_torch_cat_would_promote():
     fast, slow = pair(in_channels=4, out_channels=3, kernel_size=3, padding=1, in_segments=[2, 2])
     slow.to(DEVICE)
@@ -616,6 +632,12 @@ def test_nan_in_active_channels_propagates_as_in_torch(activation, kernel_calls)
     assert kernel_calls and expected.isnan().sum() == 9 * 8
     assert torch.equal(y.isnan(), expected.isnan())
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5, equal_nan=True)
+    # and back: the activation's derivative at a NaN output is torch's (ReLU passes the gradient)
+    xf, xs = x.to(DEVICE).requires_grad_(), x.clone().requires_grad_()
+    fast_grads = torch.autograd.grad(fast(xf).sum(), [xf, fast.bias])
+    slow_grads = torch.autograd.grad(slow(xs).sum(), [xs, slow.bias])
+    for got, want in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
 def test_a_layer_and_a_network_on_the_kernels_compile_into_one_graph():
