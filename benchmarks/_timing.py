@@ -86,8 +86,10 @@ def chosen_configs(labels: list[str], net) -> dict:
     return {label: configs[label] for label in labels}
 
 
-def write_reports(path: str, reports: list[str]) -> None:
-    text = "\n\n".join(reports)
+def add_report(path: str, reports: list[str], report: str) -> None:
+    """Append ``report`` to ``reports``, print it, and write them all to ``path``: a run stopped
+    at its time limit keeps the reports made before."""
+    reports.append(report)
+    print(report, end="\n\n", flush=True)
     with open(path, "w") as f:
-        f.write(text)
-    print(text)
+        f.write("\n\n".join(reports))

@@ -2,7 +2,8 @@
 # Everything a GPU lease should run, in one call of at most ~9.5 minutes: install, the test
 # suite on CUDA (GPU-only tests included), `dds-fast bench` (layers and network, JSON, markdown,
 # plot) and the pytest-benchmark suite. Every step has its own time limit, so a slow or hung
-# step costs its slot, not the lease; results are packed into $OUT/results.tgz at the end.
+# step costs its slot, not the lease; results are packed into $OUT/results.tgz as each step
+# begins and at the end (the only file in $OUT: a call stopped at its limit keeps the steps before).
 # Usage on the device machine, from the repository root (wheels in .whl/ are installed
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
 # benchmarks/gpu_session.sh [full|quick|train|verify|model|tests]. model (one whole call): the
@@ -29,9 +30,9 @@
 # next (one call under a 15-minute lease, 575 s unless BUDGET says less): what no GPU has
 # run since v24, most needed first: the whole suite on CUDA with each result printed (v24's
 # two test fixes, the six unnamed failures outside the kernel files, the graphed training
-# steps), then v25's per-image tiles in the shipped model's dynamic forward, v24's stem
-# tiles and v26's host time (the layer table's batch-1 eager rows) in dds-fast bench, and the
-# routed forward kernel by kernel.
+# steps), then v24's stem tiles and v26's host time (the layer table's batch-1 eager rows) in
+# dds-fast bench, v25's per-image tiles in the shipped model's dynamic forward, and the routed
+# forward kernel by kernel.
 # (Nsight Compute: benchmarks/ncu_forward.py says how.)
 set -uo pipefail
 MODE=${1:-full}
@@ -40,17 +41,40 @@ case $MODE in  # a mistyped mode would run the full session
   *) echo "gpu_session.sh: unknown mode '$MODE': use full, quick, train, verify, model, tests or next" >&2; exit 2 ;;
 esac
 OUT=${OUT:-$PWD/gpu-out}
-R=$OUT/results
-mkdir -p "$R"
+# The results gather outside $OUT, which brings back 8 files at most: $OUT holds one archive of
+# them, packed again at each step's start, so a call stopped at its limit keeps every step before
+WORK=${DDS_SESSION_WORK:-/tmp/dds-session}
+R=$WORK/results
+rm -rf "$R"
+mkdir -p "$R" "$OUT"
 export PYTHONUNBUFFERED=1
-step() { echo "== $(date +%T) $*"; }
+pack() {
+  tar czf "$OUT/results.tgz.part" -C "$WORK" results && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"
+}
+step() {
+  [ -n "$(ls -A "$R")" ] && pack
+  echo "== $(date +%T) $*"
+}
+finish() {
+  pack
+  echo "== $(date +%T) packed $OUT/results.tgz"
+  exit 0
+}
 # A test step stopped at its limit can leave pytest-xdist workers running on the GPU, sharing
 # it with every timing after: the H100 run of v12 timed its host costs right after such a
 # step (NOTES v17). Each test step ends with this: whatever still runs tests is killed, and said.
 # Only this session's (-s 0): its steps' pytest runs and their workers, never another user's.
+# Never this script or the shells that started it: a command line that names "-m pytest"
+# (bash -c '... gpu_session.sh next; python3 -m pytest ...') would match too.
 quiet_gpu() {
-  local pids
-  pids=$(pgrep -s 0 -f -- '-m pytest|exec\(eval\(sys\.stdin' | tr '\n' ' ')
+  local pids="" pid ancestors=" " p=$$
+  while [ "${p:-0}" -gt 1 ]; do
+    ancestors+="$p "
+    p=$(awk '{print $4}' "/proc/$p/stat" 2>/dev/null)
+  done
+  for pid in $(pgrep -s 0 -f -- '-m pytest|exec\(eval\(sys\.stdin'); do
+    case "$ancestors" in *" $pid "*) ;; *) pids+="$pid " ;; esac
+  done
   if [ -n "${pids// /}" ]; then
     echo "test processes still running after the step, killed: $pids"
     kill -9 $pids 2>/dev/null
@@ -96,14 +120,12 @@ json.dump(c, open('$R/gpu-eager.json', 'w'))"
 if [ "$MODE" = tests ]; then
   step "the whole test suite on CUDA (12 workers)"
   # -v: each result as it comes, so a run stopped at its limit keeps the names of its failures
-  timeout -k 10 -s INT $((570 - SECONDS)) python3 -m pytest -v -n 12 --timeout 540 -p no:cacheprovider -rfEs tests \
+  timeout -k 10 -s INT $((BUDGET - 5 - SECONDS)) python3 -m pytest -v -n 12 --timeout 540 -p no:cacheprovider -rfEs tests \
     > "$R/tests.txt" 2>&1
   quiet_gpu
   grep -E "FAILED|ERROR" "$R/tests.txt" | sort -u | head -40
   tail -3 "$R/tests.txt"
-  step pack
-  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
-  exit 0
+  finish
 fi
 
 if [ "$MODE" = next ]; then
@@ -114,36 +136,33 @@ if [ "$MODE" = next ]; then
   quiet_gpu
   grep -E "FAILED|ERROR" "$R/tests.txt" | sort -u | head -40
   tail -3 "$R/tests.txt"
-  step "the shipped model's routes and dynamic forward at 512x512 (v25: per-image tiles as the static ones)"
-  capped 50 python3 -m dds_fast bench --checkpoint dds_fast/weights/dds.safetensors --no-compile \
-    --cuda-graph --dtype float16 --size 512 --batch 1 --batch 8 --out "$R/bench_shipped" > "$R/bench_shipped.txt" 2>&1
-  tail -12 "$R/bench_shipped.txt" | cut -c1-200
   step "dds-fast bench: layers fp16 512, batch 8/1, network with CUDA graphs (v24: the stem's tiles; v26: batch-1 eager layers)"
   capped 110 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
     --batch 8 --batch 1 --out "$R/bench" > "$R/bench.txt" 2>&1
   grep -E "^\| network|^\| gate" "$R/bench.txt" | cut -c1-200
+  # (after the general bench, whose layer table it repeats first, its kernels compiled by then)
+  step "the shipped model's routes and dynamic forward at 512x512 (v25: per-image tiles as the static ones)"
+  capped 50 python3 -m dds_fast bench --checkpoint dds_fast/weights/dds.safetensors --no-compile \
+    --cuda-graph --dtype float16 --size 512 --batch 1 --batch 8 --out "$R/bench_shipped" > "$R/bench_shipped.txt" 2>&1
+  tail -12 "$R/bench_shipped.txt" | cut -c1-200
   step "the routed dynamic forward kernel by kernel, against each route's config alone"
   capped 90 python3 benchmarks/profile_network.py --routed smallest --routed largest \
-    --buffers packed --buffers max-width "$R/profile_network_routed.txt" > /dev/null 2>&1
+    --buffers packed --buffers max-width "$R/profile_network_routed.txt" > "$R/profile_network_routed.log" 2>&1
   grep "CUDA time per forward" "$R/profile_network_routed.txt" | cut -c1-220
-  step pack
-  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
-  exit 0
+  finish
 fi
 
 if [ "$MODE" = model ]; then
   graphed_or_eager
   step "the GPU model's training for the rest of the call"
-  DDS_SETUP_DONE=1 bash training/gpu_train.sh $((570 - SECONDS)) > "$R/train.txt" 2>&1
+  DDS_SETUP_DONE=1 bash training/gpu_train.sh $((BUDGET - 5 - SECONDS)) > "$R/train.txt" 2>&1
   tail -20 "$R/train.txt"
-  step pack
-  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
-  exit 0
+  finish
 fi
 
 if [ "$MODE" = train ]; then
   step "the fused gate head's kernels under the profiler"
-  timeout -k 15 -s INT 40 python3 benchmarks/profile_gate.py "$R/profile_gate.txt" > /dev/null 2>&1
+  timeout -k 15 -s INT 40 python3 benchmarks/profile_gate.py "$R/profile_gate.txt" > "$R/profile_gate.log" 2>&1
   grep -E "gate on|Self CUDA time total|_kernel" "$R/profile_gate.txt" | cut -c1-60,100-175
   step "dds-fast bench: layers fp16 (512, batch 8/1), network and gate at 3x512x512 with CUDA graphs"
   timeout -k 15 -s INT 120 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
@@ -156,16 +175,14 @@ if [ "$MODE" = train ]; then
   graphed_or_eager
   # the training times a probe of itself to size its schedule: nothing else may run beside it
   step "training, leaving 110 s for the kernel tests"
-  DDS_SETUP_DONE=1 bash training/gpu_train.sh $((575 - 110 - SECONDS)) > "$R/train.txt" 2>&1
+  DDS_SETUP_DONE=1 bash training/gpu_train.sh $((BUDGET - 110 - SECONDS)) > "$R/train.txt" 2>&1
   tail -20 "$R/train.txt"
   step "kernel tests on CUDA (8 workers)"
-  timeout -k 10 -s INT $((575 - SECONDS)) python3 -m pytest -q -n 8 --timeout 80 -p no:cacheprovider -rfEs \
+  timeout -k 10 -s INT $((BUDGET - SECONDS)) python3 -m pytest -q -n 8 --timeout 80 -p no:cacheprovider -rfEs \
     tests/test_kernels_conv2d.py tests/test_slim_conv_triton.py tests/test_gate.py tests/test_ddsnet.py > "$R/tests.txt" 2>&1
   quiet_gpu
   tail -25 "$R/tests.txt"
-  step pack
-  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
-  exit 0
+  finish
 fi
 
 if [ "$MODE" = verify ]; then
@@ -198,11 +215,11 @@ if [ "$MODE" = verify ]; then
   grep "sum of layers" "$R/network_layers_tma.txt"
   step "the routed dynamic forward kernel by kernel, against each route's config alone"
   capped 90 python3 benchmarks/profile_network.py --routed smallest --routed largest \
-    --buffers packed --buffers max-width "$R/profile_network_routed.txt" > /dev/null 2>&1
+    --buffers packed --buffers max-width "$R/profile_network_routed.txt" > "$R/profile_network_routed.log" 2>&1
   grep "CUDA time per forward" "$R/profile_network_routed.txt" | cut -c1-220
   # v24: routing through conditional graph nodes took 1.83x the smallest route alone at batch 1
   capped 60 python3 benchmarks/profile_network.py --graphs --batch 1 --routed smallest --tiles narrowest \
-    --tiles branches "$R/profile_network_graphs.txt" > /dev/null 2>&1
+    --tiles branches "$R/profile_network_graphs.txt" > "$R/profile_network_graphs.log" 2>&1
   grep "CUDA time per forward" "$R/profile_network_graphs.txt" | cut -c1-220
   step "dds-fast bench again (the run-to-run spread): layers fp16 512, batch 8/1, network with CUDA graphs"
   capped 110 python3 -m dds_fast bench --full --no-compile --cuda-graph --dtype float16 --size 512 \
@@ -212,9 +229,7 @@ if [ "$MODE" = verify ]; then
   capped 50 python3 -m dds_fast bench --checkpoint dds_fast/weights/dds.safetensors --no-compile \
     --cuda-graph --dtype float16 --size 512 --batch 1 --batch 8 --out "$R/bench_shipped" > "$R/bench_shipped.txt" 2>&1
   tail -12 "$R/bench_shipped.txt" | cut -c1-200
-  step pack
-  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
-  exit 0
+  finish
 fi
 
 if [ "$MODE" = quick ]; then
@@ -251,11 +266,9 @@ y.stride(), 'channels_last' if y.is_contiguous(memory_format=torch.channels_last
   timeout -k 15 -s INT 100 python3 benchmarks/sweep_forward_tiles.py "$R/sweep_forward_tiles.json" > "$R/sweep.txt" 2>&1
   cat "$R/sweep.txt"
   step "the fused gate head's kernels under the profiler"
-  timeout -k 15 -s INT 40 python3 benchmarks/profile_gate.py "$R/profile_gate.txt" > /dev/null 2>&1
+  timeout -k 15 -s INT 40 python3 benchmarks/profile_gate.py "$R/profile_gate.txt" > "$R/profile_gate.log" 2>&1
   grep -E "gate on|Self CUDA time total|_kernel" "$R/profile_gate.txt" | cut -c1-60,100-175
-  step pack
-  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
-  exit 0
+  finish
 fi
 
 step "tests on CUDA (8 workers)"
@@ -278,7 +291,7 @@ quiet_gpu
 grep -E "passed|failed|error" "$R/bench_network.txt" | tail -3
 
 step "pytest-benchmark: layer forward+backward fp16"
-timeout -k 15 -s INT 40 python3 -m pytest -q benchmarks/bench_layers.py -k "forward_backward and float16" $BENCH \
+timeout -k 15 -s INT 40 python3 -m pytest -q benchmarks/bench_layers.py -k "forward_backward and float16 and not bfloat16" $BENCH \
   --benchmark-json="$R/bench_layers_fwdbwd.json" > "$R/bench_layers_fwdbwd.txt" 2>&1
 quiet_gpu
 grep -E "passed|failed|error" "$R/bench_layers_fwdbwd.txt" | tail -3
@@ -293,6 +306,4 @@ timeout -k 15 -s INT 40 python3 -m pytest -q benchmarks/bench_layers.py -k "comp
 quiet_gpu
 grep -E "passed|failed|error" "$R/bench_layers_compiled.txt" | tail -3
 
-step pack
-tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
-step done
+finish

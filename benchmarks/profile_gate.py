@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from _timing import kernel_table, write_reports
+from _timing import add_report, kernel_table
 from dds_fast import DynamicGate
 from dds_fast.kernels import conv2d
 
@@ -28,9 +28,8 @@ def main(out: str) -> None:
             for backend in ("triton", "torch"):
                 gate.backend = backend
                 table = kernel_table(lambda: gate(x, channel_sums=sums if backend == "triton" else None))
-                reports.append(f"{torch.cuda.get_device_name()}, gate on {backend}, batch {batch}, "
-                               f"sums {list(sums.shape)}, 5 calls\n{table}")
-    write_reports(out, reports)
+                add_report(out, reports, f"{torch.cuda.get_device_name()}, gate on {backend}, batch {batch}, "
+                                         f"sums {list(sums.shape)}, 5 calls\n{table}")
 
 
 if __name__ == "__main__":

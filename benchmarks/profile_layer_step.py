@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from _timing import kernel_table, write_reports
+from _timing import add_report, kernel_table
 from dds_fast.bench import backward_step, layer_variants
 
 
@@ -29,9 +29,8 @@ def main() -> None:
     reports = []
     for name in ("triton fused", "(b) static"):
         table = kernel_table(backward_step(variants[name], x))
-        reports.append(f"{torch.cuda.get_device_name()}, {name}, 3x3 conv width {width} of 64, input "
-                       f"{list(x.shape)} fp16 channels_last, 5 forward+backward steps\n{table}")
-    write_reports(args.out, reports)
+        add_report(args.out, reports, f"{torch.cuda.get_device_name()}, {name}, 3x3 conv width {width} of 64, "
+                                      f"input {list(x.shape)} fp16 channels_last, 5 forward+backward steps\n{table}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from _timing import chosen_configs, kernel_table, network_arguments, write_reports
+from _timing import add_report, chosen_configs, kernel_table, network_arguments
 from dds_fast import DDSNet, SlimUNet
 from dds_fast.bench import ddsnet_over, rig_gate
 from dds_fast.config import RoutingEntry
@@ -80,9 +80,9 @@ def main() -> None:
         with torch.no_grad():
             table = kernel_table(capture_cuda_graph(fn, x.device) if args.graphs else fn, runs=RUNS)
         forwards = "graph replays" if args.graphs else "forwards"
-        reports.append(f"{torch.cuda.get_device_name()}, SlimUNet base 32 depth 4, {what}, input {list(x.shape)} "
-                       f"fp16 channels_last, {RUNS} {forwards}: {cuda_ms_per_forward(table):.3f} ms CUDA time "
-                       f"per forward\n{table}")
+        add_report(args.out, reports, f"{torch.cuda.get_device_name()}, SlimUNet base 32 depth 4, {what}, input "
+                                      f"{list(x.shape)} fp16 channels_last, {RUNS} {forwards}: "
+                                      f"{cuda_ms_per_forward(table):.3f} ms CUDA time per forward\n{table}")
 
     for label, config in chosen_configs(args.config, net).items():
         net.set_config(config)
@@ -100,7 +100,6 @@ def main() -> None:
                     how = "a conditional graph node per route" if routed.route_branches else f"per_image_tiles {tiles}"
                     profile(f"DDSNet dynamic forward over {len(labels)} routes, every image routed to "
                             f"{labels[index]}, {how}, {buffers} buffers", lambda: routed(x))
-    write_reports(args.out, reports)
 
 if __name__ == "__main__":
     main()

@@ -31,7 +31,8 @@ def stubbed_session(tmp_path):
     for command in ("python3", "nvidia-smi", "timeout", "tar", "pgrep"):
         (stubs / command).write_text(f'#!/bin/sh\necho "{command} $*" >> "$LOG"\n')
         (stubs / command).chmod(0o755)
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "LOG": str(log), "OUT": str(tmp_path / "out")}
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "LOG": str(log), "OUT": str(tmp_path / "out"),
+           "DDS_SESSION_WORK": str(tmp_path / "work")}
 
     def run(*mode):
         return subprocess.run(["bash", "benchmarks/gpu_session.sh", *mode], cwd=tmp_path, env=env,
@@ -55,6 +56,23 @@ def test_gpu_session_runs_each_known_mode(stubbed_session, mode):
     assert log.read_text().startswith("install\n")
 
 
+def test_every_step_packs_the_results_before_it_into_the_one_file_out_brings_back(stubbed_session, tmp_path):
+    """$OUT brings back 8 files at most, and a call stopped at its limit packs nothing more: the
+    archive is rebuilt as each step begins, and is all $OUT holds."""
+    import tarfile
+
+    run, log = stubbed_session
+    (tmp_path / "stubs" / "tar").unlink()  # the real one
+    done = run("next")
+    assert done.returncode == 0, done.stderr
+    steps = done.stdout.count("\n== ")
+    assert steps >= 5 and done.stdout.count("packed") == 1
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["results.tgz"]
+    with tarfile.open(tmp_path / "out" / "results.tgz") as archive:
+        names = archive.getnames()
+    assert "results/device.txt" in names and "results/tests.txt" in names and "results/bench.txt" in names
+
+
 def test_quiet_gpu_kills_this_sessions_test_processes_only(tmp_path):
     """quiet_gpu's pattern matches pytest-xdist workers (``exec(eval(sys.stdin...`` is not a
     valid regex unescaped) and pytest runs, of its own session only: another session's pytest
@@ -76,7 +94,9 @@ quiet_gpu
 echo "worker $worker runner $runner"
 """)
     outside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "pytest"])
-    session = subprocess.Popen(["bash", str(script)], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    # started by a shell whose own command line names "-m pytest": quiet_gpu's ancestors are spared
+    session = subprocess.Popen(["bash", "-c", f'bash {script}; true "-m pytest"'], start_new_session=True,
+                               stdout=subprocess.PIPE, text=True)
     try:
         out, _ = session.communicate(timeout=30)
     finally:
@@ -137,3 +157,13 @@ def test_ablate_stage1_refuses_bad_arguments_before_training(monkeypatch, tmp_pa
         ablate.main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "checkpoint_every" not in err
+
+
+def test_profile_reports_are_written_as_each_is_made(monkeypatch, tmp_path, capsys):
+    """gpu_session.sh stops a profiler at its time limit: the reports made by then stay."""
+    timing = load_benchmark(monkeypatch, "_timing")
+    out, reports = tmp_path / "profile.txt", []
+    timing.add_report(str(out), reports, "first")
+    assert out.read_text() == "first" and capsys.readouterr().out == "first\n\n"
+    timing.add_report(str(out), reports, "second")
+    assert out.read_text() == "first\n\nsecond" and reports == ["first", "second"]

@@ -16,7 +16,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # the budget leaves the packing a margin; the hard limit stops a run that overruns its plan
 timeout --signal=TERM "$LIMIT" python3 training/gpu_train.py --config "${GPU_CONFIG:-training/gpu.json}" --run-dir runs/gpu \
   --budget $((LIMIT - 25))
-echo "training exited with $? (124: stopped at the time limit; the next call resumes)"
+echo "training exited with $? (124: stopped at the time limit; a next call on this machine while it is warm resumes \
+from runs/gpu, whose state files stay here: a fresh machine starts over)"
 for log in runs/gpu/*.log.jsonl; do echo "$log: $(wc -l < "$log") steps; last: $(tail -n 1 "$log")"; done
 tar czf "$OUT/gpu-run.tgz" -C runs --exclude '*.state.safetensors' --exclude 'inet-*' --exclude stage1.safetensors gpu
 tar czf "$OUT/gpu-inets.tgz" -C runs --exclude '*.state.safetensors' $(cd runs && ls gpu/inet-* 2>/dev/null)
