@@ -3,7 +3,8 @@
 # suite on CUDA (GPU-only tests included), `dds-fast bench` (layers and network, JSON, markdown,
 # plot) and the pytest-benchmark suite. Every step has its own time limit, so a slow or hung
 # step costs its slot, not the lease; results are packed into $OUT/results.tgz as each step
-# begins and at the end (the only file in $OUT: a call stopped at its limit keeps the steps before).
+# begins and at the end (a call stopped at its limit keeps the steps before; beside it in $OUT
+# only the trained model's archives, in the modes that train).
 # Usage on the device machine, from the repository root (wheels in .whl/ are installed
 # first: only the 16-bit PNG tests need pypng, which the image lacks): bash
 # benchmarks/gpu_session.sh [full|quick|train|verify|model|tests]. model (one whole call): the
@@ -67,10 +68,12 @@ finish() {
 # Never this script or the shells that started it: a command line that names "-m pytest"
 # (bash -c '... gpu_session.sh next; python3 -m pytest ...') would match too.
 quiet_gpu() {
-  local pids="" pid ancestors=" " p=$$
+  local pids="" pid ancestors=" " p=$$ stat
   while [ "${p:-0}" -gt 1 ]; do
     ancestors+="$p "
-    p=$(awk '{print $4}' "/proc/$p/stat" 2>/dev/null)
+    stat=$(cat "/proc/$p/stat" 2>/dev/null) || break
+    # the parent's pid: the field after the state, past the command name (which may hold spaces)
+    read -r _ p _ <<< "${stat##*) }"
   done
   for pid in $(pgrep -s 0 -f -- '-m pytest|exec\(eval\(sys\.stdin'); do
     case "$ancestors" in *" $pid "*) ;; *) pids+="$pid " ;; esac

@@ -624,7 +624,7 @@ class DDSNet(nn.Module):
         return self._per_image_trace
 
     def _uses_per_image_widths(self, x: torch.Tensor) -> bool:
-        if tree_changed(self._supernet_tree):
+        if tree_changed(self._supernet_tree, self.supernet):
             # a layer replaced or added since: the width tables and hooks' list name the old ones
             self._replace_part("supernet", self.supernet)
         if self.per_image is not None:

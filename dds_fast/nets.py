@@ -43,14 +43,16 @@ def register_architecture(cls):
     return cls
 
 
-def module_tree(net: nn.Module) -> tuple[tuple[str, nn.Module, tuple[nn.Module, ...]], ...]:
-    """Each module of ``net`` with its name and children, to tell by ``tree_changed`` (2 us for
-    the shipped model) whether a layer was replaced or added since."""
-    return tuple((name, m, tuple(m._modules.values())) for name, m in net.named_modules())
+def module_tree(net: nn.Module) -> tuple[tuple[str, nn.Module | None, tuple[nn.Module, ...]], ...]:
+    """Each module of ``net`` with its name and children, to tell by ``tree_changed`` whether a
+    layer was replaced or added since. ``net`` itself is None there: a net holding its own
+    snapshot would be a reference cycle, freed only by the garbage collector."""
+    return tuple((name, m if name else None, tuple(m._modules.values())) for name, m in net.named_modules())
 
 
-def tree_changed(tree: tuple[tuple[str, nn.Module, tuple[nn.Module, ...]], ...]) -> bool:
-    return any(tuple(m._modules.values()) != children for _, m, children in tree)
+def tree_changed(tree: tuple[tuple[str, nn.Module | None, tuple[nn.Module, ...]], ...], net: nn.Module) -> bool:
+    """Whether ``net``'s modules differ from its ``module_tree`` snapshot ``tree``."""
+    return any(tuple((m or net)._modules.values()) != children for _, m, children in tree)
 
 
 class SlimNet(nn.Module):
@@ -126,30 +128,35 @@ class SlimNet(nn.Module):
                              f"largest width {self._groups[group].max_width} times multiplier {multiplier})")
 
     def _bound(self) -> list[tuple[SlimConv2d, str, int]]:
-        """The bound layers, each ``(conv, group, multiplier)``. A layer replaced since (``net.layers[1]
-        = SlimConv2d(...)``) is bound in its place, by its name, and set to the width it should run."""
+        """The bound layers, each ``(conv, group, multiplier)``. A bound layer no longer in the net,
+        replaced (``net.layers[1] = SlimConv2d(...)``), is followed by the layer now at its name,
+        set to the width it should run; one moved or wrapped keeps its binding."""
         tree = self.__dict__.get("_bound_tree")
-        if not self._bindings or (tree is not None and not tree_changed(tree)):
+        if not self._bindings or (tree is not None and not tree_changed(tree, self)):
             return self._bindings
         if tree is not None:
             names = {id(m): name for name, m, _ in tree}
+            present = {id(m) for m in self.modules()}
+            groups = {id(conv): group for conv, group, _ in self._bindings if id(conv) in present}
             rebound = []
             for conv, group, multiplier in self._bindings:
+                if id(conv) in present:  # (moved, or wrapped: still this net's layer)
+                    rebound.append((conv, group, multiplier))
+                    continue
                 name = names[id(conv)]
                 try:
                     new = self.get_submodule(name)
                 except AttributeError:
                     raise ValueError(f"{type(self).__name__}: layer {name!r}, bound to width group {group!r}, was "
                                      f"removed; put a SlimConv2d in its place") from None
-                if new is not conv:
-                    self._check_bindable(new, group, multiplier, f"layer {name!r}, bound to width group {group!r}, "
-                                                                 f"was replaced by {new!r:.80}; its replacement")
+                if id(new) in groups:  # (it would run one group's width, the other's ignored)
+                    raise ValueError(f"{type(self).__name__}: layer {name!r}, bound to width group {group!r}, left "
+                                     f"the net, and the layer now at its name is bound to group {groups[id(new)]!r}; "
+                                     f"give each group's place a layer of its own")
+                self._check_bindable(new, group, multiplier, f"layer {name!r}, bound to width group {group!r}, "
+                                                             f"was replaced by {new!r:.80}; its replacement")
+                groups[id(new)] = group
                 rebound.append((new, group, multiplier))
-            twice = {name for conv, _, _ in rebound if sum(c is conv for c, _, _ in rebound) > 1
-                     for name, m in self.named_modules(remove_duplicate=False) if m is conv}
-            if twice:  # (it would run one group's width, the other's ignored)
-                raise ValueError(f"{type(self).__name__}: one SlimConv2d now stands at {sorted(twice)}, each bound to "
-                                 f"a width group; give each place its own layer")
             self._bindings = rebound
             name_layers(self)
         self._bound_tree = module_tree(self)
@@ -199,7 +206,7 @@ class SlimNet(nn.Module):
             return
         for conv, group, multiplier in self._bound():
             filters = self._config[group] * multiplier
-            if conv.active_out_channels != filters:
+            if (conv.active_out_channels or conv.out_channels) != filters:  # (None: all its filters)
                 raise ValueError(f"{caller}: {type(self).__name__}'s {conv.layer_name} runs "
                                  f"{conv.active_out_channels} filters, but its config sets group {group!r} to "
                                  f"{self._config[group]} ({filters} filters); set widths through set_config")

@@ -1111,5 +1111,7 @@ def test_a_pngs_exif_orientation_is_read_without_decoding_its_pixels_where_pillo
     cut = tmp_path / "cut.png"  # without eXIf, cut inside the pixel data: Pillow decodes to look behind them
     _write_png_chunks(cut, moved)
     cut.write_bytes(cut.read_bytes()[:8 + 25 + 8 + 4])  # signature, IHDR, IDAT's head and 4 bytes of its data
-    with pytest.raises(ValueError, match=f"cannot read image {cut}"):
-        _exif_orientation(cut)
+    for read in (lambda: check_pair_headers([(cut, before)], 4), lambda: read_image(cut)):
+        with pytest.raises(ValueError, match=f"cannot read image {cut}") as raised:
+            read()
+        assert str(raised.value).count("cannot read image") == 1

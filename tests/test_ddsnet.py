@@ -1254,7 +1254,7 @@ def test_whole_module_pickles_of_earlier_versions_load(missing):
     model.set_budget(float("inf"))
     old = copy.deepcopy(model)  # in the layout of earlier versions
     if missing == "unnamed tree":
-        old._supernet_tree = tuple((m, children) for _, m, children in old._supernet_tree)
+        old._supernet_tree = tuple((m or old.supernet, children) for _, m, children in old._supernet_tree)
     else:
         for name in missing:
             del old.__dict__[name]
@@ -1264,7 +1264,7 @@ def test_whole_module_pickles_of_earlier_versions_load(missing):
     loaded = pickle.loads(pickle.dumps(old))
     assert isinstance(loaded.routing_space, tuple) and loaded.budget_index == 2
     assert loaded.supernet.arch_args == model.supernet.arch_args and loaded.supernet.routing_space is None
-    assert [m for _, m, _ in loaded._supernet_tree] == list(loaded.supernet.modules())
+    assert [m or loaded.supernet for _, m, _ in loaded._supernet_tree] == list(loaded.supernet.modules())
     loaded.set_budget(None)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)

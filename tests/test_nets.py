@@ -491,6 +491,37 @@ def test_a_replaced_layer_runs_the_width_its_group_sets(tmp_path):
     assert net.layers[1].output_mask is not None
 
 
+def test_a_bound_layer_moved_or_wrapped_keeps_its_binding_and_a_net_frees_without_the_collector():
+    import gc
+    import weakref
+
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=4)
+    x = torch.rand(1, 1, 8, 8)
+    small = net.space.smallest()
+    net.set_config(small)
+    expected = net(x)
+    wrapped = net.layers[1]
+    net.layers[1] = torch.nn.Sequential(wrapped)  # (a checkpointing or quantising wrapper, say)
+    torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+    net.set_config(net.space.largest())
+    net.set_config(small)
+    assert wrapped.active_out_channels == small["layer1"]
+    # the inserted layer is no group's; the others keep theirs, not the groups of the places they moved to
+    shifted = net.layers[2]
+    net.layers.insert(2, SlimConv2d(16, 16, 3, padding=1))
+    net.set_config(small)
+    assert shifted.active_out_channels == small["layer2"] and net.layers[2].active_out_channels is None
+    # its own module-tree snapshot holds no reference to the net: no cycle for the collector to find
+    gc.disable()
+    try:
+        net = SlimDnCNN(in_channels=1, base_width=8, depth=4)
+        alive = weakref.ref(net)
+        del net
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 def test_a_bound_layer_replaced_by_no_fitting_layer_is_named():
     net = SlimDnCNN(in_channels=1, base_width=8, depth=4)
     x = torch.rand(1, 1, 8, 8)
@@ -499,9 +530,15 @@ def test_a_bound_layer_replaced_by_no_fitting_layer_is_named():
         net(x)
     net = SlimDnCNN(in_channels=1, base_width=8, depth=4)
     net.layers[1] = net.layers[2]
-    with pytest.raises(ValueError, match=r"one SlimConv2d now stands at \['layers.1', 'layers.2'\]"):
+    # (one layer would run one group's width, the other's ignored)
+    with pytest.raises(ValueError, match=r"layer 'layers.1', bound to width group 'layer1', left the net, and the "
+                                         r"layer now at its name is bound to group 'layer2'"):
         net.set_config(net.space.smallest())
     net = SlimDnCNN(in_channels=1, base_width=8, depth=4)
     del net.layers[1]
-    with pytest.raises(ValueError, match=r"layer 'layers.[12]', bound to width group .* was (removed|replaced)"):
+    with pytest.raises(ValueError, match=r"layer 'layers.1', bound to width group 'layer1', left the net"):
         net(x)
+    unet = SlimUNet(in_channels=1, base_width=8, depth=2)
+    unet.ups = torch.nn.ModuleList()
+    with pytest.raises(ValueError, match=r"layer 'ups.0', bound to width group 'up0', was removed; put a SlimConv2d"):
+        unet(x)

@@ -277,17 +277,14 @@ def _straight_alpha(array: np.ndarray, colours: int, alpha_index: int) -> np.nda
 
 def _exif_orientation(path: Path) -> int:
     """The EXIF orientation that decoding ``path`` applies, as Pillow reads it (1: as stored)."""
-    try:
-        with _open_image(path) as image:
-            if image.format == "PNG" and not _png_chunks_after_pixels(path):
-                # Pillow's PNG getexif decodes every pixel to reach chunks after them: there are
-                # none, so the chunks read at open hold all it would see
-                exif = Image.Image.getexif(image)
-            else:
-                exif = image.getexif()
-            orientation = exif.get(0x0112)
-    except Exception as err:  # a file cut short, say: Pillow's message names no file
-        raise ValueError(f"cannot read image {path}: {err}") from err
+    with _open_image(path) as image:
+        if image.format == "PNG" and not _png_chunks_after_pixels(path):
+            # Pillow's PNG getexif decodes every pixel to reach chunks after them: there are
+            # none, so the chunks read at open hold all it would see
+            exif = Image.Image.getexif(image)
+        else:
+            exif = image.getexif()
+        orientation = exif.get(0x0112)
     return orientation if orientation in _EXIF_TRANSPOSE else 1
 
 
@@ -828,7 +825,12 @@ def check_pair_headers(pairs: Sequence[tuple[Path, Path]], patch_size: int) -> l
 def _check_orientations(noisy, clean) -> int:
     """The EXIF orientation that decoding turns both files of a pair by: the same, or their
     pixels would not line up (a TIFF's own tag is tifffile's to read, and not compared)."""
-    orientations = [None if _is_tiff(Path(path)) else _exif_orientation(Path(path)) for path in (noisy, clean)]
+    orientations = []
+    for path in (noisy, clean):
+        try:
+            orientations.append(None if _is_tiff(Path(path)) else _exif_orientation(Path(path)))
+        except Exception as err:  # a file cut short, say: Pillow's message names no file
+            raise ValueError(f"cannot read image {path}: {err}") from err
     if None not in orientations and orientations[0] != orientations[1]:
         raise ValueError(f"noisy/clean EXIF orientations differ for {noisy} and {clean}: {orientations[0]} vs "
                          f"{orientations[1]} (1: as stored); decoding turns each as its tag says, so the pair "
