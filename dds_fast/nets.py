@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +43,14 @@ def register_architecture(cls):
     return cls
 
 
-def module_tree(net: nn.Module) -> tuple[tuple[str, nn.Module | None, tuple[nn.Module, ...]], ...]:
-    """Each module of ``net`` with its name and children, to tell by ``tree_changed`` whether a
-    layer was replaced or added since. ``net`` itself is None there: a net holding its own
-    snapshot would be a reference cycle, freed only by the garbage collector."""
-    return tuple((name, m if name else None, tuple(m._modules.values())) for name, m in net.named_modules())
+def module_tree(net: nn.Module, named: Sequence[tuple[str, nn.Module]] | None = None
+                ) -> tuple[tuple[str, nn.Module | None, tuple[nn.Module, ...]], ...]:
+    """Each module of ``net`` (or of ``named``, some of its ``named_modules()``) with its name
+    and children, to tell by ``tree_changed`` whether a layer was replaced or added since.
+    ``net`` itself is None there: a net holding its own snapshot would be a reference cycle,
+    freed only by the garbage collector."""
+    named = net.named_modules() if named is None else named
+    return tuple((name, m if name else None, tuple(m._modules.values())) for name, m in named)
 
 
 def tree_changed(tree: tuple[tuple[str, nn.Module | None, tuple[nn.Module, ...]], ...], net: nn.Module) -> bool:
@@ -127,15 +130,24 @@ class SlimNet(nn.Module):
             raise ValueError(f"{type(self).__name__}: {what} needs a SlimConv2d of {full} filters (the group's "
                              f"largest width {self._groups[group].max_width} times multiplier {multiplier})")
 
+    def _bound_snapshot(self) -> tuple[tuple, tuple[tuple[SlimConv2d, str], ...]]:
+        """What ``_bound`` compares on each call (a few us): the modules on the way to each bound
+        layer (a replacement changes one of their children), and each bound layer's name."""
+        named = list(self.named_modules())
+        names = {id(m): name for name, m in named}
+        bound_names = tuple((conv, names[id(conv)]) for conv, _, _ in self._bindings if id(conv) in names)
+        ways = {name.rsplit(".", depth)[0] for _, name in bound_names for depth in range(1, name.count(".") + 1)}
+        return module_tree(self, [(name, m) for name, m in named if name in ways | {""}]), bound_names
+
     def _bound(self) -> list[tuple[SlimConv2d, str, int]]:
         """The bound layers, each ``(conv, group, multiplier)``. A bound layer no longer in the net,
         replaced (``net.layers[1] = SlimConv2d(...)``), is followed by the layer now at its name,
         set to the width it should run; one moved or wrapped keeps its binding."""
-        tree = self.__dict__.get("_bound_tree")
+        tree, bound_names = self.__dict__.get("_bound_tree", (None, ()))
         if not self._bindings or (tree is not None and not tree_changed(tree, self)):
             return self._bindings
         if tree is not None:
-            names = {id(m): name for name, m, _ in tree}
+            names = {id(conv): name for conv, name in bound_names}
             present = {id(m) for m in self.modules()}
             groups = {id(conv): group for conv, group, _ in self._bindings if id(conv) in present}
             rebound = []
@@ -159,7 +171,7 @@ class SlimNet(nn.Module):
                 rebound.append((new, group, multiplier))
             self._bindings = rebound
             name_layers(self)
-        self._bound_tree = module_tree(self)
+        self._bound_tree = self._bound_snapshot()
         if tree is not None and self._config is not None:  # the new layers run the widths the net runs
             if self._masked:
                 self.set_masked_widths(self._masked_widths)
@@ -177,7 +189,7 @@ class SlimNet(nn.Module):
         and the largest config set."""
         self.space = WidthSpace(self._groups.values())
         name_layers(self)
-        self._bound_tree = module_tree(self)
+        self._bound_tree = self._bound_snapshot()
         self.set_config(self.space.largest())
 
     # -- configs ------------------------------------------------------------------------
