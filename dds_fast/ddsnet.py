@@ -473,9 +473,8 @@ class DDSNet(nn.Module):
             attention = " (with the full-width stem the gate's attention reads)" if self.gate.attention else ""
             raise ValueError(f"DDSNet.set_budget: no config fits {macs_per_pixel:,.10g} MACs/pixel; the cheapest "
                              f"costs {min(costs):,.10g}{attention}")
-        self._budget_index = max(within, key=lambda i: (
-            float("-inf") if self.routing_space[i].psnr is None else self.routing_space[i].psnr,
-            self.routing_space[i].macs_per_pixel))
+        self._budget_index = max(within, key=lambda i: (  # (dearest: by the cost it was picked by)
+            float("-inf") if self.routing_space[i].psnr is None else self.routing_space[i].psnr, costs[i]))
         return self.routing_space[self._budget_index]
 
     @property

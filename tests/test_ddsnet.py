@@ -246,6 +246,24 @@ def test_static_budget_mode():
     assert model.set_budget(None) is None
 
 
+def test_a_budget_without_psnrs_takes_the_route_dearest_in_the_cost_it_fits_by():
+    """With the gate's attention on, a route's static cost counts the full-width stem: a narrow
+    stem's route can cost more to run than a dearer config with a full stem."""
+    net = SlimUNet(in_channels=3, base_width=8, depth=2)
+    generator = torch.Generator().manual_seed(0)
+    costs = {c: macs_per_pixel(net, c) for c in (net.space.sample(generator) for _ in range(300))}
+    stem, full = net.stem_group, net.stem_channels
+    narrow = [(m, c) for c, m in costs.items() if c[stem] < full]
+    wide = [(m, c) for c, m in costs.items() if c[stem] == full]
+    # a full-stem config dearer than a narrow-stem one, but cheaper than it runs behind the gate
+    (cheap, narrow_config), (dear, wide_config) = next(
+        (a, b) for a in narrow for b in wide if a[0] < b[0] < a[0] + 27 * (full - a[1][stem]))
+    model = DDSNet(net, DynamicGate(full, 2), [RoutingEntry(narrow_config, cheap), RoutingEntry(wide_config, dear)])
+    assert model.static_macs_per_pixel(0) > model.static_macs_per_pixel(1)
+    model.set_budget(model.static_macs_per_pixel(0))
+    assert model.budget_index == 0
+
+
 def test_static_mode_checks_the_input_and_ranks_a_psnr_of_zero_above_none():
     model = make_ddsnet()
     model.set_budget(float("inf"))
