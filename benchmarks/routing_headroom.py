@@ -96,6 +96,8 @@ def fit_gain(model: dds_fast.DDSNet, data, crops: int, batch: int = 64) -> tuple
         quality = []
         for k in (0, len(model.routing_space) - 1):
             model.set_budget(model.static_macs_per_pixel(k))
+            if model.budget_index != k:  # (a cheaper route of a better PSNR takes that budget)
+                raise SystemExit(f"route {k}'s own cost selects route {model.budget_index} in static mode")
             with torch.no_grad():
                 quality.append(per_image_psnr(model(noisy).float(), clean).cpu().numpy())
         model.set_budget(None)

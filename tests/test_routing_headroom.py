@@ -185,3 +185,17 @@ def test_pairs_are_scored_on_outputs_clamped_to_the_image_range(headroom):
     clean = torch.rand(3, 16, 16)
     scores = headroom.per_pair_psnr(dds, [(clean, clean)])
     assert np.isfinite(scores).all() and scores[0] < 20
+
+
+def test_the_gain_fit_refuses_a_route_its_budget_does_not_run(headroom):
+    """set_budget runs the best PSNR within a budget: the largest route's cost runs route 0
+    when route 0 recorded the better PSNR, and the gain would be of route 0 over itself."""
+    import torch
+
+    from dds_fast import RoutingEntry
+
+    dds = small_ddsnet()
+    dds.routing_space = [RoutingEntry(e.config, e.macs_per_pixel, psnr) for e, psnr in zip(dds.routing_space, (40, 30))]
+    crops = [(torch.rand(3, 8, 8), torch.rand(3, 8, 8)) for _ in range(2)]
+    with pytest.raises(SystemExit, match="route 1's own cost selects route 0 in static mode"):
+        headroom.fit_gain(dds, crops, crops=2)
