@@ -536,6 +536,36 @@ def test_a_setting_no_checkpoint_can_store_is_refused_before_training(tmp_path):
         TrainLoop(tmp_path, "stage1", net, optimizer, Pairs(), lambda *a: {}, LoopSettings(steps=2, batch_size=2))
 
 
+def test_a_scheduler_beside_an_lr_factor_is_refused(tmp_path):
+    """Each step sets the rates to the initial ones times the factor: a scheduler's would be lost."""
+    net = SlimDnCNN(in_channels=1, base_width=8, depth=3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.5)
+    with pytest.raises(ValueError, match="stage1: a scheduler and an lr_factor"):
+        TrainLoop(tmp_path, "stage1", net, optimizer, Pairs(), lambda *a: {}, LoopSettings(steps=2, batch_size=2),
+                  scheduler=scheduler, lr_factor=lambda step: 1.0)
+
+
+def test_the_log_reaches_the_disk_before_each_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint is fsynced; a power loss must not keep it while losing the log's lines before it."""
+    import os
+
+    from dds_fast.training import loop as loop_module
+
+    events = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    save_state = loop_module.TrainLoop.save_state
+    monkeypatch.setattr(loop_module.TrainLoop, "save_state",
+                        lambda self, step: events.append(("checkpoint", step)) or save_state(self, step))
+    make_loop(tmp_path, steps=4, checkpoint_every=2)[0].run()
+    checkpoints = [i for i, event in enumerate(events) if event[0] == "checkpoint"]
+    assert len(checkpoints) == 2
+    for i in checkpoints:
+        assert events[i - 1] == ("fsync", str(tmp_path / "stage1.log.jsonl"))
+
+
 def test_resume_names_a_state_file_of_another_architecture(tmp_path):
     make_loop(tmp_path, steps=2)[0].run()
     wider = SlimDnCNN(in_channels=1, base_width=24, depth=3)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -131,7 +132,8 @@ class TrainLoop:
     one) for ``settings.steps`` steps, checkpointing ``model``, ``optimizer`` and
     ``scheduler`` (stepped once per epoch) to ``run_dir/<stage>.state.safetensors``.
     ``lr_factor(step)``, if given, scales the optimizer's initial learning rates at each step
-    (a pure function of the step, so a resumed run follows the same schedule).
+    (a pure function of the step, so a resumed run follows the same schedule); a ``scheduler``
+    or an ``lr_factor``, not both (the factor would overwrite the scheduler's rates).
 
     ``options`` (JSON values) are what else the training depends on; the checkpoint records
     them with the batch size and the items per epoch, and :meth:`resume` refuses a checkpoint
@@ -152,6 +154,9 @@ class TrainLoop:
         self.run_dir = Path(run_dir)
         self.stage = stage
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        if scheduler is not None and lr_factor is not None:
+            raise ValueError(f"{stage}: a scheduler and an lr_factor: each step's factor of the initial rates would "
+                             f"overwrite the scheduler's; give one")
         _check_storable(stage, optimizer, scheduler)
         self.lr_factor = lr_factor
         self.initial_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -350,6 +355,7 @@ class TrainLoop:
                 bar.update(1)
                 if (step + 1) % self.settings.checkpoint_every == 0 or step + 1 == total:
                     log.flush()
+                    os.fsync(log.fileno())  # on the disk before the checkpoint (fsynced) says the steps ran
                     self.save_state(step + 1)
         lead_done()  # the last checkpoint is written before any rank moves on
         return total - start
