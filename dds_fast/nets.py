@@ -217,10 +217,10 @@ class SlimNet(nn.Module):
         if self.is_static or self._masked:  # (masked: save and export refuse it by name)
             return
         for conv, group, multiplier in self._bound():
-            filters = self._config[group] * multiplier
-            if (conv.active_out_channels or conv.out_channels) != filters:  # (None: all its filters)
+            filters, runs = self._config[group] * multiplier, conv.active_out_channels or conv.out_channels  # (None: all)
+            if runs != filters:
                 raise ValueError(f"{caller}: {type(self).__name__}'s {conv.layer_name} runs "
-                                 f"{conv.active_out_channels} filters, but its config sets group {group!r} to "
+                                 f"{runs} filters, but its config sets group {group!r} to "
                                  f"{self._config[group]} ({filters} filters); set widths through set_config")
 
     def get_config(self) -> SubnetConfig:
