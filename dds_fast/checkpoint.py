@@ -26,7 +26,7 @@ from safetensors.torch import save as serialize
 from torch import nn
 
 from ._version import __version__
-from .config import RoutingEntry, SubnetConfig
+from .config import RoutingEntry, SubnetConfig, json_loads
 from .ddsnet import AttentionSupernet, DDSNet
 from .export import StaticConv2d, export_static
 from .gate import DynamicGate
@@ -37,6 +37,8 @@ FORMAT = "dds-fast"
 FORMAT_VERSION = 1
 _MAX_HEADER = 100_000_000  # bytes; safetensors' own bound
 _DIGEST = "sha256"  # the metadata key of the tensors' fingerprint
+# the metadata key of the other metadata's (files before it have none: their headers load unchecked)
+_HEADER_DIGEST = "metadata_sha256"
 SHIPPED_MODEL = Path(__file__).parent / "weights" / "dds.safetensors"  # the model the package ships
 
 
@@ -158,10 +160,11 @@ def _json_text(value, name: str) -> str:
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """safetensors bytes of ``tensors`` through ``atomic_write``, the tensors'
-    ``weights_fingerprint`` in the metadata: safetensors has no checksum of its own, and
-    ``read_tensors`` checks it. (Not safetensors' ``save_file``, whose own temporary file a
+    ``weights_fingerprint`` and a fingerprint of the other metadata in the metadata: safetensors
+    has no checksum of its own, and ``read_tensors`` (the metadata's: every reader) checks them. (Not safetensors' ``save_file``, whose own temporary file a
     kill would leave where ``remove_leftovers`` does not look.)"""
     metadata = {**metadata, _DIGEST: weights_fingerprint(tensors)}
+    metadata[_HEADER_DIGEST] = _metadata_fingerprint(metadata)
     try:
         data = serialize(tensors, metadata=metadata)
     except (SafetensorError, RuntimeError) as error:  # RuntimeError: tensors sharing memory (tied weights)
@@ -216,6 +219,9 @@ def _metadata_of(data: bytes, file_size: int | None = None) -> dict[str, str]:
     metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError("its header's __metadata__ is not a map of strings")
+    # (a changed config or argument would load as another model that computes something else)
+    if _HEADER_DIGEST in metadata and _metadata_fingerprint(metadata) != metadata[_HEADER_DIGEST]:
+        raise ValueError("its metadata do not match the checksum saved with them (corrupt header)")
     try:
         end = max([entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"], default=0)
     except (TypeError, KeyError, IndexError):
@@ -224,6 +230,12 @@ def _metadata_of(data: bytes, file_size: int | None = None) -> dict[str, str]:
         raise ValueError(f"its tensors end at byte {8 + size + end if isinstance(end, int) else end}; the file "
                          f"holds {file_size} (truncated?)")
     return metadata
+
+
+def _metadata_fingerprint(metadata: dict[str, str]) -> str:
+    """sha256 of a file's metadata entries but its own."""
+    entries = sorted((key, value) for key, value in metadata.items() if key != _HEADER_DIGEST)
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -313,7 +325,7 @@ _JSON_KINDS = {dict: "object", list: "array", bool: "true or false"}
 
 def _json_field(header: dict[str, str], name: str, kind: type, default: str | None = None):
     """Header field ``name`` decoded from JSON, which must be a ``kind``."""
-    value = json.loads(header[name] if default is None else header.get(name, default))
+    value = json_loads(header[name] if default is None else header.get(name, default))  # (a key twice: refused)
     if not isinstance(value, kind):
         raise TypeError(f"'{name}' must be a JSON {_JSON_KINDS[kind]}, got {header[name]!r}")
     return value
@@ -357,7 +369,8 @@ def _decoded(path: Path, header: dict[str, str]) -> dict:
     if header.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} checkpoint (no '{FORMAT}' format tag)")
     revision = header.get("format_version", "1")  # files from before the field are revision 1
-    if not (revision.isascii() and revision.isdigit()):  # ("²" is a digit, not a number int() reads)
+    # ("²" is a digit, not a number int() reads; past 4,300 digits int() refuses the text)
+    if not (revision.isascii() and revision.isdigit() and len(revision) <= 9):
         raise CheckpointError(f"checkpoint {path} has malformed metadata: format_version {revision!r} is not a "
                               f"whole number")
     if int(revision) > FORMAT_VERSION:

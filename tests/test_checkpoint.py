@@ -423,6 +423,7 @@ def test_tensors_load_back_in_the_dtype_they_were_saved_in(net, tmp_path, dtype)
     ("routing_space", '[{"config": {"enc0.mid": 8}, "macs_per_pixel": 1e999}]', "malformed metadata"),
     ("routing_space", '[{"config": {"enc0.mid": 8}, "macs_per_pixel": 1' + '0' * 400 + '}]', "malformed metadata"),
     ("static", '"yes"', "'static' must be a JSON true or false"),
+    ("config", '{"enc0.mid": 8, "enc0.mid": 16}', r"malformed metadata: an object repeats the key\(s\) \['enc0.mid'\]"),
     # well formed, but not for this network
     ("config", "{}", "its config does not fit SlimUNet: config does not match the network's groups"),
     ("config", '{"enc0.mid": 8}', "missing"),
@@ -509,13 +510,37 @@ def test_a_checkpoint_from_a_later_format_revision_is_refused(net, tmp_path):
         load(path)
 
 
-@pytest.mark.parametrize("revision", ["\u00b2", ""])
+@pytest.mark.parametrize("revision", ["\u00b2", "", "9" * 5000])
 def test_a_format_revision_that_is_no_number_is_malformed(net, tmp_path, revision):
     path = save(net, tmp_path / "model.safetensors")
-    rewrite(path, net.state_dict(), format_version=revision)  # ("²".isdigit(), and int() refuses it)
-    with pytest.raises(CheckpointError, match=f"{path} has malformed metadata: format_version '{revision}' is not a "
-                                              f"whole number"):
+    # ("²".isdigit(), and int() refuses it; 5,000 digits are past what int() reads from text)
+    rewrite(path, net.state_dict(), format_version=revision)
+    with pytest.raises(CheckpointError, match=f"{path} has malformed metadata: format_version '{revision[:20]}"):
         load(path)
+
+
+def test_a_header_changed_since_the_save_is_refused_as_corrupt(net, tmp_path):
+    """Its tensors' checksum does not cover the header: a config or an argument changed in
+    place (the JSON still valid) loaded as another model, computing something else."""
+    from dds_fast.checkpoint import SHIPPED_MODEL
+
+    path = save(net, tmp_path / "model.safetensors")
+    data = path.read_bytes()
+    config = json.dumps(net.get_config().to_dict()).encode()
+    width = str(net.get_config()["enc0"]).encode()
+    changed = config.replace(b'"enc0": ' + width, b'"enc0": ' + (b"8" if width != b"8" else b"9").rjust(len(width)))
+    assert changed != config and len(changed) == len(config)
+    escaped = config.replace(b'"', b'\\"'), changed.replace(b'"', b'\\"')  # (as JSON within the header's JSON)
+    assert data.count(escaped[0]) == 1
+    path.write_bytes(data.replace(*escaped))
+    for read in (load, read_metadata):
+        with pytest.raises(CheckpointError, match=f"checkpoint {path} is not a readable safetensors file .*its "
+                                                  f"metadata do not match the checksum saved with them"):
+            read(path)
+    # files from before the header's checksum (the shipped model's) load as they did
+    with safe_open(str(SHIPPED_MODEL), "pt") as f:
+        assert "metadata_sha256" not in f.metadata()
+    load(SHIPPED_MODEL)
 
 
 def test_a_header_claimed_past_the_limit_says_so(tmp_path):
