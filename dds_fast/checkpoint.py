@@ -51,8 +51,8 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     returns the path. ``metadata``: any JSON values, which ``read_metadata(path)["user"]``
     gives back. A ValueError for a model ``load`` could not rebuild: a class not registered
     (``register_architecture``), ``arch_args`` its constructor does not take, masked widths,
-    a layer's width set apart from its config, tensors its constructor does not build (a buffer or a parametrization added later), NaN
-    or infinite values."""
+    a layer's width set apart from its config, tensors its constructor does not build (a
+    buffer or a parametrization added later), NaN or infinite values."""
     arch = type(model).__name__
     if ARCHITECTURES.get(arch) is not type(model) or not hasattr(model, "arch_args"):
         raise ValueError(f"save: {arch} is not a registered architecture ({sorted(ARCHITECTURES)}); "
@@ -160,9 +160,10 @@ def _json_text(value, name: str) -> str:
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """safetensors bytes of ``tensors`` through ``atomic_write``, the tensors'
-    ``weights_fingerprint`` and a fingerprint of the other metadata in the metadata: safetensors
-    has no checksum of its own, and ``read_tensors`` (the metadata's: every reader) checks them. (Not safetensors' ``save_file``, whose own temporary file a
-    kill would leave where ``remove_leftovers`` does not look.)"""
+    ``weights_fingerprint`` and a fingerprint of the other metadata in the metadata:
+    safetensors has no checksum of its own; ``read_tensors`` checks both (every reader the
+    metadata's). (Not safetensors' ``save_file``, whose own temporary file a kill would leave
+    where ``remove_leftovers`` does not look.)"""
     metadata = {**metadata, _DIGEST: weights_fingerprint(tensors)}
     metadata[_HEADER_DIGEST] = _metadata_fingerprint(metadata)
     try:
@@ -457,14 +458,13 @@ def _rebuilt(path: Path, cls: type, meta: dict) -> nn.Module:
 
 def _check_tensors(path: Path, model: nn.Module, arch: str, tensors: dict[str, torch.Tensor]) -> None:
     """``tensors`` fit ``model`` as ``_rebuilt`` built it: its keys, dtypes it runs, finite values."""
-    expected_keys = set(model.state_dict())
-    missing, unexpected = sorted(expected_keys - set(tensors)), sorted(set(tensors) - expected_keys)
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match {arch}: missing keys {missing}, "
                               f"unexpected keys {unexpected}")
-    expected_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    misshapen = [f"{name} {tuple(t.shape)} (expected {expected_shapes[name]})" for name, t in sorted(tensors.items())
-                 if tuple(t.shape) != expected_shapes[name]]
+    misshapen = [f"{name} {tuple(t.shape)} (expected {tuple(expected[name].shape)})"
+                 for name, t in sorted(tensors.items()) if t.shape != expected[name].shape]
     if misshapen:
         more = f" and {len(misshapen) - 3} more" if len(misshapen) > 3 else ""
         raise CheckpointError(f"checkpoint {path} does not match {arch}: tensor shapes {', '.join(misshapen[:3])}{more}")

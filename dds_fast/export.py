@@ -111,8 +111,9 @@ def export_static(model: nn.Module, config: SubnetConfig | Mapping[str, int] | N
                              f"hook; use torch.nn.utils.parametrizations.weight_norm or spectral_norm, which export, "
                              f"or remove_weight_norm / remove_spectral_norm first")
         # (torch.nn.utils.prune's weight_orig and weight_mask, say: the static copy holds a weight and a bias)
-        extra = sorted(set(module._parameters) - {"weight", "bias"} | set(module._buffers))
-        if isinstance(module, SlimConv2d) and extra:
+        extra = isinstance(module, SlimConv2d) and sorted(set(module._parameters) - {"weight", "bias"}
+                                                          | set(module._buffers))
+        if extra:
             raise ValueError(f"export_static: layer{where} holds {extra} beside its weight and bias, which its static "
                              f"copy would not have (a pruned layer: torch.nn.utils.prune.remove it first)")
     calls, _ = trace_convs(model, config, input_shape)
