@@ -351,9 +351,10 @@ def _read_metadata(path: Path, f) -> dict:
 
 def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a folder, not a file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} is a folder, not a file" if path.is_dir()
-                                else f"checkpoint {path} is not a regular file" if path.exists()
+        raise FileNotFoundError(f"checkpoint {path} is not a regular file" if path.exists()
                                 else f"checkpoint {path} does not exist")
     return path
 
@@ -389,7 +390,9 @@ def _decoded(path: Path, header: dict[str, str]) -> dict:
             "routing_space": ([RoutingEntry.from_dict(e) for e in _json_field(header, "routing_space", list)]
                               if "routing_space" in header else None),
         }
-    except (KeyError, TypeError, AttributeError, ValueError, RecursionError, OverflowError) as error:
+    except KeyError as error:  # (its text alone would be the bare key)
+        raise CheckpointError(f"checkpoint {path} has malformed metadata: no {error} entry") from None
+    except (TypeError, AttributeError, ValueError, RecursionError, OverflowError) as error:
         raise CheckpointError(f"checkpoint {path} has malformed metadata: {error}") from None
     if meta["static"] and meta["config"] is None:
         raise CheckpointError(f"checkpoint {path} holds a static export but no config to rebuild its shapes from")
@@ -484,8 +487,8 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     How the model runs is not in the file, only what it computes: layer and gate ``backend``,
     a DDSNet's ``per_image_tiles``, ``packed_buffers`` and ``route_branches``, and the weights'
     memory format come back as a new model has them; set them again after loading.
-    A missing file raises FileNotFoundError, one that cannot be opened another OSError (such as
-    PermissionError); a foreign, truncated or corrupt one CheckpointError (a ValueError), as does
+    A missing file raises FileNotFoundError, a folder IsADirectoryError, one that cannot be
+    opened another OSError (such as PermissionError); a foreign, truncated or corrupt one CheckpointError (a ValueError), as does
     one whose tensors the model cannot hold (NaN or infinite values, dtypes its layers do not run)."""
     try:
         device = torch.device(map_location)

@@ -184,7 +184,8 @@ class ChannelGroup:
 
 def width_choices(base_width: int, width_mult: float = 1.5, min_ratio: float = 0.2, divisor: int = 8) -> tuple[int, ...]:
     """The paper's per-layer widths: ratios ``min_ratio`` to ``width_mult`` of ``base_width``
-    in steps of ``divisor`` channels; the super-network has the largest."""
+    in steps of ``divisor`` channels, each end rounded as ``make_divisible`` rounds (never
+    below ``divisor``: ``width_choices(5, 1.0)`` is ``(8,)``); the super-network has the largest."""
     owner = "width_choices"
     base_width, divisor = checked_int(base_width, "base_width", owner), checked_int(divisor, "divisor", owner)
     width_mult, min_ratio = checked_real(width_mult, "width_mult", owner), checked_real(min_ratio, "min_ratio", owner)

@@ -464,9 +464,13 @@ class DDSNet(nn.Module):
                 and macs_per_pixel.dtype != torch.bool and not macs_per_pixel.is_complex():
             macs_per_pixel = macs_per_pixel.item()  # a budget computed on tensors (expected_macs)
         if isinstance(macs_per_pixel, bool) or not isinstance(macs_per_pixel, numbers.Real) \
-                or math.isnan(macs_per_pixel):
+                or macs_per_pixel != macs_per_pixel:  # (NaN)
             raise ValueError(f"DDSNet.set_budget: the budget must be a number of MACs/pixel or None, got "
                              f"{macs_per_pixel!r}")
+        try:
+            macs_per_pixel = float(macs_per_pixel)
+        except OverflowError:  # an int past a float's range
+            macs_per_pixel = math.inf if macs_per_pixel > 0 else -math.inf
         costs = [self.static_macs_per_pixel(i) for i in range(len(self.routing_space))]
         within = [i for i, cost in enumerate(costs) if cost <= macs_per_pixel]
         if not within:

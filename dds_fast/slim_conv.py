@@ -259,6 +259,11 @@ class SlimConv2d(nn.Conv2d):
             if (t.shape[0], t.shape[2], t.shape[3]) != (first.shape[0], first.shape[2], first.shape[3]):
                 raise ValueError(f"{self._label()}: concatenated inputs disagree in batch or size: "
                                  f"{[tuple(t.shape) for t in inputs]}")
+        # as nn.Conv2d refuses them (the kernels would return an empty output)
+        height, width = first.shape[2:]
+        if height == 0 or width == 0 or min(self.output_size(height, width)) < 1:
+            raise ValueError(f"{self._label()}: an input of {height}x{width} pixels gives no output pixels (kernel "
+                             f"{tuple(self.kernel_size)}, padding {self.padding}, dilation {tuple(self.dilation)})")
         return inputs
 
     def _check_residual(self, residual: torch.Tensor, expected: tuple[int, ...]):
@@ -283,10 +288,19 @@ class SlimConv2d(nn.Conv2d):
         """The weight of the active slice (a view for one input; the matching blocks joined
         for a concatenated input), of ``weight`` when given (``self.weight`` as read once: a
         parametrization such as spectral_norm runs, and may update, on every read)."""
-        weight = self.weight if weight is None else weight
         if len(in_widths) != len(self.in_segments):
             raise ValueError(f"{self._label()}: active_weight takes one input width per input block "
                              f"({len(self.in_segments)}), got {list(in_widths)}")
+        # (a width past its block would read the next block's channels)
+        bounds = [(f"input width {k}", width, limit) for k, (width, limit) in enumerate(zip(in_widths, self.in_segments))]
+        for name, width, limit in bounds + [("out_width", out_width, self.out_channels)]:
+            if checked_int(width, name, f"{self._label()}: active_weight") > limit:
+                raise ValueError(f"{self._label()}: active_weight: {name} must be at most {limit}, got {width!r}")
+        return self._active_slice([int(w) for w in in_widths], int(out_width), weight)
+
+    def _active_slice(self, in_widths: list[int], out_width: int, weight: torch.Tensor | None) -> torch.Tensor:
+        """``active_weight`` of widths already checked (a forward's, from its inputs)."""
+        weight = self.weight if weight is None else weight
         if len(in_widths) == 1 and in_widths[0] == self.in_channels and out_width == self.out_channels:
             return weight
         blocks = [weight[:out_width, start:start + width]
@@ -308,6 +322,9 @@ class SlimConv2d(nn.Conv2d):
                 if widths is not None and self.per_image_packing is not None:
                     self.per_image_packing.add(y)
                 return y if keeps_layout else y.contiguous()
+        traced = _fx_proxy(input, residual)
+        if traced is not None:  # torch.fx traces through modules outside torch.nn: a leaf, as nn.Conv2d is
+            return self._fx_leaf(traced, input, residual)
         if isinstance(input, torch.Tensor) and input.dim() == 3 and input.layout == torch.strided:
             if residual is not None and residual.dim() != 3:
                 raise ValueError(f"{self._label()}: an unbatched input takes an unbatched residual [C, H, W], got "
@@ -384,6 +401,15 @@ class SlimConv2d(nn.Conv2d):
                 sums = torch.where(mask.reshape(1, 1, -1), sums, 0)
             self.channel_sums, self.channel_sums_of = sums, out
         return out
+
+    def _fx_leaf(self, proxy: torch.fx.Proxy, input, residual) -> torch.fx.Proxy:
+        """One call_module node for this layer in the graph ``proxy``'s tracer records."""
+        tracer = proxy.tracer
+        name = tracer.path_of_module(self)
+        if not name:  # the traced root itself: its node would call the GraphModule being built
+            raise ValueError(f"{self._label()}: torch.fx traces a SlimConv2d as a leaf of the module that holds it; "
+                             f"trace that module, not the layer alone")
+        return tracer.create_proxy("call_module", name, (input,) if residual is None else (input, residual), {})
 
     def _repeat_key(self, input, weight: torch.Tensor, bias: torch.Tensor | None,
                     residual: torch.Tensor | None) -> tuple | None:
@@ -466,7 +492,7 @@ class SlimConv2d(nn.Conv2d):
 
     def _reference(self, inputs: list[torch.Tensor], out_width: int, residual: torch.Tensor | None,
                    weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        weight = self.active_weight([t.shape[1] for t in inputs], out_width, weight)
+        weight = self._active_slice([t.shape[1] for t in inputs], out_width, weight)
         bias = None if bias is None else bias[:out_width]
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
         return apply_epilogue(self._conv_forward(x, weight, bias), residual, self.activation, self.negative_slope,
@@ -490,6 +516,14 @@ class SlimConv2d(nn.Conv2d):
         if self.output_mask is not None:
             parts.append(f"masked_out_channels={int(self.output_mask.sum())}")
         return ", ".join(parts)
+
+
+def _fx_proxy(input, residual) -> torch.fx.Proxy | None:
+    """The torch.fx Proxy among a call's arguments, when a symbolic trace makes it."""
+    for value in ([*input] if type(input) in (list, tuple) else [input]) + [residual]:
+        if isinstance(value, torch.fx.Proxy):
+            return value
+    return None
 
 
 def _parameter(module: nn.Module, name: str):

@@ -265,7 +265,7 @@ def test_unknown_architecture_and_missing_file(net, tmp_path):
         load(path)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load(tmp_path / "nope.safetensors")
-    with pytest.raises(FileNotFoundError, match="is a folder, not a file"):
+    with pytest.raises(IsADirectoryError, match="is a folder, not a file"):
         load(tmp_path)
     if Path(os.devnull).exists():  # it was said not to exist
         with pytest.raises(FileNotFoundError, match=f"checkpoint {os.devnull} is not a regular file"):
@@ -433,6 +433,17 @@ def test_malformed_or_unfitting_header_fields(net, tmp_path, field, value, messa
     path = save(net, tmp_path / "model.safetensors")
     rewrite(path, net.state_dict(), **{field: value})
     with pytest.raises(CheckpointError, match=f"{path}.*{message}"):
+        load(path)
+
+
+@pytest.mark.parametrize("field", ["version", "arch", "arch_args"])
+def test_a_header_without_a_required_entry_names_it(net, tmp_path, field):
+    path = save(net, tmp_path / "model.safetensors")
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata())
+    del header[field]
+    atomic_save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path, header)
+    with pytest.raises(CheckpointError, match=f"{path} has malformed metadata: no '{field}' entry$"):
         load(path)
 
 

@@ -1223,6 +1223,9 @@ def test_routing_indices_and_budgets_of_other_integer_and_tensor_types():
         assert model.static_macs_per_pixel(index) == 2.0
     assert model.static_macs_per_pixel(-2) == 1.0  # as a sequence counts from its end: -len is the first
     assert model.set_budget(torch.tensor(1.5)).macs_per_pixel == 1.0  # a budget computed on tensors
+    assert model.set_budget(10 ** 400).macs_per_pixel == 2.0  # past a float's range: no OverflowError
+    with pytest.raises(ValueError, match="no config fits"):
+        model.set_budget(-10 ** 400)
 
 
 def test_without_triton_a_ddsnet_asked_for_the_kernels_falls_back_or_says_why(monkeypatch):

@@ -48,6 +48,55 @@ def test_full_width_uses_parameter_without_slicing():
         slim.active_weight([3, 2], 4)
 
 
+@pytest.mark.parametrize("in_widths,out_width,match", [
+    ((9, 3), 4, r"input width 0 must be at most 8, got 9"),  # would read block 1's first channel
+    ((8, 5), 4, r"input width 1 must be at most 4, got 5"),
+    ((-1, 2), 4, r"input width 0 must be an int >= 1, got -1"),
+    ((0, 2), 4, r"input width 0 must be an int >= 1, got 0"),
+    ((2.0, 2), 4, r"input width 0 must be an int >= 1, got 2.0"),
+    ((8, 4), -2, r"out_width must be an int >= 1, got -2"),
+    ((8, 4), 7, r"out_width must be at most 6, got 7"),
+])
+def test_active_weight_refuses_widths_outside_their_blocks(in_widths, out_width, match):
+    slim = SlimConv2d(12, 6, 3, padding=1, in_segments=(8, 4))
+    with pytest.raises(ValueError, match=match):
+        slim.active_weight(in_widths, out_width)
+    narrow = slim.active_weight((torch.tensor(3), np.int64(2)), 5)  # integer scalars of numpy and torch are widths
+    torch.testing.assert_close(narrow, torch.cat([slim.weight[:5, :3], slim.weight[:5, 8:10]], 1), rtol=0, atol=0)
+
+
+class _TracedBlock(nn.Module):
+    """A concatenated input and a residual, as a U-Net decoder calls its convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = SlimConv2d(3, 4, 3, padding=1)
+        self.joined = SlimConv2d(7, 4, 3, padding=1, in_segments=(4, 3), activation="relu")
+
+    def forward(self, x):
+        y = self.first(x)
+        return self.joined([y, x], residual=y) * 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_fx_traces_slim_convs_as_leaves_like_nn_conv2d(backend):
+    torch.manual_seed(0)
+    converted = convert_model(nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 2, 1)))
+    block = _TracedBlock()
+    x = torch.randn(1, 3, 6, 5)
+    for model in (converted, block):
+        for layer in model.modules():
+            if isinstance(layer, SlimConv2d):
+                layer.backend = backend
+        traced = torch.fx.symbolic_trace(model)
+        calls = [node.target for node in traced.graph.nodes if node.op == "call_module"]
+        assert [name for name in calls if isinstance(traced.get_submodule(name), SlimConv2d)] == \
+            [name for name, m in model.named_modules() if isinstance(m, SlimConv2d)]
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"trace that module, not the layer alone"):
+        torch.fx.symbolic_trace(SlimConv2d(3, 4, 3))
+
+
 def test_padding_modes_match_nn_conv2d():
     torch.manual_seed(1)
     plain = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")
@@ -130,6 +179,10 @@ def test_gradients_reach_only_the_active_prefix():
     (lambda c: setattr(c, "active_out_channels", 9), r"active_out_channels.*\[1, 8\].*9"),
     (lambda c: setattr(c, "active_out_channels", 2.5), r"active_out_channels"),
     (lambda c: c("not a tensor"), r"tensor or a list"),
+    # no pixels: nn.Conv2d refuses them, the kernels returned an empty output
+    (lambda c: c(torch.randn(1, 6, 0, 5)), r"layer\(6->8\): an input of 0x5 pixels gives no output"),
+    (lambda c: c(torch.randn(2, 6, 4, 0)), r"an input of 4x0 pixels"),
+    (lambda c: c([torch.randn(1, 6, 0, 0)]), r"an input of 0x0 pixels"),
     # sparse tensors: named, on every backend (nn.Conv2d and the kernels failed deep inside on them)
     (lambda c: c(torch.randn(1, 6, 5, 5).to_sparse()), r"input is a torch.sparse_coo tensor"),
     (lambda c: c(torch.randn(6, 5, 5).to_sparse()), r"input is a torch.sparse_coo tensor"),
