@@ -170,14 +170,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
         data = serialize(tensors, metadata=metadata)
     except (SafetensorError, RuntimeError) as error:  # RuntimeError: tensors sharing memory (tied weights)
         raise ValueError(f"cannot write {path}: {error}") from error
-
-    def write(tmp: Path) -> None:
-        try:
-            tmp.write_bytes(data)
-        except OSError as error:  # (named after the file asked for, not the temporary)
-            raise OSError(error.errno, f"cannot write {path}: {error.strerror}", str(path)) from error
-
-    return atomic_write(path, write)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -291,7 +284,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=_temp_suffix(path))
     except OSError as error:
-        raise OSError(error.errno, f"cannot write {path}: {error.strerror}", str(path)) from error
+        raise _write_error(path, error) from error
     os.close(fd)
     try:
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
@@ -299,12 +292,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         os.chmod(tmp, mode)  # mkstemp's file is private
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # (its text named the temporary file, or no file: a full disk)
+            raise _write_error(path, error) from error
         raise
     if hasattr(os, "O_DIRECTORY"):  # the rename itself (POSIX; Windows has no directory handles)
         _fsync(path.parent, os.O_DIRECTORY)
     return path
+
+
+def _write_error(path: Path, error: OSError) -> OSError:
+    """``error`` as one that names ``path``, of the same OSError subclass where it had an errno."""
+    if error.errno is None:  # (a writer's own, such as Pillow's for a mode its format cannot hold)
+        return OSError(f"cannot write {path}: {error}")
+    return OSError(error.errno, f"cannot write {path}: {error.strerror}")  # (a filename argument would repeat it)
 
 
 def _umask() -> int:

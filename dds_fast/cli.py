@@ -6,6 +6,7 @@ import importlib
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -81,9 +82,17 @@ def _bundled_photo(name: str, size: int | None = None, channels: int = 3) -> tor
     return photo
 
 
+def _parsed(text: str, kind: type, what: str):
+    """``kind(text)``, or argparse's error for the flag (its own would name our parser function)."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
 def _noise_sigma(text: str) -> float:
     """An argparse type for an AWGN sigma (0-255 units): NaN or a negative one would fail after the routing."""
-    value = float(text)
+    value = _parsed(text, float, "a number")
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
@@ -99,7 +108,7 @@ def _finite_output(output: torch.Tensor, args, what: str) -> torch.Tensor:
 
 def _positive_int(text: str) -> int:
     """An argparse type for counts and sizes: 0 or less would fail deep in the run, not name the flag."""
-    value = int(text)
+    value = _parsed(text, int, "a positive integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
@@ -107,7 +116,7 @@ def _positive_int(text: str) -> int:
 
 def _nonnegative_int(text: str) -> int:
     """``_positive_int`` where 0 is allowed (a margin)."""
-    value = int(text)
+    value = _parsed(text, int, "an integer >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
     return value
@@ -115,7 +124,7 @@ def _nonnegative_int(text: str) -> int:
 
 def _seed(text: str) -> int:
     """An argparse type for a seed: torch's generators take -2**63 to 2**64 - 1."""
-    value = int(text)
+    value = _parsed(text, int, "an integer")
     if not -2 ** 63 <= value < 2 ** 64:
         raise argparse.ArgumentTypeError(f"must be an integer from -2**63 to 2**64 - 1, got {value}")
     return value
@@ -133,6 +142,9 @@ def cmd_demo(args) -> int:
             raise ValueError(f"{' and '.join(untrained_only)}: only for the untrained demo, which runs when no "
                              f"model is installed")
         return _demo_trained(args)
+    if args.out is not None:  # (it prints a table, and writes no image)
+        raise ValueError("--out: only for the trained demo; the untrained one, which runs when no model is "
+                         "installed, writes no image")
     return _demo_untrained(args)
 
 
@@ -142,12 +154,14 @@ def _demo_trained(args) -> int:
     from .training.data import TEST_NAMES, check_output_path, save_image
     from .training.stages import DEFAULT_VALIDATION_IMAGES
 
+    args.out = args.out or "dds-demo.png"
     check_output_path(args.out)
     model = _model_from(args.checkpoint)
     if not isinstance(model, DDSNet):
         raise ValueError(f"demo needs a DDSNet checkpoint (a dds-fast train run's dds.safetensors), "
                          f"got a {type(model).__name__}")
     model.set_budget(None)  # the demo shows dynamic routing, in whatever mode the checkpoint was saved
+    args.image = args.image or "chelsea"
     clean = _bundled_photo(args.image, channels=model.in_channels)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.sigma / 255
     noisy = clean + noise
@@ -191,13 +205,14 @@ def _demo_untrained(args) -> int:
 
     torch.manual_seed(args.seed)
     size, base_width = args.size or 256, args.base_width or 16
-    clean = _bundled_photo("astronaut", size)[None]
+    photo = args.image or "astronaut"
+    clean = _bundled_photo(photo, size)[None]
     noisy = (clean + torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed)) * args.sigma / 255)
     model = SlimUNet(in_channels=3, base_width=base_width).eval()
     space = model.space
     largest = macs_per_pixel(model, space.largest(), input_shape=tuple(noisy.shape[1:]))  # padded as it runs
     print(f"SlimUNet(base_width={base_width}) super-network, untrained weights (no trained model found); "
-          f"astronaut photo {size}x{size} with AWGN sigma {args.sigma}.")
+          f"{photo} photo {size}x{size} with AWGN sigma {args.sigma}.")
     print("Each width runs the shared weights' channel prefixes; 'static diff' compares the slim output with "
           "an exported network of plain narrow convs.")
     rows = []
@@ -348,10 +363,14 @@ def _model_from(checkpoint: str | None):
 def cmd_denoise(args) -> int:
     from .ddsnet import DDSNet
     from .evaluate import denoise
-    from .training.data import (check_output_path, icc_profile_fits, read_icc_profile, read_image, save_image,
-                                to_channels)
+    from .training.data import (check_output_path, icc_profile_fits, image_frames, read_icc_profile, read_image,
+                                save_image, to_channels)
 
     image, bits = read_image(args.input, keep_alpha=True)
+    frames = image_frames(args.input)
+    if frames > 1:
+        print(f"warning: {args.input} holds {frames} images (pages or frames): only the first is denoised",
+              file=sys.stderr)
     alpha = None
     if image.shape[0] in (2, 4):  # the alpha plane is no noisy signal: it passes through as it was
         image, alpha = image[:-1], image[-1:]
@@ -364,6 +383,9 @@ def cmd_denoise(args) -> int:
     if out_channels != model.in_channels:  # its output would be no denoised copy of its input
         raise ValueError(f"denoise needs a model whose output has its input's channels; {args.checkpoint} maps "
                          f"{model.in_channels} to {out_channels}")
+    if model.in_channels not in (1, 3):  # (images are gray or RGB here, their alpha apart)
+        raise ValueError(f"denoise takes gray or RGB images, and {args.checkpoint} denoises {model.in_channels} "
+                         f"channels")
     if args.budget is not None:
         if not isinstance(model, DDSNet):
             raise ValueError(f"--budget needs a DDSNet checkpoint; {args.checkpoint} holds {type(model).__name__}")
@@ -396,8 +418,11 @@ def cmd_denoise(args) -> int:
               f"were read as {'RGB' if image.shape[0] == 3 else 'gray'}: the output is written without it",
               file=sys.stderr)
         profile = None
-    save_image(args.output, output, 16 if bits == 16 and Path(args.output).suffix.lower() == ".png" else 8,
-               icc_profile=profile)
+    png = Path(args.output).suffix.lower() == ".png"
+    if bits == 16 and not png:
+        print(f"warning: {args.output} holds 8 bits per sample, of {args.input}'s 16 (a .png output keeps 16)",
+              file=sys.stderr)
+    save_image(args.output, output, 16 if bits == 16 and png else 8, icc_profile=profile)
     if dynamic:
         macs = model.routed_macs(planes, stem_means=means)
         print(f"dynamic mode: routed to {sum(macs) / len(macs):,.0f} MACs/pixel")
@@ -418,10 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="denoise a bundled photo with the shipped model (dynamic routing), or, "
                                        "without one, slim an untrained network and print MACs per width")
     demo.add_argument("--checkpoint", help="a DDSNet checkpoint instead of the shipped model")
-    demo.add_argument("--image", default="chelsea", help="(trained demo) a bundled scikit-image photo (default: "
-                                                         "held out)")
+    demo.add_argument("--image", help="a bundled scikit-image photo (default: chelsea, held out of the shipped "
+                                      "model's training; astronaut for the untrained demo)")
     demo.add_argument("--sigma", type=_noise_sigma, default=25.0, help="AWGN sigma, 0-255 units (default 25)")
-    demo.add_argument("--out", default="dds-demo.png", help="(trained demo) the side-by-side PNG")
+    demo.add_argument("--out", help="(trained demo) the side-by-side PNG (default dds-demo.png)")
     demo.add_argument("--size", type=_positive_int, help="(untrained demo, when no model is installed) photo side "
                                                           "(default 256)")
     demo.add_argument("--base-width", type=_positive_int, help="(untrained demo, when no model is installed) network "
@@ -517,11 +542,31 @@ def _import_modules(names: list[str]) -> None:
             raise ValueError(f"--import {name}: {error}{hint}") from error
 
 
+_LESS_MEMORY = {  # what to shrink when a command runs out of memory
+    "denoise": "a smaller --tile or --tiles-per-batch",
+    "train": "a smaller network (--base-width, --depth), batch size or patch size",
+    "bench": "a smaller --size or --batch",
+    "demo": "a smaller --size (untrained demo)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a file name that is no valid UTF-8 prints escaped, not as a failure
         if callable(getattr(stream, "reconfigure", None)):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():  # (the caller's handler back after: main may run inside a program)
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line of ours, not Python's file, line and source line of the library."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    print(f"dds-fast: warning: {kind}{message}", file=sys.stderr if file is None else file)
+
+
+def _run(args) -> int:
     try:
         _import_modules(args.imports)
         return args.func(args)
@@ -539,8 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         if not out_of_memory(error):
             raise
         first_line = (str(error) or type(error).__name__).splitlines()[0]
-        print(f"dds-fast: error: out of memory ({first_line}): a smaller --tile (denoise) or batch size needs less",
-              file=sys.stderr)
+        print(f"dds-fast: error: out of memory ({first_line}): {_LESS_MEMORY.get(args.command, 'a smaller input')} "
+              f"needs less", file=sys.stderr)
         return 2
 
 

@@ -78,6 +78,30 @@ def test_save_is_atomic_when_it_fails(net, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("failure,kind,text", [
+    (OSError(28, "No space left on device"), OSError, "No space left on device"),
+    (PermissionError(1, "Operation not permitted", "/x/.tmp.png", None, "out.png"), PermissionError,
+     "Operation not permitted"),
+    (OSError("cannot write mode RGBA as JPEG"), OSError, "cannot write mode RGBA as JPEG"),  # Pillow's, no errno
+])
+def test_atomic_write_names_the_file_asked_for_whatever_step_fails(tmp_path, monkeypatch, failure, kind, text):
+    """A writer's error, or the rename's, named the temporary file (its random name) or no file."""
+    from dds_fast.checkpoint import atomic_write
+
+    path = tmp_path / "out.png"
+
+    def fail(tmp):
+        raise failure
+
+    with pytest.raises(kind, match=f"^(\\[Errno \\d+\\] )?cannot write {path}: {text}$") as raised:
+        atomic_write(path, fail)
+    assert raised.value.errno == failure.errno
+    monkeypatch.setattr(os, "replace", lambda src, dst: fail(None))
+    with pytest.raises(kind, match=f"cannot write {path}: {text}"):
+        atomic_write(path, lambda tmp: tmp.write_bytes(b"x"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_safetensors_serialisation_error_is_a_value_error_naming_the_file(net, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 

@@ -575,13 +575,56 @@ def test_running_out_of_memory_is_an_error_without_a_traceback(error, monkeypatc
     def exhausted(args):
         raise error
 
-    monkeypatch.setattr(dds_fast.cli, "cmd_info", exhausted)
-    assert main(["info", str(tmp_path / "any.safetensors")]) == 2
+    monkeypatch.setattr(dds_fast.cli, "cmd_denoise", exhausted)
+    assert main(["denoise", str(tmp_path / "any.png"), "-o", str(tmp_path / "out.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dds-fast: error: out of memory (") and "smaller --tile" in err
+    monkeypatch.setattr(dds_fast.cli, "cmd_train", exhausted)  # (it said --tile, which train has not)
+    assert main(["train", "stage1", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "a smaller network (--base-width, --depth), batch size or patch size needs less" in capsys.readouterr().err
+    monkeypatch.setattr(dds_fast.cli, "cmd_info", exhausted)
     monkeypatch.setattr(dds_fast.cli, "cmd_info", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # other runtime errors keep their traceback
         main(["info", "x"])
+
+
+@pytest.mark.parametrize("argv,flag,message", [
+    (["denoise", "a.png", "-o", "b.png", "--tile", "2.5"], "--tile", "must be a positive integer, got '2.5'"),
+    (["denoise", "a.png", "-o", "b.png", "--overlap", "x"], "--overlap", "must be an integer >= 0, got 'x'"),
+    (["demo", "--sigma", "abc"], "--sigma", "must be a number, got 'abc'"),
+    (["demo", "--seed", "1e3"], "--seed", "must be an integer, got '1e3'"),
+])
+def test_a_flag_value_that_does_not_parse_is_named_without_our_function_names(argv, flag, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and err.splitlines()[-1].endswith(f"error: argument {flag}: {message}"), err
+
+
+def test_a_warning_prints_as_one_line_of_ours(monkeypatch, capsys):
+    import warnings
+
+    def warns(args):
+        warnings.warn("crops of 90 pixels are padded to 96", UserWarning)
+        warnings.warn("an old option", DeprecationWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_info", warns)
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["info", "any.safetensors"]) == 0
+    assert capsys.readouterr().err == ("dds-fast: warning: crops of 90 pixels are padded to 96\n"
+                                       "dds-fast: warning: DeprecationWarning: an old option\n")
+    assert warnings.showwarning is shown  # the caller's handler back
+
+
+def test_untrained_demo_takes_image_and_refuses_out(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "SHIPPED_MODEL", tmp_path / "none.safetensors")
+    assert main(["demo", "--out", str(tmp_path / "x.png"), "--size", "16"]) == 2
+    assert "--out: only for the trained demo" in capsys.readouterr().err
+    assert main(["demo", "--image", "camera", "--size", "16", "--base-width", "8", "--repeats", "1"]) == 0
+    assert "camera photo 16x16" in capsys.readouterr().out
 
 
 def test_every_training_option_has_a_flag_with_help():
@@ -732,6 +775,17 @@ def test_denoise_budget_on_a_plain_super_network_is_an_error(tmp_path, capsys):
     assert "--budget needs a DDSNet checkpoint" in capsys.readouterr().err
 
 
+def test_denoise_names_a_checkpoint_of_other_than_1_or_3_channels(tmp_path, capsys):
+    from dds_fast.training.data import save_image
+
+    checkpoint = save(SlimUNet(in_channels=4, base_width=4, depth=2).eval(), tmp_path / "four.safetensors")
+    save_image(tmp_path / "in.png", torch.rand(3, 16, 16))
+    assert main(["denoise", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--checkpoint",
+                 str(checkpoint)]) == 2
+    assert f"denoise takes gray or RGB images, and {checkpoint} denoises 4 channels" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_info_marks_the_static_route_a_checkpoint_was_saved_at(tmp_path, capsys):
     # the "(static mode)" label sits on the saved budget's route, not route 0
     model = small_ddsnet()
@@ -763,10 +817,11 @@ def test_a_gray_model_denoises_each_colour_plane_with_its_own_gate_means(tmp_pat
 def test_demo_names_a_sigma_whose_noise_overflows_inside_the_network(trained, capsys, monkeypatch, tmp_path):
     # finite noise that overflows float32 in the first convs: no NaN metrics, no NaN table rows, no picture
     if trained:
-        model = ["--checkpoint", str(save(small_ddsnet(), tmp_path / "dds.safetensors")), "--image", "coins"]
-    else:
+        model = ["--checkpoint", str(save(small_ddsnet(), tmp_path / "dds.safetensors")), "--image", "coins",
+                 "--out", str(tmp_path / "demo.png")]
+    else:  # (it writes no picture, and takes no --out)
         monkeypatch.setattr(cli, "SHIPPED_MODEL", tmp_path / "none.safetensors")
         model = ["--size", "32", "--base-width", "4"]
-    assert main(["demo", *model, "--sigma", "1e38", "--repeats", "1", "--out", str(tmp_path / "demo.png")]) == 2
+    assert main(["demo", *model, "--sigma", "1e38", "--repeats", "1"]) == 2
     assert "--sigma 1e+38: " in capsys.readouterr().err
     assert not (tmp_path / "demo.png").exists()

@@ -543,6 +543,28 @@ def test_denoise_command_refuses_a_model_that_changes_the_channels(tmp_path, cap
     assert "maps 3 to 1" in capsys.readouterr().err and not (tmp_path / "out.png").exists()
 
 
+def test_denoise_command_says_what_a_multi_image_file_or_a_jpeg_output_loses(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    checkpoint = dds_fast.save(net(), tmp_path / "net.safetensors")
+    pages = np.random.default_rng(7).integers(0, 256, (3, 12, 14, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", pages, photometric="rgb")  # three pages
+    frames = [Image.fromarray(page) for page in pages[:2]]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    single = save_image(tmp_path / "one.png", torch.rand(3, 12, 14, generator=torch.Generator().manual_seed(6)), 16)
+    for source, output, warning in [("stack.tif", "out.png", "holds 3 images (pages or frames): only the first"),
+                                    ("anim.gif", "out.png", "holds 2 images (pages or frames): only the first"),
+                                    ("one.png", "out.jpg", "holds 8 bits per sample, of " + str(single) + "'s 16"),
+                                    ("one.png", "out.png", None)]:
+        assert main(["denoise", str(tmp_path / source), "-o", str(tmp_path / output), "--checkpoint",
+                     str(checkpoint)]) == 0
+        err = capsys.readouterr().err
+        assert (warning in err) if warning else "warning" not in err, err
+        assert read_image(tmp_path / output)[0].shape == (3, 12, 14)
+
+
 def test_denoise_command_refuses_to_drop_an_alpha_plane_into_a_jpeg(tmp_path, capsys):
     checkpoint = dds_fast.save(net(), tmp_path / "net.safetensors")
     source = save_image(tmp_path / "in.png", torch.rand(4, 12, 12, generator=torch.Generator().manual_seed(6)))

@@ -983,7 +983,14 @@ def test_a_folder_image_smaller_than_the_patch_is_named(tmp_path):
     run = Run(tmp_path / "run", TrainConfig(images=str(folder), validation_patch=32, gate_patch_size=37, device="cpu"))
     with pytest.raises(ValueError, match=r"gate_patch_size 37 is larger than the training image .*a.png of size "
                                          r"\(40, 36\)"):
-        run.check_gate_patches()
+        run.check_crops("gate_patch_size")
+    # and the training crops, before the noise check crops a blank image that large (100000 x
+    # 100000 pixels ran out of memory there)
+    huge = Run(tmp_path / "run", TrainConfig(images=str(folder), validation_patch=32, patch_size=100_000,
+                                             noise="camera", device="cpu"))
+    with pytest.raises(ValueError, match=r"patch_size 100000 is larger than the training image .*a.png of size "
+                                         r"\(40, 36\)"):
+        huge.check_stages(["stage1"])
     with pytest.raises(ValueError, match="gate_patch_size 37"):
         run.stage3()
     tiny = dict(images=str(folder), arch="SlimDnCNN", base_width=8, depth=3, validation_patch=32, gate_patch_size=32,

@@ -404,6 +404,20 @@ def read_icc_profile(path) -> bytes | None:
     return bytes(profile) if profile else None
 
 
+def image_frames(path) -> int:
+    """How many images a file holds (a multi-page TIFF's pages, an animated GIF's or PNG's
+    frames): ``read_image`` reads the first."""
+    path = Path(path)
+    try:
+        if _is_tiff(path):
+            with tifffile.TiffFile(path) as tiff:
+                return len(tiff.pages)
+        with _open_image(path) as image:
+            return getattr(image, "n_frames", 1)
+    except Exception as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+
+
 def icc_profile_fits(profile: bytes, channels: int) -> bool:
     """Whether an ICC ``profile`` describes images of ``channels`` colour planes: its colour
     space (bytes 16-20) is RGB for 3 and gray for 1, as PNG and JPEG files require (a CMYK

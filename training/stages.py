@@ -411,9 +411,11 @@ class Run:
         world = rank_and_world()[1]
         stages = set(stages)
         batches = [("batch_size", c.batch_size, 1)] if stages & {"stage1", "refine", "inets"} else []
+        if stages & {"stage1", "refine", "inets"}:  # (before the noise check below, which crops at that size)
+            self.check_crops("patch_size")
         if "stage3" in stages:
             batches.append(("gate_batch_size", c.gate_batch_size, 2))
-            self.check_gate_patches()
+            self.check_crops("gate_patch_size")
             self.check_budget()
         if self.pairs is None:  # (real pairs carry their own noise)
             if stages & {"stage1", "refine", "inets"}:
@@ -457,17 +459,17 @@ class Run:
                              f"{low:,.0f} to {high:,.0f} (its smallest and largest configs, the full-width stem the "
                              f"gate reads counted)")
 
-    def check_gate_patches(self) -> None:
-        """Stage 3's crops of the training images fit them: ``train all`` asks before stage 1, so
-        a misfit is not found hours later (stages that do not crop at that size do not ask)."""
-        c = self.config
+    def check_crops(self, option: str) -> None:
+        """Crops of ``option``'s size (``patch_size``, or stage 3's ``gate_patch_size``) fit the
+        training images: ``train all`` asks before stage 1, so a misfit is not found hours later
+        (stages that do not crop at that size do not ask)."""
+        size = getattr(self.config, option)
         sizes = ([(name, tuple(image.shape[-2:])) for name, image in self.train_images.items()] if self.pairs is None
                  else [(f"{noisy} (and {clean})", size) for (noisy, clean), size in zip(self.pairs, self.pair_sizes)
                        if size is not None])
-        for name, size in sizes:
-            if min(size) < c.gate_patch_size:
-                raise ValueError(f"gate_patch_size {c.gate_patch_size} is larger than the training image "
-                                 f"{name} of size {size}")
+        for name, image_size in sizes:
+            if min(image_size) < size:
+                raise ValueError(f"{option} {size} is larger than the training image {name} of size {image_size}")
 
     @property
     def epoch_length(self) -> int:
