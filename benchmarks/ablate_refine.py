@@ -22,7 +22,7 @@ from ablate_stage1 import output_file, parse_overrides, report, stored_train_con
 import dds_fast
 from dds_fast.cli import _positive_int
 from dds_fast.training.slimming import validation_psnr
-from dds_fast.training.stages import Run, TrainConfig
+from dds_fast.training.stages import Run, TrainConfig, super_network_of
 
 
 def main(argv=None) -> int:
@@ -37,8 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--save", type=output_file, help="write the refined model here (safetensors)")
     args = parser.parse_args(argv)
     model = dds_fast.load(args.checkpoint)
-    net = model.supernet if isinstance(model, dds_fast.DDSNet) else model
-    net.routing_space = model.routing_space
+    net = super_network_of(model)  # (behind the gate's attention scale where it runs one, as the trainer's stages)
     if not net.routing_space:
         raise SystemExit(f"{args.checkpoint} holds no routing space")
     stored = stored_train_config(parser, args.checkpoint)
@@ -54,8 +53,10 @@ def main(argv=None) -> int:
         refined = run.refine(net, random_configs=args.random)
         after = [e.psnr for e in refined.routing_space]
     if args.save:
-        saved = (dds_fast.DDSNet(refined, model.gate, refined.routing_space) if isinstance(model, dds_fast.DDSNet)
-                 else refined)
+        # behind the attention scale, refine trained the gate's attention head with the body
+        body, gate = ((refined.supernet, refined.gate) if isinstance(refined, dds_fast.AttentionSupernet)
+                      else (refined, getattr(model, "gate", None)))
+        saved = dds_fast.DDSNet(body, gate, refined.routing_space) if isinstance(model, dds_fast.DDSNet) else refined
         dds_fast.save(saved.eval(), args.save, train_config=dataclasses.asdict(config))
     report({"checkpoint": args.checkpoint, "configs": "random" if args.random else "routing", "steps": args.steps,
             "overrides": overrides,

@@ -18,7 +18,7 @@ from ablate_stage1 import output_file, report, stored_train_config
 
 import dds_fast
 from dds_fast.training.slimming import SLIM_CRITERIA, progressive_slimming, thin_routing_space
-from dds_fast.training.stages import Run, TrainConfig
+from dds_fast.training.stages import Run, TrainConfig, super_network_of
 
 
 def mean_psnr_over_macs(trajectory) -> float:
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=output_file, help="write the result as JSON here")
     args = parser.parse_args(argv)
     model = dds_fast.load(args.checkpoint)
-    net = (model.supernet if isinstance(model, dds_fast.DDSNet) else model).eval()
+    net = super_network_of(model).eval()  # (behind the gate's attention scale where it runs one, as stage 2 slims)
     stored = stored_train_config(parser, args.checkpoint)
     config = TrainConfig.from_dict({**stored, "device": "cpu", "progress": False})
     results = {}

@@ -31,6 +31,7 @@ import torch
 
 import dds_fast
 from dds_fast.checkpoint import read_metadata
+from dds_fast.cli import _noise_sigma
 from dds_fast.evaluate import TABLE_HEADER, Evaluation, comparison_table, evaluate, inet_name
 from dds_fast.metrics import psnr, ssim
 from dds_fast.training.data import bundled_images
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", help="a model; further DDSNets add a dynamic row each")
     parser.add_argument("--noise", nargs="+", choices=["awgn", "camera"], default=["awgn"])
-    parser.add_argument("--sigma", nargs="+", type=float, default=[25.0], help="of the AWGN, in 0-255 units")
+    parser.add_argument("--sigma", nargs="+", type=_noise_sigma, default=[25.0], help="of the AWGN, in 0-255 units")
     parser.add_argument("--images", nargs="+", default=list(DEFAULT_VALIDATION_IMAGES))
     parser.add_argument("--gray", action="store_true", help="gray photos read as colour: the same noise in "
                                                             "every channel")
@@ -118,6 +119,10 @@ def main(argv=None) -> int:
         inets = [dds_fast.load(path).eval() for path in args.inets]
     except (OSError, ValueError) as error:
         parser.error(f"--inets: {error}")
+    for path, inet in zip(args.inets, inets):  # (they denoise the same images)
+        if inet.in_channels != model.in_channels:
+            parser.error(f"--inets: {path} takes {inet.in_channels} channels, {args.checkpoints[0]} "
+                         f"{model.in_channels}")
     noises, sigmas = [], []
     for name in dict.fromkeys(args.noise):
         if name == "awgn":
@@ -128,7 +133,10 @@ def main(argv=None) -> int:
         noises = [(f"gray, {name}", GrayNoise(noise), sigma) for name, noise, sigma in noises]
     pairs = []
     for _, noise, sigma in noises:
-        added = noisy_pairs(args.images, noise, model.in_channels, channel_orders=args.channel_orders)
+        try:
+            added = noisy_pairs(args.images, noise, model.in_channels, channel_orders=args.channel_orders)
+        except ValueError as error:  # (an unknown photo name, a file that does not read)
+            parser.error(f"--images: {error}")
         pairs += added
         sigmas += [sigma] * len(added)
     # scored as saved, clamped to [0, 1]: a large sigma's noisy images overrun the metrics' range

@@ -104,12 +104,16 @@ def test_bm3d_denoises_a_gray_pair_on_its_one_plane(monkeypatch):
     assert row.psnr == pytest.approx((psnr(gray, clean) + psnr(colour, clean)) / 2)
 
 
-def test_ablate_refine_saves_the_refined_ddsnet_with_its_gate(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("attention", [False, True])
+def test_ablate_refine_saves_the_refined_ddsnet_with_its_gate(monkeypatch, tmp_path, capsys, attention):
     from test_training import tiny_run_config
 
+    from dds_fast.training.gate_stage import per_image_psnr
+    from dds_fast.training.stages import Run
+
     ablate = load_benchmark(monkeypatch, "ablate_refine")
-    dds = small_ddsnet()
-    config = tiny_run_config(arch="SlimUNet", channels=3, depth=2, validation_patch=16)
+    dds = small_ddsnet(attention=attention)
+    config = tiny_run_config(arch="SlimUNet", channels=3, depth=2, validation_patch=16, attention=attention)
     checkpoint = save(dds, tmp_path / "dds.safetensors", train_config=dataclasses.asdict(config))
     out = tmp_path / "refined.safetensors"
     assert ablate.main([str(checkpoint), "--steps", "2", "--save", str(out), "--out", str(tmp_path / "r.json")]) == 0
@@ -118,11 +122,41 @@ def test_ablate_refine_saves_the_refined_ddsnet_with_its_gate(monkeypatch, tmp_p
         ablate.main([str(checkpoint), "--steps", "2", "--save", str(tmp_path)])
     assert "not a file in a folder that exists" in capsys.readouterr().err
     refined = load(out)
-    after = json.loads((tmp_path / "r.json").read_text())["validation_psnr_after"]
-    assert isinstance(refined, DDSNet) and [e.psnr for e in refined.routing_space] == pytest.approx(after)
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert isinstance(refined, DDSNet) and [e.psnr for e in refined.routing_space] == pytest.approx(
+        result["validation_psnr_after"])
+    # each route measured as the DDSNet runs it: behind its gate's attention scale where that is on
+    # (the bare super-network was measured, refined and saved behind a scale it never trained with)
+    batches = Run(tmp_path / "run", config).validation_batches()
+    for route, (before, after) in enumerate(zip(result["validation_psnr_before"], result["validation_psnr_after"])):
+        for model, reported in ((dds, before), (refined, after)):
+            model.eval().set_budget(model.static_macs_per_pixel(route))
+            with torch.no_grad():
+                scores = torch.cat([per_image_psnr(model(noisy), clean) for noisy, clean in batches])
+            assert float(scores.mean()) == pytest.approx(reported, abs=1e-6)
+    attention_head = ("fc1.", "fc2.")  # (W1, W2: the prediction head's, unused behind the scale, stay)
     for name, tensor in dds.gate.state_dict().items():
-        assert torch.equal(refined.gate.state_dict()[name], tensor), name
+        assert torch.equal(refined.gate.state_dict()[name], tensor) != (attention and name.startswith(attention_head)), name
     assert not torch.equal(refined.supernet.stem_conv.weight, dds.supernet.stem_conv.weight)  # it trained
+
+
+def test_ablate_slimming_slims_a_ddsnet_behind_its_attention_scale(monkeypatch, tmp_path):
+    from test_training import tiny_run_config
+
+    from dds_fast.training.gate_stage import per_image_psnr
+    from dds_fast.training.stages import Run
+
+    ablate = load_benchmark(monkeypatch, "ablate_slimming")
+    dds = small_ddsnet(attention=True)
+    config = tiny_run_config(arch="SlimUNet", channels=3, depth=2, validation_patch=16, attention=True)
+    checkpoint = save(dds, tmp_path / "dds.safetensors", train_config=dataclasses.asdict(config))
+    assert ablate.main([str(checkpoint), "--criteria", "psnr", "--out", str(tmp_path / "s.json")]) == 0
+    largest_macs, largest_psnr = json.loads((tmp_path / "s.json").read_text())["criteria"]["psnr"]["trajectory"][0]
+    dds.set_budget(dds.static_macs_per_pixel(len(dds.routing_space) - 1))  # the largest config, as the net runs it
+    with torch.no_grad():
+        scores = torch.cat([per_image_psnr(dds(noisy), clean)
+                            for noisy, clean in Run(tmp_path / "run", config).validation_batches()])
+    assert largest_psnr == pytest.approx(float(scores.mean()), abs=1e-6)
 
 
 def _no_evaluation(*args, **kwargs):
@@ -149,6 +183,21 @@ def test_quality_refuses_bad_paths_before_evaluating(quality, monkeypatch, tmp_p
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and ("--out" in err if bad.startswith("out") else "--inets" in err)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sigma", "-5"], "argument --sigma: must be a finite number >= 0, got -5"),
+    (["--images", "nosuch"], "--images: "),
+    (["--inets", "GRAY"], "--inets: GRAY takes 1 channels, "),
+])
+def test_quality_refuses_bad_arguments_by_their_flag(quality, monkeypatch, tmp_path, capsys, argv, message):
+    monkeypatch.setattr(quality, "evaluate", _no_evaluation)
+    checkpoint = str(save(small_ddsnet(), tmp_path / "dds.safetensors"))
+    gray = str(save(small_ddsnet(in_channels=1).supernet, tmp_path / "gray.safetensors"))
+    argv = [gray if value == "GRAY" else value for value in argv]
+    with pytest.raises(SystemExit) as exit_:
+        quality.main([checkpoint, *argv])
+    assert exit_.value.code == 2 and message.replace("GRAY", gray) in capsys.readouterr().err
 
 
 def test_quality_writes_bm3d_s_unknown_macs_as_null(quality, monkeypatch, tmp_path):

@@ -1411,7 +1411,7 @@ def test_inets_reject_an_unknown_routing_index(tmp_path):
 def test_run_puts_every_conv_on_the_configured_backend(tmp_path):
     from dds_fast import SlimConv2d
 
-    run = Run(tmp_path, TrainConfig(backend="torch", base_width=8, depth=2))
+    run = Run(tmp_path, TrainConfig(backend="torch", base_width=8, depth=2, attention=False))
     net = run.new_network()
     run.save(net, "net.safetensors")
     for model in (net, run.load("net.safetensors")):
@@ -1507,7 +1507,8 @@ def test_a_ddsnet_copied_in_as_an_earlier_result_serves_as_its_super_network(tmp
     by name for the I-Nets too (a TypeError)."""
     from dds_fast import DDSNet, DynamicGate, RoutingEntry, macs_per_pixel
 
-    run = Run(tmp_path, tiny_run_config(gate_steps=1, steps=1, inet_steps=1))
+    # (a gate without attention: a run of the default, attention on, refuses it as run without the head)
+    run = Run(tmp_path, tiny_run_config(gate_steps=1, steps=1, inet_steps=1, attention=False))
     net = run.new_network()
     net.routing_space = [RoutingEntry(c, macs_per_pixel(net, c)) for c in (net.space.smallest(), net.space.largest())]
     gate = DynamicGate(net.stem_channels, 2)
@@ -1516,7 +1517,7 @@ def test_a_ddsnet_copied_in_as_an_earlier_result_serves_as_its_super_network(tmp
     loaded = run.load("stage2.safetensors")
     assert type(loaded) is SlimDnCNN and loaded.routing_space == net.routing_space
     assert isinstance(run.stage3(), dds_fast.DDSNet)
-    Run(tmp_path, tiny_run_config(refine_steps=1)).refine()
+    Run(tmp_path, tiny_run_config(refine_steps=1, attention=False)).refine()
     (tmp_path / "stage2.safetensors").rename(tmp_path / "stage1.safetensors")
     assert len(run.stage2(dds_fast.load(tmp_path / "stage1.safetensors")).routing_space) == 2
     dds_fast.save(net.__class__(**net.arch_args), tmp_path / "stage2.safetensors")
@@ -1790,6 +1791,26 @@ def test_a_stage1_result_of_the_other_attention_setting_is_refused(tmp_path, mon
     run.save(net, "stage1.safetensors", stage=1)
     with pytest.raises(ValueError, match="attention True"):
         Run(tmp_path, TrainConfig(**{**STUB_CONFIG, "attention": False})).load("stage1.safetensors")
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_a_copied_in_model_runs_the_attention_setting_of_the_config_or_is_refused(tmp_path, monkeypatch, attention):
+    """A DDSNet copied in as stage 2's result records no attention option (the shipped model's
+    is from before it): what its gate runs decides. A run with the other setting trained it
+    without the head it asked for, and saved its config beside the network."""
+    from dds_fast import DDSNet, DynamicGate
+
+    run, net, _ = _stub_run(tmp_path, monkeypatch, attention=False)
+    body = net.supernet if hasattr(net, "supernet") else net
+    dds = DDSNet(body, DynamicGate(body.stem_channels, 2), net.routing_space)
+    dds.gate.attention = attention
+    dds_fast.save(dds, tmp_path / "stage2.safetensors", stage=2)  # no train_config: copied in
+    assert Run(tmp_path, TrainConfig(**{**STUB_CONFIG, "attention": attention})).load("stage2.safetensors")
+    flag = "--attention" if attention else "--no-attention"
+    with pytest.raises(ValueError, match=f"stage2.safetensors holds a network {'behind' if attention else 'without'} "
+                                         f"the gate's attention head; this run's config has attention {not attention}: "
+                                         f"set attention {attention} \\({flag}\\)"):
+        Run(tmp_path, TrainConfig(**{**STUB_CONFIG, "attention": not attention})).load("stage2.safetensors")
 
 
 def test_num_choices_may_keep_every_config_slimming_finds(tmp_path):

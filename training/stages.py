@@ -574,6 +574,13 @@ class Run:
         c = self.config
         path = self.dir / name
         self.check_network(model, str(path))
+        # what the network runs, not what its config says: a model copied in records none, or
+        # one from before the option (the shipped model's gate runs no attention scale)
+        attended = isinstance(model, AttentionSupernet)
+        if attended != c.attention:
+            raise ValueError(f"{path} holds a network {'behind' if attended else 'without'} the gate's attention "
+                             f"head; this run's config has attention {c.attention}: set attention {attended} "
+                             f"(--{'' if attended else 'no-'}attention), or run the earlier stages again with it")
         user = read_metadata(path)["user"]
         trained = user.get("train_config") or {}  # (none: a model copied in, not trained by a run)
         shape = NETWORK_OPTIONS + ("channels", "attention")
