@@ -277,7 +277,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         try:
             path = path.resolve()
         except RuntimeError as error:  # a loop of links (an OSError from Python 3.13 on)
-            raise OSError(errno.ELOOP, f"cannot write {path}: {error}", str(path)) from None
+            raise OSError(errno.ELOOP, f"cannot write {path}: {error}") from None
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
     try:
@@ -294,7 +294,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):  # (its text named the temporary file, or no file: a full disk)
+        # an error about the temporary file, or of no file (a full disk), named after the file asked
+        # for; one about another file (a font a plot lacks), or of another kind too, as it came
+        if isinstance(error, OSError) and error.filename in (None, tmp, Path(tmp)) \
+                and (error.errno is not None or type(error) is OSError):
             raise _write_error(path, error) from error
         raise
     if hasattr(os, "O_DIRECTORY"):  # the rename itself (POSIX; Windows has no directory handles)
@@ -381,6 +384,9 @@ def _decoded(path: Path, header: dict[str, str]) -> dict:
         raise CheckpointError(f"checkpoint {path} was written by dds-fast {header.get('version')} in format revision "
                               f"{revision}; dds-fast {__version__} reads revisions up to {FORMAT_VERSION}: upgrade "
                               f"dds-fast to load it")
+    missing = [key for key in ("version", "arch", "arch_args") if key not in header]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has malformed metadata: no {missing[0]!r} entry")
     try:
         meta = {
             "version": header["version"],
@@ -392,9 +398,7 @@ def _decoded(path: Path, header: dict[str, str]) -> dict:
             "routing_space": ([RoutingEntry.from_dict(e) for e in _json_field(header, "routing_space", list)]
                               if "routing_space" in header else None),
         }
-    except KeyError as error:  # (its text alone would be the bare key)
-        raise CheckpointError(f"checkpoint {path} has malformed metadata: no {error} entry") from None
-    except (TypeError, AttributeError, ValueError, RecursionError, OverflowError) as error:
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError, OverflowError) as error:
         raise CheckpointError(f"checkpoint {path} has malformed metadata: {error}") from None
     if meta["static"] and meta["config"] is None:
         raise CheckpointError(f"checkpoint {path} holds a static export but no config to rebuild its shapes from")

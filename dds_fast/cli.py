@@ -369,8 +369,7 @@ def cmd_denoise(args) -> int:
     image, bits = read_image(args.input, keep_alpha=True)
     frames = image_frames(args.input)
     if frames > 1:
-        print(f"warning: {args.input} holds {frames} images (pages or frames): only the first is denoised",
-              file=sys.stderr)
+        _warn(f"{args.input} holds {frames} images (pages or frames): only the first is denoised")
     alpha = None
     if image.shape[0] in (2, 4):  # the alpha plane is no noisy signal: it passes through as it was
         image, alpha = image[:-1], image[-1:]
@@ -396,9 +395,9 @@ def cmd_denoise(args) -> int:
     if model.in_channels == 3 and image.shape[0] == 1:
         shipped = ("" if args.checkpoint else " (the shipped model gains about 1.4 dB at AWGN sigma 25 on gray "
                                               "photos, against 11 dB on colour ones)")
-        print(f"warning: {args.input} is gray, and a colour model learns noise that differs between channels; "
+        _warn(f"{args.input} is gray, and a colour model learns noise that differs between channels; "
               f"a gray image's is the same in all three, and the model keeps much of it{shipped}. A model trained "
-              f"with --channels 1, or with 'gray' noise mixed in, denoises gray images.", file=sys.stderr)
+              f"with --channels 1, or with 'gray' noise mixed in, denoises gray images.")
     # a gray model denoises each colour plane alone
     planes = image[:, None] if model.in_channels == 1 else to_channels(image, model.in_channels)[None]
     # dynamic mode: the gate's squeeze of the whole image, tile by tile, once, for the tiles and the
@@ -414,14 +413,12 @@ def cmd_denoise(args) -> int:
         output = torch.cat([output, alpha])
     profile = read_icc_profile(args.input)  # the colours the pixels mean
     if profile and not icc_profile_fits(profile, image.shape[0]):
-        print(f"warning: {args.input}'s ICC profile is for {profile[16:20].decode('latin-1').strip()} images, which "
-              f"were read as {'RGB' if image.shape[0] == 3 else 'gray'}: the output is written without it",
-              file=sys.stderr)
+        _warn(f"{args.input}'s ICC profile is for {profile[16:20].decode('latin-1').strip()} images, which "
+              f"were read as {'RGB' if image.shape[0] == 3 else 'gray'}: the output is written without it")
         profile = None
     png = Path(args.output).suffix.lower() == ".png"
     if bits == 16 and not png:
-        print(f"warning: {args.output} holds 8 bits per sample, of {args.input}'s 16 (a .png output keeps 16)",
-              file=sys.stderr)
+        _warn(f"{args.output} holds 8 bits per sample, of {args.input}'s 16 (a .png output keeps 16)")
     save_image(args.output, output, 16 if bits == 16 and png else 8, icc_profile=profile)
     if dynamic:
         macs = model.routed_macs(planes, stem_means=means)
@@ -546,7 +543,6 @@ _LESS_MEMORY = {  # what to shrink when a command runs out of memory
     "denoise": "a smaller --tile or --tiles-per-batch",
     "train": "a smaller network (--base-width, --depth), batch size or patch size",
     "bench": "a smaller --size or --batch",
-    "demo": "a smaller --size (untrained demo)",
 }
 
 
@@ -560,10 +556,13 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
+def _warn(text: str, file=None) -> None:
+    print(f"dds-fast: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning as one line of ours, not Python's file, line and source line of the library."""
-    kind = "" if category is UserWarning else f"{category.__name__}: "
-    print(f"dds-fast: warning: {kind}{message}", file=sys.stderr if file is None else file)
+    _warn(f"{'' if category is UserWarning else f'{category.__name__}: '}{message}", file)
 
 
 def _run(args) -> int:

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .config import SubnetConfig, checked_int
 from .modes import evaluating
+from .slim_conv import InputTooSmall
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def trace_convs(model: nn.Module, config: SubnetConfig | Mapping[str, int] | Non
         # outside any dispatch mode (FlopCounterMode): a count is not the caller's forward
         with _at_config(model, config), torch.no_grad(), evaluating(model), _disable_current_modes():
             model(torch.rand(1, *input_shape, device=reference.device, dtype=reference.dtype, generator=generator))
-    except (RuntimeError, ValueError) as error:  # (ValueError: a SlimConv2d's input with no output pixels)
+    except (RuntimeError, InputTooSmall) as error:
         if not defaulted or out_of_memory(error):  # (running out of memory is not a misfit)
             raise
         raise ValueError(f"{type(model).__name__}: the default input {tuple(input_shape)} does not fit it ({error}); "

@@ -262,7 +262,7 @@ class SlimConv2d(nn.Conv2d):
         # as nn.Conv2d refuses them (the kernels would return an empty output)
         height, width = first.shape[2:]
         if height == 0 or width == 0 or min(self.output_size(height, width)) < 1:
-            raise ValueError(f"{self._label()}: an input of {height}x{width} pixels gives no output pixels (kernel "
+            raise InputTooSmall(f"{self._label()}: an input of {height}x{width} pixels gives no output pixels (kernel "
                              f"{tuple(self.kernel_size)}, padding {self.padding}, dilation {tuple(self.dilation)})")
         return inputs
 
@@ -292,11 +292,14 @@ class SlimConv2d(nn.Conv2d):
             raise ValueError(f"{self._label()}: active_weight takes one input width per input block "
                              f"({len(self.in_segments)}), got {list(in_widths)}")
         # (a width past its block would read the next block's channels)
-        bounds = [(f"input width {k}", width, limit) for k, (width, limit) in enumerate(zip(in_widths, self.in_segments))]
+        bounds = [(f"input width {k}", width, limit)
+                  for k, (width, limit) in enumerate(zip(in_widths, self.in_segments))]
+        checked = []
         for name, width, limit in bounds + [("out_width", out_width, self.out_channels)]:
-            if checked_int(width, name, f"{self._label()}: active_weight") > limit:
+            checked.append(checked_int(width, name, f"{self._label()}: active_weight"))
+            if checked[-1] > limit:
                 raise ValueError(f"{self._label()}: active_weight: {name} must be at most {limit}, got {width!r}")
-        return self._active_slice([int(w) for w in in_widths], int(out_width), weight)
+        return self._active_slice(checked[:-1], checked[-1], weight)
 
     def _active_slice(self, in_widths: list[int], out_width: int, weight: torch.Tensor | None) -> torch.Tensor:
         """``active_weight`` of widths already checked (a forward's, from its inputs)."""
@@ -420,8 +423,8 @@ class SlimConv2d(nn.Conv2d):
         not asked for. A repeated call then skips the checks it passed, most of a small layer's
         host time."""
         if self.backend == "torch" or self.output_mask is not None or self.emit_channel_sums \
-                or not _plain_eager_state():
-            return None
+                or not _plain_eager_state() or (residual is not None and type(residual) is not torch.Tensor):
+            return None  # (a residual of a torch.fx trace, say: a Proxy, which forward makes a leaf of)
         x0 = input if type(input) is torch.Tensor else input[0] if type(input) in (list, tuple) and input else None
         if type(x0) is not torch.Tensor or (self.backend == "auto" and not x0.is_cuda):
             return None
@@ -516,6 +519,10 @@ class SlimConv2d(nn.Conv2d):
         if self.output_mask is not None:
             parts.append(f"masked_out_channels={int(self.output_mask.sum())}")
         return ", ".join(parts)
+
+
+class InputTooSmall(ValueError):
+    """A SlimConv2d's input with no output pixels (as nn.Conv2d, which raises a RuntimeError)."""
 
 
 def _fx_proxy(input, residual) -> torch.fx.Proxy | None:

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 from pathlib import Path
@@ -80,8 +81,7 @@ def test_save_is_atomic_when_it_fails(net, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("failure,kind,text", [
     (OSError(28, "No space left on device"), OSError, "No space left on device"),
-    (PermissionError(1, "Operation not permitted", "/x/.tmp.png", None, "out.png"), PermissionError,
-     "Operation not permitted"),
+    (PermissionError(1, "Operation not permitted"), PermissionError, "Operation not permitted"),
     (OSError("cannot write mode RGBA as JPEG"), OSError, "cannot write mode RGBA as JPEG"),  # Pillow's, no errno
 ])
 def test_atomic_write_names_the_file_asked_for_whatever_step_fails(tmp_path, monkeypatch, failure, kind, text):
@@ -96,10 +96,26 @@ def test_atomic_write_names_the_file_asked_for_whatever_step_fails(tmp_path, mon
     with pytest.raises(kind, match=f"^(\\[Errno \\d+\\] )?cannot write {path}: {text}$") as raised:
         atomic_write(path, fail)
     assert raised.value.errno == failure.errno
-    monkeypatch.setattr(os, "replace", lambda src, dst: fail(None))
+    def refuse_rename(src, dst):  # (a rename's error names both files: the temporary one first)
+        raise failure if failure.errno is None else type(failure)(failure.errno, failure.strerror, src, None, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_rename)
     with pytest.raises(kind, match=f"cannot write {path}: {text}"):
         atomic_write(path, lambda tmp: tmp.write_bytes(b"x"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("failure", [FileNotFoundError(2, "No such file or directory", "/fonts/DejaVuSans.ttf"),
+                                     io.UnsupportedOperation("not writable")])  # (an OSError and a ValueError)
+def test_atomic_write_passes_an_error_about_another_file_or_of_another_kind_as_it_came(tmp_path, failure):
+    from dds_fast.checkpoint import atomic_write
+
+    def fail(tmp):
+        raise failure
+
+    with pytest.raises(type(failure)) as raised:
+        atomic_write(tmp_path / "plot.png", fail)
+    assert raised.value is failure and os.listdir(tmp_path) == []
 
 
 def test_a_safetensors_serialisation_error_is_a_value_error_naming_the_file(net, tmp_path, monkeypatch):

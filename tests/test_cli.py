@@ -582,7 +582,6 @@ def test_running_out_of_memory_is_an_error_without_a_traceback(error, monkeypatc
     monkeypatch.setattr(dds_fast.cli, "cmd_train", exhausted)  # (it said --tile, which train has not)
     assert main(["train", "stage1", "--run-dir", str(tmp_path / "run")]) == 2
     assert "a smaller network (--base-width, --depth), batch size or patch size needs less" in capsys.readouterr().err
-    monkeypatch.setattr(dds_fast.cli, "cmd_info", exhausted)
     monkeypatch.setattr(dds_fast.cli, "cmd_info", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # other runtime errors keep their traceback
         main(["info", "x"])
@@ -623,8 +622,12 @@ def test_untrained_demo_takes_image_and_refuses_out(capsys, monkeypatch, tmp_pat
     monkeypatch.setattr(cli, "SHIPPED_MODEL", tmp_path / "none.safetensors")
     assert main(["demo", "--out", str(tmp_path / "x.png"), "--size", "16"]) == 2
     assert "--out: only for the trained demo" in capsys.readouterr().err
+    photos = []
+    bundled = cli._bundled_photo
+    monkeypatch.setattr(cli, "_bundled_photo", lambda name, *args, **kwargs: photos.append(name) or bundled(
+        name, *args, **kwargs))
     assert main(["demo", "--image", "camera", "--size", "16", "--base-width", "8", "--repeats", "1"]) == 0
-    assert "camera photo 16x16" in capsys.readouterr().out
+    assert "camera photo 16x16" in capsys.readouterr().out and photos == ["camera"]
 
 
 def test_every_training_option_has_a_flag_with_help():

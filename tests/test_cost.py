@@ -4,6 +4,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dds_fast import SlimConv2d, SlimDnCNN, SlimUNet, convert_model, macs_per_pixel, trace_convs
+from dds_fast.config import SubnetConfig
 
 
 def counted_macs_per_pixel(model, h, w):
@@ -121,6 +122,11 @@ def test_a_model_the_default_input_does_not_fit_asks_for_an_input_shape():
     with pytest.raises(ValueError, match=r"pass input_shape=\(C, H, W\)"):
         macs_per_pixel(conv)
     assert macs_per_pixel(conv, input_shape=(3, 6, 6)) == 4 * 3 * 9 * 16 / 36
+    # a config that does not fit is its own error, not the default input's
+    net = SlimUNet(in_channels=3, base_width=4, depth=2)
+    with pytest.raises(ValueError, match=r"config: group 'enc0.mid' width 999") as raised:
+        macs_per_pixel(net, SubnetConfig.from_dict({**net.space.largest().to_dict(), "enc0.mid": 999}))
+    assert "input_shape" not in str(raised.value)
 
 
 def test_running_out_of_memory_while_counting_is_not_called_a_misfit(monkeypatch):

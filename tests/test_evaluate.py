@@ -553,9 +553,19 @@ def test_denoise_command_says_what_a_multi_image_file_or_a_jpeg_output_loses(tmp
     tifffile.imwrite(tmp_path / "stack.tif", pages, photometric="rgb")  # three pages
     frames = [Image.fromarray(page) for page in pages[:2]]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    # a thumbnail page (SubfileType 1) is no other picture
+    with tifffile.TiffWriter(tmp_path / "thumbed.tif") as tiff:
+        tiff.write(pages[0], photometric="rgb")
+        tiff.write(pages[1][::2, ::2], photometric="rgb", subfiletype=1)
+    # a frame past the first cut off: the first still reads, and only the count fails
+    cut = (tmp_path / "anim.gif").read_bytes()
+    (tmp_path / "cut.gif").write_bytes(cut[:len(cut) - 300])
+    with pytest.raises(Exception), Image.open(tmp_path / "cut.gif") as image:
+        image.n_frames
     single = save_image(tmp_path / "one.png", torch.rand(3, 12, 14, generator=torch.Generator().manual_seed(6)), 16)
     for source, output, warning in [("stack.tif", "out.png", "holds 3 images (pages or frames): only the first"),
                                     ("anim.gif", "out.png", "holds 2 images (pages or frames): only the first"),
+                                    ("thumbed.tif", "out.png", None), ("cut.gif", "out.png", None),
                                     ("one.png", "out.jpg", "holds 8 bits per sample, of " + str(single) + "'s 16"),
                                     ("one.png", "out.png", None)]:
         assert main(["denoise", str(tmp_path / source), "-o", str(tmp_path / output), "--checkpoint",

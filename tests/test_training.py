@@ -1811,6 +1811,8 @@ def test_a_copied_in_model_runs_the_attention_setting_of_the_config_or_is_refuse
                                          f"the gate's attention head; this run's config has attention {not attention}: "
                                          f"set attention {attention} \\({flag}\\)"):
         Run(tmp_path, TrainConfig(**{**STUB_CONFIG, "attention": not attention})).load("stage2.safetensors")
+    # the I-Nets read its routing space alone, and train no gate: either setting takes it
+    assert Run(tmp_path, TrainConfig(**{**STUB_CONFIG, "attention": not attention})).inets(indices=[0])
 
 
 def test_num_choices_may_keep_every_config_slimming_finds(tmp_path):

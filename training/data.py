@@ -387,35 +387,44 @@ def read_image(path, keep_alpha: bool = False) -> tuple[torch.Tensor, int]:
     return _to_tensor(array, str(path), keep_alpha), 16 if array.dtype == np.uint16 else 8
 
 
+@contextmanager
+def _opened_for_metadata(path: Path):
+    """``(tiff, None)`` or ``(None, image)``: a TIFF through tifffile (by its bytes), anything
+    else through Pillow, for what a file says beside its first image's pixels."""
+    if _is_tiff(path):
+        with tifffile.TiffFile(path) as tiff:
+            yield tiff, None
+    else:
+        with _open_image(path) as image:
+            yield None, image
+
+
 def read_icc_profile(path) -> bytes | None:
     """The ICC colour profile an image file carries (PNG iCCP, JPEG APP2, TIFF tag 34675), or
     None: the pixels mean colours only with it (a phone's Display P3 photo read as sRGB looks
     dull), so a denoised copy keeps it (``save_image(..., icc_profile=)``)."""
     path = Path(path)
     try:
-        if _is_tiff(path):
-            with tifffile.TiffFile(path) as tiff:
-                profile = tiff.pages[0].tags.valueof("InterColorProfile")
-        else:
-            with _open_image(path) as image:
-                profile = image.info.get("icc_profile")
+        with _opened_for_metadata(path) as (tiff, image):
+            profile = tiff.pages[0].tags.valueof("InterColorProfile") if tiff else image.info.get("icc_profile")
     except Exception as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
     return bytes(profile) if profile else None
 
 
 def image_frames(path) -> int:
-    """How many images a file holds (a multi-page TIFF's pages, an animated GIF's or PNG's
-    frames): ``read_image`` reads the first."""
-    path = Path(path)
+    """How many pictures a file holds that ``read_image`` (which reads the first) leaves out:
+    a multi-page TIFF's full-resolution pages (not its thumbnails or masks), an animated GIF's,
+    PNG's or WebP's frames. 1 where the count fails (a frame past the first cut off, which
+    reading the first does not need): it only feeds a warning."""
     try:
-        if _is_tiff(path):
-            with tifffile.TiffFile(path) as tiff:
-                return len(tiff.pages)
-        with _open_image(path) as image:
-            return getattr(image, "n_frames", 1)
-    except Exception as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+        with _opened_for_metadata(Path(path)) as (tiff, image):
+            if tiff:  # SubfileType bit 0: a reduced-resolution copy; bit 2: a transparency mask
+                return sum(1 for page in tiff.pages if not page.subfiletype & 0b101)
+            # (other formats' extra frames are previews or layers: a camera JPEG's MPF, a PSD)
+            return image.n_frames if image.format in ("GIF", "PNG", "WEBP") else 1
+    except Exception:
+        return 1
 
 
 def icc_profile_fits(profile: bytes, channels: int) -> bool:

@@ -406,7 +406,8 @@ class Run:
         """What the named stages need that can be checked before any of them runs (``dds-fast
         train`` asks first, so that ``train all`` does not stop at stage 3 hours in): each
         batch splits over the processes, the gate's into shares of two images or more (its
-        BatchNorm normalises each process's share), and stage 3's crops fit the images."""
+        BatchNorm normalises each process's share), and the training and stage 3's crops fit
+        the images."""
         c = self.config
         world = rank_and_world()[1]
         stages = set(stages)
@@ -557,17 +558,19 @@ class Run:
                 net = AttentionSupernet(net, DynamicGate(net.stem_channels, attention_choices))
         return self.prepare(net.to(self.device))
 
-    def load(self, name: str):
-        """A result of an earlier stage of this run (``<stage>.safetensors``), checked against its config."""
+    def load(self, name: str, attention_matters: bool = True):
+        """A result of an earlier stage of this run (``<stage>.safetensors``), checked against its
+        config (its attention setting too, unless ``attention_matters`` is off: the I-Nets read
+        only its routing space)."""
         if not (self.dir / name).exists():
             stage = Path(name).stem
             hint = f": run `dds-fast train {stage}` first" if stage in ("stage1", "stage2", "refine") else ""
             raise FileNotFoundError(f"{self.dir / name} does not exist{hint}")
         model = super_network_of(dds_fast.load(self.dir / name, map_location=self.device))
-        self.check_earlier_result(name, model)
+        self.check_earlier_result(name, model, attention_matters)
         return self.prepare(model)
 
-    def check_earlier_result(self, name: str, model) -> None:
+    def check_earlier_result(self, name: str, model, attention_matters: bool = True) -> None:
         """``model``, read from ``name`` in the run folder, was trained for the network this
         config builds, and a routing space in it has ``num_choices`` routes slimmed with this
         config's options: a stage run alone must not build on a result of other options."""
@@ -577,13 +580,13 @@ class Run:
         # what the network runs, not what its config says: a model copied in records none, or
         # one from before the option (the shipped model's gate runs no attention scale)
         attended = isinstance(model, AttentionSupernet)
-        if attended != c.attention:
+        if attention_matters and attended != c.attention:
             raise ValueError(f"{path} holds a network {'behind' if attended else 'without'} the gate's attention "
                              f"head; this run's config has attention {c.attention}: set attention {attended} "
                              f"(--{'' if attended else 'no-'}attention), or run the earlier stages again with it")
         user = read_metadata(path)["user"]
         trained = user.get("train_config") or {}  # (none: a model copied in, not trained by a run)
-        shape = NETWORK_OPTIONS + ("channels", "attention")
+        shape = NETWORK_OPTIONS + ("channels",) + (("attention",) if attention_matters else ())
         differ = [o for o in shape if o in trained and trained[o] != getattr(c, o)]
         if differ:
             raise ValueError(f"{path} was trained with " + ", ".join(f"{o} {trained[o]!r}" for o in differ)
@@ -922,7 +925,7 @@ class Run:
         c = self.config
         self.check_stages({"inets"})
         if routing_space is None:
-            routing_space = self.load("stage2.safetensors").routing_space
+            routing_space = self.load("stage2.safetensors", attention_matters=False).routing_space
             if not routing_space:
                 raise ValueError(f"{self.dir / 'stage2.safetensors'} holds no routing space: the I-Nets train at its "
                                  f"configs (run `dds-fast train stage2`)")
