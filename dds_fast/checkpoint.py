@@ -494,8 +494,9 @@ def load(path: str | os.PathLike, arch: str | type | None = None, map_location: 
     a DDSNet's ``per_image_tiles``, ``packed_buffers`` and ``route_branches``, and the weights'
     memory format come back as a new model has them; set them again after loading.
     A missing file raises FileNotFoundError, a folder IsADirectoryError, one that cannot be
-    opened another OSError (such as PermissionError); a foreign, truncated or corrupt one CheckpointError (a ValueError), as does
-    one whose tensors the model cannot hold (NaN or infinite values, dtypes its layers do not run)."""
+    opened another OSError (such as PermissionError); a foreign, truncated or corrupt one
+    CheckpointError (a ValueError), as does one whose tensors the model cannot hold (NaN or
+    infinite values, dtypes its layers do not run)."""
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError) as error:
