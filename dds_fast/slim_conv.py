@@ -262,8 +262,9 @@ class SlimConv2d(nn.Conv2d):
         # as nn.Conv2d refuses them (the kernels would return an empty output)
         height, width = first.shape[2:]
         if height == 0 or width == 0 or min(self.output_size(height, width)) < 1:
-            raise InputTooSmall(f"{self._label()}: an input of {height}x{width} pixels gives no output pixels (kernel "
-                             f"{tuple(self.kernel_size)}, padding {self.padding}, dilation {tuple(self.dilation)})")
+            raise InputTooSmall(f"{self._label()}: an input of {height}x{width} pixels gives no output pixels "
+                                f"(kernel {tuple(self.kernel_size)}, padding {self.padding}, dilation "
+                                f"{tuple(self.dilation)})")
         return inputs
 
     def _check_residual(self, residual: torch.Tensor, expected: tuple[int, ...]):

@@ -586,7 +586,7 @@ class Run:
                              f"(--{'' if attended else 'no-'}attention), or run the earlier stages again with it")
         user = read_metadata(path)["user"]
         trained = user.get("train_config") or {}  # (none: a model copied in, not trained by a run)
-        shape = NETWORK_OPTIONS + ("channels",) + (("attention",) if attention_matters else ())
+        shape = NETWORK_OPTIONS + ("channels",)  # (attention: what the network runs, above)
         differ = [o for o in shape if o in trained and trained[o] != getattr(c, o)]
         if differ:
             raise ValueError(f"{path} was trained with " + ", ".join(f"{o} {trained[o]!r}" for o in differ)
