@@ -1,5 +1,4 @@
 """Shared by the benchmarks: a timer that waits for the GPU, and the device's name."""
-import platform
 import time
 
 import torch
@@ -18,7 +17,9 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
 def device_name() -> str:
-    return torch.cuda.get_device_name() if CUDA else f"CPU: {platform.processor() or platform.machine()}"
+    from dds_fast.runner import describe_device
+
+    return describe_device(DEVICE)[0]
 
 
 def describe(benchmark, **info) -> None:

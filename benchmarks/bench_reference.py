@@ -9,7 +9,6 @@ same Parameters (``convert_model``) and input. On these (virtual) CPUs a conv's 
 by up to 2x within a minute, so two benchmarks run one after the other compare the drift,
 not the layers. ``extra_info`` holds each layer's median and the overhead.
 """
-import platform
 import statistics
 import time
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from _timing import device_name
 from dds_fast import convert_model
 
 SHAPES = {"32x128x128": (1, 32, 128, 128), "16x256x256": (1, 16, 256, 256)}
@@ -43,8 +43,7 @@ def test_full_width_overhead(benchmark, shape):
         benchmark.pedantic(one_round, rounds=300, warmup_rounds=20)
         torch.testing.assert_close(slim(x), plain(x), rtol=0, atol=0)
     plain_ms, slim_ms = (statistics.median(times[k][20:] or times[k]) * 1e3 for k in ("nn.Conv2d", "SlimConv2d"))
-    benchmark.extra_info.update(device=f"cpu: {platform.processor() or platform.machine()}",
-                                threads=torch.get_num_threads(), dtype="float32", shape=[n, c, h, w],
+    benchmark.extra_info.update(device=device_name(), threads=torch.get_num_threads(), dtype="float32", shape=[n, c, h, w],
                                 macs=c * c * 9 * h * w, torch=torch.__version__,
                                 nn_conv2d_median_ms=plain_ms, slim_conv2d_median_ms=slim_ms,
                                 overhead_percent=100 * (slim_ms / plain_ms - 1))

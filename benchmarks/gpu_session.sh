@@ -33,7 +33,7 @@
 # two test fixes, the six unnamed failures outside the kernel files, the graphed training
 # steps), then v24's stem tiles and v26's host time (the layer table's batch-1 eager rows) in
 # dds-fast bench, v25's per-image tiles in the shipped model's dynamic forward, and the routed
-# forward kernel by kernel.
+# forward kernel by kernel (v27's per-image grid against the widest image's).
 # (Nsight Compute: benchmarks/ncu_forward.py says how.)
 set -uo pipefail
 MODE=${1:-full}
@@ -148,9 +148,9 @@ if [ "$MODE" = next ]; then
   capped 50 python3 -m dds_fast bench --checkpoint dds_fast/weights/dds.safetensors --no-compile \
     --cuda-graph --dtype float16 --size 512 --batch 1 --batch 8 --out "$R/bench_shipped" > "$R/bench_shipped.txt" 2>&1
   tail -12 "$R/bench_shipped.txt" | cut -c1-200
-  step "the routed dynamic forward kernel by kernel, against each route's config alone"
+  step "the routed dynamic forward kernel by kernel, against each route's config alone (v27: the per-image grid)"
   capped 90 python3 benchmarks/profile_network.py --routed smallest --routed largest \
-    --buffers packed --buffers max-width "$R/profile_network_routed.txt" > "$R/profile_network_routed.log" 2>&1
+    --grid narrow --grid widest "$R/profile_network_routed.txt" > "$R/profile_network_routed.log" 2>&1
   grep "CUDA time per forward" "$R/profile_network_routed.txt" | cut -c1-220
   finish
 fi
@@ -216,9 +216,9 @@ if [ "$MODE" = verify ]; then
   capped 40 python3 benchmarks/network_layers.py --tma --config smallest --config largest \
     "$R/network_layers_tma.json" > "$R/network_layers_tma.txt" 2>&1
   grep "sum of layers" "$R/network_layers_tma.txt"
-  step "the routed dynamic forward kernel by kernel, against each route's config alone"
+  step "the routed dynamic forward kernel by kernel, against each route's config alone (v27: the per-image grid)"
   capped 90 python3 benchmarks/profile_network.py --routed smallest --routed largest \
-    --buffers packed --buffers max-width "$R/profile_network_routed.txt" > "$R/profile_network_routed.log" 2>&1
+    --grid narrow --grid widest "$R/profile_network_routed.txt" > "$R/profile_network_routed.log" 2>&1
   grep "CUDA time per forward" "$R/profile_network_routed.txt" | cut -c1-220
   # v24: routing through conditional graph nodes took 1.83x the smallest route alone at batch 1
   capped 60 python3 benchmarks/profile_network.py --graphs --batch 1 --routed smallest --tiles narrowest \

@@ -344,7 +344,9 @@ def target_rows(layers: list[dict], networks: list[Report], element_bytes: int, 
         for r in network.results:
             rows.append(dict(target=f"network batch {batch}, {r.label}: within {FLOOR_TARGET}x of its floor",
                              need=FLOOR_TARGET, got=r.timing.median_ms / r.floor_ms, unit="x the floor",
-                             lower_is_better=True, bound=f"{r.floor_bound}: floor {r.floor_ms:.4f} ms"))
+                             lower_is_better=True, bound=f"{r.floor_bound}: floor {r.floor_ms:.4f} ms",
+                             unjudged="measured under its floor: the peaks understate this device" if r.floor_beaten
+                             else None))
         smallest = min(network.configured(), key=lambda r: r.macs_per_pixel)
         if batch == SPEEDUP_BATCH and smallest.theoretical_speedup > 1:
             rows.append(dict(target=f"network batch {batch}: {smallest.label}'s real speedup over the largest, as a "
@@ -354,10 +356,12 @@ def target_rows(layers: list[dict], networks: list[Report], element_bytes: int, 
                                    f"of its floor's speed"))
         for gate in (g for g in gates if g["batch"] == batch):
             def routing_row(what: str, routed_ms: float, bound: str) -> dict:
+                added = (routed_ms - gate["smallest_ms"]) / gate["smallest_ms"]
                 return dict(target=f"network batch {batch}{what}: gate and routing add at most {GATE_TARGET:.0%} to "
-                                   f"{gate['smallest']}'s latency", need=GATE_TARGET,
-                            got=(routed_ms - gate["smallest_ms"]) / gate["smallest_ms"],
-                            unit=f" of {gate['smallest_ms']:.4f} ms", lower_is_better=True, bound=bound)
+                                   f"{gate['smallest']}'s latency", need=GATE_TARGET, got=added,
+                            unit=f" of {gate['smallest_ms']:.4f} ms", lower_is_better=True, bound=bound,
+                            # more work in less time: the two timings' noise, not the routing's cost
+                            unjudged="the routed forward timed faster than the route alone" if added < 0 else None)
 
             rows.append(routing_row("", gate["routed_smallest_ms"],
                                     f"the gate head alone {gate['fused_ms']:.4f} ms, {gate['floor_bound']} floor "
@@ -385,18 +389,24 @@ def target_rows(layers: list[dict], networks: list[Report], element_bytes: int, 
                                  bound=f"{gate['floor_bound']}: floor {gate['floor_ms']:.4f} ms, fused "
                                        f"{gate['fused_ms'] / gate['floor_ms']:.1f}x it"))
     for row in rows:
-        row["met"] = row["got"] <= row["need"] if row.get("lower_is_better") else row["got"] >= row["need"]
+        if row.get("unjudged"):
+            row["met"] = None
+        else:
+            row.pop("unjudged", None)
+            row["met"] = row["got"] <= row["need"] if row.get("lower_is_better") else row["got"] >= row["need"]
     return rows
 
 
 def targets_markdown(rows: list[dict]) -> str:
     lines = ["| target | needed | measured | met | bound |", "| --- | ---: | ---: | --- | --- |"]
     for r in rows:
-        if r["met"]:
+        if r["met"] is None:
+            verdict = f"no verdict: {r['unjudged']}"
+        elif r["met"]:
             verdict = "yes"
-        elif r.get("lower_is_better"):  # a near miss is no "1.0x over"
+        elif r.get("lower_is_better"):  # a near miss is no "1.0x the target"
             over = r["got"] / r["need"]
-            verdict = f"no: {over:.1f}x over" if over >= 1.1 else f"no: {over - 1:.1%} over"
+            verdict = f"no: {over:.1f}x the target" if over >= 1.1 else f"no: {over - 1:.1%} above it"
         else:
             short = 1 - r["got"] / r["need"]
             verdict = f"no: {short:.0%} short" if short >= 0.1 else f"no: {short:.1%} short"
@@ -548,10 +558,13 @@ def run_bench(out_dir, quick: bool = True, dtype: str | None = None, sizes=None,
     written = [atomic_write(out_dir / "bench.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))]
     tables = "\n\n".join(network.to_markdown() for network in networks)
     timed_in = dtype if requested in (None, dtype) else f"{dtype} ({requested} asked for: a CPU run times float32)"
+    targets_note = "" if device.type == "cuda" else (
+        "The targets are the benchmark issue's, for an H100 in float16: this run's verdicts are the CPU's, and say "
+        "nothing of them.\n\n")
     markdown = (f"# dds-fast bench\n\nDevice: {name}; {env}\n\nModel: {model_name}\n\nDtype: {timed_in}\n\n{stopped}"
                 f"## One conv layer, "
                 f"{channels} channels max, 3x3, LeakyReLU, channels_last\n\n{layer_markdown(layers)}\n\n## Whole network\n\n"
-                f"{tables}\n\n{gate_markdown(gates)}\n\n## Targets\n\n{targets_markdown(targets)}\n")
+                f"{tables}\n\n{gate_markdown(gates)}\n\n## Targets\n\n{targets_note}{targets_markdown(targets)}\n")
     written.append(atomic_write(out_dir / "bench.md", lambda tmp: tmp.write_text(markdown)))
     if networks:
         written.append(plot_network(networks, out_dir / "network.png"))

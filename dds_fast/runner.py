@@ -38,16 +38,20 @@ WIDTHS = (0.25, 0.5, 0.75, 1.0)  # the width ratios a bare layer is timed at
 
 @dataclass
 class Timing:
+    """A timing's median, its 20th and 80th percentiles (nearest rank) and its fastest sample,
+    over ``repeats`` samples."""
+
     median_ms: float
     p20_ms: float
     p80_ms: float
     repeats: int
+    fastest_ms: float
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float]) -> "Timing":
         ordered = sorted(samples_ms)
         pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
-        return cls(statistics.median(ordered), pick(0.2), pick(0.8), len(ordered))
+        return cls(statistics.median(ordered), pick(0.2), pick(0.8), len(ordered), ordered[0])
 
 
 @dataclass
@@ -56,6 +60,12 @@ class DevicePeaks:
 
     flops_per_s: float
     bytes_per_s: float
+
+    def __post_init__(self):
+        for name in ("flops_per_s", "bytes_per_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+                raise ValueError(f"DevicePeaks: {name} must be a positive finite rate, got {value!r}")
 
     def floor_ms(self, nbytes: float, flops: float) -> tuple[float, str]:
         """The roofline floor of moving ``nbytes`` and computing ``flops``: (ms, the bound)."""
@@ -84,6 +94,13 @@ class ConfigResult:
         """Roofline floor over measured time: 1.0 would be at the floor."""
         return self.floor_ms / self.timing.median_ms
 
+    @property
+    def floor_beaten(self) -> bool:
+        """Whether the measured time is under its floor: then the measured peaks understate the
+        device (a busy CPU when they were measured, or convs that beat the matrix product, as a
+        CPU's Winograd 3x3 convs do), and the floor bounds nothing."""
+        return self.floor_fraction > 1
+
 
 @dataclass
 class Report:
@@ -95,6 +112,10 @@ class Report:
     peaks: DevicePeaks
     results: list[ConfigResult] = field(default_factory=list)
     cuda_graph: bool = False
+    channels_last: bool = True
+    warmup: int = 0
+    timer: str = ""  # "CUDA events" or "wall clock"
+    reference: str = ""  # the row the speedups are over: the costliest configured one
 
     def configured(self) -> list[ConfigResult]:
         """The rows timed at a given config (not a DDSNet's dynamic mode or a model as it is),
@@ -106,6 +127,7 @@ class Report:
         for record, result in zip(out["results"], self.results):
             record["speedup_efficiency"] = result.speedup_efficiency
             record["floor_fraction"] = result.floor_fraction
+            record["floor_beaten"] = result.floor_beaten
         return out
 
     def to_json(self) -> str:
@@ -113,18 +135,34 @@ class Report:
 
     def to_markdown(self) -> str:
         graphs = "; CUDA-graph replay" if self.cuda_graph else ""
-        lines = [f"Device: {self.device}; dtype {self.dtype}; input {list(self.input_shape)}; backend {self.backend}"
-                 f"{graphs}",
+        layout = "channels_last" if self.channels_last else "contiguous (NCHW)"
+        timed = f"; {self.timer}, {self.warmup} warm-up calls, then the median of each row's repeats" if self.timer \
+            else ""
+        over = f"; speedups over {self.reference!r}" if self.reference else ""
+        lines = [f"Device: {self.device}; dtype {self.dtype}; input {list(self.input_shape)} {layout}; backend "
+                 f"{self.backend}{graphs}{timed}{over}",
                  "",
                  "| config | MACs/pixel | median ms (p20-p80) | theoretical speedup | real speedup | real/theoretical "
                  "| roofline floor ms | floor/measured |",
                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in self.results:
             t = r.timing
-            lines.append(f"| {r.label} | {r.macs_per_pixel:,.0f} | {t.median_ms:.3f} ({t.p20_ms:.3f}-{t.p80_ms:.3f}) "
-                         f"| {r.theoretical_speedup:.2f} | {r.real_speedup:.2f} | {r.speedup_efficiency:.2f} "
-                         f"| {r.floor_ms:.3f} ({r.floor_bound}) | {r.floor_fraction:.2f} |")
+            beaten = " (under the floor: the peaks understate this device)" if r.floor_beaten else ""
+            lines.append(f"| {_cell(r.label)} | {r.macs_per_pixel:,.0f} | {_ms(t.median_ms)} ({_ms(t.p20_ms)}-"
+                         f"{_ms(t.p80_ms)}) | {r.theoretical_speedup:.2f} | {r.real_speedup:.2f} | "
+                         f"{r.speedup_efficiency:.2f} | {_ms(r.floor_ms)} ({r.floor_bound}) | {r.floor_fraction:.2f}{beaten} |")
         return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    """Milliseconds to three places, or three significant digits below a thousandth (a floor of
+    a few microseconds is not 0.000)."""
+    return f"{value:.3f}" if value >= 0.001 or value == 0 else f"{value:.3g}"
+
+
+def _cell(text: str) -> str:
+    """``text`` inside a markdown table cell: a bar would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def wall_clock(fn: Callable[[], object], warmup: int, repeats: int) -> Timing:
@@ -172,7 +210,21 @@ def describe_device(device: torch.device) -> tuple[str, dict]:
         env["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
         env["driver"] = _cuda_driver()
         return name, env
-    return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)", env
+    if kernels is not None and not isinstance(kernels, str) and kernels.INTERPRET:
+        env["triton_interpreter"] = True  # Triton kernels on the CPU run interpreted: no speed to read in them
+    return f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads)", env
+
+
+def _cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cuda_driver() -> str | None:
@@ -217,13 +269,16 @@ class LatencyRunner:
     per config; on CPU it uses the wall clock. The model is moved to the runner's device and
     dtype (and with ``channels_last``, the default, to that layout: the caller's model, in
     place) and put in eval mode. ``warmup`` calls precede ``repeats`` timed ones. The reported
-    ``backend`` is what its layers run on that device ('auto' resolved); ``backend=`` names
-    it for the report only, and changes no layer's backend.
+    ``backend`` is what its layers run on that device ('auto' resolved); ``backend=``, if
+    given, must say the same (it changes no layer's backend). ``inputs``: the tensor to time
+    on, of ``input_shape`` (default: uniform random values, which a DDSNet's gate routes as it
+    would such an image; pass real images to time the routes it picks for them).
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
                  device: str | torch.device | None = None, warmup: int = 10, repeats: int = 100,
-                 channels_last: bool = True, cuda_graph: bool = False, backend: str | None = None):
+                 channels_last: bool = True, cuda_graph: bool = False, backend: str | None = None,
+                 inputs: torch.Tensor | None = None):
         try:
             shape = tuple(checked_int(s, "input_shape", "LatencyRunner") for s in input_shape)
         except (TypeError, ValueError):  # not a sequence, or a size that is no positive int (8.9 was cut to 8)
@@ -247,8 +302,17 @@ class LatencyRunner:
         self.model = model.to(self.device, dtype, memory_format=self.memory_format).eval()
         self.input_shape = shape
         self.dtype, self.warmup, self.repeats, self.cuda_graph = dtype, warmup, repeats, cuda_graph
-        self.backend = backend_of(model, self.device) if backend is None else _resolved(backend, self.device)
-        self.inputs = torch.rand(self.input_shape, device=self.device, dtype=dtype).to(memory_format=self.memory_format)
+        self.backend = backend_of(model, self.device)
+        if backend is not None and _resolved(backend, self.device) != self.backend:
+            raise ValueError(f"LatencyRunner: backend={backend!r} runs {_resolved(backend, self.device)!r} on "
+                             f"{self.device}, but the model's layers run {self.backend!r}: set the layers' backend "
+                             f"(SlimConv2d.backend, DynamicGate.backend); the report names what they run")
+        if inputs is None:
+            inputs = torch.rand(self.input_shape, device=self.device, dtype=dtype)
+        elif not isinstance(inputs, torch.Tensor) or tuple(inputs.shape) != shape:
+            raise ValueError(f"LatencyRunner: inputs must be a tensor of input_shape {list(shape)}, got "
+                             f"{list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}")
+        self.inputs = inputs.to(self.device, dtype).contiguous(memory_format=self.memory_format)
 
     # -- timing -------------------------------------------------------------------------
     def time_fn(self, fn: Callable[[], object], cuda_graph: bool = False) -> Timing:
@@ -282,6 +346,9 @@ class LatencyRunner:
         if isinstance(target, DDSNet) and target.budget_index is None:
             return self._routed_cost(target)
         if isinstance(target, SlimConv2d):  # its shapes are known, and a list input cannot be traced
+            if min(target.output_size(h, w)) <= 0:
+                raise ValueError(f"LatencyRunner: a {h}x{w} input gives {target._label()} no output pixels "
+                                 f"(kernel {target.kernel_size}, stride {target.stride}, padding {target.padding})")
             widths = tuple(t.shape[1] for t in inputs) if isinstance(inputs, list) else (inputs.shape[1],)
             calls = [ConvCall("", target, widths, target.active_out_channels or target.out_channels,
                               target.output_size(h, w), (h, w))]
@@ -326,17 +393,26 @@ class LatencyRunner:
         return moved, flops
 
     def measure_peaks(self) -> DevicePeaks:
-        """A large matrix product in the run's dtype and a large device copy, timed like the model."""
+        """A large matrix product in the run's dtype and a large device copy, timed like the
+        model, each at its fastest repeat: a ceiling is the best rate seen, not a typical one
+        (on a shared CPU the median fell under the rate the convs then reached). A CPU takes
+        the faster of its product in the run's dtype and in float32: most CPUs do half
+        precision through float32, and their half-precision product is far slower than their
+        convs."""
         size = 8192 if self.device.type == "cuda" else 1024
-        a = torch.randn(size, size, device=self.device, dtype=self.dtype)
-        b = torch.randn(size, size, device=self.device, dtype=self.dtype)
-        matmul = self.time_fn(lambda: a @ b)
+        dtypes = [self.dtype] if self.device.type == "cuda" or self.dtype == torch.float32 else [self.dtype,
+                                                                                                torch.float32]
+        fastest_ms = []
+        for dtype in dtypes:
+            a = torch.randn(size, size, device=self.device, dtype=dtype)
+            b = torch.randn(size, size, device=self.device, dtype=dtype)
+            fastest_ms.append(self.time_fn(lambda: a @ b).fastest_ms)
         numel = (256 if self.device.type == "cuda" else 32) * 2 ** 20
         src = torch.rand(numel, device=self.device, dtype=torch.float32)
         dst = torch.empty_like(src)
         copy = self.time_fn(lambda: dst.copy_(src))
-        return DevicePeaks(flops_per_s=2 * size ** 3 / (matmul.median_ms / 1e3),
-                           bytes_per_s=2 * src.numel() * 4 / (copy.median_ms / 1e3))
+        return DevicePeaks(flops_per_s=2 * size ** 3 / (min(fastest_ms) / 1e3),
+                           bytes_per_s=2 * src.numel() * 4 / (copy.fastest_ms / 1e3))
 
     # -- the run ------------------------------------------------------------------------
     def _select(self, configurable: nn.Module, config) -> tuple[nn.Module, object, dict | None]:
@@ -384,10 +460,14 @@ class LatencyRunner:
         for item in configs:  # a bare config would unpack into a label and a config, or fail obscurely
             if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
                 raise ValueError(f"LatencyRunner.run: configs must be (label, config) pairs, got {item!r}")
+        if peaks is not None and not isinstance(peaks, DevicePeaks):
+            raise ValueError(f"LatencyRunner.run: peaks must be DevicePeaks (or None, to measure them), got "
+                             f"{type(peaks).__name__}")
         peaks = peaks or self.measure_peaks()
         name, env = describe_device(self.device)
         report = Report(name, env, str(self.dtype).replace("torch.", ""), self.input_shape, self.backend, peaks,
-                        cuda_graph=self.cuda_graph)
+                        cuda_graph=self.cuda_graph, channels_last=self.memory_format == torch.channels_last,
+                        warmup=self.warmup, timer="CUDA events" if self.device.type == "cuda" else "wall clock")
         # a DDSNet's configs are its super-network's; config None times the model as it is. (An
         # AttentionSupernet runs its configs itself, behind its full-width stem and attention.)
         configurable = self.model.supernet if isinstance(self.model, DDSNet) else self.model
@@ -409,6 +489,7 @@ class LatencyRunner:
         # a DDSNet's dynamic row mixes configs: the speedups are over the largest config alone
         # (of rows as costly, the last: the default configs end with "largest", which a uniform one may tie)
         largest = max(reversed(report.configured()), key=lambda r: r.macs_per_pixel)
+        report.reference = largest.label
         for result in report.results:
             result.theoretical_speedup = largest.macs_per_pixel / result.macs_per_pixel
             result.real_speedup = largest.timing.median_ms / result.timing.median_ms

@@ -179,6 +179,69 @@ def _aligned(value, ALIGN: tl.constexpr):
     return value // ALIGN * ALIGN
 
 
+@triton.jit
+def _fwd_tile(pid_m, co_tile, n, x0, x1, w, b, res, y, sums, H, W, HO, WO, COUT, START0, START1, c0_n, c1_n, cout_n,
+              sx0c, sx0h, sx0w, sx1c, sx1h, sx1w, swo, swi, swh, sww, sb, src, srh, srw, syc, syh, syw,
+              sx0n, sx1n, srn, syn, slope,
+              KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
+              CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, TAP_C0: tl.constexpr, TAP_C1: tl.constexpr,
+              UPSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              CO_ALIGN: tl.constexpr):
+    """Output tile (pid_m, co_tile) of image n: ``_conv_fwd_kernel``'s work once its widths and
+    strides are known."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < HO * WO
+    oh = offs_m // WO
+    ow = offs_m % WO
+    cols = tl.arange(0, BLOCK_N)
+    # pixel shuffle: filter co goes to channel co // r^2 of sub-pixel phase co % r^2. Where r^2
+    # divides the tile (r a power of two), the tile's columns take its filters phase by phase,
+    # so that each run of PHASE_COLS columns stores consecutive channels of one phase: vector
+    # stores, as without the shuffle; otherwise (r = 3, or r^2 above the tile) filter by filter
+    PHASED: tl.constexpr = UPSCALE > 1 and BLOCK_N % (UPSCALE * UPSCALE) == 0
+    if PHASED:
+        PHASE_COLS: tl.constexpr = BLOCK_N // (UPSCALE * UPSCALE)
+        co = co_tile * BLOCK_N + (cols % PHASE_COLS) * (UPSCALE * UPSCALE) + cols // PHASE_COLS
+    else:
+        co = co_tile * BLOCK_N + cols
+    co_ok = co < cout_n
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _fwd_input(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
+                     oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C0, PER_IMAGE)
+    if TWO_INPUTS:
+        acc = _fwd_input(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1, c1_n,
+                         oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C1, PER_IMAGE)
+
+    out_ok = m_ok[:, None] & co_ok[None, :]
+    acc = _epilogue(acc, b, sb, res + n * srn + (oh * srh + ow * srw)[:, None] + (co * src)[None, :], out_ok, co,
+                    co_ok, slope, HAS_BIAS, HAS_RES, ACT)
+    if UPSCALE > 1:
+        # y is the shuffled [N, COUT / r^2, r * HO, r * WO]: phase p of pixel (oh, ow) is output
+        # pixel (r * oh + p // r, r * ow + p % r)
+        if PHASED:
+            channel = co_tile * PHASE_COLS + cols % PHASE_COLS
+            phase = cols // PHASE_COLS
+        else:
+            channel = co // (UPSCALE * UPSCALE)
+            phase = co % (UPSCALE * UPSCALE)
+        y_ptrs = y + n * syn + (oh * (UPSCALE * syh) + ow * (UPSCALE * syw))[:, None] + (
+            channel * syc + (phase // UPSCALE) * syh + (phase % UPSCALE) * syw)[None, :]
+        # the same filters as co_ok (whole channels: out widths are multiples of r^2), said in
+        # channels, whose runs the compiler can see are all in or all out (CO_ALIGN counts them)
+        out_ok = m_ok[:, None] & (channel < _aligned(cout_n // (UPSCALE * UPSCALE), CO_ALIGN))[None, :]
+    else:
+        y_ptrs = y + n * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+    out = acc.to(y.dtype.element_ty)
+    tl.store(y_ptrs, out, mask=out_ok)
+    if CHANNEL_SUMS:
+        # the gate's squeeze, for free: this tile's channel sums of the stored output, one
+        # row per pixel tile (summed in order by the gate head: deterministic, no atomics)
+        part = tl.sum(tl.where(out_ok, out.to(tl.float32), 0.0), axis=0)
+        tl.store(sums + (n * tl.num_programs(0) + pid_m) * COUT + co, part, mask=co_ok)
+
+
 @triton.jit(do_not_specialize=["C0", "C1", "COUT"])
 def _conv_fwd_kernel(
     x0, x1, w, b, res, y, widths, sums,
@@ -191,7 +254,7 @@ def _conv_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
     CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, TAP_C0: tl.constexpr, TAP_C1: tl.constexpr,
     UPSCALE: tl.constexpr, PACKED_X0: tl.constexpr, PACKED_X1: tl.constexpr, PACKED_Y: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    CO_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     C_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
     W_ALIGN: tl.constexpr,
 ):
@@ -231,59 +294,21 @@ def _conv_fwd_kernel(
         if PACKED_Y:
             syw = _aligned(cout_n // (UPSCALE * UPSCALE), CO_ALIGN)
             syh = (WO * UPSCALE) * syw
-    if pid_co * BLOCK_N >= cout_n:
-        return  # tile beyond this image's output width: left unwritten
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < HO * WO
-    oh = offs_m // WO
-    ow = offs_m % WO
-    cols = tl.arange(0, BLOCK_N)
-    # pixel shuffle: filter co goes to channel co // r^2 of sub-pixel phase co % r^2. Where r^2
-    # divides the tile (r a power of two), the tile's columns take its filters phase by phase,
-    # so that each run of PHASE_COLS columns stores consecutive channels of one phase: vector
-    # stores, as without the shuffle; otherwise (r = 3, or r^2 above the tile) filter by filter
-    PHASED: tl.constexpr = UPSCALE > 1 and BLOCK_N % (UPSCALE * UPSCALE) == 0
-    if PHASED:
-        PHASE_COLS: tl.constexpr = BLOCK_N // (UPSCALE * UPSCALE)
-        co = pid_co * BLOCK_N + (cols % PHASE_COLS) * (UPSCALE * UPSCALE) + cols // PHASE_COLS
-    else:
-        co = pid_co * BLOCK_N + cols
-    co_ok = co < cout_n
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _fwd_input(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
-                     oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C0, PER_IMAGE)
-    if TWO_INPUTS:
-        acc = _fwd_input(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1, c1_n,
-                         oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C1, PER_IMAGE)
-
-    out_ok = m_ok[:, None] & co_ok[None, :]
-    acc = _epilogue(acc, b, sb, res + n * srn + (oh * srh + ow * srw)[:, None] + (co * src)[None, :], out_ok, co,
-                    co_ok, slope, HAS_BIAS, HAS_RES, ACT)
-    if UPSCALE > 1:
-        # y is the shuffled [N, COUT / r^2, r * HO, r * WO]: phase p of pixel (oh, ow) is output
-        # pixel (r * oh + p // r, r * ow + p % r)
-        if PHASED:
-            channel = pid_co * PHASE_COLS + cols % PHASE_COLS
-            phase = cols // PHASE_COLS
-        else:
-            channel = co // (UPSCALE * UPSCALE)
-            phase = co % (UPSCALE * UPSCALE)
-        y_ptrs = y + n * syn + (oh * (UPSCALE * syh) + ow * (UPSCALE * syw))[:, None] + (
-            channel * syc + (phase // UPSCALE) * syh + (phase % UPSCALE) * syw)[None, :]
-        # the same filters as co_ok (whole channels: out widths are multiples of r^2), said in
-        # channels, whose runs the compiler can see are all in or all out (CO_ALIGN counts them)
-        out_ok = m_ok[:, None] & (channel < _aligned(cout_n // (UPSCALE * UPSCALE), CO_ALIGN))[None, :]
-    else:
-        y_ptrs = y + n * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
-    out = acc.to(y.dtype.element_ty)
-    tl.store(y_ptrs, out, mask=out_ok)
-    if CHANNEL_SUMS:
-        # the gate's squeeze, for free: this tile's channel sums of the stored output, one
-        # row per pixel tile (summed in order by the gate head: deterministic, no atomics)
-        part = tl.sum(tl.where(out_ok, out.to(tl.float32), 0.0), axis=0)
-        tl.store(sums + (n * tl.num_programs(0) + pid_m) * COUT + co, part, mask=co_ok)
+    if CO_LOOP:
+        # Per-image widths on a grid of fewer filter tiles than the widest image's (the host
+        # sizes it for the narrowest, with enough programs to fill the GPU): each program takes
+        # every grid-width-th tile up to its own image's width, so a narrow image leaves no
+        # programs that only exit (NOTES v27)
+        for co_tile in range(pid_co, tl.cdiv(cout_n, BLOCK_N), tl.num_programs(1)):
+            _fwd_tile(pid_m, co_tile, n, x0, x1, w, b, res, y, sums, H, W, HO, WO, COUT, START0, START1, c0_n, c1_n, cout_n,
+                      sx0c, sx0h, sx0w, sx1c, sx1h, sx1w, swo, swi, swh, sww, sb, src, srh, srw, syc, syh, syw,
+                      sx0n, sx1n, srn, syn, slope, KSIZE, STRIDE, PAD, TWO_INPUTS, HAS_BIAS, HAS_RES, ACT, PER_IMAGE,
+                      CHANNEL_SUMS, DOT_F32, TAP_C0, TAP_C1, UPSCALE, BLOCK_M, BLOCK_N, BLOCK_K, CO_ALIGN)
+    elif pid_co * BLOCK_N < cout_n:  # one tile a program; beyond an image's width, none
+        _fwd_tile(pid_m, pid_co, n, x0, x1, w, b, res, y, sums, H, W, HO, WO, COUT, START0, START1, c0_n, c1_n, cout_n,
+                  sx0c, sx0h, sx0w, sx1c, sx1h, sx1w, swo, swi, swh, sww, sb, src, srh, srw, syc, syh, syw,
+                  sx0n, sx1n, srn, syn, slope, KSIZE, STRIDE, PAD, TWO_INPUTS, HAS_BIAS, HAS_RES, ACT, PER_IMAGE,
+                  CHANNEL_SUMS, DOT_F32, TAP_C0, TAP_C1, UPSCALE, BLOCK_M, BLOCK_N, BLOCK_K, CO_ALIGN)
 
 
 @triton.jit
@@ -708,6 +733,11 @@ FOLD_LIMIT = 128  # rows of partial sums that a reduction's single pass may take
 # and the tiles fixed since (128 filters) untimed. Launch plans keep the choice they were made
 # with: clear_plans() after changing it.
 TMA_FORWARD = False
+# Per-image forwards launch filter tiles for their tiles' out width (with enough programs to fill
+# the GPU), not for the widest image: the narrower images' tiles beyond their width were
+# programs that only exit, 65% of a routed forward's (benchmarks/NOTES.md, v27). False: the
+# widest image's tiles, as before v27 (for comparisons; clear_plans() after changing it).
+PER_IMAGE_NARROW_GRID = True
 
 
 _NOT_PACKED = (False, False, False)  # (input 0, input 1, output): see slim_conv2d's packed_inputs
@@ -803,7 +833,15 @@ def _forward_plan(m0, m1, mw, mb, mr, mwd, widths_multiple, start0, start1, out_
         PACKED_X0=packed[0], PACKED_X1=packed[1], PACKED_Y=packed[2], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, **aligns,
     )
-    grid = (cdiv(ho * wo, bm), cdiv(out_channels, bn), n)
+    co_tiles = cdiv(out_channels, bn)
+    if mwd is not None and PER_IMAGE_NARROW_GRID and fast:
+        # the tiles' own out width (the narrowest route's, under tile_widths), or more where the
+        # pixel tiles alone would not fill the GPU: the kernel's programs take the rest in turn
+        # (in the fast layout only, DDSNet's buffers: elsewhere the loop spilled on sm_90)
+        fill = 1 if INTERPRET else 4 * num_sms(device.index)
+        co_tiles = min(co_tiles, max(cdiv(cols, bn), cdiv(fill, max(1, cdiv(ho * wo, bm) * n))))
+    meta["CO_LOOP"] = co_tiles < cdiv(out_channels, bn)
+    grid = (cdiv(ho * wo, bm), co_tiles, n)
     tma = None
     # descriptors need the inputs' and weight's fast layout; the output and residual may be any
     tma_layout = aligned_pointers and _fast_layout((x0_strides[1], x1_strides[1], w_strides[1]), aligns["C_ALIGN"],

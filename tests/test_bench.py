@@ -52,8 +52,8 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
 
     def network(batch):
         return Report("GPU", {}, "float16", (batch, 3, 512, 512), "triton", peaks, [
-            ConfigResult("smallest", {"a": 8}, 1000.0, Timing(2.0, 1.9, 2.1, 10), 40.0, 20.0, 1.0, "bytes"),
-            ConfigResult("largest", {"a": 64}, 40000.0, Timing(40.0, 39.0, 41.0, 10), 1.0, 1.0, 32.0, "FLOPs")])
+            ConfigResult("smallest", {"a": 8}, 1000.0, Timing(2.0, 1.9, 2.1, 10, 1.8), 40.0, 20.0, 1.0, "bytes"),
+            ConfigResult("largest", {"a": 64}, 40000.0, Timing(40.0, 39.0, 41.0, 10, 38.0), 1.0, 1.0, 32.0, "FLOPs")])
 
     gates = [dict(batch=8, backend="triton", fused_ms=0.02, eager_ms=0.3, floor_ms=0.01, floor_bound="bytes",
                   routed_smallest_ms=2.2, smallest="smallest", smallest_ms=2.0, routed_smallest_narrow_tiles_ms=2.08,
@@ -99,11 +99,34 @@ def test_bench_targets_say_what_is_met_and_by_how_much():
     in_graph = rows["gate head at batch 1, per call in a graph of 20: fused at least 5x faster than eager"]
     assert in_graph["got"] == pytest.approx(11.0) and in_graph["met"] and "4.0 us" in in_graph["bound"]
     table = targets_markdown(list(rows.values()))
-    assert "| no: 20% short |" in table and "| no: 1.3x over |" in table and "| no: 38% short |" in table
-    assert "| no: 2.0x over |" in table
+    assert "| no: 20% short |" in table and "| no: 1.3x the target |" in table and "| no: 38% short |" in table
+    assert "| no: 2.0x the target |" in table
     near = targets_markdown([dict(target="t", need=1.5, got=1.54, unit="x", bound="", lower_is_better=True, met=False),
                              dict(target="u", need=0.8, got=0.797, unit="", bound="", met=False)])
-    assert "| at most 1.5x | 1.54 | no: 2.7% over |" in near and "| 0.797 | no: 0.4% short |" in near
+    assert "| at most 1.5x | 1.54 | no: 2.7% above it |" in near and "| 0.797 | no: 0.4% short |" in near
+
+
+def test_targets_give_no_verdict_on_a_time_under_its_floor_or_a_routing_that_saves_time():
+    """A measured time under its floor means peaks that understate the device, and a routed
+    forward faster than its route alone means noise: neither may read as a target met (a CPU
+    run said "yes" to a routing overhead of -99%)."""
+    peaks = DevicePeaks(flops_per_s=1e9, bytes_per_s=1e9)
+    network = Report("CPU", {}, "float32", (1, 3, 16, 16), "torch", peaks, [
+        ConfigResult("smallest", {"a": 8}, 1000.0, Timing(2.0, 1.9, 2.1, 10, 1.8), 2.0, 2.0, 2.4, "FLOPs"),
+        ConfigResult("largest", {"a": 64}, 2000.0, Timing(4.0, 3.9, 4.1, 10, 3.8), 1.0, 1.0, 1.0, "FLOPs")])
+    gate = dict(batch=1, backend="torch", fused_ms=0.02, eager_ms=0.03, floor_ms=0.01, floor_bound="bytes",
+                routed_smallest_ms=0.5, smallest="smallest", smallest_ms=2.0)
+    rows = {r["target"]: r for r in target_rows([], [network], 4, peaks, [gate])}
+    beaten = rows["network batch 1, smallest: within 1.5x of its floor"]
+    assert beaten["met"] is None and network.results[0].floor_beaten
+    assert rows["network batch 1, largest: within 1.5x of its floor"]["met"] is False  # judged: 4x its floor
+    routed = rows["network batch 1: gate and routing add at most 5% to smallest's latency"]
+    assert routed["got"] == pytest.approx(-0.75) and routed["met"] is None
+    table = targets_markdown(list(rows.values()))
+    assert "| no verdict: measured under its floor: the peaks understate this device |" in table
+    assert "| no verdict: the routed forward timed faster than the route alone |" in table
+    assert "(under the floor: the peaks understate this device)" in network.to_markdown()
+    assert json.loads(json.dumps(network.to_dict()))["results"][0]["floor_beaten"] is True
 
 
 def test_layer_targets_also_compare_graph_replays_where_both_were_replayed():
@@ -114,7 +137,7 @@ def test_layer_targets_also_compare_graph_replays_where_both_were_replayed():
 
     peaks = DevicePeaks(flops_per_s=1e15, bytes_per_s=4e12)
     network = Report("GPU", {}, "float16", (1, 3, 512, 512), "triton", peaks, [
-        ConfigResult("largest", {"a": 64}, 40000.0, Timing(40.0, 39.0, 41.0, 10), 1.0, 1.0, 32.0, "FLOPs")])
+        ConfigResult("largest", {"a": 64}, 40000.0, Timing(40.0, 39.0, 41.0, 10, 38.0), 1.0, 1.0, 32.0, "FLOPs")])
     rows = {r["target"]: r for r in target_rows(
         [layer("triton fused", 0.9, 0.2), layer("(b) static", 0.4, 0.25),
          layer("triton fused", 0.06, 0.02, "forward"), layer("(b) static", 0.05, None, "forward")], [network], 2,
@@ -283,7 +306,7 @@ def test_an_interrupt_writes_what_was_measured_then_is_raised(tmp_path, monkeypa
         calls.append(fn)
         if len(calls) > 3:  # the peaks' matmul and copy, then a layer row
             raise KeyboardInterrupt
-        return Timing(1.0, 1.0, 1.0, 1)
+        return Timing(1.0, 1.0, 1.0, 1, 1.0)
 
     monkeypatch.setattr(LatencyRunner, "time_fn", time_fn)
     with pytest.raises(KeyboardInterrupt):

@@ -54,7 +54,7 @@ def forward_ptrs(act, wt):
 def forward_constexprs(**given):
     return dict(dict(KSIZE=3, STRIDE=1, PAD=1, TWO_INPUTS=False, HAS_BIAS=True, HAS_RES=False, ACT=2, PER_IMAGE=False,
                      CHANNEL_SUMS=False, DOT_F32=False, TAP_C0=0, TAP_C1=0, PACKED_X0=False, PACKED_X1=False,
-                     PACKED_Y=False, UPSCALE=1), **given)
+                     PACKED_Y=False, UPSCALE=1, CO_LOOP=False), **given)
 
 for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
     ("forward bf16, two inputs, residual, per-image widths, packed buffers", p, p,
@@ -78,14 +78,26 @@ for (name, act, wt, extra), (cols, red) in [(case, widths) for case in [
       dict(TAP_C0=8, TAP_C1=8, TWO_INPUTS=True, PER_IMAGE=True, PACKED_X0=True, PACKED_X1=True, PACKED_Y=True)),
      widths) for widths in ((16, 8), (32, 8), (64, 8), (128, 8))] + [
     # an upscale factor whose square divides no tile: the shuffle's store filter by filter
-    (("forward bf16, pixel shuffle by 3 in the store", p, p, dict(UPSCALE=3)), widths) for widths in ((9, 16), (36, 16))]:
+    (("forward bf16, pixel shuffle by 3 in the store", p, p, dict(UPSCALE=3)), widths) for widths in ((9, 16), (36, 16))] + [
+    # per-image widths on a grid narrower than the widest image's filter tiles: a loop over them
+    # (the fast layout only, where the launcher narrows the grid; NOTES v27)
+    (("forward bf16, two inputs, residual, per-image widths, packed buffers, a loop over filter tiles", p, p,
+      dict(TWO_INPUTS=True, HAS_RES=True, PER_IMAGE=True, PACKED_X0=True, PACKED_X1=True, PACKED_Y=True,
+           CO_LOOP=True)), widths) for widths in ((16, 16), (16, 64), (32, 64), (64, 64))] + [
+    (("forward bf16, two inputs, per-image widths, packed buffers, taps in the reduction at 8 channels, a loop over "
+      "filter tiles", p, p, dict(TAP_C0=8, TAP_C1=8, TWO_INPUTS=True, PER_IMAGE=True, PACKED_X0=True, PACKED_X1=True,
+                                 PACKED_Y=True, CO_LOOP=True)), widths) for widths in ((16, 8), (32, 8), (64, 8))] + [
+    (("forward bf16, pixel shuffle in the store, per-image widths, packed buffers, a loop over filter tiles", p, p,
+      dict(UPSCALE=2, PER_IMAGE=True, PACKED_X0=True, PACKED_Y=True, CO_LOOP=True)), widths)
+    for widths in ((16, 16), (32, 32), (64, 64))]:
     dtype = torch.float32 if act == f else torch.bfloat16
     blocks, warps = tiles(dtype, cols, red)
     name = f"{name}, {cols} output and {red} input columns"
     build(name, K._conv_fwd_kernel, forward_ptrs(act, wt), forward_constexprs(**blocks, **extra), warps,
           None if extra.get("TAP_C0") and not extra.get("PER_IMAGE") or not K._fast_tiles_store(extra.get("UPSCALE", 1))
           else tiles(dtype, cols, red, True, extra.get("TWO_INPUTS", False)),
-          ("channels_last",) if extra.get("TAP_C0") and extra.get("PER_IMAGE") else ("strided", "channels_last"))
+          ("channels_last",) if extra.get("TAP_C0") and extra.get("PER_IMAGE") or extra.get("CO_LOOP")
+          else ("strided", "channels_last"))
 # an RGB stem to 33-64 channels with the gate's channel sums, as _taps_tiles tiles it (and a
 # concat of two such inputs)
 for cols, two in ((48, False), (64, False), (64, True)):

@@ -808,6 +808,67 @@ def test_per_image_tiles_sized_for_given_widths_give_the_same_result(monkeypatch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_per_image_grid_covers_the_tiles_widths_and_wider_images_loop(monkeypatch, dtype):
+    """In the fast layout (DDSNet's buffers), a per-image launch's grid has the filter tiles of
+    its tiles' out width, not the widest image's (NOTES v27): the programs of wider images take
+    their further tiles in turn. Every image matches its own conv and is written in full
+    (poisoned output, NaN beyond each image's input width), with the values of a grid of the
+    widest image's tiles, bit for bit."""
+    monkeypatch.setattr(K, "_empty_channels_last", lambda shape, like: torch.full(
+        shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
+    plans = spy_on_plans(monkeypatch)
+    K.clear_plans()
+    case = make_case(34, dtype=dtype, n=3, h=5, w=6, widths=(24,), cin_max=24, cout_max=64, o=64, residual=True,
+                     weight_ohwi=True)
+    case["residual"] = case["residual"].contiguous(memory_format=torch.channels_last)
+    (x,) = case["inputs"]
+    per_image = [(16, 8), (64, 24), (40, 16)]  # (out, in): the second image loops over 4 tiles of 16
+    for i, (_, c) in enumerate(per_image):
+        x[i, c:] = float("nan")
+    widths = torch.tensor(per_image, dtype=torch.int32, device=DEVICE)
+    y = run(case, "leaky_relu", widths=widths, widths_multiple=8, tile_widths=(16, 8))
+    launch = plans[-1].launch
+    assert launch.grid[1] == triton.cdiv(16, launch.meta["BLOCK_N"]) < triton.cdiv(64, launch.meta["BLOCK_N"])
+    assert launch.meta["CO_LOOP"]
+    for i, (o, c) in enumerate(per_image):
+        sub = dict(case, inputs=[x[i:i + 1, :c]], o=o, residual=case["residual"][i:i + 1, :o])
+        assert rel_err(y[i:i + 1, :o], reference(sub, "leaky_relu")) < TOL[dtype]
+        assert torch.isnan(y[i, o:]).all()
+    monkeypatch.setattr(K, "PER_IMAGE_NARROW_GRID", False)
+    K.clear_plans()
+    widest = run(case, "leaky_relu", widths=widths, widths_multiple=8, tile_widths=(16, 8))
+    assert plans[-1].launch.grid[1] == triton.cdiv(64, plans[-1].launch.meta["BLOCK_N"])
+    assert not plans[-1].launch.meta["CO_LOOP"]
+    for i, (o, _) in enumerate(per_image):
+        assert torch.equal(widest[i, :o], y[i, :o])
+    # outside the fast layout (an NCHW input) the widest image's grid stays: there the loop spilled on sm_90
+    monkeypatch.setattr(K, "PER_IMAGE_NARROW_GRID", True)
+    run(dict(case, inputs=[x.contiguous()]), "leaky_relu", widths=widths, widths_multiple=8, tile_widths=(16, 8))
+    assert plans[-1].launch.grid[1] == triton.cdiv(64, plans[-1].launch.meta["BLOCK_N"])
+    assert not plans[-1].launch.meta["CO_LOOP"]
+    K.clear_plans()
+
+
+@pytest.mark.parametrize("batch,size,co_tiles", [(8, 512, 1), (8, 64, 5), (2, 64, 8)])
+def test_a_per_image_grid_on_the_gpu_fills_it(monkeypatch, batch, size, co_tiles):
+    """On a GPU the per-image grid takes more filter tiles than its tiles' out width asks for
+    where its pixel tiles alone are under four programs per multiprocessor (132 here): at
+    8 x 512 x 512 one (16 of 128 filters, 16-wide tiles), at 8 x 64 x 64 (16 x 8 pixel tiles of
+    256) five, at 2 x 64 x 64 all eight (no loop then)."""
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(K, "num_sms", lambda index: 132)
+    meta = lambda shape: K._meta(torch.empty(shape, dtype=torch.float16, device="meta").contiguous(
+        memory_format=torch.channels_last))
+    plan = K._forward_plan.__wrapped__(
+        meta((batch, 24, size, size)), None, meta((128, 24, 3, 3)), None, None,  # channels_last weight: OHWI
+        K._meta(torch.empty(batch, 2, dtype=torch.int32, device="meta")), (8, 8), 0, 0, 128, 1, 1, "relu", 0.0, 1,
+        aligned_pointers=True, tile_widths=(16, 8))
+    assert plan.launch.meta["BLOCK_M"] == 256 and plan.launch.meta["BLOCK_N"] == 16
+    assert plan.launch.grid == (triton.cdiv(size * size, 256), co_tiles, batch)
+    assert plan.launch.meta["CO_LOOP"] == (co_tiles < 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_per_image_images_at_the_tiles_input_width_fold_their_taps(monkeypatch, dtype):
     """With tiles sized for an input width of 8, the images whose input is 8 channels wide take
     the taps-in-the-reduction loop and the others the per-tap loop, in one launch: each image

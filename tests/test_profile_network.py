@@ -28,9 +28,16 @@ def test_routed_options_default_to_both_tile_policies_beside_the_routes_alone(sc
     args = script.arguments()
     assert (args.routed, args.tiles, args.config, args.buffers) == ([], ["narrowest"], ["smallest"],
                                                                     ["max-width", "packed"])
+    assert args.grid == ["narrow"]
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs CUDA"):
             script.main()
+    # v27's grids apart on the narrowest tiles, where they differ; one profile on the widest
+    monkeypatch.setattr(sys, "argv", ["profile_network.py", "--routed", "smallest", "--grid", "narrow",
+                                      "--grid", "widest"])
+    args = script.arguments()
+    assert script.routed_cases(args) == [("widest", "packed", "narrow"), ("narrowest", "packed", "narrow"),
+                                         ("narrowest", "packed", "widest")]
     # the conditional nodes route inside a capture: graph replays only
     monkeypatch.setattr(sys, "argv", ["profile_network.py", "--routed", "smallest", "--tiles", "branches"])
     with pytest.raises(SystemExit, match="add --graphs"):

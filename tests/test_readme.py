@@ -54,3 +54,18 @@ def test_the_readme_super_network_of_ones_own(tmp_path):
         assert type(run.new_network()).__name__ == "TinyResNet" and len(run.new_network().blocks) == 3
     finally:
         dds_fast.ARCHITECTURES.pop("TinyResNet", None)
+
+
+def test_the_readme_usage_block_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it saves net.safetensors where it runs
+    namespace = {"__name__": "readme_usage"}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(readme_block("A drop-in layer"), "README.md", "exec"), namespace)
+    assert namespace["y"].shape == (1, 24, 64, 64)
+    report = namespace["report"]
+    assert [r.label for r in report.results] == ["smallest", "uniform 0.25", "uniform 0.5", "uniform 0.75", "largest"]
+    assert report.reference == "largest" and report.device.startswith("CPU: ")
+    assert report.to_markdown() in printed.getvalue()
+    # the budget set last: every image then runs one route
+    dds = namespace["dds"]
+    assert dds.budget_index is not None and (tmp_path / "net.safetensors").is_file()
