@@ -15,6 +15,7 @@ input; a DDSNet in dynamic mode at the routes its gate picks.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import platform
 import statistics
@@ -155,9 +156,11 @@ class Report:
 
 
 def _ms(value: float) -> str:
-    """Milliseconds to three places, or three significant digits below a thousandth (a floor of
-    a few microseconds is not 0.000)."""
-    return f"{value:.3f}" if value >= 0.001 or value == 0 else f"{value:.3g}"
+    """Milliseconds to three places, or to three significant digits below a thousandth (a floor
+    of a few microseconds is not 0.000)."""
+    if value >= 0.001 or value <= 0 or not math.isfinite(value):
+        return f"{value:.3f}"
+    return f"{value:.{2 - math.floor(math.log10(value))}f}"
 
 
 def _cell(text: str) -> str:
@@ -202,7 +205,8 @@ def describe_device(device: torch.device) -> tuple[str, dict]:
     kernels = _kernels_module()
     if not isinstance(kernels, str):  # the kernel choices a run was made with
         env["kernel_options"] = {"tma_forward": kernels.TMA_FORWARD,
-                                 "taps_in_k_channels": list(kernels.TAPS_IN_K_CHANNELS)}
+                                 "taps_in_k_channels": list(kernels.TAPS_IN_K_CHANNELS),
+                                 "per_image_narrow_grid": kernels.PER_IMAGE_NARROW_GRID}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda

@@ -242,8 +242,9 @@ def _fwd_tile(pid_m, co_tile, n, x0, x1, w, b, res, y, sums, H, W, HO, WO, COUT,
         tl.store(sums + (n * tl.num_programs(0) + pid_m) * COUT + co, part, mask=co_ok)
 
 
-@triton.jit(do_not_specialize=["C0", "C1", "COUT"])
-def _conv_fwd_kernel(
+@triton.jit
+def _fwd_program(
+    pid_m, co_tile, n,
     x0, x1, w, b, res, y, widths, sums,
     H, W, HO, WO, C0, C1, COUT, START0, START1,
     sx0n, sx0c, sx0h, sx0w, sx1n, sx1c, sx1h, sx1w,
@@ -254,13 +255,13 @@ def _conv_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
     CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, TAP_C0: tl.constexpr, TAP_C1: tl.constexpr,
     UPSCALE: tl.constexpr, PACKED_X0: tl.constexpr, PACKED_X1: tl.constexpr, PACKED_Y: tl.constexpr,
-    CO_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     C_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
     W_ALIGN: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_co = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)  # one image per program: its widths are per-program scalars
+    """Filter tile ``co_tile`` of pixel tile ``pid_m`` of image ``n``: its widths, the strides
+    they give and the tile. A loop over filter tiles runs it whole on each pass: derived
+    values kept across passes took up to 140 more registers on sm_90 (NOTES v27)."""
     # what the host found to be multiples of 8 (or 1), the input side apart from the output
     # side (a 3-channel output must not cost the input loads their vectors): input channel
     # counts and segment starts, output channels, the inputs' batch and pixel strides, the
@@ -294,21 +295,54 @@ def _conv_fwd_kernel(
         if PACKED_Y:
             syw = _aligned(cout_n // (UPSCALE * UPSCALE), CO_ALIGN)
             syh = (WO * UPSCALE) * syw
+    if co_tile * BLOCK_N < cout_n:  # beyond this image's output width: left unwritten
+        _fwd_tile(pid_m, co_tile, n, x0, x1, w, b, res, y, sums, H, W, HO, WO, COUT, START0, START1, c0_n, c1_n, cout_n,
+                  sx0c, sx0h, sx0w, sx1c, sx1h, sx1w, swo, swi, swh, sww, sb, src, srh, srw, syc, syh, syw,
+                  sx0n, sx1n, srn, syn, slope, KSIZE, STRIDE, PAD, TWO_INPUTS, HAS_BIAS, HAS_RES, ACT, PER_IMAGE,
+                  CHANNEL_SUMS, DOT_F32, TAP_C0, TAP_C1, UPSCALE, BLOCK_M, BLOCK_N, BLOCK_K, CO_ALIGN)
+
+
+@triton.jit(do_not_specialize=["C0", "C1", "COUT"])
+def _conv_fwd_kernel(
+    x0, x1, w, b, res, y, widths, sums,
+    H, W, HO, WO, C0, C1, COUT, START0, START1,
+    sx0n, sx0c, sx0h, sx0w, sx1n, sx1c, sx1h, sx1w,
+    swo, swi, swh, sww, sb,
+    srn, src, srh, srw, syn, syc, syh, syw, swdn, swdc,
+    slope,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
+    CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, TAP_C0: tl.constexpr, TAP_C1: tl.constexpr,
+    UPSCALE: tl.constexpr, PACKED_X0: tl.constexpr, PACKED_X1: tl.constexpr, PACKED_Y: tl.constexpr,
+    CO_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    C_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
+    W_ALIGN: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)  # one image per program: its widths are per-program scalars
     if CO_LOOP:
         # Per-image widths on a grid of fewer filter tiles than the widest image's (the host
         # sizes it for the narrowest, with enough programs to fill the GPU): each program takes
         # every grid-width-th tile up to its own image's width, so a narrow image leaves no
         # programs that only exit (NOTES v27)
-        for co_tile in range(pid_co, tl.cdiv(cout_n, BLOCK_N), tl.num_programs(1)):
-            _fwd_tile(pid_m, co_tile, n, x0, x1, w, b, res, y, sums, H, W, HO, WO, COUT, START0, START1, c0_n, c1_n, cout_n,
-                      sx0c, sx0h, sx0w, sx1c, sx1h, sx1w, swo, swi, swh, sww, sb, src, srh, srw, syc, syh, syw,
-                      sx0n, sx1n, srn, syn, slope, KSIZE, STRIDE, PAD, TWO_INPUTS, HAS_BIAS, HAS_RES, ACT, PER_IMAGE,
-                      CHANNEL_SUMS, DOT_F32, TAP_C0, TAP_C1, UPSCALE, BLOCK_M, BLOCK_N, BLOCK_K, CO_ALIGN)
-    elif pid_co * BLOCK_N < cout_n:  # one tile a program; beyond an image's width, none
-        _fwd_tile(pid_m, pid_co, n, x0, x1, w, b, res, y, sums, H, W, HO, WO, COUT, START0, START1, c0_n, c1_n, cout_n,
-                  sx0c, sx0h, sx0w, sx1c, sx1h, sx1w, swo, swi, swh, sww, sb, src, srh, srw, syc, syh, syw,
-                  sx0n, sx1n, srn, syn, slope, KSIZE, STRIDE, PAD, TWO_INPUTS, HAS_BIAS, HAS_RES, ACT, PER_IMAGE,
-                  CHANNEL_SUMS, DOT_F32, TAP_C0, TAP_C1, UPSCALE, BLOCK_M, BLOCK_N, BLOCK_K, CO_ALIGN)
+        tiles = tl.cdiv(_aligned(tl.minimum(tl.load(widths + n * swdn), COUT), CO_ALIGN), BLOCK_N)
+        for co_tile in range(pid_co, tiles, tl.num_programs(1)):
+            _fwd_program(
+                pid_m, co_tile, n,
+                x0, x1, w, b, res, y, widths, sums, H, W, HO, WO, C0, C1, COUT, START0, START1, sx0n, sx0c, sx0h, sx0w,
+                sx1n, sx1c, sx1h, sx1w, swo, swi, swh, sww, sb, srn, src, srh, srw, syn, syc, syh, syw, swdn, swdc,
+                slope, KSIZE, STRIDE, PAD, TWO_INPUTS, HAS_BIAS, HAS_RES, ACT, PER_IMAGE, CHANNEL_SUMS, DOT_F32, TAP_C0,
+                TAP_C1, UPSCALE, PACKED_X0, PACKED_X1, PACKED_Y, BLOCK_M, BLOCK_N, BLOCK_K, C_ALIGN, CO_ALIGN,
+                X_ALIGN, Y_ALIGN, W_ALIGN)
+    else:  # one tile a program
+        _fwd_program(
+            pid_m, pid_co, n,
+            x0, x1, w, b, res, y, widths, sums, H, W, HO, WO, C0, C1, COUT, START0, START1, sx0n, sx0c, sx0h, sx0w,
+            sx1n, sx1c, sx1h, sx1w, swo, swi, swh, sww, sb, srn, src, srh, srw, syn, syc, syh, syw, swdn, swdc,
+            slope, KSIZE, STRIDE, PAD, TWO_INPUTS, HAS_BIAS, HAS_RES, ACT, PER_IMAGE, CHANNEL_SUMS, DOT_F32, TAP_C0,
+            TAP_C1, UPSCALE, PACKED_X0, PACKED_X1, PACKED_Y, BLOCK_M, BLOCK_N, BLOCK_K, C_ALIGN, CO_ALIGN,
+            X_ALIGN, Y_ALIGN, W_ALIGN)
 
 
 @triton.jit

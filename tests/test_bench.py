@@ -122,6 +122,9 @@ def test_targets_give_no_verdict_on_a_time_under_its_floor_or_a_routing_that_sav
     assert rows["network batch 1, largest: within 1.5x of its floor"]["met"] is False  # judged: 4x its floor
     routed = rows["network batch 1: gate and routing add at most 5% to smallest's latency"]
     assert routed["got"] == pytest.approx(-0.75) and routed["met"] is None
+    # within the target's width of zero it is noise around a routing that costs nothing: met
+    near = target_rows([], [network], 4, peaks, [dict(gate, routed_smallest_ms=1.95)])
+    assert [r["met"] for r in near if "gate and routing" in r["target"]] == [True]
     table = targets_markdown(list(rows.values()))
     assert "| no verdict: measured under its floor: the peaks understate this device |" in table
     assert "| no verdict: the routed forward timed faster than the route alone |" in table

@@ -113,6 +113,20 @@ for red in (16, 48):
     build(f"forward bf16, per-image widths, packed input, 3 outputs of {red} input columns", K._conv_fwd_kernel,
           forward_ptrs(p, p), forward_constexprs(PER_IMAGE=True, PACKED_X0=True, ACT=0, CO_ALIGN=1, Y_ALIGN=1,
                                                  **blocks), warps, layouts=("channels_last",))
+# v27's loop over filter tiles against the same build without it: registers (occupancy)
+loop_registers = {}
+if has_cuobjdump():
+    for cols, red, two, residual in ((16, 8, False, True), (16, 16, True, True), (32, 32, True, True),
+                                     (64, 64, False, True), (64, 64, False, False)):
+        blocks, warps = tiles(torch.bfloat16, cols, red, True, two)
+        tap = red if red in K.TAPS_IN_K_CHANNELS else 0
+        extra = dict(TWO_INPUTS=two, HAS_RES=residual, PER_IMAGE=True, PACKED_X0=True, PACKED_X1=two, PACKED_Y=True,
+                     TAP_C0=tap, TAP_C1=tap if two else 0, **blocks)
+        builds = [compile_kernel(K._conv_fwd_kernel, forward_ptrs(p, p), forward_constexprs(**extra, CO_LOOP=loop),
+                                 warps) for loop in (False, True)]
+        loop_registers[f"{cols} output and {red} input columns{', two inputs' if two else ''}"
+                       f"{', residual' if residual else ''}"] = [
+            dict(registers=resources(k)["reg"], shared=k.metadata.shared, warps=warps) for k in builds]
 blocks, warps = tiles(torch.float16)
 h = "*fp16"
 vectors = {}
@@ -203,7 +217,7 @@ if has_cuobjdump():
     K.TMA_FORWARD = False
     K.clear_plans()
     per_pixel["gather 64 to 64"] = forward_row(K, "64 to 64", (64,), 64, 1)["warp_instructions_per_pixel"]
-print(json.dumps({"stacks": stacks, "vectors": vectors, "per_pixel": per_pixel}))
+print(json.dumps({"stacks": stacks, "vectors": vectors, "per_pixel": per_pixel, "loop_registers": loop_registers}))
 """
 
 
@@ -236,3 +250,17 @@ def test_kernels_compile_for_h100_without_spills():
     assert found["per_pixel"]["tma 64 to 64"] < 0.75 * found["per_pixel"]["gather 64 to 64"], found["per_pixel"]
     spilled = {name: size for name, size in stacks.items() if size}
     assert not spilled, f"kernels spill registers on sm_90 (stack bytes per thread): {spilled}"
+    # the loop over filter tiles re-derives each pass's widths and strides: kept across passes
+    # they took up to 2.4x the registers, half the resident blocks (NOTES v27); now it may
+    # cost one block per multiprocessor (5 -> 4 at 16 columns over two inputs), whose price
+    # against the programs it saves only a GPU can tell
+    fewer = {name: [blocks_per_sm(**build) for build in builds] for name, builds in found["loop_registers"].items()
+             if blocks_per_sm(**builds[1]) < blocks_per_sm(**builds[0]) - 1}
+    assert found["loop_registers"] and not fewer, f"blocks per multiprocessor (without, with the loop): {fewer}"
+
+
+def blocks_per_sm(registers: int, shared: int, warps: int) -> int:
+    """An H100's resident blocks of a kernel by its registers (65,536 a multiprocessor, given
+    out 8 a thread at a time) and its shared memory (228 KiB, 1 KiB of it reserved per block)."""
+    by_registers = 65536 // (-(-registers // 8) * 8 * 32 * warps)
+    return min(by_registers, 228 * 1024 // (shared + 1024), 32)

@@ -807,8 +807,15 @@ def test_per_image_tiles_sized_for_given_widths_give_the_same_result(monkeypatch
     K.clear_plans()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_a_per_image_grid_covers_the_tiles_widths_and_wider_images_loop(monkeypatch, dtype):
+# (per image (out, in) widths, tile_widths, out and in channels): 16-wide tiles, one filter tile
+# in the grid, the second image taking four; 64-wide tiles, two in the grid, each program then
+# starting at its own and stepping by two
+@pytest.mark.parametrize("dtype,per_image,tile_widths,channels", [
+    (torch.float32, [(16, 8), (64, 24), (40, 16)], (16, 8), (64, 24)),
+    (torch.float16, [(16, 8), (64, 24), (40, 16)], (16, 8), (64, 24)),
+    (torch.float32, [(96, 8), (256, 16), (200, 16)], (96, 8), (256, 16))])
+def test_a_per_image_grid_covers_the_tiles_widths_and_wider_images_loop(monkeypatch, dtype, per_image, tile_widths,
+                                                                          channels):
     """In the fast layout (DDSNet's buffers), a per-image launch's grid has the filter tiles of
     its tiles' out width, not the widest image's (NOTES v27): the programs of wider images take
     their further tiles in turn. Every image matches its own conv and is written in full
@@ -818,33 +825,33 @@ def test_a_per_image_grid_covers_the_tiles_widths_and_wider_images_loop(monkeypa
         shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last))
     plans = spy_on_plans(monkeypatch)
     K.clear_plans()
-    case = make_case(34, dtype=dtype, n=3, h=5, w=6, widths=(24,), cin_max=24, cout_max=64, o=64, residual=True,
+    cout, cin = channels
+    case = make_case(34, dtype=dtype, n=3, h=5, w=6, widths=(cin,), cin_max=cin, cout_max=cout, o=cout, residual=True,
                      weight_ohwi=True)
     case["residual"] = case["residual"].contiguous(memory_format=torch.channels_last)
     (x,) = case["inputs"]
-    per_image = [(16, 8), (64, 24), (40, 16)]  # (out, in): the second image loops over 4 tiles of 16
     for i, (_, c) in enumerate(per_image):
         x[i, c:] = float("nan")
     widths = torch.tensor(per_image, dtype=torch.int32, device=DEVICE)
-    y = run(case, "leaky_relu", widths=widths, widths_multiple=8, tile_widths=(16, 8))
+    y = run(case, "leaky_relu", widths=widths, widths_multiple=8, tile_widths=tile_widths)
     launch = plans[-1].launch
-    assert launch.grid[1] == triton.cdiv(16, launch.meta["BLOCK_N"]) < triton.cdiv(64, launch.meta["BLOCK_N"])
-    assert launch.meta["CO_LOOP"]
+    bn = launch.meta["BLOCK_N"]
+    assert launch.grid[1] == triton.cdiv(tile_widths[0], bn) < triton.cdiv(cout, bn) and launch.meta["CO_LOOP"]
     for i, (o, c) in enumerate(per_image):
         sub = dict(case, inputs=[x[i:i + 1, :c]], o=o, residual=case["residual"][i:i + 1, :o])
         assert rel_err(y[i:i + 1, :o], reference(sub, "leaky_relu")) < TOL[dtype]
         assert torch.isnan(y[i, o:]).all()
     monkeypatch.setattr(K, "PER_IMAGE_NARROW_GRID", False)
     K.clear_plans()
-    widest = run(case, "leaky_relu", widths=widths, widths_multiple=8, tile_widths=(16, 8))
-    assert plans[-1].launch.grid[1] == triton.cdiv(64, plans[-1].launch.meta["BLOCK_N"])
+    widest = run(case, "leaky_relu", widths=widths, widths_multiple=8, tile_widths=tile_widths)
+    assert plans[-1].launch.grid[1] == triton.cdiv(cout, plans[-1].launch.meta["BLOCK_N"])
     assert not plans[-1].launch.meta["CO_LOOP"]
     for i, (o, _) in enumerate(per_image):
         assert torch.equal(widest[i, :o], y[i, :o])
     # outside the fast layout (an NCHW input) the widest image's grid stays: there the loop spilled on sm_90
     monkeypatch.setattr(K, "PER_IMAGE_NARROW_GRID", True)
-    run(dict(case, inputs=[x.contiguous()]), "leaky_relu", widths=widths, widths_multiple=8, tile_widths=(16, 8))
-    assert plans[-1].launch.grid[1] == triton.cdiv(64, plans[-1].launch.meta["BLOCK_N"])
+    run(dict(case, inputs=[x.contiguous()]), "leaky_relu", widths=widths, widths_multiple=8, tile_widths=tile_widths)
+    assert plans[-1].launch.grid[1] == triton.cdiv(cout, plans[-1].launch.meta["BLOCK_N"])
     assert not plans[-1].launch.meta["CO_LOOP"]
     K.clear_plans()
 

@@ -108,8 +108,9 @@ def test_runner_reports_every_config_on_cpu():
     assert record["device"] == report.device and record["dtype"] == "float32"
     assert record["backend"] == "torch" and record["cuda_graph"] is False  # 'auto' on CPU tensors
     assert {"torch", "triton"} <= set(record["environment"])
-    # the kernel choices the run was made with (v14-v16 options)
-    assert record["environment"]["kernel_options"] == {"tma_forward": False, "taps_in_k_channels": [1, 2, 3, 4, 8]}
+    # the kernel choices the run was made with (v14-v16 and v27 options)
+    assert record["environment"]["kernel_options"] == {"tma_forward": False, "taps_in_k_channels": [1, 2, 3, 4, 8],
+                                                       "per_image_narrow_grid": True}
     assert "speedup_efficiency" in record["results"][0]
     assert "| smallest |" in report.to_markdown()
 
@@ -471,17 +472,20 @@ def test_a_report_says_how_it_timed_and_over_which_row():
 def test_floors_under_a_thousandth_of_a_ms_keep_their_digits():
     result = ConfigResult("x", None, 1.0, Timing(0.02, 0.01, 0.03, 3, 0.01), floor_ms=0.00042, floor_bound="bytes")
     report = Report("CPU", {}, "float32", (1, 1, 4, 4), "torch", PEAKS, [result])
-    assert "| 0.00042 (bytes) |" in report.to_markdown()
+    assert "| 0.000420 (bytes) |" in report.to_markdown()
+    result.floor_ms = 0.0000123
+    assert "| 0.0000123 (bytes) |" in report.to_markdown()
 
 
 def test_the_runner_times_the_inputs_it_is_given():
-    net = small_net()
-    images = torch.rand(2, 1, 12, 12)
-    runner = LatencyRunner(net, (2, 1, 12, 12), warmup=0, repeats=1, inputs=images)
+    torch.manual_seed(0)
+    net = SlimDnCNN(in_channels=3, base_width=8, depth=3)
+    images = torch.rand(2, 3, 12, 12)  # NCHW: the runner times them channels_last
+    runner = LatencyRunner(net, (2, 3, 12, 12), warmup=0, repeats=1, inputs=images)
     assert torch.equal(runner.inputs, images) and runner.inputs.is_contiguous(memory_format=torch.channels_last)
-    for bad in (torch.rand(1, 1, 12, 12), images.numpy()):
-        with pytest.raises(ValueError, match=r"inputs must be a tensor of input_shape \[2, 1, 12, 12\]"):
-            LatencyRunner(net, (2, 1, 12, 12), inputs=bad)
+    for bad in (torch.rand(1, 3, 12, 12), images.numpy()):
+        with pytest.raises(ValueError, match=r"inputs must be a tensor of input_shape \[2, 3, 12, 12\]"):
+            LatencyRunner(net, (2, 3, 12, 12), inputs=bad)
 
 
 def test_bad_peaks_and_inputs_without_output_pixels_are_named():
