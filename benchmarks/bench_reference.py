@@ -43,7 +43,7 @@ def test_full_width_overhead(benchmark, shape):
         benchmark.pedantic(one_round, rounds=300, warmup_rounds=20)
         torch.testing.assert_close(slim(x), plain(x), rtol=0, atol=0)
     plain_ms, slim_ms = (statistics.median(times[k][20:] or times[k]) * 1e3 for k in ("nn.Conv2d", "SlimConv2d"))
-    benchmark.extra_info.update(device=device_name(), threads=torch.get_num_threads(), dtype="float32", shape=[n, c, h, w],
-                                macs=c * c * 9 * h * w, torch=torch.__version__,
+    benchmark.extra_info.update(device=device_name(), threads=torch.get_num_threads(), dtype="float32",
+                                shape=[n, c, h, w], macs=c * c * 9 * h * w, torch=torch.__version__,
                                 nn_conv2d_median_ms=plain_ms, slim_conv2d_median_ms=slim_ms,
                                 overhead_percent=100 * (slim_ms / plain_ms - 1))

@@ -151,7 +151,8 @@ class Report:
             beaten = " (under the floor: the peaks understate this device)" if r.floor_beaten else ""
             lines.append(f"| {_cell(r.label)} | {r.macs_per_pixel:,.0f} | {_ms(t.median_ms)} ({_ms(t.p20_ms)}-"
                          f"{_ms(t.p80_ms)}) | {r.theoretical_speedup:.2f} | {r.real_speedup:.2f} | "
-                         f"{r.speedup_efficiency:.2f} | {_ms(r.floor_ms)} ({r.floor_bound}) | {r.floor_fraction:.2f}{beaten} |")
+                         f"{r.speedup_efficiency:.2f} | {_ms(r.floor_ms)} ({r.floor_bound}) | "
+                         f"{r.floor_fraction:.2f}{beaten} |")
         return "\n".join(lines)
 
 
