@@ -180,69 +180,6 @@ def _aligned(value, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(pid_m, co_tile, n, x0, x1, w, b, res, y, sums, H, W, HO, WO, COUT, START0, START1, c0_n, c1_n, cout_n,
-              sx0c, sx0h, sx0w, sx1c, sx1h, sx1w, swo, swi, swh, sww, sb, src, srh, srw, syc, syh, syw,
-              sx0n, sx1n, srn, syn, slope,
-              KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TWO_INPUTS: tl.constexpr,
-              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
-              CHANNEL_SUMS: tl.constexpr, DOT_F32: tl.constexpr, TAP_C0: tl.constexpr, TAP_C1: tl.constexpr,
-              UPSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              CO_ALIGN: tl.constexpr):
-    """Output tile (pid_m, co_tile) of image n: ``_conv_fwd_kernel``'s work once its widths and
-    strides are known."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < HO * WO
-    oh = offs_m // WO
-    ow = offs_m % WO
-    cols = tl.arange(0, BLOCK_N)
-    # pixel shuffle: filter co goes to channel co // r^2 of sub-pixel phase co % r^2. Where r^2
-    # divides the tile (r a power of two), the tile's columns take its filters phase by phase,
-    # so that each run of PHASE_COLS columns stores consecutive channels of one phase: vector
-    # stores, as without the shuffle; otherwise (r = 3, or r^2 above the tile) filter by filter
-    PHASED: tl.constexpr = UPSCALE > 1 and BLOCK_N % (UPSCALE * UPSCALE) == 0
-    if PHASED:
-        PHASE_COLS: tl.constexpr = BLOCK_N // (UPSCALE * UPSCALE)
-        co = co_tile * BLOCK_N + (cols % PHASE_COLS) * (UPSCALE * UPSCALE) + cols // PHASE_COLS
-    else:
-        co = co_tile * BLOCK_N + cols
-    co_ok = co < cout_n
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _fwd_input(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
-                     oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C0, PER_IMAGE)
-    if TWO_INPUTS:
-        acc = _fwd_input(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1, c1_n,
-                         oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C1, PER_IMAGE)
-
-    out_ok = m_ok[:, None] & co_ok[None, :]
-    acc = _epilogue(acc, b, sb, res + n * srn + (oh * srh + ow * srw)[:, None] + (co * src)[None, :], out_ok, co,
-                    co_ok, slope, HAS_BIAS, HAS_RES, ACT)
-    if UPSCALE > 1:
-        # y is the shuffled [N, COUT / r^2, r * HO, r * WO]: phase p of pixel (oh, ow) is output
-        # pixel (r * oh + p // r, r * ow + p % r)
-        if PHASED:
-            channel = co_tile * PHASE_COLS + cols % PHASE_COLS
-            phase = cols // PHASE_COLS
-        else:
-            channel = co // (UPSCALE * UPSCALE)
-            phase = co % (UPSCALE * UPSCALE)
-        y_ptrs = y + n * syn + (oh * (UPSCALE * syh) + ow * (UPSCALE * syw))[:, None] + (
-            channel * syc + (phase // UPSCALE) * syh + (phase % UPSCALE) * syw)[None, :]
-        # the same filters as co_ok (whole channels: out widths are multiples of r^2), said in
-        # channels, whose runs the compiler can see are all in or all out (CO_ALIGN counts them)
-        out_ok = m_ok[:, None] & (channel < _aligned(cout_n // (UPSCALE * UPSCALE), CO_ALIGN))[None, :]
-    else:
-        y_ptrs = y + n * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
-    out = acc.to(y.dtype.element_ty)
-    tl.store(y_ptrs, out, mask=out_ok)
-    if CHANNEL_SUMS:
-        # the gate's squeeze, for free: this tile's channel sums of the stored output, one
-        # row per pixel tile (summed in order by the gate head: deterministic, no atomics)
-        part = tl.sum(tl.where(out_ok, out.to(tl.float32), 0.0), axis=0)
-        tl.store(sums + (n * tl.num_programs(0) + pid_m) * COUT + co, part, mask=co_ok)
-
-
-@triton.jit
 def _fwd_program(
     pid_m, co_tile, n,
     x0, x1, w, b, res, y, widths, sums,
@@ -260,7 +197,7 @@ def _fwd_program(
     W_ALIGN: tl.constexpr,
 ):
     """Filter tile ``co_tile`` of pixel tile ``pid_m`` of image ``n``: its widths, the strides
-    they give and the tile. A loop over filter tiles runs it whole on each pass: derived
+    they give and the tile's convolution. A loop over filter tiles runs it whole on each pass: derived
     values kept across passes took up to 140 more registers on sm_90 (NOTES v27)."""
     # what the host found to be multiples of 8 (or 1), the input side apart from the output
     # side (a 3-channel output must not cost the input loads their vectors): input channel
@@ -296,10 +233,56 @@ def _fwd_program(
             syw = _aligned(cout_n // (UPSCALE * UPSCALE), CO_ALIGN)
             syh = (WO * UPSCALE) * syw
     if co_tile * BLOCK_N < cout_n:  # beyond this image's output width: left unwritten
-        _fwd_tile(pid_m, co_tile, n, x0, x1, w, b, res, y, sums, H, W, HO, WO, COUT, START0, START1, c0_n, c1_n, cout_n,
-                  sx0c, sx0h, sx0w, sx1c, sx1h, sx1w, swo, swi, swh, sww, sb, src, srh, srw, syc, syh, syw,
-                  sx0n, sx1n, srn, syn, slope, KSIZE, STRIDE, PAD, TWO_INPUTS, HAS_BIAS, HAS_RES, ACT, PER_IMAGE,
-                  CHANNEL_SUMS, DOT_F32, TAP_C0, TAP_C1, UPSCALE, BLOCK_M, BLOCK_N, BLOCK_K, CO_ALIGN)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < HO * WO
+        oh = offs_m // WO
+        ow = offs_m % WO
+        cols = tl.arange(0, BLOCK_N)
+        # pixel shuffle: filter co goes to channel co // r^2 of sub-pixel phase co % r^2. Where r^2
+        # divides the tile (r a power of two), the tile's columns take its filters phase by phase,
+        # so that each run of PHASE_COLS columns stores consecutive channels of one phase: vector
+        # stores, as without the shuffle; otherwise (r = 3, or r^2 above the tile) filter by filter
+        PHASED: tl.constexpr = UPSCALE > 1 and BLOCK_N % (UPSCALE * UPSCALE) == 0
+        if PHASED:
+            PHASE_COLS: tl.constexpr = BLOCK_N // (UPSCALE * UPSCALE)
+            co = co_tile * BLOCK_N + (cols % PHASE_COLS) * (UPSCALE * UPSCALE) + cols // PHASE_COLS
+        else:
+            co = co_tile * BLOCK_N + cols
+        co_ok = co < cout_n
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _fwd_input(acc, x0 + n * sx0n, sx0c, sx0h, sx0w, w, swo, swi, swh, sww, START0, c0_n,
+                         oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C0, PER_IMAGE)
+        if TWO_INPUTS:
+            acc = _fwd_input(acc, x1 + n * sx1n, sx1c, sx1h, sx1w, w, swo, swi, swh, sww, START1, c1_n,
+                             oh, ow, m_ok, co, co_ok, H, W, KSIZE, STRIDE, PAD, DOT_F32, BLOCK_K, TAP_C1, PER_IMAGE)
+
+        out_ok = m_ok[:, None] & co_ok[None, :]
+        acc = _epilogue(acc, b, sb, res + n * srn + (oh * srh + ow * srw)[:, None] + (co * src)[None, :], out_ok, co,
+                        co_ok, slope, HAS_BIAS, HAS_RES, ACT)
+        if UPSCALE > 1:
+            # y is the shuffled [N, COUT / r^2, r * HO, r * WO]: phase p of pixel (oh, ow) is output
+            # pixel (r * oh + p // r, r * ow + p % r)
+            if PHASED:
+                channel = co_tile * PHASE_COLS + cols % PHASE_COLS
+                phase = cols // PHASE_COLS
+            else:
+                channel = co // (UPSCALE * UPSCALE)
+                phase = co % (UPSCALE * UPSCALE)
+            y_ptrs = y + n * syn + (oh * (UPSCALE * syh) + ow * (UPSCALE * syw))[:, None] + (
+                channel * syc + (phase // UPSCALE) * syh + (phase % UPSCALE) * syw)[None, :]
+            # the same filters as co_ok (whole channels: out widths are multiples of r^2), said in
+            # channels, whose runs the compiler can see are all in or all out (CO_ALIGN counts them)
+            out_ok = m_ok[:, None] & (channel < _aligned(cout_n // (UPSCALE * UPSCALE), CO_ALIGN))[None, :]
+        else:
+            y_ptrs = y + n * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+        out = acc.to(y.dtype.element_ty)
+        tl.store(y_ptrs, out, mask=out_ok)
+        if CHANNEL_SUMS:
+            # the gate's squeeze, for free: this tile's channel sums of the stored output, one
+            # row per pixel tile (summed in order by the gate head: deterministic, no atomics)
+            part = tl.sum(tl.where(out_ok, out.to(tl.float32), 0.0), axis=0)
+            tl.store(sums + (n * tl.num_programs(0) + pid_m) * COUT + co, part, mask=co_ok)
 
 
 @triton.jit(do_not_specialize=["C0", "C1", "COUT"])
